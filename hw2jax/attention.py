@@ -1,0 +1,280 @@
+"""Parts 2 and 3: weightless self-attention, softmax attention and linear attention.
+
+Layouts follow ``jax.nn.dot_product_attention``: q, k, v are ``[batch, T, heads, head_dim]``.
+The value head_dim may differ from the query/key one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "FEATURE_MAPS",
+    "NonPositiveDenominatorWarning",
+    "linear_attention",
+    "self_attention",
+    "self_attention_weights",
+    "softmax_attention",
+]
+
+FeatureMap = Literal["elu", "relu", "identity"]
+
+FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    # elu(x) + 1 > 0 keeps every weight positive (Katharopoulos et al. 2020).
+    "elu": lambda x: jax.nn.elu(x) + 1.0,
+    "relu": jax.nn.relu,
+    # The assignment's version: softmax with the exponentials simply dropped.
+    "identity": lambda x: x,
+}
+
+
+class NonPositiveDenominatorWarning(RuntimeWarning):
+    """Linear attention's normaliser phi(q_i) . sum_j phi(k_j) was <= 0 for some query."""
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _floating(x: jax.typing.ArrayLike, name: str, min_ndim: int) -> jax.Array:
+    x = jnp.asarray(x)
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name} needs at least {min_ndim} dims, got shape {x.shape}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating array, got dtype {x.dtype}; cast it with "
+            f"{name}.astype(jnp.float32)."
+        )
+    return x
+
+
+def _check_qkv(q, k, v, causal: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    q, k, v = (_floating(a, n, 0) for a, n in ((q, "q"), (k, "k"), (v, "v")))
+    layout = "[batch, T, heads, head_dim]"
+    for a, n in ((q, "q"), (k, "k"), (v, "v")):
+        if a.ndim != 4:
+            raise ValueError(f"{n} must be {layout}, got shape {a.shape}.")
+    if k.shape != q.shape[:1] + k.shape[1:2] + q.shape[2:]:
+        raise ValueError(
+            f"k {k.shape} must match q {q.shape} in batch, heads and head_dim ({layout})."
+        )
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v {v.shape} must match k {k.shape} in batch, T and heads.")
+    if causal and q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"causal attention needs as many queries as keys, got T_q={q.shape[1]} and "
+            f"T_k={k.shape[1]}."
+        )
+    return q, k, v
+
+
+def _raise_if_overflowed(logits: jax.Array, what: str) -> None:
+    """Eagerly (outside jit) turns an overflow into an error instead of NaN outputs."""
+    if isinstance(logits, jax.core.Tracer):
+        return
+    if not bool(jnp.all(jnp.isfinite(logits))):
+        raise FloatingPointError(
+            f"{what} overflowed {logits.dtype} (|x|^2 is above {jnp.finfo(logits.dtype).max:.2e})."
+            " Rescale the inputs, or enable float64 with "
+            "jax.config.update('jax_enable_x64', True) and pass float64 arrays."
+        )
+
+
+# ------------------------------------------------------------------ weightless attention
+
+
+def self_attention_weights(x: jax.typing.ArrayLike, *, scale: float | None = None) -> jax.Array:
+    """softmax(scale * x x^T) over the last axis, for x of shape [..., T, D]."""
+    x = _floating(x, "x", 2)
+    logits = jnp.einsum("...td,...sd->...ts", x, x)
+    if scale is not None:
+        logits = logits * scale
+    _raise_if_overflowed(logits, "self-attention logits x_i . x_j")
+    # softmax subtracts each row's max, so logits near 1e18 (beta = 1e9) stay finite.
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def self_attention(x: jax.typing.ArrayLike, *, scale: float | None = None) -> jax.Array:
+    """Attention with no weights, q = k = v = x, for x of shape [..., T, D].
+
+    ``scale=None`` applies no 1/sqrt(D) scaling, as in the assignment.
+    """
+    x = _floating(x, "x", 2)
+    return self_attention_weights(x, scale=scale) @ x
+
+
+# ---------------------------------------------------------------------- softmax attention
+
+
+def softmax_attention(
+    q: jax.typing.ArrayLike,
+    k: jax.typing.ArrayLike,
+    v: jax.typing.ArrayLike,
+    *,
+    causal: bool = False,
+) -> jax.Array:
+    """Standard scaled dot-product attention, O(T^2) in time and memory."""
+    q, k, v = _check_qkv(q, k, v, causal)
+    q = q * (1.0 / math.sqrt(q.shape[-1]))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    if causal:
+        t = q.shape[1]
+        logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -jnp.inf)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+# ----------------------------------------------------------------------- linear attention
+
+
+def linear_attention(
+    q: jax.typing.ArrayLike,
+    k: jax.typing.ArrayLike,
+    v: jax.typing.ArrayLike,
+    *,
+    causal: bool = False,
+    feature_map: FeatureMap = "elu",
+    eps: float = 1e-6,
+    method: Literal["chunked", "recurrent"] = "chunked",
+    chunk_size: int = 64,
+) -> jax.Array:
+    """out_i = phi(q_i) . S_i / (phi(q_i) . z_i + eps), with S = sum_j phi(k_j) v_j^T and
+    z = sum_j phi(k_j); the sums run over j <= i when ``causal``.
+
+    O(T) time and memory. Non-causal attention computes S once. Causal attention uses
+    ``method="chunked"`` (exact attention inside chunks of ``chunk_size`` plus a running
+    state between chunks) or ``method="recurrent"`` (a ``lax.scan`` over time: linear
+    attention as an RNN). Neither builds a T x T matrix nor a T x d x d stack of states.
+
+    With ``feature_map="identity"`` the "weights" phi(q_i).phi(k_j) can be negative, so the
+    denominator can reach zero or go negative: outputs then blow up or flip sign. That case
+    emits a :class:`NonPositiveDenominatorWarning` (also under jit) instead of passing
+    silently; use "elu" (always > 0) for a proper weighted average.
+    """
+    q, k, v = _check_qkv(q, k, v, causal)
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(
+            f"unknown feature_map {feature_map!r}; choose one of {sorted(FEATURE_MAPS)}."
+        )
+    if method not in ("chunked", "recurrent"):
+        raise ValueError(f"unknown method {method!r}; choose 'chunked' or 'recurrent'.")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    phi = FEATURE_MAPS[feature_map]
+    fq, fk = phi(q), phi(k)
+    # A column of ones appended to v makes the last output column the denominator,
+    # so numerator and normaliser come from one product.
+    v1 = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
+    if not causal:
+        state = jnp.einsum("bthd,bthe->bhde", fk, v1)
+        out = jnp.einsum("bthd,bhde->bthe", fq, state)
+    elif method == "chunked":
+        out = _causal_product_chunked(fq, fk, v1, chunk_size)
+    else:
+        out = _causal_product_recurrent(fq, fk, v1)
+    num, den = out[..., :-1], out[..., -1:]
+    if feature_map == "identity":
+        _warn_if_nonpositive(den)
+    return num / (den + eps)
+
+
+def _warn_if_nonpositive(den: jax.Array) -> None:
+    def check(min_den):
+        min_den = float(np.min(min_den))
+        if min_den <= 0.0:
+            warnings.warn(
+                NonPositiveDenominatorWarning(
+                    f"linear attention denominator phi(q).sum(phi(k)) reached {min_den:.3g} <= 0 "
+                    "with feature_map='identity': the weights are not a distribution and the "
+                    "outputs may be huge, sign-flipped, inf or NaN. Use feature_map='elu'."
+                ),
+                stacklevel=2,
+            )
+
+    jax.debug.callback(check, jnp.min(den))
+
+
+def _causal_product_chunked(fq: jax.Array, fk: jax.Array, v: jax.Array, chunk: int) -> jax.Array:
+    """sum_{j<=i} (fq_i . fk_j) v_j, chunk by chunk."""
+    b, t, h, d = fq.shape
+    e = v.shape[-1]
+    chunk = min(chunk, t)
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    if pad:
+        # Padding goes after the last real step, so no real query ever sees it.
+        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        fq, fk, v = (jnp.pad(a, widths) for a in (fq, fk, v))
+    fq = fq.reshape(b, n, chunk, h, d)
+    fk = fk.reshape(b, n, chunk, h, d)
+    v = v.reshape(b, n, chunk, h, e)
+
+    # Running state before each chunk: an exclusive prefix sum over chunk states.
+    chunk_states = jnp.einsum("bnchd,bnche->bnhde", fk, v)
+    before = jnp.cumsum(chunk_states, axis=1) - chunk_states
+    inter = jnp.einsum("bnqhd,bnhde->bnqhe", fq, before)
+
+    scores = jnp.einsum("bnqhd,bnkhd->bnhqk", fq, fk)
+    scores = jnp.where(jnp.tril(jnp.ones((chunk, chunk), bool)), scores, 0.0)
+    intra = jnp.einsum("bnhqk,bnkhe->bnqhe", scores, v)
+    return (inter + intra).reshape(b, n * chunk, h, e)[:, :t]
+
+
+def _scan_time(step, carry, *xs: jax.Array):
+    """Scans ``step`` over the time axis (axis 1) of [batch, T, ...] arrays."""
+    carry, ys = jax.lax.scan(step, carry, tuple(jnp.moveaxis(x, 1, 0) for x in xs))
+    return carry, jax.tree.map(lambda y: jnp.moveaxis(y, 0, 1), ys)
+
+
+@jax.custom_vjp
+def _causal_product_recurrent(fq: jax.Array, fk: jax.Array, v: jax.Array) -> jax.Array:
+    """sum_{j<=i} (fq_i . fk_j) v_j as an RNN whose state is S_i = sum_{j<=i} fk_j v_j^T."""
+    return _causal_product_recurrent_fwd(fq, fk, v)[0]
+
+
+def _prefix_states_apply(fq, fk, v, contract: str) -> jax.Array:
+    """Runs S_i = S_{i-1} + fk_i v_i^T forward and contracts each S_i with fq_i."""
+    b, _, h, d = fk.shape
+    s0 = jnp.zeros((b, h, d, v.shape[-1]), jnp.result_type(fk, v))
+
+    def step(s, inp):
+        q_t, k_t, v_t = inp
+        s = s + k_t[..., :, None] * v_t[..., None, :]
+        return s, jnp.einsum(contract, q_t, s)
+
+    return _scan_time(step, s0, fq, fk, v)[1]
+
+
+def _causal_product_recurrent_fwd(fq, fk, v):
+    # Only the inputs are kept: the backward pass re-runs the recurrence instead of
+    # storing T states of d x e (which autodiff of the scan would do).
+    return _prefix_states_apply(fq, fk, v, "bhd,bhde->bhe"), (fq, fk, v)
+
+
+def _causal_product_recurrent_bwd(res, g):
+    fq, fk, v = res
+    # d fq_i = S_i g_i, with the same forward prefix states.
+    d_fq = _prefix_states_apply(g, fk, v, "bhe,bhde->bhd")
+    # d fk_j = R_j v_j and d v_j = R_j^T fk_j, with R_j = sum_{i>=j} fq_i g_i^T (suffix sums).
+    b, _, h, d = fq.shape
+    r0 = jnp.zeros((b, h, d, g.shape[-1]), jnp.result_type(fq, g))
+
+    def step(r, inp):
+        q_t, g_t, k_t, v_t = inp
+        r = r + q_t[..., :, None] * g_t[..., None, :]
+        return r, (jnp.einsum("bhde,bhe->bhd", r, v_t), jnp.einsum("bhde,bhd->bhe", r, k_t))
+
+    def rev(a):
+        return jnp.flip(a, axis=1)
+
+    _, (d_fk, d_v) = _scan_time(step, r0, rev(fq), rev(g), rev(fk), rev(v))
+    return d_fq, rev(d_fk), rev(d_v)
+
+
+_causal_product_recurrent.defvjp(_causal_product_recurrent_fwd, _causal_product_recurrent_bwd)

@@ -1,0 +1,262 @@
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hw2jax import attention
+
+# ------------------------------------------------------------------ explicit O(T^2) references
+
+PHI_NP = {
+    "elu": lambda x: np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0))),
+    "relu": lambda x: np.maximum(x, 0.0),
+    "identity": lambda x: x,
+}
+
+
+def ref_softmax_np(q, k, v, causal):
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    if causal:
+        t = q.shape[1]
+        logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+def ref_linear_np(q, k, v, causal, feature_map, eps=1e-6):
+    """Masked phi(Q) phi(K)^T, then normalise each row."""
+    phi = PHI_NP[feature_map]
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    a = np.einsum("bqhd,bkhd->bhqk", phi(q), phi(k))
+    if causal:
+        t = q.shape[1]
+        a = a * np.tril(np.ones((t, t)))
+    num = np.einsum("bhqk,bkhe->bqhe", a, v)
+    den = a.sum(-1).transpose(0, 2, 1)[..., None]
+    return num / (den + eps)
+
+
+def ref_linear_jnp(q, k, v, causal):
+    """The same explicit formula in jnp (elu map), for comparing gradients."""
+    fq, fk = jax.nn.elu(q) + 1, jax.nn.elu(k) + 1
+    a = jnp.einsum("bqhd,bkhd->bhqk", fq, fk)
+    if causal:
+        a = a * jnp.tril(jnp.ones((q.shape[1], q.shape[1])))
+    return jnp.einsum("bhqk,bkhe->bqhe", a, v) / (a.sum(-1).transpose(0, 2, 1)[..., None] + 1e-6)
+
+
+def qkv(shape, e=None, seed=0, scale=1.0):
+    b, t, h, d = shape
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    return (
+        scale * jax.random.normal(kq, (b, t, h, d)),
+        scale * jax.random.normal(kk, (b, t, h, d)),
+        jax.random.normal(kv, (b, t, h, e or d)),
+    )
+
+
+SHAPES = [(1, 1, 1, 4), (2, 7, 3, 5), (1, 33, 2, 8), (2, 130, 4, 16)]
+
+# ---------------------------------------------------------------------- softmax attention
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_softmax_attention_matches_reference(shape, causal):
+    q, k, v = qkv(shape, e=shape[-1] + 3)
+    out = attention.softmax_attention(q, k, v, causal=causal)
+    np.testing.assert_allclose(out, ref_softmax_np(q, k, v, causal), rtol=1e-5, atol=1e-5)
+
+
+def test_softmax_attention_matches_jax_nn():
+    q, k, v = qkv((2, 40, 4, 16), seed=3)
+    for causal in (False, True):
+        expected = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+        np.testing.assert_allclose(
+            attention.softmax_attention(q, k, v, causal=causal), expected, atol=1e-5
+        )
+
+
+# ----------------------------------------------------------------------- linear attention
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("feature_map", ["elu", "relu"])
+@pytest.mark.parametrize(
+    "causal,method", [(False, "chunked"), (True, "chunked"), (True, "recurrent")]
+)
+def test_linear_attention_matches_explicit_quadratic_form(shape, feature_map, causal, method):
+    q, k, v = qkv(shape, e=shape[-1] + 1, seed=shape[1])
+    out = attention.linear_attention(
+        q, k, v, causal=causal, feature_map=feature_map, method=method, chunk_size=16
+    )
+    expected = ref_linear_np(q, k, v, causal, feature_map)
+    np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("t,chunk", [(1, 64), (5, 2), (64, 64), (100, 7), (257, 64)])
+def test_causal_chunked_and_recurrent_agree(t, chunk):
+    q, k, v = qkv((2, t, 2, 8), seed=t)
+    chunked = attention.linear_attention(q, k, v, causal=True, chunk_size=chunk)
+    recurrent = attention.linear_attention(q, k, v, causal=True, method="recurrent")
+    np.testing.assert_allclose(chunked, recurrent, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_output_ignores_the_future():
+    q, k, v = qkv((1, 20, 2, 4), seed=5)
+    base = attention.linear_attention(q, k, v, causal=True)
+    changed = attention.linear_attention(
+        q, k.at[:, 10:].set(3.0), v.at[:, 10:].set(-7.0), causal=True
+    )
+    np.testing.assert_allclose(base[:, :10], changed[:, :10], rtol=1e-6)
+    assert not np.allclose(base[:, 10:], changed[:, 10:])
+
+
+@pytest.mark.parametrize(
+    "causal,method", [(False, "chunked"), (True, "chunked"), (True, "recurrent")]
+)
+def test_linear_attention_gradients_match_reference(causal, method):
+    q, k, v = qkv((2, 19, 2, 6), seed=11)
+    w = jax.random.normal(jax.random.key(99), v.shape)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * w)
+
+    ours = jax.grad(
+        loss(
+            lambda q, k, v: attention.linear_attention(
+                q, k, v, causal=causal, method=method, chunk_size=4
+            )
+        ),
+        argnums=(0, 1, 2),
+    )(q, k, v)
+    ref = jax.grad(loss(lambda q, k, v: ref_linear_jnp(q, k, v, causal)), argnums=(0, 1, 2))(
+        q, k, v
+    )
+    for g_ours, g_ref in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_recurrent_custom_vjp_against_finite_differences():
+    from jax.test_util import check_grads
+
+    with jax.enable_x64(True):
+        q, k, v = (a.astype(jnp.float64) for a in qkv((1, 6, 2, 3), seed=4))
+        fn = lambda q, k, v: attention.linear_attention(q, k, v, causal=True, method="recurrent")  # noqa: E731
+        check_grads(fn, (q, k, v), order=2, modes=("rev",), eps=1e-4)
+
+
+def test_identity_map_matches_reference_when_denominator_is_positive():
+    # Shift the keys so every phi(q).phi(k) is clearly positive.
+    q, k, v = qkv((1, 12, 1, 4), seed=2)
+    q, k = jnp.abs(q) + 0.5, jnp.abs(k) + 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attention.NonPositiveDenominatorWarning)
+        for causal in (False, True):
+            out = attention.linear_attention(q, k, v, causal=causal, feature_map="identity")
+            jax.effects_barrier()
+            np.testing.assert_allclose(
+                out, ref_linear_np(q, k, v, causal, "identity"), rtol=1e-5, atol=1e-6
+            )
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_identity_map_warns_when_denominator_is_not_positive(jit):
+    # One query, two keys with "weights" q.k = +2 and -3: they sum to -1.
+    q = jnp.array([[[[1.0, 0.0]]]])
+    k = jnp.array([[[[2.0, 0.0]], [[-3.0, 0.0]]]])
+    v = jnp.array([[[[1.0]], [[0.0]]]])
+    fn = lambda q, k, v: attention.linear_attention(q, k, v, feature_map="identity")  # noqa: E731
+    fn = jax.jit(fn) if jit else fn
+    with pytest.warns(attention.NonPositiveDenominatorWarning, match="elu"):
+        out = fn(q, k, v)
+        jax.effects_barrier()
+    # What happens: (2 * 1 - 3 * 0) / (-1 + eps) = -2, outside the values' range [0, 1].
+    np.testing.assert_allclose(out, [[[[2.0 / (-1.0 + 1e-6)]]]], rtol=1e-6)
+    # An exactly zero denominator with a zero numerator falls back to 0/eps = 0, not NaN.
+    with pytest.warns(attention.NonPositiveDenominatorWarning):
+        zero = attention.linear_attention(q, jnp.zeros_like(k), v, feature_map="identity")
+        jax.effects_barrier()
+    assert np.all(np.asarray(zero) == 0.0)
+
+
+@pytest.mark.parametrize(
+    "causal,method", [(False, "chunked"), (True, "chunked"), (True, "recurrent")]
+)
+def test_linear_attention_memory_is_linear_at_128k(causal, method):
+    t, h, d = 131072, 4, 64
+    spec = jax.ShapeDtypeStruct((1, t, h, d), jnp.float32)
+    fn = jax.jit(lambda q, k, v: attention.linear_attention(q, k, v, causal=causal, method=method))
+    temp = fn.lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 2 * 2**30, f"{temp / 2**30:.2f} GiB of temporaries"
+    # A T x T score matrix alone would be 4 * 131072**2 * 4 bytes = 256 GiB.
+
+
+def test_bad_inputs_give_clear_errors():
+    q, k, v = qkv((1, 4, 2, 8))
+    with pytest.raises(ValueError, match=r"\[batch, T, heads, head_dim\]"):
+        attention.linear_attention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="must match q"):
+        attention.softmax_attention(q, k[..., :4], v)
+    with pytest.raises(ValueError, match="feature_map"):
+        attention.linear_attention(q, k, v, feature_map="softplus")
+    with pytest.raises(ValueError, match="causal"):
+        attention.linear_attention(q, k[:, :2], v[:, :2], causal=True)
+    with pytest.raises(TypeError, match="astype"):
+        attention.softmax_attention(q.astype(jnp.int32), k, v)
+
+
+# ------------------------------------------------------------------ weightless self-attention
+
+
+def orthogonal_tokens(beta, dim=6, seed=0):
+    """The assignment's example: x1 = d + b, x2 = a, x3 = c + b, for orthogonal a, b, c, d of
+    norm beta (a random rotation of the standard basis, so nothing is axis-aligned)."""
+    rotation, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(dim, dim)))
+    a, b, c, d = beta * rotation[:4]
+    return np.stack([d + b, a, c + b]).astype(np.float32)
+
+
+@pytest.mark.parametrize("beta", [10.0, 1e2, 1e4, 1e6, 1e9])
+def test_self_attention_copies_orthogonal_tokens(beta):
+    x = orthogonal_tokens(beta)
+    norms = np.linalg.norm(x.astype(np.float64), axis=-1)
+    np.testing.assert_allclose(norms, [np.sqrt(2) * beta, beta, np.sqrt(2) * beta], rtol=1e-6)
+    out = np.asarray(attention.self_attention(jnp.asarray(x)))
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, x, rtol=1e-5, atol=1e-5 * beta)
+    weights = attention.self_attention_weights(jnp.asarray(x))
+    np.testing.assert_allclose(weights, np.eye(3), atol=1e-5)
+
+
+def test_self_attention_at_small_beta_mixes_tokens():
+    # At beta = 1 the gaps are 1, so the output is a genuine average, not a copy.
+    x = orthogonal_tokens(1.0)
+    out = attention.self_attention(jnp.asarray(x))
+    logits = x.astype(np.float64) @ x.T.astype(np.float64)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    np.testing.assert_allclose(out, w @ x, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out, x, atol=1e-2)
+
+
+def test_self_attention_scale_and_batching():
+    x = jax.random.normal(jax.random.key(7), (3, 5, 4))
+    out = attention.self_attention(x, scale=0.5)
+    xn = np.asarray(x, np.float64)
+    logits = 0.5 * np.einsum("btd,bsd->bts", xn, xn)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    np.testing.assert_allclose(out, np.einsum("bts,bsd->btd", w, xn), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(attention.self_attention)(x), attention.self_attention(x), rtol=1e-6
+    )
+
+
+def test_self_attention_overflow_is_an_error_not_nan():
+    with pytest.raises(FloatingPointError, match="float64"):
+        attention.self_attention(jnp.asarray(orthogonal_tokens(1e20)))
