@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -13,6 +14,34 @@ def _theory(args: argparse.Namespace) -> int:
 
     report = theory.run_all(lengths=args.lengths)
     print(json.dumps(report, indent=2) if args.json else theory.format_report(report))
+    return 0
+
+
+def _vit_train(args: argparse.Namespace) -> int:
+    from hw2jax import config as config_lib
+    from hw2jax import vit
+
+    config = config_lib.load_config(args.config)
+    overrides = list(args.set)
+    epochs = args.epochs or os.environ.get("HW2JAX_EPOCHS")
+    if epochs:
+        overrides.append(f"epochs={int(epochs)}")
+    if args.attention:
+        overrides.append(f"model.attention={args.attention}")
+    if args.data_dir:
+        overrides.append(f"data_dir={args.data_dir}")
+    if args.data_source:
+        overrides.append(f"data_source={args.data_source}")
+    config_lib.apply_overrides(config, overrides)
+    history = vit.train_and_evaluate(config, args.workdir)
+    return 0 if history["status"] == "done" else 130
+
+
+def _vit_eval(args: argparse.Namespace) -> int:
+    from hw2jax import vit
+
+    result = vit.evaluate_workdir(args.workdir, args.data_dir, best=not args.latest)
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -42,12 +71,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated sequence lengths to time (default: 256,1024,4096)",
     )
     theory.set_defaults(func=_theory)
+
+    vit = commands.add_parser("vit", help="ViT on FashionMNIST").add_subparsers(
+        dest="vit_command", required=True, metavar="ACTION"
+    )
+    train = vit.add_parser("train", help="train (resumes if WORKDIR has a checkpoint)")
+    train.add_argument("--config", required=True, help="an experiments/*.py file")
+    train.add_argument("--workdir", required=True, help="checkpoints, history and plots go here")
+    train.add_argument("--epochs", type=int, help="override the epochs (env: HW2JAX_EPOCHS)")
+    train.add_argument("--attention", choices=["softmax", "linear"])
+    train.add_argument("--data-dir", help="folder with the idx files (env: HW2JAX_DATA_DIR)")
+    train.add_argument("--data-source", choices=["auto", "idx", "tfds"])
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set learning_rate=5e-4",
+    )
+    train.set_defaults(func=_vit_train)
+    ev = vit.add_parser("eval", help="test accuracy of the best checkpoint in WORKDIR")
+    ev.add_argument("--workdir", required=True)
+    ev.add_argument("--data-dir")
+    ev.add_argument("--latest", action="store_true", help="use the latest, not the best")
+    ev.set_defaults(func=_vit_eval)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from hw2jax.data import DataNotFoundError, IdxFormatError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (DataNotFoundError, IdxFormatError, FileNotFoundError, KeyError, ValueError,
+            TypeError) as e:  # fmt: skip
+        # Expected user errors get one clear line, not a traceback.
+        print(f"hw2jax: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,59 @@
+"""The one small interface every dataset sits behind: a source that loads a split as arrays."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class DataNotFoundError(FileNotFoundError):
+    """No source could provide the dataset; the message lists every way to provide it."""
+
+
+class DataSource(Protocol):
+    """Loads one split of a dataset into memory as named NumPy arrays."""
+
+    description: str
+
+    def load(self, split: str) -> dict[str, np.ndarray]: ...
+
+
+def tfds_available() -> bool:
+    return importlib.util.find_spec("tensorflow_datasets") is not None
+
+
+class TfdsSource:
+    """tensorflow-datasets, through ``tfds.data_source`` (array_record, no TensorFlow needed
+    to read). Preparing the data (``download=True``) needs TensorFlow; ``manual_dir`` lets
+    TFDS prepare offline from the original files."""
+
+    def __init__(
+        self,
+        name: str,
+        data_dir: str | None = None,
+        download: bool = True,
+        manual_dir: str | None = None,
+        features: tuple[str, ...] = (),
+    ):
+        self.name, self.data_dir, self.download = name, data_dir, download
+        self.manual_dir, self.features = manual_dir, features
+        self.description = f"tensorflow-datasets {name!r}" + (f" in {data_dir}" if data_dir else "")
+
+    def _kwargs(self) -> dict[str, Any]:
+        import tensorflow_datasets as tfds
+
+        kwargs: dict[str, Any] = {"data_dir": self.data_dir, "download": self.download}
+        if self.manual_dir:
+            config = tfds.download.DownloadConfig(manual_dir=self.manual_dir)
+            kwargs["download_and_prepare_kwargs"] = {"download_config": config}
+        return kwargs
+
+    def load(self, split: str) -> dict[str, np.ndarray]:
+        import tensorflow_datasets as tfds
+
+        source = tfds.data_source(self.name, split=split, **self._kwargs())
+        records = [source[i] for i in range(len(source))]
+        keys = self.features or tuple(records[0])
+        return {k: np.stack([np.asarray(r[k]) for r in records]) for k in keys}

@@ -1,0 +1,33 @@
+"""Layers shared by the models."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def torch_uniform(fan_in: int):
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for Linear weights and biases."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def TorchDense(
+    features: int, fan_in: int, use_bias: bool = True, dtype=None, name: str | None = None
+) -> nn.Dense:
+    """nn.Dense initialised like torch.nn.Linear, so training starts where the reference did."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        kernel_init=torch_uniform(fan_in),
+        bias_init=torch_uniform(fan_in),
+        dtype=dtype,
+        name=name,
+    )

@@ -1,0 +1,307 @@
+"""One training loop for every experiment: jit-compiled steps, progress, history, orbax
+checkpoints (latest and best), resume from the work dir, clean Ctrl-C, divergence stop.
+
+An experiment plugs in through :class:`Task`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+from tqdm.auto import tqdm
+
+from hw2jax.train import checkpoints
+
+Batch = dict[str, jax.Array]
+Params = Any
+
+
+class Task(Protocol):
+    """What an experiment gives the loop. Every batch carries a float ``mask`` of shape
+    [batch] that is 0 for padding examples, so partial batches count exactly."""
+
+    def init_params(self, rng: jax.Array) -> Params: ...
+
+    def apply(self, params: Params, batch: Batch, *, train: bool, rng: jax.Array) -> jax.Array: ...
+
+    def losses(self, outputs: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        """Per-example (loss, correct), each [batch]."""
+        ...
+
+    def train_batches(self, epoch: int) -> Sequence[Batch]: ...
+
+    def eval_batches(self, split: str) -> Sequence[Batch]: ...
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf."""
+
+
+class TrainState(train_state.TrainState):
+    pass
+
+
+# ------------------------------------------------------------------------------ steps
+
+
+def _masked_sums(task: Task, outputs: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+    loss, correct = task.losses(outputs, batch)
+    mask = batch["mask"]
+    return {
+        "loss_sum": jnp.sum(loss * mask),
+        "correct": jnp.sum(correct * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def make_train_step(task: Task, rng: jax.Array) -> Callable[[TrainState, Batch], tuple]:
+    def train_step(state: TrainState, batch: Batch):
+        step_rng = jax.random.fold_in(rng, state.step)
+
+        def loss_fn(params):
+            outputs = task.apply(params, batch, train=True, rng=step_rng)
+            sums = _masked_sums(task, outputs, batch)
+            return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
+
+        grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+        return state.apply_gradients(grads=grads), sums
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(task: Task) -> Callable[[Params, Batch], dict[str, jax.Array]]:
+    def eval_step(params, batch):
+        outputs = task.apply(params, batch, train=False, rng=jax.random.key(0))
+        return _masked_sums(task, outputs, batch)
+
+    return jax.jit(eval_step)
+
+
+def evaluate(task: Task, params: Params, split: str, eval_step=None) -> dict[str, float]:
+    eval_step = eval_step or make_eval_step(task)
+    totals = None
+    for batch in task.eval_batches(split):
+        sums = eval_step(params, batch)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = float(totals["count"])
+    return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count,
+            "count": int(count)}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
+    """``adam_l2``: torch.optim.Adam(weight_decay=wd), i.e. wd * param added to the gradient
+    before Adam (coupled L2). ``adamw``: decoupled decay, with warm-up and cosine decay."""
+    total = config.epochs * steps_per_epoch
+    if config.get("schedule", "constant") == "warmup_cosine":
+        warmup = int(config.get("warmup_epochs", 0) * steps_per_epoch)
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, config.learning_rate, max(warmup, 1), max(total, warmup + 1)
+        )
+    else:
+        lr = config.learning_rate
+    if config.optimizer == "adam_l2":
+        tx = optax.chain(
+            optax.add_decayed_weights(config.weight_decay),
+            optax.scale_by_adam(eps=1e-8),
+            optax.scale_by_learning_rate(lr),
+        )
+    elif config.optimizer == "adamw":
+        # No decay on biases, norms and embeddings-of-one (vectors): the usual AdamW practice.
+        mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+        tx = optax.adamw(lr, weight_decay=config.weight_decay, mask=mask)
+    else:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; choose adam_l2 or adamw.")
+    if config.get("grad_clip_norm", 0.0):
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+    return tx
+
+
+# ----------------------------------------------------------------------------- history
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def load_history(workdir: Path, step: int) -> dict[str, list]:
+    """The history up to the restored step (entries written after it are redone)."""
+    path = workdir / "history.json"
+    if not path.exists() or step == 0:
+        return {"train": [], "epochs": []}
+    history = json.loads(path.read_text())
+    return {
+        "train": [r for r in history["train"] if r["step"] <= step],
+        "epochs": [r for r in history["epochs"] if r["step"] <= step],
+    }
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to save and stop after the current step; a second one
+    interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            tqdm.write("Ctrl-C: saving a checkpoint after this step (press again to abort).")
+
+        try:
+            self._previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not in the main thread
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# -------------------------------------------------------------------------------- loop
+
+
+def train_and_evaluate(
+    task: Task,
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    on_epoch_end: Callable[[int, TrainState], None] | None = None,
+) -> dict[str, Any]:
+    """Trains ``task`` for ``config.epochs``, evaluating ``config.eval_split`` each epoch.
+
+    Resumes from ``workdir`` if it holds a checkpoint. Returns the history dict; its
+    ``status`` is ``"done"`` or ``"interrupted"``.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    rng = jax.random.key(config.seed)
+    init_rng, step_rng = jax.random.split(rng)
+
+    steps_per_epoch = len(task.train_batches(0))
+    tx = build_optimizer(config, steps_per_epoch)
+    params = task.init_params(init_rng)
+    state = TrainState.create(apply_fn=None, params=params, tx=tx)
+    ckpt = checkpoints.Checkpoints(workdir / "checkpoints")
+    state = ckpt.restore_latest(state)
+    start_step = int(state.step)
+    history = load_history(workdir, start_step)
+    history["config"] = config.to_dict()
+    if start_step:
+        tqdm.write(f"Resuming from step {start_step} in {workdir}.")
+
+    train_step = make_train_step(task, step_rng)
+    eval_step = make_eval_step(task)
+    best = max((r[config.best_metric] for r in history["epochs"]), default=-math.inf)
+    stop_at = config.get("stop_at_step", 0)  # simulates Ctrl-C at a step (tests)
+    status = "done"
+
+    def save_history():
+        history["status"] = status
+        write_json_atomic(workdir / "history.json", history)
+
+    with _StopFlag() as stop:
+        for epoch in range(start_step // steps_per_epoch, config.epochs):
+            batches = task.train_batches(epoch)
+            first = int(state.step) - epoch * steps_per_epoch
+            bar = tqdm(
+                range(first, steps_per_epoch),
+                desc=f"epoch {epoch + 1}/{config.epochs}",
+                initial=first,
+                total=steps_per_epoch,
+                disable=not config.get("progress", True),
+                leave=False,
+            )
+            window = {"loss_sum": 0.0, "count": 0.0}
+            t0, seen = time.perf_counter(), 0
+            for i in bar:
+                state, sums = train_step(state, batches[i])
+                sums = jax.device_get(sums)
+                if not np.isfinite(sums["loss_sum"]):
+                    status = "diverged"
+                    save_history()
+                    raise TrainingDiverged(
+                        f"loss is {sums['loss_sum']} at step {int(state.step)} "
+                        f"(epoch {epoch + 1}). "
+                        f"The last good checkpoint (step {ckpt.latest_step()}) is kept in "
+                        f"{ckpt.directory}. Lower the learning rate or add grad_clip_norm."
+                    )
+                window = {k: window[k] + float(sums[k]) for k in window}
+                seen += float(sums["count"])
+                step = int(state.step)
+                bar.set_postfix(
+                    loss=f"{sums['loss_sum'] / max(sums['count'], 1):.4f}",
+                    img_s=f"{seen / (time.perf_counter() - t0):.0f}",
+                )
+                if step % config.log_every_steps == 0 or i == steps_per_epoch - 1:
+                    loss = window["loss_sum"] / max(window["count"], 1.0)
+                    history["train"].append({"step": step, "epoch": epoch + 1, "loss": loss})
+                    window = {"loss_sum": 0.0, "count": 0.0}
+                    if step % config.log_every_steps == 0 and config.get("progress", True):
+                        tqdm.write(f"step {step:6d}  epoch {epoch + 1}  train loss {loss:.4f}")
+                if stop.requested or (stop_at and step == stop_at):
+                    status = "interrupted"
+                    ckpt.save_latest(state)
+                    save_history()
+                    tqdm.write(
+                        f"Stopped at step {step}; checkpoint saved in {ckpt.directory}. "
+                        f"Run the same command again to resume."
+                    )
+                    return history
+            bar.close()
+            train_time = time.perf_counter() - t0
+            metrics = evaluate(task, state.params, config.eval_split, eval_step)
+            record = {
+                "epoch": epoch + 1,
+                "step": int(state.step),
+                "train_loss": float(
+                    np.mean([r["loss"] for r in history["train"] if r["epoch"] == epoch + 1])
+                ),
+                f"{config.eval_split}_loss": metrics["loss"],
+                f"{config.eval_split}_accuracy": metrics["accuracy"],
+                "train_time_s": train_time,
+                "images_per_s": seen / train_time,
+            }
+            history["epochs"].append(record)
+            is_best = record[config.best_metric] > best
+            best = max(best, record[config.best_metric])
+            ckpt.save_latest(state)
+            if is_best:
+                ckpt.save_best(state, record)
+            save_history()
+            tqdm.write(
+                f"epoch {epoch + 1:3d}/{config.epochs}  train loss {record['train_loss']:.4f}  "
+                f"{config.eval_split} loss {metrics['loss']:.4f}  "
+                f"{config.eval_split} acc {100 * metrics['accuracy']:.2f}%  "
+                f"({train_time:.0f} s, {record['images_per_s']:.0f} img/s)"
+                + ("  *best" if is_best else "")
+            )
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, state)
+    save_history()
+    return history

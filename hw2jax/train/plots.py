@@ -1,0 +1,81 @@
+"""PNG plots written into the work dir (matplotlib, no screen needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_history(history: dict[str, Any], eval_split: str, path: Path) -> None:
+    """Train loss every logged step and eval loss per epoch; eval accuracy per epoch."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    train = history["train"]
+    epochs = history["epochs"]
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (per log)")
+    ax_loss.plot([r["step"] for r in epochs], [r[f"{eval_split}_loss"] for r in epochs], "o-",
+                 label=f"{eval_split} (per epoch)")  # fmt: skip
+    ax_loss.set(xlabel="step", ylabel="cross-entropy", title="loss")
+    ax_loss.legend()
+    ax_acc.plot([r["epoch"] for r in epochs],
+                [100 * r[f"{eval_split}_accuracy"] for r in epochs], "o-")  # fmt: skip
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{eval_split} accuracy")
+    ax_acc.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(cm, (labels, preds), 1)
+    return cm
+
+
+def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    im = ax.imshow(cm, cmap="Blues")
+    ticks = range(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=45, ha="right")
+    ax.set_yticks(ticks, class_names)
+    for (i, j), count in np.ndenumerate(cm):
+        color = "white" if count > cm.max() / 2 else "black"
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color=color)
+    ax.set(xlabel="predicted", ylabel="true",
+           title=f"confusion matrix, accuracy {100 * np.trace(cm) / cm.sum():.2f}%")  # fmt: skip
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_predictions(
+    images: np.ndarray, preds: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+    path: Path, cols: int = 8,
+) -> None:  # fmt: skip
+    """A grid of images titled 'predicted (true)', wrong ones in red."""
+    plt = _pyplot()
+    rows = -(-len(images) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, p, t in zip(axes.flat, images, preds, labels, strict=False):
+        ax.imshow(image.squeeze(-1), cmap="gray")
+        ax.set_title(f"{class_names[p]}\n({class_names[t]})", fontsize=7,
+                     color="black" if p == t else "red")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,184 @@
+"""The ViT-on-FashionMNIST experiment: the task the shared training loop runs, and evaluation."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from hw2jax.data import fashion_mnist
+from hw2jax.models.vit import ViT
+from hw2jax.train import checkpoints, loop, plots
+
+
+class DeviceBatches(Sequence):
+    """Batches gathered on the device from arrays already there, in a given order.
+
+    The order is padded to whole batches; padded slots get mask 0, so the last partial
+    batch counts exactly and no example is dropped.
+    """
+
+    def __init__(self, arrays: dict[str, jax.Array], order: jax.Array, batch_size: int):
+        n = order.shape[0]
+        self.steps = -(-n // batch_size)
+        pad = self.steps * batch_size - n
+        self.arrays, self.batch_size = arrays, batch_size
+        self.order = jnp.pad(order, (0, pad))
+        self.mask = (jnp.arange(self.steps * batch_size) < n).astype(jnp.float32)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, i: int) -> loop.Batch:
+        if not 0 <= i < self.steps:
+            raise IndexError(i)
+        return _gather(self.arrays, self.order, self.mask, i * self.batch_size, self.batch_size)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _gather(arrays, order, mask, start, size):
+    idx = jax.lax.dynamic_slice_in_dim(order, start, size)
+    batch = {k: v[idx] for k, v in arrays.items()}
+    batch["mask"] = jax.lax.dynamic_slice_in_dim(mask, start, size)
+    return batch
+
+
+def augment(rng: jax.Array, images: jax.Array, pad: int, flip: bool) -> jax.Array:
+    """Random translation by up to ``pad`` pixels (zero fill) and random horizontal flips."""
+    b, h, w, _ = images.shape
+    k_shift, k_flip = jax.random.split(rng)
+    if pad:
+        padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        offsets = jax.random.randint(k_shift, (b, 2), 0, 2 * pad + 1)
+        crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))  # noqa: E731
+        images = jax.vmap(crop)(padded, offsets)
+    if flip:
+        do_flip = jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1))
+        images = jnp.where(do_flip, images[:, :, ::-1], images)
+    return images
+
+
+class ViTTask:
+    """FashionMNIST classification with the ViT; all data lives on the device."""
+
+    num_classes = 10
+
+    def __init__(self, config: ml_collections.ConfigDict, train: fashion_mnist.ImageSplit,
+                 test: fashion_mnist.ImageSplit):  # fmt: skip
+        self.config = config
+        self.model = ViT(num_classes=self.num_classes, **config.model.to_dict())
+        self.splits = {
+            "train": {"image": jnp.asarray(train.images), "label": jnp.asarray(train.labels)},
+            "test": {"image": jnp.asarray(test.images), "label": jnp.asarray(test.labels)},
+        }
+        self.shuffle_key = jax.random.key(config.seed + 1)
+
+    def init_params(self, rng: jax.Array):
+        return self.model.init(rng, jnp.zeros((1, 28, 28, 1)))["params"]
+
+    def apply(self, params, batch, *, train: bool, rng: jax.Array) -> jax.Array:
+        images = batch["image"].astype(jnp.float32)
+        if train and (self.config.augment_pad or self.config.augment_flip):
+            images = augment(rng, images, self.config.augment_pad, self.config.augment_flip)
+        return self.model.apply({"params": params}, fashion_mnist.normalize(images))
+
+    def losses(self, logits: jax.Array, batch: loop.Batch) -> tuple[jax.Array, jax.Array]:
+        labels = jax.nn.one_hot(batch["label"], self.num_classes)
+        if self.config.label_smoothing:
+            labels = optax.smooth_labels(labels, self.config.label_smoothing)
+        loss = optax.softmax_cross_entropy(logits, labels)
+        return loss, (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+
+    def train_batches(self, epoch: int) -> DeviceBatches:
+        data = self.splits["train"]
+        n = data["label"].shape[0]
+        order = jax.random.permutation(jax.random.fold_in(self.shuffle_key, epoch), n)
+        return DeviceBatches(data, order, self.config.batch_size)
+
+    def eval_batches(self, split: str) -> DeviceBatches:
+        data = self.splits[split]
+        return DeviceBatches(data, jnp.arange(data["label"].shape[0]), self.config.eval_batch_size)
+
+    def predict(self, params, split: str) -> np.ndarray:
+        apply = jax.jit(lambda p, b: jnp.argmax(self.apply(p, b, train=False, rng=None), -1))
+        preds = [np.asarray(apply(params, b))[np.asarray(b["mask"]) > 0]
+                 for b in self.eval_batches(split)]  # fmt: skip
+        return np.concatenate(preds)
+
+
+def load_data(config: ml_collections.ConfigDict):
+    source = fashion_mnist.find_source(config.data_dir or None, config.data_source)
+    print(f"FashionMNIST from {source.description}")
+    return fashion_mnist.load(source, "train"), fashion_mnist.load(source, "test")
+
+
+def write_report(task: ViTTask, params, workdir: Path, history: dict[str, Any]) -> dict[str, Any]:
+    """Test accuracy of ``params`` on all 10,000 images, with the confusion matrix and a grid."""
+    preds = task.predict(params, "test")
+    labels = np.asarray(task.splits["test"]["label"])
+    cm = plots.confusion_matrix(labels, preds, task.num_classes)
+    names = fashion_mnist.CLASS_NAMES
+    plots.plot_confusion(cm, names, workdir / "confusion_matrix.png")
+    plots.plot_predictions(np.asarray(task.splits["test"]["image"][:32]), preds[:32], labels[:32],
+                           names, workdir / "test_predictions.png")  # fmt: skip
+    if history.get("epochs"):
+        plots.plot_history(history, task.config.eval_split, workdir / "curves.png")
+    return {"test_accuracy": float(np.mean(preds == labels)), "test_count": len(labels),
+            "confusion_matrix": cm.tolist()}  # fmt: skip
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    loop.write_json_atomic(workdir / "config.json", config.to_dict())
+    train, test = load_data(config)
+    task = ViTTask(config, train, test)
+    start = time.perf_counter()
+    history = loop.train_and_evaluate(task, config, workdir)
+    if history["status"] != "done":
+        return history
+    final = write_report(task, jax.device_get(loop_params(task, workdir)), workdir, history)
+    final["wall_time_s_this_run"] = time.perf_counter() - start
+    final["last_epoch"] = history["epochs"][-1] if history["epochs"] else None
+    loop.write_json_atomic(workdir / "results.json", final)
+    print(f"final test accuracy (last epoch): {100 * final['test_accuracy']:.2f}% "
+          f"on {final['test_count']} images; plots and history in {workdir}")  # fmt: skip
+    return history | {"final": final}
+
+
+def loop_params(task: ViTTask, workdir: Path):
+    """Params of the latest checkpoint (the final model)."""
+    ckpt = checkpoints.Checkpoints(Path(workdir) / "checkpoints")
+    params_like = task.init_params(jax.random.key(0))
+    state = loop.TrainState.create(apply_fn=None, params=params_like,
+                                   tx=loop.build_optimizer(task.config, 1))  # fmt: skip
+    return ckpt.restore_latest(state).params
+
+
+def evaluate_workdir(workdir: str | Path, data_dir: str | None = None, best: bool = True) -> dict:
+    """Re-evaluates the best (or latest) checkpoint in ``workdir`` on the test set."""
+    workdir = Path(workdir)
+    config_path = workdir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found; is {workdir} a `vit train` work dir?")
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    if data_dir:
+        config.data_dir = data_dir
+    train, test = load_data(config)
+    task = ViTTask(config, train, test)
+    if best:
+        params, meta = checkpoints.Checkpoints(workdir / "checkpoints").restore_best_params(
+            task.init_params(jax.random.key(0)))  # fmt: skip
+    else:
+        params, meta = loop_params(task, workdir), {}
+    metrics = loop.evaluate(task, params, "test")
+    return {"checkpoint": meta, **metrics}
