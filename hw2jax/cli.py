@@ -45,6 +45,13 @@ def _vit_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_locate(args: argparse.Namespace) -> int:
+    from hw2jax.data import fashion_mnist
+
+    print(fashion_mnist.find_source(args.data_dir, args.data_source).description)
+    return 0
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -95,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir")
     ev.add_argument("--latest", action="store_true", help="use the latest, not the best")
     ev.set_defaults(func=_vit_eval)
+
+    data = commands.add_parser("data", help="find datasets").add_subparsers(
+        dest="data_command", required=True, metavar="ACTION"
+    )
+    locate = data.add_parser("locate", help="say where FashionMNIST would be loaded from")
+    locate.add_argument("--data-dir")
+    locate.add_argument("--data-source", choices=["auto", "idx", "tfds"], default="auto")
+    locate.set_defaults(func=_data_locate)
     return parser
 
 

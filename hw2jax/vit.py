@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -117,7 +118,7 @@ class ViTTask:
 
 def load_data(config: ml_collections.ConfigDict):
     source = fashion_mnist.find_source(config.data_dir or None, config.data_source)
-    print(f"FashionMNIST from {source.description}")
+    print(f"FashionMNIST from {source.description}", file=sys.stderr)
     return fashion_mnist.load(source, "train"), fashion_mnist.load(source, "test")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hw2jax.data.idx import read_idx
+from hw2jax.data.idx import IdxFormatError, read_idx
 from hw2jax.data.sources import DataNotFoundError, DataSource, TfdsSource, tfds_available
 
 CLASS_NAMES = (
@@ -71,7 +71,12 @@ class IdxFolderSource:
                 f"for split {split!r}."
             )
         images = read_idx(paths[0], (None, 28, 28))
-        labels = read_idx(paths[1], (images.shape[0],))
+        labels = read_idx(paths[1], (None,))
+        if len(labels) != len(images):
+            raise IdxFormatError(
+                f"{paths[1]} has {len(labels)} labels but {paths[0]} has {len(images)} images; "
+                "the two files of a split must come from the same release."
+            )
         if labels.max(initial=0) > 9:
             raise ValueError(f"{paths[1]}: labels must be 0..9, found {labels.max()}.")
         return {"image": images[..., None], "label": labels}

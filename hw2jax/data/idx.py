@@ -54,7 +54,7 @@ def read_idx(
         len(shape) != len(expect_shape)
         or any(e is not None and e != s for e, s in zip(expect_shape, shape, strict=False))
     ):
-        want = tuple("*" if e is None else e for e in expect_shape)
+        want = "(" + ", ".join("*" if e is None else str(e) for e in expect_shape) + ")"
         raise IdxFormatError(f"{path}: shape {shape}, expected {want}.")
     return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
 

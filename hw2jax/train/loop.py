@@ -148,10 +148,19 @@ def load_history(workdir: Path, step: int) -> dict[str, list]:
     if not path.exists() or step == 0:
         return {"train": [], "epochs": []}
     history = json.loads(path.read_text())
-    return {
+    restored = {
         "train": [r for r in history["train"] if r["step"] <= step],
         "epochs": [r for r in history["epochs"] if r["step"] <= step],
     }
+    window = history.get("window")
+    if window and window.pop("step") == step:
+        restored["window"] = window
+    return restored
+
+
+def _epoch_mean_loss(records: list[dict], epoch: int) -> float:
+    rows = [r for r in records if r["epoch"] == epoch]
+    return sum(r["loss"] * r["examples"] for r in rows) / max(sum(r["examples"] for r in rows), 1)
 
 
 # ----------------------------------------------------------------------------- Ctrl-C
@@ -225,6 +234,14 @@ def train_and_evaluate(
         history["status"] = status
         write_json_atomic(workdir / "history.json", history)
 
+    def stop_here(step):
+        ckpt.save_latest(state)
+        save_history()
+        tqdm.write(
+            f"Stopped at step {step}; checkpoint saved in {ckpt.directory}. "
+            f"Run the same command again to resume."
+        )
+
     with _StopFlag() as stop:
         for epoch in range(start_step // steps_per_epoch, config.epochs):
             batches = task.train_batches(epoch)
@@ -237,7 +254,8 @@ def train_and_evaluate(
                 disable=not config.get("progress", True),
                 leave=False,
             )
-            window = {"loss_sum": 0.0, "count": 0.0}
+            # The loss accumulated since the last log line survives an interruption.
+            window = history.pop("window", None) or {"loss_sum": 0.0, "count": 0.0}
             t0, seen = time.perf_counter(), 0
             for i in bar:
                 state, sums = train_step(state, batches[i])
@@ -259,19 +277,19 @@ def train_and_evaluate(
                     img_s=f"{seen / (time.perf_counter() - t0):.0f}",
                 )
                 if step % config.log_every_steps == 0 or i == steps_per_epoch - 1:
-                    loss = window["loss_sum"] / max(window["count"], 1.0)
-                    history["train"].append({"step": step, "epoch": epoch + 1, "loss": loss})
+                    n = window["count"]
+                    loss = window["loss_sum"] / max(n, 1.0)
+                    history["train"].append(
+                        {"step": step, "epoch": epoch + 1, "loss": loss, "examples": n}
+                    )
                     window = {"loss_sum": 0.0, "count": 0.0}
                     if step % config.log_every_steps == 0 and config.get("progress", True):
                         tqdm.write(f"step {step:6d}  epoch {epoch + 1}  train loss {loss:.4f}")
-                if stop.requested or (stop_at and step == stop_at):
+                stopping = stop.requested or (stop_at and step == stop_at)
+                if stopping and i < steps_per_epoch - 1:  # at an epoch's end, evaluate first
                     status = "interrupted"
-                    ckpt.save_latest(state)
-                    save_history()
-                    tqdm.write(
-                        f"Stopped at step {step}; checkpoint saved in {ckpt.directory}. "
-                        f"Run the same command again to resume."
-                    )
+                    history["window"] = {**window, "step": step}
+                    stop_here(step)
                     return history
             bar.close()
             train_time = time.perf_counter() - t0
@@ -279,9 +297,7 @@ def train_and_evaluate(
             record = {
                 "epoch": epoch + 1,
                 "step": int(state.step),
-                "train_loss": float(
-                    np.mean([r["loss"] for r in history["train"] if r["epoch"] == epoch + 1])
-                ),
+                "train_loss": _epoch_mean_loss(history["train"], epoch + 1),
                 f"{config.eval_split}_loss": metrics["loss"],
                 f"{config.eval_split}_accuracy": metrics["accuracy"],
                 "train_time_s": train_time,
@@ -303,5 +319,9 @@ def train_and_evaluate(
             )
             if on_epoch_end is not None:
                 on_epoch_end(epoch, state)
+            if (stop.requested or stop_at == int(state.step)) and epoch + 1 < config.epochs:
+                status = "interrupted"
+                stop_here(int(state.step))
+                return history
     save_history()
     return history

@@ -1,0 +1,95 @@
+import gzip
+
+import numpy as np
+import pytest
+from conftest import make_fashion_folder
+
+from hw2jax.data import DataNotFoundError, IdxFormatError, fashion_mnist, read_idx, write_idx
+
+
+@pytest.mark.parametrize("name", ["a-idx3-ubyte", "a-idx3-ubyte.gz"])
+def test_idx_round_trip(tmp_path, name):
+    array = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)
+    write_idx(tmp_path / name, array)
+    raw = (tmp_path / name).read_bytes()
+    assert (raw[:2] == b"\x1f\x8b") == name.endswith(".gz")
+    np.testing.assert_array_equal(read_idx(tmp_path / name, (None, 28, 28)), array)
+
+
+def test_idx_header_is_the_real_format(tmp_path):
+    # Independent check of the layout: magic 0x00000803, then big-endian dims, then bytes.
+    write_idx(tmp_path / "x", np.arange(6, dtype=np.uint8).reshape(1, 2, 3))
+    header = bytes.fromhex("00000803 00000001 00000002 00000003")
+    assert (tmp_path / "x").read_bytes() == header + bytes(range(6))
+
+
+def test_idx_errors_name_the_problem(tmp_path):
+    good = np.zeros((4, 28, 28), np.uint8)
+    write_idx(tmp_path / "good", good)
+    data = (tmp_path / "good").read_bytes()
+
+    (tmp_path / "magic").write_bytes(b"\x00\x00\x0d\x03" + data[4:])
+    with pytest.raises(IdxFormatError, match="bad magic number"):
+        read_idx(tmp_path / "magic")
+    (tmp_path / "short").write_bytes(data[:-10])
+    with pytest.raises(IdxFormatError, match="truncated"):
+        read_idx(tmp_path / "short")
+    with pytest.raises(IdxFormatError, match=r"expected \(\*, 32, 32\)"):
+        read_idx(tmp_path / "good", (None, 32, 32))
+    (tmp_path / "badgz.gz").write_bytes(gzip.compress(data)[:30])
+    with pytest.raises(IdxFormatError, match="gzip"):
+        read_idx(tmp_path / "badgz.gz")
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_local_folder_loads_both_splits(tmp_path, gz):
+    folder = make_fashion_folder(tmp_path / "f", n_train=30, n_test=12, gz=gz)
+    source = fashion_mnist.find_source(folder)
+    train, test = fashion_mnist.load(source, "train"), fashion_mnist.load(source, "test")
+    assert train.images.shape == (30, 28, 28, 1) and train.images.dtype == np.uint8
+    assert test.labels.shape == (12,) and test.labels.dtype == np.int32
+    expected = read_idx(folder / f"t10k-labels-idx1-ubyte{'.gz' if gz else ''}")
+    np.testing.assert_array_equal(test.labels, expected)
+
+
+def test_label_count_must_match_images(tmp_path):
+    folder = make_fashion_folder(tmp_path / "f", n_train=30, n_test=12)
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(11, np.uint8))
+    with pytest.raises(IdxFormatError, match=r"11 labels but .* 12 images"):
+        fashion_mnist.load(fashion_mnist.IdxFolderSource(folder), "test")
+
+
+def test_env_var_and_argument_pick_the_folder(tmp_path, monkeypatch):
+    a = make_fashion_folder(tmp_path / "a", n_train=10, n_test=5)
+    b = make_fashion_folder(tmp_path / "b", n_train=20, n_test=5)
+    monkeypatch.setenv("HW2JAX_DATA_DIR", str(a))
+    assert len(fashion_mnist.load(fashion_mnist.find_source(), "train")) == 10
+    assert len(fashion_mnist.load(fashion_mnist.find_source(b), "train")) == 20
+
+
+def test_nothing_found_lists_the_three_ways(tmp_path, monkeypatch):
+    monkeypatch.delenv("HW2JAX_DATA_DIR", raising=False)
+    monkeypatch.setattr(fashion_mnist, "USUAL_PLACES", (tmp_path / "nowhere",))
+    monkeypatch.setattr(fashion_mnist, "tfds_available", lambda: False)
+    with pytest.raises(DataNotFoundError) as exc:
+        fashion_mnist.find_source()
+    message = str(exc.value)
+    for hint in ("--data-dir", "HW2JAX_DATA_DIR", "dataset-fashion-mnist", "hw2jax[tfds]",
+                 "when online", str(tmp_path / "nowhere")):  # fmt: skip
+        assert hint in message
+    with pytest.raises(DataNotFoundError, match="not a folder with all four"):
+        fashion_mnist.find_source(tmp_path / "empty", kind="idx")
+
+
+def test_tfds_source_reads_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=24):
+        source = fashion_mnist.find_source(kind="tfds")
+        train = fashion_mnist.load(source, "train")
+    assert train.images.shape == (24, 28, 28, 1) and train.images.dtype == np.uint8
+    assert train.labels.shape == (24,) and set(np.unique(train.labels)) <= set(range(10))
+
+
+def test_normalize_matches_the_assignment():
+    x = np.array([0, 255], np.uint8)
+    np.testing.assert_allclose(fashion_mnist.normalize(x), [-0.1307 / 0.3081, 0.8693 / 0.3081])

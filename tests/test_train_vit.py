@@ -1,0 +1,176 @@
+"""The shared training loop, driven by the ViT experiment on tiny generated data."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hw2jax import cli, vit
+from hw2jax.config import apply_overrides, load_config
+from hw2jax.data import fashion_mnist
+from hw2jax.train import checkpoints, loop
+
+CONFIG = Path(__file__).parents[1] / "experiments" / "vit_fashion_mnist.py"
+SMALL_MODEL = ["model.patch_size=7", "model.dim=16", "model.depth=2", "model.heads=2",
+               "model.dim_head=8", "model.mlp_dim=24"]  # fmt: skip
+
+
+def small_config(data_dir, *overrides):
+    config = load_config(CONFIG)
+    apply_overrides(config, [*SMALL_MODEL, f"data_dir={data_dir}", "batch_size=40",
+                             "eval_batch_size=16", "epochs=3", "progress=False",
+                             "log_every_steps=2", "learning_rate=3e-3", *overrides])  # fmt: skip
+    return config
+
+
+def final_params(workdir, config):
+    train, test = vit.load_data(config)
+    return vit.loop_params(vit.ViTTask(config, train, test), Path(workdir))
+
+
+def test_device_batches_cover_every_example_once():
+    n, b = 103, 16
+    data = {"label": jnp.arange(n)}
+    order = jax.random.permutation(jax.random.key(0), n)
+    batches = vit.DeviceBatches(data, order, b)
+    assert len(batches) == 7  # 6 full batches and one of 7
+    seen = np.concatenate([np.asarray(x["label"])[np.asarray(x["mask"]) > 0] for x in batches])
+    assert sorted(seen.tolist()) == list(range(n))
+    assert float(sum(x["mask"].sum() for x in batches)) == n
+
+
+def test_training_learns_and_writes_history_plots_and_results(fashion_dir, tmp_path):
+    config = small_config(fashion_dir, "epochs=20")
+    out = vit.train_and_evaluate(config, tmp_path / "run")
+    epochs = out["epochs"]
+    assert [r["epoch"] for r in epochs] == list(range(1, 21))
+    # The classes are separable bands; chance is 10 %.
+    assert out["final"]["test_accuracy"] >= 0.9
+    assert out["final"]["test_count"] == 40  # all test images, the partial batch included
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    saved = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert saved["status"] == "done" and len(saved["epochs"]) == 20
+    # Train loss was logged every 2 steps (3 steps per epoch: 2 full batches and one of 16).
+    assert [r["step"] for r in saved["train"]][:4] == [2, 3, 4, 6]
+    for name in ("curves.png", "confusion_matrix.png", "test_predictions.png", "results.json"):
+        assert (tmp_path / "run" / name).stat().st_size > 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert np.sum(results["confusion_matrix"]) == 40
+    # The report's accuracy agrees with the loop's evaluation of the same (final) params.
+    assert results["test_accuracy"] == pytest.approx(epochs[-1]["test_accuracy"])
+
+
+@pytest.mark.parametrize("stop_at", [2, 3, 7])  # mid-epoch, end of epoch, later epoch
+def test_interrupted_run_resumes_bitwise(fashion_dir, tmp_path, stop_at):
+    straight = small_config(fashion_dir)
+    vit.train_and_evaluate(straight, tmp_path / "straight")
+
+    interrupted = small_config(fashion_dir, f"stop_at_step={stop_at}")
+    first = vit.train_and_evaluate(interrupted, tmp_path / "resumed")
+    assert first["status"] == "interrupted"
+    assert checkpoints.Checkpoints(tmp_path / "resumed" / "checkpoints").latest_step() == stop_at
+    interrupted.stop_at_step = 0
+    second = vit.train_and_evaluate(interrupted, tmp_path / "resumed")
+    assert second["status"] == "done"
+
+    a = final_params(tmp_path / "straight", straight)
+    b = final_params(tmp_path / "resumed", interrupted)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    h1 = json.loads((tmp_path / "straight" / "history.json").read_text())
+    h2 = json.loads((tmp_path / "resumed" / "history.json").read_text())
+    assert h1["train"] == h2["train"]
+    strip = lambda rows: [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k}  # noqa: E731
+                          for r in rows]  # fmt: skip
+    assert strip(h1["epochs"]) == strip(h2["epochs"])
+
+
+class PoisonedTask(vit.ViTTask):
+    """Feeds NaN images from the second epoch on, so the loss goes non-finite."""
+
+    def apply(self, params, batch, *, train, rng):
+        if train:
+            batch = dict(batch, image=jnp.where(batch["poison"], jnp.nan, batch["image"] * 1.0))
+        return super().apply(params, batch, train=train, rng=rng)
+
+    def train_batches(self, epoch):
+        batches = super().train_batches(epoch)
+        return [dict(b, poison=jnp.asarray(epoch >= 1)) for b in batches]
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(
+    fashion_dir, tmp_path
+):
+    config = small_config(fashion_dir)
+    train, test = vit.load_data(config)
+    task = PoisonedTask(config, train, test)
+    with pytest.raises(loop.TrainingDiverged, match=r"step 4 .*last good checkpoint \(step 3\)"):
+        loop.train_and_evaluate(task, config, tmp_path / "run")
+    assert checkpoints.Checkpoints(tmp_path / "run" / "checkpoints").latest_step() == 3
+    assert json.loads((tmp_path / "run" / "history.json").read_text())["status"] == "diverged"
+
+
+def test_cli_train_then_eval(fashion_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HW2JAX_EPOCHS", "1")
+    args = ["vit", "train", "--config", str(CONFIG), "--workdir", str(tmp_path / "w"),
+            "--data-dir", str(fashion_dir), "--attention", "linear", "--set", "progress=False"]
+    for item in SMALL_MODEL:
+        args += ["--set", item]
+    assert cli.main(args) == 0
+    saved = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert saved["epochs"] == 1 and saved["model"]["attention"] == "linear"
+    capsys.readouterr()
+    assert cli.main(["vit", "eval", "--workdir", str(tmp_path / "w")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    history = json.loads((tmp_path / "w" / "history.json").read_text())
+    assert result["count"] == 40
+    assert result["accuracy"] == pytest.approx(history["epochs"][0]["test_accuracy"])
+
+
+def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
+    code = cli.main(["vit", "train", "--config", str(CONFIG), "--workdir", str(tmp_path),
+                     "--data-dir", str(tmp_path / "missing"), "--data-source", "idx"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "FashionMNIST not found" in err and "Traceback" not in err
+    assert cli.main(["vit", "train", "--config", str(CONFIG), "--workdir", str(tmp_path),
+                     "--set", "modle.dim=3"]) == 2  # fmt: skip
+    assert "unknown config key 'modle.dim'" in capsys.readouterr().err
+
+
+def test_one_epoch_on_tfds_mock_data(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = small_config("", "epochs=1", "data_source=tfds")
+    with tfds.testing.mock_data(num_examples=48):
+        out = vit.train_and_evaluate(config, tmp_path / "run")
+    assert out["status"] == "done" and len(out["epochs"]) == 1
+    assert out["final"]["test_count"] == 48
+    assert 0.0 <= out["epochs"][0]["test_accuracy"] <= 1.0
+
+
+def test_normalisation_is_applied_inside_the_model_call(fashion_dir):
+    # The task feeds (x/255 - 0.1307)/0.3081 to the network, as the assignment did.
+    config = small_config(fashion_dir)
+    train, test = vit.load_data(config)
+    task = vit.ViTTask(config, train, test)
+    params = task.init_params(jax.random.key(0))
+    batch = task.eval_batches("test")[0]
+    expected = task.model.apply(
+        {"params": params}, fashion_mnist.normalize(batch["image"].astype(jnp.float32))
+    )
+    np.testing.assert_allclose(task.apply(params, batch, train=False, rng=None), expected)
+
+
+def test_first_ctrl_c_requests_a_stop_and_the_second_interrupts():
+    import os
+    import signal
+
+    with loop._StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

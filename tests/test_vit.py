@@ -1,0 +1,183 @@
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from hw2jax.models.vit import ViT
+from hw2jax.train.loop import build_optimizer
+
+torch = pytest.importorskip("torch")
+tnn = torch.nn
+
+ASSIGNMENT = dict(image_size=28, patch_size=4, channels=1, dim=64, depth=6, heads=4, dim_head=64,
+                  mlp_dim=128)  # fmt: skip
+SMALL = dict(image_size=28, patch_size=7, channels=1, dim=16, depth=2, heads=2, dim_head=8,
+             mlp_dim=24)  # fmt: skip
+
+
+def count(params):
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+def init(cfg, seed=0, **kw):
+    model = ViT(num_classes=10, **cfg, **kw)
+    return model, model.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1)))["params"]
+
+
+def test_assignment_config_has_499722_parameters():
+    assert count(init(ASSIGNMENT)[1]) == 499_722
+
+
+def test_linear_attention_variant_has_the_same_parameters_and_differs():
+    model, params = init(ASSIGNMENT)
+    linear = ViT(num_classes=10, attention="linear", **ASSIGNMENT)
+    x = jax.random.uniform(jax.random.key(1), (2, 28, 28, 1))
+    assert count(linear.init(jax.random.key(0), x)["params"]) == 499_722
+    out_linear = linear.apply({"params": params}, x)
+    assert out_linear.shape == (2, 10) and np.all(np.isfinite(out_linear))
+    assert not np.allclose(out_linear, model.apply({"params": params}, x))
+
+
+def test_bad_shapes_give_clear_errors():
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        init({**ASSIGNMENT, "patch_size": 5})
+    model, params = init(SMALL)
+    with pytest.raises(ValueError, match="NHWC"):
+        model.apply({"params": params}, jnp.zeros((2, 28, 28, 3)))
+    with pytest.raises(ValueError, match=r"x\[\.\.\., None\]"):
+        model.apply({"params": params}, jnp.zeros((2, 28, 28)))
+
+
+# ------------------------------------------------- an independent PyTorch ViT (lucidrains style)
+
+
+class TorchViT(tnn.Module):
+    def __init__(self, image_size, patch_size, channels, dim, depth, heads, dim_head, mlp_dim,
+                 num_classes=10):  # fmt: skip
+        super().__init__()
+        self.p, self.heads = patch_size, heads
+        n = (image_size // patch_size) ** 2
+        inner = heads * dim_head
+        self.scale = dim_head**-0.5
+        self.patch = tnn.Linear(patch_size * patch_size * channels, dim)
+        self.cls = tnn.Parameter(torch.randn(1, 1, dim))
+        self.pos = tnn.Parameter(torch.randn(1, n + 1, dim))
+        self.layers = tnn.ModuleList(
+            tnn.ModuleDict(
+                dict(
+                    norm1=tnn.LayerNorm(dim),
+                    qkv=tnn.Linear(dim, 3 * inner, bias=False),
+                    out=tnn.Linear(inner, dim),
+                    norm2=tnn.LayerNorm(dim),
+                    fc1=tnn.Linear(dim, mlp_dim),
+                    fc2=tnn.Linear(mlp_dim, dim),
+                )
+            )
+            for _ in range(depth)
+        )
+        self.head_norm, self.head = tnn.LayerNorm(dim), tnn.Linear(dim, num_classes)
+
+    def forward(self, img):  # img: NCHW
+        b, c, hh, ww = img.shape
+        p = self.p
+        x = img.reshape(b, c, hh // p, p, ww // p, p).permute(0, 2, 4, 3, 5, 1)
+        x = self.patch(x.reshape(b, (hh // p) * (ww // p), p * p * c))
+        x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1) + self.pos
+        for layer in self.layers:
+            h = layer["norm1"](x)
+            q, k, v = layer["qkv"](h).chunk(3, dim=-1)
+            q, k, v = (t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
+            attn = torch.softmax(q @ k.transpose(-1, -2) * self.scale, dim=-1)
+            x = x + layer["out"]((attn @ v).transpose(1, 2).reshape(b, x.shape[1], -1))
+            x = x + layer["fc2"](torch.relu(layer["fc1"](layer["norm2"](x))))
+        return self.head(self.head_norm(x[:, 0]))
+
+
+def copy_to_torch(params, tmodel):
+    t = lambda a: torch.tensor(np.asarray(a))  # noqa: E731
+    dense = lambda mod, p: (mod.weight.copy_(t(p["kernel"]).T),  # noqa: E731
+                            p.get("bias") is not None and mod.bias.copy_(t(p["bias"])))
+    norm = lambda mod, p: (mod.weight.copy_(t(p["scale"])), mod.bias.copy_(t(p["bias"])))  # noqa: E731
+    with torch.no_grad():
+        dense(tmodel.patch, params["patch_embedding"])
+        tmodel.cls.copy_(t(params["cls_token"]))
+        tmodel.pos.copy_(t(params["pos_embedding"]))
+        for i, layer in enumerate(tmodel.layers):
+            p = params[f"block{i}"]
+            norm(layer["norm1"], p["norm1"])
+            norm(layer["norm2"], p["norm2"])
+            dense(layer["qkv"], p["attn"]["to_qkv"])
+            dense(layer["out"], p["attn"]["to_out"])
+            dense(layer["fc1"], p["mlp"]["fc1"])
+            dense(layer["fc2"], p["mlp"]["fc2"])
+        norm(tmodel.head_norm, params["head_norm"])
+        dense(tmodel.head, params["head"])
+
+
+def torch_params_as_flax_order(tmodel, params):
+    """Torch parameters mapped back onto the Flax tree, for comparing after a step."""
+    out = {}
+    flat = dict(tmodel.named_parameters())
+    names = {"patch_embedding": "patch", "cls_token": "cls", "pos_embedding": "pos",
+             "head_norm": "head_norm", "head": "head"}  # fmt: skip
+    sub = {"norm1": "norm1", "norm2": "norm2", "to_qkv": "qkv", "to_out": "out", "fc1": "fc1",
+           "fc2": "fc2"}  # fmt: skip
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        keys = [k.key for k in path]
+        if keys[0].startswith("block"):
+            prefix = f"layers.{keys[0][5:]}.{sub[keys[-2]]}"
+        elif len(keys) == 1:
+            out[tuple(keys)] = flat[names[keys[0]]].detach().numpy()
+            continue
+        else:
+            prefix = names[keys[0]]
+        name = {"kernel": "weight", "scale": "weight", "bias": "bias"}[keys[-1]]
+        value = flat[f"{prefix}.{name}"].detach().numpy()
+        out[tuple(keys)] = value.T if keys[-1] == "kernel" else value
+        assert out[tuple(keys)].shape == leaf.shape
+    return out
+
+
+@pytest.mark.parametrize("cfg", [ASSIGNMENT, SMALL], ids=["assignment", "small"])
+def test_logits_match_torch(cfg):
+    model, params = init(cfg, seed=3)
+    tmodel = TorchViT(**cfg)
+    copy_to_torch(params, tmodel)
+    x = np.random.default_rng(0).normal(size=(4, 28, 28, 1)).astype(np.float32)
+    ours = model.apply({"params": params}, jnp.asarray(x))
+    with torch.no_grad():
+        theirs = tmodel(torch.tensor(x).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_adam_l2_steps_match_torch_adam_weight_decay():
+    model, params = init(SMALL, seed=4)
+    tmodel = TorchViT(**SMALL)
+    copy_to_torch(params, tmodel)
+    config = ml_collections.ConfigDict(dict(epochs=1, learning_rate=1e-3, weight_decay=1e-4,
+                                            optimizer="adam_l2"))  # fmt: skip
+    tx = build_optimizer(config, steps_per_epoch=3)
+    opt_state = tx.init(params)
+    topt = torch.optim.Adam(tmodel.parameters(), lr=1e-3, weight_decay=1e-4)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        x = rng.normal(size=(8, 28, 28, 1)).astype(np.float32)
+        y = rng.integers(0, 10, 8)
+
+        def loss_fn(p, x=x, y=y):
+            logits = model.apply({"params": p}, jnp.asarray(x))
+            return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y)).mean()
+
+        grads = jax.grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        topt.zero_grad()
+        tnn.functional.cross_entropy(tmodel(torch.tensor(x).permute(0, 3, 1, 2)),
+                                     torch.tensor(y)).backward()  # fmt: skip
+        topt.step()
+    theirs = torch_params_as_flax_order(tmodel, params)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        key = tuple(k.key for k in path)
+        np.testing.assert_allclose(leaf, theirs[key], atol=2e-6, err_msg=str(key))
