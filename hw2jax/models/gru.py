@@ -1,0 +1,109 @@
+"""A multi-layer, optionally bidirectional GRU with torch.nn.GRU's exact parameterisation.
+
+flax's GRUCell has one bias per gate (plus one on the candidate's hidden path), 4 vectors
+where torch has 6 (b_ih and b_hh for each of r, z, n). The parameters here carry torch's
+names and shapes (``weight_ih_l0`` is [3H, in], gates in r, z, n order), so converting a
+torch module is a plain copy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _uniform(bound: float):
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _reverse_within_length(x: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Reverses each sequence's first ``length`` steps (axis 1), leaving the padding in place."""
+    t = x.shape[1]
+    idx = jnp.arange(t)[None, :]
+    src = jnp.where(idx < lengths[:, None], lengths[:, None] - 1 - idx, idx)
+    return jnp.take_along_axis(x, src[..., None], axis=1)
+
+
+def _run_direction(x_proj, w_hh, b_hh, valid, h0):
+    """Scans one direction. x_proj [B, T, 3H] already holds W_ih x + b_ih."""
+    hidden = w_hh.shape[1]
+
+    def step(h, inputs):
+        xp, ok = inputs
+        hp = h @ w_hh.T + b_hh
+        r = jax.nn.sigmoid(xp[:, :hidden] + hp[:, :hidden])
+        z = jax.nn.sigmoid(xp[:, hidden : 2 * hidden] + hp[:, hidden : 2 * hidden])
+        n = jnp.tanh(xp[:, 2 * hidden :] + r * hp[:, 2 * hidden :])
+        h_new = (1.0 - z) * n + z * h
+        h = jnp.where(ok[:, None], h_new, h)  # past a sequence's end the state is frozen
+        return h, jnp.where(ok[:, None], h, 0.0)
+
+    h, out = jax.lax.scan(step, h0, (jnp.swapaxes(x_proj, 0, 1), valid.T))
+    return jnp.swapaxes(out, 0, 1), h
+
+
+class GRU(nn.Module):
+    """``__call__(x [B, T, F], lengths=None) -> (outputs [B, T, D*H], h_n [L*D, B, H])``.
+
+    ``lengths`` gives each sequence's true length (like a packed sequence in torch): the
+    reverse direction then starts at each sequence's last real step, outputs past the end
+    are 0, and h_n holds the state at the last real step. Dropout is applied between layers
+    (not after the last), as torch does, when ``deterministic`` is False.
+    """
+
+    hidden_size: int
+    num_layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, lengths: jax.Array | None = None, *,
+                 deterministic: bool = True) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+        if x.ndim != 3:
+            raise ValueError(f"GRU input must be [batch, time, features], got shape {x.shape}.")
+        b, t, _ = x.shape
+        h_size = self.hidden_size
+        init = _uniform(1.0 / math.sqrt(h_size))
+        if lengths is None:
+            valid = jnp.ones((b, t), bool)
+        else:
+            lengths = jnp.asarray(lengths)
+            valid = jnp.arange(t)[None, :] < lengths[:, None]
+        finals = []
+        for layer in range(self.num_layers):
+            if layer > 0 and self.dropout > 0:
+                x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+            outs = []
+            for suffix in ("", "_reverse") if self.bidirectional else ("",):
+                name = f"l{layer}{suffix}"
+                w_ih = self.param(f"weight_ih_{name}", init, (3 * h_size, x.shape[-1]))
+                w_hh = self.param(f"weight_hh_{name}", init, (3 * h_size, h_size))
+                b_ih = self.param(f"bias_ih_{name}", init, (3 * h_size,))
+                b_hh = self.param(f"bias_hh_{name}", init, (3 * h_size,))
+                x_proj = x @ w_ih.T + b_ih  # all time steps in one matmul
+                h0 = jnp.zeros((b, h_size), x_proj.dtype)
+                if suffix:
+                    rev = (lambda a: jnp.flip(a, 1)) if lengths is None else (
+                        lambda a: _reverse_within_length(a, lengths))  # fmt: skip
+                    out, h = _run_direction(rev(x_proj), w_hh, b_hh, valid, h0)
+                    out = rev(out)
+                else:
+                    out, h = _run_direction(x_proj, w_hh, b_hh, valid, h0)
+                outs.append(out)
+                finals.append(h)
+            x = jnp.concatenate(outs, axis=-1)
+        return x, jnp.stack(finals)
+
+
+def params_from_torch(module: Any) -> dict[str, jax.Array]:
+    """Params for :class:`GRU` from a ``torch.nn.GRU`` (names and shapes are the same)."""
+    return {name: jnp.asarray(np.asarray(p.detach().cpu().numpy())) for name, p in
+            module.named_parameters()}  # fmt: skip

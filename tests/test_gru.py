@@ -1,0 +1,79 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hw2jax.models.gru import GRU, params_from_torch
+
+torch = pytest.importorskip("torch")
+
+
+def run_both(input_size, hidden, layers, bidirectional, lengths=None, seed=0):
+    torch.manual_seed(seed)
+    tgru = torch.nn.GRU(input_size, hidden, num_layers=layers, bidirectional=bidirectional,
+                        batch_first=True)  # fmt: skip
+    x = np.random.default_rng(seed).normal(size=(3, 11, input_size)).astype(np.float32)
+    ours = GRU(hidden, layers, bidirectional).apply(
+        {"params": params_from_torch(tgru)}, jnp.asarray(x),
+        None if lengths is None else jnp.asarray(lengths),
+    )  # fmt: skip
+    with torch.no_grad():
+        if lengths is None:
+            out, h = tgru(torch.tensor(x))
+        else:
+            packed = torch.nn.utils.rnn.pack_padded_sequence(
+                torch.tensor(x), torch.tensor(lengths), batch_first=True, enforce_sorted=False)
+            out, h = tgru(packed)
+            out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True,
+                                                            total_length=x.shape[1])
+    return ours, (out.numpy(), h.numpy())
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("sizes", [(7, 5), (16, 13)])
+def test_matches_torch_gru(layers, bidirectional, sizes):
+    (out, h), (t_out, t_h) = run_both(*sizes, layers, bidirectional)
+    assert out.shape == t_out.shape and h.shape == t_h.shape
+    np.testing.assert_allclose(out, t_out, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(h, t_h, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_lengths_match_torch_packed_sequences(layers):
+    lengths = [11, 4, 7]
+    (out, h), (t_out, t_h) = run_both(6, 5, layers, True, lengths=lengths)
+    np.testing.assert_allclose(out, t_out, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(h, t_h, atol=1e-5, rtol=1e-5)
+    # And differs from running over the padding.
+    (_, h_pad), _ = run_both(6, 5, layers, True)
+    assert not np.allclose(h, h_pad, atol=1e-3)
+
+
+def test_parameter_count_is_torchs():
+    # The assignment's GRU over bert-base outputs: torch counts 2,758,656 (+513 in the head).
+    params = jax.eval_shape(lambda: GRU(256, 2, True).init(jax.random.key(0),
+                                                           jnp.zeros((1, 3, 768))))  # fmt: skip
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == 2_758_656
+    tgru = torch.nn.GRU(768, 256, num_layers=2, bidirectional=True)
+    assert sum(p.numel() for p in tgru.parameters()) == 2_758_656
+
+
+def test_dropout_only_between_layers_and_only_in_training():
+    gru = GRU(4, 2, dropout=0.5)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 3))
+    params = gru.init(jax.random.key(1), x)
+    a = gru.apply(params, x)
+    b = gru.apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    assert not np.allclose(a[0], b[0])
+    single = GRU(4, 1, dropout=0.5)
+    p1 = single.init(jax.random.key(1), x)
+    np.testing.assert_array_equal(
+        single.apply(p1, x)[0],
+        single.apply(p1, x, deterministic=False, rngs={"dropout": jax.random.key(2)})[0],
+    )
+
+
+def test_bad_input_shape():
+    with pytest.raises(ValueError, match=r"\[batch, time, features\]"):
+        GRU(4).init(jax.random.key(0), jnp.zeros((5, 3)))
