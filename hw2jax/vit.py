@@ -147,22 +147,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     history = loop.train_and_evaluate(task, config, workdir)
     if history["status"] != "done":
         return history
-    final = write_report(task, jax.device_get(loop_params(task, workdir)), workdir, history)
+    params = jax.device_get(loop.latest_params(task, config, workdir))
+    final = write_report(task, params, workdir, history)
     final["wall_time_s_this_run"] = time.perf_counter() - start
     final["last_epoch"] = history["epochs"][-1] if history["epochs"] else None
     loop.write_json_atomic(workdir / "results.json", final)
     print(f"final test accuracy (last epoch): {100 * final['test_accuracy']:.2f}% "
           f"on {final['test_count']} images; plots and history in {workdir}")  # fmt: skip
     return history | {"final": final}
-
-
-def loop_params(task: ViTTask, workdir: Path):
-    """Params of the latest checkpoint (the final model)."""
-    ckpt = checkpoints.Checkpoints(Path(workdir) / "checkpoints")
-    params_like = task.init_params(jax.random.key(0))
-    state = loop.TrainState.create(apply_fn=None, params=params_like,
-                                   tx=loop.build_optimizer(task.config, 1))  # fmt: skip
-    return ckpt.restore_latest(state).params
 
 
 def evaluate_workdir(workdir: str | Path, data_dir: str | None = None, best: bool = True) -> dict:
@@ -180,6 +172,6 @@ def evaluate_workdir(workdir: str | Path, data_dir: str | None = None, best: boo
         params, meta = checkpoints.Checkpoints(workdir / "checkpoints").restore_best_params(
             task.init_params(jax.random.key(0)))  # fmt: skip
     else:
-        params, meta = loop_params(task, workdir), {}
+        params, meta = loop.latest_params(task, task.config, workdir), {}
     metrics = loop.evaluate(task, params, "test")
     return {"checkpoint": meta, **metrics}

@@ -28,7 +28,7 @@ def small_config(data_dir, *overrides):
 
 def final_params(workdir, config):
     train, test = vit.load_data(config)
-    return vit.loop_params(vit.ViTTask(config, train, test), Path(workdir))
+    return loop.latest_params(vit.ViTTask(config, train, test), config, workdir)
 
 
 def test_device_batches_cover_every_example_once():

@@ -8,7 +8,6 @@ torch module is a plain copy.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -16,12 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def _uniform(bound: float):
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
+from hw2jax.models.layers import torch_uniform
 
 
 def _reverse_within_length(x: jax.Array, lengths: jax.Array) -> jax.Array:
@@ -71,7 +65,7 @@ class GRU(nn.Module):
             raise ValueError(f"GRU input must be [batch, time, features], got shape {x.shape}.")
         b, t, _ = x.shape
         h_size = self.hidden_size
-        init = _uniform(1.0 / math.sqrt(h_size))
+        init = torch_uniform(h_size)  # torch: U(-1/sqrt(H), 1/sqrt(H)) for every GRU tensor
         if lengths is None:
             valid = jnp.ones((b, t), bool)
         else:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax.training import train_state
+from flax import struct
 from tqdm.auto import tqdm
 
 from hw2jax.train import checkpoints
@@ -50,8 +50,31 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf."""
 
 
-class TrainState(train_state.TrainState):
-    pass
+class TrainState(struct.PyTreeNode):
+    """Step, params and optimizer state. Top-level params named in ``frozen`` (a pretrained
+    encoder) get no gradient, no update and no optimizer state."""
+
+    step: jax.Array
+    params: Params
+    opt_state: optax.OptState
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    frozen: tuple[str, ...] = struct.field(pytree_node=False, default=())
+
+    @classmethod
+    def create(cls, params: Params, tx: optax.GradientTransformation,
+               frozen: tuple[str, ...] = ()) -> TrainState:  # fmt: skip
+        trainable = {k: v for k, v in params.items() if k not in frozen}
+        return cls(jnp.zeros((), jnp.int32), params, tx.init(trainable), tx, tuple(frozen))
+
+    def trainable(self) -> Params:
+        return {k: v for k, v in self.params.items() if k not in self.frozen}
+
+    def apply_gradients(self, grads: Params) -> TrainState:
+        """``grads`` covers the trainable params only."""
+        trainable = self.trainable()
+        updates, opt_state = self.tx.update(grads, self.opt_state, trainable)
+        params = {**self.params, **optax.apply_updates(trainable, updates)}
+        return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
 
 
 # ------------------------------------------------------------------------------ steps
@@ -71,12 +94,13 @@ def make_train_step(task: Task, rng: jax.Array) -> Callable[[TrainState, Batch],
     def train_step(state: TrainState, batch: Batch):
         step_rng = jax.random.fold_in(rng, state.step)
 
-        def loss_fn(params):
+        def loss_fn(trainable):
+            params = {**state.params, **trainable}
             outputs = task.apply(params, batch, train=True, rng=step_rng)
             sums = _masked_sums(task, outputs, batch)
             return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
 
-        grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+        grads, sums = jax.grad(loss_fn, has_aux=True)(state.trainable())
         return state.apply_gradients(grads=grads), sums
 
     return jax.jit(train_step, donate_argnums=0)
@@ -131,6 +155,14 @@ def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
     if config.get("grad_clip_norm", 0.0):
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
     return tx
+
+
+def latest_params(task: Task, config: ml_collections.ConfigDict, workdir: str | os.PathLike):
+    """Params of the latest checkpoint in ``workdir`` (the final model of a finished run)."""
+    ckpt = checkpoints.Checkpoints(Path(workdir) / "checkpoints")
+    state = TrainState.create(task.init_params(jax.random.key(0)), build_optimizer(config, 1),
+                              getattr(task, "frozen_keys", ()))  # fmt: skip
+    return ckpt.restore_latest(state).params
 
 
 # ----------------------------------------------------------------------------- history
@@ -215,7 +247,7 @@ def train_and_evaluate(
     steps_per_epoch = len(task.train_batches(0))
     tx = build_optimizer(config, steps_per_epoch)
     params = task.init_params(init_rng)
-    state = TrainState.create(apply_fn=None, params=params, tx=tx)
+    state = TrainState.create(params, tx, getattr(task, "frozen_keys", ()))
     ckpt = checkpoints.Checkpoints(workdir / "checkpoints")
     state = ckpt.restore_latest(state)
     start_step = int(state.step)

@@ -1,0 +1,65 @@
+"""Frozen BERT -> 2-layer bidirectional GRU -> linear: the assignment's sentiment model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hw2jax.models.bert import BertConfig, BertModel
+from hw2jax.models.gru import GRU
+from hw2jax.models.layers import TorchDense
+
+FROZEN_KEY = "bert"
+
+
+class BertGRUSentiment(nn.Module):
+    """Logits [B] for input ids [B, T].
+
+    Faithful defaults: the original called BERT without an attention mask and ran the GRU
+    over the padding (``use_mask=False``), and BERT's dropout was active while training
+    because the module was in train mode (``bert_dropout=True``), although its weights were
+    frozen. ``use_mask=True`` passes the mask to BERT and the true lengths to the GRU.
+    """
+
+    bert_config: BertConfig
+    hidden_dim: int = 256
+    n_layers: int = 2
+    bidirectional: bool = True
+    dropout: float = 0.25
+    use_mask: bool = False
+    bert_dropout: bool = True
+    dtype: Any = None
+
+    def encode(self, input_ids, attention_mask, *, train: bool) -> jax.Array:
+        mask = attention_mask if self.use_mask else None
+        hidden, _ = BertModel(self.bert_config, self.dtype, name=FROZEN_KEY)(
+            input_ids, mask, deterministic=not (train and self.bert_dropout)
+        )
+        return jax.lax.stop_gradient(hidden)  # frozen: no gradient flows into BERT
+
+    def head(self, embedded, attention_mask, *, train: bool) -> jax.Array:
+        lengths = attention_mask.sum(-1) if self.use_mask else None
+        _, h_n = GRU(self.hidden_dim, self.n_layers, self.bidirectional, self.dropout,
+                     name="rnn")(embedded, lengths, deterministic=not train)  # fmt: skip
+        hidden = jnp.concatenate([h_n[-2], h_n[-1]], -1) if self.bidirectional else h_n[-1]
+        hidden = nn.Dropout(self.dropout)(hidden, deterministic=not train)
+        fan_in = hidden.shape[-1]
+        return TorchDense(1, fan_in, name="out")(hidden)[..., 0].astype(jnp.float32)
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, *, train: bool = False,
+                 features: jax.Array | None = None) -> jax.Array:  # fmt: skip
+        """``features`` (cached BERT outputs) skips the encoder."""
+        if attention_mask is None:
+            attention_mask = (input_ids != self.bert_config.pad_token_id).astype(jnp.int32)
+        if features is None:
+            features = self.encode(input_ids, attention_mask, train=train)
+        return self.head(features.astype(jnp.float32), attention_mask, train=train)
+
+
+def trainable_mask(params: dict) -> dict:
+    """True for the parameters that train (everything outside ``bert``)."""
+    return {k: jax.tree.map(lambda _, keep=(k != FROZEN_KEY): keep, v) for k, v in params.items()}
