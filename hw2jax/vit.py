@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,38 +17,7 @@ import optax
 from hw2jax.data import fashion_mnist
 from hw2jax.models.vit import ViT
 from hw2jax.train import checkpoints, loop, plots
-
-
-class DeviceBatches(Sequence):
-    """Batches gathered on the device from arrays already there, in a given order.
-
-    The order is padded to whole batches; padded slots get mask 0, so the last partial
-    batch counts exactly and no example is dropped.
-    """
-
-    def __init__(self, arrays: dict[str, jax.Array], order: jax.Array, batch_size: int):
-        n = order.shape[0]
-        self.steps = -(-n // batch_size)
-        pad = self.steps * batch_size - n
-        self.arrays, self.batch_size = arrays, batch_size
-        self.order = jnp.pad(order, (0, pad))
-        self.mask = (jnp.arange(self.steps * batch_size) < n).astype(jnp.float32)
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __getitem__(self, i: int) -> loop.Batch:
-        if not 0 <= i < self.steps:
-            raise IndexError(i)
-        return _gather(self.arrays, self.order, self.mask, i * self.batch_size, self.batch_size)
-
-
-@functools.partial(jax.jit, static_argnums=4)
-def _gather(arrays, order, mask, start, size):
-    idx = jax.lax.dynamic_slice_in_dim(order, start, size)
-    batch = {k: v[idx] for k, v in arrays.items()}
-    batch["mask"] = jax.lax.dynamic_slice_in_dim(mask, start, size)
-    return batch
+from hw2jax.train.batching import IndexBatches, chunk
 
 
 def augment(rng: jax.Array, images: jax.Array, pad: int, flip: bool) -> jax.Array:
@@ -99,15 +66,16 @@ class ViTTask:
         loss = optax.softmax_cross_entropy(logits, labels)
         return loss, (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
 
-    def train_batches(self, epoch: int) -> DeviceBatches:
+    def train_batches(self, epoch: int) -> IndexBatches:
         data = self.splits["train"]
         n = data["label"].shape[0]
-        order = jax.random.permutation(jax.random.fold_in(self.shuffle_key, epoch), n)
-        return DeviceBatches(data, order, self.config.batch_size)
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(self.shuffle_key, epoch), n))
+        return IndexBatches(data, chunk(order, self.config.batch_size), self.config.batch_size)
 
-    def eval_batches(self, split: str) -> DeviceBatches:
+    def eval_batches(self, split: str) -> IndexBatches:
         data = self.splits[split]
-        return DeviceBatches(data, jnp.arange(data["label"].shape[0]), self.config.eval_batch_size)
+        size = self.config.eval_batch_size
+        return IndexBatches(data, chunk(np.arange(data["label"].shape[0]), size), size)
 
     def predict(self, params, split: str) -> np.ndarray:
         apply = jax.jit(lambda p, b: jnp.argmax(self.apply(p, b, train=False, rng=None), -1))

@@ -12,6 +12,7 @@ from hw2jax import cli, vit
 from hw2jax.config import apply_overrides, load_config
 from hw2jax.data import fashion_mnist
 from hw2jax.train import checkpoints, loop
+from hw2jax.train.batching import IndexBatches, chunk
 
 CONFIG = Path(__file__).parents[1] / "experiments" / "vit_fashion_mnist.py"
 SMALL_MODEL = ["model.patch_size=7", "model.dim=16", "model.depth=2", "model.heads=2",
@@ -34,8 +35,8 @@ def final_params(workdir, config):
 def test_device_batches_cover_every_example_once():
     n, b = 103, 16
     data = {"label": jnp.arange(n)}
-    order = jax.random.permutation(jax.random.key(0), n)
-    batches = vit.DeviceBatches(data, order, b)
+    order = np.random.default_rng(0).permutation(n)
+    batches = IndexBatches(data, chunk(order, b), b)
     assert len(batches) == 7  # 6 full batches and one of 7
     seen = np.concatenate([np.asarray(x["label"])[np.asarray(x["mask"]) > 0] for x in batches])
     assert sorted(seen.tolist()) == list(range(n))

@@ -1,0 +1,193 @@
+"""IMDB reviews (Maas et al. 2011) from a local aclImdb folder or .tar.gz, or TFDS; the
+seeded train/valid split; batched tokenization cached to disk; length bucketing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from hw2jax.data.sources import DataNotFoundError, DataSource, TfdsSource, tfds_available
+
+ENV_VAR = "HW2JAX_DATA_DIR"
+_REPO = Path(__file__).resolve().parents[2]
+USUAL_PLACES = (
+    Path.home() / ".cache" / "hw2jax" / "aclImdb",
+    Path.home() / ".cache" / "hw2jax" / "aclImdb_v1.tar.gz",
+    _REPO.parent / "shared" / "data" / "aclImdb_labeled.tar.gz",
+)
+_MEMBER = re.compile(r"(?:^|/)aclImdb/(train|test)/(pos|neg)/(\d+)_(\d+)\.txt$")
+
+
+class ReviewError(ValueError):
+    """A review file is empty or not UTF-8."""
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ReviewError(f"{where} is not UTF-8 ({e.reason} at byte {e.start}); "
+                          "re-encode it with `iconv -t utf-8`.") from None  # fmt: skip
+    if not text.strip():
+        raise ReviewError(f"{where} is empty; remove it or put the review text in it.")
+    return text
+
+
+class AclImdbSource:
+    """The original layout, ``aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt``, as a
+    folder (the aclImdb folder or its parent) or as a .tar.gz. Unlabelled reviews are skipped."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.description = f"aclImdb at {self.path}"
+
+    def _files(self) -> Iterator[tuple[str, str, bytes]]:
+        if self.path.is_file():
+            try:
+                with tarfile.open(self.path, "r:*") as tar:
+                    for member in tar:
+                        if member.isfile() and _MEMBER.search(member.name):
+                            yield member.name, f"{self.path}:{member.name}", \
+                                tar.extractfile(member).read()  # fmt: skip
+            except tarfile.TarError as e:
+                raise DataNotFoundError(f"{self.path} is not a readable tar archive: {e}") from e
+            return
+        root = self.path / "aclImdb" if (self.path / "aclImdb").is_dir() else self.path
+        for split in ("train", "test"):
+            for label in ("pos", "neg"):
+                folder = root / split / label
+                for f in sorted(folder.glob("*.txt")) if folder.is_dir() else ():
+                    yield f"aclImdb/{split}/{label}/{f.name}", str(f), f.read_bytes()
+
+    def load_all(self) -> dict[str, dict[str, np.ndarray]]:
+        rows: dict[str, list] = {"train": [], "test": []}
+        for name, where, raw in self._files():
+            split, label, review_id, rating = _MEMBER.search(name).groups()
+            rows[split].append((int(review_id), label == "pos", int(rating), _decode(raw, where)))
+        for split, items in rows.items():
+            if not items:
+                raise DataNotFoundError(
+                    f"{self.path} has no aclImdb/{split}/{{pos,neg}}/*.txt reviews; expected the "
+                    "layout of the original aclImdb_v1.tar.gz."
+                )
+        out = {}
+        for split, items in rows.items():
+            items.sort(key=lambda r: (not r[1], r[0]))  # a fixed order: pos then neg, by id
+            out[split] = {
+                "text": np.array([r[3] for r in items], dtype=object),
+                "label": np.array([int(r[1]) for r in items], np.int32),
+            }
+        return out
+
+    def load(self, split: str) -> dict[str, np.ndarray]:
+        if split not in ("train", "test"):
+            raise ValueError(f"unknown split {split!r}; aclImdb has 'train' and 'test'.")
+        return self.load_all()[split]
+
+
+def _is_acl(path: Path) -> bool:
+    return (path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar"))) or (
+        (path / "aclImdb" / "train").is_dir() or (path / "train" / "pos").is_dir()
+    )
+
+
+def _missing_message(tried: list[str]) -> str:
+    return (
+        "IMDB reviews not found. Tried:\n  - " + "\n  - ".join(tried) + "\n"
+        "Provide them in one of two ways:\n"
+        f"  1. an aclImdb folder or aclImdb_v1.tar.gz: --data-dir PATH or {ENV_VAR}=PATH;\n"
+        "  2. tensorflow-datasets 'imdb_reviews' (pip install 'hw2jax[tf]' when online)."
+    )
+
+
+def find_source(data_dir: str | os.PathLike | None = None, kind: str = "auto") -> DataSource:
+    if kind not in ("auto", "local", "tfds"):
+        raise ValueError(f"unknown data source {kind!r}; choose auto, local or tfds.")
+    if kind == "tfds":
+        return TfdsSource("imdb_reviews", data_dir=data_dir or None, features=("text", "label"))
+    chosen = data_dir or os.environ.get(ENV_VAR)
+    if chosen:
+        if _is_acl(Path(chosen)):
+            return AclImdbSource(chosen)
+        raise DataNotFoundError(_missing_message([f"{chosen}: not an aclImdb folder or archive"]))
+    tried = []
+    for place in USUAL_PLACES:
+        if place.exists() and _is_acl(place):
+            return AclImdbSource(place)
+        tried.append(f"{place}: not there")
+    if kind == "auto" and tfds_available():
+        return TfdsSource("imdb_reviews", features=("text", "label"))
+    raise DataNotFoundError(_missing_message(tried))
+
+
+def train_valid_split(n: int, train_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random split of range(n) into train_size and the rest (17,500 / 7,500)."""
+    if not 0 < train_size < n:
+        raise ValueError(f"train_size must be in 1..{n - 1}, got {train_size}.")
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[:train_size]), np.sort(order[train_size:])
+
+
+# ------------------------------------------------------------------------------ tokens
+
+
+def tokenize(texts, tokenizer, max_length: int, cache_dir: str | os.PathLike | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Token ids [N, max_length] (0-padded) and lengths [N], with [CLS] and [SEP], truncated
+    to ``max_length``. Batched through the fast tokenizer, and cached on disk by content."""
+    texts = [str(t) for t in texts]
+    if cache_dir is not None:
+        key = hashlib.sha256()
+        key.update(f"{type(tokenizer).__name__}:{len(tokenizer)}:{max_length}".encode())
+        key.update(str(sorted(tokenizer.get_vocab().items())[:50]).encode())
+        for t in texts:
+            key.update(t.encode("utf-8") + b"\0")
+        path = Path(cache_dir) / f"tokens-{key.hexdigest()[:20]}.npz"
+        if path.exists():
+            with np.load(path) as f:
+                return f["ids"], f["lengths"]
+    ids = np.zeros((len(texts), max_length), np.int32)
+    lengths = np.zeros(len(texts), np.int32)
+    for start in range(0, len(texts), 2048):
+        enc = tokenizer(texts[start : start + 2048], truncation=True, max_length=max_length,
+                        padding=False, return_attention_mask=False)["input_ids"]  # fmt: skip
+        for i, row in enumerate(enc, start):
+            ids[i, : len(row)] = row
+            lengths[i] = len(row)
+    if cache_dir is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, ids=ids, lengths=lengths)
+        os.replace(tmp, path)
+    return ids, lengths
+
+
+def bucket_batches(lengths: np.ndarray, batch_size: int, buckets: tuple[int, ...],
+                   rng: np.random.Generator | None) -> list[tuple[np.ndarray, int]]:  # fmt: skip
+    """Batches of similar length, like torchtext's BucketIterator: within pools of 50
+    batches, sort by length and cut; each batch pads to the smallest bucket that fits, so
+    jit sees at most len(buckets) shapes. ``rng=None`` keeps a fixed order (evaluation)."""
+    n = len(lengths)
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    pool = 50 * batch_size
+    batches = []
+    for start in range(0, n, pool):
+        chunk = order[start : start + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        for b in range(0, len(chunk), batch_size):
+            idx = chunk[b : b + batch_size]
+            longest = int(lengths[idx].max())
+            fit = [s for s in buckets if s >= longest]
+            if not fit:
+                raise ValueError(f"a review has {longest} tokens, more than the largest bucket "
+                                 f"{max(buckets)}; add a bucket or lower max_length.")  # fmt: skip
+            batches.append((idx, fit[0]))
+    if rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
