@@ -17,24 +17,44 @@ def _theory(args: argparse.Namespace) -> int:
     return 0
 
 
-def _vit_train(args: argparse.Namespace) -> int:
+def _config_from_args(args: argparse.Namespace, **flags: str | None):
+    """The config file with --epochs (or $HW2JAX_EPOCHS), --data-dir, --data-source, the
+    experiment's own flags (config key -> value) and --set overrides applied, in that order."""
     from hw2jax import config as config_lib
-    from hw2jax import vit
 
     config = config_lib.load_config(args.config)
-    overrides = list(args.set)
+    overrides = []
     epochs = args.epochs or os.environ.get("HW2JAX_EPOCHS")
     if epochs:
         overrides.append(f"epochs={int(epochs)}")
-    if args.attention:
-        overrides.append(f"model.attention={args.attention}")
-    if args.data_dir:
-        overrides.append(f"data_dir={args.data_dir}")
-    if args.data_source:
-        overrides.append(f"data_source={args.data_source}")
-    config_lib.apply_overrides(config, overrides)
+    flags = {"data_dir": args.data_dir, "data_source": args.data_source, **flags}
+    overrides += [f"{key}={value}" for key, value in flags.items() if value]
+    config_lib.apply_overrides(config, [*overrides, *args.set])
+    return config
+
+
+def _vit_train(args: argparse.Namespace) -> int:
+    from hw2jax import vit
+
+    config = _config_from_args(args, **{"model.attention": args.attention})
     history = vit.train_and_evaluate(config, args.workdir)
     return 0 if history["status"] == "done" else 130
+
+
+def _sentiment_train(args: argparse.Namespace) -> int:
+    from hw2jax import sentiment
+
+    config = _config_from_args(args, encoder=args.encoder)
+    history = sentiment.train_and_evaluate(config, args.workdir)
+    return 0 if history["status"] == "done" else 130
+
+
+def _sentiment_predict(args: argparse.Namespace) -> int:
+    from hw2jax import sentiment
+
+    for text, p in zip(args.texts, sentiment.predict(args.workdir, args.texts), strict=True):
+        print(f"{p:.4f}  {text}")
+    return 0
 
 
 def _vit_eval(args: argparse.Namespace) -> int:
@@ -64,6 +84,18 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _add_train_parser(group, data_help: str, sources: list[str]) -> argparse.ArgumentParser:
+    train = group.add_parser("train", help="train (resumes if WORKDIR has a checkpoint)")
+    train.add_argument("--config", required=True, help="an experiments/*.py file")
+    train.add_argument("--workdir", required=True, help="checkpoints, history and plots go here")
+    train.add_argument("--epochs", type=int, help="override the epochs (env: HW2JAX_EPOCHS)")
+    train.add_argument("--data-dir", help=f"{data_help} (env: HW2JAX_DATA_DIR)")
+    train.add_argument("--data-source", choices=sources)
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set learning_rate=5e-4")  # fmt: skip
+    return train
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hw2jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -82,26 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     vit = commands.add_parser("vit", help="ViT on FashionMNIST").add_subparsers(
         dest="vit_command", required=True, metavar="ACTION"
     )
-    train = vit.add_parser("train", help="train (resumes if WORKDIR has a checkpoint)")
-    train.add_argument("--config", required=True, help="an experiments/*.py file")
-    train.add_argument("--workdir", required=True, help="checkpoints, history and plots go here")
-    train.add_argument("--epochs", type=int, help="override the epochs (env: HW2JAX_EPOCHS)")
+    train = _add_train_parser(vit, "folder with the idx files", ["auto", "idx", "tfds"])
     train.add_argument("--attention", choices=["softmax", "linear"])
-    train.add_argument("--data-dir", help="folder with the idx files (env: HW2JAX_DATA_DIR)")
-    train.add_argument("--data-source", choices=["auto", "idx", "tfds"])
-    train.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set learning_rate=5e-4",
-    )
     train.set_defaults(func=_vit_train)
     ev = vit.add_parser("eval", help="test accuracy of the best checkpoint in WORKDIR")
     ev.add_argument("--workdir", required=True)
     ev.add_argument("--data-dir")
     ev.add_argument("--latest", action="store_true", help="use the latest, not the best")
     ev.set_defaults(func=_vit_eval)
+
+    senti = commands.add_parser("sentiment", help="frozen BERT + BiGRU on IMDB")
+    senti = senti.add_subparsers(dest="sentiment_command", required=True, metavar="ACTION")
+    train = _add_train_parser(senti, "aclImdb folder or .tar.gz", ["auto", "local", "tfds"])
+    train.add_argument("--encoder", help="hub id, local HF folder, or 'minilm' (offline)")
+    train.set_defaults(func=_sentiment_train)
+    pred = senti.add_parser("predict", help="P(positive) for each text, best checkpoint")
+    pred.add_argument("--workdir", required=True)
+    pred.add_argument("texts", nargs="+", metavar="TEXT")
+    pred.set_defaults(func=_sentiment_predict)
 
     data = commands.add_parser("data", help="find datasets").add_subparsers(
         dest="data_command", required=True, metavar="ACTION"
@@ -115,11 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from hw2jax.data import DataNotFoundError, IdxFormatError
+    from hw2jax.data.imdb import ReviewError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataNotFoundError, IdxFormatError, FileNotFoundError, KeyError, ValueError,
+    except (DataNotFoundError, IdxFormatError, ReviewError, FileNotFoundError, KeyError, ValueError,
             TypeError) as e:  # fmt: skip
         # Expected user errors get one clear line, not a traceback.
         print(f"hw2jax: error: {e}", file=sys.stderr)

