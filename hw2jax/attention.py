@@ -6,6 +6,7 @@ The value head_dim may differ from the query/key one.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import numpy as np
 __all__ = [
     "FEATURE_MAPS",
     "NonPositiveDenominatorWarning",
+    "blockwise_softmax_attention",
     "linear_attention",
     "self_attention",
     "self_attention_weights",
@@ -118,9 +120,23 @@ def softmax_attention(
     v: jax.typing.ArrayLike,
     *,
     causal: bool = False,
+    implementation: Literal["auto", "naive", "blockwise"] = "auto",
 ) -> jax.Array:
-    """Standard scaled dot-product attention, O(T^2) in time and memory."""
+    """Scaled dot-product attention, softmax(q k^T / sqrt(d)) v.
+
+    ``"naive"`` builds the T x T matrix (O(T^2) memory); ``"blockwise"`` is
+    :func:`blockwise_softmax_attention` (O(T) memory, same result); ``"auto"`` picks
+    blockwise once the score matrix would pass 2^26 entries per head and batch (T = 8192).
+    """
     q, k, v = _check_qkv(q, k, v, causal)
+    if implementation not in ("auto", "naive", "blockwise"):
+        raise ValueError(
+            f"unknown implementation {implementation!r}; use auto, naive or blockwise."
+        )
+    if implementation == "blockwise" or (
+        implementation == "auto" and q.shape[1] * k.shape[1] >= 2**26
+    ):
+        return blockwise_softmax_attention(q, k, v, causal=causal)
     q = q * (1.0 / math.sqrt(q.shape[-1]))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
     if causal:
@@ -128,6 +144,127 @@ def softmax_attention(
         logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -jnp.inf)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def blockwise_softmax_attention(
+    q: jax.typing.ArrayLike,
+    k: jax.typing.ArrayLike,
+    v: jax.typing.ArrayLike,
+    *,
+    causal: bool = False,
+    block_size: int = 512,
+) -> jax.Array:
+    """Exact softmax attention with an online softmax over key blocks (the flash-attention
+    algorithm in plain JAX): O(T) memory in the forward and the backward pass, which
+    recomputes the scores block by block instead of storing them."""
+    q, k, v = _check_qkv(q, k, v, causal)
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}.")
+    t_q, t_k = q.shape[1], k.shape[1]
+    bq, bk = min(block_size, t_q), min(block_size, t_k)
+    pad_q, pad_k = -t_q % bq, -t_k % bk
+    q = jnp.pad(q, ((0, 0), (0, pad_q), (0, 0), (0, 0)))
+    k, v = (jnp.pad(a, ((0, 0), (0, pad_k), (0, 0), (0, 0))) for a in (k, v))
+    out = _flash(q, k, v, (causal, bq, bk, t_k))
+    return out[:, :t_q]
+
+
+def _blocks(x: jax.Array, size: int) -> jax.Array:
+    """[B, T, H, D] -> [T/size, B, size, H, D], block index first for scanning."""
+    b, t, h, d = x.shape
+    return jnp.moveaxis(x.reshape(b, t // size, size, h, d), 1, 0)
+
+
+def _unblock(x: jax.Array) -> jax.Array:
+    n, b, size, *rest = x.shape
+    return jnp.moveaxis(x, 0, 1).reshape(b, n * size, *rest)
+
+
+def _block_scores(qi, kj, i, j, static):
+    """Scaled scores [B, H, bq, bk] of query block i and key block j, masked with -inf."""
+    causal, bq, bk, t_k = static
+    s = jnp.einsum("bqhd,bkhd->bhqk", qi, kj).astype(jnp.float32)
+    k_pos = j * bk + jnp.arange(bk)
+    valid = (k_pos < t_k)[None, :]
+    if causal:
+        valid = valid & (k_pos[None, :] <= (i * bq + jnp.arange(bq))[:, None])
+    return jnp.where(valid, s, -jnp.inf)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash(q, k, v, static):
+    return _flash_fwd(q, k, v, static)[0]
+
+
+def _flash_fwd(q, k, v, static):
+    _, bq, bk, _ = static
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    kb, vb = _blocks(k, bk), _blocks(v, bk)
+
+    def query_block(args):
+        qi, i = args
+        qi = qi * scale
+
+        def key_block(carry, xs):
+            m, denom, acc = carry
+            kj, vj, j = xs
+            s = _block_scores(qi, kj, i, j, static)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.exp(s - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            denom = denom * corr + p.sum(-1)
+            pv = jnp.einsum("bhqk,bkhd->bqhd", p.astype(vj.dtype), vj).astype(jnp.float32)
+            acc = acc * jnp.swapaxes(corr, 1, 2)[..., None] + pv
+            return (m_new, denom, acc), None
+
+        b, _, h, _ = qi.shape
+        init = (jnp.full((b, h, bq), -jnp.inf), jnp.zeros((b, h, bq)),
+                jnp.zeros((b, bq, h, v.shape[-1])))  # fmt: skip
+        (m, denom, acc), _ = jax.lax.scan(key_block, init, (kb, vb, jnp.arange(kb.shape[0])))
+        out = acc / jnp.swapaxes(denom, 1, 2)[..., None]
+        return out.astype(v.dtype), m + jnp.log(denom)
+
+    qb = _blocks(q, bq)
+    out, lse = jax.lax.map(query_block, (qb, jnp.arange(qb.shape[0])))
+    return _unblock(out), (q, k, v, _unblock(out), lse)
+
+
+def _flash_bwd(static, res, d_out):
+    _, bq, bk, _ = static
+    q, k, v, out, lse = res  # lse: [nq, B, H, bq]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [B, T, H]
+    qb, dob = _blocks(q * scale, bq), _blocks(d_out, bq)
+    deltab = jnp.moveaxis(jnp.moveaxis(delta.reshape(q.shape[0], -1, bq, q.shape[2]), 1, 0), 3, 2)
+    nq = qb.shape[0]
+
+    def key_block(dq, xs):
+        kj, vj, j = xs
+
+        def query_block(carry, ys):
+            dk, dv = carry
+            qi, doi, lse_i, delta_i, i = ys
+            s = _block_scores(qi, kj, i, j, static)
+            p = jnp.exp(s - lse_i[..., None])  # the forward's probabilities, recomputed
+            dv = dv + jnp.einsum("bhqk,bqhd->bkhd", p, doi.astype(jnp.float32))
+            dp = jnp.einsum("bqhd,bkhd->bhqk", doi, vj).astype(jnp.float32)
+            ds = p * (dp - delta_i[..., None])
+            dk = dk + jnp.einsum("bhqk,bqhd->bkhd", ds, qi.astype(jnp.float32))
+            return (dk, dv), jnp.einsum("bhqk,bkhd->bqhd", ds, kj.astype(jnp.float32))
+
+        zeros = (jnp.zeros(kj.shape, jnp.float32), jnp.zeros(vj.shape, jnp.float32))
+        (dk, dv), dq_parts = jax.lax.scan(query_block, zeros,
+                                          (qb, dob, lse, deltab, jnp.arange(nq)))  # fmt: skip
+        return dq + dq_parts, (dk, dv)
+
+    kb, vb = _blocks(k, bk), _blocks(v, bk)
+    dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qb.shape, jnp.float32),
+                                (kb, vb, jnp.arange(kb.shape[0])))  # fmt: skip
+    return ((_unblock(dq) * scale).astype(q.dtype), _unblock(dk).astype(k.dtype),
+            _unblock(dv).astype(v.dtype))  # fmt: skip
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 # ----------------------------------------------------------------------- linear attention
