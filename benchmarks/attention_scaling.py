@@ -1,0 +1,339 @@
+r"""Softmax vs linear attention as T grows: time, compile time and compiled memory.
+
+    .venv/bin/python benchmarks/attention_scaling.py --quick          # < 2 min on 2 CPU cores
+    .venv/bin/python benchmarks/attention_scaling.py --out benchmarks/results
+
+Every point is the median of N timed calls after a warm-up, with ``block_until_ready``;
+compilation is timed apart. A point over the time or memory budget is recorded as skipped
+with its reason and the sweep goes on. Peers (torch SDPA and a torch linear attention in the
+fast-transformers formulation) run in the same process when torch is installed, so ratios
+compare like with like. Writes ``attention_scaling_<device>.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hw2jax import attention
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    name: str
+    kind: str  # "jax" or "torch"
+    family: str  # "softmax" or "linear"
+    causal: tuple[bool, ...]  # which causal settings it supports
+    build: Callable  # (causal) -> fn(q, k, v)
+    gpu_only: bool = False
+    dtype: str | None = None  # forces a dtype (cuDNN needs bf16)
+    quadratic_memory: bool = False  # materialises T x T scores
+
+
+def _jax_impls() -> list[Impl]:
+    def softmax(impl):
+        return lambda causal: lambda q, k, v: attention.softmax_attention(
+            q, k, v, causal=causal, implementation=impl)  # fmt: skip
+
+    def xla(implementation):
+        return lambda causal: lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation=implementation)  # fmt: skip
+
+    def linear(method):
+        return lambda causal: lambda q, k, v: attention.linear_attention(
+            q, k, v, causal=causal, method=method)  # fmt: skip
+
+    both = (False, True)
+    return [
+        Impl("hw2jax softmax (naive)", "jax", "softmax", both, softmax("naive"),
+             quadratic_memory=True),
+        Impl("hw2jax softmax (blockwise)", "jax", "softmax", both, softmax("blockwise")),
+        Impl("jax.nn.dot_product_attention (xla)", "jax", "softmax", both, xla("xla"),
+             quadratic_memory=True),
+        Impl("jax.nn.dot_product_attention (cudnn)", "jax", "softmax", both, xla("cudnn"),
+             gpu_only=True, dtype="bfloat16"),
+        Impl("hw2jax linear", "jax", "linear", (False,), linear("chunked")),
+        Impl("hw2jax linear (causal chunked)", "jax", "linear", (True,), linear("chunked")),
+        Impl("hw2jax linear (causal recurrent)", "jax", "linear", (True,), linear("recurrent")),
+    ]  # fmt: skip
+
+
+def _torch_impls() -> list[Impl]:
+    try:
+        import torch
+    except ImportError:
+        return []
+
+    def sdpa(causal):
+        def fn(q, k, v):  # torch wants [B, H, T, D]
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+            )
+            return out.transpose(1, 2)
+
+        return fn
+
+    def fast_transformers_linear(causal):
+        # The non-causal formula of fast_transformers.attention.LinearAttention:
+        # elu + 1 feature map, KV = K^T V once, then Q KV normalised by Q . sum(K).
+        def fn(q, k, v):
+            fq = torch.nn.functional.elu(q) + 1
+            fk = torch.nn.functional.elu(k) + 1
+            kv = torch.einsum("nshd,nshm->nhmd", fk, v)
+            z = 1 / (torch.einsum("nlhd,nhd->nlh", fq, fk.sum(dim=1)) + 1e-6)
+            return torch.einsum("nlhd,nhmd,nlh->nlhm", fq, kv, z)
+
+        return fn
+
+    return [
+        Impl("torch sdpa", "torch", "softmax", (False, True), sdpa, quadratic_memory=True),
+        Impl("torch linear (fast-transformers)", "torch", "linear", (False,),
+             fast_transformers_linear),
+    ]  # fmt: skip
+
+
+def all_impls() -> list[Impl]:
+    return _jax_impls() + _torch_impls()
+
+
+def _median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[object], None]) -> float:
+    sync(fn())  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def measure(impl: Impl, t: int, *, causal: bool, backward: bool, dtype: str, heads: int,
+            head_dim: int, repeats: int) -> dict:  # fmt: skip
+    """One point: median ms, compile ms and compiled temp bytes (JAX only)."""
+    shape = (1, t, heads, head_dim)
+    keys = jax.random.split(jax.random.key(t), 3)
+    q, k, v = (jax.random.normal(key, shape, jnp.dtype(dtype)) for key in keys)
+    fn = impl.build(causal)
+    if impl.kind == "jax":
+        if backward:
+            f = jax.jit(jax.grad(lambda q, k, v: fn(q, k, v).astype(jnp.float32).sum(), (0, 1, 2)))
+        else:
+            f = jax.jit(fn)
+        start = time.perf_counter()
+        compiled = f.lower(q, k, v).compile()
+        compile_ms = 1e3 * (time.perf_counter() - start)
+        memory = compiled.memory_analysis()
+        temp = int(memory.temp_size_in_bytes) if memory is not None else None
+        ms = _median_ms(lambda: compiled(q, k, v), repeats, jax.block_until_ready)
+        return {"median_ms": ms, "compile_ms": compile_ms, "temp_bytes": temp}
+    import torch
+
+    tq, tk, tv = (torch.tensor(np.asarray(a, np.float32), requires_grad=backward)
+                  for a in (q, k, v))  # fmt: skip
+    if backward:
+
+        def call():
+            out = fn(tq, tk, tv).sum()
+            out.backward()
+            return out
+    else:
+
+        def call():
+            with torch.no_grad():
+                return fn(tq, tk, tv)
+
+    ms = _median_ms(call, repeats, lambda _: None)
+    return {"median_ms": ms, "compile_ms": None, "temp_bytes": None}
+
+
+def _series_points(impl: Impl, lengths, *, backward: bool, causal: bool, dtype: str,
+                   budget: dict, shape: dict, log) -> list[dict]:  # fmt: skip
+    """One curve: T grows until a point goes over the time budget; the rest are skipped."""
+    device = jax.devices()[0]
+    records, too_slow = [], None
+    for t in lengths:
+        rec = {"impl": impl.name, "family": impl.family, "T": t,
+               "pass": "fwd+bwd" if backward else "fwd", "causal": causal, "dtype": dtype,
+               "device": f"{device.platform}:{device.device_kind}",
+               "median_ms": None, "compile_ms": None, "temp_bytes": None}  # fmt: skip
+        score_bytes = 4 * shape["heads"] * t * t * (3 if backward else 1)
+        if too_slow:
+            rec["skipped"] = too_slow
+        elif impl.quadratic_memory and score_bytes > budget["memory_bytes"]:
+            rec["skipped"] = (f"T x T scores need {score_bytes / 2**30:.1f} GiB, over the "
+                              f"{budget['memory_bytes'] / 2**30:.0f} GiB budget")  # fmt: skip
+        else:
+            try:
+                rec.update(measure(impl, t, causal=causal, backward=backward, dtype=dtype,
+                                   **shape))  # fmt: skip
+            except Exception as e:  # one bad point must not end the sweep
+                rec["skipped"] = f"{type(e).__name__}: {str(e)[:200]}"
+            if rec["median_ms"] and rec["median_ms"] > budget["time_ms"]:
+                too_slow = (f"T={t} took {rec['median_ms']:.0f} ms, over the "
+                            f"{budget['time_ms']:.0f} ms budget")  # fmt: skip
+        records.append(rec)
+        shown = (f"{rec['median_ms']:10.2f} ms" if rec["median_ms"] is not None
+                 else f"skipped ({rec['skipped']})")  # fmt: skip
+        log(f"{impl.name:38s} {rec['pass']:7s} causal={causal!s:5s} {dtype:8s} T={t:<7d} {shown}")
+    return records
+
+
+def sweep(lengths, impls, *, passes, causals, dtypes, heads=4, head_dim=64, repeats=5,
+          time_budget_ms=20_000.0, memory_budget_bytes=8 * 2**30, log=print) -> list[dict]:
+    """Every supported (implementation, pass, causal, dtype) curve over ``lengths``."""
+    on_gpu = jax.devices()[0].platform == "gpu"
+    budget = {"time_ms": time_budget_ms, "memory_bytes": memory_budget_bytes}
+    shape = {"heads": heads, "head_dim": head_dim, "repeats": repeats}
+    records = []
+    for impl in impls:
+        if impl.gpu_only and not on_gpu:
+            continue
+        for backward in passes:
+            for causal in (c for c in causals if c in impl.causal):
+                for dtype in [impl.dtype] if impl.dtype else dtypes:
+                    if impl.kind == "torch" and dtype != "float32":
+                        continue
+                    records += _series_points(impl, lengths, backward=backward, causal=causal,
+                                              dtype=dtype, budget=budget, shape=shape, log=log)
+    return records
+
+
+def fitted_slope(records: list[dict], min_t: int = 2048) -> float | None:
+    pts = [(r["T"], r["median_ms"]) for r in records if r["median_ms"] and r["T"] >= min_t]
+    if len(pts) < 2:
+        return None
+    x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def _series(records):
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["impl"], r["pass"], r["causal"], r["dtype"]), []).append(r)
+    return groups
+
+
+def crossover(
+    records: list[dict], softmax: str, linear: str, pass_: str, causal: bool
+) -> int | None:
+    """The smallest T from which ``linear`` is faster than ``softmax`` at every measured T."""
+    get = lambda name: {r["T"]: r["median_ms"] for r in records  # noqa: E731
+                        if r["impl"] == name and r["pass"] == pass_ and r["causal"] == causal
+                        and r["dtype"] == "float32" and r["median_ms"]}  # fmt: skip
+    a, b = get(softmax), get(linear)
+    common = sorted(set(a) & set(b))
+    for i, t in enumerate(common):
+        if all(b[u] < a[u] for u in common[i:]):
+            return t
+    return None
+
+
+def plot(records: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["pass"], r["causal"]) for r in records})
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    for ax, (pass_, causal) in zip(axes[0], panels, strict=True):
+        for (name, p, c, dtype), rows in sorted(_series(records).items()):
+            if (p, c) != (pass_, causal):
+                continue
+            rows = [r for r in rows if r["median_ms"]]
+            if not rows:
+                continue
+            slope = fitted_slope(rows)
+            label = f"{name} {dtype}" + (f" (slope {slope:.2f})" if slope is not None else "")
+            style = "--" if rows[0]["family"] == "linear" else "-"
+            ax.loglog([r["T"] for r in rows], [r["median_ms"] for r in rows], style, marker="o",
+                      markersize=3, label=label)  # fmt: skip
+        cross = crossover(records, "hw2jax softmax (naive)",
+                          "hw2jax linear (causal chunked)" if causal else "hw2jax linear",
+                          pass_, causal)  # fmt: skip
+        if cross:
+            ax.axvline(cross, color="gray", ls=":", label=f"linear faster from T={cross}")
+        ax.set(xlabel="sequence length T", ylabel="median time (ms)",
+               title=f"{pass_}, {'causal' if causal else 'non-causal'}")  # fmt: skip
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="T up to 2^12, forward only, 3 repeats: under 2 minutes on a CPU",
+    )
+    parser.add_argument("--min-log2", type=int, default=6)
+    parser.add_argument(
+        "--max-log2",
+        type=int,
+        default=None,
+        help="largest T as a power of 2 (default 17; 20 for linear on a GPU)",
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--time-budget-ms", type=float, default=20_000.0)
+    parser.add_argument("--memory-budget-gib", type=float, default=8.0)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+
+    device = jax.devices()[0]
+    on_gpu = device.platform == "gpu"
+    max_log2 = args.max_log2 or (12 if args.quick else 17)
+    lengths = [2**i for i in range(args.min_log2, max_log2 + 1)]
+    passes = (False,) if args.quick else (False, True)
+    dtypes = ("float32", "bfloat16") if on_gpu else ("float32",)
+    impls = all_impls()
+    start = time.perf_counter()
+    records = sweep(lengths, impls, passes=passes, causals=(False, True), dtypes=dtypes,
+                    repeats=3 if args.quick else args.repeats,
+                    time_budget_ms=args.time_budget_ms,
+                    memory_budget_bytes=int(args.memory_budget_gib * 2**30))  # fmt: skip
+    if on_gpu and not args.quick and not args.max_log2:
+        # Linear attention keeps going where softmax cannot.
+        longer = [2**i for i in range(max_log2 + 1, 21)]
+        records += sweep(longer, [i for i in impls if i.family == "linear" and i.kind == "jax"],
+                         passes=passes, causals=(False, True), dtypes=dtypes,
+                         repeats=args.repeats, time_budget_ms=args.time_budget_ms)  # fmt: skip
+    elapsed = time.perf_counter() - start
+    tag = f"{device.platform}-{device.device_kind}".replace(" ", "_").replace("/", "_").lower()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": f"{device.platform}:{device.device_kind}", "host": platform.node(),
+            "cpu_count": __import__("os").cpu_count(), "jax": jax.__version__,
+            "date": time.strftime("%Y-%m-%d"), "quick": args.quick, "wall_s": elapsed,
+            "batch": 1, "heads": 4, "head_dim": 64}  # fmt: skip
+    slopes = {f"{k[0]} | {k[1]} | causal={k[2]} | {k[3]}": fitted_slope(v)
+              for k, v in _series(records).items()}  # fmt: skip
+    (out / f"attention_scaling_{tag}.json").write_text(
+        json.dumps({"meta": meta, "slopes_T>=2048": slopes, "records": records}, indent=1)
+    )
+    plot(
+        records,
+        out / f"attention_scaling_{tag}.png",
+        f"attention scaling on {meta['device']} ({meta['date']}, batch 1, 4 heads x 64)",
+    )
+    print(f"\nwrote {out}/attention_scaling_{tag}.json and .png in {elapsed:.0f} s")
+    for key, slope in slopes.items():
+        if slope is not None:
+            print(f"  slope over T>=2048: {slope:5.2f}  {key}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Every implementation the attention benchmark times must compute the same attention."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from test_attention import qkv, ref_linear_np, ref_softmax_np
+
+_path = Path(__file__).parents[1] / "benchmarks" / "attention_scaling.py"
+_spec = importlib.util.spec_from_file_location("attention_scaling", _path)
+bench = importlib.util.module_from_spec(_spec)
+sys.modules["attention_scaling"] = bench  # dataclasses look their module up there
+_spec.loader.exec_module(bench)
+
+CASES = [(impl, causal) for impl in bench.all_impls() if not impl.gpu_only
+         for causal in impl.causal]  # fmt: skip
+
+
+@pytest.mark.parametrize("impl,causal", CASES, ids=[f"{i.name}-causal={c}" for i, c in CASES])
+def test_benchmarked_implementation_matches_reference(impl, causal):
+    q, k, v = qkv((2, 45, 4, 16), seed=3)
+    if impl.kind == "torch":
+        import torch
+
+        args = [torch.tensor(np.asarray(a)) for a in (q, k, v)]
+        out = impl.build(causal)(*args).numpy()
+    else:
+        out = np.asarray(jax.jit(impl.build(causal))(q, k, v))
+    if impl.family == "softmax":
+        expected = ref_softmax_np(q, k, v, causal)
+    else:
+        expected = ref_linear_np(q, k, v, causal, "elu")
+    np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_benchmark_lists_the_peers_and_our_kernels():
+    names = {i.name for i in bench.all_impls()}
+    ours = {"hw2jax softmax (naive)", "hw2jax softmax (blockwise)", "hw2jax linear",
+            "jax.nn.dot_product_attention (xla)", "hw2jax linear (causal chunked)",
+            "hw2jax linear (causal recurrent)"}  # fmt: skip
+    assert ours <= names
+    assert {"torch sdpa", "torch linear (fast-transformers)"} <= names
+
+
+def test_sweep_records_points_and_skips_over_budget_without_dying():
+    wanted = ("hw2jax softmax (naive)", "hw2jax linear")
+    impls = [i for i in bench.all_impls() if i.name in wanted]
+    lines = []
+    records = bench.sweep([64, 128], impls, passes=(False, True), causals=(False,),
+                          dtypes=("float32",), heads=2, head_dim=8, repeats=1,
+                          memory_budget_bytes=200_000, log=lines.append)  # fmt: skip
+    assert len(records) == len(lines) == 8
+    naive = [r for r in records if r["impl"] == "hw2jax softmax (naive)"]
+    # 4 bytes * 2 heads * 128^2 = 131 kB forward fits; 3x that for the backward does not.
+    assert [r.get("skipped") is None for r in naive] == [True, True, True, False]
+    assert "budget" in naive[-1]["skipped"]
+    for r in records:
+        assert set(r) >= {"impl", "T", "pass", "causal", "dtype", "median_ms", "compile_ms",
+                          "temp_bytes", "device"}  # fmt: skip
+        if not r.get("skipped"):
+            assert r["median_ms"] > 0 and r["compile_ms"] > 0 and r["temp_bytes"] >= 0
+
+
+def test_slope_and_crossover_on_known_curves():
+    ts = [2048, 4096, 8192]
+    quad = [{"impl": "s", "T": t, "pass": "fwd", "causal": False, "dtype": "float32",
+             "median_ms": 1e-6 * t * t} for t in ts]  # fmt: skip
+    lin = [{"impl": "l", "T": t, "pass": "fwd", "causal": False, "dtype": "float32",
+            "median_ms": 1e-2 * t} for t in ts]  # fmt: skip
+    assert bench.fitted_slope(quad) == pytest.approx(2.0)
+    assert bench.fitted_slope(lin) == pytest.approx(1.0)
+    # 1e-6 T^2 > 1e-2 T once T > 10,000: no crossover within these points, then 8192 -> 16384.
+    assert bench.crossover(quad + lin, "s", "l", "fwd", False) is None
+    more = quad + lin + [dict(quad[0], T=16384, median_ms=1e-6 * 16384**2),
+                         dict(lin[0], T=16384, median_ms=1e-2 * 16384)]  # fmt: skip
+    assert bench.crossover(more, "s", "l", "fwd", False) == 16384
