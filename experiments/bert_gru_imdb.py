@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_split = "valid"
     c.best_metric = "valid_accuracy"
     c.progress = True
+    c.devices = "1"  # "all" or a count: data parallel over a jax.sharding mesh
     c.stop_at_step = 0
     c.encoder = "bert-base-uncased"  # a hub id, a local folder, or "minilm"
     c.encoder_overrides = ml_collections.ConfigDict()  # tests: a tiny random encoder

@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_split = "test"
     c.best_metric = "test_accuracy"
     c.progress = True
+    c.devices = "1"  # "all" or a count: data parallel over a jax.sharding mesh
     c.stop_at_step = 0  # > 0 stops as Ctrl-C would after that step (for tests)
     c.data_dir = ""  # "" = $HW2JAX_DATA_DIR, then the usual places, then TFDS
     c.data_source = "auto"  # auto | idx | tfds

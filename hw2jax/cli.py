@@ -27,7 +27,8 @@ def _config_from_args(args: argparse.Namespace, **flags: str | None):
     epochs = args.epochs or os.environ.get("HW2JAX_EPOCHS")
     if epochs:
         overrides.append(f"epochs={int(epochs)}")
-    flags = {"data_dir": args.data_dir, "data_source": args.data_source, **flags}
+    flags = {"data_dir": args.data_dir, "data_source": args.data_source,
+             "devices": args.devices, **flags}  # fmt: skip
     overrides += [f"{key}={value}" for key, value in flags.items() if value]
     config_lib.apply_overrides(config, [*overrides, *args.set])
     return config
@@ -91,6 +92,7 @@ def _add_train_parser(group, data_help: str, sources: list[str]) -> argparse.Arg
     train.add_argument("--epochs", type=int, help="override the epochs (env: HW2JAX_EPOCHS)")
     train.add_argument("--data-dir", help=f"{data_help} (env: HW2JAX_DATA_DIR)")
     train.add_argument("--data-source", choices=sources)
+    train.add_argument("--devices", help="'all' or N: shard each batch over N local devices")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set learning_rate=5e-4")  # fmt: skip
     return train

@@ -24,6 +24,7 @@ from flax import struct
 from tqdm.auto import tqdm
 
 from hw2jax.train import checkpoints
+from hw2jax.train.sharding import DataParallel
 
 Batch = dict[str, jax.Array]
 Params = Any
@@ -114,11 +115,12 @@ def make_eval_step(task: Task) -> Callable[[Params, Batch], dict[str, jax.Array]
     return jax.jit(eval_step)
 
 
-def evaluate(task: Task, params: Params, split: str, eval_step=None) -> dict[str, float]:
+def evaluate(task: Task, params: Params, split: str, eval_step=None,
+             parallel: DataParallel | None = None) -> dict[str, float]:  # fmt: skip
     eval_step = eval_step or make_eval_step(task)
     totals = None
     for batch in task.eval_batches(split):
-        sums = eval_step(params, batch)
+        sums = eval_step(params, parallel.shard_batch(batch) if parallel else batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = float(totals["count"])
@@ -251,6 +253,9 @@ def train_and_evaluate(
     ckpt = checkpoints.Checkpoints(workdir / "checkpoints")
     state = ckpt.restore_latest(state)
     start_step = int(state.step)
+    parallel = DataParallel(config.get("devices", 1), config.batch_size)
+    DataParallel(parallel.n, config.eval_batch_size)  # checks the eval batch splits too
+    state = parallel.replicate(state)
     history = load_history(workdir, start_step)
     history["config"] = config.to_dict()
     if start_step:
@@ -290,7 +295,7 @@ def train_and_evaluate(
             window = history.pop("window", None) or {"loss_sum": 0.0, "count": 0.0}
             t0, seen = time.perf_counter(), 0
             for i in bar:
-                state, sums = train_step(state, batches[i])
+                state, sums = train_step(state, parallel.shard_batch(batches[i]))
                 sums = jax.device_get(sums)
                 if not np.isfinite(sums["loss_sum"]):
                     status = "diverged"
@@ -325,7 +330,7 @@ def train_and_evaluate(
                     return history
             bar.close()
             train_time = time.perf_counter() - t0
-            metrics = evaluate(task, state.params, config.eval_split, eval_step)
+            metrics = evaluate(task, state.params, config.eval_split, eval_step, parallel)
             record = {
                 "epoch": epoch + 1,
                 "step": int(state.step),

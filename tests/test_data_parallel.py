@@ -1,0 +1,73 @@
+"""Data parallel on 8 CPU devices equals 1 device (a subprocess, since the device count is
+fixed when jax starts)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hw2jax.train.sharding import DataParallel
+
+SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, TESTS)
+from conftest import make_fashion_folder
+from test_train_vit import small_config
+from pathlib import Path
+from hw2jax import vit
+from hw2jax.train import loop
+from hw2jax.train.sharding import DataParallel
+
+assert jax.device_count() == 8
+folder = make_fashion_folder(Path(TMP) / "fashion")
+config = small_config(folder)
+train, test = vit.load_data(config)
+task = vit.ViTTask(config, train, test)
+params = task.init_params(jax.random.key(0))
+tx = loop.build_optimizer(config, 3)
+batch = task.train_batches(0)[0]
+step = loop.make_train_step(task, jax.random.key(1))
+fresh = lambda: loop.TrainState.create(jax.tree.map(np.array, params), tx)  # steps donate
+one, _ = step(fresh(), batch)
+dp = DataParallel(8, 40)
+eight, _ = step(dp.replicate(fresh()), dp.shard_batch(batch))
+sharded_over = len(dp.shard_batch(batch)["image"].sharding.device_set)
+step_diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)))
+runs = {}
+for devices in ("1", "8"):
+    c = small_config(folder, f"devices={devices}")
+    runs[devices] = vit.train_and_evaluate(c, Path(TMP) / f"run{devices}")["epochs"]
+print(json.dumps({"step_diff": step_diff, "sharded_over": sharded_over, "runs": runs}))
+"""
+
+
+@pytest.mark.slow
+def test_eight_devices_match_one(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    tests = str(Path(__file__).parent)
+    code = f"TESTS = {tests!r}; TMP = {str(tmp_path)!r}\n" + SCRIPT
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=tests)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["sharded_over"] == 8
+    assert result["step_diff"] < 1e-5
+    one, eight = result["runs"]["1"], result["runs"]["8"]
+    assert len(one) == len(eight) == 3
+    for a, b in zip(one, eight, strict=True):
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
+def test_device_count_errors_are_clear():
+    with pytest.raises(ValueError, match="xla_force_host_platform_device_count=64"):
+        DataParallel(64)
+    with pytest.raises(ValueError, match="'all' or a number"):
+        DataParallel("many")
+    assert DataParallel("all").n >= 1
