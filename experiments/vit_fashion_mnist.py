@@ -36,6 +36,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.data_source = "auto"  # auto | idx | tfds
     c.model = ml_collections.ConfigDict(
         dict(image_size=28, patch_size=4, channels=1, dim=64, depth=6, heads=4, dim_head=64,
-             mlp_dim=128, pool="cls", attention="softmax")
+             mlp_dim=128, pool="cls", attention="softmax", dtype="float32")
     )
     return c

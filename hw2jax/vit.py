@@ -43,7 +43,10 @@ class ViTTask:
     def __init__(self, config: ml_collections.ConfigDict, train: fashion_mnist.ImageSplit,
                  test: fashion_mnist.ImageSplit):  # fmt: skip
         self.config = config
-        self.model = ViT(num_classes=self.num_classes, **config.model.to_dict())
+        model = config.model.to_dict()
+        # bf16 compute with float32 params and optimizer state: mixed precision.
+        model["dtype"] = jnp.dtype(model.get("dtype", "float32"))
+        self.model = ViT(num_classes=self.num_classes, **model)
         self.splits = {
             "train": {"image": jnp.asarray(train.images), "label": jnp.asarray(train.labels)},
             "test": {"image": jnp.asarray(test.images), "label": jnp.asarray(test.labels)},

@@ -198,3 +198,18 @@ def test_augment_shifts_and_flips_without_changing_content():
     np.testing.assert_allclose(out.sum(axis=(1, 2, 3)), images.sum(axis=(1, 2, 3)))
     assert len({np.asarray(o).tobytes() for o in out}) > 5  # really random per example
     np.testing.assert_array_equal(vit.augment(jax.random.key(0), images, 0, False), images)
+
+
+def test_bfloat16_compute_still_learns_with_float32_params(fashion_dir, tmp_path):
+    config = small_config(fashion_dir, "epochs=20", "model.dtype=bfloat16")
+    out = vit.train_and_evaluate(config, tmp_path / "run")
+    assert out["final"]["test_accuracy"] >= 0.9
+    train, test = vit.load_data(config)
+    task = vit.ViTTask(config, train, test)
+    params = loop.latest_params(task, config, tmp_path / "run")
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+    # The compute really is bf16: the logits differ from the float32 model's.
+    batch = task.eval_batches("test")[0]
+    f32 = vit.ViTTask(small_config(fashion_dir), train, test)
+    assert not np.allclose(task.apply(params, batch, train=False, rng=None),
+                           f32.apply(params, batch, train=False, rng=None), atol=1e-6)  # fmt: skip
