@@ -48,4 +48,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.data_dir = ""  # "" = $HW2JAX_DATA_DIR, then the usual places, then TFDS
     c.data_source = "auto"  # auto | local | tfds
     c.cache_dir = ""  # "" = WORKDIR/cache
+    c.cache_features = False  # run the frozen encoder once and train the head from disk
+    c.feature_dtype = "float16"  # float16 | bfloat16 | float32 for the cached features
     return c

@@ -45,7 +45,7 @@ def _vit_train(args: argparse.Namespace) -> int:
 def _sentiment_train(args: argparse.Namespace) -> int:
     from hw2jax import sentiment
 
-    config = _config_from_args(args, encoder=args.encoder)
+    config = _config_from_args(args, encoder=args.encoder, cache_features=args.cache_features)
     history = sentiment.train_and_evaluate(config, args.workdir)
     return 0 if history["status"] == "done" else 130
 
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     senti = senti.add_subparsers(dest="sentiment_command", required=True, metavar="ACTION")
     train = _add_train_parser(senti, "aclImdb folder or .tar.gz", ["auto", "local", "tfds"])
     train.add_argument("--encoder", help="hub id, local HF folder, or 'minilm' (offline)")
+    train.add_argument("--cache-features", action="store_const", const="True",
+                       help="run the frozen encoder once and train the head from a disk cache")
     train.set_defaults(func=_sentiment_train)
     pred = senti.add_parser("predict", help="P(positive) for each text, best checkpoint")
     pred.add_argument("--workdir", required=True)

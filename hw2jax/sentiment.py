@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,30 +43,98 @@ def build_model(config: ml_collections.ConfigDict, bert_config: bert.BertConfig
     )  # fmt: skip
 
 
+def bucket_sizes(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    return (*(b for b in config.buckets if b < config.max_length), config.max_length)
+
+
+class FeatureCache:
+    """A split's frozen-encoder outputs in one memory-mapped file. Each review is stored at
+    its own bucket length (padding positions included, as BERT saw them), rows back to back.
+
+    Caching runs BERT once in inference mode, so BERT's dropout, active in the original
+    training, is dropped. With the unmasked (faithful) model a review's padding positions
+    come from its own bucket; in a batch padded further they are zeros.
+    """
+
+    def __init__(self, path: Path, stored: np.ndarray, hidden: int, dtype: str):
+        self.path, self.stored, self.dtype = Path(path), stored, jnp.dtype(dtype)
+        self.offsets = np.concatenate([[0], np.cumsum(stored)])
+        self.hidden = hidden
+
+    def open(self, mode: str = "r") -> np.memmap:
+        shape = (int(self.offsets[-1]), self.hidden)
+        return np.memmap(self.path, dtype=self.dtype, mode=mode, shape=shape)
+
+    @classmethod
+    def build(cls, path: Path, encode, ids: np.ndarray, lengths: np.ndarray,
+              buckets: tuple[int, ...], hidden: int, dtype: str, batch_size: int
+              ) -> FeatureCache:  # fmt: skip
+        stored = np.array([min(b for b in buckets if b >= n) for n in lengths], np.int64)
+        cache = cls(path, stored, hidden, dtype)
+        if path.exists():  # written completely before (the rename below is the last step)
+            return cache
+        tmp = cls(path.with_name(path.name + ".tmp"), stored, hidden, dtype)
+        out = tmp.open("w+")
+        for size in buckets:
+            rows = np.flatnonzero(stored == size)
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start : start + batch_size]
+                feats = np.asarray(encode(jnp.asarray(ids[batch, :size])).astype(cache.dtype))
+                for r, f in zip(batch, feats, strict=True):
+                    out[cache.offsets[r] : cache.offsets[r + 1]] = f
+        out.flush()
+        del out
+        os.replace(tmp.path, path)
+        return cache
+
+    def gather(self, rows: np.ndarray, seq_len: int, batch_size: int) -> np.ndarray:
+        data = self.open()
+        out = np.zeros((batch_size, seq_len, self.hidden), self.dtype)
+        for b, r in enumerate(rows):
+            n = min(int(self.stored[r]), seq_len)
+            out[b, :n] = data[self.offsets[r] : self.offsets[r] + n]
+        return out
+
+
+class CachedBatches(IndexBatches):
+    """IndexBatches plus the cached encoder features of each batch, read from disk."""
+
+    def __init__(self, inner: IndexBatches, cache: FeatureCache):
+        super().__init__(inner.arrays, inner.batches, inner.batch_size, inner.seq_lens,
+                         inner.seq_keys)  # fmt: skip
+        self.cache = cache
+
+    def __getitem__(self, i: int):
+        batch = super().__getitem__(i)
+        feats = self.cache.gather(self.batches[i], self.seq_lens[i], self.batch_size)
+        return {**batch, "features": jnp.asarray(feats)}
+
+
 class SentimentTask:
     frozen_keys = (FROZEN_KEY,)
 
     def __init__(self, config: ml_collections.ConfigDict, splits: dict[str, dict[str, np.ndarray]],
-                 bert_config: bert.BertConfig, bert_params: Any):  # fmt: skip
+                 bert_config: bert.BertConfig, bert_params: Any,
+                 features: dict[str, FeatureCache] | None = None):  # fmt: skip
         self.config = config
         self.model = build_model(config, bert_config)
         self.bert_params = bert_params
         self.lengths = {k: v["length"] for k, v in splits.items()}
         self.splits = {k: {"ids": jnp.asarray(v["ids"]), "label": jnp.asarray(v["label"])}
                        for k, v in splits.items()}  # fmt: skip
-        self.buckets = (*(b for b in config.buckets if b < config.max_length), config.max_length)
+        self.buckets = bucket_sizes(config)
+        self.features = features or {}
 
     def init_params(self, rng: jax.Array):
         params = self.model.init(rng, jnp.ones((1, 8), jnp.int32))["params"]
-        if self.bert_params is not None:
-            params = {**params, FROZEN_KEY: self.bert_params}
-        return params
+        return {**params, FROZEN_KEY: self.bert_params}
 
     def apply(self, params, batch, *, train: bool, rng: jax.Array | None) -> jax.Array:
         ids = batch["ids"]
         mask = (ids != 0).astype(jnp.int32)
         rngs = {"dropout": rng} if train else {}
-        return self.model.apply({"params": params}, ids, mask, train=train, rngs=rngs)
+        return self.model.apply({"params": params}, ids, mask, train=train, rngs=rngs,
+                                features=batch.get("features"))  # fmt: skip
 
     def losses(self, logits: jax.Array, batch) -> tuple[jax.Array, jax.Array]:
         labels = batch["label"].astype(jnp.float32)
@@ -74,8 +143,9 @@ class SentimentTask:
 
     def _batches(self, split: str, batch_size: int, rng) -> IndexBatches:
         plan = imdb.bucket_batches(self.lengths[split], batch_size, self.buckets, rng)
-        return IndexBatches(self.splits[split], [idx for idx, _ in plan], batch_size,
-                            [length for _, length in plan], seq_keys=("ids",))  # fmt: skip
+        batches = IndexBatches(self.splits[split], [idx for idx, _ in plan], batch_size,
+                               [length for _, length in plan], seq_keys=("ids",))  # fmt: skip
+        return CachedBatches(batches, self.features[split]) if split in self.features else batches
 
     def train_batches(self, epoch: int) -> IndexBatches:
         rng = np.random.default_rng([self.config.seed, epoch])
@@ -108,13 +178,42 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer, workdir: Path) ->
     return out
 
 
+def cache_features(config: ml_collections.ConfigDict, data: dict, bert_config: bert.BertConfig,
+                   bert_params: Any, workdir: Path) -> dict[str, FeatureCache] | None:  # fmt: skip
+    """Runs the frozen encoder once per review (``config.cache_features``) into memory-mapped
+    files under the cache dir, so training only runs the GRU head."""
+    if not config.cache_features:
+        return None
+    model = build_model(config, bert_config)
+    params = model.init(jax.random.key(config.seed), jnp.ones((1, 8), jnp.int32))["params"]
+    params = {**params, FROZEN_KEY: bert_params}
+    encode = jax.jit(lambda ids: model.apply({"params": params}, ids, (ids != 0).astype(jnp.int32),
+                                             method=BertGRUSentiment.encode))  # fmt: skip
+    cache_dir = Path(config.cache_dir) if config.cache_dir else workdir / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, arrays in data.items():
+        key = f"{config.encoder}-{bert_config.hidden_size}-{config.use_mask}-{config.seed}"
+        digest = imdb.content_key(key, arrays["ids"])
+        start = time.perf_counter()
+        out[split] = FeatureCache.build(
+            cache_dir / f"features-{split}-{digest}.{config.feature_dtype}", encode,
+            arrays["ids"], arrays["length"], bucket_sizes(config), bert_config.hidden_size,
+            config.feature_dtype, config.eval_batch_size,
+        )  # fmt: skip
+        print(f"features for {split}: {out[split].path.stat().st_size / 2**20:.0f} MiB "
+              f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)  # fmt: skip
+    return out
+
+
 def _setup(config: ml_collections.ConfigDict, workdir: Path):
     bert_config, bert_params, folder = bert.load_pretrained(config.encoder)
     if config.encoder_overrides:
         # A tiny random encoder for tests: keep the tokenizer, replace the weights.
         bert_config = bert.BertConfig.from_dict({**bert_config.__dict__,
                                                  **config.encoder_overrides.to_dict()})  # fmt: skip
-        bert_params = None
+        bert_params = bert.BertModel(bert_config).init(
+            jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]  # fmt: skip
     tokenizer = load_tokenizer(folder)
     return bert_config, bert_params, tokenizer
 
@@ -125,7 +224,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     loop.write_json_atomic(workdir / "config.json", config.to_dict())
     bert_config, bert_params, tokenizer = _setup(config, workdir)
     data = prepare_data(config, tokenizer, workdir)
-    task = SentimentTask(config, data, bert_config, bert_params)
+    features = cache_features(config, data, bert_config, bert_params, workdir)
+    task = SentimentTask(config, data, bert_config, bert_params, features)
     history = loop.train_and_evaluate(task, config, workdir)
     if history["status"] != "done":
         return history
@@ -153,8 +253,7 @@ def predict(workdir: str | Path, texts: list[str]) -> list[float]:
     bert_config, bert_params, tokenizer = _setup(config, workdir)
     model = build_model(config, bert_config)
     params_like = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
-    if bert_params is not None:
-        params_like = {**params_like, FROZEN_KEY: bert_params}
+    params_like = {**params_like, FROZEN_KEY: bert_params}
     params, _ = checkpoints.Checkpoints(workdir / "checkpoints").restore_best_params(params_like)
     ids, lengths = imdb.tokenize(texts, tokenizer, config.max_length)
     apply = jax.jit(lambda p, x: jax.nn.sigmoid(model.apply({"params": p}, x)))

@@ -137,6 +137,14 @@ def train_valid_split(n: int, train_size: int, seed: int) -> tuple[np.ndarray, n
 # ------------------------------------------------------------------------------ tokens
 
 
+def content_key(prefix: str, *arrays: np.ndarray) -> str:
+    """A short hash of arrays' bytes, for naming cache files by their content."""
+    h = hashlib.sha256(prefix.encode())
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
 def tokenize(texts, tokenizer, max_length: int, cache_dir: str | os.PathLike | None = None
              ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Token ids [N, max_length] (0-padded) and lengths [N], with [CLS] and [SEP], truncated

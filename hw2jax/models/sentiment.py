@@ -33,33 +33,32 @@ class BertGRUSentiment(nn.Module):
     bert_dropout: bool = True
     dtype: Any = None
 
-    def encode(self, input_ids, attention_mask, *, train: bool) -> jax.Array:
+    def setup(self):
+        self.bert = BertModel(self.bert_config, self.dtype)
+        self.rnn = GRU(self.hidden_dim, self.n_layers, self.bidirectional, self.dropout)
+        self.head_dropout = nn.Dropout(self.dropout)
+        fan_in = self.hidden_dim * (2 if self.bidirectional else 1)
+        self.out = TorchDense(1, fan_in)
+
+    def encode(self, input_ids, attention_mask=None, *, train: bool = False) -> jax.Array:
+        """BERT's last hidden state [B, T, H], with no gradient (frozen)."""
         mask = attention_mask if self.use_mask else None
-        hidden, _ = BertModel(self.bert_config, self.dtype, name=FROZEN_KEY)(
-            input_ids, mask, deterministic=not (train and self.bert_dropout)
-        )
-        return jax.lax.stop_gradient(hidden)  # frozen: no gradient flows into BERT
+        hidden, _ = self.bert(input_ids, mask, deterministic=not (train and self.bert_dropout))
+        return jax.lax.stop_gradient(hidden)
 
-    def head(self, embedded, attention_mask, *, train: bool) -> jax.Array:
+    def head(self, features, attention_mask, *, train: bool = False) -> jax.Array:
+        """GRU -> concatenated final states -> dropout -> linear, on encoder features."""
         lengths = attention_mask.sum(-1) if self.use_mask else None
-        _, h_n = GRU(self.hidden_dim, self.n_layers, self.bidirectional, self.dropout,
-                     name="rnn")(embedded, lengths, deterministic=not train)  # fmt: skip
+        _, h_n = self.rnn(features.astype(jnp.float32), lengths, deterministic=not train)
         hidden = jnp.concatenate([h_n[-2], h_n[-1]], -1) if self.bidirectional else h_n[-1]
-        hidden = nn.Dropout(self.dropout)(hidden, deterministic=not train)
-        fan_in = hidden.shape[-1]
-        return TorchDense(1, fan_in, name="out")(hidden)[..., 0].astype(jnp.float32)
+        hidden = self.head_dropout(hidden, deterministic=not train)
+        return self.out(hidden)[..., 0].astype(jnp.float32)
 
-    @nn.compact
     def __call__(self, input_ids, attention_mask=None, *, train: bool = False,
                  features: jax.Array | None = None) -> jax.Array:  # fmt: skip
-        """``features`` (cached BERT outputs) skips the encoder."""
+        """Logits [B]. ``features`` (cached encoder outputs) skips BERT."""
         if attention_mask is None:
             attention_mask = (input_ids != self.bert_config.pad_token_id).astype(jnp.int32)
         if features is None:
             features = self.encode(input_ids, attention_mask, train=train)
-        return self.head(features.astype(jnp.float32), attention_mask, train=train)
-
-
-def trainable_mask(params: dict) -> dict:
-    """True for the parameters that train (everything outside ``bert``)."""
-    return {k: jax.tree.map(lambda _, keep=(k != FROZEN_KEY): keep, v) for k, v in params.items()}
+        return self.head(features, attention_mask, train=train)
