@@ -38,13 +38,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.encoder_overrides = ml_collections.ConfigDict()  # tests: a tiny random encoder
     c.max_length = 512
     c.buckets = (64, 128, 256, 384)  # padded lengths; max_length is always the last
-    c.train_size = 17_500
+    c.train_size = 17_500  # of the 25,000 train reviews; the rest is valid
+    c.max_reviews = 0  # > 0: a seeded subset of that many reviews per split (quick runs)
     c.hidden_dim = 256
     c.n_layers = 2
     c.bidirectional = True
     c.dropout = 0.25
     c.use_mask = False
     c.bert_dropout = True
+    c.encoder_microbatch = 16  # BERT runs on this many reviews at a time (memory), 0 = all
     c.data_dir = ""  # "" = $HW2JAX_DATA_DIR, then the usual places, then TFDS
     c.data_source = "auto"  # auto | local | tfds
     c.cache_dir = ""  # "" = WORKDIR/cache

@@ -168,3 +168,23 @@ def test_training_from_cached_features_learns(tmp_path):
     epochs = out["epochs"]
     assert max(r["train_loss"] for r in epochs[-3:]) < 0.6 * epochs[0]["train_loss"]
     assert list((tmp_path / "cache").glob("features-train-*.float16"))
+
+
+def test_encoder_microbatches_change_nothing_but_memory(tmp_path):
+    import jax
+
+    config = tiny_config(tmp_path)
+    bert_config, bert_params, tok = sentiment._setup(config, tmp_path)
+    data = sentiment.prepare_data(config, tok, tmp_path)
+    whole = sentiment.SentimentTask(config, data, bert_config, bert_params)
+    config.encoder_microbatch = 2
+    micro = sentiment.SentimentTask(config, data, bert_config, bert_params)
+    params = whole.init_params(jax.random.key(0))
+    batch = whole.eval_batches("test")[0]
+    np.testing.assert_allclose(micro.apply(params, batch, train=False, rng=None),
+                               whole.apply(params, batch, train=False, rng=None),
+                               atol=1e-6)  # fmt: skip
+    # In training, each microbatch draws its own BERT dropout masks.
+    a = micro.apply(params, batch, train=True, rng=jax.random.key(1))
+    b = micro.apply(params, batch, train=True, rng=jax.random.key(2))
+    assert not np.allclose(a, b)
