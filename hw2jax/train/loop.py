@@ -233,8 +233,6 @@ def train_and_evaluate(
     task: Task,
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
-    *,
-    on_epoch_end: Callable[[int, TrainState], None] | None = None,
 ) -> dict[str, Any]:
     """Trains ``task`` for ``config.epochs``, evaluating ``config.eval_split`` each epoch.
 
@@ -253,8 +251,7 @@ def train_and_evaluate(
     ckpt = checkpoints.Checkpoints(workdir / "checkpoints")
     state = ckpt.restore_latest(state)
     start_step = int(state.step)
-    parallel = DataParallel(config.get("devices", 1), config.batch_size)
-    DataParallel(parallel.n, config.eval_batch_size)  # checks the eval batch splits too
+    parallel = DataParallel(config.get("devices", 1), config.batch_size, config.eval_batch_size)
     state = parallel.replicate(state)
     history = load_history(workdir, start_step)
     history["config"] = config.to_dict()
@@ -354,8 +351,6 @@ def train_and_evaluate(
                 f"({train_time:.0f} s, {record['images_per_s']:.0f} img/s)"
                 + ("  *best" if is_best else "")
             )
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, state)
             if (stop.requested or stop_at == int(state.step)) and epoch + 1 < config.epochs:
                 status = "interrupted"
                 stop_here(int(state.step))

@@ -33,16 +33,18 @@ def num_devices(spec: str | int) -> int:
 
 
 class DataParallel:
-    def __init__(self, devices: str | int = 1, batch_size: int | None = None):
+    def __init__(self, devices: str | int = 1, *batch_sizes: int):
+        """``batch_sizes`` (train, eval, ...) must split evenly over the devices."""
         self.n = num_devices(devices)
         self.mesh = Mesh(np.array(jax.devices()[: self.n]), ("data",))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.split = NamedSharding(self.mesh, PartitionSpec("data"))
-        if batch_size is not None and batch_size % self.n:
-            raise ValueError(
-                f"batch size {batch_size} does not split evenly over {self.n} devices; "
-                f"use a multiple of {self.n}."
-            )
+        for size in batch_sizes:
+            if size % self.n:
+                raise ValueError(
+                    f"batch size {size} does not split evenly over {self.n} devices; "
+                    f"use a multiple of {self.n}."
+                )
 
     def replicate(self, tree: Any) -> Any:
         return tree if self.n == 1 else jax.device_put(tree, self.replicated)
