@@ -2,7 +2,8 @@ r"""ViT on FashionMNIST: the assignment's recipe, exactly.
 
 Command:   hw2jax vit train --config experiments/vit_fashion_mnist.py --workdir runs/vit
 Reference: 88.43 % test accuracy after 15 epochs in 4,994 s (the original PyTorch run).
-Ours:      see README "ViT on FashionMNIST" for the measured result, device, date and wall time.
+Ours:      89.07 % test accuracy after 15 epochs; 5,254 s wall on 2 CPU cores, jax 0.10.2, float32
+           (2026-11-26; README "Results" and experiments/results/vit_fashion_mnist/).
 
 Adam with torch-style coupled L2 weight decay, batch 256 (train) / 1000 (test), seed 42, no
 augmentation, no schedule. Evaluated on the 10,000 test images after every epoch.
