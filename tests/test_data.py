@@ -93,3 +93,17 @@ def test_tfds_source_reads_mock_data():
 def test_normalize_matches_the_assignment():
     x = np.array([0, 255], np.uint8)
     np.testing.assert_allclose(fashion_mnist.normalize(x), [-0.1307 / 0.3081, 0.8693 / 0.3081])
+
+
+def test_tfds_fallback_failure_is_one_clear_error(tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow_datasets")
+    monkeypatch.delenv("HW2JAX_DATA_DIR", raising=False)
+    monkeypatch.setattr(fashion_mnist, "USUAL_PLACES", (tmp_path / "nowhere",))
+    source = fashion_mnist.find_source()
+    assert "tensorflow-datasets" in source.description
+    source.data_dir = str(tmp_path / "tfds")  # nothing prepared there, and no download
+    source.download = False
+    with pytest.raises(DataNotFoundError) as exc:
+        fashion_mnist.load(source, "train")
+    assert "could not provide 'fashion_mnist'" in str(exc.value)
+    assert "dataset-fashion-mnist" in str(exc.value)  # the three ways, again

@@ -128,7 +128,7 @@ def find_source(data_dir: str | os.PathLike | None = None, kind: str = "auto") -
             return IdxFolderSource(place)
         tried.append(f"{place}: no idx files")
     if kind == "auto" and tfds_available():
-        return TfdsSource("fashion_mnist")
+        return TfdsSource("fashion_mnist", hint=_missing_data_message(tried))
     tried.append("tensorflow-datasets: not installed")
     raise DataNotFoundError(_missing_data_message(tried))
 

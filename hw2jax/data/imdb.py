@@ -122,7 +122,7 @@ def find_source(data_dir: str | os.PathLike | None = None, kind: str = "auto") -
             return AclImdbSource(place)
         tried.append(f"{place}: not there")
     if kind == "auto" and tfds_available():
-        return TfdsSource("imdb_reviews", features=("text", "label"))
+        return TfdsSource("imdb_reviews", features=("text", "label"), hint=_missing_message(tried))
     raise DataNotFoundError(_missing_message(tried))
 
 

@@ -36,9 +36,10 @@ class TfdsSource:
         download: bool = True,
         manual_dir: str | None = None,
         features: tuple[str, ...] = (),
+        hint: str = "",
     ):
         self.name, self.data_dir, self.download = name, data_dir, download
-        self.manual_dir, self.features = manual_dir, features
+        self.manual_dir, self.features, self.hint = manual_dir, features, hint
         self.description = f"tensorflow-datasets {name!r}" + (f" in {data_dir}" if data_dir else "")
 
     def _kwargs(self) -> dict[str, Any]:
@@ -53,7 +54,13 @@ class TfdsSource:
     def load(self, split: str) -> dict[str, np.ndarray]:
         import tensorflow_datasets as tfds
 
-        source = tfds.data_source(self.name, split=split, **self._kwargs())
+        try:
+            source = tfds.data_source(self.name, split=split, **self._kwargs())
+        except Exception as e:  # offline download, missing TensorFlow, ...: one clear error
+            raise DataNotFoundError(
+                f"tensorflow-datasets could not provide {self.name!r} ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else ''}).\n{self.hint}"
+            ) from e
         records = [source[i] for i in range(len(source))]
         keys = self.features or tuple(records[0])
         return {k: np.stack([np.asarray(r[k]) for r in records]) for k in keys}
