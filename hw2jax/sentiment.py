@@ -184,8 +184,9 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer, workdir: Path) ->
         s: source.load(s) for s in ("train", "test")}  # fmt: skip
     if config.max_reviews:  # a seeded random subset of each split, for quick runs
         rng = np.random.default_rng(config.split_seed)
-        raw = {s: {k: v[np.sort(rng.permutation(len(v))[: config.max_reviews])]
-                   for k, v in d.items()} for s, d in raw.items()}  # fmt: skip
+        for split, arrays in raw.items():
+            keep = np.sort(rng.permutation(len(arrays["label"]))[: config.max_reviews])
+            raw[split] = {k: v[keep] for k, v in arrays.items()}
     cache = Path(config.cache_dir) if config.cache_dir else workdir / "cache"
     out = {}
     start = time.perf_counter()

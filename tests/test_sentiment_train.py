@@ -188,3 +188,14 @@ def test_encoder_microbatches_change_nothing_but_memory(tmp_path):
     a = micro.apply(params, batch, train=True, rng=jax.random.key(1))
     b = micro.apply(params, batch, train=True, rng=jax.random.key(2))
     assert not np.allclose(a, b)
+
+
+def test_max_reviews_keeps_texts_and_labels_together(tmp_path, tokenizer):
+    config = tiny_config(tmp_path, "max_reviews=10")
+    data = sentiment.prepare_data(config, tokenizer, tmp_path)
+    assert {k: len(v["ids"]) for k, v in data.items()} == {"train": 7, "valid": 3, "test": 10}
+    full = imdb.AclImdbSource(FIXTURE.parent).load_all()["test"]
+    ids, _ = imdb.tokenize(full["text"], tokenizer, 64)
+    label_of = {row.tobytes(): label for row, label in zip(ids, full["label"], strict=True)}
+    for row, label in zip(data["test"]["ids"], data["test"]["label"], strict=True):
+        assert label_of[row.tobytes()] == label
