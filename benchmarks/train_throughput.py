@@ -53,6 +53,7 @@ def vit_step(batch: int, repeats: int) -> dict:
     labels = rng.integers(0, 10, batch).astype(np.int32)
     task = vit.ViTTask(config, ImageSplit(images, labels), ImageSplit(images, labels))
     params = task.init_params(jax.random.key(0))
+    initial = jax.device_get(params)  # a host copy: the jit step donates the state's buffers
     state = loop.TrainState.create(params, loop.build_optimizer(config, 1))
     step = loop.make_train_step(task, jax.random.key(1))
     batch_data = task.train_batches(0)[0]
@@ -70,7 +71,7 @@ def vit_step(batch: int, repeats: int) -> dict:
 
     model = TorchViT(**{k: v for k, v in config.model.to_dict().items()
                         if k not in ("pool", "attention", "dtype")})  # fmt: skip
-    copy_vit_params_to_torch(jax.device_get(params), model)
+    copy_vit_params_to_torch(initial, model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
     x = (torch.tensor(images, dtype=torch.float32).permute(0, 3, 1, 2) / 255 - 0.1307) / 0.3081
     y = torch.tensor(labels, dtype=torch.long)
