@@ -110,6 +110,12 @@ class CachedBatches(IndexBatches):
         return {**batch, "features": jnp.asarray(feats)}
 
 
+def init_params(model: BertGRUSentiment, bert_params: Any, rng: jax.Array) -> dict:
+    """Fresh GRU/head params with the pretrained encoder under ``bert``."""
+    params = model.init(rng, jnp.ones((1, 8), jnp.int32))["params"]
+    return {**params, FROZEN_KEY: bert_params}
+
+
 class SentimentTask:
     frozen_keys = (FROZEN_KEY,)
 
@@ -126,8 +132,7 @@ class SentimentTask:
         self.features = features or {}
 
     def init_params(self, rng: jax.Array):
-        params = self.model.init(rng, jnp.ones((1, 8), jnp.int32))["params"]
-        return {**params, FROZEN_KEY: self.bert_params}
+        return init_params(self.model, self.bert_params, rng)
 
     def apply(self, params, batch, *, train: bool, rng: jax.Array | None) -> jax.Array:
         ids = batch["ids"]
@@ -211,8 +216,7 @@ def cache_features(config: ml_collections.ConfigDict, data: dict, bert_config: b
     if not config.cache_features:
         return None
     model = build_model(config, bert_config)
-    params = model.init(jax.random.key(config.seed), jnp.ones((1, 8), jnp.int32))["params"]
-    params = {**params, FROZEN_KEY: bert_params}
+    params = init_params(model, bert_params, jax.random.key(config.seed))
     encode = jax.jit(lambda ids: model.apply({"params": params}, ids, (ids != 0).astype(jnp.int32),
                                              method=BertGRUSentiment.encode))  # fmt: skip
     cache_dir = Path(config.cache_dir) if config.cache_dir else workdir / "cache"
@@ -278,8 +282,7 @@ def predict(workdir: str | Path, texts: list[str]) -> list[float]:
     config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
     bert_config, bert_params, tokenizer = _setup(config, workdir)
     model = build_model(config, bert_config)
-    params_like = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
-    params_like = {**params_like, FROZEN_KEY: bert_params}
+    params_like = init_params(model, bert_params, jax.random.key(0))
     params, _ = checkpoints.Checkpoints(workdir / "checkpoints").restore_best_params(params_like)
     ids, lengths = imdb.tokenize(texts, tokenizer, config.max_length)
     apply = jax.jit(lambda p, x: jax.nn.sigmoid(model.apply({"params": p}, x)))
