@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hw2jax import attention
+from hw2jax.timing import median_seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,13 +107,7 @@ def all_impls() -> list[Impl]:
 
 
 def _median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[object], None]) -> float:
-    sync(fn())  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    return 1e3 * median_seconds(lambda: sync(fn()), repeats)
 
 
 def measure(impl: Impl, t: int, *, causal: bool, backward: bool, dtype: str, heads: int,

@@ -24,15 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def median_s(fn, repeats: int) -> float:
-    fn()  # warm-up (and compilation for jit)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+from hw2jax.timing import median_seconds
 
 
 def vit_step(batch: int, repeats: int) -> dict:
@@ -67,7 +59,7 @@ def vit_step(batch: int, repeats: int) -> dict:
     ours()
     first_ms = 1e3 * (time.perf_counter() - start)
     first_loss = float(holder["sums"]["loss_sum"] / holder["sums"]["count"])
-    ours_s = median_s(ours, repeats)
+    ours_s = median_seconds(ours, repeats)
 
     model = TorchViT(**{k: v for k, v in config.model.to_dict().items()
                         if k not in ("pool", "attention", "dtype")})  # fmt: skip
@@ -87,7 +79,7 @@ def vit_step(batch: int, repeats: int) -> dict:
     torch_first = theirs()
     if not np.isclose(first_loss, torch_first, rtol=1e-4):
         raise AssertionError(f"first-step losses differ: hw2jax {first_loss}, torch {torch_first}")
-    theirs_s = median_s(theirs, repeats)
+    theirs_s = median_seconds(theirs, repeats)
     return {"what": "ViT train step", "batch": batch, "ours_per_s": batch / ours_s,
             "torch_per_s": batch / theirs_s, "ratio": theirs_s / ours_s,
             "ours_first_call_ms": first_ms, "unit": "images/s"}  # fmt: skip
@@ -115,14 +107,14 @@ def bert_forward(name: str, folder, config_overrides, batch: int, tokens: int,
     start = time.perf_counter()
     fwd(params, jids).block_until_ready()
     first_ms = 1e3 * (time.perf_counter() - start)
-    ours_s = median_s(lambda: fwd(params, jids).block_until_ready(), repeats)
+    ours_s = median_seconds(lambda: fwd(params, jids).block_until_ready(), repeats)
     tids = torch.tensor(ids)
 
     def theirs():
         with torch.no_grad():
             tmodel(tids)
 
-    theirs_s = median_s(theirs, repeats)
+    theirs_s = median_seconds(theirs, repeats)
     return {"what": f"BERT forward ({name})", "batch": batch, "tokens": tokens,
             "ours_per_s": batch / ours_s, "torch_per_s": batch / theirs_s,
             "ratio": theirs_s / ours_s, "ours_first_call_ms": first_ms,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hw2jax import attention, recurrence
+from hw2jax.timing import median_seconds
 
 
 def recurrence_demo(x: Sequence[float] = (3, 1, 4, 1, 5, 9, 2, 6)) -> dict[str, Any]:
@@ -44,13 +44,7 @@ def self_attention_demo(beta: float = 10.0, dim: int = 4) -> dict[str, Any]:
 
 def time_fn(fn: Callable[..., jax.Array], *args: jax.Array, repeats: int = 5) -> float:
     """Median wall time in ms of a compiled call, after one warm-up call."""
-    fn(*args).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    return 1e3 * median_seconds(lambda: fn(*args).block_until_ready(), repeats)
 
 
 def attention_timing_demo(
