@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from hw2jax.data import imdb
 from hw2jax.models import bert
@@ -67,21 +68,26 @@ class FeatureCache:
 
     @classmethod
     def build(cls, path: Path, encode, ids: np.ndarray, lengths: np.ndarray,
-              buckets: tuple[int, ...], hidden: int, dtype: str, batch_size: int
-              ) -> FeatureCache:  # fmt: skip
+              buckets: tuple[int, ...], hidden: int, dtype: str, batch_size: int,
+              progress: bool = False, desc: str = "features") -> FeatureCache:  # fmt: skip
         stored = np.array([min(b for b in buckets if b >= n) for n in lengths], np.int64)
         cache = cls(path, stored, hidden, dtype)
         if path.exists():  # written completely before (the rename below is the last step)
             return cache
         tmp = cls(path.with_name(path.name + ".tmp"), stored, hidden, dtype)
         out = tmp.open("w+")
+        bar = tqdm(total=len(ids), desc=desc, unit="review", disable=not progress)
         for size in buckets:
             rows = np.flatnonzero(stored == size)
             for start in range(0, len(rows), batch_size):
                 batch = rows[start : start + batch_size]
-                feats = np.asarray(encode(jnp.asarray(ids[batch, :size])).astype(cache.dtype))
+                block = np.zeros((batch_size, size), ids.dtype)  # one shape per bucket
+                block[: len(batch)] = ids[batch, :size]
+                feats = np.asarray(encode(jnp.asarray(block)).astype(cache.dtype))[: len(batch)]
                 for r, f in zip(batch, feats, strict=True):
                     out[cache.offsets[r] : cache.offsets[r + 1]] = f
+                bar.update(len(batch))
+        bar.close()
         out.flush()
         del out
         os.replace(tmp.path, path)
@@ -229,7 +235,8 @@ def cache_features(config: ml_collections.ConfigDict, data: dict, bert_config: b
         out[split] = FeatureCache.build(
             cache_dir / f"features-{split}-{digest}.{config.feature_dtype}", encode,
             arrays["ids"], arrays["length"], bucket_sizes(config), bert_config.hidden_size,
-            config.feature_dtype, config.eval_batch_size,
+            config.feature_dtype, config.eval_batch_size, progress=config.progress,
+            desc=f"encoding {split}",
         )  # fmt: skip
         print(f"features for {split}: {out[split].path.stat().st_size / 2**20:.0f} MiB "
               f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)  # fmt: skip
