@@ -26,22 +26,29 @@ def _reverse_within_length(x: jax.Array, lengths: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, src[..., None], axis=1)
 
 
-def _run_direction(x_proj, w_hh, b_hh, valid, h0):
-    """Scans one direction. x_proj [B, T, 3H] already holds W_ih x + b_ih."""
-    hidden = w_hh.shape[1]
+def _scan_directions(x_proj, w_hh, b_hh, valid):
+    """Scans all directions of one layer together (one loop, batched matmuls).
+
+    x_proj [D, B, T, 3H] holds W_ih x + b_ih, already reversed for the reverse direction;
+    w_hh [D, 3H, H]; b_hh [D, 3H]; valid [B, T]. Returns outputs [D, B, T, H] and h [D, B, H].
+    """
+    d, b, _, three_h = x_proj.shape
+    hidden = three_h // 3
 
     def step(h, inputs):
-        xp, ok = inputs
-        hp = h @ w_hh.T + b_hh
-        r = jax.nn.sigmoid(xp[:, :hidden] + hp[:, :hidden])
-        z = jax.nn.sigmoid(xp[:, hidden : 2 * hidden] + hp[:, hidden : 2 * hidden])
-        n = jnp.tanh(xp[:, 2 * hidden :] + r * hp[:, 2 * hidden :])
+        xp, ok = inputs  # [D, B, 3H], [B]
+        hp = jnp.einsum("dbh,dgh->dbg", h, w_hh) + b_hh[:, None, :]
+        r = jax.nn.sigmoid(xp[..., :hidden] + hp[..., :hidden])
+        z = jax.nn.sigmoid(xp[..., hidden : 2 * hidden] + hp[..., hidden : 2 * hidden])
+        n = jnp.tanh(xp[..., 2 * hidden :] + r * hp[..., 2 * hidden :])
         h_new = (1.0 - z) * n + z * h
-        h = jnp.where(ok[:, None], h_new, h)  # past a sequence's end the state is frozen
-        return h, jnp.where(ok[:, None], h, 0.0)
+        keep = ok[None, :, None]
+        h = jnp.where(keep, h_new, h)  # past a sequence's end the state is frozen
+        return h, jnp.where(keep, h, 0.0)
 
-    h, out = jax.lax.scan(step, h0, (jnp.swapaxes(x_proj, 0, 1), valid.T))
-    return jnp.swapaxes(out, 0, 1), h
+    h0 = jnp.zeros((d, b, hidden), x_proj.dtype)
+    h, out = jax.lax.scan(step, h0, (jnp.moveaxis(x_proj, 2, 0), valid.T))
+    return jnp.moveaxis(out, 0, 2), h
 
 
 class GRU(nn.Module):
@@ -71,29 +78,28 @@ class GRU(nn.Module):
         else:
             lengths = jnp.asarray(lengths)
             valid = jnp.arange(t)[None, :] < lengths[:, None]
+
+        def reverse(a: jax.Array) -> jax.Array:
+            return jnp.flip(a, 1) if lengths is None else _reverse_within_length(a, lengths)
+
         finals = []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0:
                 x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-            outs = []
-            for suffix in ("", "_reverse") if self.bidirectional else ("",):
+            suffixes = ("", "_reverse") if self.bidirectional else ("",)
+            w_hh, b_hh, x_proj = [], [], []
+            for suffix in suffixes:
                 name = f"l{layer}{suffix}"
                 w_ih = self.param(f"weight_ih_{name}", init, (3 * h_size, x.shape[-1]))
-                w_hh = self.param(f"weight_hh_{name}", init, (3 * h_size, h_size))
+                w_hh.append(self.param(f"weight_hh_{name}", init, (3 * h_size, h_size)))
                 b_ih = self.param(f"bias_ih_{name}", init, (3 * h_size,))
-                b_hh = self.param(f"bias_hh_{name}", init, (3 * h_size,))
-                x_proj = x @ w_ih.T + b_ih  # all time steps in one matmul
-                h0 = jnp.zeros((b, h_size), x_proj.dtype)
-                if suffix:
-                    rev = (lambda a: jnp.flip(a, 1)) if lengths is None else (
-                        lambda a: _reverse_within_length(a, lengths))  # fmt: skip
-                    out, h = _run_direction(rev(x_proj), w_hh, b_hh, valid, h0)
-                    out = rev(out)
-                else:
-                    out, h = _run_direction(x_proj, w_hh, b_hh, valid, h0)
-                outs.append(out)
-                finals.append(h)
-            x = jnp.concatenate(outs, axis=-1)
+                b_hh.append(self.param(f"bias_hh_{name}", init, (3 * h_size,)))
+                x_proj.append(reverse(x @ w_ih.T + b_ih) if suffix else x @ w_ih.T + b_ih)
+            out, h = _scan_directions(jnp.stack(x_proj), jnp.stack(w_hh), jnp.stack(b_hh), valid)
+            if self.bidirectional:
+                out = jnp.stack([out[0], reverse(out[1])])
+            x = jnp.concatenate(list(out), axis=-1)
+            finals.extend(h)
         return x, jnp.stack(finals)
 
 
