@@ -40,8 +40,16 @@ def build_model(config: ml_collections.ConfigDict, bert_config: bert.BertConfig
     return BertGRUSentiment(
         bert_config, hidden_dim=config.hidden_dim, n_layers=config.n_layers,
         bidirectional=config.bidirectional, dropout=config.dropout, use_mask=config.use_mask,
-        bert_dropout=config.bert_dropout,
+        bert_dropout=config.bert_dropout, dtype=encoder_dtype(config),
     )  # fmt: skip
+
+
+def encoder_dtype(config: ml_collections.ConfigDict) -> jnp.dtype | None:
+    """The frozen encoder's matmul input dtype (accumulation is float32 either way)."""
+    name = config.get("encoder_dtype", "float32")
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"encoder_dtype must be 'float32' or 'bfloat16', got {name!r}.")
+    return None if name == "float32" else jnp.dtype(name)
 
 
 def bucket_sizes(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -229,7 +237,8 @@ def cache_features(config: ml_collections.ConfigDict, data: dict, bert_config: b
     cache_dir.mkdir(parents=True, exist_ok=True)
     out = {}
     for split, arrays in data.items():
-        key = f"{config.encoder}-{bert_config.hidden_size}-{config.use_mask}-{config.seed}"
+        key = (f"{config.encoder}-{bert_config.hidden_size}-{config.use_mask}-{config.seed}"
+               f"-{encoder_dtype(config)}")
         digest = imdb.content_key(key, arrays["ids"])
         start = time.perf_counter()
         out[split] = FeatureCache.build(
