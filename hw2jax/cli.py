@@ -17,11 +17,20 @@ def _theory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_distributed(args: argparse.Namespace) -> None:
+    if args.distributed or args.coordinator or args.num_processes:
+        from hw2jax.train.sharding import initialize_distributed
+
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+
+
 def _config_from_args(args: argparse.Namespace, **flags: str | None):
-    """The config file with --epochs (or $HW2JAX_EPOCHS), --data-dir, --data-source, the
-    experiment's own flags (config key -> value) and --set overrides applied, in that order."""
+    """Starts the distributed runtime if asked, then returns the config file with --epochs
+    (or $HW2JAX_EPOCHS), --data-dir, --data-source, the experiment's own flags (config key ->
+    value) and --set overrides applied, in that order."""
     from hw2jax import config as config_lib
 
+    _start_distributed(args)
     config = config_lib.load_config(args.config)
     overrides = []
     epochs = args.epochs or os.environ.get("HW2JAX_EPOCHS")
@@ -92,7 +101,14 @@ def _add_train_parser(group, data_help: str, sources: list[str]) -> argparse.Arg
     train.add_argument("--epochs", type=int, help="override the epochs (env: HW2JAX_EPOCHS)")
     train.add_argument("--data-dir", help=f"{data_help} (env: HW2JAX_DATA_DIR)")
     train.add_argument("--data-source", choices=sources)
-    train.add_argument("--devices", help="'all' or N: shard each batch over N local devices")
+    train.add_argument("--devices", help="'all' or N: shard each batch over N devices "
+                       "(with --distributed, the devices of every process)")  # fmt: skip
+    multi = train.add_argument_group("several processes or hosts (jax.distributed)")
+    multi.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize (auto-detects SLURM, MPI, TPU)")
+    multi.add_argument("--coordinator", help="HOST:PORT of process 0, elsewhere")
+    multi.add_argument("--num-processes", type=int)
+    multi.add_argument("--process-id", type=int)
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set learning_rate=5e-4")  # fmt: skip
     return train

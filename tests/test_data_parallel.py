@@ -71,3 +71,62 @@ def test_device_count_errors_are_clear():
     with pytest.raises(ValueError, match="'all' or a number"):
         DataParallel("many")
     assert DataParallel("all").n >= 1
+
+
+MULTI_PROCESS = r"""
+import json, sys
+from pathlib import Path
+import jax
+sys.path.insert(0, TESTS)
+from conftest import make_fashion_folder
+from test_train_vit import small_config
+from hw2jax import vit
+from hw2jax.train.sharding import initialize_distributed
+
+initialize_distributed(f"localhost:{PORT}", NPROC, PID)
+assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (NPROC, 4, 4 // NPROC)
+folder = make_fashion_folder(Path(TMP) / f"fashion{PID}")
+config = small_config(folder, "devices=all")
+epochs = vit.train_and_evaluate(config, Path(TMP) / f"run{NPROC}")["epochs"]
+print(json.dumps(epochs))
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    """jax.distributed with 2 CPU processes x 2 devices trains exactly like 1 process with 4
+    devices (itself tested against 1 device above): same metrics, and only process 0 writes."""
+    tests = str(Path(__file__).parent)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+    def launch(nproc, pid, port, devices):
+        code = (f"TESTS = {tests!r}; TMP = {str(tmp_path)!r}; PORT = {port}; NPROC = {nproc}; "
+                f"PID = {pid}\n") + MULTI_PROCESS  # fmt: skip
+        e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        return subprocess.Popen([sys.executable, "-c", code], env=e, cwd=tests, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+    port = _free_port()
+    procs = [launch(2, pid, port, 2) for pid in (0, 1)]
+    procs.append(launch(1, 0, _free_port(), 4))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    first, second, single = (json.loads(o.strip().splitlines()[-1]) for o, _ in outs)
+    assert len(single) == len(first) == len(second) == 3
+    for a, other, b in zip(first, second, single, strict=True):
+        metrics = ("test_accuracy", "test_loss", "train_loss")
+        assert [a[k] for k in metrics] == [other[k] for k in metrics]  # the same global values
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    assert (tmp_path / "run2" / "history.json").exists()
+    assert (tmp_path / "run2" / "checkpoints" / "best").exists()

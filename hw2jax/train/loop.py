@@ -24,7 +24,7 @@ from flax import struct
 from tqdm.auto import tqdm
 
 from hw2jax.train import checkpoints
-from hw2jax.train.sharding import DataParallel
+from hw2jax.train.sharding import DataParallel, is_main_process
 
 Batch = dict[str, jax.Array]
 Params = Any
@@ -171,6 +171,8 @@ def latest_params(task: Task, config: ml_collections.ConfigDict, workdir: str | 
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    if not is_main_process():  # several processes share the work dir
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
@@ -285,7 +287,7 @@ def train_and_evaluate(
                 desc=f"epoch {epoch + 1}/{config.epochs}",
                 initial=first,
                 total=steps_per_epoch,
-                disable=not config.get("progress", True),
+                disable=not config.get("progress", True) or not is_main_process(),
                 leave=False,
             )
             # The loss accumulated since the last log line survives an interruption.

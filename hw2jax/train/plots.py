@@ -18,6 +18,13 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    import jax
+
+    if jax.process_index() == 0:  # one writer when several processes share the work dir
+        fig.savefig(path, dpi=110)
+
+
 def plot_history(history: dict[str, Any], eval_split: str, path: Path) -> None:
     """Train loss every logged step and eval loss per epoch; eval accuracy per epoch."""
     plt = _pyplot()
@@ -34,7 +41,7 @@ def plot_history(history: dict[str, Any], eval_split: str, path: Path) -> None:
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{eval_split} accuracy")
     ax_acc.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -58,7 +65,7 @@ def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: Path) -> No
            title=f"confusion matrix, accuracy {100 * np.trace(cm) / cm.sum():.2f}%")  # fmt: skip
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -77,5 +84,5 @@ def plot_predictions(
         ax.set_title(f"{class_names[p]}\n({class_names[t]})", fontsize=7,
                      color="black" if p == t else "red")  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)

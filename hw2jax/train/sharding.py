@@ -1,9 +1,10 @@
 """Data parallelism with jax.sharding: params replicated, each batch split over devices.
 
 jit follows the shardings of its inputs, so the same train and eval steps run on one device
-or on a mesh; XLA inserts the gradient all-reduce. Multi-host runs call
-``jax.distributed.initialize()`` first (see README), after which ``jax.devices()`` spans
-every host.
+or on a mesh; XLA inserts the gradient all-reduce. Multi-process runs (several hosts, or
+several processes on one) call :func:`initialize_distributed` first, after which
+``jax.devices()`` spans every process. Every process builds the same global batch (same
+data, same seed), and hands jax only the rows of its own devices.
 """
 
 from __future__ import annotations
@@ -32,6 +33,31 @@ def num_devices(spec: str | int) -> int:
     return n
 
 
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:  # fmt: skip
+    """``jax.distributed.initialize`` with a clear error. With no arguments jax detects
+    SLURM, Open MPI, Cloud TPU and GKE; elsewhere give all three (the coordinator may also
+    come from $JAX_COORDINATOR_ADDRESS). On CPU, processes talk through gloo."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only affects CPU
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"could not start the distributed runtime ({err}). Outside SLURM/MPI/TPU clusters "
+            "pass --coordinator HOST:PORT --num-processes N --process-id I on every process."
+        ) from None
+
+
+def is_main_process() -> bool:
+    """Only process 0 writes logs, history and plots; checkpoints are written by all."""
+    return jax.process_index() == 0
+
+
+def _global_array(x: Any, sharding: NamedSharding) -> jax.Array:
+    host = np.asarray(x)  # every process holds the same global value
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 class DataParallel:
     def __init__(self, devices: str | int = 1, *batch_sizes: int):
         """``batch_sizes`` (train, eval, ...) must split evenly over the devices."""
@@ -46,8 +72,15 @@ class DataParallel:
                     f"use a multiple of {self.n}."
                 )
 
+    def _put(self, tree: Any, sharding: NamedSharding) -> Any:
+        if self.n == 1:
+            return tree
+        if jax.process_count() == 1:
+            return jax.device_put(tree, sharding)
+        return jax.tree.map(lambda x: _global_array(x, sharding), tree)
+
     def replicate(self, tree: Any) -> Any:
-        return tree if self.n == 1 else jax.device_put(tree, self.replicated)
+        return self._put(tree, self.replicated)
 
     def shard_batch(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        return batch if self.n == 1 else jax.device_put(batch, self.split)
+        return self._put(batch, self.split)
