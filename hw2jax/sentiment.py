@@ -231,8 +231,14 @@ def cache_features(config: ml_collections.ConfigDict, data: dict, bert_config: b
         return None
     model = build_model(config, bert_config)
     params = init_params(model, bert_params, jax.random.key(config.seed))
-    encode = jax.jit(lambda ids: model.apply({"params": params}, ids, (ids != 0).astype(jnp.int32),
-                                             method=BertGRUSentiment.encode))  # fmt: skip
+    # Params go in as an argument: closed over, they would become constants that XLA tries to
+    # fold into every bucket's program (slow compiles, one copy of the encoder per shape).
+    jitted = jax.jit(lambda p, ids: model.apply({"params": p}, ids, (ids != 0).astype(jnp.int32),
+                                                method=BertGRUSentiment.encode))  # fmt: skip
+
+    def encode(ids: jax.Array) -> jax.Array:
+        return jitted(params, ids)
+
     cache_dir = Path(config.cache_dir) if config.cache_dir else workdir / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     out = {}
