@@ -169,12 +169,17 @@ def test_first_ctrl_c_requests_a_stop_and_the_second_interrupts():
     import os
     import signal
 
-    with loop._StopFlag() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.requested
-        with pytest.raises(KeyboardInterrupt):
+    # A known handler first: a shell's background job starts with SIGINT ignored.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with loop._StopFlag() as stop:
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert stop.requested
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_strong_recipe_differs_only_where_it_says_and_trains(fashion_dir, tmp_path):
