@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from hw2jax.data import imdb
 from hw2jax.models import bert
 from hw2jax.models.sentiment import FROZEN_KEY, BertGRUSentiment
-from hw2jax.train import checkpoints, loop
+from hw2jax.train import checkpoints, loop, plots
 from hw2jax.train.batching import IndexBatches
 
 
@@ -279,6 +279,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     features = cache_features(config, data, bert_config, bert_params, workdir)
     task = SentimentTask(config, data, bert_config, bert_params, features)
     history = loop.train_and_evaluate(task, config, workdir)
+    if history.get("epochs"):
+        plots.plot_history(history, config.eval_split, workdir / "curves.png")
     if history["status"] != "done":
         return history
     params_like = task.init_params(jax.random.key(0))
