@@ -141,12 +141,12 @@ def softmax_attention(
     # Heads moved next to the batch before the matmuls: XLA's CPU dot is much faster with the
     # batch dims leading than on the einsum "bqhd,bkhd->bhqk" (1.8x at T=256, measured).
     qh, kh, vh = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
-    logits = jnp.matmul(qh, jnp.swapaxes(kh, -1, -2), preferred_element_type=jnp.float32)
+    logits = matmul_f32(qh, kh, transpose_b=True)
     if causal:
         t = q.shape[1]
         logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -jnp.inf)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.matmul(weights, vh, preferred_element_type=jnp.float32).astype(v.dtype)
+    out = matmul_f32(weights, vh).astype(v.dtype)
     return jnp.swapaxes(out, 1, 2)
 
 
@@ -186,8 +186,10 @@ def _unblock(x: jax.Array) -> jax.Array:
     return jnp.moveaxis(x, 0, 2).reshape(b, h, n * size, *rest)
 
 
-def _mm(a: jax.Array, b: jax.Array, transpose_b: bool = False) -> jax.Array:
-    """Batched a @ b (or a @ b^T) accumulated in float32."""
+def matmul_f32(a: jax.Array, b: jax.Array, transpose_b: bool = False) -> jax.Array:
+    """Batched a @ b (or a @ b^T) accumulated and returned in float32. Keep the batch (and
+    head) dims leading: XLA's CPU dot is much faster on that layout than on an einsum that
+    contracts across it."""
     b = jnp.swapaxes(b, -1, -2) if transpose_b else b
     return jnp.matmul(a, b, preferred_element_type=jnp.float32)
 
@@ -195,7 +197,7 @@ def _mm(a: jax.Array, b: jax.Array, transpose_b: bool = False) -> jax.Array:
 def _block_scores(qi, kj, i, j, static):
     """Scaled scores [B, H, bq, bk] of query block i and key block j, masked with -inf."""
     causal, bq, bk, t_k = static
-    s = _mm(qi, kj, transpose_b=True)
+    s = matmul_f32(qi, kj, transpose_b=True)
     k_pos = j * bk + jnp.arange(bk)
     valid = (k_pos < t_k)[None, :]
     if causal:
@@ -226,7 +228,7 @@ def _flash_fwd(q, k, v, static):
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
             denom = denom * corr + p.sum(-1)
-            acc = acc * corr[..., None] + _mm(p.astype(vj.dtype), vj)
+            acc = acc * corr[..., None] + matmul_f32(p.astype(vj.dtype), vj)
             return (m_new, denom, acc), None
 
         b, h = qi.shape[:2]
@@ -256,10 +258,10 @@ def _flash_bwd(static, res, d_out):
             qi, doi, lse_i, delta_i, i = ys
             s = _block_scores(qi, kj, i, j, static)
             p = jnp.exp(s - lse_i[..., None])  # the forward's probabilities, recomputed
-            dv = dv + _mm(jnp.swapaxes(p, -1, -2), doi.astype(jnp.float32))
-            ds = p * (_mm(doi, vj, transpose_b=True) - delta_i[..., None])
-            dk = dk + _mm(jnp.swapaxes(ds, -1, -2), qi.astype(jnp.float32))
-            return (dk, dv), _mm(ds, kj.astype(jnp.float32))
+            dv = dv + matmul_f32(jnp.swapaxes(p, -1, -2), doi.astype(jnp.float32))
+            ds = p * (matmul_f32(doi, vj, transpose_b=True) - delta_i[..., None])
+            dk = dk + matmul_f32(jnp.swapaxes(ds, -1, -2), qi.astype(jnp.float32))
+            return (dk, dv), matmul_f32(ds, kj.astype(jnp.float32))
 
         zeros = (jnp.zeros(kj.shape, jnp.float32), jnp.zeros(vj.shape, jnp.float32))
         (dk, dv), dq_parts = jax.lax.scan(query_block, zeros,

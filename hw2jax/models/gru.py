@@ -94,7 +94,8 @@ class GRU(nn.Module):
                 w_hh.append(self.param(f"weight_hh_{name}", init, (3 * h_size, h_size)))
                 b_ih = self.param(f"bias_ih_{name}", init, (3 * h_size,))
                 b_hh.append(self.param(f"bias_hh_{name}", init, (3 * h_size,)))
-                x_proj.append(reverse(x @ w_ih.T + b_ih) if suffix else x @ w_ih.T + b_ih)
+                proj = x @ w_ih.T + b_ih  # all time steps in one matmul
+                x_proj.append(reverse(proj) if suffix else proj)
             out, h = _scan_directions(jnp.stack(x_proj), jnp.stack(w_hh), jnp.stack(b_hh), valid)
             if self.bidirectional:
                 out = jnp.stack([out[0], reverse(out[1])])

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from hw2jax.train.sharding import is_main_process
+
 
 def _pyplot():
     import matplotlib
@@ -19,9 +21,7 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    import jax
-
-    if jax.process_index() == 0:  # one writer when several processes share the work dir
+    if is_main_process():  # one writer when several processes share the work dir
         fig.savefig(path, dpi=110)
 
 
