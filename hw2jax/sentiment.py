@@ -272,6 +272,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     workdir = Path(workdir)
+    encoder_dtype(config)  # a bad value fails here, not after tokenizing 50,000 reviews
     workdir.mkdir(parents=True, exist_ok=True)
     loop.write_json_atomic(workdir / "config.json", config.to_dict())
     bert_config, bert_params, tokenizer = _setup(config, workdir)

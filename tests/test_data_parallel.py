@@ -81,14 +81,17 @@ sys.path.insert(0, TESTS)
 from conftest import make_fashion_folder
 from test_train_vit import small_config
 from hw2jax import vit
-from hw2jax.train.sharding import initialize_distributed
+from hw2jax.train.sharding import DataParallel, initialize_distributed
+import numpy as np
 
 initialize_distributed(f"localhost:{PORT}", NPROC, PID)
 assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (NPROC, 4, 4 // NPROC)
 folder = make_fashion_folder(Path(TMP) / f"fashion{PID}")
 config = small_config(folder, "devices=all")
 epochs = vit.train_and_evaluate(config, Path(TMP) / f"run{NPROC}")["epochs"]
-print(json.dumps(epochs))
+batch = DataParallel("all", 40).shard_batch({"x": np.zeros((40, 3), np.float32)})["x"]
+print(json.dumps({"epochs": epochs, "spans": len(batch.sharding.device_set),
+                  "local_rows": sum(s.data.shape[0] for s in batch.addressable_shards)}))
 """
 
 
@@ -120,7 +123,10 @@ def test_two_processes_match_one(tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    first, second, single = (json.loads(o.strip().splitlines()[-1]) for o, _ in outs)
+    results = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    # A global batch of 40 spans all 4 devices; each of the 2 processes holds only its 20 rows.
+    assert [(r["spans"], r["local_rows"]) for r in results] == [(4, 20), (4, 20), (4, 40)]
+    first, second, single = (r["epochs"] for r in results)
     assert len(single) == len(first) == len(second) == 3
     for a, other, b in zip(first, second, single, strict=True):
         metrics = ("test_accuracy", "test_loss", "train_loss")
