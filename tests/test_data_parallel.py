@@ -65,7 +65,42 @@ def test_eight_devices_match_one(tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_cli_host_devices_split_the_cpu_for_data_parallel(fashion_dir, tmp_path):
+    """--host-devices 2 in a fresh process (no XLA_FLAGS) shows jax 2 CPU devices and shards
+    over them (DataParallel(2) refuses to run on 1), with the metrics of a 1-device run."""
+    from test_train_vit import CONFIG, SMALL_MODEL, small_config
+
+    from hw2jax import vit
+
+    args = ["vit", "train", "--config", str(CONFIG), "--workdir", str(tmp_path / "two"),
+            "--data-dir", str(fashion_dir), "--host-devices", "2", "--epochs", "3",
+            "--set", "progress=False", "--set", "batch_size=40", "--set", "eval_batch_size=16",
+            "--set", "log_every_steps=2", "--set", "learning_rate=3e-3"]  # fmt: skip
+    for item in SMALL_MODEL:
+        args += ["--set", item]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    code = f"from hw2jax import cli; raise SystemExit(cli.main({args!r}))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["devices"] == "2"
+    two = json.loads((tmp_path / "two" / "history.json").read_text())["epochs"]
+    one = vit.train_and_evaluate(small_config(fashion_dir), tmp_path / "one")["epochs"]
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two, strict=True):
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
 def test_device_count_errors_are_clear():
+    import jax
+
+    from hw2jax.train.sharding import split_host_cpu
+
+    jax.devices()  # jax has started: the CPU can no longer be split
+    with pytest.raises(ValueError, match="xla_force_host_platform_device_count=3"):
+        split_host_cpu(3)
     with pytest.raises(ValueError, match="xla_force_host_platform_device_count=64"):
         DataParallel(64)
     with pytest.raises(ValueError, match="'all' or a number"):

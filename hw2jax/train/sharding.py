@@ -33,6 +33,23 @@ def num_devices(spec: str | int) -> int:
     return n
 
 
+def split_host_cpu(n: int) -> None:
+    """Show this process's CPU to jax as ``n`` devices, so that data parallel over them runs
+    ``n`` slices of each batch at once. XLA CPU runs a small model's many small ops one at a
+    time, leaving cores idle; on 2 cores, 2 host devices made the ViT step 1.3x faster.
+    Must run before jax does any work (the device count is fixed when its backend starts)."""
+    if n < 1:
+        raise ValueError(f"host devices must be at least 1, got {n}.")
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        raise ValueError(
+            f"cannot split the CPU into {n} devices: jax has already started. Call "
+            "split_host_cpu before any jax operation, or set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting Python."
+        ) from None
+
+
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:  # fmt: skip
     """``jax.distributed.initialize`` with a clear error. With no arguments jax detects
