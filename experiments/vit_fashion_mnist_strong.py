@@ -1,8 +1,9 @@
 r"""ViT on FashionMNIST: a stronger recipe for the same model (499,722 parameters).
 
 Command:   hw2jax vit train --config experiments/vit_fashion_mnist_strong.py \
-             --workdir runs/vit_strong
-Target:    >= 91 % test accuracy in 30 epochs.
+             --workdir runs/vit_strong --host-devices 2
+Target:    >= 91 % test accuracy in at most 30 epochs; this recipe uses 20 (about 1 h on 2 CPU
+           cores with --host-devices 2).
 Measured:  not yet run to the end; see README "ViT on FashionMNIST" for its status.
 
 Changes from the assignment's recipe, each a standard fix for a small ViT trained from scratch on
@@ -24,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     base = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(base)
     c = base.get_config()
-    c.epochs = 30
+    c.epochs = 20  # the issue allows 30; 20 fits one working session on a 2-core CPU
     c.optimizer = "adamw"
     c.learning_rate = 2e-3
     c.weight_decay = 0.05
