@@ -216,9 +216,22 @@ def _flash(q, k, v, static):
     return _flash_fwd(q, k, v, static)[0]
 
 
+def _key_range(i, static, n_k: int):
+    """Key blocks [0, hi) that query block i can see: all of them, or with ``causal`` only
+    those that start at or before its last query (the rest are fully masked: skipped)."""
+    causal, bq, bk, _ = static
+    return n_k if not causal else jnp.minimum(((i + 1) * bq - 1) // bk + 1, n_k)
+
+
+def _query_range_start(j, static):
+    """The first query block that can see key block j (0 unless ``causal``)."""
+    causal, bq, bk, _ = static
+    return 0 if not causal else (j * bk) // bq
+
+
 def _flash_fwd(q, k, v, static):
     """q, k, v in [B, H, T, D], T padded to whole blocks."""
-    _, bq, bk, _ = static
+    causal, bq, bk, _ = static
     scale = 1.0 / math.sqrt(q.shape[-1])
     kb, vb = _blocks(k, bk), _blocks(v, bk)
 
@@ -226,21 +239,26 @@ def _flash_fwd(q, k, v, static):
         qi, i = args
         qi = qi * scale
 
-        def key_block(carry, xs):
+        def key_block(carry, kj, vj, j):
             m, denom, acc = carry
-            kj, vj, j = xs
             s = _block_scores(qi, kj, i, j, static)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
             denom = denom * corr + p.sum(-1)
             acc = acc * corr[..., None] + matmul_f32(p.astype(vj.dtype), vj)
-            return (m_new, denom, acc), None
+            return m_new, denom, acc
 
         b, h = qi.shape[:2]
         init = (jnp.full((b, h, bq), -jnp.inf), jnp.zeros((b, h, bq)),
                 jnp.zeros((b, h, bq, v.shape[-1])))  # fmt: skip
-        (m, denom, acc), _ = jax.lax.scan(key_block, init, (kb, vb, jnp.arange(kb.shape[0])))
+        if causal:  # a loop of dynamic length: the key blocks after the diagonal are skipped
+            hi = _key_range(i, static, kb.shape[0])
+            step = lambda j, c: key_block(c, kb[j], vb[j], j)  # noqa: E731
+            m, denom, acc = jax.lax.fori_loop(0, hi, step, init)
+        else:  # a scan over the blocks measured ~8% faster here than the same fori_loop
+            step = lambda c, xs: (key_block(c, *xs), None)  # noqa: E731
+            (m, denom, acc), _ = jax.lax.scan(step, init, (kb, vb, jnp.arange(kb.shape[0])))
         return (acc / denom[..., None]).astype(v.dtype), m + jnp.log(denom)
 
     qb = _blocks(q, bq)
@@ -259,20 +277,20 @@ def _flash_bwd(static, res, d_out):
     def key_block(dq, xs):
         kj, vj, j = xs
 
-        def query_block(carry, ys):
-            dk, dv = carry
-            qi, doi, lse_i, delta_i, i = ys
+        def query_block(i, carry):
+            dq, dk, dv = carry
+            qi, doi, lse_i, delta_i = qb[i], dob[i], lse[i], deltab[i]
             s = _block_scores(qi, kj, i, j, static)
             p = jnp.exp(s - lse_i[..., None])  # the forward's probabilities, recomputed
             dv = dv + matmul_f32(p, doi.astype(jnp.float32), transpose_a=True)
             ds = p * (matmul_f32(doi, vj, transpose_b=True) - delta_i[..., None])
             dk = dk + matmul_f32(ds, qi.astype(jnp.float32), transpose_a=True)
-            return (dk, dv), matmul_f32(ds, kj.astype(jnp.float32))
+            return dq.at[i].add(matmul_f32(ds, kj.astype(jnp.float32))), dk, dv
 
         zeros = (jnp.zeros(kj.shape, jnp.float32), jnp.zeros(vj.shape, jnp.float32))
-        (dk, dv), dq_parts = jax.lax.scan(query_block, zeros,
-                                          (qb, dob, lse, deltab, jnp.arange(nq)))  # fmt: skip
-        return dq + dq_parts, (dk, dv)
+        lo = _query_range_start(j, static)
+        dq, dk, dv = jax.lax.fori_loop(lo, nq, query_block, (dq, *zeros))
+        return dq, (dk, dv)
 
     kb, vb = _blocks(k, bk), _blocks(v, bk)
     dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qb.shape, jnp.float32),
