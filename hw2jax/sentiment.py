@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -299,12 +298,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 def predict(workdir: str | Path, texts: list[str]) -> list[float]:
     """P(positive) for each text, from the best checkpoint in ``workdir``."""
     workdir = Path(workdir)
-    config_path = workdir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found; train first with this --workdir.")
     if not texts or any(not t.strip() for t in texts):
         raise ValueError("give at least one non-empty text to predict.")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    config = loop.load_run_config(workdir, "hw2jax sentiment train", marker="encoder")
     bert_config, bert_params, tokenizer = _setup(config, workdir)
     model = build_model(config, bert_config)
     params_like = init_params(model, bert_params, jax.random.key(0))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -131,10 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 def evaluate_workdir(workdir: str | Path, data_dir: str | None = None, best: bool = True) -> dict:
     """Re-evaluates the best (or latest) checkpoint in ``workdir`` on the test set."""
     workdir = Path(workdir)
-    config_path = workdir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found; is {workdir} a `vit train` work dir?")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    config = loop.load_run_config(workdir, "hw2jax vit train", marker="model")
     if data_dir:
         config.data_dir = data_dir
     train, test = load_data(config)

@@ -140,6 +140,14 @@ def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
     assert cli.main(["vit", "train", "--config", str(CONFIG), "--workdir", str(tmp_path),
                      "--set", "modle.dim=3"]) == 2  # fmt: skip
     assert "unknown config key 'modle.dim'" in capsys.readouterr().err
+    # eval and predict on a folder no run has used say which command makes one.
+    assert cli.main(["vit", "eval", "--workdir", str(tmp_path / "none")]) == 2
+    assert "work dir of `hw2jax vit train`" in capsys.readouterr().err
+    assert cli.main(["sentiment", "predict", "--workdir", str(tmp_path / "none"), "good"]) == 2
+    assert "work dir of `hw2jax sentiment train`" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text('{"model": {"dim": 64}}')  # as `vit train` writes
+    assert cli.main(["sentiment", "predict", "--workdir", str(tmp_path), "good film"]) == 2
+    assert "holds a run of another command" in capsys.readouterr().err
 
 
 def test_one_epoch_on_tfds_mock_data(tmp_path):

@@ -178,6 +178,24 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def load_run_config(workdir: str | os.PathLike, train_command: str,
+                    marker: str) -> ml_collections.ConfigDict:  # fmt: skip
+    """The config that ``train_command`` saved in ``workdir`` (for eval and predict); a
+    config without the top-level key ``marker`` came from another command."""
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found; is {workdir} a work dir of `{train_command}`? Train first with "
+            "this --workdir."
+        )
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    if marker not in config:
+        raise ValueError(
+            f"{workdir} holds a run of another command, not a work dir of `{train_command}`."
+        )
+    return config
+
+
 def load_history(workdir: Path, step: int) -> dict[str, list]:
     """The history up to the restored step (entries written after it are redone)."""
     path = workdir / "history.json"
