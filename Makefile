@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make run    set up .venv, then run the main job: the assignment's ViT on FashionMNIST
-#               (EPOCHS=1 for a short run; WORKDIR=... to pick where results go)
+#               (EPOCHS=1 for a short run; WORKDIR=... to pick where results go;
+#               HOST_DEVICES=2 to shard each batch over 2 CPU cores shown to jax as devices)
 #   make test   set up .venv, then run ruff and the full test suite
 PYTHON ?= python3
 VENV := .venv
@@ -9,6 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 
 WORKDIR ?= runs/vit_fashion_mnist
 EPOCHS ?=
+HOST_DEVICES ?=
 
 .PHONY: run test setup clean
 
@@ -19,7 +21,8 @@ run: $(STAMP)
 	  echo "FashionMNIST files not found: installing Debian's dataset-fashion-mnist"; \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || true; }
 	HW2JAX_EPOCHS=$(EPOCHS) $(BIN)/hw2jax vit train \
-	  --config experiments/vit_fashion_mnist.py --workdir $(WORKDIR)
+	  --config experiments/vit_fashion_mnist.py --workdir $(WORKDIR) \
+	  $(if $(HOST_DEVICES),--host-devices $(HOST_DEVICES))
 
 test: $(STAMP)
 	$(BIN)/ruff check .
