@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -23,9 +24,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hw2jax import attention
 from hw2jax.timing import median_seconds
+from hw2jax.train.sharding import split_host_cpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +41,20 @@ class Impl:
     gpu_only: bool = False
     dtype: str | None = None  # forces a dtype (cuDNN needs bf16)
     quadratic_memory: bool = False  # materialises T x T scores
+    multi_device: bool = False  # only worth timing when jax sees several devices
+
+
+def heads_over_devices(fn: Callable) -> Callable:
+    """``fn`` with q, k and v sharded along the heads over every device jax sees. On a CPU
+    split into host devices (``--host-devices``) each core then runs its own heads: XLA's CPU
+    runtime leaves cores idle on one device. The heads must divide evenly."""
+
+    def sharded(q, k, v):
+        mesh = Mesh(np.array(jax.devices()), ("heads",))
+        spec = NamedSharding(mesh, PartitionSpec(None, None, "heads", None))
+        return fn(*(jax.lax.with_sharding_constraint(a, spec) for a in (q, k, v)))
+
+    return sharded
 
 
 def _jax_impls() -> list[Impl]:
@@ -58,6 +75,8 @@ def _jax_impls() -> list[Impl]:
         Impl("hw2jax softmax (naive)", "jax", "softmax", both, softmax("naive"),
              quadratic_memory=True),
         Impl("hw2jax softmax (blockwise)", "jax", "softmax", both, softmax("blockwise")),
+        Impl("hw2jax softmax (blockwise, heads over devices)", "jax", "softmax", both,
+             lambda causal: heads_over_devices(softmax("blockwise")(causal)), multi_device=True),
         Impl("jax.nn.dot_product_attention (xla)", "jax", "softmax", both, xla("xla"),
              quadratic_memory=True),
         Impl("jax.nn.dot_product_attention (cudnn)", "jax", "softmax", both, xla("cudnn"),
@@ -189,7 +208,7 @@ def sweep(lengths, impls, *, passes, causals, dtypes, heads=4, head_dim=64, repe
     shape = {"heads": heads, "head_dim": head_dim, "repeats": repeats}
     records = []
     for impl in impls:
-        if impl.gpu_only and not on_gpu:
+        if (impl.gpu_only and not on_gpu) or (impl.multi_device and jax.device_count() < 2):
             continue
         for backward in passes:
             for causal in (c for c in causals if c in impl.causal):
@@ -286,7 +305,13 @@ def main(argv=None) -> None:
     parser.add_argument("--time-budget-ms", type=float, default=20_000.0)
     parser.add_argument("--memory-budget-gib", type=float, default=8.0)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--impl", action="append", default=[], metavar="TEXT",
+                        help="only the implementations whose name contains TEXT (repeatable)")
+    parser.add_argument("--host-devices", type=int, default=os.cpu_count(), metavar="N",
+                        help="show the CPU to jax as N devices, for the 'heads over devices' "
+                        "row (default: one per core; other rows run on one device)")  # fmt: skip
     args = parser.parse_args(argv)
+    split_host_cpu(args.host_devices)  # before any jax work; only adds CPU devices on a GPU
 
     device = jax.devices()[0]
     on_gpu = device.platform == "gpu"
@@ -294,7 +319,7 @@ def main(argv=None) -> None:
     lengths = [2**i for i in range(args.min_log2, max_log2 + 1)]
     passes = (False,) if args.quick else (False, True)
     dtypes = ("float32", "bfloat16") if on_gpu else ("float32",)
-    impls = all_impls()
+    impls = [i for i in all_impls() if not args.impl or any(t in i.name for t in args.impl)]
     start = time.perf_counter()
     records = sweep(lengths, impls, passes=passes, causals=(False, True), dtypes=dtypes,
                     repeats=3 if args.quick else args.repeats,
@@ -311,7 +336,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": f"{device.platform}:{device.device_kind}", "host": platform.node(),
-            "cpu_count": __import__("os").cpu_count(), "jax": jax.__version__,
+            "cpu_count": os.cpu_count(), "jax_devices": jax.device_count(), "jax": jax.__version__,
             "date": time.strftime("%Y-%m-%d"), "quick": args.quick, "wall_s": elapsed,
             "batch": 1, "heads": 4, "head_dim": 64}  # fmt: skip
     slopes = {f"{k[0]} | {k[1]} | causal={k[2]} | {k[3]}": fitted_slope(v)

@@ -77,3 +77,35 @@ def test_slope_and_crossover_on_known_curves():
     more = quad + lin + [dict(quad[0], T=16384, median_ms=1e-6 * 16384**2),
                          dict(lin[0], T=16384, median_ms=1e-2 * 16384)]  # fmt: skip
     assert bench.crossover(more, "s", "l", "fwd", False) == 16384
+
+
+def test_heads_over_two_host_devices_match_reference(tmp_path):
+    """The 'heads over devices' row really splits the heads over 2 devices, and still computes
+    the reference attention (in a fresh process: the device count is fixed when jax starts)."""
+    import json
+    import os
+    import subprocess
+
+    code = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from hw2jax.train.sharding import split_host_cpu
+split_host_cpu(2)
+import jax, numpy as np
+from test_benchmarks import bench
+from test_attention import qkv, ref_softmax_np
+impl = next(i for i in bench.all_impls() if i.multi_device)
+q, k, v = qkv((2, 45, 4, 16), seed=3)
+out = {{}}
+for causal in (False, True):
+    y = jax.jit(impl.build(causal))(q, k, v)
+    out[str(causal)] = [len(y.sharding.device_set),
+                        float(np.abs(np.asarray(y) - ref_softmax_np(q, k, v, causal)).max())]
+print(json.dumps(out))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    for devices, err in result.values():
+        assert devices == 2 and err < 2e-5
