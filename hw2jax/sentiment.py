@@ -273,7 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     workdir = Path(workdir)
     encoder_dtype(config)  # a bad value fails here, not after tokenizing 50,000 reviews
     workdir.mkdir(parents=True, exist_ok=True)
-    loop.write_json_atomic(workdir / "config.json", config.to_dict())
+    loop.save_run_config(workdir, config)
     bert_config, bert_params, tokenizer = _setup(config, workdir)
     data = prepare_data(config, tokenizer, workdir)
     features = cache_features(config, data, bert_config, bert_params, workdir)

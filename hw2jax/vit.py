@@ -110,7 +110,7 @@ def write_report(task: ViTTask, params, workdir: Path, history: dict[str, Any]) 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    loop.write_json_atomic(workdir / "config.json", config.to_dict())
+    loop.save_run_config(workdir, config)
     train, test = load_data(config)
     task = ViTTask(config, train, test)
     start = time.perf_counter()

@@ -226,3 +226,17 @@ def test_bfloat16_compute_still_learns_with_float32_params(fashion_dir, tmp_path
     f32 = vit.ViTTask(small_config(fashion_dir), train, test)
     assert not np.allclose(task.apply(params, batch, train=False, rng=None),
                            f32.apply(params, batch, train=False, rng=None), atol=1e-6)  # fmt: skip
+
+
+def test_resuming_with_another_config_warns(fashion_dir, tmp_path):
+    config = small_config(fashion_dir)
+    (tmp_path / "checkpoints").mkdir()  # as after an interrupted run
+    assert loop.save_run_config(tmp_path, config) == []
+    # Where and how to run may change on resume; what to train may not, silently.
+    apply_overrides(config, ["progress=True", "devices=all"])
+    assert loop.save_run_config(tmp_path, config) == []
+    apply_overrides(config, ["epochs=5", "model.dim=32"])
+    with pytest.warns(UserWarning, match=r"epochs: 3 -> 5, model.dim: 16 -> 32"):
+        assert loop.save_run_config(tmp_path, config) == ["epochs", "model.dim"]
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["epochs"] == 5 and saved["model"]["dim"] == 32

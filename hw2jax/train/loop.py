@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -176,6 +177,43 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
+
+
+# Keys that say where or how to run, not what to train: changing them on resume is expected.
+_RESUME_NEUTRAL = {"progress", "data_dir", "data_source", "devices", "stop_at_step"}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def save_run_config(workdir: Path, config: ml_collections.ConfigDict) -> list[str]:
+    """Writes ``workdir/config.json``. When a checkpoint is there to resume from and the
+    saved config trained something else (epochs, learning rate, model...), warns with the
+    differences: the run goes on with the new values, so it will not match a fresh run.
+    Returns the differing keys."""
+    path = workdir / "config.json"
+    changed = []
+    if path.exists() and (workdir / "checkpoints").exists():
+        old, new = _flat(json.loads(path.read_text())), _flat(json.loads(config.to_json()))
+        changed = sorted(k for k in old.keys() | new.keys()
+                         if k not in _RESUME_NEUTRAL and old.get(k) != new.get(k))  # fmt: skip
+        if changed:
+            diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+            warnings.warn(
+                f"resuming {workdir} with a different config ({diffs}); the run continues with "
+                "the new values, so it will not match a run trained with either config from the "
+                "start. Use a new --workdir to start over.",
+                stacklevel=2,
+            )
+    write_json_atomic(path, config.to_dict())
+    return changed
 
 
 def load_run_config(workdir: str | os.PathLike, train_command: str,
