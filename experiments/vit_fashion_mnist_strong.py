@@ -4,7 +4,8 @@ Command:   hw2jax vit train --config experiments/vit_fashion_mnist_strong.py \
              --workdir runs/vit_strong --host-devices 2
 Target:    >= 91 % test accuracy in at most 30 epochs; this recipe uses 20 (about 1 h on 2 CPU
            cores with --host-devices 2).
-Measured:  not yet run to the end; see README "ViT on FashionMNIST" for its status.
+Measured:  90.04 % test accuracy after 20 epochs (2026-11-26, 2 CPU cores with --host-devices 2;
+           ~70 min undisturbed, 7,283 s as run with the cores shared). Short of the 91 % aim.
 
 Changes from the assignment's recipe, each a standard fix for a small ViT trained from scratch on
 a small dataset: AdamW (decoupled decay, none on biases and norms) with linear warm-up and cosine
