@@ -17,7 +17,8 @@ def _theory(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_distributed(args: argparse.Namespace) -> None:
+def _start_jax_runtime(args: argparse.Namespace) -> None:
+    """What must happen before jax starts: splitting the CPU, the distributed runtime."""
     if args.host_devices:
         from hw2jax.train.sharding import split_host_cpu
 
@@ -29,12 +30,12 @@ def _start_distributed(args: argparse.Namespace) -> None:
 
 
 def _config_from_args(args: argparse.Namespace, **flags: str | None):
-    """Starts the distributed runtime if asked, then returns the config file with --epochs
-    (or $HW2JAX_EPOCHS), --data-dir, --data-source, the experiment's own flags (config key ->
-    value) and --set overrides applied, in that order."""
+    """Splits the CPU and starts the distributed runtime if asked, then returns the config file
+    with --epochs (or $HW2JAX_EPOCHS), --data-dir, --data-source, the experiment's own flags
+    (config key -> value) and --set overrides applied, in that order."""
     from hw2jax import config as config_lib
 
-    _start_distributed(args)
+    _start_jax_runtime(args)
     config = config_lib.load_config(args.config)
     overrides = []
     epochs = args.epochs or os.environ.get("HW2JAX_EPOCHS")
