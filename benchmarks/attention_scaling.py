@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hw2jax import attention
-from hw2jax.timing import median_seconds
+from hw2jax.timing import median_seconds, torch_peer_device, torch_synchronize
 from hw2jax.train.sharding import split_host_cpu
 
 
@@ -150,7 +150,9 @@ def measure(impl: Impl, t: int, *, causal: bool, backward: bool, dtype: str, hea
         return {"median_ms": ms, "compile_ms": compile_ms, "temp_bytes": temp}
     import torch
 
-    tq, tk, tv = (torch.tensor(np.asarray(a, np.float32), requires_grad=backward)
+    device = torch_peer_device()
+    tq, tk, tv = (torch.tensor(np.asarray(a, np.float32), device=device)
+                  .to(getattr(torch, dtype)).requires_grad_(backward)
                   for a in (q, k, v))  # fmt: skip
     if backward:
 
@@ -164,7 +166,7 @@ def measure(impl: Impl, t: int, *, causal: bool, backward: bool, dtype: str, hea
             with torch.no_grad():
                 return fn(tq, tk, tv)
 
-    ms = _median_ms(call, repeats, lambda _: None)
+    ms = _median_ms(call, repeats, lambda _: torch_synchronize(device))
     return {"median_ms": ms, "compile_ms": None, "temp_bytes": None}
 
 
@@ -201,8 +203,10 @@ def _series_points(impl: Impl, lengths, *, backward: bool, causal: bool, dtype: 
 
 
 def sweep(lengths, impls, *, passes, causals, dtypes, heads=4, head_dim=64, repeats=5,
-          time_budget_ms=20_000.0, memory_budget_bytes=8 * 2**30, log=print) -> list[dict]:
-    """Every supported (implementation, pass, causal, dtype) curve over ``lengths``."""
+          time_budget_ms=20_000.0, memory_budget_bytes=8 * 2**30, log=print,
+          on_curve: Callable[[list[dict]], None] | None = None) -> list[dict]:  # fmt: skip
+    """Every supported (implementation, pass, causal, dtype) curve over ``lengths``.
+    ``on_curve(records so far)`` runs after each curve (to save partial results)."""
     on_gpu = jax.devices()[0].platform == "gpu"
     budget = {"time_ms": time_budget_ms, "memory_bytes": memory_budget_bytes}
     shape = {"heads": heads, "head_dim": head_dim, "repeats": repeats}
@@ -213,10 +217,12 @@ def sweep(lengths, impls, *, passes, causals, dtypes, heads=4, head_dim=64, repe
         for backward in passes:
             for causal in (c for c in causals if c in impl.causal):
                 for dtype in [impl.dtype] if impl.dtype else dtypes:
-                    if impl.kind == "torch" and dtype != "float32":
-                        continue
+                    if impl.kind == "torch" and dtype != "float32" and not on_gpu:
+                        continue  # torch's CPU bf16 attention is emulated, not a peer
                     records += _series_points(impl, lengths, backward=backward, causal=causal,
                                               dtype=dtype, budget=budget, shape=shape, log=log)
+                    if on_curve:
+                        on_curve(records)
     return records
 
 
@@ -320,30 +326,42 @@ def main(argv=None) -> None:
     passes = (False,) if args.quick else (False, True)
     dtypes = ("float32", "bfloat16") if on_gpu else ("float32",)
     impls = [i for i in all_impls() if not args.impl or any(t in i.name for t in args.impl)]
-    start = time.perf_counter()
-    records = sweep(lengths, impls, passes=passes, causals=(False, True), dtypes=dtypes,
-                    repeats=3 if args.quick else args.repeats,
-                    time_budget_ms=args.time_budget_ms,
-                    memory_budget_bytes=int(args.memory_budget_gib * 2**30))  # fmt: skip
-    if on_gpu and not args.quick and not args.max_log2:
-        # Linear attention keeps going where softmax cannot.
-        longer = [2**i for i in range(max_log2 + 1, 21)]
-        records += sweep(longer, [i for i in impls if i.family == "linear" and i.kind == "jax"],
-                         passes=passes, causals=(False, True), dtypes=dtypes,
-                         repeats=args.repeats, time_budget_ms=args.time_budget_ms)  # fmt: skip
-    elapsed = time.perf_counter() - start
     tag = f"{device.platform}-{device.device_kind}".replace(" ", "_").replace("/", "_").lower()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     meta = {"device": f"{device.platform}:{device.device_kind}", "host": platform.node(),
             "cpu_count": os.cpu_count(), "jax_devices": jax.device_count(), "jax": jax.__version__,
-            "date": time.strftime("%Y-%m-%d"), "quick": args.quick, "wall_s": elapsed,
+            "date": time.strftime("%Y-%m-%d"), "quick": args.quick, "complete": False,
             "batch": 1, "heads": 4, "head_dim": 64}  # fmt: skip
-    slopes = {f"{k[0]} | {k[1]} | causal={k[2]} | {k[3]}": fitted_slope(v)
-              for k, v in _series(records).items()}  # fmt: skip
-    (out / f"attention_scaling_{tag}.json").write_text(
-        json.dumps({"meta": meta, "slopes_T>=2048": slopes, "records": records}, indent=1)
-    )
+    done: list[dict] = []  # records of the finished sweeps
+
+    def save(records: list[dict]) -> dict:
+        """Writes the JSON after every curve, so a sweep cut short keeps what it measured."""
+        records = done + records
+        meta["wall_s"] = time.perf_counter() - start
+        slopes = {f"{k[0]} | {k[1]} | causal={k[2]} | {k[3]}": fitted_slope(v)
+                  for k, v in _series(records).items()}  # fmt: skip
+        tmp = out / f".attention_scaling_{tag}.json.tmp"
+        tmp.write_text(json.dumps({"meta": meta, "slopes_T>=2048": slopes, "records": records},
+                                  indent=1))  # fmt: skip
+        tmp.replace(out / f"attention_scaling_{tag}.json")
+        return slopes
+
+    done += sweep(lengths, impls, passes=passes, causals=(False, True), dtypes=dtypes,
+                  repeats=3 if args.quick else args.repeats, time_budget_ms=args.time_budget_ms,
+                  memory_budget_bytes=int(args.memory_budget_gib * 2**30),
+                  on_curve=save)  # fmt: skip
+    if on_gpu and not args.quick and not args.max_log2:
+        # Linear attention keeps going where softmax cannot.
+        longer = [2**i for i in range(max_log2 + 1, 21)]
+        done += sweep(longer, [i for i in impls if i.family == "linear" and i.kind == "jax"],
+                      passes=passes, causals=(False, True), dtypes=dtypes, repeats=args.repeats,
+                      time_budget_ms=args.time_budget_ms, on_curve=save)  # fmt: skip
+    meta["complete"] = True
+    slopes = save([])
+    records = done
+    elapsed = meta["wall_s"]
     plot(
         records,
         out / f"attention_scaling_{tag}.png",

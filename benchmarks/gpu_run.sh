@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One prepared run on a GPU machine: the figures of the README's "On a GPU" section.
+#
+#   benchmarks/gpu_run.sh DATA_DIR OUT_DIR [BUDGET_S]
+#
+# DATA_DIR holds FashionMNIST's four idx files (the data must travel with the code: 30 MB).
+# OUT_DIR receives the log and the JSON of every step. BUDGET_S (default 500) caps the whole
+# run: each step gets a timeout from what is left, so one slow step cannot eat the others.
+# Steps, most important first:
+#   1. the assignment's 15-epoch ViT, float32, wall time from process start (compilation included)
+#   2. train_throughput.py: ViT step fp32 / bf16 and BERT forward against torch on the same GPU
+#   3. the same 15-epoch ViT in bfloat16 (does bf16 cost accuracy?)
+#   4. attention_scaling.py, forward, T = 1k..32k, fp32 and bf16
+set -u
+data=${1:?usage: gpu_run.sh DATA_DIR OUT_DIR [BUDGET_S]}
+out=${2:?usage: gpu_run.sh DATA_DIR OUT_DIR [BUDGET_S]}
+deadline=$(($(date +%s) + ${3:-500}))
+py=${PYTHON:-python3}
+work=${WORK:-/tmp/hw2jax_gpu_run}  # fresh work dirs: a rerun must train, not resume a done run
+rm -rf "$work"
+mkdir -p "$out" "$work"
+export PYTHONUNBUFFERED=1
+# jax and torch share the GPU in the benchmarks: jax must not take 75 % of it up front.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+step() {  # step NAME CAP_S COMMAND...: runs COMMAND under min(CAP_S, time left)
+    local name=$1 cap=$2 left
+    shift 2
+    left=$((deadline - $(date +%s)))
+    ((left < cap)) && cap=$left
+    if ((cap < 20)); then
+        echo "=== SKIP $name: ${left}s left"
+        return
+    fi
+    echo "=== START $name (timeout ${cap}s) $(date -Is)"
+    local start rc
+    start=$(date +%s%N)
+    timeout "$cap" "$@"
+    rc=$?
+    echo "=== END $name rc=$rc wall_ms=$((($(date +%s%N) - start) / 1000000))"
+}
+
+# The assignment's recipe; no progress bar (the log is the output).
+vit=("$py" -m hw2jax.cli vit train --config experiments/vit_fashion_mnist.py --data-dir "$data"
+    --set progress=False)
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    "$py" -c "import jax, flax, optax, orbax.checkpoint as oc, torch, transformers; \
+print('jax', jax.__version__, jax.devices(), '| flax', flax.__version__, '| optax', \
+optax.__version__, '| torch', torch.__version__, torch.cuda.is_available(), \
+'| transformers', transformers.__version__)"
+    step vit_fp32_15_epochs 240 "${vit[@]}" --workdir "$work/vit_fp32"
+    cp "$work/vit_fp32"/history.json "$out/vit_fp32_history.json"
+    cp "$work/vit_fp32"/curves.png "$out/vit_fp32_curves.png"
+    # shellcheck disable=SC2086  # word splitting wanted
+    step train_throughput 200 "$py" benchmarks/train_throughput.py ${THROUGHPUT_ARGS:---repeats 20} \
+        --out "$out"
+    step vit_bf16_15_epochs 150 "${vit[@]}" --workdir "$work/vit_bf16" --set model.dtype=bfloat16
+    cp "$work/vit_bf16"/history.json "$out/vit_bf16_history.json"
+    step attention_scaling 150 "$py" benchmarks/attention_scaling.py --quick --min-log2 10 \
+        --max-log2 15 --impl blockwise --impl cudnn --impl sdpa --impl linear --out "$out"
+    echo "=== DONE $(date -Is)"
+} 2>&1 | tee "$out/gpu_run.log"
