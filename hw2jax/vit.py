@@ -53,7 +53,9 @@ class ViTTask:
         self.shuffle_key = jax.random.key(config.seed + 1)
 
     def init_params(self, rng: jax.Array):
-        return self.model.init(rng, jnp.zeros((1, 28, 28, 1)))["params"]
+        # Under jit: one compilation, where eager init compiles each initializer (~100) apart.
+        init = jax.jit(lambda key: self.model.init(key, jnp.zeros((1, 28, 28, 1)))["params"])
+        return init(rng)
 
     def apply(self, params, batch, *, train: bool, rng: jax.Array) -> jax.Array:
         images = batch["image"].astype(jnp.float32)

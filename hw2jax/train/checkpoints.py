@@ -1,7 +1,10 @@
 """orbax-checkpoint managers for the latest state (resume) and the best params (evaluation).
 
 orbax writes each checkpoint into a temporary folder and renames it when complete, so an
-interrupted save never leaves a half-written checkpoint behind.
+interrupted save never leaves a half-written checkpoint behind. Saves are asynchronous: orbax
+copies the arrays to host memory before ``save`` returns (so the train step may donate their
+buffers at once) and writes the files in a background thread while training goes on. ``wait``
+(or ``close``) blocks until they are on disk.
 """
 
 from __future__ import annotations
@@ -35,16 +38,20 @@ class Checkpoints:
         step = int(state.step)
         if self._latest.latest_step() != step:
             self._latest.save(step, args=ocp.args.StandardSave(self._payload(state)))
-            self._latest.wait_until_finished()
 
     def save_best(self, state, metrics: dict[str, float]) -> None:
         payload = {"step": state.step, "params": state.params}
         self._best.save(int(state.step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(payload), metrics=ocp.args.JsonSave(metrics)))  # fmt: skip
+
+    def wait(self) -> None:
+        """Blocks until every save started so far is complete on disk."""
+        self._latest.wait_until_finished()
         self._best.wait_until_finished()
 
     def restore_latest(self, state):
         """``state`` with the latest checkpoint's values, or unchanged when there is none."""
+        self.wait()
         step = self._latest.latest_step()
         if step is None:
             return state
@@ -55,6 +62,7 @@ class Checkpoints:
 
     def restore_best_params(self, params_like: Any) -> tuple[Any, dict[str, float]]:
         """The best params and their metrics; falls back to the latest checkpoint."""
+        self.wait()
         step = self._best.latest_step()
         if step is not None:
             target = {"step": 0, "params": _abstract(params_like)}

@@ -6,6 +6,7 @@ An experiment plugs in through :class:`Task`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -163,9 +164,12 @@ def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
 def latest_params(task: Task, config: ml_collections.ConfigDict, workdir: str | os.PathLike):
     """Params of the latest checkpoint in ``workdir`` (the final model of a finished run)."""
     ckpt = checkpoints.Checkpoints(Path(workdir) / "checkpoints")
-    state = TrainState.create(task.init_params(jax.random.key(0)), build_optimizer(config, 1),
-                              getattr(task, "frozen_keys", ()))  # fmt: skip
-    return ckpt.restore_latest(state).params
+    # Shapes only: the checkpoint supplies every value.
+    state = jax.eval_shape(lambda: TrainState.create(
+        task.init_params(jax.random.key(0)), build_optimizer(config, 1),
+        getattr(task, "frozen_keys", ())))  # fmt: skip
+    with contextlib.closing(ckpt):
+        return ckpt.restore_latest(state).params
 
 
 # ----------------------------------------------------------------------------- history
@@ -180,6 +184,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 # Keys that say where or how to run, not what to train: changing them on resume is expected.
+# Step metrics are read back (and checked for NaN) every this many steps, not after each step:
+# a read waits for the step to finish, which leaves a GPU idle while Python queues the next one.
+_READ_EVERY_STEPS = 10
+
 _RESUME_NEUTRAL = {"progress", "data_dir", "data_source", "devices", "stop_at_step"}
 
 
@@ -334,10 +342,12 @@ def train_and_evaluate(
             f"Run the same command again to resume."
         )
 
-    with _StopFlag() as stop:
+    # closing: the asynchronous checkpoint writes finish before anything reads the work dir.
+    with _StopFlag() as stop, contextlib.closing(ckpt):
         for epoch in range(start_step // steps_per_epoch, config.epochs):
             batches = task.train_batches(epoch)
-            first = int(state.step) - epoch * steps_per_epoch
+            first_step_of_epoch = epoch * steps_per_epoch
+            first = int(state.step) - first_step_of_epoch
             bar = tqdm(
                 range(first, steps_per_epoch),
                 desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -349,26 +359,33 @@ def train_and_evaluate(
             # The loss accumulated since the last log line survives an interruption.
             window = history.pop("window", None) or {"loss_sum": 0.0, "count": 0.0}
             t0, seen = time.perf_counter(), 0
+            pending = []  # step sums still on the device: reading each one would stall it
             for i in bar:
                 state, sums = train_step(state, parallel.shard_batch(batches[i]))
-                sums = jax.device_get(sums)
-                if not np.isfinite(sums["loss_sum"]):
-                    status = "diverged"
-                    save_history()
-                    raise TrainingDiverged(
-                        f"loss is {sums['loss_sum']} at step {int(state.step)} "
-                        f"(epoch {epoch + 1}). "
-                        f"The last good checkpoint (step {ckpt.latest_step()}) is kept in "
-                        f"{ckpt.directory}. Lower the learning rate or add grad_clip_norm."
-                    )
-                window = {k: window[k] + float(sums[k]) for k in window}
-                seen += float(sums["count"])
-                step = int(state.step)
+                pending.append(sums)
+                step = first_step_of_epoch + i + 1
+                stopping = stop.requested or (stop_at and step == stop_at)
+                log_now = step % config.log_every_steps == 0 or i == steps_per_epoch - 1
+                if not (log_now or stopping or step % _READ_EVERY_STEPS == 0):
+                    continue
+                for j, sums in enumerate(jax.device_get(pending)):
+                    if not np.isfinite(sums["loss_sum"]):
+                        status = "diverged"
+                        save_history()
+                        raise TrainingDiverged(
+                            f"loss is {sums['loss_sum']} at step {step - len(pending) + j + 1} "
+                            f"(epoch {epoch + 1}). "
+                            f"The last good checkpoint (step {ckpt.latest_step()}) is kept in "
+                            f"{ckpt.directory}. Lower the learning rate or add grad_clip_norm."
+                        )
+                    window = {k: window[k] + float(sums[k]) for k in window}
+                    seen += float(sums["count"])
+                pending = []
                 bar.set_postfix(
                     loss=f"{sums['loss_sum'] / max(sums['count'], 1):.4f}",
                     img_s=f"{seen / (time.perf_counter() - t0):.0f}",
                 )
-                if step % config.log_every_steps == 0 or i == steps_per_epoch - 1:
+                if log_now:
                     n = window["count"]
                     loss = window["loss_sum"] / max(n, 1.0)
                     history["train"].append(
@@ -377,7 +394,6 @@ def train_and_evaluate(
                     window = {"loss_sum": 0.0, "count": 0.0}
                     if step % config.log_every_steps == 0 and config.get("progress", True):
                         tqdm.write(f"step {step:6d}  epoch {epoch + 1}  train loss {loss:.4f}")
-                stopping = stop.requested or (stop_at and step == stop_at)
                 if stopping and i < steps_per_epoch - 1:  # at an epoch's end, evaluate first
                     status = "interrupted"
                     history["window"] = {**window, "step": step}
