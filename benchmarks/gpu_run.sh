@@ -6,11 +6,14 @@
 # DATA_DIR holds FashionMNIST's four idx files (the data must travel with the code: 30 MB).
 # OUT_DIR receives the log and the JSON of every step. BUDGET_S (default 500) caps the whole
 # run: each step gets a timeout from what is left, so one slow step cannot eat the others.
-# Steps, most important first:
-#   1. the assignment's 15-epoch ViT, float32, wall time from process start (compilation included)
-#   2. train_throughput.py: ViT step fp32 / bf16 and BERT forward against torch on the same GPU
-#   3. the same 15-epoch ViT in bfloat16 (does bf16 cost accuracy?)
-#   4. attention_scaling.py, forward, T = 1k..32k, fp32 and bf16
+# STEPS picks and orders the steps (default: the first four):
+#   vit_fp32      the assignment's 15-epoch ViT, float32; wall time from process start
+#                 (compilation, evaluation, checkpoints and plots included)
+#   throughput    train_throughput.py: ViT step fp32 / bf16 and BERT forward, torch on the same GPU
+#   vit_bf16      the same 15-epoch ViT in bfloat16 (does bf16 cost accuracy?)
+#   attention     attention_scaling.py, forward, T = 1k..32k, fp32 and bf16
+#   vit_linear    the assignment's recipe with linear attention
+#   vit_strong30  experiments/vit_fashion_mnist_strong.py for 30 epochs
 set -u
 data=${1:?usage: gpu_run.sh DATA_DIR OUT_DIR [BUDGET_S]}
 out=${2:?usage: gpu_run.sh DATA_DIR OUT_DIR [BUDGET_S]}
@@ -42,8 +45,8 @@ step() {  # step NAME CAP_S COMMAND...: runs COMMAND under min(CAP_S, time left)
 }
 
 # The assignment's recipe; no progress bar (the log is the output).
-vit=("$py" -m hw2jax.cli vit train --config experiments/vit_fashion_mnist.py --data-dir "$data"
-    --set progress=False)
+vit=("$py" -m hw2jax.cli vit train --data-dir "$data" --set progress=False
+    --config experiments/vit_fashion_mnist.py)
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -51,15 +54,27 @@ vit=("$py" -m hw2jax.cli vit train --config experiments/vit_fashion_mnist.py --d
 print('jax', jax.__version__, jax.devices(), '| flax', flax.__version__, '| optax', \
 optax.__version__, '| torch', torch.__version__, torch.cuda.is_available(), \
 '| transformers', transformers.__version__)"
-    step vit_fp32_15_epochs 240 "${vit[@]}" --workdir "$work/vit_fp32"
-    cp "$work/vit_fp32"/history.json "$out/vit_fp32_history.json"
-    cp "$work/vit_fp32"/curves.png "$out/vit_fp32_curves.png"
-    # shellcheck disable=SC2086  # word splitting wanted
-    step train_throughput 200 "$py" benchmarks/train_throughput.py ${THROUGHPUT_ARGS:---repeats 20} \
-        --out "$out"
-    step vit_bf16_15_epochs 150 "${vit[@]}" --workdir "$work/vit_bf16" --set model.dtype=bfloat16
-    cp "$work/vit_bf16"/history.json "$out/vit_bf16_history.json"
-    step attention_scaling 150 "$py" benchmarks/attention_scaling.py --quick --min-log2 10 \
-        --max-log2 15 --impl blockwise --impl cudnn --impl sdpa --impl linear --out "$out"
+    for name in ${STEPS:-vit_fp32 throughput vit_bf16 attention}; do
+        case $name in
+        vit_fp32) step "$name" 240 "${vit[@]}" --workdir "$work/$name" ;;
+        vit_bf16) step "$name" 150 "${vit[@]}" --workdir "$work/$name" --set model.dtype=bfloat16 ;;
+        vit_linear) step "$name" 150 "${vit[@]}" --workdir "$work/$name" --attention linear ;;
+        vit_strong30)
+            step "$name" 200 "${vit[@]/%vit_fashion_mnist.py/vit_fashion_mnist_strong.py}" \
+                --workdir "$work/$name" --epochs 30 ;;
+        # shellcheck disable=SC2086  # word splitting wanted
+        throughput)
+            step "$name" 200 "$py" benchmarks/train_throughput.py ${THROUGHPUT_ARGS:---repeats 20} \
+                --out "$out" ;;
+        attention)
+            step "$name" 150 "$py" benchmarks/attention_scaling.py --quick --min-log2 10 \
+                --max-log2 15 --impl blockwise --impl cudnn --impl sdpa --impl linear --out "$out" ;;
+        *) echo "=== unknown step $name" ;;
+        esac
+        if [[ -f $work/$name/history.json ]]; then  # the run's record; $OUT holds few files
+            cp "$work/$name/history.json" "$out/${name}_history.json"
+            cp "$work/$name/curves.png" "$out/${name}_curves.png"
+        fi
+    done
     echo "=== DONE $(date -Is)"
 } 2>&1 | tee "$out/gpu_run.log"
