@@ -109,3 +109,32 @@ print(json.dumps(out))
     result = json.loads(run.stdout.strip().splitlines()[-1])
     for devices, err in result.values():
         assert devices == 2 and err < 2e-5
+
+
+def test_sweep_saves_after_every_curve_so_a_cut_run_keeps_its_points(tmp_path, monkeypatch):
+    """main writes the JSON after each curve: a sweep killed by a time limit keeps what it
+    measured, marked incomplete; a finished one is marked complete with every record."""
+    import json
+
+    saved = []
+    real_sweep = bench.sweep
+
+    def sweep_then_read(*args, **kwargs):  # reads the file each time the sweep reports a curve
+        inner = kwargs["on_curve"]
+
+        def on_curve(records):
+            inner(records)
+            path = next(tmp_path.glob("attention_scaling_*.json"))
+            data = json.loads(path.read_text())
+            saved.append((data["meta"]["complete"], len(data["records"])))
+
+        return real_sweep(*args, **{**kwargs, "on_curve": on_curve})
+
+    monkeypatch.setattr(bench, "sweep", sweep_then_read)
+    bench.main(["--quick", "--min-log2", "6", "--max-log2", "7", "--impl", "hw2jax linear",
+                "--impl", "naive", "--host-devices", "1", "--out", str(tmp_path)])  # fmt: skip
+    # naive: 2 curves (causal or not); linear, causal chunked, causal recurrent: 1 each; 2 points
+    assert saved == [(False, 2), (False, 4), (False, 6), (False, 8), (False, 10)]
+    final = json.loads(next(tmp_path.glob("attention_scaling_*.json")).read_text())
+    assert final["meta"]["complete"] and len(final["records"]) == 10
+    assert next(tmp_path.glob("attention_scaling_*.png")).stat().st_size > 0
