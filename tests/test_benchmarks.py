@@ -131,6 +131,7 @@ def test_sweep_saves_after_every_curve_so_a_cut_run_keeps_its_points(tmp_path, m
         return real_sweep(*args, **{**kwargs, "on_curve": on_curve})
 
     monkeypatch.setattr(bench, "sweep", sweep_then_read)
+    monkeypatch.setattr(bench, "split_host_cpu", lambda n: None)  # jax has started; not tested here
     bench.main(["--quick", "--min-log2", "6", "--max-log2", "7", "--impl", "hw2jax linear",
                 "--impl", "naive", "--host-devices", "1", "--out", str(tmp_path)])  # fmt: skip
     # naive: 2 curves (causal or not); linear, causal chunked, causal recurrent: 1 each; 2 points
