@@ -4,7 +4,8 @@ orbax writes each checkpoint into a temporary folder and renames it when complet
 interrupted save never leaves a half-written checkpoint behind. Saves are asynchronous: orbax
 copies the arrays to host memory before ``save`` returns (so the train step may donate their
 buffers at once) and writes the files in a background thread while training goes on. ``wait``
-(or ``close``) blocks until they are on disk.
+(or ``close``) blocks until they are on disk. With several processes (jax.distributed) each save
+is waited for at once: two background saves in flight there deadlocked orbax in our 2-process test.
 """
 
 from __future__ import annotations
@@ -38,11 +39,17 @@ class Checkpoints:
         step = int(state.step)
         if self._latest.latest_step() != step:
             self._latest.save(step, args=ocp.args.StandardSave(self._payload(state)))
+            self._wait_if_distributed()
 
     def save_best(self, state, metrics: dict[str, float]) -> None:
         payload = {"step": state.step, "params": state.params}
         self._best.save(int(state.step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(payload), metrics=ocp.args.JsonSave(metrics)))  # fmt: skip
+        self._wait_if_distributed()
+
+    def _wait_if_distributed(self) -> None:
+        if jax.process_count() > 1:
+            self.wait()
 
     def wait(self) -> None:
         """Blocks until every save started so far is complete on disk."""
