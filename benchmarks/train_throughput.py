@@ -161,7 +161,8 @@ def bert_forward(name: str, folder, config_overrides, batch: int, tokens: int,
     params = bert.params_from_state_dict(tensors, config)
     ids = np.random.default_rng(0).integers(1000, config.vocab_size, (batch, tokens))
     model = bert.BertModel(config, None if dtype == "float32" else jnp.dtype(dtype))
-    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
+    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x)[0],
+                  compiler_options=bert.xla_compiler_options(model.dtype))  # as in hw2jax.sentiment
     jids = jnp.asarray(ids)
     start = time.perf_counter()
     fwd(params, jids).block_until_ready()

@@ -143,6 +143,9 @@ class SentimentTask:
                        for k, v in splits.items()}  # fmt: skip
         self.buckets = bucket_sizes(config)
         self.features = features or {}
+        # The steps run the encoder unless its outputs are cached; then only the small GRU runs.
+        self.compiler_options = ({} if features else
+                                 bert.xla_compiler_options(encoder_dtype(config)))  # fmt: skip
 
     def init_params(self, rng: jax.Array):
         return init_params(self.model, self.bert_params, rng)
@@ -233,7 +236,8 @@ def cache_features(config: ml_collections.ConfigDict, data: dict, bert_config: b
     # Params go in as an argument: closed over, they would become constants that XLA tries to
     # fold into every bucket's program (slow compiles, one copy of the encoder per shape).
     jitted = jax.jit(lambda p, ids: model.apply({"params": p}, ids, (ids != 0).astype(jnp.int32),
-                                                method=BertGRUSentiment.encode))  # fmt: skip
+                                                method=BertGRUSentiment.encode),
+                     compiler_options=bert.xla_compiler_options(encoder_dtype(config)))  # fmt: skip
 
     def encode(ids: jax.Array) -> jax.Array:
         return jitted(params, ids)

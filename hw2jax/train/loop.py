@@ -106,7 +106,7 @@ def make_train_step(task: Task, rng: jax.Array) -> Callable[[TrainState, Batch],
         grads, sums = jax.grad(loss_fn, has_aux=True)(state.trainable())
         return state.apply_gradients(grads=grads), sums
 
-    return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(train_step, donate_argnums=0, compiler_options=_compiler_options(task))
 
 
 def make_eval_step(task: Task) -> Callable[[Params, Batch], dict[str, jax.Array]]:
@@ -114,7 +114,12 @@ def make_eval_step(task: Task) -> Callable[[Params, Batch], dict[str, jax.Array]
         outputs = task.apply(params, batch, train=False, rng=jax.random.key(0))
         return _masked_sums(task, outputs, batch)
 
-    return jax.jit(eval_step)
+    return jax.jit(eval_step, compiler_options=_compiler_options(task))
+
+
+def _compiler_options(task: Task) -> dict[str, str] | None:
+    """XLA options a task asks for its steps (``task.compiler_options``, optional)."""
+    return getattr(task, "compiler_options", None) or None
 
 
 def evaluate(task: Task, params: Params, split: str, eval_step=None,
