@@ -118,3 +118,23 @@ def test_offline_hub_id_names_the_offline_choices(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="--encoder minilm"):
         bert.resolve_encoder("bert-base-uncased-not-cached-anywhere")
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_cpu_encoder_compiles_without_ynnpack_in_float32_only(dtype):
+    """xla_compiler_options swaps XLA's YNNPACK fusions for its own dot kernels in float32 (the
+    faster ones for BERT on CPU), keeps them in bf16, and leaves the encoder's output alone."""
+    config = bert.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                             num_attention_heads=4, intermediate_size=64,
+                             max_position_embeddings=16)  # fmt: skip
+    model = bert.BertModel(config, dtype)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 50, (2, 16)))
+    params = model.init(jax.random.key(0), ids)["params"]
+    fn = lambda p, x: model.apply({"params": p}, x)[0]  # noqa: E731
+    tuned = jax.jit(fn, compiler_options=bert.xla_compiler_options(dtype)).lower(params, ids)
+    default = jax.jit(fn).lower(params, ids)
+    tuned_hlo, default_hlo = tuned.compile().as_text(), default.compile().as_text()
+    assert "ynn_fusion" in default_hlo  # XLA's default on this CPU
+    assert ("ynn_fusion" in tuned_hlo) == (dtype is not None)
+    np.testing.assert_allclose(jax.jit(fn, compiler_options=bert.xla_compiler_options(dtype))(
+        params, ids), jax.jit(fn)(params, ids), atol=1e-5 if dtype is None else 2e-2)  # fmt: skip
