@@ -138,3 +138,8 @@ def test_cpu_encoder_compiles_without_ynnpack_in_float32_only(dtype):
     assert ("ynn_fusion" in tuned_hlo) == (dtype is not None)
     np.testing.assert_allclose(jax.jit(fn, compiler_options=bert.xla_compiler_options(dtype))(
         params, ids), jax.jit(fn)(params, ids), atol=1e-5 if dtype is None else 2e-2)  # fmt: skip
+
+
+def test_unknown_xla_options_are_dropped_not_fatal():
+    assert bert._xla_accepts(bert._NO_YNNPACK)
+    assert not bert._xla_accepts((("xla_no_such_option_in_any_release", ""),))

@@ -7,6 +7,7 @@ Module and parameter names follow the Hugging Face layout, so the loader is a pl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -124,8 +125,22 @@ def xla_compiler_options(dtype: jnp.dtype | None) -> dict[str, str]:
     YNNPACK is the faster one (1.5x), and the small-op ViT step is 10 % slower without it, so
     this is per program, not a process-wide XLA_FLAGS."""
     if jax.default_backend() == "cpu" and (dtype is None or jnp.dtype(dtype) == jnp.float32):
-        return {"xla_cpu_experimental_ynn_fusion_type": ""}
+        return dict(_NO_YNNPACK) if _xla_accepts(_NO_YNNPACK) else {}
     return {}
+
+
+_NO_YNNPACK = (("xla_cpu_experimental_ynn_fusion_type", ""),)
+
+
+@functools.cache
+def _xla_accepts(options: tuple[tuple[str, str], ...]) -> bool:
+    """Whether this jaxlib knows the options: experimental XLA flags come and go between
+    releases, and an unknown one would fail every compilation that names it."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(1.0).compile()
+    except Exception:  # jaxlib raises its own runtime error type for unknown options
+        return False
+    return True
 
 
 class BertModel(nn.Module):
