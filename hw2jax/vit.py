@@ -51,11 +51,11 @@ class ViTTask:
             "test": {"image": jnp.asarray(test.images), "label": jnp.asarray(test.labels)},
         }
         self.shuffle_key = jax.random.key(config.seed + 1)
+        # Under jit: one compilation, where eager init compiles each initializer (~100) apart.
+        self._init = jax.jit(lambda key: self.model.init(key, jnp.zeros((1, 28, 28, 1)))["params"])
 
     def init_params(self, rng: jax.Array):
-        # Under jit: one compilation, where eager init compiles each initializer (~100) apart.
-        init = jax.jit(lambda key: self.model.init(key, jnp.zeros((1, 28, 28, 1)))["params"])
-        return init(rng)
+        return self._init(rng)
 
     def apply(self, params, batch, *, train: bool, rng: jax.Array) -> jax.Array:
         images = batch["image"].astype(jnp.float32)

@@ -188,11 +188,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-# Keys that say where or how to run, not what to train: changing them on resume is expected.
 # Step metrics are read back (and checked for NaN) every this many steps, not after each step:
 # a read waits for the step to finish, which leaves a GPU idle while Python queues the next one.
 _READ_EVERY_STEPS = 10
 
+# Keys that say where or how to run, not what to train: changing them on resume is expected.
 _RESUME_NEUTRAL = {"progress", "data_dir", "data_source", "devices", "stop_at_step"}
 
 
