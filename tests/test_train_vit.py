@@ -102,10 +102,13 @@ class PoisonedTask(vit.ViTTask):
         return [dict(b, poison=jnp.asarray(epoch >= 1)) for b in batches]
 
 
+# log_every_steps=100: the step sums are read back only at the epoch's end (step 6), and the
+# message must still name the first non-finite step.
+@pytest.mark.parametrize("log_every", [2, 100])
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(
-    fashion_dir, tmp_path
+    fashion_dir, tmp_path, log_every
 ):
-    config = small_config(fashion_dir)
+    config = small_config(fashion_dir, f"log_every_steps={log_every}")
     train, test = vit.load_data(config)
     task = PoisonedTask(config, train, test)
     with pytest.raises(loop.TrainingDiverged, match=r"step 4 .*last good checkpoint \(step 3\)"):
