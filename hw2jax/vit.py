@@ -44,7 +44,11 @@ class ViTTask:
         self.config = config
         model = config.model.to_dict()
         # bf16 compute with float32 params and optimizer state: mixed precision.
-        model["dtype"] = jnp.dtype(model.get("dtype", "float32"))
+        name = model.get("dtype", "float32")
+        if name not in ("float32", "bfloat16"):
+            raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {name!r}; "
+                             "e.g. --set model.dtype=bfloat16.")  # fmt: skip
+        model["dtype"] = jnp.dtype(name)
         self.model = ViT(num_classes=self.num_classes, **model)
         self.splits = {
             "train": {"image": jnp.asarray(train.images), "label": jnp.asarray(train.labels)},

@@ -243,3 +243,10 @@ def test_resuming_with_another_config_warns(fashion_dir, tmp_path):
         assert loop.save_run_config(tmp_path, config) == ["epochs", "model.dim"]
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["epochs"] == 5 and saved["model"]["dim"] == 32
+
+
+def test_unknown_model_dtype_names_the_choices(fashion_dir):
+    config = small_config(fashion_dir, "model.dtype=bfloat61")
+    train, test = vit.load_data(config)
+    with pytest.raises(ValueError, match=r"model.dtype must be 'float32' or 'bfloat16'"):
+        vit.ViTTask(config, train, test)
