@@ -17,6 +17,7 @@ ASSIGNMENT = dict(image_size=28, patch_size=4, channels=1, dim=64, depth=6, head
                   mlp_dim=128)  # fmt: skip
 SMALL = dict(image_size=28, patch_size=7, channels=1, dim=16, depth=2, heads=2, dim_head=8,
              mlp_dim=24)  # fmt: skip
+WIDE_HEADS = {**SMALL, "dim_head": 24, "heads": 3}  # dim <= dim_head: merged attention by default
 
 
 def count(params):
@@ -88,6 +89,48 @@ def test_logits_match_torch(cfg):
     with torch.no_grad():
         theirs = tmodel(torch.tensor(x).permute(0, 3, 1, 2)).numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("cfg", "merged"), [(WIDE_HEADS, None), (WIDE_HEADS, False),
+                                             (SMALL, True)], ids=["wide-auto", "wide-direct",
+                                                                  "small-merged"])  # fmt: skip
+def test_attention_forms_match_torch_logits_and_gradients(cfg, merged):
+    """Both ways of computing attention (regrouped products or q, k, v) against torch."""
+    model, params = init(cfg, seed=5, merged_attention=merged)
+    tmodel = TorchViT(**cfg)
+    copy_to_torch(params, tmodel)
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(6, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 6)
+
+    def loss_fn(p):
+        logits = model.apply({"params": p}, jnp.asarray(x))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y)).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    tloss = tnn.functional.cross_entropy(tmodel(torch.tensor(x).permute(0, 3, 1, 2)),
+                                         torch.tensor(y))  # fmt: skip
+    tloss.backward()
+    np.testing.assert_allclose(loss, tloss.item(), rtol=1e-5)
+    theirs = torch_params_as_flax_order(tmodel, params, grads=True)
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        key = tuple(k.key for k in path)
+        np.testing.assert_allclose(g, theirs[key], atol=1e-6, rtol=1e-4, err_msg=str(key))
+
+
+def _head_transposes(cfg, **kw) -> int:
+    """Transposes of 4-d arrays (the [b n h d] <-> [b h n d] copies) in the forward pass."""
+    model, params = init(cfg, **kw)
+    forward = jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))
+    jaxpr = forward(params, jnp.zeros((2, 28, 28, 1)))
+    return sum(e.primitive.name == "transpose" and e.invars[0].aval.ndim == 4
+               for e in jaxpr.jaxpr.eqns)  # fmt: skip
+
+
+def test_merged_attention_is_chosen_when_dim_le_dim_head():
+    assert _head_transposes(ASSIGNMENT) == 0  # dim 64 = dim_head 64
+    assert _head_transposes(ASSIGNMENT, merged_attention=False) > 0
+    assert _head_transposes(SMALL) > 0  # dim 16 > dim_head 8: the direct form has fewer FLOPs
+    assert _head_transposes(ASSIGNMENT, attention="linear") > 0  # linear needs q, k, v
 
 
 def _adam_steps_against_torch(optimizer: str, weight_decay: float = 1e-4,

@@ -41,3 +41,20 @@ def TorchDense(
         name=name,
         dot_general=dot_float32_out,
     )
+
+
+class TorchKernel(nn.Module):
+    """The parameters of a :func:`TorchDense` (same tree, same init) without the product, for
+    layers that slice or combine the kernel before use: the kernel, or (kernel, bias)."""
+
+    features: int
+    fan_in: int
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self):
+        init = torch_uniform(self.fan_in)
+        kernel = self.param("kernel", init, (self.fan_in, self.features))
+        if not self.use_bias:
+            return kernel
+        return kernel, self.param("bias", init, (self.features,))
