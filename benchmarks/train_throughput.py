@@ -14,7 +14,9 @@ r"""Training and encoder throughput of hw2jax against PyTorch, in one process on
 
 torch runs on the GPU when jax does (and torch sees CUDA), else on the CPU.
 
-Each figure is the median of N timed calls after warm-up; compilation is excluded and printed apart.
+Each figure is the median of N timed calls after warm-up, ours and torch's taken in turn (a b a b)
+so that load from elsewhere on a shared machine hits both alike; compilation is excluded and printed
+apart.
 Prints images/s (or sequences/s) for both and the ratio, and writes JSON.
 """
 
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hw2jax.timing import median_seconds, torch_peer_device, torch_synchronize
+from hw2jax.timing import interleaved_seconds, torch_peer_device, torch_synchronize
 from hw2jax.train.sharding import split_host_cpu
 
 
@@ -61,10 +63,11 @@ def op_breakdown(fn, calls: int, logdir: str) -> list[tuple[str, float, int]]:
 
 
 def vit_step(batch: int, repeats: int, profile: str | None = None, devices: int = 1,
-             dtype: str = "float32") -> dict:  # fmt: skip
+             dtype: str = "float32", merged: bool | None = None) -> dict:  # fmt: skip
     """``devices > 1``: the batch is sharded over that many devices (data parallel).
     ``dtype="bfloat16"``: our model computes in bf16 with f32 parameters and optimiser state;
-    torch runs under autocast to bf16."""
+    torch runs under autocast to bf16. ``merged=False``: our attention in the direct q, k, v
+    form, like torch's (``None``: the model's default, regrouped products for this config)."""
     import ml_collections
     import torch
 
@@ -79,6 +82,7 @@ def vit_step(batch: int, repeats: int, profile: str | None = None, devices: int 
 
     config: ml_collections.ConfigDict = load_config(path)
     config.model.dtype = dtype
+    config.model.merged_attention = merged
     device = torch_peer_device()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, 28, 28, 1), dtype=np.uint8)
@@ -100,12 +104,11 @@ def vit_step(batch: int, repeats: int, profile: str | None = None, devices: int 
     ours()
     first_ms = 1e3 * (time.perf_counter() - start)
     first_loss = float(holder["sums"]["loss_sum"] / holder["sums"]["count"])
-    ours_s = median_seconds(ours, repeats)
     if profile:
         rows = op_breakdown(ours, 3, profile)
         busy = sum(ms for _, ms, _ in rows)
-        print(f"ViT step: {1e3 * ours_s:.0f} ms wall, {busy:.0f} ms of XLA CPU op time summed "
-              f"over threads ({busy / (1e3 * ours_s):.2f} cores busy on average); by kind:")
+        print(f"ViT step: {busy:.0f} ms of XLA CPU op time per step, summed over threads; "
+              "by kind:")
         for kind, ms, n in rows[:15]:
             print(f"  {ms:8.1f} ms  {100 * ms / busy:5.1f} %  {n:4d} ops  {kind}")
 
@@ -130,13 +133,16 @@ def vit_step(batch: int, repeats: int, profile: str | None = None, devices: int 
     exact = dtype == "float32" and device == "cpu"  # else bf16 or TF32 rounding on both sides
     if not np.isclose(first_loss, torch_first, rtol=1e-4 if exact else 2e-2):
         raise AssertionError(f"first-step losses differ: hw2jax {first_loss}, torch {torch_first}")
-    theirs_s = median_seconds(theirs, repeats)
+    timed = interleaved_seconds({"ours": ours, "torch": theirs}, repeats)
+    ours_s, theirs_s = timed["ours"][1], timed["torch"][1]
     where = f" ({devices} host devices)" if devices > 1 else ""
     where += f", {dtype}" if dtype != "float32" else ""
+    where += ", direct q, k, v attention" if merged is False else ""
     return {"what": f"ViT train step{where}", "batch": batch, "devices": devices,
             "dtype": dtype, "torch_device": device,
             "ours_per_s": batch / ours_s, "torch_per_s": batch / theirs_s,
             "ratio": theirs_s / ours_s, "ours_first_call_ms": first_ms,
+            "ours_s": timed["ours"][0], "torch_s": timed["torch"][0],
             "unit": "images/s"}  # fmt: skip
 
 
@@ -167,7 +173,6 @@ def bert_forward(name: str, folder, config_overrides, batch: int, tokens: int,
     start = time.perf_counter()
     fwd(params, jids).block_until_ready()
     first_ms = 1e3 * (time.perf_counter() - start)
-    ours_s = median_seconds(lambda: fwd(params, jids).block_until_ready(), repeats)
     tids = torch.tensor(ids, device=device)
 
     def theirs():
@@ -175,10 +180,13 @@ def bert_forward(name: str, folder, config_overrides, batch: int, tokens: int,
             tmodel(tids)
         torch_synchronize(device)
 
-    theirs_s = median_seconds(theirs, repeats)
+    timed = interleaved_seconds({"ours": lambda: fwd(params, jids).block_until_ready(),
+                                 "torch": theirs}, repeats)  # fmt: skip
+    ours_s, theirs_s = timed["ours"][1], timed["torch"][1]
     return {"what": f"BERT forward ({name}, {dtype})", "batch": batch, "tokens": tokens,
             "ours_per_s": batch / ours_s, "torch_per_s": batch / theirs_s,
             "ratio": theirs_s / ours_s, "ours_first_call_ms": first_ms,
+            "ours_s": timed["ours"][0], "torch_s": timed["torch"][0],
             "dtype": dtype, "torch_device": device, "unit": "sequences/s"}  # fmt: skip
 
 
@@ -205,6 +213,7 @@ def main(argv=None) -> None:
     split = min(args.host_devices, jax.device_count())
     if jax.default_backend() == "cpu" and split > 1 and 256 % split == 0:
         results.append(vit_step(256, repeats, devices=split))
+        results.append(vit_step(256, repeats, devices=split, merged=False))
     if jax.default_backend() != "cpu":  # bf16 pays on accelerators; on CPU it is emulated
         results.append(vit_step(256, repeats, dtype="bfloat16"))
     try:

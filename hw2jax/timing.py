@@ -11,13 +11,23 @@ import numpy as np
 def median_seconds(call: Callable[[], object], repeats: int = 5) -> float:
     """Median wall time of ``call()`` after one warm-up call (which also compiles under jit).
     ``call`` must wait for its work to finish, e.g. with ``block_until_ready``."""
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return interleaved_seconds({"call": call}, repeats)["call"][1]
+
+
+def interleaved_seconds(calls: dict[str, Callable[[], object]],
+                        repeats: int = 5) -> dict[str, tuple[list[float], float]]:  # fmt: skip
+    """Times several calls in turn, round after round (a b a b ...), after one warm-up call
+    each: on a shared machine a slow patch then hits every contender alike instead of
+    whichever ran during it. Returns {name: (seconds of each timed call, median)}."""
+    for call in calls.values():
         call()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: (t, float(np.median(t))) for name, t in times.items()}
 
 
 def torch_peer_device() -> str:

@@ -139,3 +139,23 @@ def test_sweep_saves_after_every_curve_so_a_cut_run_keeps_its_points(tmp_path, m
     final = json.loads(next(tmp_path.glob("attention_scaling_*.json")).read_text())
     assert final["meta"]["complete"] and len(final["records"]) == 10
     assert next(tmp_path.glob("attention_scaling_*.png")).stat().st_size > 0
+
+
+def test_interleaved_timing_alternates_and_reports_each_calls_own_time(monkeypatch):
+    """A fake clock: each call advances it by its own cost, so the medians are known."""
+    from hw2jax import timing
+
+    clock, order = [0.0], []
+
+    def call(name, cost):
+        def run():
+            order.append(name)
+            clock[0] += cost
+
+        return run
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    out = timing.interleaved_seconds({"a": call("a", 2.0), "b": call("b", 0.5)}, repeats=3)
+    assert order == ["a", "b"] + ["a", "b"] * 3  # one warm-up each, then round after round
+    assert out["a"] == ([2.0] * 3, 2.0) and out["b"] == ([0.5] * 3, 0.5)
+    assert timing.median_seconds(call("c", 1.5), repeats=2) == 1.5
