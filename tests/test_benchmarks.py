@@ -159,3 +159,21 @@ def test_interleaved_timing_alternates_and_reports_each_calls_own_time(monkeypat
     assert order == ["a", "b"] + ["a", "b"] * 3  # one warm-up each, then round after round
     assert out["a"] == ([2.0] * 3, 2.0) and out["b"] == ([0.5] * 3, 0.5)
     assert timing.median_seconds(call("c", 1.5), repeats=2) == 1.5
+
+
+def _load_train_throughput():
+    path = Path(__file__).parents[1] / "benchmarks" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("train_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("merged", [None, False], ids=["default", "direct"])
+def test_vit_throughput_times_the_same_model_as_torch(merged):
+    """vit_step raises unless our first loss equals torch's on the same weights and batch, so
+    each timed form of the attention is checked against torch before it is timed."""
+    pytest.importorskip("torch")
+    row = _load_train_throughput().vit_step(8, 1, merged=merged)
+    assert row["ours_per_s"] > 0 and row["torch_per_s"] > 0 and len(row["ours_s"]) == 1
+    assert ("direct q, k, v" in row["what"]) == (merged is False)
