@@ -112,8 +112,8 @@ def vit_step(batch: int, repeats: int, profile: str | None = None, devices: int 
         for kind, ms, n in rows[:15]:
             print(f"  {ms:8.1f} ms  {100 * ms / busy:5.1f} %  {n:4d} ops  {kind}")
 
-    model = TorchViT(**{k: v for k, v in config.model.to_dict().items()
-                        if k not in ("pool", "attention", "dtype", "merged_attention")})  # fmt: skip
+    jax_only = ("pool", "attention", "dtype", "merged_attention")
+    model = TorchViT(**{k: v for k, v in config.model.to_dict().items() if k not in jax_only})
     copy_vit_params_to_torch(initial, model)
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)

@@ -93,14 +93,16 @@ class BertLayer(nn.Module):
         heads, dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
         compute = self.dtype or jnp.float32
 
-        def heads_first(name: str) -> jax.Array:  # [B, T, H*D] -> [B, heads, T, D]
-            t = _dense(c.hidden_size, name=name, dtype=self.dtype)(x)
+        def heads_first(name: str, scale: float = 1.0) -> jax.Array:  # -> [B, heads, T, D]
+            t = _dense(c.hidden_size, name=name, dtype=self.dtype)(x) * scale
             return jnp.swapaxes(t.reshape(*t.shape[:-1], heads, dim), 1, 2).astype(compute)
 
         # Heads next to the batch (see matmul_f32): ~1.8x faster on CPU than einsums over
-        # [B, T, heads, D].
-        q, k, v = heads_first("query"), heads_first("key"), heads_first("value")
-        scores = matmul_f32(q, k, transpose_b=True) / math.sqrt(dim)
+        # [B, T, heads, D]. 1/sqrt(D) goes on q, inside the copy that moves the heads, rather
+        # than on the T x T scores: one pass less over the largest tensor (MiniLM 1.04x).
+        q = heads_first("query", 1.0 / math.sqrt(dim))
+        k, v = heads_first("key"), heads_first("value")
+        scores = matmul_f32(q, k, transpose_b=True)
         if bias is not None:
             scores = scores + bias
         probs = jax.nn.softmax(scores, axis=-1)
