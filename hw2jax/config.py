@@ -24,6 +24,8 @@ def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def _parse_value(text: str):
+    if text.lower() in ("true", "false"):  # as a shell user would write them
+        return text.lower() == "true"
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):

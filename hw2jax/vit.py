@@ -49,6 +49,9 @@ class ViTTask:
             raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {name!r}; "
                              "e.g. --set model.dtype=bfloat16.")  # fmt: skip
         model["dtype"] = jnp.dtype(name)
+        if model.get("merged_attention") not in (None, True, False):
+            raise ValueError("model.merged_attention must be None (automatic), True or False, got "
+                             f"{model['merged_attention']!r}.")  # fmt: skip
         self.model = ViT(num_classes=self.num_classes, **model)
         self.splits = {
             "train": {"image": jnp.asarray(train.images), "label": jnp.asarray(train.labels)},

@@ -250,3 +250,14 @@ def test_unknown_model_dtype_names_the_choices(fashion_dir):
     train, test = vit.load_data(config)
     with pytest.raises(ValueError, match=r"model.dtype must be 'float32' or 'bfloat16'"):
         vit.ViTTask(config, train, test)
+
+
+def test_merged_attention_override_takes_shell_booleans_and_rejects_others(fashion_dir):
+    config = small_config(fashion_dir, "model.merged_attention=false")
+    assert config.model.merged_attention is False  # not the (truthy) string "false"
+    apply_overrides(config, ["model.merged_attention=True"])
+    assert config.model.merged_attention is True
+    config = small_config(fashion_dir, "model.merged_attention=yes")  # None takes any type
+    train, test = vit.load_data(config)
+    with pytest.raises(ValueError, match=r"model.merged_attention must be None"):
+        vit.ViTTask(config, train, test)
