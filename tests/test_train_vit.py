@@ -216,8 +216,10 @@ def test_augment_shifts_and_flips_without_changing_content():
     np.testing.assert_array_equal(vit.augment(jax.random.key(0), images, 0, False), images)
 
 
-def test_bfloat16_compute_still_learns_with_float32_params(fashion_dir, tmp_path):
-    config = small_config(fashion_dir, "epochs=20", "model.dtype=bfloat16")
+@pytest.mark.parametrize("merged", [False, True], ids=["direct", "merged"])
+def test_bfloat16_compute_still_learns_with_float32_params(fashion_dir, tmp_path, merged):
+    config = small_config(fashion_dir, "epochs=20", "model.dtype=bfloat16",
+                          f"model.merged_attention={merged}")  # both attention forms
     out = vit.train_and_evaluate(config, tmp_path / "run")
     assert out["final"]["test_accuracy"] >= 0.9
     train, test = vit.load_data(config)
@@ -226,7 +228,7 @@ def test_bfloat16_compute_still_learns_with_float32_params(fashion_dir, tmp_path
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
     # The compute really is bf16: the logits differ from the float32 model's.
     batch = task.eval_batches("test")[0]
-    f32 = vit.ViTTask(small_config(fashion_dir), train, test)
+    f32 = vit.ViTTask(small_config(fashion_dir, f"model.merged_attention={merged}"), train, test)
     assert not np.allclose(task.apply(params, batch, train=False, rng=None),
                            f32.apply(params, batch, train=False, rng=None), atol=1e-6)  # fmt: skip
 
