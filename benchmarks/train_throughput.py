@@ -62,6 +62,14 @@ def op_breakdown(fn, calls: int, logdir: str) -> list[tuple[str, float, int]]:
     return [(k, v / 1e6 / calls, count[k] // calls) for k, v in total.most_common()]
 
 
+def compare(ours, theirs, batch: int, repeats: int) -> dict:
+    """Times both in turn; items per second, the ratio, and every timed call in seconds."""
+    timed = interleaved_seconds({"ours": ours, "torch": theirs}, repeats)
+    (ours_calls, ours_s), (torch_calls, theirs_s) = timed["ours"], timed["torch"]
+    return {"ours_per_s": batch / ours_s, "torch_per_s": batch / theirs_s,
+            "ratio": theirs_s / ours_s, "ours_s": ours_calls, "torch_s": torch_calls}  # fmt: skip
+
+
 def vit_step(batch: int, repeats: int, profile: str | None = None, devices: int = 1,
              dtype: str = "float32", merged: bool | None = None) -> dict:  # fmt: skip
     """``devices > 1``: the batch is sharded over that many devices (data parallel).
@@ -133,17 +141,12 @@ def vit_step(batch: int, repeats: int, profile: str | None = None, devices: int 
     exact = dtype == "float32" and device == "cpu"  # else bf16 or TF32 rounding on both sides
     if not np.isclose(first_loss, torch_first, rtol=1e-4 if exact else 2e-2):
         raise AssertionError(f"first-step losses differ: hw2jax {first_loss}, torch {torch_first}")
-    timed = interleaved_seconds({"ours": ours, "torch": theirs}, repeats)
-    ours_s, theirs_s = timed["ours"][1], timed["torch"][1]
     where = f" ({devices} host devices)" if devices > 1 else ""
     where += f", {dtype}" if dtype != "float32" else ""
     where += ", direct q, k, v attention" if merged is False else ""
     return {"what": f"ViT train step{where}", "batch": batch, "devices": devices,
-            "dtype": dtype, "torch_device": device,
-            "ours_per_s": batch / ours_s, "torch_per_s": batch / theirs_s,
-            "ratio": theirs_s / ours_s, "ours_first_call_ms": first_ms,
-            "ours_s": timed["ours"][0], "torch_s": timed["torch"][0],
-            "unit": "images/s"}  # fmt: skip
+            "dtype": dtype, "torch_device": device, "ours_first_call_ms": first_ms,
+            **compare(ours, theirs, batch, repeats), "unit": "images/s"}  # fmt: skip
 
 
 def bert_forward(name: str, folder, config_overrides, batch: int, tokens: int,
@@ -180,13 +183,9 @@ def bert_forward(name: str, folder, config_overrides, batch: int, tokens: int,
             tmodel(tids)
         torch_synchronize(device)
 
-    timed = interleaved_seconds({"ours": lambda: fwd(params, jids).block_until_ready(),
-                                 "torch": theirs}, repeats)  # fmt: skip
-    ours_s, theirs_s = timed["ours"][1], timed["torch"][1]
+    ours = lambda: fwd(params, jids).block_until_ready()  # noqa: E731
     return {"what": f"BERT forward ({name}, {dtype})", "batch": batch, "tokens": tokens,
-            "ours_per_s": batch / ours_s, "torch_per_s": batch / theirs_s,
-            "ratio": theirs_s / ours_s, "ours_first_call_ms": first_ms,
-            "ours_s": timed["ours"][0], "torch_s": timed["torch"][0],
+            "ours_first_call_ms": first_ms, **compare(ours, theirs, batch, repeats),
             "dtype": dtype, "torch_device": device, "unit": "sequences/s"}  # fmt: skip
 
 

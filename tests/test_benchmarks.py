@@ -9,11 +9,18 @@ import numpy as np
 import pytest
 from test_attention import qkv, ref_linear_np, ref_softmax_np
 
-_path = Path(__file__).parents[1] / "benchmarks" / "attention_scaling.py"
-_spec = importlib.util.spec_from_file_location("attention_scaling", _path)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["attention_scaling"] = bench  # dataclasses look their module up there
-_spec.loader.exec_module(bench)
+
+def _load_benchmark(name: str):
+    """Imports benchmarks/<name>.py, which is a script, not part of the package."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks"
+                                                  / f"{name}.py")  # fmt: skip
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_benchmark("attention_scaling")
 
 CASES = [(impl, causal) for impl in bench.all_impls() if not impl.gpu_only
          for causal in impl.causal]  # fmt: skip
@@ -161,19 +168,11 @@ def test_interleaved_timing_alternates_and_reports_each_calls_own_time(monkeypat
     assert timing.median_seconds(call("c", 1.5), repeats=2) == 1.5
 
 
-def _load_train_throughput():
-    path = Path(__file__).parents[1] / "benchmarks" / "train_throughput.py"
-    spec = importlib.util.spec_from_file_location("train_throughput", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("merged", [None, False], ids=["default", "direct"])
 def test_vit_throughput_times_the_same_model_as_torch(merged):
     """vit_step raises unless our first loss equals torch's on the same weights and batch, so
     each timed form of the attention is checked against torch before it is timed."""
     pytest.importorskip("torch")
-    row = _load_train_throughput().vit_step(8, 1, merged=merged)
+    row = _load_benchmark("train_throughput").vit_step(8, 1, merged=merged)
     assert row["ours_per_s"] > 0 and row["torch_per_s"] > 0 and len(row["ours_s"]) == 1
     assert ("direct q, k, v" in row["what"]) == (merged is False)
