@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hw2jax import attention
-from hw2jax.timing import median_seconds, torch_peer_device, torch_synchronize
+from hw2jax.timing import median_seconds, runtime_settings, torch_peer_device, torch_synchronize
 from hw2jax.train.sharding import split_host_cpu
 
 
@@ -336,7 +336,7 @@ def main(argv=None) -> None:
     meta = {"device": f"{device.platform}:{device.device_kind}", "host": platform.node(),
             "cpu_count": os.cpu_count(), "jax_devices": jax.device_count(), "jax": jax.__version__,
             "date": time.strftime("%Y-%m-%d"), "quick": args.quick, "complete": False,
-            "batch": 1, "heads": 4, "head_dim": 64}  # fmt: skip
+            "batch": 1, "heads": 4, "head_dim": 64, "env": runtime_settings()}  # fmt: skip
     done: list[dict] = []  # records of the finished sweeps
 
     def save(records: list[dict]) -> dict:

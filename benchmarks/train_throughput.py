@@ -32,7 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hw2jax.timing import interleaved_seconds, torch_peer_device, torch_synchronize
+from hw2jax.timing import (
+    interleaved_seconds,
+    runtime_settings,
+    torch_peer_device,
+    torch_synchronize,
+)
 from hw2jax.train.sharding import split_host_cpu
 
 
@@ -231,8 +236,8 @@ def main(argv=None) -> None:
     meta = {"device": f"{device.platform}:{device.device_kind}", "cpu_count": os.cpu_count(),
             "jax": jax.__version__, "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "torch_device": torch_peer_device(),
-            "date": time.strftime("%Y-%m-%d"),
-            "repeats": repeats}  # fmt: skip
+            "date": time.strftime("%Y-%m-%d"), "repeats": repeats,
+            "env": runtime_settings()}  # fmt: skip
     print(f"\n{meta}")
     print(f"{'what':44s} {'hw2jax':>12s} {'torch':>12s} {'hw2jax/torch':>13s}")
     for r in results:

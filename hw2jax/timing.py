@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -28,6 +29,18 @@ def interleaved_seconds(calls: dict[str, Callable[[], object]],
             call()
             times[name].append(time.perf_counter() - start)
     return {name: (t, float(np.median(t))) for name, t in times.items()}
+
+
+# Environment variables that change the figures without changing the code: glibc's allocator
+# (MALLOC_MMAP_THRESHOLD_ moved torch's MiniLM forward by 25 % and ours by up to 40 % on the
+# project's machine, benchmarks/README.md), OpenMP's wait policy (torch's threads), XLA's flags.
+_TIMING_ENV_PREFIXES = ("MALLOC_", "GLIBC_TUNABLES", "OMP_", "KMP_", "XLA_FLAGS", "TF_CPP_")
+
+
+def runtime_settings() -> dict[str, str]:
+    """The environment variables set for this process that are known to move timings, for a
+    benchmark's JSON, so that two runs can be told apart later."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(_TIMING_ENV_PREFIXES)}
 
 
 def torch_peer_device() -> str:

@@ -168,6 +168,18 @@ def test_interleaved_timing_alternates_and_reports_each_calls_own_time(monkeypat
     assert timing.median_seconds(call("c", 1.5), repeats=2) == 1.5
 
 
+def test_benchmark_json_records_the_settings_that_move_timings(monkeypatch):
+    from hw2jax import timing
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("HW2JAX_UNRELATED", "1")
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    env = timing.runtime_settings()
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "33554432" and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "HW2JAX_UNRELATED" not in env and "XLA_FLAGS" not in env
+
+
 @pytest.mark.parametrize("merged", [None, False], ids=["default", "direct"])
 def test_vit_throughput_times_the_same_model_as_torch(merged):
     """vit_step raises unless our first loss equals torch's on the same weights and batch, so
