@@ -1,7 +1,9 @@
 # Two commands do everything on a fresh machine:
 #   make run    set up .venv, then run the main job: the assignment's ViT on FashionMNIST
 #               (EPOCHS=1 for a short run; WORKDIR=... to pick where results go;
-#               HOST_DEVICES=2 to shard each batch over 2 CPU cores shown to jax as devices)
+#               HOST_DEVICES=auto, the default, shards each batch over the CPU cores shown to
+#               jax as devices, as many as the batch sizes allow, and does nothing on a GPU;
+#               HOST_DEVICES=1 keeps one device)
 #   make test   set up .venv, then run ruff and the full test suite
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +12,7 @@ STAMP := $(VENV)/.installed-stamp
 
 WORKDIR ?= runs/vit_fashion_mnist
 EPOCHS ?=
-HOST_DEVICES ?=
+HOST_DEVICES ?= auto
 
 .PHONY: run test setup clean
 

@@ -65,16 +65,37 @@ def test_eight_devices_match_one(tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
 
 
+def test_auto_host_devices_take_the_most_cores_every_batch_splits_over(capsys):
+    from hw2jax.cli import build_parser
+    from hw2jax.train.sharding import auto_host_devices
+
+    assert auto_host_devices(2, (256, 1000)) == 2
+    assert auto_host_devices(6, (256, 1000)) == 4  # not 5 or 6: 256 would not split
+    assert auto_host_devices(12, (256, 1000)) == 8
+    assert auto_host_devices(16, (40, 16)) == 8
+    assert auto_host_devices(3, (7,)) == 1 and auto_host_devices(0, (8,)) == 1
+    base = ["vit", "train", "--config", "c.py", "--workdir", "w", "--host-devices"]
+    assert build_parser().parse_args([*base, "auto"]).host_devices == "auto"
+    assert build_parser().parse_args([*base, "3"]).host_devices == 3
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*base, bad])
+        assert "expected 'auto' or a positive count" in capsys.readouterr().err
+
+
 @pytest.mark.slow
-def test_cli_host_devices_split_the_cpu_for_data_parallel(fashion_dir, tmp_path):
-    """--host-devices 2 in a fresh process (no XLA_FLAGS) shows jax 2 CPU devices and shards
-    over them (DataParallel(2) refuses to run on 1), with the metrics of a 1-device run."""
+@pytest.mark.parametrize("host_devices", ["2", "auto"])
+def test_cli_host_devices_split_the_cpu_for_data_parallel(fashion_dir, tmp_path, host_devices):
+    """--host-devices 2 (or auto) in a fresh process (no XLA_FLAGS) shows jax the CPU as several
+    devices and shards over them (DataParallel(2) refuses to run on 1), with the metrics of a
+    1-device run. auto: one device per core, as many as batches of 40 and 16 split over."""
     from test_train_vit import CONFIG, SMALL_MODEL, small_config
 
     from hw2jax import vit
+    from hw2jax.train.sharding import auto_host_devices
 
     args = ["vit", "train", "--config", str(CONFIG), "--workdir", str(tmp_path / "two"),
-            "--data-dir", str(fashion_dir), "--host-devices", "2", "--epochs", "3",
+            "--data-dir", str(fashion_dir), "--host-devices", host_devices, "--epochs", "3",
             "--set", "progress=False", "--set", "batch_size=40", "--set", "eval_batch_size=16",
             "--set", "log_every_steps=2", "--set", "learning_rate=3e-3"]  # fmt: skip
     for item in SMALL_MODEL:
@@ -83,7 +104,8 @@ def test_cli_host_devices_split_the_cpu_for_data_parallel(fashion_dir, tmp_path)
     code = f"from hw2jax import cli; raise SystemExit(cli.main({args!r}))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads((tmp_path / "two" / "config.json").read_text())["devices"] == "2"
+    expected = "2" if host_devices == "2" else str(auto_host_devices(os.cpu_count(), (40, 16)))
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["devices"] == expected
     two = json.loads((tmp_path / "two" / "history.json").read_text())["epochs"]
     one = vit.train_and_evaluate(small_config(fashion_dir), tmp_path / "one")["epochs"]
     assert len(one) == len(two) == 3

@@ -9,6 +9,7 @@ data, same seed), and hands jax only the rows of its own devices.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -31,6 +32,12 @@ def num_devices(spec: str | int) -> int:
             f"XLA_FLAGS=--xla_force_host_platform_device_count={n}."
         )
     return n
+
+
+def auto_host_devices(cores: int, batch_sizes: Sequence[int]) -> int:
+    """The most host devices, at most one per core, that every batch size splits evenly over
+    (``--host-devices auto``): with batches of 256 and 1000, 2 cores give 2, 6 give 4, 12 give 8."""
+    return max(n for n in range(1, max(cores, 1) + 1) if all(b % n == 0 for b in batch_sizes))
 
 
 def split_host_cpu(n: int) -> None:
