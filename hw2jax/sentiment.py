@@ -131,6 +131,7 @@ def init_params(model: BertGRUSentiment, bert_params: Any, rng: jax.Array) -> di
 
 class SentimentTask:
     frozen_keys = (FROZEN_KEY,)
+    unit = "reviews"
 
     def __init__(self, config: ml_collections.ConfigDict, splits: dict[str, dict[str, np.ndarray]],
                  bert_config: bert.BertConfig, bert_params: Any,

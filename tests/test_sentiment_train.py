@@ -126,7 +126,8 @@ def test_cli_train_and_predict(tmp_path, capsys):
                  f"cache_dir={tmp_path / 'cache'}"]:  # fmt: skip
         args += ["--set", item]
     assert cli.main(args) == 0
-    capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "reviews/s" in out and "img/s" not in out  # the epoch line names what it counts
     texts = ["Justice League is terrible. I hated it.", "Avengers was great!!"]
     assert cli.main(["sentiment", "predict", "--workdir", str(tmp_path / "w"), *texts]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

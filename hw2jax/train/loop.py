@@ -48,6 +48,8 @@ class Task(Protocol):
 
     def eval_batches(self, split: str) -> Sequence[Batch]: ...
 
+    # Optional: ``unit``, what one example is called in the progress line (default "img").
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf."""
@@ -331,6 +333,7 @@ def train_and_evaluate(
 
     train_step = make_train_step(task, step_rng)
     eval_step = make_eval_step(task)
+    unit = getattr(task, "unit", "img")
     best = max((r[config.best_metric] for r in history["epochs"]), default=-math.inf)
     stop_at = config.get("stop_at_step", 0)  # simulates Ctrl-C at a step (tests)
     status = "done"
@@ -388,7 +391,7 @@ def train_and_evaluate(
                 pending = []
                 bar.set_postfix(
                     loss=f"{sums['loss_sum'] / max(sums['count'], 1):.4f}",
-                    img_s=f"{seen / (time.perf_counter() - t0):.0f}",
+                    **{f"{unit}_s": f"{seen / (time.perf_counter() - t0):.0f}"},
                 )
                 if log_now:
                     n = window["count"]
@@ -427,7 +430,7 @@ def train_and_evaluate(
                 f"epoch {epoch + 1:3d}/{config.epochs}  train loss {record['train_loss']:.4f}  "
                 f"{config.eval_split} loss {metrics['loss']:.4f}  "
                 f"{config.eval_split} acc {100 * metrics['accuracy']:.2f}%  "
-                f"({train_time:.0f} s, {record['images_per_s']:.0f} img/s)"
+                f"({train_time:.0f} s, {record['images_per_s']:.0f} {unit}/s)"
                 + ("  *best" if is_best else "")
             )
             if (stop.requested or stop_at == int(state.step)) and epoch + 1 < config.epochs:
