@@ -52,6 +52,9 @@ def _auto_devices(config) -> str | None:
 
     if jax.default_backend() != "cpu":
         return None
+    if jax.process_count() > 1:  # a count below the global one would leave processes out
+        raise ValueError("--host-devices auto is for one process; with --distributed give a "
+                         "count, e.g. --host-devices 2, and --devices all.")  # fmt: skip
     sizes = (config.batch_size, config.get("eval_batch_size", config.batch_size))
     return str(auto_host_devices(jax.device_count(), sizes))
 

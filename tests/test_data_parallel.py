@@ -83,6 +83,21 @@ def test_auto_host_devices_take_the_most_cores_every_batch_splits_over(capsys):
         assert "expected 'auto' or a positive count" in capsys.readouterr().err
 
 
+def test_auto_host_devices_resolve_by_backend_and_refuse_several_processes(monkeypatch):
+    import jax
+    import ml_collections
+
+    from hw2jax import cli
+
+    config = ml_collections.ConfigDict({"batch_size": 4, "eval_batch_size": 2})
+    assert cli._auto_devices(config) == ("2" if jax.device_count() >= 2 else "1")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="--host-devices auto is for one process"):
+        cli._auto_devices(config)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert cli._auto_devices(config) is None  # a GPU run keeps its own devices
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("host_devices", ["2", "auto"])
 def test_cli_host_devices_split_the_cpu_for_data_parallel(fashion_dir, tmp_path, host_devices):
