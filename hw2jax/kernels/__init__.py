@@ -1,0 +1,242 @@
+"""A fused softmax-attention kernel for XLA:CPU, called through ``jax.ffi``.
+
+XLA's CPU backend writes attention's [T, T] scores to memory and reads them back twice (softmax,
+then probs.v); ``cpu_attention.cc`` keeps a block of score rows in L1 instead, as torch's CPU SDPA
+does. On 2 cores, MiniLM's attention (batch 32, T 256, 12 heads of 32) takes ~24 ms per layer
+against XLA's ~100 ms (2026-11-26, benchmarks/README.md).
+
+The C++ source ships with the package and is compiled on first use with the system's C++
+compiler (``$CXX``, else ``c++``/``g++``/``clang++``) for this CPU (``-march=native``), into
+``$HW2JAX_KERNEL_CACHE`` (default ``~/.cache/hw2jax/kernels``). Forward runs the kernel;
+gradients come from the plain XLA formula, so the op stays differentiable. Under ``jax.jit`` on a
+mesh, a batch (or head) sharded input stays sharded: the kernel runs on each device's slice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
+
+__all__ = [
+    "KernelUnavailable",
+    "cpu_attention",
+    "cpu_attention_unavailable_reason",
+    "reference_attention",
+]
+
+_SOURCE = Path(__file__).with_name("cpu_attention.cc")
+_SYMBOL = "Hw2jaxCpuAttention"
+_TARGET = "hw2jax_cpu_attention"
+SUPPORTED_HEAD_DIMS = tuple(range(16, 129, 16))  # the kernel's compiled variants
+
+
+class KernelUnavailable(RuntimeError):
+    """The native kernel could not be built or loaded here; the message says why and what to do."""
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("HW2JAX_KERNEL_CACHE"):
+        return Path(os.environ["HW2JAX_KERNEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hw2jax" / "kernels"
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    raise KernelUnavailable(
+        "no C++ compiler found for the fused CPU attention kernel: install one (Debian/Ubuntu: "
+        "apt-get install g++) or set $CXX, or pass attention='xla' to use XLA's attention."
+    )
+
+
+def _cpu_identity() -> str:
+    """-march=native code must not run on another CPU: the cache key names this one."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+@functools.cache
+def _library_path() -> Path:
+    cxx = _compiler()
+    include = jax.ffi.include_dir()
+    source = _SOURCE.read_bytes()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(
+        b"\0".join(s.encode() for s in (version, jax.__version__, _cpu_identity(), include))
+        + source
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_attention-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    base = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-isystem", include, str(_SOURCE)]
+    # Compile to a temporary name and rename: a concurrent or interrupted build never leaves a
+    # half-written library under the final name.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        errors = ""
+        for arch in (["-march=native"], []):  # some compilers/CPUs lack -march=native
+            done = subprocess.run(base + arch + ["-o", str(built)], capture_output=True, text=True)
+            if done.returncode == 0:
+                os.replace(built, target)
+                return target
+            errors = done.stderr
+    raise KernelUnavailable(
+        f"building the fused CPU attention kernel with {cxx} failed:\n{errors[-2000:]}\n"
+        "Pass attention='xla' to use XLA's attention instead."
+    )
+
+
+@functools.cache
+def _register() -> None:
+    library = ctypes.cdll.LoadLibrary(str(_library_path()))
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(getattr(library, _SYMBOL)),
+                                platform="cpu")  # fmt: skip
+
+
+@functools.cache
+def build_error() -> str | None:
+    """None once the kernel is built and registered, else why it could not be (warned once:
+    callers that fall back to XLA's attention would otherwise be silently slower)."""
+    try:
+        _register()
+    except (KernelUnavailable, OSError) as err:
+        warnings.warn(f"fused CPU attention unavailable, XLA's is used: {err}", RuntimeWarning,
+                      stacklevel=2)  # fmt: skip
+        return str(err)
+    return None
+
+
+def cpu_attention_unavailable_reason(head_dim: int, dtype: jnp.dtype) -> str | None:
+    """None if :func:`cpu_attention` can run for this head size and dtype on this machine,
+    else why not (building the kernel on first call)."""
+    if jax.default_backend() != "cpu":
+        return f"the fused kernel is for CPU; jax's backend here is {jax.default_backend()!r}"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"the fused kernel computes in float32, not {jnp.dtype(dtype).name}"
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {head_dim} is not one of the kernel's sizes {SUPPORTED_HEAD_DIMS}"
+    return build_error()
+
+
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_bias: jax.Array,
+                        scale: float) -> jax.Array:  # fmt: skip
+    """softmax(scale q.k^T + key_bias) v in plain jnp, [..., T, heads, D] in and out; the
+    kernel's gradient, and the formula its tests compare against."""
+    scores = jnp.einsum("...qhd,...khd->...hqk", q * scale, k) + key_bias[..., None, None, :]
+    return jnp.einsum("...hqk,...khd->...qhd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def _ffi_attention(q, k, v, key_bias, scale):
+    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype),
+                            vmap_method="broadcast_all")  # fmt: skip
+    return call(q, k, v, key_bias, scale=np.float32(scale))
+
+
+# Sequences and heads are independent: keep them sharded; positions and features whole.
+_sharded_attention = custom_partitioning(_ffi_attention, static_argnums=(4,))
+
+
+def _partition(scale, mesh, arg_shapes, result_shape):
+    spec = arg_shapes[0].sharding.spec
+    batch, heads = (spec[0] if len(spec) > 0 else None), (spec[2] if len(spec) > 2 else None)
+    qkv = NamedSharding(mesh, PartitionSpec(batch, None, heads, None))
+    bias = NamedSharding(mesh, PartitionSpec(batch, None))
+
+    def lower(q, k, v, key_bias):
+        return _ffi_attention(q, k, v, key_bias, scale)
+
+    return mesh, lower, qkv, (qkv, qkv, qkv, bias)
+
+
+def _infer(scale, mesh, arg_shapes, result_shape):
+    spec = arg_shapes[0].sharding.spec
+    batch, heads = (spec[0] if len(spec) > 0 else None), (spec[2] if len(spec) > 2 else None)
+    return NamedSharding(mesh, PartitionSpec(batch, None, heads, None))
+
+
+_sharded_attention.def_partition(
+    _partition,
+    infer_sharding_from_operands=_infer,
+    sharding_rule="b t h d, b s h d, b s h d, b s -> b t h d",
+    need_replication_factors=("t", "d", "s"),  # in order of appearance (Shardy)
+)
+
+
+@functools.cache
+def _batchable_attention(scale: float):
+    """The kernel under ``jax.vmap``: vmapped axes fold into the batch axis (one call)."""
+
+    @jax.custom_batching.custom_vmap
+    def call(q, k, v, key_bias):
+        return _sharded_attention(q, k, v, key_bias, scale)
+
+    @call.def_vmap
+    def _fold(axis_size, in_batched, *args):
+        args = [a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+                for a, b in zip(args, in_batched, strict=True)]  # fmt: skip
+        out = call(*(a.reshape(-1, *a.shape[2:]) for a in args))
+        return out.reshape(axis_size, -1, *out.shape[1:]), True
+
+    return call
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, key_bias, scale):
+    return _batchable_attention(scale)(q, k, v, key_bias)
+
+
+def _attention_fwd(q, k, v, key_bias, scale):
+    return _attention(q, k, v, key_bias, scale), (q, k, v, key_bias)
+
+
+def _attention_bwd(scale, residuals, grad):
+    _, pullback = jax.vjp(lambda *a: reference_attention(*a, scale), *residuals)
+    return pullback(grad)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_bias: jax.Array | None = None,
+                  *, scale: float | None = None) -> jax.Array:  # fmt: skip
+    """softmax(scale q.k^T + key_bias) v with the fused CPU kernel.
+
+    q, k, v: float32 ``[B, T, heads, D]`` (the layout the projections produce);
+    key_bias: ``[B, T]``, added to the scores of each key (0 keeps a key, a large negative
+    number such as ``finfo(float32).min`` masks it); scale defaults to 1/sqrt(D).
+    Raises :class:`KernelUnavailable` (or ValueError for bad shapes) with what to do instead.
+    """
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            "cpu_attention wants q, k and v of one shape [batch, T, heads, head_dim]; got "
+            f"{q.shape}, {k.shape}, {v.shape}. Use hw2jax.attention.softmax_attention for others."
+        )
+    reason = cpu_attention_unavailable_reason(q.shape[-1], q.dtype)
+    if reason is not None:
+        raise KernelUnavailable(reason)
+    if key_bias is None:
+        key_bias = jnp.zeros(q.shape[:2], jnp.float32)
+    if key_bias.shape != q.shape[:2]:
+        raise ValueError(f"key_bias must be [batch, T] = {q.shape[:2]}, got {key_bias.shape}.")
+    scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else float(scale)
+    return _attention(q, k, v, key_bias.astype(jnp.float32), scale)
