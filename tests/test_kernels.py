@@ -1,0 +1,169 @@
+"""The fused CPU attention kernel against independent references: an explicit numpy O(T^2)
+formula for the forward, torch's scaled_dot_product_attention for the gradients."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hw2jax import kernels
+from hw2jax.models import bert
+
+MASKED = np.finfo(np.float32).min
+
+
+def numpy_attention(q, k, v, key_bias, scale):
+    """[B, T, H, D] in and out, one (sequence, head) at a time, in float64."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    out = np.empty_like(q)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[2]):
+            scores = scale * q[b, :, h] @ k[b, :, h].T + np.asarray(key_bias[b], np.float64)
+            weights = np.exp(scores - scores.max(-1, keepdims=True))
+            out[b, :, h] = (weights / weights.sum(-1, keepdims=True)) @ v[b, :, h]
+    return out
+
+
+def _inputs(shape, seed=0, masked_fraction=0.3):
+    rng = np.random.default_rng(seed)
+    q, k, v = (3 * rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+    keep = rng.random(shape[:2]) > masked_fraction
+    keep[:, 0] = True
+    return q, k, v, np.where(keep, 0.0, MASKED).astype(np.float32)
+
+
+# T around the kernel's blocks (8 query rows, 32 keys), every head size it is compiled for.
+@pytest.mark.parametrize("shape", [(2, 1, 1, 16), (3, 7, 2, 32), (2, 33, 3, 48), (1, 64, 2, 64),
+                                   (2, 100, 1, 80), (1, 31, 2, 96), (1, 9, 1, 112),
+                                   (2, 257, 2, 128)])  # fmt: skip
+def test_forward_matches_explicit_formula(shape):
+    q, k, v, key_bias = _inputs(shape)
+    scale = 0.7 / np.sqrt(shape[-1])
+    got = jax.jit(kernels.cpu_attention, static_argnames="scale")(q, k, v, key_bias, scale=scale)
+    # Scores here spread over +-20; float32 rounding of them moves outputs by up to ~3e-5 (XLA's
+    # own attention: ~1e-5; the kernel sums the head dim in one chain, XLA in blocks).
+    np.testing.assert_allclose(got, numpy_attention(q, k, v, key_bias, scale), atol=6e-5, rtol=1e-5)
+
+
+def test_defaults_no_mask_and_fully_masked_rows():
+    q, k, v, _ = _inputs((2, 40, 2, 32), seed=1)
+    expected = numpy_attention(q, k, v, np.zeros((2, 40)), 1 / np.sqrt(32))
+    np.testing.assert_allclose(kernels.cpu_attention(q, k, v), expected, atol=2e-5, rtol=1e-5)
+    # Every key masked (Hugging Face's finfo.min): uniform weights, the mean of v, as in torch.
+    all_masked = np.full((2, 40), MASKED, np.float32)
+    got = kernels.cpu_attention(q, k, v, all_masked)
+    np.testing.assert_allclose(got, np.broadcast_to(v.mean(1, keepdims=True), v.shape), atol=1e-5)
+
+
+def test_large_scores_stay_finite():
+    q, k, v, key_bias = _inputs((1, 50, 1, 16), seed=2)
+    got = kernels.cpu_attention(30 * q, 30 * k, v, key_bias)  # scores in the thousands
+    np.testing.assert_allclose(got, numpy_attention(30 * q, 30 * k, v, key_bias, 0.25), atol=2e-5)
+
+
+def test_gradients_match_torch_sdpa():
+    torch = pytest.importorskip("torch")
+    q, k, v, key_bias = _inputs((2, 21, 2, 32), seed=3)
+    cotangent = np.random.default_rng(4).standard_normal(q.shape).astype(np.float32)
+    loss = lambda q, k, v: jnp.sum(kernels.cpu_attention(q, k, v, key_bias) * cotangent)  # noqa: E731
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    tq, tk, tv = (torch.tensor(a.transpose(0, 2, 1, 3), requires_grad=True) for a in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        tq, tk, tv, attn_mask=torch.tensor(key_bias[:, None, None, :]))
+    (out * torch.tensor(cotangent.transpose(0, 2, 1, 3))).sum().backward()
+    for got, ref in zip(grads, (tq, tk, tv), strict=True):
+        expected = ref.grad.numpy().transpose(0, 2, 1, 3)
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_vmap_folds_into_the_batch():
+    q, k, v, key_bias = _inputs((2, 12, 2, 16), seed=5)
+    stacked = lambda a: np.stack([a, a[::-1]])  # noqa: E731
+    got = jax.vmap(kernels.cpu_attention, in_axes=(0, 0, None, 0))(
+        stacked(q), stacked(k), v, stacked(key_bias))
+    expected = numpy_attention(q[::-1], k[::-1], v, key_bias[::-1], 0.25)
+    np.testing.assert_allclose(got[1], expected, atol=2e-5, rtol=1e-5)
+
+
+_SHARDED = """
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from hw2jax import kernels
+assert jax.device_count() == 2
+rng = np.random.default_rng(0)
+q, k, v = (rng.standard_normal((4, 24, 4, 16)).astype(np.float32) for _ in range(3))
+key_bias = np.where(rng.random((4, 24)) > 0.3, 0.0, -1e30).astype(np.float32)
+mesh = Mesh(np.array(jax.devices()).reshape(1, 2), ("data", "model"))
+f = jax.jit(lambda *a: kernels.cpu_attention(*a) + 0.0)
+for spec in (P("data", None, "model", None), P("model", None, None, None)):
+    qkv = NamedSharding(mesh, spec)
+    args = [jax.device_put(a, qkv) for a in (q, k, v)]
+    args.append(jax.device_put(key_bias, NamedSharding(mesh, P(spec[0], None))))
+    hlo = f.lower(*args).compile().as_text()
+    call = next(line for line in hlo.splitlines() if '"hw2jax_cpu_attention"' in line)
+    print(spec, "all-gather" in hlo, call.split("=")[1].split("custom-call")[0].strip())
+    one_device = np.asarray(kernels.cpu_attention(q, k, v, key_bias))
+    print(float(np.abs(np.asarray(f(*args)) - one_device).max()))
+"""
+
+
+def test_sharded_inputs_stay_sharded():
+    """Heads or sequences split over devices: each device runs the kernel on its own slice,
+    with no all-gather, and the result equals the one-device call."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    run = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert lines[0].endswith("False f32[4,24,2,16]{3,2,1,0}"), lines  # heads split in two
+    assert lines[2].endswith("False f32[2,24,4,16]{3,2,1,0}"), lines  # sequences split in two
+    assert float(lines[1]) < 1e-6 and float(lines[3]) < 1e-6, lines
+
+
+def test_bad_inputs_get_clear_errors():
+    q, k, v, key_bias = _inputs((1, 8, 1, 16))
+    with pytest.raises(ValueError, match=r"one shape \[batch, T, heads, head_dim\]"):
+        kernels.cpu_attention(q, k[:, :4], v)
+    with pytest.raises(ValueError, match=r"key_bias must be \[batch, T\]"):
+        kernels.cpu_attention(q, k, v, key_bias[:, :4])
+    with pytest.raises(kernels.KernelUnavailable, match="head dim 24"):
+        kernels.cpu_attention(*(a[..., :8].repeat(3, -1) for a in (q, k, v)))
+    with pytest.raises(kernels.KernelUnavailable, match="float32, not bfloat16"):
+        kernels.cpu_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
+
+
+def test_build_failures_name_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("HW2JAX_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    with pytest.raises(kernels.KernelUnavailable, match=r"(?s)with false failed.*attention='xla'"):
+        kernels._library_path.__wrapped__()
+    assert not list(tmp_path.glob("*.so"))  # nothing half-written left behind
+    monkeypatch.delenv("CXX")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(kernels.KernelUnavailable, match=r"(?s)no C.. compiler.*apt-get install g"):
+        kernels._library_path.__wrapped__()
+
+
+def test_bert_attention_choice():
+    config = bert.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, intermediate_size=64)  # fmt: skip
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 10)))
+    mask = jnp.asarray(np.arange(10)[None] < np.array([[10], [6]]))
+    params = bert.BertModel(config).init(jax.random.key(0), ids)["params"]
+    out = {att: bert.BertModel(config, attention=att).apply({"params": params}, ids, mask)[0]
+           for att in ("fused", "xla")}  # fmt: skip
+    np.testing.assert_allclose(out["fused"], out["xla"], atol=2e-5)
+    with pytest.raises(ValueError, match="attention='flash'; use one of"):
+        bert.BertModel(config, attention="flash").apply({"params": params}, ids)
+    dropout = bert.BertModel(config, attention="fused")
+    with pytest.raises(kernels.KernelUnavailable, match=r"attention dropout.*deterministic=True"):
+        dropout.apply({"params": params}, ids, deterministic=False,
+                      rngs={"dropout": jax.random.key(1)})
+    # "auto" with dropout on takes XLA's path, and trains.
+    auto = bert.BertModel(config).apply({"params": params}, ids, deterministic=False,
+                                        rngs={"dropout": jax.random.key(1)})[0]  # fmt: skip
+    assert not np.allclose(auto, out["xla"], atol=1e-3)
