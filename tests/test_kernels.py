@@ -157,6 +157,10 @@ def test_bert_attention_choice():
     out = {att: bert.BertModel(config, attention=att).apply({"params": params}, ids, mask)[0]
            for att in ("fused", "xla")}  # fmt: skip
     np.testing.assert_allclose(out["fused"], out["xla"], atol=2e-5)
+    # bf16 compute: the kernel gets upcast q, k, v; within bf16's rounding of the float32 result.
+    bf16 = bert.BertModel(config, jnp.bfloat16, attention="fused").apply({"params": params}, ids,
+                                                                         mask)[0]  # fmt: skip
+    np.testing.assert_allclose(np.asarray(bf16, np.float32), out["xla"], atol=6e-2)
     with pytest.raises(ValueError, match="attention='flash'; use one of"):
         bert.BertModel(config, attention="flash").apply({"params": params}, ids)
     dropout = bert.BertModel(config, attention="fused")

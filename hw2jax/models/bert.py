@@ -95,15 +95,18 @@ class BertLayer(nn.Module):
         heads, dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
         compute = self.dtype or jnp.float32
         dropout_active = not deterministic and c.attention_probs_dropout_prob > 0
-        fused = _use_fused_attention(self.attention, dim, compute, dropout_active)
+        fused = _use_fused_attention(self.attention, dim, dropout_active)
 
         def project(name: str, scale: float = 1.0) -> jax.Array:  # -> [B, T, heads, D]
             t = _dense(c.hidden_size, name=name, dtype=self.dtype)(x) * scale
             return t.reshape(*t.shape[:-1], heads, dim).astype(compute)
 
         if fused:  # takes [B, T, heads, D] as projected: no transposes at all
-            ctx = kernels.cpu_attention(project("query"), project("key"), project("value"),
-                                        key_bias, scale=1.0 / math.sqrt(dim))  # fmt: skip
+            # In float32 whatever the compute dtype: bf16 q, k, v are upcast (XLA fuses that into
+            # the projections), so bf16 runs keep their speed and gain precision here.
+            q, k, v = (project(n).astype(jnp.float32) for n in ("query", "key", "value"))
+            ctx = kernels.cpu_attention(q, k, v, key_bias, scale=1.0 / math.sqrt(dim))
+            ctx = ctx.astype(compute)
         else:
             # Heads next to the batch (see matmul_f32): ~1.8x faster on CPU than einsums over
             # [B, T, heads, D]. 1/sqrt(D) goes on q, inside the copy that moves the heads,
@@ -131,12 +134,12 @@ class BertLayer(nn.Module):
 ATTENTION_CHOICES = ("auto", "fused", "xla")
 
 
-def _use_fused_attention(choice: str, head_dim: int, dtype: Any, dropout_active: bool) -> bool:
+def _use_fused_attention(choice: str, head_dim: int, dropout_active: bool) -> bool:
     if choice not in ATTENTION_CHOICES:
         raise ValueError(f"attention={choice!r}; use one of {ATTENTION_CHOICES}.")
     if choice == "xla":
         return False
-    reason = kernels.cpu_attention_unavailable_reason(head_dim, dtype)
+    reason = kernels.cpu_attention_unavailable_reason(head_dim, jnp.float32)
     if dropout_active:
         reason = "attention dropout needs the probabilities, which the fused kernel never stores"
     if choice == "fused" and reason is not None:
@@ -177,8 +180,9 @@ class BertModel(nn.Module):
 
     config: BertConfig
     dtype: Any = None  # compute dtype; params stay float32
-    # "auto": the fused CPU kernel (hw2jax.kernels) where it applies: CPU backend, float32, no
-    # attention dropout; XLA's attention elsewhere. "fused" insists on the kernel, "xla" avoids it.
+    # "auto": the fused CPU kernel (hw2jax.kernels) where it applies: CPU backend, no attention
+    # dropout (it computes in float32, bf16 inputs upcast); XLA's attention elsewhere. "fused"
+    # insists on the kernel, "xla" avoids it.
     attention: str = "auto"
 
     @nn.compact
