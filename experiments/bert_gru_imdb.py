@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.use_mask = False
     c.bert_dropout = True
     c.encoder_dtype = "float32"  # or "bfloat16": bf16 matmul inputs, f32 accumulation
+    c.encoder_attention = "auto"  # "auto": fused CPU kernel where it applies; "xla" | "fused"
     c.encoder_microbatch = 16  # BERT runs on this many reviews at a time (memory), 0 = all
     c.data_dir = ""  # "" = $HW2JAX_DATA_DIR, then the usual places, then TFDS
     c.data_source = "auto"  # auto | local | tfds

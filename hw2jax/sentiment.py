@@ -40,6 +40,7 @@ def build_model(config: ml_collections.ConfigDict, bert_config: bert.BertConfig
         bert_config, hidden_dim=config.hidden_dim, n_layers=config.n_layers,
         bidirectional=config.bidirectional, dropout=config.dropout, use_mask=config.use_mask,
         bert_dropout=config.bert_dropout, dtype=encoder_dtype(config),
+        attention=encoder_attention(config),
     )  # fmt: skip
 
 
@@ -49,6 +50,16 @@ def encoder_dtype(config: ml_collections.ConfigDict) -> jnp.dtype | None:
     if name not in ("float32", "bfloat16"):
         raise ValueError(f"encoder_dtype must be 'float32' or 'bfloat16', got {name!r}.")
     return None if name == "float32" else jnp.dtype(name)
+
+
+def encoder_attention(config: ml_collections.ConfigDict) -> str:
+    """BertModel's attention: "auto" (the fused CPU kernel where it applies), "fused" or "xla"."""
+    name = config.get("encoder_attention", "auto")  # configs saved before the option: "auto"
+    if name not in bert.ATTENTION_CHOICES:
+        raise ValueError(
+            f"encoder_attention must be one of {bert.ATTENTION_CHOICES}, got {name!r}."
+        )
+    return name
 
 
 def bucket_sizes(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -276,7 +287,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     workdir = Path(workdir)
-    encoder_dtype(config)  # a bad value fails here, not after tokenizing 50,000 reviews
+    encoder_dtype(config)  # bad values fail here, not after tokenizing 50,000 reviews
+    encoder_attention(config)
     workdir.mkdir(parents=True, exist_ok=True)
     loop.save_run_config(workdir, config)
     bert_config, bert_params, tokenizer = _setup(config, workdir)

@@ -130,6 +130,10 @@ def test_bad_inputs_get_clear_errors():
         kernels.cpu_attention(q, k[:, :4], v)
     with pytest.raises(ValueError, match=r"key_bias must be \[batch, T\]"):
         kernels.cpu_attention(q, k, v, key_bias[:, :4])
+    with pytest.raises(ValueError, match="not a boolean mask"):
+        kernels.cpu_attention(q, k, v, key_bias == 0)
+    empty = np.zeros((2, 0, 1, 16), np.float32)  # no positions: an empty result, no crash
+    assert kernels.cpu_attention(empty, empty, empty).shape == (2, 0, 1, 16)
     with pytest.raises(kernels.KernelUnavailable, match="head dim 24"):
         kernels.cpu_attention(*(a[..., :8].repeat(3, -1) for a in (q, k, v)))
     with pytest.raises(kernels.KernelUnavailable, match="float32, not bfloat16"):

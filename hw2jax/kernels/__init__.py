@@ -236,6 +236,9 @@ def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_bias: jax.Array 
         raise KernelUnavailable(reason)
     if key_bias is None:
         key_bias = jnp.zeros(q.shape[:2], jnp.float32)
+    if jnp.asarray(key_bias).dtype == jnp.bool_:
+        raise ValueError("key_bias is added to the scores, not a boolean mask: pass "
+                         "jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).")  # fmt: skip
     if key_bias.shape != q.shape[:2]:
         raise ValueError(f"key_bias must be [batch, T] = {q.shape[:2]}, got {key_bias.shape}.")
     scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else float(scale)

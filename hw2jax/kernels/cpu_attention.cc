@@ -244,10 +244,10 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   const DrainFn drain = DrainFor(d);
   if (drain == nullptr)
     return ffi::Error::InvalidArgument("head dim must be a multiple of 16, at most 128");
+  if (q.element_count() == 0) return ffi::Error::Success();  // nothing to attend over
   const int64_t sequences = q.element_count() / (t * h * d);
   if (key_bias.element_count() != static_cast<size_t>(sequences * t))
     return ffi::Error::InvalidArgument("key_bias must be [..., T]");
-  if (t == 0 || sequences == 0) return ffi::Error::Success();
 
   auto shared = std::make_shared<Shared>();
   shared->problem = Problem{q.typed_data(), k.typed_data(), v.typed_data(),

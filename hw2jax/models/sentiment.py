@@ -32,9 +32,10 @@ class BertGRUSentiment(nn.Module):
     use_mask: bool = False
     bert_dropout: bool = True
     dtype: Any = None
+    attention: str = "auto"  # BertModel's: the fused CPU kernel where it applies, or "xla"
 
     def setup(self):
-        self.bert = BertModel(self.bert_config, self.dtype)
+        self.bert = BertModel(self.bert_config, self.dtype, self.attention)
         self.rnn = GRU(self.hidden_dim, self.n_layers, self.bidirectional, self.dropout)
         self.head_dropout = nn.Dropout(self.dropout)
         fan_in = self.hidden_dim * (2 if self.bidirectional else 1)
