@@ -208,3 +208,32 @@ def test_two_processes_match_one(tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
     assert (tmp_path / "run2" / "history.json").exists()
     assert (tmp_path / "run2" / "checkpoints" / "best").exists()
+
+
+@pytest.mark.slow
+def test_cli_sentiment_host_devices_match_one_device(tmp_path):
+    """The sentiment experiment sharded over 2 host devices in a fresh process trains like one
+    device; with BERT's dropout off, the fused CPU attention kernel runs per device in every step
+    and evaluation (tests/test_kernels.py checks that it stays sharded)."""
+    from test_sentiment_train import CONFIG, tiny_config, tiny_settings
+
+    from hw2jax import sentiment
+
+    overrides = ("use_mask=True", "bert_dropout=False", "epochs=3")
+    args = ["sentiment", "train", "--config", str(CONFIG), "--workdir", str(tmp_path / "two"),
+            "--host-devices", "2"]  # fmt: skip
+    for item in tiny_settings(tmp_path, *overrides):
+        args += ["--set", item]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    code = f"from hw2jax import cli; raise SystemExit(cli.main({args!r}))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["devices"] == "2"
+    two = json.loads((tmp_path / "two" / "history.json").read_text())["epochs"]
+    one = sentiment.train_and_evaluate(tiny_config(tmp_path, *overrides), tmp_path / "one")
+    one = one["epochs"]
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two, strict=True):
+        assert a["valid_accuracy"] == pytest.approx(b["valid_accuracy"], abs=1e-6)
+        assert a["valid_loss"] == pytest.approx(b["valid_loss"], rel=1e-4)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
