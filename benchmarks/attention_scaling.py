@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from hw2jax import attention
+from hw2jax import attention, kernels
 from hw2jax.timing import median_seconds, runtime_settings, torch_peer_device, torch_synchronize
 from hw2jax.train.sharding import split_host_cpu
 
@@ -43,6 +43,8 @@ class Impl:
     quadratic_memory: bool = False  # materialises T x T scores
     fused_on_gpu: bool = False  # but not on a GPU, where it runs a fused (flash-style) kernel
     multi_device: bool = False  # only worth timing when jax sees several devices
+    cpu_only: bool = False
+    forward_only: bool = False  # its backward is another implementation's (not worth timing)
 
 
 def heads_over_devices(fn: Callable) -> Callable:
@@ -80,6 +82,10 @@ def _jax_impls() -> list[Impl]:
              lambda causal: heads_over_devices(softmax("blockwise")(causal)), multi_device=True),
         Impl("jax.nn.dot_product_attention (xla)", "jax", "softmax", both, xla("xla"),
              quadratic_memory=True),
+        # BERT's default on CPU: non-causal, float32, head dims 16..128; gradients via XLA.
+        Impl("hw2jax fused CPU kernel", "jax", "softmax", (False,),
+             lambda causal: lambda q, k, v: kernels.cpu_attention(q, k, v),
+             cpu_only=True, forward_only=True, dtype="float32"),
         Impl("jax.nn.dot_product_attention (cudnn)", "jax", "softmax", both, xla("cudnn"),
              gpu_only=True, dtype="bfloat16"),
         Impl("hw2jax linear", "jax", "linear", (False,), linear("chunked")),
@@ -215,9 +221,10 @@ def sweep(lengths, impls, *, passes, causals, dtypes, heads=4, head_dim=64, repe
     shape = {"heads": heads, "head_dim": head_dim, "repeats": repeats}
     records = []
     for impl in impls:
-        if (impl.gpu_only and not on_gpu) or (impl.multi_device and jax.device_count() < 2):
+        if ((impl.gpu_only and not on_gpu) or (impl.cpu_only and on_gpu)
+                or (impl.multi_device and jax.device_count() < 2)):  # fmt: skip
             continue
-        for backward in passes:
+        for backward in (p for p in passes if not (p and impl.forward_only)):
             for causal in (c for c in causals if c in impl.causal):
                 for dtype in [impl.dtype] if impl.dtype else dtypes:
                     if impl.kind == "torch" and dtype != "float32" and not on_gpu:

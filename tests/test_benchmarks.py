@@ -47,7 +47,7 @@ def test_benchmark_lists_the_peers_and_our_kernels():
     names = {i.name for i in bench.all_impls()}
     ours = {"hw2jax softmax (naive)", "hw2jax softmax (blockwise)", "hw2jax linear",
             "jax.nn.dot_product_attention (xla)", "hw2jax linear (causal chunked)",
-            "hw2jax linear (causal recurrent)"}  # fmt: skip
+            "hw2jax linear (causal recurrent)", "hw2jax fused CPU kernel"}  # fmt: skip
     assert ours <= names
     assert {"torch sdpa", "torch linear (fast-transformers)"} <= names
 
@@ -64,6 +64,12 @@ def test_sweep_records_points_and_skips_over_budget_without_dying():
     # 4 bytes * 2 heads * 128^2 = 131 kB forward fits; 3x that for the backward does not.
     assert [r.get("skipped") is None for r in naive] == [True, True, True, False]
     assert "budget" in naive[-1]["skipped"]
+    kernel = [i for i in bench.all_impls() if i.forward_only]
+    only_forward = bench.sweep([64], kernel, passes=(False, True), causals=(False, True),
+                               dtypes=("bfloat16",), heads=2, head_dim=16, repeats=1,
+                               log=lines.append)  # fmt: skip
+    assert [(r["pass"], r["causal"], r["dtype"]) for r in only_forward] == [
+        ("fwd", False, "float32")]
     for r in records:
         assert set(r) >= {"impl", "T", "pass", "causal", "dtype", "median_ms", "compile_ms",
                           "temp_bytes", "device"}  # fmt: skip
