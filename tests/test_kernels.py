@@ -4,6 +4,7 @@ formula for the forward, torch's scaled_dot_product_attention for the gradients.
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -150,6 +151,33 @@ def test_build_failures_name_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(kernels.KernelUnavailable, match=r"(?s)no C.. compiler.*apt-get install g"):
         kernels._library_path.__wrapped__()
+
+
+_LOAD_AND_RUN = """
+import numpy as np
+from hw2jax import kernels
+kernels._register()
+print(kernels._library_path())
+x = np.random.default_rng(0).standard_normal((1, 9, 1, 16)).astype(np.float32)
+print(float(np.abs(np.asarray(kernels.cpu_attention(x, x, x)) - x).max()))
+"""
+
+
+def test_an_unloadable_cached_library_is_rebuilt(tmp_path):
+    """Garbage under the cached library's name: the next process rebuilds it and computes the
+    right thing. (Fresh processes: jax takes one handler per target name per process.)"""
+    env = dict(os.environ, HW2JAX_KERNEL_CACHE=str(tmp_path))
+    runs = []
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-c", _LOAD_AND_RUN], env=env, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+        runs.append(run.stdout.splitlines())
+        Path(runs[-1][0]).write_bytes(b"not a shared library")
+    assert runs[0][0] == runs[1][0]  # the same name, built again
+    x = np.random.default_rng(0).standard_normal((1, 9, 1, 16)).astype(np.float32)
+    expected = float(np.abs(numpy_attention(x, x, x, np.zeros((1, 9)), 0.25) - x).max())
+    assert float(runs[1][1]) == pytest.approx(expected, abs=2e-5)
 
 
 def test_bert_attention_choice():

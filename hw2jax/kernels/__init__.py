@@ -111,7 +111,15 @@ def _library_path() -> Path:
 
 @functools.cache
 def _register() -> None:
-    library = ctypes.cdll.LoadLibrary(str(_library_path()))
+    path = _library_path()
+    try:
+        library = ctypes.cdll.LoadLibrary(str(path))
+    except OSError:
+        # A cached library this loader cannot read (a damaged disk, a cache dir copied from
+        # another system): rebuild it once instead of failing on every run.
+        path.unlink(missing_ok=True)
+        _library_path.cache_clear()
+        library = ctypes.cdll.LoadLibrary(str(_library_path()))
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(getattr(library, _SYMBOL)),
                                 platform="cpu")  # fmt: skip
 
