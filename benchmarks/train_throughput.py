@@ -159,7 +159,7 @@ def bert_forward(name: str, folder, config_overrides, batch: int, tokens: int,
                  attention: str = "auto") -> dict:  # fmt: skip
     """``dtype="bfloat16"``: ours with bf16 matmul inputs (f32 accumulation), torch under
     autocast to bf16, so both sides run at the same precision. ``attention``: BertModel's
-    choice ("auto" takes the fused CPU kernel in float32 on CPU; "xla" keeps XLA's attention)."""
+    choice ("auto" takes the fused CPU kernel on CPU, bf16 q, k, v upcast; "xla" keeps XLA's)."""
     import torch
     import transformers
 

@@ -17,9 +17,13 @@ PHI_NP = {
 }
 
 
-def ref_softmax_np(q, k, v, causal):
+def ref_softmax_np(q, k, v, causal=False, key_bias=None, scale=None):
+    """float64; key_bias [B, T] is added to each key's scores; scale defaults to 1/sqrt(D)."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    scale = 1 / np.sqrt(q.shape[-1]) if scale is None else scale
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if key_bias is not None:
+        logits = logits + np.asarray(key_bias, np.float64)[:, None, None, :]
     if causal:
         t = q.shape[1]
         logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)

@@ -1,5 +1,6 @@
-"""The fused CPU attention kernel against independent references: an explicit numpy O(T^2)
-formula for the forward, torch's scaled_dot_product_attention for the gradients."""
+"""The fused CPU attention kernel against independent references: the explicit float64 NumPy
+O(T^2) formula of test_attention for the forward, torch's scaled_dot_product_attention for the
+gradients."""
 
 import os
 import subprocess
@@ -10,23 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_attention import ref_softmax_np
 
 from hw2jax import kernels
 from hw2jax.models import bert
 
 MASKED = np.finfo(np.float32).min
-
-
-def numpy_attention(q, k, v, key_bias, scale):
-    """[B, T, H, D] in and out, one (sequence, head) at a time, in float64."""
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    out = np.empty_like(q)
-    for b in range(q.shape[0]):
-        for h in range(q.shape[2]):
-            scores = scale * q[b, :, h] @ k[b, :, h].T + np.asarray(key_bias[b], np.float64)
-            weights = np.exp(scores - scores.max(-1, keepdims=True))
-            out[b, :, h] = (weights / weights.sum(-1, keepdims=True)) @ v[b, :, h]
-    return out
 
 
 def _inputs(shape, seed=0, masked_fraction=0.3):
@@ -47,12 +37,13 @@ def test_forward_matches_explicit_formula(shape):
     got = jax.jit(kernels.cpu_attention, static_argnames="scale")(q, k, v, key_bias, scale=scale)
     # Scores here spread over +-20; float32 rounding of them moves outputs by up to ~3e-5 (XLA's
     # own attention: ~1e-5; the kernel sums the head dim in one chain, XLA in blocks).
-    np.testing.assert_allclose(got, numpy_attention(q, k, v, key_bias, scale), atol=6e-5, rtol=1e-5)
+    expected = ref_softmax_np(q, k, v, key_bias=key_bias, scale=scale)
+    np.testing.assert_allclose(got, expected, atol=6e-5, rtol=1e-5)
 
 
 def test_defaults_no_mask_and_fully_masked_rows():
     q, k, v, _ = _inputs((2, 40, 2, 32), seed=1)
-    expected = numpy_attention(q, k, v, np.zeros((2, 40)), 1 / np.sqrt(32))
+    expected = ref_softmax_np(q, k, v)
     np.testing.assert_allclose(kernels.cpu_attention(q, k, v), expected, atol=2e-5, rtol=1e-5)
     # Every key masked (Hugging Face's finfo.min): uniform weights, the mean of v, as in torch.
     all_masked = np.full((2, 40), MASKED, np.float32)
@@ -63,7 +54,7 @@ def test_defaults_no_mask_and_fully_masked_rows():
 def test_large_scores_stay_finite():
     q, k, v, key_bias = _inputs((1, 50, 1, 16), seed=2)
     got = kernels.cpu_attention(30 * q, 30 * k, v, key_bias)  # scores in the thousands
-    np.testing.assert_allclose(got, numpy_attention(30 * q, 30 * k, v, key_bias, 0.25), atol=2e-5)
+    np.testing.assert_allclose(got, ref_softmax_np(30 * q, 30 * k, v, key_bias=key_bias), atol=2e-5)
 
 
 def test_gradients_match_torch_sdpa():
@@ -86,7 +77,7 @@ def test_vmap_folds_into_the_batch():
     stacked = lambda a: np.stack([a, a[::-1]])  # noqa: E731
     got = jax.vmap(kernels.cpu_attention, in_axes=(0, 0, None, 0))(
         stacked(q), stacked(k), v, stacked(key_bias))
-    expected = numpy_attention(q[::-1], k[::-1], v, key_bias[::-1], 0.25)
+    expected = ref_softmax_np(q[::-1], k[::-1], v, key_bias=key_bias[::-1])
     np.testing.assert_allclose(got[1], expected, atol=2e-5, rtol=1e-5)
 
 
@@ -176,7 +167,7 @@ def test_an_unloadable_cached_library_is_rebuilt(tmp_path):
         Path(runs[-1][0]).write_bytes(b"not a shared library")
     assert runs[0][0] == runs[1][0]  # the same name, built again
     x = np.random.default_rng(0).standard_normal((1, 9, 1, 16)).astype(np.float32)
-    expected = float(np.abs(numpy_attention(x, x, x, np.zeros((1, 9)), 0.25) - x).max())
+    expected = float(np.abs(ref_softmax_np(x, x, x) - x).max())
     assert float(runs[1][1]) == pytest.approx(expected, abs=2e-5)
 
 

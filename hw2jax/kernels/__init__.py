@@ -32,13 +32,14 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
+from hw2jax.attention import key_bias_attention
+
 __all__ = [
     "SUPPORTED_HEAD_DIMS",
     "KernelUnavailable",
     "build_error",
     "cpu_attention",
     "cpu_attention_unavailable_reason",
-    "reference_attention",
 ]
 
 _SOURCE = Path(__file__).with_name("cpu_attention.cc")
@@ -149,14 +150,6 @@ def cpu_attention_unavailable_reason(head_dim: int, dtype: jnp.dtype) -> str | N
     return build_error()
 
 
-def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_bias: jax.Array,
-                        scale: float) -> jax.Array:  # fmt: skip
-    """softmax(scale q.k^T + key_bias) v in plain jnp, [..., T, heads, D] in and out; the
-    kernel's gradient, and the formula its tests compare against."""
-    scores = jnp.einsum("...qhd,...khd->...hqk", q * scale, k) + key_bias[..., None, None, :]
-    return jnp.einsum("...hqk,...khd->...qhd", jax.nn.softmax(scores, axis=-1), v)
-
-
 def _ffi_attention(q, k, v, key_bias, scale):
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype),
                             vmap_method="broadcast_all")  # fmt: skip
@@ -167,9 +160,13 @@ def _ffi_attention(q, k, v, key_bias, scale):
 _sharded_attention = custom_partitioning(_ffi_attention, static_argnums=(4,))
 
 
+def _kept(spec: PartitionSpec) -> tuple:
+    """The (batch, heads) mesh axes of a [B, T, heads, D] operand's spec."""
+    return (spec[0] if len(spec) > 0 else None), (spec[2] if len(spec) > 2 else None)
+
+
 def _partition(scale, mesh, arg_shapes, result_shape):
-    spec = arg_shapes[0].sharding.spec
-    batch, heads = (spec[0] if len(spec) > 0 else None), (spec[2] if len(spec) > 2 else None)
+    batch, heads = _kept(arg_shapes[0].sharding.spec)
     qkv = NamedSharding(mesh, PartitionSpec(batch, None, heads, None))
     bias = NamedSharding(mesh, PartitionSpec(batch, None))
 
@@ -180,8 +177,7 @@ def _partition(scale, mesh, arg_shapes, result_shape):
 
 
 def _infer(scale, mesh, arg_shapes, result_shape):
-    spec = arg_shapes[0].sharding.spec
-    batch, heads = (spec[0] if len(spec) > 0 else None), (spec[2] if len(spec) > 2 else None)
+    batch, heads = _kept(arg_shapes[0].sharding.spec)
     return NamedSharding(mesh, PartitionSpec(batch, None, heads, None))
 
 
@@ -221,7 +217,9 @@ def _attention_fwd(q, k, v, key_bias, scale):
 
 
 def _attention_bwd(scale, residuals, grad):
-    _, pullback = jax.vjp(lambda *a: reference_attention(*a, scale), *residuals)
+    # The gradient of the same function as XLA computes it (BERT's other path).
+    _, pullback = jax.vjp(lambda q, k, v, key_bias: key_bias_attention(q * scale, k, v, key_bias),
+                          *residuals)  # fmt: skip
     return pullback(grad)
 
 
