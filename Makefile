@@ -4,7 +4,7 @@
 #               HOST_DEVICES=auto, the default, shards each batch over the CPU cores shown to
 #               jax as devices, as many as the batch sizes allow, and does nothing on a GPU;
 #               HOST_DEVICES=1 keeps one device)
-#   make test   set up .venv, then run ruff and the full test suite
+#   make test   set up .venv, then run ruff (lint and format check) and the full test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,11 +13,16 @@ STAMP := $(VENV)/.installed-stamp
 WORKDIR ?= runs/vit_fashion_mnist
 EPOCHS ?=
 HOST_DEVICES ?= auto
+# The package finds data only where it is told ($HW2JAX_DATA_DIR, --data-dir) or in the usual
+# places (~/.cache/hw2jax, Debian's /usr/share/datasets); a checkout beside the project's shared
+# data folder points `make run` there.
+SHARED_DATA := $(wildcard $(abspath ../shared/data))
 
 .PHONY: run test setup clean
 
 # No local FashionMNIST files: on Debian, install them from Debian's own package (works offline
 # against the Debian mirror); elsewhere `hw2jax vit train` goes on to tensorflow-datasets.
+run: export HW2JAX_DATA_DIR ?= $(SHARED_DATA)
 run: $(STAMP)
 	@$(BIN)/hw2jax data locate --data-source idx >/dev/null 2>&1 || { \
 	  echo "FashionMNIST files not found: installing Debian's dataset-fashion-mnist"; \
@@ -28,6 +33,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 setup: $(STAMP)

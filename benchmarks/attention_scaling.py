@@ -62,36 +62,73 @@ def heads_over_devices(fn: Callable) -> Callable:
 
 def _jax_impls() -> list[Impl]:
     def softmax(impl):
-        return lambda causal: lambda q, k, v: attention.softmax_attention(
-            q, k, v, causal=causal, implementation=impl)  # fmt: skip
+        return lambda causal: (
+            lambda q, k, v: attention.softmax_attention(q, k, v, causal=causal, implementation=impl)
+        )
 
     def xla(implementation):
-        return lambda causal: lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=causal, implementation=implementation)  # fmt: skip
+        return lambda causal: (
+            lambda q, k, v: jax.nn.dot_product_attention(
+                q, k, v, is_causal=causal, implementation=implementation
+            )
+        )
 
     def linear(method):
-        return lambda causal: lambda q, k, v: attention.linear_attention(
-            q, k, v, causal=causal, method=method)  # fmt: skip
+        return lambda causal: (
+            lambda q, k, v: attention.linear_attention(q, k, v, causal=causal, method=method)
+        )
 
     both = (False, True)
     return [
-        Impl("hw2jax softmax (naive)", "jax", "softmax", both, softmax("naive"),
-             quadratic_memory=True),
+        Impl(
+            "hw2jax softmax (naive)",
+            "jax",
+            "softmax",
+            both,
+            softmax("naive"),
+            quadratic_memory=True,
+        ),
         Impl("hw2jax softmax (blockwise)", "jax", "softmax", both, softmax("blockwise")),
-        Impl("hw2jax softmax (blockwise, heads over devices)", "jax", "softmax", both,
-             lambda causal: heads_over_devices(softmax("blockwise")(causal)), multi_device=True),
-        Impl("jax.nn.dot_product_attention (xla)", "jax", "softmax", both, xla("xla"),
-             quadratic_memory=True),
+        Impl(
+            "hw2jax softmax (blockwise, heads over devices)",
+            "jax",
+            "softmax",
+            both,
+            lambda causal: heads_over_devices(softmax("blockwise")(causal)),
+            multi_device=True,
+        ),
+        Impl(
+            "jax.nn.dot_product_attention (xla)",
+            "jax",
+            "softmax",
+            both,
+            xla("xla"),
+            quadratic_memory=True,
+        ),
         # BERT's default on CPU: non-causal, float32, head dims 16..128; gradients via XLA.
-        Impl("hw2jax fused CPU kernel", "jax", "softmax", (False,),
-             lambda causal: lambda q, k, v: kernels.cpu_attention(q, k, v),
-             cpu_only=True, forward_only=True, dtype="float32"),
-        Impl("jax.nn.dot_product_attention (cudnn)", "jax", "softmax", both, xla("cudnn"),
-             gpu_only=True, dtype="bfloat16"),
+        Impl(
+            "hw2jax fused CPU kernel",
+            "jax",
+            "softmax",
+            (False,),
+            lambda causal: lambda q, k, v: kernels.cpu_attention(q, k, v),
+            cpu_only=True,
+            forward_only=True,
+            dtype="float32",
+        ),
+        Impl(
+            "jax.nn.dot_product_attention (cudnn)",
+            "jax",
+            "softmax",
+            both,
+            xla("cudnn"),
+            gpu_only=True,
+            dtype="bfloat16",
+        ),
         Impl("hw2jax linear", "jax", "linear", (False,), linear("chunked")),
         Impl("hw2jax linear (causal chunked)", "jax", "linear", (True,), linear("chunked")),
         Impl("hw2jax linear (causal recurrent)", "jax", "linear", (True,), linear("recurrent")),
-    ]  # fmt: skip
+    ]
 
 
 def _torch_impls() -> list[Impl]:
@@ -122,11 +159,23 @@ def _torch_impls() -> list[Impl]:
         return fn
 
     return [
-        Impl("torch sdpa", "torch", "softmax", (False, True), sdpa, quadratic_memory=True,
-             fused_on_gpu=True),
-        Impl("torch linear (fast-transformers)", "torch", "linear", (False,),
-             fast_transformers_linear),
-    ]  # fmt: skip
+        Impl(
+            "torch sdpa",
+            "torch",
+            "softmax",
+            (False, True),
+            sdpa,
+            quadratic_memory=True,
+            fused_on_gpu=True,
+        ),
+        Impl(
+            "torch linear (fast-transformers)",
+            "torch",
+            "linear",
+            (False,),
+            fast_transformers_linear,
+        ),
+    ]
 
 
 def all_impls() -> list[Impl]:
@@ -137,8 +186,17 @@ def _median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[object], 
     return 1e3 * median_seconds(lambda: sync(fn()), repeats)
 
 
-def measure(impl: Impl, t: int, *, causal: bool, backward: bool, dtype: str, heads: int,
-            head_dim: int, repeats: int) -> dict:  # fmt: skip
+def measure(
+    impl: Impl,
+    t: int,
+    *,
+    causal: bool,
+    backward: bool,
+    dtype: str,
+    heads: int,
+    head_dim: int,
+    repeats: int,
+) -> dict:
     """One point: median ms, compile ms and compiled temp bytes (JAX only)."""
     shape = (1, t, heads, head_dim)
     keys = jax.random.split(jax.random.key(t), 3)
@@ -159,9 +217,12 @@ def measure(impl: Impl, t: int, *, causal: bool, backward: bool, dtype: str, hea
     import torch
 
     device = torch_peer_device()
-    tq, tk, tv = (torch.tensor(np.asarray(a, np.float32), device=device)
-                  .to(getattr(torch, dtype)).requires_grad_(backward)
-                  for a in (q, k, v))  # fmt: skip
+    tq, tk, tv = (
+        torch.tensor(np.asarray(a, np.float32), device=device)
+        .to(getattr(torch, dtype))
+        .requires_grad_(backward)
+        for a in (q, k, v)
+    )
     if backward:
 
         def call():
@@ -178,42 +239,72 @@ def measure(impl: Impl, t: int, *, causal: bool, backward: bool, dtype: str, hea
     return {"median_ms": ms, "compile_ms": None, "temp_bytes": None}
 
 
-def _series_points(impl: Impl, lengths, *, backward: bool, causal: bool, dtype: str,
-                   budget: dict, shape: dict, log) -> list[dict]:  # fmt: skip
+def _series_points(
+    impl: Impl, lengths, *, backward: bool, causal: bool, dtype: str, budget: dict, shape: dict, log
+) -> list[dict]:
     """One curve: T grows until a point goes over the time budget; the rest are skipped."""
     device = jax.devices()[0]
     records, too_slow = [], None
     for t in lengths:
-        rec = {"impl": impl.name, "family": impl.family, "T": t,
-               "pass": "fwd+bwd" if backward else "fwd", "causal": causal, "dtype": dtype,
-               "device": f"{device.platform}:{device.device_kind}",
-               "median_ms": None, "compile_ms": None, "temp_bytes": None}  # fmt: skip
+        rec = {
+            "impl": impl.name,
+            "family": impl.family,
+            "T": t,
+            "pass": "fwd+bwd" if backward else "fwd",
+            "causal": causal,
+            "dtype": dtype,
+            "device": f"{device.platform}:{device.device_kind}",
+            "median_ms": None,
+            "compile_ms": None,
+            "temp_bytes": None,
+        }
         score_bytes = 4 * shape["heads"] * t * t * (3 if backward else 1)
         if too_slow:
             rec["skipped"] = too_slow
-        elif (impl.quadratic_memory and not (impl.fused_on_gpu and device.platform == "gpu")
-              and score_bytes > budget["memory_bytes"]):
-            rec["skipped"] = (f"T x T scores need {score_bytes / 2**30:.1f} GiB, over the "
-                              f"{budget['memory_bytes'] / 2**30:.0f} GiB budget")  # fmt: skip
+        elif (
+            impl.quadratic_memory
+            and not (impl.fused_on_gpu and device.platform == "gpu")
+            and score_bytes > budget["memory_bytes"]
+        ):
+            rec["skipped"] = (
+                f"T x T scores need {score_bytes / 2**30:.1f} GiB, over the "
+                f"{budget['memory_bytes'] / 2**30:.0f} GiB budget"
+            )
         else:
             try:
-                rec.update(measure(impl, t, causal=causal, backward=backward, dtype=dtype,
-                                   **shape))  # fmt: skip
+                rec.update(measure(impl, t, causal=causal, backward=backward, dtype=dtype, **shape))
             except Exception as e:  # one bad point must not end the sweep
                 rec["skipped"] = f"{type(e).__name__}: {str(e)[:200]}"
             if rec["median_ms"] and rec["median_ms"] > budget["time_ms"]:
-                too_slow = (f"T={t} took {rec['median_ms']:.0f} ms, over the "
-                            f"{budget['time_ms']:.0f} ms budget")  # fmt: skip
+                too_slow = (
+                    f"T={t} took {rec['median_ms']:.0f} ms, over the "
+                    f"{budget['time_ms']:.0f} ms budget"
+                )
         records.append(rec)
-        shown = (f"{rec['median_ms']:10.2f} ms" if rec["median_ms"] is not None
-                 else f"skipped ({rec['skipped']})")  # fmt: skip
+        shown = (
+            f"{rec['median_ms']:10.2f} ms"
+            if rec["median_ms"] is not None
+            else f"skipped ({rec['skipped']})"
+        )
         log(f"{impl.name:38s} {rec['pass']:7s} causal={causal!s:5s} {dtype:8s} T={t:<7d} {shown}")
     return records
 
 
-def sweep(lengths, impls, *, passes, causals, dtypes, heads=4, head_dim=64, repeats=5,
-          time_budget_ms=20_000.0, memory_budget_bytes=8 * 2**30, log=print,
-          on_curve: Callable[[list[dict]], None] | None = None) -> list[dict]:  # fmt: skip
+def sweep(
+    lengths,
+    impls,
+    *,
+    passes,
+    causals,
+    dtypes,
+    heads=4,
+    head_dim=64,
+    repeats=5,
+    time_budget_ms=20_000.0,
+    memory_budget_bytes=8 * 2**30,
+    log=print,
+    on_curve: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
     """Every supported (implementation, pass, causal, dtype) curve over ``lengths``.
     ``on_curve(records so far)`` runs after each curve (to save partial results)."""
     on_gpu = jax.devices()[0].platform == "gpu"
@@ -221,16 +312,27 @@ def sweep(lengths, impls, *, passes, causals, dtypes, heads=4, head_dim=64, repe
     shape = {"heads": heads, "head_dim": head_dim, "repeats": repeats}
     records = []
     for impl in impls:
-        if ((impl.gpu_only and not on_gpu) or (impl.cpu_only and on_gpu)
-                or (impl.multi_device and jax.device_count() < 2)):  # fmt: skip
+        if (
+            (impl.gpu_only and not on_gpu)
+            or (impl.cpu_only and on_gpu)
+            or (impl.multi_device and jax.device_count() < 2)
+        ):
             continue
         for backward in (p for p in passes if not (p and impl.forward_only)):
             for causal in (c for c in causals if c in impl.causal):
                 for dtype in [impl.dtype] if impl.dtype else dtypes:
                     if impl.kind == "torch" and dtype != "float32" and not on_gpu:
                         continue  # torch's CPU bf16 attention is emulated, not a peer
-                    records += _series_points(impl, lengths, backward=backward, causal=causal,
-                                              dtype=dtype, budget=budget, shape=shape, log=log)
+                    records += _series_points(
+                        impl,
+                        lengths,
+                        backward=backward,
+                        causal=causal,
+                        dtype=dtype,
+                        budget=budget,
+                        shape=shape,
+                        log=log,
+                    )
                     if on_curve:
                         on_curve(records)
     return records
@@ -255,9 +357,18 @@ def crossover(
     records: list[dict], softmax: str, linear: str, pass_: str, causal: bool
 ) -> int | None:
     """The smallest T from which ``linear`` is faster than ``softmax`` at every measured T."""
-    get = lambda name: {r["T"]: r["median_ms"] for r in records  # noqa: E731
-                        if r["impl"] == name and r["pass"] == pass_ and r["causal"] == causal
-                        and r["dtype"] == "float32" and r["median_ms"]}  # fmt: skip
+
+    def get(name):
+        return {
+            r["T"]: r["median_ms"]
+            for r in records
+            if r["impl"] == name
+            and r["pass"] == pass_
+            and r["causal"] == causal
+            and r["dtype"] == "float32"
+            and r["median_ms"]
+        }
+
     a, b = get(softmax), get(linear)
     common = sorted(set(a) & set(b))
     for i, t in enumerate(common):
@@ -284,15 +395,28 @@ def plot(records: list[dict], path: Path, title: str) -> None:
             slope = fitted_slope(rows)
             label = f"{name} {dtype}" + (f" (slope {slope:.2f})" if slope is not None else "")
             style = "--" if rows[0]["family"] == "linear" else "-"
-            ax.loglog([r["T"] for r in rows], [r["median_ms"] for r in rows], style, marker="o",
-                      markersize=3, label=label)  # fmt: skip
-        cross = crossover(records, "hw2jax softmax (naive)",
-                          "hw2jax linear (causal chunked)" if causal else "hw2jax linear",
-                          pass_, causal)  # fmt: skip
+            ax.loglog(
+                [r["T"] for r in rows],
+                [r["median_ms"] for r in rows],
+                style,
+                marker="o",
+                markersize=3,
+                label=label,
+            )
+        cross = crossover(
+            records,
+            "hw2jax softmax (naive)",
+            "hw2jax linear (causal chunked)" if causal else "hw2jax linear",
+            pass_,
+            causal,
+        )
         if cross:
             ax.axvline(cross, color="gray", ls=":", label=f"linear faster from T={cross}")
-        ax.set(xlabel="sequence length T", ylabel="median time (ms)",
-               title=f"{pass_}, {'causal' if causal else 'non-causal'}")  # fmt: skip
+        ax.set(
+            xlabel="sequence length T",
+            ylabel="median time (ms)",
+            title=f"{pass_}, {'causal' if causal else 'non-causal'}",
+        )
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=6)
     fig.suptitle(title)
@@ -321,11 +445,21 @@ def main(argv=None) -> None:
     parser.add_argument("--time-budget-ms", type=float, default=20_000.0)
     parser.add_argument("--memory-budget-gib", type=float, default=8.0)
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--impl", action="append", default=[], metavar="TEXT",
-                        help="only the implementations whose name contains TEXT (repeatable)")
-    parser.add_argument("--host-devices", type=int, default=os.cpu_count(), metavar="N",
-                        help="show the CPU to jax as N devices, for the 'heads over devices' "
-                        "row (default: one per core; other rows run on one device)")  # fmt: skip
+    parser.add_argument(
+        "--impl",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="only the implementations whose name contains TEXT (repeatable)",
+    )
+    parser.add_argument(
+        "--host-devices",
+        type=int,
+        default=os.cpu_count(),
+        metavar="N",
+        help="show the CPU to jax as N devices, for the 'heads over devices' "
+        "row (default: one per core; other rows run on one device)",
+    )
     args = parser.parse_args(argv)
     split_host_cpu(args.host_devices)  # before any jax work; only adds CPU devices on a GPU
 
@@ -340,34 +474,61 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    meta = {"device": f"{device.platform}:{device.device_kind}", "host": platform.node(),
-            "cpu_count": os.cpu_count(), "jax_devices": jax.device_count(), "jax": jax.__version__,
-            "date": time.strftime("%Y-%m-%d"), "quick": args.quick, "complete": False,
-            "batch": 1, "heads": 4, "head_dim": 64, "env": runtime_settings()}  # fmt: skip
+    meta = {
+        "device": f"{device.platform}:{device.device_kind}",
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "jax_devices": jax.device_count(),
+        "jax": jax.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "quick": args.quick,
+        "complete": False,
+        "batch": 1,
+        "heads": 4,
+        "head_dim": 64,
+        "env": runtime_settings(),
+    }
     done: list[dict] = []  # records of the finished sweeps
 
     def save(records: list[dict]) -> dict:
         """Writes the JSON after every curve, so a sweep cut short keeps what it measured."""
         records = done + records
         meta["wall_s"] = time.perf_counter() - start
-        slopes = {f"{k[0]} | {k[1]} | causal={k[2]} | {k[3]}": fitted_slope(v)
-                  for k, v in _series(records).items()}  # fmt: skip
+        slopes = {
+            f"{k[0]} | {k[1]} | causal={k[2]} | {k[3]}": fitted_slope(v)
+            for k, v in _series(records).items()
+        }
         tmp = out / f".attention_scaling_{tag}.json.tmp"
-        tmp.write_text(json.dumps({"meta": meta, "slopes_T>=2048": slopes, "records": records},
-                                  indent=1))  # fmt: skip
+        tmp.write_text(
+            json.dumps({"meta": meta, "slopes_T>=2048": slopes, "records": records}, indent=1)
+        )
         tmp.replace(out / f"attention_scaling_{tag}.json")
         return slopes
 
-    done += sweep(lengths, impls, passes=passes, causals=(False, True), dtypes=dtypes,
-                  repeats=3 if args.quick else args.repeats, time_budget_ms=args.time_budget_ms,
-                  memory_budget_bytes=int(args.memory_budget_gib * 2**30),
-                  on_curve=save)  # fmt: skip
+    done += sweep(
+        lengths,
+        impls,
+        passes=passes,
+        causals=(False, True),
+        dtypes=dtypes,
+        repeats=3 if args.quick else args.repeats,
+        time_budget_ms=args.time_budget_ms,
+        memory_budget_bytes=int(args.memory_budget_gib * 2**30),
+        on_curve=save,
+    )
     if on_gpu and not args.quick and not args.max_log2:
         # Linear attention keeps going where softmax cannot.
         longer = [2**i for i in range(max_log2 + 1, 21)]
-        done += sweep(longer, [i for i in impls if i.family == "linear" and i.kind == "jax"],
-                      passes=passes, causals=(False, True), dtypes=dtypes, repeats=args.repeats,
-                      time_budget_ms=args.time_budget_ms, on_curve=save)  # fmt: skip
+        done += sweep(
+            longer,
+            [i for i in impls if i.family == "linear" and i.kind == "jax"],
+            passes=passes,
+            causals=(False, True),
+            dtypes=dtypes,
+            repeats=args.repeats,
+            time_budget_ms=args.time_budget_ms,
+            on_curve=save,
+        )
     meta["complete"] = True
     slopes = save([])
     records = done

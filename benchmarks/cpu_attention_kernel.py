@@ -21,8 +21,8 @@ import jax
 import numpy as np
 
 from hw2jax import kernels
-from hw2jax.attention import key_bias_attention
 from hw2jax.models import bert
+from hw2jax.models.bert_attention import key_bias_attention
 from hw2jax.timing import interleaved_seconds, runtime_settings
 
 
@@ -30,12 +30,15 @@ def time_layer(batch: int, tokens: int, heads: int, head_dim: int, repeats: int)
     import torch
 
     rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((batch, tokens, heads, head_dim)).astype(np.float32)
-               for _ in range(3))  # fmt: skip
+    q, k, v = (
+        rng.standard_normal((batch, tokens, heads, head_dim)).astype(np.float32) for _ in range(3)
+    )
     scale = 1.0 / math.sqrt(head_dim)
     fused = jax.jit(lambda q, k, v: kernels.cpu_attention(q, k, v, scale=scale))
-    xla = jax.jit(lambda q, k, v: key_bias_attention(q * scale, k, v, None),
-                  compiler_options=bert.xla_compiler_options(None))  # as BertModel runs it
+    xla = jax.jit(
+        lambda q, k, v: key_bias_attention(q * scale, k, v, None),
+        compiler_options=bert.xla_compiler_options(None),
+    )  # as BertModel runs it
     tq, tk, tv = (torch.from_numpy(a.transpose(0, 2, 1, 3).copy()) for a in (q, k, v))
     reference = np.asarray(xla(q, k, v))
     error = float(np.abs(np.asarray(fused(q, k, v)) - reference).max())
@@ -46,20 +49,26 @@ def time_layer(batch: int, tokens: int, heads: int, head_dim: int, repeats: int)
         with torch.no_grad():
             torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
 
-    timed = interleaved_seconds({
-        "fused kernel": lambda: fused(q, k, v).block_until_ready(),
-        "xla": lambda: xla(q, k, v).block_until_ready(),
-        "torch sdpa": run_torch,
-    }, repeats)  # fmt: skip
-    return {"shape": [batch, tokens, heads, head_dim],
-            "ms": {name: 1e3 * median for name, (_, median) in timed.items()},
-            "calls_s": {name: calls for name, (calls, _) in timed.items()},
-            "max_abs_diff_vs_xla": {"fused kernel": error, "torch sdpa": torch_error}}  # fmt: skip
+    timed = interleaved_seconds(
+        {
+            "fused kernel": lambda: fused(q, k, v).block_until_ready(),
+            "xla": lambda: xla(q, k, v).block_until_ready(),
+            "torch sdpa": run_torch,
+        },
+        repeats,
+    )
+    return {
+        "shape": [batch, tokens, heads, head_dim],
+        "ms": {name: 1e3 * median for name, (_, median) in timed.items()},
+        "calls_s": {name: calls for name, (calls, _) in timed.items()},
+        "max_abs_diff_vs_xla": {"fused kernel": error, "torch sdpa": torch_error},
+    }
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
@@ -69,16 +78,24 @@ def main(argv=None) -> None:
     import torch
 
     rows = [time_layer(32, 256, 12, d, args.repeats) for d in (32, 64)]
-    meta = {"cpu_count": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-            "repeats": args.repeats, "env": runtime_settings()}  # fmt: skip
+    meta = {
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+        "repeats": args.repeats,
+        "env": runtime_settings(),
+    }
     print(meta)
     print(f"{'shape':22s} {'fused kernel':>13s} {'xla':>9s} {'torch sdpa':>11s}   (ms per call)")
     for r in rows:
         ms = r["ms"]
-        print(f"{r['shape']!s:22s} {ms['fused kernel']:13.1f} {ms['xla']:9.1f} "
-              f"{ms['torch sdpa']:11.1f}   kernel {ms['xla'] / ms['fused kernel']:.2f}x XLA, "
-              f"{ms['torch sdpa'] / ms['fused kernel']:.2f}x torch")  # fmt: skip
+        print(
+            f"{r['shape']!s:22s} {ms['fused kernel']:13.1f} {ms['xla']:9.1f} "
+            f"{ms['torch sdpa']:11.1f}   kernel {ms['xla'] / ms['fused kernel']:.2f}x XLA, "
+            f"{ms['torch sdpa'] / ms['fused kernel']:.2f}x torch"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "cpu_attention_kernel.json"

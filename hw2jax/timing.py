@@ -15,8 +15,9 @@ def median_seconds(call: Callable[[], object], repeats: int = 5) -> float:
     return interleaved_seconds({"call": call}, repeats)["call"][1]
 
 
-def interleaved_seconds(calls: dict[str, Callable[[], object]],
-                        repeats: int = 5) -> dict[str, tuple[list[float], float]]:  # fmt: skip
+def interleaved_seconds(
+    calls: dict[str, Callable[[], object]], repeats: int = 5
+) -> dict[str, tuple[list[float], float]]:
     """Times several calls in turn, round after round (a b a b ...), after one warm-up call
     each: on a shared machine a slow patch then hits every contender alike instead of
     whichever ran during it. Returns {name: (seconds of each timed call, median)}."""

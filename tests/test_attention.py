@@ -272,9 +272,15 @@ def test_self_attention_overflow_is_an_error_not_nan():
 
 @pytest.mark.parametrize(
     "t,block,causal",
-    [(1, 512, False), (37, 8, True), (37, 8, False), (64, 16, True), (130, 64, False),
-     (200, 512, True)],
-)  # fmt: skip
+    [
+        (1, 512, False),
+        (37, 8, True),
+        (37, 8, False),
+        (64, 16, True),
+        (130, 64, False),
+        (200, 512, True),
+    ],
+)
 def test_blockwise_softmax_matches_reference_with_gradients(t, block, causal):
     q, k, v = qkv((2, t, 3, 8), e=5, seed=t)
     out = attention.blockwise_softmax_attention(q, k, v, causal=causal, block_size=block)
@@ -286,8 +292,9 @@ def test_blockwise_softmax_matches_reference_with_gradients(t, block, causal):
             attention.softmax_attention(q, k, v, causal=causal, implementation=impl) * w
         )
 
-    blockwise = functools.partial(attention.blockwise_softmax_attention, causal=causal,
-                                  block_size=block)  # fmt: skip
+    blockwise = functools.partial(
+        attention.blockwise_softmax_attention, causal=causal, block_size=block
+    )
     ours = jax.grad(lambda q, k, v: jnp.sum(blockwise(q, k, v) * w), (0, 1, 2))(q, k, v)
     ref = jax.grad(loss("naive"), (0, 1, 2))(q, k, v)
     for g_ours, g_ref in zip(ours, ref, strict=True):
@@ -298,9 +305,12 @@ def test_blockwise_softmax_matches_reference_with_gradients(t, block, causal):
 def test_blockwise_softmax_memory_is_linear_at_128k(causal):
     spec = jax.ShapeDtypeStruct((1, 131072, 4, 64), jnp.float32)
     fwd = jax.jit(lambda q, k, v: attention.blockwise_softmax_attention(q, k, v, causal=causal))
-    grad = jax.jit(jax.grad(
-        lambda q, k, v: attention.blockwise_softmax_attention(q, k, v, causal=causal).sum(),
-        (0, 1, 2)))  # fmt: skip
+    grad = jax.jit(
+        jax.grad(
+            lambda q, k, v: attention.blockwise_softmax_attention(q, k, v, causal=causal).sum(),
+            (0, 1, 2),
+        )
+    )
     for fn in (fwd, grad):
         temp = fn.lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
         assert temp < 2 * 2**30, f"{temp / 2**30:.2f} GiB of temporaries"

@@ -12,8 +12,9 @@ from test_attention import qkv, ref_linear_np, ref_softmax_np
 
 def _load_benchmark(name: str):
     """Imports benchmarks/<name>.py, which is a script, not part of the package."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks"
-                                                  / f"{name}.py")  # fmt: skip
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -22,8 +23,9 @@ def _load_benchmark(name: str):
 
 bench = _load_benchmark("attention_scaling")
 
-CASES = [(impl, causal) for impl in bench.all_impls() if not impl.gpu_only
-         for causal in impl.causal]  # fmt: skip
+CASES = [
+    (impl, causal) for impl in bench.all_impls() if not impl.gpu_only for causal in impl.causal
+]
 
 
 @pytest.mark.parametrize("impl,causal", CASES, ids=[f"{i.name}-causal={c}" for i, c in CASES])
@@ -45,9 +47,15 @@ def test_benchmarked_implementation_matches_reference(impl, causal):
 
 def test_benchmark_lists_the_peers_and_our_kernels():
     names = {i.name for i in bench.all_impls()}
-    ours = {"hw2jax softmax (naive)", "hw2jax softmax (blockwise)", "hw2jax linear",
-            "jax.nn.dot_product_attention (xla)", "hw2jax linear (causal chunked)",
-            "hw2jax linear (causal recurrent)", "hw2jax fused CPU kernel"}  # fmt: skip
+    ours = {
+        "hw2jax softmax (naive)",
+        "hw2jax softmax (blockwise)",
+        "hw2jax linear",
+        "jax.nn.dot_product_attention (xla)",
+        "hw2jax linear (causal chunked)",
+        "hw2jax linear (causal recurrent)",
+        "hw2jax fused CPU kernel",
+    }
     assert ours <= names
     assert {"torch sdpa", "torch linear (fast-transformers)"} <= names
 
@@ -56,39 +64,90 @@ def test_sweep_records_points_and_skips_over_budget_without_dying():
     wanted = ("hw2jax softmax (naive)", "hw2jax linear")
     impls = [i for i in bench.all_impls() if i.name in wanted]
     lines = []
-    records = bench.sweep([64, 128], impls, passes=(False, True), causals=(False,),
-                          dtypes=("float32",), heads=2, head_dim=8, repeats=1,
-                          memory_budget_bytes=200_000, log=lines.append)  # fmt: skip
+    records = bench.sweep(
+        [64, 128],
+        impls,
+        passes=(False, True),
+        causals=(False,),
+        dtypes=("float32",),
+        heads=2,
+        head_dim=8,
+        repeats=1,
+        memory_budget_bytes=200_000,
+        log=lines.append,
+    )
     assert len(records) == len(lines) == 8
     naive = [r for r in records if r["impl"] == "hw2jax softmax (naive)"]
     # 4 bytes * 2 heads * 128^2 = 131 kB forward fits; 3x that for the backward does not.
     assert [r.get("skipped") is None for r in naive] == [True, True, True, False]
     assert "budget" in naive[-1]["skipped"]
     kernel = [i for i in bench.all_impls() if i.forward_only]
-    only_forward = bench.sweep([64], kernel, passes=(False, True), causals=(False, True),
-                               dtypes=("bfloat16",), heads=2, head_dim=16, repeats=1,
-                               log=lines.append)  # fmt: skip
+    only_forward = bench.sweep(
+        [64],
+        kernel,
+        passes=(False, True),
+        causals=(False, True),
+        dtypes=("bfloat16",),
+        heads=2,
+        head_dim=16,
+        repeats=1,
+        log=lines.append,
+    )
     assert [(r["pass"], r["causal"], r["dtype"]) for r in only_forward] == [
-        ("fwd", False, "float32")]
+        ("fwd", False, "float32")
+    ]
     for r in records:
-        assert set(r) >= {"impl", "T", "pass", "causal", "dtype", "median_ms", "compile_ms",
-                          "temp_bytes", "device"}  # fmt: skip
+        assert set(r) >= {
+            "impl",
+            "T",
+            "pass",
+            "causal",
+            "dtype",
+            "median_ms",
+            "compile_ms",
+            "temp_bytes",
+            "device",
+        }
         if not r.get("skipped"):
             assert r["median_ms"] > 0 and r["compile_ms"] > 0 and r["temp_bytes"] >= 0
 
 
 def test_slope_and_crossover_on_known_curves():
     ts = [2048, 4096, 8192]
-    quad = [{"impl": "s", "T": t, "pass": "fwd", "causal": False, "dtype": "float32",
-             "median_ms": 1e-6 * t * t} for t in ts]  # fmt: skip
-    lin = [{"impl": "l", "T": t, "pass": "fwd", "causal": False, "dtype": "float32",
-            "median_ms": 1e-2 * t} for t in ts]  # fmt: skip
+    quad = [
+        {
+            "impl": "s",
+            "T": t,
+            "pass": "fwd",
+            "causal": False,
+            "dtype": "float32",
+            "median_ms": 1e-6 * t * t,
+        }
+        for t in ts
+    ]
+    lin = [
+        {
+            "impl": "l",
+            "T": t,
+            "pass": "fwd",
+            "causal": False,
+            "dtype": "float32",
+            "median_ms": 1e-2 * t,
+        }
+        for t in ts
+    ]
     assert bench.fitted_slope(quad) == pytest.approx(2.0)
     assert bench.fitted_slope(lin) == pytest.approx(1.0)
     # 1e-6 T^2 > 1e-2 T once T > 10,000: no crossover within these points, then 8192 -> 16384.
     assert bench.crossover(quad + lin, "s", "l", "fwd", False) is None
-    more = quad + lin + [dict(quad[0], T=16384, median_ms=1e-6 * 16384**2),
-                         dict(lin[0], T=16384, median_ms=1e-2 * 16384)]  # fmt: skip
+    more = (
+        quad
+        + lin
+        + [
+            dict(quad[0], T=16384, median_ms=1e-6 * 16384**2),
+            dict(lin[0], T=16384, median_ms=1e-2 * 16384),
+        ]
+    )
     assert bench.crossover(more, "s", "l", "fwd", False) == 16384
 
 
@@ -145,8 +204,23 @@ def test_sweep_saves_after_every_curve_so_a_cut_run_keeps_its_points(tmp_path, m
 
     monkeypatch.setattr(bench, "sweep", sweep_then_read)
     monkeypatch.setattr(bench, "split_host_cpu", lambda n: None)  # jax has started; not tested here
-    bench.main(["--quick", "--min-log2", "6", "--max-log2", "7", "--impl", "hw2jax linear",
-                "--impl", "naive", "--host-devices", "1", "--out", str(tmp_path)])  # fmt: skip
+    bench.main(
+        [
+            "--quick",
+            "--min-log2",
+            "6",
+            "--max-log2",
+            "7",
+            "--impl",
+            "hw2jax linear",
+            "--impl",
+            "naive",
+            "--host-devices",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     # naive: 2 curves (causal or not); linear, causal chunked, causal recurrent: 1 each; 2 points
     assert saved == [(False, 2), (False, 4), (False, 6), (False, 8), (False, 10)]
     final = json.loads(next(tmp_path.glob("attention_scaling_*.json")).read_text())

@@ -14,16 +14,25 @@ def count(tree):
 
 
 def test_bert_base_has_109482240_parameters():
-    shapes = jax.eval_shape(lambda: bert.BertModel(bert.BertConfig()).init(
-        jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))  # fmt: skip
+    shapes = jax.eval_shape(
+        lambda: bert.BertModel(bert.BertConfig()).init(
+            jax.random.key(0), jnp.zeros((1, 8), jnp.int32)
+        )
+    )
     assert count(shapes) == 109_482_240
 
 
 def torch_checkpoint(tmp_path, **overrides):
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=37,
-                                  max_position_embeddings=64, **overrides)  # fmt: skip
+    cfg = transformers.BertConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        **overrides,
+    )
     model = transformers.BertModel(cfg).eval()
     model.save_pretrained(tmp_path, safe_serialization=True)
     return model
@@ -87,8 +96,9 @@ def test_minilm_package_weights_match_transformers():
     mask = (ids > 0).astype(np.int64)
     with torch.no_grad():
         out = tmodel(torch.tensor(ids), attention_mask=torch.tensor(mask))
-    hidden, pooled = bert.BertModel(config).apply({"params": params}, jnp.asarray(ids),
-                                                  jnp.asarray(mask))  # fmt: skip
+    hidden, pooled = bert.BertModel(config).apply(
+        {"params": params}, jnp.asarray(ids), jnp.asarray(mask)
+    )
     np.testing.assert_allclose(hidden, out.last_hidden_state.numpy(), atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(pooled, out.pooler_output.numpy(), atol=1e-5, rtol=1e-4)
 
@@ -102,14 +112,24 @@ def test_loader_errors_are_clear(tmp_path):
     from safetensors.numpy import load_file
 
     tensors = load_file(tmp_path / "model.safetensors")
-    wrong = bert.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
-                            num_attention_heads=4, intermediate_size=40,
-                            max_position_embeddings=64)  # fmt: skip
+    wrong = bert.BertConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=40,
+        max_position_embeddings=64,
+    )
     with pytest.raises(ValueError, match=r"does config\.json belong"):
         bert.params_from_state_dict(tensors, wrong)
-    deeper = bert.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=3,
-                             num_attention_heads=4, intermediate_size=37,
-                             max_position_embeddings=64)  # fmt: skip
+    deeper = bert.BertConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
     with pytest.raises(ValueError, match="lacks"):
         bert.params_from_state_dict(tensors, deeper)
 
@@ -124,9 +144,14 @@ def test_offline_hub_id_names_the_offline_choices(monkeypatch):
 def test_cpu_encoder_compiles_without_ynnpack_in_float32_only(dtype):
     """xla_compiler_options swaps XLA's YNNPACK fusions for its own dot kernels in float32 (the
     faster ones for BERT on CPU), keeps them in bf16, and leaves the encoder's output alone."""
-    config = bert.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
-                             num_attention_heads=4, intermediate_size=64,
-                             max_position_embeddings=16)  # fmt: skip
+    config = bert.BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16,
+    )
     model = bert.BertModel(config, dtype)
     ids = jnp.asarray(np.random.default_rng(0).integers(1, 50, (2, 16)))
     params = model.init(jax.random.key(0), ids)["params"]
@@ -136,8 +161,11 @@ def test_cpu_encoder_compiles_without_ynnpack_in_float32_only(dtype):
     tuned_hlo, default_hlo = tuned.compile().as_text(), default.compile().as_text()
     assert "ynn_fusion" in default_hlo  # XLA's default on this CPU
     assert ("ynn_fusion" in tuned_hlo) == (dtype is not None)
-    np.testing.assert_allclose(jax.jit(fn, compiler_options=bert.xla_compiler_options(dtype))(
-        params, ids), jax.jit(fn)(params, ids), atol=1e-5 if dtype is None else 2e-2)  # fmt: skip
+    np.testing.assert_allclose(
+        jax.jit(fn, compiler_options=bert.xla_compiler_options(dtype))(params, ids),
+        jax.jit(fn)(params, ids),
+        atol=1e-5 if dtype is None else 2e-2,
+    )
 
 
 def test_unknown_xla_options_are_dropped_not_fatal():

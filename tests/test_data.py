@@ -74,8 +74,14 @@ def test_nothing_found_lists_the_three_ways(tmp_path, monkeypatch):
     with pytest.raises(DataNotFoundError) as exc:
         fashion_mnist.find_source()
     message = str(exc.value)
-    for hint in ("--data-dir", "HW2JAX_DATA_DIR", "dataset-fashion-mnist", "hw2jax[tfds]",
-                 "when online", str(tmp_path / "nowhere")):  # fmt: skip
+    for hint in (
+        "--data-dir",
+        "HW2JAX_DATA_DIR",
+        "dataset-fashion-mnist",
+        "hw2jax[tfds]",
+        "when online",
+        str(tmp_path / "nowhere"),
+    ):
         assert hint in message
     with pytest.raises(DataNotFoundError, match="not a folder with all four"):
         fashion_mnist.find_source(tmp_path / "empty", kind="idx")

@@ -18,7 +18,7 @@ sys.path.insert(0, TESTS)
 from conftest import make_fashion_folder
 from test_train_vit import small_config
 from pathlib import Path
-from hw2jax import vit
+from hw2jax.tasks import vit
 from hw2jax.train import loop
 from hw2jax.train.sharding import DataParallel
 
@@ -51,8 +51,9 @@ def test_eight_devices_match_one(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     tests = str(Path(__file__).parent)
     code = f"TESTS = {tests!r}; TMP = {str(tmp_path)!r}\n" + SCRIPT
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         cwd=tests)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tests
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["sharded_over"] == 8
@@ -106,13 +107,33 @@ def test_cli_host_devices_split_the_cpu_for_data_parallel(fashion_dir, tmp_path,
     1-device run. auto: one device per core, as many as batches of 40 and 16 split over."""
     from test_train_vit import CONFIG, SMALL_MODEL, small_config
 
-    from hw2jax import vit
+    from hw2jax.tasks import vit
     from hw2jax.train.sharding import auto_host_devices
 
-    args = ["vit", "train", "--config", str(CONFIG), "--workdir", str(tmp_path / "two"),
-            "--data-dir", str(fashion_dir), "--host-devices", host_devices, "--epochs", "3",
-            "--set", "progress=False", "--set", "batch_size=40", "--set", "eval_batch_size=16",
-            "--set", "log_every_steps=2", "--set", "learning_rate=3e-3"]  # fmt: skip
+    args = [
+        "vit",
+        "train",
+        "--config",
+        str(CONFIG),
+        "--workdir",
+        str(tmp_path / "two"),
+        "--data-dir",
+        str(fashion_dir),
+        "--host-devices",
+        host_devices,
+        "--epochs",
+        "3",
+        "--set",
+        "progress=False",
+        "--set",
+        "batch_size=40",
+        "--set",
+        "eval_batch_size=16",
+        "--set",
+        "log_every_steps=2",
+        "--set",
+        "learning_rate=3e-3",
+    ]
     for item in SMALL_MODEL:
         args += ["--set", item]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -152,7 +173,7 @@ import jax
 sys.path.insert(0, TESTS)
 from conftest import make_fashion_folder
 from test_train_vit import small_config
-from hw2jax import vit
+from hw2jax.tasks import vit
 from hw2jax.train.sharding import DataParallel, initialize_distributed
 import numpy as np
 
@@ -183,11 +204,19 @@ def test_two_processes_match_one(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
 
     def launch(nproc, pid, port, devices):
-        code = (f"TESTS = {tests!r}; TMP = {str(tmp_path)!r}; PORT = {port}; NPROC = {nproc}; "
-                f"PID = {pid}\n") + MULTI_PROCESS  # fmt: skip
+        code = (
+            f"TESTS = {tests!r}; TMP = {str(tmp_path)!r}; PORT = {port}; NPROC = {nproc}; "
+            f"PID = {pid}\n"
+        ) + MULTI_PROCESS
         e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-        return subprocess.Popen([sys.executable, "-c", code], env=e, cwd=tests, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=e,
+            cwd=tests,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
 
     port = _free_port()
     procs = [launch(2, pid, port, 2) for pid in (0, 1)]
@@ -217,11 +246,19 @@ def test_cli_sentiment_host_devices_match_one_device(tmp_path):
     and evaluation (tests/test_kernels.py checks that it stays sharded)."""
     from test_sentiment_train import CONFIG, tiny_config, tiny_settings
 
-    from hw2jax import sentiment
+    from hw2jax.tasks import sentiment
 
     overrides = ("use_mask=True", "bert_dropout=False", "epochs=3")
-    args = ["sentiment", "train", "--config", str(CONFIG), "--workdir", str(tmp_path / "two"),
-            "--host-devices", "2"]  # fmt: skip
+    args = [
+        "sentiment",
+        "train",
+        "--config",
+        str(CONFIG),
+        "--workdir",
+        str(tmp_path / "two"),
+        "--host-devices",
+        "2",
+    ]
     for item in tiny_settings(tmp_path, *overrides):
         args += ["--set", item]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

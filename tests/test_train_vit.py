@@ -8,22 +8,40 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hw2jax import cli, vit
+from hw2jax import cli
 from hw2jax.config import apply_overrides, load_config
 from hw2jax.data import fashion_mnist
+from hw2jax.tasks import vit
 from hw2jax.train import checkpoints, loop
 from hw2jax.train.batching import IndexBatches, chunk
 
 CONFIG = Path(__file__).parents[1] / "experiments" / "vit_fashion_mnist.py"
-SMALL_MODEL = ["model.patch_size=7", "model.dim=16", "model.depth=2", "model.heads=2",
-               "model.dim_head=8", "model.mlp_dim=24"]  # fmt: skip
+SMALL_MODEL = [
+    "model.patch_size=7",
+    "model.dim=16",
+    "model.depth=2",
+    "model.heads=2",
+    "model.dim_head=8",
+    "model.mlp_dim=24",
+]
 
 
 def small_config(data_dir, *overrides):
     config = load_config(CONFIG)
-    apply_overrides(config, [*SMALL_MODEL, f"data_dir={data_dir}", "batch_size=40",
-                             "eval_batch_size=16", "epochs=3", "progress=False",
-                             "log_every_steps=2", "learning_rate=3e-3", *overrides])  # fmt: skip
+    apply_overrides(
+        config,
+        [
+            *SMALL_MODEL,
+            f"data_dir={data_dir}",
+            "batch_size=40",
+            "eval_batch_size=16",
+            "epochs=3",
+            "progress=False",
+            "log_every_steps=2",
+            "learning_rate=3e-3",
+            *overrides,
+        ],
+    )
     return config
 
 
@@ -64,29 +82,30 @@ def test_training_learns_and_writes_history_plots_and_results(fashion_dir, tmp_p
     assert results["test_accuracy"] == pytest.approx(epochs[-1]["test_accuracy"])
 
 
-@pytest.mark.parametrize("stop_at", [2, 3, 7])  # mid-epoch, end of epoch, later epoch
-def test_interrupted_run_resumes_bitwise(fashion_dir, tmp_path, stop_at):
+def test_interrupted_run_resumes_bitwise(fashion_dir, tmp_path):
     straight = small_config(fashion_dir)
     vit.train_and_evaluate(straight, tmp_path / "straight")
-
-    interrupted = small_config(fashion_dir, f"stop_at_step={stop_at}")
-    first = vit.train_and_evaluate(interrupted, tmp_path / "resumed")
-    assert first["status"] == "interrupted"
-    assert checkpoints.Checkpoints(tmp_path / "resumed" / "checkpoints").latest_step() == stop_at
-    interrupted.stop_at_step = 0
-    second = vit.train_and_evaluate(interrupted, tmp_path / "resumed")
-    assert second["status"] == "done"
-
     a = final_params(tmp_path / "straight", straight)
-    b = final_params(tmp_path / "resumed", interrupted)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
     h1 = json.loads((tmp_path / "straight" / "history.json").read_text())
-    h2 = json.loads((tmp_path / "resumed" / "history.json").read_text())
-    assert h1["train"] == h2["train"]
-    strip = lambda rows: [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k}  # noqa: E731
-                          for r in rows]  # fmt: skip
-    assert strip(h1["epochs"]) == strip(h2["epochs"])
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows]
+
+    for stop_at in (2, 3, 7):  # mid-epoch, end of epoch, later epoch; one straight run for all
+        resumed = tmp_path / f"resumed_{stop_at}"
+        interrupted = small_config(fashion_dir)
+        first = vit.train_and_evaluate(interrupted, resumed, stop_at_step=stop_at)
+        assert first["status"] == "interrupted"
+        assert checkpoints.Checkpoints(resumed / "checkpoints").latest_step() == stop_at
+        second = vit.train_and_evaluate(interrupted, resumed)
+        assert second["status"] == "done"
+
+        b = final_params(resumed, interrupted)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(x, y)
+        h2 = json.loads((resumed / "history.json").read_text())
+        assert h1["train"] == h2["train"]
+        assert strip(h1["epochs"]) == strip(h2["epochs"])
 
 
 class PoisonedTask(vit.ViTTask):
@@ -119,8 +138,20 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoin
 
 def test_cli_train_then_eval(fashion_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HW2JAX_EPOCHS", "1")
-    args = ["vit", "train", "--config", str(CONFIG), "--workdir", str(tmp_path / "w"),
-            "--data-dir", str(fashion_dir), "--attention", "linear", "--set", "progress=False"]
+    args = [
+        "vit",
+        "train",
+        "--config",
+        str(CONFIG),
+        "--workdir",
+        str(tmp_path / "w"),
+        "--data-dir",
+        str(fashion_dir),
+        "--attention",
+        "linear",
+        "--set",
+        "progress=False",
+    ]
     for item in SMALL_MODEL:
         args += ["--set", item]
     assert cli.main(args) == 0
@@ -135,13 +166,38 @@ def test_cli_train_then_eval(fashion_dir, tmp_path, capsys, monkeypatch):
 
 
 def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
-    code = cli.main(["vit", "train", "--config", str(CONFIG), "--workdir", str(tmp_path),
-                     "--data-dir", str(tmp_path / "missing"), "--data-source", "idx"])  # fmt: skip
+    code = cli.main(
+        [
+            "vit",
+            "train",
+            "--config",
+            str(CONFIG),
+            "--workdir",
+            str(tmp_path),
+            "--data-dir",
+            str(tmp_path / "missing"),
+            "--data-source",
+            "idx",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "FashionMNIST not found" in err and "Traceback" not in err
-    assert cli.main(["vit", "train", "--config", str(CONFIG), "--workdir", str(tmp_path),
-                     "--set", "modle.dim=3"]) == 2  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "vit",
+                "train",
+                "--config",
+                str(CONFIG),
+                "--workdir",
+                str(tmp_path),
+                "--set",
+                "modle.dim=3",
+            ]
+        )
+        == 2
+    )
     assert "unknown config key 'modle.dim'" in capsys.readouterr().err
     # eval and predict on a folder no run has used say which command makes one.
     assert cli.main(["vit", "eval", "--workdir", str(tmp_path / "none")]) == 2
@@ -197,11 +253,22 @@ def test_strong_recipe_differs_only_where_it_says_and_trains(fashion_dir, tmp_pa
     base = load_config(CONFIG)
     strong = load_config(CONFIG.with_name("vit_fashion_mnist_strong.py"))
     changed = {k for k in base.keys() if base[k] != strong[k]}
-    assert changed == {"epochs", "optimizer", "learning_rate", "weight_decay", "schedule",
-                       "warmup_epochs", "grad_clip_norm", "label_smoothing", "augment_pad",
-                       "augment_flip"}  # fmt: skip
-    apply_overrides(strong, [*SMALL_MODEL, f"data_dir={fashion_dir}", "epochs=2",
-                             "progress=False", "batch_size=40"])  # fmt: skip
+    assert changed == {
+        "epochs",
+        "optimizer",
+        "learning_rate",
+        "weight_decay",
+        "schedule",
+        "warmup_epochs",
+        "grad_clip_norm",
+        "label_smoothing",
+        "augment_pad",
+        "augment_flip",
+    }
+    apply_overrides(
+        strong,
+        [*SMALL_MODEL, f"data_dir={fashion_dir}", "epochs=2", "progress=False", "batch_size=40"],
+    )
     out = vit.train_and_evaluate(strong, tmp_path / "run")
     assert out["status"] == "done" and out["final"]["test_count"] == 40
 
@@ -218,8 +285,9 @@ def test_augment_shifts_and_flips_without_changing_content():
 
 @pytest.mark.parametrize("merged", [False, True], ids=["direct", "merged"])
 def test_bfloat16_compute_still_learns_with_float32_params(fashion_dir, tmp_path, merged):
-    config = small_config(fashion_dir, "epochs=20", "model.dtype=bfloat16",
-                          f"model.merged_attention={merged}")  # both attention forms
+    config = small_config(
+        fashion_dir, "epochs=20", "model.dtype=bfloat16", f"model.merged_attention={merged}"
+    )  # both attention forms
     out = vit.train_and_evaluate(config, tmp_path / "run")
     assert out["final"]["test_accuracy"] >= 0.9
     train, test = vit.load_data(config)
@@ -229,8 +297,11 @@ def test_bfloat16_compute_still_learns_with_float32_params(fashion_dir, tmp_path
     # The compute really is bf16: the logits differ from the float32 model's.
     batch = task.eval_batches("test")[0]
     f32 = vit.ViTTask(small_config(fashion_dir, f"model.merged_attention={merged}"), train, test)
-    assert not np.allclose(task.apply(params, batch, train=False, rng=None),
-                           f32.apply(params, batch, train=False, rng=None), atol=1e-6)  # fmt: skip
+    assert not np.allclose(
+        task.apply(params, batch, train=False, rng=None),
+        f32.apply(params, batch, train=False, rng=None),
+        atol=1e-6,
+    )
 
 
 def test_resuming_with_another_config_warns(fashion_dir, tmp_path):

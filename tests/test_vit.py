@@ -10,13 +10,15 @@ from hw2jax.train.loop import build_optimizer
 
 torch = pytest.importorskip("torch")
 tnn = torch.nn
-from hw2jax.torch_reference import TorchViT  # noqa: E402
-from hw2jax.torch_reference import copy_vit_params_to_torch as copy_to_torch  # noqa: E402
+from hw2jax.testing import TorchViT  # noqa: E402
+from hw2jax.testing import copy_vit_params_to_torch as copy_to_torch  # noqa: E402
 
-ASSIGNMENT = dict(image_size=28, patch_size=4, channels=1, dim=64, depth=6, heads=4, dim_head=64,
-                  mlp_dim=128)  # fmt: skip
-SMALL = dict(image_size=28, patch_size=7, channels=1, dim=16, depth=2, heads=2, dim_head=8,
-             mlp_dim=24)  # fmt: skip
+ASSIGNMENT = dict(
+    image_size=28, patch_size=4, channels=1, dim=64, depth=6, heads=4, dim_head=64, mlp_dim=128
+)
+SMALL = dict(
+    image_size=28, patch_size=7, channels=1, dim=16, depth=2, heads=2, dim_head=8, mlp_dim=24
+)
 WIDE_HEADS = {**SMALL, "dim_head": 24, "heads": 3}  # dim <= dim_head: merged attention by default
 
 
@@ -57,10 +59,21 @@ def torch_params_as_flax_order(tmodel, params, grads: bool = False):
     """Torch parameters (or with ``grads``, their gradients) mapped back onto the Flax tree."""
     out = {}
     flat = dict(tmodel.named_parameters())
-    names = {"patch_embedding": "patch", "cls_token": "cls", "pos_embedding": "pos",
-             "head_norm": "head_norm", "head": "head"}  # fmt: skip
-    sub = {"norm1": "norm1", "norm2": "norm2", "to_qkv": "qkv", "to_out": "out", "fc1": "fc1",
-           "fc2": "fc2"}  # fmt: skip
+    names = {
+        "patch_embedding": "patch",
+        "cls_token": "cls",
+        "pos_embedding": "pos",
+        "head_norm": "head_norm",
+        "head": "head",
+    }
+    sub = {
+        "norm1": "norm1",
+        "norm2": "norm2",
+        "to_qkv": "qkv",
+        "to_out": "out",
+        "fc1": "fc1",
+        "fc2": "fc2",
+    }
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         keys = [k.key for k in path]
         if keys[0].startswith("block"):
@@ -91,9 +104,11 @@ def test_logits_match_torch(cfg):
     np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("cfg", "merged"), [(WIDE_HEADS, None), (WIDE_HEADS, False),
-                                             (SMALL, True)], ids=["wide-auto", "wide-direct",
-                                                                  "small-merged"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("cfg", "merged"),
+    [(WIDE_HEADS, None), (WIDE_HEADS, False), (SMALL, True)],
+    ids=["wide-auto", "wide-direct", "small-merged"],
+)
 def test_attention_forms_match_torch_logits_and_gradients(cfg, merged):
     """Both ways of computing attention (regrouped products or q, k, v) against torch."""
     model, params = init(cfg, seed=5, merged_attention=merged)
@@ -107,8 +122,9 @@ def test_attention_forms_match_torch_logits_and_gradients(cfg, merged):
         return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y)).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
-    tloss = tnn.functional.cross_entropy(tmodel(torch.tensor(x).permute(0, 3, 1, 2)),
-                                         torch.tensor(y))  # fmt: skip
+    tloss = tnn.functional.cross_entropy(
+        tmodel(torch.tensor(x).permute(0, 3, 1, 2)), torch.tensor(y)
+    )
     tloss.backward()
     np.testing.assert_allclose(loss, tloss.item(), rtol=1e-5)
     theirs = torch_params_as_flax_order(tmodel, params, grads=True)
@@ -122,8 +138,9 @@ def _head_transposes(cfg, **kw) -> int:
     model, params = init(cfg, **kw)
     forward = jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x))
     jaxpr = forward(params, jnp.zeros((2, 28, 28, 1)))
-    return sum(e.primitive.name == "transpose" and e.invars[0].aval.ndim == 4
-               for e in jaxpr.jaxpr.eqns)  # fmt: skip
+    return sum(
+        e.primitive.name == "transpose" and e.invars[0].aval.ndim == 4 for e in jaxpr.jaxpr.eqns
+    )
 
 
 def test_merged_attention_is_chosen_when_dim_le_dim_head():
@@ -133,8 +150,9 @@ def test_merged_attention_is_chosen_when_dim_le_dim_head():
     assert _head_transposes(ASSIGNMENT, attention="linear") > 0  # linear needs q, k, v
 
 
-def _adam_steps_against_torch(optimizer: str, weight_decay: float = 1e-4,
-                              check_grads: bool = True) -> float:  # fmt: skip
+def _adam_steps_against_torch(
+    optimizer: str, weight_decay: float = 1e-4, check_grads: bool = True
+) -> float:
     """Three steps of ours and of torch's Adam(lr=1e-3, weight_decay=1e-4) from the same
     weights and batches; returns the largest parameter difference at the end. Each step checks
     that the gradients agree, then gives torch's gradient to both optimisers: Adam divides by
@@ -143,8 +161,9 @@ def _adam_steps_against_torch(optimizer: str, weight_decay: float = 1e-4,
     model, params = init(SMALL, seed=4)
     tmodel = TorchViT(**SMALL)
     copy_to_torch(params, tmodel)
-    config = ml_collections.ConfigDict(dict(epochs=1, learning_rate=1e-3, optimizer=optimizer,
-                                            weight_decay=weight_decay))  # fmt: skip
+    config = ml_collections.ConfigDict(
+        dict(epochs=1, learning_rate=1e-3, optimizer=optimizer, weight_decay=weight_decay)
+    )
     tx = build_optimizer(config, steps_per_epoch=3)
     opt_state = tx.init(params)
     topt = torch.optim.Adam(tmodel.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -161,8 +180,9 @@ def _adam_steps_against_torch(optimizer: str, weight_decay: float = 1e-4,
 
         ours = jax.tree_util.tree_leaves(jax.grad(loss_fn)(params))
         topt.zero_grad()
-        tnn.functional.cross_entropy(tmodel(torch.tensor(x).permute(0, 3, 1, 2)),
-                                     torch.tensor(y)).backward()  # fmt: skip
+        tnn.functional.cross_entropy(
+            tmodel(torch.tensor(x).permute(0, 3, 1, 2)), torch.tensor(y)
+        ).backward()
         theirs = torch_params_as_flax_order(tmodel, params, grads=True)
         for key, g in zip(keys, ours, strict=True):
             if check_grads:

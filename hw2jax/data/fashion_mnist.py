@@ -12,9 +12,17 @@ from hw2jax.data.idx import IdxFormatError, read_idx
 from hw2jax.data.sources import DataNotFoundError, DataSource, TfdsSource, tfds_available
 
 CLASS_NAMES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 # The assignment normalised with MNIST's statistics; kept for faithfulness.
 MEAN, STD = 0.1307, 0.3081
 ENV_VAR = "HW2JAX_DATA_DIR"
@@ -23,13 +31,13 @@ _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_REPO = Path(__file__).resolve().parents[2]
-# Debian's dataset-fashion-mnist, our cache, and the project's shared data folder.
+# Debian's dataset-fashion-mnist and our cache.
 USUAL_PLACES = (
     Path("/usr/share/datasets/fashion-mnist"),
     Path.home() / ".cache" / "hw2jax" / "fashion-mnist",
-    _REPO.parent / "shared" / "data" / "fashion-mnist",
 )
+# Inside a data root ($HW2JAX_DATA_DIR holding several datasets), FashionMNIST's folder.
+SUBFOLDER = "fashion-mnist"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +94,9 @@ def _missing_data_message(tried: list[str]) -> str:
     return (
         "FashionMNIST not found. Tried:\n  - " + "\n  - ".join(tried) + "\n"
         "Provide it in one of three ways:\n"
-        f"  1. a folder with the four idx files (train-images-idx3-ubyte[.gz], ...): pass\n"
-        f"     --data-dir FOLDER or set {ENV_VAR}=FOLDER (on Debian:\n"
+        f"  1. a folder with the four idx files (train-images-idx3-ubyte[.gz], ...), or a\n"
+        f"     data root with them in {SUBFOLDER}/: pass --data-dir FOLDER or set\n"
+        f"     {ENV_VAR}=FOLDER (on Debian:\n"
         "     `apt-get install dataset-fashion-mnist` puts them in\n"
         "     /usr/share/datasets/fashion-mnist);\n"
         "  2. tensorflow-datasets prepared offline from those files:\n"
@@ -115,6 +124,8 @@ def find_source(data_dir: str | os.PathLike | None = None, kind: str = "auto") -
     if chosen:
         if idx_folder_complete(chosen):
             return IdxFolderSource(chosen)
+        if idx_folder_complete(Path(chosen) / SUBFOLDER):
+            return IdxFolderSource(Path(chosen) / SUBFOLDER)
         if kind == "idx" or not Path(chosen).is_dir():
             raise DataNotFoundError(
                 _missing_data_message([f"{chosen}: not a folder with all four idx files"])

@@ -15,12 +15,10 @@ import numpy as np
 from hw2jax.data.sources import DataNotFoundError, DataSource, TfdsSource, tfds_available
 
 ENV_VAR = "HW2JAX_DATA_DIR"
-_REPO = Path(__file__).resolve().parents[2]
-USUAL_PLACES = (
-    Path.home() / ".cache" / "hw2jax" / "aclImdb",
-    Path.home() / ".cache" / "hw2jax" / "aclImdb_v1.tar.gz",
-    _REPO.parent / "shared" / "data" / "aclImdb_labeled.tar.gz",
-)
+# Names the reviews go by inside a folder: the usual places, or a data root
+# ($HW2JAX_DATA_DIR holding several datasets).
+NAMES = ("aclImdb", "aclImdb_v1.tar.gz", "aclImdb_labeled.tar.gz")
+USUAL_PLACES = tuple(Path.home() / ".cache" / "hw2jax" / name for name in NAMES)
 _MEMBER = re.compile(r"(?:^|/)aclImdb/(train|test)/(pos|neg)/(\d+)_(\d+)\.txt$")
 
 
@@ -32,8 +30,10 @@ def _decode(raw: bytes, where: str) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ReviewError(f"{where} is not UTF-8 ({e.reason} at byte {e.start}); "
-                          "re-encode it with `iconv -t utf-8`.") from None  # fmt: skip
+        raise ReviewError(
+            f"{where} is not UTF-8 ({e.reason} at byte {e.start}); "
+            "re-encode it with `iconv -t utf-8`."
+        ) from None
     if not text.strip():
         raise ReviewError(f"{where} is empty; remove it or put the review text in it.")
     return text
@@ -53,8 +53,11 @@ class AclImdbSource:
                 with tarfile.open(self.path, "r:*") as tar:
                     for member in tar:
                         if member.isfile() and _MEMBER.search(member.name):
-                            yield member.name, f"{self.path}:{member.name}", \
-                                tar.extractfile(member).read()  # fmt: skip
+                            yield (
+                                member.name,
+                                f"{self.path}:{member.name}",
+                                tar.extractfile(member).read(),
+                            )
             except tarfile.TarError as e:
                 raise DataNotFoundError(f"{self.path} is not a readable tar archive: {e}") from e
             return
@@ -101,7 +104,8 @@ def _missing_message(tried: list[str]) -> str:
     return (
         "IMDB reviews not found. Tried:\n  - " + "\n  - ".join(tried) + "\n"
         "Provide them in one of two ways:\n"
-        f"  1. an aclImdb folder or aclImdb_v1.tar.gz: --data-dir PATH or {ENV_VAR}=PATH;\n"
+        f"  1. an aclImdb folder or aclImdb_v1.tar.gz, or a data root holding one of\n"
+        f"     {', '.join(NAMES)}: --data-dir PATH or {ENV_VAR}=PATH;\n"
         "  2. tensorflow-datasets 'imdb_reviews' (pip install 'hw2jax[tf]' when online)."
     )
 
@@ -115,6 +119,9 @@ def find_source(data_dir: str | os.PathLike | None = None, kind: str = "auto") -
     if chosen:
         if _is_acl(Path(chosen)):
             return AclImdbSource(chosen)
+        for name in NAMES:
+            if (Path(chosen) / name).exists() and _is_acl(Path(chosen) / name):
+                return AclImdbSource(Path(chosen) / name)
         raise DataNotFoundError(_missing_message([f"{chosen}: not an aclImdb folder or archive"]))
     tried = []
     for place in USUAL_PLACES:
@@ -145,8 +152,9 @@ def content_key(prefix: str, *arrays: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def tokenize(texts, tokenizer, max_length: int, cache_dir: str | os.PathLike | None = None
-             ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def tokenize(
+    texts, tokenizer, max_length: int, cache_dir: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Token ids [N, max_length] (0-padded) and lengths [N], with [CLS] and [SEP], truncated
     to ``max_length``. Batched through the fast tokenizer, and cached on disk by content."""
     texts = [str(t) for t in texts]
@@ -163,8 +171,13 @@ def tokenize(texts, tokenizer, max_length: int, cache_dir: str | os.PathLike | N
     ids = np.zeros((len(texts), max_length), np.int32)
     lengths = np.zeros(len(texts), np.int32)
     for start in range(0, len(texts), 2048):
-        enc = tokenizer(texts[start : start + 2048], truncation=True, max_length=max_length,
-                        padding=False, return_attention_mask=False)["input_ids"]  # fmt: skip
+        enc = tokenizer(
+            texts[start : start + 2048],
+            truncation=True,
+            max_length=max_length,
+            padding=False,
+            return_attention_mask=False,
+        )["input_ids"]
         for i, row in enumerate(enc, start):
             ids[i, : len(row)] = row
             lengths[i] = len(row)
@@ -176,8 +189,9 @@ def tokenize(texts, tokenizer, max_length: int, cache_dir: str | os.PathLike | N
     return ids, lengths
 
 
-def bucket_batches(lengths: np.ndarray, batch_size: int, buckets: tuple[int, ...],
-                   rng: np.random.Generator | None) -> list[tuple[np.ndarray, int]]:  # fmt: skip
+def bucket_batches(
+    lengths: np.ndarray, batch_size: int, buckets: tuple[int, ...], rng: np.random.Generator | None
+) -> list[tuple[np.ndarray, int]]:
     """Batches of similar length, like torchtext's BucketIterator: within pools of 50
     batches, sort by length and cut; each batch pads to the smallest bucket that fits, so
     jit sees at most len(buckets) shapes. ``rng=None`` keeps a fixed order (evaluation)."""
@@ -193,8 +207,10 @@ def bucket_batches(lengths: np.ndarray, batch_size: int, buckets: tuple[int, ...
             longest = int(lengths[idx].max())
             fit = [s for s in buckets if s >= longest]
             if not fit:
-                raise ValueError(f"a review has {longest} tokens, more than the largest bucket "
-                                 f"{max(buckets)}; add a bucket or lower max_length.")  # fmt: skip
+                raise ValueError(
+                    f"a review has {longest} tokens, more than the largest bucket "
+                    f"{max(buckets)}; add a bucket or lower max_length."
+                )
             batches.append((idx, fit[0]))
     if rng is not None:
         batches = [batches[i] for i in rng.permutation(len(batches))]

@@ -32,7 +32,7 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
-from hw2jax.attention import key_bias_attention
+from hw2jax.models.bert_attention import key_bias_attention
 
 __all__ = [
     "SUPPORTED_HEAD_DIMS",
@@ -121,8 +121,9 @@ def _register() -> None:
         path.unlink(missing_ok=True)
         _library_path.cache_clear()
         library = ctypes.cdll.LoadLibrary(str(_library_path()))
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(getattr(library, _SYMBOL)),
-                                platform="cpu")  # fmt: skip
+    jax.ffi.register_ffi_target(
+        _TARGET, jax.ffi.pycapsule(getattr(library, _SYMBOL)), platform="cpu"
+    )
 
 
 @functools.cache
@@ -132,8 +133,9 @@ def build_error() -> str | None:
     try:
         _register()
     except (KernelUnavailable, OSError) as err:
-        warnings.warn(f"fused CPU attention unavailable, XLA's is used: {err}", RuntimeWarning,
-                      stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"fused CPU attention unavailable, XLA's is used: {err}", RuntimeWarning, stacklevel=2
+        )
         return str(err)
     return None
 
@@ -151,8 +153,9 @@ def cpu_attention_unavailable_reason(head_dim: int, dtype: jnp.dtype) -> str | N
 
 
 def _ffi_attention(q, k, v, key_bias, scale):
-    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype),
-                            vmap_method="broadcast_all")  # fmt: skip
+    call = jax.ffi.ffi_call(
+        _TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="broadcast_all"
+    )
     return call(q, k, v, key_bias, scale=np.float32(scale))
 
 
@@ -199,8 +202,10 @@ def _batchable_attention(scale: float):
 
     @call.def_vmap
     def _fold(axis_size, in_batched, *args):
-        args = [a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
-                for a, b in zip(args, in_batched, strict=True)]  # fmt: skip
+        args = [
+            a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+            for a, b in zip(args, in_batched, strict=True)
+        ]
         out = call(*(a.reshape(-1, *a.shape[2:]) for a in args))
         return out.reshape(axis_size, -1, *out.shape[1:]), True
 
@@ -218,16 +223,23 @@ def _attention_fwd(q, k, v, key_bias, scale):
 
 def _attention_bwd(scale, residuals, grad):
     # The gradient of the same function as XLA computes it (BERT's other path).
-    _, pullback = jax.vjp(lambda q, k, v, key_bias: key_bias_attention(q * scale, k, v, key_bias),
-                          *residuals)  # fmt: skip
+    _, pullback = jax.vjp(
+        lambda q, k, v, key_bias: key_bias_attention(q * scale, k, v, key_bias), *residuals
+    )
     return pullback(grad)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_bias: jax.Array | None = None,
-                  *, scale: float | None = None) -> jax.Array:  # fmt: skip
+def cpu_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_bias: jax.Array | None = None,
+    *,
+    scale: float | None = None,
+) -> jax.Array:
     """softmax(scale q.k^T + key_bias) v with the fused CPU kernel.
 
     q, k, v: float32 ``[B, T, heads, D]`` (the layout the projections produce);
@@ -246,8 +258,10 @@ def cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_bias: jax.Array 
     if key_bias is None:
         key_bias = jnp.zeros(q.shape[:2], jnp.float32)
     if jnp.asarray(key_bias).dtype == jnp.bool_:
-        raise ValueError("key_bias is added to the scores, not a boolean mask: pass "
-                         "jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).")  # fmt: skip
+        raise ValueError(
+            "key_bias is added to the scores, not a boolean mask: pass "
+            "jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)."
+        )
     if key_bias.shape != q.shape[:2]:
         raise ValueError(f"key_bias must be [batch, T] = {q.shape[:2]}, got {key_bias.shape}.")
     scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else float(scale)

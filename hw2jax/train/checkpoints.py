@@ -43,8 +43,12 @@ class Checkpoints:
 
     def save_best(self, state, metrics: dict[str, float]) -> None:
         payload = {"step": state.step, "params": state.params}
-        self._best.save(int(state.step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(payload), metrics=ocp.args.JsonSave(metrics)))  # fmt: skip
+        self._best.save(
+            int(state.step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(payload), metrics=ocp.args.JsonSave(metrics)
+            ),
+        )
         self._wait_if_distributed()
 
     def _wait_if_distributed(self) -> None:
@@ -73,9 +77,12 @@ class Checkpoints:
         step = self._best.latest_step()
         if step is not None:
             target = {"step": 0, "params": _abstract(params_like)}
-            out = self._best.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), metrics=ocp.args.JsonRestore()
-            ))  # fmt: skip
+            out = self._best.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), metrics=ocp.args.JsonRestore()
+                ),
+            )
             return out.state["params"], dict(out.metrics)
         step = self._latest.latest_step()
         if step is None:

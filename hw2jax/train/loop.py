@@ -66,8 +66,9 @@ class TrainState(struct.PyTreeNode):
     frozen: tuple[str, ...] = struct.field(pytree_node=False, default=())
 
     @classmethod
-    def create(cls, params: Params, tx: optax.GradientTransformation,
-               frozen: tuple[str, ...] = ()) -> TrainState:  # fmt: skip
+    def create(
+        cls, params: Params, tx: optax.GradientTransformation, frozen: tuple[str, ...] = ()
+    ) -> TrainState:
         trainable = {k: v for k, v in params.items() if k not in frozen}
         return cls(jnp.zeros((), jnp.int32), params, tx.init(trainable), tx, tuple(frozen))
 
@@ -124,8 +125,9 @@ def _compiler_options(task: Task) -> dict[str, str] | None:
     return getattr(task, "compiler_options", None) or None
 
 
-def evaluate(task: Task, params: Params, split: str, eval_step=None,
-             parallel: DataParallel | None = None) -> dict[str, float]:  # fmt: skip
+def evaluate(
+    task: Task, params: Params, split: str, eval_step=None, parallel: DataParallel | None = None
+) -> dict[str, float]:
     eval_step = eval_step or make_eval_step(task)
     totals = None
     for batch in task.eval_batches(split):
@@ -133,8 +135,11 @@ def evaluate(task: Task, params: Params, split: str, eval_step=None,
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = float(totals["count"])
-    return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count,
-            "count": int(count)}  # fmt: skip
+    return {
+        "loss": float(totals["loss_sum"]) / count,
+        "accuracy": float(totals["correct"]) / count,
+        "count": int(count),
+    }
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -144,8 +149,8 @@ def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
     """``adam_l2``: torch.optim.Adam(weight_decay=wd), i.e. wd * param added to the gradient
     before Adam (coupled L2). ``adamw``: decoupled decay, with warm-up and cosine decay."""
     total = config.epochs * steps_per_epoch
-    if config.get("schedule", "constant") == "warmup_cosine":
-        warmup = int(config.get("warmup_epochs", 0) * steps_per_epoch)
+    if config.schedule == "warmup_cosine":
+        warmup = int(config.warmup_epochs * steps_per_epoch)
         lr = optax.warmup_cosine_decay_schedule(
             0.0, config.learning_rate, max(warmup, 1), max(total, warmup + 1)
         )
@@ -163,7 +168,7 @@ def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
         tx = optax.adamw(lr, weight_decay=config.weight_decay, mask=mask)
     else:
         raise ValueError(f"unknown optimizer {config.optimizer!r}; choose adam_l2 or adamw.")
-    if config.get("grad_clip_norm", 0.0):
+    if config.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
     return tx
 
@@ -172,9 +177,13 @@ def latest_params(task: Task, config: ml_collections.ConfigDict, workdir: str | 
     """Params of the latest checkpoint in ``workdir`` (the final model of a finished run)."""
     ckpt = checkpoints.Checkpoints(Path(workdir) / "checkpoints")
     # Shapes only: the checkpoint supplies every value.
-    state = jax.eval_shape(lambda: TrainState.create(
-        task.init_params(jax.random.key(0)), build_optimizer(config, 1),
-        getattr(task, "frozen_keys", ())))  # fmt: skip
+    state = jax.eval_shape(
+        lambda: TrainState.create(
+            task.init_params(jax.random.key(0)),
+            build_optimizer(config, 1),
+            getattr(task, "frozen_keys", ()),
+        )
+    )
     with contextlib.closing(ckpt):
         return ckpt.restore_latest(state).params
 
@@ -195,7 +204,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 _READ_EVERY_STEPS = 10
 
 # Keys that say where or how to run, not what to train: changing them on resume is expected.
-_RESUME_NEUTRAL = {"progress", "data_dir", "data_source", "devices", "stop_at_step"}
+_RESUME_NEUTRAL = {"progress", "data_dir", "data_source", "devices"}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -217,8 +226,11 @@ def save_run_config(workdir: Path, config: ml_collections.ConfigDict) -> list[st
     changed = []
     if path.exists() and (workdir / "checkpoints").exists():
         old, new = _flat(json.loads(path.read_text())), _flat(json.loads(config.to_json()))
-        changed = sorted(k for k in old.keys() | new.keys()
-                         if k not in _RESUME_NEUTRAL and old.get(k) != new.get(k))  # fmt: skip
+        changed = sorted(
+            k
+            for k in old.keys() | new.keys()
+            if k not in _RESUME_NEUTRAL and old.get(k) != new.get(k)
+        )
         if changed:
             diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
             warnings.warn(
@@ -231,8 +243,9 @@ def save_run_config(workdir: Path, config: ml_collections.ConfigDict) -> list[st
     return changed
 
 
-def load_run_config(workdir: str | os.PathLike, train_command: str,
-                    marker: str) -> ml_collections.ConfigDict:  # fmt: skip
+def load_run_config(
+    workdir: str | os.PathLike, train_command: str, marker: str
+) -> ml_collections.ConfigDict:
     """The config that ``train_command`` saved in ``workdir`` (for eval and predict); a
     config without the top-level key ``marker`` came from another command."""
     path = Path(workdir) / "config.json"
@@ -306,11 +319,14 @@ def train_and_evaluate(
     task: Task,
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
+    *,
+    stop_at_step: int = 0,
 ) -> dict[str, Any]:
     """Trains ``task`` for ``config.epochs``, evaluating ``config.eval_split`` each epoch.
 
     Resumes from ``workdir`` if it holds a checkpoint. Returns the history dict; its
-    ``status`` is ``"done"`` or ``"interrupted"``.
+    ``status`` is ``"done"`` or ``"interrupted"``. ``stop_at_step`` > 0 stops after that step
+    as a first Ctrl-C would (for tests of the resume).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -324,7 +340,7 @@ def train_and_evaluate(
     ckpt = checkpoints.Checkpoints(workdir / "checkpoints")
     state = ckpt.restore_latest(state)
     start_step = int(state.step)
-    parallel = DataParallel(config.get("devices", 1), config.batch_size, config.eval_batch_size)
+    parallel = DataParallel(config.devices, config.batch_size, config.eval_batch_size)
     state = parallel.replicate(state)
     history = load_history(workdir, start_step)
     history["config"] = config.to_dict()
@@ -335,7 +351,7 @@ def train_and_evaluate(
     eval_step = make_eval_step(task)
     unit = getattr(task, "unit", "img")
     best = max((r[config.best_metric] for r in history["epochs"]), default=-math.inf)
-    stop_at = config.get("stop_at_step", 0)  # simulates Ctrl-C at a step (tests)
+    stop_at = stop_at_step
     status = "done"
 
     def save_history():
@@ -361,7 +377,7 @@ def train_and_evaluate(
                 desc=f"epoch {epoch + 1}/{config.epochs}",
                 initial=first,
                 total=steps_per_epoch,
-                disable=not config.get("progress", True) or not is_main_process(),
+                disable=not config.progress or not is_main_process(),
                 leave=False,
             )
             # The loss accumulated since the last log line survives an interruption.
@@ -400,7 +416,7 @@ def train_and_evaluate(
                         {"step": step, "epoch": epoch + 1, "loss": loss, "examples": n}
                     )
                     window = {"loss_sum": 0.0, "count": 0.0}
-                    if step % config.log_every_steps == 0 and config.get("progress", True):
+                    if step % config.log_every_steps == 0 and config.progress:
                         tqdm.write(f"step {step:6d}  epoch {epoch + 1}  train loss {loss:.4f}")
                 if stopping and i < steps_per_epoch - 1:  # at an epoch's end, evaluate first
                     status = "interrupted"

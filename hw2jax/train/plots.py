@@ -32,12 +32,17 @@ def plot_history(history: dict[str, Any], eval_split: str, path: Path) -> None:
     train = history["train"]
     epochs = history["epochs"]
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (per log)")
-    ax_loss.plot([r["step"] for r in epochs], [r[f"{eval_split}_loss"] for r in epochs], "o-",
-                 label=f"{eval_split} (per epoch)")  # fmt: skip
+    ax_loss.plot(
+        [r["step"] for r in epochs],
+        [r[f"{eval_split}_loss"] for r in epochs],
+        "o-",
+        label=f"{eval_split} (per epoch)",
+    )
     ax_loss.set(xlabel="step", ylabel="cross-entropy", title="loss")
     ax_loss.legend()
-    ax_acc.plot([r["epoch"] for r in epochs],
-                [100 * r[f"{eval_split}_accuracy"] for r in epochs], "o-")  # fmt: skip
+    ax_acc.plot(
+        [r["epoch"] for r in epochs], [100 * r[f"{eval_split}_accuracy"] for r in epochs], "o-"
+    )
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{eval_split} accuracy")
     ax_acc.grid(alpha=0.3)
     fig.tight_layout()
@@ -61,8 +66,11 @@ def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: Path) -> No
     for (i, j), count in np.ndenumerate(cm):
         color = "white" if count > cm.max() / 2 else "black"
         ax.text(j, i, str(count), ha="center", va="center", fontsize=7, color=color)
-    ax.set(xlabel="predicted", ylabel="true",
-           title=f"confusion matrix, accuracy {100 * np.trace(cm) / cm.sum():.2f}%")  # fmt: skip
+    ax.set(
+        xlabel="predicted",
+        ylabel="true",
+        title=f"confusion matrix, accuracy {100 * np.trace(cm) / cm.sum():.2f}%",
+    )
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     _save(fig, path)
@@ -70,9 +78,13 @@ def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: Path) -> No
 
 
 def plot_predictions(
-    images: np.ndarray, preds: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-    path: Path, cols: int = 8,
-) -> None:  # fmt: skip
+    images: np.ndarray,
+    preds: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    path: Path,
+    cols: int = 8,
+) -> None:
     """A grid of images titled 'predicted (true)', wrong ones in red."""
     plt = _pyplot()
     rows = -(-len(images) // cols)
@@ -81,8 +93,9 @@ def plot_predictions(
         ax.axis("off")
     for ax, image, p, t in zip(axes.flat, images, preds, labels, strict=False):
         ax.imshow(image.squeeze(-1), cmap="gray")
-        ax.set_title(f"{class_names[p]}\n({class_names[t]})", fontsize=7,
-                     color="black" if p == t else "red")  # fmt: skip
+        ax.set_title(
+            f"{class_names[p]}\n({class_names[t]})", fontsize=7, color="black" if p == t else "red"
+        )
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

@@ -57,8 +57,9 @@ def split_host_cpu(n: int) -> None:
         ) from None
 
 
-def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:  # fmt: skip
+def initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
     """``jax.distributed.initialize`` with a clear error. With no arguments jax detects
     SLURM, Open MPI, Cloud TPU and GKE; elsewhere give all three (the coordinator may also
     come from $JAX_COORDINATOR_ADDRESS). On CPU, processes talk through gloo."""

@@ -13,10 +13,41 @@ import ml_collections
 import numpy as np
 import optax
 
+from hw2jax.config import LOOP_SCHEMA, Field, check_config
 from hw2jax.data import fashion_mnist
 from hw2jax.models.vit import ViT
 from hw2jax.train import checkpoints, loop, plots
 from hw2jax.train.batching import IndexBatches, chunk
+
+_POSITIVE = Field(int, min=1)
+SCHEMA = {
+    **LOOP_SCHEMA,
+    "eval_split": Field(str, choices=("test",)),
+    "label_smoothing": Field(float, "it must be below 1", min=0.0, check=lambda v: v < 1),
+    "augment_pad": Field(int, min=0),
+    "augment_flip": Field(bool),
+    "data_source": Field(str, choices=("auto", "idx", "tfds")),
+    "model": {
+        **{k: _POSITIVE for k in ("image_size", "patch_size", "channels", "dim", "depth")},
+        **{k: _POSITIVE for k in ("heads", "dim_head", "mlp_dim")},
+        "pool": Field(str, choices=("cls", "mean")),
+        "attention": Field(str, choices=("softmax", "linear")),
+        "dtype": Field(str, choices=("float32", "bfloat16")),
+        # None: regrouped products when dim <= dim_head; True/False force one form.
+        "merged_attention": Field((type(None), bool)),
+    },
+}
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """The whole config against :data:`SCHEMA`, before any data is read or compiled."""
+    check_config(config.to_dict(), SCHEMA)
+    model = config.model
+    if model.image_size % model.patch_size:
+        raise ValueError(
+            f"model.image_size {model.image_size} is not a multiple of model.patch_size "
+            f"{model.patch_size}; pick a patch size that divides it (e.g. 4 for 28)."
+        )
 
 
 def augment(rng: jax.Array, images: jax.Array, pad: int, flip: bool) -> jax.Array:
@@ -39,19 +70,27 @@ class ViTTask:
 
     num_classes = 10
 
-    def __init__(self, config: ml_collections.ConfigDict, train: fashion_mnist.ImageSplit,
-                 test: fashion_mnist.ImageSplit):  # fmt: skip
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        train: fashion_mnist.ImageSplit,
+        test: fashion_mnist.ImageSplit,
+    ):
         self.config = config
         model = config.model.to_dict()
         # bf16 compute with float32 params and optimizer state: mixed precision.
         name = model.get("dtype", "float32")
         if name not in ("float32", "bfloat16"):
-            raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {name!r}; "
-                             "e.g. --set model.dtype=bfloat16.")  # fmt: skip
+            raise ValueError(
+                f"model.dtype must be 'float32' or 'bfloat16', got {name!r}; "
+                "e.g. --set model.dtype=bfloat16."
+            )
         model["dtype"] = jnp.dtype(name)
         if model.get("merged_attention") not in (None, True, False):
-            raise ValueError("model.merged_attention must be None (automatic), True or False, got "
-                             f"{model['merged_attention']!r}.")  # fmt: skip
+            raise ValueError(
+                "model.merged_attention must be None (automatic), True or False, got "
+                f"{model['merged_attention']!r}."
+            )
         self.model = ViT(num_classes=self.num_classes, **model)
         self.splits = {
             "train": {"image": jnp.asarray(train.images), "label": jnp.asarray(train.labels)},
@@ -90,8 +129,10 @@ class ViTTask:
 
     def predict(self, params, split: str) -> np.ndarray:
         apply = jax.jit(lambda p, b: jnp.argmax(self.apply(p, b, train=False, rng=None), -1))
-        preds = [np.asarray(apply(params, b))[np.asarray(b["mask"]) > 0]
-                 for b in self.eval_batches(split)]  # fmt: skip
+        preds = [
+            np.asarray(apply(params, b))[np.asarray(b["mask"]) > 0]
+            for b in self.eval_batches(split)
+        ]
         return np.concatenate(preds)
 
 
@@ -108,22 +149,34 @@ def write_report(task: ViTTask, params, workdir: Path, history: dict[str, Any]) 
     cm = plots.confusion_matrix(labels, preds, task.num_classes)
     names = fashion_mnist.CLASS_NAMES
     plots.plot_confusion(cm, names, workdir / "confusion_matrix.png")
-    plots.plot_predictions(np.asarray(task.splits["test"]["image"][:32]), preds[:32], labels[:32],
-                           names, workdir / "test_predictions.png")  # fmt: skip
+    plots.plot_predictions(
+        np.asarray(task.splits["test"]["image"][:32]),
+        preds[:32],
+        labels[:32],
+        names,
+        workdir / "test_predictions.png",
+    )
     if history.get("epochs"):
         plots.plot_history(history, task.config.eval_split, workdir / "curves.png")
-    return {"test_accuracy": float(np.mean(preds == labels)), "test_count": len(labels),
-            "confusion_matrix": cm.tolist()}  # fmt: skip
+    return {
+        "test_accuracy": float(np.mean(preds == labels)),
+        "test_count": len(labels),
+        "confusion_matrix": cm.tolist(),
+    }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at_step: int = 0
+) -> dict[str, Any]:
+    """Trains and evaluates the ViT; ``stop_at_step`` > 0 stops there as Ctrl-C would."""
+    check(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     loop.save_run_config(workdir, config)
     train, test = load_data(config)
     task = ViTTask(config, train, test)
     start = time.perf_counter()
-    history = loop.train_and_evaluate(task, config, workdir)
+    history = loop.train_and_evaluate(task, config, workdir, stop_at_step=stop_at_step)
     if history["status"] != "done":
         return history
     params = jax.device_get(loop.latest_params(task, config, workdir))
@@ -131,8 +184,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     final["wall_time_s_this_run"] = time.perf_counter() - start
     final["last_epoch"] = history["epochs"][-1] if history["epochs"] else None
     loop.write_json_atomic(workdir / "results.json", final)
-    print(f"final test accuracy (last epoch): {100 * final['test_accuracy']:.2f}% "
-          f"on {final['test_count']} images; plots and history in {workdir}")  # fmt: skip
+    print(
+        f"final test accuracy (last epoch): {100 * final['test_accuracy']:.2f}% "
+        f"on {final['test_count']} images; plots and history in {workdir}"
+    )
     return history | {"final": final}
 
 
@@ -146,7 +201,8 @@ def evaluate_workdir(workdir: str | Path, data_dir: str | None = None, best: boo
     task = ViTTask(config, train, test)
     if best:
         params, meta = checkpoints.Checkpoints(workdir / "checkpoints").restore_best_params(
-            task.init_params(jax.random.key(0)))  # fmt: skip
+            task.init_params(jax.random.key(0))
+        )
     else:
         params, meta = loop.latest_params(task, task.config, workdir), {}
     metrics = loop.evaluate(task, params, "test")

@@ -15,11 +15,45 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from hw2jax.config import LOOP_SCHEMA, Field, check_config
 from hw2jax.data import imdb
 from hw2jax.models import bert
 from hw2jax.models.sentiment import FROZEN_KEY, BertGRUSentiment
 from hw2jax.train import checkpoints, loop, plots
 from hw2jax.train.batching import IndexBatches
+
+SCHEMA = {
+    **LOOP_SCHEMA,
+    "eval_split": Field(str, choices=("valid", "test")),
+    "split_seed": Field(int),
+    "data_source": Field(str, choices=("auto", "local", "tfds")),
+    "encoder": Field(str, "a hub id, a local folder or 'minilm'", check=bool),
+    "max_length": Field(int, "2 <= max_length <= 512", check=lambda v: 2 <= v <= 512),
+    "buckets": Field(
+        tuple,
+        "a tuple of positive lengths",
+        check=lambda v: all(isinstance(b, int) and b >= 1 for b in v),
+    ),
+    "train_size": Field(int, min=1),
+    "max_reviews": Field(int, min=0),
+    "hidden_dim": Field(int, min=1),
+    "n_layers": Field(int, min=1),
+    "bidirectional": Field(bool),
+    "dropout": Field(float, "0 <= dropout < 1", check=lambda v: 0 <= v < 1),
+    "use_mask": Field(bool),
+    "bert_dropout": Field(bool),
+    "encoder_dtype": Field(str, choices=("float32", "bfloat16")),
+    "encoder_attention": Field(str, choices=bert.ATTENTION_CHOICES),
+    "encoder_microbatch": Field(int, min=0),
+    "cache_dir": Field(str),
+    "cache_features": Field(bool),
+    "feature_dtype": Field(str, choices=("float16", "bfloat16", "float32")),
+}
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """The whole config against :data:`SCHEMA`, before any data is read or compiled."""
+    check_config(config.to_dict(), SCHEMA)
 
 
 def load_tokenizer(folder: str | Path):
@@ -34,19 +68,25 @@ def load_tokenizer(folder: str | Path):
     raise FileNotFoundError(f"{folder} has neither tokenizer.json nor vocab.txt.")
 
 
-def build_model(config: ml_collections.ConfigDict, bert_config: bert.BertConfig
-                ) -> BertGRUSentiment:  # fmt: skip
+def build_model(
+    config: ml_collections.ConfigDict, bert_config: bert.BertConfig
+) -> BertGRUSentiment:
     return BertGRUSentiment(
-        bert_config, hidden_dim=config.hidden_dim, n_layers=config.n_layers,
-        bidirectional=config.bidirectional, dropout=config.dropout, use_mask=config.use_mask,
-        bert_dropout=config.bert_dropout, dtype=encoder_dtype(config),
+        bert_config,
+        hidden_dim=config.hidden_dim,
+        n_layers=config.n_layers,
+        bidirectional=config.bidirectional,
+        dropout=config.dropout,
+        use_mask=config.use_mask,
+        bert_dropout=config.bert_dropout,
+        dtype=encoder_dtype(config),
         attention=encoder_attention(config),
-    )  # fmt: skip
+    )
 
 
 def encoder_dtype(config: ml_collections.ConfigDict) -> jnp.dtype | None:
     """The frozen encoder's matmul input dtype (accumulation is float32 either way)."""
-    name = config.get("encoder_dtype", "float32")
+    name = config.encoder_dtype
     if name not in ("float32", "bfloat16"):
         raise ValueError(f"encoder_dtype must be 'float32' or 'bfloat16', got {name!r}.")
     return None if name == "float32" else jnp.dtype(name)
@@ -54,7 +94,7 @@ def encoder_dtype(config: ml_collections.ConfigDict) -> jnp.dtype | None:
 
 def encoder_attention(config: ml_collections.ConfigDict) -> str:
     """BertModel's attention: "auto" (the fused CPU kernel where it applies), "fused" or "xla"."""
-    name = config.get("encoder_attention", "auto")  # configs saved before the option: "auto"
+    name = config.encoder_attention
     if name not in bert.ATTENTION_CHOICES:
         raise ValueError(
             f"encoder_attention must be one of {bert.ATTENTION_CHOICES}, got {name!r}."
@@ -85,9 +125,19 @@ class FeatureCache:
         return np.memmap(self.path, dtype=self.dtype, mode=mode, shape=shape)
 
     @classmethod
-    def build(cls, path: Path, encode, ids: np.ndarray, lengths: np.ndarray,
-              buckets: tuple[int, ...], hidden: int, dtype: str, batch_size: int,
-              progress: bool = False, desc: str = "features") -> FeatureCache:  # fmt: skip
+    def build(
+        cls,
+        path: Path,
+        encode,
+        ids: np.ndarray,
+        lengths: np.ndarray,
+        buckets: tuple[int, ...],
+        hidden: int,
+        dtype: str,
+        batch_size: int,
+        progress: bool = False,
+        desc: str = "features",
+    ) -> FeatureCache:
         stored = np.array([min(b for b in buckets if b >= n) for n in lengths], np.int64)
         cache = cls(path, stored, hidden, dtype)
         if path.exists():  # written completely before (the rename below is the last step)
@@ -124,8 +174,9 @@ class CachedBatches(IndexBatches):
     """IndexBatches plus the cached encoder features of each batch, read from disk."""
 
     def __init__(self, inner: IndexBatches, cache: FeatureCache):
-        super().__init__(inner.arrays, inner.batches, inner.batch_size, inner.seq_lens,
-                         inner.seq_keys)  # fmt: skip
+        super().__init__(
+            inner.arrays, inner.batches, inner.batch_size, inner.seq_lens, inner.seq_keys
+        )
         self.cache = cache
 
     def __getitem__(self, i: int):
@@ -144,20 +195,26 @@ class SentimentTask:
     frozen_keys = (FROZEN_KEY,)
     unit = "reviews"
 
-    def __init__(self, config: ml_collections.ConfigDict, splits: dict[str, dict[str, np.ndarray]],
-                 bert_config: bert.BertConfig, bert_params: Any,
-                 features: dict[str, FeatureCache] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        splits: dict[str, dict[str, np.ndarray]],
+        bert_config: bert.BertConfig,
+        bert_params: Any,
+        features: dict[str, FeatureCache] | None = None,
+    ):
         self.config = config
         self.model = build_model(config, bert_config)
         self.bert_params = bert_params
         self.lengths = {k: v["length"] for k, v in splits.items()}
-        self.splits = {k: {"ids": jnp.asarray(v["ids"]), "label": jnp.asarray(v["label"])}
-                       for k, v in splits.items()}  # fmt: skip
+        self.splits = {
+            k: {"ids": jnp.asarray(v["ids"]), "label": jnp.asarray(v["label"])}
+            for k, v in splits.items()
+        }
         self.buckets = bucket_sizes(config)
         self.features = features or {}
         # The steps run the encoder unless its outputs are cached; then only the small GRU runs.
-        self.compiler_options = ({} if features else
-                                 bert.xla_compiler_options(encoder_dtype(config)))  # fmt: skip
+        self.compiler_options = {} if features else bert.xla_compiler_options(encoder_dtype(config))
 
     def init_params(self, rng: jax.Array):
         return init_params(self.model, self.bert_params, rng)
@@ -169,8 +226,9 @@ class SentimentTask:
         if features is None:
             features = self.encode(params, ids, mask, train=train, rng=rng)
         rngs = {"dropout": rng} if train else {}
-        return self.model.apply({"params": params}, ids, mask, train=train, rngs=rngs,
-                                features=features)  # fmt: skip
+        return self.model.apply(
+            {"params": params}, ids, mask, train=train, rngs=rngs, features=features
+        )
 
     def encode(self, params, ids, mask, *, train: bool, rng: jax.Array | None) -> jax.Array:
         """The frozen encoder, ``encoder_microbatch`` reviews at a time: XLA on CPU keeps the
@@ -182,12 +240,17 @@ class SentimentTask:
         def run(args):
             i, ids_i, mask_i = args
             rngs = {"dropout": jax.random.fold_in(rng, i)} if train else {}
-            return self.model.apply({"params": params}, ids_i, mask_i, train=train, rngs=rngs,
-                                    method=BertGRUSentiment.encode)  # fmt: skip
+            return self.model.apply(
+                {"params": params},
+                ids_i,
+                mask_i,
+                train=train,
+                rngs=rngs,
+                method=BertGRUSentiment.encode,
+            )
 
         n = b // chunk
-        out = jax.lax.map(run, (jnp.arange(n), ids.reshape(n, chunk, t),
-                                mask.reshape(n, chunk, t)))  # fmt: skip
+        out = jax.lax.map(run, (jnp.arange(n), ids.reshape(n, chunk, t), mask.reshape(n, chunk, t)))
         return out.reshape(b, t, -1)
 
     def losses(self, logits: jax.Array, batch) -> tuple[jax.Array, jax.Array]:
@@ -197,8 +260,13 @@ class SentimentTask:
 
     def _batches(self, split: str, batch_size: int, rng) -> IndexBatches:
         plan = imdb.bucket_batches(self.lengths[split], batch_size, self.buckets, rng)
-        batches = IndexBatches(self.splits[split], [idx for idx, _ in plan], batch_size,
-                               [length for _, length in plan], seq_keys=("ids",))  # fmt: skip
+        batches = IndexBatches(
+            self.splits[split],
+            [idx for idx, _ in plan],
+            batch_size,
+            [length for _, length in plan],
+            seq_keys=("ids",),
+        )
         return CachedBatches(batches, self.features[split]) if split in self.features else batches
 
     def train_batches(self, epoch: int) -> IndexBatches:
@@ -213,8 +281,11 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer, workdir: Path) ->
     """Train/valid/test token arrays, tokenized once and cached under the work dir."""
     source = imdb.find_source(config.data_dir or None, config.data_source)
     print(f"IMDB from {source.description}", file=sys.stderr)
-    raw = source.load_all() if hasattr(source, "load_all") else {
-        s: source.load(s) for s in ("train", "test")}  # fmt: skip
+    raw = (
+        source.load_all()
+        if hasattr(source, "load_all")
+        else {s: source.load(s) for s in ("train", "test")}
+    )
     if config.max_reviews:  # a seeded random subset of each split, for quick runs
         rng = np.random.default_rng(config.split_seed)
         for split, arrays in raw.items():
@@ -226,8 +297,11 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer, workdir: Path) ->
     for split in ("train", "test"):
         ids, lengths = imdb.tokenize(raw[split]["text"], tokenizer, config.max_length, cache)
         out[split] = {"ids": ids, "length": lengths, "label": np.asarray(raw[split]["label"])}
-    print(f"tokenized {sum(len(v['ids']) for v in out.values())} reviews in "
-          f"{time.perf_counter() - start:.1f} s", file=sys.stderr)  # fmt: skip
+    print(
+        f"tokenized {sum(len(v['ids']) for v in out.values())} reviews in "
+        f"{time.perf_counter() - start:.1f} s",
+        file=sys.stderr,
+    )
     n = len(out["train"]["ids"])
     train_size = config.train_size if config.train_size < n else round(0.7 * n)
     tr, va = imdb.train_valid_split(n, train_size, config.split_seed)
@@ -237,8 +311,13 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer, workdir: Path) ->
     return out
 
 
-def cache_features(config: ml_collections.ConfigDict, data: dict, bert_config: bert.BertConfig,
-                   bert_params: Any, workdir: Path) -> dict[str, FeatureCache] | None:  # fmt: skip
+def cache_features(
+    config: ml_collections.ConfigDict,
+    data: dict,
+    bert_config: bert.BertConfig,
+    bert_params: Any,
+    workdir: Path,
+) -> dict[str, FeatureCache] | None:
     """Runs the frozen encoder once per review (``config.cache_features``) into memory-mapped
     files under the cache dir, so training only runs the GRU head."""
     if not config.cache_features:
@@ -247,9 +326,12 @@ def cache_features(config: ml_collections.ConfigDict, data: dict, bert_config: b
     params = init_params(model, bert_params, jax.random.key(config.seed))
     # Params go in as an argument: closed over, they would become constants that XLA tries to
     # fold into every bucket's program (slow compiles, one copy of the encoder per shape).
-    jitted = jax.jit(lambda p, ids: model.apply({"params": p}, ids, (ids != 0).astype(jnp.int32),
-                                                method=BertGRUSentiment.encode),
-                     compiler_options=bert.xla_compiler_options(encoder_dtype(config)))  # fmt: skip
+    jitted = jax.jit(
+        lambda p, ids: model.apply(
+            {"params": p}, ids, (ids != 0).astype(jnp.int32), method=BertGRUSentiment.encode
+        ),
+        compiler_options=bert.xla_compiler_options(encoder_dtype(config)),
+    )
 
     def encode(ids: jax.Array) -> jax.Array:
         return jitted(params, ids)
@@ -258,37 +340,40 @@ def cache_features(config: ml_collections.ConfigDict, data: dict, bert_config: b
     cache_dir.mkdir(parents=True, exist_ok=True)
     out = {}
     for split, arrays in data.items():
-        key = (f"{config.encoder}-{bert_config.hidden_size}-{config.use_mask}-{config.seed}"
-               f"-{encoder_dtype(config)}")
+        key = (
+            f"{config.encoder}-{bert_config.hidden_size}-{config.use_mask}-{config.seed}"
+            f"-{encoder_dtype(config)}"
+        )
         digest = imdb.content_key(key, arrays["ids"])
         start = time.perf_counter()
         out[split] = FeatureCache.build(
-            cache_dir / f"features-{split}-{digest}.{config.feature_dtype}", encode,
-            arrays["ids"], arrays["length"], bucket_sizes(config), bert_config.hidden_size,
-            config.feature_dtype, config.eval_batch_size, progress=config.progress,
+            cache_dir / f"features-{split}-{digest}.{config.feature_dtype}",
+            encode,
+            arrays["ids"],
+            arrays["length"],
+            bucket_sizes(config),
+            bert_config.hidden_size,
+            config.feature_dtype,
+            config.eval_batch_size,
+            progress=config.progress,
             desc=f"encoding {split}",
-        )  # fmt: skip
-        print(f"features for {split}: {out[split].path.stat().st_size / 2**20:.0f} MiB "
-              f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)  # fmt: skip
+        )
+        print(
+            f"features for {split}: {out[split].path.stat().st_size / 2**20:.0f} MiB "
+            f"({time.perf_counter() - start:.1f} s)",
+            file=sys.stderr,
+        )
     return out
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: Path):
     bert_config, bert_params, folder = bert.load_pretrained(config.encoder)
-    if config.encoder_overrides:
-        # A tiny random encoder for tests: keep the tokenizer, replace the weights.
-        bert_config = bert.BertConfig.from_dict({**bert_config.__dict__,
-                                                 **config.encoder_overrides.to_dict()})  # fmt: skip
-        bert_params = bert.BertModel(bert_config).init(
-            jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]  # fmt: skip
-    tokenizer = load_tokenizer(folder)
-    return bert_config, bert_params, tokenizer
+    return bert_config, bert_params, load_tokenizer(folder)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    check(config)  # bad values fail here, not after tokenizing 50,000 reviews
     workdir = Path(workdir)
-    encoder_dtype(config)  # bad values fail here, not after tokenizing 50,000 reviews
-    encoder_attention(config)
     workdir.mkdir(parents=True, exist_ok=True)
     loop.save_run_config(workdir, config)
     bert_config, bert_params, tokenizer = _setup(config, workdir)
@@ -304,11 +389,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     ckpt = checkpoints.Checkpoints(workdir / "checkpoints")
     best, meta = ckpt.restore_best_params(params_like)
     test = loop.evaluate(task, best, "test")
-    final = {"best_checkpoint": meta, "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-             "test_count": test["count"]}  # fmt: skip
+    final = {
+        "best_checkpoint": meta,
+        "test_loss": test["loss"],
+        "test_accuracy": test["accuracy"],
+        "test_count": test["count"],
+    }
     loop.write_json_atomic(workdir / "results.json", final)
-    print(f"test accuracy of the best-valid model: {100 * test['accuracy']:.2f}% "
-          f"on {test['count']} reviews")  # fmt: skip
+    print(
+        f"test accuracy of the best-valid model: {100 * test['accuracy']:.2f}% "
+        f"on {test['count']} reviews"
+    )
     return history | {"final": final}
 
 
@@ -318,6 +409,8 @@ def predict(workdir: str | Path, texts: list[str]) -> list[float]:
     if not texts or any(not t.strip() for t in texts):
         raise ValueError("give at least one non-empty text to predict.")
     config = loop.load_run_config(workdir, "hw2jax sentiment train", marker="encoder")
+    if "encoder_attention" not in config:  # saved before the option existed
+        config.encoder_attention = "auto"
     bert_config, bert_params, tokenizer = _setup(config, workdir)
     model = build_model(config, bert_config)
     params_like = init_params(model, bert_params, jax.random.key(0))
@@ -326,5 +419,7 @@ def predict(workdir: str | Path, texts: list[str]) -> list[float]:
     apply = jax.jit(lambda p, x: jax.nn.sigmoid(model.apply({"params": p}, x)))
     # One text at a time with no padding, as the assignment's predict_sentiment did: the
     # faithful (unmasked) model would otherwise see the padding.
-    return [float(apply(params, jnp.asarray(row[None, :n]))[0]) for row, n in zip(ids, lengths,
-                                                                                  strict=True)]
+    return [
+        float(apply(params, jnp.asarray(row[None, :n]))[0])
+        for row, n in zip(ids, lengths, strict=True)
+    ]

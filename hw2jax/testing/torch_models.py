@@ -1,6 +1,6 @@
 """PyTorch twins of our models, written independently, for parity tests and peer benchmarks.
 
-Imports torch, which is a test/benchmark extra, not a runtime dependency of hw2jax.
+Imports torch at the top: reach it through hw2jax.testing, which loads it on first use.
 """
 
 import numpy as np
@@ -12,8 +12,9 @@ tnn = torch.nn
 class TorchViT(tnn.Module):
     """The assignment's lucidrains-style ViT; input NCHW."""
 
-    def __init__(self, image_size, patch_size, channels, dim, depth, heads, dim_head, mlp_dim,
-                 num_classes=10):  # fmt: skip
+    def __init__(
+        self, image_size, patch_size, channels, dim, depth, heads, dim_head, mlp_dim, num_classes=10
+    ):
         super().__init__()
         self.p, self.heads = patch_size, heads
         n = (image_size // patch_size) ** 2
@@ -55,6 +56,7 @@ class TorchViT(tnn.Module):
 
 def copy_vit_params_to_torch(params, tmodel) -> None:
     """Copies Flax ViT params into a TorchViT (Dense kernels are transposed)."""
+
     def t(a):
         return torch.tensor(np.asarray(a))
 

@@ -1,0 +1,24 @@
+"""Parts 2 and 3: weightless self-attention, softmax attention and linear attention.
+
+One module per form: :mod:`.self_attention`, :mod:`.softmax`, :mod:`.blockwise`, :mod:`.linear`,
+and :mod:`.helpers` for the checks and matmuls they share. Layouts follow
+``jax.nn.dot_product_attention``: q, k, v are ``[batch, T, heads, head_dim]``; the value
+head_dim may differ from the query/key one.
+"""
+
+from hw2jax.attention.blockwise import blockwise_softmax_attention
+from hw2jax.attention.helpers import matmul_f32
+from hw2jax.attention.linear import FEATURE_MAPS, NonPositiveDenominatorWarning, linear_attention
+from hw2jax.attention.self_attention import self_attention, self_attention_weights
+from hw2jax.attention.softmax import softmax_attention
+
+__all__ = [
+    "FEATURE_MAPS",
+    "NonPositiveDenominatorWarning",
+    "blockwise_softmax_attention",
+    "linear_attention",
+    "matmul_f32",
+    "self_attention",
+    "self_attention_weights",
+    "softmax_attention",
+]

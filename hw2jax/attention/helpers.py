@@ -1,0 +1,81 @@
+"""Input checks and the batched matmuls shared by the attention forms."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def as_floating(x: jax.typing.ArrayLike, name: str, min_ndim: int) -> jax.Array:
+    x = jnp.asarray(x)
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name} needs at least {min_ndim} dims, got shape {x.shape}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating array, got dtype {x.dtype}; cast it with "
+            f"{name}.astype(jnp.float32)."
+        )
+    return x
+
+
+def check_qkv(q, k, v, causal: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    q, k, v = (as_floating(a, n, 0) for a, n in ((q, "q"), (k, "k"), (v, "v")))
+    layout = "[batch, T, heads, head_dim]"
+    for a, n in ((q, "q"), (k, "k"), (v, "v")):
+        if a.ndim != 4:
+            raise ValueError(f"{n} must be {layout}, got shape {a.shape}.")
+    if k.shape != q.shape[:1] + k.shape[1:2] + q.shape[2:]:
+        raise ValueError(
+            f"k {k.shape} must match q {q.shape} in batch, heads and head_dim ({layout})."
+        )
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v {v.shape} must match k {k.shape} in batch, T and heads.")
+    if causal and q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"causal attention needs as many queries as keys, got T_q={q.shape[1]} and "
+            f"T_k={k.shape[1]}."
+        )
+    return q, k, v
+
+
+def raise_if_overflowed(logits: jax.Array, what: str) -> None:
+    """Eagerly (outside jit) turns an overflow into an error instead of NaN outputs."""
+    if isinstance(logits, jax.core.Tracer):
+        return
+    if not bool(jnp.all(jnp.isfinite(logits))):
+        raise FloatingPointError(
+            f"{what} overflowed {logits.dtype} (|x|^2 is above {jnp.finfo(logits.dtype).max:.2e})."
+            " Rescale the inputs, or enable float64 with "
+            "jax.config.update('jax_enable_x64', True) and pass float64 arrays."
+        )
+
+
+def batched_dot(
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    transpose_a: bool = False,
+    transpose_b: bool = False,
+    preferred_element_type=None,
+) -> jax.Array:
+    """Batched a @ b (a^T, b^T when asked) as one dot_general over the leading dims. Keep the
+    batch (and head) dims leading: XLA's CPU dot is much faster on that layout than on an
+    einsum that contracts across it, and a transposed operand named in the dot_general is not
+    first copied into a transposed layout (as jnp.matmul of a swapaxes would be)."""
+    batch = tuple(range(a.ndim - 2))
+    contract = (
+        (a.ndim - 2 if transpose_a else a.ndim - 1,),
+        (b.ndim - 1 if transpose_b else b.ndim - 2,),
+    )
+    return jax.lax.dot_general(
+        a, b, (contract, (batch, batch)), preferred_element_type=preferred_element_type
+    )
+
+
+def matmul_f32(
+    a: jax.Array, b: jax.Array, transpose_b: bool = False, transpose_a: bool = False
+) -> jax.Array:
+    """:func:`batched_dot` accumulated and returned in float32."""
+    return batched_dot(
+        a, b, transpose_a=transpose_a, transpose_b=transpose_b, preferred_element_type=jnp.float32
+    )

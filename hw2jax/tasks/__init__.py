@@ -1,0 +1,1 @@
+"""The experiments the shared training loop runs: ViT on FashionMNIST, BERT + BiGRU on IMDB."""
