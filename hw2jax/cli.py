@@ -70,9 +70,9 @@ def _config_from_args(args: argparse.Namespace, **flags: str | None):
     _start_jax_runtime(args)
     config = config_lib.load_config(args.config)
     overrides = []
-    epochs = args.epochs or os.environ.get("HW2JAX_EPOCHS")
-    if epochs:
-        overrides.append(f"epochs={int(epochs)}")
+    epochs = args.epochs if args.epochs is not None else os.environ.get("HW2JAX_EPOCHS") or None
+    if epochs is not None:
+        overrides.append(f"epochs={epochs}")
     devices = args.devices or args.host_devices  # split cores only help with data parallel
     if devices == "auto":
         devices = _auto_devices(config)
@@ -119,6 +119,13 @@ def _vit_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from hw2jax.train.report import report
+
+    print(report(args.workdir))
+    return 0
+
+
 def _data_locate(args: argparse.Namespace) -> int:
     from hw2jax.data import fashion_mnist
 
@@ -155,7 +162,7 @@ def _add_train_parser(group, data_help: str, sources: list[str]) -> argparse.Arg
         type=_host_devices,
         metavar="N|auto",
         help="on CPU: show the cores to jax as N devices and shard each batch over "
-        "them (1.4-1.5x for the ViT on 2 cores); implies --devices N. 'auto': "
+        "them (faster for the small ViT); implies --devices N. 'auto': "
         "one per core, as many as the batch sizes allow; none on a GPU/TPU",
     )
     multi = train.add_argument_group("several processes or hosts (jax.distributed)")
@@ -219,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--workdir", required=True)
     pred.add_argument("texts", nargs="+", metavar="TEXT")
     pred.set_defaults(func=_sentiment_predict)
+
+    rep = commands.add_parser("report", help="a run's per-epoch table (Markdown) from WORKDIR")
+    rep.add_argument("workdir", help="a work dir of `vit train` or `sentiment train`")
+    rep.set_defaults(func=_report)
 
     data = commands.add_parser("data", help="find datasets").add_subparsers(
         dest="data_command", required=True, metavar="ACTION"

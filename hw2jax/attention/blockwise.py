@@ -109,7 +109,7 @@ def _flash_fwd(q, k, v, static):
             hi = _key_range(i, static, kb.shape[0])
             step = lambda j, c: key_block(c, kb[j], vb[j], j)  # noqa: E731
             m, denom, acc = jax.lax.fori_loop(0, hi, step, init)
-        else:  # a scan over the blocks measured ~8% faster here than the same fori_loop
+        else:  # a scan over the blocks: faster here than the same fori_loop
             step = lambda c, xs: (key_block(c, *xs), None)  # noqa: E731
             (m, denom, acc), _ = jax.lax.scan(step, init, (kb, vb, jnp.arange(kb.shape[0])))
         return (acc / denom[..., None]).astype(v.dtype), m + jnp.log(denom)

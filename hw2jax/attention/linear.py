@@ -67,8 +67,8 @@ def linear_attention(
     v1 = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
     if not causal:
         # Heads next to the batch, and both products dot_generals with those dims leading:
-        # XLA's CPU dot then needs no transposed copies of T-long operands (forward 2.1x,
-        # gradient 1.5x at T=16384). The causal chunked product gained nothing from this.
+        # XLA's CPU dot then needs no transposed copies of T-long operands (benchmarks/NOTES.md).
+        # The causal chunked product gained nothing from this.
         fq, fk, v1 = (jnp.swapaxes(a, 1, 2) for a in (fq, fk, v1))  # [B, H, T, .]
         state = batched_dot(fk, v1, transpose_a=True)  # [B, H, D, D + 1]
         out = jnp.swapaxes(batched_dot(fq, state), 1, 2)

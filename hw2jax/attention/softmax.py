@@ -37,7 +37,7 @@ def softmax_attention(
         return blockwise_softmax_attention(q, k, v, causal=causal)
     q = q * (1.0 / math.sqrt(q.shape[-1]))
     # Heads moved next to the batch before the matmuls: XLA's CPU dot is much faster with the
-    # batch dims leading than on the einsum "bqhd,bkhd->bhqk" (1.8x at T=256, measured).
+    # batch dims leading than on the einsum "bqhd,bkhd->bhqk" (benchmarks/NOTES.md).
     qh, kh, vh = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))
     logits = matmul_f32(qh, kh, transpose_b=True)
     if causal:

@@ -166,8 +166,8 @@ def _use_fused_attention(choice: str, head_dim: int, dropout_active: bool) -> bo
 def xla_compiler_options(dtype: jnp.dtype | None) -> dict[str, str]:
     """Options for ``jax.jit(..., compiler_options=...)`` of a program whose time goes into
     this encoder. On CPU in float32, XLA's own dot kernels beat its default YNNPACK fusions on
-    BERT's large matmuls (2 cores, 2026-11-26: bert-base forward 1.36x, MiniLM 1.40x); in bf16
-    YNNPACK is the faster one (1.5x), and the small-op ViT step is 10 % slower without it, so
+    BERT's large matmuls; in bf16 YNNPACK is the faster one, and the small-op ViT step is slower
+    without it (benchmarks/NOTES.md), so
     this is per program, not a process-wide XLA_FLAGS."""
     if jax.default_backend() == "cpu" and (dtype is None or jnp.dtype(dtype) == jnp.float32):
         return dict(_NO_YNNPACK) if _xla_accepts(_NO_YNNPACK) else {}

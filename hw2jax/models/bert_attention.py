@@ -20,7 +20,7 @@ def key_bias_attention(
     """softmax(q.k^T + key_bias) v as XLA computes it (BERT's attention): [B, T, heads, D] in
     and out, q already scaled, key_bias [B, T] added to each key's scores (None: no mask);
     ``dropout`` is applied to the probabilities. Heads next to the batch (see matmul_f32):
-    ~1.8x faster on CPU than einsums over [B, T, heads, D]; scaling q, inside the copy that
+    faster on CPU than einsums over [B, T, heads, D]; scaling q, inside the copy that
     moves the heads, spares a pass over the T x T scores."""
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
     scores = matmul_f32(q, k, transpose_b=True)

@@ -43,7 +43,7 @@ def auto_host_devices(cores: int, batch_sizes: Sequence[int]) -> int:
 def split_host_cpu(n: int) -> None:
     """Show this process's CPU to jax as ``n`` devices, so that data parallel over them runs
     ``n`` slices of each batch at once. XLA CPU runs a small model's many small ops one at a
-    time, leaving cores idle; on 2 cores, 2 host devices made the ViT step 1.3x faster.
+    time, leaving cores idle; host devices fill them (benchmarks/README.md).
     Must run before jax does any work (the device count is fixed when its backend starts)."""
     if n < 1:
         raise ValueError(f"host devices must be at least 1, got {n}.")

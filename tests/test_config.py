@@ -1,0 +1,134 @@
+"""One config schema: every experiment checked before any work, one message per mistake."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from hw2jax import cli
+from hw2jax.config import ConfigError, apply_overrides, check_config, load_config
+from hw2jax.tasks import sentiment, vit
+
+EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+VIT = EXPERIMENTS / "vit_fashion_mnist.py"
+
+
+@pytest.mark.parametrize(
+    "name,schema",
+    [
+        ("vit_fashion_mnist", vit.SCHEMA),
+        ("vit_fashion_mnist_strong", vit.SCHEMA),
+        ("bert_gru_imdb", sentiment.SCHEMA),
+    ],
+)
+def test_every_experiment_fits_its_schema_and_shares_the_loop_base(name, schema):
+    config = load_config(EXPERIMENTS / f"{name}.py")
+    check_config(config.to_dict(), schema)
+    base = load_config(EXPERIMENTS / "common.py")
+    assert set(base.keys()) <= set(config.keys())  # the loop keys come from one place
+    assert "common" not in sys.modules  # the config's own import does not leak
+
+
+def test_the_strong_recipe_states_only_its_differences():
+    base, strong = (
+        load_config(VIT).to_dict(),
+        load_config(EXPERIMENTS / "vit_fashion_mnist_strong.py").to_dict(),
+    )
+    changed = {k for k in base if base[k] != strong[k]}
+    assert changed == {
+        "epochs",
+        "optimizer",
+        "learning_rate",
+        "weight_decay",
+        "schedule",
+        "warmup_epochs",
+        "grad_clip_norm",
+        "label_smoothing",
+        "augment_pad",
+        "augment_flip",
+    }
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optimiser=adamw", "unknown config key 'optimiser'; the keys are: augment_flip,"),
+        ("model.depht=2", "unknown config key 'model.depht'; the keys in model are: attention,"),
+        (
+            "optimizer.learning_rate=1e-3",
+            "optimizer is a single value (str 'adam_l2'), not a "
+            "group of settings. Set it directly, e.g. optimizer=VALUE; the groups are: model.",
+        ),
+        ("model=3", "model is a group of settings (attention, channels, depth,"),
+        ("epochs=three", "epochs='three': expected int (like the default 15), got str."),
+        ("learning_rate", "override 'learning_rate' must look like key=value"),
+    ],
+)
+def test_override_mistakes_name_the_valid_keys(override, message):
+    config = load_config(VIT)
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(config, [override])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("epochs=0", "epochs: got 0; it must be >= 1"),
+        ("epochs=-1", "epochs: got -1; it must be >= 1"),
+        ("batch_size=0", "batch_size: got 0; it must be >= 1"),
+        ("batch_size=-5", "batch_size: got -5; it must be >= 1"),
+        ("learning_rate=0", "learning_rate: got 0.0; it must be > 0.0"),
+        ("optimizer=sgd", "optimizer: got 'sgd'; choose one of 'adam_l2', 'adamw'"),
+        (
+            "model.attention=flash",
+            "model.attention: got 'flash'; choose one of 'softmax', 'linear'",
+        ),
+        ("model.merged_attention=yes", "model.merged_attention: expected None or bool, got str"),
+        ("devices=none", "devices: got 'none'; 'all' or a positive count"),
+        ("best_metric=test_loss", "best_metric 'test_loss' is not recorded;"),
+    ],
+)
+def test_out_of_range_values_are_refused_before_any_work(tmp_path, override, message):
+    config = load_config(VIT)
+    apply_overrides(config, [override])
+    with pytest.raises(ConfigError) as e:
+        vit.train_and_evaluate(config, tmp_path / "run")
+    assert message in str(e.value)
+    assert not (tmp_path / "run").exists()  # refused before the work dir, data or compiling
+
+
+def test_a_config_file_with_a_stray_or_missing_key_is_refused(tmp_path):
+    config = load_config(VIT)
+    config.learning_rte = 1e-3
+    del config["seed"]
+    with pytest.raises(ConfigError) as e:
+        vit.check(config)
+    assert "unknown key learning_rte; the keys are: augment_flip" in str(e.value)
+    assert "missing key seed" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--epochs", "0"], "epochs: got 0; it must be >= 1"),
+        (["--epochs", "-1"], "epochs: got -1; it must be >= 1"),
+        (["--set", "batch_size=0"], "batch_size: got 0; it must be >= 1"),
+        (["--set", "optimizer.learning_rate=1e-3"], "optimizer is a single value"),
+    ],
+)
+def test_cli_gives_one_line_and_no_workdir(tmp_path, capsys, args, message):
+    code = cli.main(["vit", "train", "--config", str(VIT), "--workdir", str(tmp_path / "w"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_sentiment_schema_refuses_before_loading_an_encoder(tmp_path):
+    config = load_config(EXPERIMENTS / "bert_gru_imdb.py")
+    apply_overrides(config, ["encoder_dtype=float16", "max_length=1024"])
+    with pytest.raises(ConfigError) as e:
+        sentiment.train_and_evaluate(config, tmp_path / "run")
+    assert "encoder_dtype: got 'float16'; choose one of 'float32', 'bfloat16'" in str(e.value)
+    assert "max_length: got 1024; 2 <= max_length <= 512" in str(e.value)
+    assert not (tmp_path / "run").exists()
