@@ -27,7 +27,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hw2jax import attention, kernels
-from hw2jax.timing import median_seconds, runtime_settings, torch_peer_device, torch_synchronize
+from hw2jax.timing import (
+    cpu_vector_features,
+    median_seconds,
+    runtime_settings,
+    torch_peer_device,
+    torch_synchronize,
+)
 from hw2jax.train.sharding import split_host_cpu
 
 
@@ -487,6 +493,7 @@ def main(argv=None) -> None:
         "heads": 4,
         "head_dim": 64,
         "env": runtime_settings(),
+        "cpu_features": cpu_vector_features(),
     }
     done: list[dict] = []  # records of the finished sweeps
 

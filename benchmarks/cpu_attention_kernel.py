@@ -23,7 +23,7 @@ import numpy as np
 from hw2jax import kernels
 from hw2jax.models import bert
 from hw2jax.models.bert_attention import key_bias_attention
-from hw2jax.timing import interleaved_seconds, runtime_settings
+from hw2jax.timing import cpu_vector_features, interleaved_seconds, runtime_settings
 
 
 def time_layer(batch: int, tokens: int, heads: int, head_dim: int, repeats: int) -> dict:
@@ -86,6 +86,7 @@ def main(argv=None) -> None:
         "date": time.strftime("%Y-%m-%d"),
         "repeats": args.repeats,
         "env": runtime_settings(),
+        "cpu_features": cpu_vector_features(),
     }
     print(meta)
     print(f"{'shape':22s} {'fused kernel':>13s} {'xla':>9s} {'torch sdpa':>11s}   (ms per call)")

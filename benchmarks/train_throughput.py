@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hw2jax.timing import (
+    cpu_vector_features,
     interleaved_seconds,
     runtime_settings,
     torch_peer_device,
@@ -303,6 +304,7 @@ def main(argv=None) -> None:
         "date": time.strftime("%Y-%m-%d"),
         "repeats": repeats,
         "env": runtime_settings(),
+        "cpu_features": cpu_vector_features(),
     }
     print(f"\n{meta}")
     print(f"{'what':58s} {'hw2jax':>12s} {'torch':>12s} {'hw2jax/torch':>13s}")

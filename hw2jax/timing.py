@@ -38,6 +38,24 @@ def interleaved_seconds(
 _TIMING_ENV_PREFIXES = ("MALLOC_", "GLIBC_TUNABLES", "OMP_", "KMP_", "XLA_FLAGS")
 
 
+# The vector extensions that decide how fast CPU kernels run: 256-bit AVX2, 512-bit AVX-512,
+# its bf16 dot products, and Intel's AMX tiles.
+VECTOR_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_vector_features(cpuinfo: str = "/proc/cpuinfo") -> dict[str, bool]:
+    """Which of :data:`VECTOR_FEATURES` this CPU has (Linux's ``/proc/cpuinfo`` flags; all False
+    where that file is missing), for benchmark metadata and the fused kernel's ``auto`` rule."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next(
+                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []
+            )
+    except OSError:
+        flags = []
+    return {name: name in flags for name in VECTOR_FEATURES}
+
+
 def runtime_settings() -> dict[str, str]:
     """The environment variables set for this process that are known to move timings, for a
     benchmark's JSON, so that two runs can be told apart later."""

@@ -222,3 +222,54 @@ def test_bert_attention_choice():
         {"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.key(1)}
     )[0]
     assert not np.allclose(auto, out["xla"], atol=1e-3)
+
+
+def _uses_kernel(model, params, ids) -> bool:
+    program = jax.jit(lambda p: model.apply({"params": p}, ids)[0]).lower(params).as_text()
+    return "hw2jax_cpu_attention" in program
+
+
+@pytest.mark.parametrize(
+    "features,fused",
+    [
+        ({"avx2": True, "avx512f": False, "avx512_bf16": False}, False),  # AVX2-only EPYC
+        ({"avx2": True, "avx512f": True, "avx512_bf16": True}, True),  # Zen 4, Sapphire Rapids
+        ({"avx2": False, "avx512f": False}, False),  # no /proc/cpuinfo, or another ISA
+    ],
+)
+def test_auto_uses_the_kernel_only_where_it_pays(monkeypatch, features, fused):
+    monkeypatch.setattr(kernels, "cpu_vector_features", lambda: features)
+    assert kernels.fused_attention_pays_off(kernels.kernel_vector_features()) is fused
+    config = bert.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    ids = jnp.ones((1, 8), jnp.int32)
+    params = bert.BertModel(config).init(jax.random.key(0), ids)["params"]
+    assert _uses_kernel(bert.BertModel(config), params, ids) is fused  # "auto"
+    assert _uses_kernel(bert.BertModel(config, attention="fused"), params, ids)  # insists
+    assert not _uses_kernel(bert.BertModel(config, attention="xla"), params, ids)
+
+
+def test_a_build_target_without_avx512_turns_auto_off(monkeypatch):
+    """$HW2JAX_KERNEL_MARCH builds for another CPU; auto follows that build's features."""
+    monkeypatch.setenv("HW2JAX_KERNEL_MARCH", "x86-64-v3")  # AVX2, no AVX-512
+    features = kernels.kernel_vector_features()
+    assert not features["avx512f"] and features["avx2"] == kernels.cpu_vector_features()["avx2"]
+    assert not kernels.fused_attention_pays_off(features)
+
+
+def test_cpu_vector_features_read_the_cpu_flags(tmp_path):
+    from hw2jax.timing import cpu_vector_features
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nflags\t\t: fpu\n")
+    assert cpu_vector_features(str(info)) == {
+        "avx2": True,
+        "avx512f": False,
+        "avx512_bf16": False,
+        "amx_tile": False,
+        "amx_bf16": False,
+    }
+    info.write_text("flags\t\t: avx2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    assert all(cpu_vector_features(str(info)).values())
+    assert not any(cpu_vector_features(str(tmp_path / "missing")).values())

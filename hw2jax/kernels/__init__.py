@@ -32,6 +32,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hw2jax.models.bert_attention import key_bias_attention
+from hw2jax.timing import cpu_vector_features
 
 __all__ = [
     "SUPPORTED_HEAD_DIMS",
@@ -39,6 +40,8 @@ __all__ = [
     "build_error",
     "cpu_attention",
     "cpu_attention_unavailable_reason",
+    "fused_attention_pays_off",
+    "kernel_vector_features",
 ]
 
 _SOURCE = Path(__file__).with_name("cpu_attention.cc")
@@ -77,6 +80,45 @@ def _cpu_identity() -> str:
         return platform.processor() + platform.machine()
 
 
+def _march() -> str:
+    """The kernel's build target: ``$HW2JAX_KERNEL_MARCH`` (e.g. ``x86-64-v3``, AVX2 without
+    AVX-512, to check a build for other CPUs on this one), else ``native``."""
+    return os.environ.get("HW2JAX_KERNEL_MARCH") or "native"
+
+
+@functools.cache
+def _target_features(cxx: str, march: str) -> dict[str, bool]:
+    """The vector features the compiler enables for ``-march=march`` (its predefined macros)."""
+    macros = subprocess.run(
+        [cxx, f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull],
+        capture_output=True,
+        text=True,
+    ).stdout
+    names = {"avx2": "__AVX2__", "avx512f": "__AVX512F__", "avx512_bf16": "__AVX512BF16__"}
+    names |= {"amx_tile": "__AMX_TILE__", "amx_bf16": "__AMX_BF16__"}
+    return {feature: f"#define {macro} " in macros for feature, macro in names.items()}
+
+
+def kernel_vector_features() -> dict[str, bool]:
+    """The vector features the kernel is built for: the CPU's own under the default
+    ``-march=native``, those of ``$HW2JAX_KERNEL_MARCH`` (and of this CPU) otherwise."""
+    features = cpu_vector_features()
+    if _march() == "native":
+        return features
+    target = _target_features(_compiler(), _march())
+    return {name: has and target.get(name, False) for name, has in features.items()}
+
+
+def fused_attention_pays_off(features: dict[str, bool]) -> bool:
+    """The rule of ``attention="auto"``: use the fused kernel only where its code has AVX-512.
+
+    Its inner loop keeps 8 query rows x 32 keys of scores in 16 512-bit registers. Built for
+    AVX2 alone, the compiler splits each into two 256-bit halves and the tile no longer fits the
+    16 ymm registers: it spills, and XLA's attention is the faster one (measured:
+    ``benchmarks/NOTES.md``, "The fused kernel without AVX-512")."""
+    return bool(features.get("avx512f"))
+
+
 @functools.cache
 def _library_path() -> Path:
     cxx = _compiler()
@@ -84,7 +126,9 @@ def _library_path() -> Path:
     source = _SOURCE.read_bytes()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
-        b"\0".join(s.encode() for s in (version, jax.__version__, _cpu_identity(), include))
+        b"\0".join(
+            s.encode() for s in (version, jax.__version__, _cpu_identity(), include, _march())
+        )
         + source
     ).hexdigest()[:16]
     target = _cache_dir() / f"cpu_attention-{key}.so"
@@ -97,7 +141,7 @@ def _library_path() -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         errors = ""
-        for arch in (["-march=native"], []):  # some compilers/CPUs lack -march=native
+        for arch in ([f"-march={_march()}"], []):  # some compilers/CPUs lack -march=native
             done = subprocess.run(base + arch + ["-o", str(built)], capture_output=True, text=True)
             if done.returncode == 0:
                 os.replace(built, target)

@@ -152,6 +152,13 @@ def _use_fused_attention(choice: str, head_dim: int, dropout_active: bool) -> bo
         raise ValueError(f"attention={choice!r}; use one of {ATTENTION_CHOICES}.")
     if choice == "xla":
         return False
+    if choice == "auto" and jax.default_backend() == "cpu":
+        try:
+            pays_off = kernels.fused_attention_pays_off(kernels.kernel_vector_features())
+        except kernels.KernelUnavailable:  # no compiler: XLA's attention, as below
+            pays_off = False
+        if not pays_off:  # without AVX-512 XLA's attention is the faster one
+            return False
     reason = kernels.cpu_attention_unavailable_reason(head_dim, jnp.float32)
     if dropout_active:
         reason = "attention dropout needs the probabilities, which the fused kernel never stores"
@@ -193,8 +200,9 @@ class BertModel(nn.Module):
 
     config: BertConfig
     dtype: Any = None  # compute dtype; params stay float32
-    # "auto": the fused CPU kernel (hw2jax.kernels) where it applies: CPU backend, no attention
-    # dropout (it computes in float32, bf16 inputs upcast); XLA's attention elsewhere. "fused"
+    # "auto": the fused CPU kernel (hw2jax.kernels) where it applies and pays: CPU backend with
+    # AVX-512 (kernels.fused_attention_pays_off), no attention dropout (it computes in float32,
+    # bf16 inputs upcast); XLA's attention elsewhere. "fused"
     # insists on the kernel, "xla" avoids it.
     attention: str = "auto"
 
