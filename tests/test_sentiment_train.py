@@ -274,7 +274,9 @@ def test_encoder_attention_choice(tmp_path, monkeypatch):
     # "auto" takes the kernel where the CPU has AVX-512; pretend so on any CPU.
     monkeypatch.setattr(kernels, "kernel_vector_features", lambda: {"avx512f": True})
 
-    with pytest.raises(ValueError, match="encoder_attention must be one of"):
+    with pytest.raises(
+        ValueError, match="encoder_attention: got 'flash'; choose one of 'auto', 'fused', 'xla'"
+    ):
         sentiment.train_and_evaluate(
             tiny_config(tmp_path, "encoder_attention=flash"), tmp_path / "run"
         )

@@ -162,7 +162,15 @@ def _adam_steps_against_torch(
     tmodel = TorchViT(**SMALL)
     copy_to_torch(params, tmodel)
     config = ml_collections.ConfigDict(
-        dict(epochs=1, learning_rate=1e-3, optimizer=optimizer, weight_decay=weight_decay)
+        dict(
+            epochs=1,
+            learning_rate=1e-3,
+            optimizer=optimizer,
+            weight_decay=weight_decay,
+            schedule="constant",
+            warmup_epochs=0.0,
+            grad_clip_norm=0.0,
+        )
     )
     tx = build_optimizer(config, steps_per_epoch=3)
     opt_state = tx.init(params)
