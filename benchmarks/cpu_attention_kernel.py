@@ -87,6 +87,7 @@ def main(argv=None) -> None:
         "repeats": args.repeats,
         "env": runtime_settings(),
         "cpu_features": cpu_vector_features(),
+        "kernel_features": kernels.kernel_vector_features(),  # its build target
     }
     print(meta)
     print(f"{'shape':22s} {'fused kernel':>13s} {'xla':>9s} {'torch sdpa':>11s}   (ms per call)")

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hw2jax import kernels
 from hw2jax.timing import (
     cpu_vector_features,
     interleaved_seconds,
@@ -305,6 +306,7 @@ def main(argv=None) -> None:
         "repeats": repeats,
         "env": runtime_settings(),
         "cpu_features": cpu_vector_features(),
+        "kernel_features": kernels.kernel_vector_features(),  # its build target
     }
     print(f"\n{meta}")
     print(f"{'what':58s} {'hw2jax':>12s} {'torch':>12s} {'hw2jax/torch':>13s}")

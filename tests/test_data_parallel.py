@@ -100,8 +100,7 @@ def test_auto_host_devices_resolve_by_backend_and_refuse_several_processes(monke
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("host_devices", ["2", "auto"])
-def test_cli_host_devices_split_the_cpu_for_data_parallel(fashion_dir, tmp_path, host_devices):
+def test_cli_host_devices_split_the_cpu_for_data_parallel(fashion_dir, tmp_path):
     """--host-devices 2 (or auto) in a fresh process (no XLA_FLAGS) shows jax the CPU as several
     devices and shards over them (DataParallel(2) refuses to run on 1), with the metrics of a
     1-device run. auto: one device per core, as many as batches of 40 and 16 split over."""
@@ -110,45 +109,48 @@ def test_cli_host_devices_split_the_cpu_for_data_parallel(fashion_dir, tmp_path,
     from hw2jax.tasks import vit
     from hw2jax.train.sharding import auto_host_devices
 
-    args = [
-        "vit",
-        "train",
-        "--config",
-        str(CONFIG),
-        "--workdir",
-        str(tmp_path / "two"),
-        "--data-dir",
-        str(fashion_dir),
-        "--host-devices",
-        host_devices,
-        "--epochs",
-        "3",
-        "--set",
-        "progress=False",
-        "--set",
-        "batch_size=40",
-        "--set",
-        "eval_batch_size=16",
-        "--set",
-        "log_every_steps=2",
-        "--set",
-        "learning_rate=3e-3",
-    ]
-    for item in SMALL_MODEL:
-        args += ["--set", item]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    code = f"from hw2jax import cli; raise SystemExit(cli.main({args!r}))"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    expected = "2" if host_devices == "2" else str(auto_host_devices(os.cpu_count(), (40, 16)))
-    assert json.loads((tmp_path / "two" / "config.json").read_text())["devices"] == expected
-    two = json.loads((tmp_path / "two" / "history.json").read_text())["epochs"]
     one = vit.train_and_evaluate(small_config(fashion_dir), tmp_path / "one")["epochs"]
-    assert len(one) == len(two) == 3
-    for a, b in zip(one, two, strict=True):
-        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
-        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    for host_devices in ("2", "auto"):  # one 1-device run for both
+        args = [
+            "vit",
+            "train",
+            "--config",
+            str(CONFIG),
+            "--workdir",
+            str(tmp_path / host_devices),
+            "--data-dir",
+            str(fashion_dir),
+            "--host-devices",
+            host_devices,
+            "--epochs",
+            "3",
+            "--set",
+            "progress=False",
+            "--set",
+            "batch_size=40",
+            "--set",
+            "eval_batch_size=16",
+            "--set",
+            "log_every_steps=2",
+            "--set",
+            "learning_rate=3e-3",
+        ]
+        for item in SMALL_MODEL:
+            args += ["--set", item]
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        code = f"from hw2jax import cli; raise SystemExit(cli.main({args!r}))"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        expected = "2" if host_devices == "2" else str(auto_host_devices(os.cpu_count(), (40, 16)))
+        assert (
+            json.loads((tmp_path / host_devices / "config.json").read_text())["devices"] == expected
+        )
+        two = json.loads((tmp_path / host_devices / "history.json").read_text())["epochs"]
+        assert len(one) == len(two) == 3
+        for a, b in zip(one, two, strict=True):
+            assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
+            assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
 
 
 def test_device_count_errors_are_clear():

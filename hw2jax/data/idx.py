@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 
 import numpy as np
+
+from hw2jax.data.sources import DataFormatError
 
 # The third magic byte gives the element type; (Fashion-)MNIST only uses unsigned bytes.
 _UBYTE = 0x08
 
 
-class IdxFormatError(ValueError):
+class IdxFormatError(DataFormatError):
     """An idx file is truncated, has the wrong magic number, or the wrong shape."""
 
 
@@ -28,7 +31,7 @@ def read_idx(
     if data[:2] == b"\x1f\x8b":
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:  # bad header or CRC, cut, bad deflate data
             raise IdxFormatError(
                 f"{path}: corrupt gzip stream ({e}); download the file again."
             ) from e

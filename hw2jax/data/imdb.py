@@ -7,12 +7,19 @@ import hashlib
 import os
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from hw2jax.data.sources import DataNotFoundError, DataSource, TfdsSource, tfds_available
+from hw2jax.data.sources import (
+    DataFormatError,
+    DataNotFoundError,
+    DataSource,
+    TfdsSource,
+    tfds_available,
+)
 
 ENV_VAR = "HW2JAX_DATA_DIR"
 # Names the reviews go by inside a folder: the usual places, or a data root
@@ -22,8 +29,8 @@ USUAL_PLACES = tuple(Path.home() / ".cache" / "hw2jax" / name for name in NAMES)
 _MEMBER = re.compile(r"(?:^|/)aclImdb/(train|test)/(pos|neg)/(\d+)_(\d+)\.txt$")
 
 
-class ReviewError(ValueError):
-    """A review file is empty or not UTF-8."""
+class ReviewError(DataFormatError):
+    """A review is empty or not UTF-8."""
 
 
 def _decode(raw: bytes, where: str) -> str:
@@ -58,8 +65,17 @@ class AclImdbSource:
                                 f"{self.path}:{member.name}",
                                 tar.extractfile(member).read(),
                             )
-            except tarfile.TarError as e:
-                raise DataNotFoundError(f"{self.path} is not a readable tar archive: {e}") from e
+                    # tarfile stops at a header it cannot read as if the archive ended there:
+                    # reading the stream to its end makes gzip check its CRC and length.
+                    while tar.fileobj.read(1 << 20):
+                        pass
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+                # Not a tar, a damaged gzip stream (bad CRC or deflate data) or a cut download.
+                raise DataFormatError(
+                    f"{self.path} is not a readable tar archive ({type(e).__name__}: {e}); it is "
+                    "damaged or cut short: download it again (aclImdb_v1.tar.gz, 84 MB) or give "
+                    "the unpacked aclImdb folder."
+                ) from None
             return
         root = self.path / "aclImdb" if (self.path / "aclImdb").is_dir() else self.path
         for split in ("train", "test"):

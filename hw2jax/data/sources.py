@@ -12,6 +12,11 @@ class DataNotFoundError(FileNotFoundError):
     """No source could provide the dataset; the message lists every way to provide it."""
 
 
+class DataFormatError(ValueError):
+    """A data file is damaged, truncated or not in the expected format; the message names the
+    file and what to do."""
+
+
 class DataSource(Protocol):
     """Loads one split of a dataset into memory as named NumPy arrays."""
 
