@@ -331,3 +331,29 @@ def test_softmax_attention_dispatches_to_blockwise_at_long_t():
     assert "16384x16384" in lowered("naive").as_text()
     assert "16384x16384" not in lowered("auto").as_text()
     assert temp("auto") == temp("blockwise") < 2**30
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_identity_map_warns_when_the_denominator_nearly_cancels(causal):
+    # Weights +1 and -(1 - 1.2e-7): a tiny positive denominator, outputs amplified ~8e6-fold.
+    q = jnp.array([[[[1.0, 0.0]], [[1.0, 0.0]]]])
+    k = jnp.array([[[[1.0, 0.0]], [[-(1.0 - 1.2e-7), 0.0]]]])
+    v = jnp.array([[[[1.0]], [[0.0]]]])
+    with pytest.warns(attention.NonPositiveDenominatorWarning, match=r"fell to .* cancel"):
+        out = attention.linear_attention(q, k, v, causal=causal, feature_map="identity")
+        jax.effects_barrier()
+    # The float64 formula gives the same huge value: the warning, not the arithmetic, is new.
+    ref = ref_linear_np(q, k, v, causal, "identity")
+    np.testing.assert_allclose(out[:, -1], ref[:, -1], rtol=0.2)
+    assert float(np.max(np.abs(out))) > 1e5
+
+
+def test_self_attention_names_a_nan_in_its_input():
+    x = jnp.ones((3, 4)).at[1, 2].set(jnp.nan)
+    with pytest.raises(
+        ValueError, match=r"x holds 1 NaN or inf value\(s\), the first at index \(1, 2\)"
+    ):
+        attention.self_attention(x)
+    big = jnp.full((2, 3), 1e20)  # finite inputs whose logits overflow keep their own message
+    with pytest.raises(FloatingPointError, match="overflowed float32"):
+        attention.self_attention(big)

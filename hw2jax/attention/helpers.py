@@ -38,6 +38,21 @@ def check_qkv(q, k, v, causal: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
     return q, k, v
 
 
+def raise_if_not_finite(x: jax.Array, name: str) -> None:
+    """Eagerly (outside jit): a NaN or inf in an input is named as such, not left to surface
+    later as an overflow or as NaN outputs."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    bad = ~jnp.isfinite(x)
+    if bool(jnp.any(bad)):
+        first = tuple(int(i) for i in jnp.argwhere(bad, size=1)[0])
+        raise ValueError(
+            f"{name} holds {int(jnp.sum(bad))} NaN or inf value(s), the first at index {first} "
+            f"({float(x[first])}); attention of non-finite inputs is undefined. Find where they "
+            "come from (jax.config.update('jax_debug_nans', True) stops at the first NaN)."
+        )
+
+
 def raise_if_overflowed(logits: jax.Array, what: str) -> None:
     """Eagerly (outside jit) turns an overflow into an error instead of NaN outputs."""
     if isinstance(logits, jax.core.Tracer):

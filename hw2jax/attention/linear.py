@@ -24,7 +24,13 @@ FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 class NonPositiveDenominatorWarning(RuntimeWarning):
-    """Linear attention's normaliser phi(q_i) . sum_j phi(k_j) was <= 0 for some query."""
+    """Linear attention's normaliser phi(q_i) . sum_j phi(k_j) was <= 0, or so nearly cancelled
+    that it is below ``CANCELLATION`` of |phi(q_i)| sum_j |phi(k_j)|, for some query."""
+
+
+# A denominator below this share of |phi(q_i)| sum_j |phi(k_j)| means weights of both signs
+# cancelling: outputs then grow up to ~1/share-fold beyond the values' range.
+CANCELLATION = 1e-3
 
 
 def linear_attention(
@@ -47,8 +53,9 @@ def linear_attention(
     attention as an RNN). Neither builds a T x T matrix nor a T x d x d stack of states.
 
     With ``feature_map="identity"`` the "weights" phi(q_i).phi(k_j) can be negative, so the
-    denominator can reach zero or go negative: outputs then blow up or flip sign. That case
-    emits a :class:`NonPositiveDenominatorWarning` (also under jit) instead of passing
+    denominator can cancel to nearly zero or go negative: outputs then blow up or flip sign.
+    When it is <= 0, or below ``CANCELLATION`` of |phi(q_i)| sum_j |phi(k_j)|, a
+    :class:`NonPositiveDenominatorWarning` is emitted (also under jit) instead of passing
     silently; use "elu" (always > 0) for a proper weighted average.
     """
     q, k, v = check_qkv(q, k, v, causal)
@@ -78,24 +85,37 @@ def linear_attention(
         out = _causal_product_recurrent(fq, fk, v1)
     num, den = out[..., :-1], out[..., -1:]
     if feature_map == "identity":
-        _warn_if_nonpositive(den)
+        # |phi(q_i)| sum_j |phi(k_j)| bounds sum_j |phi(q_i).phi(k_j)|, the denominator's size
+        # had no weight been negative; O(T) to compute, unlike that sum itself.
+        k_norms = jnp.linalg.norm(fk, axis=-1, keepdims=True)
+        k_norms = jnp.cumsum(k_norms, axis=1) if causal else jnp.sum(k_norms, 1, keepdims=True)
+        scale = jnp.linalg.norm(fq, axis=-1, keepdims=True) * k_norms
+        _warn_if_cancelled(den, den / jnp.maximum(scale, jnp.finfo(den.dtype).tiny))
     return num / (den + eps)
 
 
-def _warn_if_nonpositive(den: jax.Array) -> None:
-    def check(min_den):
-        min_den = float(np.min(min_den))
+def _warn_if_cancelled(den: jax.Array, share: jax.Array) -> None:
+    def check(min_den, min_share):
+        min_den, min_share = float(np.min(min_den)), float(np.min(min_share))
         if min_den <= 0.0:
-            warnings.warn(
-                NonPositiveDenominatorWarning(
-                    f"linear attention denominator phi(q).sum(phi(k)) reached {min_den:.3g} <= 0 "
-                    "with feature_map='identity': the weights are not a distribution and the "
-                    "outputs may be huge, sign-flipped, inf or NaN. Use feature_map='elu'."
-                ),
-                stacklevel=2,
+            problem = f"reached {min_den:.3g} <= 0"
+        elif min_share < CANCELLATION:
+            problem = (
+                f"fell to {min_den:.3g}, {min_share:.2g} of |phi(q)| sum |phi(k)| (positive and "
+                f"negative weights cancel, amplifying outputs up to ~{1 / min_share:.2g}x)"
             )
+        else:
+            return
+        warnings.warn(
+            NonPositiveDenominatorWarning(
+                f"linear attention denominator phi(q).sum(phi(k)) {problem} with "
+                "feature_map='identity': the weights are not a distribution and the outputs may "
+                "be huge, sign-flipped, inf or NaN. Use feature_map='elu'."
+            ),
+            stacklevel=2,
+        )
 
-    jax.debug.callback(check, jnp.min(den))
+    jax.debug.callback(check, jnp.min(den), jnp.min(share))
 
 
 def _causal_product_chunked(fq: jax.Array, fk: jax.Array, v: jax.Array, chunk: int) -> jax.Array:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from hw2jax.attention.helpers import as_floating, raise_if_overflowed
+from hw2jax.attention.helpers import as_floating, raise_if_not_finite, raise_if_overflowed
 
 
 def self_attention_weights(x: jax.typing.ArrayLike, *, scale: float | None = None) -> jax.Array:
     """softmax(scale * x x^T) over the last axis, for x of shape [..., T, D]."""
     x = as_floating(x, "x", 2)
+    raise_if_not_finite(x, "x")
     logits = jnp.einsum("...td,...sd->...ts", x, x)
     if scale is not None:
         logits = logits * scale
