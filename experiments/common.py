@@ -28,4 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.devices = "1"  # "all" or a count: data parallel over a jax.sharding mesh
     c.data_dir = ""  # "" = $HW2JAX_DATA_DIR, then the usual places, then TFDS
     c.data_source = "auto"
+    # Besides each epoch's end, save the latest state this often (0: epoch ends only), so a
+    # kill -9 or a lost machine costs at most this much work.
+    c.checkpoint_every_minutes = 10.0
     return c

@@ -87,20 +87,26 @@ def _config_from_args(args: argparse.Namespace, **flags: str | None):
     return config
 
 
+def _exit_code(history: dict) -> int:
+    """0 when every epoch finished; after a saved stop, 143 for SIGTERM and 130 otherwise (the
+    shell's codes for the two signals), so schedulers see that the run did not finish."""
+    if history["status"] == "done":
+        return 0
+    return 143 if history.get("stopped_by") == "SIGTERM" else 130
+
+
 def _vit_train(args: argparse.Namespace) -> int:
     from hw2jax.tasks import vit
 
     config = _config_from_args(args, **{"model.attention": args.attention})
-    history = vit.train_and_evaluate(config, args.workdir)
-    return 0 if history["status"] == "done" else 130
+    return _exit_code(vit.train_and_evaluate(config, args.workdir))
 
 
 def _sentiment_train(args: argparse.Namespace) -> int:
     from hw2jax.tasks import sentiment
 
     config = _config_from_args(args, encoder=args.encoder, cache_features=args.cache_features)
-    history = sentiment.train_and_evaluate(config, args.workdir)
-    return 0 if history["status"] == "done" else 130
+    return _exit_code(sentiment.train_and_evaluate(config, args.workdir))
 
 
 def _sentiment_predict(args: argparse.Namespace) -> int:
@@ -241,22 +247,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from hw2jax.data import DataNotFoundError, IdxFormatError
-    from hw2jax.data.imdb import ReviewError
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean bad input or a damaged file, each with a message naming the fix."""
+    from hw2jax.data import DataFormatError, DataNotFoundError
+    from hw2jax.kernels import KernelUnavailable
+    from hw2jax.train.checkpoints import CheckpointError
 
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (
+    return (
         DataNotFoundError,
-        IdxFormatError,
-        ReviewError,
+        DataFormatError,
+        CheckpointError,
+        KernelUnavailable,
         FileNotFoundError,
         KeyError,
         ValueError,
         TypeError,
-    ) as e:
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
         # Expected user errors get one clear line, not a traceback.
         print(f"hw2jax: error: {e}", file=sys.stderr)
         return 2

@@ -76,6 +76,7 @@ LOOP_SCHEMA: dict[str, Field] = {
     "progress": Field(bool),
     "devices": Field(str, "'all' or a positive count", check=_device_spec),
     "data_dir": Field(str),
+    "checkpoint_every_minutes": Field(float, min=0.0),
 }
 
 

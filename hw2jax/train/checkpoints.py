@@ -6,15 +6,32 @@ copies the arrays to host memory before ``save`` returns (so the train step may 
 buffers at once) and writes the files in a background thread while training goes on. ``wait``
 (or ``close``) blocks until they are on disk. With several processes (jax.distributed) each save
 is waited for at once: two background saves in flight there deadlocked orbax in our 2-process test.
+
+The two newest ``latest`` steps are kept. A step that cannot be read (a deleted or damaged file)
+is reported in one line, moved to ``checkpoints/damaged/`` and the next older one restored, so a
+damaged checkpoint costs at most one checkpoint interval.
 """
 
 from __future__ import annotations
 
+import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a work dir can be read; the message says how to go on."""
+
+
+def _reason(error: Exception) -> str:
+    """The first line of an orbax/TensorStore error, short enough for one line of output."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first[:160]}"
 
 
 def _abstract(tree: Any) -> Any:
@@ -24,9 +41,10 @@ def _abstract(tree: Any) -> Any:
 class Checkpoints:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-        self._latest = ocp.CheckpointManager(self.directory / "latest", options=options)
-        self._best = ocp.CheckpointManager(self.directory / "best", options=options)
+        keep_two = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+        keep_one = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+        self._latest = ocp.CheckpointManager(self.directory / "latest", options=keep_two)
+        self._best = ocp.CheckpointManager(self.directory / "best", options=keep_one)
 
     @staticmethod
     def _payload(state) -> dict[str, Any]:
@@ -61,15 +79,36 @@ class Checkpoints:
         self._best.wait_until_finished()
 
     def restore_latest(self, state):
-        """``state`` with the latest checkpoint's values, or unchanged when there is none."""
+        """``state`` with the newest readable ``latest`` checkpoint's values, or unchanged when
+        there is none. Unreadable steps are reported, set aside, and the next older one tried."""
         self.wait()
-        step = self._latest.latest_step()
-        if step is None:
-            return state
-        restored = self._latest.restore(
-            step, args=ocp.args.StandardRestore(_abstract(self._payload(state)))
+        target = _abstract(self._payload(state))
+        steps = sorted(self._latest.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                restored = self._latest.restore(step, args=ocp.args.StandardRestore(target))
+            except Exception as e:  # orbax and TensorStore raise many types for one cause
+                self._set_aside(step, e)
+                continue
+            return state.replace(**restored)
+        if steps:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory / 'latest'} can be read (steps "
+                f"{', '.join(map(str, steps))}, moved to {self.directory / 'damaged'}). To start "
+                f"over, delete {self.directory} or pass a new --workdir."
+            )
+        return state
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        damaged = self.directory / "damaged" / f"latest-{step}-{int(time.time())}"
+        print(
+            f"checkpoint step {step} in {self.directory / 'latest'} cannot be read "
+            f"({_reason(error)}); moved to {damaged}, trying the one before it.",
+            file=sys.stderr,
         )
-        return state.replace(**restored)
+        damaged.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.directory / "latest" / str(step)), damaged)
+        self._latest.reload()
 
     def restore_best_params(self, params_like: Any) -> tuple[Any, dict[str, float]]:
         """The best params and their metrics; falls back to the latest checkpoint."""
@@ -77,12 +116,19 @@ class Checkpoints:
         step = self._best.latest_step()
         if step is not None:
             target = {"step": 0, "params": _abstract(params_like)}
-            out = self._best.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), metrics=ocp.args.JsonRestore()
-                ),
-            )
+            try:
+                out = self._best.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target), metrics=ocp.args.JsonRestore()
+                    ),
+                )
+            except Exception as e:  # orbax and TensorStore raise many types for one cause
+                raise CheckpointError(
+                    f"the best checkpoint (step {step}) in {self.directory / 'best'} cannot be "
+                    f"read ({_reason(e)}). Use the latest one instead (`hw2jax vit eval "
+                    "--latest`), or train again with a new --workdir."
+                ) from None
             return out.state["params"], dict(out.metrics)
         step = self._latest.latest_step()
         if step is None:

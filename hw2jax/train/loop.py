@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -204,7 +204,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 _READ_EVERY_STEPS = 10
 
 # Keys that say where or how to run, not what to train: changing them on resume is expected.
-_RESUME_NEUTRAL = {"progress", "data_dir", "data_source", "devices"}
+_RESUME_NEUTRAL = {"progress", "data_dir", "data_source", "devices", "checkpoint_every_minutes"}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -287,29 +287,48 @@ def _epoch_mean_loss(records: list[dict], epoch: int) -> float:
 
 
 class _StopFlag:
-    """First Ctrl-C asks the loop to save and stop after the current step; a second one
-    interrupts at once."""
+    """The first Ctrl-C (SIGINT) or SIGTERM (SLURM preemption, ``timeout``, ``kill``) asks the
+    loop to save and stop after the current step; a second one interrupts at once."""
+
+    _SIGNALS: ClassVar[dict[int, str]] = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.requested: str | None = None  # the signal's name once one came
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self):
         def handler(signum, frame):
             if self.requested:
                 raise KeyboardInterrupt
-            self.requested = True
-            tqdm.write("Ctrl-C: saving a checkpoint after this step (press again to abort).")
+            self.requested = self._SIGNALS[signum]
+            tqdm.write(
+                f"{self.requested}: saving a checkpoint after this step (send it again to abort)."
+            )
 
-        try:
-            self._previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not in the main thread
-            self._previous = None
+        for signum in self._SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, handler)
+            except ValueError:  # not in the main thread
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+@contextlib.contextmanager
+def _record_failure(save_history: Callable[[], None], history: dict):
+    """An exception that ends the run is written to history.json as ``failed: <reason>``
+    (unless the loop already wrote a more precise status, such as ``diverged``)."""
+    try:
+        yield
+    except BaseException as e:
+        if history.get("status") == "running":
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            history["status"] = f"failed: {type(e).__name__}: {reason}"[:300]
+            save_history(keep_status=True)
+        raise
 
 
 # -------------------------------------------------------------------------------- loop
@@ -325,8 +344,12 @@ def train_and_evaluate(
     """Trains ``task`` for ``config.epochs``, evaluating ``config.eval_split`` each epoch.
 
     Resumes from ``workdir`` if it holds a checkpoint. Returns the history dict; its
-    ``status`` is ``"done"`` or ``"interrupted"``. ``stop_at_step`` > 0 stops after that step
-    as a first Ctrl-C would (for tests of the resume).
+    ``status`` is ``"done"`` (every epoch finished) or ``"interrupted"`` (Ctrl-C, SIGTERM or
+    ``stop_at_step``); ``history.json`` also says ``"running"`` while it runs, ``"diverged"``
+    or ``"failed: <reason>"``. ``stop_at_step`` > 0 stops after that step as a first Ctrl-C
+    would (for tests of the resume). Besides each epoch's end, the latest state is saved every
+    ``config.checkpoint_every_minutes`` (0: only at epoch ends), so a kill -9 costs at most
+    that much work; resuming from such a save is bitwise the same as not stopping.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -352,22 +375,29 @@ def train_and_evaluate(
     unit = getattr(task, "unit", "img")
     best = max((r[config.best_metric] for r in history["epochs"]), default=-math.inf)
     stop_at = stop_at_step
-    status = "done"
+    status = "running"
+    every_s = 60 * config.checkpoint_every_minutes
+    if jax.process_count() > 1:  # processes must agree on every save: clocks do not
+        every_s = 0
+    last_save = time.monotonic()
 
-    def save_history():
-        history["status"] = status
+    def save_history(keep_status: bool = False):
+        if not keep_status:
+            history["status"] = status
         write_json_atomic(workdir / "history.json", history)
 
     def stop_here(step):
         ckpt.save_latest(state)
         save_history()
         tqdm.write(
-            f"Stopped at step {step}; checkpoint saved in {ckpt.directory}. "
-            f"Run the same command again to resume."
+            f"Stopped at step {step} ({stop.requested or 'stop_at_step'}); checkpoint saved in "
+            f"{ckpt.directory}. Run the same command again to resume."
         )
 
+    save_history()
+
     # closing: the asynchronous checkpoint writes finish before anything reads the work dir.
-    with _StopFlag() as stop, contextlib.closing(ckpt):
+    with _StopFlag() as stop, contextlib.closing(ckpt), _record_failure(save_history, history):
         for epoch in range(start_step // steps_per_epoch, config.epochs):
             batches = task.train_batches(epoch)
             first_step_of_epoch = epoch * steps_per_epoch
@@ -422,7 +452,15 @@ def train_and_evaluate(
                     status = "interrupted"
                     history["window"] = {**window, "step": step}
                     stop_here(step)
+                    history["stopped_by"] = stop.requested or "stop_at_step"
                     return history
+                if every_s and i < steps_per_epoch - 1 and time.monotonic() - last_save >= every_s:
+                    # Mid-epoch: the loss since the last log line is saved too (bitwise resume).
+                    history["window"] = {**window, "step": step}
+                    ckpt.save_latest(state)
+                    save_history()
+                    del history["window"]
+                    last_save = time.monotonic()
             bar.close()
             train_time = time.perf_counter() - t0
             metrics = evaluate(task, state.params, config.eval_split, eval_step, parallel)
@@ -438,7 +476,10 @@ def train_and_evaluate(
             history["epochs"].append(record)
             is_best = record[config.best_metric] > best
             best = max(best, record[config.best_metric])
+            if epoch + 1 == config.epochs:
+                status = "done"
             ckpt.save_latest(state)
+            last_save = time.monotonic()
             if is_best:
                 ckpt.save_best(state, record)
             save_history()
@@ -452,6 +493,8 @@ def train_and_evaluate(
             if (stop.requested or stop_at == int(state.step)) and epoch + 1 < config.epochs:
                 status = "interrupted"
                 stop_here(int(state.step))
+                history["stopped_by"] = stop.requested or "stop_at_step"
                 return history
+    status = "done"  # every epoch finished (also when there was none left to run)
     save_history()
     return history

@@ -1,0 +1,179 @@
+"""Runs that survive damage and preemption: damaged checkpoints fall back to an older one,
+SIGTERM saves like Ctrl-C, a time-based save bounds what kill -9 costs, and history.json says
+what happened."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from test_train_vit import CONFIG, SMALL_MODEL, final_params, small_config
+
+from hw2jax import cli
+from hw2jax.tasks import vit
+from hw2jax.train.checkpoints import CheckpointError, Checkpoints
+
+
+def assert_same_params(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def cli_args(fashion_dir, workdir, *overrides):
+    """The command line of small_config's run."""
+    items = [*SMALL_MODEL, "batch_size=40", "eval_batch_size=16", "progress=False"]
+    items += ["log_every_steps=2", "learning_rate=3e-3", *overrides]
+    args = ["vit", "train", "--config", str(CONFIG), "--workdir", str(workdir)]
+    args += ["--data-dir", str(fashion_dir)]
+    for item in items:
+        args += ["--set", item]
+    return args
+
+
+def start(args):
+    code = f"from hw2jax import cli; raise SystemExit(cli.main({args!r}))"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(condition, proc, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def steps(workdir):
+    folder = workdir / "checkpoints" / "latest"
+    return (
+        sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+    )
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted 3-epoch run (3 steps per epoch) to compare resumed runs with."""
+    from conftest import make_fashion_folder
+
+    root = tmp_path_factory.mktemp("straight")
+    data = make_fashion_folder(root / "fashion")
+    config = small_config(data)
+    vit.train_and_evaluate(config, root / "run")
+    return data, final_params(root / "run", config)
+
+
+@pytest.mark.parametrize("damage", ["a data file", "_METADATA"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(
+    straight, tmp_path, capfd, damage
+):
+    data, expected = straight
+    run = tmp_path / "run"
+    vit.train_and_evaluate(small_config(data, "epochs=2"), run)
+    assert steps(run) == [3, 6]  # the two newest are kept
+    newest = run / "checkpoints" / "latest" / "6" / "default"
+    if damage == "_METADATA":
+        victim = newest / "_METADATA"
+    else:
+        victim = max(
+            (p for p in newest.rglob("*") if p.is_file() and p.parent.name == "d"),
+            key=lambda p: p.stat().st_size,
+        )
+    victim.unlink()
+    out = vit.train_and_evaluate(small_config(data), run)  # resume for the third epoch
+    err = capfd.readouterr().err
+    assert (
+        "checkpoint step 6 in" in err and "cannot be read" in err and "trying the one before" in err
+    )
+    assert len([line for line in err.splitlines() if "cannot be read" in line]) == 1
+    assert out["status"] == "done" and len(out["epochs"]) == 3
+    assert (run / "checkpoints" / "damaged").exists()
+    # Epoch 2 was redone from step 3: the result is that of an uninterrupted run.
+    assert_same_params(final_params(run, small_config(data)), expected)
+
+
+def test_no_readable_checkpoint_says_how_to_start_over(straight, tmp_path):
+    data, _ = straight
+    run = tmp_path / "run"
+    vit.train_and_evaluate(small_config(data, "epochs=2"), run)
+    for step in (3, 6):
+        (run / "checkpoints" / "latest" / str(step) / "default" / "_METADATA").unlink()
+    with pytest.raises(CheckpointError, match=r"can be read .* To start over, delete .*--workdir"):
+        vit.train_and_evaluate(small_config(data), run)
+
+
+def test_eval_of_a_damaged_best_checkpoint_is_one_clear_line(straight, tmp_path, capsys):
+    data, _ = straight
+    run = tmp_path / "run"
+    vit.train_and_evaluate(small_config(data, "epochs=1"), run)
+    (best,) = (run / "checkpoints" / "best").glob("[0-9]*")
+    data_files = [p for p in best.rglob("*") if p.is_file() and p.parent.name == "d"]
+    max(data_files, key=lambda p: p.stat().st_size).unlink()  # the biggest array's bytes
+    assert cli.main(["vit", "eval", "--workdir", str(run)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "FashionMNIST" not in line]
+    assert len(lines) == 1 and "Traceback" not in lines[0]
+    assert lines[0].startswith("hw2jax: error: the best checkpoint (step 3)")
+    assert "--latest" in lines[0]
+    with pytest.raises(CheckpointError):
+        Checkpoints(run / "checkpoints").restore_best_params(final_params(run, small_config(data)))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_like_ctrl_c(straight, tmp_path):
+    data, expected = straight
+    run = tmp_path / "run"
+    proc = start(cli_args(data, run, "epochs=3", "checkpoint_every_minutes=0"))
+    wait_for(lambda: steps(run), proc)  # an epoch is done: the run is under way
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-2000:]
+    history = json.loads((run / "history.json").read_text())
+    assert history["status"] == "interrupted"
+    assert "Traceback" not in err
+    # The run goes on from its checkpoint and ends as an uninterrupted one.
+    out = vit.train_and_evaluate(small_config(data), run)
+    assert out["status"] == "done"
+    assert_same_params(final_params(run, small_config(data)), expected)
+
+
+@pytest.mark.slow
+def test_kill_9_after_a_mid_epoch_save_loses_nothing_before_it(straight, tmp_path, capfd):
+    data, expected = straight
+    run = tmp_path / "run"
+    # A save at every read point (every 2 steps here): some fall inside an epoch (3 steps).
+    proc = start(cli_args(data, run, "epochs=3", "checkpoint_every_minutes=1e-6"))
+    wait_for(lambda: any(s % 3 for s in steps(run)), proc)
+    proc.kill()
+    proc.communicate()
+    mid_epoch = max(s for s in steps(run) if s % 3)
+    history = json.loads((run / "history.json").read_text())
+    assert history["status"] == "running"  # it never finished, and does not claim to have
+    out = vit.train_and_evaluate(small_config(data), run)
+    printed = capfd.readouterr()
+    resumed_from = int((printed.out + printed.err).split("Resuming from step ")[1].split()[0])
+    assert resumed_from >= mid_epoch and out["status"] == "done"
+    assert_same_params(final_params(run, small_config(data)), expected)
+
+
+def test_history_says_failed_with_the_reason(straight, tmp_path, monkeypatch):
+    data, _ = straight
+
+    def broken_evaluate(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(vit.loop, "evaluate", broken_evaluate)
+    with pytest.raises(RuntimeError, match="disk full"):
+        vit.train_and_evaluate(small_config(data, "epochs=2"), tmp_path / "run")
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert history["status"] == "failed: RuntimeError: disk full"
