@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _theory(args: argparse.Namespace) -> int:
@@ -109,11 +110,59 @@ def _sentiment_train(args: argparse.Namespace) -> int:
     return _exit_code(sentiment.train_and_evaluate(config, args.workdir))
 
 
+def _read_reviews(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(where, text) for every review given: arguments, ``-`` for stdin, ``--file`` (one
+    review per line, blank lines skipped). Bytes that are not UTF-8 are refused naming the
+    place, or replaced with U+FFFD under ``--errors replace``; all before any model loads."""
+
+    def decode(raw: bytes, where: str) -> str:
+        try:
+            return raw.decode("utf-8", errors=args.errors)
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{where} is not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
+                "re-encode it (iconv -t utf-8) or pass --errors replace."
+            ) from None
+
+    def lines(data: bytes, name: str) -> list[tuple[str, str]]:
+        out = []
+        for number, raw in enumerate(data.splitlines(), 1):
+            text = decode(raw, f"{name} line {number}")
+            if text.strip():
+                out.append((f"{name}:{number}", text))
+        return out
+
+    reviews: list[tuple[str, str]] = []
+    for number, text in enumerate(args.texts, 1):
+        if text == "-":
+            reviews += lines(sys.stdin.buffer.read(), "stdin")
+        else:  # undecodable argv bytes arrive as surrogates: back to bytes, then decode
+            raw = os.fsencode(text)
+            reviews.append((f"argument {number}", decode(raw, f"argument {number}")))
+    if args.file:
+        try:
+            data = Path(args.file).read_bytes()
+        except OSError as e:
+            raise FileNotFoundError(f"--file {args.file}: {e.strerror}.") from None
+        reviews += lines(data, str(args.file))
+    if not reviews:
+        raise ValueError("no review to predict: give texts, --file FILE or - for stdin.")
+    return reviews
+
+
 def _sentiment_predict(args: argparse.Namespace) -> int:
     from hw2jax.tasks import sentiment
 
-    for text, p in zip(args.texts, sentiment.predict(args.workdir, args.texts), strict=True):
-        print(f"{p:.4f}  {text}")
+    reviews = _read_reviews(args)
+    rows = sentiment.predict_reviews(args.workdir, [text for _, text in reviews])
+    for (where, text), row in zip(reviews, rows, strict=True):
+        if args.json:
+            print(json.dumps({"source": where, "text": text, **row}, ensure_ascii=False))
+            continue
+        cut = (
+            f"  (cut to {row['max_length']} of {row['tokens']} tokens)" if row["truncated"] else ""
+        )
+        print(f"{row['p_positive']:.4f}  {text}{cut}")
     return 0
 
 
@@ -230,7 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_sentiment_train)
     pred = senti.add_parser("predict", help="P(positive) for each text, best checkpoint")
     pred.add_argument("--workdir", required=True)
-    pred.add_argument("texts", nargs="+", metavar="TEXT")
+    pred.add_argument("texts", nargs="*", metavar="TEXT", help="reviews; - reads stdin")
+    pred.add_argument("--file", help="a file with one review per line")
+    pred.add_argument(
+        "--errors",
+        choices=["strict", "replace"],
+        default="strict",
+        help="bytes that are not UTF-8: refuse (default) or replace with U+FFFD",
+    )
+    pred.add_argument("--json", action="store_true", help="one JSON object per review")
     pred.set_defaults(func=_sentiment_predict)
 
     rep = commands.add_parser("report", help="a run's per-epoch table (Markdown) from WORKDIR")

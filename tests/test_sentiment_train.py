@@ -2,7 +2,9 @@
 
 import atexit
 import functools
+import io
 import json
+import os
 import shutil
 import tarfile
 import tempfile
@@ -172,7 +174,7 @@ def test_training_on_the_fixture_reduces_the_loss(tmp_path):
     assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000  # loss and accuracy plots
 
 
-def test_cli_train_and_predict(tmp_path, capsys):
+def test_cli_train_and_predict(tmp_path, capsys, monkeypatch):
     args = [
         "sentiment",
         "train",
@@ -206,6 +208,33 @@ def test_cli_train_and_predict(tmp_path, capsys):
     assert all(0.0 < p < 1.0 for p in probs)
     # One text alone gives what the list printed (4 decimals): no padding effects.
     assert sentiment.predict(tmp_path / "w", texts[1:])[0] == pytest.approx(probs[1], abs=5e-5)
+
+    # Reviews from a file (one per line, blank lines skipped) and from stdin, as JSON lines; a
+    # review longer than max_length (64 here) says it was cut.
+    reviews = tmp_path / "reviews.txt"
+    reviews.write_text(f"{texts[0]}\n\n{'great ' * 100}\n")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(texts[1].encode())))
+    predict = ["sentiment", "predict", "--workdir", str(tmp_path / "w")]
+    assert cli.main([*predict, "--json", "--file", str(reviews), "-"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["source"] for r in rows] == ["stdin:1", f"{reviews}:1", f"{reviews}:3"]
+    assert rows[0]["p_positive"] == pytest.approx(probs[1], abs=5e-5)
+    assert rows[1]["p_positive"] == pytest.approx(probs[0], abs=5e-5)
+    assert [r["truncated"] for r in rows] == [False, False, True] and rows[2]["tokens"] == 102
+    assert cli.main([*predict, "--file", str(reviews)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("(cut to 64 of 102 tokens)")
+    # Bytes that are not UTF-8: refused before anything loads (no such work dir is needed),
+    # naming the place; replaced on request.
+    bad = os.fsdecode(b"caf\xe9 was great")  # how such bytes arrive in sys.argv
+    nowhere = ["sentiment", "predict", "--workdir", str(tmp_path / "nowhere")]
+    assert cli.main([*nowhere, "fine", bad]) == 2
+    err = capsys.readouterr().err
+    assert "argument 2 is not UTF-8 (byte 0xe9 at offset 3)" in err and "--errors replace" in err
+    reviews.write_bytes(b"ok\ncaf\xe9\n")
+    assert cli.main([*nowhere, "--file", str(reviews)]) == 2
+    assert f"{reviews} line 2 is not UTF-8" in capsys.readouterr().err
+    assert cli.main([*predict, "--errors", "replace", bad]) == 0
+    assert capsys.readouterr().out.strip().endswith("caf\ufffd was great")
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 3e-2)])
