@@ -4,6 +4,7 @@ what happened."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,13 +75,25 @@ def straight(tmp_path_factory):
     return data, final_params(root / "run", config)
 
 
+@pytest.fixture(scope="module")
+def two_epochs(straight, tmp_path_factory):
+    """The same run stopped after 2 epochs (latest steps 3 and 6); tests damage copies of it."""
+    run = tmp_path_factory.mktemp("two_epochs") / "run"
+    vit.train_and_evaluate(small_config(straight[0], "epochs=2"), run)
+    return run
+
+
+def copy_run(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
 @pytest.mark.parametrize("damage", ["a data file", "_METADATA"])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(
-    straight, tmp_path, capfd, damage
+    straight, two_epochs, tmp_path, capfd, damage
 ):
     data, expected = straight
-    run = tmp_path / "run"
-    vit.train_and_evaluate(small_config(data, "epochs=2"), run)
+    run = copy_run(two_epochs, tmp_path)
     assert steps(run) == [3, 6]  # the two newest are kept
     newest = run / "checkpoints" / "latest" / "6" / "default"
     if damage == "_METADATA":
@@ -103,30 +116,32 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(
     assert_same_params(final_params(run, small_config(data)), expected)
 
 
-def test_no_readable_checkpoint_says_how_to_start_over(straight, tmp_path):
+def test_no_readable_checkpoint_says_how_to_start_over(straight, two_epochs, tmp_path):
     data, _ = straight
-    run = tmp_path / "run"
-    vit.train_and_evaluate(small_config(data, "epochs=2"), run)
+    run = copy_run(two_epochs, tmp_path)
     for step in (3, 6):
         (run / "checkpoints" / "latest" / str(step) / "default" / "_METADATA").unlink()
     with pytest.raises(CheckpointError, match=r"can be read .* To start over, delete .*--workdir"):
         vit.train_and_evaluate(small_config(data), run)
 
 
-def test_eval_of_a_damaged_best_checkpoint_is_one_clear_line(straight, tmp_path, capsys):
+def test_eval_of_a_damaged_best_checkpoint_is_one_clear_line(
+    straight, two_epochs, tmp_path, capsys
+):
     data, _ = straight
-    run = tmp_path / "run"
-    vit.train_and_evaluate(small_config(data, "epochs=1"), run)
+    run = copy_run(two_epochs, tmp_path)
     (best,) = (run / "checkpoints" / "best").glob("[0-9]*")
     data_files = [p for p in best.rglob("*") if p.is_file() and p.parent.name == "d"]
     max(data_files, key=lambda p: p.stat().st_size).unlink()  # the biggest array's bytes
     assert cli.main(["vit", "eval", "--workdir", str(run)]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if "FashionMNIST" not in line]
     assert len(lines) == 1 and "Traceback" not in lines[0]
-    assert lines[0].startswith("hw2jax: error: the best checkpoint (step 3)")
+    assert lines[0].startswith(f"hw2jax: error: the best checkpoint (step {best.name})")
     assert "--latest" in lines[0]
     with pytest.raises(CheckpointError):
-        Checkpoints(run / "checkpoints").restore_best_params(final_params(run, small_config(data)))
+        Checkpoints(run / "checkpoints").restore_best_params(
+            final_params(run, small_config(data, "epochs=2"))
+        )
 
 
 @pytest.mark.slow
