@@ -1,7 +1,26 @@
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from hw2jax.data import write_idx
+# One XLA compilation cache for the whole run (xdist workers and the fresh processes some tests
+# start included): the many small trainings compile the same programs again and again. A new,
+# empty cache per run, so nothing compiled by an earlier run is trusted.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+XLA_CACHE = Path(tempfile.gettempdir()) / f"hw2jax-test-xla-cache-{_RUN}"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(XLA_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+from hw2jax.data import write_idx  # noqa: E402 (after the cache settings: jax reads them once)
+
+
+def pytest_sessionfinish(session):
+    if not hasattr(session.config, "workerinput"):  # the controller, after every worker
+        shutil.rmtree(XLA_CACHE, ignore_errors=True)
 
 
 def make_fashion_folder(folder, n_train=96, n_test=40, gz=True, seed=0):

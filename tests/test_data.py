@@ -113,3 +113,28 @@ def test_tfds_fallback_failure_is_one_clear_error(tmp_path, monkeypatch):
         fashion_mnist.load(source, "train")
     assert "could not provide 'fashion_mnist'" in str(exc.value)
     assert "dataset-fashion-mnist" in str(exc.value)  # the three ways, again
+
+
+def test_a_data_root_holds_each_dataset_in_its_usual_name(tmp_path, monkeypatch):
+    """$HW2JAX_DATA_DIR may name a folder of datasets, as the Makefile does with the project's
+    shared data: FashionMNIST in fashion-mnist/, IMDB as aclImdb_labeled.tar.gz (or aclImdb/)."""
+    import tarfile
+    from pathlib import Path
+
+    from hw2jax.data import imdb
+
+    make_fashion_folder(tmp_path / "fashion-mnist", n_train=12, n_test=5)
+    with tarfile.open(tmp_path / "aclImdb_labeled.tar.gz", "w:gz") as tar:
+        tar.add(Path(__file__).parent / "fixtures" / "aclImdb", arcname="aclImdb")
+    monkeypatch.setenv("HW2JAX_DATA_DIR", str(tmp_path))
+    assert len(fashion_mnist.load(fashion_mnist.find_source(), "train")) == 12
+    source = imdb.find_source()
+    assert source.path == tmp_path / "aclImdb_labeled.tar.gz"
+    assert len(source.load("test")["label"]) == 12
+    # The package itself names no path of this checkout.
+    import hw2jax
+
+    package = Path(hw2jax.__file__).parent
+    for path in package.rglob("*.py"):
+        text = path.read_text()
+        assert "shared/data" not in text and "parents[2]" not in text, path
