@@ -341,3 +341,96 @@ def test_max_reviews_keeps_texts_and_labels_together(tmp_path, tokenizer):
     label_of = {row.tobytes(): label for row, label in zip(ids, full["label"], strict=True)}
     for row, label in zip(data["test"]["ids"], data["test"]["label"], strict=True):
         assert label_of[row.tobytes()] == label
+
+
+# bert-base-uncased's published config.json, as its checkpoint folder holds it.
+BERT_BASE_CONFIG = {
+    "architectures": ["BertForMaskedLM"],
+    "attention_probs_dropout_prob": 0.1,
+    "gradient_checkpointing": False,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "hidden_size": 768,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-12,
+    "max_position_embeddings": 512,
+    "model_type": "bert",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 0,
+    "position_embedding_type": "absolute",
+    "transformers_version": "4.6.0.dev0",
+    "type_vocab_size": 2,
+    "use_cache": True,
+    "vocab_size": 30522,
+}
+
+
+@pytest.mark.slow
+def test_a_bert_base_checkpoint_folder_trains_with_the_assignments_parameter_counts(
+    tmp_path, capsys
+):
+    """Random weights under bert-base-uncased's names and shapes (the `bert.` prefix, LayerNorm
+    gamma/beta, the position_ids buffer, the cls.* pre-training heads): `--encoder FOLDER` is
+    then the assignment's model, 112,241,409 parameters of which 2,759,169 trainable."""
+    import jax
+    import numpy as np
+
+    from hw2jax.models import bert
+
+    config = bert.BertConfig.from_dict(BERT_BASE_CONFIG)
+    params = jax.jit(
+        lambda key: bert.BertModel(config).init(key, np.ones((1, 8), np.int32))["params"]
+    )(jax.random.key(0))
+    rng = np.random.default_rng(0)
+
+    def normal(*shape):
+        return (0.02 * rng.standard_normal(shape)).astype(np.float32)
+
+    heads = {
+        "bert.embeddings.position_ids": np.arange(512, dtype=np.int64)[None],
+        "cls.predictions.bias": np.zeros(30522, np.float32),
+        "cls.predictions.transform.dense.weight": normal(768, 768),
+        "cls.predictions.transform.dense.bias": np.zeros(768, np.float32),
+        "cls.predictions.transform.LayerNorm.gamma": np.ones(768, np.float32),
+        "cls.predictions.transform.LayerNorm.beta": np.zeros(768, np.float32),
+        "cls.predictions.decoder.weight": normal(30522, 768),
+        "cls.seq_relationship.weight": normal(2, 768),
+        "cls.seq_relationship.bias": np.zeros(2, np.float32),
+    }
+    folder = bert.save_pretrained(
+        tmp_path / "bert-base-uncased",
+        config,
+        params,
+        tokenizer_from=minilm.get_model_path(),  # the same vocab.txt, 30,522 word pieces
+        prefix="bert.",
+        legacy_layer_norm=True,
+        extra_tensors=heads,
+        config_json=BERT_BASE_CONFIG,
+    )
+    from safetensors.numpy import load_file
+
+    names = set(load_file(folder / "model.safetensors"))
+    assert "bert.encoder.layer.11.attention.output.LayerNorm.gamma" in names
+    assert set(heads) <= names and not any(".LayerNorm.weight" in n for n in names)
+    del params
+
+    args = ["sentiment", "train", "--config", str(CONFIG), "--workdir", str(tmp_path / "w")]
+    args += ["--encoder", str(folder), "--epochs", "1", "--cache-features"]
+    for item in [
+        f"data_dir={FIXTURE}",
+        "train_size=18",
+        "batch_size=6",
+        "eval_batch_size=6",
+        "max_length=32",
+        "buckets=(16,)",
+        "progress=False",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]:
+        args += ["--set", item]
+    assert cli.main(args) == 0
+    assert "parameters: 112,241,409 total, 2,759,169 trainable" in capsys.readouterr().out
+    history = json.loads((tmp_path / "w" / "history.json").read_text())
+    assert history["parameters"] == {"total": 112_241_409, "trainable": 2_759_169}
+    assert history["status"] == "done"

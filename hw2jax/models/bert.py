@@ -292,20 +292,29 @@ def save_pretrained(
     *,
     tokenizer_from: str | os.PathLike | None = None,
     prefix: str = "",
+    legacy_layer_norm: bool = False,
     extra_tensors: dict[str, np.ndarray] | None = None,
+    config_json: dict | None = None,
 ) -> Path:
     """Writes a Hugging Face-format folder that :func:`load_pretrained` reads back:
-    ``config.json``, ``model.safetensors`` (names after ``prefix``, e.g. ``"bert."``, plus
-    ``extra_tensors`` such as pre-training heads) and the tokenizer files of ``tokenizer_from``."""
+    ``config.json`` (``config_json`` as given, else from ``config``), ``model.safetensors``
+    (names after ``prefix``, e.g. ``"bert."``, LayerNorm as gamma/beta with
+    ``legacy_layer_norm``, plus ``extra_tensors`` such as pre-training heads) and the tokenizer
+    files of ``tokenizer_from``."""
     from safetensors.numpy import save_file
 
     from hw2jax.models.bert_params import state_dict_from_params
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"model_type": "bert", "architectures": ["BertModel"], **dataclasses.asdict(config)}
+    meta = config_json or {
+        "model_type": "bert",
+        "architectures": ["BertModel"],
+        **dataclasses.asdict(config),
+    }
     (folder / "config.json").write_text(json.dumps(meta, indent=2))
-    tensors = {**state_dict_from_params(params, prefix), **(extra_tensors or {})}
+    tensors = state_dict_from_params(params, prefix, legacy_layer_norm)
+    tensors |= extra_tensors or {}
     save_file(tensors, str(folder / "model.safetensors"))
     if tokenizer_from is not None:
         for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):

@@ -94,9 +94,12 @@ def params_from_state_dict(tensors: dict[str, np.ndarray], config) -> dict:
     return params
 
 
-def state_dict_from_params(params: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    """The inverse of :func:`params_from_state_dict`, in the current Hugging Face naming
-    (LayerNorm ``weight``/``bias``), each name after ``prefix`` (e.g. ``"bert."``)."""
+def state_dict_from_params(
+    params: dict, prefix: str = "", legacy_layer_norm: bool = False
+) -> dict[str, np.ndarray]:
+    """The inverse of :func:`params_from_state_dict`, each name after ``prefix`` (e.g.
+    ``"bert."``), LayerNorm as ``weight``/``bias`` or, with ``legacy_layer_norm``, as
+    ``gamma``/``beta`` (bert-base-uncased's original checkpoint)."""
     inverse = {path: (module, kind) for module, (path, kind) in _TOP_MODULES.items()}
     out = {}
     for key, value in _flat(params, as_keys=True).items():
@@ -109,6 +112,8 @@ def state_dict_from_params(params: dict, prefix: str = "") -> dict[str, np.ndarr
         else:
             module, kind = inverse[tuple(module_path)]
         hf_leaf = {"embedding": "weight", "scale": "weight", "kernel": "weight"}.get(leaf, leaf)
+        if kind == "norm" and legacy_layer_norm:
+            hf_leaf = {"weight": "gamma", "bias": "beta"}[hf_leaf]
         if kind == "dense" and leaf == "kernel":
             value = value.T
         out[f"{prefix}{module}.{hf_leaf}"] = np.ascontiguousarray(value)

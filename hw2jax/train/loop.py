@@ -188,6 +188,15 @@ def latest_params(task: Task, config: ml_collections.ConfigDict, workdir: str | 
         return ckpt.restore_latest(state).params
 
 
+def parameter_counts(state: TrainState) -> dict[str, int]:
+    """Scalars in all params, and in those the optimizer updates (frozen ones excluded)."""
+
+    def size(tree) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+    return {"total": size(state.params), "trainable": size(state.trainable())}
+
+
 # ----------------------------------------------------------------------------- history
 
 
@@ -360,6 +369,8 @@ def train_and_evaluate(
     tx = build_optimizer(config, steps_per_epoch)
     params = task.init_params(init_rng)
     state = TrainState.create(params, tx, getattr(task, "frozen_keys", ()))
+    counts = parameter_counts(state)
+    tqdm.write(f"parameters: {counts['total']:,} total, {counts['trainable']:,} trainable")
     ckpt = checkpoints.Checkpoints(workdir / "checkpoints")
     state = ckpt.restore_latest(state)
     start_step = int(state.step)
@@ -367,6 +378,7 @@ def train_and_evaluate(
     state = parallel.replicate(state)
     history = load_history(workdir, start_step)
     history["config"] = config.to_dict()
+    history["parameters"] = counts
     if start_step:
         tqdm.write(f"Resuming from step {start_step} in {workdir}.")
 
