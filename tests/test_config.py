@@ -29,26 +29,6 @@ def test_every_experiment_fits_its_schema_and_shares_the_loop_base(name, schema)
     assert "common" not in sys.modules  # the config's own import does not leak
 
 
-def test_the_strong_recipe_states_only_its_differences():
-    base, strong = (
-        load_config(VIT).to_dict(),
-        load_config(EXPERIMENTS / "vit_fashion_mnist_strong.py").to_dict(),
-    )
-    changed = {k for k in base if base[k] != strong[k]}
-    assert changed == {
-        "epochs",
-        "optimizer",
-        "learning_rate",
-        "weight_decay",
-        "schedule",
-        "warmup_epochs",
-        "grad_clip_norm",
-        "label_smoothing",
-        "augment_pad",
-        "augment_flip",
-    }
-
-
 @pytest.mark.parametrize(
     "override,message",
     [
