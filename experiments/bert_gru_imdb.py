@@ -39,7 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.encoder_dtype = "float32"  # or "bfloat16": bf16 matmul inputs, f32 accumulation
     c.encoder_attention = "auto"  # "auto": fused CPU kernel where it applies; "xla" | "fused"
     c.encoder_microbatch = 16  # BERT runs on this many reviews at a time (memory), 0 = all
-    c.cache_dir = ""  # "" = WORKDIR/cache
+    c.cache_dir = ""  # "" = ~/.cache/hw2jax/features, shared by every work dir
     c.cache_features = False  # run the frozen encoder once and train the head from disk
     c.feature_dtype = "float16"  # float16 | bfloat16 | float32 for the cached features
+    c.feature_shard_size = 1024  # reviews per cache shard (each written atomically)
     return c

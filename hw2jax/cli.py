@@ -106,7 +106,9 @@ def _vit_train(args: argparse.Namespace) -> int:
 def _sentiment_train(args: argparse.Namespace) -> int:
     from hw2jax.tasks import sentiment
 
-    config = _config_from_args(args, encoder=args.encoder, cache_features=args.cache_features)
+    config = _config_from_args(
+        args, encoder=args.encoder, cache_features=args.cache_features, cache_dir=args.cache_dir
+    )
     return _exit_code(sentiment.train_and_evaluate(config, args.workdir))
 
 
@@ -275,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_const",
         const="True",
         help="run the frozen encoder once and train the head from a disk cache",
+    )
+    train.add_argument(
+        "--cache-dir",
+        help="where tokens and encoder features are cached (default ~/.cache/hw2jax/features, "
+        "shared by every work dir)",
     )
     train.set_defaults(func=_sentiment_train)
     pred = senti.add_parser("predict", help="P(positive) for each text, best checkpoint")

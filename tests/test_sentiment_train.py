@@ -246,7 +246,7 @@ def test_cached_features_give_the_same_predictions(tmp_path, dtype, tol):
     config = tiny_config(tmp_path, "use_mask=True", "cache_features=True", f"feature_dtype={dtype}")
     bert_config, bert_params, tok = sentiment._setup(config, tmp_path)
     data = sentiment.prepare_data(config, tok, tmp_path)
-    features = sentiment.cache_features(config, data, bert_config, bert_params, tmp_path)
+    features = sentiment.cache_features(config, data, bert_config, bert_params, tok)
     assert set(features) == {"train", "valid", "test"}
     cached = sentiment.SentimentTask(config, data, bert_config, bert_params, features)
     plain = sentiment.SentimentTask(config, data, bert_config, bert_params)
@@ -261,8 +261,8 @@ def test_cached_features_give_the_same_predictions(tmp_path, dtype, tol):
         )
     assert loop.evaluate(cached, params, "test")["count"] == 12
     # The second build reuses the file instead of running the encoder again.
-    again = sentiment.cache_features(config, data, bert_config, bert_params, tmp_path)
-    assert again["test"].path == features["test"].path
+    again = sentiment.cache_features(config, data, bert_config, bert_params, tok)
+    assert again["test"].folder == features["test"].folder
 
 
 def test_training_from_cached_features_learns(tmp_path):
@@ -270,7 +270,7 @@ def test_training_from_cached_features_learns(tmp_path):
     out = sentiment.train_and_evaluate(config, tmp_path / "run")
     epochs = out["epochs"]
     assert max(r["train_loss"] for r in epochs[-3:]) < 0.6 * epochs[0]["train_loss"]
-    assert list((tmp_path / "cache").glob("features-train-*.float16"))
+    assert list((tmp_path / "cache").glob("train-*/shard-*.bin"))
 
 
 def test_encoder_microbatches_change_nothing_but_memory(tmp_path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from hw2jax.config import LOOP_SCHEMA, Field, check_config
 from hw2jax.data import imdb
 from hw2jax.models import bert
 from hw2jax.models.sentiment import FROZEN_KEY, BertGRUSentiment
+from hw2jax.tasks.feature_cache import DEFAULT_DIR, FeatureCache, content_key, params_digest
 from hw2jax.train import checkpoints, loop, plots
 from hw2jax.train.batching import IndexBatches
 
@@ -47,6 +47,7 @@ SCHEMA = {
     "encoder_microbatch": Field(int, min=0),
     "cache_dir": Field(str),
     "cache_features": Field(bool),
+    "feature_shard_size": Field(int, min=1),
     "feature_dtype": Field(str, choices=("float16", "bfloat16", "float32")),
 }
 
@@ -102,72 +103,14 @@ def encoder_attention(config: ml_collections.ConfigDict) -> str:
     return name
 
 
+def cache_dir(config: ml_collections.ConfigDict) -> Path:
+    """Where tokens and encoder features are cached: ``cache_dir``, else one folder that every
+    work dir shares, so a second experiment on the same encoder and data encodes nothing."""
+    return Path(config.cache_dir).expanduser() if config.cache_dir else DEFAULT_DIR
+
+
 def bucket_sizes(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     return (*(b for b in config.buckets if b < config.max_length), config.max_length)
-
-
-class FeatureCache:
-    """A split's frozen-encoder outputs in one memory-mapped file. Each review is stored at
-    its own bucket length (padding positions included, as BERT saw them), rows back to back.
-
-    Caching runs BERT once in inference mode, so BERT's dropout, active in the original
-    training, is dropped. With the unmasked (faithful) model a review's padding positions
-    come from its own bucket; in a batch padded further they are zeros.
-    """
-
-    def __init__(self, path: Path, stored: np.ndarray, hidden: int, dtype: str):
-        self.path, self.stored, self.dtype = Path(path), stored, jnp.dtype(dtype)
-        self.offsets = np.concatenate([[0], np.cumsum(stored)])
-        self.hidden = hidden
-
-    def open(self, mode: str = "r") -> np.memmap:
-        shape = (int(self.offsets[-1]), self.hidden)
-        return np.memmap(self.path, dtype=self.dtype, mode=mode, shape=shape)
-
-    @classmethod
-    def build(
-        cls,
-        path: Path,
-        encode,
-        ids: np.ndarray,
-        lengths: np.ndarray,
-        buckets: tuple[int, ...],
-        hidden: int,
-        dtype: str,
-        batch_size: int,
-        progress: bool = False,
-        desc: str = "features",
-    ) -> FeatureCache:
-        stored = np.array([min(b for b in buckets if b >= n) for n in lengths], np.int64)
-        cache = cls(path, stored, hidden, dtype)
-        if path.exists():  # written completely before (the rename below is the last step)
-            return cache
-        tmp = cls(path.with_name(path.name + ".tmp"), stored, hidden, dtype)
-        out = tmp.open("w+")
-        bar = tqdm(total=len(ids), desc=desc, unit="review", disable=not progress)
-        for size in buckets:
-            rows = np.flatnonzero(stored == size)
-            for start in range(0, len(rows), batch_size):
-                batch = rows[start : start + batch_size]
-                block = np.zeros((batch_size, size), ids.dtype)  # one shape per bucket
-                block[: len(batch)] = ids[batch, :size]
-                feats = np.asarray(encode(jnp.asarray(block)).astype(cache.dtype))[: len(batch)]
-                for r, f in zip(batch, feats, strict=True):
-                    out[cache.offsets[r] : cache.offsets[r + 1]] = f
-                bar.update(len(batch))
-        bar.close()
-        out.flush()
-        del out
-        os.replace(tmp.path, path)
-        return cache
-
-    def gather(self, rows: np.ndarray, seq_len: int, batch_size: int) -> np.ndarray:
-        data = self.open()
-        out = np.zeros((batch_size, seq_len, self.hidden), self.dtype)
-        for b, r in enumerate(rows):
-            n = min(int(self.stored[r]), seq_len)
-            out[b, :n] = data[self.offsets[r] : self.offsets[r] + n]
-        return out
 
 
 class CachedBatches(IndexBatches):
@@ -291,7 +234,7 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer, workdir: Path) ->
         for split, arrays in raw.items():
             keep = np.sort(rng.permutation(len(arrays["label"]))[: config.max_reviews])
             raw[split] = {k: v[keep] for k, v in arrays.items()}
-    cache = Path(config.cache_dir) if config.cache_dir else workdir / "cache"
+    cache = cache_dir(config)
     out = {}
     start = time.perf_counter()
     for split in ("train", "test"):
@@ -316,10 +259,11 @@ def cache_features(
     data: dict,
     bert_config: bert.BertConfig,
     bert_params: Any,
-    workdir: Path,
+    tokenizer,
 ) -> dict[str, FeatureCache] | None:
-    """Runs the frozen encoder once per review (``config.cache_features``) into memory-mapped
-    files under the cache dir, so training only runs the GRU head."""
+    """Runs the frozen encoder once per review (``config.cache_features``) into sharded,
+    memory-mapped files under the cache dir (:mod:`hw2jax.tasks.feature_cache`), so training
+    only runs the GRU head; what is cached already is not encoded again."""
     if not config.cache_features:
         return None
     model = build_model(config, bert_config)
@@ -336,18 +280,23 @@ def cache_features(
     def encode(ids: jax.Array) -> jax.Array:
         return jitted(params, ids)
 
-    cache_dir = Path(config.cache_dir) if config.cache_dir else workdir / "cache"
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    weights = params_digest(bert_params)
+    vocab = hashlib.sha256(repr(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
     out = {}
     for split, arrays in data.items():
-        key = (
-            f"{config.encoder}-{bert_config.hidden_size}-{config.use_mask}-{config.seed}"
-            f"-{encoder_dtype(config)}"
+        key = content_key(
+            encoder_weights=weights,
+            tokenizer=vocab,
+            max_length=config.max_length,
+            buckets=bucket_sizes(config),
+            encoder_dtype=config.encoder_dtype,
+            feature_dtype=config.feature_dtype,
+            use_mask=config.use_mask,
+            review_ids=arrays["ids"],
         )
-        digest = imdb.content_key(key, arrays["ids"])
         start = time.perf_counter()
         out[split] = FeatureCache.build(
-            cache_dir / f"features-{split}-{digest}.{config.feature_dtype}",
+            cache_dir(config) / f"{split}-{key}",
             encode,
             arrays["ids"],
             arrays["length"],
@@ -355,11 +304,12 @@ def cache_features(
             bert_config.hidden_size,
             config.feature_dtype,
             config.eval_batch_size,
+            shard_size=config.feature_shard_size,
             progress=config.progress,
             desc=f"encoding {split}",
         )
         print(
-            f"features for {split}: {out[split].path.stat().st_size / 2**20:.0f} MiB "
+            f"features for {split}: {out[split].nbytes() / 2**20:.0f} MiB "
             f"({time.perf_counter() - start:.1f} s)",
             file=sys.stderr,
         )
@@ -378,7 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     loop.save_run_config(workdir, config)
     bert_config, bert_params, tokenizer = _setup(config, workdir)
     data = prepare_data(config, tokenizer, workdir)
-    features = cache_features(config, data, bert_config, bert_params, workdir)
+    features = cache_features(config, data, bert_config, bert_params, tokenizer)
     task = SentimentTask(config, data, bert_config, bert_params, features)
     history = loop.train_and_evaluate(task, config, workdir)
     if history.get("epochs"):
