@@ -34,10 +34,12 @@ def _scan_directions(x_proj, w_hh, b_hh, valid):
     """
     d, b, _, three_h = x_proj.shape
     hidden = three_h // 3
+    # [D, H, 3H], transposed once here rather than inside each of the T steps.
+    w_hh_t = jnp.swapaxes(w_hh, 1, 2)
 
     def step(h, inputs):
         xp, ok = inputs  # [D, B, 3H], [B]
-        hp = jnp.einsum("dbh,dgh->dbg", h, w_hh) + b_hh[:, None, :]
+        hp = jnp.einsum("dbh,dhg->dbg", h, w_hh_t) + b_hh[:, None, :]
         r = jax.nn.sigmoid(xp[..., :hidden] + hp[..., :hidden])
         z = jax.nn.sigmoid(xp[..., hidden : 2 * hidden] + hp[..., hidden : 2 * hidden])
         n = jnp.tanh(xp[..., 2 * hidden :] + r * hp[..., 2 * hidden :])
