@@ -357,3 +357,45 @@ def test_self_attention_names_a_nan_in_its_input():
     big = jnp.full((2, 3), 1e20)  # finite inputs whose logits overflow keep their own message
     with pytest.raises(FloatingPointError, match="overflowed float32"):
         attention.self_attention(big)
+
+
+@pytest.mark.parametrize("impl", ["naive", "blockwise", "xla", "pallas"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_softmax_implementation_matches_the_float64_formula(impl, causal):
+    """Values and gradients of each path the entry point offers on this machine (pallas in
+    interpret mode off a GPU; T = 37 is not a whole number of its blocks)."""
+    q, k, v = qkv((2, 37, 2, 16), seed=11)
+    out = attention.softmax_attention(q, k, v, causal=causal, implementation=impl)
+    np.testing.assert_allclose(out, ref_softmax_np(q, k, v, causal), rtol=2e-5, atol=2e-5)
+    w = np.asarray(jax.random.normal(jax.random.key(2), out.shape), np.float64)
+
+    def loss64(q, k, v):  # the float64 formula again, differentiated by jax in float64
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+        if causal:
+            logits = jnp.where(jnp.tril(jnp.ones((37, 37), bool)), logits, -jnp.inf)
+        return jnp.sum(jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), v) * w)
+
+    with jax.enable_x64(True):
+        ref = jax.grad(loss64, (0, 1, 2))(*(jnp.asarray(a, jnp.float64) for a in (q, k, v)))
+    ours = jax.grad(
+        lambda q, k, v: jnp.sum(
+            attention.softmax_attention(q, k, v, causal=causal, implementation=impl)
+            * jnp.asarray(w, jnp.float32)
+        ),
+        (0, 1, 2),
+    )(q, k, v)
+    for g_ours, g_ref in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(g_ours, np.asarray(g_ref), rtol=1e-4, atol=1e-4)
+
+
+def test_cudnn_needs_an_nvidia_gpu_and_says_so():
+    q, k, v = qkv((1, 8, 1, 16), seed=1)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="cudnn' cannot run: cuDNN needs an NVIDIA GPU"):
+            attention.softmax_attention(q, k, v, implementation="cudnn")
+        with pytest.raises(ValueError, match="use one of auto, xla, cudnn, pallas"):
+            attention.softmax_attention(q, k, v, implementation="flash")
+        pytest.skip("cuDNN's values and gradients are checked on an NVIDIA GPU only")
+    q, k, v = (a.astype(jnp.bfloat16) for a in (q, k, v))
+    out = attention.softmax_attention(q, k, v, implementation="cudnn")
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref_softmax_np(q, k, v), atol=2e-2)

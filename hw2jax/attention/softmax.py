@@ -1,4 +1,4 @@
-"""Softmax (scaled dot-product) attention, building the T x T scores."""
+"""Softmax (scaled dot-product) attention: one entry point for our forms and the fused kernels."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ import jax.numpy as jnp
 from hw2jax.attention.blockwise import blockwise_softmax_attention
 from hw2jax.attention.helpers import check_qkv, matmul_f32
 
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "blockwise", "naive")
+# Inputs of at least this many scores per (batch, head) go blockwise on CPU (T = 8192).
+_BLOCKWISE_FROM = 2**26
+
 
 def softmax_attention(
     q: jax.typing.ArrayLike,
@@ -18,23 +22,104 @@ def softmax_attention(
     v: jax.typing.ArrayLike,
     *,
     causal: bool = False,
-    implementation: Literal["auto", "naive", "blockwise"] = "auto",
+    implementation: Literal["auto", "xla", "cudnn", "pallas", "blockwise", "naive"] = "auto",
 ) -> jax.Array:
-    """Scaled dot-product attention, softmax(q k^T / sqrt(d)) v.
+    """Scaled dot-product attention, softmax(q k^T / sqrt(d)) v, one entry point for every form:
 
-    ``"naive"`` builds the T x T matrix (O(T^2) memory); ``"blockwise"`` is
-    :func:`blockwise_softmax_attention` (O(T) memory, same result); ``"auto"`` picks
-    blockwise once the score matrix would pass 2^26 entries per head and batch (T = 8192).
+    - ``"naive"``: ours, the T x T scores in memory (O(T^2));
+    - ``"blockwise"``: ours, :func:`blockwise_softmax_attention` (online softmax, O(T) memory);
+    - ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")``;
+    - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused kernel
+      (NVIDIA GPUs, float16 or bfloat16, head dim a multiple of 8 up to 128);
+    - ``"pallas"``: JAX's Pallas flash-attention kernel (``jax.experimental.pallas.ops.gpu``),
+      forward and backward; compiled with Triton on a GPU, run in interpret mode elsewhere
+      (slow: for tests and checks);
+    - ``"auto"``: on an NVIDIA GPU, cudnn when dtype and shape allow, else pallas; elsewhere
+      naive below 2^26 scores per (batch, head) and blockwise from there (T = 8192).
+
+    All return the same function to rounding (tested against a float64 formula, values and
+    gradients; cudnn on a GPU only).
     """
     q, k, v = check_qkv(q, k, v, causal)
-    if implementation not in ("auto", "naive", "blockwise"):
+    if implementation not in IMPLEMENTATIONS:
         raise ValueError(
-            f"unknown implementation {implementation!r}; use auto, naive or blockwise."
+            f"unknown implementation {implementation!r}; use one of {', '.join(IMPLEMENTATIONS)}."
         )
-    if implementation == "blockwise" or (
-        implementation == "auto" and q.shape[1] * k.shape[1] >= 2**26
-    ):
+    if implementation == "auto":
+        implementation = _auto(q, k, v)
+    if implementation == "blockwise":
         return blockwise_softmax_attention(q, k, v, causal=causal)
+    if implementation == "xla":
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+    if implementation == "cudnn":
+        reason = _cudnn_unavailable(q, k, v)
+        if reason:
+            raise ValueError(f"implementation='cudnn' cannot run: {reason}. Use 'auto'.")
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+    if implementation == "pallas":
+        return _pallas_flash(q, k, v, causal)
+    return _naive(q, k, v, causal)
+
+
+def _auto(q, k, v) -> str:
+    if jax.default_backend() == "gpu" and _on_nvidia():
+        return "cudnn" if _cudnn_unavailable(q, k, v) is None else "pallas"
+    return "blockwise" if q.shape[1] * k.shape[1] >= _BLOCKWISE_FROM else "naive"
+
+
+def _on_nvidia() -> bool:
+    return "nvidia" in jax.devices()[0].device_kind.lower()
+
+
+def _cudnn_unavailable(q, k, v) -> str | None:
+    if jax.default_backend() != "gpu" or not _on_nvidia():
+        return f"cuDNN needs an NVIDIA GPU; jax's backend here is {jax.default_backend()!r}"
+    if q.dtype not in (jnp.float16, jnp.bfloat16):
+        return f"cuDNN's fused attention takes float16 or bfloat16, not {q.dtype}"
+    d = q.shape[-1]
+    if d % 8 or d > 128 or v.shape[-1] != d:
+        return f"head dim {d} (values {v.shape[-1]}) must be equal, a multiple of 8 and <= 128"
+    return None
+
+
+def _pallas_flash(q, k, v, causal: bool) -> jax.Array:
+    """JAX's Pallas flash attention; sequences padded to whole blocks, the padded keys masked
+    through its segment ids."""
+    from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+    if v.shape[-1] != q.shape[-1] or q.shape[1] != k.shape[1]:
+        raise ValueError(
+            "implementation='pallas' needs v's head dim equal to q's and as many keys as "
+            f"queries; got q {q.shape}, k {k.shape}, v {v.shape}. Use 'blockwise'."
+        )
+    t = q.shape[1]
+    block = min(64, max(16, 1 << (t - 1).bit_length()))
+    padded = -(-t // block) * block
+    pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+    qp, kp, vp = (jnp.pad(a, pad) for a in (q, k, v))
+    segments = jnp.broadcast_to((jnp.arange(padded) < t).astype(jnp.int32), (q.shape[0], padded))
+    sizes = pallas_attention.BlockSizes(
+        block_q=block,
+        block_k=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    out = pallas_attention.mha(
+        qp,
+        kp,
+        vp,
+        segments,
+        sm_scale=1.0 / math.sqrt(q.shape[-1]),
+        causal=causal,
+        block_sizes=sizes,
+        interpret=jax.default_backend() != "gpu",
+    )
+    return out[:, :t].astype(v.dtype)
+
+
+def _naive(q, k, v, causal: bool) -> jax.Array:
     q = q * (1.0 / math.sqrt(q.shape[-1]))
     # Heads moved next to the batch before the matmuls: XLA's CPU dot is much faster with the
     # batch dims leading than on the einsum "bqhd,bkhd->bhqk" (benchmarks/NOTES.md).
