@@ -399,3 +399,14 @@ def test_cudnn_needs_an_nvidia_gpu_and_says_so():
     q, k, v = (a.astype(jnp.bfloat16) for a in (q, k, v))
     out = attention.softmax_attention(q, k, v, implementation="cudnn")
     np.testing.assert_allclose(np.asarray(out, np.float32), ref_softmax_np(q, k, v), atol=2e-2)
+
+
+def test_identity_cancellation_check_handles_several_heads():
+    # Non-causal, 3 heads and 5 steps: the check's norms must sum over time, not heads.
+    q, k, v = qkv((2, 5, 3, 4), seed=6)
+    q, k = jnp.abs(q) + 0.5, jnp.abs(k) + 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attention.NonPositiveDenominatorWarning)
+        out = attention.linear_attention(q, k, v, feature_map="identity")
+        jax.effects_barrier()
+    np.testing.assert_allclose(out, ref_linear_np(q, k, v, False, "identity"), rtol=1e-5, atol=1e-6)

@@ -1,13 +1,22 @@
-"""Parts 2 and 3: weightless self-attention, softmax attention and linear attention.
+"""Parts 2 and 3 and the attention variants: weightless self-attention, softmax attention and
+the linear-time families.
 
 One module per form: :mod:`.self_attention`, :mod:`.softmax`, :mod:`.blockwise`, :mod:`.linear`,
+:mod:`.decay` (retention, gated linear attention), :mod:`.kernelized` (cosFormer, Performer),
 and :mod:`.helpers` for the checks and matmuls they share. Layouts follow
 ``jax.nn.dot_product_attention``: q, k, v are ``[batch, T, heads, head_dim]``; the value
 head_dim may differ from the query/key one.
 """
 
 from hw2jax.attention.blockwise import blockwise_softmax_attention
+from hw2jax.attention.decay import gated_linear_attention, retention
 from hw2jax.attention.helpers import matmul_f32
+from hw2jax.attention.kernelized import (
+    cosformer_attention,
+    performer_attention,
+    performer_features,
+    performer_projection,
+)
 from hw2jax.attention.linear import FEATURE_MAPS, NonPositiveDenominatorWarning, linear_attention
 from hw2jax.attention.self_attention import self_attention, self_attention_weights
 from hw2jax.attention.softmax import softmax_attention
@@ -16,8 +25,14 @@ __all__ = [
     "FEATURE_MAPS",
     "NonPositiveDenominatorWarning",
     "blockwise_softmax_attention",
+    "cosformer_attention",
+    "gated_linear_attention",
     "linear_attention",
     "matmul_f32",
+    "performer_attention",
+    "performer_features",
+    "performer_projection",
+    "retention",
     "self_attention",
     "self_attention_weights",
     "softmax_attention",

@@ -69,21 +69,7 @@ def linear_attention(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     phi = FEATURE_MAPS[feature_map]
     fq, fk = phi(q), phi(k)
-    # A column of ones appended to v makes the last output column the denominator,
-    # so numerator and normaliser come from one product.
-    v1 = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
-    if not causal:
-        # Heads next to the batch, and both products dot_generals with those dims leading:
-        # XLA's CPU dot then needs no transposed copies of T-long operands (benchmarks/NOTES.md).
-        # The causal chunked product gained nothing from this.
-        fq, fk, v1 = (jnp.swapaxes(a, 1, 2) for a in (fq, fk, v1))  # [B, H, T, .]
-        state = batched_dot(fk, v1, transpose_a=True)  # [B, H, D, D + 1]
-        out = jnp.swapaxes(batched_dot(fq, state), 1, 2)
-    elif method == "chunked":
-        out = _causal_product_chunked(fq, fk, v1, chunk_size)
-    else:
-        out = _causal_product_recurrent(fq, fk, v1)
-    num, den = out[..., :-1], out[..., -1:]
+    num, den = linear_products(fq, fk, v, causal=causal, method=method, chunk_size=chunk_size)
     if feature_map == "identity":
         # |phi(q_i)| sum_j |phi(k_j)| bounds sum_j |phi(q_i).phi(k_j)|, the denominator's size
         # had no weight been negative; O(T) to compute, unlike that sum itself.
@@ -92,6 +78,29 @@ def linear_attention(
         scale = jnp.linalg.norm(fq, axis=-1, keepdims=True) * k_norms
         _warn_if_cancelled(den, den / jnp.maximum(scale, jnp.finfo(den.dtype).tiny))
     return num / (den + eps)
+
+
+def linear_products(
+    fq: jax.Array, fk: jax.Array, v: jax.Array, *, causal: bool, method: str, chunk_size: int
+) -> tuple[jax.Array, jax.Array]:
+    """(sum_j (fq_i . fk_j) v_j, sum_j fq_i . fk_j) over all j, or j <= i when ``causal``, for
+    features already computed ([batch, T, heads, features]): the O(T) core that every
+    feature-map attention (linear, cosFormer, Performer) shares."""
+    # A column of ones appended to v makes the last output column the denominator,
+    # so numerator and normaliser come from one product.
+    v1 = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
+    if not causal:
+        # Heads next to the batch, and both products dot_generals with those dims leading:
+        # XLA's CPU dot then needs no transposed copies of T-long operands (benchmarks/NOTES.md).
+        # The causal chunked product gained nothing from this.
+        fqh, fkh, v1h = (jnp.swapaxes(a, 1, 2) for a in (fq, fk, v1))  # [B, H, T, .]
+        state = batched_dot(fkh, v1h, transpose_a=True)  # [B, H, D, D + 1]
+        out = jnp.swapaxes(batched_dot(fqh, state), 1, 2)
+    elif method == "chunked":
+        out = _causal_product_chunked(fq, fk, v1, chunk_size)
+    else:
+        out = _causal_product_recurrent(fq, fk, v1)
+    return out[..., :-1], out[..., -1:]
 
 
 def _warn_if_cancelled(den: jax.Array, share: jax.Array) -> None:
