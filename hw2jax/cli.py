@@ -260,7 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="vit_command", required=True, metavar="ACTION"
     )
     train = _add_train_parser(vit, "folder with the idx files", ["auto", "idx", "tfds"])
-    train.add_argument("--attention", choices=["softmax", "linear"])
+    train.add_argument(
+        "--attention",
+        choices=["softmax", "linear", "performer", "cosformer", "retention", "gla"],
+        help="the ViT's attention (gla is refused with the reason: it is causal only)",
+    )
     train.set_defaults(func=_vit_train)
     ev = vit.add_parser("eval", help="test accuracy of the best checkpoint in WORKDIR")
     ev.add_argument("--workdir", required=True)

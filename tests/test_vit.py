@@ -211,3 +211,50 @@ def test_adam_l2_steps_match_torch_adam_weight_decay():
     # both are off by about 5e-3 after 3 steps.
     assert _adam_steps_against_torch("adamw", check_grads=False) > 1e-4
     assert _adam_steps_against_torch("adam_l2", weight_decay=0.0, check_grads=False) > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["softmax", "linear", "performer", "cosformer", "retention"])
+def test_every_bidirectional_attention_runs_in_the_vit_and_learns(kind):
+    """One Adam step on a batch lowers its loss with every attention the ViT accepts."""
+    model, params = init(SMALL, seed=1, attention=kind)
+    x = jax.random.normal(jax.random.key(2), (8, 28, 28, 1))
+    y = jnp.arange(8) % 10
+
+    def loss(p):
+        return optax.softmax_cross_entropy_with_integer_labels(
+            model.apply({"params": p}, x), y
+        ).mean()
+
+    tx = optax.adam(3e-3)
+    before, grads = jax.value_and_grad(loss)(params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert bool(jnp.isfinite(before)) and loss(optax.apply_updates(params, updates)) < before
+
+
+def test_vit_retention_is_the_symmetric_decay_formula():
+    from hw2jax.models.vit import _bidirectional_retention
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 6, 3, 4)) for i in range(3))
+    qn, kn, vn = (np.asarray(a, np.float64) for a in (q, k, v))
+    gamma = 1.0 - 2.0 ** (-5.0 - np.arange(3))
+    ref = np.zeros((2, 6, 3, 4))
+    for i in range(6):
+        for j in range(6):
+            w = np.einsum("bhd,bhd->bh", qn[:, i], kn[:, j]) / 2.0 * gamma ** abs(i - j)
+            ref[:, i] += w[..., None] * vn[:, j]
+    np.testing.assert_allclose(_bidirectional_retention(q, k, v), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gla_in_the_vit_is_refused_with_the_reason(tmp_path, capsys):
+    from pathlib import Path
+
+    from hw2jax import cli
+
+    config = Path(__file__).parents[1] / "experiments" / "vit_fashion_mnist.py"
+    args = ["vit", "train", "--config", str(config), "--workdir", str(tmp_path / "w")]
+    assert cli.main([*args, "--attention", "gla"]) == 2
+    err = capsys.readouterr().err
+    assert "causal recurrence" in err and "use retention" in err
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(ValueError, match="causal recurrence"):
+        ViT(attention="gla").init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))

@@ -28,7 +28,7 @@ class Attention(nn.Module):
     dim: int
     heads: int
     dim_head: int
-    kind: Literal["softmax", "linear"] = "softmax"
+    kind: str = "softmax"  # a key of ATTENTION_KINDS
     dtype: jnp.dtype | None = None
     merge: bool | None = None
 
@@ -43,10 +43,7 @@ class Attention(nn.Module):
             return self._merged_softmax(x, w, w_out.reshape(self.heads, self.dim_head, -1)) + b_out
         qkv = _dot(x, to_qkv, self.dtype)
         q, k, v = rearrange(qkv, "b n (three h d) -> three b n h d", three=3, h=self.heads)
-        if self.kind == "softmax":
-            out = attention.softmax_attention(q, k, v)
-        else:
-            out = attention.linear_attention(q, k, v)
+        out = _ATTENTION[self.kind](q, k, v)
         out = rearrange(out, "b n h d -> b n (h d)")
         return TorchDense(self.dim, inner, dtype=self.dtype, name="to_out")(out)
 
@@ -75,6 +72,34 @@ def _dot(x: jax.Array, kernel: jax.Array, dtype: jnp.dtype | None) -> jax.Array:
     return dot_float32_out(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
 
 
+def _bidirectional_retention(q, k, v):
+    """Retention without its causal mask, as a ViT needs: out_i = sum_j gamma_h^|i - j|
+    (q_i . k_j) v_j, with RetNet's decays gamma_h = 1 - 2^(-5 - h); the tokens are few, so the
+    parallel T x T form."""
+    t, h = q.shape[1], q.shape[2]
+    gamma = 1.0 - 2.0 ** (-5.0 - jnp.arange(h, dtype=jnp.float32))
+    distance = jnp.abs(jnp.arange(t)[:, None] - jnp.arange(t)[None, :])
+    decay = (gamma[:, None, None] ** distance).astype(q.dtype)  # [h, t, t]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1]) * decay
+    return jnp.einsum("bhqk,bkhe->bqhe", scores, v)
+
+
+# The forms the ViT's attention can take (all bidirectional: an image has no order to respect).
+_ATTENTION = {
+    "softmax": attention.softmax_attention,
+    "linear": attention.linear_attention,
+    "performer": lambda q, k, v: attention.performer_attention(q, k, v, key=jax.random.key(0)),
+    "cosformer": attention.cosformer_attention,
+    "retention": _bidirectional_retention,
+}
+ATTENTION_KINDS = tuple(_ATTENTION)
+NOT_BIDIRECTIONAL = (
+    "Gated linear attention ('gla') is a causal recurrence, its gates decaying the past of each "
+    "step, and has no bidirectional form for the ViT's unordered patches; use retention (its "
+    "decay made symmetric), linear, performer or cosformer."
+)
+
+
 class FeedForward(nn.Module):
     dim: int
     hidden: int
@@ -93,7 +118,7 @@ class Block(nn.Module):
     heads: int
     dim_head: int
     mlp_dim: int
-    attention: Literal["softmax", "linear"] = "softmax"
+    attention: str = "softmax"  # one of ATTENTION_KINDS
     dtype: jnp.dtype | None = None
     merged_attention: bool | None = None
 
@@ -123,7 +148,7 @@ class ViT(nn.Module):
     dim_head: int = 64
     mlp_dim: int = 128
     pool: Literal["cls", "mean"] = "cls"
-    attention: Literal["softmax", "linear"] = "softmax"
+    attention: str = "softmax"  # one of ATTENTION_KINDS
     dtype: jnp.dtype | None = None  # compute dtype; parameters stay float32
     merged_attention: bool | None = None  # see Attention.merge; None: when dim <= dim_head
 
@@ -135,8 +160,11 @@ class ViT(nn.Module):
             )
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}.")
-        if self.attention not in ("softmax", "linear"):
-            raise ValueError(f"attention must be 'softmax' or 'linear', got {self.attention!r}.")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(
+                f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {self.attention!r}."
+                + (f" {NOT_BIDIRECTIONAL}" if self.attention == "gla" else "")
+            )
         expected = (self.image_size, self.image_size, self.channels)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(
