@@ -41,7 +41,7 @@ from hw2jax.train.sharding import split_host_cpu
 class Impl:
     name: str
     kind: str  # "jax" or "torch"
-    family: str  # "softmax" or "linear"
+    family: str  # "softmax", "linear", or a variant: "performer", "cosformer", "retention", "gla"
     causal: tuple[bool, ...]  # which causal settings it supports
     build: Callable  # (causal) -> fn(q, k, v)
     gpu_only: bool = False
@@ -83,6 +83,9 @@ def _jax_impls() -> list[Impl]:
         return lambda causal: (
             lambda q, k, v: attention.linear_attention(q, k, v, causal=causal, method=method)
         )
+
+    def variant(fn):
+        return lambda causal: lambda q, k, v: fn(q, k, v, causal)
 
     both = (False, True)
     return [
@@ -134,7 +137,30 @@ def _jax_impls() -> list[Impl]:
         Impl("hw2jax linear", "jax", "linear", (False,), linear("chunked")),
         Impl("hw2jax linear (causal chunked)", "jax", "linear", (True,), linear("chunked")),
         Impl("hw2jax linear (causal recurrent)", "jax", "linear", (True,), linear("recurrent")),
+        # The linear-time variants (families name their float64 references in the tests).
+        Impl("hw2jax performer (256 features)", "jax", "performer", both, variant(_performer)),
+        Impl("hw2jax cosformer", "jax", "cosformer", both, variant(_cosformer)),
+        Impl("hw2jax retention (chunked)", "jax", "retention", (True,), variant(_retention)),
+        Impl("hw2jax gated linear attention (chunked)", "jax", "gla", (True,), variant(_gla)),
     ]
+
+
+# Fixed settings of the variants as timed: the same random features for every call, decays of
+# RetNet's order, data-dependent gates from the keys.
+def _performer(q, k, v, causal):
+    return attention.performer_attention(q, k, v, causal=causal, key=jax.random.key(0))
+
+
+def _cosformer(q, k, v, causal):
+    return attention.cosformer_attention(q, k, v, causal=causal)
+
+
+def _retention(q, k, v, causal):
+    return attention.retention(q, k, v, gamma=jnp.full((q.shape[2],), 0.95, q.dtype))
+
+
+def _gla(q, k, v, causal):
+    return attention.gated_linear_attention(q, k, v, jax.nn.log_sigmoid(k) / 16)
 
 
 def _torch_impls() -> list[Impl]:
