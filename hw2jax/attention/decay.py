@@ -43,17 +43,18 @@ def retention(
     # Retention is gated linear attention with one log decay shared by all key dimensions:
     # kept as a single column, the chunked form's pairwise decays are [C, C], not [C, C, D].
     log_alpha = jnp.broadcast_to(jnp.log(gamma)[:, None], (*q.shape[:3], 1)).astype(q.dtype)
-    if _gla_method(method) == "recurrent":
+    return _gla(q, k, v, log_alpha, method, chunk_size, "chunked, recurrent or parallel")
+
+
+def _gla(q, k, v, log_alpha, method: str, chunk_size: int, choices: str) -> jax.Array:
+    """The recurrent or chunked form, for log_alpha [B, T, H, D] or one column [B, T, H, 1]."""
+    if method == "recurrent":
         return _gla_recurrent(q, k, v, log_alpha)
+    if method != "chunked":
+        raise ValueError(f"unknown method {method!r}; choose {choices}.")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     return _gla_chunked(q, k, v, log_alpha, min(chunk_size, q.shape[1]))
-
-
-def _gla_method(method: str) -> str:
-    if method not in ("chunked", "recurrent"):
-        raise ValueError(f"unknown method {method!r}; choose chunked, recurrent or parallel.")
-    return method
 
 
 def gated_linear_attention(
@@ -77,13 +78,7 @@ def gated_linear_attention(
     log_alpha = as_floating(log_alpha, "log_alpha", 4)
     if log_alpha.shape != k.shape:
         raise ValueError(f"log_alpha must have k's shape {k.shape}, got {log_alpha.shape}.")
-    if method == "recurrent":
-        return _gla_recurrent(q, k, v, log_alpha)
-    if method != "chunked":
-        raise ValueError(f"unknown method {method!r}; choose chunked or recurrent.")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    return _gla_chunked(q, k, v, log_alpha, min(chunk_size, q.shape[1]))
+    return _gla(q, k, v, log_alpha, method, chunk_size, "chunked or recurrent")
 
 
 def _time_major(*xs):

@@ -386,7 +386,6 @@ def train_and_evaluate(
     eval_step = make_eval_step(task)
     unit = getattr(task, "unit", "img")
     best = max((r[config.best_metric] for r in history["epochs"]), default=-math.inf)
-    stop_at = stop_at_step
     status = "running"
     every_s = 60 * config.checkpoint_every_minutes
     if jax.process_count() > 1:  # processes must agree on every save: clocks do not
@@ -401,8 +400,9 @@ def train_and_evaluate(
     def stop_here(step):
         ckpt.save_latest(state)
         save_history()
+        history["stopped_by"] = stop.requested or "stop_at_step"  # for the exit code
         tqdm.write(
-            f"Stopped at step {step} ({stop.requested or 'stop_at_step'}); checkpoint saved in "
+            f"Stopped at step {step} ({history['stopped_by']}); checkpoint saved in "
             f"{ckpt.directory}. Run the same command again to resume."
         )
 
@@ -430,7 +430,7 @@ def train_and_evaluate(
                 state, sums = train_step(state, parallel.shard_batch(batches[i]))
                 pending.append(sums)
                 step = first_step_of_epoch + i + 1
-                stopping = stop.requested or (stop_at and step == stop_at)
+                stopping = stop.requested or (stop_at_step and step == stop_at_step)
                 log_now = step % config.log_every_steps == 0 or i == steps_per_epoch - 1
                 if not (log_now or stopping or step % _READ_EVERY_STEPS == 0):
                     continue
@@ -464,7 +464,6 @@ def train_and_evaluate(
                     status = "interrupted"
                     history["window"] = {**window, "step": step}
                     stop_here(step)
-                    history["stopped_by"] = stop.requested or "stop_at_step"
                     return history
                 if every_s and i < steps_per_epoch - 1 and time.monotonic() - last_save >= every_s:
                     # Mid-epoch: the loss since the last log line is saved too (bitwise resume).
@@ -488,8 +487,6 @@ def train_and_evaluate(
             history["epochs"].append(record)
             is_best = record[config.best_metric] > best
             best = max(best, record[config.best_metric])
-            if epoch + 1 == config.epochs:
-                status = "done"
             ckpt.save_latest(state)
             last_save = time.monotonic()
             if is_best:
@@ -502,10 +499,9 @@ def train_and_evaluate(
                 f"({train_time:.0f} s, {record['images_per_s']:.0f} {unit}/s)"
                 + ("  *best" if is_best else "")
             )
-            if (stop.requested or stop_at == int(state.step)) and epoch + 1 < config.epochs:
+            if (stop.requested or stop_at_step == int(state.step)) and epoch + 1 < config.epochs:
                 status = "interrupted"
                 stop_here(int(state.step))
-                history["stopped_by"] = stop.requested or "stop_at_step"
                 return history
     status = "done"  # every epoch finished (also when there was none left to run)
     save_history()
