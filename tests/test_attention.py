@@ -146,6 +146,44 @@ def test_linear_attention_gradients_match_reference(causal, method):
         np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-5)
 
 
+def explicit_linear_jnp(q, k, v, feature_map):
+    """Causal linear attention as the masked T x T formula, for float64 gradients."""
+    phi = attention.FEATURE_MAPS[feature_map]
+    a = jnp.einsum("bqhd,bkhd->bhqk", phi(q), phi(k)) * jnp.tril(jnp.ones((q.shape[1],) * 2))
+    num = jnp.einsum("bhqk,bkhe->bqhe", a, v)
+    return num / (a.sum(-1).transpose(0, 2, 1)[..., None] + 1e-6)
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "relu", "identity"])
+@pytest.mark.parametrize("t,chunk", [(37, 8), (16, 16), (5, 64)])
+def test_pallas_kernel_matches_float64_with_gradients(feature_map, t, chunk):
+    """The Pallas kernel (interpret mode off a GPU) against the explicit float64 formula:
+    values, and gradients through the kernel's own backward pass."""
+    q, k, v = qkv((2, t, 2, 6), e=5, seed=t + chunk)
+    if feature_map == "identity":  # a positive denominator, as the identity map needs
+        q, k = jnp.abs(q) + 0.5, jnp.abs(k) + 0.5
+    w = jax.random.normal(jax.random.key(7), v.shape)
+
+    def loss(q, k, v):
+        out = attention.linear_attention(
+            q, k, v, causal=True, feature_map=feature_map, method="pallas", chunk_size=chunk
+        )
+        return jnp.sum(out * w), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    jax.effects_barrier()
+    np.testing.assert_allclose(out, ref_linear_np(q, k, v, True, feature_map), rtol=2e-5, atol=2e-5)
+    with jax.enable_x64(True):
+        args = [jnp.asarray(a, jnp.float64) for a in (q, k, v)]
+        w64 = jnp.asarray(w, jnp.float64)
+        expected = jax.grad(
+            lambda q, k, v: jnp.sum(explicit_linear_jnp(q, k, v, feature_map) * w64), (0, 1, 2)
+        )(*args)
+        expected = [np.asarray(g) for g in expected]
+    for got, want in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_recurrent_custom_vjp_against_finite_differences():
     from jax.test_util import check_grads
 
@@ -190,7 +228,8 @@ def test_identity_map_warns_when_denominator_is_not_positive(jit):
 
 
 @pytest.mark.parametrize(
-    "causal,method", [(False, "chunked"), (True, "chunked"), (True, "recurrent")]
+    "causal,method",
+    [(False, "chunked"), (True, "chunked"), (True, "recurrent"), (True, "pallas")],
 )
 def test_linear_attention_memory_is_linear_at_128k(causal, method):
     t, h, d = 131072, 4, 64

@@ -73,7 +73,12 @@ def test_benchmark_lists_the_peers_and_our_kernels():
         "hw2jax fused CPU kernel",
     }
     assert ours <= names
-    assert {"torch sdpa", "torch linear (fast-transformers)"} <= names
+    assert {
+        "torch sdpa",
+        "torch linear (fast-transformers)",
+        "torch linear (causal chunked)",
+    } <= names
+    assert "hw2jax linear (causal pallas)" in names
 
 
 def test_sweep_records_points_and_skips_over_budget_without_dying():

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hw2jax.attention.helpers import batched_dot, check_qkv
+from hw2jax.attention.linear_pallas import causal_linear_product_pallas
 
 FeatureMap = Literal["elu", "relu", "identity"]
 
@@ -41,7 +42,7 @@ def linear_attention(
     causal: bool = False,
     feature_map: FeatureMap = "elu",
     eps: float = 1e-6,
-    method: Literal["chunked", "recurrent"] = "chunked",
+    method: Literal["chunked", "recurrent", "pallas"] = "chunked",
     chunk_size: int = 64,
 ) -> jax.Array:
     """out_i = phi(q_i) . S_i / (phi(q_i) . z_i + eps), with S = sum_j phi(k_j) v_j^T and
@@ -49,8 +50,10 @@ def linear_attention(
 
     O(T) time and memory. Non-causal attention computes S once. Causal attention uses
     ``method="chunked"`` (exact attention inside chunks of ``chunk_size`` plus a running
-    state between chunks) or ``method="recurrent"`` (a ``lax.scan`` over time: linear
-    attention as an RNN). Neither builds a T x T matrix nor a T x d x d stack of states.
+    state between chunks), ``method="recurrent"`` (a ``lax.scan`` over time: linear
+    attention as an RNN) or ``method="pallas"`` (the chunk algorithm as one Pallas kernel,
+    forward and backward: Triton on a GPU, interpret mode elsewhere, where it is slow and
+    meant for checks). None builds a T x T matrix nor a T x d x d stack of states.
 
     With ``feature_map="identity"`` the "weights" phi(q_i).phi(k_j) can be negative, so the
     denominator can cancel to nearly zero or go negative: outputs then blow up or flip sign.
@@ -63,8 +66,8 @@ def linear_attention(
         raise ValueError(
             f"unknown feature_map {feature_map!r}; choose one of {sorted(FEATURE_MAPS)}."
         )
-    if method not in ("chunked", "recurrent"):
-        raise ValueError(f"unknown method {method!r}; choose 'chunked' or 'recurrent'.")
+    if method not in ("chunked", "recurrent", "pallas"):
+        raise ValueError(f"unknown method {method!r}; choose 'chunked', 'recurrent' or 'pallas'.")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     phi = FEATURE_MAPS[feature_map]
@@ -96,6 +99,8 @@ def linear_products(
         fqh, fkh, v1h = (jnp.swapaxes(a, 1, 2) for a in (fq, fk, v1))  # [B, H, T, .]
         state = batched_dot(fkh, v1h, transpose_a=True)  # [B, H, D, D + 1]
         out = jnp.swapaxes(batched_dot(fqh, state), 1, 2)
+    elif method == "pallas":
+        return causal_linear_product_pallas(fq, fk, v, chunk_size)
     elif method == "chunked":
         out = _causal_product_chunked(fq, fk, v1, chunk_size)
     else:
