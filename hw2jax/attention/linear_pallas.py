@@ -69,7 +69,7 @@ def _backward_kernel(
 
     def queries(c, carry):
         state, z = carry
-        rows, q, k, v, g, g_den, d_scores = load(c)
+        rows, _, k, v, g, g_den, d_scores = load(c)
         d_q = _dot(d_scores, k) + _dot(g, state.T) + g_den * z
         d_fq_ref[rows, :] = d_q.astype(d_fq_ref.dtype)
         return state + _dot(k.T, v), z + jnp.sum(k, axis=0, keepdims=True)
