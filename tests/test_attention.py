@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hw2jax import attention
+from hw2jax import attention, kernels
 
 # ------------------------------------------------------------------ explicit O(T^2) references
 
@@ -358,18 +358,25 @@ def test_blockwise_softmax_memory_is_linear_at_128k(causal):
 def test_softmax_attention_dispatches_to_blockwise_at_long_t():
     spec = jax.ShapeDtypeStruct((1, 16384, 4, 64), jnp.float32)
 
-    def lowered(impl):
-        fn = jax.jit(lambda q, k, v: attention.softmax_attention(q, k, v, implementation=impl))
-        return fn.lower(spec, spec, spec)
+    def lowered(impl, grad=False):
+        def fn(q, k, v):
+            return attention.softmax_attention(q, k, v, implementation=impl)
 
-    def temp(impl):
-        return lowered(impl).compile().memory_analysis().temp_size_in_bytes
+        if grad:
+            return jax.jit(jax.grad(lambda *a: fn(*a).sum(), (0, 1, 2))).lower(spec, spec, spec)
+        return jax.jit(fn).lower(spec, spec, spec)
+
+    def temp(impl, grad=False):
+        return lowered(impl, grad).compile().memory_analysis().temp_size_in_bytes
 
     # The naive program holds the full T x T score matrix (XLA's CPU library fusions may keep
-    # it out of temp_size, so look at the program); auto and blockwise never build it.
+    # it out of temp_size, so look at the program); auto and blockwise never build it. Auto's
+    # forward may be the fused CPU kernel (O(T) too); its gradient is blockwise's.
     assert "16384x16384" in lowered("naive").as_text()
-    assert "16384x16384" not in lowered("auto").as_text()
-    assert temp("auto") == temp("blockwise") < 2**30
+    for grad in (False, True):
+        assert "16384x16384" not in lowered("auto", grad).as_text()
+        assert temp("auto", grad) < 2**30
+    assert temp("auto", grad=True) == temp("blockwise", grad=True)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -398,11 +405,17 @@ def test_self_attention_names_a_nan_in_its_input():
         attention.self_attention(big)
 
 
-@pytest.mark.parametrize("impl", ["naive", "blockwise", "xla", "pallas"])
-@pytest.mark.parametrize("causal", [False, True])
+SOFTMAX_PATHS = [
+    (impl, causal) for impl in ("naive", "blockwise", "xla", "pallas") for causal in (False, True)
+] + [("fused_cpu", False)]  # the kernel is non-causal (its refusal: test_fused_cpu_...)
+
+
+@pytest.mark.parametrize("impl,causal", SOFTMAX_PATHS)
 def test_every_softmax_implementation_matches_the_float64_formula(impl, causal):
     """Values and gradients of each path the entry point offers on this machine (pallas in
     interpret mode off a GPU; T = 37 is not a whole number of its blocks)."""
+    if impl == "fused_cpu" and kernels.build_error():
+        pytest.skip(f"the fused CPU kernel cannot be built here: {kernels.build_error()}")
     q, k, v = qkv((2, 37, 2, 16), seed=11)
     out = attention.softmax_attention(q, k, v, causal=causal, implementation=impl)
     np.testing.assert_allclose(out, ref_softmax_np(q, k, v, causal), rtol=2e-5, atol=2e-5)
@@ -425,6 +438,37 @@ def test_every_softmax_implementation_matches_the_float64_formula(impl, causal):
     )(q, k, v)
     for g_ours, g_ref in zip(ours, ref, strict=True):
         np.testing.assert_allclose(g_ours, np.asarray(g_ref), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pays_off", [True, False])
+def test_auto_runs_the_fused_cpu_kernel_forward_only_where_it_pays(monkeypatch, pays_off):
+    """With the CPU's features faked both ways: the kernel computes the forward pass exactly
+    when its build has AVX-512, and never the gradient (it stores nothing for one)."""
+    if kernels.build_error():
+        pytest.skip(f"the fused CPU kernel cannot be built here: {kernels.build_error()}")
+    monkeypatch.setattr(kernels, "cpu_vector_features", lambda: {"avx512f": pays_off})
+    calls = []
+    real = kernels.cpu_attention
+    monkeypatch.setattr(kernels, "cpu_attention", lambda *a: calls.append(1) or real(*a))
+    q, k, v = qkv((2, 40, 4, 32), seed=5)
+    out = attention.softmax_attention(q, k, v)
+    assert len(calls) == int(pays_off)
+    np.testing.assert_allclose(out, ref_softmax_np(q, k, v), rtol=2e-5, atol=2e-5)
+    calls.clear()
+    grads = jax.grad(lambda q, k, v: attention.softmax_attention(q, k, v).sum(), (0, 1, 2))
+    naive = jax.grad(
+        lambda q, k, v: attention.softmax_attention(q, k, v, implementation="naive").sum(),
+        (0, 1, 2),
+    )
+    for got, want in zip(grads(q, k, v), naive(q, k, v), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert not calls
+    # Causal, or another dtype: never the kernel, whatever the CPU.
+    attention.softmax_attention(q, k, v, causal=True)
+    attention.softmax_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)))
+    assert not calls
+    with pytest.raises(ValueError, match="fused_cpu' cannot run: the fused CPU kernel is non-c"):
+        attention.softmax_attention(q, k, v, causal=True, implementation="fused_cpu")
 
 
 def test_cudnn_needs_an_nvidia_gpu_and_says_so():

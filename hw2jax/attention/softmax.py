@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 from hw2jax.attention.blockwise import blockwise_softmax_attention
 from hw2jax.attention.helpers import check_qkv, matmul_f32
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "blockwise", "naive")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "blockwise", "naive", "fused_cpu")
 # Inputs of at least this many scores per (batch, head) go blockwise on CPU (T = 8192).
 _BLOCKWISE_FROM = 2**26
 
@@ -22,7 +23,9 @@ def softmax_attention(
     v: jax.typing.ArrayLike,
     *,
     causal: bool = False,
-    implementation: Literal["auto", "xla", "cudnn", "pallas", "blockwise", "naive"] = "auto",
+    implementation: Literal[
+        "auto", "xla", "cudnn", "pallas", "blockwise", "naive", "fused_cpu"
+    ] = "auto",
 ) -> jax.Array:
     """Scaled dot-product attention, softmax(q k^T / sqrt(d)) v, one entry point for every form:
 
@@ -34,8 +37,15 @@ def softmax_attention(
     - ``"pallas"``: JAX's Pallas flash-attention kernel (``jax.experimental.pallas.ops.gpu``),
       forward and backward; compiled with Triton on a GPU, run in interpret mode elsewhere
       (slow: for tests and checks);
-    - ``"auto"``: on an NVIDIA GPU, cudnn when dtype and shape allow, else pallas; elsewhere
-      naive below 2^26 scores per (batch, head) and blockwise from there (T = 8192).
+    - ``"fused_cpu"``: the forward pass by our fused CPU kernel
+      (:func:`hw2jax.kernels.cpu_attention`; non-causal, float32, q, k and v of one shape, head
+      dim a multiple of 16 up to 128), the
+      gradient by naive or blockwise as ``"auto"`` would pick them: jax runs a custom_vjp's own
+      function when nothing is differentiated and its forward rule when something is;
+    - ``"auto"``: on an NVIDIA GPU, cudnn when dtype and shape allow, else pallas. On a CPU,
+      fused_cpu where it can run and its build has AVX-512 (where it beats XLA's attention:
+      :func:`hw2jax.kernels.fused_attention_pays_off`); otherwise, and for every gradient, naive
+      below 2^26 scores per (batch, head) and blockwise from there (T = 8192).
 
     All return the same function to rounding (tested against a float64 formula, values and
     gradients; cudnn on a GPU only).
@@ -46,7 +56,16 @@ def softmax_attention(
             f"unknown implementation {implementation!r}; use one of {', '.join(IMPLEMENTATIONS)}."
         )
     if implementation == "auto":
-        implementation = _auto(q, k, v)
+        implementation = _auto(q, k, v, causal)
+    if implementation == "fused_cpu":
+        reason = _fused_cpu_unavailable(q, k, v, causal)
+        if reason:
+            raise ValueError(f"implementation='fused_cpu' cannot run: {reason}. Use 'auto'.")
+        return _fused_forward(q, k, v, _for_gradients(q, k))
+    return _dispatch(q, k, v, causal, implementation)
+
+
+def _dispatch(q, k, v, causal: bool, implementation: str) -> jax.Array:
     if implementation == "blockwise":
         return blockwise_softmax_attention(q, k, v, causal=causal)
     if implementation == "xla":
@@ -61,10 +80,51 @@ def softmax_attention(
     return _naive(q, k, v, causal)
 
 
-def _auto(q, k, v) -> str:
+def _auto(q, k, v, causal: bool) -> str:
     if jax.default_backend() == "gpu" and _on_nvidia():
         return "cudnn" if _cudnn_unavailable(q, k, v) is None else "pallas"
+    if jax.default_backend() == "cpu" and _fused_cpu_unavailable(q, k, v, causal) is None:
+        from hw2jax import kernels
+
+        if kernels.fused_attention_pays_off(kernels.kernel_vector_features()):
+            return "fused_cpu"
+    return _for_gradients(q, k)
+
+
+def _for_gradients(q, k) -> str:
     return "blockwise" if q.shape[1] * k.shape[1] >= _BLOCKWISE_FROM else "naive"
+
+
+def _fused_cpu_unavailable(q, k, v, causal: bool) -> str | None:
+    from hw2jax import kernels
+
+    if causal:
+        return "the fused CPU kernel is non-causal"
+    if not q.shape == k.shape == v.shape:
+        return (
+            f"the fused CPU kernel wants q, k, v of one shape; got {q.shape}, {k.shape}, {v.shape}"
+        )
+    return kernels.cpu_attention_unavailable_reason(q.shape[-1], q.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused_forward(q, k, v, gradient_implementation: str):
+    """The kernel when nothing is differentiated; under differentiation the forward rule below
+    runs instead, so the gradient comes from a form that has one in O(T) memory."""
+    from hw2jax import kernels
+
+    return kernels.cpu_attention(q, k, v)
+
+
+def _fused_forward_fwd(q, k, v, gradient_implementation: str):
+    return jax.vjp(lambda *qkv: _dispatch(*qkv, False, gradient_implementation), q, k, v)
+
+
+def _fused_forward_bwd(gradient_implementation: str, pullback, g):
+    return pullback(g)
+
+
+_fused_forward.defvjp(_fused_forward_fwd, _fused_forward_bwd)
 
 
 def _on_nvidia() -> bool:
