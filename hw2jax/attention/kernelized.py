@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from hw2jax.attention.helpers import check_qkv
-from hw2jax.attention.linear import linear_products
+from hw2jax.attention.linear import linear_products, normalise
 
 
 def cosformer_attention(
@@ -38,7 +38,7 @@ def cosformer_attention(
     num, den = linear_products(
         features(q), features(k), v, causal=causal, method="chunked", chunk_size=chunk_size
     )
-    return num / (den + eps)
+    return normalise(num, den + eps)
 
 
 def performer_projection(
@@ -94,4 +94,4 @@ def performer_attention(
     fq = performer_features(q, projection, is_query=True)
     fk = performer_features(k, projection, is_query=False)
     num, den = linear_products(fq, fk, v, causal=causal, method="chunked", chunk_size=chunk_size)
-    return num / jnp.maximum(den, jnp.finfo(den.dtype).tiny)
+    return normalise(num, jnp.maximum(den, jnp.finfo(den.dtype).tiny))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Literal
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hw2jax.attention.helpers import batched_dot, check_qkv
+from hw2jax.attention.helpers import batched_dot, check_qkv, row_sums
 from hw2jax.attention.linear_pallas import causal_linear_product_pallas
 
 FeatureMap = Literal["elu", "relu", "identity"]
@@ -80,7 +81,7 @@ def linear_attention(
         k_norms = jnp.cumsum(k_norms, axis=1) if causal else jnp.sum(k_norms, 1, keepdims=True)
         scale = jnp.linalg.norm(fq, axis=-1, keepdims=True) * k_norms
         _warn_if_cancelled(den, den / jnp.maximum(scale, jnp.finfo(den.dtype).tiny))
-    return num / (den + eps)
+    return normalise(num, den + eps)
 
 
 def linear_products(
@@ -89,23 +90,156 @@ def linear_products(
     """(sum_j (fq_i . fk_j) v_j, sum_j fq_i . fk_j) over all j, or j <= i when ``causal``, for
     features already computed ([batch, T, heads, features]): the O(T) core that every
     feature-map attention (linear, cosFormer, Performer) shares."""
-    # A column of ones appended to v makes the last output column the denominator,
-    # so numerator and normaliser come from one product.
-    v1 = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
     if not causal:
-        # Heads next to the batch, and both products dot_generals with those dims leading:
-        # XLA's CPU dot then needs no transposed copies of T-long operands (benchmarks/NOTES.md).
-        # The causal chunked product gained nothing from this.
-        fqh, fkh, v1h = (jnp.swapaxes(a, 1, 2) for a in (fq, fk, v1))  # [B, H, T, .]
-        state = batched_dot(fkh, v1h, transpose_a=True)  # [B, H, D, D + 1]
-        out = jnp.swapaxes(batched_dot(fqh, state), 1, 2)
-    elif method == "pallas":
+        return _products(fq, fk, v)
+    if method == "pallas":
         return causal_linear_product_pallas(fq, fk, v, chunk_size)
-    elif method == "chunked":
-        out = _causal_product_chunked(fq, fk, v1, chunk_size)
-    else:
-        out = _causal_product_recurrent(fq, fk, v1)
+    if method == "chunked":
+        t = fq.shape[1]
+        chunk = min(chunk_size, t)
+        padded = -(-t // chunk) * chunk
+        # Padding goes after the last real step, so no real query ever sees it.
+        widths = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+        num, den = _causal_products_chunked(*(jnp.pad(a, widths) for a in (fq, fk, v)), chunk)
+        return num[:, :t], den[:, :t]
+    # A column of ones appended to v makes the last output column the denominator.
+    v1 = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
+    out = _causal_product_recurrent(fq, fk, v1)
     return out[..., :-1], out[..., -1:]
+
+
+@jax.custom_vjp
+def normalise(num: jax.Array, den: jax.Array) -> jax.Array:
+    """num / den with den [..., 1] broadcast over num's last axis; its gradient's row sums
+    are dots (:func:`row_sums`)."""
+    return num / den
+
+
+def _normalise_fwd(num, den):
+    inv = 1.0 / den
+    out = num * inv
+    return out, (out, inv)
+
+
+def _normalise_bwd(residuals, g):
+    out, inv = residuals
+    return g * inv, -row_sums(g * out)[..., None] * inv
+
+
+normalise.defvjp(_normalise_fwd, _normalise_bwd)
+
+
+# The non-causal and chunked products carry their own backward passes: autodiff of the same
+# forward made XLA:CPU copy and transpose more (benchmarks/NOTES.md, "Linear attention's
+# gradient"). Both work with heads next to the batch, [B, H, T, .]: XLA's CPU dot then needs no
+# transposed copies of T-long operands.
+
+
+def _heads_first(a: jax.Array) -> jax.Array:
+    return jnp.swapaxes(a, 1, 2)
+
+
+def _den_out(den: jax.Array) -> jax.Array:
+    """[B, H, T] -> [B, T, H, 1], the layout the products return."""
+    return jnp.swapaxes(den, 1, 2)[..., None]
+
+
+def _den_in(g: jax.Array) -> jax.Array:
+    return jnp.swapaxes(g[..., 0], 1, 2)
+
+
+@jax.custom_vjp
+def _products(fq, fk, v):
+    return _products_fwd(fq, fk, v)[0]
+
+
+def _products_fwd(fq, fk, v):
+    fq, fk, v = (_heads_first(a) for a in (fq, fk, v))
+    state = batched_dot(fk, v, transpose_a=True)  # [B, H, D, E]
+    z = row_sums(fk, axis=2)  # [B, H, D]
+    num = batched_dot(fq, state)
+    den = jnp.einsum("bhtd,bhd->bht", fq, z)
+    return (_heads_first(num), _den_out(den)), (fq, fk, v, state, z)
+
+
+def _products_bwd(residuals, grads):
+    fq, fk, v, state, z = residuals
+    g_num, g_den = _heads_first(grads[0]), _den_in(grads[1])
+    d_state = batched_dot(fq, g_num, transpose_a=True)
+    d_z = jnp.einsum("bhtd,bht->bhd", fq, g_den)
+    d_fq = batched_dot(g_num, state, transpose_b=True) + g_den[..., None] * z[:, :, None]
+    d_fk = batched_dot(v, d_state, transpose_b=True) + d_z[:, :, None]
+    d_v = batched_dot(fk, d_state)
+    return tuple(_heads_first(a) for a in (d_fq, d_fk, d_v))
+
+
+_products.defvjp(_products_fwd, _products_bwd)
+
+
+def _in_chunks(a: jax.Array, chunk: int) -> jax.Array:
+    """[B, T, H, D] -> [B, H, T / chunk, chunk, D]."""
+    b, t, h, d = a.shape
+    return _heads_first(a).reshape(b, h, t // chunk, chunk, d)
+
+
+def _from_chunks(a: jax.Array) -> jax.Array:
+    b, h, n, c, d = a.shape
+    return _heads_first(a.reshape(b, h, n * c, d))
+
+
+def _sum_before(x: jax.Array) -> jax.Array:
+    """Over the chunk axis (2): the sum of the chunks before each one."""
+    return jnp.cumsum(x, axis=2) - x
+
+
+def _sum_after(x: jax.Array) -> jax.Array:
+    return jnp.expand_dims(row_sums(x, axis=2), 2) - jnp.cumsum(x, axis=2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _causal_products_chunked(fq, fk, v, chunk):
+    """sum_{j<=i} (fq_i . fk_j) v_j and sum_{j<=i} fq_i . fk_j, chunk by chunk: exact inside
+    each chunk, plus the state of the chunks before (T a whole number of chunks)."""
+    return _causal_products_chunked_fwd(fq, fk, v, chunk)[0]
+
+
+def _causal_products_chunked_fwd(fq, fk, v, chunk):
+    fq, fk, v = (_in_chunks(a, chunk) for a in (fq, fk, v))
+    before = _sum_before(batched_dot(fk, v, transpose_a=True))  # [B, H, n, D, E]
+    z_before = _sum_before(row_sums(fk, axis=3))  # [B, H, n, D]
+    mask = jnp.tril(jnp.ones((chunk, chunk), bool))
+    scores = jnp.where(mask, batched_dot(fq, fk, transpose_b=True), 0.0)
+    num = batched_dot(fq, before) + batched_dot(scores, v)
+    den = jnp.einsum("bhncd,bhnd->bhnc", fq, z_before) + row_sums(scores)
+    b, h, n, c = den.shape
+    out = (_from_chunks(num), _den_out(den.reshape(b, h, n * c)))
+    return out, (fq, fk, v, before, z_before, scores)
+
+
+def _causal_products_chunked_bwd(chunk, residuals, grads):
+    fq, fk, v, before, z_before, scores = residuals
+    g_num = _in_chunks(grads[0], chunk)
+    g_den = _den_in(grads[1]).reshape(scores.shape[:-1])  # [B, H, n, C]
+    mask = jnp.tril(jnp.ones((chunk, chunk), bool))
+    # The weights' own gradient: d (num_i, den_i) / d (fq_i . fk_j) = g_i . v_j + g_den_i.
+    d_scores = jnp.where(mask, batched_dot(g_num, v, transpose_b=True) + g_den[..., None], 0.0)
+    d_fq = (
+        batched_dot(d_scores, fk)
+        + batched_dot(g_num, before, transpose_b=True)
+        + g_den[..., None] * z_before[..., None, :]
+    )
+    d_state = _sum_after(batched_dot(fq, g_num, transpose_a=True))  # [B, H, n, D, E]
+    d_z = _sum_after(jnp.einsum("bhncd,bhnc->bhnd", fq, g_den))
+    d_fk = (
+        batched_dot(d_scores, fq, transpose_a=True)
+        + batched_dot(v, d_state, transpose_b=True)
+        + d_z[..., None, :]
+    )
+    d_v = batched_dot(scores, g_num, transpose_a=True) + batched_dot(fk, d_state)
+    return tuple(_from_chunks(a) for a in (d_fq, d_fk, d_v))
+
+
+_causal_products_chunked.defvjp(_causal_products_chunked_fwd, _causal_products_chunked_bwd)
 
 
 def _warn_if_cancelled(den: jax.Array, share: jax.Array) -> None:
@@ -130,32 +264,6 @@ def _warn_if_cancelled(den: jax.Array, share: jax.Array) -> None:
         )
 
     jax.debug.callback(check, jnp.min(den), jnp.min(share))
-
-
-def _causal_product_chunked(fq: jax.Array, fk: jax.Array, v: jax.Array, chunk: int) -> jax.Array:
-    """sum_{j<=i} (fq_i . fk_j) v_j, chunk by chunk."""
-    b, t, h, d = fq.shape
-    e = v.shape[-1]
-    chunk = min(chunk, t)
-    n = -(-t // chunk)
-    pad = n * chunk - t
-    if pad:
-        # Padding goes after the last real step, so no real query ever sees it.
-        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
-        fq, fk, v = (jnp.pad(a, widths) for a in (fq, fk, v))
-    fq = fq.reshape(b, n, chunk, h, d)
-    fk = fk.reshape(b, n, chunk, h, d)
-    v = v.reshape(b, n, chunk, h, e)
-
-    # Running state before each chunk: an exclusive prefix sum over chunk states.
-    chunk_states = jnp.einsum("bnchd,bnche->bnhde", fk, v)
-    before = jnp.cumsum(chunk_states, axis=1) - chunk_states
-    inter = jnp.einsum("bnqhd,bnhde->bnqhe", fq, before)
-
-    scores = jnp.einsum("bnqhd,bnkhd->bnhqk", fq, fk)
-    scores = jnp.where(jnp.tril(jnp.ones((chunk, chunk), bool)), scores, 0.0)
-    intra = jnp.einsum("bnhqk,bnkhe->bnqhe", scores, v)
-    return (inter + intra).reshape(b, n * chunk, h, e)[:, :t]
 
 
 def _scan_time(step, carry, *xs: jax.Array):
