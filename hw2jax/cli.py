@@ -112,6 +112,26 @@ def _sentiment_train(args: argparse.Namespace) -> int:
     return _exit_code(sentiment.train_and_evaluate(config, args.workdir))
 
 
+def _mqar_train(args: argparse.Namespace) -> int:
+    from hw2jax.tasks import mqar
+
+    config = _config_from_args(args)
+    return _exit_code(mqar.train_and_evaluate(config, args.workdir))
+
+
+def _mqar_sweep(args: argparse.Namespace) -> int:
+    from hw2jax.tasks import mqar
+
+    config = _config_from_args(args)
+    rows = mqar.sweep(config, args.workdir)
+    expected = len(config.sweep.mixers) * len(config.sweep.seq_lens) * len(config.sweep.dims)
+    if len(rows) < expected:
+        print(f"Stopped after {len(rows)} of {expected} runs; run the same command to resume.")
+        return 130
+    print((Path(args.workdir) / "results.md").read_text(), end="")
+    return 0
+
+
 def _read_reviews(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(where, text) for every review given: arguments, ``-`` for stdin, ``--file`` (one
     review per line, blank lines skipped). Bytes that are not UTF-8 are refused naming the
@@ -202,8 +222,14 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _add_train_parser(group, data_help: str, sources: list[str]) -> argparse.ArgumentParser:
-    train = group.add_parser("train", help="train (resumes if WORKDIR has a checkpoint)")
+def _add_train_parser(
+    group,
+    data_help: str,
+    sources: list[str],
+    name: str = "train",
+    help: str = "train (resumes if WORKDIR has a checkpoint)",
+) -> argparse.ArgumentParser:
+    train = group.add_parser(name, help=help)
     train.add_argument("--config", required=True, help="an experiments/*.py file")
     train.add_argument("--workdir", required=True, help="checkpoints, history and plots go here")
     train.add_argument("--epochs", type=int, help="override the epochs (env: HW2JAX_EPOCHS)")
@@ -300,6 +326,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pred.add_argument("--json", action="store_true", help="one JSON object per review")
     pred.set_defaults(func=_sentiment_predict)
+
+    mqar = commands.add_parser("mqar", help="multi-query associative recall (attention variants)")
+    mqar = mqar.add_subparsers(dest="mqar_command", required=True, metavar="ACTION")
+    train = _add_train_parser(mqar, "unused: the sequences are generated", ["generated"])
+    train.set_defaults(func=_mqar_train)
+    sweep = _add_train_parser(
+        mqar,
+        "unused: the sequences are generated",
+        ["generated"],
+        name="sweep",
+        help="every mixer x length x width of the config's sweep, then the table and plot "
+        "(resumes run by run)",
+    )
+    sweep.set_defaults(func=_mqar_sweep)
 
     rep = commands.add_parser("report", help="a run's per-epoch table (Markdown) from WORKDIR")
     rep.add_argument("workdir", help="a work dir of `vit train` or `sentiment train`")

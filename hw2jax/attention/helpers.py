@@ -94,11 +94,3 @@ def matmul_f32(
     return batched_dot(
         a, b, transpose_a=transpose_a, transpose_b=transpose_b, preferred_element_type=jnp.float32
     )
-
-
-def row_sums(x: jax.Array, axis: int = -1) -> jax.Array:
-    """jnp.sum over one axis, written as a contraction with ones: XLA:CPU hands plain
-    reductions to YNNPACK, which took 29 ms for the row sums of a [16384, 4, 64] product that a
-    dot does in 1.8 (benchmarks/NOTES.md, "Linear attention's gradient")."""
-    ones = jnp.ones((x.shape[axis],), x.dtype)
-    return jnp.tensordot(jnp.moveaxis(x, axis, -1), ones, axes=1)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hw2jax.attention.helpers import batched_dot, check_qkv, row_sums
+from hw2jax.attention.helpers import batched_dot, check_qkv
 from hw2jax.attention.linear_pallas import causal_linear_product_pallas
 
 FeatureMap = Literal["elu", "relu", "identity"]
@@ -110,8 +110,8 @@ def linear_products(
 
 @jax.custom_vjp
 def normalise(num: jax.Array, den: jax.Array) -> jax.Array:
-    """num / den with den [..., 1] broadcast over num's last axis; its gradient's row sums
-    are dots (:func:`row_sums`)."""
+    """num / den with den [..., 1] broadcast over num's last axis, and a backward pass that
+    XLA:CPU runs fast."""
     return num / den
 
 
@@ -123,7 +123,9 @@ def _normalise_fwd(num, den):
 
 def _normalise_bwd(residuals, g):
     out, inv = residuals
-    return g * inv, -row_sums(g * out)[..., None] * inv
+    # The row sums as a contraction: a plain jnp.sum of this product went to YNNPACK on
+    # XLA:CPU and took 29 ms at [16384, 4, 64] against 1.8 (benchmarks/NOTES.md).
+    return g * inv, -jnp.einsum("...e,...e->...", g, out)[..., None] * inv
 
 
 normalise.defvjp(_normalise_fwd, _normalise_bwd)
@@ -156,7 +158,7 @@ def _products(fq, fk, v):
 def _products_fwd(fq, fk, v):
     fq, fk, v = (_heads_first(a) for a in (fq, fk, v))
     state = batched_dot(fk, v, transpose_a=True)  # [B, H, D, E]
-    z = row_sums(fk, axis=2)  # [B, H, D]
+    z = jnp.sum(fk, axis=2)  # [B, H, D]
     num = batched_dot(fq, state)
     den = jnp.einsum("bhtd,bhd->bht", fq, z)
     return (_heads_first(num), _den_out(den)), (fq, fk, v, state, z)
@@ -193,7 +195,7 @@ def _sum_before(x: jax.Array) -> jax.Array:
 
 
 def _sum_after(x: jax.Array) -> jax.Array:
-    return jnp.expand_dims(row_sums(x, axis=2), 2) - jnp.cumsum(x, axis=2)
+    return jnp.sum(x, axis=2, keepdims=True) - jnp.cumsum(x, axis=2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -206,11 +208,11 @@ def _causal_products_chunked(fq, fk, v, chunk):
 def _causal_products_chunked_fwd(fq, fk, v, chunk):
     fq, fk, v = (_in_chunks(a, chunk) for a in (fq, fk, v))
     before = _sum_before(batched_dot(fk, v, transpose_a=True))  # [B, H, n, D, E]
-    z_before = _sum_before(row_sums(fk, axis=3))  # [B, H, n, D]
+    z_before = _sum_before(jnp.sum(fk, axis=3))  # [B, H, n, D]
     mask = jnp.tril(jnp.ones((chunk, chunk), bool))
     scores = jnp.where(mask, batched_dot(fq, fk, transpose_b=True), 0.0)
     num = batched_dot(fq, before) + batched_dot(scores, v)
-    den = jnp.einsum("bhncd,bhnd->bhnc", fq, z_before) + row_sums(scores)
+    den = jnp.einsum("bhncd,bhnd->bhnc", fq, z_before) + jnp.sum(scores, -1)
     b, h, n, c = den.shape
     out = (_from_chunks(num), _den_out(den.reshape(b, h, n * c)))
     return out, (fq, fk, v, before, z_before, scores)
