@@ -11,7 +11,8 @@
 #                 (compilation, evaluation, checkpoints and plots included)
 #   throughput    train_throughput.py: ViT step fp32 / bf16 and BERT forward, torch on the same GPU
 #   vit_bf16      the same 15-epoch ViT in bfloat16 (does bf16 cost accuracy?)
-#   attention     attention_scaling.py, forward, T = 1k..32k, fp32 and bf16
+#   attention     attention_scaling.py, forward and forward + backward, T = 1k..64k, fp32 and
+#                 bf16: softmax (auto, cuDNN, Pallas, blockwise), linear (chunked, Pallas), torch
 #   vit_linear    the assignment's recipe with linear attention
 #   vit_strong30  experiments/vit_fashion_mnist_strong.py for 30 epochs
 set -u
@@ -67,8 +68,9 @@ optax.__version__, '| torch', torch.__version__, torch.cuda.is_available(), \
             step "$name" 200 "$py" benchmarks/train_throughput.py ${THROUGHPUT_ARGS:---repeats 20} \
                 --out "$out" ;;
         attention)
-            step "$name" 150 "$py" benchmarks/attention_scaling.py --quick --min-log2 10 \
-                --max-log2 15 --impl blockwise --impl cudnn --impl sdpa --impl linear --out "$out" ;;
+            step "$name" 240 "$py" benchmarks/attention_scaling.py --min-log2 10 --max-log2 16 \
+                --repeats 5 --time-budget-ms 2000 --impl "softmax (" --impl cudnn --impl sdpa \
+                --impl linear --out "$out" ;;
         *) echo "=== unknown step $name" ;;
         esac
         if [[ -f $work/$name/history.json ]]; then  # the run's record; $OUT holds few files
