@@ -83,6 +83,9 @@ class Mixer(nn.Module):
             mixed = attention.gated_linear_attention(q / math.sqrt(q.shape[-1]), k, v, log_alpha)
         else:
             mixed = _mixer(self.kind, self.heads)(q, k, v, x)
+        if self.kind in ("retention", "gla"):
+            # Both are un-normalised sums; RetNet and GLA norm each head's output (group norm).
+            mixed = nn.LayerNorm(name="head_norm")(mixed)
         return nn.Dense(self.dim, name="out")(mixed.reshape(b, t, self.dim))
 
 
