@@ -39,9 +39,9 @@ def softmax_attention(
       (slow: for tests and checks);
     - ``"fused_cpu"``: the forward pass by our fused CPU kernel
       (:func:`hw2jax.kernels.cpu_attention`; non-causal, float32, q, k and v of one shape, head
-      dim a multiple of 16 up to 128), the
-      gradient by naive or blockwise as ``"auto"`` would pick them: jax runs a custom_vjp's own
-      function when nothing is differentiated and its forward rule when something is;
+      dim a multiple of 16 up to 128), the gradient by naive or blockwise as ``"auto"`` would
+      pick them: jax runs a custom_vjp's own function when nothing is differentiated and its
+      forward rule when something is;
     - ``"auto"``: on an NVIDIA GPU, cudnn when dtype and shape allow, else pallas. On a CPU,
       fused_cpu where it can run and its build has AVX-512 (where it beats XLA's attention:
       :func:`hw2jax.kernels.fused_attention_pays_off`); otherwise, and for every gradient, naive
