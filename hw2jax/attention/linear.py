@@ -155,23 +155,25 @@ def _products(fq, fk, v):
     return _products_fwd(fq, fk, v)[0]
 
 
+def _with_ones(a: jax.Array) -> jax.Array:
+    """A column of ones appended: in a product with it, the last column is the plain sum."""
+    return jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
+
+
 def _products_fwd(fq, fk, v):
-    fq, fk, v = (_heads_first(a) for a in (fq, fk, v))
-    state = batched_dot(fk, v, transpose_a=True)  # [B, H, D, E]
-    z = jnp.sum(fk, axis=2)  # [B, H, D]
-    num = batched_dot(fq, state)
-    den = jnp.einsum("bhtd,bhd->bht", fq, z)
-    return (_heads_first(num), _den_out(den)), (fq, fk, v, state, z)
+    fq, fk, v1 = (_heads_first(a) for a in (fq, fk, _with_ones(v)))
+    state = batched_dot(fk, v1, transpose_a=True)  # [B, H, D, E + 1]: sum fk v^T and sum fk
+    out = _heads_first(batched_dot(fq, state))
+    return (out[..., :-1], out[..., -1:]), (fq, fk, v1, state)
 
 
 def _products_bwd(residuals, grads):
-    fq, fk, v, state, z = residuals
-    g_num, g_den = _heads_first(grads[0]), _den_in(grads[1])
-    d_state = batched_dot(fq, g_num, transpose_a=True)
-    d_z = jnp.einsum("bhtd,bht->bhd", fq, g_den)
-    d_fq = batched_dot(g_num, state, transpose_b=True) + g_den[..., None] * z[:, :, None]
-    d_fk = batched_dot(v, d_state, transpose_b=True) + d_z[:, :, None]
-    d_v = batched_dot(fk, d_state)
+    fq, fk, v1, state = residuals
+    g = _heads_first(jnp.concatenate(grads, axis=-1))  # [B, H, T, E + 1]
+    d_state = batched_dot(fq, g, transpose_a=True)
+    d_fq = batched_dot(g, state, transpose_b=True)
+    d_fk = batched_dot(v1, d_state, transpose_b=True)
+    d_v = batched_dot(fk, d_state[..., :-1])
     return tuple(_heads_first(a) for a in (d_fq, d_fk, d_v))
 
 

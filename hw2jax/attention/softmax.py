@@ -43,9 +43,10 @@ def softmax_attention(
       pick them: jax runs a custom_vjp's own function when nothing is differentiated and its
       forward rule when something is;
     - ``"auto"``: on an NVIDIA GPU, cudnn when dtype and shape allow, else pallas. On a CPU,
-      fused_cpu where it can run and its build has AVX-512 (where it beats XLA's attention:
-      :func:`hw2jax.kernels.fused_attention_pays_off`); otherwise, and for every gradient, naive
-      below 2^26 scores per (batch, head) and blockwise from there (T = 8192).
+      below 2^26 scores per (batch, head) (T = 8192): fused_cpu where it can run and its build
+      has AVX-512 (where it beats XLA's attention:
+      :func:`hw2jax.kernels.fused_attention_pays_off`), else naive; from 2^26 on, blockwise.
+      Gradients never use the kernel: naive below 2^26 scores, blockwise from there.
 
     All return the same function to rounding (tested against a float64 formula, values and
     gradients; cudnn on a GPU only).
@@ -83,12 +84,19 @@ def _dispatch(q, k, v, causal: bool, implementation: str) -> jax.Array:
 def _auto(q, k, v, causal: bool) -> str:
     if jax.default_backend() == "gpu" and _on_nvidia():
         return "cudnn" if _cudnn_unavailable(q, k, v) is None else "pallas"
-    if jax.default_backend() == "cpu" and _fused_cpu_unavailable(q, k, v, causal) is None:
+    below = _for_gradients(q, k)
+    # The kernel keeps rows of T scores: past T = 8192 they leave the caches and blockwise is
+    # faster (3.3 against 2.1 s at T = 16,384; benchmarks/results/cpu_gradients/).
+    if (
+        below == "naive"
+        and jax.default_backend() == "cpu"
+        and _fused_cpu_unavailable(q, k, v, causal) is None
+    ):
         from hw2jax import kernels
 
         if kernels.fused_attention_pays_off(kernels.kernel_vector_features()):
             return "fused_cpu"
-    return _for_gradients(q, k)
+    return below
 
 
 def _for_gradients(q, k) -> str:
