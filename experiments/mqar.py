@@ -4,7 +4,10 @@ recall key-value pairs, and at what state size.
 Command:   hw2jax mqar sweep --config experiments/mqar.py --workdir runs/mqar
            (one model: hw2jax mqar train --config experiments/mqar.py --workdir runs/one \
              --set model.mixer=gla --set seq_len=256)
-Expected:  the table and plot in experiments/results/mqar/ (2 CPU cores).
+Expected:  softmax 100 % recall at every T and width; at T = 512 (32 pairs) linear attention
+           4.9 % at width 32 and 95.9 % at width 64, cosFormer 4.1 / 49.3 %, gated linear
+           attention 2.8 / 5.2 %; 48 runs, 76 minutes on 2 CPU cores. Table and plot:
+           experiments/results/mqar/.
 
 Sequences of seq_len tokens open with seq_len / 16 key-value pairs; every later position asks for
 one of those keys' values. 2-layer models (short causal convolution, mixer, MLP), head size 32,
