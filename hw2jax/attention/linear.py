@@ -102,9 +102,8 @@ def linear_products(
         widths = ((0, 0), (0, padded - t), (0, 0), (0, 0))
         num, den = _causal_products_chunked(*(jnp.pad(a, widths) for a in (fq, fk, v)), chunk)
         return num[:, :t], den[:, :t]
-    # A column of ones appended to v makes the last output column the denominator.
-    v1 = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
-    out = _causal_product_recurrent(fq, fk, v1)
+    # With a column of ones appended to v, the last output column is the denominator.
+    out = _causal_product_recurrent(fq, fk, _with_ones(v))
     return out[..., :-1], out[..., -1:]
 
 
@@ -124,7 +123,8 @@ def _normalise_fwd(num, den):
 def _normalise_bwd(residuals, g):
     out, inv = residuals
     # The row sums as a contraction: a plain jnp.sum of this product went to YNNPACK on
-    # XLA:CPU and took 29 ms at [16384, 4, 64] against 1.8 (benchmarks/NOTES.md).
+    # XLA:CPU and took 29 ms at [16384, 4, 64] against 1.8 (benchmarks/NOTES.md, "Gradients
+    # against torch on CPU").
     return g * inv, -jnp.einsum("...e,...e->...", g, out)[..., None] * inv
 
 
@@ -132,8 +132,8 @@ normalise.defvjp(_normalise_fwd, _normalise_bwd)
 
 
 # The non-causal and chunked products carry their own backward passes: autodiff of the same
-# forward made XLA:CPU copy and transpose more (benchmarks/NOTES.md, "Linear attention's
-# gradient"). Both work with heads next to the batch, [B, H, T, .]: XLA's CPU dot then needs no
+# forward made XLA:CPU copy and transpose more (benchmarks/NOTES.md, "Gradients against torch
+# on CPU"). Both work with heads next to the batch, [B, H, T, .]: XLA's CPU dot then needs no
 # transposed copies of T-long operands.
 
 
