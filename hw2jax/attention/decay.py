@@ -12,7 +12,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from hw2jax.attention.helpers import as_floating, check_qkv
+from hw2jax.attention.helpers import as_floating, check_qkv, pad_axis
 
 
 def retention(
@@ -102,8 +102,8 @@ def _gla_chunked(q, k, v, log_alpha, chunk):
     b, t, h, d = k.shape
     e = v.shape[-1]
     n = -(-t // chunk)
-    pad = ((0, 0), (0, n * chunk - t), (0, 0), (0, 0))  # after the last step: never seen
-    q, k, v, log_alpha = (jnp.pad(a, pad) for a in (q, k, v, log_alpha))
+    # Zeros after the last step: never seen.
+    q, k, v, log_alpha = (pad_axis(a, 1, n * chunk) for a in (q, k, v, log_alpha))
 
     def blocks(x):  # [B, n*C, H, X] -> [n, B, H, C, X]
         return jnp.moveaxis(x.reshape(b, n, chunk, h, x.shape[-1]), (1, 3), (0, 2))

@@ -94,3 +94,10 @@ def matmul_f32(
     return batched_dot(
         a, b, transpose_a=transpose_a, transpose_b=transpose_b, preferred_element_type=jnp.float32
     )
+
+
+def pad_axis(a: jax.Array, axis: int, size: int) -> jax.Array:
+    """``a`` padded with zeros at the end of ``axis`` up to ``size``."""
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, size - a.shape[axis])
+    return jnp.pad(a, widths)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hw2jax.attention.helpers import batched_dot, check_qkv
+from hw2jax.attention.helpers import batched_dot, check_qkv, pad_axis
 from hw2jax.attention.linear_pallas import causal_linear_product_pallas
 
 FeatureMap = Literal["elu", "relu", "identity"]
@@ -99,8 +99,7 @@ def linear_products(
         chunk = min(chunk_size, t)
         padded = -(-t // chunk) * chunk
         # Padding goes after the last real step, so no real query ever sees it.
-        widths = ((0, 0), (0, padded - t), (0, 0), (0, 0))
-        num, den = _causal_products_chunked(*(jnp.pad(a, widths) for a in (fq, fk, v)), chunk)
+        num, den = _causal_products_chunked(*(pad_axis(a, 1, padded) for a in (fq, fk, v)), chunk)
         return num[:, :t], den[:, :t]
     # With a column of ones appended to v, the last output column is the denominator.
     out = _causal_product_recurrent(fq, fk, _with_ones(v))

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from hw2jax.attention.helpers import pad_axis
+
 _F32 = jnp.float32
 
 
@@ -136,12 +138,6 @@ def _product_bwd(chunk, residuals, grads):
 _product.defvjp(_product_fwd, _product_bwd)
 
 
-def _pad_axis(a: jax.Array, axis: int, size: int) -> jax.Array:
-    widths = [(0, 0)] * a.ndim
-    widths[axis] = (0, size - a.shape[axis])
-    return jnp.pad(a, widths)
-
-
 def causal_linear_product_pallas(
     fq: jax.Array, fk: jax.Array, v: jax.Array, chunk_size: int = 64
 ) -> tuple[jax.Array, jax.Array]:
@@ -155,9 +151,9 @@ def causal_linear_product_pallas(
     chunk = max(1, min(chunk_size, t))
     if _on_gpu():
         chunk = max(16, pl.next_power_of_2(chunk))
-        fq, fk = (_pad_axis(a, 3, max(16, pl.next_power_of_2(d))) for a in (fq, fk))
-        v = _pad_axis(v, 3, max(16, pl.next_power_of_2(e)))
+        fq, fk = (pad_axis(a, 3, max(16, pl.next_power_of_2(d))) for a in (fq, fk))
+        v = pad_axis(v, 3, max(16, pl.next_power_of_2(e)))
     padded = -(-t // chunk) * chunk
-    fq, fk, v = (_pad_axis(a, 1, padded) for a in (fq, fk, v))
+    fq, fk, v = (pad_axis(a, 1, padded) for a in (fq, fk, v))
     num, den = _product(fq, fk, v, chunk)
     return num[:, :t, :, :e], den[:, :t, :, None]

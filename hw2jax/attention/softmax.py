@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from hw2jax.attention.blockwise import blockwise_softmax_attention
-from hw2jax.attention.helpers import check_qkv, matmul_f32
+from hw2jax.attention.helpers import check_qkv, matmul_f32, pad_axis
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "blockwise", "naive", "fused_cpu")
 # Inputs of at least this many scores per (batch, head) go blockwise on CPU (T = 8192).
@@ -163,8 +163,7 @@ def _pallas_flash(q, k, v, causal: bool) -> jax.Array:
     t = q.shape[1]
     block = min(64, max(16, 1 << (t - 1).bit_length()))
     padded = -(-t // block) * block
-    pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
-    qp, kp, vp = (jnp.pad(a, pad) for a in (q, k, v))
+    qp, kp, vp = (pad_axis(a, 1, padded) for a in (q, k, v))
     segments = jnp.broadcast_to((jnp.arange(padded) < t).astype(jnp.int32), (q.shape[0], padded))
     sizes = pallas_attention.BlockSizes(
         block_q=block,

@@ -45,11 +45,11 @@ def state_size(mixer: str, dim: int, heads: int, seq_len: int) -> int:
 
 def _mixer(kind: str, heads: int) -> Callable:
     if kind == "softmax":
-        return lambda q, k, v, x: attention.softmax_attention(q, k, v, causal=True)
+        return lambda q, k, v: attention.softmax_attention(q, k, v, causal=True)
     if kind == "linear":
-        return lambda q, k, v, x: attention.linear_attention(q, k, v, causal=True)
+        return lambda q, k, v: attention.linear_attention(q, k, v, causal=True)
     if kind == "performer":
-        return lambda q, k, v, x: attention.performer_attention(
+        return lambda q, k, v: attention.performer_attention(
             q,
             k,
             v,
@@ -58,9 +58,9 @@ def _mixer(kind: str, heads: int) -> Callable:
             key=jax.random.key(0),
         )
     if kind == "cosformer":
-        return lambda q, k, v, x: attention.cosformer_attention(q, k, v, causal=True)
+        return lambda q, k, v: attention.cosformer_attention(q, k, v, causal=True)
     if kind == "retention":
-        return lambda q, k, v, x: attention.retention(
+        return lambda q, k, v: attention.retention(
             q / math.sqrt(q.shape[-1]), k, v, gamma=retention_decays(heads)
         )
     raise ValueError(f"unknown mixer {kind!r}; choose one of {', '.join(MIXERS)}.")
@@ -82,7 +82,7 @@ class Mixer(nn.Module):
             log_alpha = jax.nn.log_sigmoid(gate).reshape(k.shape) / 16.0
             mixed = attention.gated_linear_attention(q / math.sqrt(q.shape[-1]), k, v, log_alpha)
         else:
-            mixed = _mixer(self.kind, self.heads)(q, k, v, x)
+            mixed = _mixer(self.kind, self.heads)(q, k, v)
         if self.kind in ("retention", "gla"):
             # Both are un-normalised sums; RetNet and GLA norm each head's output (group norm).
             mixed = nn.LayerNorm(name="head_norm")(mixed)

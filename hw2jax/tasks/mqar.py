@@ -120,7 +120,6 @@ def train_and_evaluate(
     """One model: trains, evaluates on the test sequences each epoch, resumes from workdir."""
     check(config)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     loop.save_run_config(workdir, config)
     task = MQARTask(config)
     return loop.train_and_evaluate(task, config, workdir, stop_at_step=stop_at_step)
@@ -136,37 +135,36 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[s
     (``results.md``, ``results.json``) and the plot (``recall_vs_state.png``) in ``workdir``."""
     workdir = Path(workdir)
     runs = [
-        (mixer, t, d)
+        _run_config(config, mixer, t, d)
         for t in config.sweep.seq_lens
         for d in config.sweep.dims
         for mixer in config.sweep.mixers
     ]
-    for mixer, t, d in runs:  # every config checked before the first one trains
-        check(_run_config(config, mixer, t, d))
+    for run in runs:  # every config checked before the first one trains
+        check(run)
     rows = []
-    for mixer, t, d in runs:
+    for run in runs:
+        mixer, t, d, heads = run.model.mixer, run.seq_len, run.model.dim, run.model.heads
         run_dir = workdir / run_name(mixer, t, d)
         done = _finished(run_dir)
         if done is None:
             print(f"== {run_name(mixer, t, d)}", flush=True)
             start = time.perf_counter()
-            history = train_and_evaluate(_run_config(config, mixer, t, d), run_dir)
+            history = train_and_evaluate(run, run_dir)
             if history["status"] != "done":
                 return rows  # stopped: the next call resumes here
             history["wall_time_s"] = time.perf_counter() - start
             loop.write_json_atomic(run_dir / "history.json", history)
             done = history
-        last = done["epochs"][-1]
-        heads = _heads(config, d)
         rows.append(
             {
                 "mixer": mixer,
                 "seq_len": t,
-                "num_pairs": num_pairs(_run_config(config, mixer, t, d)),
+                "num_pairs": num_pairs(run),
                 "dim": d,
                 "heads": heads,
                 "state_size": state_size(mixer, d, heads, t),
-                "test_accuracy": last["test_accuracy"],
+                "test_accuracy": done["epochs"][-1]["test_accuracy"],
                 "wall_time_s": done.get("wall_time_s"),
             }
         )

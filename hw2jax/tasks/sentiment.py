@@ -324,7 +324,6 @@ def _setup(config: ml_collections.ConfigDict, workdir: Path):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     check(config)  # bad values fail here, not after tokenizing 50,000 reviews
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     loop.save_run_config(workdir, config)
     bert_config, bert_params, tokenizer = _setup(config, workdir)
     data = prepare_data(config, tokenizer, workdir)

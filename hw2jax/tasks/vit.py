@@ -173,7 +173,6 @@ def train_and_evaluate(
     """Trains and evaluates the ViT; ``stop_at_step`` > 0 stops there as Ctrl-C would."""
     check(config)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     loop.save_run_config(workdir, config)
     train, test = load_data(config)
     task = ViTTask(config, train, test)

@@ -227,10 +227,12 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def save_run_config(workdir: Path, config: ml_collections.ConfigDict) -> list[str]:
-    """Writes ``workdir/config.json``. When a checkpoint is there to resume from and the
-    saved config trained something else (epochs, learning rate, model...), warns with the
-    differences: the run goes on with the new values, so it will not match a fresh run.
+    """Writes ``workdir/config.json``, making the work dir if needed. When a checkpoint is
+    there to resume from and the saved config trained something else (epochs, learning rate,
+    model...), warns with the differences: the run goes on with the new values, so it will not
+    match a fresh run.
     Returns the differing keys."""
+    workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "config.json"
     changed = []
     if path.exists() and (workdir / "checkpoints").exists():
