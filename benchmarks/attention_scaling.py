@@ -128,6 +128,16 @@ def _jax_impls() -> list[Impl]:
             forward_only=True,
             dtype="float32",
         ),
+        # softmax_attention's fused CPU kernels, forward and backward (the flash kernel).
+        Impl(
+            "hw2jax softmax (fused CPU)",
+            "jax",
+            "softmax",
+            both,
+            softmax("fused_cpu"),
+            cpu_only=True,
+            dtype="float32",
+        ),
         Impl(
             "jax.nn.dot_product_attention (cudnn)",
             "jax",

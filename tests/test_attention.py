@@ -376,7 +376,11 @@ def test_softmax_attention_dispatches_to_blockwise_at_long_t():
     for grad in (False, True):
         assert "16384x16384" not in lowered("auto", grad).as_text()
         assert temp("auto", grad) < 2**30
-    assert temp("auto", grad=True) == temp("blockwise", grad=True)
+    # Auto's gradient is the flash kernel's where the fused kernels pay, else blockwise's.
+    if "hw2jax_cpu_flash_backward" in lowered("auto", grad=True).as_text():
+        assert kernels.fused_attention_pays_off(kernels.kernel_vector_features())
+    else:
+        assert temp("auto", grad=True) == temp("blockwise", grad=True)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -407,7 +411,7 @@ def test_self_attention_names_a_nan_in_its_input():
 
 SOFTMAX_PATHS = [
     (impl, causal) for impl in ("naive", "blockwise", "xla", "pallas") for causal in (False, True)
-] + [("fused_cpu", False)]  # the kernel is non-causal (its refusal: test_fused_cpu_...)
+] + [("fused_cpu", False), ("fused_cpu", True)]
 
 
 @pytest.mark.parametrize("impl,causal", SOFTMAX_PATHS)
@@ -441,20 +445,23 @@ def test_every_softmax_implementation_matches_the_float64_formula(impl, causal):
 
 
 @pytest.mark.parametrize("pays_off", [True, False])
-def test_auto_runs_the_fused_cpu_kernel_forward_only_where_it_pays(monkeypatch, pays_off):
-    """With the CPU's features faked both ways: the kernel computes the forward pass exactly
-    when its build has AVX-512, and never the gradient (it stores nothing for one)."""
+def test_auto_runs_the_fused_cpu_kernels_only_where_they_pay(monkeypatch, pays_off):
+    """With the CPU's features faked both ways: with AVX-512 the kernels compute every forward
+    pass, and gradients from T = 1024 on (below, naive's); without, they never run."""
     if kernels.build_error():
         pytest.skip(f"the fused CPU kernel cannot be built here: {kernels.build_error()}")
     monkeypatch.setattr(kernels, "cpu_vector_features", lambda: {"avx512f": pays_off})
     calls = []
-    real = kernels.cpu_attention
-    monkeypatch.setattr(kernels, "cpu_attention", lambda *a: calls.append(1) or real(*a))
+    for name in ("cpu_attention", "cpu_flash_attention"):
+        real = getattr(kernels, name)
+        spy = lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw)  # noqa: E731
+        monkeypatch.setattr(kernels, name, spy)
     q, k, v = qkv((2, 40, 4, 32), seed=5)
-    out = attention.softmax_attention(q, k, v)
-    assert len(calls) == int(pays_off)
-    np.testing.assert_allclose(out, ref_softmax_np(q, k, v), rtol=2e-5, atol=2e-5)
-    calls.clear()
+    for causal, kernel in ((False, "cpu_attention"), (True, "cpu_flash_attention")):
+        out = attention.softmax_attention(q, k, v, causal=causal)
+        assert calls == [kernel] * pays_off
+        np.testing.assert_allclose(out, ref_softmax_np(q, k, v, causal), rtol=2e-5, atol=2e-5)
+        calls.clear()
     grads = jax.grad(lambda q, k, v: attention.softmax_attention(q, k, v).sum(), (0, 1, 2))
     naive = jax.grad(
         lambda q, k, v: attention.softmax_attention(q, k, v, implementation="naive").sum(),
@@ -463,12 +470,16 @@ def test_auto_runs_the_fused_cpu_kernel_forward_only_where_it_pays(monkeypatch, 
     for got, want in zip(grads(q, k, v), naive(q, k, v), strict=True):
         np.testing.assert_array_equal(got, want)
     assert not calls
-    # Causal, or another dtype: never the kernel, whatever the CPU.
-    attention.softmax_attention(q, k, v, causal=True)
-    attention.softmax_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)))
+    long = qkv((1, 1024, 1, 16), seed=6)
+    jax.grad(lambda *a: attention.softmax_attention(*a, causal=True).sum())(*long)
+    assert calls == ["cpu_flash_attention"] * pays_off
+    calls.clear()
+    attention.softmax_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)))  # not float32
     assert not calls
-    with pytest.raises(ValueError, match="fused_cpu' cannot run: the fused CPU kernel is non-c"):
-        attention.softmax_attention(q, k, v, causal=True, implementation="fused_cpu")
+    with pytest.raises(ValueError, match="fused_cpu' cannot run: the fused kernel computes in"):
+        attention.softmax_attention(
+            *(a.astype(jnp.bfloat16) for a in (q, k, v)), implementation="fused_cpu"
+        )
 
 
 def test_cudnn_needs_an_nvidia_gpu_and_says_so():

@@ -2,6 +2,7 @@
 O(T^2) formula of test_attention for the forward, torch's scaled_dot_product_attention for the
 gradients."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -81,6 +82,64 @@ def test_gradients_match_torch_sdpa():
     for got, ref in zip(grads, (tq, tk, tv), strict=True):
         expected = ref.grad.numpy().transpose(0, 2, 1, 3)
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def _softmax_gradients_np(q, k, v, cotangent, causal, scale):
+    """The closed-form gradients of sum(cotangent * softmax(scale q k^T) v), in float64."""
+    q, k, v, g = (np.asarray(a, np.float64) for a in (q, k, v, cotangent))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if causal:
+        t = q.shape[1]
+        logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dp = np.einsum("bqhd,bkhd->bhqk", g, v)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    dq = np.einsum("bhqk,bkhd->bqhd", ds, k) * scale
+    dk = np.einsum("bhqk,bqhd->bkhd", ds, q) * scale
+    dv = np.einsum("bhqk,bqhd->bkhd", p, g)
+    return dq, dk, dv
+
+
+# T around the flash kernel's 64 x 64 blocks, head sizes from its compiled range.
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 1, 1, 16),
+        (2, 37, 3, 64),
+        (1, 64, 2, 32),
+        (1, 65, 1, 48),
+        (2, 130, 2, 128),
+        (1, 200, 1, 64),
+    ],
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_kernel_matches_float64_with_gradients(shape, causal):
+    q, k, v, _ = _inputs(shape, seed=shape[1])
+    scale = 0.7 / np.sqrt(shape[-1])
+    cotangent = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
+    out, pullback = jax.vjp(
+        lambda q, k, v: kernels.cpu_flash_attention(q, k, v, causal=causal, scale=scale), q, k, v
+    )
+    expected = ref_softmax_np(q, k, v, causal=causal, scale=scale)
+    np.testing.assert_allclose(out, expected, atol=6e-5, rtol=1e-5)
+    grads = pullback(jnp.asarray(cotangent))
+    refs = _softmax_gradients_np(q, k, v, cotangent, causal, scale)
+    for name, got, ref in zip("qkv", grads, refs, strict=True):
+        np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-4, err_msg=f"d{name}")
+
+
+def test_flash_kernel_under_vmap_and_with_large_scores():
+    q, k, v, _ = _inputs((2, 70, 2, 16), seed=6)
+    stacked = lambda a: np.stack([a, a[::-1]])  # noqa: E731
+    got = jax.vmap(functools.partial(kernels.cpu_flash_attention, causal=True))(
+        stacked(q), stacked(k), stacked(v)
+    )
+    expected = ref_softmax_np(q[::-1], k[::-1], v[::-1], causal=True)
+    np.testing.assert_allclose(got[1], expected, atol=2e-5, rtol=1e-5)
+    big = kernels.cpu_flash_attention(30 * q, 30 * k, v)  # scores in the thousands
+    # Scores of ~1e3 carry float32 rounding of ~6e-5: the outputs' tolerance follows.
+    np.testing.assert_allclose(big, ref_softmax_np(30 * q, 30 * k, v), atol=6e-5, rtol=1e-5)
 
 
 def test_vmap_folds_into_the_batch():

@@ -13,8 +13,12 @@ from hw2jax.attention.blockwise import blockwise_softmax_attention
 from hw2jax.attention.helpers import check_qkv, matmul_f32, pad_axis
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "blockwise", "naive", "fused_cpu")
-# Inputs of at least this many scores per (batch, head) go blockwise on CPU (T = 8192).
+# Inputs of at least this many scores per (batch, head) go blockwise on CPU (T = 8192), and the
+# fused forward takes the flash kernel instead of the row kernel (whose rows leave the caches).
 _BLOCKWISE_FROM = 2**26
+# From this many scores per (batch, head) on (T = 1024), auto's gradients on CPU take the fused
+# flash kernel where it can run; below, naive's XLA program is as fast.
+_FUSED_GRADIENTS_FROM = 2**20
 
 
 def softmax_attention(
@@ -37,16 +41,20 @@ def softmax_attention(
     - ``"pallas"``: JAX's Pallas flash-attention kernel (``jax.experimental.pallas.ops.gpu``),
       forward and backward; compiled with Triton on a GPU, run in interpret mode elsewhere
       (slow: for tests and checks);
-    - ``"fused_cpu"``: the forward pass by our fused CPU kernel
-      (:func:`hw2jax.kernels.cpu_attention`; non-causal, float32, q, k and v of one shape, head
-      dim a multiple of 16 up to 128), the gradient by naive or blockwise as ``"auto"`` would
-      pick them: jax runs a custom_vjp's own function when nothing is differentiated and its
-      forward rule when something is;
+    - ``"fused_cpu"``: our fused CPU kernels (:mod:`hw2jax.kernels`; float32, q, k and v of one
+      shape, head dim a multiple of 16 up to 128), causal or not. Without differentiation,
+      non-causal below 2^26 scores per (batch, head): the row kernel
+      (:func:`hw2jax.kernels.cpu_attention`, BERT's); otherwise the flash kernel
+      (:func:`hw2jax.kernels.cpu_flash_attention`), whose forward keeps each row's log-sum-exp
+      and whose backward recomputes the probabilities block by block (O(T) memory). jax runs a
+      custom_vjp's own function when nothing is differentiated and its forward rule when
+      something is;
     - ``"auto"``: on an NVIDIA GPU, cudnn when dtype and shape allow, else pallas. On a CPU,
-      below 2^26 scores per (batch, head) (T = 8192): fused_cpu where it can run and its build
-      has AVX-512 (where it beats XLA's attention:
-      :func:`hw2jax.kernels.fused_attention_pays_off`), else naive; from 2^26 on, blockwise.
-      Gradients never use the kernel: naive below 2^26 scores, blockwise from there.
+      fused_cpu where it can run and its build has AVX-512 (where it beats XLA's attention:
+      :func:`hw2jax.kernels.fused_attention_pays_off`), for the forward pass always and for
+      gradients from 2^20 scores per (batch, head) (T = 1024) on; otherwise naive below 2^26
+      scores (T = 8192) and blockwise from there. The thresholds are measured:
+      ``benchmarks/results/cpu_gradients/``.
 
     All return the same function to rounding (tested against a float64 formula, values and
     gradients; cudnn on a GPU only).
@@ -58,11 +66,13 @@ def softmax_attention(
         )
     if implementation == "auto":
         implementation = _auto(q, k, v, causal)
-    if implementation == "fused_cpu":
-        reason = _fused_cpu_unavailable(q, k, v, causal)
+    if implementation in ("fused_cpu", "fused_cpu_forward"):
+        reason = _fused_cpu_unavailable(q, k, v)
         if reason:
             raise ValueError(f"implementation='fused_cpu' cannot run: {reason}. Use 'auto'.")
-        return _fused_forward(q, k, v, _for_gradients(q, k))
+        if implementation == "fused_cpu_forward":  # auto's choice below _FUSED_GRADIENTS_FROM
+            return _fused_forward_only(q, k, v, causal, _for_gradients(q, k))
+        return _fused(q, k, v, causal)
     return _dispatch(q, k, v, causal, implementation)
 
 
@@ -84,30 +94,23 @@ def _dispatch(q, k, v, causal: bool, implementation: str) -> jax.Array:
 def _auto(q, k, v, causal: bool) -> str:
     if jax.default_backend() == "gpu" and _on_nvidia():
         return "cudnn" if _cudnn_unavailable(q, k, v) is None else "pallas"
-    below = _for_gradients(q, k)
-    # The kernel keeps rows of T scores: past T = 8192 they leave the caches and blockwise is
-    # faster (3.3 against 2.1 s at T = 16,384; benchmarks/results/cpu_gradients/).
-    if (
-        below == "naive"
-        and jax.default_backend() == "cpu"
-        and _fused_cpu_unavailable(q, k, v, causal) is None
-    ):
+    if jax.default_backend() == "cpu" and _fused_cpu_unavailable(q, k, v) is None:
         from hw2jax import kernels
 
         if kernels.fused_attention_pays_off(kernels.kernel_vector_features()):
-            return "fused_cpu"
-    return below
+            if q.shape[1] * k.shape[1] >= _FUSED_GRADIENTS_FROM:
+                return "fused_cpu"
+            return "fused_cpu_forward"
+    return _for_gradients(q, k)
 
 
 def _for_gradients(q, k) -> str:
     return "blockwise" if q.shape[1] * k.shape[1] >= _BLOCKWISE_FROM else "naive"
 
 
-def _fused_cpu_unavailable(q, k, v, causal: bool) -> str | None:
+def _fused_cpu_unavailable(q, k, v) -> str | None:
     from hw2jax import kernels
 
-    if causal:
-        return "the fused CPU kernel is non-causal"
     if not q.shape == k.shape == v.shape:
         return (
             f"the fused CPU kernel wants q, k, v of one shape; got {q.shape}, {k.shape}, {v.shape}"
@@ -115,24 +118,50 @@ def _fused_cpu_unavailable(q, k, v, causal: bool) -> str | None:
     return kernels.cpu_attention_unavailable_reason(q.shape[-1], q.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fused_forward(q, k, v, gradient_implementation: str):
-    """The kernel when nothing is differentiated; under differentiation the forward rule below
-    runs instead, so the gradient comes from a form that has one in O(T) memory."""
+def _fused_primal(q, k, v, causal: bool) -> jax.Array:
     from hw2jax import kernels
 
-    return kernels.cpu_attention(q, k, v)
+    if not causal and q.shape[1] * k.shape[1] < _BLOCKWISE_FROM:
+        return kernels.cpu_attention(q, k, v)
+    return kernels.cpu_flash_attention(q, k, v, causal=causal)
 
 
-def _fused_forward_fwd(q, k, v, gradient_implementation: str):
-    return jax.vjp(lambda *qkv: _dispatch(*qkv, False, gradient_implementation), q, k, v)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused(q, k, v, causal: bool):
+    """The kernels' forward when nothing is differentiated; under differentiation the flash
+    kernel's forward (with each row's log-sum-exp) and backward."""
+    return _fused_primal(q, k, v, causal)
 
 
-def _fused_forward_bwd(gradient_implementation: str, pullback, g):
+def _fused_fwd(q, k, v, causal: bool):
+    from hw2jax import kernels
+
+    return jax.vjp(functools.partial(kernels.cpu_flash_attention, causal=causal), q, k, v)
+
+
+def _fused_bwd(causal: bool, pullback, g):
     return pullback(g)
 
 
-_fused_forward.defvjp(_fused_forward_fwd, _fused_forward_bwd)
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fused_forward_only(q, k, v, causal: bool, gradient_implementation: str):
+    """The kernels' forward when nothing is differentiated; under differentiation the forward
+    rule runs naive or blockwise instead, and their gradient is taken."""
+    return _fused_primal(q, k, v, causal)
+
+
+def _fused_forward_only_fwd(q, k, v, causal: bool, gradient_implementation: str):
+    return jax.vjp(lambda *qkv: _dispatch(*qkv, causal, gradient_implementation), q, k, v)
+
+
+def _fused_forward_only_bwd(causal: bool, gradient_implementation: str, pullback, g):
+    return pullback(g)
+
+
+_fused_forward_only.defvjp(_fused_forward_only_fwd, _fused_forward_only_bwd)
 
 
 def _on_nvidia() -> bool:

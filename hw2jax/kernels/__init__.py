@@ -40,13 +40,19 @@ __all__ = [
     "build_error",
     "cpu_attention",
     "cpu_attention_unavailable_reason",
+    "cpu_flash_attention",
     "fused_attention_pays_off",
     "kernel_vector_features",
 ]
 
 _SOURCE = Path(__file__).with_name("cpu_attention.cc")
-_SYMBOL = "Hw2jaxCpuAttention"
-_TARGET = "hw2jax_cpu_attention"
+# FFI targets: (symbol in the library, name registered with XLA).
+_TARGETS = {
+    "attention": ("Hw2jaxCpuAttention", "hw2jax_cpu_attention"),
+    "flash_forward": ("Hw2jaxCpuFlashForward", "hw2jax_cpu_flash_forward"),
+    "flash_backward": ("Hw2jaxCpuFlashBackward", "hw2jax_cpu_flash_backward"),
+}
+_TARGET = _TARGETS["attention"][1]
 SUPPORTED_HEAD_DIMS = tuple(range(16, 129, 16))  # the kernel's compiled variants
 
 
@@ -164,9 +170,10 @@ def _register() -> None:
         path.unlink(missing_ok=True)
         _library_path.cache_clear()
         library = ctypes.cdll.LoadLibrary(str(_library_path()))
-    jax.ffi.register_ffi_target(
-        _TARGET, jax.ffi.pycapsule(getattr(library, _SYMBOL)), platform="cpu"
-    )
+    for symbol, target in _TARGETS.values():
+        jax.ffi.register_ffi_target(
+            target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
+        )
 
 
 @functools.cache
@@ -309,3 +316,57 @@ def cpu_attention(
         raise ValueError(f"key_bias must be [batch, T] = {q.shape[:2]}, got {key_bias.shape}.")
     scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else float(scale)
     return _attention(q, k, v, key_bias.astype(jnp.float32), scale)
+
+
+def _flash_forward_call(q, k, v, scale: float, causal: bool):
+    lse = jax.ShapeDtypeStruct((*q.shape[:-3], q.shape[-2], q.shape[-3]), jnp.float32)
+    call = jax.ffi.ffi_call(
+        _TARGETS["flash_forward"][1],
+        (jax.ShapeDtypeStruct(q.shape, jnp.float32), lse),
+        vmap_method="broadcast_all",
+    )
+    return call(q, k, v, scale=np.float32(scale), causal=np.int32(causal))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _flash(q, k, v, scale: float, causal: bool):
+    return _flash_forward_call(q, k, v, scale, causal)[0]
+
+
+def _flash_fwd(q, k, v, scale, causal):
+    out, lse = _flash_forward_call(q, k, v, scale, causal)
+    return out, (q, k, v, out, lse)
+
+
+def _flash_bwd(scale, causal, residuals, grad):
+    q = residuals[0]
+    shape = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    call = jax.ffi.ffi_call(
+        _TARGETS["flash_backward"][1], (shape, shape, shape), vmap_method="broadcast_all"
+    )
+    return call(*residuals, grad, scale=np.float32(scale), causal=np.int32(causal))
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def cpu_flash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False, scale: float | None = None
+) -> jax.Array:
+    """softmax(scale q.k^T) v, optionally causal, forward and backward by the fused CPU kernels.
+
+    The forward pass keeps each row's log-sum-exp; the backward pass recomputes the probabilities
+    block by block from it (FlashAttention-2), so neither stores the [T, T] scores. q, k, v:
+    float32 ``[B, T, heads, D]`` of one shape; scale defaults to 1/sqrt(D). Raises
+    :class:`KernelUnavailable` (or ValueError for bad shapes) with what to do instead.
+    """
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            "cpu_flash_attention wants q, k and v of one shape [batch, T, heads, head_dim]; got "
+            f"{q.shape}, {k.shape}, {v.shape}. Use hw2jax.attention.softmax_attention for others."
+        )
+    reason = cpu_attention_unavailable_reason(q.shape[-1], q.dtype)
+    if reason is not None:
+        raise KernelUnavailable(reason)
+    scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else float(scale)
+    return _flash(q, k, v, scale, bool(causal))

@@ -261,6 +261,362 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Flash attention with gradients: a forward pass that also returns each row's log-sum-exp, and
+// a backward pass that recomputes the probabilities block by block from it (FlashAttention-2's
+// algorithm). Causal or not, no key bias; q, k, v, out, dout are [N, T, H, D], lse is [N, H, T].
+// One (sequence, head) per thread: the backward accumulates dq over key blocks without atomics.
+
+constexpr int kBlockQ = 64;   // query rows per block
+constexpr int kBlockK = 64;   // keys per block (a multiple of kKeys)
+
+// s[rows x cols] = a[rows x D] . bt[D x ...] over keys j0 .. j0 + cols, where bt is stored
+// transposed (bt[c * ldb + j]); rows a multiple of kRows, cols of kKeys.
+template <int kVecs>
+void ScoresBlock(const float* a, int64_t rows, const float* bt, int64_t ldb, int64_t j0,
+                 int64_t cols, float* s, int64_t lds) {
+  constexpr int kD = kVecs * kLanes;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRows)
+    for (int64_t jj = 0; jj < cols; jj += kKeys) {
+      v16 acc[kRows][2] = {};
+      const float* b = bt + j0 + jj;
+      for (int c = 0; c < kD; ++c) {
+        const v16 b0 = load(b + c * ldb), b1 = load(b + c * ldb + kLanes);
+        for (int r = 0; r < kRows; ++r) {
+          const float x = a[(r0 + r) * kD + c];
+          acc[r][0] += x * b0;
+          acc[r][1] += x * b1;
+        }
+      }
+      for (int r = 0; r < kRows; ++r) {
+        store(s + (r0 + r) * lds + jj, acc[r][0]);
+        store(s + (r0 + r) * lds + jj + kLanes, acc[r][1]);
+      }
+    }
+}
+
+// out[rows x D] += A . b[n x D], A's element (i, k) at a[i * ai + k * ak]: with (ai, ak) =
+// (ld, 1) that is A . b, with (1, ld) it is A^T . b. rows a multiple of 8.
+template <int kVecs>
+void AccumulateProduct(const float* a, int64_t ai, int64_t ak, int64_t rows, int64_t n,
+                       const float* b, float* out) {
+  constexpr int kD = kVecs * kLanes;
+  constexpr int kTile = kVecs <= 2 ? 8 : kVecs <= 4 ? 4 : 2;  // <= 16 accumulators
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
+    v16 acc[kTile][kVecs];
+    for (int r = 0; r < kTile; ++r)
+      for (int c = 0; c < kVecs; ++c) acc[r][c] = load(out + (i0 + r) * kD + c * kLanes);
+    for (int64_t k = 0; k < n; ++k) {
+      v16 bk[kVecs];
+      for (int c = 0; c < kVecs; ++c) bk[c] = load(b + k * kD + c * kLanes);
+      for (int r = 0; r < kTile; ++r) {
+        const float x = a[(i0 + r) * ai + k * ak];
+        for (int c = 0; c < kVecs; ++c) acc[r][c] += x * bk[c];
+      }
+    }
+    for (int r = 0; r < kTile; ++r)
+      for (int c = 0; c < kVecs; ++c) store(out + (i0 + r) * kD + c * kLanes, acc[r][c]);
+  }
+}
+
+struct FlashProblem {
+  const float *q, *k, *v, *out, *lse, *dout;  // out, lse, dout: backward only
+  float *out_w, *lse_w;                        // forward's results
+  float *dq, *dk, *dv;                         // backward's results
+  int64_t items, t, h, d;
+  float scale;
+  bool causal;
+};
+
+// Copies one head's [T, D] rows out of an [N, T, H, D] array into a zero-padded [tp, D] tile,
+// times `scale`; with `transposed`, into [D, kBlockK] panels, one per key block, each contiguous
+// (a [D, tp] matrix would put the rows of a panel tp floats apart, a power of two: they would
+// fall into the same cache sets, and at T = 16,384 the panel no longer stays in L1 or L2).
+template <int kD>
+void PackRows(const float* src, int64_t base, int64_t row_stride, int64_t t, int64_t tp,
+              float scale, float* dst, bool transposed) {
+  if (transposed) {
+    for (int64_t i = 0; i < tp; ++i) {
+      float* panel = dst + i / kBlockK * (kD * kBlockK) + i % kBlockK;
+      for (int c = 0; c < kD; ++c)
+        panel[c * kBlockK] = i < t ? src[base + i * row_stride + c] * scale : 0.0f;
+    }
+  } else {
+    for (int64_t i = 0; i < t; ++i)
+      for (int c = 0; c < kD; ++c) dst[i * kD + c] = src[base + i * row_stride + c] * scale;
+    std::memset(dst + t * kD, 0, sizeof(float) * (tp - t) * kD);
+  }
+}
+
+// The [D, kBlockK] panel of keys j0.. in a tile packed with `transposed`.
+template <int kD>
+const float* PanelOf(const float* packed, int64_t j0) {
+  return packed + j0 / kBlockK * (kD * kBlockK);
+}
+
+template <int kD>
+void UnpackRows(const float* src, int64_t t, float scale, float* dst, int64_t base,
+                int64_t row_stride) {
+  for (int64_t i = 0; i < t; ++i)
+    for (int c = 0; c < kD; ++c) dst[base + i * row_stride + c] = src[i * kD + c] * scale;
+}
+
+inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+static_assert(kBlockQ % kBlockK == 0 || kBlockK % kBlockQ == 0, "blocks must nest");
+constexpr int64_t kPad = kBlockQ > kBlockK ? kBlockQ : kBlockK;  // sequences padded to this
+
+// In a [kBlockQ x kBlockK] block of queries i0.. and keys j0..: the entries of keys past the end
+// and (causal) of keys after their query set to `value`.
+inline void MaskBlock(float* s, int64_t i0, int64_t j0, int64_t t, bool causal, float value) {
+  const bool tail = j0 + kBlockK > t, diagonal = causal && j0 + kBlockK - 1 > i0;
+  if (!tail && !diagonal) return;
+  for (int r = 0; r < kBlockQ; ++r) {
+    const int64_t last = causal ? std::min(t - 1, i0 + r) : t - 1;
+    for (int64_t j = std::max<int64_t>(j0, last + 1); j < j0 + kBlockK; ++j)
+      s[r * kBlockK + (j - j0)] = value;
+  }
+}
+
+template <int kVecs>
+class FlashForward {
+ public:
+  explicit FlashForward(const FlashProblem& p)
+      : p_(p), tp_(RoundUp(p.t, kPad)), q_(tp_ * kD), kt_(kD * tp_), v_(tp_ * kD),
+        s_(kBlockQ * kBlockK), o_(kBlockQ * kD) {}
+
+  void Run(int64_t item) {
+    const int64_t n = item / p_.h, head = item % p_.h, t = p_.t, stride = p_.h * kD;
+    const int64_t base = n * t * stride + head * kD;
+    PackRows<kD>(p_.q, base, stride, t, tp_, p_.scale, q_.ptr, false);
+    PackRows<kD>(p_.k, base, stride, t, tp_, 1.0f, kt_.ptr, true);
+    PackRows<kD>(p_.v, base, stride, t, tp_, 1.0f, v_.ptr, false);
+    float m[kBlockQ], l[kBlockQ];
+    for (int64_t i0 = 0; i0 < t; i0 += kBlockQ) {
+      std::fill(m, m + kBlockQ, -INFINITY);
+      std::fill(l, l + kBlockQ, 0.0f);
+      std::memset(o_.ptr, 0, sizeof(float) * kBlockQ * kD);
+      const int64_t limit = p_.causal ? std::min(t, i0 + kBlockQ) : t;
+      for (int64_t j0 = 0; j0 < limit; j0 += kBlockK) {
+        float* s = s_.ptr;
+        ScoresBlock<kVecs>(q_.ptr + i0 * kD, kBlockQ, PanelOf<kD>(kt_.ptr, j0), kBlockK, 0, kBlockK, s,
+                           kBlockK);
+        MaskBlock(s, i0, j0, t, p_.causal, -INFINITY);
+        for (int r = 0; r < kBlockQ; ++r) {
+          float* row = s + r * kBlockK;
+          v16 mx = load(row);
+          for (int j = kLanes; j < kBlockK; j += kLanes) {
+            const v16 x = load(row + j);
+            mx = x > mx ? x : mx;
+          }
+          const float m_new = std::max(m[r], hmax(mx));  // finite: key 0 is in every row
+          const float alpha = std::exp(m[r] - m_new);
+          v16 sum{};
+          for (int j = 0; j < kBlockK; j += kLanes) {
+            const v16 e = exp_nonpositive(load(row + j) - m_new);
+            store(row + j, e);
+            sum += e;
+          }
+          l[r] = l[r] * alpha + hsum(sum);
+          m[r] = m_new;
+          if (alpha != 1.0f)
+            for (int c = 0; c < kD; c += kLanes)
+              store(o_.ptr + r * kD + c, load(o_.ptr + r * kD + c) * alpha);
+        }
+        AccumulateProduct<kVecs>(s, kBlockK, 1, kBlockQ, kBlockK, v_.ptr + j0 * kD, o_.ptr);
+      }
+      const int64_t rows = std::min<int64_t>(kBlockQ, t - i0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float inv = 1.0f / l[r];
+        float* dst = p_.out_w + base + (i0 + r) * stride;
+        for (int c = 0; c < kD; ++c) dst[c] = o_.ptr[r * kD + c] * inv;
+        p_.lse_w[item * t + i0 + r] = m[r] + std::log(l[r]);
+      }
+    }
+  }
+
+ private:
+  static constexpr int kD = kVecs * kLanes;
+  const FlashProblem& p_;
+  const int64_t tp_;
+  Aligned q_, kt_, v_, s_, o_;
+};
+
+template <int kVecs>
+class FlashBackward {
+ public:
+  explicit FlashBackward(const FlashProblem& p)
+      : p_(p), tp_(RoundUp(p.t, kPad)), q_(tp_ * kD), k_(tp_ * kD), kt_(kD * tp_),
+        vt_(kD * tp_), do_(tp_ * kD), dq_(tp_ * kD), lse_(tp_), delta_(tp_),
+        p_blk_(kBlockQ * kBlockK), ds_(kBlockQ * kBlockK), dk_(kBlockK * kD), dv_(kBlockK * kD) {}
+
+  void Run(int64_t item) {
+    const int64_t n = item / p_.h, head = item % p_.h, t = p_.t, stride = p_.h * kD;
+    const int64_t base = n * t * stride + head * kD;
+    PackRows<kD>(p_.q, base, stride, t, tp_, p_.scale, q_.ptr, false);
+    PackRows<kD>(p_.k, base, stride, t, tp_, 1.0f, k_.ptr, false);
+    PackRows<kD>(p_.k, base, stride, t, tp_, 1.0f, kt_.ptr, true);
+    PackRows<kD>(p_.v, base, stride, t, tp_, 1.0f, vt_.ptr, true);
+    PackRows<kD>(p_.dout, base, stride, t, tp_, 1.0f, do_.ptr, false);
+    std::memset(dq_.ptr, 0, sizeof(float) * tp_ * kD);
+    for (int64_t i = 0; i < tp_; ++i) {
+      // Padded rows have q = dout = 0: whatever their probabilities, they add nothing.
+      lse_.ptr[i] = i < t ? p_.lse[item * t + i] : 0.0f;
+      float dot = 0.0f;
+      if (i < t) {
+        const float* o = p_.out + base + i * stride;
+        for (int c = 0; c < kD; ++c) dot += o[c] * do_.ptr[i * kD + c];
+      }
+      delta_.ptr[i] = dot;  // rowsum(dout * out) = sum_j p_ij dp_ij
+    }
+    float* pb = p_blk_.ptr;
+    float* ds = ds_.ptr;
+    for (int64_t j0 = 0; j0 < t; j0 += kBlockK) {
+      std::memset(dk_.ptr, 0, sizeof(float) * kBlockK * kD);
+      std::memset(dv_.ptr, 0, sizeof(float) * kBlockK * kD);
+      for (int64_t i0 = p_.causal ? j0 / kBlockQ * kBlockQ : 0; i0 < t; i0 += kBlockQ) {
+        ScoresBlock<kVecs>(q_.ptr + i0 * kD, kBlockQ, PanelOf<kD>(kt_.ptr, j0), kBlockK, 0, kBlockK,
+                           pb, kBlockK);
+        for (int r = 0; r < kBlockQ; ++r) {
+          float* row = pb + r * kBlockK;
+          const float lse = lse_.ptr[i0 + r];
+          for (int j = 0; j < kBlockK; j += kLanes) store(row + j, exp_nonpositive(load(row + j) - lse));
+        }
+        MaskBlock(pb, i0, j0, t, p_.causal, 0.0f);
+        // dv += p^T . dout
+        AccumulateProduct<kVecs>(pb, 1, kBlockK, kBlockK, kBlockQ, do_.ptr + i0 * kD, dv_.ptr);
+        // dp = dout . v^T, then ds = p * (dp - delta)
+        ScoresBlock<kVecs>(do_.ptr + i0 * kD, kBlockQ, PanelOf<kD>(vt_.ptr, j0), kBlockK, 0, kBlockK,
+                           ds, kBlockK);
+        for (int r = 0; r < kBlockQ; ++r) {
+          const float delta = delta_.ptr[i0 + r];
+          for (int j = 0; j < kBlockK; j += kLanes) {
+            const int64_t at = r * kBlockK + j;
+            store(ds + at, load(pb + at) * (load(ds + at) - delta));
+          }
+        }
+        // dq += ds . k ; dk += ds^T . (scale q)
+        AccumulateProduct<kVecs>(ds, kBlockK, 1, kBlockQ, kBlockK, k_.ptr + j0 * kD,
+                                 dq_.ptr + i0 * kD);
+        AccumulateProduct<kVecs>(ds, 1, kBlockK, kBlockK, kBlockQ, q_.ptr + i0 * kD, dk_.ptr);
+      }
+      const int64_t keys = std::min<int64_t>(kBlockK, t - j0);
+      UnpackRows<kD>(dk_.ptr, keys, 1.0f, p_.dk, base + j0 * stride, stride);
+      UnpackRows<kD>(dv_.ptr, keys, 1.0f, p_.dv, base + j0 * stride, stride);
+    }
+    UnpackRows<kD>(dq_.ptr, t, p_.scale, p_.dq, base, stride);
+  }
+
+ private:
+  static constexpr int kD = kVecs * kLanes;
+  const FlashProblem& p_;
+  const int64_t tp_;
+  Aligned q_, k_, kt_, vt_, do_, dq_, lse_, delta_, p_blk_, ds_, dk_, dv_;
+};
+
+// Items handed out through an atomic counter, as Shared/Drain above, for any worker type.
+template <class Problem>
+struct Job {
+  Problem problem;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+template <template <int> class Worker, int kVecs, class Problem>
+void DrainJob(Job<Problem>& job) {
+  int64_t i = job.next.fetch_add(1);
+  if (i >= job.problem.items) return;
+  Worker<kVecs> worker(job.problem);
+  int64_t finished = 0;
+  for (; i < job.problem.items; i = job.next.fetch_add(1), ++finished) worker.Run(i);
+  if (job.done.fetch_add(finished) + finished == job.problem.items) {
+    std::lock_guard<std::mutex> lock(job.mu);
+    job.cv.notify_all();
+  }
+}
+
+template <template <int> class Worker>
+void (*FlashDrainFor(int64_t d))(Job<FlashProblem>&) {
+  switch (d) {
+    case 16: return DrainJob<Worker, 1, FlashProblem>;
+    case 32: return DrainJob<Worker, 2, FlashProblem>;
+    case 48: return DrainJob<Worker, 3, FlashProblem>;
+    case 64: return DrainJob<Worker, 4, FlashProblem>;
+    case 80: return DrainJob<Worker, 5, FlashProblem>;
+    case 96: return DrainJob<Worker, 6, FlashProblem>;
+    case 112: return DrainJob<Worker, 7, FlashProblem>;
+    case 128: return DrainJob<Worker, 8, FlashProblem>;
+    default: return nullptr;
+  }
+}
+
+template <template <int> class Worker>
+ffi::Error RunFlash(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, FlashProblem problem) {
+  const auto dims = q.dimensions();
+  if (dims.size() < 3) return ffi::Error::InvalidArgument("q must be [..., T, heads, D]");
+  const int64_t d = dims[dims.size() - 1], h = dims[dims.size() - 2], t = dims[dims.size() - 3];
+  auto drain = FlashDrainFor<Worker>(d);
+  if (drain == nullptr)
+    return ffi::Error::InvalidArgument("head dim must be a multiple of 16, at most 128");
+  if (q.element_count() == 0) return ffi::Error::Success();
+  problem.t = t;
+  problem.h = h;
+  problem.d = d;
+  problem.items = q.element_count() / (t * d);
+  auto job = std::make_shared<Job<FlashProblem>>();
+  job->problem = problem;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), problem.items - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job, drain] { drain(*job); });
+  drain(*job);
+  std::unique_lock<std::mutex> lock(job->mu);
+  job->cv.wait(lock, [&] { return job->done.load() == job->problem.items; });
+  return ffi::Error::Success();
+}
+
+ffi::Error FlashForwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                            ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, float scale,
+                            int32_t causal, ffi::ResultBuffer<ffi::F32> out,
+                            ffi::ResultBuffer<ffi::F32> lse) {
+  if (k.element_count() != q.element_count() || v.element_count() != q.element_count())
+    return ffi::Error::InvalidArgument("q, k and v must have the same shape");
+  FlashProblem p{};
+  p.q = q.typed_data();
+  p.k = k.typed_data();
+  p.v = v.typed_data();
+  p.out_w = out->typed_data();
+  p.lse_w = lse->typed_data();
+  p.scale = scale;
+  p.causal = causal != 0;
+  return RunFlash<FlashForward>(pool, q, p);
+}
+
+ffi::Error FlashBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                             ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                             ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                             ffi::Buffer<ffi::F32> dout, float scale, int32_t causal,
+                             ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                             ffi::ResultBuffer<ffi::F32> dv) {
+  const size_t n = q.element_count();
+  if (k.element_count() != n || v.element_count() != n || out.element_count() != n ||
+      dout.element_count() != n)
+    return ffi::Error::InvalidArgument("q, k, v, out and dout must have the same shape");
+  FlashProblem p{};
+  p.q = q.typed_data();
+  p.k = k.typed_data();
+  p.v = v.typed_data();
+  p.out = out.typed_data();
+  p.lse = lse.typed_data();
+  p.dout = dout.typed_data();
+  p.dq = dq->typed_data();
+  p.dk = dk->typed_data();
+  p.dv = dv->typed_data();
+  p.scale = scale;
+  p.causal = causal != 0;
+  return RunFlash<FlashBackward>(pool, q, p);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAttention, Attention,
@@ -272,3 +628,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAttention, Attention,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // key_bias
                                   .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuFlashForward, FlashForwardCall,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("causal")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // lse [N, H, T]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuFlashBackward, FlashBackwardCall,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dout
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("causal")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dv
