@@ -150,6 +150,15 @@ def _jax_impls() -> list[Impl]:
         Impl("hw2jax linear", "jax", "linear", (False,), linear("chunked")),
         Impl("hw2jax linear (causal chunked)", "jax", "linear", (True,), linear("chunked")),
         Impl("hw2jax linear (causal recurrent)", "jax", "linear", (True,), linear("recurrent")),
+        Impl(
+            "hw2jax linear (causal fused CPU)",
+            "jax",
+            "linear",
+            (True,),
+            linear("fused_cpu"),
+            cpu_only=True,
+            dtype="float32",
+        ),
         # Off a GPU the Pallas kernel runs in interpret mode: a check, not a contender.
         Impl(
             "hw2jax linear (causal pallas)",

@@ -155,18 +155,31 @@ def explicit_linear_jnp(q, k, v, feature_map):
 
 
 @pytest.mark.parametrize("feature_map", ["elu", "relu", "identity"])
-@pytest.mark.parametrize("t,chunk", [(37, 8), (16, 16), (5, 64)])
-def test_pallas_kernel_matches_float64_with_gradients(feature_map, t, chunk):
-    """The Pallas kernel (interpret mode off a GPU) against the explicit float64 formula:
-    values, and gradients through the kernel's own backward pass."""
-    q, k, v = qkv((2, t, 2, 6), e=5, seed=t + chunk)
+@pytest.mark.parametrize(
+    "method,t,chunk,d,e",
+    [
+        ("pallas", 37, 8, 6, 5),
+        ("pallas", 16, 16, 6, 5),
+        ("pallas", 5, 64, 6, 5),
+        # The fused CPU kernels' chunks are 64: T below, at and across them.
+        ("fused_cpu", 1, 64, 16, 16),
+        ("fused_cpu", 64, 64, 48, 48),
+        ("fused_cpu", 130, 64, 32, 32),
+    ],
+)
+def test_chunk_kernels_match_float64_with_gradients(feature_map, method, t, chunk, d, e):
+    """The Pallas kernel (interpret mode off a GPU) and the fused CPU kernels against the
+    explicit float64 formula: values, and gradients through the kernels' own backward pass."""
+    if method == "fused_cpu" and kernels.build_error():
+        pytest.skip(f"the fused CPU kernel cannot be built here: {kernels.build_error()}")
+    q, k, v = qkv((2, t, 2, d), e=e, seed=t + chunk)
     if feature_map == "identity":  # a positive denominator, as the identity map needs
         q, k = jnp.abs(q) + 0.5, jnp.abs(k) + 0.5
     w = jax.random.normal(jax.random.key(7), v.shape)
 
     def loss(q, k, v):
         out = attention.linear_attention(
-            q, k, v, causal=True, feature_map=feature_map, method="pallas", chunk_size=chunk
+            q, k, v, causal=True, feature_map=feature_map, method=method, chunk_size=chunk
         )
         return jnp.sum(out * w), out
 
@@ -229,7 +242,13 @@ def test_identity_map_warns_when_denominator_is_not_positive(jit):
 
 @pytest.mark.parametrize(
     "causal,method",
-    [(False, "chunked"), (True, "chunked"), (True, "recurrent"), (True, "pallas")],
+    [
+        (False, "chunked"),
+        (True, "chunked"),
+        (True, "recurrent"),
+        (True, "pallas"),
+        (True, "fused_cpu"),  # XLA's temporaries; the kernel's own buffers are O(T) by design
+    ],
 )
 def test_linear_attention_memory_is_linear_at_128k(causal, method):
     t, h, d = 131072, 4, 64

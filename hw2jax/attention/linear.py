@@ -15,6 +15,7 @@ from hw2jax.attention.helpers import batched_dot, check_qkv, pad_axis
 from hw2jax.attention.linear_pallas import causal_linear_product_pallas
 
 FeatureMap = Literal["elu", "relu", "identity"]
+METHODS = ("auto", "chunked", "recurrent", "pallas", "fused_cpu")
 
 FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # elu(x) + 1 > 0 keeps every weight positive (Katharopoulos et al. 2020).
@@ -43,7 +44,7 @@ def linear_attention(
     causal: bool = False,
     feature_map: FeatureMap = "elu",
     eps: float = 1e-6,
-    method: Literal["chunked", "recurrent", "pallas"] = "chunked",
+    method: Literal["auto", "chunked", "recurrent", "pallas", "fused_cpu"] = "auto",
     chunk_size: int = 64,
 ) -> jax.Array:
     """out_i = phi(q_i) . S_i / (phi(q_i) . z_i + eps), with S = sum_j phi(k_j) v_j^T and
@@ -52,9 +53,13 @@ def linear_attention(
     O(T) time and memory. Non-causal attention computes S once. Causal attention uses
     ``method="chunked"`` (exact attention inside chunks of ``chunk_size`` plus a running
     state between chunks), ``method="recurrent"`` (a ``lax.scan`` over time: linear
-    attention as an RNN) or ``method="pallas"`` (the chunk algorithm as one Pallas kernel,
+    attention as an RNN), ``method="pallas"`` (the chunk algorithm as one Pallas kernel,
     forward and backward: Triton on a GPU, interpret mode elsewhere, where it is slow and
-    meant for checks). None builds a T x T matrix nor a T x d x d stack of states.
+    meant for checks) or ``method="fused_cpu"`` (the chunk algorithm, chunks of 64, as our
+    fused CPU kernels, forward and backward: float32, features and values of one size, a
+    multiple of 16 up to 128). ``method="auto"`` takes fused_cpu on a CPU where it can run and
+    its build has AVX-512 (:func:`hw2jax.kernels.fused_attention_pays_off`), else chunked.
+    None builds a T x T matrix nor a T x d x d stack of states.
 
     With ``feature_map="identity"`` the "weights" phi(q_i).phi(k_j) can be negative, so the
     denominator can cancel to nearly zero or go negative: outputs then blow up or flip sign.
@@ -67,8 +72,8 @@ def linear_attention(
         raise ValueError(
             f"unknown feature_map {feature_map!r}; choose one of {sorted(FEATURE_MAPS)}."
         )
-    if method not in ("chunked", "recurrent", "pallas"):
-        raise ValueError(f"unknown method {method!r}; choose 'chunked', 'recurrent' or 'pallas'.")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     phi = FEATURE_MAPS[feature_map]
@@ -92,6 +97,18 @@ def linear_products(
     feature-map attention (linear, cosFormer, Performer) shares."""
     if not causal:
         return _products(fq, fk, v)
+    if method in ("auto", "fused_cpu"):
+        from hw2jax import kernels
+
+        reason = kernels.causal_linear_unavailable_reason(fq, v)
+        if method == "fused_cpu" and reason:
+            raise ValueError(f"method='fused_cpu' cannot run: {reason}. Use 'auto'.")
+        if reason is None and (
+            method == "fused_cpu"
+            or kernels.fused_attention_pays_off(kernels.kernel_vector_features())
+        ):
+            return kernels.causal_linear_product_cpu(fq, fk, v)
+        method = "chunked"
     if method == "pallas":
         return causal_linear_product_pallas(fq, fk, v, chunk_size)
     if method == "chunked":

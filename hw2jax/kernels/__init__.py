@@ -38,6 +38,7 @@ __all__ = [
     "SUPPORTED_HEAD_DIMS",
     "KernelUnavailable",
     "build_error",
+    "causal_linear_product_cpu",
     "cpu_attention",
     "cpu_attention_unavailable_reason",
     "cpu_flash_attention",
@@ -51,6 +52,8 @@ _TARGETS = {
     "attention": ("Hw2jaxCpuAttention", "hw2jax_cpu_attention"),
     "flash_forward": ("Hw2jaxCpuFlashForward", "hw2jax_cpu_flash_forward"),
     "flash_backward": ("Hw2jaxCpuFlashBackward", "hw2jax_cpu_flash_backward"),
+    "linear_forward": ("Hw2jaxCpuLinearForward", "hw2jax_cpu_linear_forward"),
+    "linear_backward": ("Hw2jaxCpuLinearBackward", "hw2jax_cpu_linear_backward"),
 }
 _TARGET = _TARGETS["attention"][1]
 SUPPORTED_HEAD_DIMS = tuple(range(16, 129, 16))  # the kernel's compiled variants
@@ -370,3 +373,60 @@ def cpu_flash_attention(
         raise KernelUnavailable(reason)
     scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else float(scale)
     return _flash(q, k, v, scale, bool(causal))
+
+
+@jax.custom_vjp
+def _linear_product(fq, fk, v):
+    return _linear_product_fwd(fq, fk, v)[0]
+
+
+def _linear_product_fwd(fq, fk, v):
+    den = jax.ShapeDtypeStruct(fq.shape[:-1], jnp.float32)
+    call = jax.ffi.ffi_call(
+        _TARGETS["linear_forward"][1],
+        (jax.ShapeDtypeStruct(v.shape, jnp.float32), den),
+        vmap_method="broadcast_all",
+    )
+    return call(fq, fk, v), (fq, fk, v)
+
+
+def _linear_product_bwd(residuals, grads):
+    g_num, g_den = grads
+    shape = jax.ShapeDtypeStruct(residuals[0].shape, jnp.float32)
+    call = jax.ffi.ffi_call(
+        _TARGETS["linear_backward"][1], (shape, shape, shape), vmap_method="broadcast_all"
+    )
+    return call(*residuals, g_num, g_den)
+
+
+_linear_product.defvjp(_linear_product_fwd, _linear_product_bwd)
+
+
+def causal_linear_unavailable_reason(fq: jax.Array, v: jax.Array) -> str | None:
+    """None if :func:`causal_linear_product_cpu` can run for these features and values here."""
+    if fq.shape != v.shape:
+        return f"the fused kernel wants features and values of one shape; got {fq.shape}, {v.shape}"
+    return cpu_attention_unavailable_reason(fq.shape[-1], jnp.result_type(fq, v))
+
+
+def causal_linear_product_cpu(
+    fq: jax.Array, fk: jax.Array, v: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(sum_{j<=i} (fq_i . fk_j) v_j, sum_{j<=i} fq_i . fk_j), causal linear attention's
+    products, by the fused CPU kernels (forward and backward): the chunk algorithm with chunks
+    of 64, as :func:`hw2jax.attention.linear_pallas.causal_linear_product_pallas`.
+
+    fq, fk, v: float32 ``[B, T, heads, D]`` of one shape, D a multiple of 16 up to 128.
+    Returns num ``[B, T, heads, D]`` and den ``[B, T, heads, 1]``. Raises
+    :class:`KernelUnavailable` (or ValueError for bad shapes) with what to do instead.
+    """
+    if fq.ndim != 4 or fk.shape != fq.shape:
+        raise ValueError(
+            "causal_linear_product_cpu wants fq and fk of one shape [batch, T, heads, D]; got "
+            f"{fq.shape}, {fk.shape}. Use linear_attention(method='chunked') for others."
+        )
+    reason = causal_linear_unavailable_reason(fq, v)
+    if reason is not None:
+        raise KernelUnavailable(reason)
+    num, den = _linear_product(fq, fk, v)
+    return num, den[..., None]

@@ -537,35 +537,37 @@ void DrainJob(Job<Problem>& job) {
   }
 }
 
-template <template <int> class Worker>
-void (*FlashDrainFor(int64_t d))(Job<FlashProblem>&) {
+template <template <int> class Worker, class Problem>
+void (*DrainFor(int64_t d))(Job<Problem>&) {
   switch (d) {
-    case 16: return DrainJob<Worker, 1, FlashProblem>;
-    case 32: return DrainJob<Worker, 2, FlashProblem>;
-    case 48: return DrainJob<Worker, 3, FlashProblem>;
-    case 64: return DrainJob<Worker, 4, FlashProblem>;
-    case 80: return DrainJob<Worker, 5, FlashProblem>;
-    case 96: return DrainJob<Worker, 6, FlashProblem>;
-    case 112: return DrainJob<Worker, 7, FlashProblem>;
-    case 128: return DrainJob<Worker, 8, FlashProblem>;
+    case 16: return DrainJob<Worker, 1, Problem>;
+    case 32: return DrainJob<Worker, 2, Problem>;
+    case 48: return DrainJob<Worker, 3, Problem>;
+    case 64: return DrainJob<Worker, 4, Problem>;
+    case 80: return DrainJob<Worker, 5, Problem>;
+    case 96: return DrainJob<Worker, 6, Problem>;
+    case 112: return DrainJob<Worker, 7, Problem>;
+    case 128: return DrainJob<Worker, 8, Problem>;
     default: return nullptr;
   }
 }
 
-template <template <int> class Worker>
-ffi::Error RunFlash(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, FlashProblem problem) {
-  const auto dims = q.dimensions();
-  if (dims.size() < 3) return ffi::Error::InvalidArgument("q must be [..., T, heads, D]");
+// Runs Worker<D / 16> over the (sequence, head) items of a [N, T, H, D] input `x`, on the
+// calling thread and XLA's pool; fills in the problem's sizes.
+template <template <int> class Worker, class Problem>
+ffi::Error RunItems(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, Problem problem) {
+  const auto dims = x.dimensions();
+  if (dims.size() < 3) return ffi::Error::InvalidArgument("inputs must be [..., T, heads, D]");
   const int64_t d = dims[dims.size() - 1], h = dims[dims.size() - 2], t = dims[dims.size() - 3];
-  auto drain = FlashDrainFor<Worker>(d);
+  auto drain = DrainFor<Worker, Problem>(d);
   if (drain == nullptr)
     return ffi::Error::InvalidArgument("head dim must be a multiple of 16, at most 128");
-  if (q.element_count() == 0) return ffi::Error::Success();
+  if (x.element_count() == 0) return ffi::Error::Success();
   problem.t = t;
   problem.h = h;
   problem.d = d;
-  problem.items = q.element_count() / (t * d);
-  auto job = std::make_shared<Job<FlashProblem>>();
+  problem.items = x.element_count() / (t * d);
+  auto job = std::make_shared<Job<Problem>>();
   job->problem = problem;
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), problem.items - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job, drain] { drain(*job); });
@@ -589,7 +591,7 @@ ffi::Error FlashForwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   p.lse_w = lse->typed_data();
   p.scale = scale;
   p.causal = causal != 0;
-  return RunFlash<FlashForward>(pool, q, p);
+  return RunItems<FlashForward>(pool, q, p);
 }
 
 ffi::Error FlashBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
@@ -614,7 +616,219 @@ ffi::Error FlashBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   p.dv = dv->typed_data();
   p.scale = scale;
   p.causal = causal != 0;
-  return RunFlash<FlashBackward>(pool, q, p);
+  return RunItems<FlashBackward>(pool, q, p);
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Causal linear attention's product, (num_i, den_i) = (sum_{j<=i} (fq_i . fk_j) v_j,
+// sum_{j<=i} fq_i . fk_j), by the chunk algorithm (hw2jax/attention/linear_pallas.py has the same
+// walk): exact inside chunks of 64, the state S = sum_j fk_j v_j^T and z = sum_j fk_j carried
+// between them. fq, fk, v, num are [N, T, H, D] (one D for features and values), den [N, T, H].
+// The backward pass walks forward for d fq, then in reverse for d fk and d v.
+
+struct LinearProblem {
+  const float *fq, *fk, *v, *g_num, *g_den;  // g_*: backward only
+  float *num, *den;                          // forward's results
+  float *d_fq, *d_fk, *d_v;                  // backward's results
+  int64_t items, t, h, d;
+};
+
+// Zeroes the entries of a [kBlockK x kBlockK] chunk block above the diagonal (j > i).
+inline void ZeroFuture(float* s) {
+  for (int r = 0; r < kBlockK; ++r) std::memset(s + r * kBlockK + r + 1, 0, sizeof(float) * (kBlockK - 1 - r));
+}
+
+template <int kD>
+void Transpose(const float* a, float* at) {  // [kD x kD]
+  for (int i = 0; i < kD; ++i)
+    for (int j = 0; j < kD; ++j) at[j * kD + i] = a[i * kD + j];
+}
+
+template <int kVecs>
+class LinearWorker {
+ public:
+  explicit LinearWorker(const LinearProblem& p)
+      : p_(p), tp_(RoundUp(p.t, kBlockK)), q_(tp_ * kD), k_(tp_ * kD), kt_(kD * tp_),
+        v_(tp_ * kD), vt_(kD * tp_), g_(tp_ * kD), gden_(tp_), s_(kBlockK * kBlockK),
+        ds_(kBlockK * kBlockK), state_(kD * kD), state_t_(kD * kD), z_(kD), rows_(kBlockK * kD) {}
+
+  void Forward(int64_t item) {
+    const int64_t base = Pack(item, false);
+    Zero(state_);
+    Zero(z_, kD);
+    for (int64_t c0 = 0; c0 < p_.t; c0 += kBlockK) {
+      Scores(q_.ptr + c0 * kD, kt_.ptr, c0, s_.ptr);  // fq fk^T, causal
+      float* num = rows_.ptr;
+      std::memset(num, 0, sizeof(float) * kBlockK * kD);
+      AccumulateProduct<kVecs>(s_.ptr, kBlockK, 1, kBlockK, kBlockK, v_.ptr + c0 * kD, num);
+      AccumulateProduct<kVecs>(q_.ptr + c0 * kD, kD, 1, kBlockK, kD, state_.ptr, num);
+      const int64_t rows = std::min<int64_t>(kBlockK, p_.t - c0);
+      for (int64_t r = 0; r < rows; ++r) {
+        float den = 0.0f;
+        for (int j = 0; j <= r; ++j) den += s_.ptr[r * kBlockK + j];
+        for (int c = 0; c < kD; ++c) den += q_.ptr[(c0 + r) * kD + c] * z_.ptr[c];
+        std::memcpy(p_.num + base + (c0 + r) * Stride(), num + r * kD, sizeof(float) * kD);
+        p_.den[Den(item, c0 + r)] = den;
+      }
+      // S += fk^T v ; z += sum of fk
+      AccumulateProduct<kVecs>(k_.ptr + c0 * kD, 1, kD, kD, kBlockK, v_.ptr + c0 * kD, state_.ptr);
+      AddColumnSums(k_.ptr + c0 * kD, z_.ptr);
+    }
+  }
+
+  void Backward(int64_t item) {
+    const int64_t base = Pack(item, true);
+    // Queries, in order: d fq = ds fk + g S^T + g_den z^T, ds = causal(g v^T + g_den).
+    Zero(state_t_);
+    Zero(z_, kD);
+    for (int64_t c0 = 0; c0 < p_.t; c0 += kBlockK) {
+      WeightGradients(c0);
+      float* d_q = rows_.ptr;
+      std::memset(d_q, 0, sizeof(float) * kBlockK * kD);
+      AccumulateProduct<kVecs>(ds_.ptr, kBlockK, 1, kBlockK, kBlockK, k_.ptr + c0 * kD, d_q);
+      AccumulateProduct<kVecs>(g_.ptr + c0 * kD, kD, 1, kBlockK, kD, state_t_.ptr, d_q);
+      AddOuter(gden_.ptr + c0, z_.ptr, d_q);
+      Unpack(d_q, c0, p_.d_fq, base);
+      // S^T += v^T fk ; z += sum of fk
+      AccumulateProduct<kVecs>(v_.ptr + c0 * kD, 1, kD, kD, kBlockK, k_.ptr + c0 * kD, state_t_.ptr);
+      AddColumnSums(k_.ptr + c0 * kD, z_.ptr);
+    }
+    // Keys and values, in reverse, with R = sum fq^T g and r = sum fq g_den over later chunks:
+    // d fk = ds^T fq + v R^T + r^T, d v = causal(fq fk^T)^T g + fk R.
+    Zero(state_);
+    Zero(z_, kD);
+    for (int64_t c0 = (p_.t - 1) / kBlockK * kBlockK; c0 >= 0; c0 -= kBlockK) {
+      WeightGradients(c0);
+      Scores(q_.ptr + c0 * kD, kt_.ptr, c0, s_.ptr);
+      Transpose<kD>(state_.ptr, state_t_.ptr);
+      float* d_k = rows_.ptr;
+      std::memset(d_k, 0, sizeof(float) * kBlockK * kD);
+      AccumulateProduct<kVecs>(ds_.ptr, 1, kBlockK, kBlockK, kBlockK, q_.ptr + c0 * kD, d_k);
+      AccumulateProduct<kVecs>(v_.ptr + c0 * kD, kD, 1, kBlockK, kD, state_t_.ptr, d_k);
+      for (int r = 0; r < kBlockK; ++r)
+        for (int c = 0; c < kD; ++c) d_k[r * kD + c] += z_.ptr[c];
+      Unpack(d_k, c0, p_.d_fk, base);
+      float* d_v = rows_.ptr;
+      std::memset(d_v, 0, sizeof(float) * kBlockK * kD);
+      AccumulateProduct<kVecs>(s_.ptr, 1, kBlockK, kBlockK, kBlockK, g_.ptr + c0 * kD, d_v);
+      AccumulateProduct<kVecs>(k_.ptr + c0 * kD, kD, 1, kBlockK, kD, state_.ptr, d_v);
+      Unpack(d_v, c0, p_.d_v, base);
+      // R += fq^T g ; r += fq^T g_den
+      AccumulateProduct<kVecs>(q_.ptr + c0 * kD, 1, kD, kD, kBlockK, g_.ptr + c0 * kD, state_.ptr);
+      for (int r = 0; r < kBlockK; ++r)
+        for (int c = 0; c < kD; ++c) z_.ptr[c] += q_.ptr[(c0 + r) * kD + c] * gden_.ptr[c0 + r];
+    }
+  }
+
+ private:
+  static constexpr int kD = kVecs * kLanes;
+
+  int64_t Stride() const { return p_.h * kD; }
+  int64_t Den(int64_t item, int64_t i) const {
+    return ((item / p_.h) * p_.t + i) * p_.h + item % p_.h;
+  }
+  static void Zero(Aligned& a, int64_t n = kD * kD) { std::memset(a.ptr, 0, sizeof(float) * n); }
+
+  // Packs this item's fq, fk (rows and transposed panels) and v (and, for the backward pass,
+  // v's panels, g_num and g_den); returns the item's offset in the [N, T, H, D] arrays.
+  int64_t Pack(int64_t item, bool backward) {
+    const int64_t n = item / p_.h, head = item % p_.h, t = p_.t, stride = Stride();
+    const int64_t base = n * t * stride + head * kD;
+    PackRows<kD>(p_.fq, base, stride, t, tp_, 1.0f, q_.ptr, false);
+    PackRows<kD>(p_.fk, base, stride, t, tp_, 1.0f, k_.ptr, false);
+    PackRows<kD>(p_.fk, base, stride, t, tp_, 1.0f, kt_.ptr, true);
+    PackRows<kD>(p_.v, base, stride, t, tp_, 1.0f, v_.ptr, false);
+    if (backward) {
+      PackRows<kD>(p_.v, base, stride, t, tp_, 1.0f, vt_.ptr, true);
+      PackRows<kD>(p_.g_num, base, stride, t, tp_, 1.0f, g_.ptr, false);
+      for (int64_t i = 0; i < tp_; ++i) gden_.ptr[i] = i < t ? p_.g_den[Den(item, i)] : 0.0f;
+    }
+    return base;
+  }
+
+  // s = causal(a_chunk . panel^T) for the chunk of rows c0.. against keys c0..
+  void Scores(const float* a, const float* panels, int64_t c0, float* s) {
+    ScoresBlock<kVecs>(a, kBlockK, PanelOf<kD>(panels, c0), kBlockK, 0, kBlockK, s, kBlockK);
+    ZeroFuture(s);
+  }
+
+  // ds = causal(g v^T + g_den): d (num_i, den_i) / d (fq_i . fk_j) for the chunk at c0.
+  void WeightGradients(int64_t c0) {
+    ScoresBlock<kVecs>(g_.ptr + c0 * kD, kBlockK, PanelOf<kD>(vt_.ptr, c0), kBlockK, 0, kBlockK,
+                       ds_.ptr, kBlockK);
+    for (int r = 0; r < kBlockK; ++r) {
+      const float g_den = gden_.ptr[c0 + r];
+      for (int j = 0; j <= r; ++j) ds_.ptr[r * kBlockK + j] += g_den;
+    }
+    ZeroFuture(ds_.ptr);
+  }
+
+  void AddColumnSums(const float* rows, float* sums) {
+    for (int r = 0; r < kBlockK; ++r)
+      for (int c = 0; c < kD; c += kLanes) store(sums + c, load(sums + c) + load(rows + r * kD + c));
+  }
+
+  // out[r, :] += u[r] * w for the chunk's rows.
+  static void AddOuter(const float* u, const float* w, float* out) {
+    for (int r = 0; r < kBlockK; ++r)
+      for (int c = 0; c < kD; c += kLanes) store(out + r * kD + c, load(out + r * kD + c) + u[r] * load(w + c));
+  }
+
+  void Unpack(const float* rows, int64_t c0, float* dst, int64_t base) {
+    UnpackRows<kD>(rows, std::min<int64_t>(kBlockK, p_.t - c0), 1.0f, dst, base + c0 * Stride(),
+                   Stride());
+  }
+
+  const LinearProblem& p_;
+  const int64_t tp_;
+  Aligned q_, k_, kt_, v_, vt_, g_, gden_, s_, ds_, state_, state_t_, z_, rows_;
+};
+
+template <int kVecs>
+struct LinearForward : LinearWorker<kVecs> {
+  using LinearWorker<kVecs>::LinearWorker;
+  void Run(int64_t item) { this->Forward(item); }
+};
+
+template <int kVecs>
+struct LinearBackward : LinearWorker<kVecs> {
+  using LinearWorker<kVecs>::LinearWorker;
+  void Run(int64_t item) { this->Backward(item); }
+};
+
+ffi::Error LinearForwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> fq,
+                             ffi::Buffer<ffi::F32> fk, ffi::Buffer<ffi::F32> v,
+                             ffi::ResultBuffer<ffi::F32> num, ffi::ResultBuffer<ffi::F32> den) {
+  if (fk.element_count() != fq.element_count() || v.element_count() != fq.element_count())
+    return ffi::Error::InvalidArgument("fq, fk and v must have the same shape");
+  LinearProblem p{};
+  p.fq = fq.typed_data();
+  p.fk = fk.typed_data();
+  p.v = v.typed_data();
+  p.num = num->typed_data();
+  p.den = den->typed_data();
+  return RunItems<LinearForward>(pool, fq, p);
+}
+
+ffi::Error LinearBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> fq,
+                              ffi::Buffer<ffi::F32> fk, ffi::Buffer<ffi::F32> v,
+                              ffi::Buffer<ffi::F32> g_num, ffi::Buffer<ffi::F32> g_den,
+                              ffi::ResultBuffer<ffi::F32> d_fq, ffi::ResultBuffer<ffi::F32> d_fk,
+                              ffi::ResultBuffer<ffi::F32> d_v) {
+  const size_t n = fq.element_count();
+  if (fk.element_count() != n || v.element_count() != n || g_num.element_count() != n)
+    return ffi::Error::InvalidArgument("fq, fk, v and g_num must have the same shape");
+  LinearProblem p{};
+  p.fq = fq.typed_data();
+  p.fk = fk.typed_data();
+  p.v = v.typed_data();
+  p.g_num = g_num.typed_data();
+  p.g_den = g_den.typed_data();
+  p.d_fq = d_fq->typed_data();
+  p.d_fk = d_fk->typed_data();
+  p.d_v = d_v->typed_data();
+  return RunItems<LinearBackward>(pool, fq, p);
 }
 
 }  // namespace
@@ -654,3 +868,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuFlashBackward, FlashBackwardCall,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dq
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dk
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dv
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuLinearForward, LinearForwardCall,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // fq
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // fk
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // num
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // den [N, T, H]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuLinearBackward, LinearBackwardCall,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // fq
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // fk
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g_num
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g_den [N, T, H]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d fq
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d fk
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // d v
