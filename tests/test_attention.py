@@ -466,7 +466,7 @@ def test_every_softmax_implementation_matches_the_float64_formula(impl, causal):
 @pytest.mark.parametrize("pays_off", [True, False])
 def test_auto_runs_the_fused_cpu_kernels_only_where_they_pay(monkeypatch, pays_off):
     """With the CPU's features faked both ways: with AVX-512 the kernels compute every forward
-    pass, and gradients from T = 1024 on (below, naive's); without, they never run."""
+    pass, and gradients from T = 256 on (below, naive's); without, they never run."""
     if kernels.build_error():
         pytest.skip(f"the fused CPU kernel cannot be built here: {kernels.build_error()}")
     monkeypatch.setattr(kernels, "cpu_vector_features", lambda: {"avx512f": pays_off})
@@ -489,7 +489,7 @@ def test_auto_runs_the_fused_cpu_kernels_only_where_they_pay(monkeypatch, pays_o
     for got, want in zip(grads(q, k, v), naive(q, k, v), strict=True):
         np.testing.assert_array_equal(got, want)
     assert not calls
-    long = qkv((1, 1024, 1, 16), seed=6)
+    long = qkv((1, 256, 1, 16), seed=6)
     jax.grad(lambda *a: attention.softmax_attention(*a, causal=True).sum())(*long)
     assert calls == ["cpu_flash_attention"] * pays_off
     calls.clear()

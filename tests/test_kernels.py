@@ -174,6 +174,51 @@ for spec in (P("data", None, "model", None), P("model", None, None, None)):
 """
 
 
+_SHARDED_GRADIENTS = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from hw2jax import kernels
+rng = np.random.default_rng(0)
+q, k, v = (rng.standard_normal((4, 70, 4, 16)).astype(np.float32) for _ in range(3))
+mesh = Mesh(np.array(jax.devices()).reshape(1, 2), ("data", "model"))
+ops = {
+    "flash": lambda q, k, v: kernels.cpu_flash_attention(q, k, v, causal=True),
+    "linear": lambda q, k, v: kernels.causal_linear_product_cpu(jnp.abs(q), jnp.abs(k), v)[0],
+}
+for name, op in ops.items():
+    f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(op(q, k, v) ** 2), (0, 1, 2)))
+    one_device = f(q, k, v)
+    for spec in (P("data", None, "model", None), P("model", None, None, None)):
+        args = [jax.device_put(a, NamedSharding(mesh, spec)) for a in (q, k, v)]
+        hlo = f.lower(*args).compile().as_text()
+        calls = [line.split("=")[1].split("custom-call")[0].strip()
+                 for line in hlo.splitlines() if '"hw2jax_cpu_' in line and "custom-call(" in line]
+        error = max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(f(*args), one_device))
+        print(name, "all-gather" in hlo, sorted(set(calls))[0].replace(" ", ""), error)
+"""
+
+
+def test_sharded_gradients_stay_sharded():
+    """The flash and linear kernels' forward and backward calls under a mesh: each device
+    runs them on its slice (half the heads, or half the sequences), with no all-gather, and
+    the gradients equal the one-device ones."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    run = subprocess.run(
+        [sys.executable, "-c", _SHARDED_GRADIENTS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line.split() for line in run.stdout.splitlines()]
+    assert len(lines) == 4, run.stdout
+    for (name, gathered, shape, error), sliced in zip(lines, ["4,70,2", "2,70,4"] * 2, strict=True):
+        assert gathered == "False", (name, run.stdout)
+        assert shape.startswith(f"(f32[{sliced},16]"), (name, shape)
+        assert float(error) < 1e-5, (name, error)
+
+
 def test_sharded_inputs_stay_sharded():
     """Heads or sequences split over devices: each device runs the kernel on its own slice,
     with no all-gather, and the result equals the one-device call."""

@@ -16,9 +16,10 @@ IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "blockwise", "naive", "fuse
 # Inputs of at least this many scores per (batch, head) go blockwise on CPU (T = 8192), and the
 # fused forward takes the flash kernel instead of the row kernel (whose rows leave the caches).
 _BLOCKWISE_FROM = 2**26
-# From this many scores per (batch, head) on (T = 1024), auto's gradients on CPU take the fused
-# flash kernel where it can run; below, naive's XLA program is as fast.
-_FUSED_GRADIENTS_FROM = 2**20
+# From this many scores per (batch, head) on (T = 256), auto's gradients on CPU take the fused
+# flash kernel where it can run (measured faster than naive and blockwise from there on);
+# shorter inputs, such as the ViT's 50 patches, keep naive's XLA program.
+_FUSED_GRADIENTS_FROM = 2**16
 
 
 def softmax_attention(
@@ -52,7 +53,7 @@ def softmax_attention(
     - ``"auto"``: on an NVIDIA GPU, cudnn when dtype and shape allow, else pallas. On a CPU,
       fused_cpu where it can run and its build has AVX-512 (where it beats XLA's attention:
       :func:`hw2jax.kernels.fused_attention_pays_off`), for the forward pass always and for
-      gradients from 2^20 scores per (batch, head) (T = 1024) on; otherwise naive below 2^26
+      gradients from 2^16 scores per (batch, head) (T = 256) on; otherwise naive below 2^26
       scores (T = 8192) and blockwise from there. The thresholds are measured:
       ``benchmarks/results/cpu_gradients/``.
 

@@ -55,7 +55,6 @@ _TARGETS = {
     "linear_forward": ("Hw2jaxCpuLinearForward", "hw2jax_cpu_linear_forward"),
     "linear_backward": ("Hw2jaxCpuLinearBackward", "hw2jax_cpu_linear_backward"),
 }
-_TARGET = _TARGETS["attention"][1]
 SUPPORTED_HEAD_DIMS = tuple(range(16, 129, 16))  # the kernel's compiled variants
 
 
@@ -205,53 +204,60 @@ def cpu_attention_unavailable_reason(head_dim: int, dtype: jnp.dtype) -> str | N
     return build_error()
 
 
-def _ffi_attention(q, k, v, key_bias, scale):
-    call = jax.ffi.ffi_call(
-        _TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="broadcast_all"
+# The layouts of the kernels' operands and results: batch first, heads the only other axis a
+# mesh may split (sequences and heads are independent; positions and features stay whole).
+_AXES = {"bthd": "b t h d", "bht": "b h t", "bth": "b t h", "bt": "b t"}
+
+
+def _result_shape(layout: str, bthd: tuple[int, ...]) -> tuple[int, ...]:
+    b, t, h, d = bthd
+    return {"bthd": (b, t, h, d), "bht": (b, h, t), "bth": (b, t, h)}[layout]
+
+
+def _shardings(mesh, layouts: tuple[str, ...], spec: PartitionSpec) -> tuple:
+    """Shardings for `layouts` that keep the batch and heads axes of a [B, T, heads, D] spec."""
+    batch = spec[0] if len(spec) > 0 else None
+    heads = spec[2] if len(spec) > 2 else None
+    axes = {"b": batch, "h": heads}
+    return tuple(
+        NamedSharding(mesh, PartitionSpec(*(axes.get(a) for a in layout))) for layout in layouts
     )
-    return call(q, k, v, key_bias, scale=np.float32(scale))
-
-
-# Sequences and heads are independent: keep them sharded; positions and features whole.
-_sharded_attention = custom_partitioning(_ffi_attention, static_argnums=(4,))
-
-
-def _kept(spec: PartitionSpec) -> tuple:
-    """The (batch, heads) mesh axes of a [B, T, heads, D] operand's spec."""
-    return (spec[0] if len(spec) > 0 else None), (spec[2] if len(spec) > 2 else None)
-
-
-def _partition(scale, mesh, arg_shapes, result_shape):
-    batch, heads = _kept(arg_shapes[0].sharding.spec)
-    qkv = NamedSharding(mesh, PartitionSpec(batch, None, heads, None))
-    bias = NamedSharding(mesh, PartitionSpec(batch, None))
-
-    def lower(q, k, v, key_bias):
-        return _ffi_attention(q, k, v, key_bias, scale)
-
-    return mesh, lower, qkv, (qkv, qkv, qkv, bias)
-
-
-def _infer(scale, mesh, arg_shapes, result_shape):
-    batch, heads = _kept(arg_shapes[0].sharding.spec)
-    return NamedSharding(mesh, PartitionSpec(batch, None, heads, None))
-
-
-_sharded_attention.def_partition(
-    _partition,
-    infer_sharding_from_operands=_infer,
-    sharding_rule="b t h d, b s h d, b s h d, b s -> b t h d",
-    need_replication_factors=("t", "d", "s"),  # in order of appearance (Shardy)
-)
 
 
 @functools.cache
-def _batchable_attention(scale: float):
-    """The kernel under ``jax.vmap``: vmapped axes fold into the batch axis (one call)."""
+def _kernel(target: str, ins: tuple[str, ...], outs: tuple[str, ...], attrs: tuple = ()):
+    """The FFI target as a function of its operands (the first [B, T, heads, D]), with `attrs`
+    ((name, value) pairs) fixed. Under ``jax.vmap`` the vmapped axes fold into the batch axis
+    (one call); under ``jax.jit`` on a mesh, batch- or head-sharded operands stay sharded and
+    the kernel runs on each device's slice."""
+
+    def ffi(*args):
+        results = tuple(
+            jax.ShapeDtypeStruct(_result_shape(layout, args[0].shape), jnp.float32)
+            for layout in outs
+        )
+        call = jax.ffi.ffi_call(target, results, vmap_method="broadcast_all")
+        return call(*args, **dict(attrs))
+
+    sharded = custom_partitioning(ffi)
+
+    def partition(mesh, arg_shapes, result_shape):
+        spec = arg_shapes[0].sharding.spec
+        return mesh, ffi, _shardings(mesh, outs, spec), _shardings(mesh, ins, spec)
+
+    def infer(mesh, arg_shapes, result_shape):
+        return _shardings(mesh, outs, arg_shapes[0].sharding.spec)
+
+    sharded.def_partition(
+        partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule=", ".join(_AXES[a] for a in ins) + " -> " + ", ".join(_AXES[a] for a in outs),
+        need_replication_factors=("t", "d"),  # in order of appearance (Shardy)
+    )
 
     @jax.custom_batching.custom_vmap
-    def call(q, k, v, key_bias):
-        return _sharded_attention(q, k, v, key_bias, scale)
+    def call(*args):
+        return sharded(*args)
 
     @call.def_vmap
     def _fold(axis_size, in_batched, *args):
@@ -259,10 +265,20 @@ def _batchable_attention(scale: float):
             a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
             for a, b in zip(args, in_batched, strict=True)
         ]
-        out = call(*(a.reshape(-1, *a.shape[2:]) for a in args))
-        return out.reshape(axis_size, -1, *out.shape[1:]), True
+        results = call(*(a.reshape(-1, *a.shape[2:]) for a in args))
+        return tuple(r.reshape(axis_size, -1, *r.shape[1:]) for r in results), (True,) * len(outs)
 
     return call
+
+
+def _batchable_attention(scale: float):
+    kernel = _kernel(
+        _TARGETS["attention"][1],
+        ("bthd",) * 3 + ("bt",),
+        ("bthd",),
+        (("scale", np.float32(scale)),),
+    )
+    return lambda *args: kernel(*args)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -321,14 +337,15 @@ def cpu_attention(
     return _attention(q, k, v, key_bias.astype(jnp.float32), scale)
 
 
+def _flash_attrs(scale: float, causal: bool) -> tuple:
+    return ("scale", np.float32(scale)), ("causal", np.int32(causal))
+
+
 def _flash_forward_call(q, k, v, scale: float, causal: bool):
-    lse = jax.ShapeDtypeStruct((*q.shape[:-3], q.shape[-2], q.shape[-3]), jnp.float32)
-    call = jax.ffi.ffi_call(
-        _TARGETS["flash_forward"][1],
-        (jax.ShapeDtypeStruct(q.shape, jnp.float32), lse),
-        vmap_method="broadcast_all",
+    kernel = _kernel(
+        _TARGETS["flash_forward"][1], ("bthd",) * 3, ("bthd", "bht"), _flash_attrs(scale, causal)
     )
-    return call(q, k, v, scale=np.float32(scale), causal=np.int32(causal))
+    return kernel(q, k, v)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -342,12 +359,13 @@ def _flash_fwd(q, k, v, scale, causal):
 
 
 def _flash_bwd(scale, causal, residuals, grad):
-    q = residuals[0]
-    shape = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    call = jax.ffi.ffi_call(
-        _TARGETS["flash_backward"][1], (shape, shape, shape), vmap_method="broadcast_all"
+    kernel = _kernel(
+        _TARGETS["flash_backward"][1],
+        ("bthd",) * 4 + ("bht", "bthd"),
+        ("bthd",) * 3,
+        _flash_attrs(scale, causal),
     )
-    return call(*residuals, grad, scale=np.float32(scale), causal=np.int32(causal))
+    return kernel(*residuals, grad)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -381,22 +399,13 @@ def _linear_product(fq, fk, v):
 
 
 def _linear_product_fwd(fq, fk, v):
-    den = jax.ShapeDtypeStruct(fq.shape[:-1], jnp.float32)
-    call = jax.ffi.ffi_call(
-        _TARGETS["linear_forward"][1],
-        (jax.ShapeDtypeStruct(v.shape, jnp.float32), den),
-        vmap_method="broadcast_all",
-    )
-    return call(fq, fk, v), (fq, fk, v)
+    kernel = _kernel(_TARGETS["linear_forward"][1], ("bthd",) * 3, ("bthd", "bth"))
+    return kernel(fq, fk, v), (fq, fk, v)
 
 
 def _linear_product_bwd(residuals, grads):
-    g_num, g_den = grads
-    shape = jax.ShapeDtypeStruct(residuals[0].shape, jnp.float32)
-    call = jax.ffi.ffi_call(
-        _TARGETS["linear_backward"][1], (shape, shape, shape), vmap_method="broadcast_all"
-    )
-    return call(*residuals, g_num, g_den)
+    kernel = _kernel(_TARGETS["linear_backward"][1], ("bthd",) * 4 + ("bth",), ("bthd",) * 3)
+    return kernel(*residuals, *grads)
 
 
 _linear_product.defvjp(_linear_product_fwd, _linear_product_bwd)
