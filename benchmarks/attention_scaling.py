@@ -151,6 +151,15 @@ def _jax_impls() -> list[Impl]:
         Impl("hw2jax linear (causal chunked)", "jax", "linear", (True,), linear("chunked")),
         Impl("hw2jax linear (causal recurrent)", "jax", "linear", (True,), linear("recurrent")),
         Impl(
+            "hw2jax linear (fused CPU)",
+            "jax",
+            "linear",
+            (False,),
+            linear("fused_cpu"),
+            cpu_only=True,
+            dtype="float32",
+        ),
+        Impl(
             "hw2jax linear (causal fused CPU)",
             "jax",
             "linear",

@@ -146,10 +146,12 @@ def test_linear_attention_gradients_match_reference(causal, method):
         np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-5)
 
 
-def explicit_linear_jnp(q, k, v, feature_map):
-    """Causal linear attention as the masked T x T formula, for float64 gradients."""
+def explicit_linear_jnp(q, k, v, feature_map, causal=True):
+    """Linear attention as the (masked) T x T formula, for float64 gradients."""
     phi = attention.FEATURE_MAPS[feature_map]
-    a = jnp.einsum("bqhd,bkhd->bhqk", phi(q), phi(k)) * jnp.tril(jnp.ones((q.shape[1],) * 2))
+    a = jnp.einsum("bqhd,bkhd->bhqk", phi(q), phi(k))
+    if causal:
+        a = a * jnp.tril(jnp.ones((q.shape[1],) * 2))
     num = jnp.einsum("bhqk,bkhe->bqhe", a, v)
     return num / (a.sum(-1).transpose(0, 2, 1)[..., None] + 1e-6)
 
@@ -238,6 +240,63 @@ def test_identity_map_warns_when_denominator_is_not_positive(jit):
         zero = attention.linear_attention(q, jnp.zeros_like(k), v, feature_map="identity")
         jax.effects_barrier()
     assert np.all(np.asarray(zero) == 0.0)
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "relu"])
+@pytest.mark.parametrize("shape", [(2, 1, 2, 16), (2, 37, 2, 16), (1, 130, 3, 32), (1, 64, 1, 48)])
+def test_fused_cpu_non_causal_matches_float64_with_gradients(feature_map, shape):
+    """The non-causal fused kernel (features, products and normalisation in one pass per
+    side) against the explicit float64 T x T formula: values and gradients."""
+    if kernels.build_error():
+        pytest.skip(f"the fused CPU kernel cannot be built here: {kernels.build_error()}")
+    q, k, v = qkv(shape, seed=shape[1])
+    w = jax.random.normal(jax.random.key(3), v.shape)
+
+    def loss(q, k, v):
+        out = attention.linear_attention(q, k, v, feature_map=feature_map, method="fused_cpu")
+        return jnp.sum(out * w), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    np.testing.assert_allclose(
+        out, ref_linear_np(q, k, v, False, feature_map), rtol=2e-5, atol=2e-5
+    )
+    with jax.enable_x64(True):
+        args = [jnp.asarray(a, jnp.float64) for a in (q, k, v)]
+        w64 = jnp.asarray(w, jnp.float64)
+        expected = jax.grad(
+            lambda q, k, v: jnp.sum(explicit_linear_jnp(q, k, v, feature_map, False) * w64),
+            (0, 1, 2),
+        )(*args)
+    for got, want in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
+    if feature_map == "relu":  # no query feature left: eps keeps 0 / 0 out, as the formula does
+        silent = -jnp.abs(q) - 0.1
+        out = attention.linear_attention(silent, k, v, feature_map="relu", method="fused_cpu")
+        np.testing.assert_array_equal(out, 0.0)
+
+
+@pytest.mark.parametrize("pays_off", [True, False])
+def test_linear_auto_takes_the_fused_kernels_only_where_they_pay(monkeypatch, pays_off):
+    if kernels.build_error():
+        pytest.skip(f"the fused CPU kernel cannot be built here: {kernels.build_error()}")
+    monkeypatch.setattr(kernels, "cpu_vector_features", lambda: {"avx512f": pays_off})
+    calls = []
+    for name in ("linear_attention_cpu", "causal_linear_product_cpu"):
+        real = getattr(kernels, name)
+        spy = lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw)  # noqa: E731
+        monkeypatch.setattr(kernels, name, spy)
+    q, k, v = qkv((1, 20, 2, 16), seed=4)
+    for causal in (False, True):
+        out = attention.linear_attention(q, k, v, causal=causal)
+        np.testing.assert_allclose(out, ref_linear_np(q, k, v, causal, "elu"), rtol=2e-5, atol=2e-5)
+    assert calls == ["linear_attention_cpu", "causal_linear_product_cpu"] * pays_off
+    calls.clear()
+    positive = jnp.abs(q) + 0.5, jnp.abs(k) + 0.5, v  # (identity weights may cancel, and warn)
+    attention.linear_attention(*positive, feature_map="identity")  # the kernel has no identity
+    attention.linear_attention(*qkv((1, 20, 2, 8), seed=4), causal=True)  # head dim 8
+    assert not calls
+    with pytest.raises(ValueError, match=r"computes elu \+ 1 or relu features, not 'identity'"):
+        attention.linear_attention(q, k, v, feature_map="identity", method="fused_cpu")
 
 
 @pytest.mark.parametrize(

@@ -184,6 +184,7 @@ mesh = Mesh(np.array(jax.devices()).reshape(1, 2), ("data", "model"))
 ops = {
     "flash": lambda q, k, v: kernels.cpu_flash_attention(q, k, v, causal=True),
     "linear": lambda q, k, v: kernels.causal_linear_product_cpu(jnp.abs(q), jnp.abs(k), v)[0],
+    "dense": lambda q, k, v: kernels.linear_attention_cpu(q, k, v),
 }
 for name, op in ops.items():
     f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(op(q, k, v) ** 2), (0, 1, 2)))
@@ -199,7 +200,7 @@ for name, op in ops.items():
 
 
 def test_sharded_gradients_stay_sharded():
-    """The flash and linear kernels' forward and backward calls under a mesh: each device
+    """The flash and both linear kernels' forward and backward calls under a mesh: each device
     runs them on its slice (half the heads, or half the sequences), with no all-gather, and
     the gradients equal the one-device ones."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
@@ -212,8 +213,8 @@ def test_sharded_gradients_stay_sharded():
     )
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line.split() for line in run.stdout.splitlines()]
-    assert len(lines) == 4, run.stdout
-    for (name, gathered, shape, error), sliced in zip(lines, ["4,70,2", "2,70,4"] * 2, strict=True):
+    assert len(lines) == 6, run.stdout
+    for (name, gathered, shape, error), sliced in zip(lines, ["4,70,2", "2,70,4"] * 3, strict=True):
         assert gathered == "False", (name, run.stdout)
         assert shape.startswith(f"(f32[{sliced},16]"), (name, shape)
         assert float(error) < 1e-5, (name, error)

@@ -57,8 +57,10 @@ def linear_attention(
     forward and backward: Triton on a GPU, interpret mode elsewhere, where it is slow and
     meant for checks) or ``method="fused_cpu"`` (the chunk algorithm, chunks of 64, as our
     fused CPU kernels, forward and backward: float32, features and values of one size, a
-    multiple of 16 up to 128). ``method="auto"`` takes fused_cpu on a CPU where it can run and
-    its build has AVX-512 (:func:`hw2jax.kernels.fused_attention_pays_off`), else chunked.
+    multiple of 16 up to 128). Non-causal, ``method="fused_cpu"`` is one fused CPU kernel for
+    the whole attention, features included (elu or relu; same sizes). ``method="auto"`` takes
+    fused_cpu on a CPU where it can run and its build has AVX-512
+    (:func:`hw2jax.kernels.fused_attention_pays_off`), else chunked.
     None builds a T x T matrix nor a T x d x d stack of states.
 
     With ``feature_map="identity"`` the "weights" phi(q_i).phi(k_j) can be negative, so the
@@ -76,6 +78,17 @@ def linear_attention(
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    if not causal and method in ("auto", "fused_cpu"):
+        from hw2jax import kernels
+
+        reason = kernels.dense_linear_unavailable_reason(q, v, feature_map)
+        if method == "fused_cpu" and reason:
+            raise ValueError(f"method='fused_cpu' cannot run: {reason}. Use 'auto'.")
+        if reason is None and (
+            method == "fused_cpu"
+            or kernels.fused_attention_pays_off(kernels.kernel_vector_features())
+        ):
+            return kernels.linear_attention_cpu(q, k, v, feature_map=feature_map, eps=eps)
     phi = FEATURE_MAPS[feature_map]
     fq, fk = phi(q), phi(k)
     num, den = linear_products(fq, fk, v, causal=causal, method=method, chunk_size=chunk_size)

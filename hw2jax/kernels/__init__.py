@@ -1,15 +1,24 @@
-"""A fused softmax-attention kernel for XLA:CPU, called through ``jax.ffi``.
+"""Fused attention kernels for XLA:CPU, called through ``jax.ffi``.
 
-XLA's CPU backend writes attention's [T, T] scores to memory and reads them back twice (softmax,
-then probs.v); ``cpu_attention.cc`` keeps 8 rows of scores at a time in registers and L1 instead,
-as torch's CPU SDPA does (timings: ``benchmarks/cpu_attention_kernel.py`` and
-``benchmarks/README.md``).
+XLA's CPU backend has no fused attention: it writes the [T, T] scores to memory and reads them
+back. ``cpu_attention.cc`` has three kernels that keep blocks of scores in registers and cache
+instead, as torch's CPU SDPA does:
+
+- :func:`cpu_attention`: softmax attention with a key bias, the forward pass (BERT's);
+  gradients from the plain XLA formula;
+- :func:`cpu_flash_attention`: softmax attention, causal or not, forward and backward
+  (FlashAttention-2's algorithm: the backward recomputes probabilities from each row's
+  log-sum-exp);
+- :func:`causal_linear_product_cpu`: causal linear attention's products by the chunk
+  algorithm, forward and backward.
+
+Timings: ``benchmarks/cpu_attention_kernel.py``, ``benchmarks/results/cpu_gradients/``.
 
 The C++ source ships with the package and is compiled on first use with the system's C++
 compiler (``$CXX``, else ``c++``/``g++``/``clang++``) for this CPU (``-march=native``), into
-``$HW2JAX_KERNEL_CACHE`` (default ``~/.cache/hw2jax/kernels``). Forward runs the kernel;
-gradients come from the plain XLA formula, so the op stays differentiable. Under ``jax.jit`` on a
-mesh, a batch (or head) sharded input stays sharded: the kernel runs on each device's slice.
+``$HW2JAX_KERNEL_CACHE`` (default ``~/.cache/hw2jax/kernels``). Every kernel works under
+``jax.vmap`` (vmapped axes fold into the batch), and under ``jax.jit`` on a mesh a batch- or
+head-sharded input stays sharded: the kernel runs on each device's slice.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ __all__ = [
     "cpu_flash_attention",
     "fused_attention_pays_off",
     "kernel_vector_features",
+    "linear_attention_cpu",
 ]
 
 _SOURCE = Path(__file__).with_name("cpu_attention.cc")
@@ -54,6 +64,8 @@ _TARGETS = {
     "flash_backward": ("Hw2jaxCpuFlashBackward", "hw2jax_cpu_flash_backward"),
     "linear_forward": ("Hw2jaxCpuLinearForward", "hw2jax_cpu_linear_forward"),
     "linear_backward": ("Hw2jaxCpuLinearBackward", "hw2jax_cpu_linear_backward"),
+    "dense_forward": ("Hw2jaxCpuDenseLinearForward", "hw2jax_cpu_dense_linear_forward"),
+    "dense_backward": ("Hw2jaxCpuDenseLinearBackward", "hw2jax_cpu_dense_linear_backward"),
 }
 SUPPORTED_HEAD_DIMS = tuple(range(16, 129, 16))  # the kernel's compiled variants
 
@@ -206,12 +218,20 @@ def cpu_attention_unavailable_reason(head_dim: int, dtype: jnp.dtype) -> str | N
 
 # The layouts of the kernels' operands and results: batch first, heads the only other axis a
 # mesh may split (sequences and heads are independent; positions and features stay whole).
-_AXES = {"bthd": "b t h d", "bht": "b h t", "bth": "b t h", "bt": "b t"}
+_AXES = {
+    "bthd": "b t h d",
+    "bht": "b h t",
+    "bth": "b t h",
+    "bt": "b t",
+    "bhdd": "b h d e",  # a [D, D] state per (sequence, head)
+    "bhd": "b h d",
+}
 
 
 def _result_shape(layout: str, bthd: tuple[int, ...]) -> tuple[int, ...]:
     b, t, h, d = bthd
-    return {"bthd": (b, t, h, d), "bht": (b, h, t), "bth": (b, t, h)}[layout]
+    shapes = {"bthd": (b, t, h, d), "bht": (b, h, t), "bth": (b, t, h)}
+    return {**shapes, "bhdd": (b, h, d, d), "bhd": (b, h, d)}[layout]
 
 
 def _shardings(mesh, layouts: tuple[str, ...], spec: PartitionSpec) -> tuple:
@@ -252,7 +272,10 @@ def _kernel(target: str, ins: tuple[str, ...], outs: tuple[str, ...], attrs: tup
         partition,
         infer_sharding_from_operands=infer,
         sharding_rule=", ".join(_AXES[a] for a in ins) + " -> " + ", ".join(_AXES[a] for a in outs),
-        need_replication_factors=("t", "d"),  # in order of appearance (Shardy)
+        # Every factor but batch and heads, in order of appearance (Shardy).
+        need_replication_factors=tuple(
+            f for f in "tde" if any(f in _AXES[a].split() for a in ins + outs)
+        ),
     )
 
     @jax.custom_batching.custom_vmap
@@ -439,3 +462,68 @@ def causal_linear_product_cpu(
         raise KernelUnavailable(reason)
     num, den = _linear_product(fq, fk, v)
     return num, den[..., None]
+
+
+_FEATURE_CODES = {"elu": 0, "relu": 1}  # the kernel's phi: elu + 1, or relu
+
+
+def _dense_attrs(feature_map: str, eps: float) -> tuple:
+    return ("feature", np.int32(_FEATURE_CODES[feature_map])), ("eps", np.float32(eps))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _dense_linear(q, k, v, feature_map: str, eps: float):
+    return _dense_linear_fwd(q, k, v, feature_map, eps)[0]
+
+
+def _dense_linear_fwd(q, k, v, feature_map, eps):
+    kernel = _kernel(
+        _TARGETS["dense_forward"][1],
+        ("bthd",) * 3,
+        ("bthd", "bhdd", "bhd"),
+        _dense_attrs(feature_map, eps),
+    )
+    out, state, z = kernel(q, k, v)
+    return out, (q, k, v, out, state, z)
+
+
+def _dense_linear_bwd(feature_map, eps, residuals, grad):
+    kernel = _kernel(
+        _TARGETS["dense_backward"][1],
+        ("bthd",) * 4 + ("bhdd", "bhd", "bthd"),
+        ("bthd",) * 3,
+        _dense_attrs(feature_map, eps),
+    )
+    return kernel(*residuals, grad)
+
+
+_dense_linear.defvjp(_dense_linear_fwd, _dense_linear_bwd)
+
+
+def dense_linear_unavailable_reason(q: jax.Array, v: jax.Array, feature_map: str) -> str | None:
+    """None if :func:`linear_attention_cpu` can run for these inputs and features here."""
+    if feature_map not in _FEATURE_CODES:
+        return f"the fused kernel computes elu + 1 or relu features, not {feature_map!r}"
+    return causal_linear_unavailable_reason(q, v)
+
+
+def linear_attention_cpu(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, feature_map: str = "elu", eps: float = 1e-6
+) -> jax.Array:
+    """Non-causal linear attention, phi(q_i) S / (phi(q_i) . z + eps) with S = sum_j phi(k_j)
+    v_j^T and z = sum_j phi(k_j), features included, forward and backward by the fused CPU
+    kernels: each pass streams q, k, v once in tiles and applies phi on the way.
+
+    q, k, v: float32 ``[B, T, heads, D]`` of one shape, D a multiple of 16 up to 128;
+    feature_map "elu" (elu + 1) or "relu". Raises :class:`KernelUnavailable` (or ValueError for
+    bad shapes) with what to do instead.
+    """
+    if q.ndim != 4 or k.shape != q.shape:
+        raise ValueError(
+            "linear_attention_cpu wants q and k of one shape [batch, T, heads, D]; got "
+            f"{q.shape}, {k.shape}. Use linear_attention(method='chunked') for others."
+        )
+    reason = dense_linear_unavailable_reason(q, v, feature_map)
+    if reason is not None:
+        raise KernelUnavailable(reason)
+    return _dense_linear(q, k, v, feature_map, float(eps))

@@ -781,6 +781,221 @@ ffi::Error LinearBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> fq,
   return RunItems<LinearBackward>(pool, fq, p);
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Non-causal linear attention, features included: out_i = phi(q_i) S / (phi(q_i) . z + eps),
+// S = sum_j phi(k_j) v_j^T, z = sum_j phi(k_j), phi = elu + 1 (feature 0) or relu (feature 1).
+// Each pass streams its rows once in tiles of kBlockK, applying phi (and phi') on the way, so
+// no feature array is ever written out. q, k, v, out are [N, T, H, D], S [N, H, D, D], z
+// [N, H, D].
+
+struct DenseProblem {
+  const float *q, *k, *v, *out, *s, *z, *g;  // out, s, z, g: backward only
+  float *out_w, *s_w, *z_w;                   // forward's results
+  float *dq, *dk, *dv;                        // backward's results
+  int64_t items, t, h, d;
+  int32_t feature;
+  float eps;
+};
+
+// phi(x) and phi'(x) of one vector.
+inline void Feature(v16 x, int32_t feature, v16& phi, v16& slope) {
+  const v16 zero{};
+  if (feature == 0) {  // elu(x) + 1: x + 1 above 0, exp(x) below
+    const v16 e = exp_nonpositive(x < zero ? x : zero);
+    phi = x > zero ? x + 1.0f : e;
+    slope = x > zero ? splat(1.0f) : e;
+  } else {  // relu
+    phi = x > zero ? x : zero;
+    slope = x > zero ? splat(1.0f) : zero;
+  }
+}
+
+template <int kVecs>
+class DenseLinear {
+ public:
+  explicit DenseLinear(const DenseProblem& p)
+      : p_(p), a_(kBlockK * kD), a_slope_(kBlockK * kD), b_(kBlockK * kD), c_(kBlockK * kD),
+        s_(kD * kD), s_t_(kD * kD), z_(kD), den_(kBlockK) {}
+
+  void Forward(int64_t item) {
+    const int64_t base = Base(item);
+    std::memset(s_.ptr, 0, sizeof(float) * kD * kD);
+    std::memset(z_.ptr, 0, sizeof(float) * kD);
+    for (int64_t r0 = 0; r0 < p_.t; r0 += kBlockK) {  // S += phi(k)^T v, z += sum phi(k)
+      const int64_t rows = Load(p_.k, base, r0, a_.ptr, a_slope_.ptr);
+      Load(p_.v, base, r0, b_.ptr, nullptr);
+      AccumulateProduct<kVecs>(a_.ptr, 1, kD, kD, rows, b_.ptr, s_.ptr);
+      AddRows(a_.ptr, rows, z_.ptr);
+    }
+    for (int64_t r0 = 0; r0 < p_.t; r0 += kBlockK) {  // out = phi(q) S / (phi(q) . z + eps)
+      const int64_t rows = Load(p_.q, base, r0, a_.ptr, a_slope_.ptr);
+      std::memset(c_.ptr, 0, sizeof(float) * kBlockK * kD);
+      AccumulateProduct<kVecs>(a_.ptr, kD, 1, kBlockK, kD, s_.ptr, c_.ptr);
+      Denominators(rows);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int c = 0; c < kD; c += kLanes)
+          store(p_.out_w + base + (r0 + r) * Stride() + c, load(c_.ptr + r * kD + c) / den_.ptr[r]);
+    }
+    std::memcpy(p_.s_w + item * kD * kD, s_.ptr, sizeof(float) * kD * kD);
+    std::memcpy(p_.z_w + item * kD, z_.ptr, sizeof(float) * kD);
+  }
+
+  void Backward(int64_t item) {
+    const int64_t base = Base(item);
+    std::memcpy(s_.ptr, p_.s + item * kD * kD, sizeof(float) * kD * kD);
+    std::memcpy(z_.ptr, p_.z + item * kD, sizeof(float) * kD);
+    Transpose<kD>(s_.ptr, s_t_.ptr);
+    Aligned ds(kD * kD), ds_t(kD * kD), dz(kD);
+    std::memset(ds.ptr, 0, sizeof(float) * kD * kD);
+    std::memset(dz.ptr, 0, sizeof(float) * kD);
+    // Queries: gn = g / den, gd = -(g . out) / den; d phi(q) = gn S^T + gd z^T;
+    // dS += phi(q)^T gn, dz += phi(q)^T gd.
+    for (int64_t r0 = 0; r0 < p_.t; r0 += kBlockK) {
+      const int64_t rows = Load(p_.q, base, r0, a_.ptr, a_slope_.ptr);
+      Load(p_.g, base, r0, b_.ptr, nullptr);
+      Denominators(rows);
+      float gd[kBlockK] = {};
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* out = p_.out + base + (r0 + r) * Stride();
+        v16 dot{};
+        for (int c = 0; c < kD; c += kLanes) dot += load(b_.ptr + r * kD + c) * load(out + c);
+        const float inv = 1.0f / den_.ptr[r];
+        gd[r] = -hsum(dot) * inv;
+        for (int c = 0; c < kD; c += kLanes) store(b_.ptr + r * kD + c, load(b_.ptr + r * kD + c) * inv);
+      }
+      std::memset(c_.ptr, 0, sizeof(float) * kBlockK * kD);
+      AccumulateProduct<kVecs>(b_.ptr, kD, 1, kBlockK, kD, s_t_.ptr, c_.ptr);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int c = 0; c < kD; c += kLanes) {
+          const v16 d_phi = load(c_.ptr + r * kD + c) + gd[r] * load(z_.ptr + c);
+          store(p_.dq + base + (r0 + r) * Stride() + c, d_phi * load(a_slope_.ptr + r * kD + c));
+        }
+      AccumulateProduct<kVecs>(a_.ptr, 1, kD, kD, rows, b_.ptr, ds.ptr);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int c = 0; c < kD; c += kLanes)
+          store(dz.ptr + c, load(dz.ptr + c) + gd[r] * load(a_.ptr + r * kD + c));
+    }
+    // Keys and values: d phi(k) = v dS^T + dz, dv = phi(k) dS.
+    Transpose<kD>(ds.ptr, ds_t.ptr);
+    for (int64_t r0 = 0; r0 < p_.t; r0 += kBlockK) {
+      const int64_t rows = Load(p_.k, base, r0, a_.ptr, a_slope_.ptr);
+      Load(p_.v, base, r0, b_.ptr, nullptr);
+      std::memset(c_.ptr, 0, sizeof(float) * kBlockK * kD);
+      AccumulateProduct<kVecs>(b_.ptr, kD, 1, kBlockK, kD, ds_t.ptr, c_.ptr);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int c = 0; c < kD; c += kLanes) {
+          const v16 d_phi = load(c_.ptr + r * kD + c) + load(dz.ptr + c);
+          store(p_.dk + base + (r0 + r) * Stride() + c, d_phi * load(a_slope_.ptr + r * kD + c));
+        }
+      std::memset(c_.ptr, 0, sizeof(float) * kBlockK * kD);
+      AccumulateProduct<kVecs>(a_.ptr, kD, 1, kBlockK, kD, ds.ptr, c_.ptr);
+      for (int64_t r = 0; r < rows; ++r)
+        std::memcpy(p_.dv + base + (r0 + r) * Stride(), c_.ptr + r * kD, sizeof(float) * kD);
+    }
+  }
+
+ private:
+  static constexpr int kD = kVecs * kLanes;
+  int64_t Stride() const { return p_.h * kD; }
+  int64_t Base(int64_t item) const { return (item / p_.h) * p_.t * Stride() + (item % p_.h) * kD; }
+
+  // Rows r0.. of one head into a zero-padded [kBlockK, D] tile; with `slope`, phi of them into
+  // `tile` and phi' into `slope` (padded rows: phi = 0). Returns the number of real rows.
+  int64_t Load(const float* src, int64_t base, int64_t r0, float* tile, float* slope) const {
+    const int64_t rows = std::min<int64_t>(kBlockK, p_.t - r0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = src + base + (r0 + r) * Stride();
+      for (int c = 0; c < kD; c += kLanes) {
+        if (slope == nullptr) {
+          store(tile + r * kD + c, load(row + c));
+          continue;
+        }
+        v16 phi, dphi;
+        Feature(load(row + c), p_.feature, phi, dphi);
+        store(tile + r * kD + c, phi);
+        store(slope + r * kD + c, dphi);
+      }
+    }
+    std::memset(tile + rows * kD, 0, sizeof(float) * (kBlockK - rows) * kD);
+    return rows;
+  }
+
+  void Denominators(int64_t rows) {  // phi(q) . z + eps for the tile in a_
+    for (int64_t r = 0; r < rows; ++r) {
+      v16 dot{};
+      for (int c = 0; c < kD; c += kLanes) dot += load(a_.ptr + r * kD + c) * load(z_.ptr + c);
+      den_.ptr[r] = hsum(dot) + p_.eps;
+    }
+  }
+
+  static void AddRows(const float* tile, int64_t rows, float* sums) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int c = 0; c < kD; c += kLanes) store(sums + c, load(sums + c) + load(tile + r * kD + c));
+  }
+
+  const DenseProblem& p_;
+  Aligned a_, a_slope_, b_, c_, s_, s_t_, z_, den_;
+};
+
+template <int kVecs>
+struct DenseForward : DenseLinear<kVecs> {
+  using DenseLinear<kVecs>::DenseLinear;
+  void Run(int64_t item) { this->Forward(item); }
+};
+
+template <int kVecs>
+struct DenseBackward : DenseLinear<kVecs> {
+  using DenseLinear<kVecs>::DenseLinear;
+  void Run(int64_t item) { this->Backward(item); }
+};
+
+ffi::Error DenseForwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                            ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, int32_t feature,
+                            float eps, ffi::ResultBuffer<ffi::F32> out,
+                            ffi::ResultBuffer<ffi::F32> s, ffi::ResultBuffer<ffi::F32> z) {
+  if (k.element_count() != q.element_count() || v.element_count() != q.element_count())
+    return ffi::Error::InvalidArgument("q, k and v must have the same shape");
+  if (feature != 0 && feature != 1) return ffi::Error::InvalidArgument("feature: 0 elu, 1 relu");
+  DenseProblem p{};
+  p.q = q.typed_data();
+  p.k = k.typed_data();
+  p.v = v.typed_data();
+  p.out_w = out->typed_data();
+  p.s_w = s->typed_data();
+  p.z_w = z->typed_data();
+  p.feature = feature;
+  p.eps = eps;
+  return RunItems<DenseForward>(pool, q, p);
+}
+
+ffi::Error DenseBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                             ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                             ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> s,
+                             ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> g, int32_t feature,
+                             float eps, ffi::ResultBuffer<ffi::F32> dq,
+                             ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  const size_t n = q.element_count();
+  if (k.element_count() != n || v.element_count() != n || out.element_count() != n ||
+      g.element_count() != n)
+    return ffi::Error::InvalidArgument("q, k, v, out and g must have the same shape");
+  if (feature != 0 && feature != 1) return ffi::Error::InvalidArgument("feature: 0 elu, 1 relu");
+  DenseProblem p{};
+  p.q = q.typed_data();
+  p.k = k.typed_data();
+  p.v = v.typed_data();
+  p.out = out.typed_data();
+  p.s = s.typed_data();
+  p.z = z.typed_data();
+  p.g = g.typed_data();
+  p.dq = dq->typed_data();
+  p.dk = dk->typed_data();
+  p.dv = dv->typed_data();
+  p.feature = feature;
+  p.eps = eps;
+  return RunItems<DenseBackward>(pool, q, p);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAttention, Attention,
@@ -839,3 +1054,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuLinearBackward, LinearBackwardCall,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // d fq
                                   .Ret<ffi::Buffer<ffi::F32>>()   // d fk
                                   .Ret<ffi::Buffer<ffi::F32>>());  // d v
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuDenseLinearForward, DenseForwardCall,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Attr<int32_t>("feature")
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // S [N, H, D, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // z [N, H, D]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuDenseLinearBackward, DenseBackwardCall,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // S
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // z
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g
+                                  .Attr<int32_t>("feature")
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dv
