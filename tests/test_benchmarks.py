@@ -71,6 +71,9 @@ def test_benchmark_lists_the_peers_and_our_kernels():
         "hw2jax linear (causal chunked)",
         "hw2jax linear (causal recurrent)",
         "hw2jax fused CPU kernel",
+        "hw2jax softmax (fused CPU)",
+        "hw2jax linear (fused CPU)",
+        "hw2jax linear (causal fused CPU)",
     }
     assert ours <= names
     assert {
@@ -242,10 +245,11 @@ def test_sweep_saves_after_every_curve_so_a_cut_run_keeps_its_points(tmp_path, m
             str(tmp_path),
         ]
     )
-    # naive: 2 curves (causal or not); linear, causal chunked, causal recurrent: 1 each; 2 points
-    assert saved == [(False, 2), (False, 4), (False, 6), (False, 8), (False, 10)]
+    # naive: 2 curves (causal or not); linear, causal chunked, causal recurrent and the two
+    # fused CPU rows: 1 each; 2 points per curve
+    assert saved == [(False, 2 * n) for n in range(1, 8)]
     final = json.loads(next(tmp_path.glob("attention_scaling_*.json")).read_text())
-    assert final["meta"]["complete"] and len(final["records"]) == 10
+    assert final["meta"]["complete"] and len(final["records"]) == 14
     assert next(tmp_path.glob("attention_scaling_*.png")).stat().st_size > 0
 
 

@@ -50,12 +50,13 @@ def softmax_attention(
       and whose backward recomputes the probabilities block by block (O(T) memory). jax runs a
       custom_vjp's own function when nothing is differentiated and its forward rule when
       something is;
-    - ``"auto"``: on an NVIDIA GPU, cudnn when dtype and shape allow, else pallas. On a CPU,
-      fused_cpu where it can run and its build has AVX-512 (where it beats XLA's attention:
-      :func:`hw2jax.kernels.fused_attention_pays_off`), for the forward pass always and for
-      gradients from 2^16 scores per (batch, head) (T = 256) on; otherwise naive below 2^26
-      scores (T = 8192) and blockwise from there. The thresholds are measured:
-      ``benchmarks/results/cpu_gradients/``.
+    - ``"auto"``: on an NVIDIA GPU, cudnn when dtype and shape allow, else pallas. On a CPU
+      where the fused kernels can run and their build has AVX-512 (where they beat XLA's
+      attention: :func:`hw2jax.kernels.fused_attention_pays_off`): the forward pass alone by
+      the row kernel (non-causal, below 2^26 scores per (batch, head), T = 8192), blockwise
+      (non-causal, from there) or the flash kernel (causal); gradients by the flash kernel
+      from 2^16 scores (T = 256) on, naive below. Elsewhere naive below 2^26 scores and
+      blockwise from there. The thresholds are measured: ``benchmarks/results/cpu_gradients/``.
 
     All return the same function to rounding (tested against a float64 formula, values and
     gradients; cudnn on a GPU only).
@@ -67,13 +68,14 @@ def softmax_attention(
         )
     if implementation == "auto":
         implementation = _auto(q, k, v, causal)
-    if implementation in ("fused_cpu", "fused_cpu_forward"):
+    if isinstance(implementation, tuple):  # auto's choice of fused forward and gradient
+        return _fused(q, k, v, causal, *implementation)
+    if implementation == "fused_cpu":
         reason = _fused_cpu_unavailable(q, k, v)
         if reason:
             raise ValueError(f"implementation='fused_cpu' cannot run: {reason}. Use 'auto'.")
-        if implementation == "fused_cpu_forward":  # auto's choice below _FUSED_GRADIENTS_FROM
-            return _fused_forward_only(q, k, v, causal, _for_gradients(q, k))
-        return _fused(q, k, v, causal)
+        row = not causal and q.shape[1] * k.shape[1] < _BLOCKWISE_FROM
+        return _fused(q, k, v, causal, "row" if row else "flash", "flash")
     return _dispatch(q, k, v, causal, implementation)
 
 
@@ -92,16 +94,20 @@ def _dispatch(q, k, v, causal: bool, implementation: str) -> jax.Array:
     return _naive(q, k, v, causal)
 
 
-def _auto(q, k, v, causal: bool) -> str:
+def _auto(q, k, v, causal: bool) -> str | tuple[str, str]:
+    """An implementation's name, or for the fused CPU kernels (forward, gradient): the form
+    that runs when nothing is differentiated, and the one whose gradient is taken."""
     if jax.default_backend() == "gpu" and _on_nvidia():
         return "cudnn" if _cudnn_unavailable(q, k, v) is None else "pallas"
+    scores = q.shape[1] * k.shape[1]
     if jax.default_backend() == "cpu" and _fused_cpu_unavailable(q, k, v) is None:
         from hw2jax import kernels
 
         if kernels.fused_attention_pays_off(kernels.kernel_vector_features()):
-            if q.shape[1] * k.shape[1] >= _FUSED_GRADIENTS_FROM:
-                return "fused_cpu"
-            return "fused_cpu_forward"
+            # Forward alone: the row kernel, or non-causal from 2^26 scores blockwise (1.76
+            # against 1.94 s at T = 16,384; the row kernel: 2.6), or causal the flash kernel.
+            forward = "flash" if causal else "row" if scores < _BLOCKWISE_FROM else "blockwise"
+            return forward, "flash" if scores >= _FUSED_GRADIENTS_FROM else "naive"
     return _for_gradients(q, k)
 
 
@@ -119,50 +125,34 @@ def _fused_cpu_unavailable(q, k, v) -> str | None:
     return kernels.cpu_attention_unavailable_reason(q.shape[-1], q.dtype)
 
 
-def _fused_primal(q, k, v, causal: bool) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused(q, k, v, causal: bool, forward: str, gradient: str):
+    """``forward`` ("row": the row kernel, non-causal; "flash": the flash kernel; or
+    "blockwise") when nothing is differentiated. Under differentiation the forward rule runs
+    instead: the flash kernel's forward and backward for ``gradient="flash"``, else that
+    implementation's forward and its gradient."""
     from hw2jax import kernels
 
-    if not causal and q.shape[1] * k.shape[1] < _BLOCKWISE_FROM:
+    if forward == "row":
         return kernels.cpu_attention(q, k, v)
-    return kernels.cpu_flash_attention(q, k, v, causal=causal)
+    if forward == "flash":
+        return kernels.cpu_flash_attention(q, k, v, causal=causal)
+    return _dispatch(q, k, v, causal, forward)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fused(q, k, v, causal: bool):
-    """The kernels' forward when nothing is differentiated; under differentiation the flash
-    kernel's forward (with each row's log-sum-exp) and backward."""
-    return _fused_primal(q, k, v, causal)
-
-
-def _fused_fwd(q, k, v, causal: bool):
+def _fused_fwd(q, k, v, causal: bool, forward: str, gradient: str):
     from hw2jax import kernels
 
-    return jax.vjp(functools.partial(kernels.cpu_flash_attention, causal=causal), q, k, v)
+    if gradient == "flash":
+        return jax.vjp(functools.partial(kernels.cpu_flash_attention, causal=causal), q, k, v)
+    return jax.vjp(lambda *qkv: _dispatch(*qkv, causal, gradient), q, k, v)
 
 
-def _fused_bwd(causal: bool, pullback, g):
+def _fused_bwd(causal: bool, forward: str, gradient: str, pullback, g):
     return pullback(g)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fused_forward_only(q, k, v, causal: bool, gradient_implementation: str):
-    """The kernels' forward when nothing is differentiated; under differentiation the forward
-    rule runs naive or blockwise instead, and their gradient is taken."""
-    return _fused_primal(q, k, v, causal)
-
-
-def _fused_forward_only_fwd(q, k, v, causal: bool, gradient_implementation: str):
-    return jax.vjp(lambda *qkv: _dispatch(*qkv, causal, gradient_implementation), q, k, v)
-
-
-def _fused_forward_only_bwd(causal: bool, gradient_implementation: str, pullback, g):
-    return pullback(g)
-
-
-_fused_forward_only.defvjp(_fused_forward_only_fwd, _fused_forward_only_bwd)
 
 
 def _on_nvidia() -> bool:

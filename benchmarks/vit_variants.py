@@ -1,0 +1,98 @@
+"""The ViT's training step with each attention variant, in one process: images/s and the ratio
+to softmax attention, for the variant runs in ``experiments/results/vit_fashion_mnist_*``
+(whose epoch times were taken on shared cores).
+
+    .venv/bin/python benchmarks/vit_variants.py [--repeats 10] [--host-devices 2] [--out DIR]
+
+The assignment's ViT and recipe (``experiments/vit_fashion_mnist.py``), batch 256 of random
+images, data parallel over the host devices as the runs were. The variants are timed in turn,
+round after round (median after warm-up, compilation apart). Writes ``vit_variants.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from hw2jax.timing import cpu_vector_features, interleaved_seconds, runtime_settings
+from hw2jax.train.sharding import split_host_cpu
+
+
+def train_step(attention: str, batch: int, devices: int):
+    """A no-argument call that runs one training step of the ViT with ``attention``."""
+    from hw2jax.config import load_config
+    from hw2jax.data.fashion_mnist import ImageSplit
+    from hw2jax.tasks import vit
+    from hw2jax.train import loop
+    from hw2jax.train.sharding import DataParallel
+
+    config = load_config(Path(__file__).parents[1] / "experiments" / "vit_fashion_mnist.py")
+    config.model.attention = attention
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch, 28, 28, 1), dtype=np.uint8)
+    labels = rng.integers(0, 10, batch).astype(np.int32)
+    task = vit.ViTTask(config, ImageSplit(images, labels), ImageSplit(images, labels))
+    parallel = DataParallel(devices, batch)
+    params = task.init_params(jax.random.key(0))
+    holder = {
+        "state": parallel.replicate(loop.TrainState.create(params, loop.build_optimizer(config, 1)))
+    }
+    step = loop.make_train_step(task, jax.random.key(1))
+    data = parallel.shard_batch(task.train_batches(0)[0])
+
+    def run():
+        holder["state"], sums = step(holder["state"], data)
+        jax.block_until_ready(sums)
+
+    return run
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--host-devices", type=int, default=os.cpu_count(), metavar="N")
+    parser.add_argument("--out", default="benchmarks/results/vit_variants")
+    args = parser.parse_args(argv)
+    split_host_cpu(args.host_devices)  # before any jax work
+    from hw2jax.models.vit import ATTENTION_KINDS
+
+    batch = 256
+    devices = min(args.host_devices, jax.device_count())
+    calls = {kind: train_step(kind, batch, devices) for kind in ATTENTION_KINDS}
+    timed = interleaved_seconds(calls, args.repeats)
+    base = batch / timed["softmax"][1]
+    results = {
+        kind: {"images_per_s": batch / median, "vs_softmax": batch / median / base, "step_s": s}
+        for kind, (s, median) in timed.items()
+    }
+    device = jax.devices()[0]
+    meta = {
+        "device": f"{device.platform}:{device.device_kind}",
+        "devices": devices,
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "batch": batch,
+        "repeats": args.repeats,
+        "env": runtime_settings(),
+        "cpu_features": cpu_vector_features(),
+    }
+    print(meta)
+    for kind, r in results.items():
+        print(f"{kind:10s} {r['images_per_s']:8.1f} images/s  {r['vs_softmax']:.2f}x softmax")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vit_variants.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"wrote {out / 'vit_variants.json'}")
+
+
+if __name__ == "__main__":
+    main()
