@@ -280,11 +280,7 @@ def test_linear_auto_takes_the_fused_kernels_only_where_they_pay(monkeypatch, pa
     if kernels.build_error():
         pytest.skip(f"the fused CPU kernel cannot be built here: {kernels.build_error()}")
     monkeypatch.setattr(kernels, "cpu_vector_features", lambda: {"avx512f": pays_off})
-    calls = []
-    for name in ("linear_attention_cpu", "causal_linear_product_cpu"):
-        real = getattr(kernels, name)
-        spy = lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw)  # noqa: E731
-        monkeypatch.setattr(kernels, name, spy)
+    calls = spy_on_kernels(monkeypatch, "linear_attention_cpu", "causal_linear_product_cpu")
     q, k, v = qkv((1, 20, 2, 16), seed=4)
     for causal in (False, True):
         out = attention.linear_attention(q, k, v, causal=causal)
@@ -489,6 +485,16 @@ def test_self_attention_names_a_nan_in_its_input():
         attention.self_attention(big)
 
 
+def spy_on_kernels(monkeypatch, *names: str) -> list[str]:
+    """Wraps the named functions of hw2jax.kernels; returns the list their calls append to."""
+    calls = []
+    for name in names:
+        real = getattr(kernels, name)
+        spy = lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw)  # noqa: E731
+        monkeypatch.setattr(kernels, name, spy)
+    return calls
+
+
 SOFTMAX_PATHS = [
     (impl, causal) for impl in ("naive", "blockwise", "xla", "pallas") for causal in (False, True)
 ] + [("fused_cpu", False), ("fused_cpu", True)]
@@ -531,11 +537,7 @@ def test_auto_runs_the_fused_cpu_kernels_only_where_they_pay(monkeypatch, pays_o
     if kernels.build_error():
         pytest.skip(f"the fused CPU kernel cannot be built here: {kernels.build_error()}")
     monkeypatch.setattr(kernels, "cpu_vector_features", lambda: {"avx512f": pays_off})
-    calls = []
-    for name in ("cpu_attention", "cpu_flash_attention"):
-        real = getattr(kernels, name)
-        spy = lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw)  # noqa: E731
-        monkeypatch.setattr(kernels, name, spy)
+    calls = spy_on_kernels(monkeypatch, "cpu_attention", "cpu_flash_attention")
     q, k, v = qkv((2, 40, 4, 32), seed=5)
     for causal, kernel in ((False, "cpu_attention"), (True, "cpu_flash_attention")):
         out = attention.softmax_attention(q, k, v, causal=causal)

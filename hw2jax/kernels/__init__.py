@@ -324,6 +324,18 @@ def _attention_bwd(scale, residuals, grad):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _check_softmax_inputs(name: str, q, k, v) -> None:
+    """Shapes first (ValueError), then whether the kernel can run here (KernelUnavailable)."""
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            f"{name} wants q, k and v of one shape [batch, T, heads, head_dim]; got "
+            f"{q.shape}, {k.shape}, {v.shape}. Use hw2jax.attention.softmax_attention for others."
+        )
+    reason = cpu_attention_unavailable_reason(q.shape[-1], q.dtype)
+    if reason is not None:
+        raise KernelUnavailable(reason)
+
+
 def cpu_attention(
     q: jax.Array,
     k: jax.Array,
@@ -339,14 +351,7 @@ def cpu_attention(
     number such as ``finfo(float32).min`` masks it); scale defaults to 1/sqrt(D).
     Raises :class:`KernelUnavailable` (or ValueError for bad shapes) with what to do instead.
     """
-    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(
-            "cpu_attention wants q, k and v of one shape [batch, T, heads, head_dim]; got "
-            f"{q.shape}, {k.shape}, {v.shape}. Use hw2jax.attention.softmax_attention for others."
-        )
-    reason = cpu_attention_unavailable_reason(q.shape[-1], q.dtype)
-    if reason is not None:
-        raise KernelUnavailable(reason)
+    _check_softmax_inputs("cpu_attention", q, k, v)
     if key_bias is None:
         key_bias = jnp.zeros(q.shape[:2], jnp.float32)
     if jnp.asarray(key_bias).dtype == jnp.bool_:
@@ -404,14 +409,7 @@ def cpu_flash_attention(
     float32 ``[B, T, heads, D]`` of one shape; scale defaults to 1/sqrt(D). Raises
     :class:`KernelUnavailable` (or ValueError for bad shapes) with what to do instead.
     """
-    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(
-            "cpu_flash_attention wants q, k and v of one shape [batch, T, heads, head_dim]; got "
-            f"{q.shape}, {k.shape}, {v.shape}. Use hw2jax.attention.softmax_attention for others."
-        )
-    reason = cpu_attention_unavailable_reason(q.shape[-1], q.dtype)
-    if reason is not None:
-        raise KernelUnavailable(reason)
+    _check_softmax_inputs("cpu_flash_attention", q, k, v)
     scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else float(scale)
     return _flash(q, k, v, scale, bool(causal))
 

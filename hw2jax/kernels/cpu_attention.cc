@@ -260,13 +260,19 @@ ffi::Error RunItems(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, Problem pro
   return ffi::Error::Success();
 }
 
+// Whether every buffer holds as many elements as the first.
+template <class... Buffers>
+bool SameCount(const ffi::Buffer<ffi::F32>& first, const Buffers&... rest) {
+  return ((rest.element_count() == first.element_count()) && ...);
+}
+
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                      ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> key_bias, float scale,
                      ffi::ResultBuffer<ffi::F32> out) {
   const auto dims = q.dimensions();
   if (dims.size() < 3) return ffi::Error::InvalidArgument("q must be [..., T, heads, D]");
   const int64_t d = dims[dims.size() - 1], h = dims[dims.size() - 2], t = dims[dims.size() - 3];
-  if (k.element_count() != q.element_count() || v.element_count() != q.element_count())
+  if (!SameCount(q, k, v))
     return ffi::Error::InvalidArgument("q, k and v must have the same shape");
   if (q.element_count() != 0 && key_bias.element_count() != q.element_count() / (h * d))
     return ffi::Error::InvalidArgument("key_bias must be [..., T]");
@@ -531,7 +537,7 @@ ffi::Error FlashForwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                             ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, float scale,
                             int32_t causal, ffi::ResultBuffer<ffi::F32> out,
                             ffi::ResultBuffer<ffi::F32> lse) {
-  if (k.element_count() != q.element_count() || v.element_count() != q.element_count())
+  if (!SameCount(q, k, v))
     return ffi::Error::InvalidArgument("q, k and v must have the same shape");
   FlashProblem p{};
   p.q = q.typed_data();
@@ -550,9 +556,7 @@ ffi::Error FlashBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                              ffi::Buffer<ffi::F32> dout, float scale, int32_t causal,
                              ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                              ffi::ResultBuffer<ffi::F32> dv) {
-  const size_t n = q.element_count();
-  if (k.element_count() != n || v.element_count() != n || out.element_count() != n ||
-      dout.element_count() != n)
+  if (!SameCount(q, k, v, out, dout))
     return ffi::Error::InvalidArgument("q, k, v, out and dout must have the same shape");
   FlashProblem p{};
   p.q = q.typed_data();
@@ -577,6 +581,16 @@ ffi::Error FlashBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 // between them. fq, fk, v, num are [N, T, H, D] (one D for features and values), den [N, T, H].
 // The backward pass walks forward for d fq, then in reverse for d fk and d v.
 
+// A worker with Forward(item) and Backward(item) as the Run(item) that RunItems calls.
+template <template <int> class Worker, bool kBackward>
+struct Pass {
+  template <int kVecs>
+  struct Of : Worker<kVecs> {
+    using Worker<kVecs>::Worker;
+    void Run(int64_t item) { kBackward ? this->Backward(item) : this->Forward(item); }
+  };
+};
+
 struct LinearProblem {
   const float *fq, *fk, *v, *g_num, *g_den;  // g_*: backward only
   float *num, *den;                          // forward's results
@@ -587,6 +601,13 @@ struct LinearProblem {
 // Zeroes the entries of a [kBlockK x kBlockK] chunk block above the diagonal (j > i).
 inline void ZeroFuture(float* s) {
   for (int r = 0; r < kBlockK; ++r) std::memset(s + r * kBlockK + r + 1, 0, sizeof(float) * (kBlockK - 1 - r));
+}
+
+// sums += the sum of a tile's first `rows` rows of kD.
+template <int kD>
+void AddRowSums(const float* tile, int64_t rows, float* sums) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int c = 0; c < kD; c += kLanes) store(sums + c, load(sums + c) + load(tile + r * kD + c));
 }
 
 template <int kD>
@@ -623,7 +644,7 @@ class LinearWorker {
       }
       // S += fk^T v ; z += sum of fk
       AccumulateProduct<kVecs>(k_.ptr + c0 * kD, 1, kD, kD, kBlockK, v_.ptr + c0 * kD, state_.ptr);
-      AddColumnSums(k_.ptr + c0 * kD, z_.ptr);
+      AddRowSums<kD>(k_.ptr + c0 * kD, kBlockK, z_.ptr);
     }
   }
 
@@ -642,7 +663,7 @@ class LinearWorker {
       Unpack(d_q, c0, p_.d_fq, base);
       // S^T += v^T fk ; z += sum of fk
       AccumulateProduct<kVecs>(v_.ptr + c0 * kD, 1, kD, kD, kBlockK, k_.ptr + c0 * kD, state_t_.ptr);
-      AddColumnSums(k_.ptr + c0 * kD, z_.ptr);
+      AddRowSums<kD>(k_.ptr + c0 * kD, kBlockK, z_.ptr);
     }
     // Keys and values, in reverse, with R = sum fq^T g and r = sum fq g_den over later chunks:
     // d fk = ds^T fq + v R^T + r^T, d v = causal(fq fk^T)^T g + fk R.
@@ -714,11 +735,6 @@ class LinearWorker {
     ZeroFuture(ds_.ptr);
   }
 
-  void AddColumnSums(const float* rows, float* sums) {
-    for (int r = 0; r < kBlockK; ++r)
-      for (int c = 0; c < kD; c += kLanes) store(sums + c, load(sums + c) + load(rows + r * kD + c));
-  }
-
   // out[r, :] += u[r] * w for the chunk's rows.
   static void AddOuter(const float* u, const float* w, float* out) {
     for (int r = 0; r < kBlockK; ++r)
@@ -735,22 +751,10 @@ class LinearWorker {
   Aligned q_, k_, kt_, v_, vt_, g_, gden_, s_, ds_, state_, state_t_, z_, rows_;
 };
 
-template <int kVecs>
-struct LinearForward : LinearWorker<kVecs> {
-  using LinearWorker<kVecs>::LinearWorker;
-  void Run(int64_t item) { this->Forward(item); }
-};
-
-template <int kVecs>
-struct LinearBackward : LinearWorker<kVecs> {
-  using LinearWorker<kVecs>::LinearWorker;
-  void Run(int64_t item) { this->Backward(item); }
-};
-
 ffi::Error LinearForwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> fq,
                              ffi::Buffer<ffi::F32> fk, ffi::Buffer<ffi::F32> v,
                              ffi::ResultBuffer<ffi::F32> num, ffi::ResultBuffer<ffi::F32> den) {
-  if (fk.element_count() != fq.element_count() || v.element_count() != fq.element_count())
+  if (!SameCount(fq, fk, v))
     return ffi::Error::InvalidArgument("fq, fk and v must have the same shape");
   LinearProblem p{};
   p.fq = fq.typed_data();
@@ -758,7 +762,7 @@ ffi::Error LinearForwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> fq,
   p.v = v.typed_data();
   p.num = num->typed_data();
   p.den = den->typed_data();
-  return RunItems<LinearForward>(pool, fq, p);
+  return RunItems<Pass<LinearWorker, false>::Of>(pool, fq, p);
 }
 
 ffi::Error LinearBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> fq,
@@ -766,8 +770,7 @@ ffi::Error LinearBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> fq,
                               ffi::Buffer<ffi::F32> g_num, ffi::Buffer<ffi::F32> g_den,
                               ffi::ResultBuffer<ffi::F32> d_fq, ffi::ResultBuffer<ffi::F32> d_fk,
                               ffi::ResultBuffer<ffi::F32> d_v) {
-  const size_t n = fq.element_count();
-  if (fk.element_count() != n || v.element_count() != n || g_num.element_count() != n)
+  if (!SameCount(fq, fk, v, g_num))
     return ffi::Error::InvalidArgument("fq, fk, v and g_num must have the same shape");
   LinearProblem p{};
   p.fq = fq.typed_data();
@@ -778,7 +781,7 @@ ffi::Error LinearBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> fq,
   p.d_fq = d_fq->typed_data();
   p.d_fk = d_fk->typed_data();
   p.d_v = d_v->typed_data();
-  return RunItems<LinearBackward>(pool, fq, p);
+  return RunItems<Pass<LinearWorker, true>::Of>(pool, fq, p);
 }
 
 
@@ -826,7 +829,7 @@ class DenseLinear {
       const int64_t rows = Load(p_.k, base, r0, a_.ptr, a_slope_.ptr);
       Load(p_.v, base, r0, b_.ptr, nullptr);
       AccumulateProduct<kVecs>(a_.ptr, 1, kD, kD, rows, b_.ptr, s_.ptr);
-      AddRows(a_.ptr, rows, z_.ptr);
+      AddRowSums<kD>(a_.ptr, rows, z_.ptr);
     }
     for (int64_t r0 = 0; r0 < p_.t; r0 += kBlockK) {  // out = phi(q) S / (phi(q) . z + eps)
       const int64_t rows = Load(p_.q, base, r0, a_.ptr, a_slope_.ptr);
@@ -929,32 +932,15 @@ class DenseLinear {
     }
   }
 
-  static void AddRows(const float* tile, int64_t rows, float* sums) {
-    for (int64_t r = 0; r < rows; ++r)
-      for (int c = 0; c < kD; c += kLanes) store(sums + c, load(sums + c) + load(tile + r * kD + c));
-  }
-
   const DenseProblem& p_;
   Aligned a_, a_slope_, b_, c_, s_, s_t_, z_, den_;
-};
-
-template <int kVecs>
-struct DenseForward : DenseLinear<kVecs> {
-  using DenseLinear<kVecs>::DenseLinear;
-  void Run(int64_t item) { this->Forward(item); }
-};
-
-template <int kVecs>
-struct DenseBackward : DenseLinear<kVecs> {
-  using DenseLinear<kVecs>::DenseLinear;
-  void Run(int64_t item) { this->Backward(item); }
 };
 
 ffi::Error DenseForwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                             ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, int32_t feature,
                             float eps, ffi::ResultBuffer<ffi::F32> out,
                             ffi::ResultBuffer<ffi::F32> s, ffi::ResultBuffer<ffi::F32> z) {
-  if (k.element_count() != q.element_count() || v.element_count() != q.element_count())
+  if (!SameCount(q, k, v))
     return ffi::Error::InvalidArgument("q, k and v must have the same shape");
   if (feature != 0 && feature != 1) return ffi::Error::InvalidArgument("feature: 0 elu, 1 relu");
   DenseProblem p{};
@@ -966,7 +952,7 @@ ffi::Error DenseForwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   p.z_w = z->typed_data();
   p.feature = feature;
   p.eps = eps;
-  return RunItems<DenseForward>(pool, q, p);
+  return RunItems<Pass<DenseLinear, false>::Of>(pool, q, p);
 }
 
 ffi::Error DenseBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
@@ -975,9 +961,7 @@ ffi::Error DenseBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                              ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> g, int32_t feature,
                              float eps, ffi::ResultBuffer<ffi::F32> dq,
                              ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
-  const size_t n = q.element_count();
-  if (k.element_count() != n || v.element_count() != n || out.element_count() != n ||
-      g.element_count() != n)
+  if (!SameCount(q, k, v, out, g))
     return ffi::Error::InvalidArgument("q, k, v, out and g must have the same shape");
   if (feature != 0 && feature != 1) return ffi::Error::InvalidArgument("feature: 0 elu, 1 relu");
   DenseProblem p{};
@@ -993,7 +977,7 @@ ffi::Error DenseBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   p.dv = dv->typed_data();
   p.feature = feature;
   p.eps = eps;
-  return RunItems<DenseBackward>(pool, q, p);
+  return RunItems<Pass<DenseLinear, true>::Of>(pool, q, p);
 }
 
 }  // namespace
