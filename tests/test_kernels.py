@@ -28,7 +28,7 @@ def _inputs(shape, seed=0, masked_fraction=0.3):
     return q, k, v, np.where(keep, 0.0, MASKED).astype(np.float32)
 
 
-# T around the kernel's blocks (8 query rows, 32 keys), every head size it is compiled for.
+# T around the kernel's blocks (8 query rows, keys in 64s), every head size it is compiled for.
 @pytest.mark.parametrize(
     "shape",
     [

@@ -78,6 +78,98 @@ struct Aligned {
   float* ptr;
 };
 
+// Pieces shared by the kernels: score and product microkernels on 16-float vectors, and the
+// packing of one (sequence, head) into padded tiles.
+
+constexpr int kBlockQ = 64;   // query rows per block
+constexpr int kBlockK = 64;   // keys per block (a multiple of kKeys)
+
+// s[rows x cols] = a[rows x D] . bt[D x ...] over keys j0 .. j0 + cols, where bt is stored
+// transposed (bt[c * ldb + j]); rows a multiple of kRows, cols of kKeys.
+template <int kVecs>
+void ScoresBlock(const float* a, int64_t rows, const float* bt, int64_t ldb, int64_t j0,
+                 int64_t cols, float* s, int64_t lds) {
+  constexpr int kD = kVecs * kLanes;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRows)
+    for (int64_t jj = 0; jj < cols; jj += kKeys) {
+      v16 acc[kRows][2] = {};
+      const float* b = bt + j0 + jj;
+      for (int c = 0; c < kD; ++c) {
+        const v16 b0 = load(b + c * ldb), b1 = load(b + c * ldb + kLanes);
+        for (int r = 0; r < kRows; ++r) {
+          const float x = a[(r0 + r) * kD + c];
+          acc[r][0] += x * b0;
+          acc[r][1] += x * b1;
+        }
+      }
+      for (int r = 0; r < kRows; ++r) {
+        store(s + (r0 + r) * lds + jj, acc[r][0]);
+        store(s + (r0 + r) * lds + jj + kLanes, acc[r][1]);
+      }
+    }
+}
+
+// out[rows x D] += A . b[n x D], A's element (i, k) at a[i * ai + k * ak]: with (ai, ak) =
+// (ld, 1) that is A . b, with (1, ld) it is A^T . b. rows a multiple of 8.
+template <int kVecs>
+void AccumulateProduct(const float* a, int64_t ai, int64_t ak, int64_t rows, int64_t n,
+                       const float* b, float* out) {
+  constexpr int kD = kVecs * kLanes;
+  constexpr int kTile = kVecs <= 2 ? 8 : kVecs <= 4 ? 4 : 2;  // <= 16 accumulators
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
+    v16 acc[kTile][kVecs];
+    for (int r = 0; r < kTile; ++r)
+      for (int c = 0; c < kVecs; ++c) acc[r][c] = load(out + (i0 + r) * kD + c * kLanes);
+    for (int64_t k = 0; k < n; ++k) {
+      v16 bk[kVecs];
+      for (int c = 0; c < kVecs; ++c) bk[c] = load(b + k * kD + c * kLanes);
+      for (int r = 0; r < kTile; ++r) {
+        const float x = a[(i0 + r) * ai + k * ak];
+        for (int c = 0; c < kVecs; ++c) acc[r][c] += x * bk[c];
+      }
+    }
+    for (int r = 0; r < kTile; ++r)
+      for (int c = 0; c < kVecs; ++c) store(out + (i0 + r) * kD + c * kLanes, acc[r][c]);
+  }
+}
+
+// Copies one head's [T, D] rows out of an [N, T, H, D] array into a zero-padded [tp, D] tile,
+// times `scale`; with `transposed`, into [D, kBlockK] panels, one per key block, each contiguous
+// (a [D, tp] matrix would put the rows of a panel tp floats apart, a power of two: they would
+// fall into the same cache sets, and at T = 16,384 the panel no longer stays in L1 or L2).
+template <int kD>
+void PackRows(const float* src, int64_t base, int64_t row_stride, int64_t t, int64_t tp,
+              float scale, float* dst, bool transposed) {
+  if (transposed) {
+    for (int64_t i = 0; i < tp; ++i) {
+      float* panel = dst + i / kBlockK * (kD * kBlockK) + i % kBlockK;
+      for (int c = 0; c < kD; ++c)
+        panel[c * kBlockK] = i < t ? src[base + i * row_stride + c] * scale : 0.0f;
+    }
+  } else {
+    for (int64_t i = 0; i < t; ++i)
+      for (int c = 0; c < kD; ++c) dst[i * kD + c] = src[base + i * row_stride + c] * scale;
+    std::memset(dst + t * kD, 0, sizeof(float) * (tp - t) * kD);
+  }
+}
+
+// The [D, kBlockK] panel of keys j0.. in a tile packed with `transposed`.
+template <int kD>
+const float* PanelOf(const float* packed, int64_t j0) {
+  return packed + j0 / kBlockK * (kD * kBlockK);
+}
+
+template <int kD>
+void UnpackRows(const float* src, int64_t t, float scale, float* dst, int64_t base,
+                int64_t row_stride) {
+  for (int64_t i = 0; i < t; ++i)
+    for (int c = 0; c < kD; ++c) dst[base + i * row_stride + c] = src[i * kD + c] * scale;
+}
+
+inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+static_assert(kBlockQ % kBlockK == 0 || kBlockK % kBlockQ == 0, "blocks must nest");
+constexpr int64_t kPad = kBlockQ > kBlockK ? kBlockQ : kBlockK;  // sequences padded to this
+
 struct Problem {
   const float *q, *k, *v, *key_bias;
   float* out;
@@ -85,82 +177,52 @@ struct Problem {
   float scale;
 };
 
-// One (sequence, head): packs q (scaled), k^T and v into contiguous tiles padded to whole
-// blocks, then for each block of kRows query rows: scores -> softmax -> probs.v.
+// One (sequence, head): packs q (scaled), k in [D, kBlockK] panels and v, then per block of kRows
+// query rows: scores -> softmax with the key bias -> probs.v, with the flash kernels' pieces.
 template <int kVecs>  // D / 16
-class Worker {
+class RowSoftmax {
  public:
-  explicit Worker(const Problem& p)
-      : p_(p),
-        tq_((p.t + kRows - 1) / kRows * kRows),
-        tk_((p.t + kKeys - 1) / kKeys * kKeys),
-        q_(tq_ * kD), kt_(kD * tk_), v_(tk_ * kD), bias_(tk_), s_(kRows * tk_) {}
+  explicit RowSoftmax(const Problem& p)
+      : p_(p), tp_(RoundUp(p.t, kPad)), q_(tp_ * kD), kt_(kD * tp_), v_(tp_ * kD), bias_(tp_),
+        s_(kRows * tp_), o_(kRows * kD) {}
 
   void Run(int64_t item) {
-    const int64_t n = item / p_.h, head = item % p_.h, t = p_.t;
-    const int64_t row_stride = p_.h * kD;
-    const int64_t base = n * t * row_stride + head * kD;
-    std::memset(q_.ptr, 0, sizeof(float) * tq_ * kD);
-    std::memset(v_.ptr, 0, sizeof(float) * tk_ * kD);
-    for (int64_t i = 0; i < t; ++i) {
-      const float* qi = p_.q + base + i * row_stride;
-      const float* ki = p_.k + base + i * row_stride;
-      const float* vi = p_.v + base + i * row_stride;
-      for (int c = 0; c < kD; ++c) {
-        q_.ptr[i * kD + c] = qi[c] * p_.scale;
-        kt_.ptr[c * tk_ + i] = ki[c];
-      }
-      std::memcpy(v_.ptr + i * kD, vi, sizeof(float) * kD);
-    }
-    for (int c = 0; c < kD; ++c)
-      for (int64_t i = t; i < tk_; ++i) kt_.ptr[c * tk_ + i] = 0.0f;
+    const int64_t n = item / p_.h, head = item % p_.h, t = p_.t, stride = p_.h * kD;
+    const int64_t base = n * t * stride + head * kD;
+    PackRows<kD>(p_.q, base, stride, t, tp_, p_.scale, q_.ptr, false);
+    PackRows<kD>(p_.k, base, stride, t, tp_, 1.0f, kt_.ptr, true);
+    PackRows<kD>(p_.v, base, stride, t, tp_, 1.0f, v_.ptr, false);
     std::memcpy(bias_.ptr, p_.key_bias + n * t, sizeof(float) * t);
-    for (int64_t i = t; i < tk_; ++i) bias_.ptr[i] = -INFINITY;  // padding keys: weight 0
-
+    std::fill(bias_.ptr + t, bias_.ptr + tp_, -INFINITY);  // padding keys: weight 0
     for (int64_t i0 = 0; i0 < t; i0 += kRows) {
-      Scores(i0);
+      for (int64_t j0 = 0; j0 < tp_; j0 += kBlockK)
+        ScoresBlock<kVecs>(q_.ptr + i0 * kD, kRows, PanelOf<kD>(kt_.ptr, j0), kBlockK, 0, kBlockK,
+                           s_.ptr + j0, tp_);
       float inv_sum[kRows];
-      for (int r = 0; r < kRows; ++r) inv_sum[r] = 1.0f / Softmax(s_.ptr + r * tk_);
-      Mix(i0, inv_sum, p_.out + base);
+      for (int r = 0; r < kRows; ++r) inv_sum[r] = 1.0f / Softmax(s_.ptr + r * tp_);
+      std::memset(o_.ptr, 0, sizeof(float) * kRows * kD);
+      AccumulateProduct<kVecs>(s_.ptr, tp_, 1, kRows, tp_, v_.ptr, o_.ptr);
+      const int64_t rows = std::min<int64_t>(kRows, t - i0);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int c = 0; c < kD; c += kLanes)
+          store(p_.out + base + (i0 + r) * stride + c, load(o_.ptr + r * kD + c) * inv_sum[r]);
     }
   }
 
  private:
   static constexpr int kD = kVecs * kLanes;
-  // Rows of probs.v per pass, a divisor of kRows: keeps the accumulators at 16 or fewer.
-  static constexpr int kMixRows = kVecs <= 2 ? kRows : kVecs <= 4 ? 4 : 2;
 
-  void Scores(int64_t i0) {
-    const float* q = q_.ptr + i0 * kD;
-    for (int64_t j0 = 0; j0 < tk_; j0 += kKeys) {
-      v16 acc[kRows][2];
-      const v16 b0 = load(bias_.ptr + j0), b1 = load(bias_.ptr + j0 + kLanes);
-      for (int r = 0; r < kRows; ++r) { acc[r][0] = b0; acc[r][1] = b1; }
-      for (int c = 0; c < kD; ++c) {
-        const v16 k0 = load(kt_.ptr + c * tk_ + j0), k1 = load(kt_.ptr + c * tk_ + j0 + kLanes);
-        for (int r = 0; r < kRows; ++r) {
-          const float qrc = q[r * kD + c];
-          acc[r][0] += qrc * k0;
-          acc[r][1] += qrc * k1;
-        }
-      }
-      for (int r = 0; r < kRows; ++r) {
-        store(s_.ptr + r * tk_ + j0, acc[r][0]);
-        store(s_.ptr + r * tk_ + j0 + kLanes, acc[r][1]);
-      }
-    }
-  }
-
-  // In place: row -> exp(row - max); returns the sum.
+  // In place: row -> exp(row + bias - max); returns the sum.
   float Softmax(float* row) {
-    v16 m = load(row);
-    for (int64_t j = kLanes; j < tk_; j += kLanes) {
-      const v16 x = load(row + j);
+    v16 m = splat(-INFINITY);
+    for (int64_t j = 0; j < tp_; j += kLanes) {
+      const v16 x = load(row + j) + load(bias_.ptr + j);
+      store(row + j, x);
       m = x > m ? x : m;
     }
     const float row_max = hmax(m);
     v16 sum{};
-    for (int64_t j = 0; j < tk_; j += kLanes) {
+    for (int64_t j = 0; j < tp_; j += kLanes) {
       const v16 e = exp_nonpositive(load(row + j) - row_max);
       store(row + j, e);
       sum += e;
@@ -168,30 +230,9 @@ class Worker {
     return hsum(sum);
   }
 
-  void Mix(int64_t i0, const float* inv_sum, float* out) {
-    const int64_t row_stride = p_.h * kD;
-    for (int r0 = 0; r0 < kRows; r0 += kMixRows) {
-      v16 acc[kMixRows][kVecs] = {};
-      for (int64_t j = 0; j < tk_; ++j) {
-        v16 vj[kVecs];
-        for (int c = 0; c < kVecs; ++c) vj[c] = load(v_.ptr + j * kD + c * kLanes);
-        for (int r = 0; r < kMixRows; ++r) {
-          const float prj = s_.ptr[(r0 + r) * tk_ + j];
-          for (int c = 0; c < kVecs; ++c) acc[r][c] += prj * vj[c];
-        }
-      }
-      for (int r = 0; r < kMixRows; ++r) {
-        const int64_t i = i0 + r0 + r;
-        if (i >= p_.t) break;
-        for (int c = 0; c < kVecs; ++c)
-          store(out + i * row_stride + c * kLanes, acc[r][c] * inv_sum[r0 + r]);
-      }
-    }
-  }
-
   const Problem& p_;
-  const int64_t tq_, tk_;
-  Aligned q_, kt_, v_, bias_, s_;
+  const int64_t tp_;
+  Aligned q_, kt_, v_, bias_, s_, o_;
 };
 
 // Items handed out through an atomic counter. The calling thread works too, with one helper
@@ -278,7 +319,7 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
     return ffi::Error::InvalidArgument("key_bias must be [..., T]");
   Problem p{q.typed_data(), k.typed_data(), v.typed_data(), key_bias.typed_data(),
             out->typed_data(), 0, t, h, d, scale};
-  return RunItems<Worker>(pool, q, p);
+  return RunItems<RowSoftmax>(pool, q, p);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -286,58 +327,6 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
 // a backward pass that recomputes the probabilities block by block from it (FlashAttention-2's
 // algorithm). Causal or not, no key bias; q, k, v, out, dout are [N, T, H, D], lse is [N, H, T].
 // One (sequence, head) per thread: the backward accumulates dq over key blocks without atomics.
-
-constexpr int kBlockQ = 64;   // query rows per block
-constexpr int kBlockK = 64;   // keys per block (a multiple of kKeys)
-
-// s[rows x cols] = a[rows x D] . bt[D x ...] over keys j0 .. j0 + cols, where bt is stored
-// transposed (bt[c * ldb + j]); rows a multiple of kRows, cols of kKeys.
-template <int kVecs>
-void ScoresBlock(const float* a, int64_t rows, const float* bt, int64_t ldb, int64_t j0,
-                 int64_t cols, float* s, int64_t lds) {
-  constexpr int kD = kVecs * kLanes;
-  for (int64_t r0 = 0; r0 < rows; r0 += kRows)
-    for (int64_t jj = 0; jj < cols; jj += kKeys) {
-      v16 acc[kRows][2] = {};
-      const float* b = bt + j0 + jj;
-      for (int c = 0; c < kD; ++c) {
-        const v16 b0 = load(b + c * ldb), b1 = load(b + c * ldb + kLanes);
-        for (int r = 0; r < kRows; ++r) {
-          const float x = a[(r0 + r) * kD + c];
-          acc[r][0] += x * b0;
-          acc[r][1] += x * b1;
-        }
-      }
-      for (int r = 0; r < kRows; ++r) {
-        store(s + (r0 + r) * lds + jj, acc[r][0]);
-        store(s + (r0 + r) * lds + jj + kLanes, acc[r][1]);
-      }
-    }
-}
-
-// out[rows x D] += A . b[n x D], A's element (i, k) at a[i * ai + k * ak]: with (ai, ak) =
-// (ld, 1) that is A . b, with (1, ld) it is A^T . b. rows a multiple of 8.
-template <int kVecs>
-void AccumulateProduct(const float* a, int64_t ai, int64_t ak, int64_t rows, int64_t n,
-                       const float* b, float* out) {
-  constexpr int kD = kVecs * kLanes;
-  constexpr int kTile = kVecs <= 2 ? 8 : kVecs <= 4 ? 4 : 2;  // <= 16 accumulators
-  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
-    v16 acc[kTile][kVecs];
-    for (int r = 0; r < kTile; ++r)
-      for (int c = 0; c < kVecs; ++c) acc[r][c] = load(out + (i0 + r) * kD + c * kLanes);
-    for (int64_t k = 0; k < n; ++k) {
-      v16 bk[kVecs];
-      for (int c = 0; c < kVecs; ++c) bk[c] = load(b + k * kD + c * kLanes);
-      for (int r = 0; r < kTile; ++r) {
-        const float x = a[(i0 + r) * ai + k * ak];
-        for (int c = 0; c < kVecs; ++c) acc[r][c] += x * bk[c];
-      }
-    }
-    for (int r = 0; r < kTile; ++r)
-      for (int c = 0; c < kVecs; ++c) store(out + (i0 + r) * kD + c * kLanes, acc[r][c]);
-  }
-}
 
 struct FlashProblem {
   const float *q, *k, *v, *out, *lse, *dout;  // out, lse, dout: backward only
@@ -348,42 +337,6 @@ struct FlashProblem {
   bool causal;
 };
 
-// Copies one head's [T, D] rows out of an [N, T, H, D] array into a zero-padded [tp, D] tile,
-// times `scale`; with `transposed`, into [D, kBlockK] panels, one per key block, each contiguous
-// (a [D, tp] matrix would put the rows of a panel tp floats apart, a power of two: they would
-// fall into the same cache sets, and at T = 16,384 the panel no longer stays in L1 or L2).
-template <int kD>
-void PackRows(const float* src, int64_t base, int64_t row_stride, int64_t t, int64_t tp,
-              float scale, float* dst, bool transposed) {
-  if (transposed) {
-    for (int64_t i = 0; i < tp; ++i) {
-      float* panel = dst + i / kBlockK * (kD * kBlockK) + i % kBlockK;
-      for (int c = 0; c < kD; ++c)
-        panel[c * kBlockK] = i < t ? src[base + i * row_stride + c] * scale : 0.0f;
-    }
-  } else {
-    for (int64_t i = 0; i < t; ++i)
-      for (int c = 0; c < kD; ++c) dst[i * kD + c] = src[base + i * row_stride + c] * scale;
-    std::memset(dst + t * kD, 0, sizeof(float) * (tp - t) * kD);
-  }
-}
-
-// The [D, kBlockK] panel of keys j0.. in a tile packed with `transposed`.
-template <int kD>
-const float* PanelOf(const float* packed, int64_t j0) {
-  return packed + j0 / kBlockK * (kD * kBlockK);
-}
-
-template <int kD>
-void UnpackRows(const float* src, int64_t t, float scale, float* dst, int64_t base,
-                int64_t row_stride) {
-  for (int64_t i = 0; i < t; ++i)
-    for (int c = 0; c < kD; ++c) dst[base + i * row_stride + c] = src[i * kD + c] * scale;
-}
-
-inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-static_assert(kBlockQ % kBlockK == 0 || kBlockK % kBlockQ == 0, "blocks must nest");
-constexpr int64_t kPad = kBlockQ > kBlockK ? kBlockQ : kBlockK;  // sequences padded to this
 
 // In a [kBlockQ x kBlockK] block of queries i0.. and keys j0..: the entries of keys past the end
 // and (causal) of keys after their query set to `value`.
