@@ -112,6 +112,21 @@ def _sentiment_train(args: argparse.Namespace) -> int:
     return _exit_code(sentiment.train_and_evaluate(config, args.workdir))
 
 
+def _sentiment_pack(args: argparse.Namespace) -> int:
+    from hw2jax import config as config_lib
+    from hw2jax.tasks import sentiment
+
+    config = config_lib.load_config(args.config)
+    flags = {"encoder": args.encoder, "data_dir": args.data_dir, "data_source": args.data_source}
+    overrides = [f"{key}={value}" for key, value in flags.items() if value]
+    config_lib.apply_overrides(config, [*overrides, *args.set])
+    sizes = sentiment.pack(config, args.out, args.dtype)
+    for name, size in sizes.items():
+        print(f"{size / 2**20:8.2f} MiB  {Path(args.out) / name}")
+    print(f"{sum(sizes.values()) / 2**20:8.2f} MiB in all")
+    return 0
+
+
 def _mqar_train(args: argparse.Namespace) -> int:
     from hw2jax.tasks import mqar
 
@@ -314,6 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
         "shared by every work dir)",
     )
     train.set_defaults(func=_sentiment_train)
+    pack = senti.add_parser(
+        "pack",
+        help="the encoder (bf16 by default) and the reviews tokenized, into OUT: what a "
+        "machine that receives few megabytes needs to train (--encoder OUT/encoder "
+        "--data-dir OUT/imdb_tokens.npz)",
+    )
+    pack.add_argument("--config", required=True, help="an experiments/*.py file")
+    pack.add_argument("--out", required=True, help="a folder for encoder/ and imdb_tokens.npz")
+    pack.add_argument("--encoder", help="hub id, local HF folder, or 'minilm' (offline)")
+    pack.add_argument("--data-dir", help="aclImdb folder or .tar.gz (env: HW2JAX_DATA_DIR)")
+    pack.add_argument("--data-source", choices=["auto", "local", "tfds"])
+    pack.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    pack.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pack.set_defaults(func=_sentiment_pack)
     pred = senti.add_parser("predict", help="P(positive) for each text, best checkpoint")
     pred.add_argument("--workdir", required=True)
     pred.add_argument("texts", nargs="*", metavar="TEXT", help="reviews; - reads stdin")

@@ -343,6 +343,121 @@ def test_max_reviews_keeps_texts_and_labels_together(tmp_path, tokenizer):
         assert label_of[row.tobytes()] == label
 
 
+def _pack_args(tmp_path, out, *settings, dtype="float32"):
+    args = ["sentiment", "pack", "--config", str(CONFIG), "--out", str(out), "--dtype", dtype]
+    for item in tiny_settings(tmp_path, *settings):
+        args += ["--set", item]
+    return args
+
+
+def test_a_token_pack_trains_exactly_like_the_texts(tmp_path, capsys):
+    """`sentiment pack` tokenizes once into uint16 word pieces; a run from the pack sees the
+    same ids, lengths and labels, and trains to the same numbers, as one from the reviews."""
+    assert cli.main(_pack_args(tmp_path, tmp_path / "pack")) == 0
+    assert "MiB in all" in capsys.readouterr().out
+    pack = tmp_path / "pack" / imdb.PACK_NAME
+    tok = sentiment.load_tokenizer(tmp_path / "pack" / "encoder")
+    from_text = sentiment.tokenized_splits(tiny_config(tmp_path), tok)
+    for data_dir in (pack, pack.parent):  # the file, or the folder holding it
+        from_pack = sentiment.tokenized_splits(tiny_config(tmp_path, f"data_dir={data_dir}"), tok)
+        for split in ("train", "test"):
+            for key in ("ids", "length", "label"):
+                np.testing.assert_array_equal(from_pack[split][key], from_text[split][key])
+    assert from_text["test"]["length"].max() == 64  # some reviews were cut, and stay cut
+    runs = [
+        sentiment.train_and_evaluate(tiny_config(tmp_path, "epochs=2", *extra), tmp_path / name)
+        for name, extra in (("text", ()), ("pack", (f"data_dir={pack}",)))
+    ]
+    assert [e["train_loss"] for e in runs[0]["epochs"]] == [
+        e["train_loss"] for e in runs[1]["epochs"]
+    ]
+    finals = [{k: v for k, v in r["final"].items() if k != "best_checkpoint"} for r in runs]
+    assert finals[0] == finals[1] and finals[0]["test_count"] == 12
+
+
+def test_a_bfloat16_encoder_loads_as_its_weights_rounded(tmp_path):
+    import ml_dtypes
+
+    from hw2jax.models import bert
+
+    config, params, _ = bert.load_pretrained(str(tiny_encoder()))
+    folder = bert.save_pretrained(tmp_path / "bf16", config, params, dtype="bfloat16")
+    _, loaded, _ = bert.load_pretrained(str(folder))
+    import jax
+
+    pairs = zip(jax.tree.leaves(params), jax.tree.leaves(loaded), strict=True)
+    changed = 0
+    for original, got in pairs:
+        rounded = np.asarray(original).astype(ml_dtypes.bfloat16).astype(np.float32)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, rounded)
+        changed += int((rounded != np.asarray(original)).any())
+    assert changed > 0  # bf16 really rounded something
+    size = (folder / "model.safetensors").stat().st_size
+    assert size < 0.55 * (tiny_encoder() / "model.safetensors").stat().st_size
+    with pytest.raises(ValueError, match="'float32' or 'bfloat16'"):
+        bert.save_pretrained(tmp_path / "x", config, params, dtype="float16")
+
+
+def test_a_token_pack_that_does_not_fit_is_refused_with_the_fix(tmp_path, capsys):
+    assert cli.main(_pack_args(tmp_path, tmp_path / "pack")) == 0
+    pack = tmp_path / "pack" / imdb.PACK_NAME
+    tok = sentiment.load_tokenizer(tmp_path / "pack" / "encoder")
+    train = ["sentiment", "train", "--config", str(CONFIG), "--workdir", str(tmp_path / "w")]
+    for item in tiny_settings(tmp_path, f"data_dir={pack}", "max_length=32", "buckets=(16,)"):
+        train += ["--set", item]
+    assert cli.main(train) == 2
+    err = capsys.readouterr().err
+    assert "cut to 64 tokens" in err and "set max_length=64" in err and "Traceback" not in err
+    # Another vocabulary (as another encoder's tokenizer would give).
+    splits = sentiment.tokenized_splits(tiny_config(tmp_path), tok)
+    other = imdb.save_token_pack(tmp_path / "other.npz", splits, max_length=64, vocab_digest="x")
+    with pytest.raises(imdb.DataFormatError, match="another vocabulary"):
+        sentiment.tokenized_splits(tiny_config(tmp_path, f"data_dir={other}"), tok)
+    # Cut short or garbled: one message that says to build it again.
+    raw = pack.read_bytes()
+    for damaged in (raw[: len(raw) // 2], raw[:100] + bytes(200) + raw[300:]):
+        pack.write_bytes(damaged)
+        with pytest.raises(imdb.DataFormatError, match="build it again"):
+            sentiment.tokenized_splits(tiny_config(tmp_path, f"data_dir={pack}"), tok)
+
+
+@pytest.mark.slow
+def test_the_gpu_script_trains_from_a_pack(tmp_path):
+    """benchmarks/gpu_sentiment.sh, run here on the CPU with the fixture's pack: it trains from
+    encoder/ and imdb_tokens.npz alone and leaves the run's record in OUT_DIR."""
+    import subprocess
+    import sys
+
+    assert cli.main(_pack_args(tmp_path, tmp_path / "pack", dtype="bfloat16")) == 0
+    (tmp_path / "pack" / "encoder" / "vocab.txt").unlink()  # tokenizer.json must suffice
+    extra = []
+    for item in tiny_settings(tmp_path, "epochs=1"):
+        if not item.startswith(("encoder=", "data_dir=", "progress=", "cache_dir=")):
+            extra += ["--set", item]
+    root = Path(__file__).parents[1]
+    done = subprocess.run(
+        [
+            "bash",
+            "benchmarks/gpu_sentiment.sh",
+            str(tmp_path / "pack"),
+            str(tmp_path / "out"),
+            "300",
+            *extra,
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable, "WORK": str(tmp_path / "work")},
+    )
+    log = (tmp_path / "out" / "gpu_sentiment.log").read_text()
+    assert "=== END sentiment rc=0" in log, done.stdout[-2000:]
+    assert "token pack" in log and "test accuracy of the best-valid model" in log
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert len(history["epochs"]) == 1
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["test_count"] == 12
+
+
 # bert-base-uncased's published config.json, as its checkpoint folder holds it.
 BERT_BASE_CONFIG = {
     "architectures": ["BertForMaskedLM"],

@@ -1,12 +1,15 @@
-"""IMDB reviews (Maas et al. 2011) from a local aclImdb folder or .tar.gz, or TFDS; the
-seeded train/valid split; batched tokenization cached to disk; length bucketing."""
+"""IMDB reviews (Maas et al. 2011) from a local aclImdb folder or .tar.gz, TFDS, or a token
+pack (reviews tokenized once, for machines that receive few megabytes); the seeded train/valid
+split; batched tokenization cached to disk; length bucketing."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tarfile
+import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,6 +113,113 @@ class AclImdbSource:
         return self.load_all()[split]
 
 
+PACK_NAME = "imdb_tokens.npz"
+PACK_VERSION = 1
+
+
+def save_token_pack(
+    path: str | os.PathLike,
+    splits: dict[str, dict[str, np.ndarray]],
+    *,
+    max_length: int,
+    vocab_digest: str,
+) -> Path:
+    """Writes tokenized reviews ({split: ids [N, L], length [N], label [N]}) as one compressed
+    .npz of uint16 word pieces, unpadded: IMDB at 512 tokens is ~20 MB instead of 120 MB of
+    text and tokenizer. ``vocab_digest`` and ``max_length`` go in too, so a run with another
+    tokenizer or length is refused (:class:`TokenPackSource`). Written atomically."""
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {}
+    for split, a in splits.items():
+        lengths = np.asarray(a["length"], np.int32)
+        ids = np.asarray(a["ids"])
+        flat = ids[np.arange(ids.shape[1])[None, :] < lengths[:, None]]  # row-major: review order
+        if flat.size and (flat.min() < 0 or flat.max() >= 2**16):
+            raise ValueError("token ids must lie in 0..65535 to be packed as uint16.")
+        arrays[f"{split}_tokens"] = flat.astype(np.uint16)
+        arrays[f"{split}_length"] = lengths
+        arrays[f"{split}_label"] = np.asarray(a["label"], np.int8)
+    meta = {
+        "version": PACK_VERSION,
+        "max_length": max_length,
+        "vocab_digest": vocab_digest,
+        "splits": sorted(splits),
+    }
+    arrays["meta"] = np.array(json.dumps(meta))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+class TokenPackSource:
+    """Reviews already tokenized by :func:`save_token_pack` (``hw2jax sentiment pack``):
+    ``load(split)`` gives ``ids`` [N, max_length] (0-padded), ``length`` and ``label``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.description = f"token pack {self.path}"
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    def _read(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            try:
+                with np.load(self.path, allow_pickle=False) as f:
+                    arrays = {k: f[k] for k in f.files}
+                meta = json.loads(str(arrays["meta"]))
+            except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+                raise DataFormatError(
+                    f"{self.path} is not a readable token pack ({type(e).__name__}: {e}); it "
+                    "is damaged or cut short: build it again with `hw2jax sentiment pack`."
+                ) from None
+            if meta.get("version") != PACK_VERSION:
+                raise DataFormatError(
+                    f"{self.path} is a token pack of version {meta.get('version')}, this hw2jax "
+                    f"reads version {PACK_VERSION}: build it again with `hw2jax sentiment pack`."
+                )
+            self.meta, self._arrays = meta, arrays
+        return self._arrays
+
+    def check(self, *, max_length: int, vocab_digest: str) -> None:
+        """Refuses a pack made for another tokenizer or length, naming the fix."""
+        self._read()
+        if self.meta["vocab_digest"] != vocab_digest:
+            raise DataFormatError(
+                f"{self.path} was tokenized with another vocabulary than this encoder's: "
+                "pack the reviews again with the same --encoder (`hw2jax sentiment pack`)."
+            )
+        if self.meta["max_length"] != max_length:
+            raise DataFormatError(
+                f"{self.path} holds reviews cut to {self.meta['max_length']} tokens and this "
+                f"config has max_length={max_length}: set max_length="
+                f"{self.meta['max_length']}, or pack again with --set max_length={max_length}."
+            )
+
+    def load(self, split: str) -> dict[str, np.ndarray]:
+        arrays = self._read()
+        if split not in self.meta["splits"]:
+            raise ValueError(f"unknown split {split!r}; this pack has {self.meta['splits']}.")
+        lengths = arrays[f"{split}_length"]
+        tokens = arrays[f"{split}_tokens"]
+        if lengths.sum() != tokens.size or (lengths > self.meta["max_length"]).any():
+            raise DataFormatError(
+                f"{self.path}: the {split} lengths do not match its tokens; the pack is "
+                "damaged: build it again with `hw2jax sentiment pack`."
+            )
+        ids = np.zeros((len(lengths), self.meta["max_length"]), np.int32)
+        ids[np.arange(ids.shape[1])[None, :] < lengths[:, None]] = tokens
+        return {"ids": ids, "length": lengths, "label": arrays[f"{split}_label"].astype(np.int32)}
+
+    def load_all(self) -> dict[str, dict[str, np.ndarray]]:
+        self._read()
+        return {split: self.load(split) for split in self.meta["splits"]}
+
+
+def _is_pack(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(".npz")
+
+
 def _is_acl(path: Path) -> bool:
     return (path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar"))) or (
         (path / "aclImdb" / "train").is_dir() or (path / "train" / "pos").is_dir()
@@ -122,6 +232,7 @@ def _missing_message(tried: list[str]) -> str:
         "Provide them in one of two ways:\n"
         f"  1. an aclImdb folder or aclImdb_v1.tar.gz, or a data root holding one of\n"
         f"     {', '.join(NAMES)}: --data-dir PATH or {ENV_VAR}=PATH;\n"
+        f"     or a token pack ({PACK_NAME}, from `hw2jax sentiment pack`) the same way;\n"
         "  2. tensorflow-datasets 'imdb_reviews' (pip install 'hw2jax[tf]' when online)."
     )
 
@@ -133,6 +244,10 @@ def find_source(data_dir: str | os.PathLike | None = None, kind: str = "auto") -
         return TfdsSource("imdb_reviews", data_dir=data_dir or None, features=("text", "label"))
     chosen = data_dir or os.environ.get(ENV_VAR)
     if chosen:
+        if _is_pack(Path(chosen)) or _is_pack(Path(chosen) / PACK_NAME):
+            return TokenPackSource(
+                Path(chosen) if _is_pack(Path(chosen)) else Path(chosen) / PACK_NAME
+            )
         if _is_acl(Path(chosen)):
             return AclImdbSource(chosen)
         for name in NAMES:

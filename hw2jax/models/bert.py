@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from hw2jax import kernels
@@ -295,12 +296,14 @@ def save_pretrained(
     legacy_layer_norm: bool = False,
     extra_tensors: dict[str, np.ndarray] | None = None,
     config_json: dict | None = None,
+    dtype: str = "float32",
 ) -> Path:
     """Writes a Hugging Face-format folder that :func:`load_pretrained` reads back:
     ``config.json`` (``config_json`` as given, else from ``config``), ``model.safetensors``
     (names after ``prefix``, e.g. ``"bert."``, LayerNorm as gamma/beta with
-    ``legacy_layer_norm``, plus ``extra_tensors`` such as pre-training heads) and the tokenizer
-    files of ``tokenizer_from``."""
+    ``legacy_layer_norm``, plus ``extra_tensors`` such as pre-training heads; floating tensors in
+    ``dtype``, "float32" or "bfloat16", which loads back as float32) and the tokenizer files of
+    ``tokenizer_from``."""
     from safetensors.numpy import save_file
 
     from hw2jax.models.bert_params import state_dict_from_params
@@ -315,6 +318,13 @@ def save_pretrained(
     (folder / "config.json").write_text(json.dumps(meta, indent=2))
     tensors = state_dict_from_params(params, prefix, legacy_layer_norm)
     tensors |= extra_tensors or {}
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}.")
+    if dtype == "bfloat16":  # numpy has no bfloat16; ml_dtypes (a jax dependency) gives it
+        tensors = {
+            k: v.astype(ml_dtypes.bfloat16) if np.issubdtype(v.dtype, np.floating) else v
+            for k, v in tensors.items()
+        }
     save_file(tensors, str(folder / "model.safetensors"))
     if tokenizer_from is not None:
         for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):

@@ -220,10 +220,19 @@ class SentimentTask:
         return self._batches(split, self.config.eval_batch_size, None)
 
 
-def prepare_data(config: ml_collections.ConfigDict, tokenizer, workdir: Path) -> dict:
-    """Train/valid/test token arrays, tokenized once and cached under the work dir."""
+def vocab_digest(tokenizer) -> str:
+    """The tokenizer's vocabulary as a hash: the key of cached features and token packs."""
+    return hashlib.sha256(repr(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+
+
+def tokenized_splits(config: ml_collections.ConfigDict, tokenizer) -> dict:
+    """IMDB train and test as token ids, length and label: tokenized once and cached under the
+    cache dir, or read from a token pack (``hw2jax sentiment pack``) that fits this tokenizer
+    and ``max_length``."""
     source = imdb.find_source(config.data_dir or None, config.data_source)
     print(f"IMDB from {source.description}", file=sys.stderr)
+    if isinstance(source, imdb.TokenPackSource):
+        source.check(max_length=config.max_length, vocab_digest=vocab_digest(tokenizer))
     raw = (
         source.load_all()
         if hasattr(source, "load_all")
@@ -234,6 +243,8 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer, workdir: Path) ->
         for split, arrays in raw.items():
             keep = np.sort(rng.permutation(len(arrays["label"]))[: config.max_reviews])
             raw[split] = {k: v[keep] for k, v in arrays.items()}
+    if isinstance(source, imdb.TokenPackSource):
+        return {split: raw[split] for split in ("train", "test")}
     cache = cache_dir(config)
     out = {}
     start = time.perf_counter()
@@ -245,6 +256,12 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer, workdir: Path) ->
         f"{time.perf_counter() - start:.1f} s",
         file=sys.stderr,
     )
+    return out
+
+
+def prepare_data(config: ml_collections.ConfigDict, tokenizer, workdir: Path) -> dict:
+    """Train/valid/test token arrays: :func:`tokenized_splits`, IMDB train split by seed."""
+    out = tokenized_splits(config, tokenizer)
     n = len(out["train"]["ids"])
     train_size = config.train_size if config.train_size < n else round(0.7 * n)
     tr, va = imdb.train_valid_split(n, train_size, config.split_seed)
@@ -252,6 +269,27 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer, workdir: Path) ->
     out["train"] = {k: v[tr] for k, v in full.items()}
     out["valid"] = {k: v[va] for k, v in full.items()}
     return out
+
+
+def pack(config: ml_collections.ConfigDict, out: str | Path, encoder_dtype: str) -> dict:
+    """What a machine that receives few megabytes needs to run this config: the encoder as a
+    checkpoint folder with weights in ``encoder_dtype`` (``out/encoder``), and the reviews
+    tokenized (``out/imdb_tokens.npz``). Returns the files' sizes in bytes."""
+    check(config)
+    out = Path(out)
+    bert_config, bert_params, folder = bert.load_pretrained(config.encoder)
+    tokenizer = load_tokenizer(folder)
+    imdb.save_token_pack(
+        out / imdb.PACK_NAME,
+        tokenized_splits(config, tokenizer),
+        max_length=config.max_length,
+        vocab_digest=vocab_digest(tokenizer),
+    )
+    bert.save_pretrained(
+        out / "encoder", bert_config, bert_params, tokenizer_from=folder, dtype=encoder_dtype
+    )
+    files = [out / imdb.PACK_NAME, *sorted((out / "encoder").iterdir())]
+    return {str(f.relative_to(out)): f.stat().st_size for f in files}
 
 
 def cache_features(
@@ -281,7 +319,7 @@ def cache_features(
         return jitted(params, ids)
 
     weights = params_digest(bert_params)
-    vocab = hashlib.sha256(repr(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    vocab = vocab_digest(tokenizer)
     out = {}
     for split, arrays in data.items():
         key = content_key(
