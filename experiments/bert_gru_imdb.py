@@ -35,6 +35,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.bidirectional = True
     c.dropout = 0.25
     c.use_mask = False
+    c.pool = (
+        "final"  # what the linear layer reads: "final" GRU states, or "mean" / "max" over steps
+    )
     c.bert_dropout = True
     c.encoder_dtype = "float32"  # or "bfloat16": bf16 matmul inputs, f32 accumulation
     c.encoder_attention = "auto"  # "auto": fused CPU kernel where it applies; "xla" | "fused"

@@ -123,3 +123,66 @@ def test_matches_the_assignments_torch_model(tmp_path):
     }
     got = BertGRUSentiment(config, hidden_dim=8).apply({"params": params}, jnp.asarray(ids))
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("pool", ["final", "mean", "max"])
+def test_pooled_heads_match_torch(tmp_path, pool, use_mask):
+    """Each pooling against torch.nn.GRU with copied weights: masked runs pack the sequences
+    (pack_padded_sequence), so the reference sees only the real steps."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    tconfig = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=20,
+        max_position_embeddings=32,
+    )
+    tbert = transformers.BertModel(tconfig).eval()
+    tbert.save_pretrained(tmp_path, safe_serialization=True)
+    rnn = torch.nn.GRU(16, 8, num_layers=2, bidirectional=True, batch_first=True).eval()
+    out = torch.nn.Linear(16, 1)
+    ids = np.array([[5, 6, 7, 8, 9, 0, 0, 0], [3, 4, 5, 6, 7, 8, 9, 10], [7, 3, 0, 0, 0, 0, 0, 0]])
+    mask = (ids != 0).astype(np.int64)
+    lengths = mask.sum(1)
+    with torch.no_grad():
+        if use_mask:
+            embedded = tbert(torch.tensor(ids), attention_mask=torch.tensor(mask))[0]
+            packed = torch.nn.utils.rnn.pack_padded_sequence(
+                embedded, torch.tensor(lengths), batch_first=True, enforce_sorted=False
+            )
+            outputs, hidden = rnn(packed)
+            outputs, _ = torch.nn.utils.rnn.pad_packed_sequence(
+                outputs, batch_first=True, total_length=ids.shape[1]
+            )
+            steps = torch.tensor(lengths)
+        else:
+            outputs, hidden = rnn(tbert(torch.tensor(ids))[0])
+            steps = torch.full((len(ids),), ids.shape[1])
+        valid = (torch.arange(ids.shape[1])[None, :] < steps[:, None])[..., None]
+        pooled = {
+            "final": torch.cat((hidden[-2], hidden[-1]), dim=1),
+            "mean": (outputs * valid).sum(1) / steps[:, None],
+            "max": outputs.masked_fill(~valid, -torch.inf).amax(1),
+        }[pool]
+        expected = out(pooled).squeeze(-1).numpy()
+    config, bert_params, _ = bert.load_pretrained(str(tmp_path))
+    params = {
+        "bert": bert_params,
+        "rnn": params_from_torch(rnn),
+        "out": {
+            "kernel": jnp.asarray(out.weight.detach().numpy().T),
+            "bias": jnp.asarray(out.bias.detach().numpy()),
+        },
+    }
+    model = BertGRUSentiment(config, hidden_dim=8, use_mask=use_mask, pool=pool)
+    got = model.apply({"params": params}, jnp.asarray(ids))
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_unknown_pool_names_the_choices():
+    with pytest.raises(ValueError, match="pool must be one of"):
+        BertGRUSentiment(TINY, pool="sum").init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))

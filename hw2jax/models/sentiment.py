@@ -13,6 +13,7 @@ from hw2jax.models.gru import GRU
 from hw2jax.models.layers import TorchDense
 
 FROZEN_KEY = "bert"
+POOLS = ("final", "mean", "max")
 
 
 class BertGRUSentiment(nn.Module):
@@ -22,6 +23,9 @@ class BertGRUSentiment(nn.Module):
     over the padding (``use_mask=False``), and BERT's dropout was active while training
     because the module was in train mode (``bert_dropout=True``), although its weights were
     frozen. ``use_mask=True`` passes the mask to BERT and the true lengths to the GRU.
+    ``pool`` picks what the linear layer reads, each of the same size: the assignment's
+    ``"final"`` states of the top layer's two directions, or the ``"mean"`` or ``"max"`` of its
+    outputs over the time steps (the real ones with ``use_mask``, else every step).
     """
 
     bert_config: BertConfig
@@ -33,8 +37,11 @@ class BertGRUSentiment(nn.Module):
     bert_dropout: bool = True
     dtype: Any = None
     attention: str = "auto"  # BertModel's: the fused CPU kernel where it applies, or "xla"
+    pool: str = "final"  # "final" | "mean" | "max"
 
     def setup(self):
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}.")
         self.bert = BertModel(self.bert_config, self.dtype, self.attention)
         self.rnn = GRU(self.hidden_dim, self.n_layers, self.bidirectional, self.dropout)
         self.head_dropout = nn.Dropout(self.dropout)
@@ -48,10 +55,22 @@ class BertGRUSentiment(nn.Module):
         return jax.lax.stop_gradient(hidden)
 
     def head(self, features, attention_mask, *, train: bool = False) -> jax.Array:
-        """GRU -> concatenated final states -> dropout -> linear, on encoder features."""
+        """GRU -> pooled states -> dropout -> linear, on encoder features."""
         lengths = attention_mask.sum(-1) if self.use_mask else None
-        _, h_n = self.rnn(features.astype(jnp.float32), lengths, deterministic=not train)
-        hidden = jnp.concatenate([h_n[-2], h_n[-1]], -1) if self.bidirectional else h_n[-1]
+        outputs, h_n = self.rnn(features.astype(jnp.float32), lengths, deterministic=not train)
+        if self.pool == "final":
+            hidden = jnp.concatenate([h_n[-2], h_n[-1]], -1) if self.bidirectional else h_n[-1]
+        else:
+            steps = outputs.shape[1]
+            valid = (
+                jnp.arange(steps)[None, :] < lengths[:, None]
+                if lengths is not None
+                else jnp.ones(outputs.shape[:2], bool)
+            )[..., None]
+            if self.pool == "mean":
+                hidden = jnp.sum(jnp.where(valid, outputs, 0.0), 1) / jnp.sum(valid, 1)
+            else:
+                hidden = jnp.max(jnp.where(valid, outputs, -jnp.inf), 1)
         hidden = self.head_dropout(hidden, deterministic=not train)
         return self.out(hidden)[..., 0].astype(jnp.float32)
 

@@ -17,7 +17,7 @@ import optax
 from hw2jax.config import LOOP_SCHEMA, Field, check_config
 from hw2jax.data import imdb
 from hw2jax.models import bert
-from hw2jax.models.sentiment import FROZEN_KEY, BertGRUSentiment
+from hw2jax.models.sentiment import FROZEN_KEY, POOLS, BertGRUSentiment
 from hw2jax.tasks.feature_cache import DEFAULT_DIR, FeatureCache, content_key, params_digest
 from hw2jax.train import checkpoints, loop, plots
 from hw2jax.train.batching import IndexBatches
@@ -41,6 +41,7 @@ SCHEMA = {
     "bidirectional": Field(bool),
     "dropout": Field(float, "0 <= dropout < 1", check=lambda v: 0 <= v < 1),
     "use_mask": Field(bool),
+    "pool": Field(str, choices=POOLS),
     "bert_dropout": Field(bool),
     "encoder_dtype": Field(str, choices=("float32", "bfloat16")),
     "encoder_attention": Field(str, choices=bert.ATTENTION_CHOICES),
@@ -80,6 +81,7 @@ def build_model(
         dropout=config.dropout,
         use_mask=config.use_mask,
         bert_dropout=config.bert_dropout,
+        pool=config.pool,
         dtype=encoder_dtype(config),
         attention=encoder_attention(config),
     )
@@ -402,8 +404,9 @@ def predict_reviews(workdir: str | Path, texts: list[str]) -> list[dict[str, Any
     if not texts or any(not t.strip() for t in texts):
         raise ValueError("give at least one non-empty text to predict.")
     config = loop.load_run_config(workdir, "hw2jax sentiment train", marker="encoder")
-    if "encoder_attention" not in config:  # saved before the option existed
-        config.encoder_attention = "auto"
+    for key, default in (("encoder_attention", "auto"), ("pool", "final")):
+        if key not in config:  # saved before the option existed
+            config[key] = default
     bert_config, bert_params, tokenizer = _setup(config, workdir)
     model = build_model(config, bert_config)
     params_like = init_params(model, bert_params, jax.random.key(0))
