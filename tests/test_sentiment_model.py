@@ -9,7 +9,7 @@ from hw2jax.models.gru import params_from_torch
 from hw2jax.models.sentiment import BertGRUSentiment
 from hw2jax.train.loop import TrainState
 
-TINY = bert.BertConfig(
+TINY_FIELDS = dict(
     vocab_size=50,
     hidden_size=16,
     num_hidden_layers=1,
@@ -17,6 +17,7 @@ TINY = bert.BertConfig(
     intermediate_size=20,
     max_position_embeddings=32,
 )
+TINY = bert.BertConfig(**TINY_FIELDS)
 
 
 def size(tree):
@@ -89,29 +90,17 @@ def test_bert_dropout_is_on_in_training_by_default():
     np.testing.assert_allclose(run(no_bert_dropout, 1), run(no_bert_dropout, 2))
 
 
-def test_matches_the_assignments_torch_model(tmp_path):
+def torch_twin(tmp_path, seed):
+    """The assignment's model in torch with random weights (a transformers BertModel of TINY's
+    shape, saved to ``tmp_path``; a 2-layer BiGRU; the linear head), and our params copied from
+    it: (tbert, rnn, out, config, params)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    tbert = transformers.BertModel(
-        transformers.BertConfig(
-            vocab_size=50,
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=20,
-            max_position_embeddings=32,
-        )
-    ).eval()
+    torch.manual_seed(seed)
+    tbert = transformers.BertModel(transformers.BertConfig(**TINY_FIELDS)).eval()
     tbert.save_pretrained(tmp_path, safe_serialization=True)
     rnn = torch.nn.GRU(16, 8, num_layers=2, bidirectional=True, batch_first=True, dropout=0.25)
-    rnn.eval()
     out = torch.nn.Linear(16, 1)
-    ids = np.array([[5, 6, 7, 8, 9, 0, 0, 0], [3, 4, 5, 6, 7, 8, 9, 10]])
-    with torch.no_grad():  # the original forward, in eval mode
-        embedded = tbert(torch.tensor(ids))[0]
-        _, hidden = rnn(embedded)
-        expected = out(torch.cat((hidden[-2], hidden[-1]), dim=1)).squeeze(-1).numpy()
     config, bert_params, _ = bert.load_pretrained(str(tmp_path))
     params = {
         "bert": bert_params,
@@ -121,6 +110,18 @@ def test_matches_the_assignments_torch_model(tmp_path):
             "bias": jnp.asarray(out.bias.detach().numpy()),
         },
     }
+    return tbert, rnn.eval(), out, config, params
+
+
+def test_matches_the_assignments_torch_model(tmp_path):
+    tbert, rnn, out, config, params = torch_twin(tmp_path, seed=0)
+    import torch
+
+    ids = np.array([[5, 6, 7, 8, 9, 0, 0, 0], [3, 4, 5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():  # the original forward, in eval mode
+        embedded = tbert(torch.tensor(ids))[0]
+        _, hidden = rnn(embedded)
+        expected = out(torch.cat((hidden[-2], hidden[-1]), dim=1)).squeeze(-1).numpy()
     got = BertGRUSentiment(config, hidden_dim=8).apply({"params": params}, jnp.asarray(ids))
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -130,21 +131,9 @@ def test_matches_the_assignments_torch_model(tmp_path):
 def test_pooled_heads_match_torch(tmp_path, pool, use_mask):
     """Each pooling against torch.nn.GRU with copied weights: masked runs pack the sequences
     (pack_padded_sequence), so the reference sees only the real steps."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(1)
-    tconfig = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=20,
-        max_position_embeddings=32,
-    )
-    tbert = transformers.BertModel(tconfig).eval()
-    tbert.save_pretrained(tmp_path, safe_serialization=True)
-    rnn = torch.nn.GRU(16, 8, num_layers=2, bidirectional=True, batch_first=True).eval()
-    out = torch.nn.Linear(16, 1)
+    tbert, rnn, out, config, params = torch_twin(tmp_path, seed=1)
+    import torch
+
     ids = np.array([[5, 6, 7, 8, 9, 0, 0, 0], [3, 4, 5, 6, 7, 8, 9, 10], [7, 3, 0, 0, 0, 0, 0, 0]])
     mask = (ids != 0).astype(np.int64)
     lengths = mask.sum(1)
@@ -169,15 +158,6 @@ def test_pooled_heads_match_torch(tmp_path, pool, use_mask):
             "max": outputs.masked_fill(~valid, -torch.inf).amax(1),
         }[pool]
         expected = out(pooled).squeeze(-1).numpy()
-    config, bert_params, _ = bert.load_pretrained(str(tmp_path))
-    params = {
-        "bert": bert_params,
-        "rnn": params_from_torch(rnn),
-        "out": {
-            "kernel": jnp.asarray(out.weight.detach().numpy().T),
-            "bias": jnp.asarray(out.bias.detach().numpy()),
-        },
-    }
     model = BertGRUSentiment(config, hidden_dim=8, use_mask=use_mask, pool=pool)
     got = model.apply({"params": params}, jnp.asarray(ids))
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
