@@ -7,7 +7,8 @@ Every point is the median of N timed calls after a warm-up, with ``block_until_r
 compilation is timed apart. A point over the time or memory budget is recorded as skipped
 with its reason and the sweep goes on. Peers (torch SDPA and a torch linear attention in the
 fast-transformers formulation) run in the same process when torch is installed, so ratios
-compare like with like. Writes ``attention_scaling_<device>.json`` and ``.png``.
+compare like with like; ``--fla-wheels DIR`` adds fla's Triton chunk kernel on a GPU. Writes
+``attention_scaling_<device>.json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import dataclasses
 import json
 import os
 import platform
+import sys
+import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -281,8 +285,45 @@ def _torch_impls() -> list[Impl]:
     ]
 
 
-def all_impls() -> list[Impl]:
-    return _jax_impls() + _torch_impls()
+def fla_chunk_linear_attn(wheels: str | None = None) -> Callable | None:
+    """fla's Triton chunk kernel (flash-linear-attention, PyTorch), or None where it cannot load.
+    It is not a dependency: an installed ``fla``, else the pure-Python ``fla_core-*.whl`` in
+    ``wheels`` unpacked onto sys.path (einops, torch and triton come with a GPU image)."""
+    if wheels:
+        for wheel in sorted(Path(wheels).glob("fla_core-*.whl")):
+            target = Path(tempfile.mkdtemp(prefix="fla-"))
+            zipfile.ZipFile(wheel).extractall(target)
+            sys.path.insert(0, str(target))
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn
+    except Exception as e:  # no fla, no triton, no GPU driver: say why, time the rest
+        print(f"fla not timed: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    return chunk_linear_attn
+
+
+def _fla_impls(wheels: str | None) -> list[Impl]:
+    chunk_linear_attn = fla_chunk_linear_attn(wheels) if wheels is not None else None
+    if chunk_linear_attn is None:
+        return []
+    import torch
+
+    def build(causal):
+        # Our causal linear attention, checked equal to fla's own naive reference (2e-7 at
+        # T = 256): elu + 1 features applied first, no 1/sqrt(d), normalised by q . cumsum(k).
+        def fn(q, k, v):
+            fq, fk = (torch.nn.functional.elu(x) + 1 for x in (q, k))
+            return chunk_linear_attn(fq, fk, v, scale=1.0, normalize=True)[0]
+
+        return fn
+
+    return [Impl("fla chunk (Triton)", "torch", "linear", (True,), build, gpu_only=True)]
+
+
+def all_impls(fla_wheels: str | None = None) -> list[Impl]:
+    """Every implementation; fla's kernel too when ``fla_wheels`` is given ("" for an installed
+    fla)."""
+    return _jax_impls() + _torch_impls() + _fla_impls(fla_wheels)
 
 
 def _median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[object], None]) -> float:
@@ -552,6 +593,12 @@ def main(argv=None) -> None:
         help="only the implementations whose name contains TEXT (repeatable)",
     )
     parser.add_argument(
+        "--fla-wheels",
+        metavar="DIR",
+        help="also time fla's Triton chunk kernel (GPU only): DIR holds fla_core-*.whl, or '' "
+        "for an installed fla",
+    )
+    parser.add_argument(
         "--host-devices",
         type=int,
         default=os.cpu_count(),
@@ -568,7 +615,11 @@ def main(argv=None) -> None:
     lengths = [2**i for i in range(args.min_log2, max_log2 + 1)]
     passes = (False,) if args.quick else (False, True)
     dtypes = ("float32", "bfloat16") if on_gpu else ("float32",)
-    impls = [i for i in all_impls() if not args.impl or any(t in i.name for t in args.impl)]
+    impls = [
+        i
+        for i in all_impls(args.fla_wheels)
+        if not args.impl or any(t in i.name for t in args.impl)
+    ]
     tag = f"{device.platform}-{device.device_kind}".replace(" ", "_").replace("/", "_").lower()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

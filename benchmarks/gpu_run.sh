@@ -12,7 +12,9 @@
 #   throughput    train_throughput.py: ViT step fp32 / bf16 and BERT forward, torch on the same GPU
 #   vit_bf16      the same 15-epoch ViT in bfloat16 (does bf16 cost accuracy?)
 #   attention     attention_scaling.py, forward and forward + backward, T = 1k..64k, fp32 and
-#                 bf16: softmax (auto, cuDNN, Pallas, blockwise), linear (chunked, Pallas), torch
+#                 bf16: softmax (auto, cuDNN, Pallas, blockwise), linear (chunked, Pallas), torch;
+#                 with FLA_WHEELS=DIR also fla's Triton chunk kernel (DIR holds fla_core-*.whl:
+#                 `pip download --no-deps fla-core -d runs/wheels` here, carried with the call)
 #   vit_linear    the assignment's recipe with linear attention
 #   vit_strong30  experiments/vit_fashion_mnist_strong.py for 30 epochs
 set -u
@@ -70,7 +72,7 @@ optax.__version__, '| torch', torch.__version__, torch.cuda.is_available(), \
         attention)
             step "$name" 240 "$py" benchmarks/attention_scaling.py --min-log2 10 --max-log2 16 \
                 --repeats 5 --time-budget-ms 2000 --impl "softmax (" --impl cudnn --impl sdpa \
-                --impl linear --out "$out" ;;
+                --impl linear ${FLA_WHEELS:+--impl fla --fla-wheels "$FLA_WHEELS"} --out "$out" ;;
         *) echo "=== unknown step $name" ;;
         esac
         if [[ -f $work/$name/history.json ]]; then  # the run's record; $OUT holds few files

@@ -61,6 +61,50 @@ def test_benchmarked_implementation_matches_reference(impl, causal):
     np.testing.assert_allclose(out, expected, rtol=tol, atol=tol)
 
 
+# fla's documented call, written out here: o_t = sum_{s <= t} (scale q_t . k_s) v_s, divided
+# with normalize=True by scale q_t . sum_{s <= t} k_s (fla adds 1e-10 there).
+FLA_STUB = """
+import torch
+
+def chunk_linear_attn(q, k, v, scale=None, normalize=False, **unused):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    w = torch.einsum("bqhd,bkhd->bhqk", q * scale, k).tril()
+    o = torch.einsum("bhqk,bkhe->bqhe", w, v)
+    if normalize:
+        o = o / (w.sum(-1).transpose(1, 2)[..., None] + 1e-10)
+    return o, None
+"""
+
+
+def test_fla_loads_from_a_wheel_and_is_called_as_our_causal_linear_attention(tmp_path, capsys):
+    """The benchmark unpacks fla_core-*.whl onto sys.path and maps our linear attention onto
+    fla's chunk_linear_attn (elu + 1 first, scale 1, normalize): a stand-in package with fla's
+    documented semantics must then give our float64 causal formula."""
+    import zipfile
+
+    torch = pytest.importorskip("torch")
+    assert bench.fla_chunk_linear_attn(str(tmp_path)) is None  # no wheel: skipped, with why
+    assert "fla not timed" in capsys.readouterr().err
+    with zipfile.ZipFile(tmp_path / "fla_core-0.0-py3-none-any.whl", "w") as wheel:
+        for package in ("fla", "fla/ops"):
+            wheel.writestr(f"{package}/__init__.py", "")
+        wheel.writestr("fla/ops/linear_attn/__init__.py", FLA_STUB)
+    saved = {k: v for k, v in sys.modules.items() if k == "fla" or k.startswith("fla.")}
+    try:
+        (impl,) = bench._fla_impls(str(tmp_path))
+        assert impl.gpu_only and impl.causal == (True,) and impl.family == "linear"
+        q, k, v = qkv((2, 45, 4, 16), seed=4)
+        out = impl.build(True)(*(torch.tensor(np.asarray(a)) for a in (q, k, v))).numpy()
+    finally:
+        sys.path[:] = [p for p in sys.path if "fla-" not in p]
+        for name in [k for k in sys.modules if k == "fla" or k.startswith("fla.")]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+    np.testing.assert_allclose(
+        out, ref_linear_np(q, k, v, True, "elu", eps=0), rtol=2e-5, atol=2e-5
+    )
+
+
 def test_benchmark_lists_the_peers_and_our_kernels():
     names = {i.name for i in bench.all_impls()}
     ours = {
