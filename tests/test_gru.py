@@ -82,3 +82,38 @@ def test_dropout_only_between_layers_and_only_in_training():
 def test_bad_input_shape():
     with pytest.raises(ValueError, match=r"\[batch, time, features\]"):
         GRU(4).init(jax.random.key(0), jnp.zeros((5, 3)))
+
+
+@pytest.mark.parametrize("lengths", [None, [11, 4, 7]])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_gradients_match_torch(lengths, bidirectional):
+    """The written-out backward pass against torch's autograd, for every weight and the input,
+    through outputs and final states (packed sequences where lengths are given)."""
+    torch.manual_seed(0)
+    tgru = torch.nn.GRU(6, 5, num_layers=2, bidirectional=bidirectional, batch_first=True)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 11, 6)).astype(np.float32)
+    dirs = 2 if bidirectional else 1
+    g_out = rng.normal(size=(3, 11, dirs * 5)).astype(np.float32)
+    g_h = rng.normal(size=(2 * dirs, 3, 5)).astype(np.float32)
+    gru = GRU(5, 2, bidirectional)
+
+    def loss(params, x):
+        out, h = gru.apply({"params": params}, x, None if lengths is None else jnp.array(lengths))
+        return jnp.sum(out * g_out) + jnp.sum(h * g_h)
+
+    grads, gx = jax.jit(jax.grad(loss, argnums=(0, 1)))(params_from_torch(tgru), jnp.asarray(x))
+    tx = torch.tensor(x, requires_grad=True)
+    if lengths is None:
+        out, h = tgru(tx)
+    else:
+        packed = torch.nn.utils.rnn.pack_padded_sequence(
+            tx, torch.tensor(lengths), batch_first=True, enforce_sorted=False
+        )
+        out, h = tgru(packed)
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=11)
+    ((out * torch.tensor(g_out)).sum() + (h * torch.tensor(g_h)).sum()).backward()
+    assert set(grads) == {name for name, _ in tgru.named_parameters()}
+    for name, param in tgru.named_parameters():
+        np.testing.assert_allclose(grads[name], param.grad.numpy(), atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(gx, tx.grad.numpy(), atol=1e-5, rtol=1e-4)

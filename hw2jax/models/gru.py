@@ -26,12 +26,18 @@ def _reverse_within_length(x: jax.Array, lengths: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, src[..., None], axis=1)
 
 
-def _scan_directions(x_proj, w_hh, b_hh, valid):
-    """Scans all directions of one layer together (one loop, batched matmuls).
+def _gates(xp, hp, hidden):
+    """torch's GRU cell from the input part ``xp`` (W_ih x + b_ih) and the hidden part ``hp``
+    (W_hh h + b_hh), both [..., 3H] in r, z, n order: (r, z, n)."""
+    r = jax.nn.sigmoid(xp[..., :hidden] + hp[..., :hidden])
+    z = jax.nn.sigmoid(xp[..., hidden : 2 * hidden] + hp[..., hidden : 2 * hidden])
+    n = jnp.tanh(xp[..., 2 * hidden :] + r * hp[..., 2 * hidden :])
+    return r, z, n
 
-    x_proj [D, B, T, 3H] holds W_ih x + b_ih, already reversed for the reverse direction;
-    w_hh [D, 3H, H]; b_hh [D, 3H]; valid [B, T]. Returns outputs [D, B, T, H] and h [D, B, H].
-    """
+
+def _scan_forward(x_proj, w_hh, b_hh, valid, keep_residuals):
+    """The recurrence, and with ``keep_residuals`` what the backward pass needs per step:
+    the state before it, r, z, n and the candidate's hidden part, each [T, D, B, H]."""
     d, b, _, three_h = x_proj.shape
     hidden = three_h // 3
     # [D, H, 3H], transposed once here rather than inside each of the T steps.
@@ -40,17 +46,60 @@ def _scan_directions(x_proj, w_hh, b_hh, valid):
     def step(h, inputs):
         xp, ok = inputs  # [D, B, 3H], [B]
         hp = jnp.einsum("dbh,dhg->dbg", h, w_hh_t) + b_hh[:, None, :]
-        r = jax.nn.sigmoid(xp[..., :hidden] + hp[..., :hidden])
-        z = jax.nn.sigmoid(xp[..., hidden : 2 * hidden] + hp[..., hidden : 2 * hidden])
-        n = jnp.tanh(xp[..., 2 * hidden :] + r * hp[..., 2 * hidden :])
-        h_new = (1.0 - z) * n + z * h
+        r, z, n = _gates(xp, hp, hidden)
         keep = ok[None, :, None]
-        h = jnp.where(keep, h_new, h)  # past a sequence's end the state is frozen
-        return h, jnp.where(keep, h, 0.0)
+        h_next = jnp.where(keep, (1.0 - z) * n + z * h, h)  # past a sequence's end: frozen
+        saved = (h, r, z, n, hp[..., 2 * hidden :]) if keep_residuals else ()
+        return h_next, (jnp.where(keep, h_next, 0.0), saved)
 
     h0 = jnp.zeros((d, b, hidden), x_proj.dtype)
-    h, out = jax.lax.scan(step, h0, (jnp.moveaxis(x_proj, 2, 0), valid.T))
-    return jnp.moveaxis(out, 0, 2), h
+    h, (out, saved) = jax.lax.scan(step, h0, (jnp.moveaxis(x_proj, 2, 0), valid.T))
+    return jnp.moveaxis(out, 0, 2), h, saved
+
+
+@jax.custom_vjp
+def _scan_directions(x_proj, w_hh, b_hh, valid):
+    """Scans all directions of one layer together (one loop, batched matmuls).
+
+    x_proj [D, B, T, 3H] holds W_ih x + b_ih, already reversed for the reverse direction;
+    w_hh [D, 3H, H]; b_hh [D, 3H]; valid [B, T]. Returns outputs [D, B, T, H] and h [D, B, H].
+    The backward pass is written out: autodiff of the scan accumulates dW_hh with one small
+    matmul per step inside the loop; here the loop carries only dh, and dW_hh and db_hh are one
+    matmul over all steps after it (benchmarks/results/gru_head/).
+    """
+    out, h, _ = _scan_forward(x_proj, w_hh, b_hh, valid, keep_residuals=False)
+    return out, h
+
+
+def _scan_directions_fwd(x_proj, w_hh, b_hh, valid):
+    out, h, saved = _scan_forward(x_proj, w_hh, b_hh, valid, keep_residuals=True)
+    return (out, h), (saved, w_hh, valid)
+
+
+def _scan_directions_bwd(residuals, cotangents):
+    (h_prev, r, z, n, hp_n), w_hh, valid = residuals
+    g_out, g_h = cotangents  # [D, B, T, H], [D, B, H]
+
+    def step(dh, inputs):
+        g, ok, h0, r_t, z_t, n_t, hpn_t = inputs
+        keep = ok[None, :, None]
+        dh = dh + jnp.where(keep, g, 0.0)  # the output at this step is the new state
+        dnew = jnp.where(keep, dh, 0.0)  # a frozen step passes dh straight through
+        dn = dnew * (1.0 - z_t)
+        da_z = dnew * (h0 - n_t) * z_t * (1.0 - z_t)
+        da_n = dn * (1.0 - n_t * n_t)
+        da_r = da_n * hpn_t * r_t * (1.0 - r_t)
+        d_hp = jnp.concatenate([da_r, da_z, da_n * r_t], -1)  # d (W_hh h + b_hh)
+        dh_prev = jnp.where(keep, dnew * z_t, dh) + jnp.einsum("dbg,dgh->dbh", d_hp, w_hh)
+        return dh_prev, (jnp.concatenate([da_r, da_z, da_n], -1), d_hp)
+
+    steps = (jnp.moveaxis(g_out, 2, 0), valid.T, h_prev, r, z, n, hp_n)
+    _, (d_xp, d_hp) = jax.lax.scan(step, g_h, steps, reverse=True)
+    d_w = jnp.einsum("tdbg,tdbh->dgh", d_hp, h_prev)  # all steps in one matmul
+    return jnp.moveaxis(d_xp, 0, 2), d_w, d_hp.sum((0, 2)), None
+
+
+_scan_directions.defvjp(_scan_directions_fwd, _scan_directions_bwd)
 
 
 class GRU(nn.Module):
