@@ -340,8 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--encoder", help="hub id, local HF folder, or 'minilm' (offline)")
     pack.add_argument("--data-dir", help="aclImdb folder or .tar.gz (env: HW2JAX_DATA_DIR)")
     pack.add_argument("--data-source", choices=["auto", "local", "tfds"])
-    pack.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    pack.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pack.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="the encoder's weights on disk (default bfloat16: half the bytes; they load back "
+        "as float32)",
+    )
+    pack.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set max_length=256 (the run must use the same)",
+    )
     pack.set_defaults(func=_sentiment_pack)
     pred = senti.add_parser("predict", help="P(positive) for each text, best checkpoint")
     pred.add_argument("--workdir", required=True)
