@@ -214,7 +214,7 @@ def _vit_eval(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from hw2jax.train.report import report
 
-    print(report(args.workdir))
+    print(report(args.workdir, tuple(args.against)))
     return 0
 
 
@@ -384,6 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = commands.add_parser("report", help="a run's per-epoch table (Markdown) from WORKDIR")
     rep.add_argument("workdir", help="a work dir of `vit train` or `sentiment train`")
+    rep.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="WORKDIR",
+        help="another run (repeatable): adds each run's accuracy per epoch, side by side",
+    )
     rep.set_defaults(func=_report)
 
     data = commands.add_parser("data", help="find datasets").add_subparsers(

@@ -1,4 +1,5 @@
-"""A run's per-epoch table in Markdown, from its ``history.json`` (``hw2jax report WORKDIR``)."""
+"""A run's per-epoch table in Markdown, from its ``history.json`` (``hw2jax report WORKDIR``),
+and the evaluated accuracy of several runs side by side, epoch by epoch (``--against``)."""
 
 from __future__ import annotations
 
@@ -26,12 +27,51 @@ def epoch_table(history: dict, unit: str = "examples") -> str:
     return "\n".join(lines)
 
 
-def report(workdir: str | os.PathLike) -> str:
-    """The table of ``workdir/history.json`` (or of a history file given directly)."""
+def _split(history: dict) -> str | None:
+    rows = history.get("epochs") or [{}]
+    return next((k.removesuffix("_accuracy") for k in rows[0] if k.endswith("_accuracy")), None)
+
+
+def comparison_table(histories: dict[str, dict]) -> str:
+    """The evaluated accuracy of each run (one row, named by its key) at every epoch (one
+    column); a run that has not reached an epoch leaves its cell empty."""
+    splits = {name: _split(h) for name, h in histories.items() if h.get("epochs")}
+    if len(set(splits.values())) > 1:
+        named = ", ".join(f"{name}: {split}" for name, split in splits.items())
+        raise ValueError(
+            f"the runs were evaluated on different splits ({named}); compare like runs."
+        )
+    split = next(iter(splits.values()), "test")
+    epochs = max((r["epoch"] for h in histories.values() for r in h.get("epochs", [])), default=0)
+    lines = [
+        f"| {split} accuracy (%) | " + " | ".join(str(e) for e in range(1, epochs + 1)) + " |",
+        "|---|" + "---|" * epochs,
+    ]
+    for name, history in histories.items():
+        by_epoch = {r["epoch"]: r[f"{split}_accuracy"] for r in history.get("epochs", [])}
+        cells = [f"{100 * by_epoch[e]:.2f}" if e in by_epoch else "" for e in range(1, epochs + 1)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _history(workdir: str | os.PathLike) -> tuple[Path, dict]:
     path = Path(workdir)
     path = path / "history.json" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; give a work dir of `hw2jax ... train`.")
-    history = json.loads(path.read_text())
+    return path, json.loads(path.read_text())
+
+
+def report(workdir: str | os.PathLike, against: tuple[str | os.PathLike, ...] = ()) -> str:
+    """The table of ``workdir/history.json`` (or of a history file given directly), then, with
+    ``against`` (other work dirs or history files), the accuracies of all of them per epoch."""
+    path, history = _history(workdir)
     unit = "reviews" if "valid_accuracy" in (history.get("epochs") or [{}])[0] else "images"
-    return f"status: {history.get('status', 'unknown')}\n\n" + epoch_table(history, unit)
+    text = f"status: {history.get('status', 'unknown')}\n\n" + epoch_table(history, unit)
+    if against:
+        runs = {}
+        for where, (p, h) in [(workdir, (path, history))] + [(w, _history(w)) for w in against]:
+            label = p.parent.name if p.name == "history.json" else p.stem
+            runs[label if label not in runs else str(where)] = h
+        text += "\n\n" + comparison_table(runs)
+    return text
