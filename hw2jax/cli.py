@@ -315,7 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     senti = commands.add_parser("sentiment", help="frozen BERT + BiGRU on IMDB")
     senti = senti.add_subparsers(dest="sentiment_command", required=True, metavar="ACTION")
-    train = _add_train_parser(senti, "aclImdb folder or .tar.gz", ["auto", "local", "tfds"])
+    train = _add_train_parser(
+        senti,
+        "aclImdb folder or .tar.gz, or a token pack (sentiment pack)",
+        ["auto", "local", "tfds"],
+    )
     train.add_argument("--encoder", help="hub id, local HF folder, or 'minilm' (offline)")
     train.add_argument(
         "--cache-features",
