@@ -62,30 +62,30 @@ def _auto_devices(config) -> str | None:
     return str(auto_host_devices(jax.device_count(), sizes))
 
 
+def _apply_flags(config, args: argparse.Namespace, flags: dict[str, str | None]):
+    """--data-dir, --data-source and the command's own flags (config key -> value; None means
+    unset, while 0 stays so the check can refuse it), then the --set overrides, onto ``config``."""
+    from hw2jax import config as config_lib
+
+    flags = {"data_dir": args.data_dir, "data_source": args.data_source, **flags}
+    overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    config_lib.apply_overrides(config, [*overrides, *args.set])
+    return config
+
+
 def _config_from_args(args: argparse.Namespace, **flags: str | None):
     """Splits the CPU and starts the distributed runtime if asked, then returns the config file
-    with --epochs (or $HW2JAX_EPOCHS), --data-dir, --data-source, the experiment's own flags
-    (config key -> value) and --set overrides applied, in that order."""
+    with --epochs (or $HW2JAX_EPOCHS), --devices, --data-dir, --data-source, the experiment's own
+    flags and --set overrides applied (:func:`_apply_flags`)."""
     from hw2jax import config as config_lib
 
     _start_jax_runtime(args)
     config = config_lib.load_config(args.config)
-    overrides = []
     epochs = args.epochs if args.epochs is not None else os.environ.get("HW2JAX_EPOCHS") or None
-    if epochs is not None:
-        overrides.append(f"epochs={epochs}")
     devices = args.devices or args.host_devices  # split cores only help with data parallel
     if devices == "auto":
         devices = _auto_devices(config)
-    flags = {
-        "data_dir": args.data_dir,
-        "data_source": args.data_source,
-        "devices": devices,
-        **flags,
-    }
-    overrides += [f"{key}={value}" for key, value in flags.items() if value]
-    config_lib.apply_overrides(config, [*overrides, *args.set])
-    return config
+    return _apply_flags(config, args, {"epochs": epochs, "devices": devices, **flags})
 
 
 def _exit_code(history: dict) -> int:
@@ -116,10 +116,7 @@ def _sentiment_pack(args: argparse.Namespace) -> int:
     from hw2jax import config as config_lib
     from hw2jax.tasks import sentiment
 
-    config = config_lib.load_config(args.config)
-    flags = {"encoder": args.encoder, "data_dir": args.data_dir, "data_source": args.data_source}
-    overrides = [f"{key}={value}" for key, value in flags.items() if value]
-    config_lib.apply_overrides(config, [*overrides, *args.set])
+    config = _apply_flags(config_lib.load_config(args.config), args, {"encoder": args.encoder})
     sizes = sentiment.pack(config, args.out, args.dtype)
     for name, size in sizes.items():
         print(f"{size / 2**20:8.2f} MiB  {Path(args.out) / name}")
@@ -272,14 +269,18 @@ def _add_train_parser(
     multi.add_argument("--coordinator", help="HOST:PORT of process 0, elsewhere")
     multi.add_argument("--num-processes", type=int)
     multi.add_argument("--process-id", type=int)
-    train.add_argument(
+    _add_set_argument(train, "e.g. --set learning_rate=5e-4")
+    return train
+
+
+def _add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value, e.g. --set learning_rate=5e-4",
+        help=f"override a config value, {example}",
     )
-    return train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,13 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the encoder's weights on disk (default bfloat16: half the bytes; they load back "
         "as float32)",
     )
-    pack.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set max_length=256 (the run must use the same)",
-    )
+    _add_set_argument(pack, "e.g. --set max_length=256 (the run must use the same)")
     pack.set_defaults(func=_sentiment_pack)
     pred = senti.add_parser("predict", help="P(positive) for each text, best checkpoint")
     pred.add_argument("--workdir", required=True)

@@ -244,10 +244,9 @@ def find_source(data_dir: str | os.PathLike | None = None, kind: str = "auto") -
         return TfdsSource("imdb_reviews", data_dir=data_dir or None, features=("text", "label"))
     chosen = data_dir or os.environ.get(ENV_VAR)
     if chosen:
-        if _is_pack(Path(chosen)) or _is_pack(Path(chosen) / PACK_NAME):
-            return TokenPackSource(
-                Path(chosen) if _is_pack(Path(chosen)) else Path(chosen) / PACK_NAME
-            )
+        for pack in (Path(chosen), Path(chosen) / PACK_NAME):
+            if _is_pack(pack):
+                return TokenPackSource(pack)
         if _is_acl(Path(chosen)):
             return AclImdbSource(chosen)
         for name in NAMES:

@@ -337,7 +337,6 @@ struct FlashProblem {
   bool causal;
 };
 
-
 // In a [kBlockQ x kBlockK] block of queries i0.. and keys j0..: the entries of keys past the end
 // and (causal) of keys after their query set to `value`.
 inline void MaskBlock(float* s, int64_t i0, int64_t j0, int64_t t, bool causal, float value) {

@@ -8,12 +8,17 @@ import os
 from pathlib import Path
 
 
+def _split(history: dict) -> str | None:
+    rows = history.get("epochs") or [{}]
+    return next((k.removesuffix("_accuracy") for k in rows[0] if k.endswith("_accuracy")), None)
+
+
 def epoch_table(history: dict, unit: str = "examples") -> str:
     """One row per finished epoch: losses, the evaluated split's accuracy, time and throughput."""
     rows = history.get("epochs", [])
     if not rows:
         return "(no finished epoch)"
-    split = next(k.removesuffix("_accuracy") for k in rows[0] if k.endswith("_accuracy"))
+    split = _split(history)
     lines = [
         f"| epoch | train loss | {split} loss | {split} accuracy | epoch time (s) | {unit}/s |",
         "|---|---|---|---|---|---|",
@@ -25,11 +30,6 @@ def epoch_table(history: dict, unit: str = "examples") -> str:
             f"{r['images_per_s']:,.0f} |"
         )
     return "\n".join(lines)
-
-
-def _split(history: dict) -> str | None:
-    rows = history.get("epochs") or [{}]
-    return next((k.removesuffix("_accuracy") for k in rows[0] if k.endswith("_accuracy")), None)
 
 
 def comparison_table(histories: dict[str, dict]) -> str:
@@ -66,7 +66,7 @@ def report(workdir: str | os.PathLike, against: tuple[str | os.PathLike, ...] = 
     """The table of ``workdir/history.json`` (or of a history file given directly), then, with
     ``against`` (other work dirs or history files), the accuracies of all of them per epoch."""
     path, history = _history(workdir)
-    unit = "reviews" if "valid_accuracy" in (history.get("epochs") or [{}])[0] else "images"
+    unit = "reviews" if _split(history) == "valid" else "images"  # IMDB is evaluated on valid
     text = f"status: {history.get('status', 'unknown')}\n\n" + epoch_table(history, unit)
     if against:
         runs = {}
