@@ -213,7 +213,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 _READ_EVERY_STEPS = 10
 
 # Keys that say where or how to run, not what to train: changing them on resume is expected.
-_RESUME_NEUTRAL = {  # settings that change nothing a run has trained
+_RESUME_NEUTRAL = {
     "progress",
     "data_dir",
     "data_source",
