@@ -19,6 +19,7 @@ VIT = EXPERIMENTS / "vit_fashion_mnist.py"
         ("vit_fashion_mnist", vit.SCHEMA),
         ("vit_fashion_mnist_strong", vit.SCHEMA),
         ("bert_gru_imdb", sentiment.SCHEMA),
+        ("bert_gru_imdb_tuned", sentiment.SCHEMA),
     ],
 )
 def test_every_experiment_fits_its_schema_and_shares_the_loop_base(name, schema):
