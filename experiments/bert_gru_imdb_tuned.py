@@ -1,7 +1,7 @@
 r"""IMDB sentiment, the assignment's head shape with the recipe chosen on the valid split.
 
-Command:   hw2jax sentiment train --config experiments/bert_gru_imdb_tuned.py --workdir runs/imdb_tuned
-           --encoder minilm   (offline: the 6-layer all-MiniLM-L6-v2 from PyPI)
+Command:   hw2jax sentiment train --config experiments/bert_gru_imdb_tuned.py
+           --workdir runs/imdb_tuned --encoder minilm   (offline: all-MiniLM-L6-v2 from PyPI)
 Expected:  MiniLM-L6 encoder, bf16, features already in the shared cache: 86.91 % valid and
            86.91 % test accuracy, about 3,750 s of training and 380 s of testing on 2 CPU cores
            (experiments/results/bert_gru_imdb_minilm_tuned/). The encoder pass, when the cache
