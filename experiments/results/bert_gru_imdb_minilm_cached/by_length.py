@@ -1,22 +1,18 @@
 """Valid accuracy and positive-prediction rate by padded length, for a finished sentiment run's
 best and latest params: `python by_length.py WORKDIR` (features come from the shared cache)."""
 
-import json
 import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from hw2jax.config import load_config
 from hw2jax.tasks import sentiment
 from hw2jax.train import checkpoints, loop
 
 
 def main(workdir: Path) -> None:
-    config = load_config("experiments/bert_gru_imdb.py")
-    for key, value in json.load(open(workdir / "config.json")).items():
-        config[key] = tuple(value) if isinstance(value, list) else value
+    config = loop.load_run_config(workdir, "hw2jax sentiment train", marker="encoder")
     bert_config, bert_params, tokenizer = sentiment._setup(config, workdir)
     data = sentiment.prepare_data(config, tokenizer, workdir)
     data = {k: v for k, v in data.items() if k in ("train", "valid")}
