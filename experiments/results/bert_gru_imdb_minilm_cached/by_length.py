@@ -24,9 +24,7 @@ def main(workdir: Path) -> None:
     apply = jax.jit(lambda p, b: task.apply(p, b, train=False, rng=None))
     for name, params in ((f"best (epoch {meta['epoch']})", best), ("latest", latest)):
         pred, label, length = [], [], []
-        batches = task.eval_batches("valid")
-        for i in range(len(batches)):
-            batch = batches[i]
+        for batch in task.eval_batches("valid"):
             real = np.asarray(batch.pop("mask")) > 0
             pred.append((np.asarray(apply(params, batch)) > 0)[real])
             label.append(np.asarray(batch["label"])[real] > 0.5)
