@@ -208,6 +208,43 @@ def test_recurrent_custom_vjp_against_finite_differences():
         check_grads(fn, (q, k, v), order=2, modes=("rev",), eps=1e-4)
 
 
+@pytest.fixture
+def lowering_for_gpu(monkeypatch):
+    """jax.default_backend() says "gpu", so the kernels trace as they would on one; caches are
+    cleared on both sides, so no GPU trace is reused on this CPU nor a CPU trace here."""
+    jax.clear_caches()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    yield lambda fn, *args: jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("t,d,e", [(1000, 64, 64), (37, 48, 40)])
+def test_pallas_kernels_lower_to_triton_for_nvidia_gpus(lowering_for_gpu, dtype, t, d, e):
+    """No GPU needed: both Pallas kernels, forward and backward, lower for CUDA to Triton kernel
+    calls. Without its Triton compiler params the chunk kernel went to jax's default Pallas GPU
+    backend, Mosaic GPU, which cannot lower it (the iota mask's layout; [T, D] blocks beyond
+    shared memory). Triton's own compilation to PTX still needs a GPU."""
+    q = jax.ShapeDtypeStruct((2, t, 4, d), dtype)
+    v = jax.ShapeDtypeStruct((2, t, 4, e), dtype)
+
+    def linear(q, k, v):
+        out = attention.linear_attention(q, k, v, causal=True, method="pallas")
+        return out.astype(jnp.float32).sum()
+
+    def softmax(q, k, v):
+        out = attention.softmax_attention(q, k, v, causal=True, implementation="pallas")
+        return out.astype(jnp.float32).sum()
+
+    triton = "custom_call @__gpu$xla.gpu.triton"
+    assert lowering_for_gpu(linear, q, q, v).count(triton) == 1
+    assert lowering_for_gpu(jax.grad(linear, (0, 1, 2)), q, q, v).count(triton) == 2
+    if d == e:  # jax's flash kernel: its backward pass has kernels of its own
+        assert lowering_for_gpu(softmax, q, q, v).count(triton) == 1
+        assert lowering_for_gpu(jax.grad(softmax, (0, 1, 2)), q, q, v).count(triton) >= 2
+
+
 def test_identity_map_matches_reference_when_denominator_is_positive():
     # Shift the keys so every phi(q).phi(k) is clearly positive.
     q, k, v = qkv((1, 12, 1, 4), seed=2)

@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from hw2jax.attention.helpers import pad_axis
 
@@ -107,6 +108,10 @@ def _call(kernel, inputs, outputs, chunk: int, name: str):
         out_specs=specs[len(inputs) :],
         out_shape=outputs,
         interpret=not _on_gpu(),
+        # Triton, named: without compiler params jax 0.10 lowers to Mosaic GPU (the default of
+        # jax_pallas_use_mosaic_gpu), which cannot lower this kernel: it wants layouts for the
+        # iota mask and copies each [T, D] block into shared memory (1 MB at T = 1000).
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
         name=name,
     )(*inputs)
 
