@@ -101,3 +101,13 @@ def pad_axis(a: jax.Array, axis: int, size: int) -> jax.Array:
     widths = [(0, 0)] * a.ndim
     widths[axis] = (0, size - a.shape[axis])
     return jnp.pad(a, widths)
+
+
+def sum_before(x: jax.Array) -> jax.Array:
+    """Over the chunk axis of [B, H, chunks, ...] (axis 2): the sum of the chunks before each."""
+    return jnp.cumsum(x, axis=2) - x
+
+
+def sum_after(x: jax.Array) -> jax.Array:
+    """Over the chunk axis (2): the sum of the chunks after each one."""
+    return jnp.sum(x, axis=2, keepdims=True) - jnp.cumsum(x, axis=2)

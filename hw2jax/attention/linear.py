@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hw2jax.attention.helpers import batched_dot, check_qkv, pad_axis
+from hw2jax.attention.helpers import batched_dot, check_qkv, pad_axis, sum_after, sum_before
 from hw2jax.attention.linear_pallas import causal_linear_product_pallas
 
 FeatureMap = Literal["elu", "relu", "identity"]
@@ -220,15 +220,6 @@ def _from_chunks(a: jax.Array) -> jax.Array:
     return _heads_first(a.reshape(b, h, n * c, d))
 
 
-def _sum_before(x: jax.Array) -> jax.Array:
-    """Over the chunk axis (2): the sum of the chunks before each one."""
-    return jnp.cumsum(x, axis=2) - x
-
-
-def _sum_after(x: jax.Array) -> jax.Array:
-    return jnp.sum(x, axis=2, keepdims=True) - jnp.cumsum(x, axis=2)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _causal_products_chunked(fq, fk, v, chunk):
     """sum_{j<=i} (fq_i . fk_j) v_j and sum_{j<=i} fq_i . fk_j, chunk by chunk: exact inside
@@ -238,8 +229,8 @@ def _causal_products_chunked(fq, fk, v, chunk):
 
 def _causal_products_chunked_fwd(fq, fk, v, chunk):
     fq, fk, v = (_in_chunks(a, chunk) for a in (fq, fk, v))
-    before = _sum_before(batched_dot(fk, v, transpose_a=True))  # [B, H, n, D, E]
-    z_before = _sum_before(jnp.sum(fk, axis=3))  # [B, H, n, D]
+    before = sum_before(batched_dot(fk, v, transpose_a=True))  # [B, H, n, D, E]
+    z_before = sum_before(jnp.sum(fk, axis=3))  # [B, H, n, D]
     mask = jnp.tril(jnp.ones((chunk, chunk), bool))
     scores = jnp.where(mask, batched_dot(fq, fk, transpose_b=True), 0.0)
     num = batched_dot(fq, before) + batched_dot(scores, v)
@@ -261,8 +252,8 @@ def _causal_products_chunked_bwd(chunk, residuals, grads):
         + batched_dot(g_num, before, transpose_b=True)
         + g_den[..., None] * z_before[..., None, :]
     )
-    d_state = _sum_after(batched_dot(fq, g_num, transpose_a=True))  # [B, H, n, D, E]
-    d_z = _sum_after(jnp.einsum("bhncd,bhnc->bhnd", fq, g_den))
+    d_state = sum_after(batched_dot(fq, g_num, transpose_a=True))  # [B, H, n, D, E]
+    d_z = sum_after(jnp.einsum("bhncd,bhnc->bhnd", fq, g_den))
     d_fk = (
         batched_dot(d_scores, fq, transpose_a=True)
         + batched_dot(v, d_state, transpose_b=True)
