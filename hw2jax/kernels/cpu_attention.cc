@@ -530,7 +530,8 @@ ffi::Error FlashBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 // Causal linear attention's product, (num_i, den_i) = (sum_{j<=i} (fq_i . fk_j) v_j,
 // sum_{j<=i} fq_i . fk_j), by the chunk algorithm (as hw2jax/attention/linear_pallas.py, which
 // sums the states first to run the chunks in parallel on a GPU): exact inside chunks of 64, the
-// state S = sum_j fk_j v_j^T and z = sum_j fk_j carried between them in order. fq, fk, v, num are [N, T, H, D] (one D for features and values), den [N, T, H].
+// state S = sum_j fk_j v_j^T and z = sum_j fk_j carried between them in order. fq, fk, v, num
+// are [N, T, H, D] (one D for features and values), den [N, T, H].
 // The backward pass walks forward for d fq, then in reverse for d fk and d v.
 
 // A worker with Forward(item) and Backward(item) as the Run(item) that RunItems calls.
