@@ -31,13 +31,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hw2jax import attention, kernels
-from hw2jax.timing import (
-    cpu_vector_features,
-    median_seconds,
-    runtime_settings,
-    torch_peer_device,
-    torch_synchronize,
-)
+from hw2jax.attention import registry
+from hw2jax.cpu import cpu_vector_features
+from hw2jax.testing.torch_peer import torch_peer_device, torch_synchronize
+from hw2jax.timing import median_seconds, runtime_settings
 from hw2jax.train.sharding import split_host_cpu
 
 
@@ -82,13 +79,12 @@ def _jax_impls() -> list[Impl]:
             )
         )
 
-    def linear(method):
+    def linear(implementation):
         return lambda causal: (
-            lambda q, k, v: attention.linear_attention(q, k, v, causal=causal, method=method)
+            lambda q, k, v: attention.linear_attention(
+                q, k, v, causal=causal, implementation=implementation
+            )
         )
-
-    def variant(fn):
-        return lambda causal: lambda q, k, v: fn(q, k, v, causal)
 
     both = (False, True)
     return [
@@ -181,30 +177,30 @@ def _jax_impls() -> list[Impl]:
             linear("pallas"),
             gpu_only=True,
         ),
-        # The linear-time variants (families name their float64 references in the tests).
-        Impl("hw2jax performer (256 features)", "jax", "performer", both, variant(_performer)),
-        Impl("hw2jax cosformer", "jax", "cosformer", both, variant(_cosformer)),
-        Impl("hw2jax retention (chunked)", "jax", "retention", (True,), variant(_retention)),
-        Impl("hw2jax gated linear attention (chunked)", "jax", "gla", (True,), variant(_gla)),
     ]
 
 
-# Fixed settings of the variants as timed: the same random features for every call, decays of
-# RetNet's order, data-dependent gates from the keys.
-def _performer(q, k, v, causal):
-    return attention.performer_attention(q, k, v, causal=causal, key=jax.random.key(0))
+def _registered_variants() -> list[Impl]:
+    """A row per registered attention variant beyond softmax and linear (whose paths have rows
+    of their own), in each form it has, with its default options; gates, where a variant asks
+    for them, are made from the keys (data-dependent, as a model's would be)."""
 
+    def build(variant):
+        def gates(k):
+            return {"log_alpha": jax.nn.log_sigmoid(k) / 16} if variant.gates else {}
 
-def _cosformer(q, k, v, causal):
-    return attention.cosformer_attention(q, k, v, causal=causal)
+        return lambda causal: lambda q, k, v: variant.bind(causal=causal)(q, k, v, **gates(k))
 
-
-def _retention(q, k, v, causal):
-    return attention.retention(q, k, v, gamma=jnp.full((q.shape[2],), 0.95, q.dtype))
-
-
-def _gla(q, k, v, causal):
-    return attention.gated_linear_attention(q, k, v, jax.nn.log_sigmoid(k) / 16)
+    rows = []
+    for name in registry.names():
+        if name in ("softmax", "linear"):
+            continue
+        variant = registry.get(name)
+        forms = tuple(
+            c for c, has in ((False, variant.bidirectional), (True, variant.causal)) if has
+        )
+        rows.append(Impl(f"hw2jax {name}", "jax", name, forms, build(variant)))
+    return rows
 
 
 def _torch_impls() -> list[Impl]:
@@ -323,7 +319,7 @@ def _fla_impls(wheels: str | None) -> list[Impl]:
 def all_impls(fla_wheels: str | None = None) -> list[Impl]:
     """Every implementation; fla's kernel too when ``fla_wheels`` is given ("" for an installed
     fla)."""
-    return _jax_impls() + _torch_impls() + _fla_impls(fla_wheels)
+    return _jax_impls() + _registered_variants() + _torch_impls() + _fla_impls(fla_wheels)
 
 
 def _median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[object], None]) -> float:

@@ -21,9 +21,10 @@ import jax
 import numpy as np
 
 from hw2jax import kernels
+from hw2jax.attention import key_bias_attention
+from hw2jax.cpu import cpu_vector_features
 from hw2jax.models import bert
-from hw2jax.models.bert_attention import key_bias_attention
-from hw2jax.timing import cpu_vector_features, interleaved_seconds, runtime_settings
+from hw2jax.timing import interleaved_seconds, runtime_settings
 
 
 def time_layer(batch: int, tokens: int, heads: int, head_dim: int, repeats: int) -> dict:
@@ -36,7 +37,7 @@ def time_layer(batch: int, tokens: int, heads: int, head_dim: int, repeats: int)
     scale = 1.0 / math.sqrt(head_dim)
     fused = jax.jit(lambda q, k, v: kernels.cpu_attention(q, k, v, scale=scale))
     xla = jax.jit(
-        lambda q, k, v: key_bias_attention(q * scale, k, v, None),
+        lambda q, k, v: key_bias_attention(q * scale, k, v, implementation="xla"),
         compiler_options=bert.xla_compiler_options(None),
     )  # as BertModel runs it
     tq, tk, tv = (torch.from_numpy(a.transpose(0, 2, 1, 3).copy()) for a in (q, k, v))

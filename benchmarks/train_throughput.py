@@ -35,13 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from hw2jax import kernels
-from hw2jax.timing import (
-    cpu_vector_features,
-    interleaved_seconds,
-    runtime_settings,
-    torch_peer_device,
-    torch_synchronize,
-)
+from hw2jax.cpu import cpu_vector_features
+from hw2jax.testing.torch_peer import torch_peer_device, torch_synchronize
+from hw2jax.timing import interleaved_seconds, runtime_settings
 from hw2jax.train.sharding import split_host_cpu
 
 

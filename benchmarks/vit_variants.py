@@ -20,7 +20,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from hw2jax.timing import cpu_vector_features, interleaved_seconds, runtime_settings
+from hw2jax.cpu import cpu_vector_features
+from hw2jax.timing import interleaved_seconds, runtime_settings
 from hw2jax.train.sharding import split_host_cpu
 
 
@@ -62,11 +63,12 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="benchmarks/results/vit_variants")
     args = parser.parse_args(argv)
     split_host_cpu(args.host_devices)  # before any jax work
-    from hw2jax.models.vit import ATTENTION_KINDS
+    from hw2jax.attention import registry
 
     batch = 256
     devices = min(args.host_devices, jax.device_count())
-    calls = {kind: train_step(kind, batch, devices) for kind in ATTENTION_KINDS}
+    kinds = registry.names(bidirectional=True)
+    calls = {kind: train_step(kind, batch, devices) for kind in kinds}
     timed = interleaved_seconds(calls, args.repeats)
     base = batch / timed["softmax"][1]
     results = {

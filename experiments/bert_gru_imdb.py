@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     )
     c.bert_dropout = True
     c.encoder_dtype = "float32"  # or "bfloat16": bf16 matmul inputs, f32 accumulation
-    c.encoder_attention = "auto"  # "auto": fused CPU kernel where it applies; "xla" | "fused"
+    c.encoder_implementation = "auto"  # auto (hw2jax.attention.dispatch) | xla | fused_cpu
     c.encoder_microbatch = 16  # BERT runs on this many reviews at a time (memory), 0 = all
     c.cache_dir = ""  # "" = ~/.cache/hw2jax/features, shared by every work dir
     c.cache_features = False  # run the frozen encoder once and train the head from disk

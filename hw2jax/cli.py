@@ -284,6 +284,8 @@ def _add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hw2jax.attention import registry
+
     parser = argparse.ArgumentParser(prog="hw2jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     theory = commands.add_parser(
@@ -304,8 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = _add_train_parser(vit, "folder with the idx files", ["auto", "idx", "tfds"])
     train.add_argument(
         "--attention",
-        choices=["softmax", "linear", "performer", "cosformer", "retention", "gla"],
-        help="the ViT's attention (gla is refused with the reason: it is causal only)",
+        metavar="VARIANT",
+        help="the ViT's attention, a registered variant: "
+        f"{', '.join(registry.names(bidirectional=True))}, or one that the config file "
+        "registers (checked with the config; causal-only ones are refused with the reason)",
     )
     train.set_defaults(func=_vit_train)
     ev = vit.add_parser("eval", help="test accuracy of the best checkpoint in WORKDIR")

@@ -29,7 +29,7 @@ class Field:
 
     types: type | tuple[type, ...]
     help: str = ""
-    choices: tuple | None = None
+    choices: tuple | Callable[[], tuple] | None = None  # a callable: read when checking
     min: float | None = None  # inclusive
     above: float | None = None  # exclusive lower bound
     check: Callable[[Any], bool] | None = None  # extra rule, described by ``help``
@@ -43,8 +43,9 @@ class Field:
         if not fits:
             names = " or ".join("None" if t is type(None) else t.__name__ for t in types)
             return f"expected {names}, got {type(value).__name__} {value!r}"
-        if self.choices is not None and value not in self.choices:
-            return f"got {value!r}; choose one of {', '.join(map(repr, self.choices))}"
+        choices = self.choices() if callable(self.choices) else self.choices
+        if choices is not None and value not in choices:
+            return f"got {value!r}; choose one of {', '.join(map(repr, choices))}"
         if self.min is not None and value is not None and value < self.min:
             return f"got {value!r}; it must be >= {self.min}"
         if self.above is not None and value is not None and value <= self.above:

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hw2jax import attention, kernels
+from hw2jax import attention, cpu, kernels
 
 # ------------------------------------------------------------------ explicit O(T^2) references
 
@@ -97,7 +97,7 @@ def test_softmax_attention_matches_jax_nn():
 def test_linear_attention_matches_explicit_quadratic_form(shape, feature_map, causal, method):
     q, k, v = qkv(shape, e=shape[-1] + 1, seed=shape[1])
     out = attention.linear_attention(
-        q, k, v, causal=causal, feature_map=feature_map, method=method, chunk_size=16
+        q, k, v, causal=causal, feature_map=feature_map, implementation=method, chunk_size=16
     )
     expected = ref_linear_np(q, k, v, causal, feature_map)
     np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5)
@@ -107,7 +107,7 @@ def test_linear_attention_matches_explicit_quadratic_form(shape, feature_map, ca
 def test_causal_chunked_and_recurrent_agree(t, chunk):
     q, k, v = qkv((2, t, 2, 8), seed=t)
     chunked = attention.linear_attention(q, k, v, causal=True, chunk_size=chunk)
-    recurrent = attention.linear_attention(q, k, v, causal=True, method="recurrent")
+    recurrent = attention.linear_attention(q, k, v, causal=True, implementation="recurrent")
     np.testing.assert_allclose(chunked, recurrent, rtol=1e-5, atol=1e-5)
 
 
@@ -134,7 +134,7 @@ def test_linear_attention_gradients_match_reference(causal, method):
     ours = jax.grad(
         loss(
             lambda q, k, v: attention.linear_attention(
-                q, k, v, causal=causal, method=method, chunk_size=4
+                q, k, v, causal=causal, implementation=method, chunk_size=4
             )
         ),
         argnums=(0, 1, 2),
@@ -181,7 +181,7 @@ def test_chunk_kernels_match_float64_with_gradients(feature_map, method, t, chun
 
     def loss(q, k, v):
         out = attention.linear_attention(
-            q, k, v, causal=True, feature_map=feature_map, method=method, chunk_size=chunk
+            q, k, v, causal=True, feature_map=feature_map, implementation=method, chunk_size=chunk
         )
         return jnp.sum(out * w), out
 
@@ -204,7 +204,10 @@ def test_recurrent_custom_vjp_against_finite_differences():
 
     with jax.enable_x64(True):
         q, k, v = (a.astype(jnp.float64) for a in qkv((1, 6, 2, 3), seed=4))
-        fn = lambda q, k, v: attention.linear_attention(q, k, v, causal=True, method="recurrent")  # noqa: E731
+
+        def fn(q, k, v):
+            return attention.linear_attention(q, k, v, causal=True, implementation="recurrent")
+
         check_grads(fn, (q, k, v), order=2, modes=("rev",), eps=1e-4)
 
 
@@ -230,7 +233,7 @@ def test_pallas_kernels_lower_to_triton_for_nvidia_gpus(lowering_for_gpu, dtype,
     v = jax.ShapeDtypeStruct((2, t, 4, e), dtype)
 
     def linear(q, k, v):
-        out = attention.linear_attention(q, k, v, causal=True, method="pallas")
+        out = attention.linear_attention(q, k, v, causal=True, implementation="pallas")
         return out.astype(jnp.float32).sum()
 
     def softmax(q, k, v):
@@ -290,7 +293,9 @@ def test_fused_cpu_non_causal_matches_float64_with_gradients(feature_map, shape)
     w = jax.random.normal(jax.random.key(3), v.shape)
 
     def loss(q, k, v):
-        out = attention.linear_attention(q, k, v, feature_map=feature_map, method="fused_cpu")
+        out = attention.linear_attention(
+            q, k, v, feature_map=feature_map, implementation="fused_cpu"
+        )
         return jnp.sum(out * w), out
 
     (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
@@ -308,7 +313,9 @@ def test_fused_cpu_non_causal_matches_float64_with_gradients(feature_map, shape)
         np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
     if feature_map == "relu":  # no query feature left: eps keeps 0 / 0 out, as the formula does
         silent = -jnp.abs(q) - 0.1
-        out = attention.linear_attention(silent, k, v, feature_map="relu", method="fused_cpu")
+        out = attention.linear_attention(
+            silent, k, v, feature_map="relu", implementation="fused_cpu"
+        )
         np.testing.assert_array_equal(out, 0.0)
 
 
@@ -316,7 +323,7 @@ def test_fused_cpu_non_causal_matches_float64_with_gradients(feature_map, shape)
 def test_linear_auto_takes_the_fused_kernels_only_where_they_pay(monkeypatch, pays_off):
     if kernels.build_error():
         pytest.skip(f"the fused CPU kernel cannot be built here: {kernels.build_error()}")
-    monkeypatch.setattr(kernels, "cpu_vector_features", lambda: {"avx512f": pays_off})
+    monkeypatch.setattr(cpu, "cpu_vector_features", lambda: {"avx512f": pays_off})
     calls = spy_on_kernels(monkeypatch, "linear_attention_cpu", "causal_linear_product_cpu")
     q, k, v = qkv((1, 20, 2, 16), seed=4)
     for causal in (False, True):
@@ -329,7 +336,7 @@ def test_linear_auto_takes_the_fused_kernels_only_where_they_pay(monkeypatch, pa
     attention.linear_attention(*qkv((1, 20, 2, 8), seed=4), causal=True)  # head dim 8
     assert not calls
     with pytest.raises(ValueError, match=r"computes elu \+ 1 or relu features, not 'identity'"):
-        attention.linear_attention(q, k, v, feature_map="identity", method="fused_cpu")
+        attention.linear_attention(q, k, v, feature_map="identity", implementation="fused_cpu")
 
 
 @pytest.mark.parametrize(
@@ -345,7 +352,9 @@ def test_linear_auto_takes_the_fused_kernels_only_where_they_pay(monkeypatch, pa
 def test_linear_attention_memory_is_linear_at_128k(causal, method):
     t, h, d = 131072, 4, 64
     spec = jax.ShapeDtypeStruct((1, t, h, d), jnp.float32)
-    fn = jax.jit(lambda q, k, v: attention.linear_attention(q, k, v, causal=causal, method=method))
+    fn = jax.jit(
+        lambda q, k, v: attention.linear_attention(q, k, v, causal=causal, implementation=method)
+    )
     temp = fn.lower(spec, spec, spec).compile().memory_analysis().temp_size_in_bytes
     assert temp < 2 * 2**30, f"{temp / 2**30:.2f} GiB of temporaries"
     # A T x T score matrix alone would be 4 * 131072**2 * 4 bytes = 256 GiB.
@@ -490,7 +499,7 @@ def test_softmax_attention_dispatches_to_blockwise_at_long_t():
     # Auto's gradient is the flash kernel's where the fused kernels pay, else blockwise's; its
     # forward alone is blockwise's at this length either way (faster than the kernels').
     if "hw2jax_cpu_flash_backward" in lowered("auto", grad=True).as_text():
-        assert kernels.fused_attention_pays_off(kernels.kernel_vector_features())
+        assert attention.dispatch.this_machine().fused_cpu_pays_off
     else:
         assert temp("auto", grad=True) == temp("blockwise", grad=True)
     assert "hw2jax_cpu_" not in lowered("auto").as_text()
@@ -573,7 +582,7 @@ def test_auto_runs_the_fused_cpu_kernels_only_where_they_pay(monkeypatch, pays_o
     pass, and gradients from T = 256 on (below, naive's); without, they never run."""
     if kernels.build_error():
         pytest.skip(f"the fused CPU kernel cannot be built here: {kernels.build_error()}")
-    monkeypatch.setattr(kernels, "cpu_vector_features", lambda: {"avx512f": pays_off})
+    monkeypatch.setattr(cpu, "cpu_vector_features", lambda: {"avx512f": pays_off})
     calls = spy_on_kernels(monkeypatch, "cpu_attention", "cpu_flash_attention")
     q, k, v = qkv((2, 40, 4, 32), seed=5)
     for causal, kernel in ((False, "cpu_attention"), (True, "cpu_flash_attention")):
@@ -606,7 +615,7 @@ def test_cudnn_needs_an_nvidia_gpu_and_says_so():
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="cudnn' cannot run: cuDNN needs an NVIDIA GPU"):
             attention.softmax_attention(q, k, v, implementation="cudnn")
-        with pytest.raises(ValueError, match="use one of auto, xla, cudnn, pallas"):
+        with pytest.raises(ValueError, match="use one of auto, jax, xla, cudnn, pallas"):
             attention.softmax_attention(q, k, v, implementation="flash")
         pytest.skip("cuDNN's values and gradients are checked on an NVIDIA GPU only")
     q, k, v = (a.astype(jnp.bfloat16) for a in (q, k, v))

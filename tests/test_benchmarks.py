@@ -55,10 +55,28 @@ def test_benchmarked_implementation_matches_reference(impl, causal):
                 q, k, v, attention.performer_projection(jax.random.key(0), 256, 16), causal
             ),
             "cosformer": lambda: cosformer_ref_np(q, k, v, causal),
-            "retention": lambda: retention_ref_np(q, k, v, np.full(4, 0.95)),
-            "gla": lambda: gla_ref_np(q, k, v, jax.nn.log_sigmoid(k) / 16),
+            # As registered: RetNet's decays, q scaled by 1/sqrt(d); GLA's gates from the keys.
+            "retention": lambda: (
+                retention_ref_np(q / 4.0, k, v, np.asarray(attention.retention_decays(4)))
+                if causal
+                else _bidirectional_retention_ref(q, k, v)
+            ),
+            "gla": lambda: gla_ref_np(q / 4.0, k, v, jax.nn.log_sigmoid(k) / 16),
         }[impl.family]()
     np.testing.assert_allclose(out, expected, rtol=tol, atol=tol)
+
+
+def _bidirectional_retention_ref(q, k, v):
+    """float64 loop: out_i = sum_j gamma_h^|i - j| (q_i . k_j) / sqrt(d) v_j."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    _, t, h, d = q.shape
+    gamma = 1.0 - 2.0 ** (-5.0 - np.arange(h))
+    out = np.zeros(v.shape)
+    for i in range(t):
+        for j in range(t):
+            w = np.einsum("bhd,bhd->bh", q[:, i], k[:, j]) / np.sqrt(d) * gamma ** abs(i - j)
+            out[:, i] += w[..., None] * v[:, j]
+    return out
 
 
 # fla's documented call, written out here: o_t = sum_{s <= t} (scale q_t . k_s) v_s, divided

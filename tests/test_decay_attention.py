@@ -41,7 +41,7 @@ def _loss64(fn, w):
 def test_retention_matches_the_float64_formula_with_gradients(method):
     q, k, v = qkv((2, 13, 3, 4), e=5, seed=3)
     gamma = jnp.array([0.5, 0.9, 1.0])
-    out = attention.retention(q, k, v, gamma=gamma, method=method, chunk_size=4)
+    out = attention.retention(q, k, v, gamma=gamma, implementation=method, chunk_size=4)
     np.testing.assert_allclose(out, retention_ref_np(q, k, v, gamma), rtol=1e-5, atol=1e-5)
     w = np.random.default_rng(0).standard_normal(out.shape)
     with jax.enable_x64(True):
@@ -49,7 +49,7 @@ def test_retention_matches_the_float64_formula_with_gradients(method):
         ref = jax.grad(
             lambda q, k, v: jnp.sum(
                 attention.retention(
-                    q, k, v, gamma=jnp.asarray(gamma, jnp.float64), method="parallel"
+                    q, k, v, gamma=jnp.asarray(gamma, jnp.float64), implementation="parallel"
                 )
                 * w
             ),
@@ -57,7 +57,7 @@ def test_retention_matches_the_float64_formula_with_gradients(method):
         )(*args64)
     ours = jax.grad(
         lambda q, k, v: jnp.sum(
-            attention.retention(q, k, v, gamma=gamma, method=method, chunk_size=4)
+            attention.retention(q, k, v, gamma=gamma, implementation=method, chunk_size=4)
             * jnp.asarray(w, jnp.float32)
         ),
         (0, 1, 2),
@@ -70,14 +70,14 @@ def test_retention_matches_the_float64_formula_with_gradients(method):
 def test_gated_linear_attention_matches_the_float64_recurrence_with_gradients(method):
     q, k, v = qkv((2, 11, 2, 4), e=3, seed=5)
     log_alpha = -jnp.abs(jax.random.normal(jax.random.key(7), k.shape))
-    out = attention.gated_linear_attention(q, k, v, log_alpha, method=method, chunk_size=4)
+    out = attention.gated_linear_attention(q, k, v, log_alpha, implementation=method, chunk_size=4)
     np.testing.assert_allclose(out, gla_ref_np(q, k, v, log_alpha), rtol=1e-5, atol=1e-5)
     from jax.test_util import check_grads
 
     with jax.enable_x64(True):
         args = [jnp.asarray(a, jnp.float64) for a in (q, k, v, log_alpha)]
         fn = lambda q, k, v, a: attention.gated_linear_attention(  # noqa: E731
-            q, k, v, a, method=method, chunk_size=4
+            q, k, v, a, implementation=method, chunk_size=4
         )
         check_grads(fn, args, order=1, modes=("rev",), eps=1e-5)
         ref_grads = jax.grad(lambda *a: jnp.sum(_gla_jnp(*a) ** 2), (0, 1, 2, 3))(*args)
@@ -102,7 +102,9 @@ def test_chunked_gla_stays_finite_at_strong_decay():
     naive factorisation would compute exp(+20 * C); ours never exponentiates a positive."""
     q, k, v = qkv((1, 64, 2, 8), seed=9)
     log_alpha = jnp.full(k.shape, -20.0)
-    out = attention.gated_linear_attention(q, k, v, log_alpha, method="chunked", chunk_size=16)
+    out = attention.gated_linear_attention(
+        q, k, v, log_alpha, implementation="chunked", chunk_size=16
+    )
     assert bool(jnp.all(jnp.isfinite(out)))
     np.testing.assert_allclose(out, gla_ref_np(q, k, v, log_alpha), rtol=1e-5, atol=1e-5)
     grads = jax.grad(

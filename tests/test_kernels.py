@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from test_attention import ref_softmax_np
 
-from hw2jax import kernels
+from hw2jax import attention, cpu, kernels
 from hw2jax.models import bert
 
 MASKED = np.finfo(np.float32).min
@@ -72,7 +72,15 @@ def test_gradients_match_torch_sdpa():
     torch = pytest.importorskip("torch")
     q, k, v, key_bias = _inputs((2, 21, 2, 32), seed=3)
     cotangent = np.random.default_rng(4).standard_normal(q.shape).astype(np.float32)
-    loss = lambda q, k, v: jnp.sum(kernels.cpu_attention(q, k, v, key_bias) * cotangent)  # noqa: E731
+
+    # The row kernel's forward with the XLA formula's gradient, as BERT runs it.
+    def loss(q, k, v):
+        scale = 1.0 / np.sqrt(q.shape[-1])
+        out = attention.key_bias_attention(
+            q, k, v, key_bias, scale=scale, implementation="fused_cpu"
+        )
+        return jnp.sum(out * cotangent)
+
     grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
     tq, tk, tv = (torch.tensor(a.transpose(0, 2, 1, 3), requires_grad=True) for a in (q, k, v))
     out = torch.nn.functional.scaled_dot_product_attention(
@@ -253,20 +261,22 @@ def test_bad_inputs_get_clear_errors():
 def test_build_failures_name_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("HW2JAX_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
-    with pytest.raises(kernels.KernelUnavailable, match=r"(?s)with false failed.*attention='xla'"):
-        kernels._library_path.__wrapped__()
+    with pytest.raises(
+        kernels.KernelUnavailable, match=r"(?s)with false failed.*implementation='xla'"
+    ):
+        kernels.library_path.__wrapped__()
     assert not list(tmp_path.glob("*.so"))  # nothing half-written left behind
     monkeypatch.delenv("CXX")
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(kernels.KernelUnavailable, match=r"(?s)no C.. compiler.*apt-get install g"):
-        kernels._library_path.__wrapped__()
+        kernels.library_path.__wrapped__()
 
 
 _LOAD_AND_RUN = """
 import numpy as np
 from hw2jax import kernels
-kernels._register()
-print(kernels._library_path())
+kernels.register_targets()
+print(kernels.library_path())
 x = np.random.default_rng(0).standard_normal((1, 9, 1, 16)).astype(np.float32)
 print(float(np.abs(np.asarray(kernels.cpu_attention(x, x, x)) - x).max()))
 """
@@ -306,19 +316,19 @@ def test_bert_attention_choice():
     mask = jnp.asarray(np.arange(10)[None] < np.array([[10], [6]]))
     params = bert.BertModel(config).init(jax.random.key(0), ids)["params"]
     out = {
-        att: bert.BertModel(config, attention=att).apply({"params": params}, ids, mask)[0]
-        for att in ("fused", "xla")
+        impl: bert.BertModel(config, implementation=impl).apply({"params": params}, ids, mask)[0]
+        for impl in ("fused_cpu", "xla")
     }
-    np.testing.assert_allclose(out["fused"], out["xla"], atol=2e-5)
+    np.testing.assert_allclose(out["fused_cpu"], out["xla"], atol=2e-5)
     # bf16 compute: the kernel gets upcast q, k, v; within bf16's rounding of the float32 result.
-    bf16 = bert.BertModel(config, jnp.bfloat16, attention="fused").apply(
+    bf16 = bert.BertModel(config, jnp.bfloat16, implementation="fused_cpu").apply(
         {"params": params}, ids, mask
     )[0]
     np.testing.assert_allclose(np.asarray(bf16, np.float32), out["xla"], atol=6e-2)
-    with pytest.raises(ValueError, match="attention='flash'; use one of"):
-        bert.BertModel(config, attention="flash").apply({"params": params}, ids)
-    dropout = bert.BertModel(config, attention="fused")
-    with pytest.raises(kernels.KernelUnavailable, match=r"attention dropout.*deterministic=True"):
+    with pytest.raises(ValueError, match="unknown implementation 'flash' for BertModel; use one"):
+        bert.BertModel(config, implementation="flash").apply({"params": params}, ids)
+    dropout = bert.BertModel(config, implementation="fused_cpu")
+    with pytest.raises(ValueError, match=r"attention dropout.*deterministic=True"):
         dropout.apply(
             {"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.key(1)}
         )
@@ -343,28 +353,29 @@ def _uses_kernel(model, params, ids) -> bool:
     ],
 )
 def test_auto_uses_the_kernel_only_where_it_pays(monkeypatch, features, fused):
-    monkeypatch.setattr(kernels, "cpu_vector_features", lambda: features)
-    assert kernels.fused_attention_pays_off(kernels.kernel_vector_features()) is fused
+    monkeypatch.setattr(cpu, "cpu_vector_features", lambda: features)
+    assert attention.dispatch.this_machine().fused_cpu_pays_off is fused
     config = bert.BertConfig(
         vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2
     )
     ids = jnp.ones((1, 8), jnp.int32)
     params = bert.BertModel(config).init(jax.random.key(0), ids)["params"]
     assert _uses_kernel(bert.BertModel(config), params, ids) is fused  # "auto"
-    assert _uses_kernel(bert.BertModel(config, attention="fused"), params, ids)  # insists
-    assert not _uses_kernel(bert.BertModel(config, attention="xla"), params, ids)
+    assert _uses_kernel(bert.BertModel(config, implementation="fused_cpu"), params, ids)  # insists
+    assert not _uses_kernel(bert.BertModel(config, implementation="xla"), params, ids)
 
 
 def test_a_build_target_without_avx512_turns_auto_off(monkeypatch):
     """$HW2JAX_KERNEL_MARCH builds for another CPU; auto follows that build's features."""
     monkeypatch.setenv("HW2JAX_KERNEL_MARCH", "x86-64-v3")  # AVX2, no AVX-512
     features = kernels.kernel_vector_features()
-    assert not features["avx512f"] and features["avx2"] == kernels.cpu_vector_features()["avx2"]
-    assert not kernels.fused_attention_pays_off(features)
+    assert not features["avx512f"] and features["avx2"] == cpu.cpu_vector_features()["avx2"]
+    machine = attention.dispatch.Machine("cpu", kernel_features=tuple(features.items()))
+    assert not machine.fused_cpu_pays_off
 
 
 def test_cpu_vector_features_read_the_cpu_flags(tmp_path):
-    from hw2jax.timing import cpu_vector_features
+    from hw2jax.cpu import cpu_vector_features
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nflags\t\t: fpu\n")

@@ -9,9 +9,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from hw2jax.attention import registry
 from hw2jax.config import ConfigError, load_config
 from hw2jax.data.mqar import make_mqar
-from hw2jax.models.recall import MIXERS, RecallLM, state_size
+from hw2jax.models.recall import RecallLM, state_size
 from hw2jax.tasks import mqar
 
 CONFIG = "experiments/mqar.py"
@@ -60,7 +61,7 @@ def test_impossible_sizes_are_named():
         mqar.check(tiny_config(model=dict(dim=32, heads=2, depth=2, mixer="mamba")))
 
 
-@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("mixer", registry.names(causal=True))
 def test_the_model_never_looks_ahead(mixer):
     model = RecallLM(vocab_size=16, dim=32, heads=2, depth=2, mixer=mixer)
     tokens = jax.random.randint(jax.random.key(0), (2, 24), 1, 16)

@@ -319,7 +319,7 @@ def test_encoder_microbatches_change_nothing_but_memory(tmp_path):
     assert not np.allclose(a, b)
 
 
-def test_encoder_attention_choice(tmp_path, monkeypatch):
+def test_encoder_implementation_choice(tmp_path, monkeypatch):
     import jax
 
     from hw2jax import kernels
@@ -328,18 +328,19 @@ def test_encoder_attention_choice(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "kernel_vector_features", lambda: {"avx512f": True})
 
     with pytest.raises(
-        ValueError, match="encoder_attention: got 'flash'; choose one of 'auto', 'fused', 'xla'"
+        ValueError,
+        match="encoder_implementation: got 'flash'; choose one of 'auto', 'xla', 'fused_cpu'",
     ):
         sentiment.train_and_evaluate(
-            tiny_config(tmp_path, "encoder_attention=flash"), tmp_path / "run"
+            tiny_config(tmp_path, "encoder_implementation=flash"), tmp_path / "run"
         )
     assert not (tmp_path / "run").exists()  # refused before any work
     config = tiny_config(tmp_path, "use_mask=True")
     bert_config, bert_params, tok = sentiment._setup(config, tmp_path)
     data = sentiment.prepare_data(config, tok, tmp_path)
     fused = sentiment.SentimentTask(config, data, bert_config, bert_params)
-    assert fused.model.attention == "auto"
-    config.encoder_attention = "xla"
+    assert fused.model.implementation == "auto"
+    config.encoder_implementation = "xla"
     xla = sentiment.SentimentTask(config, data, bert_config, bert_params)
     params = fused.init_params(jax.random.key(0))
     batch = fused.eval_batches("test")[0]

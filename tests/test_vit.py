@@ -5,6 +5,7 @@ import numpy as np
 import optax
 import pytest
 
+from hw2jax import attention, cpu
 from hw2jax.models.vit import ViT
 from hw2jax.train.loop import build_optimizer
 
@@ -154,9 +155,8 @@ def _head_transposes(cfg, **kw) -> int:
 def test_merged_attention_is_chosen_when_dim_le_dim_head(monkeypatch):
     # The direct form's softmax without the fused CPU kernel (which takes [b n h d] as it is and
     # which softmax_attention's auto picks on AVX-512 CPUs): XLA's form, with the transposes.
-    from hw2jax import kernels
 
-    monkeypatch.setattr(kernels, "cpu_vector_features", lambda: {"avx512f": False})
+    monkeypatch.setattr(cpu, "cpu_vector_features", lambda: {"avx512f": False})
     assert _head_transposes(ASSIGNMENT) == 0  # dim 64 = dim_head 64
     assert _head_transposes(ASSIGNMENT, merged_attention=False) > 0
     assert _head_transposes(SMALL) > 0  # dim 16 > dim_head 8: the direct form has fewer FLOPs
@@ -245,7 +245,6 @@ def test_every_bidirectional_attention_runs_in_the_vit_and_learns(kind):
 
 
 def test_vit_retention_is_the_symmetric_decay_formula():
-    from hw2jax.models.vit import _bidirectional_retention
 
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 6, 3, 4)) for i in range(3))
     qn, kn, vn = (np.asarray(a, np.float64) for a in (q, k, v))
@@ -255,7 +254,9 @@ def test_vit_retention_is_the_symmetric_decay_formula():
         for j in range(6):
             w = np.einsum("bhd,bhd->bh", qn[:, i], kn[:, j]) / 2.0 * gamma ** abs(i - j)
             ref[:, i] += w[..., None] * vn[:, j]
-    np.testing.assert_allclose(_bidirectional_retention(q, k, v), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        attention.bidirectional_retention(q, k, v), ref, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_gla_in_the_vit_is_refused_with_the_reason(tmp_path, capsys):

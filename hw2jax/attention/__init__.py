@@ -3,13 +3,21 @@ the linear-time families.
 
 One module per form: :mod:`.self_attention`, :mod:`.softmax`, :mod:`.blockwise`, :mod:`.linear`,
 :mod:`.decay` (retention, gated linear attention), :mod:`.kernelized` (cosFormer, Performer),
-and :mod:`.helpers` for the checks and matmuls they share. Layouts follow
+:mod:`.key_bias` (BERT's), and :mod:`.helpers` for the checks and matmuls they share. Two
+modules decide: :mod:`.dispatch` (which path ``implementation="auto"`` takes) and
+:mod:`.registry` (the variants that models, the CLI and the benchmarks offer). Layouts follow
 ``jax.nn.dot_product_attention``: q, k, v are ``[batch, T, heads, head_dim]``; the value
 head_dim may differ from the query/key one.
 """
 
+from hw2jax.attention import dispatch, registry
 from hw2jax.attention.blockwise import blockwise_softmax_attention
-from hw2jax.attention.decay import gated_linear_attention, retention
+from hw2jax.attention.decay import (
+    bidirectional_retention,
+    gated_linear_attention,
+    retention,
+    retention_decays,
+)
 from hw2jax.attention.helpers import matmul_f32
 from hw2jax.attention.kernelized import (
     cosformer_attention,
@@ -17,6 +25,7 @@ from hw2jax.attention.kernelized import (
     performer_features,
     performer_projection,
 )
+from hw2jax.attention.key_bias import key_bias_attention
 from hw2jax.attention.linear import FEATURE_MAPS, NonPositiveDenominatorWarning, linear_attention
 from hw2jax.attention.self_attention import self_attention, self_attention_weights
 from hw2jax.attention.softmax import softmax_attention
@@ -24,15 +33,20 @@ from hw2jax.attention.softmax import softmax_attention
 __all__ = [
     "FEATURE_MAPS",
     "NonPositiveDenominatorWarning",
+    "bidirectional_retention",
     "blockwise_softmax_attention",
     "cosformer_attention",
+    "dispatch",
     "gated_linear_attention",
+    "key_bias_attention",
     "linear_attention",
     "matmul_f32",
     "performer_attention",
     "performer_features",
     "performer_projection",
+    "registry",
     "retention",
+    "retention_decays",
     "self_attention",
     "self_attention_weights",
     "softmax_attention",

@@ -7,6 +7,7 @@ retention also has the parallel T x T form.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import jax
@@ -21,7 +22,7 @@ def retention(
     v: jax.typing.ArrayLike,
     *,
     gamma: jax.typing.ArrayLike,
-    method: Literal["chunked", "recurrent", "parallel"] = "chunked",
+    implementation: Literal["chunked", "recurrent", "parallel"] = "chunked",
     chunk_size: int = 64,
 ) -> jax.Array:
     """out_i = sum_{j <= i} gamma_h^(i - j) (q_i . k_j) v_j, un-normalised (RetNet's retention
@@ -34,7 +35,7 @@ def retention(
         )
     if not isinstance(gamma, jax.core.Tracer) and not bool(jnp.all((gamma > 0) & (gamma <= 1))):
         raise ValueError(f"gamma must lie in (0, 1], got {gamma}.")
-    if method == "parallel":
+    if implementation == "parallel":
         t = q.shape[1]
         steps = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]  # i - j
         decay = jnp.where(steps >= 0, gamma[:, None, None] ** jnp.maximum(steps, 0), 0.0)
@@ -43,15 +44,34 @@ def retention(
     # Retention is gated linear attention with one log decay shared by all key dimensions:
     # kept as a single column, the chunked form's pairwise decays are [C, C], not [C, C, D].
     log_alpha = jnp.broadcast_to(jnp.log(gamma)[:, None], (*q.shape[:3], 1)).astype(q.dtype)
-    return _gla(q, k, v, log_alpha, method, chunk_size, "chunked, recurrent or parallel")
+    return _gla(q, k, v, log_alpha, implementation, chunk_size, "chunked, recurrent or parallel")
 
 
-def _gla(q, k, v, log_alpha, method: str, chunk_size: int, choices: str) -> jax.Array:
+def retention_decays(heads: int) -> jax.Array:
+    """RetNet's per-head decays, gamma_h = 1 - 2^(-5 - h)."""
+    return 1.0 - 2.0 ** (-5.0 - jnp.arange(heads, dtype=jnp.float32))
+
+
+def bidirectional_retention(
+    q: jax.typing.ArrayLike, k: jax.typing.ArrayLike, v: jax.typing.ArrayLike
+) -> jax.Array:
+    """Retention without its causal mask, as an encoder over unordered tokens needs (a ViT's
+    patches): out_i = sum_j gamma_h^|i - j| (q_i . k_j) v_j / sqrt(d), with RetNet's decays
+    (:func:`retention_decays`). The parallel T x T form: such encoders see few tokens."""
+    q, k, v = check_qkv(q, k, v, causal=False)
+    t, h = q.shape[1], q.shape[2]
+    distance = jnp.abs(jnp.arange(t)[:, None] - jnp.arange(t)[None, :])
+    decay = (retention_decays(h)[:, None, None] ** distance).astype(q.dtype)  # [h, t, t]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1]) * decay
+    return jnp.einsum("bhqk,bkhe->bqhe", scores, v)
+
+
+def _gla(q, k, v, log_alpha, implementation: str, chunk_size: int, choices: str) -> jax.Array:
     """The recurrent or chunked form, for log_alpha [B, T, H, D] or one column [B, T, H, 1]."""
-    if method == "recurrent":
+    if implementation == "recurrent":
         return _gla_recurrent(q, k, v, log_alpha)
-    if method != "chunked":
-        raise ValueError(f"unknown method {method!r}; choose {choices}.")
+    if implementation != "chunked":
+        raise ValueError(f"unknown implementation {implementation!r}; choose {choices}.")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     return _gla_chunked(q, k, v, log_alpha, min(chunk_size, q.shape[1]))
@@ -63,7 +83,7 @@ def gated_linear_attention(
     v: jax.typing.ArrayLike,
     log_alpha: jax.typing.ArrayLike,
     *,
-    method: Literal["chunked", "recurrent"] = "chunked",
+    implementation: Literal["chunked", "recurrent"] = "chunked",
     chunk_size: int = 16,
 ) -> jax.Array:
     """S_t = diag(alpha_t) S_(t-1) + k_t v_t^T, out_t = S_t^T q_t, with alpha_t = exp(log_alpha_t)
@@ -78,7 +98,7 @@ def gated_linear_attention(
     log_alpha = as_floating(log_alpha, "log_alpha", 4)
     if log_alpha.shape != k.shape:
         raise ValueError(f"log_alpha must have k's shape {k.shape}, got {log_alpha.shape}.")
-    return _gla(q, k, v, log_alpha, method, chunk_size, "chunked or recurrent")
+    return _gla(q, k, v, log_alpha, implementation, chunk_size, "chunked or recurrent")
 
 
 def _time_major(*xs):

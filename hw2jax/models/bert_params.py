@@ -60,14 +60,9 @@ def hf_name_to_path(name: str) -> tuple[tuple[str, ...], str] | None:
     return None if renamed is None else ((*path, renamed), kind)
 
 
-def params_from_state_dict(tensors: dict[str, np.ndarray], config) -> dict:
-    """Maps Hugging Face tensor names onto BertModel(config)'s params; checks that nothing is
-    missing and that every shape fits the config."""
-    from hw2jax.models.bert import BertModel
-
-    expected = jax.eval_shape(
-        lambda: BertModel(config).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
-    )["params"]
+def map_state_dict(tensors: dict[str, np.ndarray], expected: dict) -> dict:
+    """Maps Hugging Face tensor names onto a BertModel's params, whose shapes ``expected`` gives
+    (``jax.eval_shape`` of its init); checks that nothing is missing and that every shape fits."""
     params: dict = {}
     for name, value in tensors.items():
         found = hf_name_to_path(name)
@@ -97,7 +92,7 @@ def params_from_state_dict(tensors: dict[str, np.ndarray], config) -> dict:
 def state_dict_from_params(
     params: dict, prefix: str = "", legacy_layer_norm: bool = False
 ) -> dict[str, np.ndarray]:
-    """The inverse of :func:`params_from_state_dict`, each name after ``prefix`` (e.g.
+    """The inverse of :func:`map_state_dict`, each name after ``prefix`` (e.g.
     ``"bert."``), LayerNorm as ``weight``/``bias`` or, with ``legacy_layer_norm``, as
     ``gamma``/``beta`` (bert-base-uncased's original checkpoint)."""
     inverse = {path: (module, kind) for module, (path, kind) in _TOP_MODULES.items()}

@@ -7,63 +7,30 @@ position carry its key, as in Zoology's baselines), the sequence mixer, then an 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hw2jax import attention
-
-MIXERS = ("softmax", "linear", "performer", "cosformer", "retention", "gla")
+from hw2jax.attention import registry
 
 
-def retention_decays(heads: int) -> jax.Array:
-    """RetNet's per-head decays, 1 - 2^(-5 - h)."""
-    return 1.0 - 2.0 ** (-5.0 - jnp.arange(heads, dtype=jnp.float32))
-
-
-def performer_features(head_dim: int) -> int:
-    return 2 * head_dim
+def mixer_options(kind: str, head_dim: int) -> dict:
+    """The options a mixer runs with here: the registry's defaults, but Performer's features
+    sized to 2 x head_dim, so that its state is of the other linear forms' order."""
+    return {"num_features": 2 * head_dim} if kind == "performer" else {}
 
 
 def state_size(mixer: str, dim: int, heads: int, seq_len: int) -> int:
     """Floats a layer's mixer carries from one step to the next when generating: the key and
     value cache for softmax, the recurrent state (and normaliser) for the others."""
     head_dim = dim // heads
-    per_head = {
-        "softmax": 2 * seq_len * head_dim,
-        "linear": head_dim * (head_dim + 1),
-        "performer": performer_features(head_dim) * (head_dim + 1),
-        "cosformer": 2 * head_dim * (head_dim + 1),
-        "retention": head_dim * head_dim,
-        "gla": head_dim * head_dim,
-    }[mixer]
+    variant = registry.get(mixer)
+    per_head = variant.floats_per_head(head_dim, seq_len, **mixer_options(mixer, head_dim))
+    if per_head is None:
+        raise registry.VariantError(
+            f"attention {mixer!r} registers no state_size; MQAR's table needs one."
+        )
     return heads * per_head
-
-
-def _mixer(kind: str, heads: int) -> Callable:
-    if kind == "softmax":
-        return lambda q, k, v: attention.softmax_attention(q, k, v, causal=True)
-    if kind == "linear":
-        return lambda q, k, v: attention.linear_attention(q, k, v, causal=True)
-    if kind == "performer":
-        return lambda q, k, v: attention.performer_attention(
-            q,
-            k,
-            v,
-            causal=True,
-            num_features=performer_features(q.shape[-1]),
-            key=jax.random.key(0),
-        )
-    if kind == "cosformer":
-        return lambda q, k, v: attention.cosformer_attention(q, k, v, causal=True)
-    if kind == "retention":
-        return lambda q, k, v: attention.retention(
-            q / math.sqrt(q.shape[-1]), k, v, gamma=retention_decays(heads)
-        )
-    raise ValueError(f"unknown mixer {kind!r}; choose one of {', '.join(MIXERS)}.")
 
 
 class Mixer(nn.Module):
@@ -76,15 +43,17 @@ class Mixer(nn.Module):
         b, t, _ = x.shape
         q, k, v = jnp.split(nn.Dense(3 * self.dim, name="qkv")(x), 3, axis=-1)
         q, k, v = (a.reshape(b, t, self.heads, self.dim // self.heads) for a in (q, k, v))
-        if self.kind == "gla":
+        variant = registry.get(self.kind)
+        gates = {}
+        if "log_alpha" in variant.gates:
             # GLA's gates: a low-rank projection, log-sigmoid, temperature 16 (Yang et al. 2024).
             gate = nn.Dense(self.dim, name="gate")(nn.Dense(16, name="gate_low_rank")(x))
-            log_alpha = jax.nn.log_sigmoid(gate).reshape(k.shape) / 16.0
-            mixed = attention.gated_linear_attention(q / math.sqrt(q.shape[-1]), k, v, log_alpha)
-        else:
-            mixed = _mixer(self.kind, self.heads)(q, k, v)
-        if self.kind in ("retention", "gla"):
-            # Both are un-normalised sums; RetNet and GLA norm each head's output (group norm).
+            gates["log_alpha"] = jax.nn.log_sigmoid(gate).reshape(k.shape) / 16.0
+        options = mixer_options(self.kind, q.shape[-1])
+        mixed = variant.bind(causal=True, **options)(q, k, v, **gates)
+        if not variant.normalised:
+            # Un-normalised sums (retention, GLA): each head's output is normed, as RetNet and
+            # GLA do (group norm).
             mixed = nn.LayerNorm(name="head_norm")(mixed)
         return nn.Dense(self.dim, name="out")(mixed.reshape(b, t, self.dim))
 
@@ -122,8 +91,7 @@ class RecallLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        if self.mixer not in MIXERS:
-            raise ValueError(f"unknown mixer {self.mixer!r}; choose one of {', '.join(MIXERS)}.")
+        registry.get(self.mixer).require(causal=True)
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} must be a multiple of heads {self.heads}.")
         x = nn.Embed(self.vocab_size, self.dim, name="embed")(tokens)

@@ -36,13 +36,13 @@ class BertGRUSentiment(nn.Module):
     use_mask: bool = False
     bert_dropout: bool = True
     dtype: Any = None
-    attention: str = "auto"  # BertModel's: the fused CPU kernel where it applies, or "xla"
+    implementation: str = "auto"  # BertModel's attention: auto, xla or fused_cpu
     pool: str = "final"  # "final" | "mean" | "max"
 
     def setup(self):
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}.")
-        self.bert = BertModel(self.bert_config, self.dtype, self.attention)
+        self.bert = BertModel(self.bert_config, self.dtype, self.implementation)
         self.rnn = GRU(self.hidden_dim, self.n_layers, self.bidirectional, self.dropout)
         self.head_dropout = nn.Dropout(self.dropout)
         fan_in = self.hidden_dim * (2 if self.bidirectional else 1)

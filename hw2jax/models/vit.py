@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from hw2jax import attention
+from hw2jax.attention import registry
 from hw2jax.models.layers import TorchDense, TorchKernel, dot_float32_out
 
 
@@ -28,7 +29,7 @@ class Attention(nn.Module):
     dim: int
     heads: int
     dim_head: int
-    kind: str = "softmax"  # a key of ATTENTION_KINDS
+    kind: str = "softmax"  # a registered attention variant (hw2jax.attention.registry)
     dtype: jnp.dtype | None = None
     merge: bool | None = None
 
@@ -43,7 +44,7 @@ class Attention(nn.Module):
             return self._merged_softmax(x, w, w_out.reshape(self.heads, self.dim_head, -1)) + b_out
         qkv = _dot(x, to_qkv, self.dtype)
         q, k, v = rearrange(qkv, "b n (three h d) -> three b n h d", three=3, h=self.heads)
-        out = _ATTENTION[self.kind](q, k, v)
+        out = registry.get(self.kind).bind(causal=False)(q, k, v)
         out = rearrange(out, "b n h d -> b n (h d)")
         return TorchDense(self.dim, inner, dtype=self.dtype, name="to_out")(out)
 
@@ -72,34 +73,6 @@ def _dot(x: jax.Array, kernel: jax.Array, dtype: jnp.dtype | None) -> jax.Array:
     return dot_float32_out(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
 
 
-def _bidirectional_retention(q, k, v):
-    """Retention without its causal mask, as a ViT needs: out_i = sum_j gamma_h^|i - j|
-    (q_i . k_j) v_j, with RetNet's decays gamma_h = 1 - 2^(-5 - h); the tokens are few, so the
-    parallel T x T form."""
-    t, h = q.shape[1], q.shape[2]
-    gamma = 1.0 - 2.0 ** (-5.0 - jnp.arange(h, dtype=jnp.float32))
-    distance = jnp.abs(jnp.arange(t)[:, None] - jnp.arange(t)[None, :])
-    decay = (gamma[:, None, None] ** distance).astype(q.dtype)  # [h, t, t]
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1]) * decay
-    return jnp.einsum("bhqk,bkhe->bqhe", scores, v)
-
-
-# The forms the ViT's attention can take (all bidirectional: an image has no order to respect).
-_ATTENTION = {
-    "softmax": attention.softmax_attention,
-    "linear": attention.linear_attention,
-    "performer": lambda q, k, v: attention.performer_attention(q, k, v, key=jax.random.key(0)),
-    "cosformer": attention.cosformer_attention,
-    "retention": _bidirectional_retention,
-}
-ATTENTION_KINDS = tuple(_ATTENTION)
-NOT_BIDIRECTIONAL = (
-    "Gated linear attention ('gla') is a causal recurrence, its gates decaying the past of each "
-    "step, and has no bidirectional form for the ViT's unordered patches; use retention (its "
-    "decay made symmetric), linear, performer or cosformer."
-)
-
-
 class FeedForward(nn.Module):
     dim: int
     hidden: int
@@ -118,7 +91,7 @@ class Block(nn.Module):
     heads: int
     dim_head: int
     mlp_dim: int
-    attention: str = "softmax"  # one of ATTENTION_KINDS
+    attention: str = "softmax"  # a registered variant with a bidirectional form
     dtype: jnp.dtype | None = None
     merged_attention: bool | None = None
 
@@ -148,7 +121,7 @@ class ViT(nn.Module):
     dim_head: int = 64
     mlp_dim: int = 128
     pool: Literal["cls", "mean"] = "cls"
-    attention: str = "softmax"  # one of ATTENTION_KINDS
+    attention: str = "softmax"  # a registered variant with a bidirectional form
     dtype: jnp.dtype | None = None  # compute dtype; parameters stay float32
     merged_attention: bool | None = None  # see Attention.merge; None: when dim <= dim_head
 
@@ -160,11 +133,7 @@ class ViT(nn.Module):
             )
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}.")
-        if self.attention not in ATTENTION_KINDS:
-            raise ValueError(
-                f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {self.attention!r}."
-                + (f" {NOT_BIDIRECTIONAL}" if self.attention == "gla" else "")
-            )
+        registry.get(self.attention).require(causal=False)
         expected = (self.image_size, self.image_size, self.channels)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(

@@ -44,7 +44,7 @@ SCHEMA = {
     "pool": Field(str, choices=POOLS),
     "bert_dropout": Field(bool),
     "encoder_dtype": Field(str, choices=("float32", "bfloat16")),
-    "encoder_attention": Field(str, choices=bert.ATTENTION_CHOICES),
+    "encoder_implementation": Field(str, choices=bert.IMPLEMENTATIONS),
     "encoder_microbatch": Field(int, min=0),
     "cache_dir": Field(str),
     "cache_features": Field(bool),
@@ -84,7 +84,7 @@ def build_model(
         bert_dropout=config.bert_dropout,
         pool=config.pool,
         dtype=encoder_dtype(config),
-        attention=encoder_attention(config),
+        implementation=config.encoder_implementation,
     )
 
 
@@ -94,16 +94,6 @@ def encoder_dtype(config: ml_collections.ConfigDict) -> jnp.dtype | None:
     if name not in ("float32", "bfloat16"):
         raise ValueError(f"encoder_dtype must be 'float32' or 'bfloat16', got {name!r}.")
     return None if name == "float32" else jnp.dtype(name)
-
-
-def encoder_attention(config: ml_collections.ConfigDict) -> str:
-    """BertModel's attention: "auto" (the fused CPU kernel where it applies), "fused" or "xla"."""
-    name = config.encoder_attention
-    if name not in bert.ATTENTION_CHOICES:
-        raise ValueError(
-            f"encoder_attention must be one of {bert.ATTENTION_CHOICES}, got {name!r}."
-        )
-    return name
 
 
 def cache_dir(config: ml_collections.ConfigDict) -> Path:
@@ -411,7 +401,11 @@ def predict_reviews(workdir: str | Path, texts: list[str]) -> list[dict[str, Any
     if not texts or any(not t.strip() for t in texts):
         raise ValueError("give at least one non-empty text to predict.")
     config = loop.load_run_config(workdir, "hw2jax sentiment train", marker="encoder")
-    for key, default in (("encoder_attention", "auto"), ("pool", "final")):
+    if "encoder_attention" in config:  # saved under the attention path's earlier name
+        old = config.encoder_attention
+        del config["encoder_attention"]
+        config["encoder_implementation"] = {"fused": "fused_cpu"}.get(old, old)
+    for key, default in (("encoder_implementation", "auto"), ("pool", "final")):
         if key not in config:  # saved before the option existed
             config[key] = default
     bert_config, bert_params, tokenizer = _setup(config, workdir)

@@ -13,9 +13,10 @@ import ml_collections
 import numpy as np
 import optax
 
+from hw2jax.attention import registry
 from hw2jax.config import LOOP_SCHEMA, Field, check_config
 from hw2jax.data import fashion_mnist
-from hw2jax.models.vit import ATTENTION_KINDS, NOT_BIDIRECTIONAL, ViT
+from hw2jax.models.vit import ViT
 from hw2jax.train import checkpoints, loop, plots
 from hw2jax.train.batching import IndexBatches, chunk
 
@@ -31,7 +32,8 @@ SCHEMA = {
         **{k: _POSITIVE for k in ("image_size", "patch_size", "channels", "dim", "depth")},
         **{k: _POSITIVE for k in ("heads", "dim_head", "mlp_dim")},
         "pool": Field(str, choices=("cls", "mean")),
-        "attention": Field(str, choices=ATTENTION_KINDS),
+        # Read when checking: a config file may import a module that registers its own.
+        "attention": Field(str, choices=lambda: registry.names(bidirectional=True)),
         "dtype": Field(str, choices=("float32", "bfloat16")),
         # None: regrouped products when dim <= dim_head; True/False force one form.
         "merged_attention": Field((type(None), bool)),
@@ -41,8 +43,11 @@ SCHEMA = {
 
 def check(config: ml_collections.ConfigDict) -> None:
     """The whole config against :data:`SCHEMA`, before any data is read or compiled."""
-    if config.model.attention == "gla":
-        raise ValueError(f"model.attention='gla' cannot run in the ViT. {NOT_BIDIRECTIONAL}")
+    name = config.model.attention
+    if isinstance(name, str) and name in registry.names(bidirectional=False):
+        raise ValueError(
+            f"model.attention={name!r} cannot run in the ViT. " + registry.get(name).missing_form
+        )
     check_config(config.to_dict(), SCHEMA)
     model = config.model
     if model.image_size % model.patch_size:

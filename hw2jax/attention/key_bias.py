@@ -1,0 +1,90 @@
+"""BERT's attention: softmax scores with a per-key bias (the padding mask), by XLA or by the
+fused CPU row kernel with the XLA formula's gradient."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from hw2jax import kernels
+from hw2jax.attention import dispatch
+from hw2jax.attention.helpers import matmul_f32
+
+IMPLEMENTATIONS = dispatch.KEY_BIAS
+
+
+def key_bias_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_bias: jax.Array | None = None,
+    *,
+    scale: float = 1.0,
+    dropout: Callable[[jax.Array], jax.Array] | None = None,
+    implementation: str = "auto",
+) -> jax.Array:
+    """softmax(scale q.k^T + key_bias) v: [B, T, heads, D] in and out, key_bias [B, T] added to
+    each key's scores (None: no mask); ``dropout`` is applied to the probabilities.
+
+    ``implementation``: ``"xla"`` (heads next to the batch: faster on CPU than einsums over
+    [B, T, heads, D]; pass q already scaled and ``scale=1`` to spare a pass over the T x T
+    scores), ``"fused_cpu"`` (the row kernel, :func:`hw2jax.kernels.cpu_attention`, float32;
+    no dropout, since it keeps no probabilities; gradients by the XLA formula) or ``"auto"``
+    (:func:`hw2jax.attention.dispatch.key_bias`).
+    """
+    dispatch.check(implementation, IMPLEMENTATIONS, "key_bias_attention")
+    if implementation == "auto":
+        implementation = dispatch.key_bias(
+            fused_unavailable(q.shape[-1], dropout is not None), dropout is not None
+        )
+    if implementation == "fused_cpu":
+        reason = fused_unavailable(q.shape[-1], dropout is not None)
+        if reason is not None:
+            raise kernels.KernelUnavailable(
+                f"implementation='fused_cpu' cannot run: {reason}. Use 'auto' or 'xla'."
+            )
+        if key_bias is None:
+            key_bias = jnp.zeros(q.shape[:2], jnp.float32)
+        return _fused(q, k, v, key_bias.astype(jnp.float32), float(scale))
+    return _xla(q * scale if scale != 1.0 else q, k, v, key_bias, dropout)
+
+
+def fused_unavailable(head_dim: int, dropout_active: bool) -> str | None:
+    """Why the row kernel cannot run BERT's attention here (None: it can)."""
+    if dropout_active:
+        return "attention dropout needs the probabilities, which the fused kernel never stores"
+    return kernels.cpu_attention_unavailable_reason(head_dim, jnp.float32)
+
+
+def _xla(q, k, v, key_bias, dropout):
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+    scores = matmul_f32(q, k, transpose_b=True)
+    if key_bias is not None:
+        scores = scores + key_bias[:, None, None, :]
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout is not None:
+        probs = dropout(probs)
+    return jnp.swapaxes(matmul_f32(probs.astype(v.dtype), v), 1, 2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused(q, k, v, key_bias, scale):
+    return kernels.cpu_attention(q, k, v, key_bias, scale=scale)
+
+
+def _fused_fwd(q, k, v, key_bias, scale):
+    return _fused(q, k, v, key_bias, scale), (q, k, v, key_bias)
+
+
+def _fused_bwd(scale, residuals, grad):
+    # The gradient of the same function as XLA computes it.
+    _, pullback = jax.vjp(
+        lambda q, k, v, key_bias: _xla(q * scale, k, v, key_bias, None), *residuals
+    )
+    return pullback(grad)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)

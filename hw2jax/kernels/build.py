@@ -1,0 +1,178 @@
+"""Building and loading the fused CPU kernels: ``cpu_attention.cc`` ships with the package and is
+compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``)
+for this CPU (``-march=native``), into ``$HW2JAX_KERNEL_CACHE`` (default
+``~/.cache/hw2jax/kernels``), then its FFI targets are registered with XLA."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from hw2jax import cpu
+
+_SOURCE = Path(__file__).with_name("cpu_attention.cc")
+# FFI targets: (symbol in the library, name registered with XLA).
+TARGETS = {
+    "attention": ("Hw2jaxCpuAttention", "hw2jax_cpu_attention"),
+    "flash_forward": ("Hw2jaxCpuFlashForward", "hw2jax_cpu_flash_forward"),
+    "flash_backward": ("Hw2jaxCpuFlashBackward", "hw2jax_cpu_flash_backward"),
+    "linear_forward": ("Hw2jaxCpuLinearForward", "hw2jax_cpu_linear_forward"),
+    "linear_backward": ("Hw2jaxCpuLinearBackward", "hw2jax_cpu_linear_backward"),
+    "dense_forward": ("Hw2jaxCpuDenseLinearForward", "hw2jax_cpu_dense_linear_forward"),
+    "dense_backward": ("Hw2jaxCpuDenseLinearBackward", "hw2jax_cpu_dense_linear_backward"),
+}
+SUPPORTED_HEAD_DIMS = tuple(range(16, 129, 16))  # the kernel's compiled variants
+
+
+class KernelUnavailable(RuntimeError):
+    """The native kernel could not be built or loaded here; the message says why and what to do."""
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("HW2JAX_KERNEL_CACHE"):
+        return Path(os.environ["HW2JAX_KERNEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hw2jax" / "kernels"
+
+
+def cache_dir() -> Path:
+    """Where built kernels (and what is measured about them) are kept."""
+    return _cache_dir()
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    raise KernelUnavailable(
+        "no C++ compiler found for the fused CPU attention kernel: install one (Debian/Ubuntu: "
+        "apt-get install g++) or set $CXX, or pass implementation='xla' to use XLA's attention."
+    )
+
+
+def _cpu_identity() -> str:
+    """-march=native code must not run on another CPU: the cache key names this one."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _march() -> str:
+    """The kernel's build target: ``$HW2JAX_KERNEL_MARCH`` (e.g. ``x86-64-v3``, AVX2 without
+    AVX-512, to check a build for other CPUs on this one), else ``native``."""
+    return os.environ.get("HW2JAX_KERNEL_MARCH") or "native"
+
+
+@functools.cache
+def _target_features(cxx: str, march: str) -> dict[str, bool]:
+    """The vector features the compiler enables for ``-march=march`` (its predefined macros)."""
+    macros = subprocess.run(
+        [cxx, f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull],
+        capture_output=True,
+        text=True,
+    ).stdout
+    names = {"avx2": "__AVX2__", "avx512f": "__AVX512F__", "avx512_bf16": "__AVX512BF16__"}
+    names |= {"amx_tile": "__AMX_TILE__", "amx_bf16": "__AMX_BF16__"}
+    return {feature: f"#define {macro} " in macros for feature, macro in names.items()}
+
+
+def kernel_vector_features() -> dict[str, bool]:
+    """The vector features the kernel is built for: the CPU's own under the default
+    ``-march=native``, those of ``$HW2JAX_KERNEL_MARCH`` (and of this CPU) otherwise."""
+    features = cpu.cpu_vector_features()
+    if _march() == "native":
+        return features
+    target = _target_features(_compiler(), _march())
+    return {name: has and target.get(name, False) for name, has in features.items()}
+
+
+@functools.cache
+def library_path() -> Path:
+    """The built library for this CPU, compiler and jax (built on the first call)."""
+    cxx = _compiler()
+    include = jax.ffi.include_dir()
+    source = _SOURCE.read_bytes()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(
+        b"\0".join(
+            s.encode() for s in (version, jax.__version__, _cpu_identity(), include, _march())
+        )
+        + source
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_attention-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    base = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-isystem", include, str(_SOURCE)]
+    # Compile to a temporary name and rename: a concurrent or interrupted build never leaves a
+    # half-written library under the final name.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        errors = ""
+        for arch in ([f"-march={_march()}"], []):  # some compilers/CPUs lack -march=native
+            done = subprocess.run(base + arch + ["-o", str(built)], capture_output=True, text=True)
+            if done.returncode == 0:
+                os.replace(built, target)
+                return target
+            errors = done.stderr
+    raise KernelUnavailable(
+        f"building the fused CPU attention kernel with {cxx} failed:\n{errors[-2000:]}\n"
+        "Pass implementation='xla' to use XLA's attention instead."
+    )
+
+
+@functools.cache
+def register_targets() -> None:
+    """Loads the library and registers its FFI targets with XLA (once per process)."""
+    path = library_path()
+    try:
+        library = ctypes.cdll.LoadLibrary(str(path))
+    except OSError:
+        # A cached library this loader cannot read (a damaged disk, a cache dir copied from
+        # another system): rebuild it once instead of failing on every run.
+        path.unlink(missing_ok=True)
+        library_path.cache_clear()
+        library = ctypes.cdll.LoadLibrary(str(library_path()))
+    for symbol, target in TARGETS.values():
+        jax.ffi.register_ffi_target(
+            target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
+        )
+
+
+@functools.cache
+def build_error() -> str | None:
+    """None once the kernel is built and registered, else why it could not be (warned once:
+    callers that fall back to XLA's attention would otherwise be silently slower)."""
+    try:
+        register_targets()
+    except (KernelUnavailable, OSError) as err:
+        warnings.warn(
+            f"fused CPU attention unavailable, XLA's is used: {err}", RuntimeWarning, stacklevel=2
+        )
+        return str(err)
+    return None
+
+
+def cpu_attention_unavailable_reason(head_dim: int, dtype: jnp.dtype) -> str | None:
+    """None if the fused kernels can run for this head size and dtype on this machine, else
+    why not (building the kernel on first call)."""
+    if jax.default_backend() != "cpu":
+        return f"the fused kernel is for CPU; jax's backend here is {jax.default_backend()!r}"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"the fused kernel computes in float32, not {jnp.dtype(dtype).name}"
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {head_dim} is not one of the kernel's sizes {SUPPORTED_HEAD_DIMS}"
+    return build_error()

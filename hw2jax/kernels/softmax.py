@@ -1,0 +1,112 @@
+"""Softmax attention by the fused CPU kernels: the row kernel (a key bias, forward only; BERT's)
+and the flash kernel (causal or not, forward and backward: FlashAttention-2's algorithm, the
+backward recomputing probabilities from each row's log-sum-exp)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hw2jax.kernels.build import TARGETS, KernelUnavailable, cpu_attention_unavailable_reason
+from hw2jax.kernels.ffi import ffi_kernel
+
+
+def _check_softmax_inputs(name: str, q, k, v) -> None:
+    """Shapes first (ValueError), then whether the kernel can run here (KernelUnavailable)."""
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            f"{name} wants q, k and v of one shape [batch, T, heads, head_dim]; got "
+            f"{q.shape}, {k.shape}, {v.shape}. Use hw2jax.attention.softmax_attention for others."
+        )
+    reason = cpu_attention_unavailable_reason(q.shape[-1], q.dtype)
+    if reason is not None:
+        raise KernelUnavailable(reason)
+
+
+def cpu_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_bias: jax.Array | None = None,
+    *,
+    scale: float | None = None,
+) -> jax.Array:
+    """softmax(scale q.k^T + key_bias) v with the fused CPU row kernel, forward only (it keeps
+    nothing for a backward pass; :func:`hw2jax.attention.key_bias_attention` pairs it with the
+    XLA formula's gradient).
+
+    q, k, v: float32 ``[B, T, heads, D]`` (the layout the projections produce);
+    key_bias: ``[B, T]``, added to the scores of each key (0 keeps a key, a large negative
+    number such as ``finfo(float32).min`` masks it); scale defaults to 1/sqrt(D).
+    Raises :class:`KernelUnavailable` (or ValueError for bad shapes) with what to do instead.
+    """
+    _check_softmax_inputs("cpu_attention", q, k, v)
+    if key_bias is None:
+        key_bias = jnp.zeros(q.shape[:2], jnp.float32)
+    if jnp.asarray(key_bias).dtype == jnp.bool_:
+        raise ValueError(
+            "key_bias is added to the scores, not a boolean mask: pass "
+            "jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)."
+        )
+    if key_bias.shape != q.shape[:2]:
+        raise ValueError(f"key_bias must be [batch, T] = {q.shape[:2]}, got {key_bias.shape}.")
+    scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else float(scale)
+    kernel = ffi_kernel(
+        TARGETS["attention"][1],
+        ("bthd",) * 3 + ("bt",),
+        ("bthd",),
+        (("scale", np.float32(scale)),),
+    )
+    return kernel(q, k, v, key_bias.astype(jnp.float32))[0]
+
+
+def _flash_attrs(scale: float, causal: bool) -> tuple:
+    return ("scale", np.float32(scale)), ("causal", np.int32(causal))
+
+
+def _flash_forward_call(q, k, v, scale: float, causal: bool):
+    kernel = ffi_kernel(
+        TARGETS["flash_forward"][1], ("bthd",) * 3, ("bthd", "bht"), _flash_attrs(scale, causal)
+    )
+    return kernel(q, k, v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _flash(q, k, v, scale: float, causal: bool):
+    return _flash_forward_call(q, k, v, scale, causal)[0]
+
+
+def _flash_fwd(q, k, v, scale, causal):
+    out, lse = _flash_forward_call(q, k, v, scale, causal)
+    return out, (q, k, v, out, lse)
+
+
+def _flash_bwd(scale, causal, residuals, grad):
+    kernel = ffi_kernel(
+        TARGETS["flash_backward"][1],
+        ("bthd",) * 4 + ("bht", "bthd"),
+        ("bthd",) * 3,
+        _flash_attrs(scale, causal),
+    )
+    return kernel(*residuals, grad)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def cpu_flash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False, scale: float | None = None
+) -> jax.Array:
+    """softmax(scale q.k^T) v, optionally causal, forward and backward by the fused CPU kernels.
+
+    The forward pass keeps each row's log-sum-exp; the backward pass recomputes the probabilities
+    block by block from it (FlashAttention-2), so neither stores the [T, T] scores. q, k, v:
+    float32 ``[B, T, heads, D]`` of one shape; scale defaults to 1/sqrt(D). Raises
+    :class:`KernelUnavailable` (or ValueError for bad shapes) with what to do instead.
+    """
+    _check_softmax_inputs("cpu_flash_attention", q, k, v)
+    scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else float(scale)
+    return _flash(q, k, v, scale, bool(causal))

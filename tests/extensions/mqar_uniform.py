@@ -1,0 +1,14 @@
+"""MQAR with the uniform variant of uniform_attention.py (beside this file)."""
+
+from pathlib import Path
+
+import uniform_attention  # noqa: F401 (registers "uniform")
+
+from hw2jax.config import load_config
+
+
+def get_config():
+    experiments = Path(__file__).resolve().parents[2] / "experiments"
+    c = load_config(experiments / "mqar.py")
+    c.model.mixer = "uniform"
+    return c
