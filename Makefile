@@ -27,9 +27,9 @@ run: $(STAMP)
 	@$(BIN)/hw2jax data locate --data-source idx >/dev/null 2>&1 || { \
 	  echo "FashionMNIST files not found: installing Debian's dataset-fashion-mnist"; \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || true; }
-	HW2JAX_EPOCHS=$(EPOCHS) $(BIN)/hw2jax vit train \
+	$(BIN)/hw2jax vit train \
 	  --config experiments/vit_fashion_mnist.py --workdir $(WORKDIR) \
-	  $(if $(HOST_DEVICES),--host-devices $(HOST_DEVICES))
+	  $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(HOST_DEVICES),--host-devices $(HOST_DEVICES))
 
 test: $(STAMP)
 	$(BIN)/ruff check .

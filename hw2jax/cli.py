@@ -62,30 +62,29 @@ def _auto_devices(config) -> str | None:
     return str(auto_host_devices(jax.device_count(), sizes))
 
 
-def _apply_flags(config, args: argparse.Namespace, flags: dict[str, str | None]):
-    """--data-dir, --data-source and the command's own flags (config key -> value; None means
-    unset, while 0 stays so the check can refuse it), then the --set overrides, onto ``config``."""
+def _apply_flags(config, args: argparse.Namespace, flags: dict[str, object]):
+    """--data-dir, --data-source and the command's own flags (config key -> typed value; None
+    means unset, while 0 stays so the check can refuse it), then the --set overrides."""
     from hw2jax import config as config_lib
 
     flags = {"data_dir": args.data_dir, "data_source": args.data_source, **flags}
-    overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
-    config_lib.apply_overrides(config, [*overrides, *args.set])
+    config_lib.set_values(config, {k: v for k, v in flags.items() if v is not None})
+    config_lib.apply_overrides(config, args.set)
     return config
 
 
 def _config_from_args(args: argparse.Namespace, **flags: str | None):
     """Splits the CPU and starts the distributed runtime if asked, then returns the config file
-    with --epochs (or $HW2JAX_EPOCHS), --devices, --data-dir, --data-source, the experiment's own
+    with --epochs, --devices, --data-dir, --data-source, the experiment's own
     flags and --set overrides applied (:func:`_apply_flags`)."""
     from hw2jax import config as config_lib
 
     _start_jax_runtime(args)
     config = config_lib.load_config(args.config)
-    epochs = args.epochs if args.epochs is not None else os.environ.get("HW2JAX_EPOCHS") or None
     devices = args.devices or args.host_devices  # split cores only help with data parallel
     if devices == "auto":
         devices = _auto_devices(config)
-    return _apply_flags(config, args, {"epochs": epochs, "devices": devices, **flags})
+    return _apply_flags(config, args, {"epochs": args.epochs, "devices": devices, **flags})
 
 
 def _exit_code(history: dict) -> int:
@@ -244,7 +243,7 @@ def _add_train_parser(
     train = group.add_parser(name, help=help)
     train.add_argument("--config", required=True, help="an experiments/*.py file")
     train.add_argument("--workdir", required=True, help="checkpoints, history and plots go here")
-    train.add_argument("--epochs", type=int, help="override the epochs (env: HW2JAX_EPOCHS)")
+    train.add_argument("--epochs", type=int, help="override the config's epochs")
     train.add_argument("--data-dir", help=f"{data_help} (env: HW2JAX_DATA_DIR)")
     train.add_argument("--data-source", choices=sources)
     train.add_argument(
@@ -329,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--cache-features",
         action="store_const",
-        const="True",
+        const=True,
         help="run the frozen encoder once and train the head from a disk cache",
     )
     train.add_argument(

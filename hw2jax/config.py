@@ -116,48 +116,58 @@ def _parse_value(text: str):
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
-    """Applies ``a.b=value`` strings; the key must exist, and the type must fit."""
+    """Applies ``a.b=value`` strings (``--set``): the text is read as a Python literal (or
+    true/false/none as a shell user writes them, or else a bare string), then set as
+    :func:`set_values` does."""
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} must look like key=value, e.g. epochs=1.")
-        *parents, leaf = key.strip().split(".")
-        node = config
-        for depth, part in enumerate(parents):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                _unknown(key, ".".join(parents[:depth]), node)
-            child = node[part]
-            if not isinstance(child, ml_collections.ConfigDict):
-                groups = sorted(
-                    k for k, v in node.items() if isinstance(v, ml_collections.ConfigDict)
-                )
-                raise ConfigError(
-                    f"{key}: {'.'.join(parents[: depth + 1])} is a single value "
-                    f"({type(child).__name__} {child!r}), not a group of settings. Set it "
-                    f"directly, e.g. {'.'.join(parents[: depth + 1])}=VALUE"
-                    + (f"; the groups are: {', '.join(groups)}." if groups else ".")
-                )
-            node = child
-        if leaf not in node:
-            _unknown(key, ".".join(parents), node)
-        value = _parse_value(text.strip())
-        current = node[leaf]
-        if isinstance(current, ml_collections.ConfigDict):
+        _assign(config, key.strip(), _parse_value(text.strip()), text.strip())
+
+
+def set_values(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+    """Sets typed values (command-line flags) by dotted key: the key must exist and the type
+    must fit its current value's (an int where a float is expected is widened)."""
+    for key, value in values.items():
+        _assign(config, key, value, repr(value))
+
+
+def _assign(config: ml_collections.ConfigDict, key: str, value: Any, text: str) -> None:
+    *parents, leaf = key.split(".")
+    node = config
+    for depth, part in enumerate(parents):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            _unknown(key, ".".join(parents[:depth]), node)
+        child = node[part]
+        if not isinstance(child, ml_collections.ConfigDict):
+            groups = sorted(k for k, v in node.items() if isinstance(v, ml_collections.ConfigDict))
             raise ConfigError(
-                f"{key} is a group of settings ({', '.join(sorted(current.keys()))}); set one of "
-                f"them, e.g. {key}.{sorted(current.keys())[0]}=VALUE."
+                f"{key}: {'.'.join(parents[: depth + 1])} is a single value "
+                f"({type(child).__name__} {child!r}), not a group of settings. Set it "
+                f"directly, e.g. {'.'.join(parents[: depth + 1])}=VALUE"
+                + (f"; the groups are: {', '.join(groups)}." if groups else ".")
             )
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(current, str) and not isinstance(value, str):
-            value = text.strip()
-        try:
-            node[leaf] = value
-        except TypeError:
-            raise ConfigError(
-                f"{key}={text.strip()!r}: expected {type(current).__name__} "
-                f"(like the default {current!r}), got {type(value).__name__}."
-            ) from None
+        node = child
+    if leaf not in node:
+        _unknown(key, ".".join(parents), node)
+    current = node[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(
+            f"{key} is a group of settings ({', '.join(sorted(current.keys()))}); set one of "
+            f"them, e.g. {key}.{sorted(current.keys())[0]}=VALUE."
+        )
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, str) and not isinstance(value, str):
+        value = text  # --set name=1e3 for a string key keeps what was typed
+    try:
+        node[leaf] = value
+    except TypeError:
+        raise ConfigError(
+            f"{key}={text!r}: expected {type(current).__name__} "
+            f"(like the default {current!r}), got {type(value).__name__}."
+        ) from None
 
 
 def _unknown(key: str, group: str, node) -> None:

@@ -137,10 +137,11 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoin
 
 
 def test_cli_train_then_eval(fashion_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HW2JAX_EPOCHS", "1")
     args = [
         "vit",
         "train",
+        "--epochs",
+        "1",
         "--config",
         str(CONFIG),
         "--workdir",
