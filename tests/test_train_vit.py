@@ -335,3 +335,33 @@ def test_merged_attention_override_takes_shell_booleans_and_rejects_others(fashi
     train, test = vit.load_data(config)
     with pytest.raises(ValueError, match=r"model.merged_attention must be None"):
         vit.ViTTask(config, train, test)
+
+
+def test_metrics_stream_to_tensorboard_and_curves_follow_each_epoch(fashion_dir, tmp_path):
+    """Every logged train loss and every epoch's evaluation reach the TensorBoard event files
+    with the values and steps of history.json; curves.png exists after the first epoch."""
+    from hw2jax.train import metrics
+
+    class CurvesAfterFirstEpoch(vit.ViTTask):
+        def train_batches(self, epoch):
+            if epoch == 1:  # the loop has finished epoch 1 and redrawn the curves
+                seen.append((tmp_path / "run" / "curves.png").exists())
+            return super().train_batches(epoch)
+
+    seen = []
+    config = small_config(fashion_dir, "epochs=2")
+    train, test = vit.load_data(config)
+    history = loop.train_and_evaluate(
+        CurvesAfterFirstEpoch(config, train, test), config, tmp_path / "run"
+    )
+    assert seen == [True]
+    scalars = metrics.read_scalars(tmp_path / "run" / "tensorboard")
+
+    def same(tag, rows, key):
+        assert [step for step, _ in scalars[tag]] == [r["step"] for r in rows]
+        assert [v for _, v in scalars[tag]] == pytest.approx([r[key] for r in rows], rel=1e-6)
+
+    same("train/loss", history["train"], "loss")
+    same("test/accuracy", history["epochs"], "test_accuracy")
+    same("test/loss", history["epochs"], "test_loss")
+    assert len(scalars["train/img_per_s"]) == 2

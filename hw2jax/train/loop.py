@@ -25,7 +25,8 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
-from hw2jax.train import checkpoints
+from hw2jax.train import checkpoints, plots
+from hw2jax.train.metrics import MetricWriter
 from hw2jax.train.sharding import DataParallel, is_main_process
 
 Batch = dict[str, jax.Array]
@@ -416,9 +417,15 @@ def train_and_evaluate(
         )
 
     save_history()
+    writer = MetricWriter(workdir)
 
     # closing: the asynchronous checkpoint writes finish before anything reads the work dir.
-    with _StopFlag() as stop, contextlib.closing(ckpt), _record_failure(save_history, history):
+    with (
+        _StopFlag() as stop,
+        contextlib.closing(ckpt),
+        contextlib.closing(writer),
+        _record_failure(save_history, history),
+    ):
         for epoch in range(start_step // steps_per_epoch, config.epochs):
             batches = task.train_batches(epoch)
             first_step_of_epoch = epoch * steps_per_epoch
@@ -466,6 +473,7 @@ def train_and_evaluate(
                     history["train"].append(
                         {"step": step, "epoch": epoch + 1, "loss": loss, "examples": n}
                     )
+                    writer.scalars(step, {"train/loss": loss})
                     window = {"loss_sum": 0.0, "count": 0.0}
                     if step % config.log_every_steps == 0 and config.progress:
                         tqdm.write(f"step {step:6d}  epoch {epoch + 1}  train loss {loss:.4f}")
@@ -501,6 +509,19 @@ def train_and_evaluate(
             if is_best:
                 ckpt.save_best(state, record)
             save_history()
+            split = config.eval_split
+            writer.scalars(
+                record["step"],
+                {
+                    "train/epoch_loss": record["train_loss"],
+                    f"{split}/loss": metrics["loss"],
+                    f"{split}/accuracy": metrics["accuracy"],
+                    f"train/{unit}_per_s": record["images_per_s"],
+                },
+            )
+            writer.flush()
+            if is_main_process():  # the curves so far, redrawn after every epoch
+                plots.plot_history(history, split, workdir / "curves.png")
             tqdm.write(
                 f"epoch {epoch + 1:3d}/{config.epochs}  train loss {record['train_loss']:.4f}  "
                 f"{config.eval_split} loss {metrics['loss']:.4f}  "
