@@ -13,50 +13,70 @@ AVX512 = (("avx2", True), ("avx512f", True))
 AVX2 = (("avx2", True), ("avx512f", False))
 GPU = dispatch.Machine("gpu", nvidia=True)
 T_256, T_8192 = 256 * 256, 8192 * 8192
+DROPOUT = "attention dropout needs the probabilities"
+
+
+def why(reason=None):
+    """The rule's lazy question "why can the fused kernels not run?", answered ``reason``."""
+    return lambda: reason
+
+
+def never():
+    raise AssertionError("asked whether the kernels can run where the rule cannot take them")
 
 
 def test_gpu_takes_the_measured_paths_only():
     # JAX's own choice of cuDNN or XLA; our Pallas kernels only by name.
     for scores in (16, T_256, T_8192):
         for causal in (False, True):
-            assert dispatch.softmax(scores, causal, "the fused kernel is for CPU", GPU) == "jax"
-    assert dispatch.linear("the fused kernel is for CPU", GPU) == "chunked"
-    assert dispatch.key_bias("the fused kernel is for CPU", False, GPU) == "xla"
-    assert dispatch.softmax(16, False, None, dispatch.Machine("tpu")) == "jax"
+            assert (
+                dispatch.softmax(scores, causal, why("the fused kernel is for CPU"), GPU) == "jax"
+            )
+    assert dispatch.linear(why("the fused kernel is for CPU"), GPU) == "chunked"
+    assert dispatch.key_bias(why("the fused kernel is for CPU"), GPU) == "xla"
+    assert dispatch.softmax(16, False, why(), dispatch.Machine("tpu")) == "jax"
+
+
+def test_the_kernels_are_not_asked_about_where_the_rule_cannot_take_them():
+    # Asking builds the C++ kernels: a GPU or a CPU without AVX-512 never does.
+    for machine in (GPU, dispatch.Machine("cpu", kernel_features=AVX2)):
+        dispatch.softmax(T_256, True, never, machine)
+        dispatch.linear(never, machine)
+        dispatch.key_bias(never, machine)
 
 
 def test_cpu_with_avx512_takes_the_fused_kernels_where_they_can_run():
     cpu = dispatch.Machine("cpu", kernel_features=AVX512)
-    assert dispatch.softmax(50 * 50, False, None, cpu) == ("row", "naive")
-    assert dispatch.softmax(T_256, False, None, cpu) == ("row", "flash")
-    assert dispatch.softmax(T_256, True, None, cpu) == ("flash", "flash")
-    assert dispatch.softmax(T_8192, False, None, cpu) == ("blockwise", "flash")
-    assert dispatch.linear(None, cpu) == "fused_cpu"
-    assert dispatch.key_bias(None, False, cpu) == "fused_cpu"
+    assert dispatch.softmax(50 * 50, False, why(), cpu) == ("row", "naive")
+    assert dispatch.softmax(T_256, False, why(), cpu) == ("row", "flash")
+    assert dispatch.softmax(T_256, True, why(), cpu) == ("flash", "flash")
+    assert dispatch.softmax(T_8192, False, why(), cpu) == ("blockwise", "flash")
+    assert dispatch.linear(why(), cpu) == "fused_cpu"
+    assert dispatch.key_bias(why(), cpu) == "fused_cpu"
     # Where the kernels cannot run (bf16, an odd head dim, dropout): the plain paths.
-    assert dispatch.softmax(T_256, False, "bfloat16", cpu) == "naive"
-    assert dispatch.linear("head dim 8", cpu) == "chunked"
-    assert dispatch.key_bias(None, True, cpu) == "xla"
+    assert dispatch.softmax(T_256, False, why("bfloat16"), cpu) == "naive"
+    assert dispatch.linear(why("head dim 8"), cpu) == "chunked"
+    assert dispatch.key_bias(why(DROPOUT), cpu) == "xla"
 
 
 def test_cpu_without_avx512_never_takes_the_fused_kernels():
     cpu = dispatch.Machine("cpu", kernel_features=AVX2)
-    assert dispatch.softmax(T_256, True, None, cpu) == "naive"
-    assert dispatch.softmax(T_8192, False, None, cpu) == "blockwise"
-    assert dispatch.linear(None, cpu) == "chunked"
-    assert dispatch.key_bias(None, False, cpu) == "xla"
+    assert dispatch.softmax(T_256, True, why(), cpu) == "naive"
+    assert dispatch.softmax(T_8192, False, why(), cpu) == "blockwise"
+    assert dispatch.linear(why(), cpu) == "chunked"
+    assert dispatch.key_bias(why(), cpu) == "xla"
 
 
 def test_an_environment_variable_forces_one_path(monkeypatch):
     cpu = dispatch.Machine("cpu", kernel_features=AVX512)
     monkeypatch.setenv("HW2JAX_ATTENTION", "blockwise")
-    assert dispatch.softmax(16, False, None, cpu) == "blockwise"
+    assert dispatch.softmax(16, False, why(), cpu) == "blockwise"
     monkeypatch.setenv("HW2JAX_ATTENTION", "xla")
-    assert dispatch.key_bias(None, False, cpu) == "xla"
+    assert dispatch.key_bias(why(), cpu) == "xla"
     monkeypatch.setenv("HW2JAX_ATTENTION", "fused_cpu")
-    assert dispatch.softmax(16, False, None, cpu) == "fused_cpu"
-    assert dispatch.softmax(16, False, "bfloat16", cpu) == "naive"  # cannot run: the rule's
-    assert dispatch.key_bias(None, True, cpu) == "xla"  # dropout: the kernel cannot
+    assert dispatch.softmax(16, False, why(), cpu) == "fused_cpu"
+    assert dispatch.softmax(16, False, why("bfloat16"), cpu) == "naive"  # cannot run: the rule's
+    assert dispatch.key_bias(why(DROPOUT), cpu) == "xla"  # dropout: the kernel cannot
 
 
 def test_unknown_names_are_refused_naming_the_choices():

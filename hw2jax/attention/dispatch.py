@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 import jax
 
@@ -51,6 +52,8 @@ BLOCKWISE_FROM = 2**26
 # kernel where it can run; shorter inputs, such as the ViT's 50 patches, keep naive's program.
 FUSED_GRADIENTS_FROM = 2**16
 FORCE_ENV = "HW2JAX_ATTENTION"
+# Why the fused CPU kernels cannot run on some inputs (None: they can), asked lazily.
+Reason = Callable[[], "str | None"]
 
 
 class ImplementationError(ValueError):
@@ -98,35 +101,36 @@ def forced(choices: tuple[str, ...]) -> str | None:
 
 
 def softmax(
-    scores: int, causal: bool, fused_reason: str | None, machine: Machine | None = None
+    scores: int, causal: bool, fused_reason: Reason, machine: Machine | None = None
 ) -> str | tuple[str, str]:
-    """The softmax path for ``scores`` = T_q * T_k per (batch, head). ``fused_reason`` is why
-    the fused CPU kernels cannot run on these inputs (None: they can). Returns a path's name, or
-    for the fused kernels (forward, gradient): the form that runs when nothing is
-    differentiated ("row", "flash" or "blockwise"), and the one whose gradient is taken."""
+    """The softmax path for ``scores`` = T_q * T_k per (batch, head). ``fused_reason()`` says why
+    the fused CPU kernels cannot run on these inputs (None: they can); it is called only where
+    the rule would take them, since asking builds the kernels. Returns a path's name, or for the
+    fused kernels (forward, gradient): the form that runs when nothing is differentiated
+    ("row", "flash" or "blockwise"), and the one whose gradient is taken."""
     machine = machine or this_machine()
     force = forced(SOFTMAX)
-    if force and not (force == "fused_cpu" and fused_reason):
+    if force and not (force == "fused_cpu" and fused_reason()):
         return force
     if machine.backend != "cpu":
         return "jax"
-    if fused_reason is None and machine.fused_cpu_pays_off:
+    if machine.fused_cpu_pays_off and fused_reason() is None:
         forward = "flash" if causal else "row" if scores < BLOCKWISE_FROM else "blockwise"
         return forward, "flash" if scores >= FUSED_GRADIENTS_FROM else "naive"
     return "blockwise" if scores >= BLOCKWISE_FROM else "naive"
 
 
-def linear(fused_reason: str | None, machine: Machine | None = None) -> str:
+def linear(fused_reason: Reason, machine: Machine | None = None) -> str:
     """The linear-attention path: ``"fused_cpu"`` or ``"chunked"``."""
     machine = machine or this_machine()
-    return "fused_cpu" if fused_reason is None and machine.fused_cpu_pays_off else "chunked"
+    return "fused_cpu" if machine.fused_cpu_pays_off and fused_reason() is None else "chunked"
 
 
-def key_bias(fused_reason: str | None, dropout_active: bool, machine: Machine | None = None) -> str:
-    """BERT's attention path: ``"fused_cpu"`` or ``"xla"``."""
+def key_bias(fused_reason: Reason, machine: Machine | None = None) -> str:
+    """BERT's attention path: ``"fused_cpu"`` or ``"xla"``. ``fused_reason()`` covers attention
+    dropout too (the kernel keeps no probabilities)."""
     machine = machine or this_machine()
-    if forced(KEY_BIAS) and not (forced(KEY_BIAS) == "fused_cpu" and dropout_active):
-        return forced(KEY_BIAS)
-    if fused_reason is None and not dropout_active and machine.fused_cpu_pays_off:
-        return "fused_cpu"
-    return "xla"
+    force = forced(KEY_BIAS)
+    if force and not (force == "fused_cpu" and fused_reason()):
+        return force
+    return "fused_cpu" if machine.fused_cpu_pays_off and fused_reason() is None else "xla"

@@ -35,21 +35,29 @@ def key_bias_attention(
     no dropout, since it keeps no probabilities; gradients by the XLA formula) or ``"auto"``
     (:func:`hw2jax.attention.dispatch.key_bias`).
     """
-    dispatch.check(implementation, IMPLEMENTATIONS, "key_bias_attention")
-    if implementation == "auto":
-        implementation = dispatch.key_bias(
-            fused_unavailable(q.shape[-1], dropout is not None), dropout is not None
-        )
+    implementation = resolve(implementation, q.shape[-1], dropout is not None)
     if implementation == "fused_cpu":
-        reason = fused_unavailable(q.shape[-1], dropout is not None)
-        if reason is not None:
-            raise kernels.KernelUnavailable(
-                f"implementation='fused_cpu' cannot run: {reason}. Use 'auto' or 'xla'."
-            )
         if key_bias is None:
             key_bias = jnp.zeros(q.shape[:2], jnp.float32)
         return _fused(q, k, v, key_bias.astype(jnp.float32), float(scale))
     return _xla(q * scale if scale != 1.0 else q, k, v, key_bias, dropout)
+
+
+def resolve(
+    implementation: str, head_dim: int, dropout_active: bool, what: str = "key_bias_attention"
+) -> str:
+    """ "xla" or "fused_cpu": the dispatch rule's choice for "auto", else the name given,
+    checked (``what`` names the caller in the message)."""
+    dispatch.check(implementation, IMPLEMENTATIONS, what)
+    reason = functools.partial(fused_unavailable, head_dim, dropout_active)
+    if implementation == "auto":
+        return dispatch.key_bias(reason)
+    if implementation == "fused_cpu" and (why := reason()) is not None:
+        raise dispatch.ImplementationError(
+            f"implementation='fused_cpu' cannot run: {why}. Use implementation='auto' or 'xla'"
+            + (" (or deterministic=True)." if dropout_active else ".")
+        )
+    return implementation
 
 
 def fused_unavailable(head_dim: int, dropout_active: bool) -> str | None:

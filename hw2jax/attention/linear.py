@@ -79,7 +79,7 @@ def linear_attention(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     if not causal and implementation in ("auto", "fused_cpu"):
-        reason = kernels.dense_linear_unavailable_reason(q, v, feature_map)
+        reason = functools.partial(kernels.dense_linear_unavailable_reason, q, v, feature_map)
         if _fused(implementation, reason) == "fused_cpu":
             return kernels.linear_attention_cpu(q, k, v, feature_map=feature_map, eps=eps)
     phi = FEATURE_MAPS[feature_map]
@@ -112,7 +112,8 @@ def linear_products(
     if not causal:
         return _products(fq, fk, v)
     if implementation in ("auto", "fused_cpu"):
-        implementation = _fused(implementation, kernels.causal_linear_unavailable_reason(fq, v))
+        reason = functools.partial(kernels.causal_linear_unavailable_reason, fq, v)
+        implementation = _fused(implementation, reason)
         if implementation == "fused_cpu":
             return kernels.causal_linear_product_cpu(fq, fk, v)
     if implementation == "pallas":
@@ -129,13 +130,13 @@ def linear_products(
     return out[..., :-1], out[..., -1:]
 
 
-def _fused(implementation: str, reason: str | None) -> str:
+def _fused(implementation: str, reason: dispatch.Reason) -> str:
     """ "fused_cpu" or "chunked" for auto (the dispatch rule), or fused_cpu checked."""
     if implementation == "auto":
         return dispatch.linear(reason)
-    if reason:
+    if why := reason():
         raise dispatch.ImplementationError(
-            f"implementation='fused_cpu' cannot run: {reason}. Use 'auto'."
+            f"implementation='fused_cpu' cannot run: {why}. Use 'auto'."
         )
     return implementation
 

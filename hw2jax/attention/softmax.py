@@ -56,7 +56,8 @@ def softmax_attention(
     dispatch.check(implementation, IMPLEMENTATIONS, "softmax_attention")
     if implementation == "auto":
         scores = q.shape[1] * k.shape[1]
-        implementation = dispatch.softmax(scores, causal, _fused_cpu_unavailable(q, k, v))
+        reason = functools.partial(_fused_cpu_unavailable, q, k, v)
+        implementation = dispatch.softmax(scores, causal, reason)
     if isinstance(implementation, tuple):  # auto's choice of fused forward and gradient
         return _fused(q, k, v, causal, *implementation)
     if implementation == "fused_cpu":

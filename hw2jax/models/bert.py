@@ -21,8 +21,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from hw2jax.attention import dispatch
-from hw2jax.attention.key_bias import IMPLEMENTATIONS, fused_unavailable, key_bias_attention
+from hw2jax.attention.key_bias import key_bias_attention, resolve
 from hw2jax.models import bert_params
 from hw2jax.models.layers import dot_float32_out
 
@@ -112,7 +111,7 @@ class BertLayer(nn.Module):
         heads, dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
         compute = self.dtype or jnp.float32
         dropout_active = not deterministic and c.attention_probs_dropout_prob > 0
-        implementation = _implementation(self.implementation, dim, dropout_active)
+        implementation = resolve(self.implementation, dim, dropout_active, "BertModel")
 
         def project(name: str, scale: float = 1.0) -> jax.Array:  # -> [B, T, heads, D]
             t = _dense(c.hidden_size, name=name, dtype=self.dtype)(x) * scale
@@ -146,21 +145,6 @@ class BertLayer(nn.Module):
         h = _dense(c.hidden_size, name="output_dense", dtype=self.dtype)(h)
         h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
         return _layer_norm(c, "output_LayerNorm", self.dtype)(x + h)
-
-
-def _implementation(choice: str, head_dim: int, dropout_active: bool) -> str:
-    """ "fused_cpu" or "xla" for this layer: the dispatch rule's for "auto", else the choice,
-    checked."""
-    dispatch.check(choice, IMPLEMENTATIONS, "BertModel")
-    reason = fused_unavailable(head_dim, dropout_active)
-    if choice == "auto":
-        return dispatch.key_bias(reason, dropout_active)
-    if choice == "fused_cpu" and reason is not None:
-        raise dispatch.ImplementationError(
-            f"implementation='fused_cpu' cannot run: {reason}. Use implementation='auto' or 'xla'"
-            + (" (or deterministic=True)." if dropout_active else ".")
-        )
-    return choice
 
 
 def xla_compiler_options(dtype: jnp.dtype | None) -> dict[str, str]:

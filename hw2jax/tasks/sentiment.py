@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from hw2jax.attention import key_bias
 from hw2jax.config import LOOP_SCHEMA, Field, check_config
 from hw2jax.data import imdb
 from hw2jax.models import bert
@@ -44,7 +45,7 @@ SCHEMA = {
     "pool": Field(str, choices=POOLS),
     "bert_dropout": Field(bool),
     "encoder_dtype": Field(str, choices=("float32", "bfloat16")),
-    "encoder_implementation": Field(str, choices=bert.IMPLEMENTATIONS),
+    "encoder_implementation": Field(str, choices=key_bias.IMPLEMENTATIONS),
     "encoder_microbatch": Field(int, min=0),
     "cache_dir": Field(str),
     "cache_features": Field(bool),
