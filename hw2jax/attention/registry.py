@@ -36,6 +36,7 @@ from hw2jax.attention.decay import (
 from hw2jax.attention.kernelized import cosformer_attention, performer_attention
 from hw2jax.attention.linear import FEATURE_MAPS, linear_attention
 from hw2jax.attention.softmax import softmax_attention
+from hw2jax.config import Field
 
 # The per-step inputs a variant may ask its model for, each computed from the tokens by the
 # model's own projection: name -> what it is.
@@ -84,19 +85,11 @@ class Variant:
         for key, value in options.items():
             default = self.options[key]
             kind = float if isinstance(default, float) else type(default)
-            fits = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                merged[key], fits = float(value), True
-            if not fits:
-                raise VariantError(
-                    f"attention {self.name!r} option {key}: expected {kind.__name__} (like the "
-                    f"default {default!r}), got {type(value).__name__} {value!r}."
-                )
-            if key in self.choices and value not in self.choices[key]:
-                raise VariantError(
-                    f"attention {self.name!r} option {key}: got {value!r}; choose one of "
-                    f"{', '.join(map(repr, self.choices[key]))}."
-                )
+            problem = Field(kind, choices=self.choices.get(key)).problem(value)
+            if problem:
+                raise VariantError(f"attention {self.name!r} option {key}: {problem}.")
+            if isinstance(default, float):
+                merged[key] = float(value)
         return merged
 
     def require(self, causal: bool) -> None:
