@@ -20,7 +20,7 @@ from hw2jax.data import imdb
 from hw2jax.models import bert
 from hw2jax.models.sentiment import FROZEN_KEY, POOLS, BertGRUSentiment
 from hw2jax.tasks.feature_cache import DEFAULT_DIR, FeatureCache, content_key, params_digest
-from hw2jax.train import checkpoints, loop, plots
+from hw2jax.train import checkpoints, loop
 from hw2jax.train.batching import IndexBatches
 
 SCHEMA = {
@@ -362,8 +362,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     features = cache_features(config, data, bert_config, bert_params, tokenizer)
     task = SentimentTask(config, data, bert_config, bert_params, features)
     history = loop.train_and_evaluate(task, config, workdir)
-    if history.get("epochs"):
-        plots.plot_history(history, config.eval_split, workdir / "curves.png")
     if history["status"] != "done":
         return history
     if not config.read_test:

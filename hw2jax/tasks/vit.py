@@ -163,8 +163,6 @@ def write_report(task: ViTTask, params, workdir: Path, history: dict[str, Any]) 
         names,
         workdir / "test_predictions.png",
     )
-    if history.get("epochs"):
-        plots.plot_history(history, task.config.eval_split, workdir / "curves.png")
     return {
         "test_accuracy": float(np.mean(preds == labels)),
         "test_count": len(labels),

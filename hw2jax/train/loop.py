@@ -407,9 +407,14 @@ def train_and_evaluate(
             history["status"] = status
         write_json_atomic(workdir / "history.json", history)
 
+    def draw_curves():
+        if history["epochs"] and is_main_process():
+            plots.plot_history(history, config.eval_split, workdir / "curves.png")
+
     def stop_here(step):
         ckpt.save_latest(state)
         save_history()
+        draw_curves()  # with the train losses of the unfinished epoch
         history["stopped_by"] = stop.requested or "stop_at_step"  # for the exit code
         tqdm.write(
             f"Stopped at step {step} ({history['stopped_by']}); checkpoint saved in "
@@ -520,8 +525,7 @@ def train_and_evaluate(
                 },
             )
             writer.flush()
-            if is_main_process():  # the curves so far, redrawn after every epoch
-                plots.plot_history(history, split, workdir / "curves.png")
+            draw_curves()  # the curves so far, redrawn after every epoch
             tqdm.write(
                 f"epoch {epoch + 1:3d}/{config.epochs}  train loss {record['train_loss']:.4f}  "
                 f"{config.eval_split} loss {metrics['loss']:.4f}  "
