@@ -282,9 +282,29 @@ def _add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from hw2jax.attention import registry
+class _AttentionVariant(argparse.Action):
+    """--attention: stores the name; its help lists the registered variants, read only when
+    help is shown (the registry imports jax, which every other command would pay for)."""
 
+    @property
+    def help(self) -> str:
+        from hw2jax.attention import registry
+
+        return (
+            "the ViT's attention, a registered variant: "
+            f"{', '.join(registry.names(bidirectional=True))}, or one that the config file "
+            "registers (checked with the config; causal-only ones are refused with the reason)"
+        )
+
+    @help.setter
+    def help(self, value) -> None:  # argparse's __init__ assigns it; the property answers
+        pass
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hw2jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     theory = commands.add_parser(
@@ -303,13 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="vit_command", required=True, metavar="ACTION"
     )
     train = _add_train_parser(vit, "folder with the idx files", ["auto", "idx", "tfds"])
-    train.add_argument(
-        "--attention",
-        metavar="VARIANT",
-        help="the ViT's attention, a registered variant: "
-        f"{', '.join(registry.names(bidirectional=True))}, or one that the config file "
-        "registers (checked with the config; causal-only ones are refused with the reason)",
-    )
+    train.add_argument("--attention", metavar="VARIANT", action=_AttentionVariant)
     train.set_defaults(func=_vit_train)
     ev = vit.add_parser("eval", help="test accuracy of the best checkpoint in WORKDIR")
     ev.add_argument("--workdir", required=True)
