@@ -39,15 +39,11 @@ class KernelUnavailable(RuntimeError):
     """The native kernel could not be built or loaded here; the message says why and what to do."""
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$HW2JAX_KERNEL_CACHE``, else ~/.cache/hw2jax/kernels."""
     if os.environ.get("HW2JAX_KERNEL_CACHE"):
         return Path(os.environ["HW2JAX_KERNEL_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hw2jax" / "kernels"
-
-
-def cache_dir() -> Path:
-    """Where built kernels (and what is measured about them) are kept."""
-    return _cache_dir()
 
 
 def _compiler() -> str:
@@ -112,7 +108,7 @@ def library_path() -> Path:
         )
         + source
     ).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_attention-{key}.so"
+    target = cache_dir() / f"cpu_attention-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
