@@ -142,7 +142,7 @@ def names(*, causal: bool | None = None, bidirectional: bool | None = None) -> t
     return tuple(
         n
         for n, v in _VARIANTS.items()
-        if (causal is None or v.causal == causal) and (bidirectional in (None, v.bidirectional))
+        if causal in (None, v.causal) and bidirectional in (None, v.bidirectional)
     )
 
 

@@ -40,7 +40,8 @@ class KernelUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Where built kernels are kept: ``$HW2JAX_KERNEL_CACHE``, else ~/.cache/hw2jax/kernels."""
+    """Where built kernels are kept: ``$HW2JAX_KERNEL_CACHE``, else ``hw2jax/kernels`` under
+    ``$XDG_CACHE_HOME`` (default ``~/.cache``)."""
     if os.environ.get("HW2JAX_KERNEL_CACHE"):
         return Path(os.environ["HW2JAX_KERNEL_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hw2jax" / "kernels"
