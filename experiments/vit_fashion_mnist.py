@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.label_smoothing = 0.0
     c.augment_pad = 0
     c.augment_flip = False
+    c.augment_erase = 0.0
+    c.valid_size = 0  # > 0 with eval_split="valid": hold out this many training images
+    c.split_seed = 0
     c.data_source = "auto"  # auto | idx | tfds
     c.model = ml_collections.ConfigDict(
         dict(

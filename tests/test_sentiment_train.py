@@ -16,7 +16,7 @@ import pytest
 
 from hw2jax import cli
 from hw2jax.config import apply_overrides, load_config
-from hw2jax.data import DataNotFoundError, imdb
+from hw2jax.data import DataNotFoundError, imdb, splits
 from hw2jax.tasks import sentiment
 from hw2jax.train import loop
 
@@ -121,8 +121,8 @@ def test_bad_reviews_and_folders_give_clear_errors(tmp_path):
 
 
 def test_split_is_seeded_and_disjoint():
-    a_train, a_valid = imdb.train_valid_split(25_000, 17_500, seed=1234)
-    b_train, _ = imdb.train_valid_split(25_000, 17_500, seed=1234)
+    a_train, a_valid = splits.train_valid_split(25_000, 17_500, seed=1234)
+    b_train, _ = splits.train_valid_split(25_000, 17_500, seed=1234)
     assert len(a_train) == 17_500 and len(a_valid) == 7_500
     assert not set(a_train) & set(a_valid)
     np.testing.assert_array_equal(a_train, b_train)

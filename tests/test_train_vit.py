@@ -365,3 +365,35 @@ def test_metrics_stream_to_tensorboard_and_curves_follow_each_epoch(fashion_dir,
     same("test/accuracy", history["epochs"], "test_accuracy")
     same("test/loss", history["epochs"], "test_loss")
     assert len(scalars["train/img_per_s"]) == 2
+
+
+def test_random_erase_covers_one_rectangle_of_the_stated_size_or_nothing():
+    images = jnp.full((256, 28, 28, 1), -1.0)  # outside the noise's range: every erased pixel shows
+    assert bool(jnp.all(vit.random_erase(jax.random.key(0), images, 0.0) == images))
+    out = np.asarray(vit.random_erase(jax.random.key(1), images, 1.0))[..., 0]
+    for changed in out != -1.0:
+        rows, cols = np.nonzero(changed.any(1))[0], np.nonzero(changed.any(0))[0]
+        box = changed[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        assert box.all()  # one solid rectangle
+        assert 0.02 * 784 * 0.5 <= changed.sum() <= 0.25 * 784 * 1.6  # rounding of the sides
+    assert out[out != -1.0].min() >= 0 and out[out != -1.0].max() <= 255
+    half = np.asarray(vit.random_erase(jax.random.key(2), images, 0.5))
+    assert 0.35 < np.mean((half != -1.0).any((1, 2, 3))) < 0.65
+
+
+def test_valid_split_is_held_out_of_training_and_picks_the_best_epoch(fashion_dir, tmp_path):
+    config = small_config(
+        fashion_dir, "valid_size=30", "eval_split=valid", "best_metric=valid_accuracy", "epochs=2"
+    )
+    train, test = vit.load_data(config)
+    task = vit.ViTTask(config, train, test)
+    held = {tuple(np.asarray(x).ravel()) for x in task.splits["valid"]["image"]}
+    kept = {tuple(np.asarray(x).ravel()) for x in task.splits["train"]["image"]}
+    assert len(held) == 30 and len(kept) == 66 and not held & kept
+    out = vit.train_and_evaluate(config, tmp_path / "run")
+    assert [sorted(k for k in r if "valid" in k) for r in out["epochs"]] == [
+        ["valid_accuracy", "valid_loss"]
+    ] * 2
+    assert out["final"]["test_count"] == 40  # test read once, at the end
+    with pytest.raises(ValueError, match="set valid_size"):
+        vit.check(small_config(fashion_dir, "eval_split=valid", "best_metric=valid_accuracy"))

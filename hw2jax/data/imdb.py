@@ -263,14 +263,6 @@ def find_source(data_dir: str | os.PathLike | None = None, kind: str = "auto") -
     raise DataNotFoundError(_missing_message(tried))
 
 
-def train_valid_split(n: int, train_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded random split of range(n) into train_size and the rest (17,500 / 7,500)."""
-    if not 0 < train_size < n:
-        raise ValueError(f"train_size must be in 1..{n - 1}, got {train_size}.")
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[:train_size]), np.sort(order[train_size:])
-
-
 # ------------------------------------------------------------------------------ tokens
 
 

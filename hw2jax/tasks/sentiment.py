@@ -16,7 +16,7 @@ import optax
 
 from hw2jax.attention import key_bias
 from hw2jax.config import LOOP_SCHEMA, Field, check_config
-from hw2jax.data import imdb
+from hw2jax.data import imdb, splits
 from hw2jax.models import bert
 from hw2jax.models.sentiment import FROZEN_KEY, POOLS, BertGRUSentiment
 from hw2jax.tasks.feature_cache import DEFAULT_DIR, FeatureCache, content_key, params_digest
@@ -258,7 +258,7 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer, workdir: Path) ->
     out = tokenized_splits(config, tokenizer)
     n = len(out["train"]["ids"])
     train_size = config.train_size if config.train_size < n else round(0.7 * n)
-    tr, va = imdb.train_valid_split(n, train_size, config.split_seed)
+    tr, va = splits.train_valid_split(n, train_size, config.split_seed)
     full = out.pop("train")
     out["train"] = {k: v[tr] for k, v in full.items()}
     out["valid"] = {k: v[va] for k, v in full.items()}

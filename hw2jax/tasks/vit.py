@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import optax
 
 from hw2jax.attention import registry
 from hw2jax.config import LOOP_SCHEMA, Field, check_config
-from hw2jax.data import fashion_mnist
+from hw2jax.data import fashion_mnist, splits
 from hw2jax.models.vit import ViT
 from hw2jax.train import checkpoints, loop, plots
 from hw2jax.train.batching import IndexBatches, chunk
@@ -23,10 +24,18 @@ from hw2jax.train.batching import IndexBatches, chunk
 _POSITIVE = Field(int, min=1)
 SCHEMA = {
     **LOOP_SCHEMA,
-    "eval_split": Field(str, choices=("test",)),
+    "eval_split": Field(str, choices=("test", "valid")),
+    # valid: this many training images, drawn with split_seed, held out for choosing recipes.
+    "valid_size": Field(
+        int, "it must leave images to train on (< 60,000)", min=0, check=lambda v: v < 60_000
+    ),
+    "split_seed": Field(int),
     "label_smoothing": Field(float, "it must be below 1", min=0.0, check=lambda v: v < 1),
     "augment_pad": Field(int, min=0),
     "augment_flip": Field(bool),
+    # Random erasing (Zhong et al. 2017): the chance that one rectangle of noise covers 2-25 %
+    # of an image.
+    "augment_erase": Field(float, "it is a probability (<= 1)", min=0.0, check=lambda v: v <= 1),
     "data_source": Field(str, choices=("auto", "idx", "tfds")),
     "model": {
         **{k: _POSITIVE for k in ("image_size", "patch_size", "channels", "dim", "depth")},
@@ -49,6 +58,11 @@ def check(config: ml_collections.ConfigDict) -> None:
             f"model.attention={name!r} cannot run in the ViT. " + registry.get(name).missing_form
         )
     check_config(config.to_dict(), SCHEMA)
+    if config.eval_split == "valid" and not config.valid_size:
+        raise ValueError(
+            "eval_split='valid' needs a validation split: set valid_size, e.g. "
+            "--set valid_size=5000 (held out from the 60,000 training images)."
+        )
     model = config.model
     if model.image_size % model.patch_size:
         raise ValueError(
@@ -70,6 +84,35 @@ def augment(rng: jax.Array, images: jax.Array, pad: int, flip: bool) -> jax.Arra
         do_flip = jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1))
         images = jnp.where(do_flip, images[:, :, ::-1], images)
     return images
+
+
+def random_erase(rng: jax.Array, images: jax.Array, prob: float) -> jax.Array:
+    """With probability ``prob`` per image, fills one random rectangle of 2-25 % of its area
+    (aspect ratio 0.3-3.3) with uniform noise over the pixel range [0, 255]."""
+    b, h, w, _ = images.shape
+    keys = jax.random.split(rng, 6)
+    erase = jax.random.bernoulli(keys[0], prob, (b,))
+    area = jax.random.uniform(keys[1], (b,), minval=0.02, maxval=0.25) * h * w
+    ratio = jnp.exp(jax.random.uniform(keys[2], (b,), minval=math.log(0.3), maxval=math.log(3.3)))
+    eh = jnp.clip(jnp.round(jnp.sqrt(area * ratio)), 1, h)
+    ew = jnp.clip(jnp.round(jnp.sqrt(area / ratio)), 1, w)
+    top = jnp.floor(jax.random.uniform(keys[3], (b,)) * (h - eh + 1))
+    left = jnp.floor(jax.random.uniform(keys[4], (b,)) * (w - ew + 1))
+    rows = jnp.arange(h)[None, :, None]
+    cols = jnp.arange(w)[None, None, :]
+    inside = (
+        erase[:, None, None]
+        & (rows >= top[:, None, None])
+        & (rows < (top + eh)[:, None, None])
+        & (cols >= left[:, None, None])
+        & (cols < (left + ew)[:, None, None])
+    )
+    noise = jax.random.uniform(keys[5], images.shape, images.dtype, 0.0, 255.0)
+    return jnp.where(inside[..., None], noise, images)
+
+
+def _on_device(images: np.ndarray, labels: np.ndarray) -> dict[str, jax.Array]:
+    return {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
 
 
 class ViTTask:
@@ -99,10 +142,14 @@ class ViTTask:
                 f"{model['merged_attention']!r}."
             )
         self.model = ViT(num_classes=self.num_classes, **model)
-        self.splits = {
-            "train": {"image": jnp.asarray(train.images), "label": jnp.asarray(train.labels)},
-            "test": {"image": jnp.asarray(test.images), "label": jnp.asarray(test.labels)},
-        }
+        self.splits = {"test": _on_device(test.images, test.labels)}
+        valid_size = config.get("valid_size", 0)
+        if valid_size:
+            n = len(train.labels)
+            kept, held = splits.train_valid_split(n, n - valid_size, config.get("split_seed", 0))
+            self.splits["valid"] = _on_device(train.images[held], train.labels[held])
+            train = fashion_mnist.ImageSplit(train.images[kept], train.labels[kept])
+        self.splits["train"] = _on_device(train.images, train.labels)
         self.shuffle_key = jax.random.key(config.seed + 1)
         # Under jit: one compilation, where eager init compiles each initializer (~100) apart.
         self._init = jax.jit(lambda key: self.model.init(key, jnp.zeros((1, 28, 28, 1)))["params"])
@@ -114,6 +161,8 @@ class ViTTask:
         images = batch["image"].astype(jnp.float32)
         if train and (self.config.augment_pad or self.config.augment_flip):
             images = augment(rng, images, self.config.augment_pad, self.config.augment_flip)
+        if train and self.config.get("augment_erase", 0.0):
+            images = random_erase(jax.random.fold_in(rng, 1), images, self.config.augment_erase)
         return self.model.apply({"params": params}, fashion_mnist.normalize(images))
 
     def losses(self, logits: jax.Array, batch: loop.Batch) -> tuple[jax.Array, jax.Array]:
