@@ -298,7 +298,7 @@ def fla_chunk_linear_attn(wheels: str | None = None) -> Callable | None:
     return chunk_linear_attn
 
 
-def _fla_impls(wheels: str | None) -> list[Impl]:
+def fla_impls(wheels: str | None) -> list[Impl]:
     chunk_linear_attn = fla_chunk_linear_attn(wheels) if wheels is not None else None
     if chunk_linear_attn is None:
         return []
@@ -319,7 +319,7 @@ def _fla_impls(wheels: str | None) -> list[Impl]:
 def all_impls(fla_wheels: str | None = None) -> list[Impl]:
     """Every implementation; fla's kernel too when ``fla_wheels`` is given ("" for an installed
     fla)."""
-    return _jax_impls() + _registered_variants() + _torch_impls() + _fla_impls(fla_wheels)
+    return _jax_impls() + _registered_variants() + _torch_impls() + fla_impls(fla_wheels)
 
 
 def _median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[object], None]) -> float:

@@ -98,7 +98,7 @@ def vit_step(
     from hw2jax.data.fashion_mnist import ImageSplit
     from hw2jax.tasks import vit
     from hw2jax.testing import TorchViT, copy_vit_params_to_torch
-    from hw2jax.train import loop
+    from hw2jax.train import steps
     from hw2jax.train.sharding import DataParallel
 
     path = Path(__file__).parents[1] / "experiments" / "vit_fashion_mnist.py"
@@ -115,8 +115,8 @@ def vit_step(
     params = task.init_params(jax.random.key(0))
     initial = jax.device_get(params)  # a host copy: the jit step donates the state's buffers
     parallel = DataParallel(devices, batch)
-    state = parallel.replicate(loop.TrainState.create(params, loop.build_optimizer(config, 1)))
-    step = loop.make_train_step(task, jax.random.key(1))
+    state = parallel.replicate(steps.TrainState.create(params, steps.build_optimizer(config, 1)))
+    step = steps.make_train_step(task, jax.random.key(1))
     batch_data = parallel.shard_batch(task.train_batches(0)[0])
     holder = {"state": state}
 

@@ -30,7 +30,7 @@ def train_step(attention: str, batch: int, devices: int):
     from hw2jax.config import load_config
     from hw2jax.data.fashion_mnist import ImageSplit
     from hw2jax.tasks import vit
-    from hw2jax.train import loop
+    from hw2jax.train import steps
     from hw2jax.train.sharding import DataParallel
 
     config = load_config(Path(__file__).parents[1] / "experiments" / "vit_fashion_mnist.py")
@@ -42,9 +42,11 @@ def train_step(attention: str, batch: int, devices: int):
     parallel = DataParallel(devices, batch)
     params = task.init_params(jax.random.key(0))
     holder = {
-        "state": parallel.replicate(loop.TrainState.create(params, loop.build_optimizer(config, 1)))
+        "state": parallel.replicate(
+            steps.TrainState.create(params, steps.build_optimizer(config, 1))
+        )
     }
-    step = loop.make_train_step(task, jax.random.key(1))
+    step = steps.make_train_step(task, jax.random.key(1))
     data = parallel.shard_batch(task.train_batches(0)[0])
 
     def run():

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from hw2jax.errors import Hw2jaxError, InputError, MissingFileError
+
 
 def _theory(args: argparse.Namespace) -> int:
     from hw2jax import theory
@@ -44,7 +46,7 @@ def _start_jax_runtime(args: argparse.Namespace) -> None:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
 
 
-def _auto_devices(config) -> str | None:
+def auto_devices(config) -> str | None:
     """--host-devices auto: on a CPU backend, as many of the split cores as the batch sizes
     allow; on a GPU or TPU, None (its own devices, not the host's)."""
     import jax
@@ -54,7 +56,7 @@ def _auto_devices(config) -> str | None:
     if jax.default_backend() != "cpu":
         return None
     if jax.process_count() > 1:  # a count below the global one would leave processes out
-        raise ValueError(
+        raise InputError(
             "--host-devices auto is for one process; with --distributed give a "
             "count, e.g. --host-devices 2, and --devices all."
         )
@@ -83,7 +85,7 @@ def _config_from_args(args: argparse.Namespace, **flags: str | None):
     config = config_lib.load_config(args.config)
     devices = args.devices or args.host_devices  # split cores only help with data parallel
     if devices == "auto":
-        devices = _auto_devices(config)
+        devices = auto_devices(config)
     return _apply_flags(config, args, {"epochs": args.epochs, "devices": devices, **flags})
 
 
@@ -152,7 +154,7 @@ def _read_reviews(args: argparse.Namespace) -> list[tuple[str, str]]:
         try:
             return raw.decode("utf-8", errors=args.errors)
         except UnicodeDecodeError as e:
-            raise ValueError(
+            raise InputError(
                 f"{where} is not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
                 "re-encode it (iconv -t utf-8) or pass --errors replace."
             ) from None
@@ -176,10 +178,10 @@ def _read_reviews(args: argparse.Namespace) -> list[tuple[str, str]]:
         try:
             data = Path(args.file).read_bytes()
         except OSError as e:
-            raise FileNotFoundError(f"--file {args.file}: {e.strerror}.") from None
+            raise MissingFileError(f"--file {args.file}: {e.strerror}.") from None
         reviews += lines(data, str(args.file))
     if not reviews:
-        raise ValueError("no review to predict: give texts, --file FILE or - for stdin.")
+        raise InputError("no review to predict: give texts, --file FILE or - for stdin.")
     return reviews
 
 
@@ -210,7 +212,7 @@ def _vit_eval(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from hw2jax.train.report import report
 
-    print(report(args.workdir, tuple(args.against)))
+    print(report(args.workdir, tuple(args.against), args.plot))
     return 0
 
 
@@ -405,7 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="WORKDIR",
-        help="another run (repeatable): adds each run's accuracy per epoch, side by side",
+        help="another run (repeatable): adds each run's accuracy per epoch, side by side, and "
+        "draws all the runs' curves on one plot",
+    )
+    rep.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="where --against draws the curves (default: compared.png in WORKDIR)",
     )
     rep.set_defaults(func=_report)
 
@@ -419,32 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors that mean bad input or a damaged file, each with a message naming the fix."""
-    from hw2jax.data import DataFormatError, DataNotFoundError
-    from hw2jax.kernels import KernelUnavailable
-    from hw2jax.train.checkpoints import CheckpointError
-
-    return (
-        DataNotFoundError,
-        DataFormatError,
-        CheckpointError,
-        KernelUnavailable,
-        FileNotFoundError,
-        KeyError,
-        ValueError,
-        TypeError,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except Exception as e:
-        if not isinstance(e, _user_errors()):
-            raise
-        # Expected user errors get one clear line, not a traceback.
+    except Hw2jaxError as e:  # bad input or a damaged file: one line that names the fix
         print(f"hw2jax: error: {e}", file=sys.stderr)
         return 2
 

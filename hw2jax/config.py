@@ -18,8 +18,10 @@ from typing import Any
 
 import ml_collections
 
+from hw2jax.errors import InputError, MissingFileError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A config key, type or value that cannot be used; the message names the valid choices."""
 
 
@@ -84,7 +86,7 @@ LOOP_SCHEMA: dict[str, Field] = {
 def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found; see experiments/ for the configs.")
+        raise MissingFileError(f"config file {path} not found; see experiments/ for the configs.")
     spec = importlib.util.spec_from_file_location(f"hw2jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     # `import common` (or another config) finds the file beside this one, and only while

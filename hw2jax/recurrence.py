@@ -10,13 +10,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from hw2jax.errors import InputError, InputTypeError
+
 __all__ = ["even_minus_odd", "final_state_closed_form", "run"]
 
 
 def _as_float_sequence(x: jax.typing.ArrayLike, name: str = "x") -> jax.Array:
     x = jnp.asarray(x)
     if x.ndim == 0:
-        raise ValueError(
+        raise InputError(
             f"{name} must have a time axis: expected shape [..., T], got a scalar. "
             f"Wrap a single step as [value]."
         )
@@ -25,7 +27,7 @@ def _as_float_sequence(x: jax.typing.ArrayLike, name: str = "x") -> jax.Array:
         or jnp.issubdtype(x.dtype, jnp.integer)
         or x.dtype == jnp.bool_
     ):
-        raise TypeError(f"{name} must be real numbers, got dtype {x.dtype}.")
+        raise InputTypeError(f"{name} must be real numbers, got dtype {x.dtype}.")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.result_type(float))
     return x

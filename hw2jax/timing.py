@@ -33,8 +33,7 @@ def interleaved_seconds(
 
 
 # Environment variables that change the figures without changing the code: glibc's allocator
-# (MALLOC_MMAP_THRESHOLD_ moved torch's MiniLM forward by 25 % and ours by up to 40 % on the
-# project's machine, benchmarks/README.md), OpenMP's wait policy (torch's threads), XLA's flags.
+# (MALLOC_*, benchmarks/NOTES.md), OpenMP's wait policy (torch's threads), XLA's flags.
 _TIMING_ENV_PREFIXES = ("MALLOC_", "GLIBC_TUNABLES", "OMP_", "KMP_", "XLA_FLAGS")
 
 

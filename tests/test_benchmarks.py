@@ -109,7 +109,7 @@ def test_fla_loads_from_a_wheel_and_is_called_as_our_causal_linear_attention(tmp
         wheel.writestr("fla/ops/linear_attn/__init__.py", FLA_STUB)
     saved = {k: v for k, v in sys.modules.items() if k == "fla" or k.startswith("fla.")}
     try:
-        (impl,) = bench._fla_impls(str(tmp_path))
+        (impl,) = bench.fla_impls(str(tmp_path))
         assert impl.gpu_only and impl.causal == (True,) and impl.family == "linear"
         q, k, v = qkv((2, 45, 4, 16), seed=4)
         out = impl.build(True)(*(torch.tensor(np.asarray(a)) for a in (q, k, v))).numpy()

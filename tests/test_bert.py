@@ -169,5 +169,5 @@ def test_cpu_encoder_compiles_without_ynnpack_in_float32_only(dtype):
 
 
 def test_unknown_xla_options_are_dropped_not_fatal():
-    assert bert._xla_accepts(bert._NO_YNNPACK)
-    assert not bert._xla_accepts((("xla_no_such_option_in_any_release", ""),))
+    assert bert.xla_accepts(bert.NO_YNNPACK)
+    assert not bert.xla_accepts((("xla_no_such_option_in_any_release", ""),))

@@ -19,7 +19,7 @@ from conftest import make_fashion_folder
 from test_train_vit import small_config
 from pathlib import Path
 from hw2jax.tasks import vit
-from hw2jax.train import loop
+from hw2jax.train import steps
 from hw2jax.train.sharding import DataParallel
 
 assert jax.device_count() == 8
@@ -28,10 +28,10 @@ config = small_config(folder)
 train, test = vit.load_data(config)
 task = vit.ViTTask(config, train, test)
 params = task.init_params(jax.random.key(0))
-tx = loop.build_optimizer(config, 3)
+tx = steps.build_optimizer(config, 3)
 batch = task.train_batches(0)[0]
-step = loop.make_train_step(task, jax.random.key(1))
-fresh = lambda: loop.TrainState.create(jax.tree.map(np.array, params), tx)  # steps donate
+step = steps.make_train_step(task, jax.random.key(1))
+fresh = lambda: steps.TrainState.create(jax.tree.map(np.array, params), tx)  # steps donate
 one, _ = step(fresh(), batch)
 dp = DataParallel(8, 40)
 eight, _ = step(dp.replicate(fresh()), dp.shard_batch(batch))
@@ -91,12 +91,12 @@ def test_auto_host_devices_resolve_by_backend_and_refuse_several_processes(monke
     from hw2jax import cli
 
     config = ml_collections.ConfigDict({"batch_size": 4, "eval_batch_size": 2})
-    assert cli._auto_devices(config) == ("2" if jax.device_count() >= 2 else "1")
+    assert cli.auto_devices(config) == ("2" if jax.device_count() >= 2 else "1")
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(ValueError, match="--host-devices auto is for one process"):
-        cli._auto_devices(config)
+        cli.auto_devices(config)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert cli._auto_devices(config) is None  # a GPU run keeps its own devices
+    assert cli.auto_devices(config) is None  # a GPU run keeps its own devices
 
 
 @pytest.mark.slow

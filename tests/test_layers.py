@@ -95,3 +95,39 @@ def test_the_kernels_sit_at_the_bottom():
             assert not bad, f"{module} imports {bad}"
     kernels = {m for m in graph if m.startswith("hw2jax.kernels.")}
     assert kernels == {f"hw2jax.kernels.{m}" for m in ("build", "ffi", "softmax", "linear")}
+
+
+def private_uses(path: Path) -> list[str]:
+    """``module._name`` and ``from module import _name`` where module is one of hw2jax's."""
+    tree = ast.parse(path.read_text())
+    modules, found = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {(a.asname or a.name) for a in node.names if a.name.startswith("hw2jax.")}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hw2jax"):
+            for alias in node.names:
+                if alias.name.startswith("_"):
+                    found.append(f"from {node.module} import {alias.name}")
+                elif _is_module(f"{node.module}.{alias.name}"):
+                    modules.add(alias.asname or alias.name)
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
+            found.append(f"{node.value.id}.{node.attr} (line {node.lineno})")
+    return found
+
+
+def test_no_private_name_is_used_outside_its_module():
+    root = PACKAGE.parent
+    files = [
+        p
+        for d in ("hw2jax", "tests", "benchmarks", "experiments")
+        for p in root.joinpath(d).rglob("*.py")
+    ]
+    uses = {str(p.relative_to(root)): u for p in files if (u := private_uses(p))}
+    assert not uses, f"private names used from another module: {uses}"

@@ -14,6 +14,7 @@ from hw2jax.config import ConfigError, load_config
 from hw2jax.data.mqar import make_mqar
 from hw2jax.models.recall import RecallLM, state_size
 from hw2jax.tasks import mqar
+from hw2jax.train import hooks
 
 CONFIG = "experiments/mqar.py"
 
@@ -98,6 +99,11 @@ def test_softmax_attention_learns_to_recall(tmp_path):
     assert history["epochs"][-1]["test_accuracy"] > 0.9
 
 
+class StopAfterFirstStep(hooks.Hook):
+    def start(self, run):
+        run.stop_requested = "a hook"  # as a signal before the first step: it saves and stops
+
+
 def test_the_sweep_resumes_run_by_run_and_writes_table_and_plot(tmp_path, monkeypatch):
     config = tiny_config()
     config.sweep = ml_collections.ConfigDict(
@@ -109,7 +115,7 @@ def test_the_sweep_resumes_run_by_run_and_writes_table_and_plot(tmp_path, monkey
     def stop_second(run_config, workdir, **kw):
         calls.append(run_config.model.mixer)
         if len(calls) == 2:
-            return real(run_config, workdir, stop_at_step=1)
+            return real(run_config, workdir, extra_hooks=[StopAfterFirstStep()])
         return real(run_config, workdir, **kw)
 
     monkeypatch.setattr(mqar, "train_and_evaluate", stop_second)

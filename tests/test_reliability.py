@@ -17,6 +17,7 @@ from test_train_vit import CONFIG, SMALL_MODEL, final_params, small_config
 
 from hw2jax import cli
 from hw2jax.tasks import vit
+from hw2jax.train import steps as train_steps
 from hw2jax.train.checkpoints import CheckpointError, Checkpoints
 
 
@@ -187,7 +188,7 @@ def test_history_says_failed_with_the_reason(straight, tmp_path, monkeypatch):
     def broken_evaluate(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(vit.loop, "evaluate", broken_evaluate)
+    monkeypatch.setattr(train_steps, "evaluate", broken_evaluate)
     with pytest.raises(RuntimeError, match="disk full"):
         vit.train_and_evaluate(small_config(data, "epochs=2"), tmp_path / "run")
     history = json.loads((tmp_path / "run" / "history.json").read_text())

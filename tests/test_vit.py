@@ -7,7 +7,7 @@ import pytest
 
 from hw2jax import attention, cpu
 from hw2jax.models.vit import ViT
-from hw2jax.train.loop import build_optimizer
+from hw2jax.train.steps import build_optimizer
 
 torch = pytest.importorskip("torch")
 tnn = torch.nn

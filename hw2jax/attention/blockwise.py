@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from hw2jax.attention.helpers import check_qkv, matmul_f32
+from hw2jax.errors import InputError
 
 
 def blockwise_softmax_attention(
@@ -25,7 +26,7 @@ def blockwise_softmax_attention(
     recomputes the scores block by block instead of storing them."""
     q, k, v = check_qkv(q, k, v, causal)
     if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}.")
+        raise InputError(f"block_size must be >= 1, got {block_size}.")
     t_q, t_k = q.shape[1], k.shape[1]
     bq, bk = min(block_size, t_q), min(block_size, t_k)
     # Work in [B, H, T, D] (heads next to the batch) so every block product is a plain

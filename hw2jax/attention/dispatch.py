@@ -39,6 +39,7 @@ from collections.abc import Callable
 import jax
 
 from hw2jax import kernels
+from hw2jax.errors import InputError
 
 SOFTMAX = ("auto", "jax", "xla", "cudnn", "pallas", "blockwise", "naive", "fused_cpu")
 LINEAR = ("auto", "chunked", "recurrent", "pallas", "fused_cpu")
@@ -56,7 +57,7 @@ FORCE_ENV = "HW2JAX_ATTENTION"
 Reason = Callable[[], "str | None"]
 
 
-class ImplementationError(ValueError):
+class ImplementationError(InputError):
     """An ``implementation=`` that is unknown, or that cannot run for these inputs here."""
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from hw2jax.errors import InputError, InputTypeError
+
 
 def as_floating(x: jax.typing.ArrayLike, name: str, min_ndim: int) -> jax.Array:
     x = jnp.asarray(x)
     if x.ndim < min_ndim:
-        raise ValueError(f"{name} needs at least {min_ndim} dims, got shape {x.shape}.")
+        raise InputError(f"{name} needs at least {min_ndim} dims, got shape {x.shape}.")
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
+        raise InputTypeError(
             f"{name} must be a floating array, got dtype {x.dtype}; cast it with "
             f"{name}.astype(jnp.float32)."
         )
@@ -23,15 +25,15 @@ def check_qkv(q, k, v, causal: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
     layout = "[batch, T, heads, head_dim]"
     for a, n in ((q, "q"), (k, "k"), (v, "v")):
         if a.ndim != 4:
-            raise ValueError(f"{n} must be {layout}, got shape {a.shape}.")
+            raise InputError(f"{n} must be {layout}, got shape {a.shape}.")
     if k.shape != q.shape[:1] + k.shape[1:2] + q.shape[2:]:
-        raise ValueError(
+        raise InputError(
             f"k {k.shape} must match q {q.shape} in batch, heads and head_dim ({layout})."
         )
     if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v {v.shape} must match k {k.shape} in batch, T and heads.")
+        raise InputError(f"v {v.shape} must match k {k.shape} in batch, T and heads.")
     if causal and q.shape[1] != k.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"causal attention needs as many queries as keys, got T_q={q.shape[1]} and "
             f"T_k={k.shape[1]}."
         )
@@ -46,7 +48,7 @@ def raise_if_not_finite(x: jax.Array, name: str) -> None:
     bad = ~jnp.isfinite(x)
     if bool(jnp.any(bad)):
         first = tuple(int(i) for i in jnp.argwhere(bad, size=1)[0])
-        raise ValueError(
+        raise InputError(
             f"{name} holds {int(jnp.sum(bad))} NaN or inf value(s), the first at index {first} "
             f"({float(x[first])}); attention of non-finite inputs is undefined. Find where they "
             "come from (jax.config.update('jax_debug_nans', True) stops at the first NaN)."

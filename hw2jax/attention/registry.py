@@ -37,6 +37,7 @@ from hw2jax.attention.kernelized import cosformer_attention, performer_attention
 from hw2jax.attention.linear import FEATURE_MAPS, linear_attention
 from hw2jax.attention.softmax import softmax_attention
 from hw2jax.config import Field
+from hw2jax.errors import InputError
 
 # The per-step inputs a variant may ask its model for, each computed from the tokens by the
 # model's own projection: name -> what it is.
@@ -45,7 +46,7 @@ GATES = {
 }
 
 
-class VariantError(ValueError):
+class VariantError(InputError):
     """An unknown variant, a form it lacks (causal or not) or an option it does not take."""
 
 

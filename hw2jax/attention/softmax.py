@@ -13,6 +13,7 @@ from hw2jax import kernels
 from hw2jax.attention import dispatch
 from hw2jax.attention.blockwise import blockwise_softmax_attention
 from hw2jax.attention.helpers import check_qkv, matmul_f32, pad_axis
+from hw2jax.errors import InputError
 
 IMPLEMENTATIONS = dispatch.SOFTMAX
 
@@ -145,7 +146,7 @@ def _pallas_flash(q, k, v, causal: bool) -> jax.Array:
     from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
     if v.shape[-1] != q.shape[-1] or q.shape[1] != k.shape[1]:
-        raise ValueError(
+        raise InputError(
             "implementation='pallas' needs v's head dim equal to q's and as many keys as "
             f"queries; got q {q.shape}, k {k.shape}, v {v.shape}. Use 'blockwise'."
         )

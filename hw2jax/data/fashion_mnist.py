@@ -10,6 +10,7 @@ import numpy as np
 
 from hw2jax.data.idx import IdxFormatError, read_idx
 from hw2jax.data.sources import DataNotFoundError, DataSource, TfdsSource, tfds_available
+from hw2jax.errors import InputError
 
 CLASS_NAMES = (
     "T-shirt/top",
@@ -70,7 +71,7 @@ class IdxFolderSource:
 
     def load(self, split: str) -> dict[str, np.ndarray]:
         if split not in _FILES:
-            raise ValueError(f"unknown split {split!r}; FashionMNIST has {sorted(_FILES)}.")
+            raise InputError(f"unknown split {split!r}; FashionMNIST has {sorted(_FILES)}.")
         paths = [_find_file(self.folder, stem) for stem in _FILES[split]]
         missing = [stem for stem, p in zip(_FILES[split], paths, strict=True) if p is None]
         if missing:
@@ -86,7 +87,7 @@ class IdxFolderSource:
                 "the two files of a split must come from the same release."
             )
         if labels.max(initial=0) > 9:
-            raise ValueError(f"{paths[1]}: labels must be 0..9, found {labels.max()}.")
+            raise InputError(f"{paths[1]}: labels must be 0..9, found {labels.max()}.")
         return {"image": images[..., None], "label": labels}
 
 
@@ -112,7 +113,7 @@ def find_source(data_dir: str | os.PathLike | None = None, kind: str = "auto") -
     the usual places, then tensorflow-datasets. ``kind="idx"`` or ``"tfds"`` forces one.
     """
     if kind not in ("auto", "idx", "tfds"):
-        raise ValueError(f"unknown data source {kind!r}; choose auto, idx or tfds.")
+        raise InputError(f"unknown data source {kind!r}; choose auto, idx or tfds.")
     chosen = data_dir or os.environ.get(ENV_VAR)
     tried: list[str] = []
     if kind == "tfds":

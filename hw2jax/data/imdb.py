@@ -23,6 +23,7 @@ from hw2jax.data.sources import (
     TfdsSource,
     tfds_available,
 )
+from hw2jax.errors import InputError
 
 ENV_VAR = "HW2JAX_DATA_DIR"
 # Names the reviews go by inside a folder: the usual places, or a data root
@@ -109,7 +110,7 @@ class AclImdbSource:
 
     def load(self, split: str) -> dict[str, np.ndarray]:
         if split not in ("train", "test"):
-            raise ValueError(f"unknown split {split!r}; aclImdb has 'train' and 'test'.")
+            raise InputError(f"unknown split {split!r}; aclImdb has 'train' and 'test'.")
         return self.load_all()[split]
 
 
@@ -135,7 +136,7 @@ def save_token_pack(
         ids = np.asarray(a["ids"])
         flat = ids[np.arange(ids.shape[1])[None, :] < lengths[:, None]]  # row-major: review order
         if flat.size and (flat.min() < 0 or flat.max() >= 2**16):
-            raise ValueError("token ids must lie in 0..65535 to be packed as uint16.")
+            raise InputError("token ids must lie in 0..65535 to be packed as uint16.")
         arrays[f"{split}_tokens"] = flat.astype(np.uint16)
         arrays[f"{split}_length"] = lengths
         arrays[f"{split}_label"] = np.asarray(a["label"], np.int8)
@@ -199,7 +200,7 @@ class TokenPackSource:
     def load(self, split: str) -> dict[str, np.ndarray]:
         arrays = self._read()
         if split not in self.meta["splits"]:
-            raise ValueError(f"unknown split {split!r}; this pack has {self.meta['splits']}.")
+            raise InputError(f"unknown split {split!r}; this pack has {self.meta['splits']}.")
         lengths = arrays[f"{split}_length"]
         tokens = arrays[f"{split}_tokens"]
         if lengths.sum() != tokens.size or (lengths > self.meta["max_length"]).any():
@@ -239,7 +240,7 @@ def _missing_message(tried: list[str]) -> str:
 
 def find_source(data_dir: str | os.PathLike | None = None, kind: str = "auto") -> DataSource:
     if kind not in ("auto", "local", "tfds"):
-        raise ValueError(f"unknown data source {kind!r}; choose auto, local or tfds.")
+        raise InputError(f"unknown data source {kind!r}; choose auto, local or tfds.")
     if kind == "tfds":
         return TfdsSource("imdb_reviews", data_dir=data_dir or None, features=("text", "label"))
     chosen = data_dir or os.environ.get(ENV_VAR)
@@ -329,7 +330,7 @@ def bucket_batches(
             longest = int(lengths[idx].max())
             fit = [s for s in buckets if s >= longest]
             if not fit:
-                raise ValueError(
+                raise InputError(
                     f"a review has {longest} tokens, more than the largest bucket "
                     f"{max(buckets)}; add a bucket or lower max_length."
                 )

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from hw2jax.errors import InputError
+
 
 def check_sizes(seq_len: int, num_pairs: int, vocab_size: int) -> None:
     if num_pairs < 1 or 2 * num_pairs >= seq_len:
-        raise ValueError(
+        raise InputError(
             f"num_pairs {num_pairs} must be at least 1 and leave room for queries in "
             f"seq_len {seq_len} (2 * num_pairs < seq_len)."
         )
     if vocab_size // 2 - 1 < num_pairs:
-        raise ValueError(
+        raise InputError(
             f"vocab_size {vocab_size} has {vocab_size // 2 - 1} keys for {num_pairs} distinct "
             f"keys per sequence; use vocab_size >= {2 * num_pairs + 2}."
         )

@@ -7,12 +7,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from hw2jax.errors import InputError, MissingFileError
 
-class DataNotFoundError(FileNotFoundError):
+
+class DataNotFoundError(MissingFileError):
     """No source could provide the dataset; the message lists every way to provide it."""
 
 
-class DataFormatError(ValueError):
+class DataFormatError(InputError):
     """A data file is damaged, truncated or not in the expected format; the message names the
     file and what to do."""
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from hw2jax import cpu
+from hw2jax.errors import Hw2jaxError
 
 _SOURCE = Path(__file__).with_name("cpu_attention.cc")
 # FFI targets: (symbol in the library, name registered with XLA).
@@ -35,7 +36,7 @@ TARGETS = {
 SUPPORTED_HEAD_DIMS = tuple(range(16, 129, 16))  # the kernel's compiled variants
 
 
-class KernelUnavailable(RuntimeError):
+class KernelUnavailable(Hw2jaxError, RuntimeError):
     """The native kernel could not be built or loaded here; the message says why and what to do."""
 
 

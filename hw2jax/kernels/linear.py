@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hw2jax.errors import InputError
 from hw2jax.kernels.build import TARGETS, KernelUnavailable, cpu_attention_unavailable_reason
 from hw2jax.kernels.ffi import ffi_kernel
 
@@ -51,7 +52,7 @@ def causal_linear_product_cpu(
     :class:`KernelUnavailable` (or ValueError for bad shapes) with what to do instead.
     """
     if fq.ndim != 4 or fk.shape != fq.shape:
-        raise ValueError(
+        raise InputError(
             "causal_linear_product_cpu wants fq and fk of one shape [batch, T, heads, D]; got "
             f"{fq.shape}, {fk.shape}. Use linear_attention(implementation='chunked') for others."
         )
@@ -117,7 +118,7 @@ def linear_attention_cpu(
     bad shapes) with what to do instead.
     """
     if q.ndim != 4 or k.shape != q.shape:
-        raise ValueError(
+        raise InputError(
             "linear_attention_cpu wants q and k of one shape [batch, T, heads, D]; got "
             f"{q.shape}, {k.shape}. Use linear_attention(implementation='chunked') for others."
         )

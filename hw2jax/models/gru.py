@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hw2jax.errors import InputError
 from hw2jax.models.layers import torch_uniform
 
 
@@ -121,7 +122,7 @@ class GRU(nn.Module):
         self, x: jax.Array, lengths: jax.Array | None = None, *, deterministic: bool = True
     ) -> tuple[jax.Array, jax.Array]:
         if x.ndim != 3:
-            raise ValueError(f"GRU input must be [batch, time, features], got shape {x.shape}.")
+            raise InputError(f"GRU input must be [batch, time, features], got shape {x.shape}.")
         b, t, _ = x.shape
         h_size = self.hidden_size
         init = torch_uniform(h_size)  # torch: U(-1/sqrt(H), 1/sqrt(H)) for every GRU tensor

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from hw2jax.attention import registry
+from hw2jax.errors import InputError
 
 
 def mixer_options(kind: str, head_dim: int) -> dict:
@@ -93,7 +94,7 @@ class RecallLM(nn.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         registry.get(self.mixer).require(causal=True)
         if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} must be a multiple of heads {self.heads}.")
+            raise InputError(f"dim {self.dim} must be a multiple of heads {self.heads}.")
         x = nn.Embed(self.vocab_size, self.dim, name="embed")(tokens)
         for i in range(self.depth):
             x = Block(self.dim, self.heads, self.mixer, name=f"block{i}")(x)

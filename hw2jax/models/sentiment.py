@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hw2jax.errors import InputError
 from hw2jax.models.bert import BertConfig, BertModel
 from hw2jax.models.gru import GRU
 from hw2jax.models.layers import TorchDense
@@ -41,7 +42,7 @@ class BertGRUSentiment(nn.Module):
 
     def setup(self):
         if self.pool not in POOLS:
-            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}.")
+            raise InputError(f"pool must be one of {POOLS}, got {self.pool!r}.")
         self.bert = BertModel(self.bert_config, self.dtype, self.implementation)
         self.rnn = GRU(self.hidden_dim, self.n_layers, self.bidirectional, self.dropout)
         self.head_dropout = nn.Dropout(self.dropout)

@@ -12,6 +12,7 @@ from einops import rearrange
 
 from hw2jax import attention
 from hw2jax.attention import registry
+from hw2jax.errors import InputError
 from hw2jax.models.layers import TorchDense, TorchKernel, dot_float32_out
 
 
@@ -127,16 +128,16 @@ class ViT(nn.Module):
 
     def _check(self, images: jax.Array) -> None:
         if self.image_size % self.patch_size:
-            raise ValueError(
+            raise InputError(
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
                 f"pick a patch size that divides it (e.g. 4 or 7 for 28)."
             )
         if self.pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}.")
+            raise InputError(f"pool must be 'cls' or 'mean', got {self.pool!r}.")
         registry.get(self.attention).require(causal=False)
         expected = (self.image_size, self.image_size, self.channels)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
+            raise InputError(
                 f"expected images of shape [batch, {expected[0]}, {expected[1]}, {expected[2]}] "
                 f"(NHWC), got {tuple(images.shape)}. Add a channel axis with x[..., None] or "
                 f"transpose NCHW input with x.transpose(0, 2, 3, 1)."

@@ -4,8 +4,8 @@ recall accuracy against the state each carries (Zoology: Arora et al. 2023)."""
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,9 @@ import optax
 from hw2jax.attention import registry
 from hw2jax.config import LOOP_SCHEMA, Field, check_config
 from hw2jax.data.mqar import check_sizes, make_mqar
+from hw2jax.errors import InputError
 from hw2jax.models.recall import RecallLM, state_size
-from hw2jax.train import loop
+from hw2jax.train import hooks, loop, run_files, steps
 from hw2jax.train.batching import IndexBatches, chunk
 
 
@@ -65,7 +66,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     check_config(config.to_dict(), SCHEMA)
     check_sizes(config.seq_len, num_pairs(config), config.vocab_size)
     if config.model.dim % config.model.heads:
-        raise ValueError(
+        raise InputError(
             f"model.dim {config.model.dim} must be a multiple of model.heads "
             f"{config.model.heads}; e.g. --set model.heads=2."
         )
@@ -74,7 +75,7 @@ def check(config: ml_collections.ConfigDict) -> None:
 class MQARTask:
     """Per sequence: the mean cross-entropy over its queries and the share recalled."""
 
-    unit = "seq"
+    unit = "sequences"
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -98,7 +99,7 @@ class MQARTask:
     def apply(self, params, batch, *, train: bool, rng: jax.Array) -> jax.Array:
         return self.model.apply({"params": params}, batch["tokens"])
 
-    def losses(self, logits: jax.Array, batch: loop.Batch) -> tuple[jax.Array, jax.Array]:
+    def losses(self, logits: jax.Array, batch: steps.Batch) -> tuple[jax.Array, jax.Array]:
         targets = batch["targets"]
         asked = (targets >= 0).astype(jnp.float32)
         count = jnp.maximum(asked.sum(-1), 1.0)
@@ -120,14 +121,17 @@ class MQARTask:
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at_step: int = 0
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    extra_hooks: Sequence[hooks.Hook] = (),
 ) -> dict[str, Any]:
     """One model: trains, evaluates on the test sequences each epoch, resumes from workdir."""
     check(config)
     workdir = Path(workdir)
-    loop.save_run_config(workdir, config)
+    run_files.save_run_config(workdir, config)
     task = MQARTask(config)
-    return loop.train_and_evaluate(task, config, workdir, stop_at_step=stop_at_step)
+    return loop.train_and_evaluate(task, config, workdir, extra_hooks=extra_hooks)
 
 
 def run_name(mixer: str, seq_len: int, dim: int) -> str:
@@ -159,7 +163,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[s
             if history["status"] != "done":
                 return rows  # stopped: the next call resumes here
             history["wall_time_s"] = time.perf_counter() - start
-            loop.write_json_atomic(run_dir / "history.json", history)
+            run_files.write_json_atomic(run_dir / "history.json", history)
             done = history
         rows.append(
             {
@@ -173,7 +177,9 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[s
                 "wall_time_s": done.get("wall_time_s"),
             }
         )
-    loop.write_json_atomic(workdir / "results.json", {"config": config.to_dict(), "runs": rows})
+    run_files.write_json_atomic(
+        workdir / "results.json", {"config": config.to_dict(), "runs": rows}
+    )
     (workdir / "results.md").write_text(results_table(rows))
     plot_recall(rows, workdir / "recall_vs_state.png")
     return rows
@@ -200,7 +206,7 @@ def _finished(run_dir: Path) -> dict | None:
     path = run_dir / "history.json"
     if not path.is_file():
         return None
-    history = json.loads(path.read_text())
+    history = run_files.read_json(path, f"delete {run_dir} to train that run again.")
     return history if history.get("status") == "done" else None
 
 
@@ -228,9 +234,9 @@ def results_table(rows: list[dict[str, Any]]) -> str:
 def plot_recall(rows: list[dict[str, Any]], path: Path) -> None:
     """One panel per sequence length: test recall against state size (log), a line per mixer
     through its widths."""
-    from hw2jax.train.plots import _pyplot, _save
+    from hw2jax.train.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     lengths = sorted({r["seq_len"] for r in rows})
     fig, axes = plt.subplots(1, len(lengths), figsize=(4 * len(lengths), 3.6), squeeze=False)
     for ax, t in zip(axes[0], lengths, strict=True):
@@ -251,5 +257,5 @@ def plot_recall(rows: list[dict[str, Any]], path: Path) -> None:
     axes[0][0].set_ylabel("test recall accuracy (%)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,9 @@ import optax
 from hw2jax.attention import registry
 from hw2jax.config import LOOP_SCHEMA, Field, check_config
 from hw2jax.data import fashion_mnist, splits
+from hw2jax.errors import InputError
 from hw2jax.models.vit import ViT
-from hw2jax.train import checkpoints, loop, plots
+from hw2jax.train import checkpoints, hooks, loop, plots, run_files, steps
 from hw2jax.train.batching import IndexBatches, chunk
 
 _POSITIVE = Field(int, min=1)
@@ -54,18 +56,18 @@ def check(config: ml_collections.ConfigDict) -> None:
     """The whole config against :data:`SCHEMA`, before any data is read or compiled."""
     name = config.model.attention
     if isinstance(name, str) and name in registry.names(bidirectional=False):
-        raise ValueError(
+        raise InputError(
             f"model.attention={name!r} cannot run in the ViT. " + registry.get(name).missing_form
         )
     check_config(config.to_dict(), SCHEMA)
     if config.eval_split == "valid" and not config.valid_size:
-        raise ValueError(
+        raise InputError(
             "eval_split='valid' needs a validation split: set valid_size, e.g. "
             "--set valid_size=5000 (held out from the 60,000 training images)."
         )
     model = config.model
     if model.image_size % model.patch_size:
-        raise ValueError(
+        raise InputError(
             f"model.image_size {model.image_size} is not a multiple of model.patch_size "
             f"{model.patch_size}; pick a patch size that divides it (e.g. 4 for 28)."
         )
@@ -119,6 +121,7 @@ class ViTTask:
     """FashionMNIST classification with the ViT; all data lives on the device."""
 
     num_classes = 10
+    unit = "images"
 
     def __init__(
         self,
@@ -131,13 +134,13 @@ class ViTTask:
         # bf16 compute with float32 params and optimizer state: mixed precision.
         name = model.get("dtype", "float32")
         if name not in ("float32", "bfloat16"):
-            raise ValueError(
+            raise InputError(
                 f"model.dtype must be 'float32' or 'bfloat16', got {name!r}; "
                 "e.g. --set model.dtype=bfloat16."
             )
         model["dtype"] = jnp.dtype(name)
         if model.get("merged_attention") not in (None, True, False):
-            raise ValueError(
+            raise InputError(
                 "model.merged_attention must be None (automatic), True or False, got "
                 f"{model['merged_attention']!r}."
             )
@@ -165,7 +168,7 @@ class ViTTask:
             images = random_erase(jax.random.fold_in(rng, 1), images, self.config.augment_erase)
         return self.model.apply({"params": params}, fashion_mnist.normalize(images))
 
-    def losses(self, logits: jax.Array, batch: loop.Batch) -> tuple[jax.Array, jax.Array]:
+    def losses(self, logits: jax.Array, batch: steps.Batch) -> tuple[jax.Array, jax.Array]:
         labels = jax.nn.one_hot(batch["label"], self.num_classes)
         if self.config.label_smoothing:
             labels = optax.smooth_labels(labels, self.config.label_smoothing)
@@ -220,23 +223,26 @@ def write_report(task: ViTTask, params, workdir: Path, history: dict[str, Any]) 
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | Path, *, stop_at_step: int = 0
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    extra_hooks: Sequence[hooks.Hook] = (),
 ) -> dict[str, Any]:
-    """Trains and evaluates the ViT; ``stop_at_step`` > 0 stops there as Ctrl-C would."""
+    """Trains and evaluates the ViT; ``extra_hooks`` join the loop's (:mod:`hw2jax.train.hooks`)."""
     check(config)
     workdir = Path(workdir)
-    loop.save_run_config(workdir, config)
+    run_files.save_run_config(workdir, config)
     train, test = load_data(config)
     task = ViTTask(config, train, test)
     start = time.perf_counter()
-    history = loop.train_and_evaluate(task, config, workdir, stop_at_step=stop_at_step)
+    history = loop.train_and_evaluate(task, config, workdir, extra_hooks=extra_hooks)
     if history["status"] != "done":
         return history
     params = jax.device_get(loop.latest_params(task, config, workdir))
     final = write_report(task, params, workdir, history)
     final["wall_time_s_this_run"] = time.perf_counter() - start
     final["last_epoch"] = history["epochs"][-1] if history["epochs"] else None
-    loop.write_json_atomic(workdir / "results.json", final)
+    run_files.write_json_atomic(workdir / "results.json", final)
     print(
         f"final test accuracy (last epoch): {100 * final['test_accuracy']:.2f}% "
         f"on {final['test_count']} images; plots and history in {workdir}"
@@ -247,7 +253,7 @@ def train_and_evaluate(
 def evaluate_workdir(workdir: str | Path, data_dir: str | None = None, best: bool = True) -> dict:
     """Re-evaluates the best (or latest) checkpoint in ``workdir`` on the test set."""
     workdir = Path(workdir)
-    config = loop.load_run_config(workdir, "hw2jax vit train", marker="model")
+    config = run_files.load_run_config(workdir, "hw2jax vit train", marker="model")
     if data_dir:
         config.data_dir = data_dir
     train, test = load_data(config)
@@ -258,5 +264,5 @@ def evaluate_workdir(workdir: str | Path, data_dir: str | None = None, best: boo
         )
     else:
         params, meta = loop.latest_params(task, task.config, workdir), {}
-    metrics = loop.evaluate(task, params, "test")
+    metrics = steps.evaluate(task, params, "test")
     return {"checkpoint": meta, **metrics}

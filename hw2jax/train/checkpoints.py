@@ -23,8 +23,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from hw2jax.errors import Hw2jaxError, MissingFileError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(Hw2jaxError, RuntimeError):
     """No checkpoint of a work dir can be read; the message says how to go on."""
 
 
@@ -132,7 +134,7 @@ class Checkpoints:
             return out.state["params"], dict(out.metrics)
         step = self._latest.latest_step()
         if step is None:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no checkpoint in {self.directory}; train first with the same --workdir."
             )
         out = self._latest.restore(step, args=ocp.args.StandardRestore())

@@ -11,7 +11,7 @@ import numpy as np
 from hw2jax.train.sharding import is_main_process
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,14 +20,14 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     if is_main_process():  # one writer when several processes share the work dir
         fig.savefig(path, dpi=110)
 
 
 def plot_history(history: dict[str, Any], eval_split: str, path: Path) -> None:
     """Train loss every logged step and eval loss per epoch; eval accuracy per epoch."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     train = history["train"]
     epochs = history["epochs"]
@@ -46,7 +46,30 @@ def plot_history(history: dict[str, Any], eval_split: str, path: Path) -> None:
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{eval_split} accuracy")
     ax_acc.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_comparison(histories: dict[str, dict[str, Any]], eval_split: str, path: Path) -> None:
+    """Several runs on one figure: train loss per logged step and eval accuracy per epoch."""
+    plt = pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, history in histories.items():
+        train, epochs = history.get("train", []), history.get("epochs", [])
+        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=name)
+        ax_acc.plot(
+            [r["epoch"] for r in epochs],
+            [100 * r[f"{eval_split}_accuracy"] for r in epochs],
+            "o-",
+            label=name,
+        )
+    ax_loss.set(xlabel="step", ylabel="cross-entropy", title="train loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{eval_split} accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -57,7 +80,7 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
 
 
 def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
     im = ax.imshow(cm, cmap="Blues")
     ticks = range(len(class_names))
@@ -73,7 +96,7 @@ def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: Path) -> No
     )
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -86,7 +109,7 @@ def plot_predictions(
     cols: int = 8,
 ) -> None:
     """A grid of images titled 'predicted (true)', wrong ones in red."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = -(-len(images) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
     for ax in axes.flat:
@@ -97,5 +120,5 @@ def plot_predictions(
             f"{class_names[p]}\n({class_names[t]})", fontsize=7, color="black" if p == t else "red"
         )
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)

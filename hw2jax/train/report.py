@@ -1,11 +1,14 @@
 """A run's per-epoch table in Markdown, from its ``history.json`` (``hw2jax report WORKDIR``),
-and the evaluated accuracy of several runs side by side, epoch by epoch (``--against``)."""
+and the evaluated accuracy of several runs side by side, epoch by epoch, with their curves on
+one plot (``--against``)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from hw2jax.errors import InputError, MissingFileError
+from hw2jax.train import plots, run_files
 
 
 def _split(history: dict) -> str | None:
@@ -13,21 +16,27 @@ def _split(history: dict) -> str | None:
     return next((k.removesuffix("_accuracy") for k in rows[0] if k.endswith("_accuracy")), None)
 
 
-def epoch_table(history: dict, unit: str = "examples") -> str:
+def unit(history: dict) -> str:
+    """What the run's examples are called; histories written before the loop recorded it named
+    every rate ``images_per_s``, and only IMDB was evaluated on valid."""
+    return history.get("unit") or ("reviews" if _split(history) == "valid" else "images")
+
+
+def epoch_table(history: dict) -> str:
     """One row per finished epoch: losses, the evaluated split's accuracy, time and throughput."""
     rows = history.get("epochs", [])
     if not rows:
         return "(no finished epoch)"
-    split = _split(history)
+    split, name = _split(history), unit(history)
     lines = [
-        f"| epoch | train loss | {split} loss | {split} accuracy | epoch time (s) | {unit}/s |",
+        f"| epoch | train loss | {split} loss | {split} accuracy | epoch time (s) | {name}/s |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['epoch']} | {r['train_loss']:.4f} | {r[f'{split}_loss']:.4f} | "
             f"{100 * r[f'{split}_accuracy']:.2f} % | {r['train_time_s']:,.0f} | "
-            f"{r['images_per_s']:,.0f} |"
+            f"{r.get(f'{name}_per_s', r.get('images_per_s')):,.0f} |"
         )
     return "\n".join(lines)
 
@@ -38,7 +47,7 @@ def comparison_table(histories: dict[str, dict]) -> str:
     splits = {name: _split(h) for name, h in histories.items() if h.get("epochs")}
     if len(set(splits.values())) > 1:
         named = ", ".join(f"{name}: {split}" for name, split in splits.items())
-        raise ValueError(
+        raise InputError(
             f"the runs were evaluated on different splits ({named}); compare like runs."
         )
     split = next(iter(splits.values()), "test")
@@ -58,20 +67,27 @@ def _history(workdir: str | os.PathLike) -> tuple[Path, dict]:
     path = Path(workdir)
     path = path / "history.json" if path.is_dir() else path
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; give a work dir of `hw2jax ... train`.")
-    return path, json.loads(path.read_text())
+        raise MissingFileError(f"{path} not found; give a work dir of `hw2jax ... train`.")
+    return path, run_files.read_json(path, "its run's table cannot be made; see its log instead.")
 
 
-def report(workdir: str | os.PathLike, against: tuple[str | os.PathLike, ...] = ()) -> str:
+def report(
+    workdir: str | os.PathLike,
+    against: tuple[str | os.PathLike, ...] = (),
+    plot: str | os.PathLike | None = None,
+) -> str:
     """The table of ``workdir/history.json`` (or of a history file given directly), then, with
-    ``against`` (other work dirs or history files), the accuracies of all of them per epoch."""
+    ``against`` (other work dirs or history files), the accuracies of all of them per epoch,
+    and their curves drawn to ``plot`` (default: ``compared.png`` beside the first history)."""
     path, history = _history(workdir)
-    unit = "reviews" if _split(history) == "valid" else "images"  # IMDB is evaluated on valid
-    text = f"status: {history.get('status', 'unknown')}\n\n" + epoch_table(history, unit)
+    text = f"status: {history.get('status', 'unknown')}\n\n" + epoch_table(history)
     if against:
         runs = {}
         for where, (p, h) in [(workdir, (path, history))] + [(w, _history(w)) for w in against]:
             label = p.parent.name if p.name == "history.json" else p.stem
             runs[label if label not in runs else str(where)] = h
         text += "\n\n" + comparison_table(runs)
+        plot = Path(plot) if plot else path.parent / "compared.png"
+        plots.plot_comparison(runs, _split(history) or "test", plot)
+        text += f"\n\ncurves of the {len(runs)} runs drawn in {plot}"
     return text

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from hw2jax.errors import InputError
+
 
 def num_devices(spec: str | int) -> int:
     """``"all"``, or a count no larger than ``jax.device_count()``."""
@@ -25,9 +27,9 @@ def num_devices(spec: str | int) -> int:
     try:
         n = int(spec)
     except ValueError:
-        raise ValueError(f"devices must be 'all' or a number, got {spec!r}.") from None
+        raise InputError(f"devices must be 'all' or a number, got {spec!r}.") from None
     if not 1 <= n <= available:
-        raise ValueError(
+        raise InputError(
             f"devices={n}, but this process sees {available} device(s); on CPU, test with "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={n}."
         )
@@ -46,11 +48,11 @@ def split_host_cpu(n: int) -> None:
     time, leaving cores idle; host devices fill them (benchmarks/README.md).
     Must run before jax does any work (the device count is fixed when its backend starts)."""
     if n < 1:
-        raise ValueError(f"host devices must be at least 1, got {n}.")
+        raise InputError(f"host devices must be at least 1, got {n}.")
     try:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError:
-        raise ValueError(
+        raise InputError(
             f"cannot split the CPU into {n} devices: jax has already started. Call "
             "split_host_cpu before any jax operation, or set "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting Python."
@@ -67,7 +69,7 @@ def initialize_distributed(
     try:
         jax.distributed.initialize(coordinator, num_processes, process_id)
     except (ValueError, RuntimeError) as err:
-        raise ValueError(
+        raise InputError(
             f"could not start the distributed runtime ({err}). Outside SLURM/MPI/TPU clusters "
             "pass --coordinator HOST:PORT --num-processes N --process-id I on every process."
         ) from None
@@ -92,7 +94,7 @@ class DataParallel:
         self.split = NamedSharding(self.mesh, PartitionSpec("data"))
         for size in batch_sizes:
             if size % self.n:
-                raise ValueError(
+                raise InputError(
                     f"batch size {size} does not split evenly over {self.n} devices; "
                     f"use a multiple of {self.n}."
                 )

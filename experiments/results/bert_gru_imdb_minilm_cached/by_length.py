@@ -8,12 +8,12 @@ import jax
 import numpy as np
 
 from hw2jax.tasks import sentiment
-from hw2jax.train import checkpoints, loop
+from hw2jax.train import checkpoints, loop, run_files
 
 
 def main(workdir: Path) -> None:
-    config = loop.load_run_config(workdir, "hw2jax sentiment train", marker="encoder")
-    bert_config, bert_params, tokenizer = sentiment._setup(config, workdir)
+    config = run_files.load_run_config(workdir, "hw2jax sentiment train", marker="encoder")
+    bert_config, bert_params, tokenizer = sentiment.load_encoder(config)
     data = sentiment.prepare_data(config, tokenizer, workdir)
     data = {k: v for k, v in data.items() if k in ("train", "valid")}
     features = sentiment.cache_features(config, data, bert_config, bert_params, tokenizer)

@@ -1,0 +1,64 @@
+"""What a sentiment config builds: the encoder and its tokenizer, the BERT + GRU model and its
+params (fresh head, pretrained encoder under ``bert``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from hw2jax.errors import InputError, MissingFileError
+from hw2jax.models import bert
+from hw2jax.models.sentiment import FROZEN_KEY, BertGRUSentiment
+
+
+def load_encoder(config: ml_collections.ConfigDict) -> tuple[bert.BertConfig, Any, Any]:
+    """The pretrained encoder named by ``config.encoder``: its config, params and tokenizer."""
+    bert_config, bert_params, folder = bert.load_pretrained(config.encoder)
+    return bert_config, bert_params, load_tokenizer(folder)
+
+
+def load_tokenizer(folder: str | Path):
+    """The encoder's fast tokenizer, from its folder (tokenizer.json or vocab.txt)."""
+    from transformers import BertTokenizerFast
+
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        return BertTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    if (folder / "vocab.txt").is_file():
+        return BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    raise MissingFileError(f"{folder} has neither tokenizer.json nor vocab.txt.")
+
+
+def build_model(
+    config: ml_collections.ConfigDict, bert_config: bert.BertConfig
+) -> BertGRUSentiment:
+    return BertGRUSentiment(
+        bert_config,
+        hidden_dim=config.hidden_dim,
+        n_layers=config.n_layers,
+        bidirectional=config.bidirectional,
+        dropout=config.dropout,
+        use_mask=config.use_mask,
+        bert_dropout=config.bert_dropout,
+        pool=config.pool,
+        dtype=encoder_dtype(config),
+        implementation=config.encoder_implementation,
+    )
+
+
+def encoder_dtype(config: ml_collections.ConfigDict) -> jnp.dtype | None:
+    """The frozen encoder's matmul input dtype (accumulation is float32 either way)."""
+    name = config.encoder_dtype
+    if name not in ("float32", "bfloat16"):
+        raise InputError(f"encoder_dtype must be 'float32' or 'bfloat16', got {name!r}.")
+    return None if name == "float32" else jnp.dtype(name)
+
+
+def init_params(model: BertGRUSentiment, bert_params: Any, rng: jax.Array) -> dict:
+    """Fresh GRU/head params with the pretrained encoder under ``bert``."""
+    params = model.init(rng, jnp.ones((1, 8), jnp.int32))["params"]
+    return {**params, FROZEN_KEY: bert_params}

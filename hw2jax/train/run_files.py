@@ -1,0 +1,123 @@
+"""A run's files in its work dir besides the checkpoints: ``config.json`` (what was trained)
+and ``history.json`` (what happened), each written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from hw2jax.errors import InputError, MissingFileError
+from hw2jax.train.sharding import is_main_process
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    if not is_main_process():  # several processes share the work dir
+        return
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, fix: str) -> Any:
+    """The JSON in ``path``; a damaged file (cut short by a crash, edited by hand) is one
+    :class:`InputError` naming the file and ``fix``, not a traceback from the json module."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is damaged ({type(e).__name__}: {e}); {fix}") from None
+
+
+# Keys that say where or how to run, not what to train: changing them on resume is expected.
+_RESUME_NEUTRAL = {
+    "progress",
+    "data_dir",
+    "data_source",
+    "devices",
+    "checkpoint_every_minutes",
+    "read_test",
+}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def save_run_config(workdir: Path, config: ml_collections.ConfigDict) -> list[str]:
+    """Writes ``workdir/config.json``, making the work dir if needed. When a checkpoint is
+    there to resume from and the saved config trained something else (epochs, learning rate,
+    model...), warns with the differences: the run goes on with the new values, so it will not
+    match a fresh run.
+    Returns the differing keys."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.json"
+    changed = []
+    if path.exists() and (workdir / "checkpoints").exists():
+        saved = read_json(path, "delete it to resume with the config given now.")
+        old, new = _flat(saved), _flat(json.loads(config.to_json()))
+        changed = sorted(
+            k
+            for k in old.keys() | new.keys()
+            if k not in _RESUME_NEUTRAL and old.get(k) != new.get(k)
+        )
+        if changed:
+            diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+            warnings.warn(
+                f"resuming {workdir} with a different config ({diffs}); the run continues with "
+                "the new values, so it will not match a run trained with either config from the "
+                "start. Use a new --workdir to start over.",
+                stacklevel=2,
+            )
+    write_json_atomic(path, config.to_dict())
+    return changed
+
+
+def load_run_config(
+    workdir: str | os.PathLike, train_command: str, marker: str
+) -> ml_collections.ConfigDict:
+    """The config that ``train_command`` saved in ``workdir`` (for eval and predict); a
+    config without the top-level key ``marker`` came from another command."""
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise MissingFileError(
+            f"{path} not found; is {workdir} a work dir of `{train_command}`? Train first with "
+            "this --workdir."
+        )
+    config = ml_collections.ConfigDict(
+        read_json(path, f"train again with `{train_command}` and this --workdir to rewrite it.")
+    )
+    if marker not in config:
+        raise InputError(
+            f"{workdir} holds a run of another command, not a work dir of `{train_command}`."
+        )
+    return config
+
+
+def load_history(workdir: Path, step: int) -> dict[str, list]:
+    """The history up to the restored step (entries written after it are redone)."""
+    path = workdir / "history.json"
+    if not path.exists() or step == 0:
+        return {"train": [], "epochs": []}
+    history = read_json(
+        path,
+        "move it aside to resume with an empty history (the checkpoints are intact), or pass "
+        "a new --workdir to start over.",
+    )
+    restored = {
+        "train": [r for r in history["train"] if r["step"] <= step],
+        "epochs": [r for r in history["epochs"] if r["step"] <= step],
+    }
+    window = history.get("window")
+    if window and window.pop("step") == step:
+        restored["window"] = window
+    return restored
