@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from hw2jax.attention.helpers import as_floating, check_qkv, pad_axis
+from hw2jax.errors import InputError
 
 
 def retention(
@@ -30,11 +31,11 @@ def retention(
     q, k, v = check_qkv(q, k, v, causal=True)
     gamma = as_floating(gamma, "gamma", 1)
     if gamma.shape != (q.shape[2],):
-        raise ValueError(
+        raise InputError(
             f"gamma must hold one decay per head, shape ({q.shape[2]},); got {gamma.shape}."
         )
     if not isinstance(gamma, jax.core.Tracer) and not bool(jnp.all((gamma > 0) & (gamma <= 1))):
-        raise ValueError(f"gamma must lie in (0, 1], got {gamma}.")
+        raise InputError(f"gamma must lie in (0, 1], got {gamma}.")
     if implementation == "parallel":
         t = q.shape[1]
         steps = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]  # i - j
@@ -71,9 +72,9 @@ def _gla(q, k, v, log_alpha, implementation: str, chunk_size: int, choices: str)
     if implementation == "recurrent":
         return _gla_recurrent(q, k, v, log_alpha)
     if implementation != "chunked":
-        raise ValueError(f"unknown implementation {implementation!r}; choose {choices}.")
+        raise InputError(f"unknown implementation {implementation!r}; choose {choices}.")
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+        raise InputError(f"chunk_size must be >= 1, got {chunk_size}.")
     return _gla_chunked(q, k, v, log_alpha, min(chunk_size, q.shape[1]))
 
 
@@ -87,7 +88,8 @@ def gated_linear_attention(
     chunk_size: int = 16,
 ) -> jax.Array:
     """S_t = diag(alpha_t) S_(t-1) + k_t v_t^T, out_t = S_t^T q_t, with alpha_t = exp(log_alpha_t)
-    per key dimension (``log_alpha`` [batch, T, heads, head_dim], <= 0).
+    per key dimension (``log_alpha`` [batch, T, heads, head_dim], <= 0), or one decay per head
+    and step for all key dimensions (``log_alpha`` [batch, T, heads]: Mamba-2's SSD form).
 
     The chunked form never exponentiates a positive number: inside a chunk each pair (t, j) gets
     exp(b_t - b_j) with b the running sum of log_alpha, and the state is carried between chunks
@@ -95,9 +97,15 @@ def gated_linear_attention(
     O(T * chunk_size * head_dim) memory.
     """
     q, k, v = check_qkv(q, k, v, causal=True)
+    log_alpha = jnp.asarray(log_alpha)
+    if log_alpha.ndim == 3:  # one column: the chunked form's pairwise decays stay [C, C]
+        log_alpha = log_alpha[..., None]
     log_alpha = as_floating(log_alpha, "log_alpha", 4)
-    if log_alpha.shape != k.shape:
-        raise ValueError(f"log_alpha must have k's shape {k.shape}, got {log_alpha.shape}.")
+    if log_alpha.shape not in (k.shape, (*k.shape[:3], 1)):
+        raise InputError(
+            f"log_alpha must have k's shape {k.shape} (a decay per key dimension) or "
+            f"{k.shape[:3]} (one per head), got {log_alpha.shape}."
+        )
     return _gla(q, k, v, log_alpha, implementation, chunk_size, "chunked or recurrent")
 
 

@@ -15,9 +15,22 @@ from hw2jax import kernels
 from hw2jax.attention import dispatch
 from hw2jax.attention.helpers import batched_dot, check_qkv, pad_axis, sum_after, sum_before
 from hw2jax.attention.linear_pallas import causal_linear_product_pallas
+from hw2jax.errors import InputError
 
-FeatureMap = Literal["elu", "relu", "identity"]
+FeatureMap = Literal["elu", "relu", "identity", "taylor"]
 IMPLEMENTATIONS = dispatch.LINEAR
+
+
+def taylor_features(x: jax.Array) -> jax.Array:
+    """Based's feature map (Arora et al. 2024), the exponential's second-order Taylor series:
+    phi(x) = [1, x / d^(1/4), vec(x x^T) / (sqrt(2) d^(1/2))], so that phi(q) . phi(k) =
+    1 + s + s^2 / 2 with s = q . k / sqrt(d), which is > 0 for every s. 1 + d + d^2 features."""
+    d = x.shape[-1]
+    outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], d * d)
+    return jnp.concatenate(
+        [jnp.ones_like(x[..., :1]), x / d**0.25, outer / (2**0.5 * d**0.5)], axis=-1
+    )
+
 
 FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # elu(x) + 1 > 0 keeps every weight positive (Katharopoulos et al. 2020).
@@ -25,6 +38,7 @@ FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     # The assignment's version: softmax with the exponentials simply dropped.
     "identity": lambda x: x,
+    "taylor": taylor_features,
 }
 
 
@@ -72,12 +86,12 @@ def linear_attention(
     """
     q, k, v = check_qkv(q, k, v, causal)
     if feature_map not in FEATURE_MAPS:
-        raise ValueError(
+        raise InputError(
             f"unknown feature_map {feature_map!r}; choose one of {sorted(FEATURE_MAPS)}."
         )
     dispatch.check(implementation, IMPLEMENTATIONS, "linear_attention")
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+        raise InputError(f"chunk_size must be >= 1, got {chunk_size}.")
     if not causal and implementation in ("auto", "fused_cpu"):
         reason = functools.partial(kernels.dense_linear_unavailable_reason, q, v, feature_map)
         if _fused(implementation, reason) == "fused_cpu":
@@ -156,9 +170,8 @@ def _normalise_fwd(num, den):
 
 def _normalise_bwd(residuals, g):
     out, inv = residuals
-    # The row sums as a contraction: a plain jnp.sum of this product went to YNNPACK on
-    # XLA:CPU and took 29 ms at [16384, 4, 64] against 1.8 (benchmarks/NOTES.md, "Gradients
-    # against torch on CPU").
+    # The row sums as a contraction, not a jnp.sum of the product: XLA:CPU sends that sum to
+    # YNNPACK, many times slower (benchmarks/NOTES.md, "Gradients against torch on CPU").
     return g * inv, -jnp.einsum("...e,...e->...", g, out)[..., None] * inv
 
 
