@@ -185,9 +185,15 @@ def _registered_variants() -> list[Impl]:
     of their own), in each form it has, with its default options; gates, where a variant asks
     for them, are made from the keys (data-dependent, as a model's would be)."""
 
+    made = {  # each gate from the keys, in the shape registry.GATES gives it
+        "log_alpha": lambda k: jax.nn.log_sigmoid(k) / 16,
+        "head_log_alpha": lambda k: jax.nn.log_sigmoid(k.mean(-1)) / 16,
+        "beta": lambda k: jax.nn.sigmoid(k.mean(-1)),
+    }
+
     def build(variant):
         def gates(k):
-            return {"log_alpha": jax.nn.log_sigmoid(k) / 16} if variant.gates else {}
+            return {name: made[name](k) for name in variant.gates}
 
         return lambda causal: lambda q, k, v: variant.bind(causal=causal)(q, k, v, **gates(k))
 

@@ -45,11 +45,22 @@ def test_benchmarked_implementation_matches_reference(impl, causal):
         expected = ref_linear_np(q, k, v, causal, "elu")
     else:  # the variants, each against its own float64 formula
         from test_decay_attention import gla_ref_np, retention_ref_np
+        from test_delta_rule import delta_ref, sliding_ref, taylor_linear_ref
         from test_kernelized_attention import cosformer_ref_np, performer_ref_np
 
         from hw2jax import attention
 
         tol = 1e-4  # exponentials of sums in float32
+        # The benchmark's gates, from the keys: one decay and one write strength per head.
+        k64 = np.asarray(k, np.float64)
+        head_decay = np.log(1 / (1 + np.exp(-k64.mean(-1)))) / 16
+        beta = 1 / (1 + np.exp(-k64.mean(-1)))
+
+        def unit(*xs):  # DeltaNet's L2 normalisation of q and k
+            return [
+                np.asarray(x, np.float64) / np.linalg.norm(x, axis=-1, keepdims=True) for x in xs
+            ]
+
         expected = {
             "performer": lambda: performer_ref_np(
                 q, k, v, attention.performer_projection(jax.random.key(0), 256, 16), causal
@@ -62,6 +73,13 @@ def test_benchmarked_implementation_matches_reference(impl, causal):
                 else _bidirectional_retention_ref(q, k, v)
             ),
             "gla": lambda: gla_ref_np(q / 4.0, k, v, jax.nn.log_sigmoid(k) / 16),
+            "ssd": lambda: gla_ref_np(
+                q / 4.0, k, v, np.broadcast_to(head_decay[..., None], k.shape)
+            ),
+            "deltanet": lambda: delta_ref(*unit(q, k), v, beta, 0 * head_decay),
+            "gated_deltanet": lambda: delta_ref(*unit(q, k), v, beta, head_decay),
+            "sliding_window": lambda: sliding_ref(q, k, v, window=64),
+            "based": lambda: taylor_linear_ref(q, k, v, causal),
         }[impl.family]()
     np.testing.assert_allclose(out, expected, rtol=tol, atol=tol)
 

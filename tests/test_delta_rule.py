@@ -164,15 +164,20 @@ def test_taylor_features_give_1_plus_s_plus_half_s_squared():
     np.testing.assert_allclose(dots, 1 + s + s**2 / 2, rtol=1e-5, atol=1e-5)
 
 
+def taylor_linear_ref(q, k, v, causal):
+    """float64 loop: weights 1 + s + s^2 / 2 with s = q_i . k_j / sqrt(d), normalised."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    out = np.zeros(q.shape[:3] + v.shape[-1:])
+    for i in range(q.shape[1]):
+        last = i + 1 if causal else q.shape[1]
+        s = np.einsum("bhd,bjhd->bhj", q[:, i], k[:, :last]) / math.sqrt(q.shape[-1])
+        weights = 1 + s + s**2 / 2
+        out[:, i] = np.einsum("bhj,bjhe->bhe", weights, v[:, :last]) / weights.sum(-1)[..., None]
+    return out
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_linear_attention_with_taylor_features_matches_the_float64_loop(causal):
     q, k, v = qkv((2, 9, 2, 4), e=3, seed=8)
     out = attention.linear_attention(q, k, v, causal=causal, feature_map="taylor", chunk_size=4)
-    q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
-    ref = np.zeros(out.shape)
-    for i in range(q.shape[1]):
-        last = i + 1 if causal else q.shape[1]
-        s = np.einsum("bhd,bjhd->bhj", q64[:, i], k64[:, :last]) / 2.0  # sqrt(d) = 2
-        weights = 1 + s + s**2 / 2
-        ref[:, i] = np.einsum("bhj,bjhe->bhe", weights, v64[:, :last]) / weights.sum(-1)[..., None]
-    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out, taylor_linear_ref(q, k, v, causal), rtol=1e-4, atol=1e-5)

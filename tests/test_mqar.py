@@ -78,6 +78,11 @@ def test_state_sizes_follow_their_formulas():
     assert state_size("softmax", 64, 2, 512) == 2 * 512 * 64
     assert state_size("linear", 64, 2, 512) == 2 * 32 * 33 == state_size("linear", 64, 2, 64)
     assert state_size("gla", 64, 2, 512) == 2 * 32 * 32
+    for fixed in ("ssd", "deltanet", "gated_deltanet"):  # a [d, d] state per head
+        assert state_size(fixed, 64, 2, 512) == 2 * 32 * 32
+    assert state_size("sliding_window", 64, 2, 512) == 2 * 2 * 64 * 32  # the window's cache
+    assert state_size("sliding_window", 64, 2, 16) == 2 * 2 * 16 * 32
+    assert state_size("based", 64, 2, 512) == 2 * (1 + 32 + 32 * 32) * 33
 
 
 def test_losses_count_only_the_queries():

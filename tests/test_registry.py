@@ -49,7 +49,18 @@ def test_the_packages_variants_are_registered_with_their_forms():
         "retention",
         "gla",
     )
+    assert registry.names()[6:11] == (
+        "ssd",
+        "deltanet",
+        "gated_deltanet",
+        "sliding_window",
+        "based",
+    )
     assert "gla" not in registry.names(bidirectional=True)
+    assert set(registry.names(bidirectional=True)) >= {"based"}
+    assert not {"ssd", "deltanet", "gated_deltanet", "sliding_window"} & set(
+        registry.names(bidirectional=True)
+    )
     assert set(registry.names(causal=True)) >= {"softmax", "gla", "retention"}
     with pytest.raises(registry.VariantError, match=r"no bidirectional.*causal recurrence"):
         registry.get("gla").bind(causal=False)

@@ -2,12 +2,13 @@
 the linear-time families.
 
 One module per form: :mod:`.self_attention`, :mod:`.softmax`, :mod:`.blockwise`, :mod:`.linear`,
-:mod:`.decay` (retention, gated linear attention), :mod:`.kernelized` (cosFormer, Performer),
-:mod:`.key_bias` (BERT's), and :mod:`.helpers` for the checks and matmuls they share. Two
-modules decide: :mod:`.dispatch` (which path ``implementation="auto"`` takes) and
-:mod:`.registry` (the variants that models, the CLI and the benchmarks offer). Layouts follow
-``jax.nn.dot_product_attention``: q, k, v are ``[batch, T, heads, head_dim]``; the value
-head_dim may differ from the query/key one.
+:mod:`.decay` (retention, gated linear attention), :mod:`.delta_rule` (DeltaNet, Gated
+DeltaNet), :mod:`.sliding_window`, :mod:`.kernelized` (cosFormer, Performer), :mod:`.key_bias`
+(BERT's), and :mod:`.helpers` for the checks and matmuls they share. Two modules decide:
+:mod:`.dispatch` (which path ``implementation="auto"`` takes) and :mod:`.registry` (the variants
+that models, the CLI and the benchmarks offer). Layouts follow ``jax.nn.dot_product_attention``:
+q, k, v are ``[batch, T, heads, head_dim]``; the value head_dim may differ from the query/key
+one.
 """
 
 from hw2jax.attention import dispatch, registry
@@ -18,6 +19,7 @@ from hw2jax.attention.decay import (
     retention,
     retention_decays,
 )
+from hw2jax.attention.delta_rule import delta_rule_attention
 from hw2jax.attention.helpers import matmul_f32
 from hw2jax.attention.kernelized import (
     cosformer_attention,
@@ -28,6 +30,7 @@ from hw2jax.attention.kernelized import (
 from hw2jax.attention.key_bias import key_bias_attention
 from hw2jax.attention.linear import FEATURE_MAPS, NonPositiveDenominatorWarning, linear_attention
 from hw2jax.attention.self_attention import self_attention, self_attention_weights
+from hw2jax.attention.sliding_window import sliding_window_attention
 from hw2jax.attention.softmax import softmax_attention
 
 __all__ = [
@@ -36,6 +39,7 @@ __all__ = [
     "bidirectional_retention",
     "blockwise_softmax_attention",
     "cosformer_attention",
+    "delta_rule_attention",
     "dispatch",
     "gated_linear_attention",
     "key_bias_attention",
@@ -49,5 +53,6 @@ __all__ = [
     "retention_decays",
     "self_attention",
     "self_attention_weights",
+    "sliding_window_attention",
     "softmax_attention",
 ]

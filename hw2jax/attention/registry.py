@@ -33,8 +33,10 @@ from hw2jax.attention.decay import (
     retention,
     retention_decays,
 )
+from hw2jax.attention.delta_rule import delta_rule_attention, l2_normalise
 from hw2jax.attention.kernelized import cosformer_attention, performer_attention
 from hw2jax.attention.linear import FEATURE_MAPS, linear_attention
+from hw2jax.attention.sliding_window import sliding_window_attention
 from hw2jax.attention.softmax import softmax_attention
 from hw2jax.config import Field
 from hw2jax.errors import InputError
@@ -43,6 +45,8 @@ from hw2jax.errors import InputError
 # model's own projection: name -> what it is.
 GATES = {
     "log_alpha": "log decay per step, head and key dim, [batch, T, heads, head_dim], <= 0",
+    "head_log_alpha": "log decay per step and head, [batch, T, heads], <= 0",
+    "beta": "write strength per step and head, [batch, T, heads], in (0, 1)",
 }
 
 
@@ -180,6 +184,35 @@ def _gla(q, k, v, *, causal, log_alpha):
     return gated_linear_attention(q / math.sqrt(q.shape[-1]), k, v, log_alpha)
 
 
+def _ssd(q, k, v, *, causal, head_log_alpha):
+    return gated_linear_attention(q / math.sqrt(q.shape[-1]), k, v, head_log_alpha)
+
+
+def _deltanet(q, k, v, *, causal, beta):
+    return delta_rule_attention(l2_normalise(q), l2_normalise(k), v, beta)
+
+
+def _gated_deltanet(q, k, v, *, causal, beta, head_log_alpha):
+    q, k = l2_normalise(q), l2_normalise(k)
+    return delta_rule_attention(q, k, v, beta, log_alpha=head_log_alpha)
+
+
+def _sliding_window(q, k, v, *, causal, window):
+    return sliding_window_attention(q, k, v, window=window)
+
+
+def _based(q, k, v, *, causal):
+    return linear_attention(q, k, v, causal=causal, feature_map="taylor")
+
+
+def _causal_only(what: str) -> str:
+    return (
+        f"{what} is a causal recurrence, its state built step by step over the past, and has "
+        "no bidirectional form for unordered tokens such as a ViT's patches; use retention "
+        "(its decay made symmetric), linear, based, performer or cosformer."
+    )
+
+
 register(
     "softmax",
     _softmax,
@@ -218,13 +251,58 @@ register(
     "gla",
     _gla,
     bidirectional=False,
-    missing_form=(
-        "Gated linear attention is a causal recurrence, its gates decaying the past of each "
-        "step, and has no bidirectional form for unordered tokens such as a ViT's patches; use "
-        "retention (its decay made symmetric), linear, performer or cosformer."
-    ),
+    missing_form=_causal_only("Gated linear attention"),
     gates=("log_alpha",),
     normalised=False,
     state_size=lambda d, t: d * d,
     description="gated linear attention, a data-dependent decay per key dim",
+)
+register(
+    "ssd",
+    _ssd,
+    bidirectional=False,
+    missing_form=_causal_only("Mamba-2's SSD"),
+    gates=("head_log_alpha",),
+    normalised=False,
+    state_size=lambda d, t: d * d,
+    description="Mamba-2's SSD: linear attention with one data-dependent decay per head",
+)
+register(
+    "deltanet",
+    _deltanet,
+    bidirectional=False,
+    missing_form=_causal_only("DeltaNet's delta rule"),
+    gates=("beta",),
+    normalised=False,
+    state_size=lambda d, t: d * d,
+    description="DeltaNet: the delta rule, the state corrected toward each new value",
+)
+register(
+    "gated_deltanet",
+    _gated_deltanet,
+    bidirectional=False,
+    missing_form=_causal_only("Gated DeltaNet"),
+    gates=("beta", "head_log_alpha"),
+    normalised=False,
+    state_size=lambda d, t: d * d,
+    description="Gated DeltaNet: the delta rule with a data-dependent decay per head",
+)
+register(
+    "sliding_window",
+    _sliding_window,
+    bidirectional=False,
+    missing_form=(
+        "Sliding-window attention is defined over a sequence's past (the last `window` keys); "
+        "a ViT's patches have no such order, and for FashionMNIST's 50 tokens any window of "
+        "50 or more is plain softmax: use softmax."
+    ),
+    options={"window": 64},
+    state_size=lambda d, t, window: 2 * min(window, t) * d,  # the window's key-value cache
+    description="exact softmax over the last `window` keys (local attention)",
+)
+register(
+    "based",
+    _based,
+    state_size=lambda d, t: (1 + d + d * d) * (d + 1),
+    description="Based: linear attention with the exponential's 2nd-order Taylor features",
 )

@@ -50,6 +50,10 @@ class Mixer(nn.Module):
             # GLA's gates: a low-rank projection, log-sigmoid, temperature 16 (Yang et al. 2024).
             gate = nn.Dense(self.dim, name="gate")(nn.Dense(16, name="gate_low_rank")(x))
             gates["log_alpha"] = jax.nn.log_sigmoid(gate).reshape(k.shape) / 16.0
+        if "head_log_alpha" in variant.gates:  # one decay per head, the same temperature
+            gates["head_log_alpha"] = jax.nn.log_sigmoid(nn.Dense(self.heads, name="decay")(x)) / 16
+        if "beta" in variant.gates:  # DeltaNet's write strength: a sigmoid per head
+            gates["beta"] = jax.nn.sigmoid(nn.Dense(self.heads, name="beta")(x))
         options = mixer_options(self.kind, q.shape[-1])
         mixed = variant.bind(causal=True, **options)(q, k, v, **gates)
         if not variant.normalised:
