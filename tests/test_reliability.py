@@ -193,3 +193,38 @@ def test_history_says_failed_with_the_reason(straight, tmp_path, monkeypatch):
         vit.train_and_evaluate(small_config(data, "epochs=2"), tmp_path / "run")
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert history["status"] == "failed: RuntimeError: disk full"
+
+
+def test_one_process_per_workdir_and_the_lock_dies_with_its_holder(fashion_dir, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    code = (
+        "import sys, time; from pathlib import Path; from hw2jax.train import run_files\n"
+        "with run_files.exclusive(Path(sys.argv[1])):\n"
+        "    print('held', flush=True); time.sleep(120)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(workdir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cli.main(cli_args(fashion_dir, workdir, "epochs=1")) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            f"hw2jax: error: {workdir} is in use by another training process (PID "
+            f"{holder.pid}); wait for it to end, stop it (Ctrl-C saves a checkpoint), or pass "
+            "another --workdir."
+        )
+        assert not (workdir / "config.json").exists()  # refused before writing anything
+    finally:
+        holder.kill()  # as kill -9: no cleanup runs, the OS drops the lock
+        holder.wait()
+    assert cli.main(cli_args(fashion_dir, workdir, "epochs=1")) == 0
+
+
+def test_a_workdir_that_is_a_file_is_one_line(fashion_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert cli.main(cli_args(fashion_dir, tmp_path / "file", "epochs=1")) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"hw2jax: error: --workdir {tmp_path / 'file'} is a file, not a folder; pass a folder's "
+        "path."
+    )

@@ -3,6 +3,9 @@ and ``history.json`` (what happened), each written atomically."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import json
 import os
 import warnings
@@ -11,8 +14,60 @@ from typing import Any
 
 import ml_collections
 
-from hw2jax.errors import InputError, MissingFileError
+from hw2jax.errors import Hw2jaxError, InputError, MissingFileError
 from hw2jax.train.sharding import is_main_process
+
+
+class WorkdirBusy(Hw2jaxError):
+    """Another process is training in this work dir."""
+
+
+@contextlib.contextmanager
+def exclusive(workdir: Path):
+    """One training process per work dir: an OS lock on ``workdir/.lock`` (with the holder's
+    PID in it), held for the block. The OS drops it when its process ends in any way, kill -9
+    included, so a lock is never left stale. With several processes (jax.distributed) sharing
+    the work dir, process 0 holds it."""
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise InputError(f"--workdir {workdir} is a file, not a folder; pass a folder's path.")
+    if not is_main_process():
+        yield
+        return
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(workdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError as e:
+        raise InputError(
+            f"cannot write in --workdir {workdir} ({e.strerror}); pass a folder you can write to."
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise WorkdirBusy(
+            f"{workdir} is in use by another training process (PID {holder}); wait for it to "
+            "end, stop it (Ctrl-C saves a checkpoint), or pass another --workdir."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def one_process_per_workdir(train):
+    """Decorates ``train(config, workdir, ...)`` to run under :func:`exclusive` (``workdir``)."""
+
+    @functools.wraps(train)
+    def locked(config, workdir, *args, **kwargs):
+        with exclusive(Path(workdir)):
+            return train(config, workdir, *args, **kwargs)
+
+    return locked
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
