@@ -50,4 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.feature_dtype = "float16"  # float16 | bfloat16 | float32 for the cached features
     c.feature_shard_size = 1024  # reviews per cache shard (each written atomically)
     c.read_test = True  # False: stop at valid (recipe search); rerun with True to read test once
+    c.finetune = False  # True: the encoder trains too (experiments/bert_gru_imdb_finetune.py)
+    c.encoder_lr_scale = 1.0  # fine-tuning: the encoder's top layer at learning_rate * this
+    c.layer_decay = 1.0  # fine-tuning: each layer below at this times the one above
+    c.remat = False  # fine-tuning: recompute encoder activations in the backward pass
     return c

@@ -166,3 +166,90 @@ def test_pooled_heads_match_torch(tmp_path, pool, use_mask):
 def test_an_unknown_pool_names_the_choices():
     with pytest.raises(ValueError, match="pool must be one of"):
         BertGRUSentiment(TINY, pool="sum").init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_fine_tuning_gradients_match_torch(tmp_path, remat):
+    """One loss (mean binary cross-entropy of the assignment's head on a 2-layer BERT), its
+    gradient for every encoder weight against torch's autograd of the transformers twin with
+    the same weights; ``remat`` recomputes the layers in the backward pass and must not
+    change a number."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from hw2jax.models import bert_params as names
+
+    torch.manual_seed(3)
+    fields = {**TINY_FIELDS, "num_hidden_layers": 2}
+    tbert = transformers.BertModel(transformers.BertConfig(**fields)).eval()  # no dropout
+    tbert.save_pretrained(tmp_path, safe_serialization=True)
+    rnn = torch.nn.GRU(16, 8, num_layers=2, bidirectional=True, batch_first=True).eval()
+    out = torch.nn.Linear(16, 1)
+    config, bert_weights, _ = bert.load_pretrained(str(tmp_path))
+    params = {
+        "bert": bert_weights,
+        "rnn": params_from_torch(rnn),
+        "out": {
+            "kernel": jnp.asarray(out.weight.detach().numpy().T),
+            "bias": jnp.asarray(out.bias.detach().numpy()),
+        },
+    }
+    ids = np.array([[5, 6, 7, 8, 9, 0, 0, 0], [3, 4, 5, 6, 7, 8, 9, 10], [7, 3, 2, 0, 0, 0, 0, 0]])
+    labels = np.array([1.0, 0.0, 1.0], np.float32)
+
+    _, hidden = rnn(tbert(torch.tensor(ids))[0])
+    logits = out(torch.cat((hidden[-2], hidden[-1]), dim=1)).squeeze(-1)
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor(labels)).backward()
+    expected = {name: p.grad for name, p in tbert.named_parameters()}
+
+    def loss(p, finetune):
+        model = BertGRUSentiment(config, hidden_dim=8, finetune=finetune, remat=remat)
+        logits = model.apply({"params": p}, jnp.asarray(ids))
+        return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, jnp.asarray(labels)))
+
+    ours = names.state_dict_from_params(jax.grad(loss)(params, True)["bert"])
+    compared = 0
+    for name, grad in expected.items():
+        if grad is None:  # the pooler does not reach the loss
+            assert not np.any(ours[name]), name
+            continue
+        np.testing.assert_allclose(ours[name], grad.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
+        compared += 1
+    assert compared == len(expected) - 2  # every weight but the pooler's two
+    frozen = jax.grad(loss)(params, False)["bert"]
+    assert not any(np.any(np.asarray(g)) for g in jax.tree.leaves(frozen))
+
+
+def test_layer_wise_learning_rates_scale_each_update():
+    from hw2jax.tasks.sentiment.task import layer_decay_scale
+    from hw2jax.train.steps import build_optimizer
+
+    scale = lambda path: layer_decay_scale(path, num_layers=3, top_scale=0.1, decay=0.5)  # noqa: E731
+    assert scale(("out", "kernel")) == 1.0
+    assert scale(("bert", "layer_2", "query", "kernel")) == 0.1
+    assert scale(("bert", "layer_0", "query", "kernel")) == 0.1 * 0.5**2
+    assert scale(("bert", "embeddings", "word_embeddings", "embedding")) == 0.1 * 0.5**3
+    assert scale(("bert", "pooler_dense", "kernel")) == 0.1
+
+    params = {
+        "bert": {"layer_0": {"w": jnp.ones((2, 2))}, "embeddings": {"w": jnp.ones((2, 2))}},
+        "out": {"w": jnp.ones((2, 2))},
+    }
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+    import ml_collections
+
+    config = ml_collections.ConfigDict(
+        dict(
+            epochs=1,
+            schedule="constant",
+            learning_rate=1e-2,
+            optimizer="adamw",
+            weight_decay=0.0,
+            grad_clip_norm=0.0,
+        )
+    )
+    plain, layered = build_optimizer(config, 1), build_optimizer(config, 1, scale)
+    a, _ = plain.update(grads, plain.init(params), params)
+    b, _ = layered.update(grads, layered.init(params), params)
+    np.testing.assert_allclose(b["out"]["w"], a["out"]["w"])
+    np.testing.assert_allclose(b["bert"]["layer_0"]["w"], 0.1 * 0.5**2 * a["bert"]["layer_0"]["w"])
+    np.testing.assert_allclose(b["bert"]["embeddings"]["w"], 0.1 * 0.5**3 * a["out"]["w"])

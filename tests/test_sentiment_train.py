@@ -11,6 +11,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -574,3 +575,43 @@ def test_a_bert_base_checkpoint_folder_trains_with_the_assignments_parameter_cou
     history = json.loads((tmp_path / "w" / "history.json").read_text())
     assert history["parameters"] == {"total": 112_241_409, "trainable": 2_759_169}
     assert history["status"] == "done"
+
+
+def test_fine_tuning_trains_the_encoder_at_layer_wise_rates(tmp_path):
+    """finetune=True moves the encoder's weights, the embeddings (a step below the one layer)
+    at layer_decay times the layer's rate; a frozen run leaves them bitwise alone."""
+    from hw2jax.train import loop
+
+    config = tiny_config(
+        tmp_path,
+        "finetune=True",
+        "epochs=2",
+        "optimizer=adamw",
+        "encoder_lr_scale=0.5",
+        "layer_decay=1e-6",
+        "remat=True",
+    )
+    out = sentiment.train_and_evaluate(config, tmp_path / "tuned")
+    assert out["status"] == "done"
+    assert out["parameters"]["trainable"] == out["parameters"]["total"]
+    bert_config, start, tokenizer = sentiment.load_encoder(config)
+    data = sentiment.prepare_data(config, tokenizer, tmp_path)
+    task = sentiment.SentimentTask(config, data, bert_config, start)
+
+    def moved(params, *path):
+        a, b = params, start
+        for key in path:
+            a, b = a[key], b[key]
+        return np.abs(np.asarray(a) - np.asarray(b))
+
+    tuned = loop.latest_params(task, config, tmp_path / "tuned")["bert"]
+    layer = moved(tuned, "layer_0", "query", "kernel").mean()
+    embeddings = moved(tuned, "embeddings", "position_embeddings", "embedding").max()
+    assert layer > 1e-4 and embeddings < 1e-3 * layer
+
+    frozen = tiny_config(tmp_path, "epochs=1")
+    sentiment.train_and_evaluate(frozen, tmp_path / "frozen")
+    frozen_task = sentiment.SentimentTask(frozen, data, bert_config, start)
+    kept = loop.latest_params(frozen_task, frozen, tmp_path / "frozen")["bert"]
+    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(start), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -92,8 +92,13 @@ class BertEmbeddings(nn.Module):
             )
 
         positions = jnp.arange(input_ids.shape[-1])[None]
+        words = embed(c.vocab_size, "word_embeddings")(input_ids)
+        # The padding token's row gets no gradient, as torch's Embedding(padding_idx=...)
+        # in Hugging Face's BERT: fine-tuning never moves it.
+        pad = (input_ids == c.pad_token_id)[..., None]
+        words = jnp.where(pad, jax.lax.stop_gradient(words), words)
         x = (
-            embed(c.vocab_size, "word_embeddings")(input_ids)
+            words
             + embed(c.max_position_embeddings, "position_embeddings")(positions)
             + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
         )
@@ -107,7 +112,7 @@ class BertLayer(nn.Module):
     implementation: str = "auto"  # see BertModel
 
     @nn.compact
-    def __call__(self, x, key_bias, *, deterministic: bool):
+    def __call__(self, x, key_bias, deterministic: bool = True):
         c = self.config
         heads, dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
         compute = self.dtype or jnp.float32
@@ -191,6 +196,9 @@ class BertModel(nn.Module):
     # and pays, with no attention dropout; XLA's attention elsewhere). "fused_cpu" insists on
     # the kernel (float32: bf16 inputs upcast), "xla" avoids it.
     implementation: str = "auto"
+    # Recompute each layer's activations in the backward pass instead of keeping them:
+    # memory for fine-tuning at long lengths, for about one more forward pass of time.
+    remat: bool = False
 
     @nn.compact
     def __call__(
@@ -216,9 +224,10 @@ class BertModel(nn.Module):
         x = BertEmbeddings(c, self.dtype, name="embeddings")(
             input_ids, token_type_ids, deterministic=deterministic
         )
+        layer_class = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
         for i in range(c.num_hidden_layers):
-            layer = BertLayer(c, self.dtype, self.implementation, name=f"layer_{i}")
-            x = layer(x, key_bias, deterministic=deterministic)
+            layer = layer_class(c, self.dtype, self.implementation, name=f"layer_{i}")
+            x = layer(x, key_bias, deterministic)
         pooled = jnp.tanh(_dense(c.hidden_size, name="pooler_dense", dtype=self.dtype)(x[:, 0]))
         return x, pooled
 

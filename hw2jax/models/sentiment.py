@@ -39,21 +39,23 @@ class BertGRUSentiment(nn.Module):
     dtype: Any = None
     implementation: str = "auto"  # BertModel's attention: auto, xla or fused_cpu
     pool: str = "final"  # "final" | "mean" | "max"
+    finetune: bool = False  # train the encoder too (its gradient flows); else it is frozen
+    remat: bool = False  # BertModel.remat: recompute the encoder's layers in the backward pass
 
     def setup(self):
         if self.pool not in POOLS:
             raise InputError(f"pool must be one of {POOLS}, got {self.pool!r}.")
-        self.bert = BertModel(self.bert_config, self.dtype, self.implementation)
+        self.bert = BertModel(self.bert_config, self.dtype, self.implementation, self.remat)
         self.rnn = GRU(self.hidden_dim, self.n_layers, self.bidirectional, self.dropout)
         self.head_dropout = nn.Dropout(self.dropout)
         fan_in = self.hidden_dim * (2 if self.bidirectional else 1)
         self.out = TorchDense(1, fan_in)
 
     def encode(self, input_ids, attention_mask=None, *, train: bool = False) -> jax.Array:
-        """BERT's last hidden state [B, T, H], with no gradient (frozen)."""
+        """BERT's last hidden state [B, T, H]; with no gradient unless ``finetune``."""
         mask = attention_mask if self.use_mask else None
         hidden, _ = self.bert(input_ids, mask, deterministic=not (train and self.bert_dropout))
-        return jax.lax.stop_gradient(hidden)
+        return hidden if self.finetune else jax.lax.stop_gradient(hidden)
 
     def head(self, features, attention_mask, *, train: bool = False) -> jax.Array:
         """GRU -> pooled states -> dropout -> linear, on encoder features."""

@@ -42,7 +42,7 @@ def train_and_evaluate(
     workdir.mkdir(parents=True, exist_ok=True)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     steps_per_epoch = len(task.train_batches(0))
-    tx = steps.build_optimizer(config, steps_per_epoch)
+    tx = steps.build_optimizer(config, steps_per_epoch, _learning_rate_scale(task))
     state = steps.TrainState.create(
         task.init_params(init_rng), tx, getattr(task, "frozen_keys", ())
     )
@@ -124,6 +124,10 @@ def _stop(run: hooks.Run, everything: list[hooks.Hook]) -> None:
     run.history["stopped_by"] = run.stop_requested  # for the exit code
 
 
+def _learning_rate_scale(task: steps.Task):
+    return getattr(task, "learning_rate_scale", None)  # optional: per-parameter learning rates
+
+
 def _epoch_mean_loss(records: list[dict], epoch: int) -> float:
     rows = [r for r in records if r["epoch"] == epoch]
     return sum(r["loss"] * r["examples"] for r in rows) / max(sum(r["examples"] for r in rows), 1)
@@ -159,7 +163,7 @@ def latest_params(task: steps.Task, config: ml_collections.ConfigDict, workdir: 
     state = jax.eval_shape(
         lambda: steps.TrainState.create(
             task.init_params(jax.random.key(0)),
-            steps.build_optimizer(config, 1),
+            steps.build_optimizer(config, 1, _learning_rate_scale(task)),
             getattr(task, "frozen_keys", ()),
         )
     )

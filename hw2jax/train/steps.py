@@ -128,9 +128,28 @@ def evaluate(
 # --------------------------------------------------------------------------- optimizer
 
 
-def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
+def scale_by_path(scale: Callable[[tuple[str, ...]], float]) -> optax.GradientTransformation:
+    """Multiplies each parameter's update by ``scale(path)``, its path a tuple of names such
+    as ("bert", "layer_3", "query", "kernel"): per-parameter learning rates (layer-wise decay)."""
+
+    def update(updates, state, params=None):
+        def scaled(path, u):
+            return u * scale(tuple(str(getattr(k, "key", k)) for k in path))
+
+        return jax.tree_util.tree_map_with_path(scaled, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def build_optimizer(
+    config: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+    learning_rate_scale: Callable[[tuple[str, ...]], float] | None = None,
+):
     """``adam_l2``: torch.optim.Adam(weight_decay=wd), i.e. wd * param added to the gradient
-    before Adam (coupled L2). ``adamw``: decoupled decay, with warm-up and cosine decay."""
+    before Adam (coupled L2). ``adamw``: decoupled decay, with warm-up and cosine decay.
+    ``learning_rate_scale(path)`` multiplies each parameter's update, decay included, as a
+    per-group learning rate does in torch."""
     total = config.epochs * steps_per_epoch
     if config.schedule == "warmup_cosine":
         warmup = int(config.warmup_epochs * steps_per_epoch)
@@ -151,6 +170,8 @@ def build_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
         tx = optax.adamw(lr, weight_decay=config.weight_decay, mask=mask)
     else:
         raise InputError(f"unknown optimizer {config.optimizer!r}; choose adam_l2 or adamw.")
+    if learning_rate_scale is not None:
+        tx = optax.chain(tx, scale_by_path(learning_rate_scale))
     if config.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
     return tx

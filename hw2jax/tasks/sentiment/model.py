@@ -47,6 +47,8 @@ def build_model(
         pool=config.pool,
         dtype=encoder_dtype(config),
         implementation=config.encoder_implementation,
+        finetune=config.get("finetune", False),  # configs saved before fine-tuning existed
+        remat=config.get("remat", False),
     )
 
 

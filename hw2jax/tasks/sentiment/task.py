@@ -3,6 +3,7 @@ schema; and training with the single read of test."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import optax
 from hw2jax.attention import key_bias
 from hw2jax.config import LOOP_SCHEMA, Field, check_config
 from hw2jax.data import imdb
+from hw2jax.errors import InputError
 from hw2jax.models import bert
 from hw2jax.models.sentiment import FROZEN_KEY, POOLS, BertGRUSentiment
 from hw2jax.tasks.feature_cache import FeatureCache
@@ -52,16 +54,42 @@ SCHEMA = {
     "feature_shard_size": Field(int, min=1),
     "feature_dtype": Field(str, choices=("float16", "bfloat16", "float32")),
     "read_test": Field(bool),
+    # Fine-tuning: the encoder trains too, at learning_rate * encoder_lr_scale for its top
+    # layer and layer_decay times less for each layer below (embeddings last).
+    "finetune": Field(bool),
+    "encoder_lr_scale": Field(float, above=0.0),
+    "layer_decay": Field(float, "0 < layer_decay <= 1", above=0.0, check=lambda v: v <= 1),
+    "remat": Field(bool),
 }
 
 
 def check(config: ml_collections.ConfigDict) -> None:
     """The whole config against :data:`SCHEMA`, before any data is read or compiled."""
     check_config(config.to_dict(), SCHEMA)
+    if config.finetune and config.cache_features:
+        raise InputError(
+            "finetune=True trains the encoder, so its features cannot be cached: set "
+            "cache_features=False (--set cache_features=False)."
+        )
+
+
+def layer_decay_scale(
+    path: tuple[str, ...], *, num_layers: int, top_scale: float, decay: float
+) -> float:
+    """The learning-rate factor of a parameter when fine-tuning: 1 for the head, ``top_scale``
+    for the encoder's top layer (and its pooler), ``decay`` times less for each layer below,
+    the embeddings one step under the lowest layer."""
+    if path[0] != FROZEN_KEY:
+        return 1.0
+    below_top = num_layers  # the embeddings
+    if path[1].startswith("layer_"):
+        below_top = num_layers - 1 - int(path[1].removeprefix("layer_"))
+    elif path[1].startswith("pooler"):
+        below_top = 0
+    return top_scale * decay**below_top
 
 
 class SentimentTask:
-    frozen_keys = (FROZEN_KEY,)
     unit = "reviews"
 
     def __init__(
@@ -73,6 +101,20 @@ class SentimentTask:
         features: dict[str, FeatureCache] | None = None,
     ):
         self.config = config
+        finetune = config.get("finetune", False)
+        self.frozen_keys = () if finetune else (FROZEN_KEY,)
+        # Per-parameter learning rates only when fine-tuning: a frozen run's optimizer (and
+        # the checkpoints it wrote) keeps its plain structure.
+        self.learning_rate_scale = (
+            functools.partial(
+                layer_decay_scale,
+                num_layers=bert_config.num_hidden_layers,
+                top_scale=config.encoder_lr_scale,
+                decay=config.layer_decay,
+            )
+            if finetune
+            else None
+        )
         self.model = build_model(config, bert_config)
         self.bert_params = bert_params
         self.lengths = {k: v["length"] for k, v in splits.items()}
