@@ -228,3 +228,20 @@ def test_a_workdir_that_is_a_file_is_one_line(fashion_dir, tmp_path, capsys):
         f"hw2jax: error: --workdir {tmp_path / 'file'} is a file, not a folder; pass a folder's "
         "path."
     )
+
+
+def test_a_checkpoint_of_another_model_is_refused_not_set_aside(fashion_dir, tmp_path, capsys):
+    """Resuming with a config that builds another model is no damage: nothing is moved, and
+    one line says what differs and how to go on."""
+    workdir = tmp_path / "run"
+    assert cli.main(cli_args(fashion_dir, workdir, "epochs=1")) == 0
+    before = json.loads((workdir / "history.json").read_text())
+    with pytest.warns(UserWarning, match="model.dim: 16 -> 24"):
+        code = cli.main(cli_args(fashion_dir, workdir, "epochs=1", "model.dim=24"))
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds another model or optimizer than this config builds" in err
+    assert "e.g. opt_state/1/mu/block0/attn/to_out/bias (16,) in the checkpoint, (24,) now" in err
+    assert not (workdir / "checkpoints" / "damaged").exists()
+    assert Checkpoints(workdir / "checkpoints").latest_step() == before["epochs"][-1]["step"]
+    assert json.loads((workdir / "history.json").read_text())["config"] == before["config"]

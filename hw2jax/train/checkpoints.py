@@ -36,6 +36,17 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {first[:160]}"
 
 
+def _leaf_shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{path of names: shape} for every array of a state or of a checkpoint's metadata."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = tuple(
+            str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path
+        )
+        out[names] = tuple(getattr(leaf, "shape", ()))
+    return out
+
+
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -45,7 +56,12 @@ class Checkpoints:
         self.directory = Path(directory).absolute()
         keep_two = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
         keep_one = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-        self._latest = ocp.CheckpointManager(self.directory / "latest", options=keep_two)
+        # The handler named up front: a manager that has not saved yet reads metadata only so.
+        self._latest = ocp.CheckpointManager(
+            self.directory / "latest",
+            options=keep_two,
+            item_handlers=ocp.StandardCheckpointHandler(),
+        )
         self._best = ocp.CheckpointManager(self.directory / "best", options=keep_one)
 
     @staticmethod
@@ -88,6 +104,13 @@ class Checkpoints:
         steps = sorted(self._latest.all_steps(), reverse=True)
         for step in steps:
             try:
+                metadata = self._latest.item_metadata(step)
+            except Exception as e:  # orbax and TensorStore raise many types for one cause
+                self._set_aside(step, e)
+                continue
+            if metadata is not None:
+                self._check_same_structure(step, _leaf_shapes(metadata), _leaf_shapes(target))
+            try:
                 restored = self._latest.restore(step, args=ocp.args.StandardRestore(target))
             except Exception as e:  # orbax and TensorStore raise many types for one cause
                 self._set_aside(step, e)
@@ -100,6 +123,24 @@ class Checkpoints:
                 f"over, delete {self.directory} or pass a new --workdir."
             )
         return state
+
+    def _check_same_structure(self, step: int, saved: dict, wanted: dict) -> None:
+        """A readable checkpoint of another model or optimizer is not damage: it stays where
+        it is, and the run stops with what differs."""
+        if saved == wanted:
+            return
+        differ = sorted(
+            "/".join(k)
+            + f" {saved.get(k, 'absent')} in the checkpoint, {wanted.get(k, 'absent')} now"
+            for k in saved.keys() | wanted.keys()
+            if saved.get(k) != wanted.get(k)
+        )
+        raise CheckpointError(
+            f"the checkpoint of step {step} in {self.directory / 'latest'} holds another model or "
+            f"optimizer than this config builds ({len(differ)} arrays differ, e.g. "
+            f"{'; '.join(differ[:3])}). Resume with the config it was trained with (the "
+            '"config" of history.json in the work dir), or pass a new --workdir to start over.'
+        )
 
     def _set_aside(self, step: int, error: Exception) -> None:
         damaged = self.directory / "damaged" / f"latest-{step}-{int(time.time())}"
