@@ -181,3 +181,16 @@ def test_linear_attention_with_taylor_features_matches_the_float64_loop(causal):
     q, k, v = qkv((2, 9, 2, 4), e=3, seed=8)
     out = attention.linear_attention(q, k, v, causal=causal, feature_map="taylor", chunk_size=4)
     np.testing.assert_allclose(out, taylor_linear_ref(q, k, v, causal), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("c", [1, 5, 8, 13, 64])
+def test_unit_lower_inverse_is_the_inverse(c):
+    from hw2jax.attention.delta_rule import unit_lower_inverse
+
+    rng = np.random.default_rng(c)
+    m = np.tril(rng.uniform(-1, 1, (3, c, c)), -1) + np.eye(c)
+    ours = np.asarray(unit_lower_inverse(jnp.asarray(m, jnp.float32)), np.float64)
+    np.testing.assert_allclose(
+        ours, np.linalg.inv(m), rtol=1e-4, atol=1e-4 * np.abs(np.linalg.inv(m)).max()
+    )
+    assert np.all(np.triu(ours, 1) == 0)

@@ -12,9 +12,9 @@ Two forms: ``recurrent`` (a scan over time, the state in memory at each step) an
 (the WY/UT form of Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule over
 Sequence Length"): inside a chunk of C steps the corrections u_t = S_t - alpha_t S_(t-1) applied
 to k_t solve one unit lower-triangular system, (I + diag(beta) L) U = diag(beta) (V - diag(g) K
-S^T), with L[t, j] = (g_t / g_j) k_t . k_j for j < t and g the running product of alpha; so a
-chunk is a few [C, C] and [C, d] products and the state passes between chunks only, in
-O(T * C + T * d) memory.
+S^T), with L[t, j] = (g_t / g_j) k_t . k_j for j < t and g the running product of alpha
+(inverted by :func:`unit_lower_inverse`); so a chunk is a few [C, C] and [C, d] products and the
+state passes between chunks only, in O(T * C + T * d) memory.
 """
 
 from __future__ import annotations
@@ -105,9 +105,7 @@ def _chunked(q, k, v, beta, log_alpha, chunk):
         system = eye + bi[..., :, None] * jnp.where(strict, kk, 0.0)  # I + diag(beta) L
         rhs_v = bi[..., None] * vi
         rhs_k = (bi * jnp.exp(g))[..., None] * ki
-        solved = jax.scipy.linalg.solve_triangular(
-            system, jnp.concatenate([rhs_v, rhs_k], -1), lower=True, unit_diagonal=True
-        )
+        solved = unit_lower_inverse(system) @ jnp.concatenate([rhs_v, rhs_k], -1)
         u = solved[..., :dv] - jnp.einsum("bhtk,bhek->bhte", solved[..., dv:], s)  # U = U~ - W S^T
         scores = jnp.einsum("bhtd,bhjd->bhtj", qi, ki) * decay
         out = jnp.exp(g)[..., None] * jnp.einsum("bhtk,bhek->bhte", qi, s)
@@ -122,6 +120,32 @@ def _chunked(q, k, v, beta, log_alpha, chunk):
     _, out = jax.lax.scan(chunk_step, s0, (qc, kc, vc, bc, ac))  # [n, B, H, C, dv]
     out = jnp.moveaxis(out, (0, 2), (1, 3)).reshape(b, n * chunk, h, dv)
     return out[:, :t]
+
+
+def unit_lower_inverse(m: jax.Array) -> jax.Array:
+    """The inverse of unit lower-triangular matrices [..., C, C], by recursive doubling: the
+    inverses of the diagonal blocks of size s give those of size 2s, [[A, 0], [L, B]]^-1 =
+    [[A^-1, 0], [-B^-1 L A^-1, B^-1]]. Matmuls only: no LAPACK call (whose CPU kernel
+    deadlocked inside XLA's scan here) and no Neumann series (whose powers overflow)."""
+    c = m.shape[-1]
+    size = 1 << max(c - 1, 0).bit_length()
+    batch = m.shape[:-2]
+    if size != c:  # pad to a power of two with an identity block, sliced off at the end
+        pad = [(0, 0)] * len(batch) + [(0, size - c), (0, size - c)]
+        m = jnp.pad(m, pad) + jnp.diag(jnp.arange(size) >= c).astype(m.dtype)
+    inverse = jnp.ones((*batch, size, 1, 1), m.dtype)  # the 1 x 1 diagonal blocks
+    s = 1
+    while s < size:
+        n = size // (2 * s)
+        blocks = m.reshape(*batch, n, 2 * s, n, 2 * s)
+        diagonal = jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)  # [n, 2s, 2s]
+        pairs = inverse.reshape(*batch, n, 2, s, s)
+        a, b = pairs[..., 0, :, :], pairs[..., 1, :, :]
+        lower = -b @ diagonal[..., s:, :s] @ a
+        top = jnp.concatenate([a, jnp.zeros_like(a)], -1)
+        inverse = jnp.concatenate([top, jnp.concatenate([lower, b], -1)], -2)
+        s *= 2
+    return inverse.reshape(*batch, size, size)[..., :c, :c]
 
 
 def l2_normalise(x: jax.Array, eps: float = 1e-6) -> jax.Array:
