@@ -120,7 +120,7 @@ class MQARTask:
         return IndexBatches(data, chunk(np.arange(n), size), size)
 
 
-@run_files.one_process_per_workdir
+@run_files.one_process_per_workdir(check)
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | Path,

@@ -222,7 +222,7 @@ def write_report(task: ViTTask, params, workdir: Path, history: dict[str, Any]) 
     }
 
 
-@run_files.one_process_per_workdir
+@run_files.one_process_per_workdir(check)
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | Path,

@@ -59,15 +59,20 @@ def exclusive(workdir: Path):
         os.close(fd)
 
 
-def one_process_per_workdir(train):
-    """Decorates ``train(config, workdir, ...)`` to run under :func:`exclusive` (``workdir``)."""
+def one_process_per_workdir(check_config):
+    """Decorates ``train(config, workdir, ...)``: ``check_config(config)`` first, so that a bad
+    config is refused before the work dir is made, then ``train`` under :func:`exclusive`."""
 
-    @functools.wraps(train)
-    def locked(config, workdir, *args, **kwargs):
-        with exclusive(Path(workdir)):
-            return train(config, workdir, *args, **kwargs)
+    def decorate(train):
+        @functools.wraps(train)
+        def locked(config, workdir, *args, **kwargs):
+            check_config(config)
+            with exclusive(Path(workdir)):
+                return train(config, workdir, *args, **kwargs)
 
-    return locked
+        return locked
+
+    return decorate
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

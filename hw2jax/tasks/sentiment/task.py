@@ -188,7 +188,7 @@ class SentimentTask:
         return self._batches(split, self.config.eval_batch_size, None)
 
 
-@run_files.one_process_per_workdir
+@run_files.one_process_per_workdir(check)
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     check(config)  # bad values fail here, not after tokenizing 50,000 reviews
     workdir = Path(workdir)
