@@ -104,3 +104,12 @@ def test_an_unexpected_error_keeps_its_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(report_module, "epoch_table", broken)
     with pytest.raises(ValueError, match="a bug"):
         cli.main(["report", str(_run(tmp_path, "ok", _history([0.5])))])
+
+
+def test_the_unit_comes_from_the_history_or_its_config():
+    from hw2jax.train.report import unit
+
+    assert unit({"unit": "sequences", "config": {"encoder": "minilm"}}) == "sequences"
+    assert unit({"config": {"encoder": "minilm", "eval_split": "valid"}}) == "reviews"
+    assert unit({"config": {"seq_len": 64}}) == "sequences"
+    assert unit({"config": {"model": {"attention": "softmax"}, "eval_split": "valid"}}) == "images"

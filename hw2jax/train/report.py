@@ -17,9 +17,12 @@ def _split(history: dict) -> str | None:
 
 
 def unit(history: dict) -> str:
-    """What the run's examples are called; histories written before the loop recorded it named
-    every rate ``images_per_s``, and only IMDB was evaluated on valid."""
-    return history.get("unit") or ("reviews" if _split(history) == "valid" else "images")
+    """What the run's examples are called; histories written before the loop recorded it are
+    told apart by their config (IMDB's names an encoder, MQAR's a sequence length)."""
+    if history.get("unit"):
+        return history["unit"]
+    config = history.get("config", {})
+    return "reviews" if "encoder" in config else "sequences" if "seq_len" in config else "images"
 
 
 def epoch_table(history: dict) -> str:
