@@ -90,14 +90,15 @@ def test_bert_dropout_is_on_in_training_by_default():
     np.testing.assert_allclose(run(no_bert_dropout, 1), run(no_bert_dropout, 2))
 
 
-def torch_twin(tmp_path, seed):
+def torch_twin(tmp_path, seed, bert_layers=1):
     """The assignment's model in torch with random weights (a transformers BertModel of TINY's
-    shape, saved to ``tmp_path``; a 2-layer BiGRU; the linear head), and our params copied from
-    it: (tbert, rnn, out, config, params)."""
+    shape with ``bert_layers`` layers, saved to ``tmp_path``; a 2-layer BiGRU; the linear head),
+    and our params copied from it: (tbert, rnn, out, config, params)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    tbert = transformers.BertModel(transformers.BertConfig(**TINY_FIELDS)).eval()
+    fields = {**TINY_FIELDS, "num_hidden_layers": bert_layers}
+    tbert = transformers.BertModel(transformers.BertConfig(**fields)).eval()
     tbert.save_pretrained(tmp_path, safe_serialization=True)
     rnn = torch.nn.GRU(16, 8, num_layers=2, bidirectional=True, batch_first=True, dropout=0.25)
     out = torch.nn.Linear(16, 1)
@@ -174,25 +175,11 @@ def test_fine_tuning_gradients_match_torch(tmp_path, remat):
     gradient for every encoder weight against torch's autograd of the transformers twin with
     the same weights; ``remat`` recomputes the layers in the backward pass and must not
     change a number."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     from hw2jax.models import bert_params as names
 
-    torch.manual_seed(3)
-    fields = {**TINY_FIELDS, "num_hidden_layers": 2}
-    tbert = transformers.BertModel(transformers.BertConfig(**fields)).eval()  # no dropout
-    tbert.save_pretrained(tmp_path, safe_serialization=True)
-    rnn = torch.nn.GRU(16, 8, num_layers=2, bidirectional=True, batch_first=True).eval()
-    out = torch.nn.Linear(16, 1)
-    config, bert_weights, _ = bert.load_pretrained(str(tmp_path))
-    params = {
-        "bert": bert_weights,
-        "rnn": params_from_torch(rnn),
-        "out": {
-            "kernel": jnp.asarray(out.weight.detach().numpy().T),
-            "bias": jnp.asarray(out.bias.detach().numpy()),
-        },
-    }
+    tbert, rnn, out, config, params = torch_twin(tmp_path, seed=3, bert_layers=2)
+    import torch
+
     ids = np.array([[5, 6, 7, 8, 9, 0, 0, 0], [3, 4, 5, 6, 7, 8, 9, 10], [7, 3, 2, 0, 0, 0, 0, 0]])
     labels = np.array([1.0, 0.0, 1.0], np.float32)
 

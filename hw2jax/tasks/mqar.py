@@ -128,7 +128,6 @@ def train_and_evaluate(
     extra_hooks: Sequence[hooks.Hook] = (),
 ) -> dict[str, Any]:
     """One model: trains, evaluates on the test sequences each epoch, resumes from workdir."""
-    check(config)
     workdir = Path(workdir)
     run_files.save_run_config(workdir, config)
     task = MQARTask(config)

@@ -230,7 +230,6 @@ def train_and_evaluate(
     extra_hooks: Sequence[hooks.Hook] = (),
 ) -> dict[str, Any]:
     """Trains and evaluates the ViT; ``extra_hooks`` join the loop's (:mod:`hw2jax.train.hooks`)."""
-    check(config)
     workdir = Path(workdir)
     run_files.save_run_config(workdir, config)
     train, test = load_data(config)

@@ -36,15 +36,17 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {first[:160]}"
 
 
+def path_names(path: tuple) -> tuple[str, ...]:
+    """A jax key path as plain names: ("opt_state", "1", "mu", "bert", "layer_3", "kernel")."""
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
 def _leaf_shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{path of names: shape} for every array of a state or of a checkpoint's metadata."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        names = tuple(
-            str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path
-        )
-        out[names] = tuple(getattr(leaf, "shape", ()))
-    return out
+    return {
+        path_names(path): tuple(getattr(leaf, "shape", ()))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def _abstract(tree: Any) -> Any:

@@ -14,6 +14,7 @@ import optax
 from flax import struct
 
 from hw2jax.errors import InputError
+from hw2jax.train import checkpoints
 from hw2jax.train.sharding import DataParallel
 
 Batch = dict[str, jax.Array]
@@ -134,7 +135,7 @@ def scale_by_path(scale: Callable[[tuple[str, ...]], float]) -> optax.GradientTr
 
     def update(updates, state, params=None):
         def scaled(path, u):
-            return u * scale(tuple(str(getattr(k, "key", k)) for k in path))
+            return u * scale(checkpoints.path_names(path))
 
         return jax.tree_util.tree_map_with_path(scaled, updates), state
 

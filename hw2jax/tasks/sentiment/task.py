@@ -190,7 +190,6 @@ class SentimentTask:
 
 @run_files.one_process_per_workdir(check)
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    check(config)  # bad values fail here, not after tokenizing 50,000 reviews
     workdir = Path(workdir)
     run_files.save_run_config(workdir, config)
     bert_config, bert_params, tokenizer = load_encoder(config)
