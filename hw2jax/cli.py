@@ -434,6 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Hw2jaxError as e:  # bad input or a damaged file: one line that names the fix
         print(f"hw2jax: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before a run's own handler was installed, or after it ended
+        print("hw2jax: stopped by Ctrl-C.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

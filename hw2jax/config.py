@@ -1,8 +1,8 @@
 """Experiment configs: a Python file with ``get_config()``, ``key=value`` overrides, and one
 schema that every config is checked against before any data loading or compilation.
 
-A config file may ``import common`` (``experiments/common.py``, beside it): the shared loop
-defaults that each experiment changes only where it differs.
+A config file may ``import common`` (``experiments/common.py``: the shared loop defaults that
+each experiment changes only where it differs), from beside it or from the shipped folder.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -83,27 +84,68 @@ LOOP_SCHEMA: dict[str, Field] = {
 }
 
 
+# The shipped configs: a config copied elsewhere may still `import common` or build on one.
+_SHIPPED = Path(__file__).resolve().parent.parent / "experiments"
+
+
 def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """Runs the config file ``path`` and returns its ``get_config()``. Its ``import common`` (or
+    of another config) finds the file beside it first, then the shipped ``experiments/``. Any
+    error in the file is one :class:`InputError` naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"config file {path} not found; see experiments/ for the configs.")
     spec = importlib.util.spec_from_file_location(f"hw2jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    # `import common` (or another config) finds the file beside this one, and only while
-    # the file runs: modules of those names imported elsewhere stay as they were.
-    siblings = {p.stem for p in path.parent.glob("*.py")}
-    saved = {name: sys.modules.pop(name) for name in siblings if name in sys.modules}
-    sys.path.insert(0, str(path.parent))
+    # The imported configs are found only while the file runs: modules of the same names
+    # imported elsewhere stay as they were.
+    folders = [str(path.parent)] + ([str(_SHIPPED)] if _SHIPPED.is_dir() else [])
+    names = {p.stem for folder in folders for p in Path(folder).glob("*.py")}
+    saved = {name: sys.modules.pop(name) for name in names if name in sys.modules}
+    sys.path[:0] = folders
     try:
-        spec.loader.exec_module(module)
-        if not hasattr(module, "get_config"):
-            raise AttributeError(f"{path} has no get_config() function.")
-        return module.get_config()
+        try:
+            spec.loader.exec_module(module)
+            if not callable(getattr(module, "get_config", None)):
+                raise InputError(
+                    f"config file {path} has no get_config() function; define one that "
+                    "returns an ml_collections.ConfigDict (see experiments/ for examples)."
+                )
+            config = module.get_config()
+        except InputError:
+            raise
+        except Exception as e:  # the user's file: where it failed is what they need
+            raise InputError(_config_file_error(path, e)) from None
+        if not isinstance(config, ml_collections.ConfigDict):
+            raise InputError(
+                f"get_config() in {path} returned a {type(config).__name__}, not an "
+                "ml_collections.ConfigDict; return one (see experiments/ for examples)."
+            )
+        return config
     finally:
-        sys.path.remove(str(path.parent))
-        for name in siblings:
+        for folder in folders:
+            sys.path.remove(folder)
+        for name in names:
             sys.modules.pop(name, None)
         sys.modules.update(saved)
+
+
+def _config_file_error(path: Path, error: Exception) -> str:
+    """One line: the file and line of a config that cannot be run, what failed, the fix."""
+    if isinstance(error, SyntaxError):
+        where = f"{error.filename}, line {error.lineno}"
+        return f"config file {path} cannot be read: {where}: {error.msg}; fix the syntax there."
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename.endswith(".py")]
+    ours = [f for f in frames if Path(f.filename).resolve().parent != Path(__file__).parent]
+    last = (ours or frames)[-1]
+    what = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    fix = "fix the file there"
+    if isinstance(error, ModuleNotFoundError):
+        fix = (
+            f"put {error.name}.py beside {path.name} (experiments/ has the shipped ones), "
+            "or keep the config in experiments/"
+        )
+    return f"config file {path} fails at {last.filename}, line {last.lineno}: {what}; {fix}."
 
 
 def _parse_value(text: str):

@@ -116,3 +116,52 @@ def test_sentiment_schema_refuses_before_loading_an_encoder(tmp_path):
     assert "encoder_dtype: got 'float16'; choose one of 'float32', 'bfloat16'" in str(e.value)
     assert "max_length: got 1024; 2 <= max_length <= 512" in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+BAD_CONFIGS = {
+    "syntax.py": (
+        "import ml_collections\ndef get_config(:\n    pass\n",
+        "syntax.py, line 2: invalid syntax; fix the syntax there.",
+    ),
+    "raises.py": (
+        "import ml_collections\n\ndef get_config():\n    return {}['missing']\n",
+        "raises.py, line 4: KeyError: 'missing'; fix the file there.",
+    ),
+    "no_function.py": ("CONFIG = 1\n", "has no get_config() function; define one that returns"),
+    "returns_a_dict.py": (
+        "def get_config():\n    return {'epochs': 1}\n",
+        "returned a dict, not an ml_collections.ConfigDict; return one",
+    ),
+    "imports_a_missing_module.py": (
+        "import my_common\n\ndef get_config():\n    return my_common.get_config()\n",
+        "line 1: ModuleNotFoundError: No module named 'my_common'; put my_common.py beside",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
+def test_a_config_file_that_cannot_run_is_one_line_naming_file_and_line(tmp_path, capsys, name):
+    text, message = BAD_CONFIGS[name]
+    path = tmp_path / name
+    path.write_text(text)
+    code = cli.main(["vit", "train", "--config", str(path), "--workdir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"hw2jax: error: config file {path}") or "get_config() in" in err
+    assert message in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_config_copied_to_another_folder_still_finds_common(tmp_path):
+    """A copy of an experiment config outside the checkout imports the shipped common.py and
+    the config it builds on; one beside it wins over the shipped one."""
+    for name in ("vit_fashion_mnist_long.py", "bert_gru_imdb_finetune.py"):
+        (tmp_path / name).write_text((EXPERIMENTS / name).read_text())
+        assert load_config(tmp_path / name) == load_config(EXPERIMENTS / name)
+    (tmp_path / "common.py").write_text(
+        (EXPERIMENTS / "common.py")
+        .read_text()
+        .replace("log_every_steps = 100", "log_every_steps = 7")
+    )
+    assert load_config(tmp_path / "vit_fashion_mnist_long.py").log_every_steps == 7
+    assert "common" not in sys.modules  # found only while the file ran

@@ -260,15 +260,42 @@ def test_normalisation_is_applied_inside_the_model_call(fashion_dir):
     np.testing.assert_allclose(task.apply(params, batch, train=False, rng=None), expected)
 
 
-def test_first_ctrl_c_requests_a_stop_and_the_second_interrupts(sigint_handled):
-    run = types.SimpleNamespace(stop_requested=None)
+def test_first_ctrl_c_requests_a_stop_a_second_waits_for_a_save_else_ends_at_once(
+    sigint_handled, monkeypatch, tmp_path, capsys
+):
+    class Ended(Exception):
+        pass
+
+    def exit_now(code):
+        raise Ended(code)
+
+    monkeypatch.setattr(hooks.os, "_exit", exit_now)
+    (tmp_path / "checkpoints" / "latest" / "6").mkdir(parents=True)  # committed
+    (tmp_path / "checkpoints" / "latest" / "9.orbax-checkpoint-tmp-1").mkdir()  # being written
+    run = types.SimpleNamespace(
+        stop_requested=None,
+        confirming_save=False,
+        status="running",
+        history={},
+        ckpt=checkpoints.Checkpoints(tmp_path / "checkpoints"),
+        save_history=lambda: None,
+    )
     hook = hooks.StopOnSignal()
     hook.start(run)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert run.stop_requested == "SIGTERM"
+    run.confirming_save = True  # a second signal while a checkpoint is written waits for it
     os.kill(os.getpid(), signal.SIGINT)
-    assert run.stop_requested == "Ctrl-C"
-    with pytest.raises(KeyboardInterrupt):
+    assert "waiting for it to finish" in capsys.readouterr().out
+    run.confirming_save = False
+    with pytest.raises(Ended) as ended:  # otherwise it ends at once, with SIGTERM's code
         os.kill(os.getpid(), signal.SIGINT)
+    assert ended.value.args == (143,)
+    assert run.history["aborted"] == {"signal": "Ctrl-C", "resume_step": 6}
+    assert run.status == "interrupted" and run.history["stopped_by"] == "SIGTERM"
+    assert "a rerun resumes from step 6" in capsys.readouterr().out
     hook.close(run)
+    run.ckpt.close()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
@@ -327,18 +354,38 @@ def test_bfloat16_compute_still_learns_with_float32_params(fashion_dir, tmp_path
     )
 
 
-def test_resuming_with_another_config_warns(fashion_dir, tmp_path):
+def test_resuming_with_another_recipe_is_refused_and_the_record_kept(fashion_dir, tmp_path):
     config = small_config(fashion_dir)
     (tmp_path / "checkpoints").mkdir()  # as after an interrupted run
-    assert run_files.save_run_config(tmp_path, config) == []
-    # Where and how to run may change on resume; what to train may not, silently.
-    apply_overrides(config, ["progress=True", "devices=all"])
-    assert run_files.save_run_config(tmp_path, config) == []
-    apply_overrides(config, ["epochs=5", "model.dim=32"])
-    with pytest.warns(UserWarning, match=r"epochs: 3 -> 5, model.dim: 16 -> 32"):
-        assert run_files.save_run_config(tmp_path, config) == ["epochs", "model.dim"]
-    saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["epochs"] == 5 and saved["model"]["dim"] == 32
+    run_files.save_run_config(tmp_path, config)
+    record = (tmp_path / "config.json").read_text()
+    # Where and how to run may change on resume, and under a constant learning rate the
+    # number of epochs (a longer run is then the same run); what to train may not.
+    apply_overrides(config, ["progress=True", "devices=all", "eval_batch_size=8", "epochs=5"])
+    run_files.save_run_config(tmp_path, config)
+    assert json.loads((tmp_path / "config.json").read_text())["epochs"] == 5
+    apply_overrides(config, ["learning_rate=0.01", "model.dim=32"])
+    with pytest.raises(
+        run_files.RecipeChanged, match=r"\(learning_rate: 0.003 -> 0.01, model.dim: 16 -> 32\)"
+    ):
+        run_files.save_run_config(tmp_path, config)
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["dim"] == 16
+    # A schedule that depends on the number of epochs makes it part of the recipe.
+    apply_overrides(config, ["learning_rate=3e-3", "model.dim=16", "schedule=warmup_cosine"])
+    (tmp_path / "config.json").write_text(record.replace('"constant"', '"warmup_cosine"'))
+    with pytest.raises(run_files.RecipeChanged, match=r"\(epochs: 3 -> 5\)"):
+        run_files.save_run_config(tmp_path, config)
+    # A key added to the schema since the run was saved is not a change of recipe.
+    old = json.loads(record)
+    del old["model"]["dim"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    apply_overrides(config, ["schedule=constant", "model.dim=64"])
+    run_files.save_run_config(tmp_path, config)
+    # Without a checkpoint there is nothing to resume: a new config is a new run.
+    (tmp_path / "checkpoints").rmdir()
+    apply_overrides(config, ["learning_rate=0.5"])
+    run_files.save_run_config(tmp_path, config)
+    assert json.loads((tmp_path / "config.json").read_text())["learning_rate"] == 0.5
 
 
 def test_unknown_model_dtype_names_the_choices(fashion_dir):

@@ -14,6 +14,9 @@ damaged checkpoint costs at most one checkpoint interval.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import shutil
 import sys
 import time
@@ -28,6 +31,15 @@ from hw2jax.errors import Hw2jaxError, MissingFileError
 
 class CheckpointError(Hw2jaxError, RuntimeError):
     """No checkpoint of a work dir can be read; the message says how to go on."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a file-size limit); ``step`` names it
+    and ``resume_step`` the newest one on disk, where a rerun goes on from."""
+
+    def __init__(self, message: str, step: int, resume_step: int | None, reason: str):
+        super().__init__(message)
+        self.step, self.resume_step, self.reason = step, resume_step, reason
 
 
 def _reason(error: Exception) -> str:
@@ -47,6 +59,19 @@ def _leaf_shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
         path_names(path): tuple(getattr(leaf, "shape", ()))
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
+
+
+class _OneLineOrbaxErrors(logging.Filter):
+    """orbax logs a failed background write from each of its threads with the traceback;
+    :class:`CheckpointWriteError` reports the failure, so each log line keeps only its text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("absl").addFilter(_OneLineOrbaxErrors())
 
 
 def _abstract(tree: Any) -> Any:
@@ -73,30 +98,75 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self._latest.latest_step()
 
+    def committed_step(self) -> int | None:
+        """The newest ``latest`` step whose write has finished (orbax renames a step's folder
+        from its temporary name only then), read from the disk, not from the manager."""
+        folder = self.directory / "latest"
+        done = (
+            [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+        )
+        return max(done, default=None)
+
     def save_latest(self, state) -> None:
         step = int(state.step)
         if self._latest.latest_step() != step:
-            self._latest.save(step, args=ocp.args.StandardSave(self._payload(state)))
-            self._wait_if_distributed()
+            with self._write_errors(step):
+                self._latest.save(step, args=ocp.args.StandardSave(self._payload(state)))
+            self._wait_if_distributed(step)
 
     def save_best(self, state, metrics: dict[str, float]) -> None:
         payload = {"step": state.step, "params": state.params}
-        self._best.save(
-            int(state.step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(payload), metrics=ocp.args.JsonSave(metrics)
-            ),
-        )
-        self._wait_if_distributed()
+        with self._write_errors(int(state.step)):
+            self._best.save(
+                int(state.step),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(payload), metrics=ocp.args.JsonSave(metrics)
+                ),
+            )
+        self._wait_if_distributed(int(state.step))
 
-    def _wait_if_distributed(self) -> None:
+    def _wait_if_distributed(self, step: int) -> None:
         if jax.process_count() > 1:
-            self.wait()
+            self.wait(step)
 
-    def wait(self) -> None:
-        """Blocks until every save started so far is complete on disk."""
-        self._latest.wait_until_finished()
-        self._best.wait_until_finished()
+    def wait(self, step: int | None = None) -> None:
+        """Blocks until every save started so far is complete on disk; a failed write (here or
+        in the background) is a :class:`CheckpointWriteError`."""
+        with self._write_errors(step):
+            self._latest.wait_until_finished()
+            self._best.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int | None):
+        """orbax reports a failed background write at the next save or wait, with a long
+        traceback from its thread; here it becomes one line naming the step and the fix."""
+        try:
+            yield
+        except Exception as e:  # orbax and TensorStore raise many types for one cause
+            step = self.latest_step() if step is None else step
+            resume = self.committed_step()
+            raise CheckpointWriteError(
+                f"the checkpoint of step {step} could not be written in {self.directory} "
+                f"({_reason(e)}). Free disk space (or raise the shell's file-size limit), then "
+                f"run the same command again: it resumes from "
+                + (f"step {resume}." if resume is not None else "the start."),
+                step=step,
+                resume_step=resume,
+                reason=_reason(e),
+            ) from e
+
+    def best_metrics(self) -> dict[str, float] | None:
+        """The evaluation saved with the best checkpoint, or None when there is none (or it
+        cannot be read, which ``restore_best_params`` reports)."""
+        self.wait()
+        step = self._best.latest_step()
+        if step is None:
+            return None
+        try:
+            out = self._best.restore(step, args=ocp.args.Composite(metrics=ocp.args.JsonRestore()))
+        except Exception:  # orbax and TensorStore raise many types for one cause
+            return None
+        return dict(out.metrics)
 
     def restore_latest(self, state):
         """``state`` with the newest readable ``latest`` checkpoint's values, or unchanged when
@@ -184,5 +254,10 @@ class Checkpoints:
         return out["params"], {"step": step}
 
     def close(self) -> None:
-        self._latest.close()
-        self._best.close()
+        """Waits for the writes in flight (a failed one is a :class:`CheckpointWriteError`),
+        then closes both managers."""
+        with self._write_errors(None):
+            try:
+                self._latest.close()
+            finally:
+                self._best.close()

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -56,6 +58,7 @@ class Run:
     read: list = dataclasses.field(default_factory=list)  # sums read back at this step
     scalars: dict[str, float] = dataclasses.field(default_factory=dict)  # for TensorBoard
     new_best: bool = False  # the epoch just ended is the best so far
+    confirming_save: bool = False  # waiting for a checkpoint write: a signal must not cut it
 
     @property
     def unit(self) -> str:
@@ -83,9 +86,17 @@ class Run:
         self.history["window"] = {**self.window, "step": self.step}
         self.ckpt.save_latest(self.state)
         if wait:
-            self.ckpt.wait()
+            self.confirm_saves()
         self.save_history()
         del self.history["window"]
+
+    def confirm_saves(self) -> None:
+        """Waits until every checkpoint started is on disk; a signal meanwhile waits too."""
+        self.confirming_save = True
+        try:
+            self.ckpt.wait(self.step)
+        finally:
+            self.confirming_save = False
 
 
 class Hook:
@@ -142,23 +153,47 @@ class CheckFinite(Hook):
 
 class StopOnSignal(Hook):
     """The first Ctrl-C (SIGINT) or SIGTERM (SLURM preemption, ``timeout``, ``kill``) asks the
-    run to save and stop after the next step ends; a second one interrupts at once. Any hook
-    may ask the same by setting ``run.stop_requested``."""
+    run to save and stop after the next step ends. A second one during a checkpoint write
+    waits for the write; at any other time it ends the process at once, saying which step a
+    rerun resumes from, with the first signal's exit code (130, or 143 for SIGTERM). It ends
+    the process without unwinding the stack: an exception raised while jax traces or compiles
+    crashed the interpreter (exit 139). Any hook may ask for a stop by setting
+    ``run.stop_requested``."""
 
     SIGNALS: ClassVar[dict[int, str]] = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def __init__(self):
         self.previous: dict[int, Any] = {}
         self.run: Run | None = None
+        self.first: int | None = None
 
     def handle(self, signum: int, frame: Any) -> None:
-        if self.run.stop_requested:
-            raise KeyboardInterrupt
-        self.run.stop_requested = self.SIGNALS[signum]
-        tqdm.write(
-            f"{self.run.stop_requested}: saving a checkpoint after this step "
-            "(send it again to abort)."
-        )
+        run, name = self.run, self.SIGNALS[signum]
+        if self.first is None and run.stop_requested is None:
+            self.first = signum
+            run.stop_requested = name
+            tqdm.write(f"{name}: saving a checkpoint after this step (send it again to abort).")
+        elif run.confirming_save:
+            tqdm.write(
+                f"{name}: a checkpoint is being written; waiting for it to finish "
+                "(kill -9 abandons it)."
+            )
+        else:
+            self.abort(name, 128 + (self.first or signum))
+
+    def abort(self, name: str, code: int) -> None:
+        """Ends the process now; history.json says so and which step a rerun resumes from."""
+        run = self.run
+        resume = run.ckpt.committed_step()
+        run.status = "interrupted"
+        run.history["stopped_by"] = run.stop_requested or name
+        run.history["aborted"] = {"signal": name, "resume_step": resume or 0}
+        run.save_history()
+        where = f"step {resume}" if resume is not None else "the start"
+        tqdm.write(f"{name} again: stopped at once, without saving; a rerun resumes from {where}.")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
     def start(self, run: Run) -> None:
         self.run = run
@@ -268,7 +303,8 @@ class Checkpoint(Hook):
 
     def start(self, run: Run) -> None:
         metric = run.config.best_metric
-        self.best = max((r[metric] for r in run.history["epochs"]), default=-math.inf)
+        saved = (run.ckpt.best_metrics() or {}).get(metric, -math.inf)  # if the history is lost
+        self.best = max([saved] + [r[metric] for r in run.history["epochs"]])
 
     def wants_read(self, run: Run) -> bool:  # a save includes the loss since the last log
         self.due = not run.epoch_done and self.every.due(run.step)
@@ -284,9 +320,11 @@ class Checkpoint(Hook):
         run.new_best = value > self.best
         self.best = max(self.best, value)
         run.ckpt.save_latest(run.state)
-        self.every.last_time = time.monotonic()
         if run.new_best:
             run.ckpt.save_best(run.state, record)
+        # Confirmed before the history lists the epoch: the evaluation took longer anyway.
+        run.confirm_saves()
+        self.every.last_time = time.monotonic()
         run.save_history()
 
     def stop(self, run: Run) -> None:

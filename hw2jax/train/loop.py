@@ -52,7 +52,7 @@ def train_and_evaluate(
     state = ckpt.restore_latest(state)
     start_step = int(state.step)
     parallel = DataParallel(config.devices, config.batch_size, config.eval_batch_size)
-    history = load_history(workdir, start_step)
+    history = load_history(workdir, start_step, ckpt.best_metrics())
     history |= {"config": config.to_dict(), "parameters": counts, "unit": task.unit}
     if start_step:
         tqdm.write(f"Resuming from step {start_step} in {workdir}.")
@@ -70,8 +70,9 @@ def train_and_evaluate(
     )
     everything = [*hooks.default_hooks(config), *extra_hooks]
     run.save_history()
-    # closing: the asynchronous checkpoint writes finish before anything reads the work dir.
-    with contextlib.closing(ckpt), _hooks_closed(everything, run), _failure_recorded(run):
+    # closing: the asynchronous checkpoint writes finish before anything reads the work dir,
+    # and a write that fails then is recorded too.
+    with _failure_recorded(run), _closed(ckpt), _hooks_closed(everything, run):
         for hook in everything:
             hook.start(run)
         _train(run, everything, steps.make_train_step(task, step_rng))
@@ -134,6 +135,19 @@ def _epoch_mean_loss(records: list[dict], epoch: int) -> float:
 
 
 @contextlib.contextmanager
+def _closed(ckpt: checkpoints.Checkpoints):
+    """Closes the checkpoints after the block; after an exception, an error on closing (the
+    same failed write, reported again) does not hide the first one."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            ckpt.close()
+        raise
+    ckpt.close()
+
+
+@contextlib.contextmanager
 def _hooks_closed(everything: list[hooks.Hook], run: hooks.Run):
     try:
         yield
@@ -145,14 +159,23 @@ def _hooks_closed(everything: list[hooks.Hook], run: hooks.Run):
 @contextlib.contextmanager
 def _failure_recorded(run: hooks.Run):
     """An exception that ends the run is written to history.json as ``failed: <reason>``
-    (unless a hook already wrote a more precise status, such as ``diverged``)."""
+    (unless a hook already wrote a more precise status, such as ``diverged``). A checkpoint
+    that could not be written is listed under ``failed_saves``, and the epochs after the
+    newest checkpoint on disk are dropped: a rerun trains them again."""
     try:
         yield
     except BaseException as e:
+        if isinstance(e, checkpoints.CheckpointWriteError):
+            resume = e.resume_step or 0
+            run.history["epochs"] = [r for r in run.history["epochs"] if r["step"] <= resume]
+            run.history["train"] = [r for r in run.history["train"] if r["step"] <= resume]
+            run.history.pop("window", None)
+            failed = {"step": e.step, "reason": e.reason, "resume_step": resume}
+            run.history.setdefault("failed_saves", []).append(failed)
         if run.status == "running":
             reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
             run.status = f"failed: {type(e).__name__}: {reason}"[:300]
-            run.save_history()
+        run.save_history()
         raise
 
 

@@ -8,7 +8,7 @@ import fcntl
 import functools
 import json
 import os
-import warnings
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,10 @@ def read_json(path: Path, fix: str) -> Any:
         raise InputError(f"{path} is damaged ({type(e).__name__}: {e}); {fix}") from None
 
 
+class RecipeChanged(InputError):
+    """A command would resume a run with another recipe than it was trained with."""
+
+
 # Keys that say where or how to run, not what to train: changing them on resume is expected.
 _RESUME_NEUTRAL = {
     "progress",
@@ -100,6 +104,8 @@ _RESUME_NEUTRAL = {
     "devices",
     "checkpoint_every_minutes",
     "read_test",
+    "eval_batch_size",
+    "log_every_steps",
 }
 
 
@@ -113,33 +119,30 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def save_run_config(workdir: Path, config: ml_collections.ConfigDict) -> list[str]:
+def save_run_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
     """Writes ``workdir/config.json``, making the work dir if needed. When a checkpoint is
-    there to resume from and the saved config trained something else (epochs, learning rate,
-    model...), warns with the differences: the run goes on with the new values, so it will not
-    match a fresh run.
-    Returns the differing keys."""
+    there to resume from, ``config.json`` is the record of what was trained: a config that
+    trains something else (epochs, learning rate, model...) is refused with the differences,
+    and nothing is written. Keys that only say where or how to run may change, and so may
+    ``epochs`` under a constant learning rate: the longer run is then the one a fresh run of
+    the new config trains. A key that the saved config lacks (one added to the schema since)
+    is not a difference."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "config.json"
-    changed = []
     if path.exists() and (workdir / "checkpoints").exists():
         saved = read_json(path, "delete it to resume with the config given now.")
         old, new = _flat(saved), _flat(json.loads(config.to_json()))
+        neutral = _RESUME_NEUTRAL | ({"epochs"} if new.get("schedule") == "constant" else set())
         changed = sorted(
-            k
-            for k in old.keys() | new.keys()
-            if k not in _RESUME_NEUTRAL and old.get(k) != new.get(k)
+            k for k in old.keys() & new.keys() if k not in neutral and old[k] != new[k]
         )
         if changed:
-            diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-            warnings.warn(
-                f"resuming {workdir} with a different config ({diffs}); the run continues with "
-                "the new values, so it will not match a run trained with either config from the "
-                "start. Use a new --workdir to start over.",
-                stacklevel=2,
+            diffs = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
+            raise RecipeChanged(
+                f"{workdir} holds a run trained with another config ({diffs}). Run the same "
+                "command as before to resume it, or pass a new --workdir to train the new one."
             )
     write_json_atomic(path, config.to_dict())
-    return changed
 
 
 def load_run_config(
@@ -163,11 +166,22 @@ def load_run_config(
     return config
 
 
-def load_history(workdir: Path, step: int) -> dict[str, list]:
-    """The history up to the restored step (entries written after it are redone)."""
+def load_history(workdir: Path, step: int, best: dict | None = None) -> dict[str, list]:
+    """The history up to the restored step (entries written after it are redone). When
+    ``history.json`` is gone but a checkpoint is resumed, the history starts again from the
+    best checkpoint's record (``best``, its saved evaluation), and says so in one line."""
     path = workdir / "history.json"
-    if not path.exists() or step == 0:
+    if not path.exists() and step == 0:
         return {"train": [], "epochs": []}
+    if not path.exists():
+        kept = [best] if best and best.get("step", step + 1) <= step else []
+        print(
+            f"{path} is missing; resuming from step {step} with "
+            + ("only the best epoch's record" if kept else "no record")
+            + " of the epochs before it (the checkpoints are intact).",
+            file=sys.stderr,
+        )
+        return {"train": [], "epochs": kept}
     history = read_json(
         path,
         "move it aside to resume with an empty history (the checkpoints are intact), or pass "
@@ -177,6 +191,8 @@ def load_history(workdir: Path, step: int) -> dict[str, list]:
         "train": [r for r in history["train"] if r["step"] <= step],
         "epochs": [r for r in history["epochs"] if r["step"] <= step],
     }
+    if history.get("failed_saves"):
+        restored["failed_saves"] = history["failed_saves"]
     window = history.get("window")
     if window and window.pop("step") == step:
         restored["window"] = window
