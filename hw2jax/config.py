@@ -138,7 +138,8 @@ def _config_file_error(path: Path, error: Exception) -> str:
     frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename.endswith(".py")]
     ours = [f for f in frames if Path(f.filename).resolve().parent != Path(__file__).parent]
     last = (ours or frames)[-1]
-    what = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    text = str(error).strip()
+    what = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
     fix = "fix the file there"
     if isinstance(error, ModuleNotFoundError):
         fix = (
