@@ -57,8 +57,8 @@ def auto_devices(config) -> str | None:
         return None
     if jax.process_count() > 1:  # a count below the global one would leave processes out
         raise InputError(
-            "--host-devices auto is for one process; with --distributed give a "
-            "count, e.g. --host-devices 2, and --devices all."
+            "--host-devices auto is for one process; with several processes give a "
+            "count, e.g. --host-devices 2."
         )
     sizes = (config.batch_size, config.eval_batch_size)
     return str(auto_host_devices(jax.device_count(), sizes))
@@ -81,11 +81,20 @@ def _config_from_args(args: argparse.Namespace, **flags: str | None):
     flags and --set overrides applied (:func:`_apply_flags`)."""
     from hw2jax import config as config_lib
 
+    distributed = bool(args.distributed or args.coordinator or args.num_processes)
+    if distributed and args.devices not in (None, "all"):  # refused before any process waits
+        raise InputError(
+            f"--devices {args.devices} with several processes: each batch is split over the "
+            "devices of every process (a count leaves some process without rows); leave "
+            "--devices out or pass --devices all."
+        )
     _start_jax_runtime(args)
     config = config_lib.load_config(args.config)
     devices = args.devices or args.host_devices  # split cores only help with data parallel
     if devices == "auto":
         devices = auto_devices(config)
+    if distributed:
+        devices = "all"
     return _apply_flags(config, args, {"epochs": args.epochs, "devices": devices, **flags})
 
 
@@ -251,14 +260,15 @@ def _add_train_parser(
     train.add_argument(
         "--devices",
         help="'all' or N: shard each batch over N devices "
-        "(with --distributed, the devices of every process)",
+        "(with several processes, always all: every process's devices)",
     )
     train.add_argument(
         "--host-devices",
         type=_host_devices,
         metavar="N|auto",
         help="on CPU: show the cores to jax as N devices and shard each batch over "
-        "them (faster for the small ViT); implies --devices N. 'auto': "
+        "them (faster for the small ViT); implies --devices N (all, with several "
+        "processes). 'auto': "
         "one per core, as many as the batch sizes allow; none on a GPU/TPU",
     )
     multi = train.add_argument_group("several processes or hosts (jax.distributed)")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from hw2jax import cli
 from hw2jax.train.sharding import DataParallel
 
 SCRIPT = r"""
@@ -169,24 +170,41 @@ def test_device_count_errors_are_clear():
 
 
 MULTI_PROCESS = r"""
-import json, sys
+import json, os, sys
 from pathlib import Path
 import jax
 sys.path.insert(0, TESTS)
 from conftest import make_fashion_folder
-from test_train_vit import small_config
+from test_reliability import cli_args
+from hw2jax import cli
 from hw2jax.tasks import vit
-from hw2jax.train.sharding import DataParallel, initialize_distributed
+from hw2jax.train.sharding import DataParallel
 import numpy as np
 
-initialize_distributed(f"localhost:{PORT}", NPROC, PID)
-assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (NPROC, 4, 4 // NPROC)
+run = Path(TMP) / f"run{NPROC}"
+writes = []  # files this process opens for writing in the work dir, besides checkpoints
+def audit(event, args):
+    if event == "open" and str(args[0]).startswith(str(run)) and "checkpoints" not in str(args[0]):
+        mode, flags = args[1], args[2]
+        if (mode and any(c in mode for c in "wax+")) or (flags or 0) & (os.O_WRONLY | os.O_RDWR):
+            writes.append(os.path.relpath(args[0], run))
+sys.addaudithook(audit)
+train = vit.train_and_evaluate
+result = {}
+def keep(*a, **k):
+    result.update(train(*a, **k))
+    return result
+vit.train_and_evaluate = keep
 folder = make_fashion_folder(Path(TMP) / f"fashion{PID}")
-config = small_config(folder, "devices=all")
-epochs = vit.train_and_evaluate(config, Path(TMP) / f"run{NPROC}")["epochs"]
+args = cli_args(folder, run, "epochs=3") + ["--host-devices", str(4 // NPROC)]
+if NPROC > 1:  # through the command line; --devices all is implied
+    args += ["--coordinator", f"localhost:{PORT}", "--num-processes", "2", "--process-id", str(PID)]
+assert cli.main(args) == 0
+assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (NPROC, 4, 4 // NPROC)
 batch = DataParallel("all", 40).shard_batch({"x": np.zeros((40, 3), np.float32)})["x"]
-print(json.dumps({"epochs": epochs, "spans": len(batch.sharding.device_set),
-                  "local_rows": sum(s.data.shape[0] for s in batch.addressable_shards)}))
+print(json.dumps({"epochs": result["epochs"], "spans": len(batch.sharding.device_set),
+                  "local_rows": sum(s.data.shape[0] for s in batch.addressable_shards),
+                  "writes": sorted(set(writes))}))
 """
 
 
@@ -200,20 +218,21 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    """jax.distributed with 2 CPU processes x 2 devices trains exactly like 1 process with 4
-    devices (itself tested against 1 device above): same metrics, and only process 0 writes."""
+    """`hw2jax vit train --coordinator ... --num-processes 2 --process-id I --host-devices 2`
+    (2 CPU processes x 2 devices, --devices all implied) trains exactly like one process with
+    --host-devices 4 (itself tested against 1 device above): the same metrics; only process 0
+    writes the history, config, logs and plots."""
     tests = str(Path(__file__).parent)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # --host-devices splits
 
-    def launch(nproc, pid, port, devices):
+    def launch(nproc, pid, port):
         code = (
             f"TESTS = {tests!r}; TMP = {str(tmp_path)!r}; PORT = {port}; NPROC = {nproc}; "
             f"PID = {pid}\n"
         ) + MULTI_PROCESS
-        e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
         return subprocess.Popen(
             [sys.executable, "-c", code],
-            env=e,
+            env=env,
             cwd=tests,
             text=True,
             stdout=subprocess.PIPE,
@@ -221,8 +240,8 @@ def test_two_processes_match_one(tmp_path):
         )
 
     port = _free_port()
-    procs = [launch(2, pid, port, 2) for pid in (0, 1)]
-    procs.append(launch(1, 0, _free_port(), 4))
+    procs = [launch(2, pid, port) for pid in (0, 1)]
+    procs.append(launch(1, 0, _free_port()))
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
@@ -237,8 +256,23 @@ def test_two_processes_match_one(tmp_path):
         assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    writes = [r["writes"] for r in results]
+    assert writes[1] == [] and {"config.json.tmp", "history.json.tmp"} <= set(writes[0])
     assert (tmp_path / "run2" / "history.json").exists()
     assert (tmp_path / "run2" / "checkpoints" / "best").exists()
+
+
+def test_devices_other_than_all_with_several_processes_is_one_line(tmp_path, capsys):
+    from test_reliability import cli_args
+
+    args = [*cli_args(tmp_path, tmp_path / "run", "epochs=1"), "--devices", "2"]
+    args += ["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "0"]
+    assert cli.main(args) == 2  # before any process connects or waits
+    assert capsys.readouterr().err.strip() == (
+        "hw2jax: error: --devices 2 with several processes: each batch is split over the devices "
+        "of every process (a count leaves some process without rows); leave --devices out or "
+        "pass --devices all."
+    )
 
 
 @pytest.mark.slow
