@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -38,26 +37,6 @@ def cli_args(fashion_dir, workdir, *overrides):
     for item in items:
         args += ["--set", item]
     return args
-
-
-def start(args):
-    code = f"from hw2jax import cli; raise SystemExit(cli.main({args!r}))"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.Popen(
-        [sys.executable, "-c", code],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_for(condition, proc, timeout=240):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def steps(workdir):
@@ -150,16 +129,16 @@ def test_eval_of_a_damaged_best_checkpoint_is_one_clear_line(
 
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_like_ctrl_c(straight, tmp_path):
+    """A real SIGTERM, sent after step 4 of 9 (from inside the run, so it cannot end first)."""
     data, expected = straight
     run = tmp_path / "run"
-    proc = start(cli_args(data, run, "epochs=3", "checkpoint_every_minutes=0"))
-    wait_for(lambda: steps(run), proc)  # an epoch is done: the run is under way
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 143, err[-2000:]
+    args = cli_args(data, run, "epochs=3", "checkpoint_every_minutes=0")
+    done = start_signalling(args, after_step=4, signals=(signal.SIGTERM,))
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert "SIGTERM: saving a checkpoint after this step" in done.stdout
+    assert steps(run)[-1] == 5 and "Traceback" not in done.stderr
     history = json.loads((run / "history.json").read_text())
     assert history["status"] == "interrupted"
-    assert "Traceback" not in err
     # The run goes on from its checkpoint and ends as an uninterrupted one.
     out = vit.train_and_evaluate(small_config(data), run)
     assert out["status"] == "done"
@@ -171,11 +150,13 @@ def test_kill_9_after_a_mid_epoch_save_loses_nothing_before_it(straight, tmp_pat
     data, expected = straight
     run = tmp_path / "run"
     # A save at every read point (every 2 steps here): some fall inside an epoch (3 steps).
-    proc = start(cli_args(data, run, "epochs=3", "checkpoint_every_minutes=1e-6"))
-    wait_for(lambda: any(s % 3 for s in steps(run)), proc)
-    proc.kill()
-    proc.communicate()
+    # kill -9 from inside the run after step 8, so that it cannot end first; the save of step
+    # 4 is on disk by then (the epoch-end save of step 6 waited for it).
+    args = cli_args(data, run, "epochs=3", "checkpoint_every_minutes=1e-6")
+    done = start_signalling(args, after_step=8, signals=(signal.SIGKILL,))
+    assert done.returncode == -signal.SIGKILL
     mid_epoch = max(s for s in steps(run) if s % 3)
+    assert mid_epoch >= 4
     history = json.loads((run / "history.json").read_text())
     assert history["status"] == "running"  # it never finished, and does not claim to have
     out = vit.train_and_evaluate(small_config(data), run)
