@@ -197,10 +197,13 @@ def test_cli_train_and_predict(tmp_path, capsys, monkeypatch):
         "buckets=(16, 32)",
         "hidden_dim=8",
         "progress=False",
-        f"cache_dir={tmp_path / 'cache'}",
     ]:
         args += ["--set", item]
-    assert cli.main(args) == 0
+    assert cli.main([*args, "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert any((tmp_path / "cache").iterdir())  # the tokens were cached where the flag said
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["cache_dir"] == str(
+        tmp_path / "cache"
+    )
     out = capsys.readouterr().out
     assert "reviews/s" in out and "img/s" not in out  # the epoch line names what it counts
     texts = ["Justice League is terrible. I hated it.", "Avengers was great!!"]
@@ -567,10 +570,13 @@ def test_a_bert_base_checkpoint_folder_trains_with_the_assignments_parameter_cou
         "max_length=32",
         "buckets=(16,)",
         "progress=False",
-        f"cache_dir={tmp_path / 'cache'}",
     ]:
         args += ["--set", item]
-    assert cli.main(args) == 0
+    assert cli.main([*args, "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert any((tmp_path / "cache").iterdir())  # the tokens were cached where the flag said
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["cache_dir"] == str(
+        tmp_path / "cache"
+    )
     assert "parameters: 112,241,409 total, 2,759,169 trainable" in capsys.readouterr().out
     history = json.loads((tmp_path / "w" / "history.json").read_text())
     assert history["parameters"] == {"total": 112_241_409, "trainable": 2_759_169}

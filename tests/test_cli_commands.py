@@ -1,0 +1,91 @@
+"""The commands the other tests reach only through the API, run through the command line:
+`data locate`, `vit eval` of the best and of the latest checkpoint, `mqar train`,
+`mqar sweep` and `--devices`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from test_mqar import CONFIG as MQAR_CONFIG
+from test_reliability import cli_args
+
+from hw2jax import cli
+
+TINY_MQAR = ["seq_len=16", "num_pairs=2", "vocab_size=16", "train_size=64", "test_size=32"]
+TINY_MQAR += ["batch_size=16", "eval_batch_size=32", "model.dim=32", "model.heads=2"]
+TINY_MQAR += ["progress=False"]
+
+
+def _sets(items):
+    return [a for item in items for a in ("--set", item)]
+
+
+def test_data_locate_names_the_folder_or_every_place_tried(fashion_dir, tmp_path, capsys):
+    assert cli.main(["data", "locate", "--data-dir", str(fashion_dir)]) == 0
+    out = capsys.readouterr().out.strip()
+    assert str(fashion_dir) in out and "idx" in out
+    assert cli.main(["data", "locate", "--data-dir", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip()  # one error: the places tried, the ways to fix it
+    assert err.startswith("hw2jax: error: FashionMNIST not found. Tried:")
+    assert str(tmp_path / "nothing") in err and "Traceback" not in err
+
+
+def test_vit_eval_reads_the_best_or_the_latest_checkpoint(fashion_dir, tmp_path, capsys):
+    """With the best epoch not the last (a learning rate that overshoots after epoch 1), eval
+    scores the best epoch's params by default and the last epoch's with --latest, each as the
+    history recorded it."""
+    run = tmp_path / "run"
+    args = cli_args(fashion_dir, run, "epochs=3", "learning_rate=0.3")
+    assert cli.main(args) == 0
+    history = json.loads((run / "history.json").read_text())
+    scores = [r["test_accuracy"] for r in history["epochs"]]
+    capsys.readouterr()
+    assert cli.main(["vit", "eval", "--workdir", str(run)]) == 0
+    best = json.loads(capsys.readouterr().out)
+    assert cli.main(["vit", "eval", "--workdir", str(run), "--latest"]) == 0
+    latest = json.loads(capsys.readouterr().out)
+    assert best["accuracy"] == pytest.approx(max(scores), abs=1e-6)
+    assert latest["accuracy"] == pytest.approx(scores[-1], abs=1e-6)
+    if max(scores) != scores[-1]:  # the two checkpoints differ: the flag chose between them
+        assert best["accuracy"] != latest["accuracy"]
+
+
+def test_mqar_train_and_sweep_through_the_command_line(tmp_path, capsys):
+    train = ["mqar", "train", "--config", MQAR_CONFIG, "--workdir", str(tmp_path / "one")]
+    assert cli.main([*train, "--epochs", "1", *_sets(TINY_MQAR)]) == 0
+    history = json.loads((tmp_path / "one" / "history.json").read_text())
+    assert history["status"] == "done" and history["unit"] == "sequences"
+    assert history["config"]["seq_len"] == 16 and len(history["epochs"]) == 1
+    sweep = ["mqar", "sweep", "--config", MQAR_CONFIG, "--workdir", str(tmp_path / "sweep")]
+    grid = ["sweep.mixers=('softmax', 'linear')", "sweep.seq_lens=(16,)", "sweep.dims=(32,)"]
+    capsys.readouterr()
+    assert cli.main([*sweep, "--epochs", "1", *_sets(TINY_MQAR + grid)]) == 0
+    table = (tmp_path / "sweep" / "results.md").read_text()
+    assert capsys.readouterr().out.endswith(table)  # the command prints it last
+    assert "| softmax | 32 |" in table and "| linear | 32 |" in table
+    for name in ("softmax_T16_d32", "linear_T16_d32"):
+        run = json.loads((tmp_path / "sweep" / name / "history.json").read_text())
+        assert run["status"] == "done"
+
+
+@pytest.mark.slow
+def test_devices_flag_trains_like_one_device(fashion_dir, tmp_path):
+    """`--host-devices 2 --devices all` in a fresh process: each batch split over two devices,
+    the same metrics as one device."""
+    one = tmp_path / "one"
+    assert cli.main(cli_args(fashion_dir, one, "epochs=2")) == 0
+    two = tmp_path / "two"
+    args = [*cli_args(fashion_dir, two, "epochs=2"), "--host-devices", "2", "--devices", "all"]
+    code = f"from hw2jax import cli; raise SystemExit(cli.main({args!r}))"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (json.loads((w / "history.json").read_text()) for w in (one, two))
+    assert b["config"]["devices"] == "all" and a["config"]["devices"] == "1"
+    for x, y in zip(a["epochs"], b["epochs"], strict=True):
+        assert x["test_accuracy"] == pytest.approx(y["test_accuracy"], abs=1e-6)
+        assert x["test_loss"] == pytest.approx(y["test_loss"], rel=1e-4)
