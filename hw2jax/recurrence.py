@@ -16,7 +16,13 @@ __all__ = ["even_minus_odd", "final_state_closed_form", "run"]
 
 
 def _as_float_sequence(x: jax.typing.ArrayLike, name: str = "x") -> jax.Array:
-    x = jnp.asarray(x)
+    try:
+        x = jnp.asarray(x)
+    except TypeError:  # a string, a ragged list, an object
+        raise InputTypeError(
+            f"{name} must be an array of real numbers [..., T], got {type(x).__name__} "
+            f"{str(x)[:40]!r}."
+        ) from None
     if x.ndim == 0:
         raise InputError(
             f"{name} must have a time axis: expected shape [..., T], got a scalar. "

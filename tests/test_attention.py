@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hw2jax import attention, cpu, kernels
+from hw2jax import attention, cpu, kernels, recurrence
+from hw2jax.errors import Hw2jaxError
 
 # ------------------------------------------------------------------ explicit O(T^2) references
 
@@ -632,3 +633,69 @@ def test_identity_cancellation_check_handles_several_heads():
         out = attention.linear_attention(q, k, v, feature_map="identity")
         jax.effects_barrier()
     np.testing.assert_allclose(out, ref_linear_np(q, k, v, False, "identity"), rtol=1e-5, atol=1e-6)
+
+
+Q = jnp.ones((1, 5, 2, 4))
+BAD_CALLS = {
+    "key_bias of another shape": (
+        lambda: attention.key_bias_attention(Q, Q, Q, jnp.ones((3,))),
+        r"key_bias must be \[batch, T_k\] = \(1, 5\), one value per key, got shape \(3,\)",
+    ),
+    "key_bias_attention on 2-D arrays": (
+        lambda: attention.key_bias_attention(jnp.ones((5, 4)), Q, Q),
+        r"q must be \[batch, T, heads, head_dim\], got shape \(5, 4\)",
+    ),
+    "matmul_f32 of mismatched dims": (
+        lambda: attention.matmul_f32(jnp.ones((3, 4)), jnp.ones((5, 2))),
+        r"the contracted dims differ \(4 in a \(3, 4\), 5 in b \(5, 2\)",
+    ),
+    "performer with no features": (
+        lambda: attention.performer_attention(Q, Q, Q, num_features=0, key=jax.random.key(0)),
+        r"num_features must be a positive int, got 0",
+    ),
+    "performer with a seed for a key": (
+        lambda: attention.performer_attention(Q, Q, Q, num_features=8, key=3),
+        r"key must be a jax PRNG key, got int; pass jax.random.key\(seed\)",
+    ),
+    "performer_features of a vector": (
+        lambda: attention.performer_features(jnp.ones((3,)), jnp.ones((8, 4)), is_query=True),
+        r"x needs at least 4 dims, got shape \(3,\)",
+    ),
+    "performer_features of another head_dim": (
+        lambda: attention.performer_features(Q, jnp.ones((8, 3)), is_query=True),
+        r"projection \[num_features, head_dim\], got \(1, 5, 2, 4\) and \(8, 3\)",
+    ),
+    "retention_decays of 0 heads": (
+        lambda: attention.retention_decays(0),
+        r"heads must be a positive int, got 0",
+    ),
+    "retention_decays of 2.5 heads": (
+        lambda: attention.retention_decays(2.5),
+        r"heads must be a positive int, got 2.5",
+    ),
+    "gla with a decay above 1": (
+        lambda: attention.gated_linear_attention(Q, Q, Q, jnp.ones((1, 5, 2, 4))),
+        r"log_alpha must be <= 0 \(decays exp\(log_alpha\) in \(0, 1\]\), got a maximum of 1",
+    ),
+    "the recurrence of a string": (
+        lambda: recurrence.run("abc"),
+        r"x must be an array of real numbers \[..., T\], got str 'abc'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CALLS))
+def test_public_functions_refuse_bad_values_up_front(case):
+    """Each is the project's own error (a ValueError or TypeError) with one line naming the
+    value, raised before any jax computation, not an IndexError or a dot_general message."""
+    call, message = BAD_CALLS[case]
+    with pytest.raises(Hw2jaxError, match=message) as error:
+        call()
+    assert "\n" not in str(error.value)
+    assert isinstance(error.value, (ValueError, TypeError))
+
+
+def test_legacy_prng_keys_still_draw_performer_features():
+    a = attention.performer_projection(jax.random.PRNGKey(0), 8, 4)
+    b = attention.performer_projection(jax.random.wrap_key_data(jax.random.PRNGKey(0)), 8, 4)
+    np.testing.assert_array_equal(a, b)

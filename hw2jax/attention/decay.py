@@ -13,7 +13,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from hw2jax.attention.helpers import as_floating, check_qkv, pad_axis
+from hw2jax.attention.helpers import as_floating, check_positive_int, check_qkv, pad_axis
 from hw2jax.errors import InputError
 
 
@@ -50,6 +50,7 @@ def retention(
 
 def retention_decays(heads: int) -> jax.Array:
     """RetNet's per-head decays, gamma_h = 1 - 2^(-5 - h)."""
+    check_positive_int(heads, "heads")
     return 1.0 - 2.0 ** (-5.0 - jnp.arange(heads, dtype=jnp.float32))
 
 
@@ -105,6 +106,11 @@ def gated_linear_attention(
         raise InputError(
             f"log_alpha must have k's shape {k.shape} (a decay per key dimension) or "
             f"{k.shape[:3]} (one per head), got {log_alpha.shape}."
+        )
+    if not isinstance(log_alpha, jax.core.Tracer) and bool(jnp.any(log_alpha > 0)):
+        raise InputError(
+            f"log_alpha must be <= 0 (decays exp(log_alpha) in (0, 1]), got a maximum of "
+            f"{float(jnp.max(log_alpha)):.4g}; make it with jax.nn.log_sigmoid, as GLA does."
         )
     return _gla(q, k, v, log_alpha, implementation, chunk_size, "chunked or recurrent")
 

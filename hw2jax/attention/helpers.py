@@ -20,6 +20,26 @@ def as_floating(x: jax.typing.ArrayLike, name: str, min_ndim: int) -> jax.Array:
     return x
 
 
+def check_positive_int(value, name: str) -> int:
+    """``value`` as an int >= 1 (a bool or a float is refused), or one line naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be a positive int, got {value!r}.")
+    return value
+
+
+def check_key(key, name: str = "key") -> jax.Array:
+    """A jax PRNG key (``jax.random.key(seed)``, or a legacy ``PRNGKey``), not a seed."""
+    typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    legacy = isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,)
+    if not (typed or legacy):
+        shape = f" of shape {key.shape}" if hasattr(key, "shape") else ""
+        raise InputTypeError(
+            f"{name} must be a jax PRNG key, got {type(key).__name__}{shape}; pass "
+            "jax.random.key(seed)."
+        )
+    return key
+
+
 def check_qkv(q, k, v, causal: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
     q, k, v = (as_floating(a, n, 0) for a, n in ((q, "q"), (k, "k"), (v, "v")))
     layout = "[batch, T, heads, head_dim]"
@@ -93,6 +113,19 @@ def matmul_f32(
     a: jax.Array, b: jax.Array, transpose_b: bool = False, transpose_a: bool = False
 ) -> jax.Array:
     """:func:`batched_dot` accumulated and returned in float32."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    if a.ndim < 2 or b.ndim != a.ndim or a.shape[:-2] != b.shape[:-2]:
+        raise InputError(
+            f"matmul_f32 needs two arrays of the same rank >= 2 with equal leading (batch) dims, "
+            f"got {a.shape} and {b.shape}."
+        )
+    inner_a = a.shape[-2] if transpose_a else a.shape[-1]
+    inner_b = b.shape[-1] if transpose_b else b.shape[-2]
+    if inner_a != inner_b:
+        raise InputError(
+            f"matmul_f32: the contracted dims differ ({inner_a} in a {a.shape}, {inner_b} in b "
+            f"{b.shape}, transpose_a={transpose_a}, transpose_b={transpose_b})."
+        )
     return batched_dot(
         a, b, transpose_a=transpose_a, transpose_b=transpose_b, preferred_element_type=jnp.float32
     )

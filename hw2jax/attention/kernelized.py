@@ -10,8 +10,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from hw2jax.attention.helpers import check_qkv
+from hw2jax.attention.helpers import as_floating, check_key, check_positive_int, check_qkv
 from hw2jax.attention.linear import linear_products, normalise
+from hw2jax.errors import InputError
 
 
 def cosformer_attention(
@@ -46,6 +47,9 @@ def performer_projection(
 ) -> jax.Array:
     """FAVOR+'s random matrix [num_features, dim]: Gaussian rows, or blocks of ``dim`` orthogonal
     rows each rescaled to a Gaussian vector's length (lower variance, same expectation)."""
+    check_key(key)
+    check_positive_int(num_features, "num_features")
+    check_positive_int(dim, "dim")
     if not orthogonal:
         return jax.random.normal(key, (num_features, dim))
     blocks = []
@@ -62,6 +66,12 @@ def performer_features(x: jax.Array, projection: jax.Array, *, is_query: bool) -
     """phi(x) = exp(w . x' - |x'|^2 / 2) / sqrt(m), x' = x / d^(1/4): E[phi(q) . phi(k)] =
     exp(q . k / sqrt(d)). A max is subtracted before exp (per query row; over all keys), which
     scales numerator and denominator alike and keeps exp finite."""
+    x, projection = as_floating(x, "x", 4), as_floating(projection, "projection", 2)
+    if x.ndim != 4 or projection.ndim != 2 or projection.shape[1] != x.shape[-1]:
+        raise InputError(
+            "performer_features needs x [batch, T, heads, head_dim] and projection "
+            f"[num_features, head_dim], got {x.shape} and {projection.shape}."
+        )
     x = x / x.shape[-1] ** 0.25
     proj = jnp.einsum("bthd,md->bthm", x, projection)
     stab = (

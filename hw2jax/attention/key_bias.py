@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 from hw2jax import kernels
 from hw2jax.attention import dispatch
-from hw2jax.attention.helpers import matmul_f32
+from hw2jax.attention.helpers import check_qkv, matmul_f32
+from hw2jax.errors import InputError
 
 IMPLEMENTATIONS = dispatch.KEY_BIAS
 
@@ -35,6 +36,12 @@ def key_bias_attention(
     no dropout, since it keeps no probabilities; gradients by the XLA formula) or ``"auto"``
     (:func:`hw2jax.attention.dispatch.key_bias`).
     """
+    q, k, v = check_qkv(q, k, v, causal=False)
+    if key_bias is not None and jnp.shape(key_bias) != (k.shape[0], k.shape[1]):
+        raise InputError(
+            f"key_bias must be [batch, T_k] = {k.shape[:2]}, one value per key, got shape "
+            f"{jnp.shape(key_bias)}."
+        )
     implementation = resolve(implementation, q.shape[-1], dropout is not None)
     if implementation == "fused_cpu":
         if key_bias is None:
