@@ -447,6 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # before a run's own handler was installed, or after it ended
         print("hw2jax: stopped by Ctrl-C.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output piped into a reader that closed early (| head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

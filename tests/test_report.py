@@ -5,6 +5,7 @@ import json
 import pytest
 
 from hw2jax import cli
+from hw2jax.train import run_files
 from hw2jax.train.report import comparison_table, epoch_table, report
 
 
@@ -39,11 +40,11 @@ def test_epoch_table_rows():
 
 
 def test_runs_side_by_side_leave_unreached_epochs_empty(tmp_path, capsys):
-    a = _run(tmp_path, "performer", _history([0.8426, 0.8516], status="running"))
+    a = _run(tmp_path, "performer", _history([0.8426, 0.8516], status="interrupted"))
     b = _run(tmp_path, "softmax", _history([0.8334, 0.8551, 0.853]))
     assert cli.main(["report", str(a), "--against", str(b)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "status: running"
+    assert lines[0] == "status: interrupted"
     assert lines[-6] == "| test accuracy (%) | 1 | 2 | 3 |"
     assert lines[-4] == "| performer | 84.26 | 85.16 |  |"
     assert lines[-3] == "| softmax | 83.34 | 85.51 | 85.30 |"
@@ -113,3 +114,13 @@ def test_the_unit_comes_from_the_history_or_its_config():
     assert unit({"config": {"encoder": "minilm", "eval_split": "valid"}}) == "reviews"
     assert unit({"config": {"seq_len": 64}}) == "sequences"
     assert unit({"config": {"model": {"attention": "softmax"}, "eval_split": "valid"}}) == "images"
+
+
+def test_a_running_status_with_no_process_says_it_stopped(tmp_path):
+    """history.json says running after kill -9 (nothing could write); the report asks the
+    work dir's lock whether a process still holds it."""
+    (tmp_path / "history.json").write_text(json.dumps(_history([0.5], status="running")))
+    assert report(tmp_path).startswith("status: stopped without a word (killed, crashed")
+    with run_files.exclusive(tmp_path):  # as a training process holds it
+        assert report(tmp_path).startswith("status: running\n")
+    assert "stopped without a word" in report(tmp_path)  # released with its holder

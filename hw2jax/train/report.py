@@ -83,7 +83,7 @@ def report(
     ``against`` (other work dirs or history files), the accuracies of all of them per epoch,
     and their curves drawn to ``plot`` (default: ``compared.png`` beside the first history)."""
     path, history = _history(workdir)
-    text = f"status: {history.get('status', 'unknown')}\n\n" + epoch_table(history)
+    text = f"status: {run_files.status(path.parent, history)}\n\n" + epoch_table(history)
     if against:
         runs = {}
         for where, (p, h) in [(workdir, (path, history))] + [(w, _history(w)) for w in against]:

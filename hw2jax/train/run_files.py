@@ -59,6 +59,33 @@ def exclusive(workdir: Path):
         os.close(fd)
 
 
+def held_by_a_process(workdir: Path) -> bool:
+    """Whether a training process holds ``workdir``'s lock now (it is running)."""
+    path = Path(workdir) / ".lock"
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock taken here
+    return False
+
+
+def status(workdir: Path, history: dict) -> str:
+    """The history's status, except that ``running`` with no process holding the work dir's
+    lock (after kill -9, a crash, a power cut: nothing could write) says so."""
+    value = history.get("status", "unknown")
+    if value == "running" and not held_by_a_process(workdir):
+        return (
+            "stopped without a word (killed, crashed or cut off while running; no process "
+            "holds the work dir): run the same command to resume from the last checkpoint"
+        )
+    return value
+
+
 def one_process_per_workdir(check_config):
     """Decorates ``train(config, workdir, ...)``: ``check_config(config)`` first, so that a bad
     config is refused before the work dir is made, then ``train`` under :func:`exclusive`."""
