@@ -443,6 +443,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except Hw2jaxError as e:  # bad input or a damaged file: one line that names the fix
         print(f"hw2jax: error: {e}", file=sys.stderr)
+        sharding = sys.modules.get("hw2jax.train.sharding")  # loaded if a run started
+        if sharding is not None and isinstance(e, sharding.PeerLost):
+            # jax's exit waits at a barrier for the lost process and then aborts the
+            # interpreter after its heartbeat timeout (100 s): end now, with this line.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:  # before a run's own handler was installed, or after it ended
         print("hw2jax: stopped by Ctrl-C.", file=sys.stderr)

@@ -310,3 +310,50 @@ def test_cli_sentiment_host_devices_match_one_device(tmp_path):
         assert a["valid_accuracy"] == pytest.approx(b["valid_accuracy"], abs=1e-6)
         assert a["valid_loss"] == pytest.approx(b["valid_loss"], rel=1e-4)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_process_whose_peer_died_ends_at_once_with_one_line(fashion_dir, tmp_path):
+    """kill -9 of process 1 mid-run: process 0's next collective fails; it ends within seconds
+    (not after the runtime's 100 s heartbeat timeout and an abort), exit 2, one line, and the
+    history says why."""
+    import time
+
+    from test_reliability import cli_args
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    base = cli_args(fashion_dir, tmp_path / "run", "epochs=500")
+    base += ["--coordinator", f"localhost:{port}", "--num-processes", "2"]
+    procs = []
+    for pid in (0, 1):
+        args = [*base, "--process-id", str(pid)]
+        code = f"from hw2jax import cli; raise SystemExit(cli.main({args!r}))"
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    try:
+        history = tmp_path / "run" / "history.json"
+        deadline = time.monotonic() + 240
+        while not (history.exists() and json.loads(history.read_text())["epochs"]):
+            assert procs[0].poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        procs[1].kill()
+        killed = time.monotonic()
+        _, err = procs[0].communicate(timeout=90)
+        waited = time.monotonic() - killed
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[0].returncode == 2, err[-3000:]
+    assert waited < 30 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("hw2jax: error:")]
+    assert len(lines) == 1 and "process 0 of 2 lost contact with another process" in lines[0]
+    assert json.loads(history.read_text())["status"].startswith("failed: PeerLost: process 0")

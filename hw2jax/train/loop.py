@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from hw2jax.train import checkpoints, hooks, steps
 from hw2jax.train.run_files import load_history
-from hw2jax.train.sharding import DataParallel
+from hw2jax.train.sharding import DataParallel, peer_lost
 
 
 def train_and_evaluate(
@@ -165,6 +165,11 @@ def _failure_recorded(run: hooks.Run):
     try:
         yield
     except BaseException as e:
+        lost = peer_lost(e, run.step)
+        if lost is not None:  # not a disk problem, nor a bug: a process of this run is gone
+            run.status = f"failed: PeerLost: {lost}"[:300]
+            run.save_history()
+            raise lost from e
         if isinstance(e, checkpoints.CheckpointWriteError):
             resume = e.resume_step or 0
             run.history["epochs"] = [r for r in run.history["epochs"] if r["step"] <= resume]

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from hw2jax.errors import InputError
+from hw2jax.errors import Hw2jaxError, InputError
 
 
 def num_devices(spec: str | int) -> int:
@@ -73,6 +73,28 @@ def initialize_distributed(
             f"could not start the distributed runtime ({err}). Outside SLURM/MPI/TPU clusters "
             "pass --coordinator HOST:PORT --num-processes N --process-id I on every process."
         ) from None
+
+
+class PeerLost(Hw2jaxError, RuntimeError):
+    """Another process of a jax.distributed run died or stopped: its collectives failed."""
+
+
+# What the collectives (gloo on CPU) and the coordination service say when a peer is gone.
+_PEER_LOSS = ("Gloo", "Connection reset by peer", "Connection refused", "heartbeat timeout")
+
+
+def peer_lost(error: BaseException, step: int) -> PeerLost | None:
+    """A :class:`PeerLost` naming what failed, if ``error`` says that another process of this
+    run is gone; None for any other error, or with one process."""
+    text = str(error)
+    if jax.process_count() < 2 or not any(sign in text for sign in _PEER_LOSS):
+        return None
+    first = next((line for line in text.splitlines() if any(s in line for s in _PEER_LOSS)), "")
+    return PeerLost(
+        f"process {jax.process_index()} of {jax.process_count()} lost contact with another "
+        f"process at step {step} ({first.strip()[:200]}); it has died or was stopped. Start "
+        "every process again with the same command: they resume from the last checkpoint."
+    )
 
 
 def is_main_process() -> bool:
