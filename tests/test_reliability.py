@@ -229,15 +229,29 @@ def test_a_checkpoint_of_another_model_is_refused_not_set_aside(fashion_dir, tmp
         ". Run the same command as before to resume it, or pass a new --workdir to train the "
         "new one."
     )
-    # ...and without that record, by the checkpoint's shapes.
+    # ...also when config.json is lost or damaged: its copy in the history is the record...
+    for damage in ("delete", "garble"):
+        if damage == "delete":
+            (workdir / "config.json").unlink()
+        else:
+            (workdir / "config.json").write_text('{"epochs": 1, "mod')
+        assert cli.main(cli_args(fashion_dir, workdir, "epochs=1", "model.dim=24")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[0] == f"{workdir / 'config.json'} is missing or damaged; its copy in " + (
+            f"{workdir / 'history.json'} is used."
+        )
+        assert "trained with another config (model.dim: 16 -> 24)" in err[1]
+    # ...and without any record, by the checkpoint's shapes.
     (workdir / "config.json").unlink()
+    history = (workdir / "history.json").read_text()
+    (workdir / "history.json").unlink()
     assert cli.main(cli_args(fashion_dir, workdir, "epochs=1", "model.dim=24")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "holds another model or optimizer than this config builds" in err
     assert "e.g. opt_state/1/mu/block0/attn/to_out/bias (16,) in the checkpoint, (24,) now" in err
     assert not (workdir / "checkpoints" / "damaged").exists()
     assert Checkpoints(workdir / "checkpoints").latest_step() == before["epochs"][-1]["step"]
-    assert json.loads((workdir / "history.json").read_text())["config"] == before["config"]
+    assert json.loads(history)["config"] == before["config"]
 
 
 def start_signalling(args, after_step, signals, last_during_save=False, during_compile=False):

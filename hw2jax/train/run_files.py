@@ -146,9 +146,30 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _recorded_config(workdir: Path) -> dict | None:
+    """What the run in ``workdir`` was trained with: ``config.json``, or, when that is missing
+    or damaged, the copy in ``history.json`` (said in one line); None when neither is there."""
+    path, history = workdir / "config.json", workdir / "history.json"
+    try:
+        return read_json(path, "") if path.exists() else _config_of_history(history, path)
+    except InputError:
+        return _config_of_history(history, path)
+
+
+def _config_of_history(history: Path, path: Path) -> dict | None:
+    try:
+        config = read_json(history, "").get("config") if history.exists() else None
+    except InputError:
+        config = None
+    if config is not None:
+        print(f"{path} is missing or damaged; its copy in {history} is used.", file=sys.stderr)
+    return config
+
+
 def save_run_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
     """Writes ``workdir/config.json``, making the work dir if needed. When a checkpoint is
-    there to resume from, ``config.json`` is the record of what was trained: a config that
+    there to resume from, ``config.json`` (or its copy in ``history.json``) is the record of
+    what was trained: a config that
     trains something else (epochs, learning rate, model...) is refused with the differences,
     and nothing is written. Keys that only say where or how to run may change, and so may
     ``epochs`` under a constant learning rate: the longer run is then the one a fresh run of
@@ -156,8 +177,8 @@ def save_run_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
     is not a difference."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "config.json"
-    if path.exists() and (workdir / "checkpoints").exists():
-        saved = read_json(path, "delete it to resume with the config given now.")
+    saved = _recorded_config(workdir) if (workdir / "checkpoints").exists() else None
+    if saved is not None:
         old, new = _flat(saved), _flat(json.loads(config.to_json()))
         neutral = _RESUME_NEUTRAL | ({"epochs"} if new.get("schedule") == "constant" else set())
         changed = sorted(
