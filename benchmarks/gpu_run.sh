@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared run on a GPU machine: the figures of the README's "On a GPU" section.
+# One prepared run on a GPU machine: the figures of benchmarks/README.md's "GPU" sections.
 #
 #   benchmarks/gpu_run.sh DATA_DIR OUT_DIR [BUDGET_S]
 #
