@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hw2jax import attention, kernels
 from hw2jax.attention import registry
-from hw2jax.cpu import cpu_vector_features
+from hw2jax.cpu import machine
 from hw2jax.testing.torch_peer import torch_peer_device, torch_synchronize
 from hw2jax.timing import median_seconds, runtime_settings
 from hw2jax.train.sharding import split_host_cpu
@@ -627,19 +627,16 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     meta = {
+        **machine(),
         "device": f"{device.platform}:{device.device_kind}",
         "host": platform.node(),
-        "cpu_count": os.cpu_count(),
         "jax_devices": jax.device_count(),
-        "jax": jax.__version__,
-        "date": time.strftime("%Y-%m-%d"),
         "quick": args.quick,
         "complete": False,
         "batch": 1,
         "heads": 4,
         "head_dim": 64,
         "env": runtime_settings(),
-        "cpu_features": cpu_vector_features(),
     }
     done: list[dict] = []  # records of the finished sweeps
 

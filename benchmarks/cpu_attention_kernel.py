@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import time
 from pathlib import Path
 
 import jax
@@ -22,7 +20,7 @@ import numpy as np
 
 from hw2jax import kernels
 from hw2jax.attention import key_bias_attention
-from hw2jax.cpu import cpu_vector_features
+from hw2jax.cpu import machine
 from hw2jax.models import bert
 from hw2jax.timing import interleaved_seconds, runtime_settings
 
@@ -80,14 +78,10 @@ def main(argv=None) -> None:
 
     rows = [time_layer(32, 256, 12, d, args.repeats) for d in (32, 64)]
     meta = {
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "torch": torch.__version__,
+        **machine(),
         "torch_threads": torch.get_num_threads(),
-        "date": time.strftime("%Y-%m-%d"),
         "repeats": args.repeats,
         "env": runtime_settings(),
-        "cpu_features": cpu_vector_features(),
         "kernel_features": kernels.kernel_vector_features(),  # its build target
     }
     print(meta)

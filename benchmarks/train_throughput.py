@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hw2jax import kernels
-from hw2jax.cpu import cpu_vector_features
+from hw2jax.cpu import machine
 from hw2jax.testing.torch_peer import torch_peer_device, torch_synchronize
 from hw2jax.timing import interleaved_seconds, runtime_settings
 from hw2jax.train.sharding import split_host_cpu
@@ -368,16 +368,12 @@ def main(argv=None) -> None:
             )
     device = jax.devices()[0]
     meta = {
+        **machine(),
         "device": f"{device.platform}:{device.device_kind}",
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "torch_device": torch_peer_device(),
-        "date": time.strftime("%Y-%m-%d"),
         "repeats": repeats,
         "env": runtime_settings(),
-        "cpu_features": cpu_vector_features(),
         "kernel_features": kernels.kernel_vector_features(),  # its build target
     }
     print(f"\n{meta}")

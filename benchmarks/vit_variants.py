@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from hw2jax.cpu import cpu_vector_features
+from hw2jax.cpu import machine
 from hw2jax.timing import interleaved_seconds, runtime_settings
 from hw2jax.train.sharding import split_host_cpu
 
@@ -79,15 +78,12 @@ def main(argv=None) -> None:
     }
     device = jax.devices()[0]
     meta = {
+        **machine(),
         "device": f"{device.platform}:{device.device_kind}",
         "devices": devices,
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "date": time.strftime("%Y-%m-%d"),
         "batch": batch,
         "repeats": args.repeats,
         "env": runtime_settings(),
-        "cpu_features": cpu_vector_features(),
     }
     print(meta)
     for kind, r in results.items():

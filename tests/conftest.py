@@ -42,3 +42,22 @@ def make_fashion_folder(folder, n_train=96, n_test=40, gz=True, seed=0):
 @pytest.fixture
 def fashion_dir(tmp_path):
     return make_fashion_folder(tmp_path / "fashion")
+
+
+def assert_names_its_machine(record: dict) -> None:
+    """A benchmark's meta or a run's machine names the CPU this test runs on (read here from
+    /proc/cpuinfo), its cores, vector features and the versions, and the date."""
+    import datetime
+    import platform
+
+    import jax
+
+    with open("/proc/cpuinfo") as f:
+        lines = dict(line.split(":", 1) for line in f if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in lines.items()}
+    assert record["cpu_model"] == fields.get("model name", platform.processor())
+    assert record["cpu_family_model"] == f"{fields.get('cpu family')}/{fields.get('model')}"
+    assert record["cpu_count"] == os.cpu_count()
+    assert record["cpu_features"]["avx2"] == ("avx2" in fields.get("flags", "").split())
+    assert record["jax"] == jax.__version__ and record["jaxlib"]
+    assert record["date"] == datetime.date.today().isoformat()

@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import assert_names_its_machine
 from test_attention import qkv, ref_linear_np, ref_softmax_np
 
 
@@ -330,6 +331,7 @@ def test_sweep_saves_after_every_curve_so_a_cut_run_keeps_its_points(tmp_path, m
     assert saved == [(False, 2 * n) for n in range(1, 8)]
     final = json.loads(next(tmp_path.glob("attention_scaling_*.json")).read_text())
     assert final["meta"]["complete"] and len(final["records"]) == 14
+    assert_names_its_machine(final["meta"])
     assert next(tmp_path.glob("attention_scaling_*.png")).stat().st_size > 0
 
 

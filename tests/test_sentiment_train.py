@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import assert_names_its_machine
 
 from hw2jax import cli
 from hw2jax.config import apply_overrides, load_config
@@ -174,6 +175,7 @@ def test_training_on_the_fixture_reduces_the_loss(tmp_path):
     assert out["final"]["test_count"] == 12 and epochs[0]["step"] == 3  # 18 reviews, batch 6
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["best_checkpoint"]["valid_accuracy"] == max(r["valid_accuracy"] for r in epochs)
+    assert_names_its_machine(results["machines"][0])
     assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000  # loss and accuracy plots
 
 

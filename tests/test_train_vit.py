@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_names_its_machine
 
 from hw2jax import cli
 from hw2jax.config import apply_overrides, load_config
@@ -81,6 +82,8 @@ def test_training_learns_and_writes_history_plots_and_results(fashion_dir, tmp_p
         assert (tmp_path / "run" / name).stat().st_size > 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert np.sum(results["confusion_matrix"]) == 40
+    assert len(results["machines"]) == 1
+    assert_names_its_machine(results["machines"][0])
     # The report's accuracy agrees with the loop's evaluation of the same (final) params.
     assert results["test_accuracy"] == pytest.approx(epochs[-1]["test_accuracy"])
 

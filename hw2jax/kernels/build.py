@@ -97,9 +97,8 @@ def kernel_vector_features() -> dict[str, bool]:
     return {name: has and target.get(name, False) for name, has in features.items()}
 
 
-@functools.cache
-def library_path() -> Path:
-    """The built library for this CPU, compiler and jax (built on the first call)."""
+def library_target() -> Path:
+    """Where the library for this CPU, compiler, jax and source is (or will be) cached."""
     cxx = _compiler()
     include = jax.ffi.include_dir()
     source = _SOURCE.read_bytes()
@@ -110,7 +109,15 @@ def library_path() -> Path:
         )
         + source
     ).hexdigest()[:16]
-    target = cache_dir() / f"cpu_attention-{key}.so"
+    return cache_dir() / f"cpu_attention-{key}.so"
+
+
+@functools.cache
+def library_path() -> Path:
+    """The built library for this CPU, compiler and jax (built on the first call)."""
+    cxx = _compiler()
+    include = jax.ffi.include_dir()
+    target = library_target()
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import optax
 
 from hw2jax.attention import registry
 from hw2jax.config import LOOP_SCHEMA, Field, check_config
+from hw2jax.cpu import machine
 from hw2jax.data.mqar import check_sizes, make_mqar
 from hw2jax.errors import InputError
 from hw2jax.models.recall import RecallLM, state_size
@@ -178,7 +179,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[s
             }
         )
     run_files.write_json_atomic(
-        workdir / "results.json", {"config": config.to_dict(), "runs": rows}
+        workdir / "results.json", {"config": config.to_dict(), "runs": rows, "machine": machine()}
     )
     (workdir / "results.md").write_text(results_table(rows))
     plot_recall(rows, workdir / "recall_vs_state.png")

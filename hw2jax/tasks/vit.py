@@ -242,6 +242,7 @@ def train_and_evaluate(
     final = write_report(task, params, workdir, history)
     final["wall_time_s_this_run"] = time.perf_counter() - start
     final["last_epoch"] = history["epochs"][-1] if history["epochs"] else None
+    final["machines"] = history["machines"]
     run_files.write_json_atomic(workdir / "results.json", final)
     print(
         f"final test accuracy (last epoch): {100 * final['test_accuracy']:.2f}% "

@@ -18,6 +18,7 @@ import jax
 import ml_collections
 from tqdm.auto import tqdm
 
+from hw2jax.cpu import machine
 from hw2jax.train import checkpoints, hooks, steps
 from hw2jax.train.run_files import load_history
 from hw2jax.train.sharding import DataParallel, peer_lost
@@ -54,6 +55,7 @@ def train_and_evaluate(
     parallel = DataParallel(config.devices, config.batch_size, config.eval_batch_size)
     history = load_history(workdir, start_step, ckpt.best_metrics())
     history |= {"config": config.to_dict(), "parameters": counts, "unit": task.unit}
+    history["machines"] = _with_this_machine(history.get("machines", []))
     if start_step:
         tqdm.write(f"Resuming from step {start_step} in {workdir}.")
     run = hooks.Run(
@@ -123,6 +125,16 @@ def _stop(run: hooks.Run, everything: list[hooks.Hook]) -> None:
         hook.stop(run)
     run.save_history()
     run.history["stopped_by"] = run.stop_requested  # for the exit code
+
+
+def _with_this_machine(machines: list[dict]) -> list[dict]:
+    """Every machine that trained this run (a resumed run may have moved), each once, with the
+    date it first did."""
+    here = machine()
+    same = ("cpu_model", "cpu_family_model", "cpu_count", "cpu_features", "jax", "jaxlib")
+    if any(all(m.get(k) == here[k] for k in same) for m in machines):
+        return machines
+    return [*machines, here]
 
 
 def _learning_rate_scale(task: steps.Task):

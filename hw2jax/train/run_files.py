@@ -239,8 +239,9 @@ def load_history(workdir: Path, step: int, best: dict | None = None) -> dict[str
         "train": [r for r in history["train"] if r["step"] <= step],
         "epochs": [r for r in history["epochs"] if r["step"] <= step],
     }
-    if history.get("failed_saves"):
-        restored["failed_saves"] = history["failed_saves"]
+    for kept in ("failed_saves", "machines"):  # records of the whole run, not of steps
+        if history.get(kept):
+            restored[kept] = history[kept]
     window = history.get("window")
     if window and window.pop("step") == step:
         restored["window"] = window

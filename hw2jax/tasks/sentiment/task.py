@@ -214,6 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "test_loss": test["loss"],
         "test_accuracy": test["accuracy"],
         "test_count": test["count"],
+        "machines": history["machines"],
     }
     run_files.write_json_atomic(workdir / "results.json", final)
     print(
