@@ -437,16 +437,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leaves_the_runtime_broken(error: Exception) -> bool:
+    """A lost peer process or a failed checkpoint write (their modules are loaded if a run
+    started)."""
+    sharding = sys.modules.get("hw2jax.train.sharding")
+    checkpoints = sys.modules.get("hw2jax.train.checkpoints")
+    return (sharding is not None and isinstance(error, sharding.PeerLost)) or (
+        checkpoints is not None and isinstance(error, checkpoints.CheckpointWriteError)
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except Hw2jaxError as e:  # bad input or a damaged file: one line that names the fix
         print(f"hw2jax: error: {e}", file=sys.stderr)
-        sharding = sys.modules.get("hw2jax.train.sharding")  # loaded if a run started
-        if sharding is not None and isinstance(e, sharding.PeerLost):
-            # jax's exit waits at a barrier for the lost process and then aborts the
-            # interpreter after its heartbeat timeout (100 s): end now, with this line.
+        if _leaves_the_runtime_broken(e):
+            # jax's exit waits at a barrier for a lost process, then aborts the interpreter
+            # after its heartbeat timeout (100 s); orbax's unfinished writes print tracebacks
+            # while Python shuts down. The history is written: end now, with this line.
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(2)
