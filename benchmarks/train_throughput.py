@@ -90,6 +90,36 @@ def compare(ours, theirs, batch: int, repeats: int) -> dict:
     }
 
 
+def optax_step(loss_fn, tx, params, inputs, compiler_options=None):
+    """``loss_fn(params, *inputs)`` minimised by ``tx`` in one jit-compiled step, run once (its
+    compile): (a call that runs one more step and waits for it, the first call's ms, the loss
+    of the first step, before any update)."""
+    import optax
+
+    @functools.partial(jax.jit, compiler_options=compiler_options)
+    def step(p, opt_state, *inputs):
+        loss, grads = jax.value_and_grad(loss_fn)(p, *inputs)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, loss
+
+    inputs = [jnp.asarray(a) for a in inputs]
+    holder = {"p": params, "opt": tx.init(params)}
+
+    def ours():
+        holder["p"], holder["opt"], holder["loss"] = step(holder["p"], holder["opt"], *inputs)
+        jax.block_until_ready(holder["loss"])
+
+    start = time.perf_counter()
+    ours()
+    return ours, 1e3 * (time.perf_counter() - start), float(holder["loss"])
+
+
+def check_first_losses(ours: float, theirs: float, rtol: float) -> None:
+    """Both sides computed the same function, or nothing is timed."""
+    if not np.isclose(ours, theirs, rtol=rtol):
+        raise AssertionError(f"first-step losses differ: hw2jax {ours}, torch {theirs}")
+
+
 def vit_step(
     batch: int,
     repeats: int,
@@ -158,10 +188,8 @@ def vit_step(
         return loss.item()  # waits for the step, on a GPU too
 
     # Same params, same batch: the first losses must agree, or we would time different things.
-    torch_first = theirs()
     exact = dtype == "float32" and device == "cpu"  # else bf16 or TF32 rounding on both sides
-    if not np.isclose(first_loss, torch_first, rtol=1e-4 if exact else 2e-2):
-        raise AssertionError(f"first-step losses differ: hw2jax {first_loss}, torch {torch_first}")
+    check_first_losses(first_loss, theirs(), rtol=1e-4 if exact else 2e-2)
     where = f" ({devices} host devices)" if devices > 1 else ""
     where += f", {dtype}" if dtype != "float32" else ""
     where += ", direct q, k, v attention" if merged is False else ""
@@ -259,30 +287,13 @@ def gru_head_step(batch: int, steps: int, features: int, hidden: int, repeats: i
         "w": jnp.asarray(tout.weight.detach().cpu().numpy().T),
         "b": jnp.asarray(tout.bias.detach().cpu().numpy()),
     }
-    tx = optax.adam(1e-3)
 
     def loss_fn(p, x, y):
         _, h_n = gru.apply({"params": p["gru"]}, x)
         logit = (jnp.concatenate([h_n[-2], h_n[-1]], -1) @ p["w"] + p["b"])[:, 0]
         return optax.sigmoid_binary_cross_entropy(logit, y).mean()
 
-    @jax.jit
-    def step(p, opt_state, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, loss
-
-    jx, jy = jnp.asarray(x), jnp.asarray(y)
-    holder = {"p": params, "opt": tx.init(params)}
-
-    def ours():
-        holder["p"], holder["opt"], holder["loss"] = step(holder["p"], holder["opt"], jx, jy)
-        jax.block_until_ready(holder["loss"])
-
-    start = time.perf_counter()
-    ours()
-    first_ms = 1e3 * (time.perf_counter() - start)
-    first_loss = float(holder["loss"])
+    ours, first_ms, first_loss = optax_step(loss_fn, optax.adam(1e-3), params, (x, y))
     opt = torch.optim.Adam([*tgru.parameters(), *tout.parameters()], lr=1e-3)
     tx_, ty_ = torch.tensor(x, device=device), torch.tensor(y, device=device)
 
@@ -295,9 +306,7 @@ def gru_head_step(batch: int, steps: int, features: int, hidden: int, repeats: i
         opt.step()
         return loss.item()
 
-    torch_first = theirs()
-    if not np.isclose(first_loss, torch_first, rtol=1e-4):
-        raise AssertionError(f"first-step losses differ: hw2jax {first_loss}, torch {torch_first}")
+    check_first_losses(first_loss, theirs(), rtol=1e-4)
     return {
         "what": f"GRU head train step ({batch} x {steps} x {features}, 2-layer bi-GRU {hidden})",
         "batch": batch,
@@ -352,28 +361,17 @@ def finetune_step(
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, config.vocab_size, (batch, tokens))
     y = rng.integers(0, 2, batch).astype(np.float32)
-    tx = optax.adamw(2e-5, weight_decay=0.01)
 
     def loss_fn(p, ids, y):
         return optax.sigmoid_binary_cross_entropy(model.apply({"params": p}, ids), y).mean()
 
-    @functools.partial(jax.jit, compiler_options=bert.xla_compiler_options(encoder_dtype))
-    def step(p, opt_state, ids, y):
-        loss, grads = jax.value_and_grad(loss_fn)(p, ids, y)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, loss
-
-    jids, jy = jnp.asarray(ids), jnp.asarray(y)
-    holder = {"p": params, "opt": tx.init(params)}
-
-    def ours():
-        holder["p"], holder["opt"], holder["loss"] = step(holder["p"], holder["opt"], jids, jy)
-        jax.block_until_ready(holder["loss"])
-
-    start = time.perf_counter()
-    ours()
-    first_ms = 1e3 * (time.perf_counter() - start)
-    first_loss = float(holder["loss"])
+    ours, first_ms, first_loss = optax_step(
+        loss_fn,
+        optax.adamw(2e-5, weight_decay=0.01),
+        params,
+        (ids, y),
+        bert.xla_compiler_options(encoder_dtype),
+    )
     top = (
         print_breakdown(f"fine-tuning step, {dtype}", op_breakdown(ours, 2, profile))
         if profile
@@ -394,10 +392,7 @@ def finetune_step(
         opt.step()
         return loss.item()
 
-    torch_first = theirs()
-    tolerance = 1e-4 if dtype == "float32" else 2e-2
-    if not np.isclose(first_loss, torch_first, rtol=tolerance):
-        raise AssertionError(f"first-step losses differ: hw2jax {first_loss}, torch {torch_first}")
+    check_first_losses(first_loss, theirs(), rtol=1e-4 if dtype == "float32" else 2e-2)
     return {
         "what": f"fine-tuning step (MiniLM-L6 + BiGRU 256, {dtype}, all weights)",
         "profile_top": top,
@@ -417,7 +412,6 @@ BERT_VARIANTS = (("float32", "auto"), ("float32", "xla"), ("bfloat16", "auto"), 
 
 def _all_rows(args, repeats: int) -> list[dict]:
     """Every row: the ViT step (one device and split), BERT forward, fine-tuning, GRU head."""
-
     results = [vit_step(256, repeats, args.profile)]
     split = min(args.host_devices, jax.device_count())
     if jax.default_backend() == "cpu" and split > 1 and 256 % split == 0:
