@@ -165,12 +165,10 @@ class StopOnSignal(Hook):
     def __init__(self):
         self.previous: dict[int, Any] = {}
         self.run: Run | None = None
-        self.first: int | None = None
 
     def handle(self, signum: int, frame: Any) -> None:
         run, name = self.run, self.SIGNALS[signum]
-        if self.first is None and run.stop_requested is None:
-            self.first = signum
+        if run.stop_requested is None:
             run.stop_requested = name
             tqdm.write(f"{name}: saving a checkpoint after this step (send it again to abort).")
         elif run.confirming_save:
@@ -179,7 +177,9 @@ class StopOnSignal(Hook):
                 "(kill -9 abandons it)."
             )
         else:
-            self.abort(name, 128 + (self.first or signum))
+            # The first signal's exit code; a stop a hook asked for has none: this one's.
+            first = {n: s for s, n in self.SIGNALS.items()}.get(run.stop_requested, signum)
+            self.abort(name, 128 + first)
 
     def abort(self, name: str, code: int) -> None:
         """Ends the process now; history.json says so and which step a rerun resumes from."""
