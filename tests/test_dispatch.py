@@ -1,6 +1,8 @@
 """The one dispatch rule, with the device and the CPU faked both ways: what auto picks, and that
 softmax, linear and BERT's attention all follow it."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,3 +133,164 @@ def test_softmax_linear_and_bert_all_ask_the_rule(monkeypatch, machine):
         "cpu_avx2": [],
     }[machine]
     assert ran == expected
+
+
+# auto by measurement -------------------------------------------------------------------------
+
+CPU_AVX512 = dispatch.Machine("cpu", kernel_features=AVX512)
+
+
+@pytest.fixture
+def measured(monkeypatch, tmp_path):
+    """Measuring on, a fresh cache file in ``tmp_path``, and timings faked: returns the dict of
+    milliseconds per path that the fake probe reports, and the list of probes it ran."""
+    monkeypatch.setenv("HW2JAX_AUTO", "measure")
+    monkeypatch.setattr(dispatch, "_timings", {})
+    monkeypatch.setattr(dispatch, "_seconds_spent", [0.0])
+    monkeypatch.setattr(dispatch, "_cache_file", lambda: tmp_path / "dispatch-test.json")
+    ms, probes = {}, []
+
+    def fake(paths, measure, gradient):
+        probes.append((tuple(paths), gradient))
+        return {name: ms[name] / 1e3 for name in paths}
+
+    monkeypatch.setattr(dispatch, "_time_paths", fake)
+    return ms, probes
+
+
+def measure_for(shape=(2, 256, 4, 64), dtype=jnp.float32):
+    x = jax.ShapeDtypeStruct(shape, dtype)
+    return dispatch.Measure((x, x, x), lambda path: None)
+
+
+def test_auto_takes_the_measured_fastest_path_both_ways(measured):
+    ms, probes = measured
+    ms.update(row=1.0, flash=3.0, naive=2.0, blockwise=5.0)
+    # Forward: the row kernel wins; gradients: naive's program beats the flash kernel.
+    assert dispatch.softmax(T_256, False, why(), CPU_AVX512, measure_for()) == ("row", "naive")
+    assert probes == [
+        (("row", "naive", "blockwise"), False),
+        (("flash", "naive", "blockwise"), True),
+    ]
+    # The opposite timings on another shape class pick the opposite paths; naive on both
+    # sides is returned as one name (no custom VJP in between).
+    ms.update(row=4.0, flash=0.5, naive=1.0)
+    assert dispatch.softmax(T_256, False, why(), CPU_AVX512, measure_for((1, 256, 16, 64))) == (
+        "naive",
+        "flash",
+    )
+    assert dispatch.softmax(T_256, True, why(), CPU_AVX512, measure_for()) == ("flash", "flash")
+    ms.update(flash=9.0)
+    assert dispatch.softmax(T_256, True, why(), CPU_AVX512, measure_for((8, 256, 4, 64))) == "naive"
+    # Linear and key bias: fused or not, by their timings; the AVX2 rule would say otherwise.
+    ms.update(fused_cpu=1.0, chunked=2.0, xla=0.5)
+    avx2 = dispatch.Machine("cpu", kernel_features=AVX2)
+    assert dispatch.linear(why(), avx2, measure_for(), causal=True) == "fused_cpu"
+    assert dispatch.key_bias(why(), CPU_AVX512, measure_for()) == "xla"
+
+
+def test_timings_are_cached_per_shape_class_in_one_file(measured, tmp_path):
+    ms, probes = measured
+    ms.update(row=1.0, flash=3.0, naive=2.0, blockwise=5.0)
+    dispatch.softmax(T_256, False, why(), CPU_AVX512, measure_for())
+    # A second process (its memory emptied) reads the file and times nothing.
+    dispatch._timings.clear()
+    ms.clear()
+    assert dispatch.softmax(T_256, False, why(), CPU_AVX512, measure_for()) == ("row", "naive")
+    assert len(probes) == 2
+    record = json.loads((tmp_path / "dispatch-test.json").read_text())
+    assert record["machine"]["cpu_model"] and "jax" in record["machine"]
+    key = "softmax full fwd scores 2^16 rows 2^3 d 64x64 float32"
+    assert record["classes"][key]["ms"] == {"row": 1.0, "naive": 2.0, "blockwise": 5.0}
+    # A damaged file is only a cache: timed again and rewritten.
+    (tmp_path / "dispatch-test.json").write_text('{"classes": [trunc')
+    dispatch._timings.clear()
+    ms.update(row=1.0, flash=3.0, naive=0.5, blockwise=5.0)
+    assert dispatch.softmax(T_256, False, why(), CPU_AVX512, measure_for()) == "naive"
+    assert json.loads((tmp_path / "dispatch-test.json").read_text())["classes"][key]
+
+
+def test_past_the_budget_and_elsewhere_the_feature_rule_stands(measured, monkeypatch):
+    ms, probes = measured
+    ms.update(row=9.0, flash=9.0, naive=1.0, blockwise=5.0, fused_cpu=9.0, xla=1.0)
+    dispatch._seconds_spent[0] = dispatch.PROBE_BUDGET_S
+    assert dispatch.softmax(T_256, True, why(), CPU_AVX512, measure_for()) == ("flash", "flash")
+    dispatch._seconds_spent[0] = 0.0
+    assert dispatch.softmax(T_256, True, why(), GPU, measure_for()) == "jax"  # GPU: not timed
+    monkeypatch.setattr(jax, "process_count", lambda: 2)  # one program for every process
+    assert dispatch.key_bias(why(), CPU_AVX512, measure_for()) == "fused_cpu"
+    monkeypatch.undo()
+    monkeypatch.setenv("HW2JAX_AUTO", "rule")
+    assert dispatch.linear(why(), CPU_AVX512, measure_for(), causal=True) == "fused_cpu"
+    assert probes == []
+    monkeypatch.setenv("HW2JAX_AUTO", "fastest")
+    with pytest.raises(dispatch.ImplementationError, match=r"HW2JAX_AUTO='fastest'.*'measure'"):
+        dispatch.linear(why(), CPU_AVX512, measure_for())
+
+
+def test_a_forced_path_is_never_timed(measured, monkeypatch):
+    _, probes = measured
+    monkeypatch.setenv("HW2JAX_ATTENTION", "blockwise")
+    assert dispatch.softmax(T_256, True, why(), CPU_AVX512, measure_for()) == "blockwise"
+    assert probes == []
+
+
+@pytest.mark.parametrize("fastest", ["naive_then_blockwise", "blockwise_then_naive"])
+def test_mixed_forward_and_gradient_paths_keep_the_formula(measured, fastest):
+    """Measurement can pair any forward with any gradient (XLA's forms included, where the
+    feature rule pairs only the kernels): values and gradients stay the float64 formula's."""
+    ms, _ = measured
+    first, second = fastest.split("_then_")
+    ms.update({"row": 9.0, "flash": 9.0, first: 1.0, second: 2.0})
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 40, 2, 16)), jnp.float32) for _ in range(3))
+
+    def formula(q, k, v):
+        s = np.einsum("bqhd,bkhd->bhqk", q, k) / 4.0
+        s = np.where(np.tril(np.ones((40, 40), bool)), s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        return np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
+
+    qkv64 = [np.asarray(a, np.float64) for a in (q, k, v)]
+    out = attention.softmax_attention(q, k, v, causal=True)
+    np.testing.assert_allclose(out, formula(*qkv64), rtol=2e-5, atol=2e-5)
+    w = np.asarray(rng.standard_normal(out.shape))
+    grads = jax.grad(
+        lambda *a: jnp.sum(attention.softmax_attention(*a, causal=True) * w), argnums=(0, 1, 2)
+    )(q, k, v)
+    eps = 1e-6  # central differences of the float64 formula along one random direction each
+    for i, g in enumerate(grads):
+        d = rng.standard_normal(qkv64[i].shape)
+        plus, minus = list(qkv64), list(qkv64)
+        plus[i], minus[i] = qkv64[i] + eps * d, qkv64[i] - eps * d
+        numeric = np.sum((formula(*plus) - formula(*minus)) * w) / (2 * eps)
+        np.testing.assert_allclose(np.sum(np.asarray(g, np.float64) * d), numeric, rtol=1e-4)
+
+
+def test_a_real_probe_times_every_candidate_and_takes_the_least(monkeypatch, tmp_path):
+    """Unfaked: timing a small class writes a time for each candidate, and auto's choice is the
+    least of them."""
+    if kernels.build_error():
+        pytest.skip(f"the fused CPU kernel cannot be built here: {kernels.build_error()}")
+    monkeypatch.setenv("HW2JAX_AUTO", "measure")
+    monkeypatch.setattr(dispatch, "_timings", {})
+    monkeypatch.setattr(dispatch, "_seconds_spent", [0.0])
+    monkeypatch.setattr(dispatch, "_cache_file", lambda: tmp_path / "dispatch-test.json")
+    q = jnp.ones((2, 32, 2, 16), jnp.float32)
+    choice = dispatch.softmax(
+        32 * 32, True, why(), dispatch.this_machine(), dispatch.Measure((q, q, q), _path_of)
+    )
+    classes = json.loads((tmp_path / "dispatch-test.json").read_text())["classes"]
+    (fwd,) = (c["ms"] for key, c in classes.items() if "fwd+bwd" not in key)
+    (grad,) = (c["ms"] for key, c in classes.items() if "fwd+bwd" in key)
+    assert set(fwd) == {"flash", "naive", "blockwise"} and set(grad) == set(fwd)
+    assert all(ms > 0 for ms in [*fwd.values(), *grad.values()])
+    best = (min(fwd, key=fwd.get), min(grad, key=grad.get))
+    assert choice == (best[0] if best[0] == best[1] else best)
+    assert 0 < dispatch._seconds_spent[0] < dispatch.PROBE_BUDGET_S
+
+
+def _path_of(path):
+    from hw2jax.attention import softmax
+
+    return softmax._by_path(path, causal=True)

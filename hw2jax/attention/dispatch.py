@@ -24,21 +24,47 @@ The rule, in order:
 3. **Any other CPU**: softmax ``"naive"`` below 2^26 scores per (batch, head) and
    ``"blockwise"`` from there (O(T) memory); linear ``"chunked"``; key bias ``"xla"``.
 
+**Measured on CPU.** Vector features do not predict speed on every CPU, so on a CPU the rule's
+candidates are timed once per machine and shape class, and the fastest is taken
+(:func:`fastest`). A shape class is the operation, causal or not, forward or forward and
+backward, the scores per (batch, head) and the batch x heads rows (each to a power of two),
+the head dim and the dtype. Each class is timed on first use (a few hundred ms on inputs of its
+size, batch and heads cut to at most 2^24 scores in all) and cached next to the kernel build,
+in a file keyed by the CPU, the compiler, jax and the kernels' source
+(:func:`hw2jax.kernels.library_target`); at most 20 s of timing per process, after which
+untimed classes take the feature rule. Softmax times forward and gradient separately (a
+custom VJP runs the forward winner when nothing is differentiated); linear attention is timed
+with gradients, BERT's key-bias attention forward only (fine-tuning runs dropout, which only
+XLA's form takes). Processes of one multi-process run all take the feature rule, so that they
+compile one program.
+
 ``HW2JAX_ATTENTION`` (e.g. ``HW2JAX_ATTENTION=xla``) forces one softmax and key-bias path for the
 whole process, where that path applies; ``auto`` or unset leaves the rule above.
+``HW2JAX_AUTO=rule`` keeps the feature rule without timing anything (the tests do, so that no
+test depends on timings); ``measure`` (the default) times as above.
 
 :class:`Machine` is everything the rule reads about where it runs; tests pass a made-up one.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
+import json
+import math
 import os
-from collections.abc import Callable
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from hw2jax import kernels
+from hw2jax import cpu, kernels
 from hw2jax.errors import InputError
 
 SOFTMAX = ("auto", "jax", "xla", "cudnn", "pallas", "blockwise", "naive", "fused_cpu")
@@ -53,6 +79,10 @@ BLOCKWISE_FROM = 2**26
 # kernel where it can run; shorter inputs, such as the ViT's 50 patches, keep naive's program.
 FUSED_GRADIENTS_FROM = 2**16
 FORCE_ENV = "HW2JAX_ATTENTION"
+AUTO_ENV = "HW2JAX_AUTO"
+PROBE_BUDGET_S = 20.0
+# Batch and heads are cut until batch x heads x scores is at most this: tens of ms per path.
+PROBE_SCORES = 2**24
 # Why the fused CPU kernels cannot run on some inputs (None: they can), asked lazily.
 Reason = Callable[[], "str | None"]
 
@@ -102,36 +132,229 @@ def forced(choices: tuple[str, ...]) -> str | None:
 
 
 def softmax(
-    scores: int, causal: bool, fused_reason: Reason, machine: Machine | None = None
+    scores: int,
+    causal: bool,
+    fused_reason: Reason,
+    machine: Machine | None = None,
+    measure: Measure | None = None,
 ) -> str | tuple[str, str]:
     """The softmax path for ``scores`` = T_q * T_k per (batch, head). ``fused_reason()`` says why
     the fused CPU kernels cannot run on these inputs (None: they can); it is called only where
-    the rule would take them, since asking builds the kernels. Returns a path's name, or for the
-    fused kernels (forward, gradient): the form that runs when nothing is differentiated
-    ("row", "flash" or "blockwise"), and the one whose gradient is taken."""
+    the rule would take them, since asking builds the kernels. Returns a path's name, or the
+    form that runs when nothing is differentiated and the one whose gradient is taken ("row"
+    and "flash" name the fused kernels' forms). ``measure``: the call's inputs and paths, for
+    timing on CPU (:func:`fastest`); None keeps the feature rule."""
     machine = machine or this_machine()
     force = forced(SOFTMAX)
     if force and not (force == "fused_cpu" and fused_reason()):
         return force
     if machine.backend != "cpu":
         return "jax"
+    if measure is not None and measuring(machine):
+        fits = scores < BLOCKWISE_FROM  # naive's T x T scores are held in memory
+        fused = fused_reason() is None
+        kernel = "row" if not causal and fits else "flash"
+        paths = [kernel] * fused + ["naive"] * fits + ["blockwise"]
+        grad_paths = ["flash"] * fused + ["naive"] * fits + ["blockwise"]
+        forward = fastest("softmax", causal, False, paths, measure)
+        gradient = fastest("softmax", causal, True, grad_paths, measure)
+        if forward and gradient:  # one of XLA's forms both ways needs no custom VJP between
+            return forward if forward == gradient != "flash" else (forward, gradient)
     if machine.fused_cpu_pays_off and fused_reason() is None:
         forward = "flash" if causal else "row" if scores < BLOCKWISE_FROM else "blockwise"
         return forward, "flash" if scores >= FUSED_GRADIENTS_FROM else "naive"
     return "blockwise" if scores >= BLOCKWISE_FROM else "naive"
 
 
-def linear(fused_reason: Reason, machine: Machine | None = None) -> str:
-    """The linear-attention path: ``"fused_cpu"`` or ``"chunked"``."""
+def linear(
+    fused_reason: Reason,
+    machine: Machine | None = None,
+    measure: Measure | None = None,
+    causal: bool = False,
+) -> str:
+    """The linear-attention path: ``"fused_cpu"`` or ``"chunked"``, timed with gradients where
+    ``measure`` is given on CPU."""
     machine = machine or this_machine()
+    if machine.backend == "cpu" and measure is not None and measuring(machine):
+        if fused_reason() is not None:
+            return "chunked"
+        if path := fastest("linear", causal, True, ["fused_cpu", "chunked"], measure):
+            return path
     return "fused_cpu" if machine.fused_cpu_pays_off and fused_reason() is None else "chunked"
 
 
-def key_bias(fused_reason: Reason, machine: Machine | None = None) -> str:
-    """BERT's attention path: ``"fused_cpu"`` or ``"xla"``. ``fused_reason()`` covers attention
-    dropout too (the kernel keeps no probabilities)."""
+def key_bias(
+    fused_reason: Reason, machine: Machine | None = None, measure: Measure | None = None
+) -> str:
+    """BERT's attention path: ``"fused_cpu"`` or ``"xla"``, timed forward only where
+    ``measure`` is given on CPU. ``fused_reason()`` covers attention dropout too (the kernel
+    keeps no probabilities)."""
     machine = machine or this_machine()
     force = forced(KEY_BIAS)
     if force and not (force == "fused_cpu" and fused_reason()):
         return force
+    if machine.backend == "cpu" and measure is not None and measuring(machine):
+        if fused_reason() is not None:
+            return "xla"
+        if path := fastest("key_bias", False, False, ["fused_cpu", "xla"], measure):
+            return path
     return "fused_cpu" if machine.fused_cpu_pays_off and fused_reason() is None else "xla"
+
+
+# Timing the candidates ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Measure:
+    """One call's inputs (only their shapes and dtypes are read; [batch, T, heads, dim] first,
+    keys second) and ``run(path)``: the function of such inputs that computes the call's
+    result by that path."""
+
+    inputs: Sequence[jax.Array]
+    run: Callable[[str], Callable[..., object]]
+
+
+def measuring(machine: Machine) -> bool:
+    """Whether auto times its candidates here: ``$HW2JAX_AUTO`` is ``measure`` (the default), on
+    a CPU, in a single-process run."""
+    mode = os.environ.get(AUTO_ENV) or "measure"
+    if mode not in ("measure", "rule"):
+        raise ImplementationError(
+            f"${AUTO_ENV}={mode!r} is not a mode; set it to 'measure' (time the paths once per "
+            "machine, the default) or 'rule' (pick by vector features, timing nothing)."
+        )
+    return mode == "measure" and machine.backend == "cpu" and jax.process_count() == 1
+
+
+def shape_class(op: str, causal: bool, gradient: bool, inputs: Sequence[jax.Array]) -> str:
+    """The cache's key for one call: calls with the same key share one timing."""
+    b, t_q, heads, d = inputs[0].shape
+    scores, rows = t_q * inputs[1].shape[1], b * heads
+    return (
+        f"{op} {'causal' if causal else 'full'} {'fwd+bwd' if gradient else 'fwd'} "
+        f"scores 2^{int(math.log2(scores))} rows 2^{int(math.log2(rows))} "
+        f"d {d}x{inputs[2].shape[-1]} {jnp.dtype(inputs[0].dtype).name}"
+    )
+
+
+_timings: dict[str, dict] = {}  # this process's view of the cache file
+_seconds_spent = [0.0]
+
+
+def fastest(
+    op: str, causal: bool, gradient: bool, paths: Sequence[str], measure: Measure
+) -> str | None:
+    """The fastest of ``paths`` for this call's shape class: from the cache, else timed now
+    (in a thread of its own, since this runs while jax traces the caller). None once this
+    process has spent :data:`PROBE_BUDGET_S` timing, or where nothing can be cached."""
+    if len(paths) == 1:
+        return paths[0]
+    key = shape_class(op, causal, gradient, measure.inputs)
+    if choice := _cached_choice(key, paths):
+        return choice
+    path = _cache_file()
+    if path is None or _seconds_spent[0] >= PROBE_BUDGET_S:
+        return None
+    with _locked(path):  # one process times a class; the others then read its result
+        _timings.update(_read(path))
+        if choice := _cached_choice(key, paths):
+            return choice
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(1) as thread:
+            seconds = thread.submit(_time_paths, paths, measure, gradient).result()
+        _seconds_spent[0] += time.perf_counter() - start
+        _timings[key] = {
+            "ms": {name: round(s * 1e3, 3) for name, s in seconds.items()},
+            "probe_shapes": [list(x.shape) for x in _probe_inputs(measure.inputs, abstract=True)],
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        _write(path, _timings)
+    return _cached_choice(key, paths)
+
+
+def _cached_choice(key: str, paths: Sequence[str]) -> str | None:
+    ms = _timings.get(key, {}).get("ms", {})
+    if not all(name in ms for name in paths):
+        return None
+    return min(paths, key=lambda name: ms[name])
+
+
+def _probe_inputs(inputs: Sequence[jax.Array], abstract: bool = False) -> list:
+    """Inputs of the call's shapes and dtypes, with batch and then heads cut until batch x
+    heads x scores is at most :data:`PROBE_SCORES`. Values in [0, 1): positive, as feature
+    maps' are."""
+    b, t_q, heads = inputs[0].shape[:3]
+    scores = t_q * inputs[1].shape[1]
+    while b > 1 and b * heads * scores > PROBE_SCORES:
+        b = (b + 1) // 2
+    while heads > 1 and b * heads * scores > PROBE_SCORES:
+        heads = (heads + 1) // 2
+    shapes = [
+        (b, *x.shape[1:2], heads, *x.shape[3:]) if x.ndim == 4 else (b, *x.shape[1:])
+        for x in inputs
+    ]
+    if abstract:
+        return [jax.ShapeDtypeStruct(s, x.dtype) for s, x in zip(shapes, inputs, strict=True)]
+    rng = np.random.default_rng(0)
+    return [jnp.asarray(rng.random(s), x.dtype) for s, x in zip(shapes, inputs, strict=True)]
+
+
+def _time_paths(paths: Sequence[str], measure: Measure, gradient: bool) -> dict[str, float]:
+    inputs = _probe_inputs(measure.inputs)
+    return {name: _time_path(measure.run(name), inputs, gradient) for name in paths}
+
+
+def _time_path(fn: Callable, inputs: list, gradient: bool) -> float:
+    """The best of up to three runs (half a second at most) after a first that compiles."""
+
+    def loss(*args):
+        return sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(fn(*args)))
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2)) if gradient else fn)
+    jax.block_until_ready(compiled(*inputs))
+    best, start = math.inf, time.perf_counter()
+    for _ in range(3):
+        began = time.perf_counter()
+        jax.block_until_ready(compiled(*inputs))
+        best = min(best, time.perf_counter() - began)
+        if time.perf_counter() - start > 0.5:
+            break
+    return best
+
+
+def _cache_file() -> Path | None:
+    """Beside the kernel build, under the build's key (CPU, compiler, jax, kernel source); None
+    without a compiler, where only XLA's paths exist and the rule stands."""
+    try:
+        target = kernels.library_target()
+    except kernels.KernelUnavailable:
+        return None
+    return target.with_name(target.stem.replace("cpu_attention", "dispatch") + ".json")
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _read(path: Path) -> dict:
+    """The cached timings; a damaged or foreign file counts as empty (it is only a cache)."""
+    try:
+        timings = json.loads(path.read_text()).get("classes", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return timings if isinstance(timings, dict) else {}
+
+
+def _write(path: Path, timings: dict) -> None:
+    record = {"machine": {k: v for k, v in cpu.machine().items() if k != "date"}}
+    record["classes"] = timings
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+    os.replace(f.name, path)

@@ -42,7 +42,8 @@ def key_bias_attention(
             f"key_bias must be [batch, T_k] = {k.shape[:2]}, one value per key, got shape "
             f"{jnp.shape(key_bias)}."
         )
-    implementation = resolve(implementation, q.shape[-1], dropout is not None)
+    paths = timed_paths(q.shape, q.dtype, scale)
+    implementation = resolve(implementation, q.shape[-1], dropout is not None, measure=paths)
     if implementation == "fused_cpu":
         if key_bias is None:
             key_bias = jnp.zeros(q.shape[:2], jnp.float32)
@@ -51,20 +52,42 @@ def key_bias_attention(
 
 
 def resolve(
-    implementation: str, head_dim: int, dropout_active: bool, what: str = "key_bias_attention"
+    implementation: str,
+    head_dim: int,
+    dropout_active: bool,
+    what: str = "key_bias_attention",
+    measure: dispatch.Measure | None = None,
 ) -> str:
-    """ "xla" or "fused_cpu": the dispatch rule's choice for "auto", else the name given,
-    checked (``what`` names the caller in the message)."""
+    """ "xla" or "fused_cpu": the dispatch rule's choice for "auto" (timed where ``measure`` is
+    given), else the name given, checked (``what`` names the caller in the message)."""
     dispatch.check(implementation, IMPLEMENTATIONS, what)
     reason = functools.partial(fused_unavailable, head_dim, dropout_active)
     if implementation == "auto":
-        return dispatch.key_bias(reason)
+        return dispatch.key_bias(reason, measure=measure)
     if implementation == "fused_cpu" and (why := reason()) is not None:
         raise dispatch.ImplementationError(
             f"implementation='fused_cpu' cannot run: {why}. Use implementation='auto' or 'xla'"
             + (" (or deterministic=True)." if dropout_active else ".")
         )
     return implementation
+
+
+def timed_paths(shape: tuple, dtype, scale: float) -> dispatch.Measure:
+    """The paths auto times for q, k and v of ``shape`` and ``dtype`` ([B, T, heads, D]): the
+    fused kernel on them cast to float32, as BERT casts them, or XLA's form on them as they
+    are."""
+    qkv = jax.ShapeDtypeStruct(shape, dtype)
+    bias = jax.ShapeDtypeStruct(shape[:2], jnp.float32)
+
+    def run(path: str):
+        def attend(q, k, v, key_bias):
+            if path == "fused_cpu":
+                q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+            return key_bias_attention(q, k, v, key_bias, scale=scale, implementation=path)
+
+        return attend
+
+    return dispatch.Measure((qkv, qkv, qkv, bias), run)
 
 
 def fused_unavailable(head_dim: int, dropout_active: bool) -> str | None:

@@ -94,7 +94,13 @@ def linear_attention(
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}.")
     if not causal and implementation in ("auto", "fused_cpu"):
         reason = functools.partial(kernels.dense_linear_unavailable_reason, q, v, feature_map)
-        if _fused(implementation, reason) == "fused_cpu":
+        paths = dispatch.Measure(
+            (q, k, v),
+            lambda path: functools.partial(
+                linear_attention, feature_map=feature_map, eps=eps, implementation=path
+            ),
+        )
+        if _fused(implementation, reason, paths, causal) == "fused_cpu":
             return kernels.linear_attention_cpu(q, k, v, feature_map=feature_map, eps=eps)
     phi = FEATURE_MAPS[feature_map]
     fq, fk = phi(q), phi(k)
@@ -127,7 +133,13 @@ def linear_products(
         return _products(fq, fk, v)
     if implementation in ("auto", "fused_cpu"):
         reason = functools.partial(kernels.causal_linear_unavailable_reason, fq, v)
-        implementation = _fused(implementation, reason)
+        paths = dispatch.Measure(
+            (fq, fk, v),
+            lambda path: functools.partial(
+                linear_products, causal=True, implementation=path, chunk_size=chunk_size
+            ),
+        )
+        implementation = _fused(implementation, reason, paths, causal)
         if implementation == "fused_cpu":
             return kernels.causal_linear_product_cpu(fq, fk, v)
     if implementation == "pallas":
@@ -144,10 +156,12 @@ def linear_products(
     return out[..., :-1], out[..., -1:]
 
 
-def _fused(implementation: str, reason: dispatch.Reason) -> str:
+def _fused(
+    implementation: str, reason: dispatch.Reason, measure: dispatch.Measure, causal: bool
+) -> str:
     """ "fused_cpu" or "chunked" for auto (the dispatch rule), or fused_cpu checked."""
     if implementation == "auto":
-        return dispatch.linear(reason)
+        return dispatch.linear(reason, measure=measure, causal=causal)
     if why := reason():
         raise dispatch.ImplementationError(
             f"implementation='fused_cpu' cannot run: {why}. Use 'auto'."

@@ -58,7 +58,8 @@ def softmax_attention(
     if implementation == "auto":
         scores = q.shape[1] * k.shape[1]
         reason = functools.partial(_fused_cpu_unavailable, q, k, v)
-        implementation = dispatch.softmax(scores, causal, reason)
+        paths = dispatch.Measure((q, k, v), functools.partial(_by_path, causal=causal))
+        implementation = dispatch.softmax(scores, causal, reason, measure=paths)
     if isinstance(implementation, tuple):  # auto's choice of fused forward and gradient
         return _fused(q, k, v, causal, *implementation)
     if implementation == "fused_cpu":
@@ -89,6 +90,14 @@ def _dispatch(q, k, v, causal: bool, implementation: str) -> jax.Array:
     if implementation == "pallas":
         return _pallas_flash(q, k, v, causal)
     return _naive(q, k, v, causal)
+
+
+def _by_path(path: str, causal: bool):
+    """The function of (q, k, v) that one of the rule's paths computes ("row" and "flash": the
+    fused kernels), for timing them."""
+    if path in ("row", "flash"):
+        return lambda q, k, v: _fused(q, k, v, causal, path, "flash")
+    return lambda q, k, v: _dispatch(q, k, v, causal, path)
 
 
 def _fused_cpu_unavailable(q, k, v) -> str | None:

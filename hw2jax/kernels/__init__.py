@@ -23,6 +23,7 @@ from hw2jax.kernels.build import (
     cpu_attention_unavailable_reason,
     kernel_vector_features,
     library_path,
+    library_target,
     register_targets,
 )
 from hw2jax.kernels.linear import (
@@ -46,6 +47,7 @@ __all__ = [
     "dense_linear_unavailable_reason",
     "kernel_vector_features",
     "library_path",
+    "library_target",
     "linear_attention_cpu",
     "register_targets",
 ]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from hw2jax.attention.key_bias import key_bias_attention, resolve
+from hw2jax.attention.key_bias import key_bias_attention, resolve, timed_paths
 from hw2jax.errors import InputError, MissingFileError
 from hw2jax.models import bert_params
 from hw2jax.models.layers import dot_float32_out
@@ -117,7 +117,8 @@ class BertLayer(nn.Module):
         heads, dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
         compute = self.dtype or jnp.float32
         dropout_active = not deterministic and c.attention_probs_dropout_prob > 0
-        implementation = resolve(self.implementation, dim, dropout_active, "BertModel")
+        paths = timed_paths((*x.shape[:-1], heads, dim), compute, 1.0 / math.sqrt(dim))
+        implementation = resolve(self.implementation, dim, dropout_active, "BertModel", paths)
 
         def project(name: str, scale: float = 1.0) -> jax.Array:  # -> [B, T, heads, D]
             t = _dense(c.hidden_size, name=name, dtype=self.dtype)(x) * scale
