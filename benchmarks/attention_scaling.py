@@ -99,7 +99,7 @@ def _jax_impls() -> list[Impl]:
         Impl("hw2jax softmax (blockwise)", "jax", "softmax", both, softmax("blockwise")),
         # What softmax_attention picks by itself, and JAX's Pallas flash kernel (Triton; off a
         # GPU it would run in interpret mode: a check, not a contender).
-        Impl("hw2jax softmax (auto)", "jax", "softmax", both, softmax("auto"), gpu_only=True),
+        Impl("hw2jax softmax (auto)", "jax", "softmax", both, softmax("auto")),
         Impl("hw2jax softmax (pallas)", "jax", "softmax", both, softmax("pallas"), gpu_only=True),
         Impl(
             "hw2jax softmax (blockwise, heads over devices)",

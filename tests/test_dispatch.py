@@ -228,6 +228,16 @@ def test_past_the_budget_and_elsewhere_the_feature_rule_stands(measured, monkeyp
         dispatch.linear(why(), CPU_AVX512, measure_for())
 
 
+def test_probes_stay_small_whatever_the_call():
+    big = measure_for((64, 65536, 8, 64)).inputs
+    assert [p.shape for p in dispatch._probe_inputs(big, abstract=True)] == [(1, 16384, 1, 64)] * 3
+    assert dispatch.shape_class("softmax", True, True, big) == dispatch.shape_class(
+        "softmax", True, True, measure_for((64, 16384, 8, 64)).inputs
+    )
+    vit = measure_for((256, 50, 4, 16)).inputs  # 2^22 scores in all: timed at its own size
+    assert [p.shape for p in dispatch._probe_inputs(vit, abstract=True)] == [(256, 50, 4, 16)] * 3
+
+
 def test_a_forced_path_is_never_timed(measured, monkeypatch):
     _, probes = measured
     monkeypatch.setenv("HW2JAX_ATTENTION", "blockwise")

@@ -28,15 +28,15 @@ The rule, in order:
 candidates are timed once per machine and shape class, and the fastest is taken
 (:func:`fastest`). A shape class is the operation, causal or not, forward or forward and
 backward, the scores per (batch, head) and the batch x heads rows (each to a power of two),
-the head dim and the dtype. Each class is timed on first use (a few hundred ms on inputs of its
-size, batch and heads cut to at most 2^24 scores in all) and cached next to the kernel build,
-in a file keyed by the CPU, the compiler, jax and the kernels' source
-(:func:`hw2jax.kernels.library_target`); at most 20 s of timing per process, after which
-untimed classes take the feature rule. Softmax times forward and gradient separately (a
-custom VJP runs the forward winner when nothing is differentiated); linear attention is timed
-with gradients, BERT's key-bias attention forward only (fine-tuning runs dropout, which only
-XLA's form takes). Processes of one multi-process run all take the feature rule, so that they
-compile one program.
+the head dim and the dtype. Each class is timed on first use, on inputs of its size (batch
+and heads cut to at most 2^24 scores in all; T beyond 16,384 timed at 16,384), and cached
+next to the kernel build, in a file keyed by the CPU, the compiler, jax and the kernels'
+source (:func:`hw2jax.kernels.library_target`); delete it to time again. At most 20 s of
+timing per process; classes left untimed then take the feature rule. Softmax times forward
+and gradient separately (a custom VJP runs the forward winner when nothing is
+differentiated); linear attention is timed with gradients, BERT's key-bias attention forward
+only (fine-tuning runs dropout, which only XLA's form takes). Processes of a multi-process run
+all take the feature rule, so that they compile one program.
 
 ``HW2JAX_ATTENTION`` (e.g. ``HW2JAX_ATTENTION=xla``) forces one softmax and key-bias path for the
 whole process, where that path applies; ``auto`` or unset leaves the rule above.
@@ -83,6 +83,10 @@ AUTO_ENV = "HW2JAX_AUTO"
 PROBE_BUDGET_S = 20.0
 # Batch and heads are cut until batch x heads x scores is at most this: tens of ms per path.
 PROBE_SCORES = 2**24
+# Longer inputs (T = 16,384 and up) are timed at this many scores and share its class: one
+# head at T = 16,384 already takes seconds with gradients, and the O(T)-memory paths left
+# there keep their order as T grows.
+PROBE_MAX_SCORES = 2**28
 # Why the fused CPU kernels cannot run on some inputs (None: they can), asked lazily.
 Reason = Callable[[], "str | None"]
 
@@ -229,7 +233,7 @@ def measuring(machine: Machine) -> bool:
 def shape_class(op: str, causal: bool, gradient: bool, inputs: Sequence[jax.Array]) -> str:
     """The cache's key for one call: calls with the same key share one timing."""
     b, t_q, heads, d = inputs[0].shape
-    scores, rows = t_q * inputs[1].shape[1], b * heads
+    scores, rows = min(t_q * inputs[1].shape[1], PROBE_MAX_SCORES), b * heads
     return (
         f"{op} {'causal' if causal else 'full'} {'fwd+bwd' if gradient else 'fwd'} "
         f"scores 2^{int(math.log2(scores))} rows 2^{int(math.log2(rows))} "
@@ -280,18 +284,21 @@ def _cached_choice(key: str, paths: Sequence[str]) -> str | None:
 
 
 def _probe_inputs(inputs: Sequence[jax.Array], abstract: bool = False) -> list:
-    """Inputs of the call's shapes and dtypes, with batch and then heads cut until batch x
-    heads x scores is at most :data:`PROBE_SCORES`. Values in [0, 1): positive, as feature
-    maps' are."""
+    """Inputs of the call's shapes and dtypes, with T halved until the scores are at most
+    :data:`PROBE_MAX_SCORES`, then batch and heads cut until batch x heads x scores is at most
+    :data:`PROBE_SCORES`. Values in [0, 1): positive, as feature maps' are."""
     b, t_q, heads = inputs[0].shape[:3]
-    scores = t_q * inputs[1].shape[1]
+    t_k = inputs[1].shape[1]
+    while t_q * t_k > PROBE_MAX_SCORES:
+        t_q, t_k = -(-t_q // 2), -(-t_k // 2)
+    scores = t_q * t_k
     while b > 1 and b * heads * scores > PROBE_SCORES:
         b = (b + 1) // 2
     while heads > 1 and b * heads * scores > PROBE_SCORES:
         heads = (heads + 1) // 2
     shapes = [
-        (b, *x.shape[1:2], heads, *x.shape[3:]) if x.ndim == 4 else (b, *x.shape[1:])
-        for x in inputs
+        (b, t_q if i == 0 else t_k, heads, *x.shape[3:]) if x.ndim == 4 else (b, t_k)
+        for i, x in enumerate(inputs)
     ]
     if abstract:
         return [jax.ShapeDtypeStruct(s, x.dtype) for s, x in zip(shapes, inputs, strict=True)]
