@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hw2jax import attention, kernels
-from hw2jax.attention import registry
+from hw2jax.attention import dispatch, registry
 from hw2jax.cpu import machine
 from hw2jax.testing.torch_peer import torch_peer_device, torch_synchronize
 from hw2jax.timing import median_seconds, runtime_settings
@@ -644,6 +644,7 @@ def main(argv=None) -> None:
         """Writes the JSON after every curve, so a sweep cut short keeps what it measured."""
         records = done + records
         meta["wall_s"] = time.perf_counter() - start
+        meta["auto_timed"] = dispatch.timings()  # what softmax (auto) measured and took
         slopes = {
             f"{k[0]} | {k[1]} | causal={k[2]} | {k[3]}": fitted_slope(v)
             for k, v in _series(records).items()

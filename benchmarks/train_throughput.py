@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hw2jax import kernels
+from hw2jax.attention import dispatch
 from hw2jax.cpu import machine
 from hw2jax.testing.torch_peer import torch_peer_device, torch_synchronize
 from hw2jax.timing import interleaved_seconds, runtime_settings
@@ -503,6 +504,7 @@ def main(argv=None) -> None:
         "repeats": repeats,
         "env": runtime_settings(),
         "kernel_features": kernels.kernel_vector_features(),  # its build target
+        "auto_timed": dispatch.timings(),  # what attention's auto measured and took
     }
     print(f"\n{meta}")
     print(f"{'what':58s} {'hw2jax':>12s} {'torch':>12s} {'hw2jax/torch':>13s}")

@@ -145,16 +145,15 @@ def measured(monkeypatch, tmp_path):
     """Measuring on, a fresh cache file in ``tmp_path``, and timings faked: returns the dict of
     milliseconds per path that the fake probe reports, and the list of probes it ran."""
     monkeypatch.setenv("HW2JAX_AUTO", "measure")
-    monkeypatch.setattr(dispatch, "_timings", {})
-    monkeypatch.setattr(dispatch, "_seconds_spent", [0.0])
-    monkeypatch.setattr(dispatch, "_cache_file", lambda: tmp_path / "dispatch-test.json")
+    monkeypatch.setattr(dispatch, "state", dispatch.ProbeState())
+    monkeypatch.setattr(dispatch, "cache_file", lambda: tmp_path / "dispatch-test.json")
     ms, probes = {}, []
 
     def fake(paths, measure, gradient):
         probes.append((tuple(paths), gradient))
         return {name: ms[name] / 1e3 for name in paths}
 
-    monkeypatch.setattr(dispatch, "_time_paths", fake)
+    monkeypatch.setattr(dispatch, "time_paths", fake)
     return ms, probes
 
 
@@ -194,7 +193,7 @@ def test_timings_are_cached_per_shape_class_in_one_file(measured, tmp_path):
     ms.update(row=1.0, flash=3.0, naive=2.0, blockwise=5.0)
     dispatch.softmax(T_256, False, why(), CPU_AVX512, measure_for())
     # A second process (its memory emptied) reads the file and times nothing.
-    dispatch._timings.clear()
+    dispatch.state.timings.clear()
     ms.clear()
     assert dispatch.softmax(T_256, False, why(), CPU_AVX512, measure_for()) == ("row", "naive")
     assert len(probes) == 2
@@ -204,7 +203,7 @@ def test_timings_are_cached_per_shape_class_in_one_file(measured, tmp_path):
     assert record["classes"][key]["ms"] == {"row": 1.0, "naive": 2.0, "blockwise": 5.0}
     # A damaged file is only a cache: timed again and rewritten.
     (tmp_path / "dispatch-test.json").write_text('{"classes": [trunc')
-    dispatch._timings.clear()
+    dispatch.state.timings.clear()
     ms.update(row=1.0, flash=3.0, naive=0.5, blockwise=5.0)
     assert dispatch.softmax(T_256, False, why(), CPU_AVX512, measure_for()) == "naive"
     assert json.loads((tmp_path / "dispatch-test.json").read_text())["classes"][key]
@@ -213,9 +212,9 @@ def test_timings_are_cached_per_shape_class_in_one_file(measured, tmp_path):
 def test_past_the_budget_and_elsewhere_the_feature_rule_stands(measured, monkeypatch):
     ms, probes = measured
     ms.update(row=9.0, flash=9.0, naive=1.0, blockwise=5.0, fused_cpu=9.0, xla=1.0)
-    dispatch._seconds_spent[0] = dispatch.PROBE_BUDGET_S
+    dispatch.state.seconds_spent = dispatch.PROBE_BUDGET_S
     assert dispatch.softmax(T_256, True, why(), CPU_AVX512, measure_for()) == ("flash", "flash")
-    dispatch._seconds_spent[0] = 0.0
+    dispatch.state.seconds_spent = 0.0
     assert dispatch.softmax(T_256, True, why(), GPU, measure_for()) == "jax"  # GPU: not timed
     monkeypatch.setattr(jax, "process_count", lambda: 2)  # one program for every process
     assert dispatch.key_bias(why(), CPU_AVX512, measure_for()) == "fused_cpu"
@@ -230,12 +229,12 @@ def test_past_the_budget_and_elsewhere_the_feature_rule_stands(measured, monkeyp
 
 def test_probes_stay_small_whatever_the_call():
     big = measure_for((64, 65536, 8, 64)).inputs
-    assert [p.shape for p in dispatch._probe_inputs(big, abstract=True)] == [(1, 16384, 1, 64)] * 3
+    assert [p.shape for p in dispatch.probe_inputs(big, abstract=True)] == [(1, 16384, 1, 64)] * 3
     assert dispatch.shape_class("softmax", True, True, big) == dispatch.shape_class(
         "softmax", True, True, measure_for((64, 16384, 8, 64)).inputs
     )
     vit = measure_for((256, 50, 4, 16)).inputs  # 2^22 scores in all: timed at its own size
-    assert [p.shape for p in dispatch._probe_inputs(vit, abstract=True)] == [(256, 50, 4, 16)] * 3
+    assert [p.shape for p in dispatch.probe_inputs(vit, abstract=True)] == [(256, 50, 4, 16)] * 3
 
 
 def test_a_forced_path_is_never_timed(measured, monkeypatch):
@@ -283,24 +282,17 @@ def test_a_real_probe_times_every_candidate_and_takes_the_least(monkeypatch, tmp
     if kernels.build_error():
         pytest.skip(f"the fused CPU kernel cannot be built here: {kernels.build_error()}")
     monkeypatch.setenv("HW2JAX_AUTO", "measure")
-    monkeypatch.setattr(dispatch, "_timings", {})
-    monkeypatch.setattr(dispatch, "_seconds_spent", [0.0])
-    monkeypatch.setattr(dispatch, "_cache_file", lambda: tmp_path / "dispatch-test.json")
+    monkeypatch.setattr(dispatch, "state", dispatch.ProbeState())
+    monkeypatch.setattr(dispatch, "cache_file", lambda: tmp_path / "dispatch-test.json")
     q = jnp.ones((2, 32, 2, 16), jnp.float32)
-    choice = dispatch.softmax(
-        32 * 32, True, why(), dispatch.this_machine(), dispatch.Measure((q, q, q), _path_of)
-    )
+    paths = attention.softmax.timed_paths(q, q, q, causal=True)
+    choice = dispatch.softmax(32 * 32, True, why(), dispatch.this_machine(), paths)
     classes = json.loads((tmp_path / "dispatch-test.json").read_text())["classes"]
     (fwd,) = (c["ms"] for key, c in classes.items() if "fwd+bwd" not in key)
     (grad,) = (c["ms"] for key, c in classes.items() if "fwd+bwd" in key)
     assert set(fwd) == {"flash", "naive", "blockwise"} and set(grad) == set(fwd)
     assert all(ms > 0 for ms in [*fwd.values(), *grad.values()])
     best = (min(fwd, key=fwd.get), min(grad, key=grad.get))
-    assert choice == (best[0] if best[0] == best[1] else best)
-    assert 0 < dispatch._seconds_spent[0] < dispatch.PROBE_BUDGET_S
-
-
-def _path_of(path):
-    from hw2jax.attention import softmax
-
-    return softmax._by_path(path, causal=True)
+    # One of XLA's forms both ways is one name; the flash kernel keeps its pair.
+    assert choice == (best[0] if best[0] == best[1] != "flash" else best)
+    assert 0 < dispatch.state.seconds_spent < dispatch.PROBE_BUDGET_S

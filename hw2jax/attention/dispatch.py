@@ -241,8 +241,15 @@ def shape_class(op: str, causal: bool, gradient: bool, inputs: Sequence[jax.Arra
     )
 
 
-_timings: dict[str, dict] = {}  # this process's view of the cache file
-_seconds_spent = [0.0]
+@dataclasses.dataclass
+class ProbeState:
+    """This process's view of the cache file, and the seconds it has spent timing."""
+
+    timings: dict[str, dict] = dataclasses.field(default_factory=dict)
+    seconds_spent: float = 0.0
+
+
+state = ProbeState()
 
 
 def fastest(
@@ -256,34 +263,40 @@ def fastest(
     key = shape_class(op, causal, gradient, measure.inputs)
     if choice := _cached_choice(key, paths):
         return choice
-    path = _cache_file()
-    if path is None or _seconds_spent[0] >= PROBE_BUDGET_S:
+    path = cache_file()
+    if path is None or state.seconds_spent >= PROBE_BUDGET_S:
         return None
     with _locked(path):  # one process times a class; the others then read its result
-        _timings.update(_read(path))
+        state.timings.update(_read(path))
         if choice := _cached_choice(key, paths):
             return choice
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(1) as thread:
-            seconds = thread.submit(_time_paths, paths, measure, gradient).result()
-        _seconds_spent[0] += time.perf_counter() - start
-        _timings[key] = {
+            seconds = thread.submit(time_paths, paths, measure, gradient).result()
+        state.seconds_spent += time.perf_counter() - start
+        state.timings[key] = {
             "ms": {name: round(s * 1e3, 3) for name, s in seconds.items()},
-            "probe_shapes": [list(x.shape) for x in _probe_inputs(measure.inputs, abstract=True)],
+            "probe_shapes": [list(x.shape) for x in probe_inputs(measure.inputs, abstract=True)],
             "date": time.strftime("%Y-%m-%d"),
         }
-        _write(path, _timings)
+        _write(path, state.timings)
     return _cached_choice(key, paths)
 
 
+def timings() -> dict:
+    """What auto measured: each shape class this process timed or read from the cache, with
+    each path's milliseconds (benchmark records keep it beside their figures)."""
+    return {"cache_file": str(cache_file()), "classes": json.loads(json.dumps(state.timings))}
+
+
 def _cached_choice(key: str, paths: Sequence[str]) -> str | None:
-    ms = _timings.get(key, {}).get("ms", {})
+    ms = state.timings.get(key, {}).get("ms", {})
     if not all(name in ms for name in paths):
         return None
     return min(paths, key=lambda name: ms[name])
 
 
-def _probe_inputs(inputs: Sequence[jax.Array], abstract: bool = False) -> list:
+def probe_inputs(inputs: Sequence[jax.Array], abstract: bool = False) -> list:
     """Inputs of the call's shapes and dtypes, with T halved until the scores are at most
     :data:`PROBE_MAX_SCORES`, then batch and heads cut until batch x heads x scores is at most
     :data:`PROBE_SCORES`. Values in [0, 1): positive, as feature maps' are."""
@@ -306,8 +319,8 @@ def _probe_inputs(inputs: Sequence[jax.Array], abstract: bool = False) -> list:
     return [jnp.asarray(rng.random(s), x.dtype) for s, x in zip(shapes, inputs, strict=True)]
 
 
-def _time_paths(paths: Sequence[str], measure: Measure, gradient: bool) -> dict[str, float]:
-    inputs = _probe_inputs(measure.inputs)
+def time_paths(paths: Sequence[str], measure: Measure, gradient: bool) -> dict[str, float]:
+    inputs = probe_inputs(measure.inputs)
     return {name: _time_path(measure.run(name), inputs, gradient) for name in paths}
 
 
@@ -329,7 +342,7 @@ def _time_path(fn: Callable, inputs: list, gradient: bool) -> float:
     return best
 
 
-def _cache_file() -> Path | None:
+def cache_file() -> Path | None:
     """Beside the kernel build, under the build's key (CPU, compiler, jax, kernel source); None
     without a compiler, where only XLA's paths exist and the rule stands."""
     try:

@@ -58,8 +58,9 @@ def softmax_attention(
     if implementation == "auto":
         scores = q.shape[1] * k.shape[1]
         reason = functools.partial(_fused_cpu_unavailable, q, k, v)
-        paths = dispatch.Measure((q, k, v), functools.partial(_by_path, causal=causal))
-        implementation = dispatch.softmax(scores, causal, reason, measure=paths)
+        implementation = dispatch.softmax(
+            scores, causal, reason, measure=timed_paths(q, k, v, causal)
+        )
     if isinstance(implementation, tuple):  # auto's choice of fused forward and gradient
         return _fused(q, k, v, causal, *implementation)
     if implementation == "fused_cpu":
@@ -92,12 +93,16 @@ def _dispatch(q, k, v, causal: bool, implementation: str) -> jax.Array:
     return _naive(q, k, v, causal)
 
 
-def _by_path(path: str, causal: bool):
-    """The function of (q, k, v) that one of the rule's paths computes ("row" and "flash": the
-    fused kernels), for timing them."""
-    if path in ("row", "flash"):
-        return lambda q, k, v: _fused(q, k, v, causal, path, "flash")
-    return lambda q, k, v: _dispatch(q, k, v, causal, path)
+def timed_paths(q, k, v, causal: bool) -> dispatch.Measure:
+    """What auto times for these inputs: the function of (q, k, v) that each of the rule's
+    paths computes ("row" and "flash": the fused kernels)."""
+
+    def run(path: str):
+        if path in ("row", "flash"):
+            return lambda q, k, v: _fused(q, k, v, causal, path, "flash")
+        return lambda q, k, v: _dispatch(q, k, v, causal, path)
+
+    return dispatch.Measure((q, k, v), run)
 
 
 def _fused_cpu_unavailable(q, k, v) -> str | None:
