@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data_source = "auto"  # auto | local | tfds
     c.encoder = "bert-base-uncased"  # a hub id, a local folder, or "minilm"
     c.max_length = 512
+    c.tail_tokens = 0  # > 0: a long review keeps its last tail_tokens pieces too (head+tail)
     c.buckets = (64, 128, 256, 384)  # padded lengths; max_length is always the last
     c.train_size = 17_500  # of the 25,000 train reviews; the rest is valid
     c.max_reviews = 0  # > 0: a seeded subset of that many reviews per split (quick runs)

@@ -19,6 +19,7 @@ from conftest import assert_names_its_machine
 from hw2jax import cli
 from hw2jax.config import apply_overrides, load_config
 from hw2jax.data import DataNotFoundError, imdb, splits
+from hw2jax.errors import InputError
 from hw2jax.tasks import sentiment
 from hw2jax.train import steps
 
@@ -445,12 +446,35 @@ def test_a_token_pack_that_does_not_fit_is_refused_with_the_fix(tmp_path, capsys
     other = imdb.save_token_pack(tmp_path / "other.npz", splits, max_length=64, vocab_digest="x")
     with pytest.raises(imdb.DataFormatError, match="another vocabulary"):
         sentiment.tokenized_splits(tiny_config(tmp_path, f"data_dir={other}"), tok)
+    # Cut at the end, read with a config that keeps the tail too.
+    with pytest.raises(imdb.DataFormatError, match=r"tail_tokens=0 .* tail_tokens=10: set"):
+        sentiment.tokenized_splits(tiny_config(tmp_path, f"data_dir={pack}", "tail_tokens=10"), tok)
     # Cut short or garbled: one message that says to build it again.
     raw = pack.read_bytes()
     for damaged in (raw[: len(raw) // 2], raw[:100] + bytes(200) + raw[300:]):
         pack.write_bytes(damaged)
         with pytest.raises(imdb.DataFormatError, match="build it again"):
             sentiment.tokenized_splits(tiny_config(tmp_path, f"data_dir={pack}"), tok)
+
+
+def test_long_reviews_keep_their_head_and_tail(tmp_path):
+    """tail_tokens: a review past max_length keeps [CLS], its first pieces, its last
+    tail_tokens pieces and [SEP]; shorter ones are whole. Against the tokenizer's full
+    encoding, cut by hand."""
+    tok = sentiment.load_tokenizer(tiny_encoder())
+    texts = [" ".join(f"movie{i % 7} plot actor" for i in range(40)), "a fine film"]
+    full = tok(texts, return_attention_mask=False)["input_ids"]
+    assert len(full[0]) > 24 >= len(full[1])
+    for tail in (0, 9, 22):
+        ids, lengths = imdb.tokenize(texts, tok, 24, tail_tokens=tail)
+        head = 22 - tail
+        want = [full[0][0], *full[0][1 : 1 + head], *full[0][-1 - tail : -1], full[0][-1]]
+        assert list(ids[0]) == want and lengths[0] == 24
+        assert list(ids[1][: lengths[1]]) == full[1] and not ids[1][lengths[1] :].any()
+    with pytest.raises(InputError, match=r"tail_tokens=23 must lie in 0..max_length - 2 = 22"):
+        imdb.tokenize(texts, tok, 24, tail_tokens=23)
+    with pytest.raises(InputError, match="set tail_tokens to at most 30"):
+        sentiment.check(tiny_config(tmp_path, "max_length=32", "tail_tokens=31"))
 
 
 @pytest.mark.slow

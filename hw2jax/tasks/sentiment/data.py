@@ -60,7 +60,11 @@ def tokenized_splits(config: ml_collections.ConfigDict, tokenizer) -> dict:
     source = imdb.find_source(config.data_dir or None, config.data_source)
     print(f"IMDB from {source.description}", file=sys.stderr)
     if isinstance(source, imdb.TokenPackSource):
-        source.check(max_length=config.max_length, vocab_digest=vocab_digest(tokenizer))
+        source.check(
+            max_length=config.max_length,
+            vocab_digest=vocab_digest(tokenizer),
+            tail_tokens=config.tail_tokens,
+        )
     raw = (
         source.load_all()
         if hasattr(source, "load_all")
@@ -77,7 +81,9 @@ def tokenized_splits(config: ml_collections.ConfigDict, tokenizer) -> dict:
     out = {}
     start = time.perf_counter()
     for split in ("train", "test"):
-        ids, lengths = imdb.tokenize(raw[split]["text"], tokenizer, config.max_length, cache)
+        ids, lengths = imdb.tokenize(
+            raw[split]["text"], tokenizer, config.max_length, cache, config.tail_tokens
+        )
         out[split] = {"ids": ids, "length": lengths, "label": np.asarray(raw[split]["label"])}
     print(
         f"tokenized {sum(len(v['ids']) for v in out.values())} reviews in "

@@ -27,6 +27,7 @@ def pack(config: ml_collections.ConfigDict, out: str | Path, encoder_dtype: str)
         tokenized_splits(config, tokenizer),
         max_length=config.max_length,
         vocab_digest=vocab_digest(tokenizer),
+        tail_tokens=config.tail_tokens,
     )
     bert.save_pretrained(
         out / "encoder", bert_config, bert_params, tokenizer_from=folder, dtype=encoder_dtype

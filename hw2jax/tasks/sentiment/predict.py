@@ -30,14 +30,14 @@ def predict_reviews(workdir: str | Path, texts: list[str]) -> list[dict[str, Any
         old = config.encoder_attention
         del config["encoder_attention"]
         config["encoder_implementation"] = {"fused": "fused_cpu"}.get(old, old)
-    for key, default in (("encoder_implementation", "auto"), ("pool", "final")):
+    for key, default in (("encoder_implementation", "auto"), ("pool", "final"), ("tail_tokens", 0)):
         if key not in config:  # saved before the option existed
             config[key] = default
     bert_config, bert_params, tokenizer = load_encoder(config)
     model = build_model(config, bert_config)
     params_like = init_params(model, bert_params, jax.random.key(0))
     params, _ = checkpoints.Checkpoints(workdir / "checkpoints").restore_best_params(params_like)
-    ids, lengths = imdb.tokenize(texts, tokenizer, config.max_length)
+    ids, lengths = imdb.tokenize(texts, tokenizer, config.max_length, None, config.tail_tokens)
     full = [len(row) for row in tokenizer(list(texts), return_attention_mask=False)["input_ids"]]
     apply = jax.jit(lambda p, x: jax.nn.sigmoid(model.apply({"params": p}, x)))
     # One text at a time with no padding, as the assignment's predict_sentiment did: the

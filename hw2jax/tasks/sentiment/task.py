@@ -32,6 +32,7 @@ SCHEMA = {
     "data_source": Field(str, choices=("auto", "local", "tfds")),
     "encoder": Field(str, "a hub id, a local folder or 'minilm'", check=bool),
     "max_length": Field(int, "2 <= max_length <= 512", check=lambda v: 2 <= v <= 512),
+    "tail_tokens": Field(int, min=0),  # at most max_length - 2: checked with it below
     "buckets": Field(
         tuple,
         "a tuple of positive lengths",
@@ -66,6 +67,11 @@ SCHEMA = {
 def check(config: ml_collections.ConfigDict) -> None:
     """The whole config against :data:`SCHEMA`, before any data is read or compiled."""
     check_config(config.to_dict(), SCHEMA)
+    if config.tail_tokens > config.max_length - 2:
+        raise InputError(
+            f"tail_tokens={config.tail_tokens} leaves no room in max_length={config.max_length} "
+            f"for [CLS] and [SEP]: set tail_tokens to at most {config.max_length - 2}."
+        )
     if config.finetune and config.cache_features:
         raise InputError(
             "finetune=True trains the encoder, so its features cannot be cached: set "
