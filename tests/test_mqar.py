@@ -126,9 +126,12 @@ def test_the_sweep_resumes_run_by_run_and_writes_table_and_plot(tmp_path, monkey
     monkeypatch.setattr(mqar, "train_and_evaluate", stop_second)
     assert len(mqar.sweep(config, tmp_path)) == 1  # the second run stopped: no table yet
     assert not (tmp_path / "results.md").exists()
-    rows = mqar.sweep(config, tmp_path)  # softmax is read back, linear resumes from step 1
+    # Resumed with the sweep's list changed (which runs to make, not what one trains): linear
+    # resumes from step 1, softmax is read back.
+    config.sweep.mixers = ("linear", "softmax")
+    rows = mqar.sweep(config, tmp_path)
     assert calls == ["softmax", "linear", "linear"]
-    assert [r["mixer"] for r in rows] == ["softmax", "linear"]
+    assert [r["mixer"] for r in rows] == ["linear", "softmax"]
     history = json.loads((tmp_path / "linear_T16_d32" / "history.json").read_text())
     assert history["status"] == "done" and history["epochs"][-1]["step"] == 4
     table = (tmp_path / "results.md").read_text()

@@ -133,6 +133,7 @@ _RESUME_NEUTRAL = {
     "read_test",
     "eval_batch_size",
     "log_every_steps",
+    "sweep",  # which runs a sweep makes, not what one of them trains
 }
 
 
@@ -182,7 +183,9 @@ def save_run_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
         old, new = _flat(saved), _flat(json.loads(config.to_json()))
         neutral = _RESUME_NEUTRAL | ({"epochs"} if new.get("schedule") == "constant" else set())
         changed = sorted(
-            k for k in old.keys() & new.keys() if k not in neutral and old[k] != new[k]
+            k
+            for k in old.keys() & new.keys()
+            if k.split(".")[0] not in neutral and old[k] != new[k]
         )
         if changed:
             diffs = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
