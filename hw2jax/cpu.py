@@ -59,3 +59,27 @@ def machine(cpuinfo: str = "/proc/cpuinfo") -> dict[str, object]:
         "torch": _version("torch"),
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def peak_fp32_gflops(cpuinfo: str = "/proc/cpuinfo") -> dict[str, object]:
+    """An estimate of the CPU's float32 peak, for "achieved against peak" in benchmarks: cores x
+    clock x FMA lanes x 2. The clock is /proc/cpuinfo's "cpu MHz" (under a hypervisor usually
+    the nominal clock; boost can exceed it). FLOPs per cycle per core, fused multiply-adds:
+    AMD Zen 2 to Zen 4 and Intel with AVX2 alone: two 256-bit units, 32 (Zen 4 runs AVX-512 as
+    two 256-bit halves); Zen and Zen+ (family 23 below model 49): 16; Intel with AVX-512: two
+    512-bit units, 64 (some Xeons have one, 32); Zen 5: 64; anything else: unknown (None)."""
+    vendor, family = _cpuinfo_field("vendor_id", cpuinfo), _cpuinfo_field("cpu family", cpuinfo)
+    mhz = _cpuinfo_field("cpu MHz", cpuinfo)
+    features = cpu_vector_features(cpuinfo)
+    per_cycle = None
+    model = int(_cpuinfo_field("model", cpuinfo) or 0)
+    if vendor == "AuthenticAMD" and family in ("23", "25"):
+        per_cycle = 16 if family == "23" and model < 49 else 32
+    elif vendor == "AuthenticAMD" and family == "26":
+        per_cycle = 64
+    elif vendor == "GenuineIntel":
+        per_cycle = 64 if features["avx512f"] else 32 if features["avx2"] else None
+    cores = os.cpu_count() or 1
+    ghz = float(mhz) / 1e3 if mhz else None
+    peak = cores * ghz * per_cycle if per_cycle and ghz else None
+    return {"cores": cores, "ghz": ghz, "flops_per_cycle_per_core": per_cycle, "gflops": peak}

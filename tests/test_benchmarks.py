@@ -375,6 +375,27 @@ def test_vit_throughput_times_the_same_model_as_torch(merged):
     row = _load_benchmark("train_throughput").vit_step(8, 1, merged=merged)
     assert row["ours_per_s"] > 0 and row["torch_per_s"] > 0 and len(row["ours_s"]) == 1
     assert ("direct q, k, v" in row["what"]) == (merged is False)
+    # Achieved rates on the model's FLOPs: the same count on both sides, per image per second.
+    assert row["torch_model_gflops"] / row["ours_model_gflops"] == pytest.approx(
+        row["torch_per_s"] / row["ours_per_s"]
+    )
+    assert row["xla_gflop_per_step"] > 0
+
+
+def test_vit_model_flops_match_xla_count_of_the_direct_forward(monkeypatch):
+    """The FLOPs formula behind the ViT rows' achieved GFLOP/s, against XLA's own count of the
+    direct-form forward pass (naive attention: no custom call that XLA cannot count)."""
+    from hw2jax.config import load_config
+    from hw2jax.models.vit import ViT
+
+    monkeypatch.setenv("HW2JAX_ATTENTION", "naive")
+    bench = _load_benchmark("train_throughput")
+    m = load_config(Path(__file__).parents[1] / "experiments" / "vit_fashion_mnist.py").model
+    model = ViT(**{k: v for k, v in m.items() if k != "dtype"} | {"merged_attention": False})
+    images = np.zeros((8, 28, 28, 1), np.float32)
+    params = model.init(jax.random.key(0), images)
+    counted = bench.xla_flops(jax.jit(model.apply), params, images) / 8
+    assert counted == pytest.approx(bench.vit_model_flops(m), rel=0.05)
 
 
 def test_gru_head_throughput_times_the_same_model_as_torch():
