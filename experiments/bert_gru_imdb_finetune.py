@@ -3,8 +3,9 @@ can be had offline here) and the tuned recipe's head, every weight trained.
 
 Command:   nice -n 19 hw2jax sentiment train --config experiments/bert_gru_imdb_finetune.py \
              --workdir runs/imdb_finetune --encoder minilm
-Expected:  not yet measured; goal 91.56 % test (the seed's frozen bert-base figure).
-           Results: experiments/results/bert_gru_imdb_minilm_finetune/ once run.
+Expected:  90.41 % test (90.39 % valid) after 2 epochs, 11,141 s of training on 2 CPU cores
+           (experiments/results/bert_gru_imdb_minilm_finetune/); the seed's frozen bert-base
+           reached 91.56 %.
 
 Recipe, the usual one for fine-tuning BERT-sized encoders: AdamW with weight decay 0.01, warm-up
 for 10 % of the steps then cosine decay, the head at 1e-3 and the encoder's top layer at 5e-5
