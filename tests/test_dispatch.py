@@ -2,6 +2,7 @@
 softmax, linear and BERT's attention all follow it."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -227,12 +228,18 @@ def test_past_the_budget_and_elsewhere_the_feature_rule_stands(measured, monkeyp
         dispatch.linear(why(), CPU_AVX512, measure_for())
 
 
-def test_probes_stay_small_whatever_the_call():
+def test_probes_stay_small_whatever_the_call(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
     big = measure_for((64, 65536, 8, 64)).inputs
-    assert [p.shape for p in dispatch.probe_inputs(big, abstract=True)] == [(1, 16384, 1, 64)] * 3
+    # T cut to 8,192, and one (batch, head) row per core: the kernels spread rows over cores.
+    assert [p.shape for p in dispatch.probe_inputs(big, abstract=True)] == [(1, 8192, 2, 64)] * 3
     assert dispatch.shape_class("softmax", True, True, big) == dispatch.shape_class(
-        "softmax", True, True, measure_for((64, 16384, 8, 64)).inputs
+        "softmax", True, True, measure_for((64, 8192, 8, 64)).inputs
     )
+    one_row = measure_for((1, 4096, 1, 64)).inputs  # fewer rows than cores: as they are
+    assert [p.shape for p in dispatch.probe_inputs(one_row, abstract=True)] == [
+        (1, 4096, 1, 64)
+    ] * 3
     vit = measure_for((256, 50, 4, 16)).inputs  # 2^22 scores in all: timed at its own size
     assert [p.shape for p in dispatch.probe_inputs(vit, abstract=True)] == [(256, 50, 4, 16)] * 3
 

@@ -29,7 +29,8 @@ candidates are timed once per machine and shape class, and the fastest is taken
 (:func:`fastest`). A shape class is the operation, causal or not, forward or forward and
 backward, the scores per (batch, head) and the batch x heads rows (each to a power of two),
 the head dim and the dtype. Each class is timed on first use, on inputs of its size (batch
-and heads cut to at most 2^24 scores in all; T beyond 16,384 timed at 16,384), and cached
+and heads cut to at most 2^24 scores in all, but not below one row per core; T beyond 8,192
+timed at 8,192), and cached
 next to the kernel build, in a file keyed by the CPU, the compiler, jax and the kernels'
 source (:func:`hw2jax.kernels.library_target`); delete it to time again. At most 20 s of
 timing per process; classes left untimed then take the feature rule. Softmax times forward
@@ -83,10 +84,10 @@ AUTO_ENV = "HW2JAX_AUTO"
 PROBE_BUDGET_S = 20.0
 # Batch and heads are cut until batch x heads x scores is at most this: tens of ms per path.
 PROBE_SCORES = 2**24
-# Longer inputs (T = 16,384 and up) are timed at this many scores and share its class: one
-# head at T = 16,384 already takes seconds with gradients, and the O(T)-memory paths left
-# there keep their order as T grows.
-PROBE_MAX_SCORES = 2**28
+# Longer inputs (T = 8,192 and up) are timed at this many scores and share its class: at
+# T = 16,384 one call with gradients takes seconds, and the O(T)-memory paths left there keep
+# their order as T grows.
+PROBE_MAX_SCORES = 2**26
 # Why the fused CPU kernels cannot run on some inputs (None: they can), asked lazily.
 Reason = Callable[[], "str | None"]
 
@@ -299,15 +300,19 @@ def _cached_choice(key: str, paths: Sequence[str]) -> str | None:
 def probe_inputs(inputs: Sequence[jax.Array], abstract: bool = False) -> list:
     """Inputs of the call's shapes and dtypes, with T halved until the scores are at most
     :data:`PROBE_MAX_SCORES`, then batch and heads cut until batch x heads x scores is at most
-    :data:`PROBE_SCORES`. Values in [0, 1): positive, as feature maps' are."""
+    :data:`PROBE_SCORES`, but never below one row per core. Values in [0, 1): positive, as
+    feature maps' are."""
     b, t_q, heads = inputs[0].shape[:3]
     t_k = inputs[1].shape[1]
     while t_q * t_k > PROBE_MAX_SCORES:
         t_q, t_k = -(-t_q // 2), -(-t_k // 2)
     scores = t_q * t_k
-    while b > 1 and b * heads * scores > PROBE_SCORES:
+    # The fused kernels spread (batch, head) rows over the cores: fewer rows than cores would
+    # time them on part of the machine.
+    floor = min(b * heads, os.cpu_count() or 1)
+    while b > 1 and b * heads * scores > PROBE_SCORES and (b + 1) // 2 * heads >= floor:
         b = (b + 1) // 2
-    while heads > 1 and b * heads * scores > PROBE_SCORES:
+    while heads > 1 and b * heads * scores > PROBE_SCORES and b * ((heads + 1) // 2) >= floor:
         heads = (heads + 1) // 2
     shapes = [
         (b, t_q if i == 0 else t_k, heads, *x.shape[3:]) if x.ndim == 4 else (b, t_k)
