@@ -51,8 +51,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import fcntl
+import functools
 import json
 import math
 import os
@@ -180,7 +182,7 @@ def linear(
     """The linear-attention path: ``"fused_cpu"`` or ``"chunked"``, timed with gradients where
     ``measure`` is given on CPU."""
     machine = machine or this_machine()
-    if machine.backend == "cpu" and measure is not None and measuring(machine):
+    if measure is not None and measuring(machine):
         if fused_reason() is not None:
             return "chunked"
         if path := fastest("linear", causal, True, ["fused_cpu", "chunked"], measure):
@@ -198,7 +200,7 @@ def key_bias(
     force = forced(KEY_BIAS)
     if force and not (force == "fused_cpu" and fused_reason()):
         return force
-    if machine.backend == "cpu" and measure is not None and measuring(machine):
+    if measure is not None and measuring(machine):
         if fused_reason() is not None:
             return "xla"
         if path := fastest("key_bias", False, False, ["fused_cpu", "xla"], measure):
@@ -264,8 +266,7 @@ def fastest(
     key = shape_class(op, causal, gradient, measure.inputs)
     if choice := _cached_choice(key, paths):
         return choice
-    path = cache_file()
-    if path is None or state.seconds_spent >= PROBE_BUDGET_S:
+    if state.seconds_spent >= PROBE_BUDGET_S or (path := cache_file()) is None:
         return None
     with _locked(path):  # one process times a class; the others then read its result
         state.timings.update(_read(path))
@@ -287,7 +288,7 @@ def fastest(
 def timings() -> dict:
     """What auto measured: each shape class this process timed or read from the cache, with
     each path's milliseconds (benchmark records keep it beside their figures)."""
-    return {"cache_file": str(cache_file()), "classes": json.loads(json.dumps(state.timings))}
+    return {"cache_file": str(cache_file()), "classes": copy.deepcopy(state.timings)}
 
 
 def _cached_choice(key: str, paths: Sequence[str]) -> str | None:
@@ -347,9 +348,11 @@ def _time_path(fn: Callable, inputs: list, gradient: bool) -> float:
     return best
 
 
+@functools.cache
 def cache_file() -> Path | None:
     """Beside the kernel build, under the build's key (CPU, compiler, jax, kernel source); None
-    without a compiler, where only XLA's paths exist and the rule stands."""
+    without a compiler, where only XLA's paths exist and the rule stands. Found once per
+    process, as the build itself is: the key asks the compiler for its version."""
     try:
         target = kernels.library_target()
     except kernels.KernelUnavailable:
