@@ -14,11 +14,26 @@ XLA_CACHE = Path(tempfile.gettempdir()) / f"hw2jax-test-xla-cache-{_RUN}"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(XLA_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# LLVM's optimisations off: the tests compile hundreds of small programs and run each a few
+# times, and compiling at -O0 takes a third less time (the same programs, the same checks;
+# runs and benchmarks compile at the default level). Fresh processes keep the flag
+# (fresh_process_env), so that their runs are bitwise those of this process.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 # auto by the feature rule: no test's path may depend on how fast this machine ran a probe.
 # tests/test_dispatch.py sets "measure" where it fakes or checks the timing.
 os.environ["HW2JAX_AUTO"] = "rule"
 
 from hw2jax.data import write_idx  # noqa: E402 (after the cache settings: jax reads them once)
+
+
+def fresh_process_env(host_devices: int | None = None) -> dict[str, str]:
+    """The environment for a fresh Python process of a test: this one's, with the test compile
+    flag as the only XLA flag, or with XLA's forced count of ``host_devices`` CPU devices."""
+    flags = TEST_XLA_FLAGS
+    if host_devices is not None:
+        flags = f"--xla_force_host_platform_device_count={host_devices} {flags}"
+    return {**os.environ, "XLA_FLAGS": flags}
 
 
 def pytest_sessionfinish(session):
@@ -45,6 +60,23 @@ def make_fashion_folder(folder, n_train=96, n_test=40, gz=True, seed=0):
 @pytest.fixture
 def fashion_dir(tmp_path):
     return make_fashion_folder(tmp_path / "fashion")
+
+
+@pytest.fixture(scope="session")
+def small_vit_run(tmp_path_factory):
+    """small_config's 3-epoch run on make_fashion_folder's data, trained once per test process:
+    the run that resumed, sharded and multi-process runs of the same config must reproduce."""
+    import types
+
+    from test_train_vit import small_config
+
+    from hw2jax.tasks import vit
+
+    root = tmp_path_factory.mktemp("small_vit_run")
+    data = make_fashion_folder(root / "fashion")
+    config = small_config(data)
+    history = vit.train_and_evaluate(config, root / "run")
+    return types.SimpleNamespace(data=data, config=config, workdir=root / "run", history=history)
 
 
 def assert_names_its_machine(record: dict) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import assert_names_its_machine
+from conftest import assert_names_its_machine, fresh_process_env
 from test_attention import qkv, ref_linear_np, ref_softmax_np
 
 
@@ -260,7 +260,6 @@ def test_heads_over_two_host_devices_match_reference(tmp_path):
     """The 'heads over devices' row really splits the heads over 2 devices, and still computes
     the reference attention (in a fresh process: the device count is fixed when jax starts)."""
     import json
-    import os
     import subprocess
 
     code = f"""
@@ -280,7 +279,7 @@ for causal in (False, True):
                         float(np.abs(np.asarray(y) - ref_softmax_np(q, k, v, causal)).max())]
 print(json.dumps(out))
 """
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = fresh_process_env()
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])

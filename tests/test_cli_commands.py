@@ -3,11 +3,11 @@
 `mqar sweep` and `--devices`."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from conftest import fresh_process_env
 from test_mqar import CONFIG as MQAR_CONFIG
 from test_reliability import cli_args
 
@@ -79,7 +79,7 @@ def test_devices_flag_trains_like_one_device(fashion_dir, tmp_path):
     two = tmp_path / "two"
     args = [*cli_args(fashion_dir, two, "epochs=2"), "--host-devices", "2", "--devices", "all"]
     code = f"from hw2jax import cli; raise SystemExit(cli.main({args!r}))"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = fresh_process_env()
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import fresh_process_env
 
 from hw2jax import cli
 from hw2jax.train.sharding import DataParallel
@@ -39,17 +40,24 @@ eight, _ = step(dp.replicate(fresh()), dp.shard_batch(batch))
 sharded_over = len(dp.shard_batch(batch)["image"].sharding.device_set)
 step_diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                 for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)))
-runs = {}
-for devices in ("1", "8"):
-    c = small_config(folder, f"devices={devices}")
-    runs[devices] = vit.train_and_evaluate(c, Path(TMP) / f"run{devices}")["epochs"]
-print(json.dumps({"step_diff": step_diff, "sharded_over": sharded_over, "runs": runs}))
+eight = vit.train_and_evaluate(small_config(folder, "devices=8"), Path(TMP) / "run8")["epochs"]
+print(json.dumps({"step_diff": step_diff, "sharded_over": sharded_over, "eight": eight}))
 """
 
 
+def assert_same_metrics(runs, reference):
+    """Each run's epochs have the metrics of the reference run's (up to float rounding)."""
+    for epochs in runs:
+        assert len(epochs) == len(reference) == 3
+        for a, b in zip(epochs, reference, strict=True):
+            assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
+            assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
 @pytest.mark.slow
-def test_eight_devices_match_one(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+def test_eight_devices_match_one(tmp_path, small_vit_run):
+    env = fresh_process_env(host_devices=8)
     tests = str(Path(__file__).parent)
     code = f"TESTS = {tests!r}; TMP = {str(tmp_path)!r}\n" + SCRIPT
     out = subprocess.run(
@@ -59,12 +67,7 @@ def test_eight_devices_match_one(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["sharded_over"] == 8
     assert result["step_diff"] < 1e-5
-    one, eight = result["runs"]["1"], result["runs"]["8"]
-    assert len(one) == len(eight) == 3
-    for a, b in zip(one, eight, strict=True):
-        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
-        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    assert_same_metrics([result["eight"]], small_vit_run.history["epochs"])
 
 
 def test_auto_host_devices_take_the_most_cores_every_batch_splits_over(capsys):
@@ -101,17 +104,17 @@ def test_auto_host_devices_resolve_by_backend_and_refuse_several_processes(monke
 
 
 @pytest.mark.slow
-def test_cli_host_devices_split_the_cpu_for_data_parallel(fashion_dir, tmp_path):
-    """--host-devices 2 (or auto) in a fresh process (no XLA_FLAGS) shows jax the CPU as several
-    devices and shards over them (DataParallel(2) refuses to run on 1), with the metrics of a
-    1-device run. auto: one device per core, as many as batches of 40 and 16 split over."""
-    from test_train_vit import CONFIG, SMALL_MODEL, small_config
+def test_cli_host_devices_split_the_cpu_for_data_parallel(small_vit_run, tmp_path):
+    """--host-devices auto (and 2, where auto resolves to another count) in a fresh process (no
+    XLA_FLAGS) shows jax the CPU as several devices and shards over them (DataParallel(2)
+    refuses to run on 1), with the metrics of a 1-device run. auto: one device per core, as
+    many as batches of 40 and 16 split over; on 2 cores that is the run of --host-devices 2."""
+    from test_train_vit import CONFIG, SMALL_MODEL
 
-    from hw2jax.tasks import vit
     from hw2jax.train.sharding import auto_host_devices
 
-    one = vit.train_and_evaluate(small_config(fashion_dir), tmp_path / "one")["epochs"]
-    for host_devices in ("2", "auto"):  # one 1-device run for both
+    auto = str(auto_host_devices(os.cpu_count(), (40, 16)))
+    for host_devices in ("auto", "2") if auto != "2" else ("auto",):
         args = [
             "vit",
             "train",
@@ -120,7 +123,7 @@ def test_cli_host_devices_split_the_cpu_for_data_parallel(fashion_dir, tmp_path)
             "--workdir",
             str(tmp_path / host_devices),
             "--data-dir",
-            str(fashion_dir),
+            str(small_vit_run.data),
             "--host-devices",
             host_devices,
             "--epochs",
@@ -138,20 +141,16 @@ def test_cli_host_devices_split_the_cpu_for_data_parallel(fashion_dir, tmp_path)
         ]
         for item in SMALL_MODEL:
             args += ["--set", item]
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env = fresh_process_env()
         code = f"from hw2jax import cli; raise SystemExit(cli.main({args!r}))"
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-3000:]
-        expected = "2" if host_devices == "2" else str(auto_host_devices(os.cpu_count(), (40, 16)))
+        expected = "2" if host_devices == "2" else auto
         assert (
             json.loads((tmp_path / host_devices / "config.json").read_text())["devices"] == expected
         )
-        two = json.loads((tmp_path / host_devices / "history.json").read_text())["epochs"]
-        assert len(one) == len(two) == 3
-        for a, b in zip(one, two, strict=True):
-            assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
-            assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
-            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        split = json.loads((tmp_path / host_devices / "history.json").read_text())["epochs"]
+        assert_same_metrics([split], small_vit_run.history["epochs"])
 
 
 def test_device_count_errors_are_clear():
@@ -181,7 +180,7 @@ from hw2jax.tasks import vit
 from hw2jax.train.sharding import DataParallel
 import numpy as np
 
-run = Path(TMP) / f"run{NPROC}"
+run = Path(TMP) / "run"
 writes = []  # files this process opens for writing in the work dir, besides checkpoints
 def audit(event, args):
     if event == "open" and str(args[0]).startswith(str(run)) and "checkpoints" not in str(args[0]):
@@ -196,11 +195,10 @@ def keep(*a, **k):
     return result
 vit.train_and_evaluate = keep
 folder = make_fashion_folder(Path(TMP) / f"fashion{PID}")
-args = cli_args(folder, run, "epochs=3") + ["--host-devices", str(4 // NPROC)]
-if NPROC > 1:  # through the command line; --devices all is implied
-    args += ["--coordinator", f"localhost:{PORT}", "--num-processes", "2", "--process-id", str(PID)]
+args = cli_args(folder, run, "epochs=3") + ["--host-devices", "2"]  # --devices all is implied
+args += ["--coordinator", f"localhost:{PORT}", "--num-processes", "2", "--process-id", str(PID)]
 assert cli.main(args) == 0
-assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (NPROC, 4, 4 // NPROC)
+assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 4, 2)
 batch = DataParallel("all", 40).shard_batch({"x": np.zeros((40, 3), np.float32)})["x"]
 print(json.dumps({"epochs": result["epochs"], "spans": len(batch.sharding.device_set),
                   "local_rows": sum(s.data.shape[0] for s in batch.addressable_shards),
@@ -217,19 +215,16 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, small_vit_run):
     """`hw2jax vit train --coordinator ... --num-processes 2 --process-id I --host-devices 2`
-    (2 CPU processes x 2 devices, --devices all implied) trains exactly like one process with
-    --host-devices 4 (itself tested against 1 device above): the same metrics; only process 0
-    writes the history, config, logs and plots."""
+    (2 CPU processes x 2 devices, --devices all implied) trains like one process on one
+    device: the same metrics; only process 0 writes the history, config, logs and plots."""
     tests = str(Path(__file__).parent)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # --host-devices splits
+    env = fresh_process_env()  # --host-devices splits
 
-    def launch(nproc, pid, port):
-        code = (
-            f"TESTS = {tests!r}; TMP = {str(tmp_path)!r}; PORT = {port}; NPROC = {nproc}; "
-            f"PID = {pid}\n"
-        ) + MULTI_PROCESS
+    def launch(pid, port):
+        code = f"TESTS = {tests!r}; TMP = {str(tmp_path)!r}; PORT = {port}; PID = {pid}\n"
+        code += MULTI_PROCESS
         return subprocess.Popen(
             [sys.executable, "-c", code],
             env=env,
@@ -240,26 +235,22 @@ def test_two_processes_match_one(tmp_path):
         )
 
     port = _free_port()
-    procs = [launch(2, pid, port) for pid in (0, 1)]
-    procs.append(launch(1, 0, _free_port()))
+    procs = [launch(pid, port) for pid in (0, 1)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     results = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
     # A global batch of 40 spans all 4 devices; each of the 2 processes holds only its 20 rows.
-    assert [(r["spans"], r["local_rows"]) for r in results] == [(4, 20), (4, 20), (4, 40)]
-    first, second, single = (r["epochs"] for r in results)
-    assert len(single) == len(first) == len(second) == 3
-    for a, other, b in zip(first, second, single, strict=True):
-        metrics = ("test_accuracy", "test_loss", "train_loss")
+    assert [(r["spans"], r["local_rows"]) for r in results] == [(4, 20), (4, 20)]
+    first, second = (r["epochs"] for r in results)
+    metrics = ("test_accuracy", "test_loss", "train_loss")
+    for a, other in zip(first, second, strict=True):
         assert [a[k] for k in metrics] == [other[k] for k in metrics]  # the same global values
-        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
-        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    assert_same_metrics([first], small_vit_run.history["epochs"])
     writes = [r["writes"] for r in results]
     assert writes[1] == [] and {"config.json.tmp", "history.json.tmp"} <= set(writes[0])
-    assert (tmp_path / "run2" / "history.json").exists()
-    assert (tmp_path / "run2" / "checkpoints" / "best").exists()
+    assert (tmp_path / "run" / "history.json").exists()
+    assert (tmp_path / "run" / "checkpoints" / "best").exists()
 
 
 def test_devices_other_than_all_with_several_processes_is_one_line(tmp_path, capsys):
@@ -297,7 +288,7 @@ def test_cli_sentiment_host_devices_match_one_device(tmp_path):
     ]
     for item in tiny_settings(tmp_path, *overrides):
         args += ["--set", item]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = fresh_process_env()
     code = f"from hw2jax import cli; raise SystemExit(cli.main({args!r}))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -322,7 +313,7 @@ def test_a_process_whose_peer_died_ends_at_once_with_one_line(fashion_dir, tmp_p
     from test_reliability import cli_args
 
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = fresh_process_env()
     base = cli_args(fashion_dir, tmp_path / "run", "epochs=500")
     base += ["--coordinator", f"localhost:{port}", "--num-processes", "2"]
     procs = []

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import fresh_process_env
 from test_attention import ref_softmax_np
 
 from hw2jax import attention, cpu, kernels
@@ -211,7 +212,7 @@ def test_sharded_gradients_stay_sharded():
     """The flash and both linear kernels' forward and backward calls under a mesh: each device
     runs them on its slice (half the heads, or half the sequences), with no all-gather, and
     the gradients equal the one-device ones."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = fresh_process_env(host_devices=2)
     run = subprocess.run(
         [sys.executable, "-c", _SHARDED_GRADIENTS],
         env=env,
@@ -231,7 +232,7 @@ def test_sharded_gradients_stay_sharded():
 def test_sharded_inputs_stay_sharded():
     """Heads or sequences split over devices: each device runs the kernel on its own slice,
     with no all-gather, and the result equals the one-device call."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = fresh_process_env(host_devices=2)
     run = subprocess.run(
         [sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=300
     )

@@ -3,7 +3,6 @@ SIGTERM saves like Ctrl-C, a time-based save bounds what kill -9 costs, and hist
 what happened."""
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import fresh_process_env
 from test_train_vit import CONFIG, SMALL_MODEL, final_params, small_config
 
 from hw2jax import cli
@@ -47,15 +47,9 @@ def steps(workdir):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def straight(small_vit_run):
     """An uninterrupted 3-epoch run (3 steps per epoch) to compare resumed runs with."""
-    from conftest import make_fashion_folder
-
-    root = tmp_path_factory.mktemp("straight")
-    data = make_fashion_folder(root / "fashion")
-    config = small_config(data)
-    vit.train_and_evaluate(config, root / "run")
-    return data, final_params(root / "run", config)
+    return small_vit_run.data, final_params(small_vit_run.workdir, small_vit_run.config)
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +288,7 @@ def make_signalled(*a, **k):
 steps.make_train_step = make_signalled
 raise SystemExit(cli.main({args!r}))
 """
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = fresh_process_env()
     return subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
@@ -375,7 +369,7 @@ def test_a_checkpoint_that_cannot_be_written_is_recorded_not_announced(straight,
         "import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (12_000, 12_000))\n"
         f"from hw2jax import cli; raise SystemExit(cli.main({cli_args(data, run)!r}))"
     )
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = fresh_process_env()
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )

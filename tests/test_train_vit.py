@@ -108,11 +108,9 @@ def sigint_handled():
     signal.signal(signal.SIGINT, outer)
 
 
-def test_interrupted_run_resumes_bitwise(fashion_dir, tmp_path, sigint_handled):
-    straight = small_config(fashion_dir)
-    vit.train_and_evaluate(straight, tmp_path / "straight")
-    a = final_params(tmp_path / "straight", straight)
-    h1 = json.loads((tmp_path / "straight" / "history.json").read_text())
+def test_interrupted_run_resumes_bitwise(small_vit_run, tmp_path, sigint_handled):
+    a = final_params(small_vit_run.workdir, small_vit_run.config)
+    h1 = json.loads((small_vit_run.workdir / "history.json").read_text())
 
     def strip(rows):
         return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows]
@@ -121,7 +119,7 @@ def test_interrupted_run_resumes_bitwise(fashion_dir, tmp_path, sigint_handled):
     # last step (it evaluates, then stops); a later epoch. One straight run for all.
     for signal_after, stop_at in ((1, 2), (2, 3), (7, 8)):
         resumed = tmp_path / f"resumed_{stop_at}"
-        interrupted = small_config(fashion_dir)
+        interrupted = small_config(small_vit_run.data)
         first = vit.train_and_evaluate(
             interrupted, resumed, extra_hooks=[SignalAfter(signal_after)]
         )
@@ -407,6 +405,31 @@ def test_merged_attention_override_takes_shell_booleans_and_rejects_others(fashi
     train, test = vit.load_data(config)
     with pytest.raises(ValueError, match=r"model.merged_attention must be None"):
         vit.ViTTask(config, train, test)
+
+
+def test_curves_are_redrawn_when_due_after_the_last_epoch_and_on_a_stop(monkeypatch, tmp_path):
+    """Epochs of 8 s with a 20 s period: drawn after epochs 1, 4 (24 s on) and 5 (the last),
+    and after a stop, whatever the clock says."""
+    import types
+
+    from hw2jax.train import hooks, plots
+
+    clock, drawn = [0.0], []
+    monkeypatch.setattr(hooks.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(plots, "plot_history", lambda history, split, path: drawn.append(clock[0]))
+    run = types.SimpleNamespace(
+        history={"epochs": []}, config=types.SimpleNamespace(epochs=5, eval_split="test")
+    )
+    run.workdir = tmp_path
+    curves = hooks.Curves(every_seconds=20.0)
+    for epoch in range(1, 6):
+        clock[0] = 8.0 * epoch
+        run.history["epochs"].append({"epoch": epoch})
+        curves.after_epoch(run, {"epoch": epoch})
+    assert drawn == [8.0, 32.0, 40.0]
+    clock[0] = 41.0
+    curves.stop(run)
+    assert drawn[-1] == 41.0
 
 
 def test_metrics_stream_to_tensorboard_and_curves_follow_each_epoch(fashion_dir, tmp_path):

@@ -366,15 +366,23 @@ class WriteMetrics(Hook):
 
 
 class Curves(Hook):
-    """``curves.png``, redrawn after every epoch and when the run stops early (with the train
-    losses of the unfinished epoch)."""
+    """``curves.png``, redrawn after an epoch once ``every_seconds`` have passed since the last
+    drawing, after the last epoch, and when the run stops early (with the train losses of the
+    unfinished epoch). A drawing takes about 0.3 s: runs of many short epochs skip some."""
+
+    def __init__(self, every_seconds: float = 20.0):
+        self.every_seconds = every_seconds
+        self.drawn_at: float | None = None  # time.monotonic() of the last drawing
 
     def draw(self, run: Run) -> None:
         if run.history["epochs"] and is_main_process():
             plots.plot_history(run.history, run.config.eval_split, run.workdir / "curves.png")
+            self.drawn_at = time.monotonic()
 
     def after_epoch(self, run: Run, record: dict[str, Any]) -> None:
-        self.draw(run)
+        due = self.drawn_at is None or time.monotonic() - self.drawn_at >= self.every_seconds
+        if due or record["epoch"] == run.config.epochs:
+            self.draw(run)
 
     def stop(self, run: Run) -> None:
         self.draw(run)
