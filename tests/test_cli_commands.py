@@ -71,13 +71,13 @@ def test_mqar_train_and_sweep_through_the_command_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_devices_flag_trains_like_one_device(fashion_dir, tmp_path):
+def test_devices_flag_trains_like_one_device(small_vit_run, tmp_path):
     """`--host-devices 2 --devices all` in a fresh process: each batch split over two devices,
     the same metrics as one device."""
-    one = tmp_path / "one"
-    assert cli.main(cli_args(fashion_dir, one, "epochs=2")) == 0
+    one = small_vit_run.workdir
     two = tmp_path / "two"
-    args = [*cli_args(fashion_dir, two, "epochs=2"), "--host-devices", "2", "--devices", "all"]
+    args = [*cli_args(small_vit_run.data, two, "epochs=3"), "--host-devices", "2"]
+    args += ["--devices", "all"]
     code = f"from hw2jax import cli; raise SystemExit(cli.main({args!r}))"
     env = fresh_process_env()
     done = subprocess.run(

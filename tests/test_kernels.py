@@ -4,6 +4,7 @@ gradients."""
 
 import functools
 import os
+import shutil
 import subprocess
 import sys
 
@@ -386,3 +387,18 @@ def test_cpu_vector_features_read_the_cpu_flags(tmp_path):
     info.write_text("flags\t\t: avx2 avx512f avx512_bf16 amx_tile amx_bf16\n")
     assert all(cpu_vector_features(str(info)).values())
     assert not any(cpu_vector_features(str(tmp_path / "missing")).values())
+
+
+def test_one_jax_reached_through_a_symlink_shares_the_cached_library(tmp_path, monkeypatch):
+    """A venv that links this jax in (the wheel test's) finds the library built here; another
+    jax's headers (another folder) get their own."""
+    import jax
+
+    real = jax.ffi.include_dir()
+    here = build.library_target()
+    (tmp_path / "linked").symlink_to(real)
+    monkeypatch.setattr(jax.ffi, "include_dir", lambda: str(tmp_path / "linked"))
+    assert build.library_target() == here
+    shutil.copytree(real, tmp_path / "copied")
+    monkeypatch.setattr(jax.ffi, "include_dir", lambda: str(tmp_path / "copied"))
+    assert build.library_target() != here

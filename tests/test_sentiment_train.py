@@ -556,7 +556,7 @@ def test_a_bert_base_checkpoint_folder_trains_with_the_assignments_parameter_cou
     rng = np.random.default_rng(0)
 
     def normal(*shape):
-        return (0.02 * rng.standard_normal(shape)).astype(np.float32)
+        return 0.02 * rng.standard_normal(shape, dtype=np.float32)
 
     heads = {
         "bert.embeddings.position_ids": np.arange(512, dtype=np.int64)[None],

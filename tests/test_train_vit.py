@@ -432,6 +432,24 @@ def test_curves_are_redrawn_when_due_after_the_last_epoch_and_on_a_stop(monkeypa
     assert drawn[-1] == 41.0
 
 
+def test_the_metric_writer_leaves_torch_unloaded_and_importable(tmp_path):
+    """tensorboardX would import torch (~2 s per process) to recognise its tensors: the writer
+    keeps it out, writes readable scalars, and torch still imports afterwards."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from hw2jax.train import metrics\n"
+        f"w = metrics.MetricWriter({str(tmp_path)!r}); w.scalars(3, {{'a/b': 0.5}}); w.close()\n"
+        "loaded = 'torch' in sys.modules\n"
+        "import torch\n"
+        f"print(loaded, metrics.read_scalars({str(tmp_path / 'tensorboard')!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False {'a/b': [(3, 0.5)]}"
+
+
 def test_metrics_stream_to_tensorboard_and_curves_follow_each_epoch(fashion_dir, tmp_path):
     """Every logged train loss and every epoch's evaluation reach the TensorBoard event files
     with the values and steps of history.json; curves.png exists after the first epoch."""

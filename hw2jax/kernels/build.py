@@ -100,7 +100,7 @@ def kernel_vector_features() -> dict[str, bool]:
 def library_target() -> Path:
     """Where the library for this CPU, compiler, jax and source is (or will be) cached."""
     cxx = _compiler()
-    include = jax.ffi.include_dir()
+    include = os.path.realpath(jax.ffi.include_dir())  # one jax install, however it is reached
     source = _SOURCE.read_bytes()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(

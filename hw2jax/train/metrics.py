@@ -5,6 +5,7 @@ which needs only protobuf; :func:`read_scalars` reads them back without TensorBo
 from __future__ import annotations
 
 import struct
+import sys
 from pathlib import Path
 
 from hw2jax.train.sharding import is_main_process
@@ -17,9 +18,9 @@ class MetricWriter:
     def __init__(self, workdir: Path):
         self._writer = None
         if is_main_process():
-            from tensorboardX import SummaryWriter
-
-            self._writer = SummaryWriter(logdir=str(Path(workdir) / "tensorboard"), flush_secs=30)
+            self._writer = _summary_writer_class()(
+                logdir=str(Path(workdir) / "tensorboard"), flush_secs=30
+            )
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self._writer is not None:
@@ -34,6 +35,21 @@ class MetricWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter. tensorboardX imports torch, where it is installed, only to
+    recognise torch tensors, which costs ~2 s at every start; the writer is given Python floats
+    here, so torch stays out unless something else loaded it already."""
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+        try:
+            import tensorboardX  # noqa: F401
+        finally:
+            del sys.modules["torch"]
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
 
 
 def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
