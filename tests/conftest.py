@@ -79,6 +79,16 @@ def small_vit_run(tmp_path_factory):
     return types.SimpleNamespace(data=data, config=config, workdir=root / "run", history=history)
 
 
+def assert_same_metrics(epochs: list[dict], reference: list[dict]) -> None:
+    """A run's epochs have the metrics of the reference run's 3 epochs, up to float rounding
+    (another split of each batch sums in another order)."""
+    assert len(epochs) == len(reference) == 3
+    for a, b in zip(epochs, reference, strict=True):
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
 def assert_names_its_machine(record: dict) -> None:
     """A benchmark's meta or a run's machine names the CPU this test runs on (read here from
     /proc/cpuinfo), its cores, vector features and the versions, and the date."""

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import fresh_process_env
+from conftest import assert_same_metrics, fresh_process_env
 
 from hw2jax import cli
 from hw2jax.train.sharding import DataParallel
@@ -45,16 +45,6 @@ print(json.dumps({"step_diff": step_diff, "sharded_over": sharded_over, "eight":
 """
 
 
-def assert_same_metrics(runs, reference):
-    """Each run's epochs have the metrics of the reference run's (up to float rounding)."""
-    for epochs in runs:
-        assert len(epochs) == len(reference) == 3
-        for a, b in zip(epochs, reference, strict=True):
-            assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
-            assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
-            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
-
-
 @pytest.mark.slow
 def test_eight_devices_match_one(tmp_path, small_vit_run):
     env = fresh_process_env(host_devices=8)
@@ -67,7 +57,7 @@ def test_eight_devices_match_one(tmp_path, small_vit_run):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["sharded_over"] == 8
     assert result["step_diff"] < 1e-5
-    assert_same_metrics([result["eight"]], small_vit_run.history["epochs"])
+    assert_same_metrics(result["eight"], small_vit_run.history["epochs"])
 
 
 def test_auto_host_devices_take_the_most_cores_every_batch_splits_over(capsys):
@@ -106,41 +96,18 @@ def test_auto_host_devices_resolve_by_backend_and_refuse_several_processes(monke
 @pytest.mark.slow
 def test_cli_host_devices_split_the_cpu_for_data_parallel(small_vit_run, tmp_path):
     """--host-devices auto (and 2, where auto resolves to another count) in a fresh process (no
-    XLA_FLAGS) shows jax the CPU as several devices and shards over them (DataParallel(2)
-    refuses to run on 1), with the metrics of a 1-device run. auto: one device per core, as
-    many as batches of 40 and 16 split over; on 2 cores that is the run of --host-devices 2."""
-    from test_train_vit import CONFIG, SMALL_MODEL
+    forced device count) shows jax the CPU as several devices and shards over them
+    (DataParallel(2) refuses to run on 1), with the metrics of a 1-device run. auto: one device
+    per core, as many as batches of 40 and 16 split over; on 2 cores that is the run of
+    --host-devices 2."""
+    from test_reliability import cli_args
 
     from hw2jax.train.sharding import auto_host_devices
 
     auto = str(auto_host_devices(os.cpu_count(), (40, 16)))
     for host_devices in ("auto", "2") if auto != "2" else ("auto",):
-        args = [
-            "vit",
-            "train",
-            "--config",
-            str(CONFIG),
-            "--workdir",
-            str(tmp_path / host_devices),
-            "--data-dir",
-            str(small_vit_run.data),
-            "--host-devices",
-            host_devices,
-            "--epochs",
-            "3",
-            "--set",
-            "progress=False",
-            "--set",
-            "batch_size=40",
-            "--set",
-            "eval_batch_size=16",
-            "--set",
-            "log_every_steps=2",
-            "--set",
-            "learning_rate=3e-3",
-        ]
-        for item in SMALL_MODEL:
-            args += ["--set", item]
+        args = cli_args(small_vit_run.data, tmp_path / host_devices, "epochs=3")
+        args += ["--host-devices", host_devices]
         env = fresh_process_env()
         code = f"from hw2jax import cli; raise SystemExit(cli.main({args!r}))"
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -150,7 +117,7 @@ def test_cli_host_devices_split_the_cpu_for_data_parallel(small_vit_run, tmp_pat
             json.loads((tmp_path / host_devices / "config.json").read_text())["devices"] == expected
         )
         split = json.loads((tmp_path / host_devices / "history.json").read_text())["epochs"]
-        assert_same_metrics([split], small_vit_run.history["epochs"])
+        assert_same_metrics(split, small_vit_run.history["epochs"])
 
 
 def test_device_count_errors_are_clear():
@@ -246,7 +213,7 @@ def test_two_processes_match_one(tmp_path, small_vit_run):
     metrics = ("test_accuracy", "test_loss", "train_loss")
     for a, other in zip(first, second, strict=True):
         assert [a[k] for k in metrics] == [other[k] for k in metrics]  # the same global values
-    assert_same_metrics([first], small_vit_run.history["epochs"])
+    assert_same_metrics(first, small_vit_run.history["epochs"])
     writes = [r["writes"] for r in results]
     assert writes[1] == [] and {"config.json.tmp", "history.json.tmp"} <= set(writes[0])
     assert (tmp_path / "run" / "history.json").exists()
