@@ -1,6 +1,7 @@
 """The delta rule (DeltaNet, Gated DeltaNet), scalar-decay GLA, sliding-window softmax and Based's
 Taylor features, each against a float64 formula written as a plain loop."""
 
+import functools
 import math
 
 import jax
@@ -11,6 +12,7 @@ from test_attention import qkv
 from test_decay_attention import gla_ref_np
 
 from hw2jax import attention
+from hw2jax.attention import dispatch
 from hw2jax.attention.delta_rule import delta_rule_attention, l2_normalise
 from hw2jax.attention.linear import taylor_features
 from hw2jax.attention.sliding_window import sliding_window_attention
@@ -164,23 +166,59 @@ def test_taylor_features_give_1_plus_s_plus_half_s_squared():
     np.testing.assert_allclose(dots, 1 + s + s**2 / 2, rtol=1e-5, atol=1e-5)
 
 
-def taylor_linear_ref(q, k, v, causal):
-    """float64 loop: weights 1 + s + s^2 / 2 with s = q_i . k_j / sqrt(d), normalised."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    out = np.zeros(q.shape[:3] + v.shape[-1:])
+def taylor_linear_ref(q, k, v, causal, xp=np):
+    """float64 loop: weights 1 + s + s^2 / 2 with s = q_i . k_j / sqrt(d), normalised. ``xp``:
+    numpy (float64 values) or jax.numpy (float64 gradients, under enable_x64)."""
+    if xp is np:
+        q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    rows = []
     for i in range(q.shape[1]):
         last = i + 1 if causal else q.shape[1]
-        s = np.einsum("bhd,bjhd->bhj", q[:, i], k[:, :last]) / math.sqrt(q.shape[-1])
+        s = xp.einsum("bhd,bjhd->bhj", q[:, i], k[:, :last]) / math.sqrt(q.shape[-1])
         weights = 1 + s + s**2 / 2
-        out[:, i] = np.einsum("bhj,bjhe->bhe", weights, v[:, :last]) / weights.sum(-1)[..., None]
-    return out
+        rows.append(xp.einsum("bhj,bjhe->bhe", weights, v[:, :last]) / weights.sum(-1)[..., None])
+    return xp.stack(rows, axis=1)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_linear_attention_with_taylor_features_matches_the_float64_loop(causal):
+@pytest.mark.parametrize(
+    "causal,method",
+    [(False, "auto"), (False, "chunked"), (True, "auto"), (True, "chunked"), (True, "recurrent")],
+)
+def test_linear_attention_with_taylor_features_matches_the_float64_loop(causal, method):
+    # T = 9 keys against 1 + 4 + 16 features: auto takes the parallel form.
     q, k, v = qkv((2, 9, 2, 4), e=3, seed=8)
-    out = attention.linear_attention(q, k, v, causal=causal, feature_map="taylor", chunk_size=4)
+    taylor = functools.partial(
+        attention.linear_attention,
+        causal=causal,
+        feature_map="taylor",
+        implementation=method,
+        chunk_size=4,
+    )
+    out = taylor(q, k, v)
     np.testing.assert_allclose(out, taylor_linear_ref(q, k, v, causal), rtol=1e-4, atol=1e-5)
+    w = np.random.default_rng(3).standard_normal(out.shape)
+    with jax.enable_x64(True):
+        refs = jax.grad(
+            lambda *a: jnp.sum(taylor_linear_ref(*a, causal, xp=jnp) * w), argnums=(0, 1, 2)
+        )(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
+    grads = jax.grad(lambda *a: jnp.sum(taylor(*a) * jnp.asarray(w, jnp.float32)), (0, 1, 2))(
+        q, k, v
+    )
+    for ours, theirs in zip(grads, refs, strict=True):
+        np.testing.assert_allclose(ours, np.asarray(theirs), rtol=1e-4, atol=1e-5)
+
+
+def test_taylor_takes_the_parallel_form_while_keys_are_fewer_than_its_features():
+    assert dispatch.taylor_parallel(50, 64) and dispatch.taylor_parallel(20, 4)
+    assert not dispatch.taylor_parallel(21, 4)  # 1 + 4 + 16 features
+    # A ViT's shape: the 1 + 64 + 4096 features of q and k alone would take 8 x 50 x 4 x 4161
+    # x 4 bytes x 2 = 53 MB; the parallel form's weights are 8 x 4 x 50 x 50 x 4 = 320 kB.
+    q, k, v = qkv((8, 50, 4, 64), e=64, seed=1)
+    based = jax.jit(
+        jax.grad(lambda q: jnp.sum(attention.linear_attention(q, k, v, feature_map="taylor")))
+    )
+    memory = based.lower(q).compile().memory_analysis().temp_size_in_bytes
+    assert memory < 8 * 50 * 4 * 4161 * 4
 
 
 @pytest.mark.parametrize("c", [1, 5, 8, 13, 64])

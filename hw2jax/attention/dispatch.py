@@ -24,6 +24,10 @@ The rule, in order:
 3. **Any other CPU**: softmax ``"naive"`` below 2^26 scores per (batch, head) and
    ``"blockwise"`` from there (O(T) memory); linear ``"chunked"``; key bias ``"xla"``.
 
+Before all three, linear attention with Based's Taylor feature map takes ``"parallel"`` (its
+weights from the scores, no features) wherever the keys are fewer than its 1 + d + d^2
+features (:func:`taylor_parallel`): a count of flops and bytes, the same on every machine.
+
 **Measured on CPU.** Vector features do not predict speed on every CPU, so on a CPU the rule's
 candidates are timed once per machine and shape class, and the fastest is taken
 (:func:`fastest`). A shape class is the operation, causal or not, forward or forward and
@@ -71,7 +75,7 @@ from hw2jax import cpu, kernels
 from hw2jax.errors import InputError
 
 SOFTMAX = ("auto", "jax", "xla", "cudnn", "pallas", "blockwise", "naive", "fused_cpu")
-LINEAR = ("auto", "chunked", "recurrent", "pallas", "fused_cpu")
+LINEAR = ("auto", "chunked", "recurrent", "pallas", "fused_cpu", "parallel")
 KEY_BIAS = ("auto", "xla", "fused_cpu")
 
 # From this many scores per (batch, head) on (T = 8192), softmax without gradients goes
@@ -188,6 +192,16 @@ def linear(
         if path := fastest("linear", causal, True, ["fused_cpu", "chunked"], measure):
             return path
     return "fused_cpu" if machine.fused_cpu_pays_off and fused_reason() is None else "chunked"
+
+
+def taylor_parallel(keys: int, head_dim: int) -> bool:
+    """Whether linear attention with Based's Taylor feature map takes the parallel form, its
+    weights 1 + s + s^2 / 2 computed from the T_q x T_k scores, on any backend: when the keys are
+    fewer than its 1 + d + d^2 features. Per (batch, head) the parallel form then costs less in
+    flops (T_q T_k (d + d_v) against (T_q + T_k) (1 + d + d^2) d_v) and in memory (T_q T_k
+    weights against (T_q + T_k) (1 + d + d^2) features); at a ViT's 50 tokens and head dim 64
+    the features alone would be 83 times the scores."""
+    return keys < 1 + head_dim + head_dim**2
 
 
 def key_bias(

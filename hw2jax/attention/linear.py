@@ -60,7 +60,9 @@ def linear_attention(
     causal: bool = False,
     feature_map: FeatureMap = "elu",
     eps: float = 1e-6,
-    implementation: Literal["auto", "chunked", "recurrent", "pallas", "fused_cpu"] = "auto",
+    implementation: Literal[
+        "auto", "chunked", "recurrent", "pallas", "fused_cpu", "parallel"
+    ] = "auto",
     chunk_size: int = 64,
 ) -> jax.Array:
     """out_i = phi(q_i) . S_i / (phi(q_i) . z_i + eps), with S = sum_j phi(k_j) v_j^T and
@@ -74,9 +76,12 @@ def linear_attention(
     meant for checks) or ``"fused_cpu"`` (the chunk algorithm, chunks of 64, as our
     fused CPU kernels, forward and backward: float32, features and values of one size, a
     multiple of 16 up to 128). Non-causal, ``"fused_cpu"`` is one fused CPU kernel for
-    the whole attention, features included (elu or relu; same sizes). ``"auto"`` asks
-    :mod:`hw2jax.attention.dispatch` (fused_cpu where it can run and pays, else chunked).
-    None builds a T x T matrix nor a T x d x d stack of states.
+    the whole attention, features included (elu or relu; same sizes). ``"parallel"`` forms the
+    T x T weights phi(q_i) . phi(k_j) (masked when causal): O(T^2), but for ``"taylor"`` taken
+    straight from the scores as 1 + s + s^2 / 2, without the 1 + d + d^2 features. ``"auto"``
+    asks :mod:`hw2jax.attention.dispatch` (parallel for the Taylor map while T_k is below its
+    feature count; else fused_cpu where it can run and pays, else chunked). Apart from
+    parallel, none builds a T x T matrix nor a T x d x d stack of states.
 
     With ``feature_map="identity"`` the "weights" phi(q_i).phi(k_j) can be negative, so the
     denominator can cancel to nearly zero or go negative: outputs then blow up or flip sign.
@@ -92,6 +97,11 @@ def linear_attention(
     dispatch.check(implementation, IMPLEMENTATIONS, "linear_attention")
     if chunk_size < 1:
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}.")
+    if implementation == "auto" and feature_map == "taylor":
+        if dispatch.taylor_parallel(k.shape[1], q.shape[-1]):
+            implementation = "parallel"
+    if implementation == "parallel":
+        return normalise(*_parallel_products(q, k, v, feature_map, causal, eps))
     if not causal and implementation in ("auto", "fused_cpu"):
         reason = functools.partial(kernels.dense_linear_unavailable_reason, q, v, feature_map)
         paths = dispatch.Measure(
@@ -108,13 +118,35 @@ def linear_attention(
         fq, fk, v, causal=causal, implementation=implementation, chunk_size=chunk_size
     )
     if feature_map == "identity":
-        # |phi(q_i)| sum_j |phi(k_j)| bounds sum_j |phi(q_i).phi(k_j)|, the denominator's size
-        # had no weight been negative; O(T) to compute, unlike that sum itself.
-        k_norms = jnp.linalg.norm(fk, axis=-1, keepdims=True)
-        k_norms = jnp.cumsum(k_norms, axis=1) if causal else jnp.sum(k_norms, 1, keepdims=True)
-        scale = jnp.linalg.norm(fq, axis=-1, keepdims=True) * k_norms
-        _warn_if_cancelled(den, den / jnp.maximum(scale, jnp.finfo(den.dtype).tiny))
+        _warn_if_weights_cancel(fq, fk, den, causal)
     return normalise(num, den + eps)
+
+
+def _warn_if_weights_cancel(fq: jax.Array, fk: jax.Array, den: jax.Array, causal: bool) -> None:
+    # |phi(q_i)| sum_j |phi(k_j)| bounds sum_j |phi(q_i).phi(k_j)|, the denominator's size
+    # had no weight been negative; O(T) to compute, unlike that sum itself.
+    k_norms = jnp.linalg.norm(fk, axis=-1, keepdims=True)
+    k_norms = jnp.cumsum(k_norms, axis=1) if causal else jnp.sum(k_norms, 1, keepdims=True)
+    scale = jnp.linalg.norm(fq, axis=-1, keepdims=True) * k_norms
+    _warn_if_cancelled(den, den / jnp.maximum(scale, jnp.finfo(den.dtype).tiny))
+
+
+def _parallel_products(q, k, v, feature_map: str, causal: bool, eps: float):
+    """linear_products' (num, den + eps) from the T_q x T_k weights phi(q_i) . phi(k_j)."""
+    if feature_map == "taylor":
+        s = jnp.einsum("bihd,bjhd->bhij", q, k) / q.shape[-1] ** 0.5
+        weights = 1.0 + s + 0.5 * s * s
+    else:
+        phi = FEATURE_MAPS[feature_map]
+        fq, fk = phi(q), phi(k)
+        weights = jnp.einsum("bihd,bjhd->bhij", fq, fk)
+    if causal:
+        weights = jnp.where(jnp.tri(q.shape[1], k.shape[1], dtype=bool), weights, 0.0)
+    num = jnp.einsum("bhij,bjhe->bihe", weights, v)
+    den = _den_out(jnp.sum(weights, axis=-1))
+    if feature_map == "identity":
+        _warn_if_weights_cancel(fq, fk, den, causal)
+    return num, den + eps
 
 
 def linear_products(
