@@ -113,7 +113,9 @@ def test_sentiment_schema_refuses_before_loading_an_encoder(tmp_path):
     apply_overrides(config, ["encoder_dtype=float16", "max_length=1024"])
     with pytest.raises(ConfigError) as e:
         sentiment.train_and_evaluate(config, tmp_path / "run")
-    assert "encoder_dtype: got 'float16'; choose one of 'float32', 'bfloat16'" in str(e.value)
+    assert "encoder_dtype: got 'float16'; choose one of 'auto', 'float32', 'bfloat16'" in str(
+        e.value
+    )
     assert "max_length: got 1024; 2 <= max_length <= 512" in str(e.value)
     assert not (tmp_path / "run").exists()
 

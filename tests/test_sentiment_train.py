@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import assert_names_its_machine
 
-from hw2jax import cli
+from hw2jax import cli, cpu
 from hw2jax.config import apply_overrides, load_config
 from hw2jax.data import DataNotFoundError, imdb, splits
 from hw2jax.errors import InputError
@@ -200,13 +200,16 @@ def test_cli_train_and_predict(tmp_path, capsys, monkeypatch):
         "buckets=(16, 32)",
         "hidden_dim=8",
         "progress=False",
+        "encoder_dtype=auto",
     ]:
         args += ["--set", item]
+    # A CPU without bf16 instructions: auto runs the encoder in float32 and says so.
+    no_bf16 = {name: False for name in cpu.VECTOR_FEATURES}
+    monkeypatch.setattr(cpu, "cpu_vector_features", lambda *a: no_bf16)
     assert cli.main([*args, "--cache-dir", str(tmp_path / "cache")]) == 0
     assert any((tmp_path / "cache").iterdir())  # the tokens were cached where the flag said
-    assert json.loads((tmp_path / "w" / "config.json").read_text())["cache_dir"] == str(
-        tmp_path / "cache"
-    )
+    saved = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert saved["cache_dir"] == str(tmp_path / "cache") and saved["encoder_dtype"] == "float32"
     out = capsys.readouterr().out
     assert "reviews/s" in out and "img/s" not in out  # the epoch line names what it counts
     texts = ["Justice League is terrible. I hated it.", "Avengers was great!!"]
@@ -647,3 +650,20 @@ def test_fine_tuning_trains_the_encoder_at_layer_wise_rates(tmp_path):
     kept = loop.latest_params(frozen_task, frozen, tmp_path / "frozen")["bert"]
     for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(start), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "feature,expected", [("avx512_bf16", "bfloat16"), ("amx_bf16", "bfloat16"), (None, "float32")]
+)
+def test_encoder_dtype_auto_is_bf16_only_where_the_cpu_has_bf16_instructions(
+    monkeypatch, feature, expected
+):
+    from hw2jax.tasks.sentiment.model import encoder_dtype_name
+
+    features = {name: name in ("avx2", "avx512f", feature) for name in cpu.VECTOR_FEATURES}
+    monkeypatch.setattr(cpu, "cpu_vector_features", lambda *a: features)
+    config = load_config(CONFIG)
+    config.encoder_dtype = "auto"
+    assert encoder_dtype_name(config) == expected
+    config.encoder_dtype = "float32"  # a name given is kept on every CPU
+    assert encoder_dtype_name(config) == "float32"

@@ -19,7 +19,12 @@ from hw2jax.data import imdb, splits
 from hw2jax.models import bert
 from hw2jax.models.sentiment import BertGRUSentiment
 from hw2jax.tasks.feature_cache import DEFAULT_DIR, FeatureCache, content_key, params_digest
-from hw2jax.tasks.sentiment.model import build_model, encoder_dtype, init_params
+from hw2jax.tasks.sentiment.model import (
+    build_model,
+    encoder_dtype,
+    encoder_dtype_name,
+    init_params,
+)
 from hw2jax.train.batching import IndexBatches
 
 
@@ -140,7 +145,7 @@ def cache_features(
             tokenizer=vocab,
             max_length=config.max_length,
             buckets=bucket_sizes(config),
-            encoder_dtype=config.encoder_dtype,
+            encoder_dtype=encoder_dtype_name(config),
             feature_dtype=config.feature_dtype,
             use_mask=config.use_mask,
             review_ids=arrays["ids"],

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from hw2jax import cpu
 from hw2jax.errors import InputError, MissingFileError
 from hw2jax.models import bert
 from hw2jax.models.sentiment import FROZEN_KEY, BertGRUSentiment
@@ -53,11 +54,23 @@ def build_model(
     )
 
 
-def encoder_dtype(config: ml_collections.ConfigDict) -> jnp.dtype | None:
-    """The frozen encoder's matmul input dtype (accumulation is float32 either way)."""
+def encoder_dtype_name(config: ml_collections.ConfigDict) -> str:
+    """``config.encoder_dtype``, with ``"auto"`` made "bfloat16" where the device multiplies
+    bf16 natively (a GPU or TPU, or a CPU with AVX512-BF16 or AMX) and "float32" elsewhere:
+    without those instructions bf16 matmuls only add conversions."""
     name = config.encoder_dtype
+    if name == "auto":
+        features = cpu.cpu_vector_features()
+        native = features["avx512_bf16"] or features["amx_bf16"]
+        return "bfloat16" if jax.default_backend() != "cpu" or native else "float32"
     if name not in ("float32", "bfloat16"):
-        raise InputError(f"encoder_dtype must be 'float32' or 'bfloat16', got {name!r}.")
+        raise InputError(f"encoder_dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}.")
+    return name
+
+
+def encoder_dtype(config: ml_collections.ConfigDict) -> jnp.dtype | None:
+    """The encoder's matmul input dtype (accumulation is float32 either way); None: float32."""
+    name = encoder_dtype_name(config)
     return None if name == "float32" else jnp.dtype(name)
 
 

@@ -21,7 +21,13 @@ from hw2jax.models import bert
 from hw2jax.models.sentiment import FROZEN_KEY, POOLS, BertGRUSentiment
 from hw2jax.tasks.feature_cache import FeatureCache
 from hw2jax.tasks.sentiment.data import CachedBatches, bucket_sizes, cache_features, prepare_data
-from hw2jax.tasks.sentiment.model import build_model, encoder_dtype, init_params, load_encoder
+from hw2jax.tasks.sentiment.model import (
+    build_model,
+    encoder_dtype,
+    encoder_dtype_name,
+    init_params,
+    load_encoder,
+)
 from hw2jax.train import checkpoints, loop, run_files, steps
 from hw2jax.train.batching import IndexBatches
 
@@ -47,7 +53,8 @@ SCHEMA = {
     "use_mask": Field(bool),
     "pool": Field(str, choices=POOLS),
     "bert_dropout": Field(bool),
-    "encoder_dtype": Field(str, choices=("float32", "bfloat16")),
+    # auto: bf16 where the device has bf16 instructions (model.encoder_dtype_name).
+    "encoder_dtype": Field(str, choices=("auto", "float32", "bfloat16")),
     "encoder_implementation": Field(str, choices=key_bias.IMPLEMENTATIONS),
     "encoder_microbatch": Field(int, min=0),
     "cache_dir": Field(str),
@@ -197,6 +204,8 @@ class SentimentTask:
 @run_files.one_process_per_workdir(check)
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     workdir = Path(workdir)
+    # config.json records the dtype that runs here, which a resume then keeps.
+    config.encoder_dtype = encoder_dtype_name(config)
     run_files.save_run_config(workdir, config)
     bert_config, bert_params, tokenizer = load_encoder(config)
     data = prepare_data(config, tokenizer, workdir)
