@@ -168,6 +168,19 @@ def _jax_impls() -> list[Impl]:
             cpu_only=True,
             dtype="float32",
         ),
+        # Based's Taylor map by its features (1 + d + d^2 per head), whatever auto would take:
+        # the baseline for the "based" row's parallel form, which auto takes below that many keys.
+        Impl(
+            "hw2jax based (Taylor features, chunked)",
+            "jax",
+            "based",
+            both,
+            lambda causal: (
+                lambda q, k, v: attention.linear_attention(
+                    q, k, v, causal=causal, feature_map="taylor", implementation="chunked"
+                )
+            ),
+        ),
         # Off a GPU the Pallas kernel runs in interpret mode: a check, not a contender.
         Impl(
             "hw2jax linear (causal pallas)",
