@@ -13,6 +13,7 @@ import pytest
 from conftest import assert_names_its_machine
 
 from hw2jax import cli
+from hw2jax.attention import dispatch
 from hw2jax.config import apply_overrides, load_config
 from hw2jax.data import fashion_mnist
 from hw2jax.tasks import vit
@@ -510,3 +511,24 @@ def test_valid_split_is_held_out_of_training_and_picks_the_best_epoch(fashion_di
     assert out["final"]["test_count"] == 40  # test read once, at the end
     with pytest.raises(ValueError, match="set valid_size"):
         vit.check(small_config(fashion_dir, "eval_split=valid", "best_metric=valid_accuracy"))
+
+
+def test_init_times_no_attention_path(fashion_dir, tmp_path, monkeypatch):
+    """The model's init runs on a batch of one, a shape class that training never meets: auto
+    takes the feature rule there instead of spending the probe's budget timing it."""
+    monkeypatch.setenv(dispatch.AUTO_ENV, "measure")
+    cpu_machine = dispatch.Machine("cpu")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    class RecordingTask(vit.ViTTask):
+        def init_params(self, rng):
+            seen.append(dispatch.measuring(cpu_machine))
+            raise Stop
+
+    config = small_config(fashion_dir)
+    with pytest.raises(Stop):
+        loop.train_and_evaluate(RecordingTask(config, *vit.load_data(config)), config, tmp_path)
+    assert seen == [False] and dispatch.measuring(cpu_machine)  # and measuring again after it

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import fcntl
@@ -235,15 +236,32 @@ class Measure:
     run: Callable[[str], Callable[..., object]]
 
 
+_RULE_ONLY = contextvars.ContextVar("hw2jax_dispatch_rule_only", default=False)
+
+
+@contextlib.contextmanager
+def rule_only():
+    """Inside, auto takes the feature rule and times nothing: for calls whose results do not
+    depend on the path, such as a model's init on a dummy batch of one, a shape class that
+    training never meets and whose timing would only spend the probe's budget."""
+    token = _RULE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _RULE_ONLY.reset(token)
+
+
 def measuring(machine: Machine) -> bool:
     """Whether auto times its candidates here: ``$HW2JAX_AUTO`` is ``measure`` (the default), on
-    a CPU, in a single-process run."""
+    a CPU, in a single-process run, outside :func:`rule_only`."""
     mode = os.environ.get(AUTO_ENV) or "measure"
     if mode not in ("measure", "rule"):
         raise ImplementationError(
             f"${AUTO_ENV}={mode!r} is not a mode; set it to 'measure' (time the paths once per "
             "machine, the default) or 'rule' (pick by vector features, timing nothing)."
         )
+    if _RULE_ONLY.get():
+        return False
     return mode == "measure" and machine.backend == "cpu" and jax.process_count() == 1
 
 
