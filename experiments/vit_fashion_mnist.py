@@ -6,6 +6,7 @@ Expected:  88.99 % test accuracy after 15 epochs in 1,985 s (the whole command, 
            2 CPU cores with --host-devices 2 (experiments/results/vit_fashion_mnist_regrouped/);
            a first run on one device gave 89.07 % (vit_fashion_mnist/); 88.43 % and 56 s on one
            H100; the original PyTorch run: 88.43 %.
+           With --set model.dtype=bfloat16 (bf16 compute) 88.72 % (vit_fashion_mnist_bf16/).
            With --attention based 89.64 %, cosformer 88.79 %, performer 88.06 %, retention
            87.72 %, linear 86.52 % (experiments/results/vit_fashion_mnist_based/ has them all).
            Runs and their details: experiments/results/vit_fashion_mnist*/.
