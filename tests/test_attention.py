@@ -506,14 +506,17 @@ def test_softmax_attention_dispatches_to_blockwise_at_long_t():
     assert "hw2jax_cpu_" not in lowered("auto").as_text()
 
 
+@pytest.mark.parametrize("implementation", ["auto", "parallel"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_identity_map_warns_when_the_denominator_nearly_cancels(causal):
+def test_identity_map_warns_when_the_denominator_nearly_cancels(causal, implementation):
     # Weights +1 and -(1 - 1.2e-7): a tiny positive denominator, outputs amplified ~8e6-fold.
     q = jnp.array([[[[1.0, 0.0]], [[1.0, 0.0]]]])
     k = jnp.array([[[[1.0, 0.0]], [[-(1.0 - 1.2e-7), 0.0]]]])
     v = jnp.array([[[[1.0]], [[0.0]]]])
     with pytest.warns(attention.NonPositiveDenominatorWarning, match=r"fell to .* cancel"):
-        out = attention.linear_attention(q, k, v, causal=causal, feature_map="identity")
+        out = attention.linear_attention(
+            q, k, v, causal=causal, feature_map="identity", implementation=implementation
+        )
         jax.effects_barrier()
     # The float64 formula gives the same huge value: the warning, not the arithmetic, is new.
     ref = ref_linear_np(q, k, v, causal, "identity")

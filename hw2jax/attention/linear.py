@@ -101,52 +101,43 @@ def linear_attention(
         if dispatch.taylor_parallel(k.shape[1], q.shape[-1]):
             implementation = "parallel"
     if implementation == "parallel":
-        return normalise(*_parallel_products(q, k, v, feature_map, causal, eps))
-    if not causal and implementation in ("auto", "fused_cpu"):
-        reason = functools.partial(kernels.dense_linear_unavailable_reason, q, v, feature_map)
-        paths = dispatch.Measure(
-            (q, k, v),
-            lambda path: functools.partial(
-                linear_attention, feature_map=feature_map, eps=eps, implementation=path
-            ),
+        num, den = _parallel_products(q, k, v, feature_map, causal)
+    else:
+        if not causal and implementation in ("auto", "fused_cpu"):
+            reason = functools.partial(kernels.dense_linear_unavailable_reason, q, v, feature_map)
+            paths = dispatch.Measure(
+                (q, k, v),
+                lambda path: functools.partial(
+                    linear_attention, feature_map=feature_map, eps=eps, implementation=path
+                ),
+            )
+            if _fused(implementation, reason, paths, causal) == "fused_cpu":
+                return kernels.linear_attention_cpu(q, k, v, feature_map=feature_map, eps=eps)
+        phi = FEATURE_MAPS[feature_map]
+        num, den = linear_products(
+            phi(q), phi(k), v, causal=causal, implementation=implementation, chunk_size=chunk_size
         )
-        if _fused(implementation, reason, paths, causal) == "fused_cpu":
-            return kernels.linear_attention_cpu(q, k, v, feature_map=feature_map, eps=eps)
-    phi = FEATURE_MAPS[feature_map]
-    fq, fk = phi(q), phi(k)
-    num, den = linear_products(
-        fq, fk, v, causal=causal, implementation=implementation, chunk_size=chunk_size
-    )
-    if feature_map == "identity":
-        _warn_if_weights_cancel(fq, fk, den, causal)
+    if feature_map == "identity":  # phi(x) = x: the features are q and k themselves
+        # |q_i| sum_j |k_j| bounds sum_j |q_i . k_j|, the denominator's size had no weight
+        # been negative; O(T) to compute, unlike that sum itself.
+        k_norms = jnp.linalg.norm(k, axis=-1, keepdims=True)
+        k_norms = jnp.cumsum(k_norms, axis=1) if causal else jnp.sum(k_norms, 1, keepdims=True)
+        scale = jnp.linalg.norm(q, axis=-1, keepdims=True) * k_norms
+        _warn_if_cancelled(den, den / jnp.maximum(scale, jnp.finfo(den.dtype).tiny))
     return normalise(num, den + eps)
 
 
-def _warn_if_weights_cancel(fq: jax.Array, fk: jax.Array, den: jax.Array, causal: bool) -> None:
-    # |phi(q_i)| sum_j |phi(k_j)| bounds sum_j |phi(q_i).phi(k_j)|, the denominator's size
-    # had no weight been negative; O(T) to compute, unlike that sum itself.
-    k_norms = jnp.linalg.norm(fk, axis=-1, keepdims=True)
-    k_norms = jnp.cumsum(k_norms, axis=1) if causal else jnp.sum(k_norms, 1, keepdims=True)
-    scale = jnp.linalg.norm(fq, axis=-1, keepdims=True) * k_norms
-    _warn_if_cancelled(den, den / jnp.maximum(scale, jnp.finfo(den.dtype).tiny))
-
-
-def _parallel_products(q, k, v, feature_map: str, causal: bool, eps: float):
-    """linear_products' (num, den + eps) from the T_q x T_k weights phi(q_i) . phi(k_j)."""
+def _parallel_products(q, k, v, feature_map: str, causal: bool):
+    """linear_products' (num, den) from the T_q x T_k weights phi(q_i) . phi(k_j)."""
     if feature_map == "taylor":
         s = jnp.einsum("bihd,bjhd->bhij", q, k) / q.shape[-1] ** 0.5
         weights = 1.0 + s + 0.5 * s * s
     else:
         phi = FEATURE_MAPS[feature_map]
-        fq, fk = phi(q), phi(k)
-        weights = jnp.einsum("bihd,bjhd->bhij", fq, fk)
+        weights = jnp.einsum("bihd,bjhd->bhij", phi(q), phi(k))
     if causal:
         weights = jnp.where(jnp.tri(q.shape[1], k.shape[1], dtype=bool), weights, 0.0)
-    num = jnp.einsum("bhij,bjhe->bihe", weights, v)
-    den = _den_out(jnp.sum(weights, axis=-1))
-    if feature_map == "identity":
-        _warn_if_weights_cancel(fq, fk, den, causal)
-    return num, den + eps
+    return jnp.einsum("bhij,bjhe->bihe", weights, v), _den_out(jnp.sum(weights, axis=-1))
 
 
 def linear_products(
