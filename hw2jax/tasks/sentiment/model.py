@@ -60,9 +60,7 @@ def encoder_dtype_name(config: ml_collections.ConfigDict) -> str:
     without those instructions bf16 matmuls only add conversions."""
     name = config.encoder_dtype
     if name == "auto":
-        features = cpu.cpu_vector_features()
-        native = features["avx512_bf16"] or features["amx_bf16"]
-        return "bfloat16" if jax.default_backend() != "cpu" or native else "float32"
+        return "bfloat16" if cpu.native_bf16(jax.default_backend()) else "float32"
     if name not in ("float32", "bfloat16"):
         raise InputError(f"encoder_dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}.")
     return name
