@@ -26,7 +26,6 @@ from hw2jax.train.sharding import split_host_cpu
 
 def train_step(attention: str, batch: int, devices: int):
     """A no-argument call that runs one training step of the ViT with ``attention``."""
-    from hw2jax.attention import dispatch
     from hw2jax.config import load_config
     from hw2jax.data.fashion_mnist import ImageSplit
     from hw2jax.tasks import vit
@@ -40,8 +39,7 @@ def train_step(attention: str, batch: int, devices: int):
     labels = rng.integers(0, 10, batch).astype(np.int32)
     task = vit.ViTTask(config, ImageSplit(images, labels), ImageSplit(images, labels))
     parallel = DataParallel(devices, batch)
-    with dispatch.rule_only():  # as the training loop inits: no timing of a batch of one
-        params = task.init_params(jax.random.key(0))
+    params = task.init_params(jax.random.key(0))
     holder = {
         "state": parallel.replicate(
             steps.TrainState.create(params, steps.build_optimizer(config, 1))

@@ -8,6 +8,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hw2jax.attention import dispatch
+
+
+def init_on_dummy(model: nn.Module, key: jax.Array, dummy: jax.Array) -> dict:
+    """``model.init(key, dummy)["params"]``, with attention's ``auto`` taking the feature rule
+    and timing nothing: a dummy batch of one is a shape class that training never runs, and
+    params do not depend on the path taken."""
+    with dispatch.rule_only():
+        return model.init(key, dummy)["params"]
+
 
 def torch_uniform(fan_in: int):
     """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default for Linear weights and biases."""

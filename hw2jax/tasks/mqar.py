@@ -20,6 +20,7 @@ from hw2jax.config import LOOP_SCHEMA, Field, check_config
 from hw2jax.cpu import machine
 from hw2jax.data.mqar import check_sizes, make_mqar
 from hw2jax.errors import InputError
+from hw2jax.models.layers import init_on_dummy
 from hw2jax.models.recall import RecallLM, state_size
 from hw2jax.train import hooks, loop, run_files, steps
 from hw2jax.train.batching import IndexBatches, chunk
@@ -91,7 +92,7 @@ class MQARTask:
         }
         self.shuffle_key = jax.random.key(config.seed + 1)
         self._init = jax.jit(
-            lambda key: self.model.init(key, jnp.zeros((1, t), jnp.int32))["params"]
+            lambda key: init_on_dummy(self.model, key, jnp.zeros((1, t), jnp.int32))
         )
 
     def init_params(self, rng: jax.Array):

@@ -19,6 +19,7 @@ from hw2jax.attention import registry
 from hw2jax.config import LOOP_SCHEMA, Field, check_config
 from hw2jax.data import fashion_mnist, splits
 from hw2jax.errors import InputError
+from hw2jax.models.layers import init_on_dummy
 from hw2jax.models.vit import ViT
 from hw2jax.train import checkpoints, hooks, loop, plots, run_files, steps
 from hw2jax.train.batching import IndexBatches, chunk
@@ -155,7 +156,7 @@ class ViTTask:
         self.splits["train"] = _on_device(train.images, train.labels)
         self.shuffle_key = jax.random.key(config.seed + 1)
         # Under jit: one compilation, where eager init compiles each initializer (~100) apart.
-        self._init = jax.jit(lambda key: self.model.init(key, jnp.zeros((1, 28, 28, 1)))["params"])
+        self._init = jax.jit(lambda key: init_on_dummy(self.model, key, jnp.zeros((1, 28, 28, 1))))
 
     def init_params(self, rng: jax.Array):
         return self._init(rng)

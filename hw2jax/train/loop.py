@@ -18,7 +18,6 @@ import jax
 import ml_collections
 from tqdm.auto import tqdm
 
-from hw2jax.attention import dispatch
 from hw2jax.cpu import machine
 from hw2jax.train import checkpoints, hooks, steps
 from hw2jax.train.run_files import load_history
@@ -45,9 +44,9 @@ def train_and_evaluate(
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     steps_per_epoch = len(task.train_batches(0))
     tx = steps.build_optimizer(config, steps_per_epoch, _learning_rate_scale(task))
-    with dispatch.rule_only():  # init's batch of one is a shape class training never runs
-        params = task.init_params(init_rng)
-    state = steps.TrainState.create(params, tx, getattr(task, "frozen_keys", ()))
+    state = steps.TrainState.create(
+        task.init_params(init_rng), tx, getattr(task, "frozen_keys", ())
+    )
     counts = steps.parameter_counts(state)
     tqdm.write(f"parameters: {counts['total']:,} total, {counts['trainable']:,} trainable")
     ckpt = checkpoints.Checkpoints(workdir / "checkpoints")

@@ -14,6 +14,7 @@ import ml_collections
 from hw2jax import cpu
 from hw2jax.errors import InputError, MissingFileError
 from hw2jax.models import bert
+from hw2jax.models.layers import init_on_dummy
 from hw2jax.models.sentiment import FROZEN_KEY, BertGRUSentiment
 
 
@@ -81,5 +82,5 @@ def init_params(model: BertGRUSentiment, bert_params: Any, rng: jax.Array) -> di
 def _fresh_head(model: BertGRUSentiment, rng: jax.Array) -> dict:
     # Under jit: one compilation, where eager init compiles each initializer (~100) apart; the
     # encoder's random init, replaced by the pretrained one, is never computed.
-    params = model.init(rng, jnp.ones((1, 8), jnp.int32))["params"]
+    params = init_on_dummy(model, rng, jnp.ones((1, 8), jnp.int32))
     return {k: v for k, v in params.items() if k != FROZEN_KEY}
