@@ -152,11 +152,13 @@ def vit_step(
     devices: int = 1,
     dtype: str = "float32",
     merged: bool | None = None,
+    depth: int | None = None,
 ) -> dict:
     """``devices > 1``: the batch is sharded over that many devices (data parallel).
     ``dtype="bfloat16"``: our model computes in bf16 with f32 parameters and optimiser state;
     torch runs under autocast to bf16. ``merged=False``: our attention in the direct q, k, v
-    form, like torch's (``None``: the model's default, regrouped products for this config)."""
+    form, like torch's (``None``: the model's default, regrouped products for this config).
+    ``depth``: that many blocks instead of the recipe's (a quicker check of the same layers)."""
     import ml_collections
     import torch
 
@@ -172,6 +174,7 @@ def vit_step(
     config: ml_collections.ConfigDict = load_config(path)
     config.model.dtype = dtype
     config.model.merged_attention = merged
+    config.model.depth = depth or config.model.depth
     device = torch_peer_device()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, 28, 28, 1), dtype=np.uint8)

@@ -369,9 +369,10 @@ def test_benchmark_json_records_the_settings_that_move_timings(monkeypatch):
 @pytest.mark.parametrize("merged", [None, False], ids=["default", "direct"])
 def test_vit_throughput_times_the_same_model_as_torch(merged):
     """vit_step raises unless our first loss equals torch's on the same weights and batch, so
-    each timed form of the attention is checked against torch before it is timed."""
+    each timed form of the attention is checked against torch before it is timed (on one block
+    of the recipe's six: the same layers, a sixth of the compile)."""
     pytest.importorskip("torch")
-    row = _load_benchmark("train_throughput").vit_step(8, 1, merged=merged)
+    row = _load_benchmark("train_throughput").vit_step(8, 1, merged=merged, depth=1)
     assert row["ours_per_s"] > 0 and row["torch_per_s"] > 0 and len(row["ours_s"]) == 1
     assert ("direct q, k, v" in row["what"]) == (merged is False)
     # Achieved rates on the model's FLOPs: the same count on both sides, per image per second.

@@ -284,6 +284,7 @@ print(float(np.abs(np.asarray(kernels.cpu_attention(x, x, x)) - x).max()))
 """
 
 
+@pytest.mark.slow
 def test_an_unloadable_cached_library_is_rebuilt(tmp_path, monkeypatch):
     """Garbage under the cached library's name: the next process rebuilds it and computes the
     right thing. (A fresh process: jax takes one handler per target name per process.)"""

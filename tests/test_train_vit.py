@@ -109,6 +109,7 @@ def sigint_handled():
     signal.signal(signal.SIGINT, outer)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_bitwise(small_vit_run, tmp_path, sigint_handled):
     a = final_params(small_vit_run.workdir, small_vit_run.config)
     h1 = json.loads((small_vit_run.workdir / "history.json").read_text())
@@ -335,11 +336,12 @@ def test_augment_shifts_and_flips_without_changing_content():
     np.testing.assert_array_equal(vit.augment(jax.random.key(0), images, 0, False), images)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("merged", [False, True], ids=["direct", "merged"])
 def test_bfloat16_compute_still_learns_with_float32_params(fashion_dir, tmp_path, merged):
     config = small_config(
-        fashion_dir, "epochs=20", "model.dtype=bfloat16", f"model.merged_attention={merged}"
-    )  # both attention forms
+        fashion_dir, "epochs=16", "model.dtype=bfloat16", f"model.merged_attention={merged}"
+    )  # both attention forms; 92.5 % from epoch 15 on in either (Zen 4)
     out = vit.train_and_evaluate(config, tmp_path / "run")
     assert out["final"]["test_accuracy"] >= 0.9
     train, test = vit.load_data(config)
