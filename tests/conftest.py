@@ -36,12 +36,6 @@ def fresh_process_env(host_devices: int | None = None) -> dict[str, str]:
     return {**os.environ, "XLA_FLAGS": flags}
 
 
-def pytest_collection_modifyitems(items):
-    """Slow tests first (a stable sort: the rest keep their order), so that the two xdist
-    workers end the run on short tests, at about the same time."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 def pytest_sessionfinish(session):
     if not hasattr(session.config, "workerinput"):  # the controller, after every worker
         shutil.rmtree(XLA_CACHE, ignore_errors=True)
