@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -390,16 +391,19 @@ def test_cpu_vector_features_read_the_cpu_flags(tmp_path):
     assert not any(cpu_vector_features(str(tmp_path / "missing")).values())
 
 
-def test_one_jax_reached_through_a_symlink_shares_the_cached_library(tmp_path, monkeypatch):
-    """A venv that links this jax in (the wheel test's) finds the library built here; another
-    jax's headers (another folder) get their own."""
+def test_the_same_ffi_headers_anywhere_share_the_cached_library(tmp_path, monkeypatch):
+    """A venv that links this jax in (the wheel test's), or a fresh venv with the same jax (a
+    clean clone's), finds the library built here; headers that differ get their own."""
     import jax
 
-    real = jax.ffi.include_dir()
+    real = Path(jax.ffi.include_dir())
     here = build.library_target()
     (tmp_path / "linked").symlink_to(real)
     monkeypatch.setattr(jax.ffi, "include_dir", lambda: str(tmp_path / "linked"))
     assert build.library_target() == here
     shutil.copytree(real, tmp_path / "copied")
     monkeypatch.setattr(jax.ffi, "include_dir", lambda: str(tmp_path / "copied"))
+    assert build.library_target() == here
+    header = next(p for p in sorted((tmp_path / "copied").rglob("*.h")))
+    header.write_bytes(header.read_bytes() + b"\n// another jax\n")
     assert build.library_target() != here

@@ -100,16 +100,23 @@ def kernel_vector_features() -> dict[str, bool]:
 def library_target() -> Path:
     """Where the library for this CPU, compiler, jax and source is (or will be) cached."""
     cxx = _compiler()
-    include = os.path.realpath(jax.ffi.include_dir())  # one jax install, however it is reached
-    source = _SOURCE.read_bytes()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
-        b"\0".join(
-            s.encode() for s in (version, jax.__version__, _cpu_identity(), include, _march())
-        )
-        + source
+        b"\0".join(s.encode() for s in (version, jax.__version__, _cpu_identity(), _march()))
+        + _SOURCE.read_bytes()
+        + _headers_digest()
     ).hexdigest()[:16]
     return cache_dir() / f"cpu_attention-{key}.so"
+
+
+def _headers_digest() -> bytes:
+    """The XLA FFI headers the library is built against, by content rather than by path: a new
+    virtual environment with the same jax reuses the library built for another."""
+    root = Path(jax.ffi.include_dir())
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.digest()
 
 
 @functools.cache
