@@ -39,6 +39,18 @@ def test_epoch_table_rows():
     assert epoch_table({"epochs": []}) == "(no finished epoch)"
 
 
+def test_an_epoch_resumed_midway_says_its_time_covers_only_the_steps_after_the_resume():
+    history = _history([0.5, 0.8125])
+    history["epochs"][1].update(step=1094, timed_from_step=1090, images_per_s=0.21)
+    lines = epoch_table(history).splitlines()
+    assert lines[-3] == "| 2 | 0.5000 | 0.5000 | 81.25 % | 1,234* | 0.2* |"
+    assert lines[-1] == (
+        "\\* timed over the steps after a resume within the epoch only "
+        "(from step 1,090 in epoch 2)."
+    )
+    assert "*" not in lines[2]  # the first epoch ran whole in one process
+
+
 def test_runs_side_by_side_leave_unreached_epochs_empty(tmp_path, capsys):
     a = _run(tmp_path, "performer", _history([0.8426, 0.8516], status="interrupted"))
     b = _run(tmp_path, "softmax", _history([0.8334, 0.8551, 0.853]))

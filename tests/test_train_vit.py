@@ -136,6 +136,10 @@ def test_interrupted_run_resumes_bitwise(small_vit_run, tmp_path, sigint_handled
         h2 = json.loads((resumed / "history.json").read_text())
         assert h1["train"] == h2["train"]
         assert strip(h1["epochs"]) == strip(h2["epochs"])
+        # An epoch resumed midway is timed from the resume, and its record says so.
+        midway = {r["epoch"]: r["timed_from_step"] for r in h2["epochs"] if "timed_from_step" in r}
+        assert midway == ({} if stop_at % 3 == 0 else {stop_at // 3 + 1: stop_at})
+        assert not any("timed_from_step" in r for r in h1["epochs"])
 
 
 class PoisonedTask(vit.ViTTask):

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from hw2jax.errors import Hw2jaxError
 from hw2jax.train import checkpoints, plots, steps
 from hw2jax.train.metrics import MetricWriter
+from hw2jax.train.report import timing
 from hw2jax.train.run_files import write_json_atomic
 from hw2jax.train.sharding import DataParallel, is_main_process
 
@@ -53,7 +54,8 @@ class Run:
     stop_requested: str | None = None  # what asked the run to stop (a signal's name)
     window: dict[str, float] = dataclasses.field(default_factory=dict)  # loss since the log
     seen: float = 0.0  # examples read back this epoch
-    epoch_start: float = 0.0  # time.perf_counter() at the epoch's first step
+    epoch_start: float = 0.0  # time.perf_counter() at the epoch's first step in this process
+    epoch_first_step: int = 0  # the step this process began the epoch from (later on a resume)
     pending: list = dataclasses.field(default_factory=list)  # step sums still on the device
     read: list = dataclasses.field(default_factory=list)  # sums read back at this step
     scalars: dict[str, float] = dataclasses.field(default_factory=dict)  # for TensorBoard
@@ -266,8 +268,7 @@ class Progress(Hook):
         tqdm.write(
             f"epoch {run.epoch:3d}/{run.config.epochs}  train loss {record['train_loss']:.4f}  "
             f"{split} loss {record[f'{split}_loss']:.4f}  "
-            f"{split} acc {100 * record[f'{split}_accuracy']:.2f}%  "
-            f"({record['train_time_s']:.0f} s, {record[f'{run.unit}_per_s']:.0f} {run.unit}/s)"
+            f"{split} acc {100 * record[f'{split}_accuracy']:.2f}%  ({timing(record, run.unit)})"
             + ("  *best" if run.new_best else "")
         )
 

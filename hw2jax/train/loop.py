@@ -85,6 +85,7 @@ def _train(run: hooks.Run, everything: list[hooks.Hook], train_step) -> None:
     config, spe = run.config, run.steps_per_epoch
     for epoch in range(run.step // spe + 1, config.epochs + 1):
         run.epoch, run.seen, run.epoch_start = epoch, 0.0, time.perf_counter()
+        run.epoch_first_step = run.step
         batches = run.task.train_batches(epoch - 1)
         for hook in everything:
             hook.start_epoch(run)
@@ -108,6 +109,8 @@ def _train(run: hooks.Run, everything: list[hooks.Hook], train_step) -> None:
             "train_time_s": train_time,
             f"{run.unit}_per_s": run.seen / train_time,
         }
+        if run.epoch_first_step > (epoch - 1) * spe:  # resumed mid-epoch: timed from there on
+            record["timed_from_step"] = run.epoch_first_step
         run.history["epochs"].append(record)
         run.new_best = False
         for hook in everything:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from hw2jax.errors import InputError, MissingFileError
 from hw2jax.train import plots, run_files
@@ -25,6 +26,20 @@ def unit(history: dict) -> str:
     return "reviews" if "encoder" in config else "sequences" if "seq_len" in config else "images"
 
 
+def rate_text(rate: float) -> str:
+    return f"{rate:.1f}" if rate < 10 else f"{rate:,.0f}"
+
+
+def timing(record: dict[str, Any], unit: str) -> str:
+    """An epoch's time and throughput, saying so when they cover only the steps after a resume
+    within the epoch (the steps before ran in another process, untimed)."""
+    text = f"{record['train_time_s']:,.0f} s, {rate_text(record[f'{unit}_per_s'])} {unit}/s"
+    if "timed_from_step" in record:
+        steps = record["step"] - record["timed_from_step"]
+        text += f" over the {steps:,} steps after the resume at step {record['timed_from_step']:,}"
+    return text
+
+
 def epoch_table(history: dict) -> str:
     """One row per finished epoch: losses, the evaluated split's accuracy, time and throughput."""
     rows = history.get("epochs", [])
@@ -35,11 +50,20 @@ def epoch_table(history: dict) -> str:
         f"| epoch | train loss | {split} loss | {split} accuracy | epoch time (s) | {name}/s |",
         "|---|---|---|---|---|---|",
     ]
+    resumed = [r for r in rows if "timed_from_step" in r]
     for r in rows:
+        mark = "*" if r in resumed else ""
         lines.append(
             f"| {r['epoch']} | {r['train_loss']:.4f} | {r[f'{split}_loss']:.4f} | "
-            f"{100 * r[f'{split}_accuracy']:.2f} % | {r['train_time_s']:,.0f} | "
-            f"{r.get(f'{name}_per_s', r.get('images_per_s')):,.0f} |"
+            f"{100 * r[f'{split}_accuracy']:.2f} % | {r['train_time_s']:,.0f}{mark} | "
+            f"{rate_text(r.get(f'{name}_per_s', r.get('images_per_s')))}{mark} |"
+        )
+    if resumed:
+        lines.append("")
+        lines.append(
+            "\\* timed over the steps after a resume within the epoch only (from step "
+            + ", ".join(f"{r['timed_from_step']:,} in epoch {r['epoch']}" for r in resumed)
+            + ")."
         )
     return "\n".join(lines)
 
