@@ -220,9 +220,13 @@ def test_a_checkpoint_of_another_model_is_refused_not_set_aside(fashion_dir, tmp
     err = capsys.readouterr().err.strip()
     assert err == (
         f"hw2jax: error: {workdir} holds a run trained with another config (model.dim: 16 -> 24)"
-        ". Run the same command as before to resume it, or pass a new --workdir to train the "
-        "new one."
+        ". Run the same command as before to resume it (or add --set model.dim=16 to this one), "
+        "or pass a new --workdir to train the new one."
     )
+    # The named --set, added, resumes it.
+    assert cli.main(cli_args(fashion_dir, workdir, "epochs=1", "model.dim=24", "model.dim=16")) == 0
+    assert json.loads((workdir / "history.json").read_text())["epochs"] == before["epochs"]
+    capsys.readouterr()
     # ...also when config.json is lost or damaged: its copy in the history is the record...
     for damage in ("delete", "garble"):
         if damage == "delete":

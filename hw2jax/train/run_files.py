@@ -8,6 +8,7 @@ import fcntl
 import functools
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,14 @@ def read_json(path: Path, fix: str) -> Any:
         raise InputError(f"{path} is damaged ({type(e).__name__}: {e}); {fix}") from None
 
 
+def _as_setting(value: Any) -> str:
+    """``value`` (read from config.json) as ``--set`` reads it back: strings bare, JSON's lists
+    as the tuples the configs hold."""
+    if isinstance(value, str):
+        return value
+    return repr(tuple(value)) if isinstance(value, list) else repr(value)
+
+
 class RecipeChanged(InputError):
     """A command would resume a run with another recipe than it was trained with."""
 
@@ -189,9 +198,11 @@ def save_run_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
         )
         if changed:
             diffs = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
+            keep = " ".join("--set " + shlex.quote(f"{k}={_as_setting(old[k])}") for k in changed)
             raise RecipeChanged(
                 f"{workdir} holds a run trained with another config ({diffs}). Run the same "
-                "command as before to resume it, or pass a new --workdir to train the new one."
+                f"command as before to resume it (or add {keep} to this one), or pass a new "
+                "--workdir to train the new one."
             )
     write_json_atomic(path, config.to_dict())
 
