@@ -7,7 +7,9 @@ quarter from the head: 128 + 382 of 512). 44 % of IMDB's reviews, in train and i
 Command:   nice -n 19 hw2jax sentiment train \
              --config experiments/bert_gru_imdb_finetune_headtail.py \
              --workdir runs/imdb_finetune_headtail --encoder minilm
-Expected:  not yet measured; compared on valid with bert_gru_imdb_finetune.py (the head only).
+Expected:  92.46 % test (91.88 % valid; the head only: 90.41 % test, 90.39 % valid) after
+           2 epochs, about 4.5 h on 2 CPU cores in resumed parts
+           (experiments/results/bert_gru_imdb_minilm_finetune_headtail/).
 """
 
 import bert_gru_imdb_finetune
