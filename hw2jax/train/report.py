@@ -52,7 +52,7 @@ def epoch_table(history: dict) -> str:
     ]
     resumed = [r for r in rows if "timed_from_step" in r]
     for r in rows:
-        mark = "*" if r in resumed else ""
+        mark = "*" if "timed_from_step" in r else ""
         lines.append(
             f"| {r['epoch']} | {r['train_loss']:.4f} | {r[f'{split}_loss']:.4f} | "
             f"{100 * r[f'{split}_accuracy']:.2f} % | {r['train_time_s']:,.0f}{mark} | "
