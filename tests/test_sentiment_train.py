@@ -603,7 +603,7 @@ def test_a_bert_base_checkpoint_folder_trains_with_the_assignments_parameter_cou
         "train_size=18",
         "batch_size=6",
         "eval_batch_size=6",
-        "max_length=32",
+        "max_length=16",
         "buckets=(16,)",
         "progress=False",
     ]:
