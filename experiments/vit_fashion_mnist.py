@@ -32,6 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.augment_erase = 0.0
     c.valid_size = 0  # > 0 with eval_split="valid": hold out this many training images
     c.split_seed = 0
+    c.read_test = True  # False: stop at valid, for a recipe search (needs eval_split="valid")
+    c.ablation = {}  # `hw2jax vit ablate`: name -> "key=value ..." (vit_fashion_mnist_ablation.py)
     c.data_source = "auto"  # auto | idx | tfds
     c.model = ml_collections.ConfigDict(
         dict(

@@ -113,6 +113,14 @@ def _vit_train(args: argparse.Namespace) -> int:
     return _exit_code(vit.train_and_evaluate(config, args.workdir))
 
 
+def _vit_ablate(args: argparse.Namespace) -> int:
+    from hw2jax.tasks import vit
+
+    config = _config_from_args(args, **{"model.attention": args.attention})
+    rows = vit.ablate(config, args.workdir)
+    return _sweep_ended(len(rows), 1 + len(config.ablation), Path(args.workdir) / "ablation.md")
+
+
 def _sentiment_train(args: argparse.Namespace) -> int:
     from hw2jax.tasks import sentiment
 
@@ -147,10 +155,15 @@ def _mqar_sweep(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     rows = mqar.sweep(config, args.workdir)
     expected = len(config.sweep.mixers) * len(config.sweep.seq_lens) * len(config.sweep.dims)
-    if len(rows) < expected:
-        print(f"Stopped after {len(rows)} of {expected} runs; run the same command to resume.")
+    return _sweep_ended(len(rows), expected, Path(args.workdir) / "results.md")
+
+
+def _sweep_ended(done: int, expected: int, table: Path) -> int:
+    """Prints a finished sweep's table (0), or how a stopped one resumes (130)."""
+    if done < expected:
+        print(f"Stopped after {done} of {expected} runs; run the same command to resume.")
         return 130
-    print((Path(args.workdir) / "results.md").read_text(), end="")
+    print(table.read_text(), end="")
     return 0
 
 
@@ -337,6 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
     train = _add_train_parser(vit, "folder with the idx files", ["auto", "idx", "tfds"])
     train.add_argument("--attention", metavar="VARIANT", action=_AttentionVariant)
     train.set_defaults(func=_vit_train)
+    ablate = _add_train_parser(
+        vit,
+        "folder with the idx files",
+        ["auto", "idx", "tfds"],
+        name="ablate",
+        help="the config's recipe and each variant of its ablation, compared on valid "
+        "(resumes run by run)",
+    )
+    ablate.add_argument("--attention", metavar="VARIANT", action=_AttentionVariant)
+    ablate.set_defaults(func=_vit_ablate)
     ev = vit.add_parser("eval", help="test accuracy of the best checkpoint in WORKDIR")
     ev.add_argument("--workdir", required=True)
     ev.add_argument("--data-dir")

@@ -35,13 +35,13 @@ def test_every_experiment_fits_its_schema_and_shares_the_loop_base(name, schema)
     [
         (
             "optimiser=adamw",
-            "unknown config key 'optimiser'; the keys are: augment_erase, augment_flip,",
+            "unknown config key 'optimiser'; the keys are: ablation, augment_erase, augment_flip,",
         ),
         ("model.depht=2", "unknown config key 'model.depht'; the keys in model are: attention,"),
         (
             "optimizer.learning_rate=1e-3",
-            "optimizer is a single value (str 'adam_l2'), not a "
-            "group of settings. Set it directly, e.g. optimizer=VALUE; the groups are: model.",
+            "optimizer is a single value (str 'adam_l2'), not a group of settings. Set it "
+            "directly, e.g. optimizer=VALUE; the groups are: ablation, model.",
         ),
         ("model=3", "model is a group of settings (attention, channels, depth,"),
         ("epochs=three", "epochs='three': expected int (like the default 15), got str."),
@@ -88,7 +88,8 @@ def test_a_config_file_with_a_stray_or_missing_key_is_refused(tmp_path):
     del config["seed"]
     with pytest.raises(ConfigError) as e:
         vit.check(config)
-    assert "unknown key learning_rte; the keys are: augment_erase, augment_flip" in str(e.value)
+    keys = "unknown key learning_rte; the keys are: ablation, augment_erase, augment_flip"
+    assert keys in str(e.value)
     assert "missing key seed" in str(e.value)
 
 

@@ -4,7 +4,6 @@ recall accuracy against the state each carries (Zoology: Arora et al. 2023)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from hw2jax.errors import InputError
 from hw2jax.models.layers import init_on_dummy
 from hw2jax.models.recall import RecallLM, state_size
 from hw2jax.train import hooks, loop, run_files, steps
+from hw2jax.train import sweep as sweep_runs
 from hw2jax.train.batching import IndexBatches, chunk
 
 
@@ -153,32 +153,23 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[s
     ]
     for run in runs:  # every config checked before the first one trains
         check(run)
-    rows = []
-    for run in runs:
-        mixer, t, d, heads = run.model.mixer, run.seq_len, run.model.dim, run.model.heads
-        run_dir = workdir / run_name(mixer, t, d)
-        done = _finished(run_dir)
-        if done is None:
-            print(f"== {run_name(mixer, t, d)}", flush=True)
-            start = time.perf_counter()
-            history = train_and_evaluate(run, run_dir)
-            if history["status"] != "done":
-                return rows  # stopped: the next call resumes here
-            history["wall_time_s"] = time.perf_counter() - start
-            run_files.write_json_atomic(run_dir / "history.json", history)
-            done = history
-        rows.append(
-            {
-                "mixer": mixer,
-                "seq_len": t,
-                "num_pairs": num_pairs(run),
-                "dim": d,
-                "heads": heads,
-                "state_size": state_size(mixer, d, heads, t),
-                "test_accuracy": done["epochs"][-1]["test_accuracy"],
-                "wall_time_s": done.get("wall_time_s"),
-            }
-        )
+    named = [(run_name(r.model.mixer, r.seq_len, r.model.dim), r) for r in runs]
+    histories = sweep_runs.run_each(named, workdir, train_and_evaluate)
+    rows = [
+        {
+            "mixer": run.model.mixer,
+            "seq_len": run.seq_len,
+            "num_pairs": num_pairs(run),
+            "dim": run.model.dim,
+            "heads": run.model.heads,
+            "state_size": state_size(run.model.mixer, run.model.dim, run.model.heads, run.seq_len),
+            "test_accuracy": done["epochs"][-1]["test_accuracy"],
+            "wall_time_s": done.get("wall_time_s"),
+        }
+        for run, done in zip(runs, histories, strict=False)
+    ]
+    if len(rows) < len(runs):
+        return rows  # stopped: the next call resumes there
     run_files.write_json_atomic(
         workdir / "results.json", {"config": config.to_dict(), "runs": rows, "machine": machine()}
     )
@@ -202,14 +193,6 @@ def _run_config(
     run.model.heads = _heads(config, dim)
     run.model.dim = dim
     return run
-
-
-def _finished(run_dir: Path) -> dict | None:
-    path = run_dir / "history.json"
-    if not path.is_file():
-        return None
-    history = run_files.read_json(path, f"delete {run_dir} to train that run again.")
-    return history if history.get("status") == "done" else None
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -16,15 +17,27 @@ import numpy as np
 import optax
 
 from hw2jax.attention import registry
-from hw2jax.config import LOOP_SCHEMA, Field, check_config
+from hw2jax.config import LOOP_SCHEMA, Field, apply_overrides, check_config
+from hw2jax.cpu import machine
 from hw2jax.data import fashion_mnist, splits
 from hw2jax.errors import InputError
 from hw2jax.models.layers import init_on_dummy
 from hw2jax.models.vit import ViT
-from hw2jax.train import checkpoints, hooks, loop, plots, run_files, steps
+from hw2jax.train import checkpoints, hooks, loop, plots, run_files, steps, sweep
 from hw2jax.train.batching import IndexBatches, chunk
 
 _POSITIVE = Field(int, min=1)
+RECIPE = "recipe"  # the ablation's run of the config as it stands
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _variants_ok(variants: dict) -> bool:
+    return all(
+        _RUN_NAME.fullmatch(name) and name != RECIPE and isinstance(items, str) and items.split()
+        for name, items in variants.items()
+    )
+
+
 SCHEMA = {
     **LOOP_SCHEMA,
     "eval_split": Field(str, choices=("test", "valid")),
@@ -40,6 +53,17 @@ SCHEMA = {
     # of an image.
     "augment_erase": Field(float, "it is a probability (<= 1)", min=0.0, check=lambda v: v <= 1),
     "data_source": Field(str, choices=("auto", "idx", "tfds")),
+    # False: stop at valid (a recipe search); the chosen recipe's command, rerun with True,
+    # reads test once.
+    "read_test": Field(bool),
+    # `hw2jax vit ablate`: name -> the --set items ("key=value key=value") of one variant of
+    # this recipe; every variant trains in its own work dir and is compared on valid.
+    "ablation": Field(
+        dict,
+        "each entry maps a run name (letters, digits, _ . -; not 'recipe', the recipe's own "
+        "run) to that variant's --set items",
+        check=_variants_ok,
+    ),
     "model": {
         **{k: _POSITIVE for k in ("image_size", "patch_size", "channels", "dim", "depth")},
         **{k: _POSITIVE for k in ("heads", "dim_head", "mlp_dim")},
@@ -61,6 +85,11 @@ def check(config: ml_collections.ConfigDict) -> None:
             f"model.attention={name!r} cannot run in the ViT. " + registry.get(name).missing_form
         )
     check_config(config.to_dict(), SCHEMA)
+    if not config.read_test and config.eval_split == "test":
+        raise InputError(
+            "read_test=False keeps the test set unread, but eval_split='test' reads it after "
+            "every epoch: set eval_split=valid (with valid_size and best_metric=valid_accuracy)."
+        )
     if config.eval_split == "valid" and not config.valid_size:
         raise InputError(
             "eval_split='valid' needs a validation split: set valid_size, e.g. "
@@ -237,7 +266,7 @@ def train_and_evaluate(
     task = ViTTask(config, train, test)
     start = time.perf_counter()
     history = loop.train_and_evaluate(task, config, workdir, extra_hooks=extra_hooks)
-    if history["status"] != "done":
+    if history["status"] != "done" or loop.test_withheld(config):
         return history
     params = jax.device_get(loop.latest_params(task, config, workdir))
     final = write_report(task, params, workdir, history)
@@ -268,3 +297,77 @@ def evaluate_workdir(workdir: str | Path, data_dir: str | None = None, best: boo
         params, meta = loop.latest_params(task, task.config, workdir), {}
     metrics = steps.evaluate(task, params, "test")
     return {"checkpoint": meta, **metrics}
+
+
+def ablation_runs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
+    """The recipe and each variant of ``config.ablation`` (the recipe with that variant's
+    ``--set`` items), all checked before anything trains."""
+    check(config)
+    if not config.ablation:
+        raise InputError(
+            "this config has no ablation: give it c.ablation = {'name': 'key=value ...'}, one "
+            "entry per variant (experiments/vit_fashion_mnist_ablation.py has one)."
+        )
+    if config.eval_split != "valid":
+        raise InputError(
+            "an ablation compares its runs on valid: set eval_split=valid, valid_size (e.g. "
+            "5000) and best_metric=valid_accuracy."
+        )
+    runs = [(RECIPE, ml_collections.ConfigDict(config.to_dict()))]
+    for name, items in config.ablation.items():
+        run = ml_collections.ConfigDict(config.to_dict())
+        try:
+            apply_overrides(run, items.split())
+            check(run)
+        except InputError as error:
+            raise InputError(f"ablation variant {name!r} ({items}): {error}") from None
+        runs.append((name, run))
+    return runs
+
+
+def ablate(config: ml_collections.ConfigDict, workdir: str | Path) -> list[dict[str, Any]]:
+    """Trains the recipe and each variant of ``config.ablation``, each in its own work dir
+    under ``workdir`` (resumable run by run). When all are done, writes ``ablation.md`` and
+    ``ablation.json`` there: each run's best valid accuracy and its difference from the
+    recipe's. Returns the rows so far (fewer than the runs when one stopped)."""
+    workdir = Path(workdir)
+    runs = ablation_runs(config)
+    histories = sweep.run_each(runs, workdir, train_and_evaluate)
+    rows = []
+    for (name, _), history in zip(runs, histories, strict=False):
+        best = max(history["epochs"], key=lambda r: r["valid_accuracy"])
+        rows.append(
+            {
+                "run": name,
+                "changes": config.ablation.get(name, ""),
+                "valid_accuracy": best["valid_accuracy"],
+                "epoch": best["epoch"],
+                "epochs": len(history["epochs"]),
+                "train_time_s": sum(r["train_time_s"] for r in history["epochs"]),
+            }
+        )
+    if len(rows) < len(runs):
+        return rows
+    for row in rows:
+        row["vs_recipe_points"] = 100 * (row["valid_accuracy"] - rows[0]["valid_accuracy"])
+    record = {"config": config.to_dict(), "runs": rows, "machine": machine()}
+    run_files.write_json_atomic(workdir / "ablation.json", record)
+    (workdir / "ablation.md").write_text(ablation_table(rows))
+    return rows
+
+
+def ablation_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one row per run, best valid accuracy and its difference from the recipe's."""
+    lines = [
+        "| run | changes from the recipe | best valid accuracy (epoch) | vs the recipe (points) "
+        "| training time (s, epochs summed) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        changes = f"`{r['changes']}`" if r["changes"] else "none"
+        delta = "" if r["run"] == RECIPE else f"{r['vs_recipe_points']:+.2f}"
+        lines.append(
+            f"| {r['run']} | {changes} | {100 * r['valid_accuracy']:.2f} % ({r['epoch']} of "
+            f"{r['epochs']}) | {delta} | {r['train_time_s']:,.0f} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -199,6 +199,18 @@ def _failure_recorded(run: hooks.Run):
         raise
 
 
+def test_withheld(config: ml_collections.ConfigDict) -> bool:
+    """True, after saying so, when ``config.read_test`` is False: recipes are compared on valid,
+    and test is read once, by the chosen recipe's command run again."""
+    if config.read_test:
+        return False
+    print(
+        "test set not read (read_test=False): compare runs on valid, then run the chosen "
+        "one's command again with --set read_test=True to read it once"
+    )
+    return True
+
+
 def latest_params(task: steps.Task, config: ml_collections.ConfigDict, workdir: str | os.PathLike):
     """Params of the latest checkpoint in ``workdir`` (the final model of a finished run)."""
     ckpt = checkpoints.Checkpoints(Path(workdir) / "checkpoints")

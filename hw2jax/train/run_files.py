@@ -143,6 +143,7 @@ _RESUME_NEUTRAL = {
     "eval_batch_size",
     "log_every_steps",
     "sweep",  # which runs a sweep makes, not what one of them trains
+    "ablation",  # likewise: which variants `vit ablate` trains beside this run
 }
 
 

@@ -214,11 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     history = loop.train_and_evaluate(task, config, workdir)
     if history["status"] != "done":
         return history
-    if not config.read_test:
-        print(
-            "test set not read (read_test=False): compare runs on valid, then run the chosen "
-            "one's command again with --set read_test=True to read it once"
-        )
+    if loop.test_withheld(config):
         return history
     params_like = task.init_params(jax.random.key(0))
     ckpt = checkpoints.Checkpoints(workdir / "checkpoints")
