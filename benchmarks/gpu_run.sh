@@ -17,6 +17,10 @@
 #                 `pip download --no-deps fla-core -d runs/wheels` here, carried with the call)
 #   vit_linear    the assignment's recipe with linear attention
 #   vit_strong30  experiments/vit_fashion_mnist_strong.py for 30 epochs
+#   vit_long60    experiments/vit_fashion_mnist_long.py: 60 epochs with random erasing, valid split
+#   vit_ablation  `hw2jax vit ablate` on experiments/vit_fashion_mnist_ablation.py: the long recipe
+#                 at 20 epochs and seven variants, each undoing one change, compared on valid;
+#                 ablation.md and ablation.json go to OUT_DIR when all eight are done
 set -u
 data=${1:?usage: gpu_run.sh DATA_DIR OUT_DIR [BUDGET_S]}
 out=${2:?usage: gpu_run.sh DATA_DIR OUT_DIR [BUDGET_S]}
@@ -65,6 +69,14 @@ optax.__version__, '| torch', torch.__version__, torch.cuda.is_available(), \
         vit_strong30)
             step "$name" 200 "${vit[@]/%vit_fashion_mnist.py/vit_fashion_mnist_strong.py}" \
                 --workdir "$work/$name" --epochs 30 ;;
+        vit_long60)
+            step "$name" 300 "${vit[@]/%vit_fashion_mnist.py/vit_fashion_mnist_long.py}" \
+                --workdir "$work/$name" ;;
+        vit_ablation)
+            step "$name" 600 "$py" -m hw2jax.cli vit ablate --data-dir "$data" \
+                --set progress=False --config experiments/vit_fashion_mnist_ablation.py \
+                --workdir "$work/$name"
+            cp "$work/$name"/ablation.* "$out/" 2>/dev/null ;;
         # shellcheck disable=SC2086  # word splitting wanted
         throughput)
             step "$name" 200 "$py" benchmarks/train_throughput.py ${THROUGHPUT_ARGS:---repeats 20} \
