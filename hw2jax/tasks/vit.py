@@ -28,7 +28,7 @@ from hw2jax.train.batching import IndexBatches, chunk
 
 _POSITIVE = Field(int, min=1)
 RECIPE = "recipe"  # the ablation's run of the config as it stands
-_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 def _variants_ok(variants: dict) -> bool:
@@ -60,7 +60,7 @@ SCHEMA = {
     # this recipe; every variant trains in its own work dir and is compared on valid.
     "ablation": Field(
         dict,
-        "each entry maps a run name (letters, digits, _ . -; not 'recipe', the recipe's own "
+        "each entry maps a run name (letters, digits, _ and -; not 'recipe', the recipe's own "
         "run) to that variant's --set items",
         check=_variants_ok,
     ),
