@@ -384,14 +384,16 @@ def test_vit_throughput_times_the_same_model_as_torch(merged):
 
 def test_vit_model_flops_match_xla_count_of_the_direct_forward(monkeypatch):
     """The FLOPs formula behind the ViT rows' achieved GFLOP/s, against XLA's own count of the
-    direct-form forward pass (naive attention: no custom call that XLA cannot count)."""
+    direct-form forward pass (naive attention: no custom call that XLA cannot count), with mean
+    pooling: with cls pooling the last block computes only the first token's row."""
     from hw2jax.config import load_config
     from hw2jax.models.vit import ViT
 
     monkeypatch.setenv("HW2JAX_ATTENTION", "naive")
     bench = _load_benchmark("train_throughput")
     m = load_config(Path(__file__).parents[1] / "experiments" / "vit_fashion_mnist.py").model
-    model = ViT(**{k: v for k, v in m.items() if k != "dtype"} | {"merged_attention": False})
+    direct = {"merged_attention": False, "pool": "mean"}
+    model = ViT(**{k: v for k, v in m.items() if k != "dtype"} | direct)
     images = np.zeros((8, 28, 28, 1), np.float32)
     params = model.init(jax.random.key(0), images)
     counted = bench.xla_flops(jax.jit(model.apply), params, images) / 8
