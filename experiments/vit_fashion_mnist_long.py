@@ -2,7 +2,8 @@ r"""ViT on FashionMNIST: the strong recipe, longer, with random erasing, chosen 
 
 Command:   nice -n 19 hw2jax vit train --config experiments/vit_fashion_mnist_long.py \
              --workdir runs/vit_long --data-dir ../shared/data/fashion-mnist
-Expected:  see experiments/results/vit_fashion_mnist_long/ (the same 499,722-parameter model).
+Expected:  92.43 % test accuracy after 60 epochs (92.32 % valid), the same
+           499,722-parameter model (experiments/results/vit_fashion_mnist_long/).
 
 The 20- and 30-epoch strong runs end with train loss equal to test loss, so the model was still
 fitting when the schedule ended: this recipe trains three times longer and adds random erasing
