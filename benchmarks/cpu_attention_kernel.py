@@ -11,9 +11,7 @@ after warm-up; compilation excluded). Writes ``cpu_attention_kernel.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -22,7 +20,7 @@ from hw2jax import kernels
 from hw2jax.attention import key_bias_attention
 from hw2jax.cpu import machine
 from hw2jax.models import bert
-from hw2jax.timing import interleaved_seconds, runtime_settings
+from hw2jax.timing import interleaved_seconds, runtime_settings, write_results
 
 
 def time_layer(batch: int, tokens: int, heads: int, head_dim: int, repeats: int) -> dict:
@@ -93,11 +91,7 @@ def main(argv=None) -> None:
             f"{ms['torch sdpa']:11.1f}   kernel {ms['xla'] / ms['fused kernel']:.2f}x XLA, "
             f"{ms['torch sdpa'] / ms['fused kernel']:.2f}x torch"
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "cpu_attention_kernel.json"
-    path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-    print(f"wrote {path}")
+    write_results(args.out, "cpu_attention_kernel.json", meta, rows)
 
 
 if __name__ == "__main__":

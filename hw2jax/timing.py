@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -41,3 +43,13 @@ def runtime_settings() -> dict[str, str]:
     """The environment variables set for this process that are known to move timings, for a
     benchmark's JSON, so that two runs can be told apart later."""
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(_TIMING_ENV_PREFIXES)}
+
+
+def write_results(out_dir: str | Path, name: str, meta: dict, results: list) -> Path:
+    """``{"meta": meta, "results": results}`` as ``out_dir/name``, said once written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"wrote {path}")
+    return path

@@ -78,6 +78,7 @@ from hw2jax.errors import InputError
 SOFTMAX = ("auto", "jax", "xla", "cudnn", "pallas", "blockwise", "naive", "fused_cpu")
 LINEAR = ("auto", "chunked", "recurrent", "pallas", "fused_cpu", "parallel")
 KEY_BIAS = ("auto", "xla", "fused_cpu")
+MATMUL = ("auto", "xla", "amx")
 
 # From this many scores per (batch, head) on (T = 8192), softmax without gradients goes
 # blockwise on CPU and the fused forward takes the flash kernel (the row kernel's rows leave
@@ -87,6 +88,10 @@ BLOCKWISE_FROM = 2**26
 # kernel where it can run; shorter inputs, such as the ViT's 50 patches, keep naive's program.
 FUSED_GRADIENTS_FROM = 2**16
 FORCE_ENV = "HW2JAX_ATTENTION"
+MATMUL_ENV = "HW2JAX_MATMUL"
+# Below this many multiply-adds a product stays with XLA: packing and the call cost more than
+# the tiles save (benchmarks/results/amx_matmul/).
+AMX_MIN_MACS = 2**20
 AUTO_ENV = "HW2JAX_AUTO"
 PROBE_BUDGET_S = 20.0
 # Batch and heads are cut until batch x heads x scores is at most this: tens of ms per path.
@@ -115,6 +120,10 @@ class Machine:
     @property
     def fused_cpu_pays_off(self) -> bool:
         return self.backend == "cpu" and dict(self.kernel_features).get("avx512f", False)
+
+    @property
+    def amx(self) -> bool:
+        return self.backend == "cpu" and dict(self.kernel_features).get("amx_bf16", False)
 
 
 def this_machine() -> Machine:
@@ -221,6 +230,48 @@ def key_bias(
         if path := fastest("key_bias", False, False, ["fused_cpu", "xla"], measure):
             return path
     return "fused_cpu" if machine.fused_cpu_pays_off and fused_reason() is None else "xla"
+
+
+def dense_product(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dimension_numbers,
+    amx_reason: Reason,
+    machine: Machine | None = None,
+) -> str:
+    """How a dense layer's product ``lhs @ rhs`` runs: ``"amx"`` (:func:`hw2jax.kernels.
+    amx_matmul`) or ``"xla"``. The AMX kernel takes bf16 products of a Dense layer's form
+    (lhs's last axis against a 2-D rhs's first) of at least ``AMX_MIN_MACS`` multiply-adds, on a
+    CPU with AMX-BF16, on one device or a mesh (each device multiplies its rows). Whole bf16
+    steps gained 1.2-1.4x there, though single products range from 0.7x to 2x XLA's
+    (benchmarks/results/amx_matmul/); a rule, not a timing. ``$HW2JAX_MATMUL`` (``auto``,
+    ``xla`` or ``amx``) forces one path: ``amx`` sends every bf16 product of that form to the
+    kernel, whatever its size, and is an error where the kernel cannot run."""
+    force = os.environ.get(MATMUL_ENV, "auto") or "auto"
+    check(force, MATMUL, f"${MATMUL_ENV}")
+    if force == "xla":
+        return "xla"
+    contracting, batch = dimension_numbers
+    fits = (
+        lhs.dtype == rhs.dtype == jnp.bfloat16
+        and rhs.ndim == 2
+        and tuple(contracting[0]) == (lhs.ndim - 1,)
+        and tuple(contracting[1]) == (0,)
+        and not batch[0]
+        and not batch[1]
+    )
+    if force == "amx" and fits:
+        if (why := amx_reason()) is not None:
+            raise ImplementationError(
+                f"${MATMUL_ENV}=amx, but the AMX matmul cannot run here: {why}. Unset "
+                f"{MATMUL_ENV} or set it to auto."
+            )
+        return "amx"
+    machine = machine or this_machine()
+    big = fits and math.prod(lhs.shape) * rhs.shape[1] >= AMX_MIN_MACS
+    if big and machine.amx and amx_reason() is None:
+        return "amx"
+    return "xla"
 
 
 # Timing the candidates ------------------------------------------------------------------------

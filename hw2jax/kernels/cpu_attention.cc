@@ -21,6 +21,12 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace {
@@ -933,6 +939,232 @@ ffi::Error DenseBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return RunItems<Pass<DenseLinear, true>::Of>(pool, q, p);
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// bf16 matmul on AMX tiles: c[M, N] (float32) = op(a)[M, K] . op(b)[K, N], a and b bfloat16,
+// op() an optional transpose (the backward pass's products). Why: XLA:CPU has no AMX path, and
+// on a CPU with AMX-BF16 its bf16 GEMMs run at a fraction of torch's oneDNN
+// (benchmarks/results/amx_matmul/).
+//
+// b is packed once per call into the tiles' pair-interleaved layout, zero-padded to multiples of
+// 32. A work item is up to kItemRows rows of c; K is taken in chunks of kChunk so that a chunk of
+// b (kChunk x N) stays in L2 while every 32-row block of the item uses it: with the weight
+// gradient's K of 8,192+ tokens, one pass over K per 32 rows read all of b from memory 48 times
+// (MiniLM's output layer). Each 32 x 32 block of c is four 16 x 16 float32 tiles.
+
+constexpr int64_t kChunk = 512;    // K per chunk
+constexpr int64_t kItemRows = 128;  // rows of c per work item, at most
+
+struct MatmulProblem {
+  const uint16_t* a;
+  const uint16_t* b_packed;
+  float* c;
+  int64_t m, n, k, kp, np;  // kp, np: K and N rounded up to 32
+  bool transpose_a;
+  int64_t item_rows;        // a multiple of 32, at most kItemRows
+  int64_t items;
+};
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+constexpr bool kHasAmx = true;
+
+// Linux hands out AMX's 8 KiB of tile state only to processes that ask (once per process).
+bool AmxPermitted() {
+  static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                        18 /* XFEATURE_XTILEDATA */) == 0;
+  return permitted;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// One worker per thread: tiles 0-3 accumulate c, 4-5 hold a's two 16-row halves, 6-7 b's two
+// 16-column halves.
+template <int>
+class AmxRowBlocks {
+ public:
+  explicit AmxRowBlocks(const MatmulProblem& p)
+      : p_(p),
+        a_((p.item_rows * kChunk * 2 + 3) / 4),
+        acc_(p.kp > kChunk ? p.item_rows * p.np : 0),
+        tail_(32 * 32) {
+    TileConfig config;
+    for (int t = 0; t < 8; ++t) {
+      config.rows[t] = 16;
+      config.bytes_per_row[t] = 64;
+    }
+    _tile_loadconfig(&config);
+  }
+  ~AmxRowBlocks() { _tile_release(); }
+
+  void Run(int64_t item) {
+    const int64_t m0 = item * p_.item_rows, rows = std::min(p_.item_rows, p_.m - m0);
+    const bool chunked = p_.kp > kChunk;  // then c accumulates in acc_ between chunks
+    // Whole rows of an untransposed a whose K is a multiple of 32 load straight from a.
+    const bool direct = !p_.transpose_a && p_.k == p_.kp;
+    for (int64_t k0 = 0; k0 < p_.kp; k0 += kChunk) {
+      const int64_t kc = std::min(kChunk, p_.kp - k0);
+      for (int64_t r0 = 0; r0 < rows; r0 += 32) {
+        if (!direct || rows - r0 < 32) PackRows(m0 + r0, std::min<int64_t>(32, rows - r0), k0, kc, Packed(r0));
+      }
+      for (int64_t nb = 0; nb < p_.np / 32; ++nb) {
+        const uint16_t* b = p_.b_packed + (nb * (p_.kp / 32) + k0 / 32) * 1024;
+        for (int64_t r0 = 0; r0 < rows; r0 += 32) {
+          const int64_t block_rows = std::min<int64_t>(32, rows - r0);
+          const bool from_a = direct && block_rows == 32;
+          const uint16_t* a = from_a ? p_.a + (m0 + r0) * p_.k + k0 : Packed(r0);
+          const int64_t stride = from_a ? p_.k * 2 : kChunk * 2;
+          float* acc = chunked ? acc_.ptr + r0 * p_.np + nb * 32 : nullptr;
+          if (k0 == 0) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+          } else {
+            _tile_loadd(0, acc, p_.np * 4);
+            _tile_loadd(1, acc + 16, p_.np * 4);
+            _tile_loadd(2, acc + 16 * p_.np, p_.np * 4);
+            _tile_loadd(3, acc + 16 * p_.np + 16, p_.np * 4);
+          }
+          for (int64_t kb = 0; kb < kc / 32; ++kb) {
+            _tile_loadd(4, a + kb * 32, stride);
+            _tile_loadd(5, a + 16 * stride / 2 + kb * 32, stride);
+            _tile_loadd(6, b + kb * 1024, 64);
+            _tile_loadd(7, b + kb * 1024 + 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+          if (k0 + kc < p_.kp) {
+            _tile_stored(0, acc, p_.np * 4);
+            _tile_stored(1, acc + 16, p_.np * 4);
+            _tile_stored(2, acc + 16 * p_.np, p_.np * 4);
+            _tile_stored(3, acc + 16 * p_.np + 16, p_.np * 4);
+          } else {
+            Store(m0 + r0, block_rows, nb * 32);
+          }
+        }
+      }
+    }
+  }
+
+ private:
+  uint16_t* Packed(int64_t r0) const {
+    return reinterpret_cast<uint16_t*>(a_.ptr) + r0 * kChunk;
+  }
+
+  // The four accumulators into c's rows m0.., columns n0.. (through a 32 x 32 buffer at the
+  // edges).
+  void Store(int64_t m0, int64_t rows, int64_t n0) {
+    const int64_t cols = std::min<int64_t>(32, p_.n - n0);
+    if (rows == 32 && cols == 32) {
+      float* c = p_.c + m0 * p_.n + n0;
+      const int64_t ldc = p_.n * 4;
+      _tile_stored(0, c, ldc);
+      _tile_stored(1, c + 16, ldc);
+      _tile_stored(2, c + 16 * p_.n, ldc);
+      _tile_stored(3, c + 16 * p_.n + 16, ldc);
+      return;
+    }
+    float* t = tail_.ptr;
+    _tile_stored(0, t, 128);
+    _tile_stored(1, t + 16, 128);
+    _tile_stored(2, t + 512, 128);
+    _tile_stored(3, t + 528, 128);
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(p_.c + (m0 + r) * p_.n + n0, t + r * 32, cols * 4);
+  }
+
+  // Rows m0 .. m0 + rows of op(a), columns k0 .. k0 + kc, as 32 rows of kChunk values, zeros
+  // past the ends.
+  void PackRows(int64_t m0, int64_t rows, int64_t k0, int64_t kc, uint16_t* out) const {
+    std::memset(out, 0, 32 * kChunk * 2);
+    const int64_t k_end = std::min(kc, p_.k - k0);
+    if (!p_.transpose_a) {
+      for (int64_t r = 0; r < rows; ++r)
+        std::memcpy(out + r * kChunk, p_.a + (m0 + r) * p_.k + k0, k_end * 2);
+      return;
+    }
+    for (int64_t kk = 0; kk < k_end; ++kk) {  // a is [K, M]: row kk holds column kk of op(a)
+      const uint16_t* src = p_.a + (k0 + kk) * p_.m + m0;
+      for (int64_t r = 0; r < rows; ++r) out[r * kChunk + kk] = src[r];
+    }
+  }
+
+  const MatmulProblem& p_;
+  Aligned a_, acc_, tail_;
+};
+
+// op(b) [K, N] into [N/32][K/32][two 16-column halves][16 row pairs][16 columns][2]: each
+// 16 x 16-pair tile is 1 KiB, contiguous. Written in output order, two source rows at a time.
+void PackB(const uint16_t* b, int64_t k, int64_t n, bool transpose, int64_t kp, int64_t np,
+           uint16_t* out) {
+  std::memset(out, 0, kp * np * 2);
+  auto at = [&](int64_t kk, int64_t nn) -> uint16_t {
+    return transpose ? b[nn * k + kk] : b[kk * n + nn];
+  };
+  for (int64_t nb = 0; nb < np / 32; ++nb) {
+    for (int64_t kb = 0; kb < kp / 32; ++kb) {
+      uint16_t* tile = out + (nb * (kp / 32) + kb) * 1024;
+      const int64_t k_end = std::min<int64_t>(32, k - kb * 32);
+      const int64_t n_end = std::min<int64_t>(32, n - nb * 32);
+      for (int64_t kk = 0; kk < k_end; ++kk) {
+        uint16_t* row = tile + (kk / 2) * 32 + (kk % 2);
+        for (int64_t c = 0; c < n_end; ++c)
+          row[(c / 16) * 512 + (c % 16) * 2] = at(kb * 32 + kk, nb * 32 + c);
+      }
+    }
+  }
+}
+#else
+constexpr bool kHasAmx = false;
+bool AmxPermitted() { return false; }
+#endif
+
+ffi::Error MatmulCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
+                      int32_t transpose_a, int32_t transpose_b, ffi::ResultBuffer<ffi::F32> c) {
+  if (!kHasAmx || !AmxPermitted())
+    return ffi::Error(ffi::ErrorCode::kUnavailable, "no AMX-BF16 in this build, or Linux refused it");
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  const auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
+  if (da.size() != 2 || db.size() != 2 || dc.size() != 2)
+    return ffi::Error::InvalidArgument("a, b and c must be 2-D");
+  MatmulProblem p{};
+  p.m = transpose_a ? da[1] : da[0];
+  p.k = transpose_a ? da[0] : da[1];
+  p.n = transpose_b ? db[0] : db[1];
+  if ((transpose_b ? db[1] : db[0]) != p.k || dc[0] != p.m || dc[1] != p.n)
+    return ffi::Error::InvalidArgument("the shapes of a, b and c do not match");
+  if (p.m == 0 || p.n == 0) return ffi::Error::Success();
+  p.kp = (p.k + 31) / 32 * 32;
+  p.np = (p.n + 31) / 32 * 32;
+  Aligned packed((p.kp * p.np * 2 + 3) / 4);
+  PackB(reinterpret_cast<const uint16_t*>(b.typed_data()), p.k, p.n, transpose_b, p.kp, p.np,
+        reinterpret_cast<uint16_t*>(packed.ptr));
+  p.a = reinterpret_cast<const uint16_t*>(a.typed_data());
+  p.b_packed = reinterpret_cast<const uint16_t*>(packed.ptr);
+  p.c = c->typed_data();
+  p.transpose_a = transpose_a != 0;
+  // Items of up to kItemRows rows, but at least one per thread where c has the rows.
+  const int64_t blocks = (p.m + 31) / 32, threads = std::max<int64_t>(1, pool.num_threads());
+  p.item_rows = 32 * std::clamp<int64_t>(blocks / threads, 1, kItemRows / 32);
+  p.items = (p.m + p.item_rows - 1) / p.item_rows;
+  auto job = std::make_shared<Job<MatmulProblem>>();
+  job->problem = p;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, p.items - 1);
+  for (int64_t i = 0; i < helpers; ++i)
+    pool.Schedule([job] { DrainJob<AmxRowBlocks, 0, MatmulProblem>(*job); });
+  DrainJob<AmxRowBlocks, 0, MatmulProblem>(*job);
+  std::unique_lock<std::mutex> lock(job->mu);
+  job->cv.wait(lock, [&] { return job->done.load() == job->problem.items; });
+  return ffi::Error::Success();
+#endif
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAttention, Attention,
@@ -1019,3 +1251,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuDenseLinearBackward, DenseBackwardCall,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dq
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dk
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dv
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAmxMatmul, MatmulCall,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // a
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // b
+                                  .Attr<int32_t>("transpose_a")
+                                  .Attr<int32_t>("transpose_b")
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // c
+
+// 1 where the bf16 matmul can run here (built with AMX-BF16, and Linux lets this process use
+// the tiles), else 0: checked from Python before the kernel is chosen.
+extern "C" int Hw2jaxAmxAvailable() { return kHasAmx && AmxPermitted() ? 1 : 0; }

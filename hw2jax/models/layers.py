@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hw2jax import kernels
 from hw2jax.attention import dispatch
 
 
@@ -32,8 +33,14 @@ def torch_uniform(fan_in: int):
 def dot_float32_out(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     """A dot_general for nn.Dense that accumulates and returns float32 whatever the input
     dtype: with bf16 inputs this is both the accurate choice and, on CPUs with AVX512-BF16,
-    the fast one (benchmarks/NOTES.md)."""
+    the fast one (benchmarks/NOTES.md). bf16 products run on AMX tiles where the dispatch rule
+    says so (:func:`hw2jax.attention.dispatch.dense_product`)."""
     del preferred_element_type
+    path = dispatch.dense_product(
+        lhs, rhs, dimension_numbers, kernels.amx_matmul_unavailable_reason
+    )
+    if path == "amx":
+        return kernels.amx_matmul(lhs, rhs)
     return jax.lax.dot_general(
         lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32
     )

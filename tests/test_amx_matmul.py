@@ -1,0 +1,166 @@
+"""The bf16 matmul on AMX tiles: products and gradients against float64 (on CPUs with
+AMX-BF16), and the dispatch rule that sends dense layers to it, with the CPU faked both ways."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import fresh_process_env
+
+from hw2jax import kernels
+from hw2jax.attention import dispatch
+from hw2jax.errors import InputError
+from hw2jax.models.layers import dot_float32_out
+
+AMX = (("amx_bf16", True), ("avx512f", True))
+NO_AMX = (("amx_bf16", False), ("avx512f", True))
+DENSE = (((2,), (0,)), ((), ()))  # nn.Dense's product for a [b, n, k] input
+
+needs_amx = pytest.mark.skipif(
+    kernels.amx_matmul_unavailable_reason() is not None,
+    reason=f"no AMX-BF16 here: {kernels.amx_matmul_unavailable_reason()}",
+)
+
+
+def bf16_pair(key, m, k, n):
+    a, b = jax.random.normal(jax.random.key(key), (2, m * k + k * n)).reshape(2, -1)
+    return a[: m * k].reshape(m, k).astype(jnp.bfloat16), b[: k * n].reshape(k, n).astype(
+        jnp.bfloat16
+    )
+
+
+def f64(x):
+    return np.asarray(x.astype(jnp.float32), dtype=np.float64)
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    "m,k,n", [(64, 64, 32), (45, 77, 50), (1, 32, 16), (300, 130, 97), (200, 1100, 40)]
+)
+def test_products_match_float64(m, k, n):
+    # Tails in every dimension (rows past 32, K past 32, columns past 32 are zero-padded), and
+    # K over the kernel's 512-long chunks, whose partial sums are carried between them.
+    a, b = bf16_pair(m + k + n, m, k, n)
+    out = kernels.amx_matmul(a, b)
+    assert out.dtype == jnp.float32 and out.shape == (m, n)
+    np.testing.assert_allclose(out, f64(a) @ f64(b), rtol=1e-5, atol=1e-4)
+
+
+@needs_amx
+def test_gradients_match_float64_and_leading_axes_fold():
+    # The weight gradient contracts over all 600 rows: K in two chunks, the second a tail.
+    a, b = bf16_pair(1, 3 * 200, 70, 36)
+    a = a.reshape(3, 200, 70)
+    g = jax.random.normal(jax.random.key(2), (3, 200, 36))
+
+    def loss(a, b):
+        return jnp.sum(g * kernels.amx_matmul(a, b))
+
+    da, db = jax.jit(jax.grad(loss, argnums=(0, 1)))(a, b)
+    g16 = f64(g.astype(jnp.bfloat16)).reshape(-1, 36)  # cotangents are rounded to bf16
+    a2 = f64(a).reshape(-1, 70)
+    # Both are rounded to bf16 on the way out: one bf16 step (2^-8) of relative error.
+    np.testing.assert_allclose(f64(da).reshape(-1, 70), g16 @ f64(b).T, rtol=2**-8, atol=1e-6)
+    np.testing.assert_allclose(f64(db), a2.T @ g16, rtol=2**-8, atol=1e-6)
+
+
+@needs_amx
+def test_dense_layers_take_the_kernel_and_agree_with_xla(monkeypatch):
+    a, b = bf16_pair(3, 4 * 128, 384, 96)
+    a = a.reshape(4, 128, 384)
+    monkeypatch.setenv(dispatch.MATMUL_ENV, "xla")
+    via_xla = jax.jit(lambda a, b: dot_float32_out(a, b, DENSE))(a, b)
+    monkeypatch.setenv(dispatch.MATMUL_ENV, "auto")
+    hlo = jax.jit(lambda a, b: dot_float32_out(a, b, DENSE)).lower(a, b).as_text()
+    assert "hw2jax_cpu_amx_matmul" in hlo
+    via_amx = jax.jit(lambda a, b: dot_float32_out(a, b, DENSE))(a, b)
+    np.testing.assert_allclose(via_amx, via_xla, rtol=1e-4, atol=1e-3)
+
+
+def test_the_rule_takes_amx_only_for_big_bf16_dense_products_on_amx_cpus():
+    cpu_amx = dispatch.Machine("cpu", kernel_features=AMX)
+    big = jnp.zeros((8, 128, 256), jnp.bfloat16), jnp.zeros((256, 512), jnp.bfloat16)
+    ok = lambda: None  # noqa: E731
+
+    def rule(lhs, rhs, machine=cpu_amx, dims=DENSE, reason=ok):
+        return dispatch.dense_product(lhs, rhs, dims, reason, machine)
+
+    assert rule(*big) == "amx"
+    assert rule(*big, machine=dispatch.Machine("cpu", kernel_features=NO_AMX)) == "xla"
+    assert rule(*big, machine=dispatch.Machine("gpu", nvidia=True)) == "xla"
+    assert rule(*big, reason=lambda: "Linux refused the tiles") == "xla"
+    assert rule(big[0].astype(jnp.float32), big[1].astype(jnp.float32)) == "xla"
+    assert rule(jnp.zeros((2, 8, 16), jnp.bfloat16), jnp.zeros((16, 16), jnp.bfloat16)) == "xla"
+    batched = (((2,), (1,)), ((0,), (0,)))
+    rhs3 = jnp.zeros((8, 256, 512), jnp.bfloat16)
+    assert rule(big[0], rhs3, dims=batched) == "xla"
+
+
+def test_the_environment_forces_a_path_and_a_bad_force_names_the_fix(monkeypatch):
+    cpu_amx = dispatch.Machine("cpu", kernel_features=AMX)
+    big = jnp.zeros((8, 128, 256), jnp.bfloat16), jnp.zeros((256, 512), jnp.bfloat16)
+    monkeypatch.setenv(dispatch.MATMUL_ENV, "xla")
+    assert dispatch.dense_product(*big, DENSE, lambda: None, cpu_amx) == "xla"
+    monkeypatch.setenv(dispatch.MATMUL_ENV, "amx")
+    small = jnp.zeros((2, 3), jnp.bfloat16), jnp.zeros((3, 4), jnp.bfloat16)
+    assert dispatch.dense_product(*small, (((1,), (0,)), ((), ())), lambda: None, cpu_amx) == "amx"
+    f32 = tuple(x.astype(jnp.float32) for x in big)  # not the kernel's: XLA's, even when forced
+    assert dispatch.dense_product(*f32, DENSE, lambda: None, cpu_amx) == "xla"
+    with pytest.raises(dispatch.ImplementationError, match=r"no AMX-BF16.*set it to auto"):
+        dispatch.dense_product(*big, DENSE, lambda: "this CPU has no AMX-BF16", cpu_amx)
+    monkeypatch.setenv(dispatch.MATMUL_ENV, "mkl")
+    with pytest.raises(
+        dispatch.ImplementationError, match=r"unknown implementation 'mkl'.*xla, amx"
+    ):
+        dispatch.dense_product(*big, DENSE, lambda: None, cpu_amx)
+
+
+def test_bad_operands_get_clear_errors():
+    with pytest.raises(InputError, match="bfloat16 arrays"):
+        kernels.amx_matmul(jnp.zeros((4, 8)), jnp.zeros((8, 4)))
+    with pytest.raises(InputError, match=r"\[K, N\]"):
+        kernels.amx_matmul(jnp.zeros((4, 8), jnp.bfloat16), jnp.zeros((7, 4), jnp.bfloat16))
+
+
+_SHARDED = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from hw2jax import kernels
+mesh = Mesh(np.array(jax.devices()), ("data",))
+rng = np.random.default_rng(0)
+a = jnp.asarray(rng.standard_normal((4, 40, 96)), jnp.bfloat16)
+b = jnp.asarray(rng.standard_normal((96, 64)), jnp.bfloat16)
+g = jnp.asarray(rng.standard_normal((4, 40, 64)), jnp.float32)
+f = jax.jit(jax.grad(lambda a, b, g: jnp.sum(kernels.amx_matmul(a, b) * g), argnums=(0, 1)))
+one = f(a, b, g)
+rows, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+args = jax.device_put(a, rows), jax.device_put(b, whole), jax.device_put(g, rows)
+hlo = f.lower(*args).compile().as_text()
+two = f(*args)
+calls = sorted({l.split("=")[1].split("custom-call")[0].strip().replace(" ", "")
+                for l in hlo.splitlines() if "hw2jax_cpu_amx" in l and "custom-call(" in l})
+error = max(float(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)).max())
+            for x, y in zip(one, two))
+print("all-gather" in hlo, "all-reduce" in hlo, ";".join(calls), error)
+"""
+
+
+@needs_amx
+def test_on_a_mesh_each_device_multiplies_its_rows():
+    """Rows split over 2 host devices: the product and the input gradient run on each device's
+    half with no all-gather; the weight gradient's partial products are summed (one
+    all-reduce); both gradients equal the one-device ones."""
+    env = fresh_process_env(host_devices=2)
+    run = subprocess.run(
+        [sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    gathered, reduced, calls, error = run.stdout.split()
+    assert (gathered, reduced) == ("False", "True"), run.stdout
+    # Only the gradients are asked for: the forward product is dead code, and each device's
+    # calls are the input gradient on its 80 rows and the weight gradient's partial product.
+    assert calls == "f32[80,96]{1,0};f32[96,64]{1,0}", calls
+    assert float(error) <= 2**-7, error  # at most one bf16 step of the gradients' size
