@@ -43,9 +43,9 @@ def time_shape(m: int, k: int, n: int, gradient: bool, repeats: int) -> dict:
     a = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     b = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
     g = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
-    ta = torch.from_numpy(np.asarray(a.astype(jnp.float32))).bfloat16()
-    tb = torch.from_numpy(np.asarray(b.astype(jnp.float32))).bfloat16()
-    tg = torch.from_numpy(np.asarray(g)).bfloat16()
+    ta = torch.from_numpy(np.array(a.astype(jnp.float32))).bfloat16()
+    tb = torch.from_numpy(np.array(b.astype(jnp.float32))).bfloat16()
+    tg = torch.from_numpy(np.array(g)).bfloat16()
 
     def jax_fn(product):
         if not gradient:
