@@ -67,6 +67,59 @@ def test_gradients_match_float64_and_leading_axes_fold():
     np.testing.assert_allclose(f64(db), a2.T @ g16, rtol=2**-8, atol=1e-6)
 
 
+def op(x, transposed):
+    return np.swapaxes(x, -1, -2) if transposed else x
+
+
+@needs_amx
+@pytest.mark.parametrize("transpose_a,transpose_b", [(False, False), (False, True), (True, False)])
+def test_batched_products_and_gradients_match_float64(transpose_a, transpose_b):
+    # The ViT's regrouped attention: [b, (n h), c] x [b, n, c]^T and [b, (n h), n] x [b, n, c],
+    # with tails in every axis; each form's two gradients are two more forms.
+    batch, m, k, n = 5, 70, 50, 36
+    key = jax.random.split(jax.random.key(transpose_a + 2 * transpose_b), 3)
+    a = jax.random.normal(key[0], (batch, k, m) if transpose_a else (batch, m, k))
+    b = jax.random.normal(key[1], (batch, n, k) if transpose_b else (batch, k, n))
+    a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    g = jax.random.normal(key[2], (batch, m, n))
+
+    def loss(a, b):
+        return jnp.sum(g * kernels.amx_batched_matmul(a, b, transpose_a, transpose_b))
+
+    out = kernels.amx_batched_matmul(a, b, transpose_a, transpose_b)
+    np.testing.assert_allclose(
+        out, op(f64(a), transpose_a) @ op(f64(b), transpose_b), rtol=1e-5, atol=1e-4
+    )
+    da, db = jax.jit(jax.grad(loss, argnums=(0, 1)))(a, b)
+    g16 = f64(g.astype(jnp.bfloat16))
+    d_op_a = g16 @ np.swapaxes(op(f64(b), transpose_b), -1, -2)  # d op(a), then undo op
+    d_op_b = np.swapaxes(op(f64(a), transpose_a), -1, -2) @ g16
+    np.testing.assert_allclose(f64(da), op(d_op_a, transpose_a), rtol=2**-8, atol=1e-6)
+    np.testing.assert_allclose(f64(db), op(d_op_b, transpose_b), rtol=2**-8, atol=1e-6)
+
+
+@needs_amx
+def test_the_vit_in_bf16_takes_the_kernel_and_agrees_with_xla(monkeypatch):
+    from hw2jax.models.vit import ViT
+
+    images = jax.random.uniform(jax.random.key(0), (8, 28, 28, 1))
+    model = ViT(dtype=jnp.bfloat16)
+    params = model.init(jax.random.key(1), images)["params"]
+
+    def loss(params):
+        return jnp.mean(model.apply({"params": params}, images) ** 2)
+
+    grads = {}
+    for path in ("xla", "amx"):
+        monkeypatch.setenv(dispatch.MATMUL_ENV, path)
+        hlo = jax.jit(jax.grad(loss)).lower(params).as_text()
+        assert ("hw2jax_cpu_amx_matmul" in hlo) == (path == "amx")
+        grads[path] = jax.jit(jax.grad(loss))(params)
+    for x, y in zip(jax.tree.leaves(grads["amx"]), jax.tree.leaves(grads["xla"]), strict=True):
+        scale = float(jnp.abs(y).max()) + 1e-6
+        assert float(jnp.abs(x - y).max()) <= 0.05 * scale  # bf16 rounding in other places
+
+
 @needs_amx
 def test_dense_layers_take_the_kernel_and_agree_with_xla(monkeypatch):
     a, b = bf16_pair(3, 4 * 128, 384, 96)
@@ -118,11 +171,33 @@ def test_the_environment_forces_a_path_and_a_bad_force_names_the_fix(monkeypatch
         dispatch.dense_product(*big, DENSE, lambda: None, cpu_amx)
 
 
+def test_batched_rule_takes_bf16_three_axis_products_only():
+    cpu_amx = dispatch.Machine("cpu", kernel_features=AMX)
+    a = jnp.zeros((256, 200, 64), jnp.bfloat16)
+    x = jnp.zeros((256, 50, 64), jnp.bfloat16)
+    rule = dispatch.batched_product
+    assert rule(a, x, False, True, lambda: None, cpu_amx) == "amx"
+    assert rule(a, x, True, True, lambda: None, cpu_amx) == "xla"  # both transposed
+    assert rule(a.astype(jnp.float32), x, False, True, lambda: None, cpu_amx) == "xla"
+    assert rule(a[None], x[None], False, True, lambda: None, cpu_amx) == "xla"  # 4-D
+    assert rule(a[:1, :8], x[:1], False, True, lambda: None, cpu_amx) == "xla"  # small
+    no_amx = dispatch.Machine("cpu", kernel_features=NO_AMX)
+    assert rule(a, x, False, True, lambda: None, no_amx) == "xla"
+
+
 def test_bad_operands_get_clear_errors():
     with pytest.raises(InputError, match="bfloat16 arrays"):
         kernels.amx_matmul(jnp.zeros((4, 8)), jnp.zeros((8, 4)))
     with pytest.raises(InputError, match=r"\[K, N\]"):
         kernels.amx_matmul(jnp.zeros((4, 8), jnp.bfloat16), jnp.zeros((7, 4), jnp.bfloat16))
+    with pytest.raises(InputError, match="one batch and matching"):
+        kernels.amx_batched_matmul(
+            jnp.zeros((2, 4, 8), jnp.bfloat16), jnp.zeros((3, 8, 4), jnp.bfloat16)
+        )
+    with pytest.raises(InputError, match="not both"):
+        kernels.amx_batched_matmul(
+            jnp.zeros((2, 8, 4), jnp.bfloat16), jnp.zeros((2, 4, 8), jnp.bfloat16), True, True
+        )
 
 
 _SHARDED = """

@@ -247,10 +247,6 @@ def dense_product(
     (benchmarks/results/amx_matmul/); a rule, not a timing. ``$HW2JAX_MATMUL`` (``auto``,
     ``xla`` or ``amx``) forces one path: ``amx`` sends every bf16 product of that form to the
     kernel, whatever its size, and is an error where the kernel cannot run."""
-    force = os.environ.get(MATMUL_ENV, "auto") or "auto"
-    check(force, MATMUL, f"${MATMUL_ENV}")
-    if force == "xla":
-        return "xla"
     contracting, batch = dimension_numbers
     fits = (
         lhs.dtype == rhs.dtype == jnp.bfloat16
@@ -260,7 +256,37 @@ def dense_product(
         and not batch[0]
         and not batch[1]
     )
-    if force == "amx" and fits:
+    return _amx_or_xla(fits, math.prod(lhs.shape) * rhs.shape[-1], amx_reason, machine)
+
+
+def batched_product(
+    a: jax.Array,
+    b: jax.Array,
+    transpose_a: bool,
+    transpose_b: bool,
+    amx_reason: Reason,
+    machine: Machine | None = None,
+) -> str:
+    """How a batched product op(a) @ op(b) of two [B, ., .] arrays runs (the ViT's regrouped
+    attention has two): ``"amx"`` (:func:`hw2jax.kernels.amx_batched_matmul`) or ``"xla"``, by
+    :func:`dense_product`'s rule and ``$HW2JAX_MATMUL``; a and b transposed both stay XLA's."""
+    fits = (
+        a.dtype == b.dtype == jnp.bfloat16
+        and a.ndim == b.ndim == 3
+        and not (transpose_a and transpose_b)
+    )
+    macs = math.prod(a.shape) * (b.shape[1] if transpose_b else b.shape[2]) if fits else 0
+    return _amx_or_xla(fits, macs, amx_reason, machine)
+
+
+def _amx_or_xla(fits: bool, macs: int, amx_reason: Reason, machine: Machine | None) -> str:
+    """The AMX kernel for a product of its form (``fits``): forced by ``$HW2JAX_MATMUL=amx``,
+    else from ``AMX_MIN_MACS`` multiply-adds on a CPU with AMX-BF16."""
+    force = os.environ.get(MATMUL_ENV, "auto") or "auto"
+    check(force, MATMUL, f"${MATMUL_ENV}")
+    if force == "xla" or not fits:
+        return "xla"
+    if force == "amx":
         if (why := amx_reason()) is not None:
             raise ImplementationError(
                 f"${MATMUL_ENV}=amx, but the AMX matmul cannot run here: {why}. Unset "
@@ -268,8 +294,7 @@ def dense_product(
             )
         return "amx"
     machine = machine or this_machine()
-    big = fits and math.prod(lhs.shape) * rhs.shape[1] >= AMX_MIN_MACS
-    if big and machine.amx and amx_reason() is None:
+    if macs >= AMX_MIN_MACS and machine.amx and amx_reason() is None:
         return "amx"
     return "xla"
 

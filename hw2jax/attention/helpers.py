@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from hw2jax import kernels
+from hw2jax.attention import dispatch
 from hw2jax.errors import InputError, InputTypeError
 
 
@@ -112,7 +114,8 @@ def batched_dot(
 def matmul_f32(
     a: jax.Array, b: jax.Array, transpose_b: bool = False, transpose_a: bool = False
 ) -> jax.Array:
-    """:func:`batched_dot` accumulated and returned in float32."""
+    """:func:`batched_dot` accumulated and returned in float32; bf16 products of [B, ., .]
+    arrays on AMX tiles where the dispatch rule says so (:func:`dispatch.batched_product`)."""
     a, b = jnp.asarray(a), jnp.asarray(b)
     if a.ndim < 2 or b.ndim != a.ndim or a.shape[:-2] != b.shape[:-2]:
         raise InputError(
@@ -126,6 +129,11 @@ def matmul_f32(
             f"matmul_f32: the contracted dims differ ({inner_a} in a {a.shape}, {inner_b} in b "
             f"{b.shape}, transpose_a={transpose_a}, transpose_b={transpose_b})."
         )
+    path = dispatch.batched_product(
+        a, b, transpose_a, transpose_b, kernels.amx_matmul_unavailable_reason
+    )
+    if path == "amx":
+        return kernels.amx_batched_matmul(a, b, transpose_a, transpose_b)
     return batched_dot(
         a, b, transpose_a=transpose_a, transpose_b=transpose_b, preferred_element_type=jnp.float32
     )

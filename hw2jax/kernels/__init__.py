@@ -10,7 +10,8 @@ instead, as torch's CPU SDPA does. By concern:
 - :mod:`.softmax`: :func:`cpu_attention` (the row kernel, a key bias, forward only: BERT's) and
   :func:`cpu_flash_attention` (causal or not, forward and backward);
 - :mod:`.linear`: :func:`causal_linear_product_cpu` and :func:`linear_attention_cpu`;
-- :mod:`.matmul`: :func:`amx_matmul`, bf16 products on AMX tiles (CPUs with AMX-BF16).
+- :mod:`.matmul`: :func:`amx_matmul` and :func:`amx_batched_matmul`, bf16 products on AMX
+  tiles (CPUs with AMX-BF16).
 
 Whether a kernel is used by default is not decided here: :mod:`hw2jax.attention.dispatch` holds
 that rule. Timings: ``benchmarks/cpu_attention_kernel.py``, ``benchmarks/results/cpu_gradients/``.
@@ -33,12 +34,17 @@ from hw2jax.kernels.linear import (
     dense_linear_unavailable_reason,
     linear_attention_cpu,
 )
-from hw2jax.kernels.matmul import amx_matmul, amx_matmul_unavailable_reason
+from hw2jax.kernels.matmul import (
+    amx_batched_matmul,
+    amx_matmul,
+    amx_matmul_unavailable_reason,
+)
 from hw2jax.kernels.softmax import cpu_attention, cpu_flash_attention
 
 __all__ = [
     "SUPPORTED_HEAD_DIMS",
     "KernelUnavailable",
+    "amx_batched_matmul",
     "amx_matmul",
     "amx_matmul_unavailable_reason",
     "build_error",

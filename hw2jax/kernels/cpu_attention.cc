@@ -957,11 +957,13 @@ constexpr int64_t kItemRows = 128;  // rows of c per work item, at most
 
 struct MatmulProblem {
   const uint16_t* a;
-  const uint16_t* b_packed;
+  const uint16_t* b;         // batched: each item packs its own matrix of b
+  const uint16_t* b_packed;  // one matrix: packed once for all items
   float* c;
-  int64_t m, n, k, kp, np;  // kp, np: K and N rounded up to 32
-  bool transpose_a;
-  int64_t item_rows;        // a multiple of 32, at most kItemRows
+  int64_t m, n, k, kp, np;   // kp, np: K and N rounded up to 32
+  bool transpose_a, transpose_b;
+  int64_t batch;             // > 1: one item per matrix of the batch
+  int64_t item_rows;         // one matrix: a multiple of 32, at most kItemRows
   int64_t items;
 };
 
@@ -981,6 +983,27 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
+// op(b) [K, N] into [N/32][K/32][two 16-column halves][16 row pairs][16 columns][2]: each
+// 16 x 16-pair tile is 1 KiB, contiguous. Written in output order, two source rows at a time.
+void PackB(const uint16_t* b, int64_t k, int64_t n, bool transpose, int64_t kp, int64_t np,
+           uint16_t* out) {
+  std::memset(out, 0, kp * np * 2);
+  auto at = [&](int64_t kk, int64_t nn) -> uint16_t {
+    return transpose ? b[nn * k + kk] : b[kk * n + nn];
+  };
+  for (int64_t nb = 0; nb < np / 32; ++nb) {
+    for (int64_t kb = 0; kb < kp / 32; ++kb) {
+      uint16_t* tile = out + (nb * (kp / 32) + kb) * 1024;
+      const int64_t k_end = std::min<int64_t>(32, k - kb * 32);
+      const int64_t n_end = std::min<int64_t>(32, n - nb * 32);
+      for (int64_t kk = 0; kk < k_end; ++kk) {
+        uint16_t* row = tile + (kk / 2) * 32 + (kk % 2);
+        for (int64_t c = 0; c < n_end; ++c)
+          row[(c / 16) * 512 + (c % 16) * 2] = at(kb * 32 + kk, nb * 32 + c);
+      }
+    }
+  }
+}
 // One worker per thread: tiles 0-3 accumulate c, 4-5 hold a's two 16-row halves, 6-7 b's two
 // 16-column halves.
 template <int>
@@ -990,6 +1013,7 @@ class AmxRowBlocks {
       : p_(p),
         a_((p.item_rows * kChunk * 2 + 3) / 4),
         acc_(p.kp > kChunk ? p.item_rows * p.np : 0),
+        b_(p.batch > 1 ? (p.kp * p.np * 2 + 3) / 4 : 0),
         tail_(32 * 32) {
     TileConfig config;
     for (int t = 0; t < 8; ++t) {
@@ -1001,7 +1025,24 @@ class AmxRowBlocks {
   ~AmxRowBlocks() { _tile_release(); }
 
   void Run(int64_t item) {
-    const int64_t m0 = item * p_.item_rows, rows = std::min(p_.item_rows, p_.m - m0);
+    if (p_.batch == 1) {
+      a_base_ = p_.a;
+      c_base_ = p_.c;
+      b_base_ = p_.b_packed;
+      const int64_t m0 = item * p_.item_rows;
+      return Rows(m0, std::min(p_.item_rows, p_.m - m0));
+    }
+    a_base_ = p_.a + item * p_.m * p_.k;
+    c_base_ = p_.c + item * p_.m * p_.n;
+    uint16_t* packed = reinterpret_cast<uint16_t*>(b_.ptr);
+    PackB(p_.b + item * p_.k * p_.n, p_.k, p_.n, p_.transpose_b, p_.kp, p_.np, packed);
+    b_base_ = packed;
+    for (int64_t m0 = 0; m0 < p_.m; m0 += p_.item_rows) Rows(m0, std::min(p_.item_rows, p_.m - m0));
+  }
+
+ private:
+  // Rows m0 .. m0 + rows (at most item_rows) of the current matrix of c.
+  void Rows(int64_t m0, int64_t rows) {
     const bool chunked = p_.kp > kChunk;  // then c accumulates in acc_ between chunks
     // Whole rows of an untransposed a whose K is a multiple of 32 load straight from a.
     const bool direct = !p_.transpose_a && p_.k == p_.kp;
@@ -1011,11 +1052,11 @@ class AmxRowBlocks {
         if (!direct || rows - r0 < 32) PackRows(m0 + r0, std::min<int64_t>(32, rows - r0), k0, kc, Packed(r0));
       }
       for (int64_t nb = 0; nb < p_.np / 32; ++nb) {
-        const uint16_t* b = p_.b_packed + (nb * (p_.kp / 32) + k0 / 32) * 1024;
+        const uint16_t* b = b_base_ + (nb * (p_.kp / 32) + k0 / 32) * 1024;
         for (int64_t r0 = 0; r0 < rows; r0 += 32) {
           const int64_t block_rows = std::min<int64_t>(32, rows - r0);
           const bool from_a = direct && block_rows == 32;
-          const uint16_t* a = from_a ? p_.a + (m0 + r0) * p_.k + k0 : Packed(r0);
+          const uint16_t* a = from_a ? a_base_ + (m0 + r0) * p_.k + k0 : Packed(r0);
           const int64_t stride = from_a ? p_.k * 2 : kChunk * 2;
           float* acc = chunked ? acc_.ptr + r0 * p_.np + nb * 32 : nullptr;
           if (k0 == 0) {
@@ -1052,7 +1093,6 @@ class AmxRowBlocks {
     }
   }
 
- private:
   uint16_t* Packed(int64_t r0) const {
     return reinterpret_cast<uint16_t*>(a_.ptr) + r0 * kChunk;
   }
@@ -1062,7 +1102,7 @@ class AmxRowBlocks {
   void Store(int64_t m0, int64_t rows, int64_t n0) {
     const int64_t cols = std::min<int64_t>(32, p_.n - n0);
     if (rows == 32 && cols == 32) {
-      float* c = p_.c + m0 * p_.n + n0;
+      float* c = c_base_ + m0 * p_.n + n0;
       const int64_t ldc = p_.n * 4;
       _tile_stored(0, c, ldc);
       _tile_stored(1, c + 16, ldc);
@@ -1076,7 +1116,7 @@ class AmxRowBlocks {
     _tile_stored(2, t + 512, 128);
     _tile_stored(3, t + 528, 128);
     for (int64_t r = 0; r < rows; ++r)
-      std::memcpy(p_.c + (m0 + r) * p_.n + n0, t + r * 32, cols * 4);
+      std::memcpy(c_base_ + (m0 + r) * p_.n + n0, t + r * 32, cols * 4);
   }
 
   // Rows m0 .. m0 + rows of op(a), columns k0 .. k0 + kc, as 32 rows of kChunk values, zeros
@@ -1086,40 +1126,22 @@ class AmxRowBlocks {
     const int64_t k_end = std::min(kc, p_.k - k0);
     if (!p_.transpose_a) {
       for (int64_t r = 0; r < rows; ++r)
-        std::memcpy(out + r * kChunk, p_.a + (m0 + r) * p_.k + k0, k_end * 2);
+        std::memcpy(out + r * kChunk, a_base_ + (m0 + r) * p_.k + k0, k_end * 2);
       return;
     }
     for (int64_t kk = 0; kk < k_end; ++kk) {  // a is [K, M]: row kk holds column kk of op(a)
-      const uint16_t* src = p_.a + (k0 + kk) * p_.m + m0;
+      const uint16_t* src = a_base_ + (k0 + kk) * p_.m + m0;
       for (int64_t r = 0; r < rows; ++r) out[r * kChunk + kk] = src[r];
     }
   }
 
   const MatmulProblem& p_;
-  Aligned a_, acc_, tail_;
+  Aligned a_, acc_, b_, tail_;
+  const uint16_t* a_base_ = nullptr;  // the current matrix of a, packed b and c
+  const uint16_t* b_base_ = nullptr;
+  float* c_base_ = nullptr;
 };
 
-// op(b) [K, N] into [N/32][K/32][two 16-column halves][16 row pairs][16 columns][2]: each
-// 16 x 16-pair tile is 1 KiB, contiguous. Written in output order, two source rows at a time.
-void PackB(const uint16_t* b, int64_t k, int64_t n, bool transpose, int64_t kp, int64_t np,
-           uint16_t* out) {
-  std::memset(out, 0, kp * np * 2);
-  auto at = [&](int64_t kk, int64_t nn) -> uint16_t {
-    return transpose ? b[nn * k + kk] : b[kk * n + nn];
-  };
-  for (int64_t nb = 0; nb < np / 32; ++nb) {
-    for (int64_t kb = 0; kb < kp / 32; ++kb) {
-      uint16_t* tile = out + (nb * (kp / 32) + kb) * 1024;
-      const int64_t k_end = std::min<int64_t>(32, k - kb * 32);
-      const int64_t n_end = std::min<int64_t>(32, n - nb * 32);
-      for (int64_t kk = 0; kk < k_end; ++kk) {
-        uint16_t* row = tile + (kk / 2) * 32 + (kk % 2);
-        for (int64_t c = 0; c < n_end; ++c)
-          row[(c / 16) * 512 + (c % 16) * 2] = at(kb * 32 + kk, nb * 32 + c);
-      }
-    }
-  }
-}
 #else
 constexpr bool kHasAmx = false;
 bool AmxPermitted() { return false; }
@@ -1131,28 +1153,43 @@ ffi::Error MatmulCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffe
     return ffi::Error(ffi::ErrorCode::kUnavailable, "no AMX-BF16 in this build, or Linux refused it");
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
   const auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
-  if (da.size() != 2 || db.size() != 2 || dc.size() != 2)
-    return ffi::Error::InvalidArgument("a, b and c must be 2-D");
+  const size_t rank = da.size();
+  if ((rank != 2 && rank != 3) || db.size() != rank || dc.size() != rank)
+    return ffi::Error::InvalidArgument("a, b and c must all be 2-D, or all 3-D (batched)");
   MatmulProblem p{};
-  p.m = transpose_a ? da[1] : da[0];
-  p.k = transpose_a ? da[0] : da[1];
-  p.n = transpose_b ? db[0] : db[1];
-  if ((transpose_b ? db[1] : db[0]) != p.k || dc[0] != p.m || dc[1] != p.n)
+  p.batch = rank == 3 ? da[0] : 1;
+  if (rank == 3 && (db[0] != p.batch || dc[0] != p.batch))
+    return ffi::Error::InvalidArgument("a, b and c must have the same batch");
+  const int64_t r = rank - 2;  // the first matrix axis
+  p.m = transpose_a ? da[r + 1] : da[r];
+  p.k = transpose_a ? da[r] : da[r + 1];
+  p.n = transpose_b ? db[r] : db[r + 1];
+  if ((transpose_b ? db[r + 1] : db[r]) != p.k || dc[r] != p.m || dc[r + 1] != p.n)
     return ffi::Error::InvalidArgument("the shapes of a, b and c do not match");
-  if (p.m == 0 || p.n == 0) return ffi::Error::Success();
+  if (p.m == 0 || p.n == 0 || p.batch == 0) return ffi::Error::Success();
+  if (p.k == 0) {
+    std::memset(c->typed_data(), 0, p.batch * p.m * p.n * 4);
+    return ffi::Error::Success();
+  }
   p.kp = (p.k + 31) / 32 * 32;
   p.np = (p.n + 31) / 32 * 32;
-  Aligned packed((p.kp * p.np * 2 + 3) / 4);
-  PackB(reinterpret_cast<const uint16_t*>(b.typed_data()), p.k, p.n, transpose_b, p.kp, p.np,
-        reinterpret_cast<uint16_t*>(packed.ptr));
   p.a = reinterpret_cast<const uint16_t*>(a.typed_data());
-  p.b_packed = reinterpret_cast<const uint16_t*>(packed.ptr);
+  p.b = reinterpret_cast<const uint16_t*>(b.typed_data());
   p.c = c->typed_data();
   p.transpose_a = transpose_a != 0;
-  // Items of up to kItemRows rows, but at least one per thread where c has the rows.
+  p.transpose_b = transpose_b != 0;
   const int64_t blocks = (p.m + 31) / 32, threads = std::max<int64_t>(1, pool.num_threads());
-  p.item_rows = 32 * std::clamp<int64_t>(blocks / threads, 1, kItemRows / 32);
-  p.items = (p.m + p.item_rows - 1) / p.item_rows;
+  Aligned packed(p.batch == 1 ? (p.kp * p.np * 2 + 3) / 4 : 0);
+  if (p.batch == 1) {
+    PackB(p.b, p.k, p.n, p.transpose_b, p.kp, p.np, reinterpret_cast<uint16_t*>(packed.ptr));
+    p.b_packed = reinterpret_cast<const uint16_t*>(packed.ptr);
+    // Items of up to kItemRows rows, but at least one per thread where c has the rows.
+    p.item_rows = 32 * std::clamp<int64_t>(blocks / threads, 1, kItemRows / 32);
+    p.items = (p.m + p.item_rows - 1) / p.item_rows;
+  } else {
+    p.item_rows = 32 * std::min<int64_t>(blocks, kItemRows / 32);
+    p.items = p.batch;
+  }
   auto job = std::make_shared<Job<MatmulProblem>>();
   job->problem = p;
   const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, p.items - 1);

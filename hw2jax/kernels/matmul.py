@@ -45,84 +45,130 @@ def amx_matmul_unavailable_reason() -> str | None:
 
 
 def _product(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
-    m = a.shape[1] if transpose_a else a.shape[0]
-    n = b.shape[0] if transpose_b else b.shape[1]
+    """op(a) . op(b) in float32; a and b 2-D, or 3-D with one leading batch axis."""
+    m = a.shape[-1] if transpose_a else a.shape[-2]
+    n = b.shape[-2] if transpose_b else b.shape[-1]
     call = jax.ffi.ffi_call(
         TARGETS["amx_matmul"][1],
-        jax.ShapeDtypeStruct((m, n), jnp.float32),
+        jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32),
         vmap_method="sequential",
     )
     return call(a, b, transpose_a=np.int32(transpose_a), transpose_b=np.int32(transpose_b))
 
 
 @functools.cache
-def _partitioned(transpose_a: bool, transpose_b: bool):
-    """The product on a mesh, with a's rows split over devices as the data-parallel step splits
-    its batch: each device multiplies its rows by the whole of b; when a's rows are the
-    contracted axis (the weight gradient, aᵀ g), each device's partial product is summed over
-    the devices that split them."""
+def _partitioned(transpose_a: bool, transpose_b: bool, batched: bool):
+    """The product on a mesh. Batched, the batch axis may be split: each device multiplies its
+    own matrices. Otherwise a's rows may be split, as the data-parallel step splits its batch:
+    each device multiplies its rows by the whole of b, and when a's rows are the contracted axis
+    (the weight gradient, aᵀ g) each device's partial product is summed over the devices that
+    split them."""
 
     def local(a, b):
         return _product(a, b, transpose_a, transpose_b)
 
-    def row_axes(arg_shapes):
+    def split_axes(arg_shapes):
         spec = arg_shapes[0].sharding.spec
         return spec[0] if len(spec) > 0 else None
 
-    def shardings(mesh, rows):
-        whole = NamedSharding(mesh, PartitionSpec(None, None))
-        split = NamedSharding(mesh, PartitionSpec(rows, None))
+    def shardings(mesh, axes):
+        lead = (None,) * (1 + batched)
+        whole = NamedSharding(mesh, PartitionSpec(None, *lead))
+        split = NamedSharding(mesh, PartitionSpec(axes, *lead))
+        if batched:
+            return (split, split), split
         if transpose_a:  # a [t, m] and b [t, n], both split along t; the result is summed
             return (split, split), whole
         return (split, whole), split
 
     def partition(mesh, arg_shapes, result_shape):
-        rows = row_axes(arg_shapes)
-        args, out = shardings(mesh, rows)
-        if transpose_a and rows is not None:
-            return mesh, lambda a, b: jax.lax.psum(local(a, b), rows), out, args
+        axes = split_axes(arg_shapes)
+        args, out = shardings(mesh, axes)
+        if transpose_a and not batched and axes is not None:
+            return mesh, lambda a, b: jax.lax.psum(local(a, b), axes), out, args
         return mesh, local, out, args
 
     def infer(mesh, arg_shapes, result_shape):
-        return shardings(mesh, row_axes(arg_shapes))[1]
+        return shardings(mesh, split_axes(arg_shapes))[1]
 
-    rule = {
-        (False, False): "m k, k n -> m n",
-        (False, True): "m k, n k -> m n",
-        (True, False): "t m, t n -> m n",
-    }[(transpose_a, transpose_b)]
+    a_axes = "k m" if transpose_a else "m k"
+    b_axes = "n k" if transpose_b else "k n"
+    rule = f"{a_axes}, {b_axes} -> m n"
+    if batched:
+        rule = f"z {a_axes}, z {b_axes} -> z m n"
+    replicated = ("m", "k", "n") if batched else ("m", "n") if transpose_a else ("k", "n")
     sharded = custom_partitioning(local)
     sharded.def_partition(
         partition,
         infer_sharding_from_operands=infer,
         sharding_rule=rule,
-        need_replication_factors=("m", "n") if transpose_a else ("k", "n"),
+        need_replication_factors=replicated,
     )
     return sharded
 
 
-def _call(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
-    return _partitioned(transpose_a, transpose_b)(a, b)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
+    return _partitioned(transpose_a, transpose_b, a.ndim == 3)(a, b)
 
 
-@jax.custom_vjp
-def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    return _call(a, b, False, False)
+def _matmul_fwd(a, b, transpose_a, transpose_b):
+    return _matmul(a, b, transpose_a, transpose_b), (a, b)
 
 
-def _matmul_fwd(a, b):
-    return _call(a, b, False, False), (a, b)
-
-
-def _matmul_bwd(residuals, g):
+def _matmul_bwd(transpose_a, transpose_b, residuals, g):
+    """The gradients of c = op(a) . op(b), each one more product on the tiles."""
     a, b = residuals
     g = g.astype(jnp.bfloat16)  # the cotangent in the inputs' precision, as autocast does
-    da = _call(g, b, False, True).astype(a.dtype)  # g . b^T
-    db = _call(a, g, True, False).astype(b.dtype)  # a^T . g
-    return da, db
+    if (transpose_a, transpose_b) == (False, False):  # c = a b
+        da, db = _matmul(g, b, False, True), _matmul(a, g, True, False)
+    elif (transpose_a, transpose_b) == (False, True):  # c = a bᵀ
+        da, db = _matmul(g, b, False, False), _matmul(g, a, True, False)
+    elif (transpose_a, transpose_b) == (True, False):  # c = aᵀ b
+        da, db = _matmul(b, g, False, True), _matmul(a, g, False, False)
+    else:
+        raise NotImplementedError("op(a) . op(b) with both transposed has no gradient here")
+    return da.astype(a.dtype), db.astype(b.dtype)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _check_bf16(name: str, a: jax.Array, b: jax.Array) -> None:
+    if a.dtype != jnp.bfloat16 or b.dtype != jnp.bfloat16:
+        raise InputError(
+            f"{name} multiplies bfloat16 arrays; got {a.dtype} and {b.dtype}. Cast them, or "
+            "use jax.lax.dot_general for other dtypes."
+        )
+
+
+def _check_available() -> None:
+    reason = amx_matmul_unavailable_reason()
+    if reason is not None:
+        raise KernelUnavailable(f"the AMX matmul cannot run here: {reason}. Use XLA's dot.")
+
+
+def amx_batched_matmul(
+    a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False
+) -> jax.Array:
+    """``op(a) @ op(b)`` for each matrix of a batch, accumulated and returned in float32, on
+    AMX tiles, with its gradient; op() transposes the last two axes where asked (not both).
+
+    a, b: bfloat16 ``[B, ., .]``. Raises :class:`KernelUnavailable` where
+    :func:`amx_matmul_unavailable_reason` gives a reason."""
+    _check_bf16("amx_batched_matmul", a, b)
+    inner_a = a.shape[-2] if transpose_a else a.shape[-1]
+    inner_b = b.shape[-1] if transpose_b else b.shape[-2]
+    if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0] or inner_a != inner_b:
+        raise InputError(
+            "amx_batched_matmul wants a and b of shape [B, ., .] with one batch and matching "
+            f"contracted axes; got {a.shape} and {b.shape} (transpose_a={transpose_a}, "
+            f"transpose_b={transpose_b})."
+        )
+    if transpose_a and transpose_b:
+        raise InputError("amx_batched_matmul transposes a or b, not both: swap them instead.")
+    _check_available()
+    return _matmul(a, b, transpose_a, transpose_b)
 
 
 def amx_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -131,16 +177,10 @@ def amx_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
 
     a: bfloat16 ``[..., K]``; b: bfloat16 ``[K, N]``. Raises :class:`KernelUnavailable` where
     :func:`amx_matmul_unavailable_reason` gives a reason."""
-    if a.dtype != jnp.bfloat16 or b.dtype != jnp.bfloat16:
-        raise InputError(
-            f"amx_matmul multiplies bfloat16 arrays; got {a.dtype} and {b.dtype}. Cast them, or "
-            "use jax.lax.dot_general for other dtypes."
-        )
+    _check_bf16("amx_matmul", a, b)
     if b.ndim != 2 or a.ndim < 1 or a.shape[-1] != b.shape[0]:
         raise InputError(f"amx_matmul wants a [..., K] and b [K, N]; got {a.shape} and {b.shape}.")
-    reason = amx_matmul_unavailable_reason()
-    if reason is not None:
-        raise KernelUnavailable(f"the AMX matmul cannot run here: {reason}. Use XLA's dot.")
+    _check_available()
     lead = a.shape[:-1]
-    out = _matmul(a.reshape(-1, a.shape[-1]), b)
+    out = _matmul(a.reshape(-1, a.shape[-1]), b, False, False)
     return out.reshape(*lead, b.shape[1])
