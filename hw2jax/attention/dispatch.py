@@ -243,7 +243,7 @@ def dense_product(
     amx_matmul`) or ``"xla"``. The AMX kernel takes bf16 products of a Dense layer's form
     (lhs's last axis against a 2-D rhs's first) of at least ``AMX_MIN_MACS`` multiply-adds, on a
     CPU with AMX-BF16, on one device or a mesh (each device multiplies its rows). Whole bf16
-    steps gained 1.2-1.4x there, though single products range from 0.7x to 2x XLA's
+    steps gained 1.2-1.45x there, though single products range from 0.7x to 2x XLA's
     (benchmarks/results/amx_matmul/); a rule, not a timing. ``$HW2JAX_MATMUL`` (``auto``,
     ``xla`` or ``amx``) forces one path: ``amx`` sends every bf16 product of that form to the
     kernel, whatever its size, and is an error where the kernel cannot run."""
