@@ -2,10 +2,10 @@ r"""ViT on FashionMNIST: what each change of the long recipe gives, on valid.
 
 Command:   nice -n 19 hw2jax vit ablate --config experiments/vit_fashion_mnist_ablation.py \
              --workdir runs/vit_ablation --host-devices auto
-Expected:  not run yet; experiments/results/vit_fashion_mnist_long/ has the full 60-epoch run.
-           Eight runs of 20 epochs: about 45 min each on 2 CPU cores with 2 host devices (the
-           long run's epochs took 125 s there); the strong recipe's 30 epochs took 74 s on one
-           H100.
+Expected:  2 of 8 runs done (experiments/results/vit_fashion_mnist_ablation/): the recipe
+           90.28 % best valid, adam_l2 89.48 % (-0.80 points). Eight runs of 20 epochs: about
+           34-45 min each on 2 CPU cores with 2 host devices; the strong recipe's 30 epochs took
+           74 s on one H100.
 
 The recipe is experiments/vit_fashion_mnist_long.py at 20 epochs; each variant undoes one of its
 changes from the assignment's recipe. Runs train one after another in their own work dirs under
