@@ -22,6 +22,7 @@
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define HW2JAX_AMX 1
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -939,7 +940,6 @@ ffi::Error DenseBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return RunItems<Pass<DenseLinear, true>::Of>(pool, q, p);
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // bf16 matmul on AMX tiles: c[M, N] (float32) = op(a)[M, K] . op(b)[K, N], a and b bfloat16,
 // op() an optional transpose (the backward pass's products). Why: XLA:CPU has no AMX path, and
@@ -967,9 +967,7 @@ struct MatmulProblem {
   int64_t items;
 };
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-constexpr bool kHasAmx = true;
-
+#ifdef HW2JAX_AMX
 // Linux hands out AMX's 8 KiB of tile state only to processes that ask (once per process).
 bool AmxPermitted() {
   static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
@@ -984,7 +982,7 @@ struct alignas(64) TileConfig {
 };
 
 // op(b) [K, N] into [N/32][K/32][two 16-column halves][16 row pairs][16 columns][2]: each
-// 16 x 16-pair tile is 1 KiB, contiguous. Written in output order, two source rows at a time.
+// 16 x 16-pair tile is 1 KiB, contiguous; rows kk and kk + 1 of a pair interleave.
 void PackB(const uint16_t* b, int64_t k, int64_t n, bool transpose, int64_t kp, int64_t np,
            uint16_t* out) {
   std::memset(out, 0, kp * np * 2);
@@ -1004,6 +1002,22 @@ void PackB(const uint16_t* b, int64_t k, int64_t n, bool transpose, int64_t kp, 
     }
   }
 }
+
+// The four accumulator tiles (0-3) as a 32 x 32 block of floats at c, ld floats apart, and back.
+inline void StoreBlock(float* c, int64_t ld) {
+  _tile_stored(0, c, ld * 4);
+  _tile_stored(1, c + 16, ld * 4);
+  _tile_stored(2, c + 16 * ld, ld * 4);
+  _tile_stored(3, c + 16 * ld + 16, ld * 4);
+}
+
+inline void LoadBlock(const float* c, int64_t ld) {
+  _tile_loadd(0, c, ld * 4);
+  _tile_loadd(1, c + 16, ld * 4);
+  _tile_loadd(2, c + 16 * ld, ld * 4);
+  _tile_loadd(3, c + 16 * ld + 16, ld * 4);
+}
+
 // One worker per thread: tiles 0-3 accumulate c, 4-5 hold a's two 16-row halves, 6-7 b's two
 // 16-column halves.
 template <int>
@@ -1037,7 +1051,8 @@ class AmxRowBlocks {
     uint16_t* packed = reinterpret_cast<uint16_t*>(b_.ptr);
     PackB(p_.b + item * p_.k * p_.n, p_.k, p_.n, p_.transpose_b, p_.kp, p_.np, packed);
     b_base_ = packed;
-    for (int64_t m0 = 0; m0 < p_.m; m0 += p_.item_rows) Rows(m0, std::min(p_.item_rows, p_.m - m0));
+    for (int64_t m0 = 0; m0 < p_.m; m0 += p_.item_rows)
+      Rows(m0, std::min(p_.item_rows, p_.m - m0));
   }
 
  private:
@@ -1049,7 +1064,8 @@ class AmxRowBlocks {
     for (int64_t k0 = 0; k0 < p_.kp; k0 += kChunk) {
       const int64_t kc = std::min(kChunk, p_.kp - k0);
       for (int64_t r0 = 0; r0 < rows; r0 += 32) {
-        if (!direct || rows - r0 < 32) PackRows(m0 + r0, std::min<int64_t>(32, rows - r0), k0, kc, Packed(r0));
+        const int64_t block_rows = std::min<int64_t>(32, rows - r0);
+        if (!direct || block_rows < 32) PackRows(m0 + r0, block_rows, k0, kc, Packed(r0));
       }
       for (int64_t nb = 0; nb < p_.np / 32; ++nb) {
         const uint16_t* b = b_base_ + (nb * (p_.kp / 32) + k0 / 32) * 1024;
@@ -1065,10 +1081,7 @@ class AmxRowBlocks {
             _tile_zero(2);
             _tile_zero(3);
           } else {
-            _tile_loadd(0, acc, p_.np * 4);
-            _tile_loadd(1, acc + 16, p_.np * 4);
-            _tile_loadd(2, acc + 16 * p_.np, p_.np * 4);
-            _tile_loadd(3, acc + 16 * p_.np + 16, p_.np * 4);
+            LoadBlock(acc, p_.np);
           }
           for (int64_t kb = 0; kb < kc / 32; ++kb) {
             _tile_loadd(4, a + kb * 32, stride);
@@ -1081,10 +1094,7 @@ class AmxRowBlocks {
             _tile_dpbf16ps(3, 5, 7);
           }
           if (k0 + kc < p_.kp) {
-            _tile_stored(0, acc, p_.np * 4);
-            _tile_stored(1, acc + 16, p_.np * 4);
-            _tile_stored(2, acc + 16 * p_.np, p_.np * 4);
-            _tile_stored(3, acc + 16 * p_.np + 16, p_.np * 4);
+            StoreBlock(acc, p_.np);
           } else {
             Store(m0 + r0, block_rows, nb * 32);
           }
@@ -1101,22 +1111,10 @@ class AmxRowBlocks {
   // edges).
   void Store(int64_t m0, int64_t rows, int64_t n0) {
     const int64_t cols = std::min<int64_t>(32, p_.n - n0);
-    if (rows == 32 && cols == 32) {
-      float* c = c_base_ + m0 * p_.n + n0;
-      const int64_t ldc = p_.n * 4;
-      _tile_stored(0, c, ldc);
-      _tile_stored(1, c + 16, ldc);
-      _tile_stored(2, c + 16 * p_.n, ldc);
-      _tile_stored(3, c + 16 * p_.n + 16, ldc);
-      return;
-    }
-    float* t = tail_.ptr;
-    _tile_stored(0, t, 128);
-    _tile_stored(1, t + 16, 128);
-    _tile_stored(2, t + 512, 128);
-    _tile_stored(3, t + 528, 128);
+    if (rows == 32 && cols == 32) return StoreBlock(c_base_ + m0 * p_.n + n0, p_.n);
+    StoreBlock(tail_.ptr, 32);
     for (int64_t r = 0; r < rows; ++r)
-      std::memcpy(c_base_ + (m0 + r) * p_.n + n0, t + r * 32, cols * 4);
+      std::memcpy(c_base_ + (m0 + r) * p_.n + n0, tail_.ptr + r * 32, cols * 4);
   }
 
   // Rows m0 .. m0 + rows of op(a), columns k0 .. k0 + kc, as 32 rows of kChunk values, zeros
@@ -1143,15 +1141,16 @@ class AmxRowBlocks {
 };
 
 #else
-constexpr bool kHasAmx = false;
 bool AmxPermitted() { return false; }
 #endif
 
 ffi::Error MatmulCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
                       int32_t transpose_a, int32_t transpose_b, ffi::ResultBuffer<ffi::F32> c) {
-  if (!kHasAmx || !AmxPermitted())
-    return ffi::Error(ffi::ErrorCode::kUnavailable, "no AMX-BF16 in this build, or Linux refused it");
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#ifndef HW2JAX_AMX
+  return ffi::Error(ffi::ErrorCode::kUnavailable, "this kernel build has no AMX-BF16");
+#else
+  if (!AmxPermitted())
+    return ffi::Error(ffi::ErrorCode::kUnavailable, "Linux refused this process AMX's tiles");
   const auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
   const size_t rank = da.size();
   if ((rank != 2 && rank != 3) || db.size() != rank || dc.size() != rank)
@@ -1300,4 +1299,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAmxMatmul, MatmulCall,
 
 // 1 where the bf16 matmul can run here (built with AMX-BF16, and Linux lets this process use
 // the tiles), else 0: checked from Python before the kernel is chosen.
-extern "C" int Hw2jaxAmxAvailable() { return kHasAmx && AmxPermitted() ? 1 : 0; }
+extern "C" int Hw2jaxAmxAvailable() { return AmxPermitted() ? 1 : 0; }
