@@ -1,6 +1,7 @@
 """The bf16 matmul on AMX tiles: products and gradients against float64 (on CPUs with
 AMX-BF16), and the dispatch rule that sends dense layers to it, with the CPU faked both ways."""
 
+import math
 import subprocess
 import sys
 
@@ -133,6 +134,73 @@ def test_dense_layers_take_the_kernel_and_agree_with_xla(monkeypatch):
     np.testing.assert_allclose(via_amx, via_xla, rtol=1e-4, atol=1e-3)
 
 
+def gelu64(z):
+    """The exact GELU in float64, one erf at a time."""
+    return np.vectorize(lambda t: 0.5 * t * (1.0 + math.erf(t / math.sqrt(2.0))))(z)
+
+
+@needs_amx
+@pytest.mark.parametrize("m,k,n", [(64, 64, 32), (45, 77, 50), (300, 130, 97), (40, 600, 33)])
+def test_dense_gelu_matches_float64(m, k, n):
+    # Tails in rows, K and columns (the bias padded past N), K over a chunk, and erf's range:
+    # the pre-activations run from about -6 to 6.
+    a, b = bf16_pair(m * k, m, k, n)
+    bias = jax.random.normal(jax.random.key(n), (n,)) * 2
+    out = kernels.amx_dense_gelu(a.reshape(1, m, k), b, bias)
+    assert out.dtype == jnp.bfloat16 and out.shape == (1, m, n)
+    z = f64(a) @ f64(b) + f64(bias)
+    np.testing.assert_allclose(f64(out[0]), gelu64(z), rtol=2**-8, atol=1e-5)
+
+
+@needs_amx
+def test_dense_gelu_gradients_match_float64():
+    a, b = bf16_pair(7, 96, 64, 40)
+    bias = jax.random.normal(jax.random.key(8), (40,))
+    g = jax.random.normal(jax.random.key(9), (96, 40))
+    grads = jax.jit(
+        jax.grad(lambda *x: jnp.sum(g * kernels.amx_dense_gelu(*x)), argnums=(0, 1, 2))
+    )(a, b, bias)
+    z = f64(a) @ f64(b) + f64(bias)
+    derivative = 0.5 * (1 + np.vectorize(math.erf)(z / math.sqrt(2))) + z * np.exp(
+        -0.5 * z**2
+    ) / math.sqrt(2 * math.pi)
+    dz = f64(g.astype(jnp.bfloat16)) * derivative  # the cotangent arrives rounded to bf16
+    for got, want in zip(grads, (dz @ f64(b).T, f64(a).T @ dz, dz.sum(0)), strict=True):
+        scale = np.abs(want).max()
+        assert np.abs(f64(got) - want).max() <= 2**-7 * scale, (
+            np.abs(f64(got) - want).max(),
+            scale,
+        )
+
+
+@needs_amx
+def test_bert_in_bf16_runs_its_gelu_in_the_kernel_and_agrees_with_xla(monkeypatch):
+    from hw2jax.models import bert
+
+    config = bert.BertConfig(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=160,
+        max_position_embeddings=32,
+    )
+    model = bert.BertModel(config, jnp.bfloat16, "xla")
+    ids = jax.random.randint(jax.random.key(0), (2, 24), 1, 100)
+    params = model.init(jax.random.key(1), ids)["params"]
+
+    def apply(params, ids):  # a new function each time: jit's cache would keep the first path
+        return jax.jit(lambda p, ids: model.apply({"params": p}, ids)[0]).lower(params, ids)
+
+    monkeypatch.setenv(dispatch.MATMUL_ENV, "xla")
+    via_xla = apply(params, ids).compile()(params, ids)
+    monkeypatch.setenv(dispatch.MATMUL_ENV, "amx")  # these products are below the size rule
+    lowered = apply(params, ids)
+    assert lowered.as_text().count("hw2jax_cpu_amx_matmul_gelu") == 1, "the intermediate layer"
+    via_amx = lowered.compile()(params, ids)
+    np.testing.assert_allclose(f64(via_amx), f64(via_xla), atol=0.05)  # bf16 steps, layer norm
+
+
 def test_the_rule_takes_amx_only_for_big_bf16_dense_products_on_amx_cpus():
     cpu_amx = dispatch.Machine("cpu", kernel_features=AMX)
     big = jnp.zeros((8, 128, 256), jnp.bfloat16), jnp.zeros((256, 512), jnp.bfloat16)
@@ -198,6 +266,13 @@ def test_bad_operands_get_clear_errors():
         kernels.amx_batched_matmul(
             jnp.zeros((2, 8, 4), jnp.bfloat16), jnp.zeros((2, 4, 8), jnp.bfloat16), True, True
         )
+    x, w = jnp.zeros((4, 8), jnp.bfloat16), jnp.zeros((8, 6), jnp.bfloat16)
+    with pytest.raises(InputError, match=r"bias of shape \(6,\)"):
+        kernels.amx_dense_gelu(x, w, jnp.zeros(8))
+    with pytest.raises(InputError, match="K > 0"):
+        kernels.amx_dense_gelu(x[:, :0], w[:0], jnp.zeros(6))
+    with pytest.raises(InputError, match="bfloat16 arrays"):
+        kernels.amx_dense_gelu(x.astype(jnp.float32), w, jnp.zeros(6))
 
 
 _SHARDED = """
@@ -219,7 +294,14 @@ calls = sorted({l.split("=")[1].split("custom-call")[0].strip().replace(" ", "")
                 for l in hlo.splitlines() if "hw2jax_cpu_amx" in l and "custom-call(" in l})
 error = max(float(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)).max())
             for x, y in zip(one, two))
-print("all-gather" in hlo, "all-reduce" in hlo, ";".join(calls), error)
+bias = jnp.asarray(rng.standard_normal(64), jnp.float32)
+gelu = jax.jit(kernels.amx_dense_gelu)
+gelu_hlo = gelu.lower(args[0], args[1], bias).compile().as_text()
+gelu_calls = sorted({l.split("=")[1].split("custom-call")[0].strip() for l in
+                     gelu_hlo.splitlines() if "amx_matmul_gelu" in l and "custom-call(" in l})
+same = bool(jnp.array_equal(gelu(a, b, bias), gelu(args[0], args[1], bias)))
+print("all-gather" in hlo, "all-reduce" in hlo, ";".join(calls), error,
+      "all-gather" in gelu_hlo, ";".join(gelu_calls), same)
 """
 
 
@@ -233,9 +315,11 @@ def test_on_a_mesh_each_device_multiplies_its_rows():
         [sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    gathered, reduced, calls, error = run.stdout.split()
+    gathered, reduced, calls, error, gelu_gathered, gelu_calls, same = run.stdout.split()
     assert (gathered, reduced) == ("False", "True"), run.stdout
     # Only the gradients are asked for: the forward product is dead code, and each device's
     # calls are the input gradient on its 80 rows and the weight gradient's partial product.
     assert calls == "f32[80,96]{1,0};f32[96,64]{1,0}", calls
     assert float(error) <= 2**-7, error  # at most one bf16 step of the gradients' size
+    # The dense layer with its GELU: each device its 80 rows, the same bits as on one device.
+    assert (gelu_gathered, gelu_calls, same) == ("False", "bf16[80,64]{1,0}", "True"), run.stdout

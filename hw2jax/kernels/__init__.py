@@ -11,7 +11,7 @@ instead, as torch's CPU SDPA does. By concern:
   :func:`cpu_flash_attention` (causal or not, forward and backward);
 - :mod:`.linear`: :func:`causal_linear_product_cpu` and :func:`linear_attention_cpu`;
 - :mod:`.matmul`: :func:`amx_matmul` and :func:`amx_batched_matmul`, bf16 products on AMX
-  tiles (CPUs with AMX-BF16).
+  tiles (CPUs with AMX-BF16), and :func:`amx_dense_gelu`, a dense layer and its GELU in one.
 
 Whether a kernel is used by default is not decided here: :mod:`hw2jax.attention.dispatch` holds
 that rule. Timings: ``benchmarks/cpu_attention_kernel.py``, ``benchmarks/results/cpu_gradients/``.
@@ -36,6 +36,7 @@ from hw2jax.kernels.linear import (
 )
 from hw2jax.kernels.matmul import (
     amx_batched_matmul,
+    amx_dense_gelu,
     amx_matmul,
     amx_matmul_unavailable_reason,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "SUPPORTED_HEAD_DIMS",
     "KernelUnavailable",
     "amx_batched_matmul",
+    "amx_dense_gelu",
     "amx_matmul",
     "amx_matmul_unavailable_reason",
     "build_error",

@@ -960,6 +960,8 @@ struct MatmulProblem {
   const uint16_t* b;         // batched: each item packs its own matrix of b
   const uint16_t* b_packed;  // one matrix: packed once for all items
   float* c;
+  uint16_t* c_gelu;          // instead of c: bf16 GELU(a b + bias), bias padded to np
+  const float* bias;
   int64_t m, n, k, kp, np;   // kp, np: K and N rounded up to 32
   bool transpose_a, transpose_b;
   int64_t batch;             // > 1: one item per matrix of the batch
@@ -1001,6 +1003,37 @@ void PackB(const uint16_t* b, int64_t k, int64_t n, bool transpose, int64_t kp, 
       }
     }
   }
+}
+
+// erf by the rational approximation XLA and Eigen use for float32 (odd degree-13 numerator,
+// even degree-8 denominator, argument clamped to [-4, 4], where erf is 1 to float precision).
+inline v16 Erf(v16 x) {
+  x = x > 4.0f ? splat(4.0f) : x;
+  x = x < -4.0f ? splat(-4.0f) : x;
+  const v16 x2 = x * x;
+  v16 p = x2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
+  p = p * x2 + -2.10102402082508e-06f;
+  p = p * x2 + -5.69250639462346e-05f;
+  p = p * x2 + -7.34990630326855e-04f;
+  p = p * x2 + -2.95459980854025e-03f;
+  p = p * x2 + -1.60960333262415e-02f;
+  v16 q = x2 * -1.45660718464996e-05f + -2.13374055278905e-04f;
+  q = q * x2 + -1.68282697438203e-03f;
+  q = q * x2 + -7.37332916720468e-03f;
+  q = q * x2 + -1.42647390514189e-02f;
+  return x * p / q;
+}
+
+// The exact (erf) GELU, BERT's and the ViT's.
+inline v16 Gelu(v16 x) { return 0.5f * x * (1.0f + Erf(x * 0.707106781186547524f)); }
+
+// float32 to bf16, rounding to nearest even as XLA's convert does.
+inline void RoundToBf16(v16 x, uint16_t* out) {
+  typedef uint32_t vu16 __attribute__((vector_size(64)));
+  vu16 bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const vu16 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  for (int i = 0; i < kLanes; ++i) out[i] = static_cast<uint16_t>(rounded[i]);
 }
 
 // The four accumulator tiles (0-3) as a 32 x 32 block of floats at c, ld floats apart, and back.
@@ -1111,10 +1144,25 @@ class AmxRowBlocks {
   // edges).
   void Store(int64_t m0, int64_t rows, int64_t n0) {
     const int64_t cols = std::min<int64_t>(32, p_.n - n0);
+    if (p_.c_gelu != nullptr) return StoreGelu(m0, rows, n0, cols);
     if (rows == 32 && cols == 32) return StoreBlock(c_base_ + m0 * p_.n + n0, p_.n);
     StoreBlock(tail_.ptr, 32);
     for (int64_t r = 0; r < rows; ++r)
       std::memcpy(c_base_ + (m0 + r) * p_.n + n0, tail_.ptr + r * 32, cols * 4);
+  }
+
+  // The same block as bf16 GELU(c + bias), while it is in L1: the float32 product never
+  // reaches memory.
+  void StoreGelu(int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
+    StoreBlock(tail_.ptr, 32);
+    uint16_t half[kLanes];
+    for (int64_t r = 0; r < rows; ++r) {
+      uint16_t* out = p_.c_gelu + (m0 + r) * p_.n + n0;
+      for (int64_t h = 0; h < cols; h += kLanes) {
+        RoundToBf16(Gelu(load(tail_.ptr + r * 32 + h) + load(p_.bias + n0 + h)), half);
+        std::memcpy(out + h, half, std::min<int64_t>(kLanes, cols - h) * 2);
+      }
+    }
   }
 
   // Rows m0 .. m0 + rows of op(a), columns k0 .. k0 + kc, as 32 rows of kChunk values, zeros
@@ -1139,6 +1187,31 @@ class AmxRowBlocks {
   const uint16_t* b_base_ = nullptr;
   float* c_base_ = nullptr;
 };
+
+// Packs b (one matrix) and runs the items on the calling thread and XLA's pool.
+ffi::Error Multiply(ffi::ThreadPool& pool, MatmulProblem p) {
+  const int64_t blocks = (p.m + 31) / 32, threads = std::max<int64_t>(1, pool.num_threads());
+  Aligned packed(p.batch == 1 ? (p.kp * p.np * 2 + 3) / 4 : 0);
+  if (p.batch == 1) {
+    PackB(p.b, p.k, p.n, p.transpose_b, p.kp, p.np, reinterpret_cast<uint16_t*>(packed.ptr));
+    p.b_packed = reinterpret_cast<const uint16_t*>(packed.ptr);
+    // Items of up to kItemRows rows, but at least one per thread where c has the rows.
+    p.item_rows = 32 * std::clamp<int64_t>(blocks / threads, 1, kItemRows / 32);
+    p.items = (p.m + p.item_rows - 1) / p.item_rows;
+  } else {
+    p.item_rows = 32 * std::min<int64_t>(blocks, kItemRows / 32);
+    p.items = p.batch;
+  }
+  auto job = std::make_shared<Job<MatmulProblem>>();
+  job->problem = p;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, p.items - 1);
+  for (int64_t i = 0; i < helpers; ++i)
+    pool.Schedule([job] { DrainJob<AmxRowBlocks, 0, MatmulProblem>(*job); });
+  DrainJob<AmxRowBlocks, 0, MatmulProblem>(*job);
+  std::unique_lock<std::mutex> lock(job->mu);
+  job->cv.wait(lock, [&] { return job->done.load() == job->problem.items; });
+  return ffi::Error::Success();
+}
 
 #else
 bool AmxPermitted() { return false; }
@@ -1177,27 +1250,42 @@ ffi::Error MatmulCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffe
   p.c = c->typed_data();
   p.transpose_a = transpose_a != 0;
   p.transpose_b = transpose_b != 0;
-  const int64_t blocks = (p.m + 31) / 32, threads = std::max<int64_t>(1, pool.num_threads());
-  Aligned packed(p.batch == 1 ? (p.kp * p.np * 2 + 3) / 4 : 0);
-  if (p.batch == 1) {
-    PackB(p.b, p.k, p.n, p.transpose_b, p.kp, p.np, reinterpret_cast<uint16_t*>(packed.ptr));
-    p.b_packed = reinterpret_cast<const uint16_t*>(packed.ptr);
-    // Items of up to kItemRows rows, but at least one per thread where c has the rows.
-    p.item_rows = 32 * std::clamp<int64_t>(blocks / threads, 1, kItemRows / 32);
-    p.items = (p.m + p.item_rows - 1) / p.item_rows;
-  } else {
-    p.item_rows = 32 * std::min<int64_t>(blocks, kItemRows / 32);
-    p.items = p.batch;
-  }
-  auto job = std::make_shared<Job<MatmulProblem>>();
-  job->problem = p;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, p.items - 1);
-  for (int64_t i = 0; i < helpers; ++i)
-    pool.Schedule([job] { DrainJob<AmxRowBlocks, 0, MatmulProblem>(*job); });
-  DrainJob<AmxRowBlocks, 0, MatmulProblem>(*job);
-  std::unique_lock<std::mutex> lock(job->mu);
-  job->cv.wait(lock, [&] { return job->done.load() == job->problem.items; });
-  return ffi::Error::Success();
+  return Multiply(pool, p);
+#endif
+}
+
+// bf16 GELU(a b + bias) for a [M, K], b [K, N] and a float32 bias [N]: the dense layer before
+// BERT's and the ViT's GELU, the product's float32 result kept in L1.
+ffi::Error MatmulGeluCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a,
+                          ffi::Buffer<ffi::BF16> b, ffi::Buffer<ffi::F32> bias,
+                          ffi::ResultBuffer<ffi::BF16> c) {
+#ifndef HW2JAX_AMX
+  return ffi::Error(ffi::ErrorCode::kUnavailable, "this kernel build has no AMX-BF16");
+#else
+  if (!AmxPermitted())
+    return ffi::Error(ffi::ErrorCode::kUnavailable, "Linux refused this process AMX's tiles");
+  const auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
+  if (da.size() != 2 || db.size() != 2 || dc.size() != 2 || bias.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument("a, b and c must be 2-D and the bias 1-D");
+  MatmulProblem p{};
+  p.batch = 1;
+  p.m = da[0];
+  p.k = da[1];
+  p.n = db[1];
+  if (db[0] != p.k || dc[0] != p.m || dc[1] != p.n || bias.dimensions()[0] != p.n)
+    return ffi::Error::InvalidArgument("the shapes of a, b, the bias and c do not match");
+  if (p.k == 0) return ffi::Error::InvalidArgument("the contracted axis is empty");
+  if (p.m == 0 || p.n == 0) return ffi::Error::Success();
+  p.kp = (p.k + 31) / 32 * 32;
+  p.np = (p.n + 31) / 32 * 32;
+  Aligned padded(p.np);  // loads of 16 past N stay inside
+  std::memset(padded.ptr, 0, p.np * 4);
+  std::memcpy(padded.ptr, bias.typed_data(), p.n * 4);
+  p.a = reinterpret_cast<const uint16_t*>(a.typed_data());
+  p.b = reinterpret_cast<const uint16_t*>(b.typed_data());
+  p.c_gelu = reinterpret_cast<uint16_t*>(c->typed_data());
+  p.bias = padded.ptr;
+  return Multiply(pool, p);
 #endif
 }
 
@@ -1296,6 +1384,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAmxMatmul, MatmulCall,
                                   .Attr<int32_t>("transpose_a")
                                   .Attr<int32_t>("transpose_b")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // c
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAmxMatmulGelu, MatmulGeluCall,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // a
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // b
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
+                                  .Ret<ffi::Buffer<ffi::BF16>>());  // c
 
 // 1 where the bf16 matmul can run here (built with AMX-BF16, and Linux lets this process use
 // the tiles), else 0: checked from Python before the kernel is chosen.

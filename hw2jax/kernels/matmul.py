@@ -184,3 +184,78 @@ def amx_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     lead = a.shape[:-1]
     out = _matmul(a.reshape(-1, a.shape[-1]), b, False, False)
     return out.reshape(*lead, b.shape[1])
+
+
+def _gelu_product(a: jax.Array, b: jax.Array, bias: jax.Array) -> jax.Array:
+    """bf16 GELU(a . b + bias) for 2-D a and b, in one call."""
+    call = jax.ffi.ffi_call(
+        TARGETS["amx_matmul_gelu"][1],
+        jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.bfloat16),
+        vmap_method="sequential",
+    )
+    return call(a, b, bias)
+
+
+@functools.cache
+def _partitioned_gelu():
+    """:func:`_gelu_product` on a mesh: each device takes its rows of a, all of b and the bias."""
+
+    def shardings(mesh, arg_shapes):
+        spec = arg_shapes[0].sharding.spec
+        rows = NamedSharding(mesh, PartitionSpec(spec[0] if len(spec) > 0 else None, None))
+        whole = NamedSharding(mesh, PartitionSpec(None, None))
+        return (rows, whole, NamedSharding(mesh, PartitionSpec(None))), rows
+
+    def partition(mesh, arg_shapes, result_shape):
+        args, out = shardings(mesh, arg_shapes)
+        return mesh, _gelu_product, out, args
+
+    sharded = custom_partitioning(_gelu_product)
+    sharded.def_partition(
+        partition,
+        infer_sharding_from_operands=lambda mesh, arg_shapes, _: shardings(mesh, arg_shapes)[1],
+        sharding_rule="m k, k n, n -> m n",
+        need_replication_factors=("k", "n"),
+    )
+    return sharded
+
+
+def _gelu_unfused(a, b, bias):
+    """The same in steps: the float32 product, the bias, GELU, then bf16."""
+    return jax.nn.gelu(_matmul(a, b, False, False) + bias, approximate=False).astype(jnp.bfloat16)
+
+
+@jax.custom_vjp
+def _dense_gelu(a, b, bias):
+    return _partitioned_gelu()(a, b, bias)
+
+
+def _dense_gelu_fwd(a, b, bias):
+    # Differentiated, the step keeps its float32 pre-activation for GELU's derivative.
+    return jax.vjp(_gelu_unfused, a, b, bias)
+
+
+_dense_gelu.defvjp(_dense_gelu_fwd, lambda vjp, g: vjp(g))
+
+
+def amx_dense_gelu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """``gelu(x @ kernel + bias)`` (exact, erf) rounded to bf16, the dense layer before a GELU
+    in one call: the float32 product is biased, activated and rounded while it is in cache,
+    never written out. Differentiated, it runs as :func:`amx_matmul` followed by XLA's GELU.
+
+    x: bfloat16 ``[..., K]``; kernel: bfloat16 ``[K, N]``; bias: ``[N]``, added in float32.
+    Raises :class:`KernelUnavailable` where :func:`amx_matmul_unavailable_reason` gives one."""
+    _check_bf16("amx_dense_gelu", x, kernel)
+    if kernel.ndim != 2 or x.ndim < 1 or x.shape[-1] != kernel.shape[0] or x.shape[-1] == 0:
+        raise InputError(
+            f"amx_dense_gelu wants x [..., K] and kernel [K, N] with K > 0; got {x.shape} and "
+            f"{kernel.shape}."
+        )
+    if bias.shape != (kernel.shape[1],):
+        raise InputError(
+            f"amx_dense_gelu wants a bias of shape ({kernel.shape[1]},); got {bias.shape}."
+        )
+    _check_available()
+    lead = x.shape[:-1]
+    out = _dense_gelu(x.reshape(-1, x.shape[-1]), kernel, bias.astype(jnp.float32))
+    return out.reshape(*lead, kernel.shape[1])

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from hw2jax import kernels
+from hw2jax.attention import dispatch
 from hw2jax.attention.key_bias import key_bias_attention, resolve, timed_paths
 from hw2jax.errors import InputError, MissingFileError
 from hw2jax.models import bert_params
@@ -69,6 +71,32 @@ def _dense(features: int, cfg_init: float = 0.02, name: str | None = None, dtype
         name=name,
         dot_general=dot_float32_out,
     )
+
+
+class _DenseActivation(nn.Module):
+    """``activation(Dense(x))`` with nn.Dense's parameters (kernel, bias) and arithmetic. Where
+    the dense product would run on AMX tiles (bf16, :func:`hw2jax.attention.dispatch.
+    dense_product`), the exact GELU runs inside the same call (:func:`hw2jax.kernels.
+    amx_dense_gelu`): its float32 input never goes to memory, and its output is bf16, which the
+    next dense layer takes anyway."""
+
+    features: int
+    activation: str
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        dims = (((x.ndim - 1,), (0,)), ((), ()))
+        if (
+            self.activation == "gelu"
+            and dispatch.dense_product(x, kernel, dims, kernels.amx_matmul_unavailable_reason)
+            == "amx"
+        ):
+            return kernels.amx_dense_gelu(x, kernel, bias)
+        return _ACTIVATIONS[self.activation](dot_float32_out(x, kernel, dims) + bias)
 
 
 def _layer_norm(config: BertConfig, name: str, dtype=None) -> nn.LayerNorm:
@@ -146,9 +174,9 @@ class BertLayer(nn.Module):
         h = _dense(c.hidden_size, name="attention_output_dense", dtype=self.dtype)(ctx)
         h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
         x = _layer_norm(c, "attention_output_LayerNorm", self.dtype)(x + h)
-        h = _ACTIVATIONS[c.hidden_act](
-            _dense(c.intermediate_size, name="intermediate_dense", dtype=self.dtype)(x)
-        )
+        h = _DenseActivation(
+            c.intermediate_size, c.hidden_act, self.dtype, name="intermediate_dense"
+        )(x)
         h = _dense(c.hidden_size, name="output_dense", dtype=self.dtype)(h)
         h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
         return _layer_norm(c, "output_LayerNorm", self.dtype)(x + h)
