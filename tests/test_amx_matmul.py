@@ -174,7 +174,7 @@ def test_dense_gelu_gradients_match_float64():
 
 
 @needs_amx
-def test_bert_in_bf16_runs_its_gelu_in_the_kernel_and_agrees_with_xla(monkeypatch):
+def test_bert_in_bf16_runs_its_gelu_and_attention_on_the_tiles_and_agrees_with_xla(monkeypatch):
     from hw2jax.models import bert
 
     config = bert.BertConfig(
@@ -185,7 +185,7 @@ def test_bert_in_bf16_runs_its_gelu_in_the_kernel_and_agrees_with_xla(monkeypatc
         intermediate_size=160,
         max_position_embeddings=32,
     )
-    model = bert.BertModel(config, jnp.bfloat16, "xla")
+    model = bert.BertModel(config, jnp.bfloat16, "fused_cpu")
     ids = jax.random.randint(jax.random.key(0), (2, 24), 1, 100)
     params = model.init(jax.random.key(1), ids)["params"]
 
@@ -197,8 +197,75 @@ def test_bert_in_bf16_runs_its_gelu_in_the_kernel_and_agrees_with_xla(monkeypatc
     monkeypatch.setenv(dispatch.MATMUL_ENV, "amx")  # these products are below the size rule
     lowered = apply(params, ids)
     assert lowered.as_text().count("hw2jax_cpu_amx_matmul_gelu") == 1, "the intermediate layer"
+    assert lowered.as_text().count("hw2jax_cpu_amx_attention") == 1
     via_amx = lowered.compile()(params, ids)
     np.testing.assert_allclose(f64(via_amx), f64(via_xla), atol=0.05)  # bf16 steps, layer norm
+
+
+def attention64(q, k, v, key_bias):
+    """softmax(q k^T / sqrt(D) + key_bias) v in float64, one (sequence, head) at a time."""
+    q, k, v = f64(q), f64(k), f64(v)
+    out = np.zeros_like(q)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[2]):
+            s = q[b, :, h] @ k[b, :, h].T / math.sqrt(q.shape[-1]) + f64(key_bias[b])
+            p = np.exp(s - s.max(-1, keepdims=True))
+            out[b, :, h] = (p / p.sum(-1, keepdims=True)) @ v[b, :, h]
+    return out
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    "b,t,h,d", [(2, 37, 3, 32), (1, 100, 2, 64), (1, 70, 1, 16), (1, 5, 2, 48)]
+)
+def test_bf16_attention_matches_float64(b, t, h, d):
+    # Keys past 64 and query rows past 16 are padding, D is padded to 32; a fifth of the keys
+    # masked by finfo.min, as BERT masks padding.
+    keys = jax.random.split(jax.random.key(t * d), 4)
+    q, k, v = (jax.random.normal(x, (b, t, h, d)).astype(jnp.bfloat16) for x in keys[:3])
+    masked = jax.random.uniform(keys[3], (b, t)) < 0.2
+    key_bias = jnp.where(masked, jnp.finfo(jnp.float32).min, 0.0)
+    out = kernels.amx_attention(q, k, v, key_bias)
+    assert out.dtype == jnp.float32 and out.shape == (b, t, h, d)
+    want = attention64(q, k, v, key_bias)
+    # The probabilities are rounded to bf16 before they multiply v: about 2^-9 of each term.
+    np.testing.assert_allclose(f64(out), want, atol=2**-7 * np.abs(want).max())
+
+
+@needs_amx
+def test_bert_attention_in_bf16_takes_the_tiles_and_its_gradient_is_the_float32_one(monkeypatch):
+    from hw2jax.attention.key_bias import key_bias_attention
+
+    keys = jax.random.split(jax.random.key(5), 4)
+    q, k, v = (jax.random.normal(x, (2, 40, 2, 32)).astype(jnp.bfloat16) for x in keys[:3])
+    key_bias = jnp.where(jnp.arange(40) < 33, 0.0, jnp.finfo(jnp.float32).min)[None].repeat(2, 0)
+    g = jax.random.normal(keys[3], (2, 40, 2, 32))
+
+    def loss(q, k, v):
+        out = key_bias_attention(q, k, v, key_bias, scale=0.2, implementation="fused_cpu")
+        return jnp.sum(g * out)
+
+    monkeypatch.setenv(dispatch.MATMUL_ENV, "amx")  # this one is below the size rule
+    assert "hw2jax_cpu_amx_attention" in jax.jit(lambda q: loss(q, k, v)).lower(q).as_text()
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    monkeypatch.setenv(dispatch.MATMUL_ENV, "xla")  # upcast to float32, the kernel before
+    assert "amx" not in jax.jit(lambda k: loss(q, k, v)).lower(k).as_text()
+    upcast = jax.jit(jax.grad(lambda *x: loss(*x), argnums=(0, 1, 2)))(q, k, v)
+    for got, want in zip(grads, upcast, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_the_row_attention_rule_takes_amx_for_bf16_on_amx_cpus_only():
+    rule = dispatch.bf16_row_attention
+    cpu_amx = dispatch.Machine("cpu", kernel_features=AMX)
+    bert = (32, 256, 12, 32)
+    assert rule(bert, jnp.bfloat16, lambda: None, cpu_amx) == "amx"
+    assert rule(bert, jnp.float32, lambda: None, cpu_amx) == "float32"
+    assert rule((32, 256, 12, 40), jnp.bfloat16, lambda: None, cpu_amx) == "float32"
+    assert rule((1, 8, 1, 32), jnp.bfloat16, lambda: None, cpu_amx) == "float32"  # small
+    no_amx = dispatch.Machine("cpu", kernel_features=NO_AMX)
+    assert rule(bert, jnp.bfloat16, lambda: None, no_amx) == "float32"
+    assert rule(bert, jnp.bfloat16, lambda: "Linux refused the tiles", cpu_amx) == "float32"
 
 
 def test_the_rule_takes_amx_only_for_big_bf16_dense_products_on_amx_cpus():
@@ -273,6 +340,11 @@ def test_bad_operands_get_clear_errors():
         kernels.amx_dense_gelu(x[:, :0], w[:0], jnp.zeros(6))
     with pytest.raises(InputError, match="bfloat16 arrays"):
         kernels.amx_dense_gelu(x.astype(jnp.float32), w, jnp.zeros(6))
+    qkv = jnp.zeros((1, 8, 2, 32), jnp.bfloat16)
+    with pytest.raises(InputError, match=r"takes bfloat16 q, k, v.*cpu_attention"):
+        kernels.amx_attention(qkv.astype(jnp.float32), qkv, qkv)
+    with pytest.raises(InputError, match="head dim must be one of"):
+        kernels.amx_attention(qkv[..., :20], qkv[..., :20], qkv[..., :20])
 
 
 _SHARDED = """

@@ -279,6 +279,21 @@ def batched_product(
     return _amx_or_xla(fits, macs, amx_reason, machine)
 
 
+def bf16_row_attention(
+    shape: tuple, dtype, amx_reason: Reason, machine: Machine | None = None
+) -> str:
+    """How the fused row kernel (BERT's attention) takes q, k, v of ``shape`` [B, T, heads, D]
+    and ``dtype``: ``"amx"`` (:func:`hw2jax.kernels.amx_attention`: bf16 on the tiles) or
+    ``"float32"`` (upcast, :func:`hw2jax.kernels.cpu_attention`). bf16 inputs take the tiles by
+    :func:`dense_product`'s rule (a CPU with AMX-BF16, ``AMX_MIN_MACS``) and
+    ``$HW2JAX_MATMUL``: MiniLM's attention ran 22 ms there against 30 upcast
+    (benchmarks/results/amx_xeon/)."""
+    batch, t, heads, dim = shape
+    fits = jnp.dtype(dtype) == jnp.bfloat16 and dim % 16 == 0 and 16 <= dim <= 128
+    path = _amx_or_xla(fits, 2 * batch * heads * t * t * dim, amx_reason, machine)
+    return "amx" if path == "amx" else "float32"
+
+
 def _amx_or_xla(fits: bool, macs: int, amx_reason: Reason, machine: Machine | None) -> str:
     """The AMX kernel for a product of its form (``fits``): forced by ``$HW2JAX_MATMUL=amx``,
     else from ``AMX_MIN_MACS`` multiply-adds on a CPU with AMX-BF16."""

@@ -32,8 +32,9 @@ def key_bias_attention(
 
     ``implementation``: ``"xla"`` (heads next to the batch: faster on CPU than einsums over
     [B, T, heads, D]; pass q already scaled and ``scale=1`` to spare a pass over the T x T
-    scores), ``"fused_cpu"`` (the row kernel, :func:`hw2jax.kernels.cpu_attention`, float32;
-    no dropout, since it keeps no probabilities; gradients by the XLA formula) or ``"auto"``
+    scores), ``"fused_cpu"`` (the row kernel, :func:`hw2jax.kernels.cpu_attention`, float32,
+    or for bf16 on AMX tiles :func:`hw2jax.kernels.amx_attention`; no dropout, since it keeps
+    no probabilities; gradients by the XLA formula) or ``"auto"``
     (:func:`hw2jax.attention.dispatch.key_bias`).
     """
     q, k, v = check_qkv(q, k, v, causal=False)
@@ -47,7 +48,12 @@ def key_bias_attention(
     if implementation == "fused_cpu":
         if key_bias is None:
             key_bias = jnp.zeros(q.shape[:2], jnp.float32)
-        return _fused(q, k, v, key_bias.astype(jnp.float32), float(scale))
+        key_bias = key_bias.astype(jnp.float32)
+        path = dispatch.bf16_row_attention(q.shape, q.dtype, kernels.amx_matmul_unavailable_reason)
+        if path == "amx":
+            return _fused_amx(q, k, v, key_bias, float(scale))
+        q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+        return _fused(q, k, v, key_bias, float(scale))
     return _xla(q * scale if scale != 1.0 else q, k, v, key_bias, dropout)
 
 
@@ -74,15 +80,12 @@ def resolve(
 
 def timed_paths(shape: tuple, dtype, scale: float) -> dispatch.Measure:
     """The paths auto times for q, k and v of ``shape`` and ``dtype`` ([B, T, heads, D]): the
-    fused kernel on them cast to float32, as BERT casts them, or XLA's form on them as they
-    are."""
+    fused kernel (bf16 on AMX tiles, or upcast) or XLA's form, on them as they are."""
     qkv = jax.ShapeDtypeStruct(shape, dtype)
     bias = jax.ShapeDtypeStruct(shape[:2], jnp.float32)
 
     def run(path: str):
         def attend(q, k, v, key_bias):
-            if path == "fused_cpu":
-                q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
             return key_bias_attention(q, k, v, key_bias, scale=scale, implementation=path)
 
         return attend
@@ -126,3 +129,20 @@ def _fused_bwd(scale, residuals, grad):
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _upcast_fused(q, k, v, key_bias, scale):
+    return _fused(*(t.astype(jnp.float32) for t in (q, k, v)), key_bias, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_amx(q, k, v, key_bias, scale):
+    return kernels.amx_attention(q, k, v, key_bias, scale=scale)
+
+
+def _fused_amx_fwd(q, k, v, key_bias, scale):
+    # Differentiated, the step runs the float32 kernel (and its gradient) on q, k, v upcast.
+    return jax.vjp(functools.partial(_upcast_fused, scale=scale), q, k, v, key_bias)
+
+
+_fused_amx.defvjp(_fused_amx_fwd, lambda scale, vjp, g: vjp(g))

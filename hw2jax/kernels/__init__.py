@@ -7,7 +7,8 @@ instead, as torch's CPU SDPA does. By concern:
 
 - :mod:`.build`: compiling the C++ source for this CPU, caching and loading it;
 - :mod:`.ffi`: the FFI targets as jax functions (vmap, sharding rules);
-- :mod:`.softmax`: :func:`cpu_attention` (the row kernel, a key bias, forward only: BERT's) and
+- :mod:`.softmax`: :func:`cpu_attention` (the row kernel, a key bias, forward only: BERT's; in
+  bf16 on AMX tiles, :func:`amx_attention`) and
   :func:`cpu_flash_attention` (causal or not, forward and backward);
 - :mod:`.linear`: :func:`causal_linear_product_cpu` and :func:`linear_attention_cpu`;
 - :mod:`.matmul`: :func:`amx_matmul` and :func:`amx_batched_matmul`, bf16 products on AMX
@@ -40,11 +41,12 @@ from hw2jax.kernels.matmul import (
     amx_matmul,
     amx_matmul_unavailable_reason,
 )
-from hw2jax.kernels.softmax import cpu_attention, cpu_flash_attention
+from hw2jax.kernels.softmax import amx_attention, cpu_attention, cpu_flash_attention
 
 __all__ = [
     "SUPPORTED_HEAD_DIMS",
     "KernelUnavailable",
+    "amx_attention",
     "amx_batched_matmul",
     "amx_dense_gelu",
     "amx_matmul",

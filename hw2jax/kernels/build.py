@@ -34,6 +34,7 @@ TARGETS = {
     "dense_backward": ("Hw2jaxCpuDenseLinearBackward", "hw2jax_cpu_dense_linear_backward"),
     "amx_matmul": ("Hw2jaxCpuAmxMatmul", "hw2jax_cpu_amx_matmul"),
     "amx_matmul_gelu": ("Hw2jaxCpuAmxMatmulGelu", "hw2jax_cpu_amx_matmul_gelu"),
+    "amx_attention": ("Hw2jaxCpuAmxAttention", "hw2jax_cpu_amx_attention"),
 }
 SUPPORTED_HEAD_DIMS = tuple(range(16, 129, 16))  # the kernel's compiled variants
 

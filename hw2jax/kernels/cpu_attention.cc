@@ -285,8 +285,8 @@ void (*DrainFor(int64_t d))(Job<Problem>&) {
 
 // Runs Worker<D / 16> over the (sequence, head) items of a [N, T, H, D] input `x`, on the
 // calling thread and XLA's pool; fills in the problem's sizes.
-template <template <int> class Worker, class Problem>
-ffi::Error RunItems(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, Problem problem) {
+template <template <int> class Worker, class Problem, ffi::DataType kType>
+ffi::Error RunItems(ffi::ThreadPool& pool, ffi::Buffer<kType>& x, Problem problem) {
   const auto dims = x.dimensions();
   if (dims.size() < 3) return ffi::Error::InvalidArgument("inputs must be [..., T, heads, D]");
   const int64_t d = dims[dims.size() - 1], h = dims[dims.size() - 2], t = dims[dims.size() - 3];
@@ -969,6 +969,14 @@ struct MatmulProblem {
   int64_t items;
 };
 
+struct AmxAttentionProblem {  // softmax(scale q k^T + key_bias) v, bf16 q, k, v
+  const uint16_t *q, *k, *v;
+  const float* key_bias;
+  float* out;
+  int64_t items, t, h, d;  // items = N * H
+  float scale;
+};
+
 #ifdef HW2JAX_AMX
 // Linux hands out AMX's 8 KiB of tile state only to processes that ask (once per process).
 bool AmxPermitted() {
@@ -1029,11 +1037,18 @@ inline v16 Gelu(v16 x) { return 0.5f * x * (1.0f + Erf(x * 0.707106781186547524f
 
 // float32 to bf16, rounding to nearest even as XLA's convert does.
 inline void RoundToBf16(v16 x, uint16_t* out) {
+#ifdef __AVX512BF16__
+  __m512 packed;
+  std::memcpy(&packed, &x, sizeof packed);
+  const __m256bh rounded = _mm512_cvtneps_pbh(packed);  // one instruction, the same rounding
+  std::memcpy(out, &rounded, 32);
+#else
   typedef uint32_t vu16 __attribute__((vector_size(64)));
   vu16 bits;
   std::memcpy(&bits, &x, sizeof bits);
   const vu16 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
   for (int i = 0; i < kLanes; ++i) out[i] = static_cast<uint16_t>(rounded[i]);
+#endif
 }
 
 // The four accumulator tiles (0-3) as a 32 x 32 block of floats at c, ld floats apart, and back.
@@ -1188,6 +1203,148 @@ class AmxRowBlocks {
   float* c_base_ = nullptr;
 };
 
+// BERT's attention in bf16, one (sequence, head) per item: q, k and v packed into tiles, then
+// per 16 query rows the scores on the tiles, the softmax with the key bias in float32, the
+// probabilities rounded to bf16 (as torch's bf16 attention rounds them) and multiplied by v on
+// the tiles. Keys are padded to 64 with a bias of -inf, the head dim to 32 with zeros.
+template <int kVecs>  // D / 16
+class AmxRowAttention {
+ public:
+  explicit AmxRowAttention(const AmxAttentionProblem& p)
+      : p_(p),
+        tp_((p.t + 63) / 64 * 64),
+        dp_((p.d + 31) / 32 * 32),
+        q_((tp_ * dp_ + 1) / 2),
+        kt_((tp_ * dp_ + 1) / 2),
+        v_((tp_ * p.d + 1) / 2),
+        pr_(16 * tp_ / 2),
+        s_(16 * tp_),
+        o_(16 * p.d),
+        bias_(tp_) {
+    TileConfig config;
+    for (int t = 0; t < 8; ++t) {
+      config.rows[t] = 16;
+      config.bytes_per_row[t] = 64;
+    }
+    _tile_loadconfig(&config);
+  }
+  ~AmxRowAttention() { _tile_release(); }
+
+  void Run(int64_t item) {
+    const int64_t n = item / p_.h, head = item % p_.h, t = p_.t, d = p_.d, row = p_.h * d;
+    const int64_t base = (n * t * p_.h + head) * d;  // element (n, 0, head, 0)
+    Pack(p_.q + base, p_.k + base, p_.v + base, row);
+    for (int64_t j = 0; j < tp_; ++j)
+      bias_.ptr[j] = j < t ? p_.key_bias[n * t + j] : -INFINITY;
+    for (int64_t q0 = 0; q0 < t; q0 += 16) {
+      Scores(q0);
+      float inv_sum[16];
+      Softmax(inv_sum);
+      Values();
+      for (int64_t r = 0; r < std::min<int64_t>(16, t - q0); ++r) {
+        float* out = p_.out + base + (q0 + r) * row;
+        for (int64_t c = 0; c < d; ++c) out[c] = o_.ptr[r * d + c] * inv_sum[r];
+      }
+    }
+  }
+
+ private:
+  uint16_t* Half(const Aligned& a) const { return reinterpret_cast<uint16_t*>(a.ptr); }
+
+  // q as [tp, dp] rows; k as the B tiles of its transpose (16 keys x 32 of D, in pairs along
+  // D); v as the B tiles of [32 keys x 16 of D] (in pairs along keys); zeros past the ends.
+  void Pack(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t row) {
+    const int64_t t = p_.t, d = p_.d, chunks = dp_ / 32, blocks = d / 16;
+    uint16_t *qp = Half(q_), *kp = Half(kt_), *vp = Half(v_);
+    std::memset(qp, 0, tp_ * dp_ * 2);
+    std::memset(kp, 0, tp_ * dp_ * 2);
+    std::memset(vp, 0, tp_ * d * 2);
+    // Pairs of bf16 move as one 32-bit word: k's pairs along D, v's pairs of keys.
+    uint32_t *kt32 = reinterpret_cast<uint32_t*>(kp), *vt32 = reinterpret_cast<uint32_t*>(vp);
+    for (int64_t j = 0; j < t; ++j) {
+      std::memcpy(qp + j * dp_, q + j * row, d * 2);
+      uint32_t pairs[64];  // d / 2 <= 64
+      std::memcpy(pairs, k + j * row, d * 2);
+      uint32_t* kt = kt32 + (j / 16) * chunks * 256 + (j % 16);
+      for (int64_t c = 0; c < d / 2; ++c) kt[(c / 16) * 256 + (c % 16) * 16] = pairs[c];
+    }
+    for (int64_t j = 0; j < t; j += 2) {
+      const uint16_t* even = v + j * row;
+      const uint16_t* odd = j + 1 < t ? even + row : nullptr;
+      uint32_t* vt = vt32 + (j / 32) * blocks * 256 + ((j % 32) / 2) * 16;
+      for (int64_t c = 0; c < d; ++c)
+        vt[(c / 16) * 256 + (c % 16)] = even[c] | (odd ? uint32_t(odd[c]) << 16 : 0u);
+    }
+  }
+
+  // The 16 x tp scores of query rows q0.., four blocks of 16 keys at a time.
+  void Scores(int64_t q0) {
+    const int64_t chunks = dp_ / 32;
+    const uint16_t* qp = Half(q_) + q0 * dp_;
+    for (int64_t k0 = 0; k0 < tp_; k0 += 64) {
+      const uint16_t* kt = Half(kt_) + (k0 / 16) * chunks * 512;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t c = 0; c < chunks; ++c) {
+        _tile_loadd(4, qp + c * 32, dp_ * 2);
+        _tile_loadd(5, kt + c * 512, 64);
+        _tile_loadd(6, kt + (chunks + c) * 512, 64);
+        _tile_loadd(7, kt + (2 * chunks + c) * 512, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_loadd(5, kt + (3 * chunks + c) * 512, 64);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+      _tile_stored(0, s_.ptr + k0, tp_ * 4);
+      _tile_stored(1, s_.ptr + k0 + 16, tp_ * 4);
+      _tile_stored(2, s_.ptr + k0 + 32, tp_ * 4);
+      _tile_stored(3, s_.ptr + k0 + 48, tp_ * 4);
+    }
+  }
+
+  // Each row's exp(scale s + bias - max) into pr_ as bf16, and 1 / its float32 sum.
+  void Softmax(float* inv_sum) {
+    for (int r = 0; r < 16; ++r) {
+      float* row = s_.ptr + r * tp_;
+      v16 m = splat(-INFINITY);
+      for (int64_t j = 0; j < tp_; j += kLanes) {
+        const v16 x = load(row + j) * p_.scale + load(bias_.ptr + j);
+        store(row + j, x);
+        m = x > m ? x : m;
+      }
+      const v16 mx = splat(hmax(m));
+      v16 sum = splat(0.0f);
+      for (int64_t j = 0; j < tp_; j += kLanes) {
+        const v16 e = exp_nonpositive(load(row + j) - mx);
+        sum += e;
+        RoundToBf16(e, Half(pr_) + r * tp_ + j);
+      }
+      inv_sum[r] = 1.0f / hsum(sum);
+    }
+  }
+
+  // The 16 x d products of the rounded probabilities and v, 16 columns at a time.
+  void Values() {
+    const int64_t blocks = p_.d / 16;
+    for (int64_t b = 0; b < blocks; ++b) {
+      _tile_zero(0);
+      for (int64_t k0 = 0; k0 < tp_; k0 += 32) {
+        _tile_loadd(4, Half(pr_) + k0, tp_ * 2);
+        _tile_loadd(5, Half(v_) + ((k0 / 32) * blocks + b) * 512, 64);
+        _tile_dpbf16ps(0, 4, 5);
+      }
+      _tile_stored(0, o_.ptr + b * 16, p_.d * 4);
+    }
+  }
+
+  const AmxAttentionProblem& p_;
+  const int64_t tp_, dp_;
+  Aligned q_, kt_, v_, pr_, s_, o_, bias_;
+};
+
 // Packs b (one matrix) and runs the items on the calling thread and XLA's pool.
 ffi::Error Multiply(ffi::ThreadPool& pool, MatmulProblem p) {
   const int64_t blocks = (p.m + 31) / 32, threads = std::max<int64_t>(1, pool.num_threads());
@@ -1251,6 +1408,32 @@ ffi::Error MatmulCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffe
   p.transpose_a = transpose_a != 0;
   p.transpose_b = transpose_b != 0;
   return Multiply(pool, p);
+#endif
+}
+
+ffi::Error AmxAttentionCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q,
+                            ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v,
+                            ffi::Buffer<ffi::F32> key_bias, float scale,
+                            ffi::ResultBuffer<ffi::F32> out) {
+#ifndef HW2JAX_AMX
+  return ffi::Error(ffi::ErrorCode::kUnavailable, "this kernel build has no AMX-BF16");
+#else
+  if (!AmxPermitted())
+    return ffi::Error(ffi::ErrorCode::kUnavailable, "Linux refused this process AMX's tiles");
+  const auto dims = q.dimensions();
+  if (dims.size() < 3) return ffi::Error::InvalidArgument("q must be [..., T, heads, D]");
+  const int64_t d = dims[dims.size() - 1], h = dims[dims.size() - 2];
+  if (k.element_count() != q.element_count() || v.element_count() != q.element_count())
+    return ffi::Error::InvalidArgument("q, k and v must have the same shape");
+  if (q.element_count() != 0 && key_bias.element_count() != q.element_count() / (h * d))
+    return ffi::Error::InvalidArgument("key_bias must be [..., T]");
+  AmxAttentionProblem p{reinterpret_cast<const uint16_t*>(q.typed_data()),
+                        reinterpret_cast<const uint16_t*>(k.typed_data()),
+                        reinterpret_cast<const uint16_t*>(v.typed_data()),
+                        key_bias.typed_data(),
+                        out->typed_data(),
+                        0, 0, 0, 0, scale};
+  return RunItems<AmxRowAttention>(pool, q, p);
 #endif
 }
 
@@ -1384,6 +1567,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAmxMatmul, MatmulCall,
                                   .Attr<int32_t>("transpose_a")
                                   .Attr<int32_t>("transpose_b")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // c
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAmxAttention, AmxAttentionCall,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // q
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // k
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // key_bias
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAmxMatmulGelu, MatmulGeluCall,
                               ffi::Ffi::Bind()

@@ -11,8 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from hw2jax.errors import InputError
-from hw2jax.kernels.build import TARGETS, KernelUnavailable, cpu_attention_unavailable_reason
+from hw2jax.kernels.build import (
+    SUPPORTED_HEAD_DIMS,
+    TARGETS,
+    KernelUnavailable,
+    cpu_attention_unavailable_reason,
+)
 from hw2jax.kernels.ffi import ffi_kernel
+from hw2jax.kernels.matmul import amx_matmul_unavailable_reason
 
 
 def _check_softmax_inputs(name: str, q, k, v) -> None:
@@ -45,6 +51,43 @@ def cpu_attention(
     Raises :class:`KernelUnavailable` (or ValueError for bad shapes) with what to do instead.
     """
     _check_softmax_inputs("cpu_attention", q, k, v)
+    return _row_kernel("attention", q, k, v, key_bias, scale)
+
+
+def amx_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_bias: jax.Array | None = None,
+    *,
+    scale: float | None = None,
+) -> jax.Array:
+    """:func:`cpu_attention` for bfloat16 q, k, v on AMX tiles (CPUs with AMX-BF16), forward
+    only: both products on the tiles with float32 accumulation, the softmax in float32 and the
+    probabilities rounded to bf16 before they multiply v, as torch's bf16 attention does. The
+    output is float32 ``[B, T, heads, D]``. Raises :class:`KernelUnavailable` where
+    :func:`amx_matmul_unavailable_reason` gives a reason."""
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise InputError(
+            f"amx_attention wants q, k and v of one shape [batch, T, heads, head_dim]; got "
+            f"{q.shape}, {k.shape}, {v.shape}."
+        )
+    if not q.dtype == k.dtype == v.dtype == jnp.bfloat16:
+        raise InputError(
+            f"amx_attention takes bfloat16 q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}. Use "
+            "cpu_attention for float32."
+        )
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise InputError(
+            f"amx_attention's head dim must be one of {SUPPORTED_HEAD_DIMS}; got {q.shape[-1]}."
+        )
+    if (reason := amx_matmul_unavailable_reason()) is not None:
+        raise KernelUnavailable(f"the AMX attention cannot run here: {reason}. Use cpu_attention.")
+    return _row_kernel("amx_attention", q, k, v, key_bias, scale)
+
+
+def _row_kernel(target: str, q, k, v, key_bias, scale: float | None) -> jax.Array:
+    """The row kernel ``target`` with the key bias checked: [B, T, heads, D] float32."""
     if key_bias is None:
         key_bias = jnp.zeros(q.shape[:2], jnp.float32)
     if jnp.asarray(key_bias).dtype == jnp.bool_:
@@ -56,7 +99,7 @@ def cpu_attention(
         raise InputError(f"key_bias must be [batch, T] = {q.shape[:2]}, got {key_bias.shape}.")
     scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else float(scale)
     kernel = ffi_kernel(
-        TARGETS["attention"][1],
+        TARGETS[target][1],
         ("bthd",) * 3 + ("bt",),
         ("bthd",),
         (("scale", np.float32(scale)),),

@@ -153,9 +153,9 @@ class BertLayer(nn.Module):
             return t.reshape(*t.shape[:-1], heads, dim).astype(compute)
 
         if implementation == "fused_cpu":  # takes [B, T, heads, D] as projected: no transposes
-            # In float32 whatever the compute dtype: bf16 q, k, v are upcast (XLA fuses that into
-            # the projections), so bf16 runs keep their speed and gain precision here.
-            q, k, v = (project(n).astype(jnp.float32) for n in ("query", "key", "value"))
+            # bf16 q, k, v run on AMX tiles where the CPU has them, else upcast to float32 (XLA
+            # fuses that into the projections): key_bias_attention decides.
+            q, k, v = (project(n) for n in ("query", "key", "value"))
             ctx = key_bias_attention(
                 q, k, v, key_bias, scale=1.0 / math.sqrt(dim), implementation="fused_cpu"
             )
