@@ -996,20 +996,33 @@ struct alignas(64) TileConfig {
 void PackB(const uint16_t* b, int64_t k, int64_t n, bool transpose, int64_t kp, int64_t np,
            uint16_t* out) {
   std::memset(out, 0, kp * np * 2);
-  auto at = [&](int64_t kk, int64_t nn) -> uint16_t {
-    return transpose ? b[nn * k + kk] : b[kk * n + nn];
+  // A pair of rows is one 32-bit word per column: the word of column c, rows k0 and k0 + 1.
+  uint32_t* words = reinterpret_cast<uint32_t*>(out);
+  auto word_at = [&](int64_t k0, int64_t c) {
+    return words + ((c / 32) * (kp / 32) + k0 / 32) * 512 + ((c % 32) / 16) * 256 +
+           ((k0 % 32) / 2) * 16 + c % 16;
   };
-  for (int64_t nb = 0; nb < np / 32; ++nb) {
-    for (int64_t kb = 0; kb < kp / 32; ++kb) {
-      uint16_t* tile = out + (nb * (kp / 32) + kb) * 1024;
-      const int64_t k_end = std::min<int64_t>(32, k - kb * 32);
-      const int64_t n_end = std::min<int64_t>(32, n - nb * 32);
-      for (int64_t kk = 0; kk < k_end; ++kk) {
-        uint16_t* row = tile + (kk / 2) * 32 + (kk % 2);
-        for (int64_t c = 0; c < n_end; ++c)
-          row[(c / 16) * 512 + (c % 16) * 2] = at(kb * 32 + kk, nb * 32 + c);
+  if (!transpose) {  // rows of b are rows of op(b): interleave two rows, 16 columns at a time
+    for (int64_t k0 = 0; k0 < k; k0 += 2) {
+      const uint16_t* even = b + k0 * n;
+      const uint16_t* odd = k0 + 1 < k ? even + n : nullptr;
+      for (int64_t c0 = 0; c0 < n; c0 += 16) {
+        uint32_t* dst = word_at(k0, c0);
+        const int64_t len = std::min<int64_t>(16, n - c0);
+        if (odd != nullptr) {
+          for (int64_t i = 0; i < len; ++i)
+            dst[i] = even[c0 + i] | (static_cast<uint32_t>(odd[c0 + i]) << 16);
+        } else {
+          for (int64_t i = 0; i < len; ++i) dst[i] = even[c0 + i];
+        }
       }
     }
+    return;
+  }
+  for (int64_t c = 0; c < n; ++c) {  // b is [N, K]: a row's neighbours are already a pair
+    const uint16_t* row = b + c * k;
+    for (int64_t k0 = 0; k0 + 1 < k; k0 += 2) std::memcpy(word_at(k0, c), row + k0, 4);
+    if (k % 2 == 1) *word_at(k - 1, c) = row[k - 1];
   }
 }
 
@@ -1190,9 +1203,19 @@ class AmxRowBlocks {
         std::memcpy(out + r * kChunk, a_base_ + (m0 + r) * p_.k + k0, k_end * 2);
       return;
     }
-    for (int64_t kk = 0; kk < k_end; ++kk) {  // a is [K, M]: row kk holds column kk of op(a)
-      const uint16_t* src = a_base_ + (k0 + kk) * p_.m + m0;
-      for (int64_t r = 0; r < rows; ++r) out[r * kChunk + kk] = src[r];
+    // a is [K, M]: row kk holds column kk of op(a). Two of its rows make one 32-bit word of
+    // each packed row.
+    uint32_t* words = reinterpret_cast<uint32_t*>(out);
+    for (int64_t kk = 0; kk < k_end; kk += 2) {
+      const uint16_t* even = a_base_ + (k0 + kk) * p_.m + m0;
+      const uint16_t* odd = kk + 1 < k_end ? even + p_.m : nullptr;
+      uint32_t* dst = words + kk / 2;
+      if (odd != nullptr) {
+        for (int64_t r = 0; r < rows; ++r)
+          dst[r * (kChunk / 2)] = even[r] | (static_cast<uint32_t>(odd[r]) << 16);
+      } else {
+        for (int64_t r = 0; r < rows; ++r) dst[r * (kChunk / 2)] = even[r];
+      }
     }
   }
 
