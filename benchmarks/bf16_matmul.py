@@ -1,7 +1,11 @@
 """bf16 dense products on the CPU: the AMX kernel (hw2jax.kernels.amx_matmul), XLA's dot as a
-dense layer computes it otherwise, and torch's bf16 matmul (oneDNN), forward and with gradients.
+dense layer computes it otherwise, and torch's bf16 matmul (oneDNN), forward and with gradients;
+then the two fused forward kernels on MiniLM's shapes: the intermediate layer with its GELU
+(amx_dense_gelu) and the attention (amx_attention, against the float32 row kernel on q, k, v
+upcast, the path bf16 BERT took before, and torch's bf16 scaled_dot_product_attention).
 
-    .venv/bin/python benchmarks/bf16_matmul.py [--repeats 10] [--out benchmarks/results/amx_matmul]
+    .venv/bin/python benchmarks/bf16_matmul.py [--repeats 10] [--rows all|dense|fused]
+        [--out benchmarks/results/amx_matmul]
 
 Shapes: the dense layers of MiniLM (32 x 256 tokens, hidden 384, intermediate 1,536) and of the
 ViT (256 images x 50 tokens, dim 64, MLP 128), [tokens, in] x [in, out], inputs random bf16,
@@ -87,11 +91,67 @@ def time_shape(m: int, k: int, n: int, gradient: bool, repeats: int) -> dict:
     }
 
 
+def time_fused(repeats: int) -> list[dict]:
+    """MiniLM's intermediate layer + GELU and its attention (32 x 256 tokens, 12 heads of 32,
+    a fifth of the keys masked), forward, bf16 in: hw2jax's fused kernel, the unfused path, and
+    torch."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8192, 384)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((384, 1536)) * 0.05, jnp.bfloat16)
+    bias = jnp.asarray(rng.standard_normal(1536), jnp.float32)
+    tx, tw, tbias = (torch.from_numpy(np.array(t, np.float32)).bfloat16() for t in (x, w, bias))
+
+    def unfused_gelu(x, w, bias):
+        return jax.nn.gelu(xla_product(x, w) + bias, approximate=False).astype(jnp.bfloat16)
+
+    qkv = [jnp.asarray(rng.standard_normal((32, 256, 12, 32)), jnp.bfloat16) for _ in range(3)]
+    masked = rng.random((32, 256)) < 0.2
+    key_bias = jnp.where(masked, jnp.finfo(jnp.float32).min, 0.0)
+    tq, tk, tv = (torch.from_numpy(np.array(t, np.float32)).bfloat16().transpose(1, 2) for t in qkv)
+    tmask = torch.from_numpy(np.array(key_bias)).bfloat16()[:, None, None, :]
+
+    def upcast(q, k, v, key_bias):
+        return kernels.cpu_attention(*(t.astype(jnp.float32) for t in (q, k, v)), key_bias)
+
+    cases = {
+        "MiniLM intermediate + GELU": (
+            (jax.jit(kernels.amx_dense_gelu), jax.jit(unfused_gelu), (x, w, bias)),
+            lambda: torch.nn.functional.gelu(torch.nn.functional.linear(tx, tw.T, tbias)),
+        ),
+        "MiniLM attention": (
+            (jax.jit(kernels.amx_attention), jax.jit(upcast), (*qkv, key_bias)),
+            lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, tmask),
+        ),
+    }
+    rows = []
+    for name, ((fused, unfused, args), theirs) in cases.items():
+        error = float(
+            np.abs(
+                np.asarray(fused(*args), np.float32) - np.asarray(unfused(*args), np.float32)
+            ).max()
+        )
+        with torch.no_grad():
+            timed = interleaved_seconds(
+                {
+                    "fused kernel": lambda f=fused, a=args: jax.block_until_ready(f(*a)),
+                    "unfused": lambda f=unfused, a=args: jax.block_until_ready(f(*a)),
+                    "torch": theirs,
+                },
+                repeats,
+            )
+        ms = {k: 1e3 * median for k, (_, median) in timed.items()}
+        rows.append({"layer": name, "pass": "fwd", "ms": ms, "max_abs_diff_vs_unfused": error})
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rows", choices=["all", "dense", "fused"], default="all")
     parser.add_argument("--out", default="benchmarks/results/amx_matmul")
     args = parser.parse_args(argv)
     reason = kernels.amx_matmul_unavailable_reason()
@@ -111,7 +171,7 @@ def main(argv=None) -> None:
         f"{'layer':22s} {'pass':8s} {'amx':>8s} {'xla':>8s} {'torch':>8s}  (ms)  amx/xla  amx/torch"
     )
     rows = []
-    for name, (m, k, n) in SHAPES.items():
+    for name, (m, k, n) in SHAPES.items() if args.rows != "fused" else ():
         for gradient in (False, True):
             row = {"layer": name, **time_shape(m, k, n, gradient, args.repeats)}
             rows.append(row)
@@ -120,6 +180,16 @@ def main(argv=None) -> None:
                 f"{name:22s} {row['pass']:8s} {ms['amx kernel']:8.2f} {ms['xla']:8.2f} "
                 f"{ms['torch']:8.2f}  {ms['xla'] / ms['amx kernel']:6.2f}x  "
                 f"{ms['torch'] / ms['amx kernel']:6.2f}x",
+                flush=True,
+            )
+    if args.rows != "dense":
+        print(f"\n{'fused forward':26s} {'fused':>8s} {'unfused':>8s} {'torch':>8s}  (ms)")
+        for row in time_fused(args.repeats):
+            rows.append(row)
+            ms = row["ms"]
+            print(
+                f"{row['layer']:26s} {ms['fused kernel']:8.2f} {ms['unfused']:8.2f} "
+                f"{ms['torch']:8.2f}",
                 flush=True,
             )
     write_results(args.out, "bf16_matmul.json", meta, rows)

@@ -286,8 +286,8 @@ def bf16_row_attention(
     and ``dtype``: ``"amx"`` (:func:`hw2jax.kernels.amx_attention`: bf16 on the tiles) or
     ``"float32"`` (upcast, :func:`hw2jax.kernels.cpu_attention`). bf16 inputs take the tiles by
     :func:`dense_product`'s rule (a CPU with AMX-BF16, ``AMX_MIN_MACS``) and
-    ``$HW2JAX_MATMUL``: MiniLM's attention ran 22 ms there against 30 upcast
-    (benchmarks/results/amx_xeon/)."""
+    ``$HW2JAX_MATMUL``: MiniLM's attention took 19.5 ms a call there against 24.6 upcast
+    (benchmarks/results/amx_fused/)."""
     batch, t, heads, dim = shape
     fits = jnp.dtype(dtype) == jnp.bfloat16 and dim % 16 == 0 and 16 <= dim <= 128
     path = _amx_or_xla(fits, 2 * batch * heads * t * t * dim, amx_reason, machine)
