@@ -1,6 +1,7 @@
 """The bf16 matmul on AMX tiles: products and gradients against float64 (on CPUs with
 AMX-BF16), and the dispatch rule that sends dense layers to it, with the CPU faked both ways."""
 
+import functools
 import math
 import subprocess
 import sys
@@ -48,6 +49,23 @@ def test_products_match_float64(m, k, n):
     out = kernels.amx_matmul(a, b)
     assert out.dtype == jnp.float32 and out.shape == (m, n)
     np.testing.assert_allclose(out, f64(a) @ f64(b), rtol=1e-5, atol=1e-4)
+
+
+@needs_amx
+@pytest.mark.parametrize("batched", [False, True])
+def test_bf16_results_are_the_float32_ones_rounded(batched):
+    # Rounded to nearest even as they leave the tiles: the same bits as XLA's convert.
+    a, b = bf16_pair(11, 3 * 45, 70, 50)
+    if batched:
+        a, b = a.reshape(3, 45, 70), jnp.stack([b, b * 2, -b])
+        product = functools.partial(kernels.amx_batched_matmul, transpose_b=False)
+    else:
+        product = kernels.amx_matmul
+    rounded = product(a, b, out_dtype=jnp.bfloat16)
+    assert rounded.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(rounded, product(a, b).astype(jnp.bfloat16))
+    with pytest.raises(InputError, match="float32 or bfloat16, not float16"):
+        product(a, b, out_dtype=jnp.float16)
 
 
 @needs_amx
@@ -390,8 +408,9 @@ def test_on_a_mesh_each_device_multiplies_its_rows():
     gathered, reduced, calls, error, gelu_gathered, gelu_calls, same = run.stdout.split()
     assert (gathered, reduced) == ("False", "True"), run.stdout
     # Only the gradients are asked for: the forward product is dead code, and each device's
-    # calls are the input gradient on its 80 rows and the weight gradient's partial product.
-    assert calls == "f32[80,96]{1,0};f32[96,64]{1,0}", calls
+    # calls are the input gradient on its 80 rows (bf16 as it leaves the tiles) and the weight
+    # gradient's partial product (float32 until the sum).
+    assert calls == "bf16[80,96]{1,0};f32[96,64]{1,0}", calls
     assert float(error) <= 2**-7, error  # at most one bf16 step of the gradients' size
     # The dense layer with its GELU: each device its 80 rows, the same bits as on one device.
     assert (gelu_gathered, gelu_calls, same) == ("False", "bf16[80,64]{1,0}", "True"), run.stdout

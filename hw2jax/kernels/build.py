@@ -33,6 +33,7 @@ TARGETS = {
     "dense_forward": ("Hw2jaxCpuDenseLinearForward", "hw2jax_cpu_dense_linear_forward"),
     "dense_backward": ("Hw2jaxCpuDenseLinearBackward", "hw2jax_cpu_dense_linear_backward"),
     "amx_matmul": ("Hw2jaxCpuAmxMatmul", "hw2jax_cpu_amx_matmul"),
+    "amx_matmul_bf16": ("Hw2jaxCpuAmxMatmulBf16", "hw2jax_cpu_amx_matmul_bf16"),
     "amx_matmul_gelu": ("Hw2jaxCpuAmxMatmulGelu", "hw2jax_cpu_amx_matmul_gelu"),
     "amx_attention": ("Hw2jaxCpuAmxAttention", "hw2jax_cpu_amx_attention"),
 }

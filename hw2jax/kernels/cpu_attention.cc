@@ -960,8 +960,8 @@ struct MatmulProblem {
   const uint16_t* b;         // batched: each item packs its own matrix of b
   const uint16_t* b_packed;  // one matrix: packed once for all items
   float* c;
-  uint16_t* c_gelu;          // instead of c: bf16 GELU(a b + bias), bias padded to np
-  const float* bias;
+  uint16_t* c16;             // instead of c: the results rounded to bf16
+  const float* bias;         // with c16: GELU(a b + bias) instead, the bias padded to np
   int64_t m, n, k, kp, np;   // kp, np: K and N rounded up to 32
   bool transpose_a, transpose_b;
   int64_t batch;             // > 1: one item per matrix of the batch
@@ -1103,12 +1103,14 @@ class AmxRowBlocks {
     if (p_.batch == 1) {
       a_base_ = p_.a;
       c_base_ = p_.c;
+      c16_base_ = p_.c16;
       b_base_ = p_.b_packed;
       const int64_t m0 = item * p_.item_rows;
       return Rows(m0, std::min(p_.item_rows, p_.m - m0));
     }
     a_base_ = p_.a + item * p_.m * p_.k;
     c_base_ = p_.c + item * p_.m * p_.n;
+    c16_base_ = p_.c16 + item * p_.m * p_.n;
     uint16_t* packed = reinterpret_cast<uint16_t*>(b_.ptr);
     PackB(p_.b + item * p_.k * p_.n, p_.k, p_.n, p_.transpose_b, p_.kp, p_.np, packed);
     b_base_ = packed;
@@ -1172,22 +1174,23 @@ class AmxRowBlocks {
   // edges).
   void Store(int64_t m0, int64_t rows, int64_t n0) {
     const int64_t cols = std::min<int64_t>(32, p_.n - n0);
-    if (p_.c_gelu != nullptr) return StoreGelu(m0, rows, n0, cols);
+    if (p_.c16 != nullptr) return StoreBf16(m0, rows, n0, cols);
     if (rows == 32 && cols == 32) return StoreBlock(c_base_ + m0 * p_.n + n0, p_.n);
     StoreBlock(tail_.ptr, 32);
     for (int64_t r = 0; r < rows; ++r)
       std::memcpy(c_base_ + (m0 + r) * p_.n + n0, tail_.ptr + r * 32, cols * 4);
   }
 
-  // The same block as bf16 GELU(c + bias), while it is in L1: the float32 product never
-  // reaches memory.
-  void StoreGelu(int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
+  // The same block rounded to bf16 (with a bias, as bf16 GELU(c + bias)) while it is in L1:
+  // the float32 product never reaches memory.
+  void StoreBf16(int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
     StoreBlock(tail_.ptr, 32);
     uint16_t half[kLanes];
     for (int64_t r = 0; r < rows; ++r) {
-      uint16_t* out = p_.c_gelu + (m0 + r) * p_.n + n0;
+      uint16_t* out = c16_base_ + (m0 + r) * p_.n + n0;
       for (int64_t h = 0; h < cols; h += kLanes) {
-        RoundToBf16(Gelu(load(tail_.ptr + r * 32 + h) + load(p_.bias + n0 + h)), half);
+        const v16 x = load(tail_.ptr + r * 32 + h);
+        RoundToBf16(p_.bias != nullptr ? Gelu(x + load(p_.bias + n0 + h)) : x, half);
         std::memcpy(out + h, half, std::min<int64_t>(kLanes, cols - h) * 2);
       }
     }
@@ -1224,6 +1227,7 @@ class AmxRowBlocks {
   const uint16_t* a_base_ = nullptr;  // the current matrix of a, packed b and c
   const uint16_t* b_base_ = nullptr;
   float* c_base_ = nullptr;
+  uint16_t* c16_base_ = nullptr;
 };
 
 // BERT's attention in bf16, one (sequence, head) per item: q, k and v packed into tiles, then
@@ -1397,8 +1401,11 @@ ffi::Error Multiply(ffi::ThreadPool& pool, MatmulProblem p) {
 bool AmxPermitted() { return false; }
 #endif
 
+// op(a) op(b) for 2-D a and b, or for each matrix of 3-D ones, into c: float32, or with
+// kType = BF16 rounded to bf16 as it leaves the tiles.
+template <ffi::DataType kType>
 ffi::Error MatmulCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
-                      int32_t transpose_a, int32_t transpose_b, ffi::ResultBuffer<ffi::F32> c) {
+                      int32_t transpose_a, int32_t transpose_b, ffi::ResultBuffer<kType> c) {
 #ifndef HW2JAX_AMX
   return ffi::Error(ffi::ErrorCode::kUnavailable, "this kernel build has no AMX-BF16");
 #else
@@ -1420,14 +1427,18 @@ ffi::Error MatmulCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffe
     return ffi::Error::InvalidArgument("the shapes of a, b and c do not match");
   if (p.m == 0 || p.n == 0 || p.batch == 0) return ffi::Error::Success();
   if (p.k == 0) {
-    std::memset(c->typed_data(), 0, p.batch * p.m * p.n * 4);
+    std::memset(c->untyped_data(), 0, c->size_bytes());
     return ffi::Error::Success();
   }
   p.kp = (p.k + 31) / 32 * 32;
   p.np = (p.n + 31) / 32 * 32;
   p.a = reinterpret_cast<const uint16_t*>(a.typed_data());
   p.b = reinterpret_cast<const uint16_t*>(b.typed_data());
-  p.c = c->typed_data();
+  if constexpr (kType == ffi::DataType::F32) {
+    p.c = c->typed_data();
+  } else {
+    p.c16 = reinterpret_cast<uint16_t*>(c->typed_data());
+  }
   p.transpose_a = transpose_a != 0;
   p.transpose_b = transpose_b != 0;
   return Multiply(pool, p);
@@ -1489,7 +1500,7 @@ ffi::Error MatmulGeluCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a,
   std::memcpy(padded.ptr, bias.typed_data(), p.n * 4);
   p.a = reinterpret_cast<const uint16_t*>(a.typed_data());
   p.b = reinterpret_cast<const uint16_t*>(b.typed_data());
-  p.c_gelu = reinterpret_cast<uint16_t*>(c->typed_data());
+  p.c16 = reinterpret_cast<uint16_t*>(c->typed_data());
   p.bias = padded.ptr;
   return Multiply(pool, p);
 #endif
@@ -1582,7 +1593,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuDenseLinearBackward, DenseBackwardCall,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dk
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dv
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAmxMatmul, MatmulCall,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAmxMatmul, MatmulCall<ffi::DataType::F32>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // a
@@ -1590,6 +1601,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAmxMatmul, MatmulCall,
                                   .Attr<int32_t>("transpose_a")
                                   .Attr<int32_t>("transpose_b")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // c
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAmxMatmulBf16, MatmulCall<ffi::DataType::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // a
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // b
+                                  .Attr<int32_t>("transpose_a")
+                                  .Attr<int32_t>("transpose_b")
+                                  .Ret<ffi::Buffer<ffi::BF16>>());  // c
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAmxAttention, AmxAttentionCall,
                               ffi::Ffi::Bind()

@@ -44,20 +44,23 @@ def amx_matmul_unavailable_reason() -> str | None:
     return None
 
 
-def _product(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
-    """op(a) . op(b) in float32; a and b 2-D, or 3-D with one leading batch axis."""
+def _product(
+    a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool, out: str
+) -> jax.Array:
+    """op(a) . op(b) accumulated in float32, returned as ``out`` ("float32" or "bfloat16",
+    rounded as it leaves the tiles); a and b 2-D, or 3-D with one leading batch axis."""
     m = a.shape[-1] if transpose_a else a.shape[-2]
     n = b.shape[-2] if transpose_b else b.shape[-1]
     call = jax.ffi.ffi_call(
-        TARGETS["amx_matmul"][1],
-        jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32),
+        TARGETS["amx_matmul" if out == "float32" else "amx_matmul_bf16"][1],
+        jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.dtype(out)),
         vmap_method="sequential",
     )
     return call(a, b, transpose_a=np.int32(transpose_a), transpose_b=np.int32(transpose_b))
 
 
 @functools.cache
-def _partitioned(transpose_a: bool, transpose_b: bool, batched: bool):
+def _partitioned(transpose_a: bool, transpose_b: bool, batched: bool, out: str):
     """The product on a mesh. Batched, the batch axis may be split: each device multiplies its
     own matrices. Otherwise a's rows may be split, as the data-parallel step splits its batch:
     each device multiplies its rows by the whole of b, and when a's rows are the contracted axis
@@ -65,7 +68,7 @@ def _partitioned(transpose_a: bool, transpose_b: bool, batched: bool):
     split them."""
 
     def local(a, b):
-        return _product(a, b, transpose_a, transpose_b)
+        return _product(a, b, transpose_a, transpose_b, out)
 
     def split_axes(arg_shapes):
         spec = arg_shapes[0].sharding.spec
@@ -107,25 +110,34 @@ def _partitioned(transpose_a: bool, transpose_b: bool, batched: bool):
     return sharded
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
-    return _partitioned(transpose_a, transpose_b, a.ndim == 3)(a, b)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _matmul(
+    a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool, out: str = "float32"
+) -> jax.Array:
+    return _partitioned(transpose_a, transpose_b, a.ndim == 3, out)(a, b)
 
 
-def _matmul_fwd(a, b, transpose_a, transpose_b):
-    return _matmul(a, b, transpose_a, transpose_b), (a, b)
+def _matmul_fwd(a, b, transpose_a, transpose_b, out):
+    return _matmul(a, b, transpose_a, transpose_b, out), (a, b)
 
 
-def _matmul_bwd(transpose_a, transpose_b, residuals, g):
-    """The gradients of c = op(a) . op(b), each one more product on the tiles."""
+def _matmul_bwd(transpose_a, transpose_b, out, residuals, g):
+    """The gradients of c = op(a) . op(b), each one more product on the tiles, rounded to the
+    inputs' bf16 as they leave them; the 2-D aᵀ g forms stay float32 until after the sum over
+    the devices that split their rows."""
     a, b = residuals
     g = g.astype(jnp.bfloat16)  # the cotangent in the inputs' precision, as autocast does
+
+    def product(x, y, tx, ty):
+        summed = tx and x.ndim == 2  # a's rows are contracted: split rows sum partial products
+        return _matmul(x, y, tx, ty, "float32" if summed else "bfloat16")
+
     if (transpose_a, transpose_b) == (False, False):  # c = a b
-        da, db = _matmul(g, b, False, True), _matmul(a, g, True, False)
+        da, db = product(g, b, False, True), product(a, g, True, False)
     elif (transpose_a, transpose_b) == (False, True):  # c = a bᵀ
-        da, db = _matmul(g, b, False, False), _matmul(g, a, True, False)
+        da, db = product(g, b, False, False), product(g, a, True, False)
     elif (transpose_a, transpose_b) == (True, False):  # c = aᵀ b
-        da, db = _matmul(b, g, False, True), _matmul(a, g, False, False)
+        da, db = product(b, g, False, True), product(a, g, False, False)
     else:
         raise NotImplementedError("op(a) . op(b) with both transposed has no gradient here")
     return da.astype(a.dtype), db.astype(b.dtype)
@@ -148,11 +160,23 @@ def _check_available() -> None:
         raise KernelUnavailable(f"the AMX matmul cannot run here: {reason}. Use XLA's dot.")
 
 
+def _out_name(out_dtype) -> str:
+    name = jnp.dtype(out_dtype).name
+    if name not in ("float32", "bfloat16"):
+        raise InputError(f"the AMX matmul returns float32 or bfloat16, not {name}.")
+    return name
+
+
 def amx_batched_matmul(
-    a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False
+    a: jax.Array,
+    b: jax.Array,
+    transpose_a: bool = False,
+    transpose_b: bool = False,
+    out_dtype=jnp.float32,
 ) -> jax.Array:
-    """``op(a) @ op(b)`` for each matrix of a batch, accumulated and returned in float32, on
-    AMX tiles, with its gradient; op() transposes the last two axes where asked (not both).
+    """``op(a) @ op(b)`` for each matrix of a batch, accumulated in float32 on AMX tiles and
+    returned as ``out_dtype`` (float32, or bfloat16 rounded as it leaves the tiles), with its
+    gradient; op() transposes the last two axes where asked (not both).
 
     a, b: bfloat16 ``[B, ., .]``. Raises :class:`KernelUnavailable` where
     :func:`amx_matmul_unavailable_reason` gives a reason."""
@@ -167,23 +191,25 @@ def amx_batched_matmul(
         )
     if transpose_a and transpose_b:
         raise InputError("amx_batched_matmul transposes a or b, not both: swap them instead.")
+    out = _out_name(out_dtype)
     _check_available()
-    return _matmul(a, b, transpose_a, transpose_b)
+    return _matmul(a, b, transpose_a, transpose_b, out)
 
 
-def amx_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b`` over a's last axis, accumulated and returned in float32, on AMX tiles, with
-    its gradient (cotangents rounded to bf16, products accumulated in float32).
+def amx_matmul(a: jax.Array, b: jax.Array, out_dtype=jnp.float32) -> jax.Array:
+    """``a @ b`` over a's last axis, accumulated in float32 on AMX tiles and returned as
+    ``out_dtype`` (float32, or bfloat16 rounded as it leaves the tiles), with its gradient
+    (cotangents rounded to bf16, products accumulated in float32).
 
     a: bfloat16 ``[..., K]``; b: bfloat16 ``[K, N]``. Raises :class:`KernelUnavailable` where
     :func:`amx_matmul_unavailable_reason` gives a reason."""
     _check_bf16("amx_matmul", a, b)
     if b.ndim != 2 or a.ndim < 1 or a.shape[-1] != b.shape[0]:
         raise InputError(f"amx_matmul wants a [..., K] and b [K, N]; got {a.shape} and {b.shape}.")
+    out = _out_name(out_dtype)
     _check_available()
     lead = a.shape[:-1]
-    out = _matmul(a.reshape(-1, a.shape[-1]), b, False, False)
-    return out.reshape(*lead, b.shape[1])
+    return _matmul(a.reshape(-1, a.shape[-1]), b, False, False, out).reshape(*lead, b.shape[1])
 
 
 def _gelu_product(a: jax.Array, b: jax.Array, bias: jax.Array) -> jax.Array:
