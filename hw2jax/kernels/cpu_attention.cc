@@ -1045,7 +1045,7 @@ inline v16 Erf(v16 x) {
   return x * p / q;
 }
 
-// The exact (erf) GELU, BERT's and the ViT's.
+// The exact (erf) GELU, as BERT's "gelu" computes it.
 inline v16 Gelu(v16 x) { return 0.5f * x * (1.0f + Erf(x * 0.707106781186547524f)); }
 
 // float32 to bf16, rounding to nearest even as XLA's convert does.
@@ -1471,8 +1471,8 @@ ffi::Error AmxAttentionCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q,
 #endif
 }
 
-// bf16 GELU(a b + bias) for a [M, K], b [K, N] and a float32 bias [N]: the dense layer before
-// BERT's and the ViT's GELU, the product's float32 result kept in L1.
+// bf16 GELU(a b + bias) for a [M, K], b [K, N] and a float32 bias [N]: BERT's intermediate
+// layer and its GELU, the product's float32 result kept in L1.
 ffi::Error MatmulGeluCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a,
                           ffi::Buffer<ffi::BF16> b, ffi::Buffer<ffi::F32> bias,
                           ffi::ResultBuffer<ffi::BF16> c) {
