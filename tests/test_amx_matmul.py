@@ -3,6 +3,7 @@ AMX-BF16), and the dispatch rule that sends dense layers to it, with the CPU fak
 
 import functools
 import math
+import re
 import subprocess
 import sys
 
@@ -336,6 +337,18 @@ def test_batched_rule_takes_bf16_three_axis_products_only():
     assert rule(a[:1, :8], x[:1], False, True, lambda: None, cpu_amx) == "xla"  # small
     no_amx = dispatch.Machine("cpu", kernel_features=NO_AMX)
     assert rule(a, x, False, True, lambda: None, no_amx) == "xla"
+
+
+@pytest.mark.parametrize(
+    "says,reason", [(-1, "built without AMX-BF16.*HW2JAX_KERNEL_MARCH"), (0, "Linux did not grant")]
+)
+def test_a_library_without_the_tiles_names_why(monkeypatch, says, reason):
+    from hw2jax.kernels import matmul
+
+    monkeypatch.setattr(matmul, "kernel_vector_features", lambda: {"amx_bf16": True})
+    monkeypatch.setattr(matmul, "build_error", lambda: None)
+    monkeypatch.setattr(matmul, "_library_says", lambda: says)
+    assert re.search(reason, matmul.amx_matmul_unavailable_reason())
 
 
 def test_bad_operands_get_clear_errors():

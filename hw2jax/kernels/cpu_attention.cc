@@ -1629,6 +1629,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAmxMatmulGelu, MatmulGeluCall,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // bias
                                   .Ret<ffi::Buffer<ffi::BF16>>());  // c
 
-// 1 where the bf16 matmul can run here (built with AMX-BF16, and Linux lets this process use
-// the tiles), else 0: checked from Python before the kernel is chosen.
-extern "C" int Hw2jaxAmxAvailable() { return AmxPermitted() ? 1 : 0; }
+// 1 where the bf16 matmul can run here, 0 where Linux refuses this process the tiles, -1 where
+// this build has no AMX-BF16 (its -march build failed and a generic one was made): checked from
+// Python before the kernel is chosen.
+extern "C" int Hw2jaxAmxAvailable() {
+#ifdef HW2JAX_AMX
+  return AmxPermitted() ? 1 : 0;
+#else
+  return -1;
+#endif
+}

@@ -24,8 +24,9 @@ from hw2jax.kernels.build import (
 
 
 @functools.cache
-def _library_says_available() -> bool:
-    return bool(ctypes.cdll.LoadLibrary(str(library_path())).Hw2jaxAmxAvailable())
+def _library_says() -> int:
+    """1: the tiles can run here; 0: Linux refused them; -1: the library has no AMX code."""
+    return int(ctypes.cdll.LoadLibrary(str(library_path())).Hw2jaxAmxAvailable())
 
 
 def amx_matmul_unavailable_reason() -> str | None:
@@ -39,7 +40,12 @@ def amx_matmul_unavailable_reason() -> str | None:
         return str(err)
     if (error := build_error()) is not None:
         return error
-    if not _library_says_available():
+    if (says := _library_says()) == -1:
+        return (
+            "the kernel library was built without AMX-BF16 (its -march build failed and a "
+            "generic one was made; check the compiler, or set $HW2JAX_KERNEL_MARCH)"
+        )
+    if says != 1:
         return "Linux did not grant this process AMX's tile state (arch_prctl XTILEDATA)"
     return None
 
