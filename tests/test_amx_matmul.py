@@ -403,6 +403,12 @@ gelu_hlo = gelu.lower(args[0], args[1], bias).compile().as_text()
 gelu_calls = sorted({l.split("=")[1].split("custom-call")[0].strip() for l in
                      gelu_hlo.splitlines() if "amx_matmul_gelu" in l and "custom-call(" in l})
 same = bool(jnp.array_equal(gelu(a, b, bias), gelu(args[0], args[1], bias)))
+qkv = [jnp.asarray(rng.standard_normal((4, 24, 2, 32)), jnp.bfloat16) for _ in range(3)]
+attend = jax.jit(kernels.amx_attention)
+split = [jax.device_put(t, NamedSharding(mesh, P("data"))) for t in qkv]
+attend_hlo = attend.lower(*split).compile().as_text()
+same = same and bool(jnp.array_equal(attend(*qkv), attend(*split)))
+same = same and "all-gather" not in attend_hlo and "f32[2,24,2,32]" in attend_hlo
 print("all-gather" in hlo, "all-reduce" in hlo, ";".join(calls), error,
       "all-gather" in gelu_hlo, ";".join(gelu_calls), same)
 """
@@ -425,5 +431,6 @@ def test_on_a_mesh_each_device_multiplies_its_rows():
     # gradient's partial product (float32 until the sum).
     assert calls == "bf16[80,96]{1,0};f32[96,64]{1,0}", calls
     assert float(error) <= 2**-7, error  # at most one bf16 step of the gradients' size
-    # The dense layer with its GELU: each device its 80 rows, the same bits as on one device.
+    # The dense layer with its GELU: each device its 80 rows, the same bits as on one device;
+    # the attention: each device its 2 sequences, no all-gather, the same bits.
     assert (gelu_gathered, gelu_calls, same) == ("False", "bf16[80,64]{1,0}", "True"), run.stdout
