@@ -262,7 +262,8 @@ def bert_forward(
 ) -> dict:
     """``dtype="bfloat16"``: ours with bf16 matmul inputs (f32 accumulation), torch under
     autocast to bf16, so both sides run at the same precision. ``attention``: BertModel's
-    choice ("auto" takes the fused CPU kernel on CPU, bf16 q, k, v upcast; "xla" keeps XLA's)."""
+    choice ("auto" takes the fused CPU kernel on CPU, bf16 q, k, v upcast, or on AMX tiles
+    where the CPU has them; "xla" keeps XLA's)."""
     import torch
     import transformers
 

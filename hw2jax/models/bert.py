@@ -223,7 +223,8 @@ class BertModel(nn.Module):
     dtype: Any = None  # compute dtype; params stay float32
     # "auto": the rule of hw2jax.attention.dispatch (the fused CPU row kernel where it applies
     # and pays, with no attention dropout; XLA's attention elsewhere). "fused_cpu" insists on
-    # the kernel (float32: bf16 inputs upcast), "xla" avoids it.
+    # the kernel (float32, bf16 inputs upcast; bf16 on AMX tiles where the CPU has them and
+    # nothing is differentiated), "xla" avoids it.
     implementation: str = "auto"
     # Recompute each layer's activations in the backward pass instead of keeping them:
     # memory for fine-tuning at long lengths, for about one more forward pass of time.
