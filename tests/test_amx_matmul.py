@@ -287,6 +287,23 @@ def test_the_row_attention_rule_takes_amx_for_bf16_on_amx_cpus_only():
     assert rule(bert, jnp.bfloat16, lambda: "Linux refused the tiles", cpu_amx) == "float32"
 
 
+def test_the_vit_step_drops_ynnpack_only_for_bf16_on_amx(monkeypatch):
+    from hw2jax.models import vit
+    from hw2jax.models.layers import NO_YNNPACK, xla_accepts
+
+    monkeypatch.setattr(kernels, "amx_matmul_unavailable_reason", lambda: None)
+    cpu_amx = dispatch.Machine("cpu", kernel_features=AMX)
+    no_amx = dispatch.Machine("cpu", kernel_features=NO_AMX)
+    dropped = dict(NO_YNNPACK) if xla_accepts(NO_YNNPACK) else {}
+    assert dropped, "this jaxlib should know the option"
+    assert vit.xla_compiler_options(jnp.bfloat16, cpu_amx) == dropped
+    assert vit.xla_compiler_options(jnp.float32, cpu_amx) == {}
+    assert vit.xla_compiler_options(None, cpu_amx) == {}
+    assert vit.xla_compiler_options(jnp.bfloat16, no_amx) == {}
+    monkeypatch.setenv(dispatch.MATMUL_ENV, "xla")  # products on XLA's dot: YNNPACK stays
+    assert vit.xla_compiler_options(jnp.bfloat16, cpu_amx) == {}
+
+
 def test_the_rule_takes_amx_only_for_big_bf16_dense_products_on_amx_cpus():
     cpu_amx = dispatch.Machine("cpu", kernel_features=AMX)
     big = jnp.zeros((8, 128, 256), jnp.bfloat16), jnp.zeros((256, 512), jnp.bfloat16)

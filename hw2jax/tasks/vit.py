@@ -22,7 +22,7 @@ from hw2jax.cpu import machine
 from hw2jax.data import fashion_mnist, splits
 from hw2jax.errors import InputError
 from hw2jax.models.layers import init_on_dummy
-from hw2jax.models.vit import ViT
+from hw2jax.models.vit import ViT, xla_compiler_options
 from hw2jax.train import checkpoints, hooks, loop, plots, run_files, steps, sweep
 from hw2jax.train.batching import IndexBatches, chunk
 
@@ -175,6 +175,7 @@ class ViTTask:
                 f"{model['merged_attention']!r}."
             )
         self.model = ViT(num_classes=self.num_classes, **model)
+        self.compiler_options = xla_compiler_options(model["dtype"])  # read by train.steps
         self.splits = {"test": _on_device(test.images, test.labels)}
         valid_size = config.get("valid_size", 0)
         if valid_size:
