@@ -289,7 +289,7 @@ def bf16_row_attention(
     ``$HW2JAX_MATMUL``: MiniLM's attention took 19.5 ms a call there against 24.6 upcast
     (benchmarks/results/amx_fused/)."""
     batch, t, heads, dim = shape
-    fits = jnp.dtype(dtype) == jnp.bfloat16 and dim % 16 == 0 and 16 <= dim <= 128
+    fits = jnp.dtype(dtype) == jnp.bfloat16 and dim in kernels.SUPPORTED_HEAD_DIMS
     path = _amx_or_xla(fits, 2 * batch * heads * t * t * dim, amx_reason, machine)
     return "amx" if path == "amx" else "float32"
 

@@ -50,10 +50,8 @@ def key_bias_attention(
             key_bias = jnp.zeros(q.shape[:2], jnp.float32)
         key_bias = key_bias.astype(jnp.float32)
         path = dispatch.bf16_row_attention(q.shape, q.dtype, kernels.amx_matmul_unavailable_reason)
-        if path == "amx":
-            return _fused_amx(q, k, v, key_bias, float(scale))
-        q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-        return _fused(q, k, v, key_bias, float(scale))
+        fused = _fused_amx if path == "amx" else _upcast_fused
+        return fused(q, k, v, key_bias, float(scale))
     return _xla(q * scale if scale != 1.0 else q, k, v, key_bias, dropout)
 
 
@@ -132,6 +130,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def _upcast_fused(q, k, v, key_bias, scale):
+    """The float32 row kernel on q, k, v upcast (as they are when already float32)."""
     return _fused(*(t.astype(jnp.float32) for t in (q, k, v)), key_bias, scale)
 
 

@@ -309,23 +309,31 @@ ffi::Error RunItems(ffi::ThreadPool& pool, ffi::Buffer<kType>& x, Problem proble
 }
 
 // Whether every buffer holds as many elements as the first.
-template <class... Buffers>
-bool SameCount(const ffi::Buffer<ffi::F32>& first, const Buffers&... rest) {
+template <class First, class... Buffers>
+bool SameCount(const First& first, const Buffers&... rest) {
   return ((rest.element_count() == first.element_count()) && ...);
+}
+
+// The row kernels' inputs: q, k, v [..., T, heads, D] of one shape, key_bias [..., T].
+template <class Buffer>
+ffi::Error CheckRowInputs(const Buffer& q, const Buffer& k, const Buffer& v,
+                          const ffi::Buffer<ffi::F32>& key_bias) {
+  const auto dims = q.dimensions();
+  if (dims.size() < 3) return ffi::Error::InvalidArgument("q must be [..., T, heads, D]");
+  const int64_t d = dims[dims.size() - 1], h = dims[dims.size() - 2];
+  if (!SameCount(q, k, v))
+    return ffi::Error::InvalidArgument("q, k and v must have the same shape");
+  if (q.element_count() != 0 && key_bias.element_count() != q.element_count() / (h * d))
+    return ffi::Error::InvalidArgument("key_bias must be [..., T]");
+  return ffi::Error::Success();
 }
 
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                      ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> key_bias, float scale,
                      ffi::ResultBuffer<ffi::F32> out) {
-  const auto dims = q.dimensions();
-  if (dims.size() < 3) return ffi::Error::InvalidArgument("q must be [..., T, heads, D]");
-  const int64_t d = dims[dims.size() - 1], h = dims[dims.size() - 2], t = dims[dims.size() - 3];
-  if (!SameCount(q, k, v))
-    return ffi::Error::InvalidArgument("q, k and v must have the same shape");
-  if (q.element_count() != 0 && key_bias.element_count() != q.element_count() / (h * d))
-    return ffi::Error::InvalidArgument("key_bias must be [..., T]");
+  if (ffi::Error error = CheckRowInputs(q, k, v, key_bias); error.failure()) return error;
   Problem p{q.typed_data(), k.typed_data(), v.typed_data(), key_bias.typed_data(),
-            out->typed_data(), 0, t, h, d, scale};
+            out->typed_data(), 0, 0, 0, 0, scale};  // RunItems fills in the sizes
   return RunItems<RowSoftmax>(pool, q, p);
 }
 
@@ -1064,6 +1072,16 @@ inline void RoundToBf16(v16 x, uint16_t* out) {
 #endif
 }
 
+// All eight tiles as 16 rows of 64 bytes (16 floats, or 32 bf16), for this thread.
+inline void LoadTileConfig() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.bytes_per_row[t] = 64;
+  }
+  _tile_loadconfig(&config);
+}
+
 // The four accumulator tiles (0-3) as a 32 x 32 block of floats at c, ld floats apart, and back.
 inline void StoreBlock(float* c, int64_t ld) {
   _tile_stored(0, c, ld * 4);
@@ -1090,12 +1108,7 @@ class AmxRowBlocks {
         acc_(p.kp > kChunk ? p.item_rows * p.np : 0),
         b_(p.batch > 1 ? (p.kp * p.np * 2 + 3) / 4 : 0),
         tail_(32 * 32) {
-    TileConfig config;
-    for (int t = 0; t < 8; ++t) {
-      config.rows[t] = 16;
-      config.bytes_per_row[t] = 64;
-    }
-    _tile_loadconfig(&config);
+    LoadTileConfig();
   }
   ~AmxRowBlocks() { _tile_release(); }
 
@@ -1248,12 +1261,7 @@ class AmxRowAttention {
         s_(16 * tp_),
         o_(16 * p.d),
         bias_(tp_) {
-    TileConfig config;
-    for (int t = 0; t < 8; ++t) {
-      config.rows[t] = 16;
-      config.bytes_per_row[t] = 64;
-    }
-    _tile_loadconfig(&config);
+    LoadTileConfig();
   }
   ~AmxRowAttention() { _tile_release(); }
 
@@ -1454,13 +1462,7 @@ ffi::Error AmxAttentionCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q,
 #else
   if (!AmxPermitted())
     return ffi::Error(ffi::ErrorCode::kUnavailable, "Linux refused this process AMX's tiles");
-  const auto dims = q.dimensions();
-  if (dims.size() < 3) return ffi::Error::InvalidArgument("q must be [..., T, heads, D]");
-  const int64_t d = dims[dims.size() - 1], h = dims[dims.size() - 2];
-  if (k.element_count() != q.element_count() || v.element_count() != q.element_count())
-    return ffi::Error::InvalidArgument("q, k and v must have the same shape");
-  if (q.element_count() != 0 && key_bias.element_count() != q.element_count() / (h * d))
-    return ffi::Error::InvalidArgument("key_bias must be [..., T]");
+  if (ffi::Error error = CheckRowInputs(q, k, v, key_bias); error.failure()) return error;
   AmxAttentionProblem p{reinterpret_cast<const uint16_t*>(q.typed_data()),
                         reinterpret_cast<const uint16_t*>(k.typed_data()),
                         reinterpret_cast<const uint16_t*>(v.typed_data()),

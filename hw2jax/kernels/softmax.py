@@ -21,13 +21,17 @@ from hw2jax.kernels.ffi import ffi_kernel
 from hw2jax.kernels.matmul import amx_matmul_unavailable_reason
 
 
-def _check_softmax_inputs(name: str, q, k, v) -> None:
-    """Shapes first (ValueError), then whether the kernel can run here (KernelUnavailable)."""
+def _check_shapes(name: str, q, k, v) -> None:
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
         raise InputError(
             f"{name} wants q, k and v of one shape [batch, T, heads, head_dim]; got "
             f"{q.shape}, {k.shape}, {v.shape}. Use hw2jax.attention.softmax_attention for others."
         )
+
+
+def _check_softmax_inputs(name: str, q, k, v) -> None:
+    """Shapes first (ValueError), then whether the kernel can run here (KernelUnavailable)."""
+    _check_shapes(name, q, k, v)
     reason = cpu_attention_unavailable_reason(q.shape[-1], q.dtype)
     if reason is not None:
         raise KernelUnavailable(reason)
@@ -67,11 +71,7 @@ def amx_attention(
     probabilities rounded to bf16 before they multiply v, as torch's bf16 attention does. The
     output is float32 ``[B, T, heads, D]``. Raises :class:`KernelUnavailable` where
     :func:`amx_matmul_unavailable_reason` gives a reason."""
-    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise InputError(
-            f"amx_attention wants q, k and v of one shape [batch, T, heads, head_dim]; got "
-            f"{q.shape}, {k.shape}, {v.shape}."
-        )
+    _check_shapes("amx_attention", q, k, v)
     if not q.dtype == k.dtype == v.dtype == jnp.bfloat16:
         raise InputError(
             f"amx_attention takes bfloat16 q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}. Use "
