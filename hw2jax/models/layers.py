@@ -56,9 +56,42 @@ def dot_float32_out(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     )
     if path == "amx":
         return kernels.amx_matmul(lhs, rhs)
+    if lhs.dtype == rhs.dtype == jnp.float32 and dimension_numbers == _dense_dims(lhs.ndim):
+        return _dense_float32(lhs, rhs, precision)
     return jax.lax.dot_general(
         lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32
     )
+
+
+def _dense_dims(ndim: int):
+    return (((ndim - 1,), (0,)), ((), ()))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense_float32(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
+    """x [..., c] @ w [c, k] in float32, with a weight gradient that transposes the narrower of
+    x and the output gradient. JAX's rule computes it as g^T x, so XLA's CPU dot copies g [rows,
+    k] into [k, rows] first: where k > c (the ViT's regrouped attention, k = 4c) that copy alone
+    took ~11 ms a layer on 128 images, more than the product (benchmarks/NOTES.md)."""
+    return jax.lax.dot_general(x, w, _dense_dims(x.ndim), precision=precision)
+
+
+def _dense_float32_fwd(x, w, precision):
+    return _dense_float32(x, w, precision), (x, w)
+
+
+def _dense_float32_bwd(precision, residuals, g):
+    x, w = residuals
+    dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
+    lead = tuple(range(x.ndim - 1))
+    if x.shape[-1] <= g.shape[-1]:  # x^T g: XLA transposes x
+        dw = jax.lax.dot_general(x, g, ((lead, lead), ((), ())), precision=precision)
+    else:  # (g^T x)^T: XLA transposes g
+        dw = jax.lax.dot_general(g, x, ((lead, lead), ((), ())), precision=precision).T
+    return dx, dw
+
+
+_dense_float32.defvjp(_dense_float32_fwd, _dense_float32_bwd)
 
 
 def TorchDense(
