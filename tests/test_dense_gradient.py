@@ -57,3 +57,26 @@ def test_the_weight_gradient_transposes_the_narrow_input_not_the_wide_gradient()
     # is the operand XLA transposes.
     assert _wide_copies(jax.lax.dot_general, 6400, 256) >= 1  # the layout this guards against
     assert _wide_copies(dot_float32_out, 6400, 256) == 0
+
+
+def test_bf16_gradients_multiply_bf16_with_the_output_gradient_rounded():
+    # As torch's autocast and the AMX kernel do; JAX's own rule would upcast x and w and
+    # multiply in float32 (a third slower in the fine-tuning step without AMX).
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((4, 9, 48)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((48, 40)), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((4, 9, 40)), jnp.float32)
+    dx, dw = jax.grad(_loss, argnums=(0, 1))(x, w, g)
+    assert dx.dtype == dw.dtype == jnp.bfloat16
+    x64, w64 = (np.asarray(a, np.float64) for a in (x, w))
+    g64 = np.asarray(g.astype(jnp.bfloat16), np.float64)  # g rounded, then exact products
+    rows, grads = x64.reshape(-1, 48), g64.reshape(-1, 40)
+    want_dx = (grads @ w64.T).reshape(x.shape)
+    want_dw = rows.T @ grads
+    # One bf16 rounding of each float32 result: a relative error of at most 2^-8.
+    np.testing.assert_allclose(np.asarray(dx, np.float64), want_dx, rtol=2**-8, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dw, np.float64), want_dw, rtol=2**-8, atol=1e-6)
+    jaxpr = jax.make_jaxpr(jax.grad(_loss, argnums=(0, 1)))(x, w, g)
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) >= 2  # the two gradient products (the forward may sit in a sub-jaxpr)
+    assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)

@@ -56,42 +56,60 @@ def dot_float32_out(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     )
     if path == "amx":
         return kernels.amx_matmul(lhs, rhs)
-    if lhs.dtype == rhs.dtype == jnp.float32 and dimension_numbers == _dense_dims(lhs.ndim):
-        return _dense_float32(lhs, rhs, precision)
+    if (
+        lhs.dtype == rhs.dtype
+        and lhs.dtype in _DENSE_DTYPES
+        and dimension_numbers == _dense_dims(lhs.ndim)
+    ):
+        return _dense(lhs, rhs, precision)
     return jax.lax.dot_general(
         lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32
     )
+
+
+_DENSE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def _dense_dims(ndim: int):
     return (((ndim - 1,), (0,)), ((), ()))
 
 
+def _product(a, b, dims, precision):
+    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dense_float32(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
-    """x [..., c] @ w [c, k] in float32, with a weight gradient that transposes the narrower of
-    x and the output gradient. JAX's rule computes it as g^T x, so XLA's CPU dot copies g [rows,
-    k] into [k, rows] first: where k > c (the ViT's regrouped attention, k = 4c) that copy alone
-    took ~11 ms a layer on 128 images, more than the product (benchmarks/NOTES.md)."""
-    return jax.lax.dot_general(x, w, _dense_dims(x.ndim), precision=precision)
+def _dense(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
+    """x [..., c] @ w [c, k], float32 or bf16 in, float32 out, with a backward of our own:
+    - the weight gradient transposes the narrower of x and the output gradient g. JAX's rule
+      computes it as g^T x, so XLA's CPU dot copies g [rows, k] into [k, rows] first: where
+      k > c (the ViT's regrouped attention, k = 4c) that copy alone took ~11 ms a layer on 128
+      images, more than the product;
+    - with bf16 inputs, both gradient products take g rounded to bf16 (as torch's autocast and
+      our AMX kernel do), where JAX's rule upcasts x and w and multiplies in float32.
+    (benchmarks/NOTES.md, 2026-12-03.)"""
+    return _product(x, w, _dense_dims(x.ndim), precision)
 
 
-def _dense_float32_fwd(x, w, precision):
-    return _dense_float32(x, w, precision), (x, w)
+def _dense_fwd(x, w, precision):
+    return _dense(x, w, precision), (x, w)
 
 
-def _dense_float32_bwd(precision, residuals, g):
+def _dense_bwd(precision, residuals, g):
     x, w = residuals
-    dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
+    g = g.astype(x.dtype)
+    dx = _product(g, w, (((g.ndim - 1,), (1,)), ((), ())), precision)
     lead = tuple(range(x.ndim - 1))
     if x.shape[-1] <= g.shape[-1]:  # x^T g: XLA transposes x
-        dw = jax.lax.dot_general(x, g, ((lead, lead), ((), ())), precision=precision)
-    else:  # (g^T x)^T: XLA transposes g
-        dw = jax.lax.dot_general(g, x, ((lead, lead), ((), ())), precision=precision).T
-    return dx, dw
+        dw = _product(x, g, ((lead, lead), ((), ())), precision)
+    else:  # (g^T x)^T: XLA transposes g. The barrier keeps it from folding the final
+        # transpose into the dot by swapping its operands: XLA's CPU runtime multiplies bf16
+        # only through YNNPACK, which wants the lhs contracted on its last axis.
+        dw = jax.lax.optimization_barrier(_product(g, x, ((lead, lead), ((), ())), precision)).T
+    return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-_dense_float32.defvjp(_dense_float32_fwd, _dense_float32_bwd)
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def TorchDense(
