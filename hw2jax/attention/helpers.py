@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from hw2jax import kernels
 from hw2jax.attention import dispatch
 from hw2jax.errors import InputError, InputTypeError
+from hw2jax.kernels.matmul import product_gradients
 
 
 def as_floating(x: jax.typing.ArrayLike, name: str, min_ndim: int) -> jax.Array:
@@ -134,9 +137,37 @@ def matmul_f32(
     )
     if path == "amx":
         return kernels.amx_batched_matmul(a, b, transpose_a, transpose_b)
+    if a.dtype == b.dtype == jnp.bfloat16 and not (transpose_a and transpose_b):
+        return _bf16_product(a, b, transpose_a, transpose_b)
+    return _product_f32(a, b, transpose_a, transpose_b)
+
+
+def _product_f32(a, b, transpose_a: bool, transpose_b: bool) -> jax.Array:
     return batched_dot(
         a, b, transpose_a=transpose_a, transpose_b=transpose_b, preferred_element_type=jnp.float32
     )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _bf16_product(a, b, transpose_a: bool, transpose_b: bool) -> jax.Array:
+    """bf16 op(a) . op(b) in float32, with gradients that multiply bf16 by the cotangent rounded
+    to bf16 (as torch's autocast and the AMX kernel do); JAX's rule would upcast a and b and
+    multiply in float32."""
+    return _product_f32(a, b, transpose_a, transpose_b)
+
+
+def _bf16_product_fwd(a, b, transpose_a, transpose_b):
+    return _bf16_product(a, b, transpose_a, transpose_b), (a, b)
+
+
+def _bf16_product_bwd(transpose_a, transpose_b, residuals, g):
+    a, b = residuals
+    g = g.astype(jnp.bfloat16)
+    da, db = product_gradients(_product_f32, a, b, g, transpose_a, transpose_b)
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_bf16_product.defvjp(_bf16_product_fwd, _bf16_product_bwd)
 
 
 def pad_axis(a: jax.Array, axis: int, size: int) -> jax.Array:

@@ -127,6 +127,18 @@ def _matmul_fwd(a, b, transpose_a, transpose_b, out):
     return _matmul(a, b, transpose_a, transpose_b, out), (a, b)
 
 
+def product_gradients(product, a, b, g, transpose_a: bool, transpose_b: bool):
+    """(da, db) for c = op(a) . op(b) and g = dL/dc, each one ``product(x, y, tx, ty)`` (that is
+    op(x) . op(y)) with no transposed copy asked for. g is used as given."""
+    if (transpose_a, transpose_b) == (False, False):  # c = a b
+        return product(g, b, False, True), product(a, g, True, False)
+    if (transpose_a, transpose_b) == (False, True):  # c = a bᵀ
+        return product(g, b, False, False), product(g, a, True, False)
+    if (transpose_a, transpose_b) == (True, False):  # c = aᵀ b
+        return product(b, g, False, True), product(a, g, False, False)
+    raise NotImplementedError("op(a) . op(b) with both transposed has no gradient here")
+
+
 def _matmul_bwd(transpose_a, transpose_b, out, residuals, g):
     """The gradients of c = op(a) . op(b), each one more product on the tiles, rounded to the
     inputs' bf16 as they leave them; the 2-D aᵀ g forms stay float32 until after the sum over
@@ -138,14 +150,7 @@ def _matmul_bwd(transpose_a, transpose_b, out, residuals, g):
         summed = tx and x.ndim == 2  # a's rows are contracted: split rows sum partial products
         return _matmul(x, y, tx, ty, "float32" if summed else "bfloat16")
 
-    if (transpose_a, transpose_b) == (False, False):  # c = a b
-        da, db = product(g, b, False, True), product(a, g, True, False)
-    elif (transpose_a, transpose_b) == (False, True):  # c = a bᵀ
-        da, db = product(g, b, False, False), product(g, a, True, False)
-    elif (transpose_a, transpose_b) == (True, False):  # c = aᵀ b
-        da, db = product(b, g, False, True), product(a, g, False, False)
-    else:
-        raise NotImplementedError("op(a) . op(b) with both transposed has no gradient here")
+    da, db = product_gradients(product, a, b, g, transpose_a, transpose_b)
     return da.astype(a.dtype), db.astype(b.dtype)
 
 

@@ -1,6 +1,8 @@
-"""The float32 dense product's own backward (``models.layers.dot_float32_out``): the same
-gradients as the closed forms in float64, and a weight gradient that makes XLA transpose the
-narrower operand rather than the wide output gradient."""
+"""The products' own backward passes on XLA's path: the dense product
+(``models.layers.dot_float32_out``) and the batched one (``attention.matmul_f32``) give the
+closed forms' gradients in float64; the dense weight gradient makes XLA transpose the narrower
+operand rather than the wide output gradient; with bf16 inputs both multiply bf16 by the output
+gradient rounded to bf16."""
 
 import re
 
@@ -9,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hw2jax.attention import dispatch, matmul_f32
 from hw2jax.models.layers import dot_float32_out
 
 
@@ -80,3 +83,31 @@ def test_bf16_gradients_multiply_bf16_with_the_output_gradient_rounded():
     dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
     assert len(dots) >= 2  # the two gradient products (the forward may sit in a sub-jaxpr)
     assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+
+
+@pytest.mark.parametrize("transpose_a, transpose_b", [(False, False), (False, True), (True, False)])
+def test_bf16_batched_gradients_match_the_closed_forms(monkeypatch, transpose_a, transpose_b):
+    monkeypatch.setenv(dispatch.MATMUL_ENV, "xla")  # the path of CPUs without AMX
+    rng = np.random.default_rng(2)
+    m, k, n = 50, 64, 70
+    a = jnp.asarray(rng.standard_normal((3, k, m) if transpose_a else (3, m, k)), jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal((3, n, k) if transpose_b else (3, k, n)), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((3, m, n)), jnp.float32)
+
+    def loss(a, b):
+        return jnp.sum(g * matmul_f32(a, b, transpose_a=transpose_a, transpose_b=transpose_b))
+
+    da, db = jax.jit(jax.grad(loss, argnums=(0, 1)))(a, b)
+    assert da.dtype == db.dtype == jnp.bfloat16
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    g64 = np.asarray(g.astype(jnp.bfloat16), np.float64)
+    op_a = np.swapaxes(a64, 1, 2) if transpose_a else a64
+    op_b = np.swapaxes(b64, 1, 2) if transpose_b else b64
+    d_op_a, d_op_b = g64 @ np.swapaxes(op_b, 1, 2), np.swapaxes(op_a, 1, 2) @ g64
+    want_a = np.swapaxes(d_op_a, 1, 2) if transpose_a else d_op_a
+    want_b = np.swapaxes(d_op_b, 1, 2) if transpose_b else d_op_b
+    np.testing.assert_allclose(np.asarray(da, np.float64), want_a, rtol=2**-8, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(db, np.float64), want_b, rtol=2**-8, atol=1e-6)
+    dots = [e for e in jax.make_jaxpr(jax.grad(loss, (0, 1)))(a, b).jaxpr.eqns]
+    dots = [e for e in dots if e.primitive.name == "dot_general"]
+    assert len(dots) >= 2 and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
