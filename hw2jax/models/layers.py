@@ -87,7 +87,7 @@ def _dense(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
       images, more than the product;
     - with bf16 inputs, both gradient products take g rounded to bf16 (as torch's autocast and
       our AMX kernel do), where JAX's rule upcasts x and w and multiplies in float32.
-    (benchmarks/NOTES.md, 2026-12-03.)"""
+    (benchmarks/NOTES.md.)"""
     return _product(x, w, _dense_dims(x.ndim), precision)
 
 
