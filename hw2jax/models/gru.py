@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hw2jax.errors import InputError
-from hw2jax.models.layers import torch_uniform
+from hw2jax.models.layers import dot_float32_out, torch_uniform
 
 
 def _reverse_within_length(x: jax.Array, lengths: jax.Array) -> jax.Array:
@@ -96,7 +96,9 @@ def _scan_directions_bwd(residuals, cotangents):
 
     steps = (jnp.moveaxis(g_out, 2, 0), valid.T, h_prev, r, z, n, hp_n)
     _, (d_xp, d_hp) = jax.lax.scan(step, g_h, steps, reverse=True)
-    d_w = jnp.einsum("tdbg,tdbh->dgh", d_hp, h_prev)  # all steps in one matmul
+    # All steps in one matmul, contracted as h_prevᵀ d_hp: XLA then transposes the H-wide
+    # h_prev rather than the 3H-wide d_hp.
+    d_w = jnp.swapaxes(jnp.einsum("tdbh,tdbg->dhg", h_prev, d_hp), 1, 2)
     return jnp.moveaxis(d_xp, 0, 2), d_w, d_hp.sum((0, 2)), None
 
 
@@ -147,7 +149,9 @@ class GRU(nn.Module):
                 w_hh.append(self.param(f"weight_hh_{name}", init, (3 * h_size, h_size)))
                 b_ih = self.param(f"bias_ih_{name}", init, (3 * h_size,))
                 b_hh.append(self.param(f"bias_hh_{name}", init, (3 * h_size,)))
-                proj = x @ w_ih.T + b_ih  # all time steps in one matmul
+                # All time steps in one matmul; dot_float32_out's backward transposes x for
+                # W_ih's gradient, not the 3H-wide gradient of the projection.
+                proj = dot_float32_out(x, w_ih.T, (((2,), (0,)), ((), ()))) + b_ih
                 x_proj.append(reverse(proj) if suffix else proj)
             out, h = _scan_directions(jnp.stack(x_proj), jnp.stack(w_hh), jnp.stack(b_hh), valid)
             if self.bidirectional:
