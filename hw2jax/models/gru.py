@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hw2jax.errors import InputError
-from hw2jax.models.layers import dot_float32_out, torch_uniform
+from hw2jax.models.layers import dense_dot, torch_uniform
 
 
 def _reverse_within_length(x: jax.Array, lengths: jax.Array) -> jax.Array:
@@ -149,9 +149,9 @@ class GRU(nn.Module):
                 w_hh.append(self.param(f"weight_hh_{name}", init, (3 * h_size, h_size)))
                 b_ih = self.param(f"bias_ih_{name}", init, (3 * h_size,))
                 b_hh.append(self.param(f"bias_hh_{name}", init, (3 * h_size,)))
-                # All time steps in one matmul; dot_float32_out's backward transposes x for
-                # W_ih's gradient, not the 3H-wide gradient of the projection.
-                proj = dot_float32_out(x, w_ih.T, (((2,), (0,)), ((), ()))) + b_ih
+                # All time steps in one matmul; dense_dot's backward transposes x for W_ih's
+                # gradient, not the 3H-wide gradient of the projection.
+                proj = dense_dot(x, w_ih.T) + b_ih
                 x_proj.append(reverse(proj) if suffix else proj)
             out, h = _scan_directions(jnp.stack(x_proj), jnp.stack(w_hh), jnp.stack(b_hh), valid)
             if self.bidirectional:

@@ -67,6 +67,12 @@ def dot_float32_out(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     )
 
 
+def dense_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x @ kernel over x's last axis, float32 out, as nn.Dense with :func:`dot_float32_out`
+    computes it (and with its backward)."""
+    return dot_float32_out(x, kernel, _dense_dims(x.ndim))
+
+
 _DENSE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 

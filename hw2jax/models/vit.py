@@ -17,7 +17,7 @@ from hw2jax.models.layers import (
     NO_YNNPACK,
     TorchDense,
     TorchKernel,
-    dot_float32_out,
+    dense_dot,
     xla_accepts,
 )
 
@@ -96,8 +96,7 @@ def _cast(dtype: jnp.dtype | None, *arrays: jax.Array) -> tuple[jax.Array, ...]:
 
 def _dot(x: jax.Array, kernel: jax.Array, dtype: jnp.dtype | None) -> jax.Array:
     """x @ kernel over x's last axis, as TorchDense computes it (float32 out)."""
-    x, kernel = _cast(dtype, x, kernel)
-    return dot_float32_out(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return dense_dot(*_cast(dtype, x, kernel))
 
 
 class FeedForward(nn.Module):
