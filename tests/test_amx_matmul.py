@@ -426,6 +426,10 @@ split = [jax.device_put(t, NamedSharding(mesh, P("data"))) for t in qkv]
 attend_hlo = attend.lower(*split).compile().as_text()
 same = same and bool(jnp.array_equal(attend(*qkv), attend(*split)))
 same = same and "all-gather" not in attend_hlo and "f32[2,24,2,32]" in attend_hlo
+pair = [jnp.asarray(rng.standard_normal((4, 32, 48)), jnp.bfloat16) for _ in range(2)]
+transposed = jax.jit(lambda x, y: kernels.amx_batched_matmul(x, y, transpose_a=True))
+split_pair = [jax.device_put(t, NamedSharding(mesh, P("data"))) for t in pair]
+same = same and bool(jnp.array_equal(transposed(*pair), transposed(*split_pair)))
 print("all-gather" in hlo, "all-reduce" in hlo, ";".join(calls), error,
       "all-gather" in gelu_hlo, ";".join(gelu_calls), same)
 """
@@ -449,5 +453,6 @@ def test_on_a_mesh_each_device_multiplies_its_rows():
     assert calls == "bf16[80,96]{1,0};f32[96,64]{1,0}", calls
     assert float(error) <= 2**-7, error  # at most one bf16 step of the gradients' size
     # The dense layer with its GELU: each device its 80 rows, the same bits as on one device;
-    # the attention: each device its 2 sequences, no all-gather, the same bits.
+    # the attention: each device its 2 sequences, no all-gather, the same bits; a batched
+    # product with a transposed, split over the batch, the same bits.
     assert (gelu_gathered, gelu_calls, same) == ("False", "bf16[80,64]{1,0}", "True"), run.stdout

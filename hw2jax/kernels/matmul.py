@@ -105,7 +105,9 @@ def _partitioned(transpose_a: bool, transpose_b: bool, batched: bool, out: str):
     rule = f"{a_axes}, {b_axes} -> m n"
     if batched:
         rule = f"z {a_axes}, z {b_axes} -> z m n"
-    replicated = ("m", "k", "n") if batched else ("m", "n") if transpose_a else ("k", "n")
+    replicated = {"m", "k", "n"} if batched else {"m", "n"} if transpose_a else {"k", "n"}
+    # Shardy wants these in the order the rule first names them ("z k m" when a is transposed).
+    replicated = tuple(sorted(replicated, key=rule.index))
     sharded = custom_partitioning(local)
     sharded.def_partition(
         partition,
