@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from hw2jax import attention, kernels
+from hw2jax import attention, kernels, malloc
 from hw2jax.attention import dispatch, registry
 from hw2jax.cpu import machine
 from hw2jax.testing.torch_peer import torch_peer_device, torch_synchronize
@@ -709,4 +709,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    malloc.restart_with_settings()
     main()

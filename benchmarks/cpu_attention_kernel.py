@@ -16,7 +16,7 @@ import math
 import jax
 import numpy as np
 
-from hw2jax import kernels
+from hw2jax import kernels, malloc
 from hw2jax.attention import key_bias_attention
 from hw2jax.cpu import machine
 from hw2jax.models import bert
@@ -95,4 +95,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    malloc.restart_with_settings()
     main()

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hw2jax import cpu, kernels
+from hw2jax import cpu, kernels, malloc
 from hw2jax.attention import dispatch
 from hw2jax.cpu import machine
 from hw2jax.testing.torch_peer import torch_peer_device, torch_synchronize
@@ -567,4 +567,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    # Both sides run in this process: torch's allocations get the same malloc settings.
+    malloc.restart_with_settings()
     main()

@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from hw2jax import malloc
 from hw2jax.cpu import machine
 from hw2jax.timing import interleaved_seconds, runtime_settings
 from hw2jax.train.sharding import split_host_cpu
@@ -95,4 +96,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    malloc.restart_with_settings()
     main()

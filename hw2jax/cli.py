@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from hw2jax import malloc
 from hw2jax.errors import Hw2jaxError, InputError, MissingFileError
 
 
@@ -492,5 +493,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``hw2jax`` command: :func:`main` in a process whose malloc keeps XLA's freed buffers
+    (:mod:`hw2jax.malloc`; tests call :func:`main`, which restarts nothing)."""
+    malloc.restart_with_settings()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

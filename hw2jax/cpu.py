@@ -8,6 +8,8 @@ import os
 import platform
 import time
 
+from hw2jax import malloc
+
 # The vector extensions that decide how fast CPU kernels run: 256-bit AVX2, 512-bit AVX-512,
 # its bf16 dot products, and Intel's AMX tiles.
 VECTOR_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
@@ -50,8 +52,9 @@ def _version(package: str) -> str | None:
 def machine(cpuinfo: str = "/proc/cpuinfo") -> dict[str, object]:
     """What a measurement ran on, for every benchmark JSON and every run's results: the CPU's
     model name, vendor, family and model numbers (a cloud CPU's name may be only "AMD EPYC";
-    family 25 model 17 is then Zen 4), cores, vector features, the versions that matter and the
-    date. Versions are read from the installed packages, so nothing is imported."""
+    family 25 model 17 is then Zen 4), cores, vector features, the versions that matter, whether
+    malloc keeps freed memory (:mod:`hw2jax.malloc`) and the date. Versions are read from the
+    installed packages, so nothing is imported."""
 
     def field(name: str) -> str | None:
         return _cpuinfo_field(name, cpuinfo)
@@ -66,6 +69,7 @@ def machine(cpuinfo: str = "/proc/cpuinfo") -> dict[str, object]:
         "jax": _version("jax"),
         "jaxlib": _version("jaxlib"),
         "torch": _version("torch"),
+        "malloc": malloc.state(),
         "date": time.strftime("%Y-%m-%d"),
     }
 

@@ -97,6 +97,8 @@ def assert_names_its_machine(record: dict) -> None:
 
     import jax
 
+    from hw2jax import malloc
+
     with open("/proc/cpuinfo") as f:
         lines = dict(line.split(":", 1) for line in f if ":" in line)
     fields = {k.strip(): v.strip() for k, v in lines.items()}
@@ -106,3 +108,4 @@ def assert_names_its_machine(record: dict) -> None:
     assert record["cpu_features"]["avx2"] == ("avx2" in fields.get("flags", "").split())
     assert record["jax"] == jax.__version__ and record["jaxlib"]
     assert record["date"] == datetime.date.today().isoformat()
+    assert record["malloc"] == malloc.state()

@@ -1,0 +1,105 @@
+"""malloc settings for XLA's buffers: when a command restarts itself with them, that it restarts
+once with its arguments intact, and that they stop the page faults of a program whose large
+temporary buffer is allocated and freed on every call."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+from conftest import fresh_process_env
+
+from hw2jax import malloc
+
+
+@pytest.mark.parametrize(
+    ("environ", "libc", "system", "restarts"),
+    [
+        ({}, "glibc", "Linux", True),
+        ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, "glibc", "Linux", True),
+        ({"HW2JAX_MALLOC": "1"}, "glibc", "Linux", True),
+        ({"HW2JAX_MALLOC": "0"}, "glibc", "Linux", False),
+        ({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=65536"}, "glibc", "Linux", False),
+        ({"GLIBC_TUNABLES": malloc.TUNABLES}, "glibc", "Linux", False),
+        ({}, "", "Linux", False),  # musl and others: platform.libc_ver() names no glibc
+        ({}, "glibc", "Darwin", False),
+    ],
+)
+def test_restarts_only_where_the_settings_apply(environ, libc, system, restarts):
+    assert (malloc.restart_reason(environ, libc, system) is not None) == restarts
+
+
+_SHOW = """
+import os, sys
+from hw2jax import malloc
+malloc.restart_with_settings()
+print(repr(sys.argv[1:]), os.environ.get("GLIBC_TUNABLES", ""), sep="|")
+"""
+
+
+def _restarts_here(env: dict) -> bool:
+    reason = malloc.restart_reason(env, platform.libc_ver()[0], platform.system())
+    return reason is not None
+
+
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_a_command_restarts_once_with_its_arguments(opt_out):
+    env = fresh_process_env()
+    env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=0"  # kept, ours added after it
+    if opt_out:
+        env[malloc.ENV] = "0"
+    run = subprocess.run(
+        [sys.executable, "-c", _SHOW, "two words", "--flag"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    argv, tunables = run.stdout.strip().split("|")
+    assert argv == repr(["two words", "--flag"])
+    if _restarts_here(env):
+        assert tunables == f"glibc.malloc.hugetlb=0:{malloc.TUNABLES}"
+    else:
+        assert tunables == "glibc.malloc.hugetlb=0"
+
+
+_FAULTS = """
+import resource, threading, jax, jax.numpy as jnp
+x = jnp.ones((2048, 8192), jnp.float32)  # 64 MiB, and as large a temporary between the scans
+f = jax.jit(lambda x: jnp.cumsum(jnp.cumsum(x, 0) * 2, 1).sum())
+for _ in range(8):  # the heap takes a few calls to settle (six in one run here)
+    f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    f(x).block_until_ready()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
+"""
+
+
+@pytest.mark.skipif(
+    not _restarts_here({k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}),
+    reason="the settings are glibc's, on Linux",
+)
+def test_the_settings_stop_the_page_faults_of_xlas_buffers():
+    """By default each call of a program with a 64 MiB temporary buffer faults its pages in anew
+    (16,384 pages of 4 KiB, and more); with the settings, once the heap has settled, each call
+    reuses the pages of the one before."""
+
+    def faults(tunables: str | None) -> float:
+        env = fresh_process_env()
+        env.pop("GLIBC_TUNABLES", None)
+        if tunables:
+            env["GLIBC_TUNABLES"] = tunables
+        run = subprocess.run(
+            [sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        return float(run.stdout.split()[-1])
+
+    default, kept = faults(None), faults(malloc.TUNABLES)
+    assert default > 16_384, default
+    assert kept < default / 20, (kept, default)
