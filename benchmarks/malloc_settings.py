@@ -30,7 +30,6 @@ from hw2jax.cpu import machine
 from hw2jax.timing import runtime_settings, write_results
 
 SETTINGS = {"default": None, "keep freed memory": malloc.TUNABLES}
-ROWS = ("vit, 1 device", "vit, 2 host devices", "fine-tuning, float32", "fine-tuning, bfloat16")
 
 
 def _faults() -> int:
@@ -74,15 +73,19 @@ def _finetune(dtype: str) -> dict:
     }
 
 
+# Each row's measurement, run in a fresh process.
+ROWS = {
+    "vit, 1 device": lambda: _vit(1),
+    "vit, 2 host devices": lambda: _vit(2),
+    "fine-tuning, float32": lambda: _finetune("float32"),
+    "fine-tuning, bfloat16": lambda: _finetune("bfloat16"),
+}
+
+
 def _child(row: str) -> None:
     """One row's measurement in this process, printed as one JSON line."""
     sys.path.insert(0, str(Path(__file__).parent))
-    kind, detail = row.split(", ")
-    if kind == "vit":
-        result = _vit(1 if detail == "1 device" else 2)
-    else:
-        result = _finetune(detail)
-    print(json.dumps(result))
+    print(json.dumps(ROWS[row]()))
 
 
 def _measure(row: str, tunables: str | None) -> dict:
@@ -106,9 +109,8 @@ def main(argv=None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument(
-        "--out", default="benchmarks/results/malloc"
-    )  # per CPU: results/<cpu>/malloc
+    # Per CPU kind: results/<cpu>/malloc.
+    parser.add_argument("--out", default="benchmarks/results/malloc")
     parser.add_argument("--child", choices=ROWS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

@@ -41,24 +41,25 @@ TUNABLES = ":".join(
 _DECIDES = "glibc.malloc.mmap_max"  # set by whoever started us: their choice stands
 
 
-def restart_reason(environ: Mapping[str, str], libc: str, system: str) -> str | None:
-    """Why a restart would help (None: it would not), from the environment, the C library
-    (``platform.libc_ver()[0]``) and the operating system."""
-    if environ.get(ENV, "1") == "0":
-        return None
-    if system != "Linux" or libc != "glibc":
-        return None
-    if _DECIDES in environ.get("GLIBC_TUNABLES", ""):
-        return None
-    return "glibc returns large freed blocks to the kernel, and XLA frees its buffers each step"
+def should_restart(
+    environ: Mapping[str, str], libc: str | None = None, system: str | None = None
+) -> bool:
+    """Whether a restart with :data:`TUNABLES` applies: not opted out, malloc's ``mmap_max`` not
+    already set by whoever started us, and glibc on Linux (``libc`` and ``system`` default to
+    this machine's ``platform.libc_ver()[0]`` and ``platform.system()``, read only when the
+    environment leaves the question open, as it does not in the restarted process)."""
+    if environ.get(ENV, "1") == "0" or _DECIDES in environ.get("GLIBC_TUNABLES", ""):
+        return False
+    libc = platform.libc_ver()[0] if libc is None else libc
+    system = platform.system() if system is None else system
+    return system == "Linux" and libc == "glibc"
 
 
 def restart_with_settings() -> None:
     """Execs this command again, same arguments, with :data:`TUNABLES` added to
-    ``GLIBC_TUNABLES``, where :func:`restart_reason` gives a reason; returns otherwise. Call it
-    first thing in a command's entry point: what the process did before is done again."""
-    reason = restart_reason(os.environ, platform.libc_ver()[0], platform.system())
-    if reason is None:
+    ``GLIBC_TUNABLES``, where :func:`should_restart` says so; returns otherwise. Call it first
+    thing in a command's entry point: what the process did before is done again."""
+    if not should_restart(os.environ):
         return
     env = dict(os.environ)
     env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), TUNABLES]))

@@ -5,7 +5,6 @@ temporary buffer is allocated and freed on every call."""
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 
@@ -29,7 +28,7 @@ from hw2jax import malloc
     ],
 )
 def test_restarts_only_where_the_settings_apply(environ, libc, system, restarts):
-    assert (malloc.restart_reason(environ, libc, system) is not None) == restarts
+    assert malloc.should_restart(environ, libc, system) == restarts
 
 
 _SHOW = """
@@ -38,11 +37,6 @@ from hw2jax import malloc
 malloc.restart_with_settings()
 print(repr(sys.argv[1:]), os.environ.get("GLIBC_TUNABLES", ""), sep="|")
 """
-
-
-def _restarts_here(env: dict) -> bool:
-    reason = malloc.restart_reason(env, platform.libc_ver()[0], platform.system())
-    return reason is not None
 
 
 @pytest.mark.parametrize("opt_out", [False, True])
@@ -61,7 +55,7 @@ def test_a_command_restarts_once_with_its_arguments(opt_out):
     assert run.returncode == 0, run.stderr[-2000:]
     argv, tunables = run.stdout.strip().split("|")
     assert argv == repr(["two words", "--flag"])
-    if _restarts_here(env):
+    if malloc.should_restart(env):
         assert tunables == f"glibc.malloc.hugetlb=0:{malloc.TUNABLES}"
     else:
         assert tunables == "glibc.malloc.hugetlb=0"
@@ -81,7 +75,7 @@ print(min(faults[8:]))  # the heap takes a few calls to settle (up to six seen h
 
 
 @pytest.mark.skipif(
-    not _restarts_here({k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}),
+    not malloc.should_restart({k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}),
     reason="the settings are glibc's, on Linux",
 )
 def test_the_settings_stop_the_page_faults_of_xlas_buffers():
