@@ -78,6 +78,7 @@ from hw2jax.errors import InputError
 SOFTMAX = ("auto", "jax", "xla", "cudnn", "pallas", "blockwise", "naive", "fused_cpu")
 LINEAR = ("auto", "chunked", "recurrent", "pallas", "fused_cpu", "parallel")
 KEY_BIAS = ("auto", "xla", "fused_cpu")
+FEW_KEYS = ("auto", "xla", "fused_cpu")
 MATMUL = ("auto", "xla", "amx")
 
 # From this many scores per (batch, head) on (T = 8192), softmax without gradients goes
@@ -230,6 +231,25 @@ def key_bias(
         if path := fastest("key_bias", False, False, ["fused_cpu", "xla"], measure):
             return path
     return "fused_cpu" if machine.fused_cpu_pays_off and fused_reason() is None else "xla"
+
+
+def few_keys(
+    fused_reason: Reason, machine: Machine | None = None, measure: Measure | None = None
+) -> str:
+    """The path of :func:`~hw2jax.attention.few_keys.few_keys_attention` (the ViT's regrouped
+    heads): ``"fused_cpu"`` or ``"xla"``, timed with gradients where ``measure`` is given on
+    CPU, else the fused kernel where the fused kernels pay off (its 6 x 4 accumulator tiles
+    need AVX-512's 32 registers)."""
+    machine = machine or this_machine()
+    force = forced(FEW_KEYS)
+    if force and not (force == "fused_cpu" and fused_reason()):
+        return force
+    if machine.backend != "cpu" or fused_reason() is not None:
+        return "xla"
+    if measure is not None and measuring(machine):
+        if path := fastest("few_keys", False, True, ["fused_cpu", "xla"], measure):
+            return path
+    return "fused_cpu" if machine.fused_cpu_pays_off else "xla"
 
 
 def dense_product(

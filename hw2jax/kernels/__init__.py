@@ -9,7 +9,9 @@ instead, as torch's CPU SDPA does. By concern:
 - :mod:`.ffi`: the FFI targets as jax functions (vmap, sharding rules);
 - :mod:`.softmax`: :func:`cpu_attention` (the row kernel, a key bias, forward only: BERT's; in
   bf16 on AMX tiles, :func:`amx_attention`) and
-  :func:`cpu_flash_attention` (causal or not, forward and backward);
+  :func:`cpu_flash_attention` (causal or not, forward and backward), and
+  :func:`cpu_few_keys_attention` (many query rows over at most 64 keys that are also the
+  values, forward and backward: the ViT's regrouped heads);
 - :mod:`.linear`: :func:`causal_linear_product_cpu` and :func:`linear_attention_cpu`;
 - :mod:`.matmul`: :func:`amx_matmul` and :func:`amx_batched_matmul`, bf16 products on AMX
   tiles (CPUs with AMX-BF16), and :func:`amx_dense_gelu`, a dense layer and its GELU in one.
@@ -41,7 +43,13 @@ from hw2jax.kernels.matmul import (
     amx_matmul,
     amx_matmul_unavailable_reason,
 )
-from hw2jax.kernels.softmax import amx_attention, cpu_attention, cpu_flash_attention
+from hw2jax.kernels.softmax import (
+    amx_attention,
+    cpu_attention,
+    cpu_few_keys_attention,
+    cpu_flash_attention,
+    few_keys_unsupported,
+)
 
 __all__ = [
     "SUPPORTED_HEAD_DIMS",
@@ -57,8 +65,10 @@ __all__ = [
     "causal_linear_unavailable_reason",
     "cpu_attention",
     "cpu_attention_unavailable_reason",
+    "cpu_few_keys_attention",
     "cpu_flash_attention",
     "dense_linear_unavailable_reason",
+    "few_keys_unsupported",
     "kernel_vector_features",
     "library_path",
     "library_target",

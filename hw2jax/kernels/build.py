@@ -36,6 +36,8 @@ TARGETS = {
     "amx_matmul_bf16": ("Hw2jaxCpuAmxMatmulBf16", "hw2jax_cpu_amx_matmul_bf16"),
     "amx_matmul_gelu": ("Hw2jaxCpuAmxMatmulGelu", "hw2jax_cpu_amx_matmul_gelu"),
     "amx_attention": ("Hw2jaxCpuAmxAttention", "hw2jax_cpu_amx_attention"),
+    "few_keys_forward": ("Hw2jaxCpuFewKeysForward", "hw2jax_cpu_few_keys_forward"),
+    "few_keys_backward": ("Hw2jaxCpuFewKeysBackward", "hw2jax_cpu_few_keys_backward"),
 }
 SUPPORTED_HEAD_DIMS = tuple(range(16, 129, 16))  # the kernel's compiled variants
 

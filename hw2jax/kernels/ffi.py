@@ -20,35 +20,41 @@ _AXES = {
     "bt": "b t",
     "bhdd": "b h d e",  # a [D, D] state per (sequence, head)
     "bhd": "b h d",
+    "bqd": "b q d",  # rows of queries ...
+    "bkd": "b k d",  # ... against a few keys
+    "bqk": "b q k",
 }
 
 
-def _result_shape(layout: str, bthd: tuple[int, ...]) -> tuple[int, ...]:
-    b, t, h, d = bthd
-    shapes = {"bthd": (b, t, h, d), "bht": (b, h, t), "bth": (b, t, h)}
-    return {**shapes, "bhdd": (b, h, d, d), "bhd": (b, h, d)}[layout]
+def _sizes(ins: tuple[str, ...], args) -> dict[str, int]:
+    """Each axis letter's length, from the operands' layouts (e, a second D, is D)."""
+    sizes = {}
+    for layout, arg in zip(ins, args, strict=False):
+        sizes.update(zip(_AXES[layout].split(), arg.shape, strict=True))
+    return {"e": sizes.get("d"), **sizes}
 
 
-def _shardings(mesh, layouts: tuple[str, ...], spec: PartitionSpec) -> tuple:
-    """Shardings for `layouts` that keep the batch and heads axes of a [B, T, heads, D] spec."""
-    batch = spec[0] if len(spec) > 0 else None
-    heads = spec[2] if len(spec) > 2 else None
-    axes = {"b": batch, "h": heads}
+def _shardings(mesh, layouts: tuple[str, ...], first: str, spec: PartitionSpec) -> tuple:
+    """Shardings for `layouts` that keep the batch and heads axes of the first operand's
+    `spec` (its layout `first`); every other axis whole."""
+    axes = {a: s for a, s in zip(_AXES[first].split(), spec, strict=False) if a in "bh"}
     return tuple(
-        NamedSharding(mesh, PartitionSpec(*(axes.get(a) for a in layout))) for layout in layouts
+        NamedSharding(mesh, PartitionSpec(*(axes.get(a) for a in _AXES[layout].split())))
+        for layout in layouts
     )
 
 
 @functools.cache
 def ffi_kernel(target: str, ins: tuple[str, ...], outs: tuple[str, ...], attrs: tuple = ()):
-    """The FFI target as a function of its operands (the first [B, T, heads, D]), with `attrs`
+    """The FFI target as a function of its operands (layouts `ins`, results `outs`), with `attrs`
     ((name, value) pairs) fixed. Under ``jax.vmap`` the vmapped axes fold into the batch axis
     (one call); under ``jax.jit`` on a mesh, batch- or head-sharded operands stay sharded and
     the kernel runs on each device's slice."""
 
     def ffi(*args):
+        sizes = _sizes(ins, args)
         results = tuple(
-            jax.ShapeDtypeStruct(_result_shape(layout, args[0].shape), jnp.float32)
+            jax.ShapeDtypeStruct(tuple(sizes[a] for a in _AXES[layout].split()), jnp.float32)
             for layout in outs
         )
         call = jax.ffi.ffi_call(target, results, vmap_method="broadcast_all")
@@ -58,19 +64,18 @@ def ffi_kernel(target: str, ins: tuple[str, ...], outs: tuple[str, ...], attrs: 
 
     def partition(mesh, arg_shapes, result_shape):
         spec = arg_shapes[0].sharding.spec
-        return mesh, ffi, _shardings(mesh, outs, spec), _shardings(mesh, ins, spec)
+        return mesh, ffi, _shardings(mesh, outs, ins[0], spec), _shardings(mesh, ins, ins[0], spec)
 
     def infer(mesh, arg_shapes, result_shape):
-        return _shardings(mesh, outs, arg_shapes[0].sharding.spec)
+        return _shardings(mesh, outs, ins[0], arg_shapes[0].sharding.spec)
 
+    letters = [a for layout in ins + outs for a in _AXES[layout].split()]
     sharded.def_partition(
         partition,
         infer_sharding_from_operands=infer,
         sharding_rule=", ".join(_AXES[a] for a in ins) + " -> " + ", ".join(_AXES[a] for a in outs),
         # Every factor but batch and heads, in order of appearance (Shardy).
-        need_replication_factors=tuple(
-            f for f in "tde" if any(f in _AXES[a].split() for a in ins + outs)
-        ),
+        need_replication_factors=tuple(a for a in dict.fromkeys(letters) if a not in "bh"),
     )
 
     @jax.custom_batching.custom_vmap

@@ -154,3 +154,64 @@ def cpu_flash_attention(
     _check_softmax_inputs("cpu_flash_attention", q, k, v)
     scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else float(scale)
     return _flash(q, k, v, scale, bool(causal))
+
+
+def _few_keys_forward_call(q, kv):
+    kernel = ffi_kernel(TARGETS["few_keys_forward"][1], ("bqd", "bkd"), ("bqd", "bqk"))
+    return kernel(q, kv)
+
+
+@jax.custom_vjp
+def _few_keys(q, kv):
+    return _few_keys_forward_call(q, kv)[0]
+
+
+def _few_keys_fwd(q, kv):
+    out, probs = _few_keys_forward_call(q, kv)
+    return out, (q, kv, probs)
+
+
+def _few_keys_bwd(residuals, grad):
+    kernel = ffi_kernel(
+        TARGETS["few_keys_backward"][1], ("bqd", "bkd", "bqk", "bqd"), ("bqd", "bkd")
+    )
+    return kernel(*residuals, grad)
+
+
+_few_keys.defvjp(_few_keys_fwd, _few_keys_bwd)
+
+
+FEW_KEYS_DIMS = (16, 32, 64, 128)  # the feature sizes the few-keys kernel is compiled for
+FEW_KEYS_MAX = 64  # its most keys
+
+
+def few_keys_unsupported(q_shape, kv_shape, dtype) -> str | None:
+    """Why :func:`cpu_few_keys_attention` does not take these shapes and dtype, or None."""
+    if len(q_shape) != 3 or len(kv_shape) != 3 or q_shape[::2] != kv_shape[::2]:
+        return f"it wants q [B, M, D] and kv [B, N, D]; got {tuple(q_shape)} and {tuple(kv_shape)}"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"it computes in float32; got {jnp.dtype(dtype)}"
+    if q_shape[-1] not in FEW_KEYS_DIMS:
+        return f"D must be one of {FEW_KEYS_DIMS}; got {q_shape[-1]}"
+    if not 1 <= kv_shape[1] <= FEW_KEYS_MAX:
+        return f"kv must have 1 to {FEW_KEYS_MAX} rows; got {kv_shape[1]}"
+    return None
+
+
+def cpu_few_keys_attention(q: jax.Array, kv: jax.Array) -> jax.Array:
+    """softmax(q kv^T) kv, forward and backward by fused CPU kernels, for many query rows
+    against a few keys that are also the values (the ViT's regrouped heads): float32 q
+    [B, M, D] and kv [B, N, D] with D in :data:`FEW_KEYS_DIMS` and N <= 64; no scale (fold it
+    into q). The forward keeps the [B, M, N] probabilities for the backward. Raises
+    :class:`InputError` for other shapes and :class:`KernelUnavailable` where the kernel
+    cannot run here."""
+    if (problem := few_keys_unsupported(q.shape, kv.shape, q.dtype)) is not None:
+        raise InputError(
+            f"cpu_few_keys_attention: {problem}. hw2jax.attention.matmul_f32 and "
+            "jax.nn.softmax compute the same for any shape."
+        )
+    if kv.dtype != q.dtype:
+        raise InputError(f"cpu_few_keys_attention: q is {q.dtype} but kv {kv.dtype}; cast both.")
+    if (reason := cpu_attention_unavailable_reason(q.shape[-1], q.dtype)) is not None:
+        raise KernelUnavailable(reason)
+    return _few_keys(q, kv)
