@@ -37,6 +37,7 @@ def test_gpu_takes_the_measured_paths_only():
             )
     assert dispatch.linear(why("the fused kernel is for CPU"), GPU) == "chunked"
     assert dispatch.key_bias(why("the fused kernel is for CPU"), GPU) == "xla"
+    assert dispatch.few_keys(never, GPU) == "xla"
     assert dispatch.softmax(16, False, why(), dispatch.Machine("tpu")) == "jax"
 
 
@@ -46,6 +47,7 @@ def test_the_kernels_are_not_asked_about_where_the_rule_cannot_take_them():
         dispatch.softmax(T_256, True, never, machine)
         dispatch.linear(never, machine)
         dispatch.key_bias(never, machine)
+        dispatch.few_keys(never, machine)
 
 
 def test_cpu_with_avx512_takes_the_fused_kernels_where_they_can_run():
@@ -56,10 +58,12 @@ def test_cpu_with_avx512_takes_the_fused_kernels_where_they_can_run():
     assert dispatch.softmax(T_8192, False, why(), cpu) == ("blockwise", "flash")
     assert dispatch.linear(why(), cpu) == "fused_cpu"
     assert dispatch.key_bias(why(), cpu) == "fused_cpu"
+    assert dispatch.few_keys(why(), cpu) == "fused_cpu"
     # Where the kernels cannot run (bf16, an odd head dim, dropout): the plain paths.
     assert dispatch.softmax(T_256, False, why("bfloat16"), cpu) == "naive"
     assert dispatch.linear(why("head dim 8"), cpu) == "chunked"
     assert dispatch.key_bias(why(DROPOUT), cpu) == "xla"
+    assert dispatch.few_keys(why("kv must have 1 to 64 rows; got 65"), cpu) == "xla"
 
 
 def test_cpu_without_avx512_never_takes_the_fused_kernels():
@@ -68,6 +72,7 @@ def test_cpu_without_avx512_never_takes_the_fused_kernels():
     assert dispatch.softmax(T_8192, False, why(), cpu) == "blockwise"
     assert dispatch.linear(why(), cpu) == "chunked"
     assert dispatch.key_bias(why(), cpu) == "xla"
+    assert dispatch.few_keys(why(), cpu) == "xla"
 
 
 def test_an_environment_variable_forces_one_path(monkeypatch):
@@ -80,6 +85,10 @@ def test_an_environment_variable_forces_one_path(monkeypatch):
     assert dispatch.softmax(16, False, why(), cpu) == "fused_cpu"
     assert dispatch.softmax(16, False, why("bfloat16"), cpu) == "naive"  # cannot run: the rule's
     assert dispatch.key_bias(why(DROPOUT), cpu) == "xla"  # dropout: the kernel cannot
+    assert dispatch.few_keys(why(), cpu) == "fused_cpu"
+    assert dispatch.few_keys(why("bfloat16"), cpu) == "xla"
+    monkeypatch.setenv("HW2JAX_ATTENTION", "xla")
+    assert dispatch.few_keys(why(), cpu) == "xla"
 
 
 def test_unknown_names_are_refused_naming_the_choices():
@@ -88,6 +97,10 @@ def test_unknown_names_are_refused_naming_the_choices():
         (lambda: attention.softmax_attention(q, q, q, implementation="flash"), "softmax_attention"),
         (lambda: attention.linear_attention(q, q, q, implementation="flash"), "linear_attention"),
         (lambda: attention.key_bias_attention(q, q, q, implementation="fused"), "key_bias"),
+        (
+            lambda: attention.few_keys_attention(q[:, :, 0], q[:, :, 0], implementation="row"),
+            "few_keys_attention",
+        ),
     ):
         with pytest.raises(dispatch.ImplementationError, match=f"for {what}.*; use one of auto"):
             call()
@@ -187,6 +200,12 @@ def test_auto_takes_the_measured_fastest_path_both_ways(measured):
     avx2 = dispatch.Machine("cpu", kernel_features=AVX2)
     assert dispatch.linear(why(), avx2, measure_for(), causal=True) == "fused_cpu"
     assert dispatch.key_bias(why(), CPU_AVX512, measure_for()) == "xla"
+    # The ViT's few-keys attention, timed with gradients: XLA's form here, the kernel when it
+    # is the faster one, whatever the vector features.
+    assert dispatch.few_keys(why(), CPU_AVX512, measure_for((2, 200, 1, 64))) == "xla"
+    assert probes[-1] == (("fused_cpu", "xla"), True)
+    ms.update(xla=3.0)
+    assert dispatch.few_keys(why(), avx2, measure_for((2, 8, 1, 64))) == "fused_cpu"
 
 
 def test_timings_are_cached_per_shape_class_in_one_file(measured, tmp_path):

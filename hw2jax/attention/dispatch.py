@@ -244,12 +244,14 @@ def few_keys(
     force = forced(FEW_KEYS)
     if force and not (force == "fused_cpu" and fused_reason()):
         return force
-    if machine.backend != "cpu" or fused_reason() is not None:
+    if machine.backend != "cpu":
         return "xla"
     if measure is not None and measuring(machine):
+        if fused_reason() is not None:
+            return "xla"
         if path := fastest("few_keys", False, True, ["fused_cpu", "xla"], measure):
             return path
-    return "fused_cpu" if machine.fused_cpu_pays_off else "xla"
+    return "fused_cpu" if machine.fused_cpu_pays_off and fused_reason() is None else "xla"
 
 
 def dense_product(
