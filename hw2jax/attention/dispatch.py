@@ -10,8 +10,8 @@ The rule, in order:
 
 1. **GPU or TPU**: the paths that have been measured there. Softmax: ``"jax"``, i.e.
    ``jax.nn.dot_product_attention`` with no implementation named (JAX's own choice of cuDNN or
-   XLA). Linear: ``"chunked"``. Key bias: ``"xla"``. Our Pallas kernels run only when asked for
-   by name (``"pallas"``).
+   XLA). Linear: ``"chunked"``. Key bias and few keys: ``"xla"``. Our Pallas kernels run only
+   when asked for by name (``"pallas"``).
 2. **CPU where the fused kernels can run** (:mod:`hw2jax.kernels`: float32, head dims a multiple
    of 16 up to 128, a C++ compiler) **and their build has AVX-512**: the fused kernels. Built for
    AVX2 alone their 8 x 32 score tile spills out of the 16 ymm registers and XLA is faster
@@ -20,9 +20,11 @@ The rule, in order:
    causal, from there) or the flash kernel (causal); gradients take the flash kernel from 2^16
    scores on, ``"naive"`` below (``benchmarks/results/cpu_gradients/``). Linear: ``"fused_cpu"``.
    Key bias: ``"fused_cpu"`` unless attention dropout is active (the kernel keeps no
-   probabilities).
+   probabilities). Few keys (the ViT's regrouped heads, float32, at most 64 keys):
+   ``"fused_cpu"``.
 3. **Any other CPU**: softmax ``"naive"`` below 2^26 scores per (batch, head) and
-   ``"blockwise"`` from there (O(T) memory); linear ``"chunked"``; key bias ``"xla"``.
+   ``"blockwise"`` from there (O(T) memory); linear ``"chunked"``; key bias and few keys
+   ``"xla"``.
 
 Before all three, linear attention with Based's Taylor feature map takes ``"parallel"`` (its
 weights from the scores, no features) wherever the keys are fewer than its 1 + d + d^2
@@ -39,9 +41,9 @@ next to the kernel build, in a file keyed by the CPU, the compiler, jax and the 
 source (:func:`hw2jax.kernels.library_target`); delete it to time again. At most 20 s of
 timing per process; classes left untimed then take the feature rule. Softmax times forward
 and gradient separately (a custom VJP runs the forward winner when nothing is
-differentiated); linear attention is timed with gradients, BERT's key-bias attention forward
-only (fine-tuning runs dropout, which only XLA's form takes). Processes of a multi-process run
-all take the feature rule, so that they compile one program.
+differentiated); linear and few-keys attention are timed with gradients, BERT's key-bias
+attention forward only (fine-tuning runs dropout, which only XLA's form takes). Processes of a
+multi-process run all take the feature rule, so that they compile one program.
 
 ``HW2JAX_ATTENTION`` (e.g. ``HW2JAX_ATTENTION=xla``) forces one softmax and key-bias path for the
 whole process, where that path applies; ``auto`` or unset leaves the rule above.
