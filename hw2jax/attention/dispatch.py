@@ -92,6 +92,8 @@ BLOCKWISE_FROM = 2**26
 FUSED_GRADIENTS_FROM = 2**16
 FORCE_ENV = "HW2JAX_ATTENTION"
 MATMUL_ENV = "HW2JAX_MATMUL"
+LAYER_NORM = ("auto", "xla", "fused_cpu")
+LAYER_NORM_ENV = "HW2JAX_LAYER_NORM"
 # Below this many multiply-adds a product stays with XLA: packing and the call cost more than
 # the tiles save (benchmarks/results/amx_matmul/).
 AMX_MIN_MACS = 2**20
@@ -254,6 +256,22 @@ def few_keys(
         if path := fastest("few_keys", False, True, ["fused_cpu", "xla"], measure):
             return path
     return "fused_cpu" if machine.fused_cpu_pays_off and fused_reason() is None else "xla"
+
+
+def layer_norm(unsupported: Reason, machine: Machine | None = None) -> str:
+    """How a layer norm over the last axis runs: ``"fused_cpu"`` (:func:`hw2jax.kernels.
+    cpu_layer_norm`, one pass each way) or ``"xla"`` (flax's). ``unsupported()`` says why the
+    kernel cannot take the input here (None: it can). The kernel where the fused kernels pay
+    off (AVX-512); a rule, not a timing. ``$HW2JAX_LAYER_NORM`` (``auto``, ``xla`` or
+    ``fused_cpu``) forces one path where it can run."""
+    force = os.environ.get(LAYER_NORM_ENV, "auto") or "auto"
+    check(force, LAYER_NORM, f"${LAYER_NORM_ENV}")
+    if force == "xla":
+        return "xla"
+    machine = machine or this_machine()
+    if force == "fused_cpu" or machine.fused_cpu_pays_off:
+        return "fused_cpu" if unsupported() is None else "xla"
+    return "xla"
 
 
 def dense_product(

@@ -13,6 +13,7 @@ instead, as torch's CPU SDPA does. By concern:
   :func:`cpu_few_keys_attention` (many query rows over at most 64 keys that are also the
   values, forward and backward: the ViT's regrouped heads);
 - :mod:`.linear`: :func:`causal_linear_product_cpu` and :func:`linear_attention_cpu`;
+- :mod:`.layer_norm`: :func:`cpu_layer_norm`, forward and backward;
 - :mod:`.matmul`: :func:`amx_matmul` and :func:`amx_batched_matmul`, bf16 products on AMX
   tiles (CPUs with AMX-BF16), and :func:`amx_dense_gelu`, a dense layer and its GELU in one.
 
@@ -31,6 +32,7 @@ from hw2jax.kernels.build import (
     library_target,
     register_targets,
 )
+from hw2jax.kernels.layer_norm import cpu_layer_norm, layer_norm_unsupported
 from hw2jax.kernels.linear import (
     causal_linear_product_cpu,
     causal_linear_unavailable_reason,
@@ -67,9 +69,11 @@ __all__ = [
     "cpu_attention_unavailable_reason",
     "cpu_few_keys_attention",
     "cpu_flash_attention",
+    "cpu_layer_norm",
     "dense_linear_unavailable_reason",
     "few_keys_unsupported",
     "kernel_vector_features",
+    "layer_norm_unsupported",
     "library_path",
     "library_target",
     "linear_attention_cpu",

@@ -38,6 +38,8 @@ TARGETS = {
     "amx_attention": ("Hw2jaxCpuAmxAttention", "hw2jax_cpu_amx_attention"),
     "few_keys_forward": ("Hw2jaxCpuFewKeysForward", "hw2jax_cpu_few_keys_forward"),
     "few_keys_backward": ("Hw2jaxCpuFewKeysBackward", "hw2jax_cpu_few_keys_backward"),
+    "layer_norm_forward": ("Hw2jaxCpuLayerNormForward", "hw2jax_cpu_layer_norm_forward"),
+    "layer_norm_backward": ("Hw2jaxCpuLayerNormBackward", "hw2jax_cpu_layer_norm_backward"),
 }
 SUPPORTED_HEAD_DIMS = tuple(range(16, 129, 16))  # the kernel's compiled variants
 

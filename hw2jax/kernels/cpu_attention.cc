@@ -1791,6 +1791,145 @@ ffi::Error FewKeysBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return RunFewKeys<FewKeysBackward>(pool, p);
 }
 
+// ---- Layer norm over the last axis, forward and backward ----
+//
+// XLA splits a layer norm into reductions, elementwise passes and, where a weight gradient
+// wants the output transposed, a second transposed evaluation: in the float32 ViT step about a
+// fifth of the op time (benchmarks/NOTES.md). Here one pass over each row forward (keeping its
+// mean and 1 / std) and one backward, rows in blocks on XLA's threads. C, the row length, is a
+// multiple of 16.
+
+struct LayerNormProblem {
+  const float *x, *gamma, *beta, *mean, *rstd, *dy;  // mean, rstd, dy: backward only
+  float *y, *mean_w, *rstd_w;                         // forward's results
+  float *dx, *partials;                               // backward's: dx, [items, 2, C] sums
+  int64_t items, rows, c;
+  float eps;
+};
+
+constexpr int64_t kNormRows = 64;  // rows per item
+
+template <int kUnused>
+class LayerNormForward {
+ public:
+  explicit LayerNormForward(const LayerNormProblem& p) : p_(p) {}
+
+  void Run(int64_t item) {
+    const int64_t c = p_.c, r1 = std::min(p_.rows, (item + 1) * kNormRows);
+    const float inv_c = 1.0f / static_cast<float>(c);
+    for (int64_t r = item * kNormRows; r < r1; ++r) {
+      const float* x = p_.x + r * c;
+      v16 sum{};
+      for (int64_t j = 0; j < c; j += kLanes) sum += load(x + j);
+      const v16 mean = all_sum(sum) * inv_c;
+      v16 squares{};
+      for (int64_t j = 0; j < c; j += kLanes) {
+        const v16 d = load(x + j) - mean;
+        squares += d * d;
+      }
+      const float rstd = 1.0f / std::sqrt(all_sum(squares)[0] * inv_c + p_.eps);
+      float* y = p_.y + r * c;
+      for (int64_t j = 0; j < c; j += kLanes)
+        store(y + j, (load(x + j) - mean) * rstd * load(p_.gamma + j) + load(p_.beta + j));
+      p_.mean_w[r] = mean[0];
+      p_.rstd_w[r] = rstd;
+    }
+  }
+
+ private:
+  const LayerNormProblem& p_;
+};
+
+template <int kUnused>
+class LayerNormBackward {
+ public:
+  explicit LayerNormBackward(const LayerNormProblem& p) : p_(p) {}
+
+  void Run(int64_t item) {
+    const int64_t c = p_.c, r1 = std::min(p_.rows, (item + 1) * kNormRows);
+    const float inv_c = 1.0f / static_cast<float>(c);
+    float* dgamma = p_.partials + item * 2 * c;
+    float* dbeta = dgamma + c;
+    std::memset(dgamma, 0, sizeof(float) * 2 * c);
+    for (int64_t r = item * kNormRows; r < r1; ++r) {
+      const float *x = p_.x + r * c, *dy = p_.dy + r * c;
+      const v16 mean = splat(p_.mean[r]), rstd = splat(p_.rstd[r]);
+      v16 sum_g{}, sum_gx{};
+      for (int64_t j = 0; j < c; j += kLanes) {
+        const v16 xhat = (load(x + j) - mean) * rstd, g = load(dy + j) * load(p_.gamma + j);
+        sum_g += g;
+        sum_gx += g * xhat;
+      }
+      const v16 a = all_sum(sum_g) * inv_c, b = all_sum(sum_gx) * inv_c;
+      float* dx = p_.dx + r * c;
+      for (int64_t j = 0; j < c; j += kLanes) {
+        const v16 xhat = (load(x + j) - mean) * rstd, d = load(dy + j);
+        store(dx + j, rstd * (d * load(p_.gamma + j) - a - xhat * b));
+        store(dgamma + j, load(dgamma + j) + d * xhat);
+        store(dbeta + j, load(dbeta + j) + d);
+      }
+    }
+  }
+
+ private:
+  const LayerNormProblem& p_;
+};
+
+// x [..., C] with C a multiple of 16; fills rows, c and items.
+template <class Buffer>
+ffi::Error LayerNormShapes(const Buffer& x, const ffi::Buffer<ffi::F32>& gamma,
+                           LayerNormProblem& p) {
+  const auto dims = x.dimensions();
+  if (dims.size() < 1 || dims[dims.size() - 1] % kLanes != 0 || dims[dims.size() - 1] == 0)
+    return ffi::Error::InvalidArgument("x's last axis must be a positive multiple of 16");
+  p.c = dims[dims.size() - 1];
+  if (gamma.element_count() != p.c) return ffi::Error::InvalidArgument("gamma must be [C]");
+  p.rows = x.element_count() / p.c;
+  p.items = (p.rows + kNormRows - 1) / kNormRows;
+  return ffi::Error::Success();
+}
+
+ffi::Error LayerNormForwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::F32> gamma, ffi::Buffer<ffi::F32> beta,
+                                float eps, ffi::ResultBuffer<ffi::F32> y,
+                                ffi::ResultBuffer<ffi::F32> mean,
+                                ffi::ResultBuffer<ffi::F32> rstd) {
+  LayerNormProblem p{x.typed_data(), gamma.typed_data(), beta.typed_data(), nullptr, nullptr,
+                     nullptr, y->typed_data(), mean->typed_data(), rstd->typed_data()};
+  p.eps = eps;
+  if (ffi::Error error = LayerNormShapes(x, gamma, p); error.failure()) return error;
+  if (beta.element_count() != p.c) return ffi::Error::InvalidArgument("beta must be [C]");
+  if (p.items > 0) RunJob(pool, DrainJob<LayerNormForward, 0, LayerNormProblem>, p);
+  return ffi::Error::Success();
+}
+
+ffi::Error LayerNormBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                 ffi::Buffer<ffi::F32> gamma, ffi::Buffer<ffi::F32> mean,
+                                 ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> dy,
+                                 ffi::ResultBuffer<ffi::F32> dx,
+                                 ffi::ResultBuffer<ffi::F32> dgamma,
+                                 ffi::ResultBuffer<ffi::F32> dbeta) {
+  LayerNormProblem p{x.typed_data(), gamma.typed_data(), nullptr, mean.typed_data(),
+                     rstd.typed_data(), dy.typed_data(), nullptr, nullptr, nullptr,
+                     dx->typed_data()};
+  if (ffi::Error error = LayerNormShapes(x, gamma, p); error.failure()) return error;
+  if (dy.element_count() != x.element_count() || mean.element_count() != p.rows ||
+      rstd.element_count() != p.rows)
+    return ffi::Error::InvalidArgument("dy must be x's shape and mean, rstd one per row");
+  Aligned partials(std::max<int64_t>(1, p.items) * 2 * p.c);
+  p.partials = partials.ptr;
+  if (p.items > 0) RunJob(pool, DrainJob<LayerNormBackward, 0, LayerNormProblem>, p);
+  float *dg = dgamma->typed_data(), *db = dbeta->typed_data();
+  std::memset(dg, 0, sizeof(float) * p.c);
+  std::memset(db, 0, sizeof(float) * p.c);
+  for (int64_t i = 0; i < p.items; ++i)  // in item order: the same sums whatever the threads
+    for (int64_t j = 0; j < p.c; ++j) {
+      dg[j] += partials.ptr[i * 2 * p.c + j];
+      db[j] += partials.ptr[i * 2 * p.c + p.c + j];
+    }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAttention, Attention,
@@ -1942,3 +2081,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuFewKeysBackward, FewKeysBackwardCall,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // d out
                                   .Ret<ffi::Buffer<ffi::F32>>()   // d q
                                   .Ret<ffi::Buffer<ffi::F32>>());  // d kv
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuLayerNormForward, LayerNormForwardCall,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [..., C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // gamma [C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // beta [C]
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // mean [...]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // 1 / std [...]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuLayerNormBackward, LayerNormBackwardCall,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // gamma
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // 1 / std
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dy
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d gamma
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // d beta

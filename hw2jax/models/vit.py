@@ -15,6 +15,7 @@ from hw2jax.attention import dispatch, registry
 from hw2jax.errors import InputError
 from hw2jax.models.layers import (
     NO_YNNPACK,
+    LayerNorm,
     TorchDense,
     TorchKernel,
     dense_dot,
@@ -123,7 +124,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, first_only: bool = False) -> jax.Array:
         """``first_only``: the first token's row alone, [b, 1, dim] (it attends to all)."""
-        ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)  # noqa: E731
+        ln = lambda name: LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)  # noqa: E731
         mixed = Attention(
             self.dim,
             self.heads,
@@ -196,6 +197,6 @@ class ViT(nn.Module):
                 name=f"block{i}",
             )(x, first_only)
         x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
-        x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="head_norm")(x)
+        x = LayerNorm(epsilon=1e-5, dtype=self.dtype, name="head_norm")(x)
         logits = TorchDense(self.num_classes, self.dim, dtype=self.dtype, name="head")(x)
         return logits.astype(jnp.float32)

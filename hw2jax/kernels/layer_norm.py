@@ -1,0 +1,151 @@
+"""Layer norm over the last axis by a fused CPU kernel, forward and backward: one pass over each
+row each way, where XLA makes several and, for a weight gradient that wants the output
+transposed, evaluates it a second time (benchmarks/NOTES.md). Whether it is used is decided
+in :mod:`hw2jax.attention.dispatch`."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
+
+from hw2jax.errors import InputError
+from hw2jax.kernels.build import TARGETS, KernelUnavailable, cpu_attention_unavailable_reason
+
+
+def _f32(*shape) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _forward_call(x, gamma, beta, eps: float):
+    rows, c = x.shape
+    call = jax.ffi.ffi_call(
+        TARGETS["layer_norm_forward"][1],
+        (_f32(rows, c), _f32(rows), _f32(rows)),
+        vmap_method="sequential",
+    )
+    return call(x, gamma, beta, eps=np.float32(eps))
+
+
+def _backward_call(x, gamma, mean, rstd, dy):
+    rows, c = x.shape
+    call = jax.ffi.ffi_call(
+        TARGETS["layer_norm_backward"][1],
+        (_f32(rows, c), _f32(c), _f32(c)),
+        vmap_method="sequential",
+    )
+    return call(x, gamma, mean, rstd, dy)
+
+
+def _row_axes(arg_shapes):
+    spec = arg_shapes[0].sharding.spec
+    return spec[0] if len(spec) > 0 else None
+
+
+@functools.cache
+def _partitioned_forward(eps: float):
+    """The forward on a mesh whose devices split the rows: each normalises its own."""
+
+    def shardings(mesh, rows):
+        split = NamedSharding(mesh, PartitionSpec(rows, None))
+        whole = NamedSharding(mesh, PartitionSpec(None))
+        per_row = NamedSharding(mesh, PartitionSpec(rows))
+        return (split, whole, whole), (split, per_row, per_row)
+
+    def local(x, gamma, beta):
+        return _forward_call(x, gamma, beta, eps)
+
+    def partition(mesh, arg_shapes, result_shape):
+        args, out = shardings(mesh, _row_axes(arg_shapes))
+        return mesh, local, out, args
+
+    sharded = custom_partitioning(local)
+    sharded.def_partition(
+        partition,
+        infer_sharding_from_operands=lambda mesh, a, _: shardings(mesh, _row_axes(a))[1],
+        sharding_rule="r c, c, c -> r c, r, r",
+        need_replication_factors=("c",),
+    )
+    return sharded
+
+
+@functools.cache
+def _partitioned_backward():
+    """The backward on a mesh whose devices split the rows: each its rows' dx, and the scale
+    and bias gradients summed over the devices."""
+
+    def shardings(mesh, rows):
+        split = NamedSharding(mesh, PartitionSpec(rows, None))
+        whole = NamedSharding(mesh, PartitionSpec(None))
+        per_row = NamedSharding(mesh, PartitionSpec(rows))
+        return (split, whole, per_row, per_row, split), (split, whole, whole)
+
+    def partition(mesh, arg_shapes, result_shape):
+        rows = _row_axes(arg_shapes)
+        args, out = shardings(mesh, rows)
+
+        def local(*args):
+            dx, dgamma, dbeta = _backward_call(*args)
+            if rows is None:
+                return dx, dgamma, dbeta
+            return dx, jax.lax.psum(dgamma, rows), jax.lax.psum(dbeta, rows)
+
+        return mesh, local, out, args
+
+    sharded = custom_partitioning(_backward_call)
+    sharded.def_partition(
+        partition,
+        infer_sharding_from_operands=lambda mesh, a, _: shardings(mesh, _row_axes(a))[1],
+        sharding_rule="r c, c, r, r, r c -> r c, c, c",
+        need_replication_factors=("c",),
+    )
+    return sharded
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x, gamma, beta, eps):
+    return _partitioned_forward(eps)(x, gamma, beta)[0]
+
+
+def _layer_norm_fwd(x, gamma, beta, eps):
+    y, mean, rstd = _partitioned_forward(eps)(x, gamma, beta)
+    return y, (x, gamma, mean, rstd)
+
+
+def _layer_norm_bwd(eps, residuals, dy):
+    return _partitioned_backward()(*residuals, dy)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def layer_norm_unsupported(shape, dtype) -> str | None:
+    """Why :func:`cpu_layer_norm` does not take x of this shape and dtype, or None."""
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"it normalises float32; got {jnp.dtype(dtype)}"
+    if len(shape) < 1 or shape[-1] % 16 or shape[-1] == 0:
+        return f"the last axis must be a positive multiple of 16; got shape {tuple(shape)}"
+    return None
+
+
+def cpu_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """``(x - mean) / sqrt(var + eps) * scale + bias`` over x's last axis (the variance about
+    the mean, as torch.nn.LayerNorm), forward and backward by fused CPU kernels. x: float32
+    [..., C] with C a multiple of 16; scale, bias: [C]. Raises :class:`InputError` for other
+    inputs and :class:`KernelUnavailable` where the kernel cannot run here."""
+    if (problem := layer_norm_unsupported(x.shape, x.dtype)) is not None:
+        raise InputError(f"cpu_layer_norm: {problem}. flax.linen.LayerNorm takes any input.")
+    if scale.shape != x.shape[-1:] or bias.shape != x.shape[-1:]:
+        raise InputError(
+            f"cpu_layer_norm wants scale and bias of shape {x.shape[-1:]}; got {scale.shape} "
+            f"and {bias.shape}."
+        )
+    if (reason := cpu_attention_unavailable_reason(16, jnp.float32)) is not None:
+        raise KernelUnavailable(reason)
+    flat = x.reshape(-1, x.shape[-1])
+    out = _layer_norm(flat, scale.astype(jnp.float32), bias.astype(jnp.float32), float(eps))
+    return out.reshape(x.shape)

@@ -1,0 +1,149 @@
+"""The layer-norm kernel: forward and gradients against a float64 loop, flax's LayerNorm (the
+XLA path) with the same parameters, a 2-device mesh, its refusals and the dispatch rule."""
+
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import fresh_process_env
+
+from hw2jax import kernels
+from hw2jax.attention import dispatch
+from hw2jax.errors import InputError
+from hw2jax.models.layers import LayerNorm
+
+pytestmark = pytest.mark.skipif(
+    kernels.build_error() is not None, reason=f"no fused CPU kernels: {kernels.build_error()}"
+)
+AVX512 = dispatch.Machine("cpu", kernel_features=(("avx512f", True),))
+AVX2 = dispatch.Machine("cpu", kernel_features=(("avx512f", False),))
+
+
+def reference64(x, scale, bias, dy, eps):
+    """y and the gradients of <y, dy>, one row at a time in float64."""
+    x, scale, bias, dy = (np.asarray(a, np.float64) for a in (x, scale, bias, dy))
+    rows, c = x.reshape(-1, x.shape[-1]), x.shape[-1]
+    y, dx = np.zeros_like(rows), np.zeros_like(rows)
+    dscale, dbias = np.zeros(c), np.zeros(c)
+    for r, (row, d) in enumerate(zip(rows, dy.reshape(-1, c), strict=True)):
+        mean = row.sum() / c
+        rstd = 1.0 / np.sqrt(((row - mean) ** 2).sum() / c + eps)
+        xhat = (row - mean) * rstd
+        y[r] = xhat * scale + bias
+        g = d * scale
+        dx[r] = rstd * (g - g.mean() - xhat * (g * xhat).mean())
+        dscale += d * xhat
+        dbias += d
+    return y.reshape(x.shape), dx.reshape(x.shape), dscale, dbias
+
+
+def inputs(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    c = shape[-1]
+    x = (3 * rng.standard_normal(shape) + 1).astype(np.float32)
+    scale, bias = (rng.standard_normal(c).astype(np.float32) for _ in range(2))
+    return x, scale, bias, rng.standard_normal(shape).astype(np.float32)
+
+
+# Rows in one item of 64 and across several, BERT's width, one vector, no rows at all.
+@pytest.mark.parametrize("shape", [(3, 5, 64), (130, 384), (1, 16), (2, 70, 48), (0, 32)])
+def test_forward_and_gradients_match_float64(shape):
+    x, scale, bias, dy = inputs(shape, seed=sum(shape))
+    y, pullback = jax.vjp(
+        lambda *a: kernels.cpu_layer_norm(*a, 1e-5), *(jnp.asarray(a) for a in (x, scale, bias))
+    )
+    got = (y, *pullback(jnp.asarray(dy)))
+    want = reference64(x, scale, bias, dy, 1e-5)
+    for name, a, w in zip(("y", "dx", "dscale", "dbias"), got, want, strict=True):
+        np.testing.assert_allclose(a, w, atol=1e-5 * max(1, shape[0]), rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("path", ["fused_cpu", "xla"])
+def test_the_module_is_flax_layer_norm_both_ways(monkeypatch, path):
+    """Same parameters as flax.linen.LayerNorm, and the same function by either path."""
+    monkeypatch.setenv("HW2JAX_LAYER_NORM", path)
+    x, _, _, dy = inputs((4, 50, 64), seed=1)
+    ours, flax_norm = LayerNorm(epsilon=1e-5), nn.LayerNorm(epsilon=1e-5)
+    params = flax_norm.init(jax.random.key(0), x)
+    params = jax.tree.map(lambda p: p + jnp.linspace(-1, 1, p.size).reshape(p.shape), params)
+    assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(params)
+
+    def grads(module):
+        def loss(p, x):
+            return jnp.sum(module.apply(p, x) * dy)
+
+        return jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(x))
+
+    for a, b in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(flax_norm)), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(ours.apply(params, x), flax_norm.apply(params, x), atol=2e-5)
+
+
+_SHARDED = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from hw2jax import kernels
+rng = np.random.default_rng(0)
+x, dy = (rng.standard_normal((6, 40, 32)).astype(np.float32) for _ in range(2))
+scale, bias = (rng.standard_normal(32).astype(np.float32) for _ in range(2))
+loss = lambda x, s, b: jnp.sum(kernels.cpu_layer_norm(x, s, b, 1e-5) * dy)
+f = jax.jit(jax.grad(loss, (0, 1, 2)))
+one_device = f(x, scale, bias)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+args = [jax.device_put(x, NamedSharding(mesh, P("data")))]
+args += [jax.device_put(a, NamedSharding(mesh, P())) for a in (scale, bias)]
+hlo = f.lower(*args).compile().as_text()
+calls = [line.split("=")[1].split("custom-call")[0].strip()
+         for line in hlo.splitlines() if "layer_norm" in line and "custom-call(" in line]
+print("all-gather" in hlo, "all-reduce" in hlo)
+print(sorted(set(calls)))
+print(max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(f(*args), one_device)))
+"""
+
+
+def test_rows_split_over_devices_stay_split_and_the_scale_gradient_is_summed():
+    run = subprocess.run(
+        [sys.executable, "-c", _SHARDED],
+        env=fresh_process_env(host_devices=2),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    collectives, calls, error = run.stdout.splitlines()
+    assert collectives == "False True", run.stdout  # no all-gather; dscale, dbias summed
+    assert "f32[120,32]" in calls and "f32[240," not in calls, calls
+    assert float(error) < 1e-4
+
+
+def test_inputs_it_cannot_take_are_refused_naming_the_alternative():
+    ones = jnp.ones
+    for x, message in (
+        (ones((4, 64), jnp.bfloat16), "it normalises float32; got bfloat16"),
+        (ones((4, 50)), r"the last axis must be a positive multiple of 16; got shape \(4, 50\)"),
+    ):
+        with pytest.raises(InputError, match=f"cpu_layer_norm: {message}.*flax.linen.LayerNorm"):
+            kernels.cpu_layer_norm(x, ones(x.shape[-1]), ones(x.shape[-1]), 1e-5)
+    with pytest.raises(InputError, match=r"scale and bias of shape \(64,\); got \(32,\)"):
+        kernels.cpu_layer_norm(ones((4, 64)), ones(32), ones(64), 1e-5)
+
+
+def test_the_rule_and_its_environment_variable(monkeypatch):
+    def never():
+        raise AssertionError("asked about the kernel where the rule cannot take it")
+
+    assert dispatch.layer_norm(lambda: None, AVX512) == "fused_cpu"
+    assert dispatch.layer_norm(lambda: "bfloat16", AVX512) == "xla"
+    assert dispatch.layer_norm(never, AVX2) == "xla"
+    assert dispatch.layer_norm(never, dispatch.Machine("gpu")) == "xla"
+    monkeypatch.setenv("HW2JAX_LAYER_NORM", "xla")
+    assert dispatch.layer_norm(never, AVX512) == "xla"
+    monkeypatch.setenv("HW2JAX_LAYER_NORM", "fused_cpu")
+    assert dispatch.layer_norm(lambda: None, AVX2) == "fused_cpu"
+    monkeypatch.setenv("HW2JAX_LAYER_NORM", "fast")
+    with pytest.raises(dispatch.ImplementationError, match="HW2JAX_LAYER_NORM; use one of auto"):
+        dispatch.layer_norm(lambda: None, AVX512)
