@@ -4,7 +4,7 @@ alike), on one device and on 2 host devices (one process each):
 
     .venv/bin/python benchmarks/vit_step_kernels.py [--rounds 8] [--out DIR]
 
-Settings: XLA only (``HW2JAX_ATTENTION=xla HW2JAX_LAYER_NORM=xla``), the few-keys attention
+Settings: XLA only (``HW2JAX_ATTENTION=xla HW2JAX_ROW_KERNELS=xla``), the few-keys attention
 kernel alone, the layer-norm kernel alone, and both (the default where they pay). The
 assignment's ViT and recipe, batch 256 of random images; per round 5 steps a setting, the
 median round gives images/s. Writes ``vit_step_kernels.json``.
@@ -27,8 +27,8 @@ from hw2jax.cpu import machine
 from hw2jax.timing import runtime_settings, write_results
 
 SETTINGS = {
-    "XLA only": {"HW2JAX_ATTENTION": "xla", "HW2JAX_LAYER_NORM": "xla"},
-    "few-keys attention kernel": {"HW2JAX_LAYER_NORM": "xla"},
+    "XLA only": {"HW2JAX_ATTENTION": "xla", "HW2JAX_ROW_KERNELS": "xla"},
+    "few-keys attention kernel": {"HW2JAX_ROW_KERNELS": "xla"},
     "layer-norm kernel": {"HW2JAX_ATTENTION": "xla"},
     "both (default)": {},
 }
@@ -44,7 +44,7 @@ def _child(devices: int, rounds: int) -> None:
 
     steps = {}
     for name, env in SETTINGS.items():
-        for key in ("HW2JAX_ATTENTION", "HW2JAX_LAYER_NORM"):
+        for key in ("HW2JAX_ATTENTION", "HW2JAX_ROW_KERNELS"):
             os.environ.pop(key, None)
         os.environ.update(env)
         steps[name] = train_step("softmax", 256, devices)

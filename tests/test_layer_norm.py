@@ -65,7 +65,7 @@ def test_forward_and_gradients_match_float64(shape):
 @pytest.mark.parametrize("path", ["fused_cpu", "xla"])
 def test_the_module_is_flax_layer_norm_both_ways(monkeypatch, path):
     """Same parameters as flax.linen.LayerNorm, and the same function by either path."""
-    monkeypatch.setenv("HW2JAX_LAYER_NORM", path)
+    monkeypatch.setenv("HW2JAX_ROW_KERNELS", path)
     x, _, _, dy = inputs((4, 50, 64), seed=1)
     ours, flax_norm = LayerNorm(epsilon=1e-5), nn.LayerNorm(epsilon=1e-5)
     params = flax_norm.init(jax.random.key(0), x)
@@ -123,7 +123,7 @@ def test_rows_split_over_devices_stay_split_and_the_scale_gradient_is_summed():
 def test_inputs_it_cannot_take_are_refused_naming_the_alternative():
     ones = jnp.ones
     for x, message in (
-        (ones((4, 64), jnp.bfloat16), "it normalises float32; got bfloat16"),
+        (ones((4, 64), jnp.bfloat16), "it takes float32; got bfloat16"),
         (ones((4, 50)), r"the last axis must be a positive multiple of 16; got shape \(4, 50\)"),
     ):
         with pytest.raises(InputError, match=f"cpu_layer_norm: {message}.*flax.linen.LayerNorm"):
@@ -136,14 +136,14 @@ def test_the_rule_and_its_environment_variable(monkeypatch):
     def never():
         raise AssertionError("asked about the kernel where the rule cannot take it")
 
-    assert dispatch.layer_norm(lambda: None, AVX512) == "fused_cpu"
-    assert dispatch.layer_norm(lambda: "bfloat16", AVX512) == "xla"
-    assert dispatch.layer_norm(never, AVX2) == "xla"
-    assert dispatch.layer_norm(never, dispatch.Machine("gpu")) == "xla"
-    monkeypatch.setenv("HW2JAX_LAYER_NORM", "xla")
-    assert dispatch.layer_norm(never, AVX512) == "xla"
-    monkeypatch.setenv("HW2JAX_LAYER_NORM", "fused_cpu")
-    assert dispatch.layer_norm(lambda: None, AVX2) == "fused_cpu"
-    monkeypatch.setenv("HW2JAX_LAYER_NORM", "fast")
-    with pytest.raises(dispatch.ImplementationError, match="HW2JAX_LAYER_NORM; use one of auto"):
-        dispatch.layer_norm(lambda: None, AVX512)
+    assert dispatch.row_kernel(lambda: None, AVX512) == "fused_cpu"
+    assert dispatch.row_kernel(lambda: "bfloat16", AVX512) == "xla"
+    assert dispatch.row_kernel(never, AVX2) == "xla"
+    assert dispatch.row_kernel(never, dispatch.Machine("gpu")) == "xla"
+    monkeypatch.setenv("HW2JAX_ROW_KERNELS", "xla")
+    assert dispatch.row_kernel(never, AVX512) == "xla"
+    monkeypatch.setenv("HW2JAX_ROW_KERNELS", "fused_cpu")
+    assert dispatch.row_kernel(lambda: None, AVX2) == "fused_cpu"
+    monkeypatch.setenv("HW2JAX_ROW_KERNELS", "fast")
+    with pytest.raises(dispatch.ImplementationError, match="HW2JAX_ROW_KERNELS; use one of auto"):
+        dispatch.row_kernel(lambda: None, AVX512)

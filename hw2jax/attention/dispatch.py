@@ -92,8 +92,8 @@ BLOCKWISE_FROM = 2**26
 FUSED_GRADIENTS_FROM = 2**16
 FORCE_ENV = "HW2JAX_ATTENTION"
 MATMUL_ENV = "HW2JAX_MATMUL"
-LAYER_NORM = ("auto", "xla", "fused_cpu")
-LAYER_NORM_ENV = "HW2JAX_LAYER_NORM"
+ROW_KERNELS = ("auto", "xla", "fused_cpu")
+ROW_KERNELS_ENV = "HW2JAX_ROW_KERNELS"
 # Below this many multiply-adds a product stays with XLA: packing and the call cost more than
 # the tiles save (benchmarks/results/amx_matmul/).
 AMX_MIN_MACS = 2**20
@@ -258,14 +258,15 @@ def few_keys(
     return "fused_cpu" if machine.fused_cpu_pays_off and fused_reason() is None else "xla"
 
 
-def layer_norm(unsupported: Reason, machine: Machine | None = None) -> str:
-    """How a layer norm over the last axis runs: ``"fused_cpu"`` (:func:`hw2jax.kernels.
-    cpu_layer_norm`, one pass each way) or ``"xla"`` (flax's). ``unsupported()`` says why the
-    kernel cannot take the input here (None: it can). The kernel where the fused kernels pay
-    off (AVX-512); a rule, not a timing. ``$HW2JAX_LAYER_NORM`` (``auto``, ``xla`` or
-    ``fused_cpu``) forces one path where it can run."""
-    force = os.environ.get(LAYER_NORM_ENV, "auto") or "auto"
-    check(force, LAYER_NORM, f"${LAYER_NORM_ENV}")
+def row_kernel(unsupported: Reason, machine: Machine | None = None) -> str:
+    """How a row-wise operation with a CPU kernel runs (:mod:`hw2jax.kernels.rows`: a layer
+    norm over the last axis, one pass each way, and BERT's GELU(x + bias) on all threads):
+    ``"fused_cpu"`` or ``"xla"`` (flax's or jax's). ``unsupported()`` says why the kernel
+    cannot take the input here (None: it can). The kernel where the fused kernels pay off
+    (AVX-512); a rule, not a timing (``benchmarks/vit_step_kernels.py``). ``$HW2JAX_ROW_KERNELS``
+    (``auto``, ``xla`` or ``fused_cpu``) forces one path where it can run."""
+    force = os.environ.get(ROW_KERNELS_ENV, "auto") or "auto"
+    check(force, ROW_KERNELS, f"${ROW_KERNELS_ENV}")
     if force == "xla":
         return "xla"
     machine = machine or this_machine()

@@ -13,7 +13,7 @@ instead, as torch's CPU SDPA does. By concern:
   :func:`cpu_few_keys_attention` (many query rows over at most 64 keys that are also the
   values, forward and backward: the ViT's regrouped heads);
 - :mod:`.linear`: :func:`causal_linear_product_cpu` and :func:`linear_attention_cpu`;
-- :mod:`.layer_norm`: :func:`cpu_layer_norm`, forward and backward;
+- :mod:`.rows`: :func:`cpu_layer_norm`, forward and backward, and :func:`cpu_bias_gelu`;
 - :mod:`.matmul`: :func:`amx_matmul` and :func:`amx_batched_matmul`, bf16 products on AMX
   tiles (CPUs with AMX-BF16), and :func:`amx_dense_gelu`, a dense layer and its GELU in one.
 
@@ -32,7 +32,6 @@ from hw2jax.kernels.build import (
     library_target,
     register_targets,
 )
-from hw2jax.kernels.layer_norm import cpu_layer_norm, layer_norm_unsupported
 from hw2jax.kernels.linear import (
     causal_linear_product_cpu,
     causal_linear_unavailable_reason,
@@ -45,6 +44,7 @@ from hw2jax.kernels.matmul import (
     amx_matmul,
     amx_matmul_unavailable_reason,
 )
+from hw2jax.kernels.rows import cpu_bias_gelu, cpu_layer_norm, layer_norm_unsupported
 from hw2jax.kernels.softmax import (
     amx_attention,
     cpu_attention,
@@ -67,6 +67,7 @@ __all__ = [
     "causal_linear_unavailable_reason",
     "cpu_attention",
     "cpu_attention_unavailable_reason",
+    "cpu_bias_gelu",
     "cpu_few_keys_attention",
     "cpu_flash_attention",
     "cpu_layer_norm",

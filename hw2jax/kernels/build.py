@@ -40,6 +40,7 @@ TARGETS = {
     "few_keys_backward": ("Hw2jaxCpuFewKeysBackward", "hw2jax_cpu_few_keys_backward"),
     "layer_norm_forward": ("Hw2jaxCpuLayerNormForward", "hw2jax_cpu_layer_norm_forward"),
     "layer_norm_backward": ("Hw2jaxCpuLayerNormBackward", "hw2jax_cpu_layer_norm_backward"),
+    "bias_gelu": ("Hw2jaxCpuBiasGelu", "hw2jax_cpu_bias_gelu"),
 }
 SUPPORTED_HEAD_DIMS = tuple(range(16, 129, 16))  # the kernel's compiled variants
 

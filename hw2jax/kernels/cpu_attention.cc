@@ -992,6 +992,44 @@ struct AmxAttentionProblem {  // softmax(scale q k^T + key_bias) v, bf16 q, k, v
   float scale;
 };
 
+// erf by the rational approximation XLA and Eigen use for float32 (odd degree-13 numerator,
+// even degree-8 denominator, argument clamped to [-4, 4], where erf is 1 to float precision).
+inline v16 Erf(v16 x) {
+  x = x > 4.0f ? splat(4.0f) : x;
+  x = x < -4.0f ? splat(-4.0f) : x;
+  const v16 x2 = x * x;
+  v16 p = x2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
+  p = p * x2 + -2.10102402082508e-06f;
+  p = p * x2 + -5.69250639462346e-05f;
+  p = p * x2 + -7.34990630326855e-04f;
+  p = p * x2 + -2.95459980854025e-03f;
+  p = p * x2 + -1.60960333262415e-02f;
+  v16 q = x2 * -1.45660718464996e-05f + -2.13374055278905e-04f;
+  q = q * x2 + -1.68282697438203e-03f;
+  q = q * x2 + -7.37332916720468e-03f;
+  q = q * x2 + -1.42647390514189e-02f;
+  return x * p / q;
+}
+
+// The exact (erf) GELU, as BERT's "gelu" computes it.
+inline v16 Gelu(v16 x) { return 0.5f * x * (1.0f + Erf(x * 0.707106781186547524f)); }
+
+// float32 to bf16, rounding to nearest even as XLA's convert does.
+inline void RoundToBf16(v16 x, uint16_t* out) {
+#if defined(HW2JAX_AMX) && defined(__AVX512BF16__)  // immintrin.h is included for AMX builds
+  __m512 packed;
+  std::memcpy(&packed, &x, sizeof packed);
+  const __m256bh rounded = _mm512_cvtneps_pbh(packed);  // one instruction, the same rounding
+  std::memcpy(out, &rounded, 32);
+#else
+  typedef uint32_t vu16 __attribute__((vector_size(64)));
+  vu16 bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const vu16 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  for (int i = 0; i < kLanes; ++i) out[i] = static_cast<uint16_t>(rounded[i]);
+#endif
+}
+
 #ifdef HW2JAX_AMX
 // Linux hands out AMX's 8 KiB of tile state only to processes that ask (once per process).
 bool AmxPermitted() {
@@ -1039,44 +1077,6 @@ void PackB(const uint16_t* b, int64_t k, int64_t n, bool transpose, int64_t kp, 
     for (int64_t k0 = 0; k0 + 1 < k; k0 += 2) std::memcpy(word_at(k0, c), row + k0, 4);
     if (k % 2 == 1) *word_at(k - 1, c) = row[k - 1];
   }
-}
-
-// erf by the rational approximation XLA and Eigen use for float32 (odd degree-13 numerator,
-// even degree-8 denominator, argument clamped to [-4, 4], where erf is 1 to float precision).
-inline v16 Erf(v16 x) {
-  x = x > 4.0f ? splat(4.0f) : x;
-  x = x < -4.0f ? splat(-4.0f) : x;
-  const v16 x2 = x * x;
-  v16 p = x2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
-  p = p * x2 + -2.10102402082508e-06f;
-  p = p * x2 + -5.69250639462346e-05f;
-  p = p * x2 + -7.34990630326855e-04f;
-  p = p * x2 + -2.95459980854025e-03f;
-  p = p * x2 + -1.60960333262415e-02f;
-  v16 q = x2 * -1.45660718464996e-05f + -2.13374055278905e-04f;
-  q = q * x2 + -1.68282697438203e-03f;
-  q = q * x2 + -7.37332916720468e-03f;
-  q = q * x2 + -1.42647390514189e-02f;
-  return x * p / q;
-}
-
-// The exact (erf) GELU, as BERT's "gelu" computes it.
-inline v16 Gelu(v16 x) { return 0.5f * x * (1.0f + Erf(x * 0.707106781186547524f)); }
-
-// float32 to bf16, rounding to nearest even as XLA's convert does.
-inline void RoundToBf16(v16 x, uint16_t* out) {
-#ifdef __AVX512BF16__
-  __m512 packed;
-  std::memcpy(&packed, &x, sizeof packed);
-  const __m256bh rounded = _mm512_cvtneps_pbh(packed);  // one instruction, the same rounding
-  std::memcpy(out, &rounded, 32);
-#else
-  typedef uint32_t vu16 __attribute__((vector_size(64)));
-  vu16 bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  const vu16 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  for (int i = 0; i < kLanes; ++i) out[i] = static_cast<uint16_t>(rounded[i]);
-#endif
 }
 
 // All eight tiles as 16 rows of 64 bytes (16 floats, or 32 bf16), for this thread.
@@ -1930,6 +1930,50 @@ ffi::Error LayerNormBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// ---- GELU(x + bias), float32 ----
+//
+// BERT's intermediate layer after its float32 product: XLA runs this exact-erf GELU as one
+// loop on one thread (about 11 ms a layer on MiniLM's 8,192 x 1,536, benchmarks/NOTES.md);
+// here rows in blocks on XLA's threads.
+
+struct BiasGeluProblem {
+  const float *x, *bias;
+  float* y;
+  int64_t items, rows, n;
+};
+
+constexpr int64_t kGeluRows = 32;  // rows per item
+
+template <int kUnused>
+class BiasGelu {
+ public:
+  explicit BiasGelu(const BiasGeluProblem& p) : p_(p) {}
+
+  void Run(int64_t item) {
+    const int64_t n = p_.n, r1 = std::min(p_.rows, (item + 1) * kGeluRows);
+    for (int64_t r = item * kGeluRows; r < r1; ++r)
+      for (int64_t j = 0; j < n; j += kLanes)
+        store(p_.y + r * n + j, Gelu(load(p_.x + r * n + j) + load(p_.bias + j)));
+  }
+
+ private:
+  const BiasGeluProblem& p_;
+};
+
+ffi::Error BiasGeluCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> bias,
+                        ffi::ResultBuffer<ffi::F32> y) {
+  const auto dims = x.dimensions();
+  if (dims.size() < 1 || dims[dims.size() - 1] % kLanes != 0 || dims[dims.size() - 1] == 0)
+    return ffi::Error::InvalidArgument("x's last axis must be a positive multiple of 16");
+  BiasGeluProblem p{x.typed_data(), bias.typed_data(), y->typed_data()};
+  p.n = dims[dims.size() - 1];
+  if (bias.element_count() != p.n) return ffi::Error::InvalidArgument("bias must be [N]");
+  p.rows = x.element_count() / p.n;
+  p.items = (p.rows + kGeluRows - 1) / kGeluRows;
+  if (p.items > 0) RunJob(pool, DrainJob<BiasGelu, 0, BiasGeluProblem>, p);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAttention, Attention,
@@ -2104,3 +2148,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuLayerNormBackward, LayerNormBackwardCall,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dx
                                   .Ret<ffi::Buffer<ffi::F32>>()   // d gamma
                                   .Ret<ffi::Buffer<ffi::F32>>());  // d beta
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuBiasGelu, BiasGeluCall,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [..., N]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias [N]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // GELU(x + bias)

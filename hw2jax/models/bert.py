@@ -7,6 +7,7 @@ Module and parameter names follow the Hugging Face layout, so the loader is a pl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -72,12 +73,24 @@ def _dense(features: int, cfg_init: float = 0.02, name: str | None = None, dtype
     )
 
 
+def _bias_gelu_unsupported(h: jax.Array, bias: jax.Array) -> str | None:
+    """Why :func:`hw2jax.kernels.cpu_bias_gelu` cannot take the layer's float32 product h and
+    its bias here (None: it can)."""
+    if bias.dtype != jnp.float32:
+        return f"the bias is {bias.dtype}"
+    if (problem := kernels.layer_norm_unsupported(h.shape, h.dtype)) is not None:
+        return problem
+    return kernels.cpu_attention_unavailable_reason(16, jnp.float32)
+
+
 class _DenseActivation(nn.Module):
     """``activation(Dense(x))`` with nn.Dense's parameters (kernel, bias) and arithmetic. Where
     the dense product would run on AMX tiles (bf16, :func:`hw2jax.attention.dispatch.
     dense_product`), the exact GELU runs inside the same call (:func:`hw2jax.kernels.
     amx_dense_gelu`): its float32 input never goes to memory, and its output is bf16, which the
-    next dense layer takes anyway."""
+    next dense layer takes anyway. In float32 the GELU and the bias run on all threads
+    (:func:`hw2jax.kernels.cpu_bias_gelu`) where :func:`hw2jax.attention.dispatch.row_kernel`
+    says so."""
 
     features: int
     activation: str
@@ -89,13 +102,14 @@ class _DenseActivation(nn.Module):
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         dims = (((x.ndim - 1,), (0,)), ((), ()))
-        if (
-            self.activation == "gelu"
-            and dispatch.dense_product(x, kernel, dims, kernels.amx_matmul_unavailable_reason)
-            == "amx"
-        ):
+        if self.activation != "gelu":
+            return _ACTIVATIONS[self.activation](dot_float32_out(x, kernel, dims) + bias)
+        if dispatch.dense_product(x, kernel, dims, kernels.amx_matmul_unavailable_reason) == "amx":
             return kernels.amx_dense_gelu(x, kernel, bias)
-        return _ACTIVATIONS[self.activation](dot_float32_out(x, kernel, dims) + bias)
+        h = dot_float32_out(x, kernel, dims)
+        if dispatch.row_kernel(functools.partial(_bias_gelu_unsupported, h, bias)) == "fused_cpu":
+            return kernels.cpu_bias_gelu(h, bias)  # XLA's GELU loop runs on one thread
+        return _ACTIVATIONS["gelu"](h + bias)
 
 
 def _layer_norm(config: BertConfig, name: str, dtype=None) -> nn.LayerNorm:

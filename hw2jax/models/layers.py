@@ -120,7 +120,7 @@ _dense.defvjp(_dense_fwd, _dense_bwd)
 
 class LayerNorm(nn.LayerNorm):
     """flax's LayerNorm (same parameters), computed by :func:`hw2jax.kernels.cpu_layer_norm`
-    where :func:`hw2jax.attention.dispatch.layer_norm` says so: float32 over the last axis, C a
+    where :func:`hw2jax.attention.dispatch.row_kernel` says so: float32 over the last axis, C a
     multiple of 16, on a CPU where the fused kernels pay off. Elsewhere flax's own."""
 
     @nn.compact
@@ -147,7 +147,7 @@ class LayerNorm(nn.LayerNorm):
                 return problem
             return kernels.cpu_attention_unavailable_reason(16, jnp.float32)
 
-        return plain and dispatch.layer_norm(unsupported) == "fused_cpu"
+        return plain and dispatch.row_kernel(unsupported) == "fused_cpu"
 
 
 def TorchDense(

@@ -1,7 +1,8 @@
-"""Layer norm over the last axis by a fused CPU kernel, forward and backward: one pass over each
-row each way, where XLA makes several and, for a weight gradient that wants the output
-transposed, evaluates it a second time (benchmarks/NOTES.md). Whether it is used is decided
-in :mod:`hw2jax.attention.dispatch`."""
+"""Row-wise fused CPU kernels: layer norm over the last axis, forward and backward (one pass over
+each row each way, where XLA makes several and, for a weight gradient that wants the output
+transposed, evaluates it a second time), and GELU(x + bias) on XLA's threads (XLA runs that
+loop on one). benchmarks/NOTES.md has the timings. Whether they are used is decided in
+:mod:`hw2jax.attention.dispatch`."""
 
 from __future__ import annotations
 
@@ -46,31 +47,43 @@ def _row_axes(arg_shapes):
     return spec[0] if len(spec) > 0 else None
 
 
-@functools.cache
-def _partitioned_forward(eps: float):
-    """The forward on a mesh whose devices split the rows: each normalises its own."""
+def _row_split(local, rule: str):
+    """``local`` on a mesh whose devices split the rows (the first operand's first axis): each
+    device runs it on its own rows; operands and results laid out as ``rule`` says ("r c" a
+    row-split matrix, "r" one value per row, "c" a whole vector)."""
+    ins, outs = (side.split(", ") for side in rule.split(" -> "))
 
-    def shardings(mesh, rows):
-        split = NamedSharding(mesh, PartitionSpec(rows, None))
-        whole = NamedSharding(mesh, PartitionSpec(None))
-        per_row = NamedSharding(mesh, PartitionSpec(rows))
-        return (split, whole, whole), (split, per_row, per_row)
-
-    def local(x, gamma, beta):
-        return _forward_call(x, gamma, beta, eps)
+    def shardings(mesh, rows, layouts):
+        axes = {"r c": (rows, None), "r": (rows,), "c": (None,)}
+        return tuple(NamedSharding(mesh, PartitionSpec(*axes[a])) for a in layouts)
 
     def partition(mesh, arg_shapes, result_shape):
-        args, out = shardings(mesh, _row_axes(arg_shapes))
-        return mesh, local, out, args
+        rows = _row_axes(arg_shapes)
+        out = shardings(mesh, rows, outs)
+        return mesh, local, out if len(outs) > 1 else out[0], shardings(mesh, rows, ins)
+
+    def infer(mesh, arg_shapes, result_shape):
+        out = shardings(mesh, _row_axes(arg_shapes), outs)
+        return out if len(outs) > 1 else out[0]
 
     sharded = custom_partitioning(local)
     sharded.def_partition(
         partition,
-        infer_sharding_from_operands=lambda mesh, a, _: shardings(mesh, _row_axes(a))[1],
-        sharding_rule="r c, c, c -> r c, r, r",
+        infer_sharding_from_operands=infer,
+        sharding_rule=rule,
         need_replication_factors=("c",),
     )
     return sharded
+
+
+@functools.cache
+def _partitioned_forward(eps: float):
+    """The forward on a mesh whose devices split the rows: each normalises its own."""
+
+    def local(x, gamma, beta):
+        return _forward_call(x, gamma, beta, eps)
+
+    return _row_split(local, "r c, c, c -> r c, r, r")
 
 
 @functools.cache
@@ -124,9 +137,10 @@ _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def layer_norm_unsupported(shape, dtype) -> str | None:
-    """Why :func:`cpu_layer_norm` does not take x of this shape and dtype, or None."""
+    """Why :func:`cpu_layer_norm` (or :func:`cpu_bias_gelu`) does not take x of this shape
+    and dtype, or None."""
     if jnp.dtype(dtype) != jnp.float32:
-        return f"it normalises float32; got {jnp.dtype(dtype)}"
+        return f"it takes float32; got {jnp.dtype(dtype)}"
     if len(shape) < 1 or shape[-1] % 16 or shape[-1] == 0:
         return f"the last axis must be a positive multiple of 16; got shape {tuple(shape)}"
     return None
@@ -149,3 +163,40 @@ def cpu_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) 
     flat = x.reshape(-1, x.shape[-1])
     out = _layer_norm(flat, scale.astype(jnp.float32), bias.astype(jnp.float32), float(eps))
     return out.reshape(x.shape)
+
+
+def _bias_gelu_call(x, bias):
+    call = jax.ffi.ffi_call(TARGETS["bias_gelu"][1], _f32(*x.shape), vmap_method="sequential")
+    return call(x, bias)
+
+
+def _bias_gelu_unfused(x, bias):
+    return jax.nn.gelu(x + bias, approximate=False)
+
+
+@jax.custom_vjp
+def _bias_gelu(x, bias):
+    return _row_split(_bias_gelu_call, "r c, c -> r c")(x, bias)
+
+
+def _bias_gelu_fwd(x, bias):
+    # Differentiated, XLA's GELU: its derivative wants x + bias, which the kernel never keeps.
+    return jax.vjp(_bias_gelu_unfused, x, bias)
+
+
+_bias_gelu.defvjp(_bias_gelu_fwd, lambda vjp, g: vjp(g))
+
+
+def cpu_bias_gelu(x: jax.Array, bias: jax.Array) -> jax.Array:
+    """``gelu(x + bias)``, the exact (erf) GELU, over float32 x [..., N] (N a multiple of 16)
+    and bias [N], by a CPU kernel on XLA's threads; differentiated, it runs as XLA's
+    ``jax.nn.gelu(x + bias, approximate=False)``. Raises :class:`InputError` for other inputs
+    and :class:`KernelUnavailable` where the kernel cannot run here."""
+    if (problem := layer_norm_unsupported(x.shape, x.dtype)) is not None:
+        raise InputError(f"cpu_bias_gelu: {problem}. jax.nn.gelu takes any input.")
+    if bias.shape != x.shape[-1:]:
+        raise InputError(f"cpu_bias_gelu wants a bias of shape {x.shape[-1:]}; got {bias.shape}.")
+    if (reason := cpu_attention_unavailable_reason(16, jnp.float32)) is not None:
+        raise KernelUnavailable(reason)
+    flat = x.reshape(-1, x.shape[-1])
+    return _bias_gelu(flat, bias.astype(jnp.float32)).reshape(x.shape)
