@@ -83,6 +83,28 @@ def test_the_module_is_flax_layer_norm_both_ways(monkeypatch, path):
     np.testing.assert_allclose(ours.apply(params, x), flax_norm.apply(params, x), atol=2e-5)
 
 
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
+def test_bf16_out_is_flax_bf16_layer_norm(monkeypatch, x_dtype):
+    """dtype=bfloat16 (BERT's and the ViT's bf16 compute): float32 statistics, the output
+    rounded to bf16 as flax's, and the gradients through the float32 backward."""
+    monkeypatch.setenv("HW2JAX_ROW_KERNELS", "fused_cpu")
+    x, _, _, dy = inputs((4, 50, 64), seed=2)
+    x = jnp.asarray(x, x_dtype)
+    ours = LayerNorm(epsilon=1e-5, dtype=jnp.bfloat16)
+    flax_norm = nn.LayerNorm(epsilon=1e-5, dtype=jnp.bfloat16)
+    params = flax_norm.init(jax.random.key(0), x)
+    y, want = ours.apply(params, x), flax_norm.apply(params, x)
+    assert y.dtype == want.dtype == jnp.bfloat16
+    # One bf16 rounding step apart at most (the variance is summed in another order).
+    np.testing.assert_allclose(np.float32(y), np.float32(want), rtol=2**-7, atol=1e-6)
+    grads = [
+        jax.grad(lambda p, x, m=m: jnp.sum(m.apply(p, x).astype(jnp.float32) * dy))(params, x)
+        for m in (ours, flax_norm)
+    ]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-3, rtol=1e-3)
+
+
 _SHARDED = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

@@ -39,6 +39,10 @@ TARGETS = {
     "few_keys_forward": ("Hw2jaxCpuFewKeysForward", "hw2jax_cpu_few_keys_forward"),
     "few_keys_backward": ("Hw2jaxCpuFewKeysBackward", "hw2jax_cpu_few_keys_backward"),
     "layer_norm_forward": ("Hw2jaxCpuLayerNormForward", "hw2jax_cpu_layer_norm_forward"),
+    "layer_norm_forward_bf16": (
+        "Hw2jaxCpuLayerNormForwardBf16",
+        "hw2jax_cpu_layer_norm_forward_bf16",
+    ),
     "layer_norm_backward": ("Hw2jaxCpuLayerNormBackward", "hw2jax_cpu_layer_norm_backward"),
     "bias_gelu": ("Hw2jaxCpuBiasGelu", "hw2jax_cpu_bias_gelu"),
 }

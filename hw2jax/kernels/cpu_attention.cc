@@ -1801,10 +1801,11 @@ ffi::Error FewKeysBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 
 struct LayerNormProblem {
   const float *x, *gamma, *beta, *mean, *rstd, *dy;  // mean, rstd, dy: backward only
-  float *y, *mean_w, *rstd_w;                         // forward's results
+  float *y, *mean_w, *rstd_w;                         // forward's results (y or y16)
   float *dx, *partials;                               // backward's: dx, [items, 2, C] sums
   int64_t items, rows, c;
   float eps;
+  uint16_t* y16;  // the forward's result rounded to bf16 instead of y
 };
 
 constexpr int64_t kNormRows = 64;  // rows per item
@@ -1828,9 +1829,13 @@ class LayerNormForward {
         squares += d * d;
       }
       const float rstd = 1.0f / std::sqrt(all_sum(squares)[0] * inv_c + p_.eps);
-      float* y = p_.y + r * c;
-      for (int64_t j = 0; j < c; j += kLanes)
-        store(y + j, (load(x + j) - mean) * rstd * load(p_.gamma + j) + load(p_.beta + j));
+      for (int64_t j = 0; j < c; j += kLanes) {
+        const v16 y = (load(x + j) - mean) * rstd * load(p_.gamma + j) + load(p_.beta + j);
+        if (p_.y16 != nullptr)
+          RoundToBf16(y, p_.y16 + r * c + j);
+        else
+          store(p_.y + r * c + j, y);
+      }
       p_.mean_w[r] = mean[0];
       p_.rstd_w[r] = rstd;
     }
@@ -1889,13 +1894,19 @@ ffi::Error LayerNormShapes(const Buffer& x, const ffi::Buffer<ffi::F32>& gamma,
   return ffi::Error::Success();
 }
 
+// The forward with y float32 (kOut F32) or rounded to bf16 (kOut BF16).
+template <ffi::DataType kOut>
 ffi::Error LayerNormForwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                 ffi::Buffer<ffi::F32> gamma, ffi::Buffer<ffi::F32> beta,
-                                float eps, ffi::ResultBuffer<ffi::F32> y,
+                                float eps, ffi::ResultBuffer<kOut> y,
                                 ffi::ResultBuffer<ffi::F32> mean,
                                 ffi::ResultBuffer<ffi::F32> rstd) {
   LayerNormProblem p{x.typed_data(), gamma.typed_data(), beta.typed_data(), nullptr, nullptr,
-                     nullptr, y->typed_data(), mean->typed_data(), rstd->typed_data()};
+                     nullptr, nullptr, mean->typed_data(), rstd->typed_data()};
+  if constexpr (kOut == ffi::DataType::BF16)
+    p.y16 = reinterpret_cast<uint16_t*>(y->typed_data());
+  else
+    p.y = y->typed_data();
   p.eps = eps;
   if (ffi::Error error = LayerNormShapes(x, gamma, p); error.failure()) return error;
   if (beta.element_count() != p.c) return ffi::Error::InvalidArgument("beta must be [C]");
@@ -2126,7 +2137,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuFewKeysBackward, FewKeysBackwardCall,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // d q
                                   .Ret<ffi::Buffer<ffi::F32>>());  // d kv
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuLayerNormForward, LayerNormForwardCall,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuLayerNormForward,
+                              LayerNormForwardCall<ffi::DataType::F32>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x [..., C]
@@ -2135,6 +2147,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuLayerNormForward, LayerNormForwardCall,
                                   .Attr<float>("eps")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // y
                                   .Ret<ffi::Buffer<ffi::F32>>()   // mean [...]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // 1 / std [...]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuLayerNormForwardBf16,
+                              LayerNormForwardCall<ffi::DataType::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // x [..., C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // gamma [C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // beta [C]
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::Buffer<ffi::BF16>>()   // y, rounded to bf16
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // mean [...]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // 1 / std [...]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuLayerNormBackward, LayerNormBackwardCall,

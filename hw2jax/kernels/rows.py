@@ -22,11 +22,11 @@ def _f32(*shape) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def _forward_call(x, gamma, beta, eps: float):
+def _forward_call(x, gamma, beta, eps: float, out: str):
     rows, c = x.shape
     call = jax.ffi.ffi_call(
-        TARGETS["layer_norm_forward"][1],
-        (_f32(rows, c), _f32(rows), _f32(rows)),
+        TARGETS["layer_norm_forward" if out == "float32" else "layer_norm_forward_bf16"][1],
+        (jax.ShapeDtypeStruct((rows, c), jnp.dtype(out)), _f32(rows), _f32(rows)),
         vmap_method="sequential",
     )
     return call(x, gamma, beta, eps=np.float32(eps))
@@ -77,11 +77,11 @@ def _row_split(local, rule: str):
 
 
 @functools.cache
-def _partitioned_forward(eps: float):
+def _partitioned_forward(eps: float, out: str):
     """The forward on a mesh whose devices split the rows: each normalises its own."""
 
     def local(x, gamma, beta):
-        return _forward_call(x, gamma, beta, eps)
+        return _forward_call(x, gamma, beta, eps, out)
 
     return _row_split(local, "r c, c, c -> r c, r, r")
 
@@ -119,18 +119,18 @@ def _partitioned_backward():
     return sharded
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _layer_norm(x, gamma, beta, eps):
-    return _partitioned_forward(eps)(x, gamma, beta)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm(x, gamma, beta, eps, out):
+    return _partitioned_forward(eps, out)(x, gamma, beta)[0]
 
 
-def _layer_norm_fwd(x, gamma, beta, eps):
-    y, mean, rstd = _partitioned_forward(eps)(x, gamma, beta)
+def _layer_norm_fwd(x, gamma, beta, eps, out):
+    y, mean, rstd = _partitioned_forward(eps, out)(x, gamma, beta)
     return y, (x, gamma, mean, rstd)
 
 
-def _layer_norm_bwd(eps, residuals, dy):
-    return _partitioned_backward()(*residuals, dy)
+def _layer_norm_bwd(eps, out, residuals, dy):
+    return _partitioned_backward()(*residuals, dy.astype(jnp.float32))
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
@@ -146,11 +146,18 @@ def layer_norm_unsupported(shape, dtype) -> str | None:
     return None
 
 
-def cpu_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+def cpu_layer_norm(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, out_dtype=jnp.float32
+) -> jax.Array:
     """``(x - mean) / sqrt(var + eps) * scale + bias`` over x's last axis (the variance about
-    the mean, as torch.nn.LayerNorm), forward and backward by fused CPU kernels. x: float32
-    [..., C] with C a multiple of 16; scale, bias: [C]. Raises :class:`InputError` for other
-    inputs and :class:`KernelUnavailable` where the kernel cannot run here."""
+    the mean, as torch.nn.LayerNorm), forward and backward by fused CPU kernels, computed in
+    float32 and returned as ``out_dtype`` (float32, or bf16 rounded as it is stored; its
+    gradient arrives upcast). x: float32 [..., C] with C a multiple of 16; scale, bias: [C].
+    Raises :class:`InputError` for other inputs and :class:`KernelUnavailable` where the
+    kernel cannot run here."""
+    out = jnp.dtype(out_dtype).name
+    if out not in ("float32", "bfloat16"):
+        raise InputError(f"cpu_layer_norm returns float32 or bfloat16, not {out}.")
     if (problem := layer_norm_unsupported(x.shape, x.dtype)) is not None:
         raise InputError(f"cpu_layer_norm: {problem}. flax.linen.LayerNorm takes any input.")
     if scale.shape != x.shape[-1:] or bias.shape != x.shape[-1:]:
@@ -161,8 +168,8 @@ def cpu_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) 
     if (reason := cpu_attention_unavailable_reason(16, jnp.float32)) is not None:
         raise KernelUnavailable(reason)
     flat = x.reshape(-1, x.shape[-1])
-    out = _layer_norm(flat, scale.astype(jnp.float32), bias.astype(jnp.float32), float(eps))
-    return out.reshape(x.shape)
+    y = _layer_norm(flat, scale.astype(jnp.float32), bias.astype(jnp.float32), float(eps), out)
+    return y.reshape(x.shape)
 
 
 def _bias_gelu_call(x, bias):

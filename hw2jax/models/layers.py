@@ -120,8 +120,9 @@ _dense.defvjp(_dense_fwd, _dense_bwd)
 
 class LayerNorm(nn.LayerNorm):
     """flax's LayerNorm (same parameters), computed by :func:`hw2jax.kernels.cpu_layer_norm`
-    where :func:`hw2jax.attention.dispatch.row_kernel` says so: float32 over the last axis, C a
-    multiple of 16, on a CPU where the fused kernels pay off. Elsewhere flax's own."""
+    where :func:`hw2jax.attention.dispatch.row_kernel` says so: over the last axis, C a
+    multiple of 16, in float32 (bf16 input upcast) and returned as ``dtype`` (float32 or bf16,
+    as flax's returns it), on a CPU where the fused kernels pay off. Elsewhere flax's own."""
 
     @nn.compact
     def __call__(self, x, *, mask=None):
@@ -129,7 +130,8 @@ class LayerNorm(nn.LayerNorm):
             c = x.shape[-1]
             scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
             bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
-            return kernels.cpu_layer_norm(x, scale, bias, self.epsilon)
+            out = self.dtype or x.dtype  # as flax's: the input's dtype unless one is given
+            return kernels.cpu_layer_norm(x.astype(jnp.float32), scale, bias, self.epsilon, out)
         return super().__call__(x, mask=mask)
 
     def _kernel_takes(self, x) -> bool:
@@ -139,11 +141,13 @@ class LayerNorm(nn.LayerNorm):
             and self.use_bias
             and self.use_scale
             and self.axis_name is None
-            and (self.dtype is None or jnp.dtype(self.dtype) == jnp.float32)
+            and x.dtype in (jnp.float32, jnp.bfloat16)
+            and jnp.dtype(self.dtype or x.dtype) in (jnp.float32, jnp.bfloat16)
+            and jnp.dtype(self.param_dtype) == jnp.float32
         )
 
         def unsupported():
-            if (problem := kernels.layer_norm_unsupported(x.shape, x.dtype)) is not None:
+            if (problem := kernels.layer_norm_unsupported(x.shape, jnp.float32)) is not None:
                 return problem
             return kernels.cpu_attention_unavailable_reason(16, jnp.float32)
 
