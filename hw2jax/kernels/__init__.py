@@ -44,7 +44,12 @@ from hw2jax.kernels.matmul import (
     amx_matmul,
     amx_matmul_unavailable_reason,
 )
-from hw2jax.kernels.rows import cpu_bias_gelu, cpu_layer_norm, layer_norm_unsupported
+from hw2jax.kernels.rows import (
+    cpu_bias_gelu,
+    cpu_layer_norm,
+    layer_norm_unsupported,
+    row_kernel_unavailable_reason,
+)
 from hw2jax.kernels.softmax import (
     amx_attention,
     cpu_attention,
@@ -79,4 +84,5 @@ __all__ = [
     "library_target",
     "linear_attention_cpu",
     "register_targets",
+    "row_kernel_unavailable_reason",
 ]

@@ -1880,18 +1880,24 @@ class LayerNormBackward {
   const LayerNormProblem& p_;
 };
 
-// x [..., C] with C a multiple of 16; fills rows, c and items.
-template <class Buffer>
-ffi::Error LayerNormShapes(const Buffer& x, const ffi::Buffer<ffi::F32>& gamma,
-                           LayerNormProblem& p) {
+// The row kernels' shapes: x [..., C] with C a multiple of 16 and `vector` [C] (gamma, bias);
+// fills the row length, the rows and the items of `per_item` rows each.
+ffi::Error RowShapes(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& vector,
+                     int64_t per_item, int64_t& c, int64_t& rows, int64_t& items) {
   const auto dims = x.dimensions();
   if (dims.size() < 1 || dims[dims.size() - 1] % kLanes != 0 || dims[dims.size() - 1] == 0)
     return ffi::Error::InvalidArgument("x's last axis must be a positive multiple of 16");
-  p.c = dims[dims.size() - 1];
-  if (gamma.element_count() != p.c) return ffi::Error::InvalidArgument("gamma must be [C]");
-  p.rows = x.element_count() / p.c;
-  p.items = (p.rows + kNormRows - 1) / kNormRows;
+  c = dims[dims.size() - 1];
+  if (vector.element_count() != c)
+    return ffi::Error::InvalidArgument("gamma and the bias must be [C], x's last axis");
+  rows = x.element_count() / c;
+  items = (rows + per_item - 1) / per_item;
   return ffi::Error::Success();
+}
+
+ffi::Error LayerNormShapes(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& gamma,
+                           LayerNormProblem& p) {
+  return RowShapes(x, gamma, kNormRows, p.c, p.rows, p.items);
 }
 
 // The forward with y float32 (kOut F32) or rounded to bf16 (kOut BF16).
@@ -1909,7 +1915,8 @@ ffi::Error LayerNormForwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     p.y = y->typed_data();
   p.eps = eps;
   if (ffi::Error error = LayerNormShapes(x, gamma, p); error.failure()) return error;
-  if (beta.element_count() != p.c) return ffi::Error::InvalidArgument("beta must be [C]");
+  if (beta.element_count() != p.c)
+    return ffi::Error::InvalidArgument("gamma and the bias must be [C], x's last axis");
   if (p.items > 0) RunJob(pool, DrainJob<LayerNormForward, 0, LayerNormProblem>, p);
   return ffi::Error::Success();
 }
@@ -1973,14 +1980,9 @@ class BiasGelu {
 
 ffi::Error BiasGeluCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> bias,
                         ffi::ResultBuffer<ffi::F32> y) {
-  const auto dims = x.dimensions();
-  if (dims.size() < 1 || dims[dims.size() - 1] % kLanes != 0 || dims[dims.size() - 1] == 0)
-    return ffi::Error::InvalidArgument("x's last axis must be a positive multiple of 16");
   BiasGeluProblem p{x.typed_data(), bias.typed_data(), y->typed_data()};
-  p.n = dims[dims.size() - 1];
-  if (bias.element_count() != p.n) return ffi::Error::InvalidArgument("bias must be [N]");
-  p.rows = x.element_count() / p.n;
-  p.items = (p.rows + kGeluRows - 1) / kGeluRows;
+  if (ffi::Error error = RowShapes(x, bias, kGeluRows, p.n, p.rows, p.items); error.failure())
+    return error;
   if (p.items > 0) RunJob(pool, DrainJob<BiasGelu, 0, BiasGeluProblem>, p);
   return ffi::Error::Success();
 }

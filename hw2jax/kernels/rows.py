@@ -47,24 +47,36 @@ def _row_axes(arg_shapes):
     return spec[0] if len(spec) > 0 else None
 
 
+@functools.cache
 def _row_split(local, rule: str):
     """``local`` on a mesh whose devices split the rows (the first operand's first axis): each
-    device runs it on its own rows; operands and results laid out as ``rule`` says ("r c" a
-    row-split matrix, "r" one value per row, "c" a whole vector)."""
+    device runs it on its own rows. Operands and results are laid out as ``rule`` says: "r c" a
+    row-split matrix, "r" one value per row, "c" a whole vector; a "c" result is a sum over the
+    rows (the scale and bias gradients), so each device's is added over the devices."""
     ins, outs = (side.split(", ") for side in rule.split(" -> "))
+    summed = tuple(layout == "c" for layout in outs)
 
     def shardings(mesh, rows, layouts):
         axes = {"r c": (rows, None), "r": (rows,), "c": (None,)}
         return tuple(NamedSharding(mesh, PartitionSpec(*axes[a])) for a in layouts)
 
-    def partition(mesh, arg_shapes, result_shape):
-        rows = _row_axes(arg_shapes)
-        out = shardings(mesh, rows, outs)
-        return mesh, local, out if len(outs) > 1 else out[0], shardings(mesh, rows, ins)
-
     def infer(mesh, arg_shapes, result_shape):
         out = shardings(mesh, _row_axes(arg_shapes), outs)
         return out if len(outs) > 1 else out[0]
+
+    def partition(mesh, arg_shapes, result_shape):
+        rows = _row_axes(arg_shapes)
+        on_device = local
+        if rows is not None and any(summed):
+
+            def on_device(*args):
+                results = local(*args)
+                return tuple(
+                    jax.lax.psum(r, rows) if add else r
+                    for r, add in zip(results, summed, strict=True)
+                )
+
+        return mesh, on_device, infer(mesh, arg_shapes, result_shape), shardings(mesh, rows, ins)
 
     sharded = custom_partitioning(local)
     sharded.def_partition(
@@ -86,39 +98,6 @@ def _partitioned_forward(eps: float, out: str):
     return _row_split(local, "r c, c, c -> r c, r, r")
 
 
-@functools.cache
-def _partitioned_backward():
-    """The backward on a mesh whose devices split the rows: each its rows' dx, and the scale
-    and bias gradients summed over the devices."""
-
-    def shardings(mesh, rows):
-        split = NamedSharding(mesh, PartitionSpec(rows, None))
-        whole = NamedSharding(mesh, PartitionSpec(None))
-        per_row = NamedSharding(mesh, PartitionSpec(rows))
-        return (split, whole, per_row, per_row, split), (split, whole, whole)
-
-    def partition(mesh, arg_shapes, result_shape):
-        rows = _row_axes(arg_shapes)
-        args, out = shardings(mesh, rows)
-
-        def local(*args):
-            dx, dgamma, dbeta = _backward_call(*args)
-            if rows is None:
-                return dx, dgamma, dbeta
-            return dx, jax.lax.psum(dgamma, rows), jax.lax.psum(dbeta, rows)
-
-        return mesh, local, out, args
-
-    sharded = custom_partitioning(_backward_call)
-    sharded.def_partition(
-        partition,
-        infer_sharding_from_operands=lambda mesh, a, _: shardings(mesh, _row_axes(a))[1],
-        sharding_rule="r c, c, r, r, r c -> r c, c, c",
-        need_replication_factors=("c",),
-    )
-    return sharded
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _layer_norm(x, gamma, beta, eps, out):
     return _partitioned_forward(eps, out)(x, gamma, beta)[0]
@@ -130,7 +109,8 @@ def _layer_norm_fwd(x, gamma, beta, eps, out):
 
 
 def _layer_norm_bwd(eps, out, residuals, dy):
-    return _partitioned_backward()(*residuals, dy.astype(jnp.float32))
+    backward = _row_split(_backward_call, "r c, c, r, r, r c -> r c, c, c")
+    return backward(*residuals, dy.astype(jnp.float32))
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
@@ -144,6 +124,13 @@ def layer_norm_unsupported(shape, dtype) -> str | None:
     if len(shape) < 1 or shape[-1] % 16 or shape[-1] == 0:
         return f"the last axis must be a positive multiple of 16; got shape {tuple(shape)}"
     return None
+
+
+def row_kernel_unavailable_reason(shape, dtype) -> str | None:
+    """Why a row kernel cannot take x of this shape and dtype here: the input
+    (:func:`layer_norm_unsupported`), else the kernels' build; None if it can."""
+    problem = layer_norm_unsupported(shape, dtype)
+    return problem or cpu_attention_unavailable_reason(16, jnp.float32)
 
 
 def cpu_layer_norm(

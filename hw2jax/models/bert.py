@@ -78,9 +78,7 @@ def _bias_gelu_unsupported(h: jax.Array, bias: jax.Array) -> str | None:
     its bias here (None: it can)."""
     if bias.dtype != jnp.float32:
         return f"the bias is {bias.dtype}"
-    if (problem := kernels.layer_norm_unsupported(h.shape, h.dtype)) is not None:
-        return problem
-    return kernels.cpu_attention_unavailable_reason(16, jnp.float32)
+    return kernels.row_kernel_unavailable_reason(h.shape, h.dtype)
 
 
 class _DenseActivation(nn.Module):

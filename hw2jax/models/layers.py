@@ -145,13 +145,9 @@ class LayerNorm(nn.LayerNorm):
             and jnp.dtype(self.dtype or x.dtype) in (jnp.float32, jnp.bfloat16)
             and jnp.dtype(self.param_dtype) == jnp.float32
         )
-
-        def unsupported():
-            if (problem := kernels.layer_norm_unsupported(x.shape, jnp.float32)) is not None:
-                return problem
-            return kernels.cpu_attention_unavailable_reason(16, jnp.float32)
-
-        return plain and dispatch.row_kernel(unsupported) == "fused_cpu"
+        # The kernel takes x upcast to float32.
+        why_not = functools.partial(kernels.row_kernel_unavailable_reason, x.shape, jnp.float32)
+        return plain and dispatch.row_kernel(why_not) == "fused_cpu"
 
 
 def TorchDense(
