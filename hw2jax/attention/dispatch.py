@@ -151,6 +151,13 @@ def check(implementation: str, choices: tuple[str, ...], what: str) -> None:
         )
 
 
+def _setting(variable: str, choices: tuple[str, ...]) -> str:
+    """``$variable`` (unset or empty: ``auto``), checked against ``choices``."""
+    value = os.environ.get(variable, "auto") or "auto"
+    check(value, choices, f"${variable}")
+    return value
+
+
 def forced(choices: tuple[str, ...]) -> str | None:
     """The path ``$HW2JAX_ATTENTION`` forces, if it names one of ``choices`` other than auto."""
     value = os.environ.get(FORCE_ENV, "auto") or "auto"
@@ -225,16 +232,7 @@ def key_bias(
     """BERT's attention path: ``"fused_cpu"`` or ``"xla"``, timed forward only where
     ``measure`` is given on CPU. ``fused_reason()`` covers attention dropout too (the kernel
     keeps no probabilities)."""
-    machine = machine or this_machine()
-    force = forced(KEY_BIAS)
-    if force and not (force == "fused_cpu" and fused_reason()):
-        return force
-    if measure is not None and measuring(machine):
-        if fused_reason() is not None:
-            return "xla"
-        if path := fastest("key_bias", False, False, ["fused_cpu", "xla"], measure):
-            return path
-    return "fused_cpu" if machine.fused_cpu_pays_off and fused_reason() is None else "xla"
+    return _fused_or_xla("key_bias", False, KEY_BIAS, fused_reason, machine, measure)
 
 
 def few_keys(
@@ -244,16 +242,28 @@ def few_keys(
     heads): ``"fused_cpu"`` or ``"xla"``, timed with gradients where ``measure`` is given on
     CPU, else the fused kernel where the fused kernels pay off (its 6 x 4 accumulator tiles
     need AVX-512's 32 registers)."""
+    return _fused_or_xla("few_keys", True, FEW_KEYS, fused_reason, machine, measure)
+
+
+def _fused_or_xla(
+    op: str,
+    gradient: bool,
+    choices: tuple[str, ...],
+    fused_reason: Reason,
+    machine: Machine | None,
+    measure: Measure | None,
+) -> str:
+    """``"fused_cpu"`` or ``"xla"`` for an operation with one fused CPU kernel: forced by
+    ``$HW2JAX_ATTENTION`` where it can run, timed (with gradients or not) where ``measure`` is
+    given on CPU, else the kernel where the fused kernels pay off."""
     machine = machine or this_machine()
-    force = forced(FEW_KEYS)
+    force = forced(choices)
     if force and not (force == "fused_cpu" and fused_reason()):
         return force
-    if machine.backend != "cpu":
-        return "xla"
     if measure is not None and measuring(machine):
         if fused_reason() is not None:
             return "xla"
-        if path := fastest("few_keys", False, True, ["fused_cpu", "xla"], measure):
+        if path := fastest(op, False, gradient, ["fused_cpu", "xla"], measure):
             return path
     return "fused_cpu" if machine.fused_cpu_pays_off and fused_reason() is None else "xla"
 
@@ -265,8 +275,7 @@ def row_kernel(unsupported: Reason, machine: Machine | None = None) -> str:
     cannot take the input here (None: it can). The kernel where the fused kernels pay off
     (AVX-512); a rule, not a timing (``benchmarks/vit_step_kernels.py``). ``$HW2JAX_ROW_KERNELS``
     (``auto``, ``xla`` or ``fused_cpu``) forces one path where it can run."""
-    force = os.environ.get(ROW_KERNELS_ENV, "auto") or "auto"
-    check(force, ROW_KERNELS, f"${ROW_KERNELS_ENV}")
+    force = _setting(ROW_KERNELS_ENV, ROW_KERNELS)
     if force == "xla":
         return "xla"
     machine = machine or this_machine()
@@ -347,8 +356,7 @@ def bf16_products_on_amx(amx_reason: Reason, machine: Machine | None = None) -> 
 def _amx_or_xla(fits: bool, macs: int, amx_reason: Reason, machine: Machine | None) -> str:
     """The AMX kernel for a product of its form (``fits``): forced by ``$HW2JAX_MATMUL=amx``,
     else from ``AMX_MIN_MACS`` multiply-adds on a CPU with AMX-BF16."""
-    force = os.environ.get(MATMUL_ENV, "auto") or "auto"
-    check(force, MATMUL, f"${MATMUL_ENV}")
+    force = _setting(MATMUL_ENV, MATMUL)
     if force == "xla" or not fits:
         return "xla"
     if force == "amx":
