@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import numpy as np
 
 from hw2jax import malloc
 from hw2jax.cpu import machine
-from hw2jax.timing import runtime_settings, write_results
+from hw2jax.timing import json_from_fresh_process, runtime_settings, write_results
 
 SETTINGS = {"default": None, "keep freed memory": malloc.TUNABLES}
 
@@ -92,16 +91,7 @@ def _measure(row: str, tunables: str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     if tunables:
         env["GLIBC_TUNABLES"] = tunables
-    done = subprocess.run(
-        [sys.executable, __file__, "--child", row],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"the measuring process failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json_from_fresh_process(__file__, ["--child", row], env)
 
 
 def main(argv=None) -> None:

@@ -6,8 +6,9 @@ alike), on one device and on 2 host devices (one process each):
 
 Settings: XLA only (``HW2JAX_ATTENTION=xla HW2JAX_ROW_KERNELS=xla``), the few-keys attention
 kernel alone, the layer-norm kernel alone, and both (the default where they pay). The
-assignment's ViT and recipe, batch 256 of random images; per round 5 steps a setting, the
-median round gives images/s. Writes ``vit_step_kernels.json``.
+assignment's ViT and recipe, batch 256 of random images; per round 5 steps a setting
+(``hw2jax.timing.interleaved_seconds``), the median round gives images/s. Writes
+``vit_step_kernels.json``.
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from hw2jax import malloc
 from hw2jax.cpu import machine
-from hw2jax.timing import runtime_settings, write_results
+from hw2jax.timing import (
+    interleaved_seconds,
+    json_from_fresh_process,
+    runtime_settings,
+    write_results,
+)
 
 SETTINGS = {
     "XLA only": {"HW2JAX_ATTENTION": "xla", "HW2JAX_ROW_KERNELS": "xla"},
@@ -47,16 +51,12 @@ def _child(devices: int, rounds: int) -> None:
         for key in ("HW2JAX_ATTENTION", "HW2JAX_ROW_KERNELS"):
             os.environ.pop(key, None)
         os.environ.update(env)
-        steps[name] = train_step("softmax", 256, devices)
+        step = train_step("softmax", 256, devices)
         for _ in range(3):  # the first traces and compiles under this setting's variables
-            steps[name]()
-    rates = {name: [] for name in SETTINGS}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(STEPS):
-                step()
-            rates[name].append(STEPS * 256 / (time.perf_counter() - start))
+            step()
+        steps[name] = lambda step=step: [step() for _ in range(STEPS)]
+    timed = interleaved_seconds(steps, rounds)
+    rates = {name: [STEPS * 256 / t for t in times] for name, (times, _) in timed.items()}
     print(json.dumps({"devices": devices, "images_per_s": rates}))
 
 
@@ -72,15 +72,9 @@ def main(argv=None) -> None:
         return _child(args.child, args.rounds)
     results = []
     for devices in (1, 2):
-        done = subprocess.run(
-            [sys.executable, __file__, "--child", str(devices), "--rounds", str(args.rounds)],
-            capture_output=True,
-            text=True,
-            check=False,
+        run = json_from_fresh_process(
+            __file__, ["--child", str(devices), "--rounds", str(args.rounds)]
         )
-        if done.returncode != 0:
-            raise RuntimeError(f"the measuring process failed:\n{done.stderr[-3000:]}")
-        run = json.loads(done.stdout.strip().splitlines()[-1])
         median = {name: float(np.median(r)) for name, r in run["images_per_s"].items()}
         run["median"] = median
         run["speedup_over_xla"] = {name: m / median["XLA only"] for name, m in median.items()}

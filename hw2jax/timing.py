@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,20 @@ def interleaved_seconds(
             call()
             times[name].append(time.perf_counter() - start)
     return {name: (t, float(np.median(t))) for name, t in times.items()}
+
+
+def json_from_fresh_process(
+    script: str | Path, args: Sequence[str], env: dict[str, str] | None = None
+) -> dict:
+    """Runs ``python script *args`` in a fresh process (for what is fixed at start-up: glibc's
+    malloc settings, jax's host devices) and returns the JSON object on the last line it
+    prints; if it fails, a RuntimeError with the end of its stderr."""
+    done = subprocess.run(
+        [sys.executable, str(script), *args], env=env, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the measuring process failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # Environment variables that change the figures without changing the code: glibc's allocator
