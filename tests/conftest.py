@@ -1,5 +1,7 @@
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -34,6 +36,20 @@ def fresh_process_env(host_devices: int | None = None) -> dict[str, str]:
     if host_devices is not None:
         flags = f"--xla_force_host_platform_device_count={host_devices} {flags}"
     return {**os.environ, "XLA_FLAGS": flags}
+
+
+def run_on_host_devices(script: str, devices: int = 2) -> str:
+    """The standard output of ``python -c script`` in a fresh process that sees ``devices`` host
+    CPU devices; the calling test fails with the script's stderr if it does."""
+    run = subprocess.run(
+        [sys.executable, "-c", script],
+        env=fresh_process_env(host_devices=devices),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
 
 
 def pytest_sessionfinish(session):

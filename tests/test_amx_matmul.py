@@ -4,14 +4,12 @@ AMX-BF16), and the dispatch rule that sends dense layers to it, with the CPU fak
 import functools
 import math
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import fresh_process_env
+from conftest import run_on_host_devices
 
 from hw2jax import kernels
 from hw2jax.attention import dispatch
@@ -440,13 +438,9 @@ def test_on_a_mesh_each_device_multiplies_its_rows():
     """Rows split over 2 host devices: the product and the input gradient run on each device's
     half with no all-gather; the weight gradient's partial products are summed (one
     all-reduce); both gradients equal the one-device ones."""
-    env = fresh_process_env(host_devices=2)
-    run = subprocess.run(
-        [sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    gathered, reduced, calls, error, gelu_gathered, gelu_calls, same = run.stdout.split()
-    assert (gathered, reduced) == ("False", "True"), run.stdout
+    stdout = run_on_host_devices(_SHARDED)
+    gathered, reduced, calls, error, gelu_gathered, gelu_calls, same = stdout.split()
+    assert (gathered, reduced) == ("False", "True"), stdout
     # Only the gradients are asked for: the forward product is dead code, and each device's
     # calls are the input gradient on its 80 rows (bf16 as it leaves the tiles) and the weight
     # gradient's partial product (float32 until the sum).
@@ -455,4 +449,4 @@ def test_on_a_mesh_each_device_multiplies_its_rows():
     # The dense layer with its GELU: each device its 80 rows, the same bits as on one device;
     # the attention: each device its 2 sequences, no all-gather, the same bits; a batched
     # product with a transposed, split over the batch, the same bits.
-    assert (gelu_gathered, gelu_calls, same) == ("False", "bf16[80,64]{1,0}", "True"), run.stdout
+    assert (gelu_gathered, gelu_calls, same) == ("False", "bf16[80,64]{1,0}", "True"), stdout

@@ -1,14 +1,11 @@
 """The few-keys attention kernel (the ViT's regrouped heads): forward and gradients against a
 float64 loop, under vmap and a mesh, its refusals, and the ViT computing by it."""
 
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import fresh_process_env
+from conftest import run_on_host_devices
 
 from hw2jax import attention, kernels
 from hw2jax.attention import dispatch
@@ -110,16 +107,9 @@ print(max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(f(*args), one_d
 def test_a_batch_split_over_devices_stays_split():
     """Forward and backward under a 2-device mesh: each device runs the kernels on its 3
     sequences, no all-gather, the gradients the one-device ones."""
-    run = subprocess.run(
-        [sys.executable, "-c", _SHARDED],
-        env=fresh_process_env(host_devices=2),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    gathered, calls, error = run.stdout.splitlines()
-    assert gathered == "False", run.stdout
+    stdout = run_on_host_devices(_SHARDED)
+    gathered, calls, error = stdout.splitlines()
+    assert gathered == "False", stdout
     assert "f32[3,40,32]" in calls and "f32[6," not in calls, calls
     assert float(error) < 1e-5
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import fresh_process_env
+from conftest import run_on_host_devices
 from test_attention import ref_softmax_np
 
 from hw2jax import attention, cpu, kernels
@@ -214,19 +214,11 @@ def test_sharded_gradients_stay_sharded():
     """The flash and both linear kernels' forward and backward calls under a mesh: each device
     runs them on its slice (half the heads, or half the sequences), with no all-gather, and
     the gradients equal the one-device ones."""
-    env = fresh_process_env(host_devices=2)
-    run = subprocess.run(
-        [sys.executable, "-c", _SHARDED_GRADIENTS],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = [line.split() for line in run.stdout.splitlines()]
-    assert len(lines) == 6, run.stdout
+    stdout = run_on_host_devices(_SHARDED_GRADIENTS)
+    lines = [line.split() for line in stdout.splitlines()]
+    assert len(lines) == 6, stdout
     for (name, gathered, shape, error), sliced in zip(lines, ["4,70,2", "2,70,4"] * 3, strict=True):
-        assert gathered == "False", (name, run.stdout)
+        assert gathered == "False", (name, stdout)
         assert shape.startswith(f"(f32[{sliced},16]"), (name, shape)
         assert float(error) < 1e-5, (name, error)
 
@@ -234,12 +226,7 @@ def test_sharded_gradients_stay_sharded():
 def test_sharded_inputs_stay_sharded():
     """Heads or sequences split over devices: each device runs the kernel on its own slice,
     with no all-gather, and the result equals the one-device call."""
-    env = fresh_process_env(host_devices=2)
-    run = subprocess.run(
-        [sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = run.stdout.splitlines()
+    lines = run_on_host_devices(_SHARDED).splitlines()
     assert lines[0].endswith("False f32[4,24,2,16]{3,2,1,0}"), lines  # heads split in two
     assert lines[2].endswith("False f32[2,24,4,16]{3,2,1,0}"), lines  # sequences split in two
     assert float(lines[1]) < 1e-6 and float(lines[3]) < 1e-6, lines

@@ -1,15 +1,12 @@
 """The layer-norm kernel: forward and gradients against a float64 loop, flax's LayerNorm (the
 XLA path) with the same parameters, a 2-device mesh, its refusals and the dispatch rule."""
 
-import subprocess
-import sys
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import fresh_process_env
+from conftest import run_on_host_devices
 
 from hw2jax import kernels
 from hw2jax.attention import dispatch
@@ -128,16 +125,9 @@ print(max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(f(*args), one_d
 
 
 def test_rows_split_over_devices_stay_split_and_the_scale_gradient_is_summed():
-    run = subprocess.run(
-        [sys.executable, "-c", _SHARDED],
-        env=fresh_process_env(host_devices=2),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    collectives, calls, error = run.stdout.splitlines()
-    assert collectives == "False True", run.stdout  # no all-gather; dscale, dbias summed
+    stdout = run_on_host_devices(_SHARDED)
+    collectives, calls, error = stdout.splitlines()
+    assert collectives == "False True", stdout  # no all-gather; dscale, dbias summed
     assert "f32[120,32]" in calls and "f32[240," not in calls, calls
     assert float(error) < 1e-4
 
