@@ -21,9 +21,11 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #define HW2JAX_AMX 1
-#include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -45,8 +47,28 @@ inline v16 splat(float x) { return v16{} + x; }
 inline v16 load(const float* p) { v16 r; std::memcpy(&r, p, sizeof r); return r; }
 inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
 
-// exp for x <= 0 (scores minus the row maximum): Cephes' expf polynomial after the usual
-// x = n ln2 + r reduction; exact 0 below the smallest normal float's exponent.
+// exp for x <= 0 (scores minus the row maximum), 0 far below the smallest normal float.
+#ifdef __AVX512F__
+// As 2^(x log2 e) = 2^n 2^r, |r| <= 1/2: Cephes' expf polynomial at r ln 2, scaled by 2^n with
+// vscalefps: fewer instructions than building the scale in the exponent bits, as below, and the
+// exp is a large share of the flash passes (benchmarks/NOTES.md). x log2 e carries a rounding of
+// |x| 2^-24, which matters only where exp(x) is far below the row's largest term.
+inline v16 exp_nonpositive(v16 x) {
+  v16 t = x * 1.44269504088896341f;
+  t = t < -200.0f ? splat(-200.0f) : t;  // -inf -> 0; NaN stays NaN
+  const __m512 n = _mm512_roundscale_ps((__m512)t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const v16 r = (t - (v16)n) * 0.693147180559945309f;
+  v16 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const v16 e = p * r * r + r + 1.0f;
+  return (v16)_mm512_scalef_ps((__m512)e, n);
+}
+#else
+// Cephes' expf: x = n ln2 + r, the polynomial at r, times 2^n built in the exponent bits.
 inline v16 exp_nonpositive(v16 x) {
   const v16 lowest = splat(-87.3365447f);
   const v16 xc = x < lowest ? lowest : x;
@@ -65,6 +87,7 @@ inline v16 exp_nonpositive(v16 x) {
   std::memcpy(&scale, &bits, sizeof scale);
   return x < lowest ? splat(0.0f) : e * scale;
 }
+#endif
 
 inline float hmax(v16 x) {
   float m = x[0];
@@ -359,80 +382,103 @@ struct FlashProblem {
   bool causal;
 };
 
-// In a [kBlockQ x kBlockK] block of queries i0.. and keys j0..: the entries of keys past the end
-// and (causal) of keys after their query set to `value`.
-inline void MaskBlock(float* s, int64_t i0, int64_t j0, int64_t t, bool causal, float value) {
+// In a [kBlockQ x kBlockK] block of queries i0.. and keys j0.., entry (r, j) at s[r * at_row +
+// j * at_key]: the entries of keys past the end and (causal) of keys after their query set to
+// `value`.
+inline void MaskBlock(float* s, int64_t i0, int64_t j0, int64_t t, bool causal, float value,
+                      int64_t at_row = kBlockK, int64_t at_key = 1) {
   const bool tail = j0 + kBlockK > t, diagonal = causal && j0 + kBlockK - 1 > i0;
   if (!tail && !diagonal) return;
   for (int r = 0; r < kBlockQ; ++r) {
     const int64_t last = causal ? std::min(t - 1, i0 + r) : t - 1;
     for (int64_t j = std::max<int64_t>(j0, last + 1); j < j0 + kBlockK; ++j)
-      s[r * kBlockK + (j - j0)] = value;
+      s[r * at_row + (j - j0) * at_key] = value;
   }
 }
 
+// The score block is kept transposed, [keys x query rows]: a vector then holds 16 rows, so each
+// row's running maximum, sum and rescale factor sit in vector lanes, with no reductions across
+// lanes and no scalar exp per row (1.08-1.11x the forward's speed of [rows x keys] blocks).
 template <int kVecs>
 class FlashForward {
  public:
   explicit FlashForward(const FlashProblem& p)
-      : p_(p), tp_(RoundUp(p.t, kPad)), q_(tp_ * kD), kt_(kD * tp_), v_(tp_ * kD),
-        s_(kBlockQ * kBlockK), o_(kBlockQ * kD) {}
+      : p_(p), tp_(RoundUp(p.t, kPad)), qt_(kD * tp_), k_(tp_ * kD), v_(tp_ * kD),
+        s_(kBlockK * kBlockQ), o_(kBlockQ * kD) {}
 
   void Run(int64_t item) {
     const int64_t n = item / p_.h, head = item % p_.h, t = p_.t, stride = p_.h * kD;
     const int64_t base = n * t * stride + head * kD;
-    PackRows<kD>(p_.q, base, stride, t, tp_, p_.scale, q_.ptr, false);
-    PackRows<kD>(p_.k, base, stride, t, tp_, 1.0f, kt_.ptr, true);
+    PackRows<kD>(p_.q, base, stride, t, tp_, p_.scale, qt_.ptr, true);
+    PackRows<kD>(p_.k, base, stride, t, tp_, 1.0f, k_.ptr, false);
     PackRows<kD>(p_.v, base, stride, t, tp_, 1.0f, v_.ptr, false);
-    float m[kBlockQ], l[kBlockQ];
     for (int64_t i0 = 0; i0 < t; i0 += kBlockQ) {
-      std::fill(m, m + kBlockQ, -INFINITY);
-      std::fill(l, l + kBlockQ, 0.0f);
+      v16 m[kGroups], l[kGroups];
+      for (int g = 0; g < kGroups; ++g) m[g] = splat(-INFINITY), l[g] = splat(0.0f);
       std::memset(o_.ptr, 0, sizeof(float) * kBlockQ * kD);
       const int64_t limit = p_.causal ? std::min(t, i0 + kBlockQ) : t;
       for (int64_t j0 = 0; j0 < limit; j0 += kBlockK) {
-        float* s = s_.ptr;
-        ScoresBlock<kVecs>(q_.ptr + i0 * kD, kBlockQ, PanelOf<kD>(kt_.ptr, j0), kBlockK, 0, kBlockK, s,
-                           kBlockK);
-        MaskBlock(s, i0, j0, t, p_.causal, -INFINITY);
-        for (int r = 0; r < kBlockQ; ++r) {
-          float* row = s + r * kBlockK;
-          v16 mx = load(row);
-          for (int j = kLanes; j < kBlockK; j += kLanes) {
-            const v16 x = load(row + j);
-            mx = x > mx ? x : mx;
-          }
-          const float m_new = std::max(m[r], hmax(mx));  // finite: key 0 is in every row
-          const float alpha = std::exp(m[r] - m_new);
-          v16 sum{};
-          for (int j = 0; j < kBlockK; j += kLanes) {
-            const v16 e = exp_nonpositive(load(row + j) - m_new);
-            store(row + j, e);
-            sum += e;
-          }
-          l[r] = l[r] * alpha + hsum(sum);
-          m[r] = m_new;
-          if (alpha != 1.0f)
-            for (int c = 0; c < kD; c += kLanes)
-              store(o_.ptr + r * kD + c, load(o_.ptr + r * kD + c) * alpha);
-        }
-        AccumulateProduct<kVecs>(s, kBlockK, 1, kBlockQ, kBlockK, v_.ptr + j0 * kD, o_.ptr);
+        float* s = s_.ptr;  // s[key * kBlockQ + row]
+        ScoresBlock<kVecs>(k_.ptr + j0 * kD, kBlockK, PanelOf<kD>(qt_.ptr, i0), kBlockQ, 0,
+                           kBlockQ, s, kBlockQ);
+        MaskBlock(s, i0, j0, t, p_.causal, -INFINITY, 1, kBlockQ);
+        alignas(64) float alpha[kBlockQ];
+        for (int g = 0; g < kGroups; ++g) store(alpha + g * kLanes, Softmax(s + g * kLanes, m[g], l[g]));
+        if (j0 > 0)
+          for (int r = 0; r < kBlockQ; ++r)
+            if (alpha[r] != 1.0f)
+              for (int c = 0; c < kD; c += kLanes)
+                store(o_.ptr + r * kD + c, load(o_.ptr + r * kD + c) * alpha[r]);
+        AccumulateProduct<kVecs>(s, 1, kBlockQ, kBlockQ, kBlockK, v_.ptr + j0 * kD, o_.ptr);
+      }
+      alignas(64) float row_max[kBlockQ], row_sum[kBlockQ];
+      for (int g = 0; g < kGroups; ++g) {
+        store(row_max + g * kLanes, m[g]);
+        store(row_sum + g * kLanes, l[g]);
       }
       const int64_t rows = std::min<int64_t>(kBlockQ, t - i0);
       for (int64_t r = 0; r < rows; ++r) {
-        const float inv = 1.0f / l[r];
+        const float inv = 1.0f / row_sum[r];
         float* dst = p_.out_w + base + (i0 + r) * stride;
         for (int c = 0; c < kD; ++c) dst[c] = o_.ptr[r * kD + c] * inv;
-        p_.lse_w[item * t + i0 + r] = m[r] + std::log(l[r]);
+        p_.lse_w[item * t + i0 + r] = row_max[r] + std::log(row_sum[r]);
       }
     }
   }
 
  private:
   static constexpr int kD = kVecs * kLanes;
+  static constexpr int kGroups = kBlockQ / kLanes;
+
+  // One group of 16 rows, column `col` of a transposed block: scores -> exp(score - new max) in
+  // place; updates the running max m and sum l, returns the factor that rescales older terms.
+  static v16 Softmax(float* col, v16& m, v16& l) {
+    v16 max0 = load(col), max1 = load(col + kBlockQ);  // two chains: half the latency
+    for (int j = 2; j < kBlockK; j += 2) {
+      const v16 x0 = load(col + j * kBlockQ), x1 = load(col + (j + 1) * kBlockQ);
+      max0 = x0 > max0 ? x0 : max0;
+      max1 = x1 > max1 ? x1 : max1;
+    }
+    v16 m_new = max0 > max1 ? max0 : max1;
+    m_new = m > m_new ? m : m_new;  // finite: key 0 is in every row
+    const v16 alpha = exp_nonpositive(m - m_new);
+    v16 sum0{}, sum1{};
+    for (int j = 0; j < kBlockK; j += 2) {
+      const v16 e0 = exp_nonpositive(load(col + j * kBlockQ) - m_new);
+      const v16 e1 = exp_nonpositive(load(col + (j + 1) * kBlockQ) - m_new);
+      store(col + j * kBlockQ, e0);
+      store(col + (j + 1) * kBlockQ, e1);
+      sum0 += e0;
+      sum1 += e1;
+    }
+    l = l * alpha + (sum0 + sum1);
+    m = m_new;
+    return alpha;
+  }
+
   const FlashProblem& p_;
   const int64_t tp_;
-  Aligned q_, kt_, v_, s_, o_;
+  Aligned qt_, k_, v_, s_, o_;
 };
 
 template <int kVecs>
