@@ -182,14 +182,14 @@ def test_auto_takes_the_measured_fastest_path_both_ways(measured):
     # Forward: the row kernel wins; gradients: naive's program beats the flash kernel.
     assert dispatch.softmax(T_256, False, why(), CPU_AVX512, measure_for()) == ("row", "naive")
     assert probes == [
-        (("row", "naive", "blockwise"), False),
+        (("row", "flash", "naive", "blockwise"), False),
         (("flash", "naive", "blockwise"), True),
     ]
-    # The opposite timings on another shape class pick the opposite paths; naive on both
-    # sides is returned as one name (no custom VJP in between).
+    # The opposite timings on another shape class pick the opposite paths: the flash kernel
+    # forward too; naive on both sides is returned as one name (no custom VJP in between).
     ms.update(row=4.0, flash=0.5, naive=1.0)
     assert dispatch.softmax(T_256, False, why(), CPU_AVX512, measure_for((1, 256, 16, 64))) == (
-        "naive",
+        "flash",
         "flash",
     )
     assert dispatch.softmax(T_256, True, why(), CPU_AVX512, measure_for()) == ("flash", "flash")
@@ -220,7 +220,12 @@ def test_timings_are_cached_per_shape_class_in_one_file(measured, tmp_path):
     record = json.loads((tmp_path / "dispatch-test.json").read_text())
     assert record["machine"]["cpu_model"] and "jax" in record["machine"]
     key = "softmax full fwd scores 2^16 rows 2^3 d 64x64 float32"
-    assert record["classes"][key]["ms"] == {"row": 1.0, "naive": 2.0, "blockwise": 5.0}
+    assert record["classes"][key]["ms"] == {
+        "row": 1.0,
+        "flash": 3.0,
+        "naive": 2.0,
+        "blockwise": 5.0,
+    }
     # A damaged file is only a cache: timed again and rewritten.
     (tmp_path / "dispatch-test.json").write_text('{"classes": [trunc')
     dispatch.state.timings.clear()

@@ -186,8 +186,8 @@ def softmax(
     if measure is not None and measuring(machine):
         fits = scores < BLOCKWISE_FROM  # naive's T x T scores are held in memory
         fused = fused_reason() is None
-        kernel = "row" if not causal and fits else "flash"
-        paths = [kernel] * fused + ["naive"] * fits + ["blockwise"]
+        kernels = ["row", "flash"] if not causal and fits else ["flash"]
+        paths = kernels * fused + ["naive"] * fits + ["blockwise"]
         grad_paths = ["flash"] * fused + ["naive"] * fits + ["blockwise"]
         forward = fastest("softmax", causal, False, paths, measure)
         gradient = fastest("softmax", causal, True, grad_paths, measure)
