@@ -404,7 +404,7 @@ class FlashForward {
  public:
   explicit FlashForward(const FlashProblem& p)
       : p_(p), tp_(RoundUp(p.t, kPad)), qt_(kD * tp_), k_(tp_ * kD), v_(tp_ * kD),
-        s_(kBlockK * kBlockQ), o_(kBlockQ * kD) {}
+        s_(kBlockK * kBlockQ), o_(kBlocksPerPass * kBlockQ * kD) {}
 
   void Run(int64_t item) {
     const int64_t n = item / p_.h, head = item % p_.h, t = p_.t, stride = p_.h * kD;
@@ -412,36 +412,52 @@ class FlashForward {
     PackRows<kD>(p_.q, base, stride, t, tp_, p_.scale, qt_.ptr, true);
     PackRows<kD>(p_.k, base, stride, t, tp_, 1.0f, k_.ptr, false);
     PackRows<kD>(p_.v, base, stride, t, tp_, 1.0f, v_.ptr, false);
-    for (int64_t i0 = 0; i0 < t; i0 += kBlockQ) {
-      v16 m[kGroups], l[kGroups];
-      for (int g = 0; g < kGroups; ++g) m[g] = splat(-INFINITY), l[g] = splat(0.0f);
-      std::memset(o_.ptr, 0, sizeof(float) * kBlockQ * kD);
-      const int64_t limit = p_.causal ? std::min(t, i0 + kBlockQ) : t;
+    // One pass over k and v serves kBlocksPerPass query blocks: at T = 16,384 k and v fill 8 MiB
+    // per item, four times L2, and a pass per block read them from L3 that often.
+    for (int64_t i_pass = 0; i_pass < t; i_pass += kBlocksPerPass * kBlockQ) {
+      const int blocks =
+          static_cast<int>(std::min<int64_t>(kBlocksPerPass, RoundUp(t - i_pass, kBlockQ) /
+                                                                 kBlockQ));
+      v16 m[kBlocksPerPass][kGroups], l[kBlocksPerPass][kGroups];
+      for (int b = 0; b < blocks; ++b)
+        for (int g = 0; g < kGroups; ++g) m[b][g] = splat(-INFINITY), l[b][g] = splat(0.0f);
+      std::memset(o_.ptr, 0, sizeof(float) * blocks * kBlockQ * kD);
+      const int64_t limit = p_.causal ? std::min(t, i_pass + blocks * kBlockQ) : t;
       for (int64_t j0 = 0; j0 < limit; j0 += kBlockK) {
-        float* s = s_.ptr;  // s[key * kBlockQ + row]
-        ScoresBlock<kVecs>(k_.ptr + j0 * kD, kBlockK, PanelOf<kD>(qt_.ptr, i0), kBlockQ, 0,
-                           kBlockQ, s, kBlockQ);
-        MaskBlock(s, i0, j0, t, p_.causal, -INFINITY, 1, kBlockQ);
-        alignas(64) float alpha[kBlockQ];
-        for (int g = 0; g < kGroups; ++g) store(alpha + g * kLanes, Softmax(s + g * kLanes, m[g], l[g]));
-        if (j0 > 0)
-          for (int r = 0; r < kBlockQ; ++r)
-            if (alpha[r] != 1.0f)
-              for (int c = 0; c < kD; c += kLanes)
-                store(o_.ptr + r * kD + c, load(o_.ptr + r * kD + c) * alpha[r]);
-        AccumulateProduct<kVecs>(s, 1, kBlockQ, kBlockQ, kBlockK, v_.ptr + j0 * kD, o_.ptr);
+        for (int b = 0; b < blocks; ++b) {
+          const int64_t i0 = i_pass + b * kBlockQ;
+          if (p_.causal && j0 >= i0 + kBlockQ) continue;
+          float* s = s_.ptr;  // s[key * kBlockQ + row]
+          float* o = o_.ptr + b * kBlockQ * kD;
+          ScoresBlock<kVecs>(k_.ptr + j0 * kD, kBlockK, PanelOf<kD>(qt_.ptr, i0), kBlockQ, 0,
+                             kBlockQ, s, kBlockQ);
+          MaskBlock(s, i0, j0, t, p_.causal, -INFINITY, 1, kBlockQ);
+          alignas(64) float alpha[kBlockQ];
+          for (int g = 0; g < kGroups; ++g)
+            store(alpha + g * kLanes, Softmax(s + g * kLanes, m[b][g], l[b][g]));
+          if (j0 > 0)
+            for (int r = 0; r < kBlockQ; ++r)
+              if (alpha[r] != 1.0f)
+                for (int c = 0; c < kD; c += kLanes)
+                  store(o + r * kD + c, load(o + r * kD + c) * alpha[r]);
+          AccumulateProduct<kVecs>(s, 1, kBlockQ, kBlockQ, kBlockK, v_.ptr + j0 * kD, o);
+        }
       }
-      alignas(64) float row_max[kBlockQ], row_sum[kBlockQ];
-      for (int g = 0; g < kGroups; ++g) {
-        store(row_max + g * kLanes, m[g]);
-        store(row_sum + g * kLanes, l[g]);
-      }
-      const int64_t rows = std::min<int64_t>(kBlockQ, t - i0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const float inv = 1.0f / row_sum[r];
-        float* dst = p_.out_w + base + (i0 + r) * stride;
-        for (int c = 0; c < kD; ++c) dst[c] = o_.ptr[r * kD + c] * inv;
-        p_.lse_w[item * t + i0 + r] = row_max[r] + std::log(row_sum[r]);
+      for (int b = 0; b < blocks; ++b) {
+        const int64_t i0 = i_pass + b * kBlockQ;
+        alignas(64) float row_max[kBlockQ], row_sum[kBlockQ];
+        for (int g = 0; g < kGroups; ++g) {
+          store(row_max + g * kLanes, m[b][g]);
+          store(row_sum + g * kLanes, l[b][g]);
+        }
+        const int64_t rows = std::min<int64_t>(kBlockQ, t - i0);
+        for (int64_t r = 0; r < rows; ++r) {
+          const float inv = 1.0f / row_sum[r];
+          float* dst = p_.out_w + base + (i0 + r) * stride;
+          const float* o = o_.ptr + b * kBlockQ * kD;
+          for (int c = 0; c < kD; ++c) dst[c] = o[r * kD + c] * inv;
+          p_.lse_w[item * t + i0 + r] = row_max[r] + std::log(row_sum[r]);
+        }
       }
     }
   }
@@ -449,6 +465,7 @@ class FlashForward {
  private:
   static constexpr int kD = kVecs * kLanes;
   static constexpr int kGroups = kBlockQ / kLanes;
+  static constexpr int kBlocksPerPass = 8;
 
   // One group of 16 rows, column `col` of a transposed block: scores -> exp(score - new max) in
   // place; updates the running max m and sum l, returns the factor that rescales older terms.
@@ -487,7 +504,8 @@ class FlashBackward {
   explicit FlashBackward(const FlashProblem& p)
       : p_(p), tp_(RoundUp(p.t, kPad)), q_(tp_ * kD), k_(tp_ * kD), kt_(kD * tp_),
         vt_(kD * tp_), do_(tp_ * kD), dq_(tp_ * kD), lse_(tp_), delta_(tp_),
-        p_blk_(kBlockQ * kBlockK), ds_(kBlockQ * kBlockK), dk_(kBlockK * kD), dv_(kBlockK * kD) {}
+        p_blk_(kBlockQ * kBlockK), ds_(kBlockQ * kBlockK), dk_(kBlocksPerPass * kBlockK * kD),
+        dv_(kBlocksPerPass * kBlockK * kD) {}
 
   void Run(int64_t item) {
     const int64_t n = item / p_.h, head = item % p_.h, t = p_.t, stride = p_.h * kD;
@@ -510,44 +528,58 @@ class FlashBackward {
     }
     float* pb = p_blk_.ptr;
     float* ds = ds_.ptr;
-    for (int64_t j0 = 0; j0 < t; j0 += kBlockK) {
-      std::memset(dk_.ptr, 0, sizeof(float) * kBlockK * kD);
-      std::memset(dv_.ptr, 0, sizeof(float) * kBlockK * kD);
-      for (int64_t i0 = p_.causal ? j0 / kBlockQ * kBlockQ : 0; i0 < t; i0 += kBlockQ) {
-        ScoresBlock<kVecs>(q_.ptr + i0 * kD, kBlockQ, PanelOf<kD>(kt_.ptr, j0), kBlockK, 0, kBlockK,
-                           pb, kBlockK);
-        for (int r = 0; r < kBlockQ; ++r) {
-          float* row = pb + r * kBlockK;
-          const float lse = lse_.ptr[i0 + r];
-          for (int j = 0; j < kBlockK; j += kLanes) store(row + j, exp_nonpositive(load(row + j) - lse));
-        }
-        MaskBlock(pb, i0, j0, t, p_.causal, 0.0f);
-        // dv += p^T . dout
-        AccumulateProduct<kVecs>(pb, 1, kBlockK, kBlockK, kBlockQ, do_.ptr + i0 * kD, dv_.ptr);
-        // dp = dout . v^T, then ds = p * (dp - delta)
-        ScoresBlock<kVecs>(do_.ptr + i0 * kD, kBlockQ, PanelOf<kD>(vt_.ptr, j0), kBlockK, 0, kBlockK,
-                           ds, kBlockK);
-        for (int r = 0; r < kBlockQ; ++r) {
-          const float delta = delta_.ptr[i0 + r];
-          for (int j = 0; j < kBlockK; j += kLanes) {
-            const int64_t at = r * kBlockK + j;
-            store(ds + at, load(pb + at) * (load(ds + at) - delta));
+    // One pass over q, dout and dq serves kBlocksPerPass key blocks (as in the forward pass).
+    for (int64_t j_pass = 0; j_pass < t; j_pass += kBlocksPerPass * kBlockK) {
+      const int blocks =
+          static_cast<int>(std::min<int64_t>(kBlocksPerPass, RoundUp(t - j_pass, kBlockK) /
+                                                                 kBlockK));
+      std::memset(dk_.ptr, 0, sizeof(float) * blocks * kBlockK * kD);
+      std::memset(dv_.ptr, 0, sizeof(float) * blocks * kBlockK * kD);
+      for (int64_t i0 = p_.causal ? j_pass / kBlockQ * kBlockQ : 0; i0 < t; i0 += kBlockQ) {
+        for (int b = 0; b < blocks; ++b) {
+          const int64_t j0 = j_pass + b * kBlockK;
+          if (p_.causal && i0 + kBlockQ <= j0) continue;
+          float* dk = dk_.ptr + b * kBlockK * kD;
+          float* dv = dv_.ptr + b * kBlockK * kD;
+          ScoresBlock<kVecs>(q_.ptr + i0 * kD, kBlockQ, PanelOf<kD>(kt_.ptr, j0), kBlockK, 0,
+                             kBlockK, pb, kBlockK);
+          for (int r = 0; r < kBlockQ; ++r) {
+            float* row = pb + r * kBlockK;
+            const float lse = lse_.ptr[i0 + r];
+            for (int j = 0; j < kBlockK; j += kLanes)
+              store(row + j, exp_nonpositive(load(row + j) - lse));
           }
+          MaskBlock(pb, i0, j0, t, p_.causal, 0.0f);
+          // dv += p^T . dout
+          AccumulateProduct<kVecs>(pb, 1, kBlockK, kBlockK, kBlockQ, do_.ptr + i0 * kD, dv);
+          // dp = dout . v^T, then ds = p * (dp - delta)
+          ScoresBlock<kVecs>(do_.ptr + i0 * kD, kBlockQ, PanelOf<kD>(vt_.ptr, j0), kBlockK, 0,
+                             kBlockK, ds, kBlockK);
+          for (int r = 0; r < kBlockQ; ++r) {
+            const float delta = delta_.ptr[i0 + r];
+            for (int j = 0; j < kBlockK; j += kLanes) {
+              const int64_t at = r * kBlockK + j;
+              store(ds + at, load(pb + at) * (load(ds + at) - delta));
+            }
+          }
+          // dq += ds . k ; dk += ds^T . (scale q)
+          AccumulateProduct<kVecs>(ds, kBlockK, 1, kBlockQ, kBlockK, k_.ptr + j0 * kD,
+                                   dq_.ptr + i0 * kD);
+          AccumulateProduct<kVecs>(ds, 1, kBlockK, kBlockK, kBlockQ, q_.ptr + i0 * kD, dk);
         }
-        // dq += ds . k ; dk += ds^T . (scale q)
-        AccumulateProduct<kVecs>(ds, kBlockK, 1, kBlockQ, kBlockK, k_.ptr + j0 * kD,
-                                 dq_.ptr + i0 * kD);
-        AccumulateProduct<kVecs>(ds, 1, kBlockK, kBlockK, kBlockQ, q_.ptr + i0 * kD, dk_.ptr);
       }
-      const int64_t keys = std::min<int64_t>(kBlockK, t - j0);
-      UnpackRows<kD>(dk_.ptr, keys, 1.0f, p_.dk, base + j0 * stride, stride);
-      UnpackRows<kD>(dv_.ptr, keys, 1.0f, p_.dv, base + j0 * stride, stride);
+      for (int b = 0; b < blocks; ++b) {
+        const int64_t j0 = j_pass + b * kBlockK, keys = std::min<int64_t>(kBlockK, t - j0);
+        UnpackRows<kD>(dk_.ptr + b * kBlockK * kD, keys, 1.0f, p_.dk, base + j0 * stride, stride);
+        UnpackRows<kD>(dv_.ptr + b * kBlockK * kD, keys, 1.0f, p_.dv, base + j0 * stride, stride);
+      }
     }
     UnpackRows<kD>(dq_.ptr, t, p_.scale, p_.dq, base, stride);
   }
 
  private:
   static constexpr int kD = kVecs * kLanes;
+  static constexpr int kBlocksPerPass = 8;
   const FlashProblem& p_;
   const int64_t tp_;
   Aligned q_, k_, kt_, vt_, do_, dq_, lse_, delta_, p_blk_, ds_, dk_, dv_;
