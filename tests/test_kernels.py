@@ -396,3 +396,20 @@ def test_the_same_ffi_headers_anywhere_share_the_cached_library(tmp_path, monkey
     header = next(p for p in sorted((tmp_path / "copied").rglob("*.h")))
     header.write_bytes(header.read_bytes() + b"\n// another jax\n")
     assert build.library_target() != here
+
+
+def test_fma_chains_run_exactly_the_multiply_adds_they_count():
+    """The peak probe's loop against the closed form a_n = x^n a_0 + y (1 - x^n) / (1 - x): one
+    iteration more or fewer would be off by ~4e-4, far outside float32 rounding."""
+    start = np.array([0.0, 0.5, -1.0, 2.0, 3.0], np.float32)
+    x, y, n = 0.999, 0.001, 1000
+    got, lanes = jax.jit(kernels.fma_chains, static_argnums=(1, 2, 3))(start, n, x, y)
+
+    def closed_form(n):
+        x64, y64 = np.float64(np.float32(x)), np.float64(np.float32(y))
+        return x64**n * start + y64 * (1 - x64**n) / (1 - x64)
+
+    np.testing.assert_allclose(got, closed_form(n), rtol=2e-5, atol=2e-5)
+    assert np.abs(closed_form(n + 1) - closed_form(n)).min() > 1e-4
+    assert int(lanes[0]) % 16 == 0 and int(lanes[0]) >= 96  # chains x 16 lanes
+    assert kernels.fma_chains(start[:0], n, x, y)[0].shape == (0,)

@@ -39,10 +39,12 @@ print(repr(sys.argv[1:]), os.environ.get("GLIBC_TUNABLES", ""), sep="|")
 """
 
 
-@pytest.mark.parametrize("opt_out", [False, True])
-def test_a_command_restarts_once_with_its_arguments(opt_out):
+@pytest.mark.parametrize(("given", "opt_out"), [("hugetlb=0", False), ("", False), ("", True)])
+def test_a_command_restarts_once_with_its_arguments(given, opt_out):
     env = fresh_process_env()
-    env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=0"  # kept, ours added after it
+    env.pop("GLIBC_TUNABLES", None)
+    if given:  # kept, ours added after it, and its huge-page choice stands
+        env["GLIBC_TUNABLES"] = f"glibc.malloc.{given}"
     if opt_out:
         env[malloc.ENV] = "0"
     run = subprocess.run(
@@ -55,10 +57,12 @@ def test_a_command_restarts_once_with_its_arguments(opt_out):
     assert run.returncode == 0, run.stderr[-2000:]
     argv, tunables = run.stdout.strip().split("|")
     assert argv == repr(["two words", "--flag"])
-    if malloc.should_restart(env):
-        assert tunables == f"glibc.malloc.hugetlb=0:{malloc.TUNABLES}"
+    if not malloc.should_restart(env):
+        assert tunables == env.get("GLIBC_TUNABLES", "")
+    elif given:
+        assert tunables == f"glibc.malloc.{given}:{malloc.TUNABLES}"
     else:
-        assert tunables == "glibc.malloc.hugetlb=0"
+        assert tunables == f"{malloc.TUNABLES}:{malloc.HUGE_PAGES}"
 
 
 _FAULTS = """

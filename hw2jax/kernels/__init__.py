@@ -15,7 +15,9 @@ instead, as torch's CPU SDPA does. By concern:
 - :mod:`.linear`: :func:`causal_linear_product_cpu` and :func:`linear_attention_cpu`;
 - :mod:`.rows`: :func:`cpu_layer_norm`, forward and backward, and :func:`cpu_bias_gelu`;
 - :mod:`.matmul`: :func:`amx_matmul` and :func:`amx_batched_matmul`, bf16 products on AMX
-  tiles (CPUs with AMX-BF16), and :func:`amx_dense_gelu`, a dense layer and its GELU in one.
+  tiles (CPUs with AMX-BF16), and :func:`amx_dense_gelu`, a dense layer and its GELU in one;
+- :mod:`.peak`: :func:`fma_peak_gflops`, the float32 rate the cores reach, for benchmarks'
+  "achieved against peak".
 
 Whether a kernel is used by default is not decided here: :mod:`hw2jax.attention.dispatch` holds
 that rule. Timings: ``benchmarks/cpu_attention_kernel.py``, ``benchmarks/results/cpu_gradients/``.
@@ -44,6 +46,7 @@ from hw2jax.kernels.matmul import (
     amx_matmul,
     amx_matmul_unavailable_reason,
 )
+from hw2jax.kernels.peak import fma_chains, fma_peak_gflops
 from hw2jax.kernels.rows import (
     cpu_bias_gelu,
     cpu_layer_norm,
@@ -78,6 +81,8 @@ __all__ = [
     "cpu_layer_norm",
     "dense_linear_unavailable_reason",
     "few_keys_unsupported",
+    "fma_chains",
+    "fma_peak_gflops",
     "kernel_vector_features",
     "layer_norm_unsupported",
     "library_path",

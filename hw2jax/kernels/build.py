@@ -45,6 +45,7 @@ TARGETS = {
     ),
     "layer_norm_backward": ("Hw2jaxCpuLayerNormBackward", "hw2jax_cpu_layer_norm_backward"),
     "bias_gelu": ("Hw2jaxCpuBiasGelu", "hw2jax_cpu_bias_gelu"),
+    "fma_peak": ("Hw2jaxCpuFmaPeak", "hw2jax_cpu_fma_peak"),
 }
 SUPPORTED_HEAD_DIMS = tuple(range(16, 129, 16))  # the kernel's compiled variants
 

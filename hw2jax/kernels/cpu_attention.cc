@@ -1593,6 +1593,59 @@ ffi::Error MatmulGeluCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a,
 #endif
 }
 
+// ---- The float32 peak: independent multiply-add chains ----
+//
+// "Achieved against peak" needs the rate these cores reach at the clock they run, which no file
+// reports (a hypervisor's "cpu MHz" is the nominal clock; boost goes past it). Each item runs
+// kChains chains of a <- a x + y, 16 lanes wide, in registers: enough to fill both FMA units
+// for their latency. The result is each item's final value, the mean over chains and lanes.
+
+struct PeakProblem {
+  const float* start;  // a_0 per item
+  float* out;
+  int64_t items, iterations;
+  float x, y;
+};
+
+#ifdef __AVX512F__
+constexpr int kPeakChains = 12;  // 2 units x 4 cycles of latency, and room
+#else
+constexpr int kPeakChains = 6;   // 12 of AVX2's 16 registers (a v16 is two)
+#endif
+
+template <int>
+class FmaChains {
+ public:
+  explicit FmaChains(const PeakProblem& p) : p_(p) {}
+
+  void Run(int64_t item) {
+    v16 a[kPeakChains];
+    for (int c = 0; c < kPeakChains; ++c) a[c] = splat(p_.start[item]);
+    const v16 x = splat(p_.x), y = splat(p_.y);
+    for (int64_t i = 0; i < p_.iterations; ++i) {
+      for (int c = 0; c < kPeakChains; ++c) a[c] = a[c] * x + y;
+      asm volatile("");  // keeps the iterations in order: no chain runs alone
+    }
+    v16 sum{};
+    for (int c = 0; c < kPeakChains; ++c) sum += a[c];
+    p_.out[item] = hsum(sum) / (kPeakChains * kLanes);
+  }
+
+ private:
+  const PeakProblem& p_;
+};
+
+ffi::Error FmaPeakCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> start, int64_t iterations,
+                       float x, float y, ffi::ResultBuffer<ffi::F32> out,
+                       ffi::ResultBuffer<ffi::F32> lanes) {
+  if (iterations < 0) return ffi::Error::InvalidArgument("iterations must be at least 0");
+  PeakProblem p{start.typed_data(), out->typed_data(),
+                static_cast<int64_t>(start.element_count()), iterations, x, y};
+  lanes->typed_data()[0] = kPeakChains * kLanes;  // multiply-adds per item per iteration
+  if (p.items > 0) RunJob(pool, DrainJob<FmaChains, 0, PeakProblem>, p);
+  return ffi::Error::Success();
+}
+
 // ---- Softmax attention over a few keys that are also the values ----
 //
 // out = softmax(q kv^T) kv per sequence, q [M, D], kv [N, D] with N <= 64: the ViT's regrouped
@@ -2259,3 +2312,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuBiasGelu, BiasGeluCall,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x [..., N]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // bias [N]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // GELU(x + bias)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuFmaPeak, FmaPeakCall,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // a_0 per item [items]
+                                  .Attr<int64_t>("iterations")
+                                  .Attr<float>("x")
+                                  .Attr<float>("y")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // a_iterations [items]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // lanes per iteration [1]
