@@ -17,7 +17,7 @@ inside a running Python: the command-line entry points call :func:`restart_with_
 first, which execs the same command again with :data:`TUNABLES` added to ``GLIBC_TUNABLES``. It
 does nothing outside Linux and glibc, where ``GLIBC_TUNABLES`` already sets malloc's
 ``mmap_max``, and where ``$HW2JAX_MALLOC=0``. In your own Python, start it with
-``GLIBC_TUNABLES`` set to :data:`TUNABLES` (and :data:`HUGE_PAGES`).
+``GLIBC_TUNABLES`` set to :data:`TUNABLES`.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ TUNABLES = ":".join(
     ]
 )
 # Transparent huge pages for the heap, where the kernel grants them on request (its "madvise"
-# mode): the ViT step ran 3.5-4.8 % faster on a 2-core Xeon with AMX (171-172 against 178 ms,
-# two runs each; benchmarks/NOTES.md). Added only where GLIBC_TUNABLES does not already say.
+# mode), are not among the defaults: on a 2-core Xeon with AMX they made the ViT step 3-7 %
+# faster and the fine-tuning step 2-5 % slower (benchmarks/results/amx_xeon/huge_pages/). Add
+# HUGE_PAGES to GLIBC_TUNABLES to have them; the restart keeps what GLIBC_TUNABLES says.
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 _DECIDES = "glibc.malloc.mmap_max"  # set by whoever started us: their choice stands
 
@@ -66,9 +67,7 @@ def restart_with_settings() -> None:
     if not should_restart(os.environ):
         return
     env = dict(os.environ)
-    given = env.get("GLIBC_TUNABLES", "")
-    huge = None if "glibc.malloc.hugetlb" in given else HUGE_PAGES
-    env["GLIBC_TUNABLES"] = ":".join(filter(None, [given, TUNABLES, huge]))
+    env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), TUNABLES]))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)

@@ -1,0 +1,92 @@
+"""float32 dense products on the CPU: XLA's dot (what every float32 dense layer of hw2jax runs)
+against torch's matmul (MKL or oneDNN), forward and with gradients, on the shapes of
+``bf16_matmul.py``, and the cores' float32 peak as measured (``kernels.fma_peak_gflops``).
+
+    .venv/bin/python benchmarks/float32_matmul.py [--repeats 10] [--out DIR]
+
+The two are timed in turn, round after round, in one process (median after warm-up; compilation
+excluded). Writes ``float32_matmul.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from bf16_matmul import SHAPES
+
+from hw2jax import kernels, malloc
+from hw2jax.cpu import machine
+from hw2jax.timing import interleaved_seconds, runtime_settings, write_results
+
+
+def time_shape(m: int, k: int, n: int, gradient: bool, repeats: int) -> dict:
+    import torch
+
+    rng = np.random.default_rng(0)
+    a, b, g = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (m, n)))
+    ta, tb, tg = (torch.from_numpy(x) for x in (a, b, g))
+    a, b, g = (jnp.asarray(x) for x in (a, b, g))
+    if gradient:
+        xla = jax.jit(jax.grad(lambda a, b: jnp.sum((a @ b) * g), argnums=(0, 1)))
+    else:
+        xla = jax.jit(lambda a, b: a @ b)
+
+    def run_torch():
+        if not gradient:
+            with torch.no_grad():
+                return ta @ tb
+        x, w = ta.detach().requires_grad_(), tb.detach().requires_grad_()
+        (x @ w).backward(tg)
+        return x.grad
+
+    timed = interleaved_seconds(
+        {"xla": lambda: jax.block_until_ready(xla(a, b)), "torch": run_torch}, repeats
+    )
+    ms = {name: 1e3 * median for name, (_, median) in timed.items()}
+    flops = 2 * m * k * n * (3 if gradient else 1)
+    return {
+        "shape": [m, k, n],
+        "pass": "fwd+bwd" if gradient else "fwd",
+        "ms": ms,
+        "gflop_s": {name: flops / t / 1e6 for name, t in ms.items()},
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default="benchmarks/results/float32_matmul")
+    args = parser.parse_args(argv)
+    import torch
+
+    meta = {
+        **machine(),
+        "torch_threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "env": runtime_settings(),
+        "fma_peak_gflops": kernels.fma_peak_gflops(),
+    }
+    print(meta)
+    print(f"{'layer':22s} {'pass':8s} {'xla':>8s} {'torch':>8s}  (GFLOP/s)  torch/xla time")
+    rows = []
+    for name, (m, k, n) in SHAPES.items():
+        for gradient in (False, True):
+            row = {"layer": name, **time_shape(m, k, n, gradient, args.repeats)}
+            rows.append(row)
+            rate, ms = row["gflop_s"], row["ms"]
+            print(
+                f"{name:22s} {row['pass']:8s} {rate['xla']:8.1f} {rate['torch']:8.1f}  "
+                f"{ms['xla'] / ms['torch']:6.2f}x",
+                flush=True,
+            )
+    write_results(args.out, "float32_matmul.json", meta, rows)
+
+
+if __name__ == "__main__":
+    malloc.restart_with_settings()
+    main()
