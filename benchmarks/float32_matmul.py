@@ -72,7 +72,7 @@ def main(argv=None) -> None:
         "fma_peak_gflops": kernels.fma_peak_gflops(),
     }
     print(meta)
-    print(f"{'layer':22s} {'pass':8s} {'xla':>8s} {'torch':>8s}  (GFLOP/s)  torch/xla time")
+    print(f"{'layer':22s} {'pass':8s} {'xla':>8s} {'torch':>8s}  (GFLOP/s)  xla time / torch time")
     rows = []
     for name, (m, k, n) in SHAPES.items():
         for gradient in (False, True):

@@ -379,11 +379,8 @@ def test_vit_throughput_times_the_same_model_as_torch(merged):
     assert row["torch_model_gflops"] / row["ours_model_gflops"] == pytest.approx(
         row["torch_per_s"] / row["ours_per_s"]
     )
-    assert row["xla_gflop_per_step"] > 0
-    # What our program executes, at our rate; each call is several steps of the batch.
-    assert row["ours_executed_gflops"] == pytest.approx(
-        row["xla_gflop_per_step"] * row["ours_per_s"] / row["batch"]
-    )
+    assert row["xla_gflop_per_step_without_custom_calls"] > 0
+    # Each timed call is several steps of the batch.
     assert row["ours_per_s"] == pytest.approx(
         row["batch"] * row["steps_per_call"] / float(np.median(row["ours_s"]))
     )
