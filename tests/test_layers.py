@@ -95,7 +95,8 @@ def test_the_kernels_sit_at_the_bottom():
             assert not bad, f"{module} imports {bad}"
     kernels = {m for m in graph if m.startswith("hw2jax.kernels.")}
     assert kernels == {
-        f"hw2jax.kernels.{m}" for m in ("build", "ffi", "softmax", "linear", "matmul", "rows")
+        f"hw2jax.kernels.{m}"
+        for m in ("build", "ffi", "softmax", "linear", "matmul", "rows", "peak")
     }
 
 
