@@ -398,7 +398,8 @@ inline void MaskBlock(float* s, int64_t i0, int64_t j0, int64_t t, bool causal, 
 
 // The score block is kept transposed, [keys x query rows]: a vector then holds 16 rows, so each
 // row's running maximum, sum and rescale factor sit in vector lanes, with no reductions across
-// lanes and no scalar exp per row (1.08-1.11x the forward's speed of [rows x keys] blocks).
+// lanes and no scalar exp per row (1.08-1.11x the forward's speed of [rows x keys] blocks, with
+// the exp before vscalefps).
 template <int kVecs>
 class FlashForward {
  public:
