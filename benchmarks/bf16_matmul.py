@@ -40,6 +40,43 @@ def xla_product(a, b):
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def product_call(product, g, gradient: bool):
+    """``product(a, b)`` jit-compiled, or with ``gradient`` both input gradients of
+    sum(product(a, b) * g)."""
+    if not gradient:
+        return jax.jit(product)
+    return jax.jit(jax.grad(lambda a, b: jnp.sum(product(a, b) * g), argnums=(0, 1)))
+
+
+def torch_product_call(ta, tb, tg, gradient: bool):
+    """torch's ``ta @ tb`` as a call, or with ``gradient`` its backward for the cotangent tg."""
+    import torch
+
+    def run():
+        if not gradient:
+            with torch.no_grad():
+                return ta @ tb
+        x, w = ta.detach().requires_grad_(), tb.detach().requires_grad_()
+        (x @ w).backward(tg)
+        return x.grad
+
+    return run
+
+
+def timed_product_row(calls: dict, m: int, k: int, n: int, gradient: bool, repeats: int) -> dict:
+    """``calls`` (name: a call of the [m, k] x [k, n] product, or with gradient of the product
+    and both input gradients) timed in turn: the row's milliseconds and GFLOP/s per name."""
+    timed = interleaved_seconds(calls, repeats)
+    ms = {name: 1e3 * median for name, (_, median) in timed.items()}
+    flops = 2 * m * k * n * (3 if gradient else 1)
+    return {
+        "shape": [m, k, n],
+        "pass": "fwd+bwd" if gradient else "fwd",
+        "ms": ms,
+        "gflop_s": {name: flops / t / 1e6 for name, t in ms.items()},
+    }
+
+
 def time_shape(m: int, k: int, n: int, gradient: bool, repeats: int) -> dict:
     import torch
 
@@ -51,44 +88,19 @@ def time_shape(m: int, k: int, n: int, gradient: bool, repeats: int) -> dict:
     tb = torch.from_numpy(np.array(b.astype(jnp.float32))).bfloat16()
     tg = torch.from_numpy(np.array(g)).bfloat16()
 
-    def jax_fn(product):
-        if not gradient:
-            return jax.jit(product)
-        return jax.jit(jax.grad(lambda a, b: jnp.sum(product(a, b) * g), argnums=(0, 1)))
-
-    amx, xla = jax_fn(kernels.amx_matmul), jax_fn(xla_product)
+    amx, xla = (product_call(p, g, gradient) for p in (kernels.amx_matmul, xla_product))
     error = float(
         np.abs(
             np.asarray(amx(a, b)[0] if gradient else amx(a, b), np.float32)
             - np.asarray(xla(a, b)[0] if gradient else xla(a, b), np.float32)
         ).max()
     )
-
-    def run_torch():
-        if not gradient:
-            with torch.no_grad():
-                return ta @ tb
-        x, w = ta.detach().requires_grad_(), tb.detach().requires_grad_()
-        (x @ w).backward(tg)
-        return x.grad
-
-    timed = interleaved_seconds(
-        {
-            "amx kernel": lambda: jax.block_until_ready(amx(a, b)),
-            "xla": lambda: jax.block_until_ready(xla(a, b)),
-            "torch": run_torch,
-        },
-        repeats,
-    )
-    ms = {name: 1e3 * median for name, (_, median) in timed.items()}
-    flops = 2 * m * k * n * (3 if gradient else 1)
-    return {
-        "shape": [m, k, n],
-        "pass": "fwd+bwd" if gradient else "fwd",
-        "ms": ms,
-        "gflop_s": {name: flops / t / 1e6 for name, t in ms.items()},
-        "max_abs_diff_vs_xla": error,
+    calls = {
+        "amx kernel": lambda: jax.block_until_ready(amx(a, b)),
+        "xla": lambda: jax.block_until_ready(xla(a, b)),
+        "torch": torch_product_call(ta, tb, tg, gradient),
     }
+    return {**timed_product_row(calls, m, k, n, gradient, repeats), "max_abs_diff_vs_xla": error}
 
 
 def time_fused(repeats: int) -> list[dict]:

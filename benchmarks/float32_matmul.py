@@ -15,11 +15,11 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bf16_matmul import SHAPES
+from bf16_matmul import SHAPES, product_call, timed_product_row, torch_product_call
 
 from hw2jax import kernels, malloc
 from hw2jax.cpu import machine
-from hw2jax.timing import interleaved_seconds, runtime_settings, write_results
+from hw2jax.timing import runtime_settings, write_results
 
 
 def time_shape(m: int, k: int, n: int, gradient: bool, repeats: int) -> dict:
@@ -29,30 +29,12 @@ def time_shape(m: int, k: int, n: int, gradient: bool, repeats: int) -> dict:
     a, b, g = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (m, n)))
     ta, tb, tg = (torch.from_numpy(x) for x in (a, b, g))
     a, b, g = (jnp.asarray(x) for x in (a, b, g))
-    if gradient:
-        xla = jax.jit(jax.grad(lambda a, b: jnp.sum((a @ b) * g), argnums=(0, 1)))
-    else:
-        xla = jax.jit(lambda a, b: a @ b)
-
-    def run_torch():
-        if not gradient:
-            with torch.no_grad():
-                return ta @ tb
-        x, w = ta.detach().requires_grad_(), tb.detach().requires_grad_()
-        (x @ w).backward(tg)
-        return x.grad
-
-    timed = interleaved_seconds(
-        {"xla": lambda: jax.block_until_ready(xla(a, b)), "torch": run_torch}, repeats
-    )
-    ms = {name: 1e3 * median for name, (_, median) in timed.items()}
-    flops = 2 * m * k * n * (3 if gradient else 1)
-    return {
-        "shape": [m, k, n],
-        "pass": "fwd+bwd" if gradient else "fwd",
-        "ms": ms,
-        "gflop_s": {name: flops / t / 1e6 for name, t in ms.items()},
+    xla = product_call(lambda a, b: a @ b, g, gradient)
+    calls = {
+        "xla": lambda: jax.block_until_ready(xla(a, b)),
+        "torch": torch_product_call(ta, tb, tg, gradient),
     }
+    return timed_product_row(calls, m, k, n, gradient, repeats)
 
 
 def main(argv=None) -> None:

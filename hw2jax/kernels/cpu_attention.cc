@@ -47,6 +47,17 @@ inline v16 splat(float x) { return v16{} + x; }
 inline v16 load(const float* p) { v16 r; std::memcpy(&r, p, sizeof r); return r; }
 inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
 
+// exp(r) for |r| <= ln2 / 2: Cephes' expf polynomial.
+inline v16 ExpReduced(v16 r) {
+  v16 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * r * r + r + 1.0f;
+}
+
 // exp for x <= 0 (scores minus the row maximum), 0 far below the smallest normal float.
 #ifdef __AVX512F__
 // As 2^(x log2 e) = 2^n 2^r, |r| <= 1/2: Cephes' expf polynomial at r ln 2, scaled by 2^n with
@@ -58,13 +69,7 @@ inline v16 exp_nonpositive(v16 x) {
   t = t < -200.0f ? splat(-200.0f) : t;  // -inf -> 0; NaN stays NaN
   const __m512 n = _mm512_roundscale_ps((__m512)t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const v16 r = (t - (v16)n) * 0.693147180559945309f;
-  v16 p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const v16 e = p * r * r + r + 1.0f;
+  const v16 e = ExpReduced(r);
   return (v16)_mm512_scalef_ps((__m512)e, n);
 }
 #else
@@ -75,13 +80,7 @@ inline v16 exp_nonpositive(v16 x) {
   const v16 n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   v16 r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  v16 p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const v16 e = p * r * r + r + 1.0f;
+  const v16 e = ExpReduced(r);
   const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
   v16 scale;
   std::memcpy(&scale, &bits, sizeof scale);
@@ -452,10 +451,10 @@ class FlashForward {
           store(row_sum + g * kLanes, l[b][g]);
         }
         const int64_t rows = std::min<int64_t>(kBlockQ, t - i0);
+        const float* o = o_.ptr + b * kBlockQ * kD;
         for (int64_t r = 0; r < rows; ++r) {
           const float inv = 1.0f / row_sum[r];
           float* dst = p_.out_w + base + (i0 + r) * stride;
-          const float* o = o_.ptr + b * kBlockQ * kD;
           for (int c = 0; c < kD; ++c) dst[c] = o[r * kD + c] * inv;
           p_.lse_w[item * t + i0 + r] = row_max[r] + std::log(row_sum[r]);
         }

@@ -44,15 +44,18 @@ def fma_peak_gflops(seconds: float = 0.25, repeats: int = 3) -> float | None:
     run = jax.jit(fma_chains, static_argnums=(1, 2, 3))
 
     def timed(iterations: int) -> tuple[float, float]:
-        jax.block_until_ready(run(start, iterations, 0.999, 0.001))  # compiled for this count
         begin = time.perf_counter()
         _, lanes = jax.block_until_ready(run(start, iterations, 0.999, 0.001))
         return time.perf_counter() - begin, float(lanes[0])
 
     iterations = 1000
-    while (elapsed := timed(iterations)[0]) < 0.01:  # long enough to scale from
+    while True:  # the count is an attribute: each new one compiles on its first call
+        timed(iterations)
+        if (elapsed := timed(iterations)[0]) >= 0.01:  # long enough to scale from
+            break
         iterations *= 8
     iterations = max(1, int(iterations * seconds / elapsed))
+    timed(iterations)
     best = 0.0
     for _ in range(repeats):
         elapsed, lanes = timed(iterations)
