@@ -40,12 +40,15 @@ def xla_product(a, b):
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def product_call(product, g, gradient: bool):
+def product_call(product, g, gradient: bool, compiler_options: dict | None = None):
     """``product(a, b)`` jit-compiled, or with ``gradient`` both input gradients of
     sum(product(a, b) * g)."""
     if not gradient:
-        return jax.jit(product)
-    return jax.jit(jax.grad(lambda a, b: jnp.sum(product(a, b) * g), argnums=(0, 1)))
+        return jax.jit(product, compiler_options=compiler_options)
+    return jax.jit(
+        jax.grad(lambda a, b: jnp.sum(product(a, b) * g), argnums=(0, 1)),
+        compiler_options=compiler_options,
+    )
 
 
 def torch_product_call(ta, tb, tg, gradient: bool):

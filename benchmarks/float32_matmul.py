@@ -19,6 +19,7 @@ from bf16_matmul import SHAPES, product_call, timed_product_row, torch_product_c
 
 from hw2jax import kernels, malloc
 from hw2jax.cpu import machine
+from hw2jax.models.layers import NO_YNNPACK
 from hw2jax.timing import runtime_settings, write_results
 
 
@@ -30,8 +31,10 @@ def time_shape(m: int, k: int, n: int, gradient: bool, repeats: int) -> dict:
     ta, tb, tg = (torch.from_numpy(x) for x in (a, b, g))
     a, b, g = (jnp.asarray(x) for x in (a, b, g))
     xla = product_call(lambda a, b: a @ b, g, gradient)
+    own = product_call(lambda a, b: a @ b, g, gradient, dict(NO_YNNPACK))
     calls = {
         "xla": lambda: jax.block_until_ready(xla(a, b)),
+        "xla_own_dot": lambda: jax.block_until_ready(own(a, b)),
         "torch": torch_product_call(ta, tb, tg, gradient),
     }
     return timed_product_row(calls, m, k, n, gradient, repeats)
@@ -54,7 +57,10 @@ def main(argv=None) -> None:
         "fma_peak_gflops": kernels.fma_peak_gflops(),
     }
     print(meta)
-    print(f"{'layer':22s} {'pass':8s} {'xla':>8s} {'torch':>8s}  (GFLOP/s)  xla time / torch time")
+    print(
+        f"{'layer':22s} {'pass':8s} {'xla':>8s} {'own dot':>8s} {'torch':>8s}  (GFLOP/s)  "
+        "time / torch's: xla, own dot"
+    )
     rows = []
     for name, (m, k, n) in SHAPES.items():
         for gradient in (False, True):
@@ -62,8 +68,9 @@ def main(argv=None) -> None:
             rows.append(row)
             rate, ms = row["gflop_s"], row["ms"]
             print(
-                f"{name:22s} {row['pass']:8s} {rate['xla']:8.1f} {rate['torch']:8.1f}  "
-                f"{ms['xla'] / ms['torch']:6.2f}x",
+                f"{name:22s} {row['pass']:8s} {rate['xla']:8.1f} {rate['xla_own_dot']:8.1f} "
+                f"{rate['torch']:8.1f}  {ms['xla'] / ms['torch']:6.2f}x "
+                f"{ms['xla_own_dot'] / ms['torch']:6.2f}x",
                 flush=True,
             )
     write_results(args.out, "float32_matmul.json", meta, rows)
