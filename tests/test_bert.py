@@ -24,16 +24,20 @@ def test_bert_base_has_109482240_parameters():
 
 def torch_checkpoint(tmp_path, **overrides):
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(
+    shape = dict(
         vocab_size=99,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=37,
         max_position_embeddings=64,
-        **overrides,
     )
+    cfg = transformers.BertConfig(**{**shape, **overrides})
     model = transformers.BertModel(cfg).eval()
+    with torch.no_grad():  # transformers starts biases at 0 and layer-norm scales at 1
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name:
+                p.add_(0.5 * torch.randn_like(p))
     model.save_pretrained(tmp_path, safe_serialization=True)
     return model
 
@@ -57,6 +61,34 @@ def test_matches_transformers_bert_loaded_from_safetensors(tmp_path, masked):
     if masked:  # the mask really changes the unmasked positions of padded rows
         full = bert.BertModel(config).apply({"params": params}, jnp.asarray(ids))[0]
         assert not np.allclose(full[1, :9], hidden[1, :9], atol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["fused_cpu", "xla"])
+def test_every_gradient_matches_transformers(tmp_path, implementation):
+    """Each weight's gradient of a masked loss against torch's autograd, with random biases:
+    the fused path applies k's and v's biases without a pass over the activations."""
+    from hw2jax.models import bert_params as names
+
+    tmodel = torch_checkpoint(tmp_path, num_attention_heads=2)  # 16 per head: the kernel's
+    config, params, _ = bert.load_pretrained(str(tmp_path))
+    rng = np.random.default_rng(2)
+    ids, mask = rng.integers(1, 99, (3, 17)), np.ones((3, 17), np.int64)
+    mask[1, 9:] = 0
+    weights = rng.standard_normal((3, 17, 32)).astype(np.float32)
+    tmodel(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.mul(
+        torch.tensor(weights)
+    ).sum().backward()
+
+    def loss(p):
+        model = bert.BertModel(config, implementation=implementation)
+        hidden = model.apply({"params": p}, jnp.asarray(ids), jnp.asarray(mask))[0]
+        return jnp.sum(hidden * weights)
+
+    ours = names.state_dict_from_params(jax.grad(loss)(params))
+    for name, p in tmodel.named_parameters():
+        if p.grad is None:  # the pooler
+            continue
+        np.testing.assert_allclose(ours[name], p.grad.numpy(), rtol=1e-4, atol=2e-5, err_msg=name)
 
 
 def test_bfloat16_compute_tracks_transformers_float32(tmp_path):
