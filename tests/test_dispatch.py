@@ -48,6 +48,7 @@ def test_the_kernels_are_not_asked_about_where_the_rule_cannot_take_them():
         dispatch.linear(never, machine)
         dispatch.key_bias(never, machine)
         dispatch.few_keys(never, machine)
+        dispatch.row_kernel(never, machine)
 
 
 def test_cpu_with_avx512_takes_the_fused_kernels_where_they_can_run():
@@ -208,6 +209,33 @@ def test_auto_takes_the_measured_fastest_path_both_ways(measured):
     assert dispatch.few_keys(why(), avx2, measure_for((2, 8, 1, 64))) == "fused_cpu"
 
 
+def rows_for(shape=(256, 50, 64), dtype=jnp.float32):
+    vector = jax.ShapeDtypeStruct(shape[-1:], jnp.float32)
+    return dispatch.Measure((jax.ShapeDtypeStruct(shape, dtype), vector, vector), lambda p: None)
+
+
+def test_row_kernels_take_the_measured_fastest_path_both_ways(measured):
+    """Layer norms and BERT's bias + GELU: the kernel or XLA's by their timings, where the
+    vector-feature rule would say otherwise; not timed where the kernel cannot run."""
+    ms, probes = measured
+    avx2 = dispatch.Machine("cpu", kernel_features=AVX2)
+    ms.update(fused_cpu=1.0, xla=2.0)
+    assert dispatch.row_kernel(why(), avx2, rows_for(), "layer_norm", True) == "fused_cpu"
+    assert dispatch.row_kernel(why(), avx2) == "xla"  # nothing to time: the rule
+    assert probes == [(("fused_cpu", "xla"), True)]
+    ms.update(fused_cpu=3.0)
+    wide = rows_for((8, 256, 1536))
+    assert dispatch.row_kernel(why(), CPU_AVX512, wide, "bias_gelu") == "xla"
+    assert dispatch.row_kernel(why(), CPU_AVX512) == "fused_cpu"
+    assert probes[-1] == (("fused_cpu", "xla"), False)
+    assert dispatch.row_kernel(why("C is not a multiple of 16"), avx2, rows_for((4, 7))) == "xla"
+    assert len(probes) == 2
+    assert set(dispatch.state.timings) == {
+        "layer_norm fwd+bwd rows 2^13 width 64 float32",
+        "bias_gelu fwd rows 2^11 width 1536 float32",
+    }
+
+
 def test_timings_are_cached_per_shape_class_in_one_file(measured, tmp_path):
     ms, probes = measured
     ms.update(row=1.0, flash=3.0, naive=2.0, blockwise=5.0)
@@ -264,6 +292,12 @@ def test_probes_stay_small_whatever_the_call(monkeypatch):
     assert [p.shape for p in dispatch.probe_inputs(one_row, abstract=True)] == [
         (1, 4096, 1, 64)
     ] * 3
+    rows = rows_for((64, 4096, 384)).inputs  # row operations: at most PROBE_ROWS rows
+    assert [p.shape for p in dispatch.probe_inputs(rows, abstract=True)] == [
+        (dispatch.PROBE_ROWS, 384),
+        (384,),
+        (384,),
+    ]
     vit = measure_for((256, 50, 4, 16)).inputs  # 2^22 scores in all: timed at its own size
     assert [p.shape for p in dispatch.probe_inputs(vit, abstract=True)] == [(256, 50, 4, 16)] * 3
 
@@ -327,3 +361,31 @@ def test_a_real_probe_times_every_candidate_and_takes_the_least(monkeypatch, tmp
     # One of XLA's forms both ways is one name; the flash kernel keeps its pair.
     assert choice == (best[0] if best[0] == best[1] != "flash" else best)
     assert 0 < dispatch.state.seconds_spent < dispatch.PROBE_BUDGET_S
+
+
+def test_a_real_probe_of_a_layer_norm_times_both_paths(monkeypatch, tmp_path):
+    """Unfaked: the layer norm's first call times the kernel and flax's form, with gradients,
+    and computes by the faster one the float64 formula's values."""
+    from hw2jax.models.layers import LayerNorm
+
+    if kernels.build_error():
+        pytest.skip(f"the fused CPU kernel cannot be built here: {kernels.build_error()}")
+    monkeypatch.setenv("HW2JAX_AUTO", "measure")
+    monkeypatch.setattr(dispatch, "state", dispatch.ProbeState())
+    monkeypatch.setattr(dispatch, "cache_file", lambda: tmp_path / "dispatch-test.json")
+    x = np.random.default_rng(3).standard_normal((3, 10, 32))
+    norm = LayerNorm(epsilon=1e-5)
+    params = {"params": {"scale": jnp.full(32, 1.5), "bias": jnp.full(32, 0.25)}}
+    got = jax.jit(norm.apply)(params, jnp.asarray(x, jnp.float32))
+    centred = x - x.mean(-1, keepdims=True)
+    want = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-5) * 1.5 + 0.25
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    classes = json.loads((tmp_path / "dispatch-test.json").read_text())["classes"]
+    assert classes["layer_norm fwd+bwd rows 2^4 width 32 float32"]["probe_shapes"] == [
+        [30, 32],
+        [32],
+        [32],
+    ]
+    assert all(
+        ms > 0 for ms in classes["layer_norm fwd+bwd rows 2^4 width 32 float32"]["ms"].values()
+    )

@@ -105,6 +105,8 @@ PROBE_SCORES = 2**24
 # T = 16,384 one call with gradients takes seconds, and the O(T)-memory paths left there keep
 # their order as T grows.
 PROBE_MAX_SCORES = 2**26
+# Row-wise operations (layer norms, BERT's bias + GELU) are timed on at most this many rows.
+PROBE_ROWS = 2**14
 # Why the fused CPU kernels cannot run on some inputs (None: they can), asked lazily.
 Reason = Callable[[], "str | None"]
 
@@ -268,20 +270,32 @@ def _fused_or_xla(
     return "fused_cpu" if machine.fused_cpu_pays_off and fused_reason() is None else "xla"
 
 
-def row_kernel(unsupported: Reason, machine: Machine | None = None) -> str:
+def row_kernel(
+    unsupported: Reason,
+    machine: Machine | None = None,
+    measure: Measure | None = None,
+    op: str = "rows",
+    gradient: bool = False,
+) -> str:
     """How a row-wise operation with a CPU kernel runs (:mod:`hw2jax.kernels.rows`: a layer
     norm over the last axis, one pass each way, and BERT's GELU(x + bias) on all threads):
     ``"fused_cpu"`` or ``"xla"`` (flax's or jax's). ``unsupported()`` says why the kernel
-    cannot take the input here (None: it can). The kernel where the fused kernels pay off
-    (AVX-512); a rule, not a timing (``benchmarks/vit_step_kernels.py``). ``$HW2JAX_ROW_KERNELS``
-    (``auto``, ``xla`` or ``fused_cpu``) forces one path where it can run."""
+    cannot take the input here (None: it can). Timed as ``op`` (with gradients or not) where
+    ``measure`` is given on CPU, else the kernel where the fused kernels pay off (AVX-512).
+    ``$HW2JAX_ROW_KERNELS`` (``auto``, ``xla`` or ``fused_cpu``) forces one path where it can
+    run."""
     force = _setting(ROW_KERNELS_ENV, ROW_KERNELS)
     if force == "xla":
         return "xla"
     machine = machine or this_machine()
-    if force == "fused_cpu" or machine.fused_cpu_pays_off:
+    if force == "fused_cpu":
         return "fused_cpu" if unsupported() is None else "xla"
-    return "xla"
+    if measure is not None and measuring(machine):
+        if unsupported() is not None:
+            return "xla"
+        if path := fastest(op, False, gradient, ["fused_cpu", "xla"], measure):
+            return path
+    return "fused_cpu" if machine.fused_cpu_pays_off and unsupported() is None else "xla"
 
 
 def dense_product(
@@ -416,6 +430,12 @@ def measuring(machine: Machine) -> bool:
 
 def shape_class(op: str, causal: bool, gradient: bool, inputs: Sequence[jax.Array]) -> str:
     """The cache's key for one call: calls with the same key share one timing."""
+    if len(inputs[0].shape) != 4:  # a row-wise operation: x [..., C] and per-column vectors
+        rows, width = math.prod(inputs[0].shape[:-1]), inputs[0].shape[-1]
+        return (
+            f"{op} {'fwd+bwd' if gradient else 'fwd'} rows 2^{int(math.log2(max(rows, 1)))} "
+            f"width {width} {jnp.dtype(inputs[0].dtype).name}"
+        )
     b, t_q, heads, d = inputs[0].shape
     scores, rows = min(t_q * inputs[1].shape[1], PROBE_MAX_SCORES), b * heads
     return (
@@ -484,6 +504,18 @@ def probe_inputs(inputs: Sequence[jax.Array], abstract: bool = False) -> list:
     :data:`PROBE_MAX_SCORES`, then batch and heads cut until batch x heads x scores is at most
     :data:`PROBE_SCORES`, but never below one row per core. Values in [0, 1): positive, as
     feature maps' are."""
+    if len(inputs[0].shape) != 4:  # rows: x [..., C] flattened, cut to PROBE_ROWS rows
+        rows = min(math.prod(inputs[0].shape[:-1]), PROBE_ROWS)
+        shapes = [(rows, inputs[0].shape[-1]), *(x.shape for x in inputs[1:])]
+    else:
+        shapes = _attention_probe_shapes(inputs)
+    if abstract:
+        return [jax.ShapeDtypeStruct(s, x.dtype) for s, x in zip(shapes, inputs, strict=True)]
+    rng = np.random.default_rng(0)
+    return [jnp.asarray(rng.random(s), x.dtype) for s, x in zip(shapes, inputs, strict=True)]
+
+
+def _attention_probe_shapes(inputs: Sequence[jax.Array]) -> list[tuple]:
     b, t_q, heads = inputs[0].shape[:3]
     t_k = inputs[1].shape[1]
     while t_q * t_k > PROBE_MAX_SCORES:
@@ -496,14 +528,10 @@ def probe_inputs(inputs: Sequence[jax.Array], abstract: bool = False) -> list:
         b = (b + 1) // 2
     while heads > 1 and b * heads * scores > PROBE_SCORES and b * ((heads + 1) // 2) >= floor:
         heads = (heads + 1) // 2
-    shapes = [
+    return [
         (b, t_q if i == 0 else t_k, heads, *x.shape[3:]) if x.ndim == 4 else (b, t_k)
         for i, x in enumerate(inputs)
     ]
-    if abstract:
-        return [jax.ShapeDtypeStruct(s, x.dtype) for s, x in zip(shapes, inputs, strict=True)]
-    rng = np.random.default_rng(0)
-    return [jnp.asarray(rng.random(s), x.dtype) for s, x in zip(shapes, inputs, strict=True)]
 
 
 def time_paths(paths: Sequence[str], measure: Measure, gradient: bool) -> dict[str, float]:
@@ -517,7 +545,8 @@ def _time_path(fn: Callable, inputs: list, gradient: bool) -> float:
     def loss(*args):
         return sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(fn(*args)))
 
-    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2)) if gradient else fn)
+    argnums = tuple(range(min(3, len(inputs))))  # q, k, v; a row operation's inputs
+    compiled = jax.jit(jax.grad(loss, argnums=argnums) if gradient else fn)
     jax.block_until_ready(compiled(*inputs))
     best, start = math.inf, time.perf_counter()
     for _ in range(3):

@@ -105,9 +105,24 @@ class _DenseActivation(nn.Module):
         if dispatch.dense_product(x, kernel, dims, kernels.amx_matmul_unavailable_reason) == "amx":
             return kernels.amx_dense_gelu(x, kernel, bias)
         h = dot_float32_out(x, kernel, dims)
-        if dispatch.row_kernel(functools.partial(_bias_gelu_unsupported, h, bias)) == "fused_cpu":
+        why_not = functools.partial(_bias_gelu_unsupported, h, bias)
+        if (
+            dispatch.row_kernel(why_not, measure=_bias_gelu_paths(h, bias), op="bias_gelu")
+            == "fused_cpu"
+        ):
             return kernels.cpu_bias_gelu(h, bias)  # XLA's GELU loop runs on one thread
-        return _ACTIVATIONS["gelu"](h + bias)
+        return _bias_gelu_xla(h, bias)
+
+
+def _bias_gelu_xla(h: jax.Array, bias: jax.Array) -> jax.Array:
+    return _ACTIVATIONS["gelu"](h + bias)
+
+
+def _bias_gelu_paths(h: jax.Array, bias: jax.Array) -> dispatch.Measure:
+    """What auto times for GELU(h + bias): the kernel or XLA's, forward (frozen encoders)."""
+    paths = {"fused_cpu": kernels.cpu_bias_gelu, "xla": _bias_gelu_xla}
+    inputs = tuple(jax.ShapeDtypeStruct(t.shape, t.dtype) for t in (h, bias))
+    return dispatch.Measure(inputs, paths.__getitem__)
 
 
 def _layer_norm(config: BertConfig, name: str, dtype=None) -> nn.LayerNorm:

@@ -147,7 +147,25 @@ class LayerNorm(nn.LayerNorm):
         )
         # The kernel takes x upcast to float32.
         why_not = functools.partial(kernels.row_kernel_unavailable_reason, x.shape, jnp.float32)
-        return plain and dispatch.row_kernel(why_not) == "fused_cpu"
+        # Timed with gradients: training is where layer norms' time goes.
+        return plain and (
+            dispatch.row_kernel(why_not, measure=self._paths(x), op="layer_norm", gradient=True)
+            == "fused_cpu"
+        )
+
+    def _paths(self, x) -> dispatch.Measure:
+        """What auto times for x's shape and dtype: the kernel, or flax's LayerNorm with this
+        one's settings."""
+        out, eps = self.dtype or x.dtype, self.epsilon
+        flax_norm = nn.LayerNorm(epsilon=eps, dtype=self.dtype, parent=None)
+
+        def run(path: str):
+            if path == "fused_cpu":
+                return lambda x, s, b: kernels.cpu_layer_norm(x.astype(jnp.float32), s, b, eps, out)
+            return lambda x, s, b: flax_norm.apply({"params": {"scale": s, "bias": b}}, x)
+
+        vector = jax.ShapeDtypeStruct(x.shape[-1:], self.param_dtype)
+        return dispatch.Measure((jax.ShapeDtypeStruct(x.shape, x.dtype), vector, vector), run)
 
 
 def TorchDense(
