@@ -342,6 +342,7 @@ def _uses_kernel(model, params, ids) -> bool:
     ],
 )
 def test_auto_uses_the_kernel_only_where_it_pays(monkeypatch, features, fused):
+    monkeypatch.delenv("HW2JAX_KERNEL_MARCH", raising=False)  # a native build for these CPUs
     monkeypatch.setattr(cpu, "cpu_vector_features", lambda: features)
     assert attention.dispatch.this_machine().fused_cpu_pays_off is fused
     config = bert.BertConfig(
