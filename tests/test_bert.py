@@ -203,3 +203,20 @@ def test_cpu_encoder_compiles_without_ynnpack_in_float32_only(dtype):
 def test_unknown_xla_options_are_dropped_not_fatal():
     assert bert.xla_accepts(bert.NO_YNNPACK)
     assert not bert.xla_accepts((("xla_no_such_option_in_any_release", ""),))
+
+
+def test_loading_a_checkpoint_times_no_path(tmp_path, monkeypatch):
+    """Mapping the weights traces the model's init on a dummy batch of one, a shape class no
+    run meets: auto takes the feature rule there instead of spending the probe's budget."""
+    from hw2jax.attention import dispatch
+
+    torch_checkpoint(tmp_path)
+    monkeypatch.setenv(dispatch.AUTO_ENV, "measure")
+    timed = []
+    monkeypatch.setattr(dispatch, "fastest", lambda op, *a, **k: timed.append(op))
+    bert.load_pretrained(str(tmp_path))
+    assert timed == []
+    ids = jnp.ones((2, 16), jnp.int32)  # applied to a real batch, the layer norms are timed
+    config, params, _ = bert.load_pretrained(str(tmp_path))
+    bert.BertModel(config).apply({"params": params}, ids)
+    assert "layer_norm" in timed

