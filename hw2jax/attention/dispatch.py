@@ -42,7 +42,10 @@ source (:func:`hw2jax.kernels.library_target`); delete it to time again. At most
 timing per process; classes left untimed then take the feature rule. Softmax times forward
 and gradient separately (a custom VJP runs the forward winner when nothing is
 differentiated); linear and few-keys attention are timed with gradients, BERT's key-bias
-attention forward only (fine-tuning runs dropout, which only XLA's form takes). Processes of a
+attention forward only (fine-tuning runs dropout, which only XLA's form takes). The row
+kernels (:func:`row_kernel`: layer norms, timed with gradients; BERT's bias + GELU, forward)
+share the probe, their class being the operation, the rows to a power of two (timed on at most
+2^14), the width and the dtype. Processes of a
 multi-process run all take the feature rule, so that they compile one program.
 
 ``HW2JAX_ATTENTION`` (e.g. ``HW2JAX_ATTENTION=xla``) forces one softmax and key-bias path for the
