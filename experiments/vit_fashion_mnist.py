@@ -9,8 +9,9 @@ Expected:  88.73 % test accuracy after 15 epochs in 664 s (the whole command, wa
            2-core Zen 4 EPYC before those kernels (vit_fashion_mnist_regrouped/);
            a first run on one device gave 89.07 % (vit_fashion_mnist/); 88.43 % and 56 s on one
            H100; the original PyTorch run: 88.43 %.
-           With --set model.dtype=bfloat16 (bf16 compute) 88.72 % on Zen 4 (vit_fashion_mnist_bf16/);
-           on a Xeon with AMX 87.92 % and, seed 43, 88.85 % (vit_fashion_mnist_bf16_amx/).
+           With --set model.dtype=bfloat16 (bf16 compute) 88.72 % on Zen 4
+           (vit_fashion_mnist_bf16/); on a Xeon with AMX 87.92 % and, seed 43, 88.85 %
+           (vit_fashion_mnist_bf16_amx/).
            With --attention based 89.64 %, cosformer 88.79 %, performer 88.06 %, retention
            87.72 %, linear 86.52 % (experiments/results/vit_fashion_mnist_based/ has them all).
            Runs and their details: experiments/results/vit_fashion_mnist*/.
