@@ -65,8 +65,8 @@ def test_matches_transformers_bert_loaded_from_safetensors(tmp_path, masked):
 
 @pytest.mark.parametrize("implementation", ["fused_cpu", "xla"])
 def test_every_gradient_matches_transformers(tmp_path, implementation):
-    """Each weight's gradient of a masked loss against torch's autograd, with random biases:
-    the fused path applies k's and v's biases without a pass over the activations."""
+    """Each weight's gradient of a masked loss against torch's autograd, with random biases and
+    layer-norm parameters, through the fused attention kernel and through XLA's form."""
     from hw2jax.models import bert_params as names
 
     tmodel = torch_checkpoint(tmp_path, num_attention_heads=2)  # 16 per head: the kernel's

@@ -237,7 +237,7 @@ def key_bias(
     """BERT's attention path: ``"fused_cpu"`` or ``"xla"``, timed forward only where
     ``measure`` is given on CPU. ``fused_reason()`` covers attention dropout too (the kernel
     keeps no probabilities)."""
-    return _fused_or_xla("key_bias", False, KEY_BIAS, fused_reason, machine, measure)
+    return _fused_or_xla("key_bias", False, forced(KEY_BIAS), fused_reason, machine, measure)
 
 
 def few_keys(
@@ -247,22 +247,21 @@ def few_keys(
     heads): ``"fused_cpu"`` or ``"xla"``, timed with gradients where ``measure`` is given on
     CPU, else the fused kernel where the fused kernels pay off (its 6 x 4 accumulator tiles
     need AVX-512's 32 registers)."""
-    return _fused_or_xla("few_keys", True, FEW_KEYS, fused_reason, machine, measure)
+    return _fused_or_xla("few_keys", True, forced(FEW_KEYS), fused_reason, machine, measure)
 
 
 def _fused_or_xla(
     op: str,
     gradient: bool,
-    choices: tuple[str, ...],
+    force: str | None,
     fused_reason: Reason,
     machine: Machine | None,
     measure: Measure | None,
 ) -> str:
-    """``"fused_cpu"`` or ``"xla"`` for an operation with one fused CPU kernel: forced by
-    ``$HW2JAX_ATTENTION`` where it can run, timed (with gradients or not) where ``measure`` is
-    given on CPU, else the kernel where the fused kernels pay off."""
+    """``"fused_cpu"`` or ``"xla"`` for an operation with one fused CPU kernel: ``force``
+    (an environment variable's path, None for auto) where it can run, timed (with gradients or
+    not) where ``measure`` is given on CPU, else the kernel where the fused kernels pay off."""
     machine = machine or this_machine()
-    force = forced(choices)
     if force and not (force == "fused_cpu" and fused_reason()):
         return force
     if measure is not None and measuring(machine):
@@ -288,17 +287,9 @@ def row_kernel(
     ``$HW2JAX_ROW_KERNELS`` (``auto``, ``xla`` or ``fused_cpu``) forces one path where it can
     run."""
     force = _setting(ROW_KERNELS_ENV, ROW_KERNELS)
-    if force == "xla":
-        return "xla"
-    machine = machine or this_machine()
-    if force == "fused_cpu":
-        return "fused_cpu" if unsupported() is None else "xla"
-    if measure is not None and measuring(machine):
-        if unsupported() is not None:
-            return "xla"
-        if path := fastest(op, False, gradient, ["fused_cpu", "xla"], measure):
-            return path
-    return "fused_cpu" if machine.fused_cpu_pays_off and unsupported() is None else "xla"
+    return _fused_or_xla(
+        op, gradient, None if force == "auto" else force, unsupported, machine, measure
+    )
 
 
 def dense_product(
