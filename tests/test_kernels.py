@@ -399,6 +399,20 @@ def test_the_same_ffi_headers_anywhere_share_the_cached_library(tmp_path, monkey
     assert build.library_target() != here
 
 
+def test_a_change_to_any_kernel_source_builds_a_new_library(tmp_path, monkeypatch):
+    """The library is keyed by every file in native/, the shared header included: a library
+    built from older sources is never loaded for newer ones."""
+    here = build.library_target()
+    copy = tmp_path / "native"
+    shutil.copytree(build.NATIVE_DIR, copy)
+    monkeypatch.setattr(build, "NATIVE_DIR", copy)
+    assert build.library_target() == here
+    for name in ("common.h", "rows.cc"):
+        (copy / name).write_bytes((copy / name).read_bytes() + b"\n// changed\n")
+        assert build.library_target() != here
+        here = build.library_target()
+
+
 def test_fma_chains_run_exactly_the_multiply_adds_they_count():
     """The peak probe's loop against the closed form a_n = x^n a_0 + y (1 - x^n) / (1 - x): one
     iteration more or fewer would be off by ~4e-4, far outside float32 rounding."""

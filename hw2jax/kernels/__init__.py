@@ -2,10 +2,10 @@
 (nothing here imports :mod:`hw2jax.attention` or :mod:`hw2jax.models`).
 
 XLA's CPU backend has no fused attention: it writes the [T, T] scores to memory and reads them
-back. ``cpu_attention.cc`` has kernels that keep blocks of scores in registers and cache
-instead, as torch's CPU SDPA does. By concern:
+back. The C++ kernels in ``native/`` (one file per kind of op) keep blocks of scores in registers
+and cache instead, as torch's CPU SDPA does. By concern:
 
-- :mod:`.build`: compiling the C++ source for this CPU, caching and loading it;
+- :mod:`.build`: compiling the C++ sources for this CPU, caching and loading the library;
 - :mod:`.ffi`: the FFI targets as jax functions (vmap, sharding rules);
 - :mod:`.softmax`: :func:`cpu_attention` (the row kernel, a key bias, forward only: BERT's; in
   bf16 on AMX tiles, :func:`amx_attention`) and

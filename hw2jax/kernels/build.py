@@ -1,10 +1,12 @@
-"""Building and loading the fused CPU kernels: ``cpu_attention.cc`` ships with the package and is
-compiled on first use with the system's C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``)
-for this CPU (``-march=native``), into ``$HW2JAX_KERNEL_CACHE`` (default
-``~/.cache/hw2jax/kernels``), then its FFI targets are registered with XLA."""
+"""Building and loading the fused CPU kernels: their C++ sources (``native/``, one file per kind
+of op) ship with the package and are compiled on first use with the system's C++ compiler
+(``$CXX``, else ``c++``/``g++``/``clang++``) for this CPU (``-march=native``), one file per core at
+a time, and linked into one library in ``$HW2JAX_KERNEL_CACHE`` (default
+``~/.cache/hw2jax/kernels``); then its FFI targets are registered with XLA."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import hashlib
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 from hw2jax import cpu
 from hw2jax.errors import Hw2jaxError
 
-_SOURCE = Path(__file__).with_name("cpu_attention.cc")
+NATIVE_DIR = Path(__file__).with_name("native")
 # FFI targets: (symbol in the library, name registered with XLA).
 TARGETS = {
     "attention": ("Hw2jaxCpuAttention", "hw2jax_cpu_attention"),
@@ -117,10 +119,15 @@ def library_target() -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
         b"\0".join(s.encode() for s in (version, jax.__version__, _cpu_identity(), _march()))
-        + _SOURCE.read_bytes()
+        + b"".join(p.name.encode() + b"\0" + p.read_bytes() for p in _native("*.cc", "*.h"))
         + _headers_digest()
     ).hexdigest()[:16]
     return cache_dir() / f"cpu_attention-{key}.so"
+
+
+def _native(*patterns: str) -> list[Path]:
+    """The kernels' C++ files matching ``patterns``, in a fixed order."""
+    return sorted(path for pattern in patterns for path in NATIVE_DIR.glob(pattern))
 
 
 def _headers_digest() -> bytes:
@@ -142,22 +149,41 @@ def library_path() -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    base = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-isystem", include, str(_SOURCE)]
     # Compile to a temporary name and rename: a concurrent or interrupted build never leaves a
     # half-written library under the final name.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         errors = ""
         for arch in ([f"-march={_march()}"], []):  # some compilers/CPUs lack -march=native
-            done = subprocess.run(base + arch + ["-o", str(built)], capture_output=True, text=True)
-            if done.returncode == 0:
+            errors = _compile_and_link(cxx, arch, include, built)
+            if errors is None:
                 os.replace(built, target)
                 return target
-            errors = done.stderr
     raise KernelUnavailable(
-        f"building the fused CPU attention kernel with {cxx} failed:\n{errors[-2000:]}\n"
+        f"building the fused CPU kernels with {cxx} failed:\n{errors[-2000:]}\n"
         "Pass implementation='xla' to use XLA's attention instead."
     )
+
+
+def _compile_and_link(cxx: str, arch: list[str], include: str, built: Path) -> str | None:
+    """Compiles each source file to an object beside ``built`` (up to one compiler per core:
+    each file takes seconds at -O3), then links them into ``built``; None on success, else the
+    compiler's errors."""
+    flags = [cxx, "-O3", "-std=c++17", "-fPIC", "-isystem", include, *arch]
+
+    def run(command: list[str]) -> str | None:
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode == 0:
+            return None
+        return done.stderr or f"{command[0]} exited with status {done.returncode}"
+
+    sources = _native("*.cc")  # each compiled on its own
+    objects = [built.with_name(f"{source.stem}.o") for source in sources]
+    compiles = [[*flags, "-c", str(s), "-o", str(o)] for s, o in zip(sources, objects, strict=True)]
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        if errors := next((e for e in pool.map(run, compiles) if e is not None), None):
+            return errors
+    return run([cxx, "-shared", *arch, *map(str, objects), "-o", str(built)])
 
 
 @functools.cache

@@ -1,0 +1,345 @@
+// What the fused CPU kernels share: 16-float vectors and their exp, the score and product
+// microkernels, packing, and running items on XLA's intra-op threads. Each kernel file (one per
+// kind of op) includes it and is compiled on its own, in parallel (hw2jax/kernels/build.py); the
+// files link into one library. Everything here sits in an unnamed namespace: each file gets its
+// own copy, and none of it holds state.
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <condition_variable>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define HW2JAX_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// GCC/Clang vector extensions: 16 floats, AVX-512 registers under -march=native where the CPU
+// has them, pairs of AVX2 registers otherwise.
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+constexpr int kLanes = 16;
+constexpr int kRows = 8;   // score rows per block: 8 x 32 keys = 16 accumulators
+constexpr int kKeys = 32;  // keys per score tile (2 vectors)
+
+inline v16 splat(float x) { return v16{} + x; }
+inline v16 load(const float* p) { v16 r; std::memcpy(&r, p, sizeof r); return r; }
+inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
+
+// exp(r) for |r| <= ln2 / 2: Cephes' expf polynomial.
+inline v16 ExpReduced(v16 r) {
+  v16 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * r * r + r + 1.0f;
+}
+
+// exp for x <= 0 (scores minus the row maximum), 0 far below the smallest normal float.
+#ifdef __AVX512F__
+// As 2^(x log2 e) = 2^n 2^r, |r| <= 1/2: Cephes' expf polynomial at r ln 2, scaled by 2^n with
+// vscalefps: fewer instructions than building the scale in the exponent bits, as below, and the
+// exp is a large share of the flash passes (benchmarks/NOTES.md). x log2 e carries a rounding of
+// |x| 2^-24, which matters only where exp(x) is far below the row's largest term.
+inline v16 exp_nonpositive(v16 x) {
+  v16 t = x * 1.44269504088896341f;
+  t = t < -200.0f ? splat(-200.0f) : t;  // -inf -> 0; NaN stays NaN
+  const __m512 n = _mm512_roundscale_ps((__m512)t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const v16 r = (t - (v16)n) * 0.693147180559945309f;
+  const v16 e = ExpReduced(r);
+  return (v16)_mm512_scalef_ps((__m512)e, n);
+}
+#else
+// Cephes' expf: x = n ln2 + r, the polynomial at r, times 2^n built in the exponent bits.
+inline v16 exp_nonpositive(v16 x) {
+  const v16 lowest = splat(-87.3365447f);
+  const v16 xc = x < lowest ? lowest : x;
+  const v16 n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  v16 r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const v16 e = ExpReduced(r);
+  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
+  v16 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < lowest ? splat(0.0f) : e * scale;
+}
+#endif
+
+inline float hmax(v16 x) {
+  float m = x[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+inline float hsum(v16 x) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += x[i];
+  return s;
+}
+
+struct Aligned {
+  explicit Aligned(size_t floats)
+      : ptr(static_cast<float*>(std::aligned_alloc(64, ((floats * 4 + 63) / 64) * 64))) {}
+  ~Aligned() { std::free(ptr); }
+  float* ptr;
+};
+
+// Pieces shared by the kernels: score and product microkernels on 16-float vectors, and the
+// packing of one (sequence, head) into padded tiles.
+
+constexpr int kBlockQ = 64;   // query rows per block
+constexpr int kBlockK = 64;   // keys per block (a multiple of kKeys)
+
+// s[rows x cols] = a[rows x D] . bt[D x ...] over keys j0 .. j0 + cols, where bt is stored
+// transposed (bt[c * ldb + j]); rows a multiple of kRows, cols of kKeys.
+template <int kVecs>
+void ScoresBlock(const float* a, int64_t rows, const float* bt, int64_t ldb, int64_t j0,
+                 int64_t cols, float* s, int64_t lds) {
+  constexpr int kD = kVecs * kLanes;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRows)
+    for (int64_t jj = 0; jj < cols; jj += kKeys) {
+      v16 acc[kRows][2] = {};
+      const float* b = bt + j0 + jj;
+      for (int c = 0; c < kD; ++c) {
+        const v16 b0 = load(b + c * ldb), b1 = load(b + c * ldb + kLanes);
+        for (int r = 0; r < kRows; ++r) {
+          const float x = a[(r0 + r) * kD + c];
+          acc[r][0] += x * b0;
+          acc[r][1] += x * b1;
+        }
+      }
+      for (int r = 0; r < kRows; ++r) {
+        store(s + (r0 + r) * lds + jj, acc[r][0]);
+        store(s + (r0 + r) * lds + jj + kLanes, acc[r][1]);
+      }
+    }
+}
+
+// out[rows x D] += A . b[n x D], A's element (i, k) at a[i * ai + k * ak]: with (ai, ak) =
+// (ld, 1) that is A . b, with (1, ld) it is A^T . b. rows a multiple of 8.
+template <int kVecs>
+void AccumulateProduct(const float* a, int64_t ai, int64_t ak, int64_t rows, int64_t n,
+                       const float* b, float* out) {
+  constexpr int kD = kVecs * kLanes;
+  constexpr int kTile = kVecs <= 2 ? 8 : kVecs <= 4 ? 4 : 2;  // <= 16 accumulators
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
+    v16 acc[kTile][kVecs];
+    for (int r = 0; r < kTile; ++r)
+      for (int c = 0; c < kVecs; ++c) acc[r][c] = load(out + (i0 + r) * kD + c * kLanes);
+    for (int64_t k = 0; k < n; ++k) {
+      v16 bk[kVecs];
+      for (int c = 0; c < kVecs; ++c) bk[c] = load(b + k * kD + c * kLanes);
+      for (int r = 0; r < kTile; ++r) {
+        const float x = a[(i0 + r) * ai + k * ak];
+        for (int c = 0; c < kVecs; ++c) acc[r][c] += x * bk[c];
+      }
+    }
+    for (int r = 0; r < kTile; ++r)
+      for (int c = 0; c < kVecs; ++c) store(out + (i0 + r) * kD + c * kLanes, acc[r][c]);
+  }
+}
+
+// Copies one head's [T, D] rows out of an [N, T, H, D] array into a zero-padded [tp, D] tile,
+// times `scale`; with `transposed`, into [D, kBlockK] panels, one per key block, each contiguous
+// (a [D, tp] matrix would put the rows of a panel tp floats apart, a power of two: they would
+// fall into the same cache sets, and at T = 16,384 the panel no longer stays in L1 or L2).
+template <int kD>
+void PackRows(const float* src, int64_t base, int64_t row_stride, int64_t t, int64_t tp,
+              float scale, float* dst, bool transposed) {
+  if (transposed) {
+    for (int64_t i = 0; i < tp; ++i) {
+      float* panel = dst + i / kBlockK * (kD * kBlockK) + i % kBlockK;
+      for (int c = 0; c < kD; ++c)
+        panel[c * kBlockK] = i < t ? src[base + i * row_stride + c] * scale : 0.0f;
+    }
+  } else {
+    for (int64_t i = 0; i < t; ++i)
+      for (int c = 0; c < kD; ++c) dst[i * kD + c] = src[base + i * row_stride + c] * scale;
+    std::memset(dst + t * kD, 0, sizeof(float) * (tp - t) * kD);
+  }
+}
+
+// The [D, kBlockK] panel of keys j0.. in a tile packed with `transposed`.
+template <int kD>
+const float* PanelOf(const float* packed, int64_t j0) {
+  return packed + j0 / kBlockK * (kD * kBlockK);
+}
+
+template <int kD>
+void UnpackRows(const float* src, int64_t t, float scale, float* dst, int64_t base,
+                int64_t row_stride) {
+  for (int64_t i = 0; i < t; ++i)
+    for (int c = 0; c < kD; ++c) dst[base + i * row_stride + c] = src[i * kD + c] * scale;
+}
+
+inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+static_assert(kBlockQ % kBlockK == 0 || kBlockK % kBlockQ == 0, "blocks must nest");
+constexpr int64_t kPad = kBlockQ > kBlockK ? kBlockQ : kBlockK;  // sequences padded to this
+
+// Items handed out through an atomic counter. The calling thread works too, with one helper
+// fewer than the pool has threads: one more thread than cores made the last items wait
+// (T = 16,384: 6.1 against 6.4-7.2 s forward and backward). Helpers that start late find
+// nothing left and return.
+template <class Problem>
+struct Job {
+  Problem problem;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+template <template <int> class Worker, int kVecs, class Problem>
+void DrainJob(Job<Problem>& job) {
+  int64_t i = job.next.fetch_add(1);
+  if (i >= job.problem.items) return;
+  Worker<kVecs> worker(job.problem);
+  int64_t finished = 0;
+  for (; i < job.problem.items; i = job.next.fetch_add(1), ++finished) worker.Run(i);
+  if (job.done.fetch_add(finished) + finished == job.problem.items) {
+    std::lock_guard<std::mutex> lock(job.mu);
+    job.cv.notify_all();
+  }
+}
+
+template <template <int> class Worker, class Problem>
+void (*DrainFor(int64_t d))(Job<Problem>&) {
+  switch (d) {
+    case 16: return DrainJob<Worker, 1, Problem>;
+    case 32: return DrainJob<Worker, 2, Problem>;
+    case 48: return DrainJob<Worker, 3, Problem>;
+    case 64: return DrainJob<Worker, 4, Problem>;
+    case 80: return DrainJob<Worker, 5, Problem>;
+    case 96: return DrainJob<Worker, 6, Problem>;
+    case 112: return DrainJob<Worker, 7, Problem>;
+    case 128: return DrainJob<Worker, 8, Problem>;
+    default: return nullptr;
+  }
+}
+
+// Runs `drain` over the problem's items on the calling thread and XLA's pool; returns when all
+// are done.
+template <class Problem>
+void RunJob(ffi::ThreadPool& pool, void (*drain)(Job<Problem>&), const Problem& problem) {
+  auto job = std::make_shared<Job<Problem>>();
+  job->problem = problem;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, problem.items - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job, drain] { drain(*job); });
+  drain(*job);
+  std::unique_lock<std::mutex> lock(job->mu);
+  job->cv.wait(lock, [&] { return job->done.load() == job->problem.items; });
+}
+
+// Runs Worker<D / 16> over the (sequence, head) items of a [N, T, H, D] input `x`, on the
+// calling thread and XLA's pool; fills in the problem's sizes.
+template <template <int> class Worker, class Problem, ffi::DataType kType>
+ffi::Error RunItems(ffi::ThreadPool& pool, ffi::Buffer<kType>& x, Problem problem) {
+  const auto dims = x.dimensions();
+  if (dims.size() < 3) return ffi::Error::InvalidArgument("inputs must be [..., T, heads, D]");
+  const int64_t d = dims[dims.size() - 1], h = dims[dims.size() - 2], t = dims[dims.size() - 3];
+  auto drain = DrainFor<Worker, Problem>(d);
+  if (drain == nullptr)
+    return ffi::Error::InvalidArgument("head dim must be a multiple of 16, at most 128");
+  if (x.element_count() == 0) return ffi::Error::Success();
+  problem.t = t;
+  problem.h = h;
+  problem.d = d;
+  problem.items = x.element_count() / (t * d);
+  RunJob(pool, drain, problem);
+  return ffi::Error::Success();
+}
+
+// Whether every buffer holds as many elements as the first.
+template <class First, class... Buffers>
+bool SameCount(const First& first, const Buffers&... rest) {
+  return ((rest.element_count() == first.element_count()) && ...);
+}
+
+// The row kernels' inputs: q, k, v [..., T, heads, D] of one shape, key_bias [..., T].
+template <class Buffer>
+ffi::Error CheckRowInputs(const Buffer& q, const Buffer& k, const Buffer& v,
+                          const ffi::Buffer<ffi::F32>& key_bias) {
+  const auto dims = q.dimensions();
+  if (dims.size() < 3) return ffi::Error::InvalidArgument("q must be [..., T, heads, D]");
+  const int64_t d = dims[dims.size() - 1], h = dims[dims.size() - 2];
+  if (!SameCount(q, k, v))
+    return ffi::Error::InvalidArgument("q, k and v must have the same shape");
+  if (q.element_count() != 0 && key_bias.element_count() != q.element_count() / (h * d))
+    return ffi::Error::InvalidArgument("key_bias must be [..., T]");
+  return ffi::Error::Success();
+}
+// erf by the rational approximation XLA and Eigen use for float32 (odd degree-13 numerator,
+// even degree-8 denominator, argument clamped to [-4, 4], where erf is 1 to float precision).
+inline v16 Erf(v16 x) {
+  x = x > 4.0f ? splat(4.0f) : x;
+  x = x < -4.0f ? splat(-4.0f) : x;
+  const v16 x2 = x * x;
+  v16 p = x2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
+  p = p * x2 + -2.10102402082508e-06f;
+  p = p * x2 + -5.69250639462346e-05f;
+  p = p * x2 + -7.34990630326855e-04f;
+  p = p * x2 + -2.95459980854025e-03f;
+  p = p * x2 + -1.60960333262415e-02f;
+  v16 q = x2 * -1.45660718464996e-05f + -2.13374055278905e-04f;
+  q = q * x2 + -1.68282697438203e-03f;
+  q = q * x2 + -7.37332916720468e-03f;
+  q = q * x2 + -1.42647390514189e-02f;
+  return x * p / q;
+}
+
+// The exact (erf) GELU, as BERT's "gelu" computes it.
+inline v16 Gelu(v16 x) { return 0.5f * x * (1.0f + Erf(x * 0.707106781186547524f)); }
+
+// float32 to bf16, rounding to nearest even as XLA's convert does.
+inline void RoundToBf16(v16 x, uint16_t* out) {
+#if defined(HW2JAX_AMX) && defined(__AVX512BF16__)  // immintrin.h is included for AMX builds
+  __m512 packed;
+  std::memcpy(&packed, &x, sizeof packed);
+  const __m256bh rounded = _mm512_cvtneps_pbh(packed);  // one instruction, the same rounding
+  std::memcpy(out, &rounded, 32);
+#else
+  typedef uint32_t vu16 __attribute__((vector_size(64)));
+  vu16 bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const vu16 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  for (int i = 0; i < kLanes; ++i) out[i] = static_cast<uint16_t>(rounded[i]);
+#endif
+}
+
+
+inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
+
+// Every lane = the maximum (sum) of x's lanes.
+inline v16 all_max(v16 x) {
+  x = vmax(x, __builtin_shuffle(x, vi16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
+  x = vmax(x, __builtin_shuffle(x, vi16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
+  x = vmax(x, __builtin_shuffle(x, vi16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
+  return vmax(x, __builtin_shuffle(x, vi16{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+}
+
+inline v16 all_sum(v16 x) {
+  x += __builtin_shuffle(x, vi16{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  x += __builtin_shuffle(x, vi16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  x += __builtin_shuffle(x, vi16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  return x + __builtin_shuffle(x, vi16{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+}
+
+}  // namespace
