@@ -51,8 +51,23 @@ def json_from_fresh_process(
 
 
 # Environment variables that change the figures without changing the code: glibc's allocator
-# (MALLOC_*, benchmarks/NOTES.md), OpenMP's wait policy (torch's threads), XLA's flags.
-_TIMING_ENV_PREFIXES = ("MALLOC_", "GLIBC_TUNABLES", "OMP_", "KMP_", "XLA_FLAGS")
+# (MALLOC_*, benchmarks/NOTES.md), OpenMP's wait policy (torch's threads), XLA's flags, oneDNN's
+# (torch's products), and hw2jax's own path settings and kernel build target.
+_TIMING_ENV_PREFIXES = (
+    "MALLOC_",
+    "GLIBC_TUNABLES",
+    "OMP_",
+    "KMP_",
+    "XLA_FLAGS",
+    "ONEDNN_",
+    "DNNL_",
+    "ATEN_CPU_CAPABILITY",
+    "HW2JAX_ATTENTION",
+    "HW2JAX_MATMUL",
+    "HW2JAX_ROW_KERNELS",
+    "HW2JAX_AUTO",
+    "HW2JAX_KERNEL_MARCH",
+)
 
 
 def runtime_settings() -> dict[str, str]:
