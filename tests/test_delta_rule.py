@@ -40,6 +40,15 @@ def delta_ref(q, k, v, beta, log_alpha, xp=np):
     return xp.stack(rows)
 
 
+@jax.jit
+def _delta_ref_gradients(q, k, v, beta, log_alpha, w):
+    """The float64 loop's gradients, compiled as one program (op by op, each of its ~1,000
+    small operations would compile on its own)."""
+    return jax.grad(lambda *xs: jnp.sum(delta_ref(*xs, xp=jnp) * w), argnums=(0, 1, 2, 3, 4))(
+        q, k, v, beta, log_alpha
+    )
+
+
 def delta_inputs(shape, e, seed, gated, beta_range=(0.1, 1.0), decay_range=(-2.0, 0.0)):
     q, k, v = qkv(shape, e=e, seed=seed)
     rng = np.random.default_rng(seed)
@@ -62,9 +71,7 @@ def test_delta_rule_matches_the_float64_loop_with_gradients(implementation, gate
     w = np.random.default_rng(0).standard_normal(out.shape)
     with jax.enable_x64(True):
         args64 = [jnp.asarray(x, jnp.float64) for x in (q, k, v, beta, a)]
-        grads_ref = jax.grad(
-            lambda *xs: jnp.sum(delta_ref(*xs, xp=jnp) * w), argnums=(0, 1, 2, 3, 4)
-        )(*args64)
+        grads_ref = _delta_ref_gradients(*args64, jnp.asarray(w))
 
     def loss(q, k, v, beta, a):
         out = delta_rule_attention(
@@ -142,9 +149,12 @@ def test_sliding_window_matches_the_float64_loop_with_gradients(window):
             s = jnp.where((gap >= 0) & (gap < window), s, -jnp.inf)
             return jnp.sum(jnp.einsum("bhqk,bkhe->bqhe", jax.nn.softmax(s, -1), v) * w)
 
-        ref = jax.grad(dense, (0, 1, 2))(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
-    ours = jax.grad(
-        lambda q, k, v: jnp.sum(sliding_window_attention(q, k, v, window=window) * w), (0, 1, 2)
+        ref = jax.jit(jax.grad(dense, (0, 1, 2)))(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
+    ours = jax.jit(
+        jax.grad(
+            lambda q, k, v: jnp.sum(sliding_window_attention(q, k, v, window=window) * w),
+            (0, 1, 2),
+        )
     )(q, k, v)
     for a, b in zip(ours, ref, strict=True):
         np.testing.assert_allclose(a, np.asarray(b), rtol=1e-4, atol=1e-5)
