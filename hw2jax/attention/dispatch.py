@@ -195,20 +195,22 @@ def softmax(
         return force
     if machine.backend != "cpu":
         return "jax"
-    if measure is not None and measuring(machine):
+    measured = measure is not None and measuring(machine)
+    # Asking builds the kernels: only where they would be timed or taken.
+    fused = (measured or machine.fused_cpu_pays_off) and fused_reason() is None
+    forward, gradient = _softmax_rule(scores, causal, machine.fused_cpu_pays_off and fused)
+    if measured:
         fits = scores < BLOCKWISE_FROM  # naive's T x T scores are held in memory
-        fused = fused_reason() is None
         kernels = ["row", "flash"] if not causal and fits else ["flash"]
         paths = kernels * fused + ["naive"] * fits + ["blockwise"]
         grad_paths = ["flash"] * fused + ["naive"] * fits + ["blockwise"]
-        rule = _softmax_rule(scores, causal, machine.fused_cpu_pays_off and fused)
-        forward = fastest("softmax", causal, False, paths, measure, rule[0])
-        gradient = fastest("softmax", causal, True, grad_paths, measure, rule[1])
-        if forward and gradient:  # one of XLA's forms both ways needs no custom VJP between
-            return forward if forward == gradient != "flash" else (forward, gradient)
-    forward, gradient = _softmax_rule(
-        scores, causal, machine.fused_cpu_pays_off and fused_reason() is None
-    )
+        timed = (
+            fastest("softmax", causal, False, paths, measure, forward),
+            fastest("softmax", causal, True, grad_paths, measure, gradient),
+        )
+        if all(timed):
+            forward, gradient = timed
+    # One of XLA's forms both ways needs no custom VJP between.
     return forward if forward == gradient != "flash" else (forward, gradient)
 
 
@@ -229,14 +231,9 @@ def linear(
 ) -> str:
     """The linear-attention path: ``"fused_cpu"`` or ``"chunked"``, timed with gradients where
     ``measure`` is given on CPU."""
-    machine = machine or this_machine()
-    if measure is not None and measuring(machine):
-        if fused_reason() is not None:
-            return "chunked"
-        rule = "fused_cpu" if machine.fused_cpu_pays_off else "chunked"
-        if path := fastest("linear", causal, True, ["fused_cpu", "chunked"], measure, rule):
-            return path
-    return "fused_cpu" if machine.fused_cpu_pays_off and fused_reason() is None else "chunked"
+    return _fused_or_xla(
+        "linear", True, None, fused_reason, machine, measure, causal=causal, xla="chunked"
+    )
 
 
 def taylor_parallel(keys: int, head_dim: int) -> bool:
@@ -275,20 +272,23 @@ def _fused_or_xla(
     fused_reason: Reason,
     machine: Machine | None,
     measure: Measure | None,
+    causal: bool = False,
+    xla: str = "xla",
 ) -> str:
-    """``"fused_cpu"`` or ``"xla"`` for an operation with one fused CPU kernel: ``force``
-    (an environment variable's path, None for auto) where it can run, timed (with gradients or
-    not) where ``measure`` is given on CPU, else the kernel where the fused kernels pay off."""
+    """``"fused_cpu"`` or XLA's form (named ``xla``) for an operation with one fused CPU
+    kernel: ``force`` (an environment variable's path, None for auto) where it can run, timed
+    (with gradients or not) where ``measure`` is given on CPU, else the kernel where the fused
+    kernels pay off."""
     machine = machine or this_machine()
     if force and not (force == "fused_cpu" and fused_reason()):
         return force
-    if measure is not None and measuring(machine):
-        if fused_reason() is not None:
-            return "xla"
-        rule = "fused_cpu" if machine.fused_cpu_pays_off else "xla"
-        if path := fastest(op, False, gradient, ["fused_cpu", "xla"], measure, rule):
-            return path
-    return "fused_cpu" if machine.fused_cpu_pays_off and fused_reason() is None else "xla"
+    measured = measure is not None and measuring(machine)
+    # Asking builds the kernels: only where they would be timed or taken.
+    fused = (measured or machine.fused_cpu_pays_off) and fused_reason() is None
+    rule = "fused_cpu" if machine.fused_cpu_pays_off and fused else xla
+    if measured and fused:
+        return fastest(op, causal, gradient, ["fused_cpu", xla], measure, rule) or rule
+    return rule
 
 
 def row_kernel(

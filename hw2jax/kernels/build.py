@@ -153,7 +153,6 @@ def library_path() -> Path:
     # half-written library under the final name.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        errors = ""
         for arch in ([f"-march={_march()}"], []):  # some compilers/CPUs lack -march=native
             errors = _compile_and_link(cxx, arch, include, built)
             if errors is None:
