@@ -20,11 +20,12 @@ from hw2jax.models.layers import dense_dot, torch_uniform
 
 
 def _reverse_within_length(x: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Reverses each sequence's first ``length`` steps (axis 1), leaving the padding in place."""
-    t = x.shape[1]
-    idx = jnp.arange(t)[None, :]
-    src = jnp.where(idx < lengths[:, None], lengths[:, None] - 1 - idx, idx)
-    return jnp.take_along_axis(x, src[..., None], axis=1)
+    """Reverses each sequence's first ``length`` steps (x [T, B, ...]: axis 0), leaving the
+    padding in place."""
+    t = x.shape[0]
+    idx = jnp.arange(t)[:, None]
+    src = jnp.where(idx < lengths[None, :], lengths[None, :] - 1 - idx, idx)
+    return jnp.take_along_axis(x, src[..., None], axis=0)
 
 
 def _gates(xp, hp, hidden):
@@ -39,7 +40,7 @@ def _gates(xp, hp, hidden):
 def _scan_forward(x_proj, w_hh, b_hh, valid, keep_residuals):
     """The recurrence, and with ``keep_residuals`` what the backward pass needs per step:
     the state before it, r, z, n and the candidate's hidden part, each [T, D, B, H]."""
-    d, b, _, three_h = x_proj.shape
+    _, d, b, three_h = x_proj.shape
     hidden = three_h // 3
     # [D, H, 3H], transposed once here rather than inside each of the T steps.
     w_hh_t = jnp.swapaxes(w_hh, 1, 2)
@@ -54,16 +55,17 @@ def _scan_forward(x_proj, w_hh, b_hh, valid, keep_residuals):
         return h_next, (jnp.where(keep, h_next, 0.0), saved)
 
     h0 = jnp.zeros((d, b, hidden), x_proj.dtype)
-    h, (out, saved) = jax.lax.scan(step, h0, (jnp.moveaxis(x_proj, 2, 0), valid.T))
-    return jnp.moveaxis(out, 0, 2), h, saved
+    h, (out, saved) = jax.lax.scan(step, h0, (x_proj, valid.T))
+    return out, h, saved
 
 
 @jax.custom_vjp
 def _scan_directions(x_proj, w_hh, b_hh, valid):
     """Scans all directions of one layer together (one loop, batched matmuls).
 
-    x_proj [D, B, T, 3H] holds W_ih x + b_ih, already reversed for the reverse direction;
-    w_hh [D, 3H, H]; b_hh [D, 3H]; valid [B, T]. Returns outputs [D, B, T, H] and h [D, B, H].
+    Time-major, as the loop reads it: x_proj [T, D, B, 3H] holds W_ih x + b_ih, already
+    reversed for the reverse direction; w_hh [D, 3H, H]; b_hh [D, 3H]; valid [B, T]. Returns
+    outputs [T, D, B, H] and h [D, B, H].
     The backward pass is written out: autodiff of the scan accumulates dW_hh with one small
     matmul per step inside the loop; here the loop carries only dh, and dW_hh and db_hh are one
     matmul over all steps after it (benchmarks/results/gru_head/).
@@ -79,7 +81,7 @@ def _scan_directions_fwd(x_proj, w_hh, b_hh, valid):
 
 def _scan_directions_bwd(residuals, cotangents):
     (h_prev, r, z, n, hp_n), w_hh, valid = residuals
-    g_out, g_h = cotangents  # [D, B, T, H], [D, B, H]
+    g_out, g_h = cotangents  # [T, D, B, H], [D, B, H]
 
     def step(dh, inputs):
         g, ok, h0, r_t, z_t, n_t, hpn_t = inputs
@@ -94,12 +96,12 @@ def _scan_directions_bwd(residuals, cotangents):
         dh_prev = jnp.where(keep, dnew * z_t, dh) + jnp.einsum("dbg,dgh->dbh", d_hp, w_hh)
         return dh_prev, (jnp.concatenate([da_r, da_z, da_n], -1), d_hp)
 
-    steps = (jnp.moveaxis(g_out, 2, 0), valid.T, h_prev, r, z, n, hp_n)
+    steps = (g_out, valid.T, h_prev, r, z, n, hp_n)
     _, (d_xp, d_hp) = jax.lax.scan(step, g_h, steps, reverse=True)
     # All steps in one matmul, contracted as h_prevᵀ d_hp: XLA then transposes the H-wide
     # h_prev rather than the 3H-wide d_hp.
     d_w = jnp.swapaxes(jnp.einsum("tdbh,tdbg->dhg", h_prev, d_hp), 1, 2)
-    return jnp.moveaxis(d_xp, 0, 2), d_w, d_hp.sum((0, 2)), None
+    return d_xp, d_w, d_hp.sum((0, 2)), None
 
 
 _scan_directions.defvjp(_scan_directions_fwd, _scan_directions_bwd)
@@ -134,31 +136,36 @@ class GRU(nn.Module):
             lengths = jnp.asarray(lengths)
             valid = jnp.arange(t)[None, :] < lengths[:, None]
 
-        def reverse(a: jax.Array) -> jax.Array:
-            return jnp.flip(a, 1) if lengths is None else _reverse_within_length(a, lengths)
+        def reverse(a: jax.Array) -> jax.Array:  # a [T, B, ...]
+            return jnp.flip(a, 0) if lengths is None else _reverse_within_length(a, lengths)
+
+        # Time-major from here to the end: the loop reads one step at a time, and each layer's
+        # projection and output keep that layout rather than transposing [B, T, ...] tensors.
+        x = jnp.swapaxes(x, 0, 1)
 
         finals = []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0:
                 x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
             suffixes = ("", "_reverse") if self.bidirectional else ("",)
-            w_hh, b_hh, x_proj = [], [], []
+            w_ih, w_hh, b_ih, b_hh = [], [], [], []
             for suffix in suffixes:
                 name = f"l{layer}{suffix}"
-                w_ih = self.param(f"weight_ih_{name}", init, (3 * h_size, x.shape[-1]))
+                w_ih.append(self.param(f"weight_ih_{name}", init, (3 * h_size, x.shape[-1])))
                 w_hh.append(self.param(f"weight_hh_{name}", init, (3 * h_size, h_size)))
-                b_ih = self.param(f"bias_ih_{name}", init, (3 * h_size,))
+                b_ih.append(self.param(f"bias_ih_{name}", init, (3 * h_size,)))
                 b_hh.append(self.param(f"bias_hh_{name}", init, (3 * h_size,)))
-                # All time steps in one matmul; dense_dot's backward transposes x for W_ih's
-                # gradient, not the 3H-wide gradient of the projection.
-                proj = dense_dot(x, w_ih.T) + b_ih
-                x_proj.append(reverse(proj) if suffix else proj)
-            out, h = _scan_directions(jnp.stack(x_proj), jnp.stack(w_hh), jnp.stack(b_hh), valid)
+            # All time steps and directions in one matmul; dense_dot's backward transposes x for
+            # W_ih's gradient, not the projection's wider gradient.
+            proj = dense_dot(x, jnp.concatenate(w_ih).T) + jnp.concatenate(b_ih)
+            x_proj = jnp.split(proj, len(suffixes), axis=-1)
             if self.bidirectional:
-                out = jnp.stack([out[0], reverse(out[1])])
-            x = jnp.concatenate(list(out), axis=-1)
+                x_proj[1] = reverse(x_proj[1])
+            out, h = _scan_directions(jnp.stack(x_proj, 1), jnp.stack(w_hh), jnp.stack(b_hh), valid)
+            directions = [out[:, 0], reverse(out[:, 1])] if self.bidirectional else [out[:, 0]]
+            x = jnp.concatenate(directions, axis=-1)
             finals.extend(h)
-        return x, jnp.stack(finals)
+        return jnp.swapaxes(x, 0, 1), jnp.stack(finals)
 
 
 def params_from_torch(module: Any) -> dict[str, jax.Array]:
