@@ -146,7 +146,9 @@ class GRU(nn.Module):
         finals = []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0:
-                x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+                # Drawn batch-major, as before the loop went time-major: a seed keeps its masks.
+                drop = nn.Dropout(self.dropout)
+                x = jnp.swapaxes(drop(jnp.swapaxes(x, 0, 1), deterministic=deterministic), 0, 1)
             suffixes = ("", "_reverse") if self.bidirectional else ("",)
             w_ih, w_hh, b_ih, b_hh = [], [], [], []
             for suffix in suffixes:
