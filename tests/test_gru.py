@@ -79,6 +79,32 @@ def test_dropout_only_between_layers_and_only_in_training():
     )
 
 
+def test_dropout_masks_are_drawn_over_batch_major_outputs():
+    """Layer 0's [batch, time, features] output, dropped by a Dropout module at the GRU's own
+    path (so with the same key), then layer 1: the masks a seed gives do not depend on the
+    layout the recurrence runs in."""
+    import flax.linen as nn
+
+    class DropoutAtGruPath(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dropout(0.5, name="Dropout_0")(x, deterministic=False)
+
+    x = jax.random.normal(jax.random.key(0), (3, 6, 5))
+    gru = GRU(4, 2, bidirectional=True, dropout=0.5)
+    params = gru.init(jax.random.key(1), x)["params"]
+    rngs = {"dropout": jax.random.key(2)}
+    out, _ = gru.apply({"params": params}, x, deterministic=False, rngs=rngs)
+
+    layer = GRU(4, 1, bidirectional=True)
+    first = {k: v for k, v in params.items() if "_l0" in k}
+    second = {k.replace("_l1", "_l0"): v for k, v in params.items() if "_l1" in k}
+    hidden, _ = layer.apply({"params": first}, x)
+    dropped = DropoutAtGruPath().apply({}, hidden, rngs=rngs)
+    expected, _ = layer.apply({"params": second}, dropped)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_bad_input_shape():
     with pytest.raises(ValueError, match=r"\[batch, time, features\]"):
         GRU(4).init(jax.random.key(0), jnp.zeros((5, 3)))
