@@ -23,16 +23,6 @@ def jax_call(fn, *args):
     return lambda: jax.block_until_ready(fn(*args))
 
 
-def torch_call(x, y):
-    import torch
-
-    def run():
-        with torch.no_grad():
-            return x @ y
-
-    return run
-
-
 def products() -> None:
     import bf16_matmul as bm
     import torch
@@ -52,8 +42,8 @@ def products() -> None:
             "xla bf16 ynnpack": jax_call(ynn, a, b),
             "xla bf16 own dot": jax_call(own, a, b),
             "xla f32 own dot": jax_call(f32, af, bf),
-            "torch bf16": torch_call(ta, tb),
-            "torch f32": torch_call(ta.float(), tb.float()),
+            "torch bf16": bm.torch_product_call(ta, tb, None, False),
+            "torch f32": bm.torch_product_call(ta.float(), tb.float(), None, False),
         }
         row = bm.timed_product_row(calls, m, k, n, False, 7)
         print(name, {key: round(v, 1) for key, v in row["gflop_s"].items()}, flush=True)
