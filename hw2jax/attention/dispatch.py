@@ -85,6 +85,10 @@ LINEAR = ("auto", "chunked", "recurrent", "pallas", "fused_cpu", "parallel")
 KEY_BIAS = ("auto", "xla", "fused_cpu")
 FEW_KEYS = ("auto", "xla", "fused_cpu")
 MATMUL = ("auto", "xla", "amx")
+RECURRENCE = ("auto", "xla", "fused_cpu")
+RECURRENCE_ENV = "HW2JAX_RECURRENCE"
+# A recurrence is timed over at most this many steps: its cost per step does not change with T.
+PROBE_STEPS = 64
 
 # From this many scores per (batch, head) on (T = 8192), softmax without gradients goes
 # blockwise on CPU and the fused forward takes the flash kernel (the row kernel's rows leave
@@ -311,6 +315,21 @@ def row_kernel(
     )
 
 
+def recurrence(
+    unsupported: Reason, machine: Machine | None = None, measure: Measure | None = None
+) -> str:
+    """How the GRU's recurrence runs (:class:`hw2jax.models.gru.GRU`): ``"fused_cpu"``
+    (:func:`hw2jax.kernels.gru_recurrence_cpu`, all steps in one call) or ``"xla"`` (a
+    ``lax.scan``). ``unsupported()`` says why the kernel cannot take the input here (None: it
+    can). Timed with gradients where ``measure`` is given on CPU, else the kernel where the fused
+    kernels pay off (AVX-512). ``$HW2JAX_RECURRENCE`` (``auto``, ``xla`` or ``fused_cpu``) forces
+    one path where it can run."""
+    force = _setting(RECURRENCE_ENV, RECURRENCE)
+    return _fused_or_xla(
+        "gru", True, None if force == "auto" else force, unsupported, machine, measure
+    )
+
+
 def dense_product(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -410,6 +429,10 @@ class Measure:
 
     inputs: Sequence[jax.Array]
     run: Callable[[str], Callable[..., object]]
+    # For operations of other layouts: the class's size in words (the cache key's tail), and
+    # the inputs to time on.
+    size: str | None = None
+    probe: Sequence[jax.ShapeDtypeStruct] | None = None
 
 
 _RULE_ONLY = contextvars.ContextVar("hw2jax_dispatch_rule_only", default=False)
@@ -483,7 +506,7 @@ def fastest(
     :data:`PROBE_BUDGET_S` timing, or where nothing can be cached."""
     if len(paths) == 1:
         return paths[0]
-    key = shape_class(op, causal, gradient, measure.inputs)
+    key = _class_of(op, causal, gradient, measure)
     if choice := _cached_choice(key, paths, rule):
         return choice
     if state.seconds_spent >= PROBE_BUDGET_S or (path := cache_file()) is None:
@@ -498,7 +521,7 @@ def fastest(
         state.seconds_spent += time.perf_counter() - start
         state.timings[key] = {
             "ms": {name: round(s * 1e3, 3) for name, s in seconds.items()},
-            "probe_shapes": [list(x.shape) for x in probe_inputs(measure.inputs, abstract=True)],
+            "probe_shapes": [list(x.shape) for x in _probe_of(measure, abstract=True)],
             "date": time.strftime("%Y-%m-%d"),
         }
         _write(path, state.timings)
@@ -562,8 +585,23 @@ def _attention_probe_shapes(inputs: Sequence[jax.Array]) -> list[tuple]:
     ]
 
 
+def _class_of(op: str, causal: bool, gradient: bool, measure: Measure) -> str:
+    if measure.size is None:
+        return shape_class(op, causal, gradient, measure.inputs)
+    return f"{op} {'fwd+bwd' if gradient else 'fwd'} {measure.size}"
+
+
+def _probe_of(measure: Measure, abstract: bool = False) -> list:
+    if measure.probe is None:
+        return probe_inputs(measure.inputs, abstract)
+    if abstract:
+        return list(measure.probe)
+    rng = np.random.default_rng(0)
+    return [jnp.asarray(rng.random(x.shape), x.dtype) for x in measure.probe]
+
+
 def time_paths(paths: Sequence[str], measure: Measure, gradient: bool) -> dict[str, float]:
-    inputs = probe_inputs(measure.inputs)
+    inputs = _probe_of(measure)
     return {name: _time_path(measure.run(name), inputs, gradient) for name in paths}
 
 

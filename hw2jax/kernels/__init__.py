@@ -16,6 +16,8 @@ and cache instead, as torch's CPU SDPA does. By concern:
 - :mod:`.rows`: :func:`cpu_layer_norm`, forward and backward, and :func:`cpu_bias_gelu`;
 - :mod:`.matmul`: :func:`amx_matmul` and :func:`amx_batched_matmul`, bf16 products on AMX
   tiles (CPUs with AMX-BF16), and :func:`amx_dense_gelu`, a dense layer and its GELU in one;
+- :mod:`.gru`: :func:`gru_recurrence_cpu`, torch's GRU recurrence over all steps of a layer's
+  directions in one call, forward and backward;
 - :mod:`.peak`: :func:`fma_peak_gflops`, the float32 rate the cores reach, for benchmarks'
   "achieved against peak".
 
@@ -34,6 +36,7 @@ from hw2jax.kernels.build import (
     library_target,
     register_targets,
 )
+from hw2jax.kernels.gru import gru_recurrence_cpu, gru_unavailable_reason
 from hw2jax.kernels.linear import (
     causal_linear_product_cpu,
     causal_linear_unavailable_reason,
@@ -83,6 +86,8 @@ __all__ = [
     "few_keys_unsupported",
     "fma_chains",
     "fma_peak_gflops",
+    "gru_recurrence_cpu",
+    "gru_unavailable_reason",
     "kernel_vector_features",
     "layer_norm_unsupported",
     "library_path",

@@ -48,6 +48,9 @@ TARGETS = {
     "layer_norm_backward": ("Hw2jaxCpuLayerNormBackward", "hw2jax_cpu_layer_norm_backward"),
     "bias_gelu": ("Hw2jaxCpuBiasGelu", "hw2jax_cpu_bias_gelu"),
     "fma_peak": ("Hw2jaxCpuFmaPeak", "hw2jax_cpu_fma_peak"),
+    "gru_forward": ("Hw2jaxCpuGruForward", "hw2jax_cpu_gru_forward"),
+    "gru_forward_save": ("Hw2jaxCpuGruForwardSave", "hw2jax_cpu_gru_forward_save"),
+    "gru_backward": ("Hw2jaxCpuGruBackward", "hw2jax_cpu_gru_backward"),
 }
 SUPPORTED_HEAD_DIMS = tuple(range(16, 129, 16))  # the kernel's compiled variants
 

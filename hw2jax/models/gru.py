@@ -8,6 +8,8 @@ torch module is a plain copy.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -15,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hw2jax import kernels
+from hw2jax.attention import dispatch
 from hw2jax.errors import InputError
 from hw2jax.models.layers import dense_dot, torch_uniform
 
@@ -106,6 +110,58 @@ def _scan_directions_bwd(residuals, cotangents):
 
 _scan_directions.defvjp(_scan_directions_fwd, _scan_directions_bwd)
 
+IMPLEMENTATIONS = dispatch.RECURRENCE
+
+
+def recurrence(
+    x_proj: jax.Array,
+    w_hh: jax.Array,
+    b_hh: jax.Array,
+    valid: jax.Array,
+    implementation: str = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """All directions of one layer (shapes as :func:`_scan_directions`): outputs [T, D, B, H]
+    and last states [D, B, H]. ``implementation``: ``"xla"`` (a ``lax.scan`` with a written-out
+    backward pass), ``"fused_cpu"`` (:func:`hw2jax.kernels.gru_recurrence_cpu`: float32, H a
+    multiple of 16, CPU) or ``"auto"`` (:func:`hw2jax.attention.dispatch.recurrence`, timed on
+    CPU with gradients)."""
+    dispatch.check(implementation, IMPLEMENTATIONS, "the GRU's recurrence")
+    hidden = w_hh.shape[-1]
+    reason = functools.partial(kernels.gru_unavailable_reason, hidden, x_proj.dtype)
+    if implementation == "auto":
+        path = dispatch.recurrence(reason, measure=_timed_paths(x_proj, w_hh, b_hh, valid))
+    elif implementation == "fused_cpu" and (why := reason()) is not None:
+        raise dispatch.ImplementationError(
+            f"implementation='fused_cpu' cannot run: {why}. Use implementation='auto' or 'xla'."
+        )
+    else:
+        path = implementation
+    if path == "fused_cpu":
+        return kernels.gru_recurrence_cpu(x_proj, w_hh, b_hh, valid)
+    return _scan_directions(x_proj, w_hh, b_hh, valid)
+
+
+def _timed_paths(x_proj, w_hh, b_hh, valid) -> dispatch.Measure:
+    """What auto times: both paths with gradients, over at most ``dispatch.PROBE_STEPS`` steps
+    (the cost per step does not depend on T); one class per direction count, batch (to a power
+    of two), hidden size and dtype."""
+    t, d, b, three_h = x_proj.shape
+    steps = min(t, dispatch.PROBE_STEPS)
+    probe = [
+        jax.ShapeDtypeStruct((steps, d, b, three_h), x_proj.dtype),
+        jax.ShapeDtypeStruct(w_hh.shape, w_hh.dtype),
+        jax.ShapeDtypeStruct(b_hh.shape, b_hh.dtype),
+        jax.ShapeDtypeStruct((b, steps), jnp.bool_),
+    ]
+    size = (
+        f"dirs {d} batch 2^{int(math.log2(max(b, 1)))} hidden {three_h // 3} "
+        f"{jnp.dtype(x_proj.dtype).name}"
+    )
+    inputs = [x_proj, w_hh, b_hh, valid]
+    return dispatch.Measure(
+        inputs, lambda path: functools.partial(recurrence, implementation=path), size, probe
+    )
+
 
 class GRU(nn.Module):
     """``__call__(x [B, T, F], lengths=None) -> (outputs [B, T, D*H], h_n [L*D, B, H])``.
@@ -120,6 +176,7 @@ class GRU(nn.Module):
     num_layers: int = 1
     bidirectional: bool = False
     dropout: float = 0.0
+    implementation: str = "auto"  # the recurrence's path: see recurrence()
 
     @nn.compact
     def __call__(
@@ -163,7 +220,13 @@ class GRU(nn.Module):
             x_proj = jnp.split(proj, len(suffixes), axis=-1)
             if self.bidirectional:
                 x_proj[1] = reverse(x_proj[1])
-            out, h = _scan_directions(jnp.stack(x_proj, 1), jnp.stack(w_hh), jnp.stack(b_hh), valid)
+            out, h = recurrence(
+                jnp.stack(x_proj, 1),
+                jnp.stack(w_hh),
+                jnp.stack(b_hh),
+                valid,
+                self.implementation,
+            )
             directions = [out[:, 0], reverse(out[:, 1])] if self.bidirectional else [out[:, 0]]
             x = jnp.concatenate(directions, axis=-1)
             finals.extend(h)

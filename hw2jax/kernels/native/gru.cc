@@ -1,0 +1,386 @@
+// torch's GRU recurrence over all time steps in one call, forward and backward, for all
+// directions of one layer (hw2jax/models/gru.py). XLA runs the recurrence as a while loop whose
+// every step is a batched matmul, a few elementwise fusions and the writes of the saved values;
+// its gates compile to scalar code when they sit beside the step's dynamic slices
+// (benchmarks/results/gru_head/). Here each (direction, block of batch rows) is one item on
+// one thread for all T steps: rows never meet across the batch, so the items need no
+// synchronisation, and each item's W_hh, packed once per call, stays in its core's L2.
+//
+// Layouts (time-major, as the model's loop reads them): x_proj [T, D, B, 3H] = W_ih x + b_ih
+// (already reversed within each length for the reverse direction), w_hh [D, 3H, H], b_hh
+// [D, 3H], valid [B, T] (false past a sequence's end: the state stays, the output is 0).
+// Gates in torch's r, z, n order.
+#include "common.h"
+
+namespace {
+
+constexpr int kPanel = 32;  // columns per packed weight panel (2 vectors)
+#ifdef __AVX512F__
+constexpr int kTileRows = 8;  // 8 x 2 accumulators of 32 zmm registers
+#else
+constexpr int kTileRows = 3;  // 3 x 2 vectors of 2 ymm each, of 16 registers
+#endif
+
+// c[r, 0:32] = init[r, 0:32] + sum_k a[r * lda + k] panel[k * 32 + 0:32], for R rows.
+template <int R>
+void PanelTile(const float* a, int64_t lda, int64_t depth, const float* panel, const float* init,
+               int64_t ld_init, float* c, int64_t ldc) {
+  v16 acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = init ? load(init + r * ld_init) : splat(0.0f);
+    acc[r][1] = init ? load(init + r * ld_init + kLanes) : splat(0.0f);
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    const v16 b0 = load(panel + k * kPanel), b1 = load(panel + k * kPanel + kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float x = a[r * lda + k];
+      acc[r][0] += x * b0;
+      acc[r][1] += x * b1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    store(c + r * ldc, acc[r][0]);
+    store(c + r * ldc + kLanes, acc[r][1]);
+  }
+}
+
+template <int R>
+void PanelsTile(const float* a, int64_t lda, int64_t depth, const float* panels, int64_t width,
+                const float* init, int64_t ld_init, float* c, int64_t ldc) {
+  for (int64_t p = 0; p * kPanel < width; ++p)
+    PanelTile<R>(a, lda, depth, panels + p * depth * kPanel, init ? init + p * kPanel : nullptr,
+                 ld_init, c + p * kPanel, ldc);
+}
+
+// c[rows, 0:width'] = init + a[rows, 0:depth] . panels, width' = width rounded up to kPanel
+// (the panels' zero columns); rows at most kTileRows.
+void PanelsProduct(int rows, const float* a, int64_t lda, int64_t depth, const float* panels,
+                   int64_t width, const float* init, int64_t ld_init, float* c, int64_t ldc) {
+  switch (rows) {
+#define HW2JAX_ROWS(R) \
+  case R: return PanelsTile<R>(a, lda, depth, panels, width, init, ld_init, c, ldc);
+    HW2JAX_ROWS(1) HW2JAX_ROWS(2) HW2JAX_ROWS(3)
+#ifdef __AVX512F__
+    HW2JAX_ROWS(4) HW2JAX_ROWS(5) HW2JAX_ROWS(6) HW2JAX_ROWS(7) HW2JAX_ROWS(8)
+#endif
+#undef HW2JAX_ROWS
+    default: return;
+  }
+}
+
+// Panels of kPanel columns of m [rows, cols] (transposed: of m^T), each [depth, kPanel] and
+// contiguous, zero past the last column.
+void PackPanels(const float* m, int64_t rows, int64_t cols, bool transposed, float* panels) {
+  const int64_t depth = transposed ? cols : rows, width = transposed ? rows : cols;
+  for (int64_t p = 0; p * kPanel < width; ++p)
+    for (int64_t k = 0; k < depth; ++k)
+      for (int c = 0; c < kPanel; ++c) {
+        const int64_t j = p * kPanel + c;
+        panels[(p * depth + k) * kPanel + c] =
+            j >= width ? 0.0f : transposed ? m[j * cols + k] : m[k * cols + j];
+      }
+}
+
+inline v16 Sigmoid(v16 x) {
+  const v16 e = exp_nonpositive(x > 0.0f ? -x : x);  // exp(-|x|)
+  const v16 s = 1.0f / (1.0f + e);
+  return x >= 0.0f ? s : e * s;
+}
+
+// Eigen's float tanh (as XLA:CPU's): an odd rational function on [-7.9053, 7.9053], x itself
+// below 4e-4.
+inline v16 Tanh(v16 x) {
+  const v16 c = x > 7.90531110763549805f    ? splat(7.90531110763549805f)
+                : x < -7.90531110763549805f ? splat(-7.90531110763549805f)
+                                            : x;
+  const v16 x2 = c * c;
+  v16 p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+  p = p * x2 + -8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  v16 q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  const v16 small = x < 0.0f ? -x : x;
+  return small < 0.0004f ? x : c * p / q;
+}
+
+struct GruProblem {
+  int64_t t, dirs, batch, hidden, block_rows, blocks, items;
+  const float* x_proj;
+  const float* b_hh;
+  const bool* valid;
+  const float* panels;  // per direction: W_hh^T's panels (forward) or W_hh's (backward)
+  int64_t panel_floats;
+  // forward
+  float *out, *h_last, *h_prev, *r, *z, *n, *hp_n;
+  // backward
+  const float *g_out, *g_h, *s_h_prev, *s_r, *s_z, *s_n, *s_hp_n;
+  float *d_xp, *d_hp;
+};
+
+int64_t PanelWidth(int64_t cols) { return RoundUp(cols, kPanel); }
+
+template <int>
+struct GruForward {
+  explicit GruForward(const GruProblem& p)
+      : p_(p), h_(p.block_rows * p.hidden), hp_(kTileRows * PanelWidth(3 * p.hidden)) {}
+
+  void Run(int64_t item) {
+    const GruProblem& p = p_;
+    const int64_t d = item / p.blocks, b0 = item % p.blocks * p.block_rows;
+    const int64_t rows = std::min(p.block_rows, p.batch - b0), hid = p.hidden, g3 = 3 * hid;
+    const int64_t ldp = PanelWidth(g3);
+    const float* panels = p.panels + d * p.panel_floats;
+    const float* bias = p.b_hh + d * g3;
+    float* h = h_.ptr;
+    std::memset(h, 0, sizeof(float) * rows * hid);
+    for (int64_t t = 0; t < p.t; ++t) {
+      const int64_t at = (t * p.dirs + d) * p.batch + b0;  // row b0 of step t, direction d
+      for (int64_t i0 = 0; i0 < rows; i0 += kTileRows) {
+        const int tile = static_cast<int>(std::min<int64_t>(kTileRows, rows - i0));
+        float* hp = hp_.ptr;
+        PanelsProduct(tile, h + i0 * hid, hid, hid, panels, g3, nullptr, 0, hp, ldp);
+        for (int i = 0; i < tile; ++i) {
+          const int64_t row = at + i0 + i;
+          const bool ok = p.valid[(b0 + i0 + i) * p.t + t];
+          const float* xp = p.x_proj + row * g3;
+          const float* hpi = hp + i * ldp;
+          float* hi = h + (i0 + i) * hid;
+          for (int64_t j = 0; j < hid; j += kLanes) {
+            const v16 hr = load(hpi + j) + load(bias + j);
+            const v16 hz = load(hpi + hid + j) + load(bias + hid + j);
+            const v16 hn = load(hpi + 2 * hid + j) + load(bias + 2 * hid + j);
+            const v16 r = Sigmoid(load(xp + j) + hr);
+            const v16 z = Sigmoid(load(xp + hid + j) + hz);
+            const v16 n = Tanh(load(xp + 2 * hid + j) + r * hn);
+            const v16 before = load(hi + j);
+            const v16 after = (1.0f - z) * n + z * before;
+            if (ok) store(hi + j, after);
+            store(p.out + row * hid + j, ok ? after : splat(0.0f));
+            if (p.h_prev != nullptr) {
+              store(p.h_prev + row * hid + j, before);
+              store(p.r + row * hid + j, r);
+              store(p.z + row * hid + j, z);
+              store(p.n + row * hid + j, n);
+              store(p.hp_n + row * hid + j, hn);
+            }
+          }
+        }
+      }
+    }
+    std::memcpy(p.h_last + (d * p.batch + b0) * hid, h, sizeof(float) * rows * hid);
+  }
+
+  const GruProblem& p_;
+  Aligned h_, hp_;
+};
+
+template <int>
+struct GruBackward {
+  explicit GruBackward(const GruProblem& p)
+      : p_(p), dh_(p.block_rows * PanelWidth(p.hidden)), base_(kTileRows * PanelWidth(p.hidden)) {
+    std::memset(base_.ptr, 0, sizeof(float) * kTileRows * PanelWidth(p.hidden));  // padding
+  }
+
+  void Run(int64_t item) {
+    const GruProblem& p = p_;
+    const int64_t d = item / p.blocks, b0 = item % p.blocks * p.block_rows;
+    const int64_t rows = std::min(p.block_rows, p.batch - b0), hid = p.hidden, g3 = 3 * hid;
+    const int64_t ldh = PanelWidth(hid);
+    const float* panels = p.panels + d * p.panel_floats;
+    float* dh = dh_.ptr;
+    for (int64_t i = 0; i < rows; ++i)
+      std::memcpy(dh + i * ldh, p.g_h + (d * p.batch + b0 + i) * hid, sizeof(float) * hid);
+    for (int64_t t = p.t - 1; t >= 0; --t) {
+      const int64_t at = (t * p.dirs + d) * p.batch + b0;
+      for (int64_t i0 = 0; i0 < rows; i0 += kTileRows) {
+        const int tile = static_cast<int>(std::min<int64_t>(kTileRows, rows - i0));
+        float* base = base_.ptr;
+        for (int i = 0; i < tile; ++i) {
+          const int64_t row = at + i0 + i;
+          const bool ok = p.valid[(b0 + i0 + i) * p.t + t];
+          const int64_t s = row * hid;
+          float* dhi = dh + (i0 + i) * ldh;
+          float* dxp = p.d_xp + row * g3;
+          float* dhp = p.d_hp + row * g3;
+          for (int64_t j = 0; j < hid; j += kLanes) {
+            const v16 carried = load(dhi + j);
+            if (!ok) {  // a frozen step: dh passes straight through, no gradient here
+              store(base + i * ldh + j, carried);
+              for (int gate = 0; gate < 3; ++gate) {
+                store(dxp + gate * hid + j, splat(0.0f));
+                store(dhp + gate * hid + j, splat(0.0f));
+              }
+              continue;
+            }
+            const v16 dnew = carried + load(p.g_out + s + j);
+            const v16 r = load(p.s_r + s + j), z = load(p.s_z + s + j), n = load(p.s_n + s + j);
+            const v16 dn = dnew * (1.0f - z);
+            const v16 da_z = dnew * (load(p.s_h_prev + s + j) - n) * z * (1.0f - z);
+            const v16 da_n = dn * (1.0f - n * n);
+            const v16 da_r = da_n * load(p.s_hp_n + s + j) * r * (1.0f - r);
+            store(dxp + j, da_r);
+            store(dxp + hid + j, da_z);
+            store(dxp + 2 * hid + j, da_n);
+            store(dhp + j, da_r);
+            store(dhp + hid + j, da_z);
+            store(dhp + 2 * hid + j, da_n * r);
+            store(base + i * ldh + j, dnew * z);
+          }
+        }
+        // dh before this step = base + d(W_hh h + b_hh) . W_hh, over this tile's rows.
+        PanelsProduct(tile, p.d_hp + (at + i0) * g3, g3, g3, panels, hid, base, ldh,
+                      dh + i0 * ldh, ldh);
+      }
+    }
+  }
+
+  const GruProblem& p_;
+  Aligned dh_, base_;
+};
+
+// Splits the batch into blocks so that there are about as many items as threads.
+// dims: x_proj's [T, D, B, 3H] (gates = 3) or the outputs' [T, D, B, H] (gates = 1).
+ffi::Error Plan(ffi::ThreadPool& pool, ffi::Span<const int64_t> dims, int64_t gates,
+                const ffi::Buffer<ffi::F32>& w_hh, const ffi::Buffer<ffi::PRED>& valid,
+                GruProblem& p) {
+  if (dims.size() != 4) return ffi::Error::InvalidArgument("x_proj must be [T, D, B, 3H]");
+  p.t = dims[0];
+  p.dirs = dims[1];
+  p.batch = dims[2];
+  p.hidden = dims[3] / gates;
+  if (p.hidden % kLanes != 0 || dims[3] != gates * p.hidden)
+    return ffi::Error::InvalidArgument("the hidden size must be a multiple of 16");
+  if (static_cast<int64_t>(w_hh.element_count()) != p.dirs * 3 * p.hidden * p.hidden)
+    return ffi::Error::InvalidArgument("w_hh must be [D, 3H, H]");
+  if (static_cast<int64_t>(valid.element_count()) != p.batch * p.t)
+    return ffi::Error::InvalidArgument("valid must be [B, T]");
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t per_dir = std::max<int64_t>(1, (threads + p.dirs - 1) / p.dirs);
+  p.block_rows = std::max<int64_t>(1, (p.batch + per_dir - 1) / per_dir);
+  p.blocks = (p.batch + p.block_rows - 1) / p.block_rows;
+  p.items = p.dirs * p.blocks;
+  return ffi::Error::Success();
+}
+
+template <bool kSave>
+ffi::Error GruForwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_proj,
+                          ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> b_hh,
+                          ffi::Buffer<ffi::PRED> valid, ffi::ResultBuffer<ffi::F32> out,
+                          ffi::ResultBuffer<ffi::F32> h_last, ffi::ResultBuffer<ffi::F32> h_prev,
+                          ffi::ResultBuffer<ffi::F32> r, ffi::ResultBuffer<ffi::F32> z,
+                          ffi::ResultBuffer<ffi::F32> n, ffi::ResultBuffer<ffi::F32> hp_n) {
+  GruProblem p{};
+  if (ffi::Error e = Plan(pool, x_proj.dimensions(), 3, w_hh, valid, p); e.failure())
+    return e;
+  if (p.items == 0 || p.t == 0) {
+    std::memset(h_last->typed_data(), 0, sizeof(float) * h_last->element_count());
+    return ffi::Error::Success();
+  }
+  const int64_t hid = p.hidden;
+  p.panel_floats = PanelWidth(3 * hid) * hid;
+  Aligned panels(p.dirs * p.panel_floats);
+  for (int64_t d = 0; d < p.dirs; ++d)  // W_hh^T's columns: [H, 3H]
+    PackPanels(w_hh.typed_data() + d * 3 * hid * hid, 3 * hid, hid, true,
+               panels.ptr + d * p.panel_floats);
+  p.panels = panels.ptr;
+  p.x_proj = x_proj.typed_data();
+  p.b_hh = b_hh.typed_data();
+  p.valid = valid.typed_data();
+  p.out = out->typed_data();
+  p.h_last = h_last->typed_data();
+  if (kSave) {
+    p.h_prev = h_prev->typed_data();
+    p.r = r->typed_data();
+    p.z = z->typed_data();
+    p.n = n->typed_data();
+    p.hp_n = hp_n->typed_data();
+  }
+  RunJob(pool, DrainJob<GruForward, 0, GruProblem>, p);
+  return ffi::Error::Success();
+}
+
+ffi::Error GruForwardOnly(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_proj,
+                          ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> b_hh,
+                          ffi::Buffer<ffi::PRED> valid, ffi::ResultBuffer<ffi::F32> out,
+                          ffi::ResultBuffer<ffi::F32> h_last) {
+  return GruForwardCall<false>(pool, x_proj, w_hh, b_hh, valid, out, h_last, out, out, out, out,
+                               out);
+}
+
+ffi::Error GruBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::PRED> valid,
+                           ffi::Buffer<ffi::F32> h_prev, ffi::Buffer<ffi::F32> r,
+                           ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> n,
+                           ffi::Buffer<ffi::F32> hp_n, ffi::Buffer<ffi::F32> g_out,
+                           ffi::Buffer<ffi::F32> g_h, ffi::ResultBuffer<ffi::F32> d_xp,
+                           ffi::ResultBuffer<ffi::F32> d_hp) {
+  GruProblem p{};
+  if (ffi::Error e = Plan(pool, g_out.dimensions(), 1, w_hh, valid, p); e.failure()) return e;
+  if (!SameCount(g_out, h_prev, r, z, n, hp_n))
+    return ffi::Error::InvalidArgument("saved values and g_out must be [T, D, B, H]");
+  if (p.items == 0 || p.t == 0) return ffi::Error::Success();
+  const int64_t hid = p.hidden;
+  p.panel_floats = PanelWidth(hid) * 3 * hid;
+  Aligned panels(p.dirs * p.panel_floats);
+  for (int64_t d = 0; d < p.dirs; ++d)  // W_hh's columns: [3H, H]
+    PackPanels(w_hh.typed_data() + d * 3 * hid * hid, 3 * hid, hid, false,
+               panels.ptr + d * p.panel_floats);
+  p.panels = panels.ptr;
+  p.valid = valid.typed_data();
+  p.s_h_prev = h_prev.typed_data();
+  p.s_r = r.typed_data();
+  p.s_z = z.typed_data();
+  p.s_n = n.typed_data();
+  p.s_hp_n = hp_n.typed_data();
+  p.g_out = g_out.typed_data();
+  p.g_h = g_h.typed_data();
+  p.d_xp = d_xp->typed_data();
+  p.d_hp = d_hp->typed_data();
+  RunJob(pool, DrainJob<GruBackward, 0, GruProblem>, p);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuGruForward, GruForwardOnly,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x_proj [T, D, B, 3H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_hh [D, 3H, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b_hh [D, 3H]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // valid [B, T]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out [T, D, B, H]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // h [D, B, H]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuGruForwardSave, GruForwardCall<true>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x_proj
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_hh
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b_hh
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // valid
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // h
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // the state before each step
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // r
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // z
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // n
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // W_hn h + b_hn
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuGruBackward, GruBackwardCall,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_hh
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // valid
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // the state before each step
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // r
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // z
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // n
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // W_hn h + b_hn
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // g_out [T, D, B, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // g_h [D, B, H]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d x_proj [T, D, B, 3H]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // d (W_hh h + b_hh)
