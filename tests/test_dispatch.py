@@ -414,3 +414,40 @@ def test_a_real_probe_of_a_layer_norm_times_both_paths(monkeypatch, tmp_path):
     assert all(
         ms > 0 for ms in classes["layer_norm fwd+bwd rows 2^4 width 32 float32"]["ms"].values()
     )
+
+
+def test_the_gru_recurrence_takes_the_measured_fastest_path_both_ways(measured, monkeypatch):
+    """The GRU's recurrence: the kernel or the scan by their timings with gradients (over at
+    most PROBE_STEPS steps, one class per directions, batch, hidden size and dtype), where the
+    vector-feature rule would say otherwise; not timed where the kernel cannot run or a path is
+    forced."""
+    from hw2jax.models.gru import _timed_paths
+
+    def gru_measure(steps, batch, hidden=256):
+        shapes = [(steps, 2, batch, 3 * hidden), (2, 3 * hidden, hidden), (2, 3 * hidden)]
+        inputs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+        return _timed_paths(*inputs, jax.ShapeDtypeStruct((batch, steps), jnp.bool_))
+
+    ms, probes = measured
+    avx2 = dispatch.Machine("cpu", kernel_features=AVX2)
+    ms.update(fused_cpu=1.0, xla=2.0)
+    assert dispatch.recurrence(why(), avx2, gru_measure(512, 128)) == "fused_cpu"
+    assert probes == [(("fused_cpu", "xla"), True)]
+    timed = dispatch.state.timings["gru fwd+bwd dirs 2 batch 2^7 hidden 256 float32"]
+    assert timed["probe_shapes"] == [[64, 2, 128, 768], [2, 768, 256], [2, 768], [128, 64]]
+    ms.update(fused_cpu=3.0)
+    assert dispatch.recurrence(why(), CPU_AVX512, gru_measure(40, 32)) == "xla"
+    assert len(probes) == 2
+    # The same classes again: from the cache, whatever T.
+    assert dispatch.recurrence(why(), avx2, gru_measure(7, 128)) == "fused_cpu"
+    assert len(probes) == 2
+    # Nothing to time: the rule. Where the kernel cannot run, or a path is forced: never timed.
+    assert dispatch.recurrence(why(), CPU_AVX512) == "fused_cpu"
+    assert dispatch.recurrence(why(), avx2) == "xla"
+    assert dispatch.recurrence(why("H is 5"), CPU_AVX512, gru_measure(8, 3)) == "xla"
+    monkeypatch.setenv("HW2JAX_RECURRENCE", "xla")
+    assert dispatch.recurrence(why(), CPU_AVX512, gru_measure(8, 3)) == "xla"
+    assert len(probes) == 2
+    monkeypatch.setenv("HW2JAX_RECURRENCE", "scan")
+    with pytest.raises(dispatch.ImplementationError, match=r"\$HW2JAX_RECURRENCE.*fused_cpu"):
+        dispatch.recurrence(why(), CPU_AVX512)

@@ -1,20 +1,37 @@
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hw2jax import kernels
+from hw2jax.attention import dispatch
 from hw2jax.models.gru import GRU, params_from_torch
 
 torch = pytest.importorskip("torch")
 
+# Each recurrence path with a hidden size it takes: the kernel wants a multiple of 16.
+PATHS = [("xla", 5), ("fused_cpu", 16)]
 
-def run_both(input_size, hidden, layers, bidirectional, lengths=None, seed=0):
+
+@pytest.fixture(params=PATHS, ids=[path for path, _ in PATHS])
+def path(request):
+    """(implementation, hidden size); the kernel's cases skip where it cannot be built."""
+    if request.param[0] == "fused_cpu" and kernels.build_error():
+        pytest.skip(f"the fused CPU kernels cannot be built here: {kernels.build_error()}")
+    return request.param
+
+
+def run_both(
+    input_size, hidden, layers, bidirectional, lengths=None, seed=0, implementation="xla", batch=3
+):
     torch.manual_seed(seed)
     tgru = torch.nn.GRU(
         input_size, hidden, num_layers=layers, bidirectional=bidirectional, batch_first=True
     )
-    x = np.random.default_rng(seed).normal(size=(3, 11, input_size)).astype(np.float32)
-    ours = GRU(hidden, layers, bidirectional).apply(
+    x = np.random.default_rng(seed).normal(size=(batch, 11, input_size)).astype(np.float32)
+    ours = GRU(hidden, layers, bidirectional, implementation=implementation).apply(
         {"params": params_from_torch(tgru)},
         jnp.asarray(x),
         None if lengths is None else jnp.asarray(lengths),
@@ -35,23 +52,46 @@ def run_both(input_size, hidden, layers, bidirectional, lengths=None, seed=0):
 
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("bidirectional", [False, True])
-@pytest.mark.parametrize("sizes", [(7, 5), (16, 13)])
-def test_matches_torch_gru(layers, bidirectional, sizes):
-    (out, h), (t_out, t_h) = run_both(*sizes, layers, bidirectional)
+@pytest.mark.parametrize("inputs", [7, 16])
+def test_matches_torch_gru(layers, bidirectional, inputs, path):
+    implementation, hidden = path
+    (out, h), (t_out, t_h) = run_both(
+        inputs, hidden, layers, bidirectional, None, 0, implementation
+    )
     assert out.shape == t_out.shape and h.shape == t_h.shape
     np.testing.assert_allclose(out, t_out, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(h, t_h, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layers", [1, 2])
-def test_lengths_match_torch_packed_sequences(layers):
+def test_lengths_match_torch_packed_sequences(layers, path):
+    implementation, hidden = path
     lengths = [11, 4, 7]
-    (out, h), (t_out, t_h) = run_both(6, 5, layers, True, lengths=lengths)
+    (out, h), (t_out, t_h) = run_both(6, hidden, layers, True, lengths, 0, implementation)
     np.testing.assert_allclose(out, t_out, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(h, t_h, atol=1e-5, rtol=1e-5)
     # And differs from running over the padding.
-    (_, h_pad), _ = run_both(6, 5, layers, True)
+    (_, h_pad), _ = run_both(6, hidden, layers, True, None, 0, implementation)
     assert not np.allclose(h, h_pad, atol=1e-3)
+
+
+def test_the_kernel_over_many_rows_matches_torch():
+    """The fused kernel's row tiles (8 rows), a tail tile and the batch split over threads: 19
+    sequences of their own lengths, both directions, against torch's packed sequences."""
+    if kernels.build_error():
+        pytest.skip(f"the fused CPU kernels cannot be built here: {kernels.build_error()}")
+    lengths = np.random.default_rng(1).integers(1, 12, 19).tolist()
+    (out, h), (t_out, t_h) = run_both(6, 32, 2, True, lengths, 0, "fused_cpu", batch=19)
+    np.testing.assert_allclose(out, t_out, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(h, t_h, atol=1e-5, rtol=1e-5)
+
+
+def test_the_kernel_refuses_what_it_cannot_take():
+    x = jnp.zeros((2, 3, 4))
+    with pytest.raises(dispatch.ImplementationError, match=r"multiple of 16.*'auto' or 'xla'"):
+        GRU(5, implementation="fused_cpu").init(jax.random.key(0), x)
+    with pytest.raises(dispatch.ImplementationError, match="use one of auto, xla, fused_cpu"):
+        GRU(16, implementation="scan").init(jax.random.key(0), x)
 
 
 def test_parameter_count_is_torchs():
@@ -112,17 +152,19 @@ def test_bad_input_shape():
 
 @pytest.mark.parametrize("lengths", [None, [11, 4, 7]])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_gradients_match_torch(lengths, bidirectional):
-    """The written-out backward pass against torch's autograd, for every weight and the input,
-    through outputs and final states (packed sequences where lengths are given)."""
+def test_gradients_match_torch(lengths, bidirectional, path):
+    """The written-out backward passes (the scan's and the kernel's) against torch's autograd,
+    for every weight and the input, through outputs and final states (packed sequences where
+    lengths are given)."""
+    implementation, hidden = path
     torch.manual_seed(0)
-    tgru = torch.nn.GRU(6, 5, num_layers=2, bidirectional=bidirectional, batch_first=True)
+    tgru = torch.nn.GRU(6, hidden, num_layers=2, bidirectional=bidirectional, batch_first=True)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3, 11, 6)).astype(np.float32)
     dirs = 2 if bidirectional else 1
-    g_out = rng.normal(size=(3, 11, dirs * 5)).astype(np.float32)
-    g_h = rng.normal(size=(2 * dirs, 3, 5)).astype(np.float32)
-    gru = GRU(5, 2, bidirectional)
+    g_out = rng.normal(size=(3, 11, dirs * hidden)).astype(np.float32)
+    g_h = rng.normal(size=(2 * dirs, 3, hidden)).astype(np.float32)
+    gru = GRU(hidden, 2, bidirectional, implementation=implementation)
 
     def loss(params, x):
         out, h = gru.apply({"params": params}, x, None if lengths is None else jnp.array(lengths))
@@ -143,3 +185,21 @@ def test_gradients_match_torch(lengths, bidirectional):
     for name, param in tgru.named_parameters():
         np.testing.assert_allclose(grads[name], param.grad.numpy(), atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(gx, tx.grad.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_auto_times_both_recurrences_on_first_use(monkeypatch, tmp_path):
+    """Unfaked: the GRU's first call under auto times the scan and the kernel with gradients,
+    over at most dispatch.PROBE_STEPS steps, records the class, and computes torch's outputs."""
+    if kernels.build_error():
+        pytest.skip(f"the fused CPU kernels cannot be built here: {kernels.build_error()}")
+    monkeypatch.setenv("HW2JAX_AUTO", "measure")
+    monkeypatch.setattr(dispatch, "state", dispatch.ProbeState())
+    monkeypatch.setattr(dispatch, "cache_file", lambda: tmp_path / "dispatch-test.json")
+    monkeypatch.setattr(dispatch, "PROBE_STEPS", 8)
+    (out, h), (t_out, t_h) = run_both(6, 16, 1, True, None, 0, "auto")
+    np.testing.assert_allclose(out, t_out, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(h, t_h, atol=1e-5, rtol=1e-5)
+    classes = json.loads((tmp_path / "dispatch-test.json").read_text())["classes"]
+    timed = classes["gru fwd+bwd dirs 2 batch 2^1 hidden 16 float32"]
+    assert timed["probe_shapes"] == [[8, 2, 3, 48], [2, 48, 16], [2, 48], [3, 8]]
+    assert set(timed["ms"]) == {"xla", "fused_cpu"} and min(timed["ms"].values()) > 0

@@ -45,11 +45,14 @@ differentiated); linear and few-keys attention are timed with gradients, BERT's 
 attention forward only (fine-tuning runs dropout, which only XLA's form takes). The row
 kernels (:func:`row_kernel`: layer norms, timed with gradients; BERT's bias + GELU, forward)
 share the probe, their class being the operation, the rows to a power of two (timed on at most
-2^14), the width and the dtype. Processes of a
+2^14), the width and the dtype. The GRU's recurrence (:func:`recurrence`: the fused kernel or
+a ``lax.scan``) is timed with gradients over at most :data:`PROBE_STEPS` steps, its class being
+the directions, the batch to a power of two, the hidden size and the dtype. Processes of a
 multi-process run all take the feature rule, so that they compile one program.
 
 ``HW2JAX_ATTENTION`` (e.g. ``HW2JAX_ATTENTION=xla``) forces one softmax and key-bias path for the
 whole process, where that path applies; ``auto`` or unset leaves the rule above.
+``HW2JAX_RECURRENCE`` (``xla`` or ``fused_cpu``) does the same for the GRU's recurrence.
 ``HW2JAX_AUTO=rule`` keeps the feature rule without timing anything (the tests do, so that no
 test depends on timings); ``measure`` (the default) times as above.
 

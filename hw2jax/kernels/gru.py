@@ -58,11 +58,16 @@ def _backward(residuals, cotangents):
     w_hh, valid, saved = residuals
     g_out, g_h = cotangents
     t, d, b, h = g_out.shape
-    d_xp, d_hp = _call("gru_backward", [(t, d, b, 3 * h)] * 2, w_hh, valid, *saved, g_out, g_h)
-    # All steps in one matmul after the loop, contracted as h_prevᵀ d_hp (the narrower operand
-    # transposed).
-    d_w = jnp.swapaxes(jnp.einsum("tdbh,tdbg->dhg", saved[0], d_hp), 1, 2)
-    return d_xp, d_w, d_hp.sum((0, 2)), None
+    d_xp, d_w, d_b = _call(
+        "gru_backward",
+        [(t, d, b, 3 * h), (d, 3 * h, h), (d, 3 * h)],
+        w_hh,
+        valid,
+        *saved,
+        g_out,
+        g_h,
+    )
+    return d_xp, d_w, d_b, None
 
 
 gru_recurrence_cpu.defvjp(_forward, _backward)

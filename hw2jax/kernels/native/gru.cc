@@ -21,19 +21,25 @@ constexpr int kTileRows = 8;  // 8 x 2 accumulators of 32 zmm registers
 constexpr int kTileRows = 3;  // 3 x 2 vectors of 2 ymm each, of 16 registers
 #endif
 
-// c[r, 0:32] = init[r, 0:32] + sum_k a[r * lda + k] panel[k * 32 + 0:32], for R rows.
+// A matrix read with strides: element (i, k) at base[i * row + k * col].
+struct Strided {
+  const float* base;
+  int64_t row, col;
+};
+
+// c[r, 0:32] = init[r, 0:32] + sum_k a(r, k) b[k * ldb + 0:32], for R rows (init may be c).
 template <int R>
-void PanelTile(const float* a, int64_t lda, int64_t depth, const float* panel, const float* init,
-               int64_t ld_init, float* c, int64_t ldc) {
+void Tile(Strided a, int64_t depth, const float* b, int64_t ldb, const float* init,
+          int64_t ld_init, float* c, int64_t ldc) {
   v16 acc[R][2];
   for (int r = 0; r < R; ++r) {
     acc[r][0] = init ? load(init + r * ld_init) : splat(0.0f);
     acc[r][1] = init ? load(init + r * ld_init + kLanes) : splat(0.0f);
   }
   for (int64_t k = 0; k < depth; ++k) {
-    const v16 b0 = load(panel + k * kPanel), b1 = load(panel + k * kPanel + kLanes);
+    const v16 b0 = load(b + k * ldb), b1 = load(b + k * ldb + kLanes);
     for (int r = 0; r < R; ++r) {
-      const float x = a[r * lda + k];
+      const float x = a.base[r * a.row + k * a.col];
       acc[r][0] += x * b0;
       acc[r][1] += x * b1;
     }
@@ -45,20 +51,22 @@ void PanelTile(const float* a, int64_t lda, int64_t depth, const float* panel, c
 }
 
 template <int R>
-void PanelsTile(const float* a, int64_t lda, int64_t depth, const float* panels, int64_t width,
-                const float* init, int64_t ld_init, float* c, int64_t ldc) {
+void Tiles(Strided a, int64_t depth, const float* b, int64_t ldb, int64_t panel_step,
+           int64_t width, const float* init, int64_t ld_init, float* c, int64_t ldc) {
   for (int64_t p = 0; p * kPanel < width; ++p)
-    PanelTile<R>(a, lda, depth, panels + p * depth * kPanel, init ? init + p * kPanel : nullptr,
-                 ld_init, c + p * kPanel, ldc);
+    Tile<R>(a, depth, b + p * panel_step, ldb, init ? init + p * kPanel : nullptr, ld_init,
+            c + p * kPanel, ldc);
 }
 
-// c[rows, 0:width'] = init + a[rows, 0:depth] . panels, width' = width rounded up to kPanel
-// (the panels' zero columns); rows at most kTileRows.
-void PanelsProduct(int rows, const float* a, int64_t lda, int64_t depth, const float* panels,
-                   int64_t width, const float* init, int64_t ld_init, float* c, int64_t ldc) {
+// c[rows, 0:width'] = init + a[rows, 0:depth] . b, width' = width rounded up to kPanel, rows at
+// most kTileRows. b's columns come in panels of kPanel, panel_step floats apart, rows ldb
+// floats apart: packed panels (ldb = kPanel) or a row-major matrix (panel_step = kPanel) whose
+// rows are padded to a multiple of kPanel.
+void Product(int rows, Strided a, int64_t depth, const float* b, int64_t ldb, int64_t panel_step,
+             int64_t width, const float* init, int64_t ld_init, float* c, int64_t ldc) {
   switch (rows) {
 #define HW2JAX_ROWS(R) \
-  case R: return PanelsTile<R>(a, lda, depth, panels, width, init, ld_init, c, ldc);
+  case R: return Tiles<R>(a, depth, b, ldb, panel_step, width, init, ld_init, c, ldc);
     HW2JAX_ROWS(1) HW2JAX_ROWS(2) HW2JAX_ROWS(3)
 #ifdef __AVX512F__
     HW2JAX_ROWS(4) HW2JAX_ROWS(5) HW2JAX_ROWS(6) HW2JAX_ROWS(7) HW2JAX_ROWS(8)
@@ -66,6 +74,13 @@ void PanelsProduct(int rows, const float* a, int64_t lda, int64_t depth, const f
 #undef HW2JAX_ROWS
     default: return;
   }
+}
+
+// c[rows, 0:width'] = init + a[rows, 0:depth] . packed panels.
+void PanelsProduct(int rows, const float* a, int64_t lda, int64_t depth, const float* panels,
+                   int64_t width, const float* init, int64_t ld_init, float* c, int64_t ldc) {
+  Product(rows, Strided{a, lda, 1}, depth, panels, kPanel, depth * kPanel, width, init, ld_init,
+          c, ldc);
 }
 
 // Panels of kPanel columns of m [rows, cols] (transposed: of m^T), each [depth, kPanel] and
@@ -118,7 +133,7 @@ struct GruProblem {
   float *out, *h_last, *h_prev, *r, *z, *n, *hp_n;
   // backward
   const float *g_out, *g_h, *s_h_prev, *s_r, *s_z, *s_n, *s_hp_n;
-  float *d_xp, *d_hp;
+  float *d_xp, *partial_w, *partial_b;  // partial sums of dW_hh and db_hh, one per item
 };
 
 int64_t PanelWidth(int64_t cols) { return RoundUp(cols, kPanel); }
@@ -181,17 +196,27 @@ struct GruForward {
 template <int>
 struct GruBackward {
   explicit GruBackward(const GruProblem& p)
-      : p_(p), dh_(p.block_rows * PanelWidth(p.hidden)), base_(kTileRows * PanelWidth(p.hidden)) {
-    std::memset(base_.ptr, 0, sizeof(float) * kTileRows * PanelWidth(p.hidden));  // padding
+      : p_(p),
+        ldh_(PanelWidth(p.hidden)),
+        dh_(p.block_rows * ldh_),
+        base_(kTileRows * ldh_),
+        d_hp_(p.block_rows * 3 * p.hidden),
+        h_prev_(p.block_rows * ldh_),
+        d_w_(3 * p.hidden * ldh_),
+        d_b_(3 * p.hidden) {
+    std::memset(base_.ptr, 0, sizeof(float) * kTileRows * ldh_);  // the padding stays 0
+    std::memset(h_prev_.ptr, 0, sizeof(float) * p.block_rows * ldh_);
   }
 
   void Run(int64_t item) {
     const GruProblem& p = p_;
     const int64_t d = item / p.blocks, b0 = item % p.blocks * p.block_rows;
     const int64_t rows = std::min(p.block_rows, p.batch - b0), hid = p.hidden, g3 = 3 * hid;
-    const int64_t ldh = PanelWidth(hid);
+    const int64_t ldh = ldh_;
     const float* panels = p.panels + d * p.panel_floats;
-    float* dh = dh_.ptr;
+    float *dh = dh_.ptr, *d_hp = d_hp_.ptr, *h_prev = h_prev_.ptr, *d_w = d_w_.ptr;
+    std::memset(d_w, 0, sizeof(float) * g3 * ldh);
+    std::memset(d_b_.ptr, 0, sizeof(float) * g3);
     for (int64_t i = 0; i < rows; ++i)
       std::memcpy(dh + i * ldh, p.g_h + (d * p.batch + b0 + i) * hid, sizeof(float) * hid);
     for (int64_t t = p.t - 1; t >= 0; --t) {
@@ -205,7 +230,7 @@ struct GruBackward {
           const int64_t s = row * hid;
           float* dhi = dh + (i0 + i) * ldh;
           float* dxp = p.d_xp + row * g3;
-          float* dhp = p.d_hp + row * g3;
+          float* dhp = d_hp + (i0 + i) * g3;
           for (int64_t j = 0; j < hid; j += kLanes) {
             const v16 carried = load(dhi + j);
             if (!ok) {  // a frozen step: dh passes straight through, no gradient here
@@ -232,14 +257,31 @@ struct GruBackward {
           }
         }
         // dh before this step = base + d(W_hh h + b_hh) . W_hh, over this tile's rows.
-        PanelsProduct(tile, p.d_hp + (at + i0) * g3, g3, g3, panels, hid, base, ldh,
-                      dh + i0 * ldh, ldh);
+        PanelsProduct(tile, d_hp + i0 * g3, g3, g3, panels, hid, base, ldh, dh + i0 * ldh, ldh);
+      }
+      // dW_hh += d(W_hh h + b_hh)^T . h (the state before the step), db_hh += its column sums:
+      // each step's rank-`rows` update while both are in cache.
+      for (int64_t i = 0; i < rows; ++i)
+        std::memcpy(h_prev + i * ldh, p.s_h_prev + (at + i) * hid, sizeof(float) * hid);
+      for (int64_t g = 0; g < g3; g += kLanes) {  // the step's sum first: less rounding
+        v16 sum = load(d_hp + g);
+        for (int64_t i = 1; i < rows; ++i) sum += load(d_hp + i * g3 + g);
+        store(d_b_.ptr + g, load(d_b_.ptr + g) + sum);
+      }
+      for (int64_t g0 = 0; g0 < g3; g0 += kTileRows) {
+        const int tile = static_cast<int>(std::min<int64_t>(kTileRows, g3 - g0));
+        Product(tile, Strided{d_hp + g0, 1, g3}, rows, h_prev, ldh, kPanel, hid, d_w + g0 * ldh,
+                ldh, d_w + g0 * ldh, ldh);
       }
     }
+    float* w_out = p.partial_w + item * g3 * hid;
+    for (int64_t g = 0; g < g3; ++g) std::memcpy(w_out + g * hid, d_w + g * ldh, sizeof(float) * hid);
+    std::memcpy(p.partial_b + item * g3, d_b_.ptr, sizeof(float) * g3);
   }
 
   const GruProblem& p_;
-  Aligned dh_, base_;
+  const int64_t ldh_;
+  Aligned dh_, base_, d_hp_, h_prev_, d_w_, d_b_;
 };
 
 // Splits the batch into blocks so that there are about as many items as threads.
@@ -311,23 +353,26 @@ ffi::Error GruForwardOnly(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_proj,
                                out);
 }
 
-ffi::Error GruBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::PRED> valid,
-                           ffi::Buffer<ffi::F32> h_prev, ffi::Buffer<ffi::F32> r,
-                           ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> n,
-                           ffi::Buffer<ffi::F32> hp_n, ffi::Buffer<ffi::F32> g_out,
-                           ffi::Buffer<ffi::F32> g_h, ffi::ResultBuffer<ffi::F32> d_xp,
-                           ffi::ResultBuffer<ffi::F32> d_hp) {
+ffi::Error GruBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_hh,
+                           ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::F32> h_prev,
+                           ffi::Buffer<ffi::F32> r, ffi::Buffer<ffi::F32> z,
+                           ffi::Buffer<ffi::F32> n, ffi::Buffer<ffi::F32> hp_n,
+                           ffi::Buffer<ffi::F32> g_out, ffi::Buffer<ffi::F32> g_h,
+                           ffi::ResultBuffer<ffi::F32> d_xp, ffi::ResultBuffer<ffi::F32> d_w,
+                           ffi::ResultBuffer<ffi::F32> d_b) {
   GruProblem p{};
   if (ffi::Error e = Plan(pool, g_out.dimensions(), 1, w_hh, valid, p); e.failure()) return e;
   if (!SameCount(g_out, h_prev, r, z, n, hp_n))
     return ffi::Error::InvalidArgument("saved values and g_out must be [T, D, B, H]");
+  const int64_t hid = p.hidden, g3 = 3 * hid;
+  std::memset(d_w->typed_data(), 0, sizeof(float) * d_w->element_count());
+  std::memset(d_b->typed_data(), 0, sizeof(float) * d_b->element_count());
   if (p.items == 0 || p.t == 0) return ffi::Error::Success();
-  const int64_t hid = p.hidden;
-  p.panel_floats = PanelWidth(hid) * 3 * hid;
+  p.panel_floats = PanelWidth(hid) * g3;
   Aligned panels(p.dirs * p.panel_floats);
   for (int64_t d = 0; d < p.dirs; ++d)  // W_hh's columns: [3H, H]
-    PackPanels(w_hh.typed_data() + d * 3 * hid * hid, 3 * hid, hid, false,
-               panels.ptr + d * p.panel_floats);
+    PackPanels(w_hh.typed_data() + d * g3 * hid, g3, hid, false, panels.ptr + d * p.panel_floats);
+  Aligned partial_w(p.items * g3 * hid), partial_b(p.items * g3);
   p.panels = panels.ptr;
   p.valid = valid.typed_data();
   p.s_h_prev = h_prev.typed_data();
@@ -338,8 +383,19 @@ ffi::Error GruBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_hh, ffi
   p.g_out = g_out.typed_data();
   p.g_h = g_h.typed_data();
   p.d_xp = d_xp->typed_data();
-  p.d_hp = d_hp->typed_data();
+  p.partial_w = partial_w.ptr;
+  p.partial_b = partial_b.ptr;
   RunJob(pool, DrainJob<GruBackward, 0, GruProblem>, p);
+  // The blocks' partial sums in a fixed order: the same result whichever thread ran which.
+  for (int64_t item = 0; item < p.items; ++item) {
+    const int64_t d = item / p.blocks;
+    float* w = d_w->typed_data() + d * g3 * hid;
+    float* b = d_b->typed_data() + d * g3;
+    const float* pw = partial_w.ptr + item * g3 * hid;
+    const float* pb = partial_b.ptr + item * g3;
+    for (int64_t i = 0; i < g3 * hid; ++i) w[i] += pw[i];
+    for (int64_t i = 0; i < g3; ++i) b[i] += pb[i];
+  }
   return ffi::Error::Success();
 }
 
@@ -383,4 +439,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuGruBackward, GruBackwardCall,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // g_out [T, D, B, H]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // g_h [D, B, H]
                                   .Ret<ffi::Buffer<ffi::F32>>()   // d x_proj [T, D, B, 3H]
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // d (W_hh h + b_hh)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // d w_hh [D, 3H, H]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // d b_hh [D, 3H]
