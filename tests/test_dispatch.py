@@ -421,12 +421,12 @@ def test_the_gru_recurrence_takes_the_measured_fastest_path_both_ways(measured, 
     most PROBE_STEPS steps, one class per directions, batch, hidden size and dtype), where the
     vector-feature rule would say otherwise; not timed where the kernel cannot run or a path is
     forced."""
-    from hw2jax.models.gru import _timed_paths
+    from hw2jax.models.gru import timed_paths
 
     def gru_measure(steps, batch, hidden=256):
         shapes = [(steps, 2, batch, 3 * hidden), (2, 3 * hidden, hidden), (2, 3 * hidden)]
         inputs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
-        return _timed_paths(*inputs, jax.ShapeDtypeStruct((batch, steps), jnp.bool_))
+        return timed_paths(*inputs, jax.ShapeDtypeStruct((batch, steps), jnp.bool_))
 
     ms, probes = measured
     avx2 = dispatch.Machine("cpu", kernel_features=AVX2)

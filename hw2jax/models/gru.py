@@ -129,7 +129,7 @@ def recurrence(
     hidden = w_hh.shape[-1]
     reason = functools.partial(kernels.gru_unavailable_reason, hidden, x_proj.dtype)
     if implementation == "auto":
-        path = dispatch.recurrence(reason, measure=_timed_paths(x_proj, w_hh, b_hh, valid))
+        path = dispatch.recurrence(reason, measure=timed_paths(x_proj, w_hh, b_hh, valid))
     elif implementation == "fused_cpu" and (why := reason()) is not None:
         raise dispatch.ImplementationError(
             f"implementation='fused_cpu' cannot run: {why}. Use implementation='auto' or 'xla'."
@@ -141,7 +141,7 @@ def recurrence(
     return _scan_directions(x_proj, w_hh, b_hh, valid)
 
 
-def _timed_paths(x_proj, w_hh, b_hh, valid) -> dispatch.Measure:
+def timed_paths(x_proj, w_hh, b_hh, valid) -> dispatch.Measure:
     """What auto times: both paths with gradients, over at most ``dispatch.PROBE_STEPS`` steps
     (the cost per step does not depend on T); one class per direction count, batch (to a power
     of two), hidden size and dtype."""
