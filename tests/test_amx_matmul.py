@@ -1,5 +1,6 @@
-"""The bf16 matmul on AMX tiles: products and gradients against float64 (on CPUs with
-AMX-BF16), and the dispatch rule that sends dense layers to it, with the CPU faked both ways."""
+"""The bf16 matmul on AMX tiles or AVX512-BF16 pair dots: products and gradients against
+float64 (on CPUs with either), BERT's bf16 attention on the tiles (AMX-BF16 only), and the
+dispatch rule that sends dense layers to them, with the CPU faked every way."""
 
 import functools
 import math
@@ -18,11 +19,16 @@ from hw2jax.models.layers import dot_float32_out
 
 AMX = (("amx_bf16", True), ("avx512f", True))
 NO_AMX = (("amx_bf16", False), ("avx512f", True))
+PAIR_DOTS = (("amx_bf16", False), ("avx512_bf16", True), ("avx512f", True))
 DENSE = (((2,), (0,)), ((), ()))  # nn.Dense's product for a [b, n, k] input
 
 needs_amx = pytest.mark.skipif(
     kernels.amx_matmul_unavailable_reason() is not None,
     reason=f"no AMX-BF16 here: {kernels.amx_matmul_unavailable_reason()}",
+)
+needs_products = pytest.mark.skipif(
+    kernels.bf16_products_unavailable_reason() is not None,
+    reason=f"no bf16 product kernel here: {kernels.bf16_products_unavailable_reason()}",
 )
 
 
@@ -37,7 +43,7 @@ def f64(x):
     return np.asarray(x.astype(jnp.float32), dtype=np.float64)
 
 
-@needs_amx
+@needs_products
 @pytest.mark.parametrize(
     "m,k,n", [(64, 64, 32), (45, 77, 50), (1, 32, 16), (300, 130, 97), (200, 1100, 40)]
 )
@@ -50,7 +56,7 @@ def test_products_match_float64(m, k, n):
     np.testing.assert_allclose(out, f64(a) @ f64(b), rtol=1e-5, atol=1e-4)
 
 
-@needs_amx
+@needs_products
 @pytest.mark.parametrize("batched", [False, True])
 def test_bf16_results_are_the_float32_ones_rounded(batched):
     # Rounded to nearest even as they leave the tiles: the same bits as XLA's convert.
@@ -67,7 +73,7 @@ def test_bf16_results_are_the_float32_ones_rounded(batched):
         product(a, b, out_dtype=jnp.float16)
 
 
-@needs_amx
+@needs_products
 def test_gradients_match_float64_and_leading_axes_fold():
     # The weight gradient contracts over all 600 rows: K in two chunks, the second a tail.
     a, b = bf16_pair(1, 3 * 200, 70, 36)
@@ -89,7 +95,7 @@ def op(x, transposed):
     return np.swapaxes(x, -1, -2) if transposed else x
 
 
-@needs_amx
+@needs_products
 @pytest.mark.parametrize("transpose_a,transpose_b", [(False, False), (False, True), (True, False)])
 def test_batched_products_and_gradients_match_float64(transpose_a, transpose_b):
     # The ViT's regrouped attention: [b, (n h), c] x [b, n, c]^T and [b, (n h), n] x [b, n, c],
@@ -116,7 +122,7 @@ def test_batched_products_and_gradients_match_float64(transpose_a, transpose_b):
     np.testing.assert_allclose(f64(db), op(d_op_b, transpose_b), rtol=2**-8, atol=1e-6)
 
 
-@needs_amx
+@needs_products
 def test_the_vit_in_bf16_takes_the_kernel_and_agrees_with_xla(monkeypatch):
     from hw2jax.models.vit import ViT
 
@@ -138,7 +144,7 @@ def test_the_vit_in_bf16_takes_the_kernel_and_agrees_with_xla(monkeypatch):
         assert float(jnp.abs(x - y).max()) <= 0.05 * scale  # bf16 rounding in other places
 
 
-@needs_amx
+@needs_products
 def test_dense_layers_take_the_kernel_and_agree_with_xla(monkeypatch):
     a, b = bf16_pair(3, 4 * 128, 384, 96)
     a = a.reshape(4, 128, 384)
@@ -156,7 +162,7 @@ def gelu64(z):
     return np.vectorize(lambda t: 0.5 * t * (1.0 + math.erf(t / math.sqrt(2.0))))(z)
 
 
-@needs_amx
+@needs_products
 @pytest.mark.parametrize("m,k,n", [(64, 64, 32), (45, 77, 50), (300, 130, 97), (40, 600, 33)])
 def test_dense_gelu_matches_float64(m, k, n):
     # Tails in rows, K and columns (the bias padded past N), K over a chunk, and erf's range:
@@ -169,7 +175,7 @@ def test_dense_gelu_matches_float64(m, k, n):
     np.testing.assert_allclose(f64(out[0]), gelu64(z), rtol=2**-8, atol=1e-5)
 
 
-@needs_amx
+@needs_products
 def test_dense_gelu_gradients_match_float64():
     a, b = bf16_pair(7, 96, 64, 40)
     bias = jax.random.normal(jax.random.key(8), (40,))
@@ -282,6 +288,8 @@ def test_the_row_attention_rule_takes_amx_for_bf16_on_amx_cpus_only():
     assert rule((1, 8, 1, 32), jnp.bfloat16, lambda: None, cpu_amx) == "float32"  # small
     no_amx = dispatch.Machine("cpu", kernel_features=NO_AMX)
     assert rule(bert, jnp.bfloat16, lambda: None, no_amx) == "float32"
+    pair_dots = dispatch.Machine("cpu", kernel_features=PAIR_DOTS)  # products only, no tiles
+    assert rule(bert, jnp.bfloat16, lambda: None, pair_dots) == "float32"
     assert rule(bert, jnp.bfloat16, lambda: "Linux refused the tiles", cpu_amx) == "float32"
 
 
@@ -289,12 +297,14 @@ def test_the_vit_step_drops_ynnpack_only_for_bf16_on_amx(monkeypatch):
     from hw2jax.models import vit
     from hw2jax.models.layers import NO_YNNPACK, xla_accepts
 
-    monkeypatch.setattr(kernels, "amx_matmul_unavailable_reason", lambda: None)
+    monkeypatch.setattr(kernels, "bf16_products_unavailable_reason", lambda: None)
     cpu_amx = dispatch.Machine("cpu", kernel_features=AMX)
     no_amx = dispatch.Machine("cpu", kernel_features=NO_AMX)
     dropped = dict(NO_YNNPACK) if xla_accepts(NO_YNNPACK) else {}
     assert dropped, "this jaxlib should know the option"
     assert vit.xla_compiler_options(jnp.bfloat16, cpu_amx) == dropped
+    pair_dots = dispatch.Machine("cpu", kernel_features=PAIR_DOTS)
+    assert vit.xla_compiler_options(jnp.bfloat16, pair_dots) == dropped
     assert vit.xla_compiler_options(jnp.float32, cpu_amx) == {}
     assert vit.xla_compiler_options(None, cpu_amx) == {}
     assert vit.xla_compiler_options(jnp.bfloat16, no_amx) == {}
@@ -311,6 +321,7 @@ def test_the_rule_takes_amx_only_for_big_bf16_dense_products_on_amx_cpus():
         return dispatch.dense_product(lhs, rhs, dims, reason, machine)
 
     assert rule(*big) == "amx"
+    assert rule(*big, machine=dispatch.Machine("cpu", kernel_features=PAIR_DOTS)) == "amx"
     assert rule(*big, machine=dispatch.Machine("cpu", kernel_features=NO_AMX)) == "xla"
     assert rule(*big, machine=dispatch.Machine("gpu", nvidia=True)) == "xla"
     assert rule(*big, reason=lambda: "Linux refused the tiles") == "xla"
@@ -366,6 +377,25 @@ def test_a_library_without_the_tiles_names_why(monkeypatch, says, reason):
     assert re.search(reason, matmul.amx_matmul_unavailable_reason())
 
 
+@pytest.mark.parametrize(
+    "features,engine,reason",
+    [
+        ({"avx512_bf16": False, "amx_bf16": False}, 1, "neither AMX-BF16 nor AVX512-BF16"),
+        ({"avx512_bf16": True}, -1, "built without AMX-BF16 or AVX512-BF16.*HW2JAX_KERNEL_MARCH"),
+        ({"amx_bf16": True}, 0, "Linux did not grant"),
+        ({"avx512_bf16": True}, 1, None),
+    ],
+)
+def test_the_products_say_why_they_cannot_run(monkeypatch, features, engine, reason):
+    from hw2jax.kernels import matmul
+
+    monkeypatch.setattr(matmul, "kernel_vector_features", lambda: features)
+    monkeypatch.setattr(matmul, "build_error", lambda: None)
+    monkeypatch.setattr(matmul, "_products_engine", lambda: engine)
+    said = matmul.bf16_products_unavailable_reason()
+    assert said is None if reason is None else re.search(reason, said)
+
+
 def test_bad_operands_get_clear_errors():
     with pytest.raises(InputError, match="bfloat16 arrays"):
         kernels.amx_matmul(jnp.zeros((4, 8)), jnp.zeros((8, 4)))
@@ -418,12 +448,13 @@ gelu_hlo = gelu.lower(args[0], args[1], bias).compile().as_text()
 gelu_calls = sorted({l.split("=")[1].split("custom-call")[0].strip() for l in
                      gelu_hlo.splitlines() if "amx_matmul_gelu" in l and "custom-call(" in l})
 same = bool(jnp.array_equal(gelu(a, b, bias), gelu(args[0], args[1], bias)))
-qkv = [jnp.asarray(rng.standard_normal((4, 24, 2, 32)), jnp.bfloat16) for _ in range(3)]
-attend = jax.jit(kernels.amx_attention)
-split = [jax.device_put(t, NamedSharding(mesh, P("data"))) for t in qkv]
-attend_hlo = attend.lower(*split).compile().as_text()
-same = same and bool(jnp.array_equal(attend(*qkv), attend(*split)))
-same = same and "all-gather" not in attend_hlo and "f32[2,24,2,32]" in attend_hlo
+if kernels.amx_matmul_unavailable_reason() is None:  # the attention: AMX tiles only
+    qkv = [jnp.asarray(rng.standard_normal((4, 24, 2, 32)), jnp.bfloat16) for _ in range(3)]
+    attend = jax.jit(kernels.amx_attention)
+    split = [jax.device_put(t, NamedSharding(mesh, P("data"))) for t in qkv]
+    attend_hlo = attend.lower(*split).compile().as_text()
+    same = same and bool(jnp.array_equal(attend(*qkv), attend(*split)))
+    same = same and "all-gather" not in attend_hlo and "f32[2,24,2,32]" in attend_hlo
 pair = [jnp.asarray(rng.standard_normal((4, 32, 48)), jnp.bfloat16) for _ in range(2)]
 transposed = jax.jit(lambda x, y: kernels.amx_batched_matmul(x, y, transpose_a=True))
 split_pair = [jax.device_put(t, NamedSharding(mesh, P("data"))) for t in pair]
@@ -433,7 +464,7 @@ print("all-gather" in hlo, "all-reduce" in hlo, ";".join(calls), error,
 """
 
 
-@needs_amx
+@needs_products
 def test_on_a_mesh_each_device_multiplies_its_rows():
     """Rows split over 2 host devices: the product and the input gradient run on each device's
     half with no all-gather; the weight gradient's partial products are summed (one
@@ -447,6 +478,6 @@ def test_on_a_mesh_each_device_multiplies_its_rows():
     assert calls == "bf16[80,96]{1,0};f32[96,64]{1,0}", calls
     assert float(error) <= 2**-7, error  # at most one bf16 step of the gradients' size
     # The dense layer with its GELU: each device its 80 rows, the same bits as on one device;
-    # the attention: each device its 2 sequences, no all-gather, the same bits; a batched
-    # product with a transposed, split over the batch, the same bits.
+    # the attention (where AMX runs it): each device its 2 sequences, no all-gather, the same
+    # bits; a batched product with a transposed, split over the batch, the same bits.
     assert (gelu_gathered, gelu_calls, same) == ("False", "bf16[80,64]{1,0}", "True"), stdout

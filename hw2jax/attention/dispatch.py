@@ -149,6 +149,14 @@ class Machine:
     def amx(self) -> bool:
         return self.backend == "cpu" and dict(self.kernel_features).get("amx_bf16", False)
 
+    @property
+    def bf16_products(self) -> bool:
+        """The bf16 product kernel runs here: on AMX tiles, or on AVX512-BF16 pair dots."""
+        features = dict(self.kernel_features)
+        return self.backend == "cpu" and (
+            features.get("amx_bf16", False) or features.get("avx512_bf16", False)
+        )
+
 
 def this_machine() -> Machine:
     backend = jax.default_backend()
@@ -341,13 +349,15 @@ def dense_product(
     machine: Machine | None = None,
 ) -> str:
     """How a dense layer's product ``lhs @ rhs`` runs: ``"amx"`` (:func:`hw2jax.kernels.
-    amx_matmul`) or ``"xla"``. The AMX kernel takes bf16 products of a Dense layer's form
-    (lhs's last axis against a 2-D rhs's first) of at least ``AMX_MIN_MACS`` multiply-adds, on a
-    CPU with AMX-BF16, on one device or a mesh (each device multiplies its rows). Whole bf16
-    steps gained 1.2-1.45x there, though single products range from 0.7x to 2x XLA's
-    (benchmarks/results/amx_matmul/); a rule, not a timing. ``$HW2JAX_MATMUL`` (``auto``,
-    ``xla`` or ``amx``) forces one path: ``amx`` sends every bf16 product of that form to the
-    kernel, whatever its size, and is an error where the kernel cannot run."""
+    amx_matmul`) or ``"xla"``. The kernel takes bf16 products of a Dense layer's form (lhs's
+    last axis against a 2-D rhs's first) of at least ``AMX_MIN_MACS`` multiply-adds, on a CPU
+    with AMX-BF16 (on the tiles) or AVX512-BF16 (on pair dot products), on one device or a mesh
+    (each device multiplies its rows). Whole bf16 steps gained 1.2-1.45x on the tiles, though
+    single products range from 0.7x to 2x XLA's (benchmarks/results/amx_matmul/), and 1.1x on
+    the Zen 4 EPYC's pair dots (benchmarks/results/zen4/pair_dots/); a rule, not a timing.
+    ``$HW2JAX_MATMUL`` (``auto``, ``xla`` or ``amx``) forces one path: ``amx`` sends every bf16
+    product of that form to the kernel, whatever its size, and is an error where the kernel
+    cannot run."""
     contracting, batch = dimension_numbers
     fits = (
         lhs.dtype == rhs.dtype == jnp.bfloat16
@@ -391,32 +401,38 @@ def bf16_row_attention(
     (benchmarks/results/amx_fused/)."""
     batch, t, heads, dim = shape
     fits = jnp.dtype(dtype) == jnp.bfloat16 and dim in kernels.SUPPORTED_HEAD_DIMS
-    path = _amx_or_xla(fits, 2 * batch * heads * t * t * dim, amx_reason, machine)
+    if _setting(MATMUL_ENV, MATMUL) == "amx" and amx_reason() is not None:
+        return "float32"  # forced products on a CPU without the tiles: the attention upcasts
+    path = _amx_or_xla(fits, 2 * batch * heads * t * t * dim, amx_reason, machine, tiles=True)
     return "amx" if path == "amx" else "float32"
 
 
 def bf16_products_on_amx(amx_reason: Reason, machine: Machine | None = None) -> bool:
-    """Whether large bf16 products run on AMX tiles here (:func:`dense_product`'s rule for a
-    product of its form and size, ``$HW2JAX_MATMUL`` included): what a step's other XLA
-    options may depend on."""
+    """Whether large bf16 products run on the kernel here, on AMX tiles or pair dots
+    (:func:`dense_product`'s rule for a product of its form and size, ``$HW2JAX_MATMUL``
+    included): what a step's other XLA options may depend on."""
     return _amx_or_xla(True, AMX_MIN_MACS, amx_reason, machine) == "amx"
 
 
-def _amx_or_xla(fits: bool, macs: int, amx_reason: Reason, machine: Machine | None) -> str:
-    """The AMX kernel for a product of its form (``fits``): forced by ``$HW2JAX_MATMUL=amx``,
-    else from ``AMX_MIN_MACS`` multiply-adds on a CPU with AMX-BF16."""
+def _amx_or_xla(
+    fits: bool, macs: int, amx_reason: Reason, machine: Machine | None, tiles: bool = False
+) -> str:
+    """The kernel for a product of its form (``fits``): forced by ``$HW2JAX_MATMUL=amx``, else
+    from ``AMX_MIN_MACS`` multiply-adds on a CPU where it runs (with ``tiles``, AMX-BF16 only:
+    BERT's bf16 attention has no pair-dot form)."""
     force = _setting(MATMUL_ENV, MATMUL)
     if force == "xla" or not fits:
         return "xla"
     if force == "amx":
         if (why := amx_reason()) is not None:
             raise ImplementationError(
-                f"${MATMUL_ENV}=amx, but the AMX matmul cannot run here: {why}. Unset "
+                f"${MATMUL_ENV}=amx, but the bf16 product kernel cannot run here: {why}. Unset "
                 f"{MATMUL_ENV} or set it to auto."
             )
         return "amx"
     machine = machine or this_machine()
-    if macs >= AMX_MIN_MACS and machine.amx and amx_reason() is None:
+    on_cpu = machine.amx if tiles else machine.bf16_products
+    if macs >= AMX_MIN_MACS and on_cpu and amx_reason() is None:
         return "amx"
     return "xla"
 

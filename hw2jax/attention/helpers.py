@@ -133,7 +133,7 @@ def matmul_f32(
             f"{b.shape}, transpose_a={transpose_a}, transpose_b={transpose_b})."
         )
     path = dispatch.batched_product(
-        a, b, transpose_a, transpose_b, kernels.amx_matmul_unavailable_reason
+        a, b, transpose_a, transpose_b, kernels.bf16_products_unavailable_reason
     )
     if path == "amx":
         return kernels.amx_batched_matmul(a, b, transpose_a, transpose_b)

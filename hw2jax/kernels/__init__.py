@@ -15,7 +15,8 @@ and cache instead, as torch's CPU SDPA does. By concern:
 - :mod:`.linear`: :func:`causal_linear_product_cpu` and :func:`linear_attention_cpu`;
 - :mod:`.rows`: :func:`cpu_layer_norm`, forward and backward, and :func:`cpu_bias_gelu`;
 - :mod:`.matmul`: :func:`amx_matmul` and :func:`amx_batched_matmul`, bf16 products on AMX
-  tiles (CPUs with AMX-BF16), and :func:`amx_dense_gelu`, a dense layer and its GELU in one;
+  tiles (CPUs with AMX-BF16) or AVX512-BF16 pair dots (CPUs with it and no AMX), and
+  :func:`amx_dense_gelu`, a dense layer and its GELU in one;
 - :mod:`.gru`: :func:`gru_recurrence_cpu`, torch's GRU recurrence over all steps of a layer's
   directions in one call, forward and backward;
 - :mod:`.peak`: :func:`fma_peak_gflops`, the float32 rate the cores reach, for benchmarks'
@@ -48,6 +49,8 @@ from hw2jax.kernels.matmul import (
     amx_dense_gelu,
     amx_matmul,
     amx_matmul_unavailable_reason,
+    bf16_products_engine,
+    bf16_products_unavailable_reason,
 )
 from hw2jax.kernels.peak import fma_chains, fma_peak_gflops
 from hw2jax.kernels.rows import (
@@ -72,6 +75,8 @@ __all__ = [
     "amx_dense_gelu",
     "amx_matmul",
     "amx_matmul_unavailable_reason",
+    "bf16_products_engine",
+    "bf16_products_unavailable_reason",
     "build_error",
     "cache_dir",
     "causal_linear_product_cpu",

@@ -1,6 +1,8 @@
 """bf16 matmuls on AMX tiles, forward and backward: XLA:CPU has no AMX path, and on CPUs with
 AMX-BF16 torch's oneDNN runs bf16 GEMMs many times faster than XLA's (benchmarks/NOTES.md,
-"bf16 on AMX"). Whether the kernel is used is decided in :mod:`hw2jax.attention.dispatch`."""
+"bf16 on AMX"). On CPUs with AVX512-BF16 and no AMX the same products run on ``vdpbf16ps``
+pair dot products (b packed the same way); the functions keep their ``amx_`` names. Whether the
+kernel is used is decided in :mod:`hw2jax.attention.dispatch`."""
 
 from __future__ import annotations
 
@@ -29,8 +31,46 @@ def _library_says() -> int:
     return int(ctypes.cdll.LoadLibrary(str(library_path())).Hw2jaxAmxAvailable())
 
 
+@functools.cache
+def _products_engine() -> int:
+    """2: the products run on AMX tiles here; 1: on AVX512-BF16 pair dot products; 0: the
+    library has AMX but Linux refused the tiles; -1: the library has neither."""
+    return int(ctypes.cdll.LoadLibrary(str(library_path())).Hw2jaxBf16Products())
+
+
+def bf16_products_unavailable_reason() -> str | None:
+    """None if :func:`amx_matmul`, :func:`amx_batched_matmul` and :func:`amx_dense_gelu` can
+    run here (on AMX tiles or AVX512-BF16 pair dots), else why not (building the kernels on
+    first call)."""
+    if jax.default_backend() != "cpu":
+        return f"the bf16 product kernel is for CPU; jax's backend is {jax.default_backend()!r}"
+    try:
+        features = kernel_vector_features()
+    except KernelUnavailable as err:
+        return str(err)
+    if not (features.get("amx_bf16", False) or features.get("avx512_bf16", False)):
+        return "this CPU (or $HW2JAX_KERNEL_MARCH) has neither AMX-BF16 nor AVX512-BF16"
+    if (error := build_error()) is not None:
+        return error
+    if (engine := _products_engine()) == -1:
+        return (
+            "the kernel library was built without AMX-BF16 or AVX512-BF16 (its -march build "
+            "failed and a generic one was made; check the compiler, or set $HW2JAX_KERNEL_MARCH)"
+        )
+    if engine == 0:
+        return "Linux did not grant this process AMX's tile state (arch_prctl XTILEDATA)"
+    return None
+
+
+def bf16_products_engine() -> str:
+    """What runs the bf16 products here: "AMX tiles" or "AVX512-BF16 pair dots" (call after
+    :func:`bf16_products_unavailable_reason` returned None)."""
+    return {2: "AMX tiles", 1: "AVX512-BF16 pair dots"}[_products_engine()]
+
+
 def amx_matmul_unavailable_reason() -> str | None:
-    """None if :func:`amx_matmul` can run here, else why not (building the kernel on first call)."""
+    """None if AMX's tiles can run here (:func:`hw2jax.kernels.amx_attention` needs them), else
+    why not (building the kernel on first call)."""
     if jax.default_backend() != "cpu":
         return f"the AMX kernel is for CPU; jax's backend here is {jax.default_backend()!r}"
     try:
@@ -168,9 +208,11 @@ def _check_bf16(name: str, a: jax.Array, b: jax.Array) -> None:
 
 
 def _check_available() -> None:
-    reason = amx_matmul_unavailable_reason()
+    reason = bf16_products_unavailable_reason()
     if reason is not None:
-        raise KernelUnavailable(f"the AMX matmul cannot run here: {reason}. Use XLA's dot.")
+        raise KernelUnavailable(
+            f"the bf16 product kernel cannot run here: {reason}. Use XLA's dot."
+        )
 
 
 def _out_name(out_dtype) -> str:
@@ -192,7 +234,7 @@ def amx_batched_matmul(
     gradient; op() transposes the last two axes where asked (not both).
 
     a, b: bfloat16 ``[B, ., .]``. Raises :class:`KernelUnavailable` where
-    :func:`amx_matmul_unavailable_reason` gives a reason."""
+    :func:`bf16_products_unavailable_reason` gives a reason."""
     _check_bf16("amx_batched_matmul", a, b)
     inner_a = a.shape[-2] if transpose_a else a.shape[-1]
     inner_b = b.shape[-1] if transpose_b else b.shape[-2]
@@ -215,7 +257,7 @@ def amx_matmul(a: jax.Array, b: jax.Array, out_dtype=jnp.float32) -> jax.Array:
     (cotangents rounded to bf16, products accumulated in float32).
 
     a: bfloat16 ``[..., K]``; b: bfloat16 ``[K, N]``. Raises :class:`KernelUnavailable` where
-    :func:`amx_matmul_unavailable_reason` gives a reason."""
+    :func:`bf16_products_unavailable_reason` gives a reason."""
     _check_bf16("amx_matmul", a, b)
     if b.ndim != 2 or a.ndim < 1 or a.shape[-1] != b.shape[0]:
         raise InputError(f"amx_matmul wants a [..., K] and b [K, N]; got {a.shape} and {b.shape}.")
@@ -283,7 +325,7 @@ def amx_dense_gelu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Arra
     never written out. Differentiated, it runs as :func:`amx_matmul` followed by XLA's GELU.
 
     x: bfloat16 ``[..., K]``; kernel: bfloat16 ``[K, N]``; bias: ``[N]``, added in float32.
-    Raises :class:`KernelUnavailable` where :func:`amx_matmul_unavailable_reason` gives one."""
+    Raises :class:`KernelUnavailable` where :func:`bf16_products_unavailable_reason` gives one."""
     _check_bf16("amx_dense_gelu", x, kernel)
     if kernel.ndim != 2 or x.ndim < 1 or x.shape[-1] != kernel.shape[0] or x.shape[-1] == 0:
         raise InputError(

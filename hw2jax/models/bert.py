@@ -108,7 +108,10 @@ class _DenseActivation(nn.Module):
         dims = (((x.ndim - 1,), (0,)), ((), ()))
         if self.activation != "gelu":
             return _ACTIVATIONS[self.activation](dot_float32_out(x, kernel, dims) + bias)
-        if dispatch.dense_product(x, kernel, dims, kernels.amx_matmul_unavailable_reason) == "amx":
+        if (
+            dispatch.dense_product(x, kernel, dims, kernels.bf16_products_unavailable_reason)
+            == "amx"
+        ):
             return kernels.amx_dense_gelu(x, kernel, bias)
         h = dot_float32_out(x, kernel, dims)
         why_not = functools.partial(_bias_gelu_unsupported, h, bias)

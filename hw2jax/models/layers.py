@@ -52,7 +52,7 @@ def dot_float32_out(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     says so (:func:`hw2jax.attention.dispatch.dense_product`)."""
     del preferred_element_type
     path = dispatch.dense_product(
-        lhs, rhs, dimension_numbers, kernels.amx_matmul_unavailable_reason
+        lhs, rhs, dimension_numbers, kernels.bf16_products_unavailable_reason
     )
     if path == "amx":
         return kernels.amx_matmul(lhs, rhs)

@@ -85,7 +85,7 @@ def xla_compiler_options(dtype: jnp.dtype | None, machine=None) -> dict[str, str
     XLA_FLAGS."""
     if dtype is None or jnp.dtype(dtype) != jnp.bfloat16 or jax.default_backend() != "cpu":
         return {}
-    if not dispatch.bf16_products_on_amx(kernels.amx_matmul_unavailable_reason, machine):
+    if not dispatch.bf16_products_on_amx(kernels.bf16_products_unavailable_reason, machine):
         return {}
     return dict(NO_YNNPACK) if xla_accepts(NO_YNNPACK) else {}
 

@@ -10,6 +10,15 @@
 // (MiniLM's output layer). Each 32 x 32 block of c is four 16 x 16 float32 tiles.
 #include "common.h"
 
+// Without AMX, CPUs with AVX512-BF16 run the same products on vdpbf16ps, the pair dot product of
+// 16 lanes: b is packed the same way, and each 8 x 32 block of c is 16 zmm accumulators.
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define HW2JAX_PAIR_DOT 1
+#endif
+#if defined(HW2JAX_AMX) || defined(HW2JAX_PAIR_DOT)
+#define HW2JAX_BF16_PRODUCTS 1
+#endif
+
 namespace {
 
 constexpr int64_t kChunk = 512;    // K per chunk
@@ -53,6 +62,11 @@ struct alignas(64) TileConfig {
 
 // op(b) [K, N] into [N/32][K/32][two 16-column halves][16 row pairs][16 columns][2]: each
 // 16 x 16-pair tile is 1 KiB, contiguous; rows kk and kk + 1 of a pair interleave.
+#else
+bool AmxPermitted() { return false; }
+#endif
+
+#ifdef HW2JAX_BF16_PRODUCTS
 void PackB(const uint16_t* b, int64_t k, int64_t n, bool transpose, int64_t kp, int64_t np,
            uint16_t* out) {
   std::memset(out, 0, kp * np * 2);
@@ -86,6 +100,9 @@ void PackB(const uint16_t* b, int64_t k, int64_t n, bool transpose, int64_t kp, 
   }
 }
 
+#endif
+
+#ifdef HW2JAX_AMX
 // All eight tiles as 16 rows of 64 bytes (16 floats, or 32 bf16), for this thread.
 inline void LoadTileConfig() {
   TileConfig config;
@@ -111,20 +128,31 @@ inline void LoadBlock(const float* c, int64_t ld) {
   _tile_loadd(3, c + 16 * ld + 16, ld * 4);
 }
 
-// One worker per thread: tiles 0-3 accumulate c, 4-5 hold a's two 16-row halves, 6-7 b's two
-// 16-column halves.
-template <int>
-class AmxRowBlocks {
+#endif
+
+#ifdef HW2JAX_BF16_PRODUCTS
+// One worker per thread, on AMX tiles (kEngine 0: tiles 0-3 accumulate c, 4-5 hold a's two
+// 16-row halves, 6-7 b's two 16-column halves) or on pair dot products (kEngine 1).
+constexpr int kTiles = 0, kPairDots = 1;
+
+template <int kEngine>
+class RowBlocks {
  public:
-  explicit AmxRowBlocks(const MatmulProblem& p)
+  explicit RowBlocks(const MatmulProblem& p)
       : p_(p),
         a_((p.item_rows * kChunk * 2 + 3) / 4),
         acc_(p.kp > kChunk ? p.item_rows * p.np : 0),
         b_(p.batch > 1 ? (p.kp * p.np * 2 + 3) / 4 : 0),
         tail_(32 * 32) {
-    LoadTileConfig();
+#ifdef HW2JAX_AMX
+    if (kEngine == kTiles) LoadTileConfig();
+#endif
   }
-  ~AmxRowBlocks() { _tile_release(); }
+  ~RowBlocks() {
+#ifdef HW2JAX_AMX
+    if (kEngine == kTiles) _tile_release();
+#endif
+  }
 
   void Run(int64_t item) {
     if (p_.batch == 1) {
@@ -165,6 +193,12 @@ class AmxRowBlocks {
           const uint16_t* a = from_a ? a_base_ + (m0 + r0) * p_.k + k0 : Packed(r0);
           const int64_t stride = from_a ? p_.k * 2 : kChunk * 2;
           float* acc = chunked ? acc_.ptr + r0 * p_.np + nb * 32 : nullptr;
+          if (kEngine == kPairDots) {
+            PairDotBlock(a, stride / 2, b, kc, k0 == 0 ? nullptr : acc, acc, k0 + kc < p_.kp,
+                         m0 + r0, block_rows, nb * 32);
+            continue;
+          }
+#ifdef HW2JAX_AMX
           if (k0 == 0) {
             _tile_zero(0);
             _tile_zero(1);
@@ -186,8 +220,10 @@ class AmxRowBlocks {
           if (k0 + kc < p_.kp) {
             StoreBlock(acc, p_.np);
           } else {
+            StoreBlock(tail_.ptr, 32);
             Store(m0 + r0, block_rows, nb * 32);
           }
+#endif
         }
       }
     }
@@ -197,13 +233,52 @@ class AmxRowBlocks {
     return reinterpret_cast<uint16_t*>(a_.ptr) + r0 * kChunk;
   }
 
-  // The four accumulators into c's rows m0.., columns n0.. (through a 32 x 32 buffer at the
-  // edges).
+#ifdef HW2JAX_PAIR_DOT
+  // The 32 x 32 block of c at rows m0.., columns n0.. over this chunk of K (kc), 8 rows at a
+  // time: a's rows lda values apart, b the chunk's packed tiles, init the chunk before's sums
+  // (or none); into acc (its place in acc_) while chunks remain, else through tail_ into c.
+  void PairDotBlock(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t kc,
+                    const float* init, float* acc, bool more, int64_t m0, int64_t rows,
+                    int64_t n0) {
+    float* out = more ? acc : tail_.ptr;
+    const int64_t ld_out = more ? p_.np : 32;
+    for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+      __m512 acc[8][2];
+      for (int r = 0; r < 8; ++r) {
+        acc[r][0] = init ? _mm512_loadu_ps(init + (r0 + r) * p_.np) : _mm512_setzero_ps();
+        acc[r][1] = init ? _mm512_loadu_ps(init + (r0 + r) * p_.np + 16) : _mm512_setzero_ps();
+      }
+      const uint16_t* ar = a + r0 * lda;
+      for (int64_t kb = 0; kb < kc / 32; ++kb) {
+        const uint16_t* bt = b + kb * 1024;
+        for (int pair = 0; pair < 16; ++pair) {
+          const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bt + pair * 32);
+          const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bt + 512 + pair * 32);
+          for (int r = 0; r < 8; ++r) {
+            uint32_t word;
+            std::memcpy(&word, ar + r * lda + kb * 32 + 2 * pair, 4);
+            const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, b0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b1);
+          }
+        }
+      }
+      for (int r = 0; r < 8; ++r) {
+        _mm512_storeu_ps(out + (r0 + r) * ld_out, acc[r][0]);
+        _mm512_storeu_ps(out + (r0 + r) * ld_out + 16, acc[r][1]);
+      }
+    }
+    if (!more) Store(m0, rows, n0);
+  }
+#else
+  void PairDotBlock(const uint16_t*, int64_t, const uint16_t*, int64_t, const float*, float*,
+                    bool, int64_t, int64_t, int64_t) {}
+#endif
+
+  // The 32 x 32 block in tail_ into c's rows m0.., columns n0...
   void Store(int64_t m0, int64_t rows, int64_t n0) {
     const int64_t cols = std::min<int64_t>(32, p_.n - n0);
     if (p_.c16 != nullptr) return StoreBf16(m0, rows, n0, cols);
-    if (rows == 32 && cols == 32) return StoreBlock(c_base_ + m0 * p_.n + n0, p_.n);
-    StoreBlock(tail_.ptr, 32);
     for (int64_t r = 0; r < rows; ++r)
       std::memcpy(c_base_ + (m0 + r) * p_.n + n0, tail_.ptr + r * 32, cols * 4);
   }
@@ -211,7 +286,6 @@ class AmxRowBlocks {
   // The same block rounded to bf16 (with a bias, as bf16 GELU(c + bias)) while it is in L1:
   // the float32 product never reaches memory.
   void StoreBf16(int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
-    StoreBlock(tail_.ptr, 32);
     uint16_t half[kLanes];
     for (int64_t r = 0; r < rows; ++r) {
       uint16_t* out = c16_base_ + (m0 + r) * p_.n + n0;
@@ -256,7 +330,9 @@ class AmxRowBlocks {
   float* c_base_ = nullptr;
   uint16_t* c16_base_ = nullptr;
 };
+#endif
 
+#ifdef HW2JAX_AMX
 // BERT's attention in bf16, one (sequence, head) per item: q, k and v packed into tiles, then
 // per 16 query rows the scores on the tiles, the softmax with the key bias in float32, the
 // probabilities rounded to bf16 (as torch's bf16 attention rounds them) and multiplied by v on
@@ -394,6 +470,9 @@ class AmxRowAttention {
   Aligned q_, kt_, v_, pr_, s_, o_, bias_;
 };
 
+#endif
+
+#ifdef HW2JAX_BF16_PRODUCTS
 // Packs b (one matrix) and runs the items on the calling thread and XLA's pool.
 ffi::Error Multiply(ffi::ThreadPool& pool, MatmulProblem p) {
   const int64_t blocks = (p.m + 31) / 32, threads = std::max<int64_t>(1, pool.num_threads());
@@ -410,29 +489,35 @@ ffi::Error Multiply(ffi::ThreadPool& pool, MatmulProblem p) {
   }
   auto job = std::make_shared<Job<MatmulProblem>>();
   job->problem = p;
+  // AMX's tiles where Linux grants them, else the pair dot products where the build has them.
+  void (*drain)(Job<MatmulProblem>&) = nullptr;
+#ifdef HW2JAX_AMX
+  if (AmxPermitted()) drain = DrainJob<RowBlocks, kTiles, MatmulProblem>;
+#endif
+#ifdef HW2JAX_PAIR_DOT
+  if (drain == nullptr) drain = DrainJob<RowBlocks, kPairDots, MatmulProblem>;
+#endif
+  if (drain == nullptr)
+    return ffi::Error(ffi::ErrorCode::kUnavailable, "Linux refused this process AMX's tiles");
   const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, p.items - 1);
-  for (int64_t i = 0; i < helpers; ++i)
-    pool.Schedule([job] { DrainJob<AmxRowBlocks, 0, MatmulProblem>(*job); });
-  DrainJob<AmxRowBlocks, 0, MatmulProblem>(*job);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job, drain] { drain(*job); });
+  drain(*job);
   std::unique_lock<std::mutex> lock(job->mu);
   job->cv.wait(lock, [&] { return job->done.load() == job->problem.items; });
   return ffi::Error::Success();
 }
 
-#else
-bool AmxPermitted() { return false; }
 #endif
+
 
 // op(a) op(b) for 2-D a and b, or for each matrix of 3-D ones, into c: float32, or with
 // kType = BF16 rounded to bf16 as it leaves the tiles.
 template <ffi::DataType kType>
 ffi::Error MatmulCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
                       int32_t transpose_a, int32_t transpose_b, ffi::ResultBuffer<kType> c) {
-#ifndef HW2JAX_AMX
-  return ffi::Error(ffi::ErrorCode::kUnavailable, "this kernel build has no AMX-BF16");
+#ifndef HW2JAX_BF16_PRODUCTS
+  return ffi::Error(ffi::ErrorCode::kUnavailable, "this kernel build has no AMX-BF16 or AVX512-BF16");
 #else
-  if (!AmxPermitted())
-    return ffi::Error(ffi::ErrorCode::kUnavailable, "Linux refused this process AMX's tiles");
   const auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
   const size_t rank = da.size();
   if ((rank != 2 && rank != 3) || db.size() != rank || dc.size() != rank)
@@ -492,11 +577,9 @@ ffi::Error AmxAttentionCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q,
 ffi::Error MatmulGeluCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a,
                           ffi::Buffer<ffi::BF16> b, ffi::Buffer<ffi::F32> bias,
                           ffi::ResultBuffer<ffi::BF16> c) {
-#ifndef HW2JAX_AMX
-  return ffi::Error(ffi::ErrorCode::kUnavailable, "this kernel build has no AMX-BF16");
+#ifndef HW2JAX_BF16_PRODUCTS
+  return ffi::Error(ffi::ErrorCode::kUnavailable, "this kernel build has no AMX-BF16 or AVX512-BF16");
 #else
-  if (!AmxPermitted())
-    return ffi::Error(ffi::ErrorCode::kUnavailable, "Linux refused this process AMX's tiles");
   const auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
   if (da.size() != 2 || db.size() != 2 || dc.size() != 2 || bias.dimensions().size() != 1)
     return ffi::Error::InvalidArgument("a, b and c must be 2-D and the bias 1-D");
@@ -566,6 +649,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAmxMatmulGelu, MatmulGeluCall,
 extern "C" int Hw2jaxAmxAvailable() {
 #ifdef HW2JAX_AMX
   return AmxPermitted() ? 1 : 0;
+#else
+  return -1;
+#endif
+}
+
+// How the bf16 products run here: 2 on AMX tiles, 1 on AVX512-BF16 pair dot products, 0 not at
+// all (AMX in the build but refused by Linux), -1 neither is in this build.
+extern "C" int Hw2jaxBf16Products() {
+#ifdef HW2JAX_AMX
+  if (AmxPermitted()) return 2;
+#endif
+#ifdef HW2JAX_PAIR_DOT
+  return 1;
+#elif defined(HW2JAX_AMX)
+  return 0;
 #else
   return -1;
 #endif
