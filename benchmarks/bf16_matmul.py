@@ -12,7 +12,7 @@ ViT (256 images x 50 tokens, dim 64, MLP 128), [tokens, in] x [in, out], inputs 
 float32 out. "with gradients" is the product and both of its input gradients (a loss
 sum(c * g) for a fixed g). The three are timed in turn, round after round, in one process
 (median after warm-up; compilation excluded). Writes ``bf16_matmul.json``. Needs a CPU with
-AMX-BF16.
+AMX-BF16, or for ``--rows dense`` AVX512-BF16 (the kernel then runs on pair dot products).
 """
 
 from __future__ import annotations
@@ -169,9 +169,11 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", choices=["all", "dense", "fused"], default="all")
     parser.add_argument("--out", default="benchmarks/results/amx_matmul")
     args = parser.parse_args(argv)
-    reason = kernels.amx_matmul_unavailable_reason()
+    reason = kernels.bf16_products_unavailable_reason()
     if reason is not None:
-        raise SystemExit(f"the AMX kernel cannot run here: {reason}")
+        raise SystemExit(f"the bf16 product kernel cannot run here: {reason}")
+    if args.rows != "dense" and (reason := kernels.amx_matmul_unavailable_reason()) is not None:
+        raise SystemExit(f"the fused rows need AMX's tiles ({reason}); pass --rows dense")
     import torch
 
     meta = {
@@ -180,6 +182,7 @@ def main(argv=None) -> None:
         "repeats": args.repeats,
         "env": runtime_settings(),
         "kernel_features": kernels.kernel_vector_features(),
+        "engine": kernels.bf16_products_engine(),  # what "amx kernel" ran on
     }
     print(meta)
     print(

@@ -297,14 +297,14 @@ def test_the_vit_step_drops_ynnpack_only_for_bf16_on_amx(monkeypatch):
     from hw2jax.models import vit
     from hw2jax.models.layers import NO_YNNPACK, xla_accepts
 
-    monkeypatch.setattr(kernels, "bf16_products_unavailable_reason", lambda: None)
+    monkeypatch.setattr(kernels, "amx_matmul_unavailable_reason", lambda: None)
     cpu_amx = dispatch.Machine("cpu", kernel_features=AMX)
     no_amx = dispatch.Machine("cpu", kernel_features=NO_AMX)
     dropped = dict(NO_YNNPACK) if xla_accepts(NO_YNNPACK) else {}
     assert dropped, "this jaxlib should know the option"
     assert vit.xla_compiler_options(jnp.bfloat16, cpu_amx) == dropped
-    pair_dots = dispatch.Machine("cpu", kernel_features=PAIR_DOTS)
-    assert vit.xla_compiler_options(jnp.bfloat16, pair_dots) == dropped
+    pair_dots = dispatch.Machine("cpu", kernel_features=PAIR_DOTS)  # YNNPACK stays there
+    assert vit.xla_compiler_options(jnp.bfloat16, pair_dots) == {}
     assert vit.xla_compiler_options(jnp.float32, cpu_amx) == {}
     assert vit.xla_compiler_options(None, cpu_amx) == {}
     assert vit.xla_compiler_options(jnp.bfloat16, no_amx) == {}

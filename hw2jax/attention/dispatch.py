@@ -408,10 +408,12 @@ def bf16_row_attention(
 
 
 def bf16_products_on_amx(amx_reason: Reason, machine: Machine | None = None) -> bool:
-    """Whether large bf16 products run on the kernel here, on AMX tiles or pair dots
-    (:func:`dense_product`'s rule for a product of its form and size, ``$HW2JAX_MATMUL``
-    included): what a step's other XLA options may depend on."""
-    return _amx_or_xla(True, AMX_MIN_MACS, amx_reason, machine) == "amx"
+    """Whether large bf16 products run on AMX tiles here (:func:`dense_product`'s rule for a
+    product of its form and size, ``$HW2JAX_MATMUL`` included; ``amx_reason`` says why the
+    tiles cannot run): what a step's other XLA options may depend on."""
+    if _setting(MATMUL_ENV, MATMUL) == "amx" and amx_reason() is not None:
+        return False  # forced products on a CPU without the tiles: on pair dots, if anywhere
+    return _amx_or_xla(True, AMX_MIN_MACS, amx_reason, machine, tiles=True) == "amx"
 
 
 def _amx_or_xla(

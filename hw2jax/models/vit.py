@@ -80,12 +80,13 @@ def xla_compiler_options(dtype: jnp.dtype | None, machine=None) -> dict[str, str
     """Options for ``jax.jit(..., compiler_options=...)`` of a ViT step. With bf16 compute whose
     products run on AMX tiles, XLA's own loops beat its YNNPACK fusions on what is left (layer
     norms, softmax, casts): 1,051-1,084 against 975-1,000 images/s a step, five processes each
-    (benchmarks/results/amx_fused/). In float32, where the products are XLA's, YNNPACK is the
-    faster one (497 against 533-539 images/s), so this is per step, not a process-wide
-    XLA_FLAGS."""
+    (benchmarks/results/amx_fused/). On AVX512-BF16 pair dots YNNPACK stays: 1,213 against
+    1,140 images/s without it on the Zen 4 EPYC (benchmarks/results/zen4/pair_dots/). In
+    float32, where the products are XLA's, YNNPACK is the faster one (497 against 533-539
+    images/s), so this is per step, not a process-wide XLA_FLAGS."""
     if dtype is None or jnp.dtype(dtype) != jnp.bfloat16 or jax.default_backend() != "cpu":
         return {}
-    if not dispatch.bf16_products_on_amx(kernels.bf16_products_unavailable_reason, machine):
+    if not dispatch.bf16_products_on_amx(kernels.amx_matmul_unavailable_reason, machine):
         return {}
     return dict(NO_YNNPACK) if xla_accepts(NO_YNNPACK) else {}
 
