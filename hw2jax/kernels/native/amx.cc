@@ -219,6 +219,8 @@ class RowBlocks {
           }
           if (k0 + kc < p_.kp) {
             StoreBlock(acc, p_.np);
+          } else if (p_.c16 == nullptr && block_rows == 32 && p_.n - nb * 32 >= 32) {
+            StoreBlock(c_base_ + (m0 + r0) * p_.n + nb * 32, p_.n);  // straight into c
           } else {
             StoreBlock(tail_.ptr, 32);
             Store(m0 + r0, block_rows, nb * 32);
