@@ -102,8 +102,8 @@ inline v16 Sigmoid(v16 x) {
   return x >= 0.0f ? s : e * s;
 }
 
-// Eigen's float tanh (as XLA:CPU's): an odd rational function on [-7.9053, 7.9053], x itself
-// below 4e-4.
+// Eigen's fast float tanh: an odd rational function on [-7.9053, 7.9053], x itself below 4e-4;
+// within 4e-7 of tanh (float32 against float64 on 2e6 points of [-9, 9]).
 inline v16 Tanh(v16 x) {
   const v16 c = x > 7.90531110763549805f    ? splat(7.90531110763549805f)
                 : x < -7.90531110763549805f ? splat(-7.90531110763549805f)
