@@ -4,14 +4,16 @@ Softmax attention (:func:`~hw2jax.attention.softmax_attention`), linear attentio
 (:func:`~hw2jax.attention.linear_attention` and the feature-map variants that share its
 products) and BERT's key-bias attention (:func:`~hw2jax.attention.key_bias_attention`, which
 :class:`hw2jax.models.bert.BertModel` calls) all ask this module, with one vocabulary: a path is
-named by its ``implementation=`` string, and the same name means the same code everywhere.
+named by its ``implementation=`` string, and the same name means the same code everywhere. The
+row kernels (:func:`row_kernel`), bf16 products (:func:`dense_product`) and the GRU's recurrence
+(:func:`recurrence`) ask it too.
 
 The rule, in order:
 
 1. **GPU or TPU**: the paths that have been measured there. Softmax: ``"jax"``, i.e.
    ``jax.nn.dot_product_attention`` with no implementation named (JAX's own choice of cuDNN or
-   XLA). Linear: ``"chunked"``. Key bias and few keys: ``"xla"``. Our Pallas kernels run only
-   when asked for by name (``"pallas"``).
+   XLA). Linear: ``"chunked"``. Key bias, few keys and the GRU's recurrence: ``"xla"``. Our
+   Pallas kernels run only when asked for by name (``"pallas"``).
 2. **CPU where the fused kernels can run** (:mod:`hw2jax.kernels`: float32, head dims a multiple
    of 16 up to 128, a C++ compiler) **and their build has AVX-512**: the fused kernels. Built for
    AVX2 alone their 8 x 32 score tile spills out of the 16 ymm registers and XLA is faster
@@ -21,10 +23,10 @@ The rule, in order:
    scores on, ``"naive"`` below (``benchmarks/results/cpu_gradients/``). Linear: ``"fused_cpu"``.
    Key bias: ``"fused_cpu"`` unless attention dropout is active (the kernel keeps no
    probabilities). Few keys (the ViT's regrouped heads, float32, at most 64 keys):
-   ``"fused_cpu"``.
+   ``"fused_cpu"``. The GRU's recurrence (float32, hidden size a multiple of 16): ``"fused_cpu"``.
 3. **Any other CPU**: softmax ``"naive"`` below 2^26 scores per (batch, head) and
-   ``"blockwise"`` from there (O(T) memory); linear ``"chunked"``; key bias and few keys
-   ``"xla"``.
+   ``"blockwise"`` from there (O(T) memory); linear ``"chunked"``; key bias, few keys and the
+   GRU's recurrence ``"xla"``.
 
 Before all three, linear attention with Based's Taylor feature map takes ``"parallel"`` (its
 weights from the scores, no features) wherever the keys are fewer than its 1 + d + d^2
