@@ -180,6 +180,28 @@ def check(implementation: str, choices: tuple[str, ...], what: str) -> None:
         )
 
 
+def resolve_fused(
+    implementation: str,
+    choices: tuple[str, ...],
+    what: str,
+    reason: Reason,
+    auto: Callable[[], str],
+    fix: str = "",
+) -> str:
+    """``implementation`` checked against ``choices`` (``what`` names the caller): ``auto()`` for
+    ``"auto"``, else the name given; ``"fused_cpu"`` where its kernel cannot run (``reason()``
+    says why) is an error naming the way out, ``fix`` added to it."""
+    check(implementation, choices, what)
+    if implementation == "auto":
+        return auto()
+    if implementation == "fused_cpu" and (why := reason()) is not None:
+        raise ImplementationError(
+            f"implementation='fused_cpu' cannot run: {why}. Use implementation='auto' or "
+            f"'xla'{fix}."
+        )
+    return implementation
+
+
 def _setting(variable: str, choices: tuple[str, ...]) -> str:
     """``$variable`` (unset or empty: ``auto``), checked against ``choices``."""
     value = os.environ.get(variable, "auto") or "auto"
@@ -403,8 +425,6 @@ def bf16_row_attention(
     (benchmarks/results/amx_fused/)."""
     batch, t, heads, dim = shape
     fits = jnp.dtype(dtype) == jnp.bfloat16 and dim in kernels.SUPPORTED_HEAD_DIMS
-    if _setting(MATMUL_ENV, MATMUL) == "amx" and amx_reason() is not None:
-        return "float32"  # forced products on a CPU without the tiles: the attention upcasts
     path = _amx_or_xla(fits, 2 * batch * heads * t * t * dim, amx_reason, machine, tiles=True)
     return "amx" if path == "amx" else "float32"
 
@@ -413,8 +433,6 @@ def bf16_products_on_amx(amx_reason: Reason, machine: Machine | None = None) -> 
     """Whether large bf16 products run on AMX tiles here (:func:`dense_product`'s rule for a
     product of its form and size, ``$HW2JAX_MATMUL`` included; ``amx_reason`` says why the
     tiles cannot run): what a step's other XLA options may depend on."""
-    if _setting(MATMUL_ENV, MATMUL) == "amx" and amx_reason() is not None:
-        return False  # forced products on a CPU without the tiles: on pair dots, if anywhere
     return _amx_or_xla(True, AMX_MIN_MACS, amx_reason, machine, tiles=True) == "amx"
 
 
@@ -423,17 +441,20 @@ def _amx_or_xla(
 ) -> str:
     """The kernel for a product of its form (``fits``): forced by ``$HW2JAX_MATMUL=amx``, else
     from ``AMX_MIN_MACS`` multiply-adds on a CPU where it runs (with ``tiles``, AMX-BF16 only:
-    BERT's bf16 attention has no pair-dot form)."""
+    BERT's bf16 attention has no pair-dot form; forced where the tiles cannot run, it stays
+    off them while the products take the pair dots)."""
     force = _setting(MATMUL_ENV, MATMUL)
     if force == "xla" or not fits:
         return "xla"
     if force == "amx":
-        if (why := amx_reason()) is not None:
-            raise ImplementationError(
-                f"${MATMUL_ENV}=amx, but the bf16 product kernel cannot run here: {why}. Unset "
-                f"{MATMUL_ENV} or set it to auto."
-            )
-        return "amx"
+        if (why := amx_reason()) is None:
+            return "amx"
+        if tiles:
+            return "xla"
+        raise ImplementationError(
+            f"${MATMUL_ENV}=amx, but the bf16 product kernel cannot run here: {why}. Unset "
+            f"{MATMUL_ENV} or set it to auto."
+        )
     machine = machine or this_machine()
     on_cpu = machine.amx if tiles else machine.bf16_products
     if macs >= AMX_MIN_MACS and on_cpu and amx_reason() is None:
@@ -583,10 +604,14 @@ def probe_inputs(inputs: Sequence[jax.Array], abstract: bool = False) -> list:
         shapes = [(rows, inputs[0].shape[-1]), *(x.shape for x in inputs[1:])]
     else:
         shapes = _attention_probe_shapes(inputs)
-    if abstract:
-        return [jax.ShapeDtypeStruct(s, x.dtype) for s, x in zip(shapes, inputs, strict=True)]
+    probe = [jax.ShapeDtypeStruct(s, x.dtype) for s, x in zip(shapes, inputs, strict=True)]
+    return probe if abstract else _filled(probe)
+
+
+def _filled(probe: Sequence[jax.ShapeDtypeStruct]) -> list:
+    """Arrays of these shapes and dtypes, values in [0, 1), the same on every call."""
     rng = np.random.default_rng(0)
-    return [jnp.asarray(rng.random(s), x.dtype) for s, x in zip(shapes, inputs, strict=True)]
+    return [jnp.asarray(rng.random(x.shape), x.dtype) for x in probe]
 
 
 def _attention_probe_shapes(inputs: Sequence[jax.Array]) -> list[tuple]:
@@ -617,10 +642,7 @@ def _class_of(op: str, causal: bool, gradient: bool, measure: Measure) -> str:
 def _probe_of(measure: Measure, abstract: bool = False) -> list:
     if measure.probe is None:
         return probe_inputs(measure.inputs, abstract)
-    if abstract:
-        return list(measure.probe)
-    rng = np.random.default_rng(0)
-    return [jnp.asarray(rng.random(x.shape), x.dtype) for x in measure.probe]
+    return list(measure.probe) if abstract else _filled(measure.probe)
 
 
 def time_paths(paths: Sequence[str], measure: Measure, gradient: bool) -> dict[str, float]:

@@ -44,15 +44,14 @@ def resolve(
 ) -> str:
     """ "xla" or "fused_cpu": the dispatch rule's choice for "auto", else the name given,
     checked."""
-    dispatch.check(implementation, IMPLEMENTATIONS, "few_keys_attention")
     reason = functools.partial(fused_unavailable, q_shape, kv_shape, dtype)
-    if implementation == "auto":
-        return dispatch.few_keys(reason, measure=measure)
-    if implementation == "fused_cpu" and (why := reason()) is not None:
-        raise dispatch.ImplementationError(
-            f"implementation='fused_cpu' cannot run: {why}. Use implementation='auto' or 'xla'."
-        )
-    return implementation
+    return dispatch.resolve_fused(
+        implementation,
+        IMPLEMENTATIONS,
+        "few_keys_attention",
+        reason,
+        lambda: dispatch.few_keys(reason, measure=measure),
+    )
 
 
 def fused_unavailable(q_shape, kv_shape, dtype) -> str | None:

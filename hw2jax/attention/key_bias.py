@@ -64,16 +64,15 @@ def resolve(
 ) -> str:
     """ "xla" or "fused_cpu": the dispatch rule's choice for "auto" (timed where ``measure`` is
     given), else the name given, checked (``what`` names the caller in the message)."""
-    dispatch.check(implementation, IMPLEMENTATIONS, what)
     reason = functools.partial(fused_unavailable, head_dim, dropout_active)
-    if implementation == "auto":
-        return dispatch.key_bias(reason, measure=measure)
-    if implementation == "fused_cpu" and (why := reason()) is not None:
-        raise dispatch.ImplementationError(
-            f"implementation='fused_cpu' cannot run: {why}. Use implementation='auto' or 'xla'"
-            + (" (or deterministic=True)." if dropout_active else ".")
-        )
-    return implementation
+    return dispatch.resolve_fused(
+        implementation,
+        IMPLEMENTATIONS,
+        what,
+        reason,
+        lambda: dispatch.key_bias(reason, measure=measure),
+        " (or deterministic=True)" if dropout_active else "",
+    )
 
 
 def timed_paths(shape: tuple, dtype, scale: float) -> dispatch.Measure:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,28 +39,46 @@ def _products_engine() -> int:
     return int(ctypes.cdll.LoadLibrary(str(library_path())).Hw2jaxBf16Products())
 
 
+def _library_reason(
+    what: str, features: tuple[str, ...], lacking: str, says: Callable[[], int]
+) -> str | None:
+    """Why the kernel ``what``, which needs one of the vector ``features`` (``lacking`` names them
+    as missing), cannot run here, or None if it can. ``says()`` is the library's answer: -1 none
+    of them built in, 0 refused by Linux (AMX's tile state), above 0 it runs."""
+    if jax.default_backend() != "cpu":
+        return f"the {what} is for CPU; jax's backend here is {jax.default_backend()!r}"
+    try:
+        found = kernel_vector_features()
+    except KernelUnavailable as err:
+        return str(err)
+    if not any(found.get(feature, False) for feature in features):
+        return f"this CPU (or $HW2JAX_KERNEL_MARCH) has {lacking}"
+    if (error := build_error()) is not None:
+        return error
+    if (answer := says()) == -1:
+        return (
+            f"the kernel library was built without {' or '.join(_NAMES[f] for f in features)} "
+            "(its -march build failed and a generic one was made; check the compiler, or set "
+            "$HW2JAX_KERNEL_MARCH)"
+        )
+    if answer == 0:
+        return "Linux did not grant this process AMX's tile state (arch_prctl XTILEDATA)"
+    return None
+
+
+_NAMES = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}
+
+
 def bf16_products_unavailable_reason() -> str | None:
     """None if :func:`amx_matmul`, :func:`amx_batched_matmul` and :func:`amx_dense_gelu` can
     run here (on AMX tiles or AVX512-BF16 pair dots), else why not (building the kernels on
     first call)."""
-    if jax.default_backend() != "cpu":
-        return f"the bf16 product kernel is for CPU; jax's backend is {jax.default_backend()!r}"
-    try:
-        features = kernel_vector_features()
-    except KernelUnavailable as err:
-        return str(err)
-    if not (features.get("amx_bf16", False) or features.get("avx512_bf16", False)):
-        return "this CPU (or $HW2JAX_KERNEL_MARCH) has neither AMX-BF16 nor AVX512-BF16"
-    if (error := build_error()) is not None:
-        return error
-    if (engine := _products_engine()) == -1:
-        return (
-            "the kernel library was built without AMX-BF16 or AVX512-BF16 (its -march build "
-            "failed and a generic one was made; check the compiler, or set $HW2JAX_KERNEL_MARCH)"
-        )
-    if engine == 0:
-        return "Linux did not grant this process AMX's tile state (arch_prctl XTILEDATA)"
-    return None
+    return _library_reason(
+        "bf16 product kernel",
+        ("amx_bf16", "avx512_bf16"),
+        "neither AMX-BF16 nor AVX512-BF16",
+        _products_engine,
+    )
 
 
 def bf16_products_engine() -> str:
@@ -71,23 +90,7 @@ def bf16_products_engine() -> str:
 def amx_matmul_unavailable_reason() -> str | None:
     """None if AMX's tiles can run here (:func:`hw2jax.kernels.amx_attention` needs them), else
     why not (building the kernel on first call)."""
-    if jax.default_backend() != "cpu":
-        return f"the AMX kernel is for CPU; jax's backend here is {jax.default_backend()!r}"
-    try:
-        if not kernel_vector_features().get("amx_bf16", False):
-            return "this CPU (or $HW2JAX_KERNEL_MARCH) has no AMX-BF16"
-    except KernelUnavailable as err:
-        return str(err)
-    if (error := build_error()) is not None:
-        return error
-    if (says := _library_says()) == -1:
-        return (
-            "the kernel library was built without AMX-BF16 (its -march build failed and a "
-            "generic one was made; check the compiler, or set $HW2JAX_KERNEL_MARCH)"
-        )
-    if says != 1:
-        return "Linux did not grant this process AMX's tile state (arch_prctl XTILEDATA)"
-    return None
+    return _library_reason("AMX kernel", ("amx_bf16",), "no AMX-BF16", _library_says)
 
 
 def _product(

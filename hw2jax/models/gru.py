@@ -125,17 +125,14 @@ def recurrence(
     backward pass), ``"fused_cpu"`` (:func:`hw2jax.kernels.gru_recurrence_cpu`: float32, H a
     multiple of 16, CPU) or ``"auto"`` (:func:`hw2jax.attention.dispatch.recurrence`, timed on
     CPU with gradients)."""
-    dispatch.check(implementation, IMPLEMENTATIONS, "the GRU's recurrence")
-    hidden = w_hh.shape[-1]
-    reason = functools.partial(kernels.gru_unavailable_reason, hidden, x_proj.dtype)
-    if implementation == "auto":
-        path = dispatch.recurrence(reason, measure=timed_paths(x_proj, w_hh, b_hh, valid))
-    elif implementation == "fused_cpu" and (why := reason()) is not None:
-        raise dispatch.ImplementationError(
-            f"implementation='fused_cpu' cannot run: {why}. Use implementation='auto' or 'xla'."
-        )
-    else:
-        path = implementation
+    reason = functools.partial(kernels.gru_unavailable_reason, w_hh.shape[-1], x_proj.dtype)
+    path = dispatch.resolve_fused(
+        implementation,
+        IMPLEMENTATIONS,
+        "the GRU's recurrence",
+        reason,
+        lambda: dispatch.recurrence(reason, measure=timed_paths(x_proj, w_hh, b_hh, valid)),
+    )
     if path == "fused_cpu":
         return kernels.gru_recurrence_cpu(x_proj, w_hh, b_hh, valid)
     return _scan_directions(x_proj, w_hh, b_hh, valid)
