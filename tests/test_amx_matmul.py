@@ -344,6 +344,14 @@ def test_the_environment_forces_a_path_and_a_bad_force_names_the_fix(monkeypatch
     assert dispatch.dense_product(*f32, DENSE, lambda: None, cpu_amx) == "xla"
     with pytest.raises(dispatch.ImplementationError, match=r"no AMX-BF16.*set it to auto"):
         dispatch.dense_product(*big, DENSE, lambda: "this CPU has no AMX-BF16", cpu_amx)
+    # Forced on a CPU without the tiles (the products on pair dots): what only the tiles run
+    # stays off them, with no error.
+    pair_dots = dispatch.Machine("cpu", kernel_features=PAIR_DOTS)
+    no_tiles = lambda: "this CPU has no AMX-BF16"  # noqa: E731
+    bert = (32, 256, 12, 32)
+    assert dispatch.bf16_row_attention(bert, jnp.bfloat16, no_tiles, pair_dots) == "float32"
+    assert not dispatch.bf16_products_on_amx(no_tiles, pair_dots)
+    assert dispatch.dense_product(*big, DENSE, lambda: None, pair_dots) == "amx"
     monkeypatch.setenv(dispatch.MATMUL_ENV, "mkl")
     with pytest.raises(
         dispatch.ImplementationError, match=r"unknown implementation 'mkl'.*xla, amx"
