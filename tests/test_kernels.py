@@ -264,6 +264,53 @@ def test_build_failures_name_the_fix(tmp_path, monkeypatch):
         kernels.library_path.__wrapped__()
 
 
+_FAKE_COMPILER = """#!/bin/sh
+echo "$@" >> "$(dirname "$0")/calls"
+out=""; last=""
+for arg in "$@"; do [ "$last" = "-o" ] && out="$arg"; last="$arg"; done
+if [ "$1" = "-shared" ]; then
+  for arg in "$@"; do case "$arg" in *.o) ! grep -q damaged "$arg" || exit 1;; esac; done
+fi
+[ -z "$out" ] || echo "object of $*" > "$out"
+"""
+
+
+def test_a_changed_source_compiles_that_file_alone(tmp_path, monkeypatch):
+    """Objects are cached by their own inputs: a changed .cc compiles alone, a changed header
+    compiles all, and a damaged cached object is compiled again when the link fails."""
+    native = tmp_path / "native"
+    shutil.copytree(build.NATIVE_DIR, native)
+    compiler = tmp_path / "bin" / "c++"
+    compiler.parent.mkdir()
+    compiler.write_text(_FAKE_COMPILER)
+    compiler.chmod(0o755)
+    monkeypatch.setattr(build, "NATIVE_DIR", native)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("HW2JAX_KERNEL_CACHE", str(tmp_path / "cache"))
+    calls = compiler.with_name("calls")
+
+    def build_and_list_compiled() -> tuple[list[str], int]:
+        """The sources compiled, and how many links it took."""
+        calls.write_text("")
+        assert kernels.library_path.__wrapped__().read_text().startswith("object of -shared")
+        lines = calls.read_text().splitlines()
+        compiled = [Path(line.split(" -c ")[1].split()[0]).name for line in lines if " -c " in line]
+        return sorted(compiled), sum(line.startswith("-shared") for line in lines)
+
+    sources = sorted(path.name for path in native.glob("*.cc"))
+    assert len(sources) >= 6 and build_and_list_compiled() == (sources, 1)
+    with (native / "gru.cc").open("a") as f:
+        f.write("// changed\n")
+    assert build_and_list_compiled() == (["gru.cc"], 1)
+    with (native / "common.h").open("a") as f:
+        f.write("// changed\n")
+    assert build_and_list_compiled() == (sources, 1)
+    (next((tmp_path / "cache" / "objects").glob("rows-*.o"))).write_text("damaged")
+    with (native / "gru.cc").open("a") as f:
+        f.write("// changed again\n")
+    assert build_and_list_compiled() == (sources, 2)  # gru.cc, a failed link, then the rest
+
+
 _LOAD_AND_RUN = """
 import numpy as np
 from hw2jax import kernels
@@ -278,6 +325,9 @@ print(float(np.abs(np.asarray(kernels.cpu_attention(x, x, x)) - x).max()))
 def test_an_unloadable_cached_library_is_rebuilt(tmp_path, monkeypatch):
     """Garbage under the cached library's name: the next process rebuilds it and computes the
     right thing. (A fresh process: jax takes one handler per target name per process.)"""
+    objects = build.cache_dir() / "objects"  # the rebuild links them: a test of loading
+    if objects.is_dir():
+        shutil.copytree(objects, tmp_path / "objects")
     monkeypatch.setenv("HW2JAX_KERNEL_CACHE", str(tmp_path))
     target = build.library_target()
     target.write_bytes(b"not a shared library")

@@ -2,7 +2,8 @@
 of op) ship with the package and are compiled on first use with the system's C++ compiler
 (``$CXX``, else ``c++``/``g++``/``clang++``) for this CPU (``-march=native``), one file per core at
 a time, and linked into one library in ``$HW2JAX_KERNEL_CACHE`` (default
-``~/.cache/hw2jax/kernels``); then its FFI targets are registered with XLA."""
+``~/.cache/hw2jax/kernels``; the objects are kept in its ``objects/``, each keyed by its own
+inputs); then its FFI targets are registered with XLA."""
 
 from __future__ import annotations
 
@@ -118,14 +119,20 @@ def kernel_vector_features() -> dict[str, bool]:
 
 def library_target() -> Path:
     """Where the library for this CPU, compiler, jax and source is (or will be) cached."""
-    cxx = _compiler()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
-        b"\0".join(s.encode() for s in (version, jax.__version__, _cpu_identity(), _march()))
+        b"\0".join(
+            s.encode()
+            for s in (_compiler_version(_compiler()), jax.__version__, _cpu_identity(), _march())
+        )
         + b"".join(p.name.encode() + b"\0" + p.read_bytes() for p in _native("*.cc", "*.h"))
         + _headers_digest()
     ).hexdigest()[:16]
     return cache_dir() / f"cpu_attention-{key}.so"
+
+
+@functools.cache
+def _compiler_version(cxx: str) -> str:
+    return subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
 
 
 def _native(*patterns: str) -> list[Path]:
@@ -168,10 +175,11 @@ def library_path() -> Path:
 
 
 def _compile_and_link(cxx: str, arch: list[str], include: str, built: Path) -> str | None:
-    """Compiles each source file to an object beside ``built`` (up to one compiler per core:
-    each file takes seconds at -O3), then links them into ``built``; None on success, else the
-    compiler's errors."""
-    flags = [cxx, "-O3", "-std=c++17", "-fPIC", "-isystem", include, *arch]
+    """Compiles each source file that has no cached object yet (up to one compiler per core:
+    each file takes seconds at -O3), then links the objects into ``built``; None on success,
+    else the compiler's errors. Objects are cached by their own inputs, so a change to one
+    source compiles that file alone."""
+    flags = [cxx, "-O3", "-std=c++17", "-fPIC", *arch]
 
     def run(command: list[str]) -> str | None:
         done = subprocess.run(command, capture_output=True, text=True)
@@ -179,13 +187,40 @@ def _compile_and_link(cxx: str, arch: list[str], include: str, built: Path) -> s
             return None
         return done.stderr or f"{command[0]} exited with status {done.returncode}"
 
-    sources = _native("*.cc")  # each compiled on its own
-    objects = [built.with_name(f"{source.stem}.o") for source in sources]
-    compiles = [[*flags, "-c", str(s), "-o", str(o)] for s, o in zip(sources, objects, strict=True)]
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        if errors := next((e for e in pool.map(run, compiles) if e is not None), None):
+    def compile_into_cache(source: Path) -> str | None:
+        fresh = built.with_name(f"{source.stem}.o")
+        errors = run([*flags, "-isystem", include, "-c", str(source), "-o", str(fresh)])
+        if errors is None:
+            os.replace(fresh, objects[source])  # whole or not at all, as the library
+        return errors
+
+    shared = b"\0".join(s.encode() for s in (_compiler_version(cxx), _cpu_identity(), *flags))
+    shared += b"".join(p.read_bytes() for p in _native("*.h")) + _headers_digest()
+    objects = {source: _object_path(source, shared) for source in _native("*.cc")}
+    _objects_dir().mkdir(parents=True, exist_ok=True)
+    for _ in range(2):  # the second time with no cached object
+        missing = [source for source, path in objects.items() if not path.exists()]
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            errors = next((e for e in pool.map(compile_into_cache, missing) if e), None)
+        if errors is not None:
             return errors
-    return run([cxx, "-shared", *arch, *map(str, objects), "-o", str(built)])
+        errors = run([cxx, "-shared", *arch, *map(str, objects.values()), "-o", str(built)])
+        if errors is None or len(missing) == len(objects):
+            return errors
+        for source in objects.keys() - set(missing):  # a damaged cached object: compile again
+            objects[source].unlink(missing_ok=True)
+    return errors
+
+
+def _objects_dir() -> Path:
+    return cache_dir() / "objects"
+
+
+def _object_path(source: Path, shared: bytes) -> Path:
+    """Where ``source``'s object is cached: keyed by the source and by what every object shares
+    (the compiler, its flags, this CPU, the shared headers and the XLA FFI headers)."""
+    key = hashlib.sha256(shared + b"\0" + source.read_bytes()).hexdigest()[:16]
+    return _objects_dir() / f"{source.stem}-{key}.o"
 
 
 @functools.cache
