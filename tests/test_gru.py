@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_on_host_devices
 
 from hw2jax import kernels
 from hw2jax.attention import dispatch
@@ -81,6 +82,73 @@ def test_the_kernel_over_many_rows_matches_torch():
     (out, h), (t_out, t_h) = run_both(6, 32, 2, True, lengths, 0, "fused_cpu", batch=19)
     np.testing.assert_allclose(out, t_out, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(h, t_h, atol=1e-5, rtol=1e-5)
+
+
+_SHARDED = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from hw2jax.models.gru import GRU
+rng = np.random.default_rng(0)
+x = rng.standard_normal((6, 9, 8)).astype(np.float32)
+lengths = np.array([9, 3, 5, 9, 1, 6])
+model = GRU(16, 2, True, implementation="fused_cpu")
+params = model.init(jax.random.key(0), x, lengths)["params"]
+g = rng.standard_normal((6, 9, 32)).astype(np.float32)
+
+def loss(params, x, lengths):
+    out, last = model.apply({"params": params}, x, lengths)
+    return jnp.sum(out * g) + jnp.sum(last ** 2)
+
+f = jax.jit(jax.value_and_grad(loss, (0, 1)))
+one_device = f(params, x, lengths)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+args = (jax.device_put(params, NamedSharding(mesh, P())),
+        put(x, P("data")), put(lengths, P("data")))
+hlo = f.lower(*args).compile().as_text()
+calls = [line.split("=")[1].split("custom-call")[0].strip().split("{")[0].strip("(")
+         for line in hlo.splitlines() if "hw2jax_cpu_gru" in line and "custom-call(" in line]
+print("all-gather" in hlo)
+print(sorted(set(calls)))
+two = f(*args)
+print(max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+          for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one_device))))
+"""
+
+
+def test_a_batch_split_over_devices_stays_split():
+    """Two layers, both directions, forward and backward, under a 2-device mesh that splits the
+    batch as data-parallel training does: each device runs the kernels on its 3 rows, with no
+    all-gather, and the loss and every gradient (W_hh's summed over the devices) are the
+    one-device ones."""
+    if kernels.build_error():
+        pytest.skip(f"the fused CPU kernels cannot be built here: {kernels.build_error()}")
+    gathered, calls, error = run_on_host_devices(_SHARDED).splitlines()
+    assert gathered == "False"
+    assert calls == "['f32[9,2,3,16]', 'f32[9,2,3,48]']", calls  # states; the input's gradient
+    assert float(error) < 5e-5
+
+
+def test_the_kernel_under_vmap_runs_each_item():
+    """vmap over inputs and weights: each item's outputs and gradients as if called alone."""
+    if kernels.build_error():
+        pytest.skip(f"the fused CPU kernels cannot be built here: {kernels.build_error()}")
+    rng = np.random.default_rng(0)
+    xp = rng.standard_normal((3, 5, 2, 2, 48)).astype(np.float32)
+    w = (0.3 * rng.standard_normal((3, 2, 48, 16))).astype(np.float32)
+    bias = rng.standard_normal((2, 48)).astype(np.float32)
+    valid = np.arange(5)[None] < np.array([[5], [2]])
+
+    def loss(xp, w):
+        out, last = kernels.gru_recurrence_cpu(xp, w, bias, valid)
+        return jnp.sum(out**2) + jnp.sum(last)
+
+    batched = jax.vmap(jax.value_and_grad(loss, (0, 1)))(xp, w)
+    alone = [jax.value_and_grad(loss, (0, 1))(a, b) for a, b in zip(xp, w, strict=True)]
+    for got, expected in zip(
+        jax.tree.leaves(batched), zip(*map(jax.tree.leaves, alone), strict=True), strict=True
+    ):
+        np.testing.assert_allclose(got, np.stack(expected), rtol=1e-6, atol=1e-6)
 
 
 def test_the_kernel_refuses_what_it_cannot_take():

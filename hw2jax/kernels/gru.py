@@ -1,13 +1,24 @@
 """torch's GRU recurrence by the fused CPU kernel (``native/gru.cc``), forward and backward: all
 T steps of one layer's directions in one call, each (direction, block of batch rows) on one
-thread, the gates fused into the step's product with the packed W_hh."""
+thread, the gates fused into the step's product with the packed W_hh. Under ``jax.jit`` on a
+mesh that splits the batch, each device runs the kernels on its own rows."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
 from hw2jax.kernels.build import TARGETS, build_error, register_targets
+
+# The operands' and results' axes: t steps, d directions, b batch, g = 3H gate rows, h = H.
+_X_PROJ, _W_HH, _B_HH, _VALID, _STATES, _LAST = "t d b g", "d g h", "d g", "b t", "t d b h", "d b h"
+_FORWARD = ((_X_PROJ, _W_HH, _B_HH, _VALID), (_STATES, _LAST))
+_FORWARD_SAVE = (_FORWARD[0], (_STATES, _LAST, *[_STATES] * 5))
+_BACKWARD = ((_W_HH, _VALID, *[_STATES] * 5, _STATES, _LAST), (_X_PROJ, _W_HH, _B_HH))
 
 
 def gru_unavailable_reason(hidden: int, dtype: jnp.dtype) -> str | None:
@@ -22,10 +33,76 @@ def gru_unavailable_reason(hidden: int, dtype: jnp.dtype) -> str | None:
     return build_error()
 
 
-def _call(target: str, shapes: list[tuple[int, ...]], *args):
-    register_targets()
-    results = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
-    return jax.ffi.ffi_call(TARGETS[target][1], results, vmap_method="sequential")(*args)
+@functools.cache
+def _kernel(target: str, ins: tuple[str, ...], outs: tuple[str, ...]):
+    """The FFI target as a function of its operands (axes ``ins``, results ``outs``). On a mesh
+        that splits the batch, each device runs its rows, and results without a batch axis (the
+        weight gradients, sums over the batch) are summed over the devices that split it. Under
+    ``jax.vmap``, one call per vmapped item (the weights may differ from one to the next)."""
+
+    def local(*args):
+        register_targets()
+        sizes = {
+            a: n
+            for axes, arg in zip(ins, args, strict=True)
+            for a, n in zip(axes.split(), arg.shape, strict=True)
+        }
+        results = [
+            jax.ShapeDtypeStruct([sizes[a] for a in axes.split()], jnp.float32) for axes in outs
+        ]
+        return tuple(jax.ffi.ffi_call(TARGETS[target][1], results, vmap_method="sequential")(*args))
+
+    def batch_split(arg_shapes):
+        axes, shape = next((a, s) for a, s in zip(ins, arg_shapes, strict=True) if "b" in a.split())
+        spec, index = shape.sharding.spec, axes.split().index("b")
+        return spec[index] if index < len(spec) else None
+
+    def shardings(mesh, split, layouts):
+        return tuple(
+            NamedSharding(mesh, PartitionSpec(*(split if a == "b" else None for a in axes.split())))
+            for axes in layouts
+        )
+
+    def partition(mesh, arg_shapes, result_shape):
+        split = batch_split(arg_shapes)
+
+        def run(*args):
+            results = local(*args)
+            if split is None:
+                return results
+            return tuple(
+                r if "b" in axes.split() else jax.lax.psum(r, split)
+                for r, axes in zip(results, outs, strict=True)
+            )
+
+        return mesh, run, shardings(mesh, split, outs), shardings(mesh, split, ins)
+
+    sharded = custom_partitioning(local)
+    letters = dict.fromkeys(a for axes in ins + outs for a in axes.split())
+    sharded.def_partition(
+        partition,
+        infer_sharding_from_operands=lambda mesh, arg_shapes, _: shardings(
+            mesh, batch_split(arg_shapes), outs
+        ),
+        sharding_rule=", ".join(ins) + " -> " + ", ".join(outs),
+        # Every factor but the batch, in order of appearance (Shardy).
+        need_replication_factors=tuple(a for a in letters if a != "b"),
+    )
+
+    @jax.custom_batching.custom_vmap
+    def call(*args):
+        return sharded(*args)
+
+    @call.def_vmap
+    def _one_at_a_time(axis_size, in_batched, *args):
+        def one(batched):
+            rest = iter(batched)
+            return call(*(next(rest) if b else a for a, b in zip(args, in_batched, strict=True)))
+
+        batched = [a for a, b in zip(args, in_batched, strict=True) if b]
+        return jax.lax.map(one, batched), (True,) * len(outs)
+
+    return call
 
 
 @jax.custom_vjp
@@ -35,38 +112,18 @@ def gru_recurrence_cpu(x_proj, w_hh, b_hh, valid):
     w_hh [D, 3H, H], b_hh [D, 3H], valid [B, T] bool. Returns outputs [T, D, B, H] (0 past a
     sequence's end) and the last states [D, B, H]. float32, H a multiple of 16
     (:func:`gru_unavailable_reason`)."""
-    t, d, b, three_h = x_proj.shape
-    h = three_h // 3
-    return tuple(_call("gru_forward", [(t, d, b, h), (d, b, h)], x_proj, w_hh, b_hh, valid))
+    return _kernel("gru_forward", *_FORWARD)(x_proj, w_hh, b_hh, valid)
 
 
 def _forward(x_proj, w_hh, b_hh, valid):
-    t, d, b, three_h = x_proj.shape
-    h = three_h // 3
-    out, last, *saved = _call(
-        "gru_forward_save",
-        [(t, d, b, h), (d, b, h)] + [(t, d, b, h)] * 5,
-        x_proj,
-        w_hh,
-        b_hh,
-        valid,
-    )
+    out, last, *saved = _kernel("gru_forward_save", *_FORWARD_SAVE)(x_proj, w_hh, b_hh, valid)
     return (out, last), (w_hh, valid, saved)
 
 
 def _backward(residuals, cotangents):
     w_hh, valid, saved = residuals
     g_out, g_h = cotangents
-    t, d, b, h = g_out.shape
-    d_xp, d_w, d_b = _call(
-        "gru_backward",
-        [(t, d, b, 3 * h), (d, 3 * h, h), (d, 3 * h)],
-        w_hh,
-        valid,
-        *saved,
-        g_out,
-        g_h,
-    )
+    d_xp, d_w, d_b = _kernel("gru_backward", *_BACKWARD)(w_hh, valid, *saved, g_out, g_h)
     return d_xp, d_w, d_b, None
 
 
