@@ -8,10 +8,12 @@
    times that forward and backward).
 2. The sentiment head's whole training step (``train_throughput.py``'s GRU row without torch:
    2-layer bidirectional GRU over [B, T, 768] features, both last states into one logit, BCE,
-   Adam), each path's step compiled once.
+   Adam), each path's step compiled once; with ``--host-devices N`` (N > 1) also the same step
+   with the batch split over N host devices, as ``--host-devices`` trains.
 
 Defaults: the assignment's head, B 128, T 512, H 256. Before timing, the paths' first losses
-must agree to 1e-5 and their updated parameters to 1e-4. Writes ``gru_recurrence.json``.
+must agree to 1e-5 and their updated parameters to 1e-4 (the split steps' with the one-device
+step's too). Writes ``gru_recurrence.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from hw2jax import malloc
 from hw2jax.cpu import machine
 from hw2jax.timing import interleaved_seconds, runtime_settings, write_results
+from hw2jax.train.sharding import split_host_cpu
 
 PATHS = ("xla", "fused_cpu")
 
@@ -54,10 +57,13 @@ def _recurrence_calls(batch: int, steps: int, hidden: int) -> dict:
     return calls
 
 
-def _step_calls(batch: int, steps: int, features: int, hidden: int) -> tuple[dict, dict]:
+def _step_calls(
+    batch: int, steps: int, features: int, hidden: int, host_devices: int
+) -> tuple[dict, dict]:
     import jax
     import jax.numpy as jnp
     import optax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from hw2jax.models.gru import GRU
 
@@ -73,38 +79,52 @@ def _step_calls(batch: int, steps: int, features: int, hidden: int) -> tuple[dic
     }
     opt = optax.adam(1e-3)
     state = opt.init(params)
+    if host_devices > 1:  # the batch split, parameters and optimiser state whole
+        mesh = Mesh(np.array(jax.devices()[:host_devices]), ("data",))
+        whole = jax.device_put((params, state), NamedSharding(mesh, PartitionSpec()))
+        split = [jax.device_put(a, NamedSharding(mesh, PartitionSpec("data"))) for a in (x, y)]
+        on_mesh = (*whole, *split)
     calls, first = {}, {}
     for path in PATHS:
         gru = GRU(hidden, 2, True, implementation=path)
 
-        def loss_fn(p, gru=gru):
+        def loss_fn(p, x, y, gru=gru):
             _, h_n = gru.apply({"params": p["gru"]}, x)
             logit = (jnp.concatenate([h_n[-2], h_n[-1]], -1) @ p["w"] + p["b"])[:, 0]
             return optax.sigmoid_binary_cross_entropy(logit, y).mean()
 
         @jax.jit
-        def step(p, s, loss_fn=loss_fn):
-            loss, grads = jax.value_and_grad(loss_fn)(p)
+        def step(p, s, x, y, loss_fn=loss_fn):
+            loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
             updates, s = opt.update(grads, s, p)
             return optax.apply_updates(p, updates), s, loss
 
-        first[path] = jax.block_until_ready(step(params, state))
+        first[path] = jax.block_until_ready(step(params, state, x, y))
         calls[f"{path} training step"] = lambda step=step: jax.block_until_ready(
-            step(params, state)
+            step(params, state, x, y)
         )
+        if host_devices > 1:
+            name = f"{path} training step on {host_devices} devices"
+            first[name] = jax.block_until_ready(step(*on_mesh))
+            calls[name] = lambda step=step: jax.block_until_ready(step(*on_mesh))
     return calls, first
 
 
 def _check_agreement(first: dict) -> dict:
-    """The paths' first losses and updated parameters, against each other."""
+    """Every step's first loss and updated parameters against the scan's on one device."""
     import jax
 
-    (p_a, _, loss_a), (p_b, _, loss_b) = (first[path] for path in PATHS)
-    loss_gap = abs(float(loss_a) - float(loss_b))
-    param_gap = max(
-        float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-        for a, b in zip(jax.tree.leaves(p_a), jax.tree.leaves(p_b), strict=True)
-    )
+    p_a, _, loss_a = first[PATHS[0]]
+    loss_gap = param_gap = 0.0
+    for p_b, _, loss_b in first.values():
+        loss_gap = max(loss_gap, abs(float(loss_a) - float(loss_b)))
+        param_gap = max(
+            [param_gap]
+            + [
+                float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                for a, b in zip(jax.tree.leaves(p_a), jax.tree.leaves(p_b), strict=True)
+            ]
+        )
     if loss_gap > 1e-5 or param_gap > 1e-4:
         raise SystemExit(
             f"the paths disagree (loss by {loss_gap:.2e}, parameters by {param_gap:.2e}): "
@@ -122,10 +142,20 @@ def main(argv=None) -> None:
     parser.add_argument("--features", type=int, default=768)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--host-devices",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also time the training step with the batch split over N host devices",
+    )
     parser.add_argument("--out", default="benchmarks/results/gru_head")
     args = parser.parse_args(argv)
+    split_host_cpu(args.host_devices)  # before any jax work
 
-    step_calls, first = _step_calls(args.batch, args.steps, args.features, args.hidden)
+    step_calls, first = _step_calls(
+        args.batch, args.steps, args.features, args.hidden, args.host_devices
+    )
     agreement = _check_agreement(first)
     timed = interleaved_seconds(
         _recurrence_calls(args.batch, args.steps, args.hidden) | step_calls, args.rounds
@@ -140,12 +170,14 @@ def main(argv=None) -> None:
         results.append(row)
         rate = f"  {row['gflops_per_s']:6.1f} GFLOP/s" if "gflops_per_s" in row else ""
         print(f"{path:10s} {what:18s} {median * 1e3:9.1f} ms{rate}")
-    for what in ("forward", "forward+backward", "training step"):
+    steps_on_mesh = [f"training step on {args.host_devices} devices"] * (args.host_devices > 1)
+    for what in ("forward", "forward+backward", "training step", *steps_on_mesh):
         ms = {r["path"]: r["median_s"] for r in results if r["what"] == what}
         print(f"{what}: the kernel takes {ms['fused_cpu'] / ms['xla']:.2f} of the scan's time")
     meta = {
         **machine(),
         "sizes": {k: getattr(args, k) for k in ("batch", "steps", "features", "hidden")},
+        "host_devices": args.host_devices,
         "rounds": args.rounds,
         "agreement": agreement,
         "env": runtime_settings(),

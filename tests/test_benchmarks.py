@@ -8,7 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import assert_names_its_machine, fresh_process_env
+from conftest import assert_names_its_machine, fresh_process_env, run_on_host_devices
 from test_attention import qkv, ref_linear_np, ref_softmax_np
 
 
@@ -417,19 +417,23 @@ def test_gru_head_throughput_times_the_same_model_as_torch():
 
 
 def test_gru_recurrence_benchmark_times_both_paths_that_agree(tmp_path):
-    """Each path's recurrence and training step, timed only once their first losses and
-    updated parameters agree."""
+    """Each path's recurrence and training step, also with the batch split over 2 host devices
+    (a fresh process that has them), timed only once every step's first loss and updated
+    parameters agree with the one-device scan's."""
     from hw2jax import kernels
 
     if kernels.build_error():
         pytest.skip(f"the fused CPU kernels cannot be built here: {kernels.build_error()}")
-    bench = _load_benchmark("gru_recurrence")
-    sizes = ["--batch", "3", "--steps", "5", "--features", "6", "--hidden", "16", "--rounds", "1"]
-    bench.main([*sizes, "--out", str(tmp_path)])
+    sizes = ["--batch", "4", "--steps", "5", "--features", "6", "--hidden", "16", "--rounds", "1"]
+    args = [*sizes, "--host-devices", "2", "--out", str(tmp_path)]
+    path = Path(__file__).parents[1] / "benchmarks" / "gru_recurrence.py"
+    script = f"import runpy; runpy.run_path({str(path)!r})['main']({args!r})"
+    run_on_host_devices(script)
     record = json.loads((tmp_path / "gru_recurrence.json").read_text())
     assert record["meta"]["agreement"]["loss_gap"] <= 1e-5
+    assert record["meta"]["host_devices"] == 2
     assert {(r["path"], r["what"]) for r in record["results"]} == {
         (path, what)
         for path in ("xla", "fused_cpu")
-        for what in ("forward", "forward+backward", "training step")
+        for what in ("forward", "forward+backward", "training step", "training step on 2 devices")
     }
