@@ -186,20 +186,26 @@ def resolve_fused(
     what: str,
     reason: Reason,
     auto: Callable[[], str],
-    fix: str = "",
+    instead: str = "implementation='auto' or 'xla'",
 ) -> str:
     """``implementation`` checked against ``choices`` (``what`` names the caller): ``auto()`` for
     ``"auto"``, else the name given; ``"fused_cpu"`` where its kernel cannot run (``reason()``
-    says why) is an error naming the way out, ``fix`` added to it."""
+    says why) is an error naming the way out, ``instead``."""
     check(implementation, choices, what)
     if implementation == "auto":
         return auto()
-    if implementation == "fused_cpu" and (why := reason()) is not None:
-        raise ImplementationError(
-            f"implementation='fused_cpu' cannot run: {why}. Use implementation='auto' or "
-            f"'xla'{fix}."
-        )
+    if implementation == "fused_cpu":
+        refuse_if_cannot_run(implementation, reason(), instead)
     return implementation
+
+
+def refuse_if_cannot_run(implementation: str, why: str | None, instead: str) -> None:
+    """The error for an ``implementation=`` that cannot run here (``why`` says why; None: it
+    can), naming what to use ``instead``."""
+    if why is not None:
+        raise ImplementationError(
+            f"implementation={implementation!r} cannot run: {why}. Use {instead}."
+        )
 
 
 def _setting(variable: str, choices: tuple[str, ...]) -> str:

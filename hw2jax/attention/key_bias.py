@@ -71,7 +71,7 @@ def resolve(
         what,
         reason,
         lambda: dispatch.key_bias(reason, measure=measure),
-        " (or deterministic=True)" if dropout_active else "",
+        "implementation='auto' or 'xla'" + (" (or deterministic=True)" if dropout_active else ""),
     )
 
 

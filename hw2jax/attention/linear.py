@@ -183,13 +183,14 @@ def _fused(
     implementation: str, reason: dispatch.Reason, measure: dispatch.Measure, causal: bool
 ) -> str:
     """ "fused_cpu" or "chunked" for auto (the dispatch rule), or fused_cpu checked."""
-    if implementation == "auto":
-        return dispatch.linear(reason, measure=measure, causal=causal)
-    if why := reason():
-        raise dispatch.ImplementationError(
-            f"implementation='fused_cpu' cannot run: {why}. Use 'auto'."
-        )
-    return implementation
+    return dispatch.resolve_fused(
+        implementation,
+        IMPLEMENTATIONS,
+        "linear_attention",
+        reason,
+        lambda: dispatch.linear(reason, measure=measure, causal=causal),
+        instead="'auto'",
+    )
 
 
 @jax.custom_vjp

@@ -64,11 +64,7 @@ def softmax_attention(
     if isinstance(implementation, tuple):  # auto's choice of fused forward and gradient
         return _fused(q, k, v, causal, *implementation)
     if implementation == "fused_cpu":
-        reason = _fused_cpu_unavailable(q, k, v)
-        if reason:
-            raise dispatch.ImplementationError(
-                f"implementation='fused_cpu' cannot run: {reason}. Use 'auto'."
-            )
+        dispatch.refuse_if_cannot_run(implementation, _fused_cpu_unavailable(q, k, v), "'auto'")
         row = not causal and q.shape[1] * k.shape[1] < dispatch.BLOCKWISE_FROM
         return _fused(q, k, v, causal, "row" if row else "flash", "flash")
     return _dispatch(q, k, v, causal, implementation)
@@ -82,11 +78,7 @@ def _dispatch(q, k, v, causal: bool, implementation: str) -> jax.Array:
     if implementation == "xla":
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
     if implementation == "cudnn":
-        reason = _cudnn_unavailable(q, k, v)
-        if reason:
-            raise dispatch.ImplementationError(
-                f"implementation='cudnn' cannot run: {reason}. Use 'auto'."
-            )
+        dispatch.refuse_if_cannot_run(implementation, _cudnn_unavailable(q, k, v), "'auto'")
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
     if implementation == "pallas":
         return _pallas_flash(q, k, v, causal)
