@@ -208,11 +208,12 @@ def refuse_if_cannot_run(implementation: str, why: str | None, instead: str) -> 
         )
 
 
-def _setting(variable: str, choices: tuple[str, ...]) -> str:
-    """``$variable`` (unset or empty: ``auto``), checked against ``choices``."""
+def _forced_by(variable: str, choices: tuple[str, ...]) -> str | None:
+    """The path ``$variable`` forces, checked against ``choices``; None for auto (unset, empty
+    or ``auto``)."""
     value = os.environ.get(variable, "auto") or "auto"
     check(value, choices, f"${variable}")
-    return value
+    return None if value == "auto" else value
 
 
 def forced(choices: tuple[str, ...]) -> str | None:
@@ -350,10 +351,8 @@ def row_kernel(
     ``measure`` is given on CPU, else the kernel where the fused kernels pay off (AVX-512).
     ``$HW2JAX_ROW_KERNELS`` (``auto``, ``xla`` or ``fused_cpu``) forces one path where it can
     run."""
-    force = _setting(ROW_KERNELS_ENV, ROW_KERNELS)
-    return _fused_or_xla(
-        op, gradient, None if force == "auto" else force, unsupported, machine, measure
-    )
+    force = _forced_by(ROW_KERNELS_ENV, ROW_KERNELS)
+    return _fused_or_xla(op, gradient, force, unsupported, machine, measure)
 
 
 def recurrence(
@@ -365,10 +364,8 @@ def recurrence(
     can). Timed with gradients where ``measure`` is given on CPU, else the kernel where the fused
     kernels pay off (AVX-512). ``$HW2JAX_RECURRENCE`` (``auto``, ``xla`` or ``fused_cpu``) forces
     one path where it can run."""
-    force = _setting(RECURRENCE_ENV, RECURRENCE)
-    return _fused_or_xla(
-        "gru", True, None if force == "auto" else force, unsupported, machine, measure
-    )
+    force = _forced_by(RECURRENCE_ENV, RECURRENCE)
+    return _fused_or_xla("gru", True, force, unsupported, machine, measure)
 
 
 def dense_product(
@@ -449,7 +446,7 @@ def _amx_or_xla(
     from ``AMX_MIN_MACS`` multiply-adds on a CPU where it runs (with ``tiles``, AMX-BF16 only:
     BERT's bf16 attention has no pair-dot form; forced where the tiles cannot run, it stays
     off them while the products take the pair dots)."""
-    force = _setting(MATMUL_ENV, MATMUL)
+    force = _forced_by(MATMUL_ENV, MATMUL)
     if force == "xla" or not fits:
         return "xla"
     if force == "amx":
