@@ -315,3 +315,50 @@ def test_a_process_whose_peer_died_ends_at_once_with_one_line(fashion_dir, tmp_p
     lines = [line for line in err.splitlines() if line.startswith("hw2jax: error:")]
     assert len(lines) == 1 and "process 0 of 2 lost contact with another process" in lines[0]
     assert json.loads(history.read_text())["status"].startswith("failed: PeerLost: process 0")
+
+
+_UNEVEN_DEVICES = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+from hw2jax.train import sharding
+sharding.PATIENT_COLLECTIVES.update(dict.fromkeys(sharding.PATIENT_COLLECTIVES, 1))
+sharding.split_host_cpu(2)
+
+def body(n, x):  # device 1 multiplies n times before the sum; device 0 waits for it there
+    def step(c):
+        return c[0] + 1, jnp.tanh(c[1] @ c[1])
+    _, y = jax.lax.while_loop(lambda c: c[0] < n[0], step, (0, x[0]))
+    return jax.lax.psum(y.sum(), "d")[None]
+
+mesh = Mesh(np.array(jax.devices()), ("d",))
+f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("d"), P("d")), out_specs=P("d")))
+print(f(jnp.array([0, 50_000]), jnp.ones((2, 256, 256)) * 0.01))
+"""
+
+
+def test_host_devices_wait_at_collectives_as_long_as_set():
+    """XLA:CPU ends the process when one host device waits too long for another at a
+    collective; split_host_cpu sets how long. Set to 1 s each (warning, then ending) here, an
+    uneven program ends at that wait instead of after its 50,000 products: the setting reaches
+    XLA. (The default is an hour: a starved low-priority run must not die.)"""
+    env = {k: v for k, v in fresh_process_env().items() if k != "XLA_FLAGS"}
+    run = subprocess.run(
+        [sys.executable, "-c", _UNEVEN_DEVICES],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode != 0 and "Termination timeout for `all reduce" in run.stderr, run.stderr
+
+
+def test_the_users_own_collective_timeouts_are_kept(monkeypatch):
+    from hw2jax.train import sharding
+
+    name = "xla_cpu_collective_call_terminate_timeout_seconds"
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=false --{name}=5")
+    sharding._patient_collectives()
+    flags = os.environ["XLA_FLAGS"].split()
+    assert f"--{name}=5" in flags and not any(f.startswith(f"--{name}=3600") for f in flags)
+    assert "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600" in flags
+    assert flags[0] == "--xla_cpu_multi_thread_eigen=false"

@@ -9,6 +9,7 @@ data, same seed), and hands jax only the rows of its own devices.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,6 +50,8 @@ def split_host_cpu(n: int) -> None:
     Must run before jax does any work (the device count is fixed when its backend starts)."""
     if n < 1:
         raise InputError(f"host devices must be at least 1, got {n}.")
+    if n > 1:
+        _patient_collectives()
     try:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError:
@@ -57,6 +60,25 @@ def split_host_cpu(n: int) -> None:
             "split_host_cpu before any jax operation, or set "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting Python."
         ) from None
+
+
+# XLA:CPU ends the whole process when one host device has waited a minute for another at a
+# collective (a warning at 20 s, an abort 40 s later). Nothing need be wrong for that: a run
+# at low priority beside other work (tests, a benchmark) is starved for longer, and a
+# background ViT run died so. Host devices wait up to an hour, as long as the user's own
+# XLA_FLAGS do not say otherwise.
+PATIENT_COLLECTIVES = {
+    "xla_cpu_collective_call_warn_stuck_timeout_seconds": 600,
+    "xla_cpu_collective_call_terminate_timeout_seconds": 3600,
+}
+
+
+def _patient_collectives() -> None:
+    """Adds :data:`PATIENT_COLLECTIVES` to ``$XLA_FLAGS`` (read when jax's backend starts)
+    where the flags do not set them."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    added = [f"--{k}={v}" for k, v in PATIENT_COLLECTIVES.items() if f"--{k}=" not in flags]
+    os.environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
 
 
 def initialize_distributed(
