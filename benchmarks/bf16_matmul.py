@@ -11,7 +11,10 @@ Shapes: the dense layers of MiniLM (32 x 256 tokens, hidden 384, intermediate 1,
 ViT (256 images x 50 tokens, dim 64, MLP 128), [tokens, in] x [in, out], inputs random bf16,
 float32 out. "with gradients" is the product and both of its input gradients (a loss
 sum(c * g) for a fixed g). The three are timed in turn, round after round, in one process
-(median after warm-up; compilation excluded). Writes ``bf16_matmul.json``. Needs a CPU with
+(median after warm-up; compilation excluded); each turn times the last of --untimed-before + 1
+calls in a row, as a product runs among a program's others (default 2: a single call of a few
+milliseconds after torch's is slowed by torch's spinning threads, benchmarks/NOTES.md). Writes
+``bf16_matmul.json``. Needs a CPU with
 AMX-BF16, or for ``--rows dense`` AVX512-BF16 (the kernel then runs on pair dot products).
 """
 
@@ -66,10 +69,12 @@ def torch_product_call(ta, tb, tg, gradient: bool):
     return run
 
 
-def timed_product_row(calls: dict, m: int, k: int, n: int, gradient: bool, repeats: int) -> dict:
+def timed_product_row(
+    calls: dict, m: int, k: int, n: int, gradient: bool, repeats: int, untimed_before: int = 0
+) -> dict:
     """``calls`` (name: a call of the [m, k] x [k, n] product, or with gradient of the product
     and both input gradients) timed in turn: the row's milliseconds and GFLOP/s per name."""
-    timed = interleaved_seconds(calls, repeats)
+    timed = interleaved_seconds(calls, repeats, untimed_before)
     ms = {name: 1e3 * median for name, (_, median) in timed.items()}
     flops = 2 * m * k * n * (3 if gradient else 1)
     return {
@@ -80,7 +85,7 @@ def timed_product_row(calls: dict, m: int, k: int, n: int, gradient: bool, repea
     }
 
 
-def time_shape(m: int, k: int, n: int, gradient: bool, repeats: int) -> dict:
+def time_shape(m: int, k: int, n: int, gradient: bool, repeats: int, untimed_before: int) -> dict:
     import torch
 
     rng = np.random.default_rng(0)
@@ -103,10 +108,11 @@ def time_shape(m: int, k: int, n: int, gradient: bool, repeats: int) -> dict:
         "xla": lambda: jax.block_until_ready(xla(a, b)),
         "torch": torch_product_call(ta, tb, tg, gradient),
     }
-    return {**timed_product_row(calls, m, k, n, gradient, repeats), "max_abs_diff_vs_xla": error}
+    row = timed_product_row(calls, m, k, n, gradient, repeats, untimed_before)
+    return {**row, "max_abs_diff_vs_xla": error}
 
 
-def time_fused(repeats: int) -> list[dict]:
+def time_fused(repeats: int, untimed_before: int) -> list[dict]:
     """MiniLM's intermediate layer + GELU and its attention (32 x 256 tokens, 12 heads of 32,
     a fifth of the keys masked), forward, bf16 in: hw2jax's fused kernel, the unfused path, and
     torch."""
@@ -155,6 +161,7 @@ def time_fused(repeats: int) -> list[dict]:
                     "torch": theirs,
                 },
                 repeats,
+                untimed_before,
             )
         ms = {k: 1e3 * median for k, (_, median) in timed.items()}
         rows.append({"layer": name, "pass": "fwd", "ms": ms, "max_abs_diff_vs_unfused": error})
@@ -167,6 +174,13 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rows", choices=["all", "dense", "fused"], default="all")
+    parser.add_argument(
+        "--untimed-before",
+        type=int,
+        default=2,
+        metavar="N",
+        help="calls run untimed before each timed one (0: each turn is one call)",
+    )
     parser.add_argument("--out", default="benchmarks/results/amx_matmul")
     args = parser.parse_args(argv)
     reason = kernels.bf16_products_unavailable_reason()
@@ -180,6 +194,7 @@ def main(argv=None) -> None:
         **machine(),
         "torch_threads": torch.get_num_threads(),
         "repeats": args.repeats,
+        "untimed_before": args.untimed_before,
         "env": runtime_settings(),
         "kernel_features": kernels.kernel_vector_features(),
         "engine": kernels.bf16_products_engine(),  # what "amx kernel" ran on
@@ -191,7 +206,10 @@ def main(argv=None) -> None:
     rows = []
     for name, (m, k, n) in SHAPES.items() if args.rows != "fused" else ():
         for gradient in (False, True):
-            row = {"layer": name, **time_shape(m, k, n, gradient, args.repeats)}
+            row = {
+                "layer": name,
+                **time_shape(m, k, n, gradient, args.repeats, args.untimed_before),
+            }
             rows.append(row)
             ms = row["ms"]
             print(
@@ -202,7 +220,7 @@ def main(argv=None) -> None:
             )
     if args.rows != "dense":
         print(f"\n{'fused forward':26s} {'fused':>8s} {'unfused':>8s} {'torch':>8s}  (ms)")
-        for row in time_fused(args.repeats):
+        for row in time_fused(args.repeats, args.untimed_before):
             rows.append(row)
             ms = row["ms"]
             print(

@@ -165,7 +165,7 @@ def main(argv=None) -> None:
     for name, (seconds, median) in timed.items():
         path, what = name.split(" ", 1)
         row = {"path": path, "what": what, "seconds": seconds, "median_s": median}
-        if what != "training step":
+        if not what.startswith("training step"):
             row["gflops_per_s"] = (3 if what == "forward+backward" else 1) * flops / median / 1e9
         results.append(row)
         rate = f"  {row['gflops_per_s']:6.1f} GFLOP/s" if "gflops_per_s" in row else ""

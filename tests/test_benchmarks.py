@@ -353,6 +353,10 @@ def test_interleaved_timing_alternates_and_reports_each_calls_own_time(monkeypat
     assert order == ["a", "b"] + ["a", "b"] * 3  # one warm-up each, then round after round
     assert out["a"] == ([2.0] * 3, 2.0) and out["b"] == ([0.5] * 3, 0.5)
     assert timing.median_seconds(call("c", 1.5), repeats=2) == 1.5
+    order.clear()
+    out = timing.interleaved_seconds({"a": call("a", 2.0), "b": call("b", 0.5)}, 2, 2)
+    assert order == ["a", "b"] + (["a"] * 3 + ["b"] * 3) * 2  # two untimed calls, then one timed
+    assert out["a"] == ([2.0] * 2, 2.0) and out["b"] == ([0.5] * 2, 0.5)
 
 
 def test_benchmark_json_records_the_settings_that_move_timings(monkeypatch):
