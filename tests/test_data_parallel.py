@@ -357,7 +357,7 @@ def test_the_users_own_collective_timeouts_are_kept(monkeypatch):
 
     name = "xla_cpu_collective_call_terminate_timeout_seconds"
     monkeypatch.setenv("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=false --{name}=5")
-    sharding._patient_collectives()
+    sharding.add_collective_timeouts()
     flags = os.environ["XLA_FLAGS"].split()
     assert f"--{name}=5" in flags and not any(f.startswith(f"--{name}=3600") for f in flags)
     assert "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600" in flags

@@ -51,7 +51,7 @@ def split_host_cpu(n: int) -> None:
     if n < 1:
         raise InputError(f"host devices must be at least 1, got {n}.")
     if n > 1:
-        _patient_collectives()
+        add_collective_timeouts()
     try:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError:
@@ -73,7 +73,7 @@ PATIENT_COLLECTIVES = {
 }
 
 
-def _patient_collectives() -> None:
+def add_collective_timeouts() -> None:
     """Adds :data:`PATIENT_COLLECTIVES` to ``$XLA_FLAGS`` (read when jax's backend starts)
     where the flags do not set them."""
     flags = os.environ.get("XLA_FLAGS", "")
