@@ -14,8 +14,8 @@ sum(c * g) for a fixed g). The three are timed in turn, round after round, in on
 (median after warm-up; compilation excluded); each turn times the last of --untimed-before + 1
 calls in a row, as a product runs among a program's others (default 2: a single call of a few
 milliseconds after torch's is slowed by torch's spinning threads, benchmarks/NOTES.md). Writes
-``bf16_matmul.json``. Needs a CPU with
-AMX-BF16, or for ``--rows dense`` AVX512-BF16 (the kernel then runs on pair dot products).
+``bf16_matmul.json``. Needs a CPU with AMX-BF16, or for ``--rows dense`` AVX512-BF16 (the kernel
+then runs on pair dot products).
 """
 
 from __future__ import annotations

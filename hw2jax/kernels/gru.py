@@ -36,8 +36,8 @@ def gru_unavailable_reason(hidden: int, dtype: jnp.dtype) -> str | None:
 @functools.cache
 def _kernel(target: str, ins: tuple[str, ...], outs: tuple[str, ...]):
     """The FFI target as a function of its operands (axes ``ins``, results ``outs``). On a mesh
-        that splits the batch, each device runs its rows, and results without a batch axis (the
-        weight gradients, sums over the batch) are summed over the devices that split it. Under
+    that splits the batch, each device runs its rows, and results without a batch axis (the
+    weight gradients, sums over the batch) are summed over the devices that split it. Under
     ``jax.vmap``, one call per vmapped item (the weights may differ from one to the next)."""
 
     def local(*args):

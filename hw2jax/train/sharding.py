@@ -50,8 +50,6 @@ def split_host_cpu(n: int) -> None:
     Must run before jax does any work (the device count is fixed when its backend starts)."""
     if n < 1:
         raise InputError(f"host devices must be at least 1, got {n}.")
-    if n > 1:
-        add_collective_timeouts()
     try:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError:
@@ -60,6 +58,8 @@ def split_host_cpu(n: int) -> None:
             "split_host_cpu before any jax operation, or set "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting Python."
         ) from None
+    if n > 1:  # the backend has not started, so it will read them
+        add_collective_timeouts()
 
 
 # XLA:CPU ends the whole process when one host device has waited a minute for another at a
