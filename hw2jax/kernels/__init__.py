@@ -6,7 +6,8 @@ back. The C++ kernels in ``native/`` (one file per kind of op) keep blocks of sc
 and cache instead, as torch's CPU SDPA does. By concern:
 
 - :mod:`.build`: compiling the C++ sources for this CPU, caching and loading the library;
-- :mod:`.ffi`: the FFI targets as jax functions (vmap, sharding rules);
+- :mod:`.ffi`: the FFI targets as jax functions, and :func:`~.ffi.on_mesh`, the one partitioning
+  rule of every kernel call on a mesh;
 - :mod:`.softmax`: :func:`cpu_attention` (the row kernel, a key bias, forward only: BERT's; in
   bf16 on AMX tiles, :func:`amx_attention`) and
   :func:`cpu_flash_attention` (causal or not, forward and backward), and

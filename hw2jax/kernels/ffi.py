@@ -1,6 +1,7 @@
-"""The kernels' FFI targets as jax functions: one call per (target, layouts, attributes) that
-works under ``jax.vmap`` (vmapped axes fold into the batch) and under ``jax.jit`` on a mesh (a
-batch- or head-sharded input stays sharded: the kernel runs on each device's slice)."""
+"""The kernels' FFI targets as jax functions: :func:`on_mesh`, the one partitioning rule every
+kernel's call uses under ``jax.jit`` on a mesh (split inputs stay split, each device runs the
+kernel on its own slices), and :func:`ffi_kernel`, one call per (target, layouts, attributes)
+for the attention kernels, whose vmapped axes fold into the batch."""
 
 from __future__ import annotations
 
@@ -34,14 +35,70 @@ def _sizes(ins: tuple[str, ...], args) -> dict[str, int]:
     return {"e": sizes.get("d"), **sizes}
 
 
-def _shardings(mesh, layouts: tuple[str, ...], first: str, spec: PartitionSpec) -> tuple:
-    """Shardings for `layouts` that keep the batch and heads axes of the first operand's
-    `spec` (its layout `first`); every other axis whole."""
-    axes = {a: s for a, s in zip(_AXES[first].split(), spec, strict=False) if a in "bh"}
-    return tuple(
-        NamedSharding(mesh, PartitionSpec(*(axes.get(a) for a in _AXES[layout].split())))
-        for layout in layouts
+def on_mesh(local, rule: str, split: str):
+    """``local`` under ``jax.jit`` on a mesh, each device running it on its own slices.
+
+    ``rule`` names each operand's and result's axes by letter, as Shardy's sharding rule does
+    ("b t d, d e -> b t e, e"). Only the axes whose letters are in ``split`` may stay split over
+    devices; each takes its mesh axes from the first operand that has it, and every other axis
+    is whole on every device. A result that lacks a split axis is a sum over it (a weight
+    gradient, summed over the batch rows), so each device's part is added over the devices
+    that split it."""
+    ins, outs = ([layout.split() for layout in side.split(", ")] for side in rule.split(" -> "))
+
+    def split_axes(arg_shapes) -> dict:
+        axes = {}
+        for letters, shape in zip(ins, arg_shapes, strict=True):
+            spec = shape.sharding.spec
+            for i, letter in enumerate(letters):
+                if letter in split and letter not in axes:
+                    axes[letter] = spec[i] if i < len(spec) else None
+        return axes
+
+    def shardings(mesh, axes: dict, layouts) -> tuple:
+        return tuple(
+            NamedSharding(mesh, PartitionSpec(*(axes.get(a) for a in letters)))
+            for letters in layouts
+        )
+
+    def summed_over(axes: dict, letters) -> tuple:
+        missing = (axes[a] for a in axes if a not in letters and axes[a] is not None)
+        return tuple(n for m in missing for n in ((m,) if isinstance(m, str) else m))
+
+    def results(mesh, axes, result_shape):
+        out = shardings(mesh, axes, outs)
+        return out if isinstance(result_shape, (tuple, list)) else out[0]
+
+    def infer(mesh, arg_shapes, result_shape):
+        return results(mesh, split_axes(arg_shapes), result_shape)
+
+    def partition(mesh, arg_shapes, result_shape):
+        axes = split_axes(arg_shapes)
+        sums = [summed_over(axes, letters) for letters in outs]
+        on_device = local
+        if any(sums):
+            single = not isinstance(result_shape, (tuple, list))
+
+            def on_device(*args):
+                values = local(*args)
+                values = (values,) if single else values
+                values = tuple(
+                    jax.lax.psum(v, s) if s else v for v, s in zip(values, sums, strict=True)
+                )
+                return values[0] if single else values
+
+        return mesh, on_device, results(mesh, axes, result_shape), shardings(mesh, axes, ins)
+
+    sharded = custom_partitioning(local)
+    letters = dict.fromkeys(a for letters in ins + outs for a in letters)
+    sharded.def_partition(
+        partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule=rule,
+        # Every factor that stays whole, in the order the rule first names them (Shardy).
+        need_replication_factors=tuple(a for a in letters if a not in split),
     )
+    return sharded
 
 
 @functools.cache
@@ -60,23 +117,8 @@ def ffi_kernel(target: str, ins: tuple[str, ...], outs: tuple[str, ...], attrs: 
         call = jax.ffi.ffi_call(target, results, vmap_method="broadcast_all")
         return call(*args, **dict(attrs))
 
-    sharded = custom_partitioning(ffi)
-
-    def partition(mesh, arg_shapes, result_shape):
-        spec = arg_shapes[0].sharding.spec
-        return mesh, ffi, _shardings(mesh, outs, ins[0], spec), _shardings(mesh, ins, ins[0], spec)
-
-    def infer(mesh, arg_shapes, result_shape):
-        return _shardings(mesh, outs, ins[0], arg_shapes[0].sharding.spec)
-
-    letters = [a for layout in ins + outs for a in _AXES[layout].split()]
-    sharded.def_partition(
-        partition,
-        infer_sharding_from_operands=infer,
-        sharding_rule=", ".join(_AXES[a] for a in ins) + " -> " + ", ".join(_AXES[a] for a in outs),
-        # Every factor but batch and heads, in order of appearance (Shardy).
-        need_replication_factors=tuple(a for a in dict.fromkeys(letters) if a not in "bh"),
-    )
+    rule = ", ".join(_AXES[a] for a in ins) + " -> " + ", ".join(_AXES[a] for a in outs)
+    sharded = on_mesh(ffi, rule, split="bh")
 
     @jax.custom_batching.custom_vmap
     def call(*args):

@@ -9,10 +9,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec
 
 from hw2jax.kernels.build import TARGETS, build_error, register_targets
+from hw2jax.kernels.ffi import on_mesh
 
 # The operands' and results' axes: t steps, d directions, b batch, g = 3H gate rows, h = H.
 _X_PROJ, _W_HH, _B_HH, _VALID, _STATES, _LAST = "t d b g", "d g h", "d g", "b t", "t d b h", "d b h"
@@ -52,42 +51,7 @@ def _kernel(target: str, ins: tuple[str, ...], outs: tuple[str, ...]):
         ]
         return tuple(jax.ffi.ffi_call(TARGETS[target][1], results, vmap_method="sequential")(*args))
 
-    def batch_split(arg_shapes):
-        axes, shape = next((a, s) for a, s in zip(ins, arg_shapes, strict=True) if "b" in a.split())
-        spec, index = shape.sharding.spec, axes.split().index("b")
-        return spec[index] if index < len(spec) else None
-
-    def shardings(mesh, split, layouts):
-        return tuple(
-            NamedSharding(mesh, PartitionSpec(*(split if a == "b" else None for a in axes.split())))
-            for axes in layouts
-        )
-
-    def partition(mesh, arg_shapes, result_shape):
-        split = batch_split(arg_shapes)
-
-        def run(*args):
-            results = local(*args)
-            if split is None:
-                return results
-            return tuple(
-                r if "b" in axes.split() else jax.lax.psum(r, split)
-                for r, axes in zip(results, outs, strict=True)
-            )
-
-        return mesh, run, shardings(mesh, split, outs), shardings(mesh, split, ins)
-
-    sharded = custom_partitioning(local)
-    letters = dict.fromkeys(a for axes in ins + outs for a in axes.split())
-    sharded.def_partition(
-        partition,
-        infer_sharding_from_operands=lambda mesh, arg_shapes, _: shardings(
-            mesh, batch_split(arg_shapes), outs
-        ),
-        sharding_rule=", ".join(ins) + " -> " + ", ".join(outs),
-        # Every factor but the batch, in order of appearance (Shardy).
-        need_replication_factors=tuple(a for a in letters if a != "b"),
-    )
+    sharded = on_mesh(local, ", ".join(ins) + " -> " + ", ".join(outs), split="b")
 
     @jax.custom_batching.custom_vmap
     def call(*args):

@@ -13,8 +13,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec
 
 from hw2jax.errors import InputError
 from hw2jax.kernels.build import (
@@ -24,6 +22,7 @@ from hw2jax.kernels.build import (
     kernel_vector_features,
     library_path,
 )
+from hw2jax.kernels.ffi import on_mesh
 
 
 @functools.cache
@@ -119,46 +118,11 @@ def _partitioned(transpose_a: bool, transpose_b: bool, batched: bool, out: str):
     def local(a, b):
         return _product(a, b, transpose_a, transpose_b, out)
 
-    def split_axes(arg_shapes):
-        spec = arg_shapes[0].sharding.spec
-        return spec[0] if len(spec) > 0 else None
-
-    def shardings(mesh, axes):
-        lead = (None,) * (1 + batched)
-        whole = NamedSharding(mesh, PartitionSpec(None, *lead))
-        split = NamedSharding(mesh, PartitionSpec(axes, *lead))
-        if batched:
-            return (split, split), split
-        if transpose_a:  # a [t, m] and b [t, n], both split along t; the result is summed
-            return (split, split), whole
-        return (split, whole), split
-
-    def partition(mesh, arg_shapes, result_shape):
-        axes = split_axes(arg_shapes)
-        args, out = shardings(mesh, axes)
-        if transpose_a and not batched and axes is not None:
-            return mesh, lambda a, b: jax.lax.psum(local(a, b), axes), out, args
-        return mesh, local, out, args
-
-    def infer(mesh, arg_shapes, result_shape):
-        return shardings(mesh, split_axes(arg_shapes))[1]
-
     a_axes = "k m" if transpose_a else "m k"
     b_axes = "n k" if transpose_b else "k n"
-    rule = f"{a_axes}, {b_axes} -> m n"
     if batched:
-        rule = f"z {a_axes}, z {b_axes} -> z m n"
-    replicated = {"m", "k", "n"} if batched else {"m", "n"} if transpose_a else {"k", "n"}
-    # Shardy wants these in the order the rule first names them ("z k m" when a is transposed).
-    replicated = tuple(sorted(replicated, key=rule.index))
-    sharded = custom_partitioning(local)
-    sharded.def_partition(
-        partition,
-        infer_sharding_from_operands=infer,
-        sharding_rule=rule,
-        need_replication_factors=replicated,
-    )
-    return sharded
+        return on_mesh(local, f"z {a_axes}, z {b_axes} -> z m n", split="z")
+    return on_mesh(local, f"{a_axes}, {b_axes} -> m n", split=a_axes[0])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -283,25 +247,7 @@ def _gelu_product(a: jax.Array, b: jax.Array, bias: jax.Array) -> jax.Array:
 @functools.cache
 def _partitioned_gelu():
     """:func:`_gelu_product` on a mesh: each device takes its rows of a, all of b and the bias."""
-
-    def shardings(mesh, arg_shapes):
-        spec = arg_shapes[0].sharding.spec
-        rows = NamedSharding(mesh, PartitionSpec(spec[0] if len(spec) > 0 else None, None))
-        whole = NamedSharding(mesh, PartitionSpec(None, None))
-        return (rows, whole, NamedSharding(mesh, PartitionSpec(None))), rows
-
-    def partition(mesh, arg_shapes, result_shape):
-        args, out = shardings(mesh, arg_shapes)
-        return mesh, _gelu_product, out, args
-
-    sharded = custom_partitioning(_gelu_product)
-    sharded.def_partition(
-        partition,
-        infer_sharding_from_operands=lambda mesh, arg_shapes, _: shardings(mesh, arg_shapes)[1],
-        sharding_rule="m k, k n, n -> m n",
-        need_replication_factors=("k", "n"),
-    )
-    return sharded
+    return on_mesh(_gelu_product, "m k, k n, n -> m n", split="m")
 
 
 def _gelu_unfused(a, b, bias):

@@ -11,11 +11,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec
 
 from hw2jax.errors import InputError
 from hw2jax.kernels.build import TARGETS, KernelUnavailable, cpu_attention_unavailable_reason
+from hw2jax.kernels.ffi import on_mesh
 
 
 def _f32(*shape) -> jax.ShapeDtypeStruct:
@@ -42,50 +41,12 @@ def _backward_call(x, gamma, mean, rstd, dy):
     return call(x, gamma, mean, rstd, dy)
 
 
-def _row_axes(arg_shapes):
-    spec = arg_shapes[0].sharding.spec
-    return spec[0] if len(spec) > 0 else None
-
-
 @functools.cache
 def _row_split(local, rule: str):
-    """``local`` on a mesh whose devices split the rows (the first operand's first axis): each
-    device runs it on its own rows. Operands and results are laid out as ``rule`` says: "r c" a
-    row-split matrix, "r" one value per row, "c" a whole vector; a "c" result is a sum over the
-    rows (the scale and bias gradients), so each device's is added over the devices."""
-    ins, outs = (side.split(", ") for side in rule.split(" -> "))
-    summed = tuple(layout == "c" for layout in outs)
-
-    def shardings(mesh, rows, layouts):
-        axes = {"r c": (rows, None), "r": (rows,), "c": (None,)}
-        return tuple(NamedSharding(mesh, PartitionSpec(*axes[a])) for a in layouts)
-
-    def infer(mesh, arg_shapes, result_shape):
-        out = shardings(mesh, _row_axes(arg_shapes), outs)
-        return out if len(outs) > 1 else out[0]
-
-    def partition(mesh, arg_shapes, result_shape):
-        rows = _row_axes(arg_shapes)
-        on_device = local
-        if rows is not None and any(summed):
-
-            def on_device(*args):
-                results = local(*args)
-                return tuple(
-                    jax.lax.psum(r, rows) if add else r
-                    for r, add in zip(results, summed, strict=True)
-                )
-
-        return mesh, on_device, infer(mesh, arg_shapes, result_shape), shardings(mesh, rows, ins)
-
-    sharded = custom_partitioning(local)
-    sharded.def_partition(
-        partition,
-        infer_sharding_from_operands=infer,
-        sharding_rule=rule,
-        need_replication_factors=("c",),
-    )
-    return sharded
+    """``local`` on a mesh whose devices split the rows: ``rule`` lays operands and results out
+    as "r c" a matrix of rows, "r" one value per row, "c" a whole vector; a "c" result is a sum
+    over the rows (the scale and bias gradients), added over the devices."""
+    return on_mesh(local, rule, split="r")
 
 
 @functools.cache
