@@ -412,6 +412,26 @@ def test_vit_model_flops_match_xla_count_of_the_direct_forward(monkeypatch):
     assert counted == pytest.approx(bench.vit_model_flops(m), rel=0.05)
 
 
+def _products(fn, *args) -> int:
+    """How many matrix products XLA compiles ``fn`` to (those inside fusions included)."""
+    return sum(" dot(" in line for line in jax.jit(fn).lower(*args).compile().as_text().split("\n"))
+
+
+def test_timed_gradients_do_the_forward_work_too():
+    """A fwd+bwd point does what torch's side and a training step do: the forward's products
+    and two per product backward. XLA drops a product whose value no gradient needs (naive
+    softmax's P v, a lone product's a b)."""
+    q, k, v = qkv((1, 64, 2, 16), seed=0)
+    naive = next(i for i in bench.all_impls() if i.name == "hw2jax softmax (naive)").build(False)
+    forward = _products(bench.timed_pass(naive, backward=False), q, k, v)
+    assert forward == 2
+    assert _products(bench.timed_pass(naive, backward=True), q, k, v) == 3 * forward
+
+    products = _load_benchmark("bf16_matmul")
+    a, b, g = (jax.numpy.ones(s) for s in ((32, 16), (16, 8), (32, 8)))
+    assert _products(products.product_call(lambda a, b: a @ b, g, gradient=True), a, b) == 3
+
+
 def test_gru_head_throughput_times_the_same_model_as_torch():
     """gru_head_step raises unless our first loss equals torch.nn.GRU's on copied weights."""
     pytest.importorskip("torch")
