@@ -72,6 +72,18 @@ def torch_product_call(ta, tb, tg, gradient: bool):
     return run
 
 
+def add_untimed_before(parser) -> None:
+    """The option both product benchmarks take: how many calls run untimed before each timed
+    one (a call right after torch's is slowed by its spinning threads)."""
+    parser.add_argument(
+        "--untimed-before",
+        type=int,
+        default=2,
+        metavar="N",
+        help="calls run untimed before each timed one (0: each turn is one call)",
+    )
+
+
 def timed_product_row(
     calls: dict, m: int, k: int, n: int, gradient: bool, repeats: int, untimed_before: int = 0
 ) -> dict:
@@ -175,13 +187,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rows", choices=["all", "dense", "fused"], default="all")
-    parser.add_argument(
-        "--untimed-before",
-        type=int,
-        default=2,
-        metavar="N",
-        help="calls run untimed before each timed one (0: each turn is one call)",
-    )
+    add_untimed_before(parser)
     parser.add_argument("--out", default="benchmarks/results/amx_matmul")
     args = parser.parse_args(argv)
     reason = kernels.bf16_products_unavailable_reason()

@@ -2,10 +2,13 @@
 against torch's matmul (MKL or oneDNN), forward and with gradients, on the shapes of
 ``bf16_matmul.py``, and the cores' float32 peak as measured (``kernels.fma_peak_gflops``).
 
-    .venv/bin/python benchmarks/float32_matmul.py [--repeats 10] [--out DIR]
+    .venv/bin/python benchmarks/float32_matmul.py [--repeats 10] [--untimed-before 2] [--out DIR]
 
-The two are timed in turn, round after round, in one process (median after warm-up; compilation
-excluded). Writes ``float32_matmul.json``.
+The three are timed in turn, round after round, in one process (median after warm-up;
+compilation excluded); each turn times the last of --untimed-before + 1 calls in a row, as in
+``bf16_matmul.py``: a call right after torch's is slowed by its spinning threads. With
+gradients, each side computes the product and both input gradients. Writes
+``float32_matmul.json``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bf16_matmul import SHAPES, product_call, timed_product_row, torch_product_call
+from bf16_matmul import (
+    SHAPES,
+    add_untimed_before,
+    product_call,
+    timed_product_row,
+    torch_product_call,
+)
 
 from hw2jax import kernels, malloc
 from hw2jax.cpu import machine
@@ -23,7 +32,7 @@ from hw2jax.models.layers import NO_YNNPACK
 from hw2jax.timing import runtime_settings, write_results
 
 
-def time_shape(m: int, k: int, n: int, gradient: bool, repeats: int) -> dict:
+def time_shape(m: int, k: int, n: int, gradient: bool, repeats: int, untimed_before: int) -> dict:
     import torch
 
     rng = np.random.default_rng(0)
@@ -37,7 +46,7 @@ def time_shape(m: int, k: int, n: int, gradient: bool, repeats: int) -> dict:
         "xla_own_dot": lambda: jax.block_until_ready(own(a, b)),
         "torch": torch_product_call(ta, tb, tg, gradient),
     }
-    return timed_product_row(calls, m, k, n, gradient, repeats)
+    return timed_product_row(calls, m, k, n, gradient, repeats, untimed_before)
 
 
 def main(argv=None) -> None:
@@ -45,6 +54,7 @@ def main(argv=None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=10)
+    add_untimed_before(parser)
     parser.add_argument("--out", default="benchmarks/results/float32_matmul")
     args = parser.parse_args(argv)
     import torch
@@ -53,6 +63,7 @@ def main(argv=None) -> None:
         **machine(),
         "torch_threads": torch.get_num_threads(),
         "repeats": args.repeats,
+        "untimed_before": args.untimed_before,
         "env": runtime_settings(),
         "fma_peak_gflops": kernels.fma_peak_gflops(),
     }
@@ -64,7 +75,10 @@ def main(argv=None) -> None:
     rows = []
     for name, (m, k, n) in SHAPES.items():
         for gradient in (False, True):
-            row = {"layer": name, **time_shape(m, k, n, gradient, args.repeats)}
+            row = {
+                "layer": name,
+                **time_shape(m, k, n, gradient, args.repeats, args.untimed_before),
+            }
             rows.append(row)
             rate, ms = row["gflop_s"], row["ms"]
             print(
