@@ -275,6 +275,14 @@ def test_timings_are_cached_per_shape_class_in_one_file(measured, tmp_path):
         "naive": 2.0,
         "blockwise": 5.0,
     }
+    assert record["classes"][key]["method"] == dispatch.PROBE_METHOD
+    # Timings taken another way (before the probe kept the outputs) are timed again.
+    record["classes"][key].pop("method")
+    (tmp_path / "dispatch-test.json").write_text(json.dumps(record))
+    dispatch.state.timings.clear()
+    ms.update(row=1.0, flash=3.0, naive=0.5, blockwise=5.0)
+    assert dispatch.softmax(T_256, False, why(), CPU_AVX512, measure_for()) == "naive"
+    assert len(probes) == 3 and probes[-1] == (("row", "flash", "naive", "blockwise"), False)
     # A damaged file is only a cache: timed again and rewritten.
     (tmp_path / "dispatch-test.json").write_text('{"classes": [trunc')
     dispatch.state.timings.clear()
@@ -451,3 +459,23 @@ def test_the_gru_recurrence_takes_the_measured_fastest_path_both_ways(measured, 
     monkeypatch.setenv("HW2JAX_RECURRENCE", "scan")
     with pytest.raises(dispatch.ImplementationError, match=r"\$HW2JAX_RECURRENCE.*fused_cpu"):
         dispatch.recurrence(why(), CPU_AVX512)
+
+
+def test_a_probe_with_gradients_times_the_outputs_too():
+    """The probe times a path's gradients with its outputs computed, as a training step runs
+    it: naive softmax's program keeps both forward products (3 × 2 in all, not 5 with P v
+    dropped)."""
+    q, k, v = (jnp.ones((1, 64, 2, 16)) for _ in range(3))
+
+    def naive(q, k, v):
+        return attention.softmax_attention(q, k, v, implementation="naive")
+
+    def products(gradient):
+        program = jax.jit(dispatch.probe_program(naive, gradient, 3)).lower(q, k, v).compile()
+        return sum(" dot(" in line for line in program.as_text().split("\n"))
+
+    assert products(False) == 2
+    assert products(True) == 6
+    value, grads = jax.jit(dispatch.probe_program(naive, True, 3))(q, k, v)
+    assert float(value) == pytest.approx(float(jnp.sum(naive(q, k, v))))
+    assert len(grads) == 3
