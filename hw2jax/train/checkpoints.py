@@ -17,9 +17,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +46,67 @@ class CheckpointWriteError(CheckpointError):
 
 
 def _reason(error: Exception) -> str:
-    """The first line of an orbax/TensorStore error, short enough for one line of output."""
+    """What went wrong, for one line of output: the first line of the innermost error orbax
+    wraps (TensorStore's, which names the array and the damage; orbax's own adds a dump of
+    the store), without the store's path, which the message names already."""
+    while error.__cause__ is not None:
+        error = error.__cause__
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {first[:160]}"
+    first = re.sub(r' in OCDBT database at local file "[^"]*"', "", first)
+    return f"{type(error).__name__}: {first[:200]}"
+
+
+_LEFTOVERS_QUIET = False
+# What orbax's reads and writes raise where nobody can catch it carries one of these.
+_ORBAX_MARKS = (f"{os.sep}orbax{os.sep}", "TensorStore", "OCDBT")
+
+
+def _quiet_orbax_leftovers() -> None:
+    """From now on (the first :class:`Checkpoints`), drop what orbax leaves behind a read or
+    write that failed. The failure itself reaches us as one exception, reported in one line;
+    but orbax's other reads then end with errors nobody retrieves, which asyncio logs as their
+    tasks are collected, their coroutines raise again as they are closed (their except clause
+    catches the GeneratorExit) or are never awaited, and TensorStore's callbacks find their
+    event loop closed. Each would print a long traceback after our line, some at exit, when
+    the garbage collector gets to them. Other unraisable errors, log records and warnings go
+    where they went."""
+    global _LEFTOVERS_QUIET
+    if _LEFTOVERS_QUIET:
+        return
+    _LEFTOVERS_QUIET = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _orbax_leftover(unraisable.exc_value, unraisable.exc_traceback, unraisable.object):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_keep_unless_orbax_leftover)
+    warnings.filterwarnings(
+        "ignore", r"coroutine '_read_array_index_and_device_put' was never awaited", RuntimeWarning
+    )
+
+
+def _keep_unless_orbax_leftover(record: logging.LogRecord) -> bool:
+    """False (drop it) for asyncio's "exception was never retrieved" of an orbax read."""
+    if "exception was never retrieved" not in record.getMessage() or not record.exc_info:
+        return True
+    _, error, trace = record.exc_info
+    return not _orbax_leftover(error, trace, None, record.getMessage())
+
+
+def _orbax_leftover(error, trace, where, context: str = "") -> bool:
+    """Whether an error raised out of reach came from orbax's reads or writes: orbax's code on
+    its way or TensorStore's in its text, or asyncio's "Event loop is closed" with no other
+    code on the way."""
+    code = getattr(where, "cr_code", None)
+    files = [frame.filename for frame in traceback.extract_tb(trace)]
+    files += [code.co_filename] if code is not None else []
+    text = "\n".join([*files, str(error), context])
+    if any(mark in text for mark in _ORBAX_MARKS):
+        return True
+    closed = isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+    return closed and bool(files) and all(f"{os.sep}asyncio{os.sep}" in f for f in files)
 
 
 def path_names(path: tuple) -> tuple[str, ...]:
@@ -80,6 +141,7 @@ def _abstract(tree: Any) -> Any:
 
 class Checkpoints:
     def __init__(self, directory: str | Path):
+        _quiet_orbax_leftovers()
         self.directory = Path(directory).absolute()
         keep_two = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
         keep_one = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
