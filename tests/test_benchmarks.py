@@ -412,6 +412,30 @@ def test_vit_model_flops_match_xla_count_of_the_direct_forward(monkeypatch):
     assert counted == pytest.approx(bench.vit_model_flops(m), rel=0.05)
 
 
+def test_the_profile_counts_asynchronous_ops_from_start_to_end():
+    """XLA's trace has an event where an op starts and an "end: " event where it is done; a
+    large dot runs asynchronously, so its first event is short. The breakdown sums each op's
+    span and its own event apart; the executor's wrappers and the pool's markers count
+    nothing."""
+    bench = _load_benchmark("train_throughput")
+    events = [
+        ("ThunkExecutor::Execute", 0, 100_000_000),
+        ("dot.3", 1_000_000, 10_000),  # starts at 1 ms ...
+        ("ThreadpoolListener::StartRegion", 1_100_000, 0),
+        ("multiply_add_fusion.7", 2_000_000, 3_000_000),
+        ("end: multiply_add_fusion.7", 5_000_000, 0),
+        ("end: dot.3", 20_000_000, 5_000),  # ... done at 20.005 ms
+        ("multiply_add_fusion.9", 21_000_000, 1_000_000),  # no end event in the trace
+        ("dot.3", 30_000_000, 10_000),  # the next step's
+        ("end: dot.3", 32_000_000, 0),
+    ]
+    rows = {kind: rest for kind, *rest in bench.op_kinds(events)}
+    assert rows == {
+        "dot": [pytest.approx(19.005 + 2.0), pytest.approx(0.02), 2],
+        "multiply_add_fusion": [pytest.approx(4.0), pytest.approx(4.0), 2],
+    }
+
+
 def _products(fn, *args) -> int:
     """How many matrix products XLA compiles ``fn`` to (those inside fusions included)."""
     return sum(" dot(" in line for line in jax.jit(fn).lower(*args).compile().as_text().split("\n"))
