@@ -346,12 +346,10 @@ def _median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[object], 
 
 
 def timed_pass(fn: Callable, backward: bool) -> Callable:
-    """What a point times of a jax implementation: the forward, or the output's sum and the
-    gradients of q, k and v. The sum keeps the output computed, as torch's side and a training
-    step compute it: from the gradients alone XLA drops the product that makes it (P v)."""
-    if not backward:
-        return fn
-    return jax.value_and_grad(lambda q, k, v: fn(q, k, v).astype(jnp.float32).sum(), (0, 1, 2))
+    """What a point times of a jax implementation: what auto's probe times
+    (:func:`hw2jax.attention.dispatch.probe_program`), the forward, or the output's sum with
+    the gradients of q, k and v, the output computed as torch's side computes it."""
+    return dispatch.probe_program(fn, backward, operands=3)
 
 
 def measure(
