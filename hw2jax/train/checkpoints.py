@@ -15,6 +15,7 @@ damaged checkpoint costs at most one checkpoint interval.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -56,24 +57,22 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {first[:200]}"
 
 
-_LEFTOVERS_QUIET = False
+_ORBAX_DIR = f"{os.sep}orbax{os.sep}"
 # What orbax's reads and writes raise where nobody can catch it carries one of these.
-_ORBAX_MARKS = (f"{os.sep}orbax{os.sep}", "TensorStore", "OCDBT")
+_ORBAX_MARKS = (_ORBAX_DIR, "TensorStore", "OCDBT")
 
 
+@functools.cache  # once per process
 def _quiet_orbax_leftovers() -> None:
-    """From now on (the first :class:`Checkpoints`), drop what orbax leaves behind a read or
-    write that failed. The failure itself reaches us as one exception, reported in one line;
-    but orbax's other reads then end with errors nobody retrieves, which asyncio logs as their
-    tasks are collected, their coroutines raise again as they are closed (their except clause
-    catches the GeneratorExit) or are never awaited, and TensorStore's callbacks find their
-    event loop closed. Each would print a long traceback after our line, some at exit, when
-    the garbage collector gets to them. Other unraisable errors, log records and warnings go
-    where they went."""
-    global _LEFTOVERS_QUIET
-    if _LEFTOVERS_QUIET:
-        return
-    _LEFTOVERS_QUIET = True
+    """From now on (the first :class:`Checkpoints`), keep orbax's failures to our one line.
+    Its background writes log a failure from each thread with a traceback: the log lines keep
+    their text only. A failed read's other reads end with errors nobody retrieves, which
+    asyncio logs as their tasks are collected; their coroutines raise again as they are
+    closed (their except clause catches the GeneratorExit) or are never awaited; and
+    TensorStore's callbacks find their event loop closed. Each would print a long traceback
+    after our line, some at exit, when the garbage collector gets to them. Other unraisable
+    errors, log records and warnings go where they went."""
+    logging.getLogger("absl").addFilter(_OneLineOrbaxErrors())
     previous = sys.unraisablehook
 
     def hook(unraisable):
@@ -127,12 +126,9 @@ class _OneLineOrbaxErrors(logging.Filter):
     :class:`CheckpointWriteError` reports the failure, so each log line keeps only its text."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+        if record.exc_info and _ORBAX_DIR in record.pathname:
             record.exc_info, record.exc_text = None, None
         return True
-
-
-logging.getLogger("absl").addFilter(_OneLineOrbaxErrors())
 
 
 def _abstract(tree: Any) -> Any:
