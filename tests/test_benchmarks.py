@@ -485,3 +485,21 @@ def test_gru_recurrence_benchmark_times_both_paths_that_agree(tmp_path):
         for path in ("xla", "fused_cpu")
         for what in ("forward", "forward+backward", "training step", "training step on 2 devices")
     }
+
+
+def test_bert_attention_training_benchmark_times_paths_that_agree(tmp_path):
+    """The fused kernels and XLA's form drop the same probabilities, so their outputs and
+    gradients agree before anything is timed; every path gets a row, and the JSON names its
+    machine."""
+    from hw2jax import kernels
+
+    pytest.importorskip("torch")
+    if kernels.build_error():
+        pytest.skip(f"the fused CPU kernels cannot be built here: {kernels.build_error()}")
+    bench = _load_benchmark("bert_attention_training")
+    bench.main(["--shape", "2", "40", "2", "16", "--repeats", "1", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "bert_attention_training.json").read_text())
+    assert_names_its_machine(record["meta"])
+    (row,) = record["results"]
+    assert row["max_abs_diff_fused_vs_xla"] < 1e-5
+    assert set(row["ms"]) == {"fused kernels", "xla", "xla, jax.random dropout", "torch sdpa"}

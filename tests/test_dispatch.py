@@ -16,7 +16,7 @@ AVX512 = (("avx2", True), ("avx512f", True))
 AVX2 = (("avx2", True), ("avx512f", False))
 GPU = dispatch.Machine("gpu", nvidia=True)
 T_256, T_8192 = 256 * 256, 8192 * 8192
-DROPOUT = "attention dropout needs the probabilities"
+HEAD_DIM = "head dim must be a multiple of 16"
 
 
 def why(reason=None):
@@ -60,10 +60,10 @@ def test_cpu_with_avx512_takes_the_fused_kernels_where_they_can_run():
     assert dispatch.linear(why(), cpu) == "fused_cpu"
     assert dispatch.key_bias(why(), cpu) == "fused_cpu"
     assert dispatch.few_keys(why(), cpu) == "fused_cpu"
-    # Where the kernels cannot run (bf16, an odd head dim, dropout): the plain paths.
+    # Where the kernels cannot run (bf16, an odd head dim): the plain paths.
     assert dispatch.softmax(T_256, False, why("bfloat16"), cpu) == "naive"
     assert dispatch.linear(why("head dim 8"), cpu) == "chunked"
-    assert dispatch.key_bias(why(DROPOUT), cpu) == "xla"
+    assert dispatch.key_bias(why(HEAD_DIM), cpu) == "xla"
     assert dispatch.few_keys(why("kv must have 1 to 64 rows; got 65"), cpu) == "xla"
 
 
@@ -85,7 +85,7 @@ def test_an_environment_variable_forces_one_path(monkeypatch):
     monkeypatch.setenv("HW2JAX_ATTENTION", "fused_cpu")
     assert dispatch.softmax(16, False, why(), cpu) == "fused_cpu"
     assert dispatch.softmax(16, False, why("bfloat16"), cpu) == "naive"  # cannot run: the rule's
-    assert dispatch.key_bias(why(DROPOUT), cpu) == "xla"  # dropout: the kernel cannot
+    assert dispatch.key_bias(why(HEAD_DIM), cpu) == "xla"  # the kernel cannot
     assert dispatch.few_keys(why(), cpu) == "fused_cpu"
     assert dispatch.few_keys(why("bfloat16"), cpu) == "xla"
     monkeypatch.setenv("HW2JAX_ATTENTION", "xla")
@@ -162,11 +162,11 @@ def measured(monkeypatch, tmp_path):
     monkeypatch.setenv("HW2JAX_AUTO", "measure")
     monkeypatch.setattr(dispatch, "state", dispatch.ProbeState())
     monkeypatch.setattr(dispatch, "cache_file", lambda: tmp_path / "dispatch-test.json")
-    ms, probes = {}, []
+    ms, probes = {}, []  # ms by path, or by (path, with gradients)
 
     def fake(paths, measure, gradient):
         probes.append((tuple(paths), gradient))
-        return {name: ms[name] / 1e3 for name in paths}
+        return {name: ms.get((name, gradient), ms.get(name)) / 1e3 for name in paths}
 
     monkeypatch.setattr(dispatch, "time_paths", fake)
     return ms, probes
@@ -207,6 +207,24 @@ def test_auto_takes_the_measured_fastest_path_both_ways(measured):
     assert probes[-1] == (("fused_cpu", "xla"), True)
     ms.update(xla=3.0)
     assert dispatch.few_keys(why(), avx2, measure_for((2, 8, 1, 64))) == "fused_cpu"
+
+
+def test_key_bias_times_forward_and_gradients_apart(measured):
+    """BERT's attention: the row kernel may win forward while XLA's form wins with gradients;
+    attention dropout is a class of its own, timed again."""
+    ms, probes = measured
+    ms.update({("fused_cpu", False): 1.0, ("xla", False): 2.0})
+    ms.update({("fused_cpu", True): 5.0, ("xla", True): 2.0})
+    assert dispatch.key_bias(why(), CPU_AVX512, measure_for()) == ("fused_cpu", "xla")
+    assert probes == [(("fused_cpu", "xla"), False), (("fused_cpu", "xla"), True)]
+    ms.update({("fused_cpu", True): 1.0})
+    assert dispatch.key_bias(why(), CPU_AVX512, measure_for()) == ("fused_cpu", "xla")  # cached
+    assert dispatch.key_bias(why(), CPU_AVX512, measure_for(), dropout=True) == "fused_cpu"
+    assert len(probes) == 4
+    assert {key.split(" full")[0] for key in dispatch.state.timings} == {
+        "key_bias",
+        "key_bias dropout",
+    }
 
 
 def rows_for(shape=(256, 50, 64), dtype=jnp.float32):

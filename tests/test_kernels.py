@@ -76,7 +76,7 @@ def test_gradients_match_torch_sdpa():
     q, k, v, key_bias = _inputs((2, 21, 2, 32), seed=3)
     cotangent = np.random.default_rng(4).standard_normal(q.shape).astype(np.float32)
 
-    # The row kernel's forward with the XLA formula's gradient, as BERT runs it.
+    # The flash kernels with a key bias, as BERT's fine-tuning runs them.
     def loss(q, k, v):
         scale = 1.0 / np.sqrt(q.shape[-1])
         out = attention.key_bias_attention(
@@ -95,21 +95,43 @@ def test_gradients_match_torch_sdpa():
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def _softmax_gradients_np(q, k, v, cotangent, causal, scale):
-    """The closed-form gradients of sum(cotangent * softmax(scale q k^T) v), in float64."""
+def _softmax_gradients_np(q, k, v, cotangent, causal, scale, key_bias=None, keep=None, rate=0.0):
+    """The closed-form gradients of sum(cotangent * dropout(softmax(scale q k^T + key_bias)) v),
+    in float64: dropout multiplies probability (b, h, i, j) by keep[b, h, i, j] / (1 - rate).
+    Returns dq, dk, dv and the key bias's gradient [B, T]."""
     q, k, v, g = (np.asarray(a, np.float64) for a in (q, k, v, cotangent))
     logits = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if key_bias is not None:
+        logits = logits + np.asarray(key_bias, np.float64)[:, None, None, :]
     if causal:
         t = q.shape[1]
         logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    dp = np.einsum("bqhd,bkhd->bhqk", g, v)
+    factor = 1.0 if keep is None else keep / (1.0 - np.float64(np.float32(rate)))
+    dp = np.einsum("bqhd,bkhd->bhqk", g, v) * factor
     ds = p * (dp - (dp * p).sum(-1, keepdims=True))
     dq = np.einsum("bhqk,bkhd->bqhd", ds, k) * scale
     dk = np.einsum("bhqk,bqhd->bkhd", ds, q) * scale
-    dv = np.einsum("bhqk,bqhd->bkhd", p, g)
-    return dq, dk, dv
+    dv = np.einsum("bhqk,bqhd->bkhd", p * factor, g)
+    return dq, dk, dv, ds.sum((1, 2))
+
+
+def _keep_mask_np(seeds, t, rate):
+    """Dropout's keep mask [B, H, T, T] from the hash in hw2jax.attention.dropout's docstring,
+    written again in NumPy uint32 arithmetic."""
+
+    def mix(x):
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x7FEB352D)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(0x846CA68B)
+        return x ^ (x >> np.uint32(16))
+
+    s = np.asarray(seeds, np.uint32)[:, :, None, None]
+    counters = (np.arange(t, dtype=np.uint64)[:, None] * t + np.arange(t)).astype(np.uint32)
+    bits = mix(mix(counters ^ mix(s ^ np.uint32(0x9E3779B9))) ^ s)
+    return bits >= np.uint32(round(float(np.float32(rate)) * 2**32))
 
 
 # T around the flash kernel's 64 x 64 blocks and its passes of 8 blocks (600: a second, partial
@@ -137,9 +159,73 @@ def test_flash_kernel_matches_float64_with_gradients(shape, causal):
     expected = ref_softmax_np(q, k, v, causal=causal, scale=scale)
     np.testing.assert_allclose(out, expected, atol=6e-5, rtol=1e-5)
     grads = pullback(jnp.asarray(cotangent))
-    refs = _softmax_gradients_np(q, k, v, cotangent, causal, scale)
+    refs = _softmax_gradients_np(q, k, v, cotangent, causal, scale)[:3]
     for name, got, ref in zip("qkv", grads, refs, strict=True):
         np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-4, err_msg=f"d{name}")
+
+
+# Blocks cut by T, a masked key block (keys 64-127 of the 130), both head-dim tilings.
+@pytest.mark.parametrize("shape", [(2, 37, 3, 64), (1, 130, 2, 32), (1, 200, 1, 16)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_kernel_with_key_bias_and_dropout_matches_float64(shape, causal):
+    """BERT's fine-tuning attention: a padding bias and dropout from the hash, forward and every
+    gradient (the bias's too) against the float64 closed form with the mask rebuilt in NumPy."""
+    q, k, v, key_bias = _inputs(shape, seed=shape[1] + 1)
+    if shape[1] == 130:
+        key_bias[:, 64:128] = MASKED
+    scale, rate = 0.7 / np.sqrt(shape[-1]), 0.25
+    seeds = np.random.default_rng(3).integers(0, 2**32, shape[:1] + shape[2:3], dtype=np.uint32)
+    cotangent = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
+
+    def attend(q, k, v, key_bias):
+        return kernels.cpu_flash_attention(
+            q, k, v, key_bias, causal=causal, scale=scale, dropout_rate=rate, dropout_seeds=seeds
+        )
+
+    out, pullback = jax.vjp(attend, q, k, v, key_bias)
+    keep = _keep_mask_np(seeds, shape[1], rate)
+    assert 0.6 < keep.mean() < 0.9
+    want = _dropout_attention_np(q, k, v, key_bias, keep, rate, causal, scale)
+    np.testing.assert_allclose(out, want, atol=6e-5, rtol=1e-5)
+    grads = pullback(jnp.asarray(cotangent))
+    refs = _softmax_gradients_np(q, k, v, cotangent, causal, scale, key_bias, keep, rate)
+    for name, got, ref in zip(("q", "k", "v", "key_bias"), grads, refs, strict=True):
+        np.testing.assert_allclose(got, ref, atol=3e-4, rtol=1e-4, err_msg=f"d{name}")
+
+
+def _dropout_attention_np(q, k, v, key_bias, keep, rate, causal, scale):
+    """float64: dropout(softmax(scale q k^T + key_bias)) v, [B, T, H, D]."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) * scale + np.float64(key_bias)[:, None, None, :]
+    if causal:
+        t = q.shape[1]
+        logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p = p / p.sum(-1, keepdims=True) * keep / (1.0 - np.float64(np.float32(rate)))
+    return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def test_dropout_masks_are_fair_and_independent():
+    """The hash keeps 1 - rate of the entries, with no pattern over rows, keys or heads: its
+    shares stay within 5 standard deviations of binomial counts, and two heads' masks agree only
+    as two independent draws do."""
+    rate, t = 0.1, 256
+    seeds = np.random.default_rng(0).integers(0, 2**32, (4, 6), dtype=np.uint32)
+    keep = np.asarray(attention.dropout.keep_mask(jnp.asarray(seeds), t, t, rate))
+    np.testing.assert_array_equal(keep, _keep_mask_np(seeds, t, rate))
+    p = 1 - rate
+
+    def within(share, n):
+        assert np.all(np.abs(share - p) < 5 * np.sqrt(p * (1 - p) / n)), share
+
+    within(keep.mean(), keep.size)
+    within(keep.mean((0, 1, 3)), keep.size // t)  # each query row
+    within(keep.mean((0, 1, 2)), keep.size // t)  # each key
+    within(keep.mean((2, 3)), t * t)  # each (sequence, head)
+    agree = (keep[:, 0] == keep[:, 1]).mean()
+    q2 = p * p + (1 - p) ** 2
+    assert abs(agree - q2) < 5 * np.sqrt(q2 * (1 - q2) / (4 * t * t))
+    assert abs((keep[..., 1:] == keep[..., :-1]).mean() - q2) < 0.01  # neighbouring keys
 
 
 def test_flash_kernel_under_vmap_and_with_large_scores():
@@ -367,16 +453,24 @@ def test_bert_attention_choice():
     np.testing.assert_allclose(np.asarray(bf16, np.float32), out["xla"], atol=6e-2)
     with pytest.raises(ValueError, match="unknown implementation 'flash' for BertModel; use one"):
         bert.BertModel(config, implementation="flash").apply({"params": params}, ids)
-    dropout = bert.BertModel(config, implementation="fused_cpu")
-    with pytest.raises(ValueError, match=r"attention dropout.*deterministic=True"):
-        dropout.apply(
-            {"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.key(1)}
-        )
-    # "auto" with dropout on takes XLA's path, and trains.
-    auto = bert.BertModel(config).apply(
-        {"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.key(1)}
-    )[0]
-    assert not np.allclose(auto, out["xla"], atol=1e-3)
+    # Attention dropout: both paths drop the same probabilities for the same rngs, forward and
+    # backward, and the output differs from the deterministic one.
+    rngs = {"dropout": jax.random.key(1)}
+
+    def train_step(impl):
+        def loss(p):
+            model = bert.BertModel(config, implementation=impl)
+            hidden = model.apply({"params": p}, ids, mask, deterministic=False, rngs=rngs)[0]
+            return jnp.sum(hidden * weights), hidden
+
+        return jax.grad(loss, has_aux=True)(params)
+
+    weights = np.random.default_rng(2).standard_normal(out["xla"].shape).astype(np.float32)
+    (fused_grads, fused), (xla_grads, xla) = train_step("fused_cpu"), train_step("xla")
+    np.testing.assert_allclose(fused, xla, atol=2e-5)
+    assert not np.allclose(fused, out["xla"], atol=1e-3)
+    for got, want in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(xla_grads), strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-3)
 
 
 def _uses_kernel(model, params, ids) -> bool:

@@ -21,8 +21,8 @@ The rule, in order:
    alone takes the row kernel (non-causal, below 2^26 scores per (batch, head)), blockwise (non-
    causal, from there) or the flash kernel (causal); gradients take the flash kernel from 2^16
    scores on, ``"naive"`` below (``benchmarks/results/cpu_gradients/``). Linear: ``"fused_cpu"``.
-   Key bias: ``"fused_cpu"`` unless attention dropout is active (the kernel keeps no
-   probabilities). Few keys (the ViT's regrouped heads, float32, at most 64 keys):
+   Key bias: ``"fused_cpu"`` (the row kernel forward; the flash kernels, with dropout, for
+   gradients). Few keys (the ViT's regrouped heads, float32, at most 64 keys):
    ``"fused_cpu"``. The GRU's recurrence (float32, hidden size a multiple of 16): ``"fused_cpu"``.
 3. **Any other CPU**: softmax ``"naive"`` below 2^26 scores per (batch, head) and
    ``"blockwise"`` from there (O(T) memory); linear ``"chunked"``; key bias, few keys and the
@@ -43,10 +43,10 @@ next to the kernel build, in a file keyed by the CPU, the compiler, jax and the 
 source (:func:`hw2jax.kernels.library_target`); delete it to time again. "With gradients"
 means a path's outputs and their gradients, as a training step computes them
 (:func:`probe_program`). At most 20 s of
-timing per process; classes left untimed then take the feature rule. Softmax times forward
-and gradient separately (a custom VJP runs the forward winner when nothing is
-differentiated); linear and few-keys attention are timed with gradients, BERT's key-bias
-attention forward only (fine-tuning runs dropout, which only XLA's form takes). The row
+timing per process; classes left untimed then take the feature rule. Softmax and BERT's key-bias
+attention time forward and gradient separately (a custom VJP runs the forward winner when
+nothing is differentiated; key bias with attention dropout is a class of its own); linear and
+few-keys attention are timed with gradients. The row
 kernels (:func:`row_kernel`: layer norms, timed with gradients; BERT's bias + GELU, forward)
 share the probe, their class being the operation, the rows to a power of two (timed on at most
 2^14), the width and the dtype. The GRU's recurrence (:func:`recurrence`: the fused kernel or
@@ -298,12 +298,21 @@ def taylor_parallel(keys: int, head_dim: int) -> bool:
 
 
 def key_bias(
-    fused_reason: Reason, machine: Machine | None = None, measure: Measure | None = None
-) -> str:
-    """BERT's attention path: ``"fused_cpu"`` or ``"xla"``, timed forward only where
-    ``measure`` is given on CPU. ``fused_reason()`` covers attention dropout too (the kernel
-    keeps no probabilities)."""
-    return _fused_or_xla("key_bias", False, forced(KEY_BIAS), fused_reason, machine, measure)
+    fused_reason: Reason,
+    machine: Machine | None = None,
+    measure: Measure | None = None,
+    dropout: bool = False,
+) -> str | tuple[str, str]:
+    """BERT's attention paths, ``"fused_cpu"`` or ``"xla"``: the one that runs when nothing is
+    differentiated (timed forward only where ``measure`` is given on CPU) and the one whose
+    gradient is taken (timed with gradients); one name where they agree. ``dropout``: the call
+    drops probabilities, timed as a class of its own."""
+    op = "key_bias dropout" if dropout else "key_bias"
+    force = forced(KEY_BIAS)
+    forward, gradient = (
+        _fused_or_xla(op, g, force, fused_reason, machine, measure) for g in (False, True)
+    )
+    return forward if forward == gradient else (forward, gradient)
 
 
 def few_keys(

@@ -1,16 +1,17 @@
-"""BERT's attention: softmax scores with a per-key bias (the padding mask), by XLA or by the
-fused CPU row kernel with the XLA formula's gradient."""
+"""BERT's attention: softmax scores with a per-key bias (the padding mask) and attention
+dropout, by XLA or by the fused CPU kernels (the row kernel forward, the flash kernels forward
+and backward)."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hw2jax import kernels
-from hw2jax.attention import dispatch
+from hw2jax.attention import dispatch, dropout
 from hw2jax.attention.helpers import check_qkv, matmul_f32
 from hw2jax.errors import InputError
 
@@ -24,123 +25,161 @@ def key_bias_attention(
     key_bias: jax.Array | None = None,
     *,
     scale: float = 1.0,
-    dropout: Callable[[jax.Array], jax.Array] | None = None,
+    dropout_rate: float = 0.0,
+    dropout_seeds: jax.Array | None = None,
     implementation: str = "auto",
+    what: str = "key_bias_attention",
 ) -> jax.Array:
-    """softmax(scale q.k^T + key_bias) v: [B, T, heads, D] in and out, key_bias [B, T] added to
-    each key's scores (None: no mask); ``dropout`` is applied to the probabilities.
+    """softmax(scale q.k^T + key_bias) v: [B, T, heads, D] in, float32 [B, T, heads, D] out,
+    key_bias [B, T] added to each key's scores (None: no mask).
+
+    ``dropout_rate`` > 0 drops probabilities by :mod:`hw2jax.attention.dropout`'s hash of
+    ``dropout_seeds`` (uint32 [B, heads], :func:`hw2jax.attention.dropout.seeds`): every path
+    drops the same entries for the same seeds.
 
     ``implementation``: ``"xla"`` (heads next to the batch: faster on CPU than einsums over
-    [B, T, heads, D]; pass q already scaled and ``scale=1`` to spare a pass over the T x T
-    scores), ``"fused_cpu"`` (the row kernel, :func:`hw2jax.kernels.cpu_attention`, float32,
-    or for bf16 on AMX tiles :func:`hw2jax.kernels.amx_attention`; no dropout, since it keeps
-    no probabilities; gradients by the XLA formula) or ``"auto"``
-    (:func:`hw2jax.attention.dispatch.key_bias`).
+    [B, T, heads, D]), ``"fused_cpu"`` (the row kernel, :func:`hw2jax.kernels.cpu_attention`,
+    float32, or for bf16 on AMX tiles :func:`hw2jax.kernels.amx_attention`, when nothing is
+    differentiated and nothing dropped; else the flash kernels,
+    :func:`hw2jax.kernels.cpu_flash_attention`, forward and backward, on q, k, v in float32)
+    or ``"auto"`` (:func:`hw2jax.attention.dispatch.key_bias`). ``what`` names the caller in
+    error messages.
     """
     q, k, v = check_qkv(q, k, v, causal=False)
+    batch, t, heads = q.shape[:3]
     if key_bias is not None and jnp.shape(key_bias) != (k.shape[0], k.shape[1]):
         raise InputError(
             f"key_bias must be [batch, T_k] = {k.shape[:2]}, one value per key, got shape "
             f"{jnp.shape(key_bias)}."
         )
-    paths = timed_paths(q.shape, q.dtype, scale)
-    implementation = resolve(implementation, q.shape[-1], dropout is not None, measure=paths)
-    if implementation == "fused_cpu":
-        if key_bias is None:
-            key_bias = jnp.zeros(q.shape[:2], jnp.float32)
-        key_bias = key_bias.astype(jnp.float32)
-        path = dispatch.bf16_row_attention(q.shape, q.dtype, kernels.amx_matmul_unavailable_reason)
-        fused = _fused_amx if path == "amx" else _upcast_fused
-        return fused(q, k, v, key_bias, float(scale))
-    return _xla(q * scale if scale != 1.0 else q, k, v, key_bias, dropout)
+    dropout.check(dropout_rate, dropout_seeds)
+    if dropout_seeds is not None and jnp.shape(dropout_seeds) != (batch, heads):
+        raise InputError(
+            f"dropout seeds must be [batch, heads] = {(batch, heads)}, got "
+            f"{jnp.shape(dropout_seeds)}."
+        )
+    rate = float(dropout_rate)
+    paths = timed_paths(q.shape, q.dtype, scale, rate)
+    chosen = resolve(implementation, q.shape[-1], what, paths, dropout=rate > 0.0)
+    forward, gradient = chosen if isinstance(chosen, tuple) else (chosen, chosen)
+    key_bias = jnp.zeros((batch, t), jnp.float32) if key_bias is None else key_bias
+    if dropout_seeds is None:
+        dropout_seeds = jnp.zeros((batch, heads), jnp.uint32)
+    args = (q, k, v, key_bias.astype(jnp.float32), dropout_seeds, float(scale), rate)
+    if forward == gradient == "xla":  # one form both ways: no custom VJP between
+        return _xla(*args)
+    return _paths(*args, forward, gradient)
 
 
 def resolve(
     implementation: str,
     head_dim: int,
-    dropout_active: bool,
     what: str = "key_bias_attention",
     measure: dispatch.Measure | None = None,
-) -> str:
-    """ "xla" or "fused_cpu": the dispatch rule's choice for "auto" (timed where ``measure`` is
-    given), else the name given, checked (``what`` names the caller in the message)."""
-    reason = functools.partial(fused_unavailable, head_dim, dropout_active)
+    dropout: bool = False,
+) -> str | tuple[str, str]:
+    """ "xla", "fused_cpu", or for "auto" the dispatch rule's choice (timed where ``measure`` is
+    given): one name, or the forward path and the gradient's (``what`` names the caller in the
+    message)."""
+    reason = functools.partial(fused_unavailable, head_dim)
     return dispatch.resolve_fused(
         implementation,
         IMPLEMENTATIONS,
         what,
         reason,
-        lambda: dispatch.key_bias(reason, measure=measure),
-        "implementation='auto' or 'xla'" + (" (or deterministic=True)" if dropout_active else ""),
+        lambda: dispatch.key_bias(reason, measure=measure, dropout=dropout),
     )
 
 
-def timed_paths(shape: tuple, dtype, scale: float) -> dispatch.Measure:
-    """The paths auto times for q, k and v of ``shape`` and ``dtype`` ([B, T, heads, D]): the
-    fused kernel (bf16 on AMX tiles, or upcast) or XLA's form, on them as they are."""
+def timed_paths(shape: tuple, dtype, scale: float, rate: float = 0.0) -> dispatch.Measure:
+    """The paths auto times for q, k and v of ``shape`` and ``dtype`` ([B, T, heads, D]) with
+    dropout at ``rate``: the fused kernels (as :func:`key_bias_attention` says) or XLA's form,
+    on them as they are."""
     qkv = jax.ShapeDtypeStruct(shape, dtype)
     bias = jax.ShapeDtypeStruct(shape[:2], jnp.float32)
 
     def run(path: str):
         def attend(q, k, v, key_bias):
-            return key_bias_attention(q, k, v, key_bias, scale=scale, implementation=path)
+            batch, _, heads = q.shape[:3]  # the probe may cut batch and heads
+            seeds = jnp.arange(batch * heads, dtype=jnp.uint32).reshape(batch, heads)
+            return key_bias_attention(
+                q,
+                k,
+                v,
+                key_bias,
+                scale=scale,
+                dropout_rate=rate,
+                dropout_seeds=seeds if rate else None,
+                implementation=path,
+            )
 
         return attend
 
     return dispatch.Measure((qkv, qkv, qkv, bias), run)
 
 
-def fused_unavailable(head_dim: int, dropout_active: bool) -> str | None:
-    """Why the row kernel cannot run BERT's attention here (None: it can)."""
-    if dropout_active:
-        return "attention dropout needs the probabilities, which the fused kernel never stores"
+def fused_unavailable(head_dim: int) -> str | None:
+    """Why the fused kernels cannot run BERT's attention here (None: they can)."""
     return kernels.cpu_attention_unavailable_reason(head_dim, jnp.float32)
 
 
-def _xla(q, k, v, key_bias, dropout):
+def _xla(q, k, v, key_bias, seeds, scale: float, rate: float):
+    q = q * scale if scale != 1.0 else q
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
-    scores = matmul_f32(q, k, transpose_b=True)
-    if key_bias is not None:
-        scores = scores + key_bias[:, None, None, :]
+    scores = matmul_f32(q, k, transpose_b=True) + key_bias[:, None, None, :]
     probs = jax.nn.softmax(scores, axis=-1)
-    if dropout is not None:
-        probs = dropout(probs)
+    if rate > 0.0:
+        probs = dropout.apply(probs, seeds, rate)
     return jnp.swapaxes(matmul_f32(probs.astype(v.dtype), v), 1, 2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused(q, k, v, key_bias, scale):
+def _flash(q, k, v, key_bias, seeds, scale: float, rate: float):
+    """The flash kernels on q, k, v in float32 (upcast where bf16)."""
+    q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+    return kernels.cpu_flash_attention(
+        q, k, v, key_bias, scale=scale, dropout_rate=rate, dropout_seeds=seeds
+    )
+
+
+def _fused(q, k, v, key_bias, seeds, scale: float, rate: float):
+    """The fused path when nothing is differentiated: with dropout the flash kernel; else the
+    row kernel, for bf16 on AMX tiles where the dispatch rule says so, else in float32."""
+    if rate > 0.0:
+        return _flash(q, k, v, key_bias, seeds, scale, rate)
+    if (
+        dispatch.bf16_row_attention(q.shape, q.dtype, kernels.amx_matmul_unavailable_reason)
+        == "amx"
+    ):
+        return kernels.amx_attention(q, k, v, key_bias, scale=scale)
+    q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
     return kernels.cpu_attention(q, k, v, key_bias, scale=scale)
 
 
-def _fused_fwd(q, k, v, key_bias, scale):
-    return _fused(q, k, v, key_bias, scale), (q, k, v, key_bias)
+_FORMS = {"xla": (_xla, _xla), "fused_cpu": (_fused, _flash)}  # (forward, under differentiation)
 
 
-def _fused_bwd(scale, residuals, grad):
-    # The gradient of the same function as XLA computes it.
-    _, pullback = jax.vjp(
-        lambda q, k, v, key_bias: _xla(q * scale, k, v, key_bias, None), *residuals
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _paths(q, k, v, key_bias, seeds, scale: float, rate: float, forward: str, gradient: str):
+    """``forward``'s form when nothing is differentiated; under differentiation ``gradient``'s
+    form, forward and backward."""
+    return _FORMS[forward][0](q, k, v, key_bias, seeds, scale, rate).astype(jnp.float32)
+
+
+def _paths_fwd(q, k, v, key_bias, seeds, scale, rate, forward, gradient):
+    form = _FORMS[gradient][1]
+    out, pullback = jax.vjp(
+        lambda q, k, v, key_bias: form(q, k, v, key_bias, seeds, scale, rate).astype(jnp.float32),
+        q,
+        k,
+        v,
+        key_bias,
     )
-    return pullback(grad)
+    return out, (pullback, seeds)
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+def _paths_bwd(scale, rate, forward, gradient, residuals, g):
+    pullback, seeds = residuals
+    return (*pullback(g), np.zeros(seeds.shape, jax.dtypes.float0))
 
 
-def _upcast_fused(q, k, v, key_bias, scale):
-    """The float32 row kernel on q, k, v upcast (as they are when already float32)."""
-    return _fused(*(t.astype(jnp.float32) for t in (q, k, v)), key_bias, scale)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused_amx(q, k, v, key_bias, scale):
-    return kernels.amx_attention(q, k, v, key_bias, scale=scale)
-
-
-def _fused_amx_fwd(q, k, v, key_bias, scale):
-    # Differentiated, the step runs the float32 kernel (and its gradient) on q, k, v upcast.
-    return jax.vjp(functools.partial(_upcast_fused, scale=scale), q, k, v, key_bias)
-
-
-_fused_amx.defvjp(_fused_amx_fwd, lambda scale, vjp, g: vjp(g))
+_paths.defvjp(_paths_fwd, _paths_bwd)

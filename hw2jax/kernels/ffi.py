@@ -19,6 +19,7 @@ _AXES = {
     "bht": "b h t",
     "bth": "b t h",
     "bt": "b t",
+    "bh": "b h",  # one value per (sequence, head)
     "bhdd": "b h d e",  # a [D, D] state per (sequence, head)
     "bhd": "b h d",
     "bqd": "b q d",  # rows of queries ...

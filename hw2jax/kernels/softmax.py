@@ -1,6 +1,6 @@
 """Softmax attention by the fused CPU kernels: the row kernel (a key bias, forward only; BERT's)
-and the flash kernel (causal or not, forward and backward: FlashAttention-2's algorithm, the
-backward recomputing probabilities from each row's log-sum-exp)."""
+and the flash kernel (causal or not, a key bias, dropout; forward and backward: FlashAttention-2's
+algorithm, the backward recomputing probabilities from each row's log-sum-exp)."""
 
 from __future__ import annotations
 
@@ -86,17 +86,25 @@ def amx_attention(
     return _row_kernel("amx_attention", q, k, v, key_bias, scale)
 
 
-def _row_kernel(target: str, q, k, v, key_bias, scale: float | None) -> jax.Array:
-    """The row kernel ``target`` with the key bias checked: [B, T, heads, D] float32."""
-    if key_bias is None:
-        key_bias = jnp.zeros(q.shape[:2], jnp.float32)
+def _checked_key_bias(key_bias, shape: tuple) -> jax.Array:
+    """key_bias as float32 [batch, T], or an InputError naming what to pass."""
     if jnp.asarray(key_bias).dtype == jnp.bool_:
         raise InputError(
             "key_bias is added to the scores, not a boolean mask: pass "
             "jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)."
         )
-    if key_bias.shape != q.shape[:2]:
-        raise InputError(f"key_bias must be [batch, T] = {q.shape[:2]}, got {key_bias.shape}.")
+    if jnp.shape(key_bias) != tuple(shape):
+        raise InputError(
+            f"key_bias must be [batch, T] = {tuple(shape)}, got {jnp.shape(key_bias)}."
+        )
+    return jnp.asarray(key_bias).astype(jnp.float32)
+
+
+def _row_kernel(target: str, q, k, v, key_bias, scale: float | None) -> jax.Array:
+    """The row kernel ``target`` with the key bias checked: [B, T, heads, D] float32."""
+    if key_bias is None:
+        key_bias = jnp.zeros(q.shape[:2], jnp.float32)
+    key_bias = _checked_key_bias(key_bias, q.shape[:2])
     scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else float(scale)
     kernel = ffi_kernel(
         TARGETS[target][1],
@@ -104,56 +112,98 @@ def _row_kernel(target: str, q, k, v, key_bias, scale: float | None) -> jax.Arra
         ("bthd",),
         (("scale", np.float32(scale)),),
     )
-    return kernel(q, k, v, key_bias.astype(jnp.float32))[0]
+    return kernel(q, k, v, key_bias)[0]
 
 
-def _flash_attrs(scale: float, causal: bool) -> tuple:
-    return ("scale", np.float32(scale)), ("causal", np.int32(causal))
-
-
-def _flash_forward_call(q, k, v, scale: float, causal: bool):
-    kernel = ffi_kernel(
-        TARGETS["flash_forward"][1], ("bthd",) * 3, ("bthd", "bht"), _flash_attrs(scale, causal)
+def _flash_attrs(scale: float, causal: bool, dropout: float) -> tuple:
+    return (
+        ("scale", np.float32(scale)),
+        ("causal", np.int32(causal)),
+        ("dropout", np.float32(dropout)),
     )
-    return kernel(q, k, v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _flash(q, k, v, scale: float, causal: bool):
-    return _flash_forward_call(q, k, v, scale, causal)[0]
+def _flash_forward_call(q, k, v, key_bias, seeds, scale: float, causal: bool, dropout: float):
+    kernel = ffi_kernel(
+        TARGETS["flash_forward"][1],
+        ("bthd",) * 3 + ("bt", "bh"),
+        ("bthd", "bht"),
+        _flash_attrs(scale, causal, dropout),
+    )
+    return kernel(q, k, v, key_bias, seeds)
 
 
-def _flash_fwd(q, k, v, scale, causal):
-    out, lse = _flash_forward_call(q, k, v, scale, causal)
-    return out, (q, k, v, out, lse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(q, k, v, key_bias, seeds, scale: float, causal: bool, dropout: float):
+    return _flash_forward_call(q, k, v, key_bias, seeds, scale, causal, dropout)[0]
 
 
-def _flash_bwd(scale, causal, residuals, grad):
+def _flash_fwd(q, k, v, key_bias, seeds, scale, causal, dropout):
+    out, lse = _flash_forward_call(q, k, v, key_bias, seeds, scale, causal, dropout)
+    return out, (q, k, v, key_bias, seeds, out, lse)
+
+
+def _flash_bwd(scale, causal, dropout, residuals, grad):
     kernel = ffi_kernel(
         TARGETS["flash_backward"][1],
-        ("bthd",) * 4 + ("bht", "bthd"),
-        ("bthd",) * 3,
-        _flash_attrs(scale, causal),
+        ("bthd",) * 3 + ("bt", "bh", "bthd", "bht", "bthd"),
+        ("bthd",) * 3 + ("bht",),
+        _flash_attrs(scale, causal, dropout),
     )
-    return kernel(*residuals, grad)
+    dq, dk, dv, dbias = kernel(*residuals, grad)
+    seeds = residuals[4]
+    return dq, dk, dv, dbias.sum(axis=1), np.zeros(seeds.shape, jax.dtypes.float0)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def cpu_flash_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False, scale: float | None = None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_bias: jax.Array | None = None,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_seeds: jax.Array | None = None,
 ) -> jax.Array:
-    """softmax(scale q.k^T) v, optionally causal, forward and backward by the fused CPU kernels.
+    """softmax(scale q.k^T + key_bias) v, optionally causal, with optional dropout on the
+    probabilities, forward and backward by the fused CPU kernels.
 
     The forward pass keeps each row's log-sum-exp; the backward pass recomputes the probabilities
     block by block from it (FlashAttention-2), so neither stores the [T, T] scores. q, k, v:
-    float32 ``[B, T, heads, D]`` of one shape; scale defaults to 1/sqrt(D). Raises
+    float32 ``[B, T, heads, D]`` of one shape; key_bias ``[B, T]`` added to each key's scores
+    (differentiable; None: none); scale defaults to 1/sqrt(D). Dropout zeroes probability
+    (i, j) of sequence b, head h where :func:`hw2jax.attention.dropout.keep_mask`'s hash of
+    ``dropout_seeds[b, h]`` (uint32 ``[B, heads]``) says so, and scales the rest by
+    1 / (1 - dropout_rate); the backward pass regenerates the same mask. Raises
     :class:`KernelUnavailable` (or ValueError for bad shapes) with what to do instead.
     """
     _check_softmax_inputs("cpu_flash_attention", q, k, v)
+    b, t, heads = q.shape[:3]
+    if key_bias is None:
+        key_bias = jnp.zeros((b, t), jnp.float32)
+    key_bias = _checked_key_bias(key_bias, (b, t))
+    if not 0.0 <= dropout_rate < 1.0:
+        raise InputError(f"dropout_rate must be in [0, 1), got {dropout_rate}.")
+    if dropout_seeds is None:
+        if dropout_rate > 0.0:
+            raise InputError(
+                "dropout_rate > 0 needs dropout_seeds, uint32 [batch, heads]: "
+                "hw2jax.attention.dropout.seeds(rng, batch, heads)."
+            )
+        dropout_seeds = jnp.zeros((b, heads), jnp.uint32)
+    if dropout_seeds.shape != (b, heads) or dropout_seeds.dtype != jnp.uint32:
+        raise InputError(
+            f"dropout_seeds must be uint32 [batch, heads] = {(b, heads)}, got "
+            f"{dropout_seeds.dtype} {dropout_seeds.shape}."
+        )
     scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else float(scale)
-    return _flash(q, k, v, scale, bool(causal))
+    # A finite floor: a block of keys all at -inf would leave its running maximum undefined.
+    key_bias = jnp.maximum(key_bias, jnp.finfo(jnp.float32).min)
+    return _flash(q, k, v, key_bias, dropout_seeds, scale, bool(causal), float(dropout_rate))
 
 
 def _few_keys_forward_call(q, kv):

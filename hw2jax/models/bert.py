@@ -23,7 +23,8 @@ import numpy as np
 
 from hw2jax import kernels
 from hw2jax.attention import dispatch
-from hw2jax.attention.key_bias import key_bias_attention, resolve, timed_paths
+from hw2jax.attention import dropout as attention_dropout
+from hw2jax.attention.key_bias import key_bias_attention
 from hw2jax.errors import InputError, MissingFileError
 from hw2jax.models import bert_params
 from hw2jax.models.layers import (
@@ -179,32 +180,24 @@ class BertLayer(nn.Module):
         c = self.config
         heads, dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
         compute = self.dtype or jnp.float32
-        dropout_active = not deterministic and c.attention_probs_dropout_prob > 0
-        paths = timed_paths((*x.shape[:-1], heads, dim), compute, 1.0 / math.sqrt(dim))
-        implementation = resolve(self.implementation, dim, dropout_active, "BertModel", paths)
 
-        def project(name: str, scale: float = 1.0) -> jax.Array:  # -> [B, T, heads, D]
-            t = _dense(c.hidden_size, name=name, dtype=self.dtype)(x) * scale
+        def project(name: str) -> jax.Array:  # -> [B, T, heads, D], no transposes
+            t = _dense(c.hidden_size, name=name, dtype=self.dtype)(x)
             return t.reshape(*t.shape[:-1], heads, dim).astype(compute)
 
-        if implementation == "fused_cpu":  # takes [B, T, heads, D] as projected: no transposes
-            # bf16 q, k, v run on AMX tiles where the CPU has them, else upcast to float32 (XLA
-            # fuses that into the projections): key_bias_attention decides.
-            q, k, v = (project(n) for n in ("query", "key", "value"))
-            ctx = key_bias_attention(
-                q, k, v, key_bias, scale=1.0 / math.sqrt(dim), implementation="fused_cpu"
-            )
-            ctx = ctx.astype(compute)
-        else:
-            dropout = nn.Dropout(c.attention_probs_dropout_prob)
-            ctx = key_bias_attention(
-                project("query", 1.0 / math.sqrt(dim)),
-                project("key"),
-                project("value"),
-                key_bias,
-                dropout=lambda p: dropout(p, deterministic=deterministic),
-                implementation="xla",
-            )
+        rate = 0.0 if deterministic else c.attention_probs_dropout_prob
+        seeds = (
+            attention_dropout.seeds(self.make_rng("dropout"), x.shape[0], heads) if rate else None
+        )
+        ctx = key_bias_attention(
+            *(project(n) for n in ("query", "key", "value")),
+            key_bias,
+            scale=1.0 / math.sqrt(dim),
+            dropout_rate=rate,
+            dropout_seeds=seeds,
+            implementation=self.implementation,
+            what="BertModel",
+        ).astype(compute)
         ctx = ctx.reshape(*x.shape[:-1], c.hidden_size)
         h = _dense(c.hidden_size, name="attention_output_dense", dtype=self.dtype)(ctx)
         h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
@@ -241,10 +234,10 @@ class BertModel(nn.Module):
 
     config: BertConfig
     dtype: Any = None  # compute dtype; params stay float32
-    # "auto": the rule of hw2jax.attention.dispatch (the fused CPU row kernel where it applies
-    # and pays, with no attention dropout; XLA's attention elsewhere). "fused_cpu" insists on
-    # the kernel (float32, bf16 inputs upcast; bf16 on AMX tiles where the CPU has them and
-    # nothing is differentiated), "xla" avoids it.
+    # "auto": hw2jax.attention.dispatch decides (the fused CPU kernels where they apply and
+    # pay, XLA's attention elsewhere). "fused_cpu" insists on the kernels (the row kernel when
+    # nothing is differentiated or dropped, bf16 on AMX tiles where the CPU has them; else the
+    # flash kernels in float32, with attention dropout), "xla" avoids them.
     implementation: str = "auto"
     # Recompute each layer's activations in the backward pass instead of keeping them:
     # memory for fine-tuning at long lengths, for about one more forward pass of time.

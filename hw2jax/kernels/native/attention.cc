@@ -91,17 +91,71 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
 // ---------------------------------------------------------------------------------------------
 // Flash attention with gradients: a forward pass that also returns each row's log-sum-exp, and
 // a backward pass that recomputes the probabilities block by block from it (FlashAttention-2's
-// algorithm). Causal or not, no key bias; q, k, v, out, dout are [N, T, H, D], lse is [N, H, T].
+// algorithm). Causal or not, with a key bias [N, T] (BERT's padding mask) and dropout on the
+// probabilities; q, k, v, out, dout are [N, T, H, D], lse and the bias gradient [N, H, T].
 // One (sequence, head) per thread: the backward accumulates dq over key blocks without atomics.
+//
+// Dropout keeps entry (i, j) of a (sequence, head) when a hash of its seed and the counter
+// i * T + j is at least rate * 2^32 (hw2jax/attention/dropout.py writes the same hash in jnp, the
+// tests in numpy): the backward regenerates the forward's mask, and no [T, T] mask is stored.
 
 struct FlashProblem {
-  const float *q, *k, *v, *out, *lse, *dout;  // out, lse, dout: backward only
-  float *out_w, *lse_w;                        // forward's results
-  float *dq, *dk, *dv;                         // backward's results
+  const float *q, *k, *v, *key_bias, *out, *lse, *dout;  // out, lse, dout: backward only
+  const uint32_t* seeds;                                  // [N, H]
+  float *out_w, *lse_w;                                   // forward's results
+  float *dq, *dk, *dv, *dbias;                            // backward's results
   int64_t items, t, h, d;
-  float scale;
+  float scale, dropout;
   bool causal;
 };
+
+typedef uint32_t vu16 __attribute__((vector_size(64)));
+
+// lowbias32 (Chris Wellons' integer hash): a bijection on 32 bits with full avalanche.
+template <class U>
+inline U Mix(U x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+// One (sequence, head)'s dropout: Factor(counters) is 1 / (1 - rate) where the entry is kept,
+// else 0.
+class Dropout {
+ public:
+  Dropout(const FlashProblem& p, int64_t item)
+      : on_(p.dropout > 0.0f), seed_(p.seeds[item]), key_(Mix<uint32_t>(seed_ ^ 0x9e3779b9U)),
+        threshold_(static_cast<uint32_t>(
+            std::min(4294967295.0, std::round(static_cast<double>(p.dropout) * 4294967296.0)))),
+        inv_keep_(1.0f / (1.0f - p.dropout)) {}
+
+  bool on() const { return on_; }
+
+  v16 Factor(vu16 counters) const {
+    const vu16 bits = Mix<vu16>(Mix<vu16>(counters ^ key_) ^ seed_);
+    return bits >= threshold_ ? splat(inv_keep_) : splat(0.0f);
+  }
+
+  static vu16 Iota(uint32_t step) {
+    vu16 lanes;
+    for (int i = 0; i < kLanes; ++i) lanes[i] = static_cast<uint32_t>(i) * step;
+    return lanes;
+  }
+
+ private:
+  bool on_;
+  uint32_t seed_, key_, threshold_;
+  float inv_keep_;
+};
+
+// The key bias of (sequence n) into a padded row (padding keys are masked elsewhere).
+inline void PackBias(const FlashProblem& p, int64_t n, int64_t tp, float* dst) {
+  std::memcpy(dst, p.key_bias + n * p.t, sizeof(float) * p.t);
+  std::fill(dst + p.t, dst + tp, 0.0f);
+}
 
 // In a [kBlockQ x kBlockK] block of queries i0.. and keys j0.., entry (r, j) at s[r * at_row +
 // j * at_key]: the entries of keys past the end and (causal) of keys after their query set to
@@ -125,7 +179,7 @@ template <int kVecs>
 class FlashForward {
  public:
   explicit FlashForward(const FlashProblem& p)
-      : p_(p), tp_(RoundUp(p.t, kPad)), qt_(kD * tp_), k_(tp_ * kD), v_(tp_ * kD),
+      : p_(p), tp_(RoundUp(p.t, kPad)), qt_(kD * tp_), k_(tp_ * kD), v_(tp_ * kD), bias_(tp_),
         s_(kBlockK * kBlockQ), o_(kBlocksPerPass * kBlockQ * kD) {}
 
   void Run(int64_t item) {
@@ -134,6 +188,9 @@ class FlashForward {
     PackRows<kD>(p_.q, base, stride, t, tp_, p_.scale, qt_.ptr, true);
     PackRows<kD>(p_.k, base, stride, t, tp_, 1.0f, k_.ptr, false);
     PackRows<kD>(p_.v, base, stride, t, tp_, 1.0f, v_.ptr, false);
+    PackBias(p_, n, tp_, bias_.ptr);
+    const Dropout dropout(p_, item);
+    const vu16 row_lanes = Dropout::Iota(static_cast<uint32_t>(t));  // a vector holds 16 rows
     // One pass over k and v serves kBlocksPerPass query blocks: at T = 16,384 k and v fill 8 MiB
     // per item, four times L2, and a pass per block read them from L3 that often.
     for (int64_t i_pass = 0; i_pass < t; i_pass += kBlocksPerPass * kBlockQ) {
@@ -156,7 +213,14 @@ class FlashForward {
           MaskBlock(s, i0, j0, t, p_.causal, -INFINITY, 1, kBlockQ);
           alignas(64) float alpha[kBlockQ];
           for (int g = 0; g < kGroups; ++g)
-            store(alpha + g * kLanes, Softmax(s + g * kLanes, m[b][g], l[b][g]));
+            store(alpha + g * kLanes, Softmax(s + g * kLanes, bias_.ptr + j0, m[b][g], l[b][g]));
+          if (dropout.on())  // after the sums: dropout weights the values, not the softmax
+            for (int j = 0; j < kBlockK; ++j)
+              for (int g = 0; g < kGroups; ++g) {
+                const uint32_t first = static_cast<uint32_t>((i0 + g * kLanes) * t + j0 + j);
+                float* at = s + j * kBlockQ + g * kLanes;
+                store(at, load(at) * dropout.Factor(row_lanes + first));
+              }
           if (j0 > 0)
             for (int r = 0; r < kBlockQ; ++r)
               if (alpha[r] != 1.0f)
@@ -189,12 +253,14 @@ class FlashForward {
   static constexpr int kGroups = kBlockQ / kLanes;
   static constexpr int kBlocksPerPass = 8;
 
-  // One group of 16 rows, column `col` of a transposed block: scores -> exp(score - new max) in
-  // place; updates the running max m and sum l, returns the factor that rescales older terms.
-  static v16 Softmax(float* col, v16& m, v16& l) {
-    v16 max0 = load(col), max1 = load(col + kBlockQ);  // two chains: half the latency
+  // One group of 16 rows, column `col` of a transposed block, `bias` its keys' bias: scores ->
+  // exp(score + bias - new max) in place; updates the running max m and sum l, returns the factor
+  // that rescales older terms.
+  static v16 Softmax(float* col, const float* bias, v16& m, v16& l) {
+    v16 max0 = load(col) + bias[0], max1 = load(col + kBlockQ) + bias[1];  // two chains
     for (int j = 2; j < kBlockK; j += 2) {
-      const v16 x0 = load(col + j * kBlockQ), x1 = load(col + (j + 1) * kBlockQ);
+      const v16 x0 = load(col + j * kBlockQ) + bias[j];
+      const v16 x1 = load(col + (j + 1) * kBlockQ) + bias[j + 1];
       max0 = x0 > max0 ? x0 : max0;
       max1 = x1 > max1 ? x1 : max1;
     }
@@ -203,8 +269,8 @@ class FlashForward {
     const v16 alpha = exp_nonpositive(m - m_new);
     v16 sum0{}, sum1{};
     for (int j = 0; j < kBlockK; j += 2) {
-      const v16 e0 = exp_nonpositive(load(col + j * kBlockQ) - m_new);
-      const v16 e1 = exp_nonpositive(load(col + (j + 1) * kBlockQ) - m_new);
+      const v16 e0 = exp_nonpositive(load(col + j * kBlockQ) + (bias[j] - m_new));
+      const v16 e1 = exp_nonpositive(load(col + (j + 1) * kBlockQ) + (bias[j + 1] - m_new));
       store(col + j * kBlockQ, e0);
       store(col + (j + 1) * kBlockQ, e1);
       sum0 += e0;
@@ -217,7 +283,7 @@ class FlashForward {
 
   const FlashProblem& p_;
   const int64_t tp_;
-  Aligned qt_, k_, v_, s_, o_;
+  Aligned qt_, k_, v_, bias_, s_, o_;
 };
 
 template <int kVecs>
@@ -225,8 +291,9 @@ class FlashBackward {
  public:
   explicit FlashBackward(const FlashProblem& p)
       : p_(p), tp_(RoundUp(p.t, kPad)), q_(tp_ * kD), k_(tp_ * kD), kt_(kD * tp_),
-        vt_(kD * tp_), do_(tp_ * kD), dq_(tp_ * kD), lse_(tp_), delta_(tp_),
-        p_blk_(kBlockQ * kBlockK), ds_(kBlockQ * kBlockK), dk_(kBlocksPerPass * kBlockK * kD),
+        vt_(kD * tp_), do_(tp_ * kD), dq_(tp_ * kD), lse_(tp_), delta_(tp_), bias_(tp_),
+        dbias_(tp_), p_blk_(kBlockQ * kBlockK), ds_(kBlockQ * kBlockK),
+        keep_(kBlockQ * kBlockK), dk_(kBlocksPerPass * kBlockK * kD),
         dv_(kBlocksPerPass * kBlockK * kD) {}
 
   void Run(int64_t item) {
@@ -238,6 +305,10 @@ class FlashBackward {
     PackRows<kD>(p_.v, base, stride, t, tp_, 1.0f, vt_.ptr, true);
     PackRows<kD>(p_.dout, base, stride, t, tp_, 1.0f, do_.ptr, false);
     std::memset(dq_.ptr, 0, sizeof(float) * tp_ * kD);
+    std::memset(dbias_.ptr, 0, sizeof(float) * tp_);
+    PackBias(p_, n, tp_, bias_.ptr);
+    const Dropout dropout(p_, item);
+    const vu16 key_lanes = Dropout::Iota(1);  // a vector holds 16 keys
     for (int64_t i = 0; i < tp_; ++i) {
       // Padded rows have q = dout = 0: whatever their probabilities, they add nothing.
       lse_.ptr[i] = i < t ? p_.lse[item * t + i] : 0.0f;
@@ -250,6 +321,7 @@ class FlashBackward {
     }
     float* pb = p_blk_.ptr;
     float* ds = ds_.ptr;
+    float* keep = keep_.ptr;
     // One pass over q, dout and dq serves kBlocksPerPass key blocks (as in the forward pass).
     for (int64_t j_pass = 0; j_pass < t; j_pass += kBlocksPerPass * kBlockK) {
       const int blocks =
@@ -269,20 +341,43 @@ class FlashBackward {
             float* row = pb + r * kBlockK;
             const float lse = lse_.ptr[i0 + r];
             for (int j = 0; j < kBlockK; j += kLanes)
-              store(row + j, exp_nonpositive(load(row + j) - lse));
+              store(row + j, exp_nonpositive(load(row + j) + (load(bias_.ptr + j0 + j) - lse)));
           }
           MaskBlock(pb, i0, j0, t, p_.causal, 0.0f);
-          // dv += p^T . dout
-          AccumulateProduct<kVecs>(pb, 1, kBlockK, kBlockK, kBlockQ, do_.ptr + i0 * kD, dv);
-          // dp = dout . v^T, then ds = p * (dp - delta)
+          // dv += p'^T . dout, with p' = p * keep / (1 - rate) the probabilities after dropout
+          const float* kept = pb;
+          if (dropout.on()) {
+            for (int r = 0; r < kBlockQ; ++r)
+              for (int j = 0; j < kBlockK; j += kLanes) {
+                const int64_t at = r * kBlockK + j;
+                const uint32_t first = static_cast<uint32_t>((i0 + r) * t + j0 + j);
+                const v16 factor = dropout.Factor(key_lanes + first);
+                store(keep + at, factor);
+                store(ds + at, load(pb + at) * factor);
+              }
+            kept = ds;
+          }
+          AccumulateProduct<kVecs>(kept, 1, kBlockK, kBlockK, kBlockQ, do_.ptr + i0 * kD, dv);
+          // dp' = dout . v^T, dp = dp' * keep / (1 - rate), then ds = p * (dp - delta): delta =
+          // rowsum(dout * out) = sum_j p_ij dp_ij still, since out = p' . v
           ScoresBlock<kVecs>(do_.ptr + i0 * kD, kBlockQ, PanelOf<kD>(vt_.ptr, j0), kBlockK, 0,
                              kBlockK, ds, kBlockK);
           for (int r = 0; r < kBlockQ; ++r) {
             const float delta = delta_.ptr[i0 + r];
             for (int j = 0; j < kBlockK; j += kLanes) {
               const int64_t at = r * kBlockK + j;
-              store(ds + at, load(pb + at) * (load(ds + at) - delta));
+              const v16 dp = dropout.on() ? load(ds + at) * load(keep + at) : load(ds + at);
+              store(ds + at, load(pb + at) * (dp - delta));
             }
+          }
+          // the bias gradient: each key's column sum of ds
+          for (int j = 0; j < kBlockK; j += kLanes) {
+            v16 sum0 = load(ds + j), sum1 = load(ds + kBlockK + j);
+            for (int r = 2; r < kBlockQ; r += 2) {
+              sum0 += load(ds + r * kBlockK + j);
+              sum1 += load(ds + (r + 1) * kBlockK + j);
+            }
+            store(dbias_.ptr + j0 + j, load(dbias_.ptr + j0 + j) + (sum0 + sum1));
           }
           // dq += ds . k ; dk += ds^T . (scale q)
           AccumulateProduct<kVecs>(ds, kBlockK, 1, kBlockQ, kBlockK, k_.ptr + j0 * kD,
@@ -297,6 +392,7 @@ class FlashBackward {
       }
     }
     UnpackRows<kD>(dq_.ptr, t, p_.scale, p_.dq, base, stride);
+    std::memcpy(p_.dbias + item * t, dbias_.ptr, sizeof(float) * t);
   }
 
  private:
@@ -304,45 +400,75 @@ class FlashBackward {
   static constexpr int kBlocksPerPass = 8;
   const FlashProblem& p_;
   const int64_t tp_;
-  Aligned q_, k_, kt_, vt_, do_, dq_, lse_, delta_, p_blk_, ds_, dk_, dv_;
+  Aligned q_, k_, kt_, vt_, do_, dq_, lse_, delta_, bias_, dbias_, p_blk_, ds_, keep_, dk_, dv_;
 };
 
+// The flash kernels' inputs besides q, k, v: key_bias [N, T] and seeds [N, H].
+ffi::Error CheckFlashInputs(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& key_bias,
+                            const ffi::Buffer<ffi::U32>& seeds, float dropout) {
+  const auto dims = q.dimensions();
+  if (dims.size() < 3) return ffi::Error::InvalidArgument("q must be [..., T, heads, D]");
+  const int64_t h = dims[dims.size() - 2], d = dims[dims.size() - 1];
+  if (q.element_count() != 0 && key_bias.element_count() != q.element_count() / (h * d))
+    return ffi::Error::InvalidArgument("key_bias must be [..., T]");
+  if (q.element_count() != 0 && seeds.element_count() * dims[dims.size() - 3] * d !=
+                                    q.element_count())
+    return ffi::Error::InvalidArgument("seeds must be [..., heads]");
+  if (!(dropout >= 0.0f && dropout < 1.0f))
+    return ffi::Error::InvalidArgument("dropout must be in [0, 1)");
+  return ffi::Error::Success();
+}
+
 ffi::Error FlashForwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                            ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, float scale,
-                            int32_t causal, ffi::ResultBuffer<ffi::F32> out,
-                            ffi::ResultBuffer<ffi::F32> lse) {
+                            ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                            ffi::Buffer<ffi::F32> key_bias, ffi::Buffer<ffi::U32> seeds,
+                            float scale, int32_t causal, float dropout,
+                            ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
   if (!SameCount(q, k, v))
     return ffi::Error::InvalidArgument("q, k and v must have the same shape");
+  if (ffi::Error error = CheckFlashInputs(q, key_bias, seeds, dropout); error.failure())
+    return error;
   FlashProblem p{};
   p.q = q.typed_data();
   p.k = k.typed_data();
   p.v = v.typed_data();
+  p.key_bias = key_bias.typed_data();
+  p.seeds = seeds.typed_data();
   p.out_w = out->typed_data();
   p.lse_w = lse->typed_data();
   p.scale = scale;
+  p.dropout = dropout;
   p.causal = causal != 0;
   return RunItems<FlashForward>(pool, q, p);
 }
 
 ffi::Error FlashBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                              ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                             ffi::Buffer<ffi::F32> key_bias, ffi::Buffer<ffi::U32> seeds,
                              ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
                              ffi::Buffer<ffi::F32> dout, float scale, int32_t causal,
-                             ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                             ffi::ResultBuffer<ffi::F32> dv) {
+                             float dropout, ffi::ResultBuffer<ffi::F32> dq,
+                             ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                             ffi::ResultBuffer<ffi::F32> dbias) {
   if (!SameCount(q, k, v, out, dout))
     return ffi::Error::InvalidArgument("q, k, v, out and dout must have the same shape");
+  if (ffi::Error error = CheckFlashInputs(q, key_bias, seeds, dropout); error.failure())
+    return error;
   FlashProblem p{};
   p.q = q.typed_data();
   p.k = k.typed_data();
   p.v = v.typed_data();
+  p.key_bias = key_bias.typed_data();
+  p.seeds = seeds.typed_data();
   p.out = out.typed_data();
   p.lse = lse.typed_data();
   p.dout = dout.typed_data();
   p.dq = dq->typed_data();
   p.dk = dk->typed_data();
   p.dv = dv->typed_data();
+  p.dbias = dbias->typed_data();
   p.scale = scale;
+  p.dropout = dropout;
   p.causal = causal != 0;
   return RunItems<FlashBackward>(pool, q, p);
 }
@@ -365,8 +491,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuFlashForward, FlashForwardCall,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // key_bias [N, T]
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // seeds [N, H]
                                   .Attr<float>("scale")
                                   .Attr<int32_t>("causal")
+                                  .Attr<float>("dropout")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out
                                   .Ret<ffi::Buffer<ffi::F32>>());  // lse [N, H, T]
 
@@ -376,11 +505,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuFlashBackward, FlashBackwardCall,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // key_bias
+                                  .Arg<ffi::Buffer<ffi::U32>>()  // seeds
                                   .Arg<ffi::Buffer<ffi::F32>>()  // out
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lse
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dout
                                   .Attr<float>("scale")
                                   .Attr<int32_t>("causal")
+                                  .Attr<float>("dropout")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dq
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dk
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dv
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dv
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dbias [N, H, T]
