@@ -10,7 +10,8 @@ and cache instead, as torch's CPU SDPA does. By concern:
   rule of every kernel call on a mesh;
 - :mod:`.softmax`: :func:`cpu_attention` (the row kernel, a key bias, forward only: BERT's; in
   bf16 on AMX tiles, :func:`amx_attention`) and
-  :func:`cpu_flash_attention` (causal or not, forward and backward), and
+  :func:`cpu_flash_attention` (causal or not, a key bias, attention dropout; forward and
+  backward: BERT's fine-tuning and the long-sequence path), and
   :func:`cpu_few_keys_attention` (many query rows over at most 64 keys that are also the
   values, forward and backward: the ViT's regrouped heads);
 - :mod:`.linear`: :func:`causal_linear_product_cpu` and :func:`linear_attention_cpu`;

@@ -46,8 +46,8 @@ def cpu_attention(
     scale: float | None = None,
 ) -> jax.Array:
     """softmax(scale q.k^T + key_bias) v with the fused CPU row kernel, forward only (it keeps
-    nothing for a backward pass; :func:`hw2jax.attention.key_bias_attention` pairs it with the
-    XLA formula's gradient).
+    nothing for a backward pass; differentiated, :func:`hw2jax.attention.key_bias_attention`
+    runs :func:`cpu_flash_attention` instead).
 
     q, k, v: float32 ``[B, T, heads, D]`` (the layout the projections produce);
     key_bias: ``[B, T]``, added to the scores of each key (0 keeps a key, a large negative
