@@ -280,8 +280,13 @@ from hw2jax import kernels
 rng = np.random.default_rng(0)
 q, k, v = (rng.standard_normal((4, 70, 4, 16)).astype(np.float32) for _ in range(3))
 mesh = Mesh(np.array(jax.devices()).reshape(1, 2), ("data", "model"))
+bias = np.where(rng.random((4, 70)) < 0.2, np.finfo(np.float32).min, 0.0).astype(np.float32)
+seeds = rng.integers(0, 2**32, (4, 4), dtype=np.uint32)
 ops = {
     "flash": lambda q, k, v: kernels.cpu_flash_attention(q, k, v, causal=True),
+    "flash_dropout": lambda q, k, v: kernels.cpu_flash_attention(
+        q, k, v, bias, dropout_rate=0.2, dropout_seeds=seeds
+    ),
     "linear": lambda q, k, v: kernels.causal_linear_product_cpu(jnp.abs(q), jnp.abs(k), v)[0],
     "dense": lambda q, k, v: kernels.linear_attention_cpu(q, k, v),
 }
@@ -301,11 +306,12 @@ for name, op in ops.items():
 def test_sharded_gradients_stay_sharded():
     """The flash and both linear kernels' forward and backward calls under a mesh: each device
     runs them on its slice (half the heads, or half the sequences), with no all-gather, and
-    the gradients equal the one-device ones."""
+    the gradients equal the one-device ones; with dropout too, since each (sequence, head)
+    carries its own seed, so a device draws the mask one device would."""
     stdout = run_on_host_devices(_SHARDED_GRADIENTS)
     lines = [line.split() for line in stdout.splitlines()]
-    assert len(lines) == 6, stdout
-    for (name, gathered, shape, error), sliced in zip(lines, ["4,70,2", "2,70,4"] * 3, strict=True):
+    assert len(lines) == 8, stdout
+    for (name, gathered, shape, error), sliced in zip(lines, ["4,70,2", "2,70,4"] * 4, strict=True):
         assert gathered == "False", (name, stdout)
         assert shape.startswith(f"(f32[{sliced},16]"), (name, shape)
         assert float(error) < 1e-5, (name, error)
