@@ -193,6 +193,27 @@ def test_flash_kernel_with_key_bias_and_dropout_matches_float64(shape, causal):
         np.testing.assert_allclose(got, ref, atol=3e-4, rtol=1e-4, err_msg=f"d{name}")
 
 
+def test_flash_kernel_takes_minus_infinity_for_whole_key_blocks():
+    """-inf biases on the first 70 keys (more than a 64-key block, as left padding gives):
+    the rows' running maximum stays defined, and the output and gradients are those of the
+    keys left."""
+    q, k, v, _ = _inputs((1, 130, 2, 16), seed=4)
+    key_bias = np.where(np.arange(130) < 70, -np.inf, 0.0).astype(np.float32)[None]
+    out, pullback = jax.vjp(lambda q, k, v: kernels.cpu_flash_attention(q, k, v, key_bias), q, k, v)
+    kept = slice(70, None)
+    want = ref_softmax_np(q, k[:, kept], v[:, kept])
+    np.testing.assert_allclose(out, want, atol=6e-5, rtol=1e-5)
+    cotangent = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
+    dq, dk, dv = pullback(jnp.asarray(cotangent))
+    scale = 1.0 / np.sqrt(16)
+    ref = _softmax_gradients_np(
+        q, k, v, cotangent, False, scale, np.where(np.isinf(key_bias), -1e30, 0.0)
+    )
+    for name, got, expected in zip("qkv", (dq, dk, dv), ref[:3], strict=True):
+        np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-4, err_msg=f"d{name}")
+    assert np.all(np.asarray(dk)[:, :70] == 0) and np.all(np.asarray(dv)[:, :70] == 0)
+
+
 def _dropout_attention_np(q, k, v, key_bias, keep, rate, causal, scale):
     """float64: dropout(softmax(scale q k^T + key_bias)) v, [B, T, H, D]."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))

@@ -202,7 +202,9 @@ def cpu_flash_attention(
         )
     scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else float(scale)
     # A finite floor: a block of keys all at -inf would leave its running maximum undefined.
-    key_bias = jnp.maximum(key_bias, jnp.finfo(jnp.float32).min)
+    # (where, not maximum: a bias at the floor keeps its whole gradient.)
+    lowest = jnp.finfo(jnp.float32).min
+    key_bias = jnp.where(key_bias < lowest, lowest, key_bias)
     return _flash(q, k, v, key_bias, dropout_seeds, scale, bool(causal), float(dropout_rate))
 
 
