@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from hw2jax import attention, kernels, malloc
 from hw2jax.attention import dispatch, registry
 from hw2jax.cpu import machine
 from hw2jax.testing.torch_peer import torch_peer_device, torch_synchronize
-from hw2jax.timing import median_seconds, runtime_settings
+from hw2jax.timing import add_host_devices, median_seconds, runtime_settings
 from hw2jax.train.sharding import split_host_cpu
 
 
@@ -617,14 +616,7 @@ def main(argv=None) -> None:
         help="also time fla's Triton chunk kernel (GPU only): DIR holds fla_core-*.whl, or '' "
         "for an installed fla",
     )
-    parser.add_argument(
-        "--host-devices",
-        type=int,
-        default=os.cpu_count(),
-        metavar="N",
-        help="show the CPU to jax as N devices, for the 'heads over devices' "
-        "row (default: one per core; other rows run on one device)",
-    )
+    add_host_devices(parser, "the 'heads over devices' row (the others run on one device)")
     args = parser.parse_args(argv)
     split_host_cpu(args.host_devices)  # before any jax work; only adds CPU devices on a GPU
 

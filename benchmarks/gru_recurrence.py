@@ -24,7 +24,12 @@ import numpy as np
 
 from hw2jax import malloc
 from hw2jax.cpu import machine
-from hw2jax.timing import interleaved_seconds, runtime_settings, write_results
+from hw2jax.timing import (
+    add_host_devices,
+    interleaved_seconds,
+    runtime_settings,
+    write_results,
+)
 from hw2jax.train.sharding import split_host_cpu
 
 PATHS = ("xla", "fused_cpu")
@@ -142,13 +147,7 @@ def main(argv=None) -> None:
     parser.add_argument("--features", type=int, default=768)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument(
-        "--host-devices",
-        type=int,
-        default=1,
-        metavar="N",
-        help="also time the training step with the batch split over N host devices",
-    )
+    add_host_devices(parser, "a training step with the batch split over them", default=1)
     parser.add_argument("--out", default="benchmarks/results/gru_head")
     args = parser.parse_args(argv)
     split_host_cpu(args.host_devices)  # before any jax work

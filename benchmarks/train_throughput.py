@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from hw2jax import cpu, kernels, malloc
 from hw2jax.attention import dispatch
 from hw2jax.cpu import machine
 from hw2jax.testing.torch_peer import torch_peer_device, torch_synchronize
-from hw2jax.timing import interleaved_seconds, runtime_settings
+from hw2jax.timing import add_host_devices, interleaved_seconds, runtime_settings
 from hw2jax.train.sharding import split_host_cpu
 
 
@@ -589,14 +588,7 @@ def main(argv=None) -> None:
         help="also trace the ViT step (with --only finetune: the fine-tuning steps) into DIR "
         "and print where its time goes",
     )
-    parser.add_argument(
-        "--host-devices",
-        type=int,
-        default=os.cpu_count(),
-        metavar="N",
-        help="CPU only: also time the ViT step sharded over N host devices "
-        "(default: one per core; 1 skips it)",
-    )
+    add_host_devices(parser, "a ViT step with the batch sharded over them")
     args = parser.parse_args(argv)
     repeats = 3 if args.quick else args.repeats
     # Before any jax work. Harmless on GPU/TPU: it only adds CPU devices, which we do not use.

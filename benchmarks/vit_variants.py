@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -21,7 +20,7 @@ import numpy as np
 
 from hw2jax import malloc
 from hw2jax.cpu import machine
-from hw2jax.timing import interleaved_seconds, runtime_settings
+from hw2jax.timing import add_host_devices, interleaved_seconds, runtime_settings
 from hw2jax.train.sharding import split_host_cpu
 
 
@@ -61,7 +60,7 @@ def main(argv=None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--host-devices", type=int, default=os.cpu_count(), metavar="N")
+    add_host_devices(parser, "every variant's step, the batch sharded over them")
     parser.add_argument("--out", default="benchmarks/results/vit_variants")
     args = parser.parse_args(argv)
     split_host_cpu(args.host_devices)  # before any jax work

@@ -13,6 +13,25 @@ from pathlib import Path
 import numpy as np
 
 
+def add_host_devices(parser, rows: str, default: int | None = None) -> None:
+    """The benchmarks' ``--host-devices N`` option: on CPU, the cores shown to jax as N devices
+    for ``rows`` (what runs split over them); one per core unless ``default`` says otherwise.
+    The script passes the value to :func:`hw2jax.train.sharding.split_host_cpu` before any jax
+    work."""
+    parser.add_argument(
+        "--host-devices",
+        type=int,
+        default=default or os.cpu_count(),
+        metavar="N",
+        help=f"CPU only: show the cores to jax as N devices for {rows} ("
+        + (
+            "default: one per core; 1 splits nothing)"
+            if default is None
+            else f"default: {default})"
+        ),
+    )
+
+
 def median_seconds(call: Callable[[], object], repeats: int = 5) -> float:
     """Median wall time of ``call()`` after one warm-up call (which also compiles under jit).
     ``call`` must wait for its work to finish, e.g. with ``block_until_ready``."""
