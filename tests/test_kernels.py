@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -423,6 +424,43 @@ def test_a_changed_source_compiles_that_file_alone(tmp_path, monkeypatch):
     with (native / "gru.cc").open("a") as f:
         f.write("// changed again\n")
     assert build_and_list_compiled() == (sources, 2)  # gru.cc, a failed link, then the rest
+
+
+def test_a_build_drops_what_no_process_used_for_a_month(tmp_path, monkeypatch):
+    """Cached libraries and objects untouched for CACHE_KEEP_DAYS go at the next build, with
+    the dispatch timings of libraries gone; a library loaded since, the objects just linked
+    and recent files stay."""
+    native = tmp_path / "native"
+    shutil.copytree(build.NATIVE_DIR, native)
+    compiler = tmp_path / "bin" / "c++"
+    compiler.parent.mkdir()
+    compiler.write_text(_FAKE_COMPILER)
+    compiler.chmod(0o755)
+    monkeypatch.setattr(build, "NATIVE_DIR", native)
+    monkeypatch.setenv("CXX", str(compiler))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HW2JAX_KERNEL_CACHE", str(cache))
+    first = kernels.library_path.__wrapped__()
+    stale, recent = "0123456789abcdef", "fedcba9876543210"
+    for name in (f"cpu_attention-{stale}.so", f"cpu_attention-{recent}.so", "objects/gru-old.o"):
+        (cache / name).write_text("built before")
+    for name in (f"dispatch-{stale}.json", f"dispatch-{recent}.json"):
+        (cache / name).write_text("{}")
+    month_ago = time.time() - (build.CACHE_KEEP_DAYS + 1) * 86400
+    for path in [first, cache / f"cpu_attention-{stale}.so", *cache.glob("objects/*.o")]:
+        os.utime(path, (month_ago, month_ago))
+    assert kernels.library_path.__wrapped__() == first  # loaded: in use again
+    first_gru = next(cache.glob("objects/gru-" + "?" * 16 + ".o"))
+    with (native / "gru.cc").open("a") as f:
+        f.write("// changed\n")
+    second = kernels.library_path.__wrapped__()  # a build, which prunes
+    assert second != first and first.exists() and (cache / f"cpu_attention-{recent}.so").exists()
+    assert not (cache / f"cpu_attention-{stale}.so").exists()
+    assert not (cache / f"dispatch-{stale}.json").exists()
+    assert (cache / f"dispatch-{recent}.json").exists()
+    objects = {path.name for path in cache.glob("objects/*.o")}  # the ones the link used
+    assert len(objects) == len(list(native.glob("*.cc")))
+    assert first_gru.name not in objects and "gru-old.o" not in objects
 
 
 _LOAD_AND_RUN = """

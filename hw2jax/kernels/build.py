@@ -3,7 +3,8 @@ of op) ship with the package and are compiled on first use with the system's C++
 (``$CXX``, else ``c++``/``g++``/``clang++``) for this CPU (``-march=native``), one file per core at
 a time, and linked into one library in ``$HW2JAX_KERNEL_CACHE`` (default
 ``~/.cache/hw2jax/kernels``; the objects are kept in its ``objects/``, each keyed by its own
-inputs); then its FFI targets are registered with XLA."""
+inputs; a build drops libraries and objects unused for :data:`CACHE_KEEP_DAYS`); then its FFI
+targets are registered with XLA."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -150,6 +152,11 @@ def _headers_digest() -> bytes:
     return digest.digest()
 
 
+# A build drops cached libraries and objects that no process has used for this long: each
+# source change leaves a library of about 1.2 MB and its changed objects behind.
+CACHE_KEEP_DAYS = 30
+
+
 @functools.cache
 def library_path() -> Path:
     """The built library for this CPU, compiler and jax (built on the first call)."""
@@ -157,6 +164,7 @@ def library_path() -> Path:
     include = jax.ffi.include_dir()
     target = library_target()
     if target.exists():
+        _touch(target)  # in use: kept by the next build's pruning
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Compile to a temporary name and rename: a concurrent or interrupted build never leaves a
@@ -167,6 +175,7 @@ def library_path() -> Path:
             errors = _compile_and_link(cxx, arch, include, built)
             if errors is None:
                 os.replace(built, target)
+                _prune_cache()
                 return target
     raise KernelUnavailable(
         f"building the fused CPU kernels with {cxx} failed:\n{errors[-2000:]}\n"
@@ -205,6 +214,9 @@ def _compile_and_link(cxx: str, arch: list[str], include: str, built: Path) -> s
         if errors is not None:
             return errors
         errors = run([cxx, "-shared", *arch, *map(str, objects.values()), "-o", str(built)])
+        if errors is None:
+            for path in objects.values():
+                _touch(path)
         if errors is None or len(missing) == len(objects):
             return errors
         for source in objects.keys() - set(missing):  # a damaged cached object: compile again
@@ -214,6 +226,31 @@ def _compile_and_link(cxx: str, arch: list[str], include: str, built: Path) -> s
 
 def _objects_dir() -> Path:
     return cache_dir() / "objects"
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache: nothing is pruned from it either
+        pass
+
+
+def _prune_cache() -> None:
+    """Drops the cached libraries and objects unused for :data:`CACHE_KEEP_DAYS` (a library is
+    marked used at each load, an object at each link), and the dispatch timings of libraries
+    no longer there."""
+    root = cache_dir()
+    cutoff = time.time() - CACHE_KEEP_DAYS * 86400
+    for path in [*root.glob("cpu_attention-*.so"), *_objects_dir().glob("*.o")]:
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except OSError:  # gone already, or not ours to remove
+            pass
+    for path in root.glob("dispatch-*"):
+        key = path.name.removeprefix("dispatch-").split(".")[0]
+        if not (root / f"cpu_attention-{key}.so").exists():
+            path.unlink(missing_ok=True)
 
 
 def _object_path(source: Path, shared: bytes) -> Path:
