@@ -389,9 +389,9 @@ fi
 """
 
 
-def test_a_changed_source_compiles_that_file_alone(tmp_path, monkeypatch):
-    """Objects are cached by their own inputs: a changed .cc compiles alone, a changed header
-    compiles all, and a damaged cached object is compiled again when the link fails."""
+def _fake_build(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """A copy of the sources and the fake compiler, a cache in tmp_path/cache: returns the
+    sources' folder and the compiler (which logs its calls beside itself)."""
     native = tmp_path / "native"
     shutil.copytree(build.NATIVE_DIR, native)
     compiler = tmp_path / "bin" / "c++"
@@ -401,6 +401,13 @@ def test_a_changed_source_compiles_that_file_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "NATIVE_DIR", native)
     monkeypatch.setenv("CXX", str(compiler))
     monkeypatch.setenv("HW2JAX_KERNEL_CACHE", str(tmp_path / "cache"))
+    return native, compiler
+
+
+def test_a_changed_source_compiles_that_file_alone(tmp_path, monkeypatch):
+    """Objects are cached by their own inputs: a changed .cc compiles alone, a changed header
+    compiles all, and a damaged cached object is compiled again when the link fails."""
+    native, compiler = _fake_build(tmp_path, monkeypatch)
     calls = compiler.with_name("calls")
 
     def build_and_list_compiled() -> tuple[list[str], int]:
@@ -430,16 +437,8 @@ def test_a_build_drops_what_no_process_used_for_a_month(tmp_path, monkeypatch):
     """Cached libraries and objects untouched for CACHE_KEEP_DAYS go at the next build, with
     the dispatch timings of libraries gone; a library loaded since, the objects just linked
     and recent files stay."""
-    native = tmp_path / "native"
-    shutil.copytree(build.NATIVE_DIR, native)
-    compiler = tmp_path / "bin" / "c++"
-    compiler.parent.mkdir()
-    compiler.write_text(_FAKE_COMPILER)
-    compiler.chmod(0o755)
-    monkeypatch.setattr(build, "NATIVE_DIR", native)
-    monkeypatch.setenv("CXX", str(compiler))
+    native, _ = _fake_build(tmp_path, monkeypatch)
     cache = tmp_path / "cache"
-    monkeypatch.setenv("HW2JAX_KERNEL_CACHE", str(cache))
     first = kernels.library_path.__wrapped__()
     stale, recent = "0123456789abcdef", "fedcba9876543210"
     for name in (f"cpu_attention-{stale}.so", f"cpu_attention-{recent}.so", "objects/gru-old.o"):
