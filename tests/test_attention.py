@@ -644,6 +644,21 @@ BAD_CALLS = {
         lambda: attention.key_bias_attention(Q, Q, Q, jnp.ones((3,))),
         r"key_bias must be \[batch, T_k\] = \(1, 5\), one value per key, got shape \(3,\)",
     ),
+    "attention dropout without seeds": (
+        lambda: attention.key_bias_attention(Q, Q, Q, dropout_rate=0.1),
+        r"attention dropout needs seeds, uint32 \[batch, heads\]: "
+        r"hw2jax.attention.dropout.seeds\(rng, batch, heads\)",
+    ),
+    "dropout seeds of another shape": (
+        lambda: attention.key_bias_attention(
+            Q, Q, Q, dropout_rate=0.1, dropout_seeds=jnp.zeros((1, 3), jnp.uint32)
+        ),
+        r"dropout seeds must be \[batch, heads\] = \(1, 2\), got \(1, 3\)",
+    ),
+    "a dropout rate of 1": (
+        lambda: attention.key_bias_attention(Q, Q, Q, dropout_rate=1.0),
+        r"dropout rate must be in \[0, 1\), got 1.0",
+    ),
     "key_bias_attention on 2-D arrays": (
         lambda: attention.key_bias_attention(jnp.ones((5, 4)), Q, Q),
         r"q must be \[batch, T, heads, head_dim\], got shape \(5, 4\)",

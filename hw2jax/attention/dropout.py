@@ -59,8 +59,9 @@ def apply(probs: jax.Array, dropout_seeds: jax.Array, rate: float) -> jax.Array:
     return jnp.where(keep, probs * inv_keep.astype(probs.dtype), jnp.zeros((), probs.dtype))
 
 
-def check(rate: float, dropout_seeds: jax.Array | None) -> None:
-    """One line naming the problem when the rate or the seeds cannot be used."""
+def check(rate: float, dropout_seeds: jax.Array | None, shape: tuple | None = None) -> None:
+    """One line naming the problem when the rate or the seeds cannot be used (``shape``: the
+    [batch, heads] they must have)."""
     if not 0.0 <= rate < 1.0:
         raise InputError(f"dropout rate must be in [0, 1), got {rate}.")
     if rate > 0.0 and dropout_seeds is None:
@@ -75,4 +76,9 @@ def check(rate: float, dropout_seeds: jax.Array | None) -> None:
             "dropout seeds must be uint32 [batch, heads] "
             "(hw2jax.attention.dropout.seeds(rng, batch, heads)); got "
             f"{jnp.result_type(dropout_seeds)} {jnp.shape(dropout_seeds)}."
+        )
+    if dropout_seeds is not None and shape is not None and jnp.shape(dropout_seeds) != shape:
+        raise InputError(
+            f"dropout seeds must be [batch, heads] = {tuple(shape)}, got "
+            f"{jnp.shape(dropout_seeds)}."
         )

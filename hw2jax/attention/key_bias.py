@@ -8,7 +8,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from hw2jax import kernels
 from hw2jax.attention import dispatch, dropout
@@ -52,12 +51,7 @@ def key_bias_attention(
             f"key_bias must be [batch, T_k] = {k.shape[:2]}, one value per key, got shape "
             f"{jnp.shape(key_bias)}."
         )
-    dropout.check(dropout_rate, dropout_seeds)
-    if dropout_seeds is not None and jnp.shape(dropout_seeds) != (batch, heads):
-        raise InputError(
-            f"dropout seeds must be [batch, heads] = {(batch, heads)}, got "
-            f"{jnp.shape(dropout_seeds)}."
-        )
+    dropout.check(dropout_rate, dropout_seeds, (batch, heads))
     rate = float(dropout_rate)
     paths = timed_paths(q.shape, q.dtype, scale, rate)
     chosen = resolve(implementation, q.shape[-1], what, paths, dropout=rate > 0.0)
@@ -65,10 +59,14 @@ def key_bias_attention(
     key_bias = jnp.zeros((batch, t), jnp.float32) if key_bias is None else key_bias
     if dropout_seeds is None:
         dropout_seeds = jnp.zeros((batch, heads), jnp.uint32)
-    args = (q, k, v, key_bias.astype(jnp.float32), dropout_seeds, float(scale), rate)
+    args = (q, k, v, key_bias.astype(jnp.float32), dropout_seeds)
+    form = {"xla": _xla, "fused_cpu": _fused}[forward]
     if forward == gradient == "xla":  # one form both ways: no custom VJP between
-        return _xla(*args)
-    return _paths(*args, forward, gradient)
+        return form(*args, scale, rate)
+    return kernels.differentiated_by(
+        functools.partial(form, scale=float(scale), rate=rate),
+        functools.partial(_xla if gradient == "xla" else _flash, scale=float(scale), rate=rate),
+    )(*args)
 
 
 def resolve(
@@ -124,6 +122,7 @@ def fused_unavailable(head_dim: int) -> str | None:
 
 
 def _xla(q, k, v, key_bias, seeds, scale: float, rate: float):
+    """XLA's form, heads next to the batch; float32 out."""
     q = q * scale if scale != 1.0 else q
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
     scores = matmul_f32(q, k, transpose_b=True) + key_bias[:, None, None, :]
@@ -153,33 +152,3 @@ def _fused(q, k, v, key_bias, seeds, scale: float, rate: float):
         return kernels.amx_attention(q, k, v, key_bias, scale=scale)
     q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
     return kernels.cpu_attention(q, k, v, key_bias, scale=scale)
-
-
-_FORMS = {"xla": (_xla, _xla), "fused_cpu": (_fused, _flash)}  # (forward, under differentiation)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _paths(q, k, v, key_bias, seeds, scale: float, rate: float, forward: str, gradient: str):
-    """``forward``'s form when nothing is differentiated; under differentiation ``gradient``'s
-    form, forward and backward."""
-    return _FORMS[forward][0](q, k, v, key_bias, seeds, scale, rate).astype(jnp.float32)
-
-
-def _paths_fwd(q, k, v, key_bias, seeds, scale, rate, forward, gradient):
-    form = _FORMS[gradient][1]
-    out, pullback = jax.vjp(
-        lambda q, k, v, key_bias: form(q, k, v, key_bias, seeds, scale, rate).astype(jnp.float32),
-        q,
-        k,
-        v,
-        key_bias,
-    )
-    return out, (pullback, seeds)
-
-
-def _paths_bwd(scale, rate, forward, gradient, residuals, g):
-    pullback, seeds = residuals
-    return (*pullback(g), np.zeros(seeds.shape, jax.dtypes.float0))
-
-
-_paths.defvjp(_paths_fwd, _paths_bwd)

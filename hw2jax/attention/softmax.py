@@ -105,30 +105,23 @@ def _fused_cpu_unavailable(q, k, v) -> str | None:
     return kernels.cpu_attention_unavailable_reason(q.shape[-1], q.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _fused(q, k, v, causal: bool, forward: str, gradient: str):
     """``forward`` ("row": the row kernel, non-causal; "flash": the flash kernel; or
-    "blockwise") when nothing is differentiated. Under differentiation the forward rule runs
-    instead: the flash kernel's forward and backward for ``gradient="flash"``, else that
-    implementation's forward and its gradient."""
-    if forward == "row":
+    "blockwise") when nothing is differentiated. Under differentiation ``gradient`` runs
+    instead, forward and backward: the flash kernels for ``"flash"``, else that
+    implementation."""
+    return kernels.differentiated_by(
+        functools.partial(_form, causal=causal, path=forward),
+        functools.partial(_form, causal=causal, path=gradient),
+    )(q, k, v)
+
+
+def _form(q, k, v, causal: bool, path: str):
+    if path == "row":
         return kernels.cpu_attention(q, k, v)
-    if forward == "flash":
+    if path == "flash":
         return kernels.cpu_flash_attention(q, k, v, causal=causal)
-    return _dispatch(q, k, v, causal, forward)
-
-
-def _fused_fwd(q, k, v, causal: bool, forward: str, gradient: str):
-    if gradient == "flash":
-        return jax.vjp(functools.partial(kernels.cpu_flash_attention, causal=causal), q, k, v)
-    return jax.vjp(lambda *qkv: _dispatch(*qkv, causal, gradient), q, k, v)
-
-
-def _fused_bwd(causal: bool, forward: str, gradient: str, pullback, g):
-    return pullback(g)
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)
+    return _dispatch(q, k, v, causal, path)
 
 
 def _on_nvidia() -> bool:

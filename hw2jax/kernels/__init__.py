@@ -6,8 +6,9 @@ back. The C++ kernels in ``native/`` (one file per kind of op) keep blocks of sc
 and cache instead, as torch's CPU SDPA does. By concern:
 
 - :mod:`.build`: compiling the C++ sources for this CPU, caching and loading the library;
-- :mod:`.ffi`: the FFI targets as jax functions, and :func:`~.ffi.on_mesh`, the one partitioning
-  rule of every kernel call on a mesh;
+- :mod:`.ffi`: the FFI targets as jax functions, :func:`~.ffi.on_mesh`, the one partitioning
+  rule of every kernel call on a mesh, and :func:`differentiated_by`, a kernel forward paired
+  with another form's gradient;
 - :mod:`.softmax`: :func:`cpu_attention` (the row kernel, a key bias, forward only: BERT's; in
   bf16 on AMX tiles, :func:`amx_attention`) and
   :func:`cpu_flash_attention` (causal or not, a key bias, attention dropout; forward and
@@ -39,6 +40,7 @@ from hw2jax.kernels.build import (
     library_target,
     register_targets,
 )
+from hw2jax.kernels.ffi import differentiated_by
 from hw2jax.kernels.gru import gru_recurrence_cpu, gru_unavailable_reason
 from hw2jax.kernels.linear import (
     causal_linear_product_cpu,
@@ -90,6 +92,7 @@ __all__ = [
     "cpu_flash_attention",
     "cpu_layer_norm",
     "dense_linear_unavailable_reason",
+    "differentiated_by",
     "few_keys_unsupported",
     "fma_chains",
     "fma_peak_gflops",

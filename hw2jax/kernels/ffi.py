@@ -1,7 +1,8 @@
 """The kernels' FFI targets as jax functions: :func:`on_mesh`, the one partitioning rule every
 kernel's call uses under ``jax.jit`` on a mesh (split inputs stay split, each device runs the
-kernel on its own slices), and :func:`ffi_kernel`, one call per (target, layouts, attributes)
-for the attention kernels, whose vmapped axes fold into the batch."""
+kernel on its own slices), :func:`ffi_kernel`, one call per (target, layouts, attributes)
+for the attention kernels, whose vmapped axes fold into the batch, and
+:func:`differentiated_by`, a kernel forward paired with another form's gradient."""
 
 from __future__ import annotations
 
@@ -100,6 +101,20 @@ def on_mesh(local, rule: str, split: str):
         need_replication_factors=tuple(a for a in letters if a not in split),
     )
     return sharded
+
+
+def differentiated_by(forward, differentiated):
+    """A function that runs ``forward`` where nothing differentiates it and, under
+    differentiation, ``differentiated`` (the same function computed another way) forward and
+    backward: a kernel that keeps nothing for a backward pass, paired with a form that does.
+    Integer inputs (seeds) get no cotangent."""
+
+    @jax.custom_vjp
+    def call(*args):
+        return forward(*args)
+
+    call.defvjp(lambda *args: jax.vjp(differentiated, *args), lambda pullback, g: pullback(g))
+    return call
 
 
 @functools.cache

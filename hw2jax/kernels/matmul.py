@@ -22,7 +22,7 @@ from hw2jax.kernels.build import (
     kernel_vector_features,
     library_path,
 )
-from hw2jax.kernels.ffi import on_mesh
+from hw2jax.kernels.ffi import differentiated_by, on_mesh
 
 
 @functools.cache
@@ -255,17 +255,8 @@ def _gelu_unfused(a, b, bias):
     return jax.nn.gelu(_matmul(a, b, False, False) + bias, approximate=False).astype(jnp.bfloat16)
 
 
-@jax.custom_vjp
-def _dense_gelu(a, b, bias):
-    return _partitioned_gelu()(a, b, bias)
-
-
-def _dense_gelu_fwd(a, b, bias):
-    # Differentiated, the step keeps its float32 pre-activation for GELU's derivative.
-    return jax.vjp(_gelu_unfused, a, b, bias)
-
-
-_dense_gelu.defvjp(_dense_gelu_fwd, lambda vjp, g: vjp(g))
+# Differentiated, the step keeps its float32 pre-activation for GELU's derivative.
+_dense_gelu = differentiated_by(lambda a, b, bias: _partitioned_gelu()(a, b, bias), _gelu_unfused)
 
 
 def amx_dense_gelu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:

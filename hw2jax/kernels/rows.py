@@ -14,7 +14,7 @@ import numpy as np
 
 from hw2jax.errors import InputError
 from hw2jax.kernels.build import TARGETS, KernelUnavailable, cpu_attention_unavailable_reason
-from hw2jax.kernels.ffi import on_mesh
+from hw2jax.kernels.ffi import differentiated_by, on_mesh
 
 
 def _f32(*shape) -> jax.ShapeDtypeStruct:
@@ -129,17 +129,10 @@ def _bias_gelu_unfused(x, bias):
     return jax.nn.gelu(x + bias, approximate=False)
 
 
-@jax.custom_vjp
-def _bias_gelu(x, bias):
-    return _row_split(_bias_gelu_call, "r c, c -> r c")(x, bias)
-
-
-def _bias_gelu_fwd(x, bias):
-    # Differentiated, XLA's GELU: its derivative wants x + bias, which the kernel never keeps.
-    return jax.vjp(_bias_gelu_unfused, x, bias)
-
-
-_bias_gelu.defvjp(_bias_gelu_fwd, lambda vjp, g: vjp(g))
+# Differentiated, XLA's GELU: its derivative wants x + bias, which the kernel never keeps.
+_bias_gelu = differentiated_by(
+    lambda x, bias: _row_split(_bias_gelu_call, "r c, c -> r c")(x, bias), _bias_gelu_unfused
+)
 
 
 def cpu_bias_gelu(x: jax.Array, bias: jax.Array) -> jax.Array:
