@@ -30,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from hw2jax import kernels, malloc
-from hw2jax.attention import dispatch, dropout, key_bias_attention
+from hw2jax.attention import dispatch, key_bias_attention
 from hw2jax.cpu import machine
+from hw2jax.kernels import dropout
 from hw2jax.models import bert
 from hw2jax.timing import interleaved_seconds, runtime_settings, write_results
 

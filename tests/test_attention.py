@@ -647,7 +647,7 @@ BAD_CALLS = {
     "attention dropout without seeds": (
         lambda: attention.key_bias_attention(Q, Q, Q, dropout_rate=0.1),
         r"attention dropout needs seeds, uint32 \[batch, heads\]: "
-        r"hw2jax.attention.dropout.seeds\(rng, batch, heads\)",
+        r"hw2jax.kernels.dropout.seeds\(rng, batch, heads\)",
     ),
     "dropout seeds of another shape": (
         lambda: attention.key_bias_attention(

@@ -119,7 +119,7 @@ def _softmax_gradients_np(q, k, v, cotangent, causal, scale, key_bias=None, keep
 
 
 def _keep_mask_np(seeds, t, rate):
-    """Dropout's keep mask [B, H, T, T] from the hash in hw2jax.attention.dropout's docstring,
+    """Dropout's keep mask [B, H, T, T] from the hash in hw2jax.kernels.dropout's docstring,
     written again in NumPy uint32 arithmetic."""
 
     def mix(x):
@@ -233,7 +233,7 @@ def test_dropout_masks_are_fair_and_independent():
     as two independent draws do."""
     rate, t = 0.1, 256
     seeds = np.random.default_rng(0).integers(0, 2**32, (4, 6), dtype=np.uint32)
-    keep = np.asarray(attention.dropout.keep_mask(jnp.asarray(seeds), t, t, rate))
+    keep = np.asarray(kernels.dropout.keep_mask(jnp.asarray(seeds), t, t, rate))
     np.testing.assert_array_equal(keep, _keep_mask_np(seeds, t, rate))
     p = 1 - rate
 
@@ -362,6 +362,17 @@ def test_bad_inputs_get_clear_errors():
         kernels.cpu_attention(*(a[..., :8].repeat(3, -1) for a in (q, k, v)))
     with pytest.raises(kernels.KernelUnavailable, match="float32, not bfloat16"):
         kernels.cpu_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
+    # The flash kernels check dropout's arguments as key_bias_attention does, before tracing.
+    with pytest.raises(ValueError, match=r"attention dropout needs seeds"):
+        kernels.cpu_flash_attention(q, k, v, dropout_rate=0.1)
+    with pytest.raises(ValueError, match=r"dropout seeds must be \[batch, heads\] = \(1, 1\)"):
+        kernels.cpu_flash_attention(
+            q, k, v, dropout_rate=0.1, dropout_seeds=jnp.zeros((1, 2), "uint32")
+        )
+    with pytest.raises(ValueError, match=r"dropout seeds must be uint32"):
+        kernels.cpu_flash_attention(q, k, v, dropout_rate=0.1, dropout_seeds=jnp.zeros((1, 1)))
+    with pytest.raises(ValueError, match=r"dropout rate must be in \[0, 1\), got -0.5"):
+        kernels.cpu_flash_attention(q, k, v, dropout_rate=-0.5)
 
 
 def test_build_failures_name_the_fix(tmp_path, monkeypatch):

@@ -4,15 +4,15 @@ the linear-time families.
 One module per form: :mod:`.self_attention`, :mod:`.softmax`, :mod:`.blockwise`, :mod:`.linear`,
 :mod:`.decay` (retention, gated linear attention), :mod:`.delta_rule` (DeltaNet, Gated
 DeltaNet), :mod:`.sliding_window`, :mod:`.kernelized` (cosFormer, Performer), :mod:`.key_bias`
-(BERT's), :mod:`.few_keys` (the ViT's regrouped heads), :mod:`.dropout` (attention dropout
-from a counter hash) and :mod:`.helpers` for the checks and matmuls they share. Two modules decide:
-:mod:`.dispatch` (which path ``implementation="auto"`` takes) and :mod:`.registry` (the variants
-that models, the CLI and the benchmarks offer). Layouts follow ``jax.nn.dot_product_attention``:
-q, k, v are ``[batch, T, heads, head_dim]``; the value head_dim may differ from the query/key
-one.
+(BERT's, with dropout by :mod:`hw2jax.kernels.dropout`'s hash, which the kernels share),
+:mod:`.few_keys` (the ViT's regrouped heads) and :mod:`.helpers` for the checks and matmuls they
+share. Two modules decide: :mod:`.dispatch` (which path ``implementation="auto"`` takes) and
+:mod:`.registry` (the variants that models, the CLI and the benchmarks offer). Layouts follow
+``jax.nn.dot_product_attention``: q, k, v are ``[batch, T, heads, head_dim]``; the value
+head_dim may differ from the query/key one.
 """
 
-from hw2jax.attention import dispatch, dropout, registry
+from hw2jax.attention import dispatch, registry
 from hw2jax.attention.blockwise import blockwise_softmax_attention
 from hw2jax.attention.decay import (
     bidirectional_retention,

@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 
 from hw2jax import kernels
-from hw2jax.attention import dispatch, dropout
+from hw2jax.attention import dispatch
 from hw2jax.attention.helpers import check_qkv, matmul_f32
 from hw2jax.errors import InputError
+from hw2jax.kernels import dropout
 
 IMPLEMENTATIONS = dispatch.KEY_BIAS
 
@@ -32,8 +33,8 @@ def key_bias_attention(
     """softmax(scale q.k^T + key_bias) v: [B, T, heads, D] in, float32 [B, T, heads, D] out,
     key_bias [B, T] added to each key's scores (None: no mask).
 
-    ``dropout_rate`` > 0 drops probabilities by :mod:`hw2jax.attention.dropout`'s hash of
-    ``dropout_seeds`` (uint32 [B, heads], :func:`hw2jax.attention.dropout.seeds`): every path
+    ``dropout_rate`` > 0 drops probabilities by :mod:`hw2jax.kernels.dropout`'s hash of
+    ``dropout_seeds`` (uint32 [B, heads], :func:`hw2jax.kernels.dropout.seeds`): every path
     drops the same entries for the same seeds.
 
     ``implementation``: ``"xla"`` (heads next to the batch: faster on CPU than einsums over

@@ -15,6 +15,8 @@ and cache instead, as torch's CPU SDPA does. By concern:
   backward: BERT's fine-tuning and the long-sequence path), and
   :func:`cpu_few_keys_attention` (many query rows over at most 64 keys that are also the
   values, forward and backward: the ViT's regrouped heads);
+- :mod:`.dropout`: attention dropout's counter hash, which the flash kernels compute in C++
+  and XLA's form of BERT's attention in jax, so both drop the same entries;
 - :mod:`.linear`: :func:`causal_linear_product_cpu` and :func:`linear_attention_cpu`;
 - :mod:`.rows`: :func:`cpu_layer_norm`, forward and backward, and :func:`cpu_bias_gelu`;
 - :mod:`.matmul`: :func:`amx_matmul` and :func:`amx_batched_matmul`, bf16 products on AMX
@@ -29,6 +31,7 @@ Whether a kernel is used by default is not decided here: :mod:`hw2jax.attention.
 that rule. Timings: ``benchmarks/cpu_attention_kernel.py``, ``benchmarks/results/cpu_gradients/``.
 """
 
+from hw2jax.kernels import dropout
 from hw2jax.kernels.build import (
     SUPPORTED_HEAD_DIMS,
     KernelUnavailable,
@@ -93,6 +96,7 @@ __all__ = [
     "cpu_layer_norm",
     "dense_linear_unavailable_reason",
     "differentiated_by",
+    "dropout",
     "few_keys_unsupported",
     "fma_chains",
     "fma_peak_gflops",

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hw2jax.errors import InputError
+from hw2jax.kernels import dropout
 from hw2jax.kernels.build import (
     SUPPORTED_HEAD_DIMS,
     TARGETS,
@@ -176,7 +177,7 @@ def cpu_flash_attention(
     block by block from it (FlashAttention-2), so neither stores the [T, T] scores. q, k, v:
     float32 ``[B, T, heads, D]`` of one shape; key_bias ``[B, T]`` added to each key's scores
     (differentiable; None: none); scale defaults to 1/sqrt(D). Dropout zeroes probability
-    (i, j) of sequence b, head h where :func:`hw2jax.attention.dropout.keep_mask`'s hash of
+    (i, j) of sequence b, head h where :func:`hw2jax.kernels.dropout.keep_mask`'s hash of
     ``dropout_seeds[b, h]`` (uint32 ``[B, heads]``) says so, and scales the rest by
     1 / (1 - dropout_rate); the backward pass regenerates the same mask. Raises
     :class:`KernelUnavailable` (or ValueError for bad shapes) with what to do instead.
@@ -186,20 +187,9 @@ def cpu_flash_attention(
     if key_bias is None:
         key_bias = jnp.zeros((b, t), jnp.float32)
     key_bias = _checked_key_bias(key_bias, (b, t))
-    if not 0.0 <= dropout_rate < 1.0:
-        raise InputError(f"dropout_rate must be in [0, 1), got {dropout_rate}.")
+    dropout.check(dropout_rate, dropout_seeds, (b, heads))
     if dropout_seeds is None:
-        if dropout_rate > 0.0:
-            raise InputError(
-                "dropout_rate > 0 needs dropout_seeds, uint32 [batch, heads]: "
-                "hw2jax.attention.dropout.seeds(rng, batch, heads)."
-            )
         dropout_seeds = jnp.zeros((b, heads), jnp.uint32)
-    if dropout_seeds.shape != (b, heads) or dropout_seeds.dtype != jnp.uint32:
-        raise InputError(
-            f"dropout_seeds must be uint32 [batch, heads] = {(b, heads)}, got "
-            f"{dropout_seeds.dtype} {dropout_seeds.shape}."
-        )
     scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else float(scale)
     # A finite floor: a block of keys all at -inf would leave its running maximum undefined.
     # (where, not maximum: a bias at the floor keeps its whole gradient.)

@@ -23,9 +23,9 @@ import numpy as np
 
 from hw2jax import kernels
 from hw2jax.attention import dispatch
-from hw2jax.attention import dropout as attention_dropout
 from hw2jax.attention.key_bias import key_bias_attention
 from hw2jax.errors import InputError, MissingFileError
+from hw2jax.kernels import dropout as attention_dropout
 from hw2jax.models import bert_params
 from hw2jax.models.layers import (
     NO_YNNPACK,

@@ -96,7 +96,7 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
 // One (sequence, head) per thread: the backward accumulates dq over key blocks without atomics.
 //
 // Dropout keeps entry (i, j) of a (sequence, head) when a hash of its seed and the counter
-// i * T + j is at least rate * 2^32 (hw2jax/attention/dropout.py writes the same hash in jnp, the
+// i * T + j is at least rate * 2^32 (hw2jax/kernels/dropout.py writes the same hash in jnp, the
 // tests in numpy): the backward regenerates the forward's mask, and no [T, T] mask is stored.
 
 struct FlashProblem {

@@ -3,7 +3,8 @@ a hash of ``seeds[b, h]`` and the counter i * T_k + j is at least rate * 2^32.
 
 The fused CPU kernels (:func:`hw2jax.kernels.cpu_flash_attention`) compute the same hash in
 C++, so their backward pass regenerates the forward's mask and no [T, T] mask is stored. XLA's
-form (:func:`hw2jax.attention.key_bias_attention`) computes it here, so every path drops the
+form (:func:`hw2jax.attention.key_bias_attention`) computes it here, in the kernels' layer so
+that both check their arguments alike, so every path drops the
 same entries for the same seeds. One (sequence, head) per seed keeps the mask the same however
 a mesh splits the batch or the heads.
 
@@ -67,14 +68,14 @@ def check(rate: float, dropout_seeds: jax.Array | None, shape: tuple | None = No
     if rate > 0.0 and dropout_seeds is None:
         raise InputError(
             "attention dropout needs seeds, uint32 [batch, heads]: "
-            "hw2jax.attention.dropout.seeds(rng, batch, heads)."
+            "hw2jax.kernels.dropout.seeds(rng, batch, heads)."
         )
     if dropout_seeds is not None and (
         jnp.ndim(dropout_seeds) != 2 or jnp.result_type(dropout_seeds) != jnp.uint32
     ):
         raise InputError(
             "dropout seeds must be uint32 [batch, heads] "
-            "(hw2jax.attention.dropout.seeds(rng, batch, heads)); got "
+            "(hw2jax.kernels.dropout.seeds(rng, batch, heads)); got "
             f"{jnp.result_type(dropout_seeds)} {jnp.shape(dropout_seeds)}."
         )
     if dropout_seeds is not None and shape is not None and jnp.shape(dropout_seeds) != shape:
