@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".
 os.environ["HW2JAX_AUTO"] = "rule"
 
 from hw2jax.data import write_idx  # noqa: E402 (after the cache settings: jax reads them once)
+from hw2jax.train import hooks  # noqa: E402
 
 
 def fresh_process_env(host_devices: int | None = None) -> dict[str, str]:
@@ -55,6 +57,26 @@ def run_on_host_devices(script: str, devices: int = 2) -> str:
 def pytest_sessionfinish(session):
     if not hasattr(session.config, "workerinput"):  # the controller, after every worker
         shutil.rmtree(XLA_CACHE, ignore_errors=True)
+
+
+class SignalAfter(hooks.Hook):
+    """Sends this process a real SIGINT when step ``step`` ends: the run saves and stops after
+    the next step, as it does when Ctrl-C comes during that step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def after_step(self, run):
+        if run.step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.fixture
+def sigint_handled():
+    # A known handler first: a shell's background job starts with SIGINT ignored.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, outer)
 
 
 def make_fashion_folder(folder, n_train=96, n_test=40, gz=True, seed=0):

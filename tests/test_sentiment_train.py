@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import assert_names_its_machine
+from conftest import SignalAfter, assert_names_its_machine
 
 from hw2jax import cli, cpu
 from hw2jax.config import apply_overrides, load_config
@@ -658,6 +658,41 @@ def test_fine_tuning_trains_the_encoder_at_layer_wise_rates(tmp_path):
     kept = loop.latest_params(frozen_task, frozen, tmp_path / "frozen")["bert"]
     for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(start), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_a_fine_tuning_run_cut_mid_epoch_resumes_bitwise(tmp_path, sigint_handled):
+    """Ctrl-C in the middle of epoch 2 of a fine-tuning run with BERT's attention dropout on,
+    then the same command: every weight, loss and score as in the run that was never cut (the
+    length buckets' order, the dropout seeds and the optimizer state all come back)."""
+    from hw2jax.train import loop
+
+    settings = ("finetune=True", "bert_dropout=True", "epochs=2", "optimizer=adamw")
+    config = tiny_config(tmp_path, *settings)
+    straight = sentiment.train_and_evaluate(config, tmp_path / "straight")
+    cut = sentiment.train_and_evaluate(
+        tiny_config(tmp_path, *settings), tmp_path / "cut", extra_hooks=[SignalAfter(4)]
+    )
+    assert cut["status"] == "interrupted" and cut["stopped_by"] == "Ctrl-C"
+    resumed = sentiment.train_and_evaluate(tiny_config(tmp_path, *settings), tmp_path / "cut")
+    assert resumed["status"] == "done" and resumed["epochs"][-1]["step"] == 6
+
+    def untimed(rows):
+        return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows]
+
+    assert straight["train"] == resumed["train"]
+    assert untimed(straight["epochs"]) == untimed(resumed["epochs"])
+    assert straight["final"]["test_loss"] == resumed["final"]["test_loss"]
+    bert_config, start, tokenizer = sentiment.load_encoder(config)
+    task = sentiment.SentimentTask(
+        config, sentiment.prepare_data(config, tokenizer, tmp_path), bert_config, start
+    )
+    a, b = (loop.latest_params(task, config, tmp_path / run) for run in ("straight", "cut"))
+    assert not np.array_equal(
+        a["bert"]["layer_0"]["query"]["kernel"], start["layer_0"]["query"]["kernel"]
+    )
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_names_its_machine
+from conftest import SignalAfter, assert_names_its_machine
 
 from hw2jax import cli
 from hw2jax.attention import dispatch
@@ -87,26 +87,6 @@ def test_training_learns_and_writes_history_plots_and_results(fashion_dir, tmp_p
     assert_names_its_machine(results["machines"][0])
     # The report's accuracy agrees with the loop's evaluation of the same (final) params.
     assert results["test_accuracy"] == pytest.approx(epochs[-1]["test_accuracy"])
-
-
-class SignalAfter(hooks.Hook):
-    """Sends this process a real SIGINT when step ``step`` ends: the run saves and stops after
-    the next step, as it does when Ctrl-C comes during that step."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def after_step(self, run):
-        if run.step == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-
-@pytest.fixture
-def sigint_handled():
-    # A known handler first: a shell's background job starts with SIGINT ignored.
-    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, outer)
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ schema; and training with the single read of test."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from hw2jax.tasks.sentiment.model import (
     init_params,
     load_encoder,
 )
-from hw2jax.train import checkpoints, loop, run_files, steps
+from hw2jax.train import checkpoints, hooks, loop, run_files, steps
 from hw2jax.train.batching import IndexBatches
 
 SCHEMA = {
@@ -202,7 +203,14 @@ class SentimentTask:
 
 
 @run_files.one_process_per_workdir(check)
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    extra_hooks: Sequence[hooks.Hook] = (),
+) -> dict[str, Any]:
+    """Trains the sentiment model, then reads test once from the best-valid checkpoint;
+    ``extra_hooks`` join the loop's (:mod:`hw2jax.train.hooks`)."""
     workdir = Path(workdir)
     # config.json records the dtype that runs here, which a resume then keeps.
     config.encoder_dtype = encoder_dtype_name(config)
@@ -211,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     data = prepare_data(config, tokenizer, workdir)
     features = cache_features(config, data, bert_config, bert_params, tokenizer)
     task = SentimentTask(config, data, bert_config, bert_params, features)
-    history = loop.train_and_evaluate(task, config, workdir)
+    history = loop.train_and_evaluate(task, config, workdir, extra_hooks=extra_hooks)
     if history["status"] != "done":
         return history
     if loop.test_withheld(config):
