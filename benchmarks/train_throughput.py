@@ -20,7 +20,8 @@ r"""Training and encoder throughput of hw2jax against PyTorch, in one process on
 torch runs on the GPU when jax does (and torch sees CUDA), else on the CPU.
 
 Each figure is the median of N timed calls after warm-up (a ViT call: 5 steps), ours and torch's
-taken in turn (a b a b) so that load from elsewhere on a shared machine hits both alike;
+taken in turn (a b, b a, a b ...) so that load from elsewhere on a shared machine hits both alike
+and neither always runs right after the other;
 compilation is excluded and printed apart.
 Prints images/s (or sequences/s) for both and the ratio, and writes JSON.
 """

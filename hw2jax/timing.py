@@ -41,18 +41,22 @@ def median_seconds(call: Callable[[], object], repeats: int = 5) -> float:
 def interleaved_seconds(
     calls: dict[str, Callable[[], object]], repeats: int = 5, untimed_before: int = 0
 ) -> dict[str, tuple[list[float], float]]:
-    """Times several calls in turn, round after round (a b a b ...), after one warm-up call
-    each: on a shared machine a slow patch then hits every contender alike instead of
-    whichever ran during it. With ``untimed_before``, each turn first runs its call that many
-    times untimed: a call of a few milliseconds is otherwise slowed by the one before it
-    (torch's OpenMP threads spin for some 10 ms after their work) or by an idle gap, as it
-    would not be among a program's other ops. Returns {name: (seconds of each timed call,
-    median)}."""
+    """Times several calls in turn, round after round, after one warm-up call each: on a
+    shared machine a slow patch then hits every contender alike instead of whichever ran
+    during it. Each round starts one call later (a b, b a, a b ...), so that no call always
+    runs right after the same other one (torch's spinning threads, a cache it left cold).
+    With ``untimed_before``, each turn first runs its call that many times untimed: a call of
+    a few milliseconds is otherwise slowed by the one before it (torch's OpenMP threads spin
+    for some 10 ms after their work) or by an idle gap, as it would not be among a program's
+    other ops. Returns {name: (seconds of each timed call, median)}."""
     for call in calls.values():
         call()
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
+    names = list(calls)
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            call = calls[name]
             for _ in range(untimed_before):
                 call()
             start = time.perf_counter()

@@ -350,12 +350,14 @@ def test_interleaved_timing_alternates_and_reports_each_calls_own_time(monkeypat
 
     monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
     out = timing.interleaved_seconds({"a": call("a", 2.0), "b": call("b", 0.5)}, repeats=3)
-    assert order == ["a", "b"] + ["a", "b"] * 3  # one warm-up each, then round after round
+    # One warm-up each, then round after round, each starting one call later.
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]
     assert out["a"] == ([2.0] * 3, 2.0) and out["b"] == ([0.5] * 3, 0.5)
     assert timing.median_seconds(call("c", 1.5), repeats=2) == 1.5
     order.clear()
     out = timing.interleaved_seconds({"a": call("a", 2.0), "b": call("b", 0.5)}, 2, 2)
-    assert order == ["a", "b"] + (["a"] * 3 + ["b"] * 3) * 2  # two untimed calls, then one timed
+    # Two untimed calls, then one timed.
+    assert order == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3
     assert out["a"] == ([2.0] * 2, 2.0) and out["b"] == ([0.5] * 2, 0.5)
 
 
