@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -505,3 +506,72 @@ def test_bert_attention_training_benchmark_times_paths_that_agree(tmp_path):
     (row,) = record["results"]
     assert row["max_rel_diff_fused_vs_xla"] < 1e-5
     assert set(row["ms"]) == {"fused kernels", "xla", "xla, jax.random dropout", "torch sdpa"}
+
+
+def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatch, capsys):
+    """cpu_quick.py's table: train_throughput's ratios as they are, and torch SDPA's time over
+    softmax auto's for each T, pass and mask that both have; it will not time beside other
+    work unless told, and then says so."""
+    quick = _load_benchmark("cpu_quick")
+    busy_share = quick.cpu_busy_share
+    meta = {
+        "cpu_model": "Some CPU",
+        "cpu_family_model": "6/143",
+        "cpu_count": 2,
+        "cpu_features": {"avx2": True, "avx512f": False},
+        "jax": "0.10.2",
+        "torch": "2.13.0+cpu",
+        "date": "2026-12-05",
+    }
+    throughput = {"meta": meta, "results": [{"what": "ViT train step", "ratio": 2.5}]}
+
+    def record(impl, t, kind, causal, ms):
+        return {"impl": impl, "T": t, "pass": kind, "causal": causal, "median_ms": ms}
+
+    attention = {
+        "meta": meta,
+        "records": [
+            record("hw2jax softmax (auto)", 4096, "fwd+bwd", False, 200.0),
+            record("torch sdpa", 4096, "fwd+bwd", False, 300.0),
+            record("hw2jax softmax (auto)", 4096, "fwd+bwd", True, 100.0),
+            record("torch sdpa", 4096, "fwd+bwd", True, 80.0),
+            record("hw2jax softmax (auto)", 16384, "fwd", False, 50.0),  # no torch time: no row
+            record("hw2jax softmax (auto)", 8192, "fwd", False, None),  # skipped point
+            record("torch sdpa", 8192, "fwd", False, 10.0),
+        ],
+    }
+    assert quick.ratio_rows(throughput, attention) == [
+        ("ViT train step", 2.5),
+        ("softmax fwd+bwd, non-causal, T = 4,096 (auto / torch SDPA)", 1.5),
+        ("softmax fwd+bwd, causal, T = 4,096 (auto / torch SDPA)", 0.8),
+    ]
+    (tmp_path / "attention").mkdir()
+    (tmp_path / "train_throughput_cpu-cpu.json").write_text(json.dumps(throughput))
+    (tmp_path / "attention" / "attention_scaling_cpu-cpu.json").write_text(json.dumps(attention))
+    table = quick.main(["--out", str(tmp_path), "--summary-only"]).read_text()
+    assert "# Quick figures: Some CPU (family/model 6/143), 2 cores" in table
+    assert "Vector features: avx2. jax 0.10.2, torch 2.13.0+cpu, 2026-12-05" in table
+    assert "| softmax fwd+bwd, causal, T = 4,096 (auto / torch SDPA) | 0.80× |" in table
+    assert "busy" not in table
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed beside other work")
+
+    monkeypatch.setattr(quick.subprocess, "run", no_timing)
+    monkeypatch.setattr(quick, "cpu_busy_share", lambda: 0.6)
+    with pytest.raises(
+        SystemExit, match=r"60 % of the cores' time went to other work.*--allow-busy"
+    ):
+        quick.main(["--out", str(tmp_path)])
+    monkeypatch.setattr(
+        quick.subprocess, "run", lambda *a, **k: types.SimpleNamespace(returncode=0)
+    )
+    table = quick.main(["--out", str(tmp_path), "--allow-busy"]).read_text()
+    assert "Taken with 60 % of the cores busy with other work at start." in table
+    # /proc/stat's first line twice: 100 of 200 jiffies idle or waiting in between.
+    stat = tmp_path / "stat"
+    stat.write_text("cpu 100 0 100 700 100 0 0 0 0 0\n")
+    monkeypatch.setattr(
+        quick.time, "sleep", lambda s: stat.write_text("cpu 180 10 110 780 120 0 0 0 0 0\n")
+    )
+    assert busy_share(stat=str(stat)) == pytest.approx(0.5)

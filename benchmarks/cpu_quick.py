@@ -1,0 +1,146 @@
+"""A CPU's quick figures in one command: the rows of the README's table of quick figures on each
+CPU kind, hw2jax against torch in the same process.
+
+    .venv/bin/python benchmarks/cpu_quick.py --out benchmarks/results/<cpu>/   # ~10 min, 2 cores
+    .venv/bin/python benchmarks/cpu_quick.py --out DIR --summary-only     # the table again
+
+Runs, one after the other, each in a fresh process: ``train_throughput.py --quick`` (the ViT,
+MiniLM, fine-tuning and GRU head steps) and ``attention_scaling.py`` at T = 4,096 to 16,384
+(softmax ``auto`` against torch SDPA, forward and forward + backward, one device). Then writes
+``quick_figures.md`` in DIR: the CPU, versions and date from the JSONs' meta, and each row's
+ratio. Refuses to start while other work keeps the cores busy: figures taken beside it read
+whatever share of the cores was left (``--allow-busy`` takes them anyway, and says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+BUSY_LIMIT = 0.25  # the share of all cores' time others may take before the figures mean little
+ATTENTION_ARGS = (
+    "--min-log2",
+    "12",
+    "--max-log2",
+    "14",
+    "--repeats",
+    "3",
+    "--impl",
+    "softmax (auto)",
+    "--impl",
+    "torch sdpa",
+    "--host-devices",
+    "1",
+)
+
+
+def cpu_busy_share(seconds: float = 1.0, stat: str = "/proc/stat") -> float:
+    """The share of all cores' time spent outside idle over ``seconds``, from /proc/stat (niced
+    work counts: it still takes the cores a benchmark would use)."""
+
+    def sample() -> tuple[int, int]:
+        with open(stat) as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    total = max(total1 - total0, 1)
+    return 1.0 - (idle1 - idle0) / total
+
+
+def ratio_rows(throughput: dict, attention: dict) -> list[tuple[str, float]]:
+    """(row, hw2jax / torch) for every row of train_throughput's JSON, then for softmax
+    ``auto`` against torch SDPA at each T, pass and mask of attention_scaling's."""
+    rows = [(r["what"], float(r["ratio"])) for r in throughput["results"]]
+    times = {
+        (r["impl"], r["T"], r["pass"], r["causal"]): r["median_ms"]
+        for r in attention["records"]
+        if r.get("median_ms") is not None
+    }
+    for (impl, t, kind, causal), ours in sorted(times.items(), key=lambda kv: kv[0][1:]):
+        torch_ms = times.get(("torch sdpa", t, kind, causal))
+        if impl == "hw2jax softmax (auto)" and torch_ms is not None:
+            mask = "causal" if causal else "non-causal"
+            rows.append((f"softmax {kind}, {mask}, T = {t:,} (auto / torch SDPA)", torch_ms / ours))
+    return rows
+
+
+def summary(throughput: dict, attention: dict, busy: float | None) -> str:
+    """quick_figures.md: the machine and versions from the JSONs' meta, and the table."""
+    meta = throughput["meta"]
+    features = ", ".join(name for name, has in meta["cpu_features"].items() if has) or "none"
+    lines = [
+        f"# Quick figures: {meta['cpu_model']} (family/model {meta['cpu_family_model']}), "
+        f"{meta['cpu_count']} cores",
+        "",
+        f"Vector features: {features}. jax {meta['jax']}, torch {meta.get('torch')}, "
+        f"{meta['date']}; `benchmarks/cpu_quick.py`. hw2jax / torch in the same process.",
+    ]
+    if busy is not None:
+        lines += ["", f"Taken with {100 * busy:.0f} % of the cores busy with other work at start."]
+    lines += ["", "| row | hw2jax / torch |", "|---|---|"]
+    lines += [f"| {row} | {ratio:.2f}× |" for row, ratio in ratio_rows(throughput, attention)]
+    return "\n".join(lines) + "\n"
+
+
+def _read(out: Path, pattern: str) -> dict:
+    found = sorted(out.glob(pattern))
+    if not found:
+        raise SystemExit(f"no {pattern} in {out}: run without --summary-only first.")
+    return json.loads(found[-1].read_text())
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="the folder for the JSONs and the table")
+    parser.add_argument("--summary-only", action="store_true", help="rewrite the table only")
+    parser.add_argument("--allow-busy", action="store_true", help="time beside other work")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    busy = None
+    if not args.summary_only:
+        share = cpu_busy_share()
+        if share > BUSY_LIMIT:
+            if not args.allow_busy:
+                raise SystemExit(
+                    f"{100 * share:.0f} % of the cores' time went to other work in the last "
+                    "second: figures taken now would read that share low. Stop it (a training "
+                    "run, a test suite) and run this again, or pass --allow-busy to take them "
+                    "anyway (the table then says so)."
+                )
+            busy = share
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "cpu_quick.json").write_text(json.dumps({"busy_share_at_start": busy}))
+        runs = (
+            ("train_throughput.py", ("--quick", "--out", str(out))),
+            ("attention_scaling.py", (*ATTENTION_ARGS, "--out", str(out / "attention"))),
+        )
+        for script, script_args in runs:
+            print(f"== {script} {' '.join(script_args)}", flush=True)
+            done = subprocess.run([sys.executable, str(HERE / script), *script_args])
+            if done.returncode != 0:
+                raise SystemExit(f"{script} failed (exit {done.returncode}); its output is above.")
+    if (out / "cpu_quick.json").exists():
+        busy = json.loads((out / "cpu_quick.json").read_text())["busy_share_at_start"]
+    table = summary(
+        _read(out, "train_throughput_*.json"),
+        _read(out / "attention", "attention_scaling_*.json"),
+        busy,
+    )
+    path = out / "quick_figures.md"
+    path.write_text(table)
+    print(table, end="")
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
