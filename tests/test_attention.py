@@ -655,6 +655,14 @@ BAD_CALLS = {
         ),
         r"dropout seeds must be \[batch, heads\] = \(1, 2\), got \(1, 3\)",
     ),
+    "dropout over more scores than its counter holds": (
+        lambda: attention.key_bias_attention(
+            *(jnp.zeros((1, 65_537, 1, 16)),) * 3,
+            dropout_rate=0.1,
+            dropout_seeds=jnp.zeros((1, 1), jnp.uint32),
+        ),
+        r"attention dropout over 65,537 x 65,537 scores: its counter i \* T_k \+ j passes 2\^32",
+    ),
     "a dropout rate of 1": (
         lambda: attention.key_bias_attention(Q, Q, Q, dropout_rate=1.0),
         r"dropout rate must be in \[0, 1\), got 1.0",

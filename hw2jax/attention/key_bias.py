@@ -52,7 +52,7 @@ def key_bias_attention(
             f"key_bias must be [batch, T_k] = {k.shape[:2]}, one value per key, got shape "
             f"{jnp.shape(key_bias)}."
         )
-    dropout.check(dropout_rate, dropout_seeds, (batch, heads))
+    dropout.check(dropout_rate, dropout_seeds, (batch, heads), (t, k.shape[1]))
     rate = float(dropout_rate)
     paths = timed_paths(q.shape, q.dtype, scale, rate)
     chosen = resolve(implementation, q.shape[-1], what, paths, dropout=rate > 0.0)

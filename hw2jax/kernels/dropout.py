@@ -42,7 +42,7 @@ def _mix(x: jax.Array) -> jax.Array:
 
 def keep_mask(dropout_seeds: jax.Array, t_q: int, t_k: int, rate: float) -> jax.Array:
     """bool [batch, heads, t_q, t_k]: which probabilities dropout keeps."""
-    check(rate, dropout_seeds)
+    check(rate, dropout_seeds, scores=(t_q, t_k))
     s = dropout_seeds.astype(jnp.uint32)[:, :, None, None]
     key = _mix(s ^ jnp.uint32(0x9E3779B9))
     counters = (
@@ -60,11 +60,22 @@ def apply(probs: jax.Array, dropout_seeds: jax.Array, rate: float) -> jax.Array:
     return jnp.where(keep, probs * inv_keep.astype(probs.dtype), jnp.zeros((), probs.dtype))
 
 
-def check(rate: float, dropout_seeds: jax.Array | None, shape: tuple | None = None) -> None:
+def check(
+    rate: float,
+    dropout_seeds: jax.Array | None,
+    shape: tuple | None = None,
+    scores: tuple[int, int] = (0, 0),
+) -> None:
     """One line naming the problem when the rate or the seeds cannot be used (``shape``: the
-    [batch, heads] they must have)."""
+    [batch, heads] they must have; ``scores``: (T_q, T_k), whose counters must fit 32 bits)."""
     if not 0.0 <= rate < 1.0:
         raise InputError(f"dropout rate must be in [0, 1), got {rate}.")
+    if rate > 0.0 and scores[0] * scores[1] > 2**32:
+        raise InputError(
+            f"attention dropout over {scores[0]:,} x {scores[1]:,} scores: its counter "
+            "i * T_k + j passes 2^32 and the masks would repeat; drop at most 65,536 x 65,536 "
+            "scores a call (split the sequence), or set the rate to 0."
+        )
     if rate > 0.0 and dropout_seeds is None:
         raise InputError(
             "attention dropout needs seeds, uint32 [batch, heads]: "

@@ -187,7 +187,7 @@ def cpu_flash_attention(
     if key_bias is None:
         key_bias = jnp.zeros((b, t), jnp.float32)
     key_bias = _checked_key_bias(key_bias, (b, t))
-    dropout.check(dropout_rate, dropout_seeds, (b, heads))
+    dropout.check(dropout_rate, dropout_seeds, (b, heads), (t, t))
     if dropout_seeds is None:
         dropout_seeds = jnp.zeros((b, heads), jnp.uint32)
     scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else float(scale)
