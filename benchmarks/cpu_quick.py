@@ -15,6 +15,7 @@ whatever share of the cores was left (``--allow-busy`` takes them anyway, and sa
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -73,8 +74,24 @@ def ratio_rows(throughput: dict, attention: dict) -> list[tuple[str, float]]:
     return rows
 
 
-def summary(throughput: dict, attention: dict, busy: float | None) -> str:
-    """quick_figures.md: the machine and versions from the JSONs' meta, and the table."""
+def commit() -> str:
+    """The checkout's commit, with "+changes" where files differ from it ("unknown" outside
+    git)."""
+    run = functools.partial(subprocess.run, cwd=HERE, capture_output=True, text=True)
+    try:
+        head = run(["git", "rev-parse", "--short", "HEAD"])
+        changed = run(["git", "status", "--porcelain", "--untracked-files=no"])
+    except OSError:
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
+
+
+def summary(throughput: dict, attention: dict, run: dict) -> str:
+    """quick_figures.md: the machine and versions from the JSONs' meta, the commit, wall time
+    and load of the run (``run``: cpu_quick.json), and the table."""
+    busy = run.get("busy_share_at_start")
     meta = throughput["meta"]
     features = ", ".join(name for name, has in meta["cpu_features"].items() if has) or "none"
     lines = [
@@ -84,6 +101,8 @@ def summary(throughput: dict, attention: dict, busy: float | None) -> str:
         f"Vector features: {features}. jax {meta['jax']}, torch {meta.get('torch')}, "
         f"{meta['date']}; `benchmarks/cpu_quick.py`. hw2jax / torch in the same process.",
     ]
+    if "commit" in run:
+        lines += ["", f"Commit {run['commit']}; {run['wall_s']:.0f} s for the whole command."]
     if busy is not None:
         lines += ["", f"Taken with {100 * busy:.0f} % of the cores busy with other work at start."]
     lines += ["", "| row | hw2jax / torch |", "|---|---|"]
@@ -105,20 +124,15 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--allow-busy", action="store_true", help="time beside other work")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    busy = None
     if not args.summary_only:
-        share = cpu_busy_share()
-        if share > BUSY_LIMIT:
-            if not args.allow_busy:
-                raise SystemExit(
-                    f"{100 * share:.0f} % of the cores' time went to other work in the last "
-                    "second: figures taken now would read that share low. Stop it (a training "
-                    "run, a test suite) and run this again, or pass --allow-busy to take them "
-                    "anyway (the table then says so)."
-                )
-            busy = share
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "cpu_quick.json").write_text(json.dumps({"busy_share_at_start": busy}))
+        start, busy = time.perf_counter(), cpu_busy_share()
+        if busy > BUSY_LIMIT and not args.allow_busy:
+            raise SystemExit(
+                f"{100 * busy:.0f} % of the cores' time went to other work in the last "
+                "second: figures taken now would read that share low. Stop it (a training "
+                "run, a test suite) and run this again, or pass --allow-busy to take them "
+                "anyway (the table then says so)."
+            )
         runs = (
             ("train_throughput.py", ("--quick", "--out", str(out))),
             ("attention_scaling.py", (*ATTENTION_ARGS, "--out", str(out / "attention"))),
@@ -128,12 +142,18 @@ def main(argv: list[str] | None = None) -> Path:
             done = subprocess.run([sys.executable, str(HERE / script), *script_args])
             if done.returncode != 0:
                 raise SystemExit(f"{script} failed (exit {done.returncode}); its output is above.")
-    if (out / "cpu_quick.json").exists():
-        busy = json.loads((out / "cpu_quick.json").read_text())["busy_share_at_start"]
+        record = {
+            "busy_share_at_start": busy if busy > BUSY_LIMIT else None,
+            "commit": commit(),
+            "wall_s": time.perf_counter() - start,
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "cpu_quick.json").write_text(json.dumps(record))
+    run_file = out / "cpu_quick.json"
     table = summary(
         _read(out, "train_throughput_*.json"),
         _read(out / "attention", "attention_scaling_*.json"),
-        busy,
+        json.loads(run_file.read_text()) if run_file.exists() else {},
     )
     path = out / "quick_figures.md"
     path.write_text(table)

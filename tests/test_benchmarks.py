@@ -563,11 +563,14 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
         SystemExit, match=r"60 % of the cores' time went to other work.*--allow-busy"
     ):
         quick.main(["--out", str(tmp_path)])
-    monkeypatch.setattr(
-        quick.subprocess, "run", lambda *a, **k: types.SimpleNamespace(returncode=0)
-    )
+
+    def fake_run(args, **kwargs):  # the benchmarks, then git naming a commit without changes
+        return types.SimpleNamespace(returncode=0, stdout="abc1234\n" if "HEAD" in args else "")
+
+    monkeypatch.setattr(quick.subprocess, "run", fake_run)
     table = quick.main(["--out", str(tmp_path), "--allow-busy"]).read_text()
     assert "Taken with 60 % of the cores busy with other work at start." in table
+    assert "Commit abc1234; 0 s for the whole command." in table
     # /proc/stat's first line twice: 100 of 200 jiffies idle or waiting in between.
     stat = tmp_path / "stat"
     stat.write_text("cpu 100 0 100 700 100 0 0 0 0 0\n")
