@@ -79,6 +79,12 @@ def sigint_handled():
     signal.signal(signal.SIGINT, outer)
 
 
+def untimed(records: list[dict]) -> list[dict]:
+    """History records without their times and rates, which differ between two runs of the
+    same work (a resumed run against one that was never cut)."""
+    return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in records]
+
+
 def make_fashion_folder(folder, n_train=96, n_test=40, gz=True, seed=0):
     """Writes a tiny FashionMNIST-format folder whose classes are learnable: each class
     lights up its own horizontal band of the image."""

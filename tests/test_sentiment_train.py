@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import SignalAfter, assert_names_its_machine
+from conftest import SignalAfter, assert_names_its_machine, untimed
 
 from hw2jax import cli, cpu
 from hw2jax.config import apply_overrides, load_config
@@ -676,9 +676,6 @@ def test_a_fine_tuning_run_cut_mid_epoch_resumes_bitwise(tmp_path, sigint_handle
     assert cut["status"] == "interrupted" and cut["stopped_by"] == "Ctrl-C"
     resumed = sentiment.train_and_evaluate(tiny_config(tmp_path, *settings), tmp_path / "cut")
     assert resumed["status"] == "done" and resumed["epochs"][-1]["step"] == 6
-
-    def untimed(rows):
-        return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows]
 
     assert straight["train"] == resumed["train"]
     assert untimed(straight["epochs"]) == untimed(resumed["epochs"])

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SignalAfter, assert_names_its_machine
+from conftest import SignalAfter, assert_names_its_machine, untimed
 
 from hw2jax import cli
 from hw2jax.attention import dispatch
@@ -94,9 +94,6 @@ def test_interrupted_run_resumes_bitwise(small_vit_run, tmp_path, sigint_handled
     a = final_params(small_vit_run.workdir, small_vit_run.config)
     h1 = json.loads((small_vit_run.workdir / "history.json").read_text())
 
-    def strip(rows):
-        return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows]
-
     # 3 steps per epoch. (signal after step, step it stops at): mid-epoch; during an epoch's
     # last step (it evaluates, then stops); a later epoch. One straight run for all.
     for signal_after, stop_at in ((1, 2), (2, 3), (7, 8)):
@@ -115,7 +112,7 @@ def test_interrupted_run_resumes_bitwise(small_vit_run, tmp_path, sigint_handled
             np.testing.assert_array_equal(x, y)
         h2 = json.loads((resumed / "history.json").read_text())
         assert h1["train"] == h2["train"]
-        assert strip(h1["epochs"]) == strip(h2["epochs"])
+        assert untimed(h1["epochs"]) == untimed(h2["epochs"])
         # An epoch resumed midway is timed from the resume, and its record says so.
         midway = {r["epoch"]: r["timed_from_step"] for r in h2["epochs"] if "timed_from_step" in r}
         assert midway == ({} if stop_at % 3 == 0 else {stop_at // 3 + 1: stop_at})
