@@ -3,9 +3,9 @@ a hash of ``seeds[b, h]`` and the counter i * T_k + j is at least rate * 2^32.
 
 The fused CPU kernels (:func:`hw2jax.kernels.cpu_flash_attention`) compute the same hash in
 C++, so their backward pass regenerates the forward's mask and no [T, T] mask is stored. XLA's
-form (:func:`hw2jax.attention.key_bias_attention`) computes it here, in the kernels' layer so
-that both check their arguments alike, so every path drops the
-same entries for the same seeds. One (sequence, head) per seed keeps the mask the same however
+form (:func:`hw2jax.attention.key_bias_attention`) computes it here, so every path drops the
+same entries for the same seeds; it sits in the kernels' layer so that both check their
+arguments with one :func:`check`. One (sequence, head) per seed keeps the mask the same however
 a mesh splits the batch or the heads.
 
 The hash is lowbias32 (Chris Wellons' integer hash), applied twice:
