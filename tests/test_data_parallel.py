@@ -41,7 +41,8 @@ sharded_over = len(dp.shard_batch(batch)["image"].sharding.device_set)
 step_diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                 for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)))
 eight = vit.train_and_evaluate(small_config(folder, "devices=8"), Path(TMP) / "run8")["epochs"]
-print(json.dumps({"step_diff": step_diff, "sharded_over": sharded_over, "eight": eight}))
+print(json.dumps({"step_diff": step_diff, "sharded_over": sharded_over, "eight": eight,
+                  "learning_rate": config.learning_rate}))
 """
 
 
@@ -56,7 +57,10 @@ def test_eight_devices_match_one(tmp_path, small_vit_run):
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["sharded_over"] == 8
-    assert result["step_diff"] < 1e-5
+    # Adam's first step moves each weight by about the rate times the sign of its gradient, so
+    # a gradient summed in another order may move a weight whose gradient is near zero by a
+    # sliver of the rate; a shard's gradient lost or counted twice flips signs: whole rates.
+    assert result["step_diff"] < 0.01 * result["learning_rate"]
     assert_same_metrics(result["eight"], small_vit_run.history["epochs"])
 
 
