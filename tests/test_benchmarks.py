@@ -590,3 +590,44 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
         quick.time, "sleep", lambda s: stat.write_text("cpu 180 10 110 780 120 0 0 0 0 0\n")
     )
     assert busy_share(stat=str(stat)) == pytest.approx(0.5)
+
+
+def test_suite_phases_puts_each_tests_compile_and_plot_time_on_that_test(tmp_path, capsys):
+    """suite_phases.py runs pytest with its plugin: a test that compiles and draws gets XLA's
+    compile time and the drawing's on its own line, within its wall time; a test that does
+    neither gets none; the file's line and the total are the sums of its tests."""
+    from jax._src import compiler
+
+    phases = _load_benchmark("suite_phases")
+    compile_call = compiler.backend_compile_and_load
+    tests = tmp_path / "suite"
+    tests.mkdir()
+    (tests / "test_some.py").write_text(
+        "import time\n"
+        "import jax, jax.numpy as jnp\n"
+        "from hw2jax.train import plots\n\n"
+        "def test_compiles_and_draws(tmp_path):\n"
+        "    jax.jit(lambda x: jnp.sin(x) * 3.0 + x.sum())(jnp.ones(1237)).block_until_ready()\n"
+        "    history = {'train': [{'step': 1, 'loss': 1.0}],\n"
+        "               'epochs': [{'step': 1, 'epoch': 1, 'test_loss': 1.0, 'test_accuracy': 0.5}]}\n"
+        "    plots.plot_history(history, 'test', tmp_path / 'c.png')\n\n"
+        "def test_waits():\n"
+        "    time.sleep(0.2)\n"
+    )
+    args = ["--out", str(tmp_path / "out"), "--", str(tests), "-q", "-n", "0"]
+    record = phases.main([*args, "-p", "no:cacheprovider"])
+    assert record["pytest_exit"] == 0
+    assert json.loads((tmp_path / "out" / "suite_phases.json").read_text())["tests"]
+    assert_names_its_machine(record["meta"])
+    by_name = {test.split("::")[1]: s for test, s in record["tests"].items()}
+    busy, idle = by_name["test_compiles_and_draws"], by_name["test_waits"]
+    assert 0 < busy["xla_compile"] and 0 < busy["plots"]
+    assert busy["xla_compile"] + busy["plots"] < busy["wall"]
+    assert idle.get("xla_compile", 0) == 0 and idle.get("plots", 0) == 0 and idle["wall"] >= 0.2
+    (file_line,) = record["files"].values()
+    for phase in ("wall", "xla_compile", "plots"):
+        expected = busy.get(phase, 0) + idle.get(phase, 0)
+        assert file_line[phase] == pytest.approx(expected)
+        assert record["total"][phase] == pytest.approx(expected)
+    assert "| all tests |" in capsys.readouterr().out
+    assert compiler.backend_compile_and_load is compile_call  # put back as it was
