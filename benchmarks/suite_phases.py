@@ -61,11 +61,9 @@ def pytest_configure(config):
 
     _timed(compiler, "backend_compile_and_load", "xla_compile")
     for name in ("save_latest", "save_best", "wait", "restore_latest", "restore_best_params"):
-        if hasattr(checkpoints.Checkpoints, name):
-            _timed(checkpoints.Checkpoints, name, "checkpoints")
+        _timed(checkpoints.Checkpoints, name, "checkpoints")
     for name in ("plot_history", "plot_comparison", "plot_confusion", "plot_predictions"):
-        if hasattr(plots, name):
-            _timed(plots, name, "plots")
+        _timed(plots, name, "plots")
 
 
 @pytest.hookimpl(hookwrapper=True)
