@@ -219,11 +219,11 @@ def results_table(rows: list[dict[str, Any]]) -> str:
 def plot_recall(rows: list[dict[str, Any]], path: Path) -> None:
     """One panel per sequence length: test recall against state size (log), a line per mixer
     through its widths."""
-    from hw2jax.train.plots import pyplot, save_figure
+    from hw2jax.train.plots import new_figure, save_figure
 
-    plt = pyplot()
     lengths = sorted({r["seq_len"] for r in rows})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(4 * len(lengths), 3.6), squeeze=False)
+    fig = new_figure((4 * len(lengths), 3.6))
+    axes = fig.subplots(1, len(lengths), squeeze=False)
     for ax, t in zip(axes[0], lengths, strict=True):
         for mixer in dict.fromkeys(r["mixer"] for r in rows):
             points = sorted(
@@ -243,4 +243,3 @@ def plot_recall(rows: list[dict[str, Any]], path: Path) -> None:
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)

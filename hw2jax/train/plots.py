@@ -11,13 +11,16 @@ import numpy as np
 from hw2jax.train.sharding import is_main_process
 
 
-def pyplot():
-    import matplotlib
+def new_figure(figsize: tuple[float, float]):
+    """A figure drawn by Agg that pyplot never sees: the caller's backend and pyplot's open
+    figures stay as they were (a notebook that trains a model goes on plotting inline), and
+    nothing needs closing."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def save_figure(fig, path: Path) -> None:
@@ -27,8 +30,8 @@ def save_figure(fig, path: Path) -> None:
 
 def plot_history(history: dict[str, Any], eval_split: str, path: Path) -> None:
     """Train loss every logged step and eval loss per epoch; eval accuracy per epoch."""
-    plt = pyplot()
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = new_figure((11, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     train = history["train"]
     epochs = history["epochs"]
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (per log)")
@@ -47,13 +50,12 @@ def plot_history(history: dict[str, Any], eval_split: str, path: Path) -> None:
     ax_acc.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
 
 
 def plot_comparison(histories: dict[str, dict[str, Any]], eval_split: str, path: Path) -> None:
     """Several runs on one figure: train loss per logged step and eval accuracy per epoch."""
-    plt = pyplot()
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = new_figure((11, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for name, history in histories.items():
         train, epochs = history.get("train", []), history.get("epochs", [])
         ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=name)
@@ -70,7 +72,6 @@ def plot_comparison(histories: dict[str, dict[str, Any]], eval_split: str, path:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
@@ -80,8 +81,8 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
 
 
 def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: Path) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    fig = new_figure((7.5, 6.5))
+    ax = fig.subplots()
     im = ax.imshow(cm, cmap="Blues")
     ticks = range(len(class_names))
     ax.set_xticks(ticks, class_names, rotation=45, ha="right")
@@ -97,7 +98,6 @@ def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: Path) -> No
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
 
 
 def plot_predictions(
@@ -110,13 +110,15 @@ def plot_predictions(
 ) -> None:
     """A grid of images titled 'predicted (true)', wrong ones in red. One canvas in one axes,
     not an axes per image: drawn in a fifth of the time."""
-    plt = pyplot()
+    import matplotlib
+
     rows = -(-len(images) // cols)
     h, w = images.shape[1:3]
     pad, title = 3, 9  # pixels beside each image, and above it for its two-line title
     cell_h, cell_w = h + title, w + 2 * pad
     canvas = np.full((rows * cell_h, cols * cell_w), np.nan)  # NaN: drawn as the background
-    fig, ax = plt.subplots(figsize=(1.6 * cols, 1.6 * cols * rows * cell_h / (cols * cell_w)))
+    fig = new_figure((1.6 * cols, 1.6 * cols * rows * cell_h / (cols * cell_w)))
+    ax = fig.subplots()
     for i, (image, p, t) in enumerate(zip(images, preds, labels, strict=False)):
         y, x = (i // cols) * cell_h + title, (i % cols) * cell_w + pad
         canvas[y : y + h, x : x + w] = image.reshape(h, w)
@@ -129,8 +131,7 @@ def plot_predictions(
             va="bottom",
             color="black" if p == t else "red",
         )
-    ax.imshow(canvas, cmap=plt.get_cmap("gray").with_extremes(bad="white"))
+    ax.imshow(canvas, cmap=matplotlib.colormaps["gray"].with_extremes(bad="white"))
     ax.axis("off")
     fig.subplots_adjust(0, 0, 1, 1)
     save_figure(fig, path)
-    plt.close(fig)
