@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hw2jax import attention, cpu, kernels, recurrence
+from hw2jax import attention, kernels, recurrence
 from hw2jax.errors import Hw2jaxError
 
 # ------------------------------------------------------------------ explicit O(T^2) references
@@ -324,7 +324,8 @@ def test_fused_cpu_non_causal_matches_float64_with_gradients(feature_map, shape)
 def test_linear_auto_takes_the_fused_kernels_only_where_they_pay(monkeypatch, pays_off):
     if kernels.build_error():
         pytest.skip(f"the fused CPU kernel cannot be built here: {kernels.build_error()}")
-    monkeypatch.setattr(cpu, "cpu_vector_features", lambda: {"avx512f": pays_off})
+    # The features the kernels are built for decide (the CPU's own, or $HW2JAX_KERNEL_MARCH's).
+    monkeypatch.setattr(kernels, "kernel_vector_features", lambda: {"avx512f": pays_off})
     calls = spy_on_kernels(monkeypatch, "linear_attention_cpu", "causal_linear_product_cpu")
     q, k, v = qkv((1, 20, 2, 16), seed=4)
     for causal in (False, True):
@@ -582,11 +583,12 @@ def test_every_softmax_implementation_matches_the_float64_formula(impl, causal):
 
 @pytest.mark.parametrize("pays_off", [True, False])
 def test_auto_runs_the_fused_cpu_kernels_only_where_they_pay(monkeypatch, pays_off):
-    """With the CPU's features faked both ways: with AVX-512 the kernels compute every forward
+    """With the kernels' features faked both ways: with AVX-512 the kernels compute every forward
     pass, and gradients from T = 256 on (below, naive's); without, they never run."""
     if kernels.build_error():
         pytest.skip(f"the fused CPU kernel cannot be built here: {kernels.build_error()}")
-    monkeypatch.setattr(cpu, "cpu_vector_features", lambda: {"avx512f": pays_off})
+    # The features the kernels are built for decide (the CPU's own, or $HW2JAX_KERNEL_MARCH's).
+    monkeypatch.setattr(kernels, "kernel_vector_features", lambda: {"avx512f": pays_off})
     calls = spy_on_kernels(monkeypatch, "cpu_attention", "cpu_flash_attention")
     q, k, v = qkv((2, 40, 4, 32), seed=5)
     for causal, kernel in ((False, "cpu_attention"), (True, "cpu_flash_attention")):
