@@ -14,12 +14,19 @@
 
 namespace {
 
-constexpr int kPanel = 32;  // columns per packed weight panel (2 vectors)
+constexpr int kPanel = 32;  // columns per packed weight panel
+// The tile's accumulators are vectors of the target's own width: GCC keeps an array of 64-byte
+// vectors in memory where the target has no 64-byte registers (AVX2), which made this product
+// 22 times slower than XLA's there (benchmarks/results/zen4/gru_avx2_build/).
 #ifdef __AVX512F__
+typedef float vtile __attribute__((vector_size(64)));
 constexpr int kTileRows = 8;  // 8 x 2 accumulators of 32 zmm registers
 #else
-constexpr int kTileRows = 3;  // 3 x 2 vectors of 2 ymm each, of 16 registers
+typedef float vtile __attribute__((vector_size(32)));
+constexpr int kTileRows = 3;  // 3 x 4 accumulators of 16 ymm registers
 #endif
+constexpr int kTileLanes = sizeof(vtile) / sizeof(float);
+constexpr int kTileVecs = kPanel / kTileLanes;
 
 // A matrix read with strides: element (i, k) at base[i * row + k * col].
 struct Strided {
@@ -27,27 +34,27 @@ struct Strided {
   int64_t row, col;
 };
 
+inline vtile LoadTile(const float* p) { vtile r; std::memcpy(&r, p, sizeof r); return r; }
+
 // c[r, 0:32] = init[r, 0:32] + sum_k a(r, k) b[k * ldb + 0:32], for R rows (init may be c).
 template <int R>
 void Tile(Strided a, int64_t depth, const float* b, int64_t ldb, const float* init,
           int64_t ld_init, float* c, int64_t ldc) {
-  v16 acc[R][2];
-  for (int r = 0; r < R; ++r) {
-    acc[r][0] = init ? load(init + r * ld_init) : splat(0.0f);
-    acc[r][1] = init ? load(init + r * ld_init + kLanes) : splat(0.0f);
-  }
+  vtile acc[R][kTileVecs];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kTileVecs; ++v)
+      acc[r][v] = init ? LoadTile(init + r * ld_init + v * kTileLanes) : vtile{};
   for (int64_t k = 0; k < depth; ++k) {
-    const v16 b0 = load(b + k * ldb), b1 = load(b + k * ldb + kLanes);
+    vtile bk[kTileVecs];
+    for (int v = 0; v < kTileVecs; ++v) bk[v] = LoadTile(b + k * ldb + v * kTileLanes);
     for (int r = 0; r < R; ++r) {
       const float x = a.base[r * a.row + k * a.col];
-      acc[r][0] += x * b0;
-      acc[r][1] += x * b1;
+      for (int v = 0; v < kTileVecs; ++v) acc[r][v] += x * bk[v];
     }
   }
-  for (int r = 0; r < R; ++r) {
-    store(c + r * ldc, acc[r][0]);
-    store(c + r * ldc + kLanes, acc[r][1]);
-  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kTileVecs; ++v)
+      std::memcpy(c + r * ldc + v * kTileLanes, &acc[r][v], sizeof(vtile));
 }
 
 template <int R>
