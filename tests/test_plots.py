@@ -21,7 +21,7 @@ HISTORY = {
 
 @pytest.fixture
 def users_matplotlib():
-    """A session that plots with its own backend and has a figure of its own open."""
+    """A caller (a notebook, say) that plots with its own backend and has a figure open."""
     before = matplotlib.get_backend()
     matplotlib.use("svg")
     figure = plt.figure()
