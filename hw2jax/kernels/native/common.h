@@ -42,9 +42,10 @@ inline v16 splat(float x) { return v16{} + x; }
 inline v16 load(const float* p) { v16 r; std::memcpy(&r, p, sizeof r); return r; }
 inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
 
-// exp(r) for |r| <= ln2 / 2: Cephes' expf polynomial.
-inline v16 ExpReduced(v16 r) {
-  v16 p = splat(1.9875691500e-4f);
+// exp(r) for |r| <= ln2 / 2: Cephes' expf polynomial (V: a float vector of any width).
+template <class V>
+inline V ExpReduced(V r) {
+  V p = V{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
@@ -67,20 +68,24 @@ inline v16 exp_nonpositive(v16 x) {
   const v16 e = ExpReduced(r);
   return (v16)_mm512_scalef_ps((__m512)e, n);
 }
-#else
-// Cephes' expf: x = n ln2 + r, the polynomial at r, times 2^n built in the exponent bits.
-inline v16 exp_nonpositive(v16 x) {
-  const v16 lowest = splat(-87.3365447f);
-  const v16 xc = x < lowest ? lowest : x;
-  const v16 n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  v16 r = xc - n * 0.693359375f;
+#endif
+// Cephes' expf for x <= 0 in plain vector arithmetic, for vectors V of float and VI of int32
+// of any width: x = n ln2 + r, the polynomial at r, times 2^n built in the exponent bits.
+template <class V, class VI>
+inline V ExpNonpositiveBits(V x) {
+  const V lowest = V{} - 87.3365447f;
+  const V xc = x < lowest ? lowest : x;
+  const V n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  V r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  const v16 e = ExpReduced(r);
-  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
-  v16 scale;
+  const V e = ExpReduced(r);
+  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+  V scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return x < lowest ? splat(0.0f) : e * scale;
+  return x < lowest ? V{} : e * scale;
 }
+#ifndef __AVX512F__
+inline v16 exp_nonpositive(v16 x) { return ExpNonpositiveBits<v16, vi16>(x); }
 #endif
 
 inline float hmax(v16 x) {

@@ -27,6 +27,7 @@ constexpr int kTileRows = 3;  // 3 x 4 accumulators of 16 ymm registers
 #endif
 constexpr int kTileLanes = sizeof(vtile) / sizeof(float);
 constexpr int kTileVecs = kPanel / kTileLanes;
+typedef int32_t vitile __attribute__((vector_size(sizeof(vtile))));
 
 // A matrix read with strides: element (i, k) at base[i * row + k * col].
 struct Strided {
@@ -35,10 +36,12 @@ struct Strided {
 };
 
 inline vtile LoadTile(const float* p) { vtile r; std::memcpy(&r, p, sizeof r); return r; }
+inline void StoreTile(float* p, vtile x) { std::memcpy(p, &x, sizeof x); }
 
 // c[r, 0:32] = init[r, 0:32] + sum_k a(r, k) b[k * ldb + 0:32], for R rows (init may be c).
+// Never inlined: inside the backward pass's loop GCC spilled the AVX2 build's accumulators.
 template <int R>
-void Tile(Strided a, int64_t depth, const float* b, int64_t ldb, const float* init,
+__attribute__((noinline)) void Tile(Strided a, int64_t depth, const float* b, int64_t ldb, const float* init,
           int64_t ld_init, float* c, int64_t ldc) {
   vtile acc[R][kTileVecs];
   for (int r = 0; r < R; ++r)
@@ -54,7 +57,7 @@ void Tile(Strided a, int64_t depth, const float* b, int64_t ldb, const float* in
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < kTileVecs; ++v)
-      std::memcpy(c + r * ldc + v * kTileLanes, &acc[r][v], sizeof(vtile));
+      StoreTile(c + r * ldc + v * kTileLanes, acc[r][v]);
 }
 
 template <int R>
@@ -103,29 +106,38 @@ void PackPanels(const float* m, int64_t rows, int64_t cols, bool transposed, flo
       }
 }
 
-inline v16 Sigmoid(v16 x) {
-  const v16 e = exp_nonpositive(x > 0.0f ? -x : x);  // exp(-|x|)
-  const v16 s = 1.0f / (1.0f + e);
+// The gates run on vectors of the target's width too (on AVX-512 vtile is common.h's v16).
+inline vtile Exp(vtile x) {
+#ifdef __AVX512F__
+  return exp_nonpositive(x);
+#else
+  return ExpNonpositiveBits<vtile, vitile>(x);
+#endif
+}
+
+inline vtile Sigmoid(vtile x) {
+  const vtile e = Exp(x > 0.0f ? -x : x);  // exp(-|x|)
+  const vtile s = 1.0f / (1.0f + e);
   return x >= 0.0f ? s : e * s;
 }
 
 // Eigen's fast float tanh: an odd rational function on [-7.9053, 7.9053], x itself below 4e-4;
 // within 4e-7 of tanh (float32 against float64 on 2e6 points of [-9, 9]).
-inline v16 Tanh(v16 x) {
-  const v16 c = x > 7.90531110763549805f    ? splat(7.90531110763549805f)
-                : x < -7.90531110763549805f ? splat(-7.90531110763549805f)
+inline vtile Tanh(vtile x) {
+  const vtile c = x > 7.90531110763549805f    ? vtile{} + 7.90531110763549805f
+                : x < -7.90531110763549805f ? vtile{} - 7.90531110763549805f
                                             : x;
-  const v16 x2 = c * c;
-  v16 p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+  const vtile x2 = c * c;
+  vtile p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
   p = p * x2 + -8.60467152213735e-11f;
   p = p * x2 + 5.12229709037114e-08f;
   p = p * x2 + 1.48572235717979e-05f;
   p = p * x2 + 6.37261928875436e-04f;
   p = p * x2 + 4.89352455891786e-03f;
-  v16 q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+  vtile q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
   q = q * x2 + 2.26843463243900e-03f;
   q = q * x2 + 4.89352518554385e-03f;
-  const v16 small = x < 0.0f ? -x : x;
+  const vtile small = x < 0.0f ? -x : x;
   return small < 0.0004f ? x : c * p / q;
 }
 
@@ -171,23 +183,23 @@ struct GruForward {
           const float* xp = p.x_proj + row * g3;
           const float* hpi = hp + i * ldp;
           float* hi = h + (i0 + i) * hid;
-          for (int64_t j = 0; j < hid; j += kLanes) {
-            const v16 hr = load(hpi + j) + load(bias + j);
-            const v16 hz = load(hpi + hid + j) + load(bias + hid + j);
-            const v16 hn = load(hpi + 2 * hid + j) + load(bias + 2 * hid + j);
-            const v16 r = Sigmoid(load(xp + j) + hr);
-            const v16 z = Sigmoid(load(xp + hid + j) + hz);
-            const v16 n = Tanh(load(xp + 2 * hid + j) + r * hn);
-            const v16 before = load(hi + j);
-            const v16 after = (1.0f - z) * n + z * before;
-            if (ok) store(hi + j, after);
-            store(p.out + row * hid + j, ok ? after : splat(0.0f));
+          for (int64_t j = 0; j < hid; j += kTileLanes) {
+            const vtile hr = LoadTile(hpi + j) + LoadTile(bias + j);
+            const vtile hz = LoadTile(hpi + hid + j) + LoadTile(bias + hid + j);
+            const vtile hn = LoadTile(hpi + 2 * hid + j) + LoadTile(bias + 2 * hid + j);
+            const vtile r = Sigmoid(LoadTile(xp + j) + hr);
+            const vtile z = Sigmoid(LoadTile(xp + hid + j) + hz);
+            const vtile n = Tanh(LoadTile(xp + 2 * hid + j) + r * hn);
+            const vtile before = LoadTile(hi + j);
+            const vtile after = (1.0f - z) * n + z * before;
+            if (ok) StoreTile(hi + j, after);
+            StoreTile(p.out + row * hid + j, ok ? after : vtile{});
             if (p.h_prev != nullptr) {
-              store(p.h_prev + row * hid + j, before);
-              store(p.r + row * hid + j, r);
-              store(p.z + row * hid + j, z);
-              store(p.n + row * hid + j, n);
-              store(p.hp_n + row * hid + j, hn);
+              StoreTile(p.h_prev + row * hid + j, before);
+              StoreTile(p.r + row * hid + j, r);
+              StoreTile(p.z + row * hid + j, z);
+              StoreTile(p.n + row * hid + j, n);
+              StoreTile(p.hp_n + row * hid + j, hn);
             }
           }
         }
@@ -238,29 +250,30 @@ struct GruBackward {
           float* dhi = dh + (i0 + i) * ldh;
           float* dxp = p.d_xp + row * g3;
           float* dhp = d_hp + (i0 + i) * g3;
-          for (int64_t j = 0; j < hid; j += kLanes) {
-            const v16 carried = load(dhi + j);
+          for (int64_t j = 0; j < hid; j += kTileLanes) {
+            const vtile carried = LoadTile(dhi + j);
             if (!ok) {  // a frozen step: dh passes straight through, no gradient here
-              store(base + i * ldh + j, carried);
+              StoreTile(base + i * ldh + j, carried);
               for (int gate = 0; gate < 3; ++gate) {
-                store(dxp + gate * hid + j, splat(0.0f));
-                store(dhp + gate * hid + j, splat(0.0f));
+                StoreTile(dxp + gate * hid + j, vtile{});
+                StoreTile(dhp + gate * hid + j, vtile{});
               }
               continue;
             }
-            const v16 dnew = carried + load(p.g_out + s + j);
-            const v16 r = load(p.s_r + s + j), z = load(p.s_z + s + j), n = load(p.s_n + s + j);
-            const v16 dn = dnew * (1.0f - z);
-            const v16 da_z = dnew * (load(p.s_h_prev + s + j) - n) * z * (1.0f - z);
-            const v16 da_n = dn * (1.0f - n * n);
-            const v16 da_r = da_n * load(p.s_hp_n + s + j) * r * (1.0f - r);
-            store(dxp + j, da_r);
-            store(dxp + hid + j, da_z);
-            store(dxp + 2 * hid + j, da_n);
-            store(dhp + j, da_r);
-            store(dhp + hid + j, da_z);
-            store(dhp + 2 * hid + j, da_n * r);
-            store(base + i * ldh + j, dnew * z);
+            const vtile dnew = carried + LoadTile(p.g_out + s + j);
+            const vtile r = LoadTile(p.s_r + s + j), z = LoadTile(p.s_z + s + j);
+            const vtile n = LoadTile(p.s_n + s + j);
+            const vtile dn = dnew * (1.0f - z);
+            const vtile da_z = dnew * (LoadTile(p.s_h_prev + s + j) - n) * z * (1.0f - z);
+            const vtile da_n = dn * (1.0f - n * n);
+            const vtile da_r = da_n * LoadTile(p.s_hp_n + s + j) * r * (1.0f - r);
+            StoreTile(dxp + j, da_r);
+            StoreTile(dxp + hid + j, da_z);
+            StoreTile(dxp + 2 * hid + j, da_n);
+            StoreTile(dhp + j, da_r);
+            StoreTile(dhp + hid + j, da_z);
+            StoreTile(dhp + 2 * hid + j, da_n * r);
+            StoreTile(base + i * ldh + j, dnew * z);
           }
         }
         // dh before this step = base + d(W_hh h + b_hh) . W_hh, over this tile's rows.
@@ -270,10 +283,10 @@ struct GruBackward {
       // each step's rank-`rows` update while both are in cache.
       for (int64_t i = 0; i < rows; ++i)
         std::memcpy(h_prev + i * ldh, p.s_h_prev + (at + i) * hid, sizeof(float) * hid);
-      for (int64_t g = 0; g < g3; g += kLanes) {  // the step's sum first: less rounding
-        v16 sum = load(d_hp + g);
-        for (int64_t i = 1; i < rows; ++i) sum += load(d_hp + i * g3 + g);
-        store(d_b_.ptr + g, load(d_b_.ptr + g) + sum);
+      for (int64_t g = 0; g < g3; g += kTileLanes) {  // the step's sum first: less rounding
+        vtile sum = LoadTile(d_hp + g);
+        for (int64_t i = 1; i < rows; ++i) sum += LoadTile(d_hp + i * g3 + g);
+        StoreTile(d_b_.ptr + g, LoadTile(d_b_.ptr + g) + sum);
       }
       for (int64_t g0 = 0; g0 < g3; g0 += kTileRows) {
         const int tile = static_cast<int>(std::min<int64_t>(kTileRows, g3 - g0));
