@@ -33,14 +33,20 @@ namespace {
 // has them, pairs of AVX2 registers otherwise.
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
+// 8 floats, one AVX2 register: for kernels that size their vectors to the build target's
+// registers (gru.cc), since GCC keeps arrays of wider vectors on the stack.
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
 
 constexpr int kLanes = 16;
 constexpr int kRows = 8;   // score rows per block: 8 x 32 keys = 16 accumulators
 constexpr int kKeys = 32;  // keys per score tile (2 vectors)
 
 inline v16 splat(float x) { return v16{} + x; }
-inline v16 load(const float* p) { v16 r; std::memcpy(&r, p, sizeof r); return r; }
+template <class V = v16>
+inline V load(const float* p) { V r; std::memcpy(&r, p, sizeof r); return r; }
 inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
+inline void store(float* p, v8 x) { std::memcpy(p, &x, sizeof x); }
 
 // exp(r) for |r| <= ln2 / 2: Cephes' expf polynomial (V: a float vector of any width).
 template <class V>
@@ -87,6 +93,7 @@ inline V ExpNonpositiveBits(V x) {
 #ifndef __AVX512F__
 inline v16 exp_nonpositive(v16 x) { return ExpNonpositiveBits<v16, vi16>(x); }
 #endif
+inline v8 exp_nonpositive(v8 x) { return ExpNonpositiveBits<v8, vi8>(x); }
 
 inline float hmax(v16 x) {
   float m = x[0];

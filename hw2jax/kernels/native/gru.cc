@@ -18,16 +18,16 @@ constexpr int kPanel = 32;  // columns per packed weight panel
 // The tile's accumulators are vectors of the target's own width: GCC keeps an array of 64-byte
 // vectors in memory where the target has no 64-byte registers (AVX2), which made this product
 // 22 times slower than XLA's there (benchmarks/results/zen4/gru_avx2_build/).
+// The gates run on vectors of that width too.
 #ifdef __AVX512F__
-typedef float vtile __attribute__((vector_size(64)));
+typedef v16 vtile;
 constexpr int kTileRows = 8;  // 8 x 2 accumulators of 32 zmm registers
 #else
-typedef float vtile __attribute__((vector_size(32)));
+typedef v8 vtile;
 constexpr int kTileRows = 3;  // 3 x 4 accumulators of 16 ymm registers
 #endif
 constexpr int kTileLanes = sizeof(vtile) / sizeof(float);
 constexpr int kTileVecs = kPanel / kTileLanes;
-typedef int32_t vitile __attribute__((vector_size(sizeof(vtile))));
 
 // A matrix read with strides: element (i, k) at base[i * row + k * col].
 struct Strided {
@@ -35,21 +35,18 @@ struct Strided {
   int64_t row, col;
 };
 
-inline vtile LoadTile(const float* p) { vtile r; std::memcpy(&r, p, sizeof r); return r; }
-inline void StoreTile(float* p, vtile x) { std::memcpy(p, &x, sizeof x); }
-
 // c[r, 0:32] = init[r, 0:32] + sum_k a(r, k) b[k * ldb + 0:32], for R rows (init may be c).
 // Never inlined: inside the backward pass's loop GCC spilled the AVX2 build's accumulators.
 template <int R>
-__attribute__((noinline)) void Tile(Strided a, int64_t depth, const float* b, int64_t ldb, const float* init,
-          int64_t ld_init, float* c, int64_t ldc) {
+__attribute__((noinline)) void Tile(Strided a, int64_t depth, const float* b, int64_t ldb,
+                                    const float* init, int64_t ld_init, float* c, int64_t ldc) {
   vtile acc[R][kTileVecs];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < kTileVecs; ++v)
-      acc[r][v] = init ? LoadTile(init + r * ld_init + v * kTileLanes) : vtile{};
+      acc[r][v] = init ? load<vtile>(init + r * ld_init + v * kTileLanes) : vtile{};
   for (int64_t k = 0; k < depth; ++k) {
     vtile bk[kTileVecs];
-    for (int v = 0; v < kTileVecs; ++v) bk[v] = LoadTile(b + k * ldb + v * kTileLanes);
+    for (int v = 0; v < kTileVecs; ++v) bk[v] = load<vtile>(b + k * ldb + v * kTileLanes);
     for (int r = 0; r < R; ++r) {
       const float x = a.base[r * a.row + k * a.col];
       for (int v = 0; v < kTileVecs; ++v) acc[r][v] += x * bk[v];
@@ -57,7 +54,7 @@ __attribute__((noinline)) void Tile(Strided a, int64_t depth, const float* b, in
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < kTileVecs; ++v)
-      StoreTile(c + r * ldc + v * kTileLanes, acc[r][v]);
+      store(c + r * ldc + v * kTileLanes, acc[r][v]);
 }
 
 template <int R>
@@ -106,17 +103,8 @@ void PackPanels(const float* m, int64_t rows, int64_t cols, bool transposed, flo
       }
 }
 
-// The gates run on vectors of the target's width too (on AVX-512 vtile is common.h's v16).
-inline vtile Exp(vtile x) {
-#ifdef __AVX512F__
-  return exp_nonpositive(x);
-#else
-  return ExpNonpositiveBits<vtile, vitile>(x);
-#endif
-}
-
 inline vtile Sigmoid(vtile x) {
-  const vtile e = Exp(x > 0.0f ? -x : x);  // exp(-|x|)
+  const vtile e = exp_nonpositive(x > 0.0f ? -x : x);  // exp(-|x|)
   const vtile s = 1.0f / (1.0f + e);
   return x >= 0.0f ? s : e * s;
 }
@@ -184,22 +172,22 @@ struct GruForward {
           const float* hpi = hp + i * ldp;
           float* hi = h + (i0 + i) * hid;
           for (int64_t j = 0; j < hid; j += kTileLanes) {
-            const vtile hr = LoadTile(hpi + j) + LoadTile(bias + j);
-            const vtile hz = LoadTile(hpi + hid + j) + LoadTile(bias + hid + j);
-            const vtile hn = LoadTile(hpi + 2 * hid + j) + LoadTile(bias + 2 * hid + j);
-            const vtile r = Sigmoid(LoadTile(xp + j) + hr);
-            const vtile z = Sigmoid(LoadTile(xp + hid + j) + hz);
-            const vtile n = Tanh(LoadTile(xp + 2 * hid + j) + r * hn);
-            const vtile before = LoadTile(hi + j);
+            const vtile hr = load<vtile>(hpi + j) + load<vtile>(bias + j);
+            const vtile hz = load<vtile>(hpi + hid + j) + load<vtile>(bias + hid + j);
+            const vtile hn = load<vtile>(hpi + 2 * hid + j) + load<vtile>(bias + 2 * hid + j);
+            const vtile r = Sigmoid(load<vtile>(xp + j) + hr);
+            const vtile z = Sigmoid(load<vtile>(xp + hid + j) + hz);
+            const vtile n = Tanh(load<vtile>(xp + 2 * hid + j) + r * hn);
+            const vtile before = load<vtile>(hi + j);
             const vtile after = (1.0f - z) * n + z * before;
-            if (ok) StoreTile(hi + j, after);
-            StoreTile(p.out + row * hid + j, ok ? after : vtile{});
+            if (ok) store(hi + j, after);
+            store(p.out + row * hid + j, ok ? after : vtile{});
             if (p.h_prev != nullptr) {
-              StoreTile(p.h_prev + row * hid + j, before);
-              StoreTile(p.r + row * hid + j, r);
-              StoreTile(p.z + row * hid + j, z);
-              StoreTile(p.n + row * hid + j, n);
-              StoreTile(p.hp_n + row * hid + j, hn);
+              store(p.h_prev + row * hid + j, before);
+              store(p.r + row * hid + j, r);
+              store(p.z + row * hid + j, z);
+              store(p.n + row * hid + j, n);
+              store(p.hp_n + row * hid + j, hn);
             }
           }
         }
@@ -251,29 +239,29 @@ struct GruBackward {
           float* dxp = p.d_xp + row * g3;
           float* dhp = d_hp + (i0 + i) * g3;
           for (int64_t j = 0; j < hid; j += kTileLanes) {
-            const vtile carried = LoadTile(dhi + j);
+            const vtile carried = load<vtile>(dhi + j);
             if (!ok) {  // a frozen step: dh passes straight through, no gradient here
-              StoreTile(base + i * ldh + j, carried);
+              store(base + i * ldh + j, carried);
               for (int gate = 0; gate < 3; ++gate) {
-                StoreTile(dxp + gate * hid + j, vtile{});
-                StoreTile(dhp + gate * hid + j, vtile{});
+                store(dxp + gate * hid + j, vtile{});
+                store(dhp + gate * hid + j, vtile{});
               }
               continue;
             }
-            const vtile dnew = carried + LoadTile(p.g_out + s + j);
-            const vtile r = LoadTile(p.s_r + s + j), z = LoadTile(p.s_z + s + j);
-            const vtile n = LoadTile(p.s_n + s + j);
+            const vtile dnew = carried + load<vtile>(p.g_out + s + j);
+            const vtile r = load<vtile>(p.s_r + s + j), z = load<vtile>(p.s_z + s + j);
+            const vtile n = load<vtile>(p.s_n + s + j);
             const vtile dn = dnew * (1.0f - z);
-            const vtile da_z = dnew * (LoadTile(p.s_h_prev + s + j) - n) * z * (1.0f - z);
+            const vtile da_z = dnew * (load<vtile>(p.s_h_prev + s + j) - n) * z * (1.0f - z);
             const vtile da_n = dn * (1.0f - n * n);
-            const vtile da_r = da_n * LoadTile(p.s_hp_n + s + j) * r * (1.0f - r);
-            StoreTile(dxp + j, da_r);
-            StoreTile(dxp + hid + j, da_z);
-            StoreTile(dxp + 2 * hid + j, da_n);
-            StoreTile(dhp + j, da_r);
-            StoreTile(dhp + hid + j, da_z);
-            StoreTile(dhp + 2 * hid + j, da_n * r);
-            StoreTile(base + i * ldh + j, dnew * z);
+            const vtile da_r = da_n * load<vtile>(p.s_hp_n + s + j) * r * (1.0f - r);
+            store(dxp + j, da_r);
+            store(dxp + hid + j, da_z);
+            store(dxp + 2 * hid + j, da_n);
+            store(dhp + j, da_r);
+            store(dhp + hid + j, da_z);
+            store(dhp + 2 * hid + j, da_n * r);
+            store(base + i * ldh + j, dnew * z);
           }
         }
         // dh before this step = base + d(W_hh h + b_hh) . W_hh, over this tile's rows.
@@ -284,9 +272,9 @@ struct GruBackward {
       for (int64_t i = 0; i < rows; ++i)
         std::memcpy(h_prev + i * ldh, p.s_h_prev + (at + i) * hid, sizeof(float) * hid);
       for (int64_t g = 0; g < g3; g += kTileLanes) {  // the step's sum first: less rounding
-        vtile sum = LoadTile(d_hp + g);
-        for (int64_t i = 1; i < rows; ++i) sum += LoadTile(d_hp + i * g3 + g);
-        StoreTile(d_b_.ptr + g, LoadTile(d_b_.ptr + g) + sum);
+        vtile sum = load<vtile>(d_hp + g);
+        for (int64_t i = 1; i < rows; ++i) sum += load<vtile>(d_hp + i * g3 + g);
+        store(d_b_.ptr + g, load<vtile>(d_b_.ptr + g) + sum);
       }
       for (int64_t g0 = 0; g0 < g3; g0 += kTileRows) {
         const int tile = static_cast<int>(std::min<int64_t>(kTileRows, g3 - g0));
