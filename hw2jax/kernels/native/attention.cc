@@ -1,4 +1,4 @@
-// Fused softmax attention for XLA:CPU, called from JAX through jax.ffi (hw2jax/kernels/__init__.py).
+// Fused softmax attention for XLA:CPU, called from JAX through jax.ffi (hw2jax/kernels/).
 //
 // Why: XLA's CPU backend has no fused attention, so it writes the [T, T] scores, reads them for
 // the softmax and again for probs.v. This kernel keeps one block of score rows in L1 per
@@ -46,8 +46,9 @@ class RowSoftmax {
       AccumulateProduct<kVecs>(s_.ptr, tp_, 1, kRows, tp_, v_.ptr, o_.ptr);
       const int64_t rows = std::min<int64_t>(kRows, t - i0);
       for (int64_t r = 0; r < rows; ++r)
-        for (int c = 0; c < kD; c += kLanes)
-          store(p_.out + base + (i0 + r) * stride + c, load(o_.ptr + r * kD + c) * inv_sum[r]);
+        for (int c = 0; c < kD; c += kRegLanes)
+          store(p_.out + base + (i0 + r) * stride + c,
+                load<vreg>(o_.ptr + r * kD + c) * inv_sum[r]);
     }
   }
 
@@ -56,16 +57,16 @@ class RowSoftmax {
 
   // In place: row -> exp(row + bias - max); returns the sum.
   float Softmax(float* row) {
-    v16 m = splat(-INFINITY);
-    for (int64_t j = 0; j < tp_; j += kLanes) {
-      const v16 x = load(row + j) + load(bias_.ptr + j);
+    vreg m = splat<vreg>(-INFINITY);
+    for (int64_t j = 0; j < tp_; j += kRegLanes) {
+      const vreg x = load<vreg>(row + j) + load<vreg>(bias_.ptr + j);
       store(row + j, x);
       m = x > m ? x : m;
     }
     const float row_max = hmax(m);
-    v16 sum{};
-    for (int64_t j = 0; j < tp_; j += kLanes) {
-      const v16 e = exp_nonpositive(load(row + j) - row_max);
+    vreg sum{};
+    for (int64_t j = 0; j < tp_; j += kRegLanes) {
+      const vreg e = exp_nonpositive(load<vreg>(row + j) - row_max);
       store(row + j, e);
       sum += e;
     }
@@ -109,7 +110,7 @@ struct FlashProblem {
   bool causal;
 };
 
-typedef uint32_t vu16 __attribute__((vector_size(64)));
+typedef uint32_t vureg __attribute__((vector_size(sizeof(vreg))));
 
 // lowbias32 (Chris Wellons' integer hash): a bijection on 32 bits with full avalanche.
 template <class U>
@@ -134,14 +135,14 @@ class Dropout {
 
   bool on() const { return on_; }
 
-  v16 Factor(vu16 counters) const {
-    const vu16 bits = Mix<vu16>(Mix<vu16>(counters ^ key_) ^ seed_);
-    return bits >= threshold_ ? splat(inv_keep_) : splat(0.0f);
+  vreg Factor(vureg counters) const {
+    const vureg bits = Mix<vureg>(Mix<vureg>(counters ^ key_) ^ seed_);
+    return bits >= threshold_ ? splat<vreg>(inv_keep_) : splat<vreg>(0.0f);
   }
 
-  static vu16 Iota(uint32_t step) {
-    vu16 lanes;
-    for (int i = 0; i < kLanes; ++i) lanes[i] = static_cast<uint32_t>(i) * step;
+  static vureg Iota(uint32_t step) {
+    vureg lanes;
+    for (int i = 0; i < kRegLanes; ++i) lanes[i] = static_cast<uint32_t>(i) * step;
     return lanes;
   }
 
@@ -171,7 +172,7 @@ inline void MaskBlock(float* s, int64_t i0, int64_t j0, int64_t t, bool causal, 
   }
 }
 
-// The score block is kept transposed, [keys x query rows]: a vector then holds 16 rows, so each
+// The score block is kept transposed, [keys x query rows]: a vector then holds rows, so each
 // row's running maximum, sum and rescale factor sit in vector lanes, with no reductions across
 // lanes and no scalar exp per row (1.08-1.11x the forward's speed of [rows x keys] blocks, with
 // the exp before vscalefps).
@@ -190,16 +191,16 @@ class FlashForward {
     PackRows<kD>(p_.v, base, stride, t, tp_, 1.0f, v_.ptr, false);
     PackBias(p_, n, tp_, bias_.ptr);
     const Dropout dropout(p_, item);
-    const vu16 row_lanes = Dropout::Iota(static_cast<uint32_t>(t));  // a vector holds 16 rows
+    const vureg row_lanes = Dropout::Iota(static_cast<uint32_t>(t));  // a vector's lanes: rows
     // One pass over k and v serves kBlocksPerPass query blocks: at T = 16,384 k and v fill 8 MiB
     // per item, four times L2, and a pass per block read them from L3 that often.
     for (int64_t i_pass = 0; i_pass < t; i_pass += kBlocksPerPass * kBlockQ) {
       const int blocks =
           static_cast<int>(std::min<int64_t>(kBlocksPerPass, RoundUp(t - i_pass, kBlockQ) /
                                                                  kBlockQ));
-      v16 m[kBlocksPerPass][kGroups], l[kBlocksPerPass][kGroups];
+      vreg m[kBlocksPerPass][kGroups], l[kBlocksPerPass][kGroups];
       for (int b = 0; b < blocks; ++b)
-        for (int g = 0; g < kGroups; ++g) m[b][g] = splat(-INFINITY), l[b][g] = splat(0.0f);
+        for (int g = 0; g < kGroups; ++g) m[b][g] = splat<vreg>(-INFINITY), l[b][g] = vreg{};
       std::memset(o_.ptr, 0, sizeof(float) * blocks * kBlockQ * kD);
       const int64_t limit = p_.causal ? std::min(t, i_pass + blocks * kBlockQ) : t;
       for (int64_t j0 = 0; j0 < limit; j0 += kBlockK) {
@@ -213,19 +214,20 @@ class FlashForward {
           MaskBlock(s, i0, j0, t, p_.causal, -INFINITY, 1, kBlockQ);
           alignas(64) float alpha[kBlockQ];
           for (int g = 0; g < kGroups; ++g)
-            store(alpha + g * kLanes, Softmax(s + g * kLanes, bias_.ptr + j0, m[b][g], l[b][g]));
+            store(alpha + g * kRegLanes,
+                  Softmax(s + g * kRegLanes, bias_.ptr + j0, m[b][g], l[b][g]));
           if (dropout.on())  // after the sums: dropout weights the values, not the softmax
             for (int j = 0; j < kBlockK; ++j)
               for (int g = 0; g < kGroups; ++g) {
-                const uint32_t first = static_cast<uint32_t>((i0 + g * kLanes) * t + j0 + j);
-                float* at = s + j * kBlockQ + g * kLanes;
-                store(at, load(at) * dropout.Factor(row_lanes + first));
+                const uint32_t first = static_cast<uint32_t>((i0 + g * kRegLanes) * t + j0 + j);
+                float* at = s + j * kBlockQ + g * kRegLanes;
+                store(at, load<vreg>(at) * dropout.Factor(row_lanes + first));
               }
           if (j0 > 0)
             for (int r = 0; r < kBlockQ; ++r)
               if (alpha[r] != 1.0f)
-                for (int c = 0; c < kD; c += kLanes)
-                  store(o + r * kD + c, load(o + r * kD + c) * alpha[r]);
+                for (int c = 0; c < kD; c += kRegLanes)
+                  store(o + r * kD + c, load<vreg>(o + r * kD + c) * alpha[r]);
           AccumulateProduct<kVecs>(s, 1, kBlockQ, kBlockQ, kBlockK, v_.ptr + j0 * kD, o);
         }
       }
@@ -233,8 +235,8 @@ class FlashForward {
         const int64_t i0 = i_pass + b * kBlockQ;
         alignas(64) float row_max[kBlockQ], row_sum[kBlockQ];
         for (int g = 0; g < kGroups; ++g) {
-          store(row_max + g * kLanes, m[b][g]);
-          store(row_sum + g * kLanes, l[b][g]);
+          store(row_max + g * kRegLanes, m[b][g]);
+          store(row_sum + g * kRegLanes, l[b][g]);
         }
         const int64_t rows = std::min<int64_t>(kBlockQ, t - i0);
         const float* o = o_.ptr + b * kBlockQ * kD;
@@ -250,27 +252,28 @@ class FlashForward {
 
  private:
   static constexpr int kD = kVecs * kLanes;
-  static constexpr int kGroups = kBlockQ / kLanes;
+  static constexpr int kGroups = kBlockQ / kRegLanes;
   static constexpr int kBlocksPerPass = 8;
 
-  // One group of 16 rows, column `col` of a transposed block, `bias` its keys' bias: scores ->
-  // exp(score + bias - new max) in place; updates the running max m and sum l, returns the factor
-  // that rescales older terms.
-  static v16 Softmax(float* col, const float* bias, v16& m, v16& l) {
-    v16 max0 = load(col) + bias[0], max1 = load(col + kBlockQ) + bias[1];  // two chains
+  // One group of kRegLanes rows, column `col` of a transposed block, `bias` its keys' bias:
+  // scores -> exp(score + bias - new max) in place; updates the running max m and sum l, returns
+  // the factor that rescales older terms.
+  static vreg Softmax(float* col, const float* bias, vreg& m, vreg& l) {
+    // two chains
+    vreg max0 = load<vreg>(col) + bias[0], max1 = load<vreg>(col + kBlockQ) + bias[1];
     for (int j = 2; j < kBlockK; j += 2) {
-      const v16 x0 = load(col + j * kBlockQ) + bias[j];
-      const v16 x1 = load(col + (j + 1) * kBlockQ) + bias[j + 1];
+      const vreg x0 = load<vreg>(col + j * kBlockQ) + bias[j];
+      const vreg x1 = load<vreg>(col + (j + 1) * kBlockQ) + bias[j + 1];
       max0 = x0 > max0 ? x0 : max0;
       max1 = x1 > max1 ? x1 : max1;
     }
-    v16 m_new = max0 > max1 ? max0 : max1;
+    vreg m_new = max0 > max1 ? max0 : max1;
     m_new = m > m_new ? m : m_new;  // finite: key 0 is in every row
-    const v16 alpha = exp_nonpositive(m - m_new);
-    v16 sum0{}, sum1{};
+    const vreg alpha = exp_nonpositive(m - m_new);
+    vreg sum0{}, sum1{};
     for (int j = 0; j < kBlockK; j += 2) {
-      const v16 e0 = exp_nonpositive(load(col + j * kBlockQ) + (bias[j] - m_new));
-      const v16 e1 = exp_nonpositive(load(col + (j + 1) * kBlockQ) + (bias[j + 1] - m_new));
+      const vreg e0 = exp_nonpositive(load<vreg>(col + j * kBlockQ) + (bias[j] - m_new));
+      const vreg e1 = exp_nonpositive(load<vreg>(col + (j + 1) * kBlockQ) + (bias[j + 1] - m_new));
       store(col + j * kBlockQ, e0);
       store(col + (j + 1) * kBlockQ, e1);
       sum0 += e0;
@@ -308,7 +311,7 @@ class FlashBackward {
     std::memset(dbias_.ptr, 0, sizeof(float) * tp_);
     PackBias(p_, n, tp_, bias_.ptr);
     const Dropout dropout(p_, item);
-    const vu16 key_lanes = Dropout::Iota(1);  // a vector holds 16 keys
+    const vureg key_lanes = Dropout::Iota(1);  // a vector holds kRegLanes keys
     for (int64_t i = 0; i < tp_; ++i) {
       // Padded rows have q = dout = 0: whatever their probabilities, they add nothing.
       lse_.ptr[i] = i < t ? p_.lse[item * t + i] : 0.0f;
@@ -340,20 +343,21 @@ class FlashBackward {
           for (int r = 0; r < kBlockQ; ++r) {
             float* row = pb + r * kBlockK;
             const float lse = lse_.ptr[i0 + r];
-            for (int j = 0; j < kBlockK; j += kLanes)
-              store(row + j, exp_nonpositive(load(row + j) + (load(bias_.ptr + j0 + j) - lse)));
+            for (int j = 0; j < kBlockK; j += kRegLanes)
+              store(row + j,
+                    exp_nonpositive(load<vreg>(row + j) + (load<vreg>(bias_.ptr + j0 + j) - lse)));
           }
           MaskBlock(pb, i0, j0, t, p_.causal, 0.0f);
           // dv += p'^T . dout, with p' = p * keep / (1 - rate) the probabilities after dropout
           const float* kept = pb;
           if (dropout.on()) {
             for (int r = 0; r < kBlockQ; ++r)
-              for (int j = 0; j < kBlockK; j += kLanes) {
+              for (int j = 0; j < kBlockK; j += kRegLanes) {
                 const int64_t at = r * kBlockK + j;
                 const uint32_t first = static_cast<uint32_t>((i0 + r) * t + j0 + j);
-                const v16 factor = dropout.Factor(key_lanes + first);
+                const vreg factor = dropout.Factor(key_lanes + first);
                 store(keep + at, factor);
-                store(ds + at, load(pb + at) * factor);
+                store(ds + at, load<vreg>(pb + at) * factor);
               }
             kept = ds;
           }
@@ -364,20 +368,21 @@ class FlashBackward {
                              kBlockK, ds, kBlockK);
           for (int r = 0; r < kBlockQ; ++r) {
             const float delta = delta_.ptr[i0 + r];
-            for (int j = 0; j < kBlockK; j += kLanes) {
+            for (int j = 0; j < kBlockK; j += kRegLanes) {
               const int64_t at = r * kBlockK + j;
-              const v16 dp = dropout.on() ? load(ds + at) * load(keep + at) : load(ds + at);
-              store(ds + at, load(pb + at) * (dp - delta));
+              const vreg dp =
+                  dropout.on() ? load<vreg>(ds + at) * load<vreg>(keep + at) : load<vreg>(ds + at);
+              store(ds + at, load<vreg>(pb + at) * (dp - delta));
             }
           }
           // the bias gradient: each key's column sum of ds
-          for (int j = 0; j < kBlockK; j += kLanes) {
-            v16 sum0 = load(ds + j), sum1 = load(ds + kBlockK + j);
+          for (int j = 0; j < kBlockK; j += kRegLanes) {
+            vreg sum0 = load<vreg>(ds + j), sum1 = load<vreg>(ds + kBlockK + j);
             for (int r = 2; r < kBlockQ; r += 2) {
-              sum0 += load(ds + r * kBlockK + j);
-              sum1 += load(ds + (r + 1) * kBlockK + j);
+              sum0 += load<vreg>(ds + r * kBlockK + j);
+              sum1 += load<vreg>(ds + (r + 1) * kBlockK + j);
             }
-            store(dbias_.ptr + j0 + j, load(dbias_.ptr + j0 + j) + (sum0 + sum1));
+            store(dbias_.ptr + j0 + j, load<vreg>(dbias_.ptr + j0 + j) + (sum0 + sum1));
           }
           // dq += ds . k ; dk += ds^T . (scale q)
           AccumulateProduct<kVecs>(ds, kBlockK, 1, kBlockQ, kBlockK, k_.ptr + j0 * kD,

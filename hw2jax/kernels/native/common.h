@@ -1,4 +1,4 @@
-// What the fused CPU kernels share: 16-float vectors and their exp, the score and product
+// What the fused CPU kernels share: vectors of the target's width and their exp, the score and
 // microkernels, packing, and running items on XLA's intra-op threads. Each kernel file (one per
 // kind of op) includes it and is compiled on its own, in parallel (hw2jax/kernels/build.py); the
 // files link into one library. Everything here sits in an unnamed namespace: each file gets its
@@ -33,16 +33,29 @@ namespace {
 // has them, pairs of AVX2 registers otherwise.
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
-// 8 floats, one AVX2 register: for kernels that size their vectors to the build target's
-// registers (gru.cc), since GCC keeps arrays of wider vectors on the stack.
+typedef uint32_t vu16 __attribute__((vector_size(64)));
+// 8 floats, one AVX2 register.
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t vi8 __attribute__((vector_size(32)));
+typedef uint32_t vu8 __attribute__((vector_size(32)));
+// The target's own register width, for the microkernels' tiles and loops over values: GCC keeps
+// an array of 64-byte vectors in memory where the target has no 64-byte registers, and splits
+// their compares and selects into 16-byte pieces. Built for AVX2 with 64-byte vectors, the
+// flash kernels ran 35 times slower than with AVX-512 on the same CPU, the GRU kernel 22 times
+// slower than XLA's scan (benchmarks/results/zen4/attention_avx2_build/, gru_avx2_build/).
+#ifdef __AVX512F__
+typedef v16 vreg;
+#else
+typedef v8 vreg;
+#endif
+constexpr int kRegLanes = sizeof(vreg) / sizeof(float);
 
 constexpr int kLanes = 16;
 constexpr int kRows = 8;   // score rows per block: 8 x 32 keys = 16 accumulators
 constexpr int kKeys = 32;  // keys per score tile (2 vectors)
 
-inline v16 splat(float x) { return v16{} + x; }
+template <class V = v16>
+inline V splat(float x) { return V{} + x; }
 template <class V = v16>
 inline V load(const float* p) { V r; std::memcpy(&r, p, sizeof r); return r; }
 inline void store(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
@@ -95,15 +108,17 @@ inline v16 exp_nonpositive(v16 x) { return ExpNonpositiveBits<v16, vi16>(x); }
 #endif
 inline v8 exp_nonpositive(v8 x) { return ExpNonpositiveBits<v8, vi8>(x); }
 
-inline float hmax(v16 x) {
+template <class V>
+inline float hmax(V x) {
   float m = x[0];
-  for (int i = 1; i < kLanes; ++i) m = std::max(m, x[i]);
+  for (int i = 1; i < int(sizeof x / sizeof m); ++i) m = std::max(m, x[i]);
   return m;
 }
 
-inline float hsum(v16 x) {
+template <class V>
+inline float hsum(V x) {
   float s = 0.0f;
-  for (int i = 0; i < kLanes; ++i) s += x[i];
+  for (int i = 0; i < int(sizeof x / sizeof s); ++i) s += x[i];
   return s;
 }
 
@@ -114,11 +129,16 @@ struct Aligned {
   float* ptr;
 };
 
-// Pieces shared by the kernels: score and product microkernels on 16-float vectors, and the
-// packing of one (sequence, head) into padded tiles.
+// Pieces shared by the kernels: score and product microkernels on vectors of the target's
+// width, and the packing of one (sequence, head) into padded tiles.
 
 constexpr int kBlockQ = 64;   // query rows per block
 constexpr int kBlockK = 64;   // keys per block (a multiple of kKeys)
+
+// The score tile: 8 x 2 accumulators of AVX-512's 32 registers, 4 x 2 of AVX2's 16.
+constexpr int kScoreTileRows = kRegLanes == 16 ? kRows : 4;
+constexpr int kScoreTileKeys = 2 * kRegLanes;
+static_assert(kRows % kScoreTileRows == 0 && kKeys % kScoreTileKeys == 0, "tiles must nest");
 
 // s[rows x cols] = a[rows x D] . bt[D x ...] over keys j0 .. j0 + cols, where bt is stored
 // transposed (bt[c * ldb + j]); rows a multiple of kRows, cols of kKeys.
@@ -126,47 +146,57 @@ template <int kVecs>
 void ScoresBlock(const float* a, int64_t rows, const float* bt, int64_t ldb, int64_t j0,
                  int64_t cols, float* s, int64_t lds) {
   constexpr int kD = kVecs * kLanes;
-  for (int64_t r0 = 0; r0 < rows; r0 += kRows)
-    for (int64_t jj = 0; jj < cols; jj += kKeys) {
-      v16 acc[kRows][2] = {};
+  for (int64_t r0 = 0; r0 < rows; r0 += kScoreTileRows)
+    for (int64_t jj = 0; jj < cols; jj += kScoreTileKeys) {
+      vreg acc[kScoreTileRows][2] = {};
       const float* b = bt + j0 + jj;
       for (int c = 0; c < kD; ++c) {
-        const v16 b0 = load(b + c * ldb), b1 = load(b + c * ldb + kLanes);
-        for (int r = 0; r < kRows; ++r) {
+        const vreg b0 = load<vreg>(b + c * ldb), b1 = load<vreg>(b + c * ldb + kRegLanes);
+        for (int r = 0; r < kScoreTileRows; ++r) {
           const float x = a[(r0 + r) * kD + c];
           acc[r][0] += x * b0;
           acc[r][1] += x * b1;
         }
       }
-      for (int r = 0; r < kRows; ++r) {
+      for (int r = 0; r < kScoreTileRows; ++r) {
         store(s + (r0 + r) * lds + jj, acc[r][0]);
-        store(s + (r0 + r) * lds + jj + kLanes, acc[r][1]);
+        store(s + (r0 + r) * lds + jj + kRegLanes, acc[r][1]);
       }
     }
 }
 
 // out[rows x D] += A . b[n x D], A's element (i, k) at a[i * ai + k * ak]: with (ai, ak) =
-// (ld, 1) that is A . b, with (1, ld) it is A^T . b. rows a multiple of 8.
+// (ld, 1) that is A . b, with (1, ld) it is A^T . b. rows a multiple of 8. A tile is kTile rows
+// by kTileVecs vectors of columns.
 template <int kVecs>
 void AccumulateProduct(const float* a, int64_t ai, int64_t ak, int64_t rows, int64_t n,
                        const float* b, float* out) {
   constexpr int kD = kVecs * kLanes;
-  constexpr int kTile = kVecs <= 2 ? 8 : kVecs <= 4 ? 4 : 2;  // <= 16 accumulators
-  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
-    v16 acc[kTile][kVecs];
-    for (int r = 0; r < kTile; ++r)
-      for (int c = 0; c < kVecs; ++c) acc[r][c] = load(out + (i0 + r) * kD + c * kLanes);
-    for (int64_t k = 0; k < n; ++k) {
-      v16 bk[kVecs];
-      for (int c = 0; c < kVecs; ++c) bk[c] = load(b + k * kD + c * kLanes);
-      for (int r = 0; r < kTile; ++r) {
-        const float x = a[(i0 + r) * ai + k * ak];
-        for (int c = 0; c < kVecs; ++c) acc[r][c] += x * bk[c];
+#ifdef __AVX512F__
+  constexpr int kTileVecs = kVecs;  // whole rows, <= 16 accumulators
+  constexpr int kTile = kVecs <= 2 ? 8 : kVecs <= 4 ? 4 : 2;
+#else
+  constexpr int kTileVecs = 2;  // 8 accumulators
+  constexpr int kTile = 4;
+#endif
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile)
+    for (int c0 = 0; c0 < kD; c0 += kTileVecs * kRegLanes) {
+      vreg acc[kTile][kTileVecs];
+      for (int r = 0; r < kTile; ++r)
+        for (int c = 0; c < kTileVecs; ++c)
+          acc[r][c] = load<vreg>(out + (i0 + r) * kD + c0 + c * kRegLanes);
+      for (int64_t k = 0; k < n; ++k) {
+        vreg bk[kTileVecs];
+        for (int c = 0; c < kTileVecs; ++c) bk[c] = load<vreg>(b + k * kD + c0 + c * kRegLanes);
+        for (int r = 0; r < kTile; ++r) {
+          const float x = a[(i0 + r) * ai + k * ak];
+          for (int c = 0; c < kTileVecs; ++c) acc[r][c] += x * bk[c];
+        }
       }
+      for (int r = 0; r < kTile; ++r)
+        for (int c = 0; c < kTileVecs; ++c)
+          store(out + (i0 + r) * kD + c0 + c * kRegLanes, acc[r][c]);
     }
-    for (int r = 0; r < kTile; ++r)
-      for (int c = 0; c < kVecs; ++c) store(out + (i0 + r) * kD + c * kLanes, acc[r][c]);
-  }
 }
 
 // Copies one head's [T, D] rows out of an [N, T, H, D] array into a zero-padded [tp, D] tile,
@@ -300,17 +330,18 @@ ffi::Error CheckRowInputs(const Buffer& q, const Buffer& k, const Buffer& v,
 }
 // erf by the rational approximation XLA and Eigen use for float32 (odd degree-13 numerator,
 // even degree-8 denominator, argument clamped to [-4, 4], where erf is 1 to float precision).
-inline v16 Erf(v16 x) {
-  x = x > 4.0f ? splat(4.0f) : x;
-  x = x < -4.0f ? splat(-4.0f) : x;
-  const v16 x2 = x * x;
-  v16 p = x2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
+template <class V>
+inline V Erf(V x) {
+  x = x > 4.0f ? splat<V>(4.0f) : x;
+  x = x < -4.0f ? splat<V>(-4.0f) : x;
+  const V x2 = x * x;
+  V p = x2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
   p = p * x2 + -2.10102402082508e-06f;
   p = p * x2 + -5.69250639462346e-05f;
   p = p * x2 + -7.34990630326855e-04f;
   p = p * x2 + -2.95459980854025e-03f;
   p = p * x2 + -1.60960333262415e-02f;
-  v16 q = x2 * -1.45660718464996e-05f + -2.13374055278905e-04f;
+  V q = x2 * -1.45660718464996e-05f + -2.13374055278905e-04f;
   q = q * x2 + -1.68282697438203e-03f;
   q = q * x2 + -7.37332916720468e-03f;
   q = q * x2 + -1.42647390514189e-02f;
@@ -318,9 +349,19 @@ inline v16 Erf(v16 x) {
 }
 
 // The exact (erf) GELU, as BERT's "gelu" computes it.
-inline v16 Gelu(v16 x) { return 0.5f * x * (1.0f + Erf(x * 0.707106781186547524f)); }
+template <class V>
+inline V Gelu(V x) { return 0.5f * x * (1.0f + Erf(x * 0.707106781186547524f)); }
 
-// float32 to bf16, rounding to nearest even as XLA's convert does.
+// float32 to bf16, rounding to nearest even as XLA's convert does (VU: V's bits, unsigned).
+template <class V, class VU>
+inline void RoundToBf16Bits(V x, uint16_t* out) {
+  VU bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const VU rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  for (int i = 0; i < int(sizeof(V) / sizeof(float)); ++i)
+    out[i] = static_cast<uint16_t>(rounded[i]);
+}
+
 inline void RoundToBf16(v16 x, uint16_t* out) {
 #if defined(HW2JAX_AMX) && defined(__AVX512BF16__)  // immintrin.h is included for AMX builds
   __m512 packed;
@@ -328,16 +369,13 @@ inline void RoundToBf16(v16 x, uint16_t* out) {
   const __m256bh rounded = _mm512_cvtneps_pbh(packed);  // one instruction, the same rounding
   std::memcpy(out, &rounded, 32);
 #else
-  typedef uint32_t vu16 __attribute__((vector_size(64)));
-  vu16 bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  const vu16 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  for (int i = 0; i < kLanes; ++i) out[i] = static_cast<uint16_t>(rounded[i]);
+  RoundToBf16Bits<v16, vu16>(x, out);
 #endif
 }
+inline void RoundToBf16(v8 x, uint16_t* out) { RoundToBf16Bits<v8, vu8>(x, out); }
 
-
-inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
+template <class V>
+inline V vmax(V a, V b) { return a > b ? a : b; }
 
 // Every lane = the maximum (sum) of x's lanes.
 inline v16 all_max(v16 x) {
@@ -352,6 +390,18 @@ inline v16 all_sum(v16 x) {
   x += __builtin_shuffle(x, vi16{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
   x += __builtin_shuffle(x, vi16{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
   return x + __builtin_shuffle(x, vi16{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+}
+
+inline v8 all_max(v8 x) {
+  x = vmax(x, __builtin_shuffle(x, vi8{4, 5, 6, 7, 0, 1, 2, 3}));
+  x = vmax(x, __builtin_shuffle(x, vi8{2, 3, 0, 1, 6, 7, 4, 5}));
+  return vmax(x, __builtin_shuffle(x, vi8{1, 0, 3, 2, 5, 4, 7, 6}));
+}
+
+inline v8 all_sum(v8 x) {
+  x += __builtin_shuffle(x, vi8{4, 5, 6, 7, 0, 1, 2, 3});
+  x += __builtin_shuffle(x, vi8{2, 3, 0, 1, 6, 7, 4, 5});
+  return x + __builtin_shuffle(x, vi8{1, 0, 3, 2, 5, 4, 7, 6});
 }
 
 }  // namespace

@@ -19,17 +19,18 @@ struct FewKeysProblem {
 };
 
 
-// acc[r] = a[r, :K] . bt, bt [K, kCols * 16] (a row-major with leading dimension lda).
+// acc[r] = a[r, :K] . bt, bt [K, kCols vectors] (a row-major with leading dimension lda).
 template <int kCols, int kR>
 inline void RowsTimesPacked(const float* a, int64_t lda, const float* bt, int64_t k_len,
-                            v16 (&acc)[kR][kCols]) {
+                            vreg (&acc)[kR][kCols]) {
   for (int r = 0; r < kR; ++r)
-    for (int j = 0; j < kCols; ++j) acc[r][j] = v16{};
+    for (int j = 0; j < kCols; ++j) acc[r][j] = vreg{};
   for (int64_t k = 0; k < k_len; ++k) {
-    v16 b[kCols];
-    for (int j = 0; j < kCols; ++j) b[j] = load(bt + k * kCols * kLanes + j * kLanes);
+    vreg b[kCols];
+    for (int j = 0; j < kCols; ++j)
+      b[j] = load<vreg>(bt + k * kCols * kRegLanes + j * kRegLanes);
     for (int r = 0; r < kR; ++r) {
-      const v16 s = splat(a[r * lda + k]);
+      const vreg s = splat<vreg>(a[r * lda + k]);
       for (int j = 0; j < kCols; ++j) acc[r][j] += s * b[j];
     }
   }
@@ -38,14 +39,20 @@ inline void RowsTimesPacked(const float* a, int64_t lda, const float* bt, int64_
 template <int kDV, int kKV>  // D / 16, ceil(N / 16)
 class FewKeys {
   static constexpr int kD = kDV * kLanes, kNP = kKV * kLanes;
-  static constexpr int kR = kDV >= 8 ? 3 : 6;  // query rows per block: <= 24 accumulators
-  static constexpr int kC = kDV >= 8 ? 2 : 5;  // dkv rows per block: <= 20 accumulators
+  // Vectors of the target's width (common.h's vreg) per row of q and of the scores.
+  static constexpr int kDR = kD / kRegLanes, kKR = kNP / kRegLanes;
+  static constexpr bool kWide = kRegLanes == kLanes;  // AVX-512's 32 registers; AVX2's 16
+  // Query rows per block: <= 24 accumulators (AVX-512), <= 12 (AVX2).
+  static constexpr int kR = kWide ? (kDV >= 8 ? 3 : 6) : std::max(1, 12 / std::max(kDR, kKR));
+  // dkv rows per block: <= 20 accumulators beside q's and g's rows (AVX-512), <= 14 (AVX2).
+  static constexpr int kC = kWide ? (kDV >= 8 ? 2 : 5) : std::max(1, (14 - 2 * kDR) / kDR);
 
  public:
   explicit FewKeys(const FewKeysProblem& p)
       : p_(p), kvt_(kD * kNP), s_(p.m * kNP), ds_(p.m * kNP) {
-    for (int j = 0; j < kKV; ++j)
-      for (int l = 0; l < kLanes; ++l) pad_[j][l] = j * kLanes + l < p.n ? 0.0f : -INFINITY;
+    for (int j = 0; j < kKR; ++j)
+      for (int l = 0; l < kRegLanes; ++l)
+        pad_[j][l] = j * kRegLanes + l < p.n ? 0.0f : -INFINITY;
   }
 
   void Forward(int64_t item) {
@@ -89,40 +96,40 @@ class FewKeys {
   // R rows of a [., kNP] tile times kv [N, D].
   template <int R>
   void TimesKv(const float* rows, float* out) {
-    v16 acc[R][kDV];
+    vreg acc[R][kDR];
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < kDV; ++c) acc[r][c] = v16{};
+      for (int c = 0; c < kDR; ++c) acc[r][c] = vreg{};
     for (int64_t j = 0; j < p_.n; ++j) {
-      v16 b[kDV];
-      for (int c = 0; c < kDV; ++c) b[c] = load(kv_ + j * kD + c * kLanes);
+      vreg b[kDR];
+      for (int c = 0; c < kDR; ++c) b[c] = load<vreg>(kv_ + j * kD + c * kRegLanes);
       for (int r = 0; r < R; ++r) {
-        const v16 s = splat(rows[r * kNP + j]);
-        for (int c = 0; c < kDV; ++c) acc[r][c] += s * b[c];
+        const vreg s = splat<vreg>(rows[r * kNP + j]);
+        for (int c = 0; c < kDR; ++c) acc[r][c] += s * b[c];
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < kDV; ++c) store(out + r * kD + c * kLanes, acc[r][c]);
+      for (int c = 0; c < kDR; ++c) store(out + r * kD + c * kRegLanes, acc[r][c]);
   }
 
   template <int R>
   void ForwardRows(const float* q, float* out, float* p, int64_t i0) {
-    v16 acc[R][kKV];
-    RowsTimesPacked<kKV, R>(q + i0 * kD, kD, kvt_.ptr, kD, acc);
+    vreg acc[R][kKR];
+    RowsTimesPacked<kKR, R>(q + i0 * kD, kD, kvt_.ptr, kD, acc);
     float* s = s_.ptr + i0 * kNP;
     for (int r = 0; r < R; ++r) {
-      v16 mx = acc[r][0] + pad_[0];
-      for (int j = 0; j < kKV; ++j) {
+      vreg mx = acc[r][0] + pad_[0];
+      for (int j = 0; j < kKR; ++j) {
         acc[r][j] += pad_[j];
         mx = vmax(mx, acc[r][j]);
       }
       mx = all_max(mx);
-      v16 sum{};
-      for (int j = 0; j < kKV; ++j) {
+      vreg sum{};
+      for (int j = 0; j < kKR; ++j) {
         acc[r][j] = exp_nonpositive(acc[r][j] - mx);
         sum += acc[r][j];
       }
-      const v16 inv = 1.0f / all_sum(sum);
-      for (int j = 0; j < kKV; ++j) store(s + r * kNP + j * kLanes, acc[r][j] * inv);
+      const vreg inv = 1.0f / all_sum(sum);
+      for (int j = 0; j < kKR; ++j) store(s + r * kNP + j * kRegLanes, acc[r][j] * inv);
       std::memcpy(p + (i0 + r) * p_.n, s + r * kNP, sizeof(float) * p_.n);
     }
     TimesKv<R>(s, out + i0 * kD);
@@ -130,16 +137,18 @@ class FewKeys {
 
   template <int R>
   void BackwardRows(const float* g, float* dq, int64_t i0) {
-    v16 acc[R][kKV];  // G kv^T
-    RowsTimesPacked<kKV, R>(g + i0 * kD, kD, kvt_.ptr, kD, acc);
+    vreg acc[R][kKR];  // G kv^T
+    RowsTimesPacked<kKR, R>(g + i0 * kD, kD, kvt_.ptr, kD, acc);
     const float* p = s_.ptr + i0 * kNP;
     float* ds = ds_.ptr + i0 * kNP;
     for (int r = 0; r < R; ++r) {
-      v16 delta{};
-      for (int j = 0; j < kKV; ++j) delta += load(p + r * kNP + j * kLanes) * acc[r][j];
+      vreg delta{};
+      const float* p_row = p + r * kNP;
+      for (int j = 0; j < kKR; ++j) delta += load<vreg>(p_row + j * kRegLanes) * acc[r][j];
       delta = all_sum(delta);
-      for (int j = 0; j < kKV; ++j)
-        store(ds + r * kNP + j * kLanes, load(p + r * kNP + j * kLanes) * (acc[r][j] - delta));
+      for (int j = 0; j < kKR; ++j)
+        store(ds + r * kNP + j * kRegLanes,
+              load<vreg>(p_row + j * kRegLanes) * (acc[r][j] - delta));
     }
     TimesKv<R>(ds, dq + i0 * kD);
   }
@@ -147,30 +156,30 @@ class FewKeys {
   // dkv rows j0 .. j0 + C: sum over query rows i of dS[i, j] q[i] + P[i, j] G[i].
   template <int C>
   void KeyRows(const float* q, const float* g, float* dkv, int64_t j0) {
-    v16 acc[C][kDV];
+    vreg acc[C][kDR];
     for (int r = 0; r < C; ++r)
-      for (int c = 0; c < kDV; ++c) acc[r][c] = v16{};
+      for (int c = 0; c < kDR; ++c) acc[r][c] = vreg{};
     for (int64_t i = 0; i < p_.m; ++i) {
-      v16 a[kDV], b[kDV];
-      for (int c = 0; c < kDV; ++c) {
-        a[c] = load(q + i * kD + c * kLanes);
-        b[c] = load(g + i * kD + c * kLanes);
+      vreg a[kDR], b[kDR];
+      for (int c = 0; c < kDR; ++c) {
+        a[c] = load<vreg>(q + i * kD + c * kRegLanes);
+        b[c] = load<vreg>(g + i * kD + c * kRegLanes);
       }
       const float* ds = ds_.ptr + i * kNP + j0;
       const float* p = s_.ptr + i * kNP + j0;
       for (int r = 0; r < C; ++r) {
-        const v16 sd = splat(ds[r]), sp = splat(p[r]);
-        for (int c = 0; c < kDV; ++c) acc[r][c] += sd * a[c] + sp * b[c];
+        const vreg sd = splat<vreg>(ds[r]), sp = splat<vreg>(p[r]);
+        for (int c = 0; c < kDR; ++c) acc[r][c] += sd * a[c], acc[r][c] += sp * b[c];
       }
     }
     for (int r = 0; r < C; ++r)
-      for (int c = 0; c < kDV; ++c) store(dkv + (j0 + r) * kD + c * kLanes, acc[r][c]);
+      for (int c = 0; c < kDR; ++c) store(dkv + (j0 + r) * kD + c * kRegLanes, acc[r][c]);
   }
 
   const FewKeysProblem& p_;
   const float* kv_ = nullptr;  // this item's kv [N, D]
   Aligned kvt_, s_, ds_;
-  v16 pad_[kKV];
+  vreg pad_[kKR];
 };
 
 template <int kCode>  // D / 16 * 8 + ceil(N / 16)

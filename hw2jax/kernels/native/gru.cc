@@ -15,19 +15,15 @@
 namespace {
 
 constexpr int kPanel = 32;  // columns per packed weight panel
-// The tile's accumulators are vectors of the target's own width: GCC keeps an array of 64-byte
-// vectors in memory where the target has no 64-byte registers (AVX2), which made this product
-// 22 times slower than XLA's there (benchmarks/results/zen4/gru_avx2_build/).
-// The gates run on vectors of that width too.
+// The tile's accumulators and the gates are vectors of the target's own width (common.h's
+// vreg): with 64-byte vectors the AVX2 build ran 22 times slower than XLA's scan
+// (benchmarks/results/zen4/gru_avx2_build/).
 #ifdef __AVX512F__
-typedef v16 vtile;
 constexpr int kTileRows = 8;  // 8 x 2 accumulators of 32 zmm registers
 #else
-typedef v8 vtile;
 constexpr int kTileRows = 3;  // 3 x 4 accumulators of 16 ymm registers
 #endif
-constexpr int kTileLanes = sizeof(vtile) / sizeof(float);
-constexpr int kTileVecs = kPanel / kTileLanes;
+constexpr int kTileVecs = kPanel / kRegLanes;
 
 // A matrix read with strides: element (i, k) at base[i * row + k * col].
 struct Strided {
@@ -40,13 +36,13 @@ struct Strided {
 template <int R>
 __attribute__((noinline)) void Tile(Strided a, int64_t depth, const float* b, int64_t ldb,
                                     const float* init, int64_t ld_init, float* c, int64_t ldc) {
-  vtile acc[R][kTileVecs];
+  vreg acc[R][kTileVecs];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < kTileVecs; ++v)
-      acc[r][v] = init ? load<vtile>(init + r * ld_init + v * kTileLanes) : vtile{};
+      acc[r][v] = init ? load<vreg>(init + r * ld_init + v * kRegLanes) : vreg{};
   for (int64_t k = 0; k < depth; ++k) {
-    vtile bk[kTileVecs];
-    for (int v = 0; v < kTileVecs; ++v) bk[v] = load<vtile>(b + k * ldb + v * kTileLanes);
+    vreg bk[kTileVecs];
+    for (int v = 0; v < kTileVecs; ++v) bk[v] = load<vreg>(b + k * ldb + v * kRegLanes);
     for (int r = 0; r < R; ++r) {
       const float x = a.base[r * a.row + k * a.col];
       for (int v = 0; v < kTileVecs; ++v) acc[r][v] += x * bk[v];
@@ -54,7 +50,7 @@ __attribute__((noinline)) void Tile(Strided a, int64_t depth, const float* b, in
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < kTileVecs; ++v)
-      store(c + r * ldc + v * kTileLanes, acc[r][v]);
+      store(c + r * ldc + v * kRegLanes, acc[r][v]);
 }
 
 template <int R>
@@ -103,29 +99,29 @@ void PackPanels(const float* m, int64_t rows, int64_t cols, bool transposed, flo
       }
 }
 
-inline vtile Sigmoid(vtile x) {
-  const vtile e = exp_nonpositive(x > 0.0f ? -x : x);  // exp(-|x|)
-  const vtile s = 1.0f / (1.0f + e);
+inline vreg Sigmoid(vreg x) {
+  const vreg e = exp_nonpositive(x > 0.0f ? -x : x);  // exp(-|x|)
+  const vreg s = 1.0f / (1.0f + e);
   return x >= 0.0f ? s : e * s;
 }
 
 // Eigen's fast float tanh: an odd rational function on [-7.9053, 7.9053], x itself below 4e-4;
 // within 4e-7 of tanh (float32 against float64 on 2e6 points of [-9, 9]).
-inline vtile Tanh(vtile x) {
-  const vtile c = x > 7.90531110763549805f    ? vtile{} + 7.90531110763549805f
-                : x < -7.90531110763549805f ? vtile{} - 7.90531110763549805f
+inline vreg Tanh(vreg x) {
+  const vreg c = x > 7.90531110763549805f    ? vreg{} + 7.90531110763549805f
+                : x < -7.90531110763549805f ? vreg{} - 7.90531110763549805f
                                             : x;
-  const vtile x2 = c * c;
-  vtile p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+  const vreg x2 = c * c;
+  vreg p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
   p = p * x2 + -8.60467152213735e-11f;
   p = p * x2 + 5.12229709037114e-08f;
   p = p * x2 + 1.48572235717979e-05f;
   p = p * x2 + 6.37261928875436e-04f;
   p = p * x2 + 4.89352455891786e-03f;
-  vtile q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+  vreg q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
   q = q * x2 + 2.26843463243900e-03f;
   q = q * x2 + 4.89352518554385e-03f;
-  const vtile small = x < 0.0f ? -x : x;
+  const vreg small = x < 0.0f ? -x : x;
   return small < 0.0004f ? x : c * p / q;
 }
 
@@ -171,17 +167,17 @@ struct GruForward {
           const float* xp = p.x_proj + row * g3;
           const float* hpi = hp + i * ldp;
           float* hi = h + (i0 + i) * hid;
-          for (int64_t j = 0; j < hid; j += kTileLanes) {
-            const vtile hr = load<vtile>(hpi + j) + load<vtile>(bias + j);
-            const vtile hz = load<vtile>(hpi + hid + j) + load<vtile>(bias + hid + j);
-            const vtile hn = load<vtile>(hpi + 2 * hid + j) + load<vtile>(bias + 2 * hid + j);
-            const vtile r = Sigmoid(load<vtile>(xp + j) + hr);
-            const vtile z = Sigmoid(load<vtile>(xp + hid + j) + hz);
-            const vtile n = Tanh(load<vtile>(xp + 2 * hid + j) + r * hn);
-            const vtile before = load<vtile>(hi + j);
-            const vtile after = (1.0f - z) * n + z * before;
+          for (int64_t j = 0; j < hid; j += kRegLanes) {
+            const vreg hr = load<vreg>(hpi + j) + load<vreg>(bias + j);
+            const vreg hz = load<vreg>(hpi + hid + j) + load<vreg>(bias + hid + j);
+            const vreg hn = load<vreg>(hpi + 2 * hid + j) + load<vreg>(bias + 2 * hid + j);
+            const vreg r = Sigmoid(load<vreg>(xp + j) + hr);
+            const vreg z = Sigmoid(load<vreg>(xp + hid + j) + hz);
+            const vreg n = Tanh(load<vreg>(xp + 2 * hid + j) + r * hn);
+            const vreg before = load<vreg>(hi + j);
+            const vreg after = (1.0f - z) * n + z * before;
             if (ok) store(hi + j, after);
-            store(p.out + row * hid + j, ok ? after : vtile{});
+            store(p.out + row * hid + j, ok ? after : vreg{});
             if (p.h_prev != nullptr) {
               store(p.h_prev + row * hid + j, before);
               store(p.r + row * hid + j, r);
@@ -238,23 +234,23 @@ struct GruBackward {
           float* dhi = dh + (i0 + i) * ldh;
           float* dxp = p.d_xp + row * g3;
           float* dhp = d_hp + (i0 + i) * g3;
-          for (int64_t j = 0; j < hid; j += kTileLanes) {
-            const vtile carried = load<vtile>(dhi + j);
+          for (int64_t j = 0; j < hid; j += kRegLanes) {
+            const vreg carried = load<vreg>(dhi + j);
             if (!ok) {  // a frozen step: dh passes straight through, no gradient here
               store(base + i * ldh + j, carried);
               for (int gate = 0; gate < 3; ++gate) {
-                store(dxp + gate * hid + j, vtile{});
-                store(dhp + gate * hid + j, vtile{});
+                store(dxp + gate * hid + j, vreg{});
+                store(dhp + gate * hid + j, vreg{});
               }
               continue;
             }
-            const vtile dnew = carried + load<vtile>(p.g_out + s + j);
-            const vtile r = load<vtile>(p.s_r + s + j), z = load<vtile>(p.s_z + s + j);
-            const vtile n = load<vtile>(p.s_n + s + j);
-            const vtile dn = dnew * (1.0f - z);
-            const vtile da_z = dnew * (load<vtile>(p.s_h_prev + s + j) - n) * z * (1.0f - z);
-            const vtile da_n = dn * (1.0f - n * n);
-            const vtile da_r = da_n * load<vtile>(p.s_hp_n + s + j) * r * (1.0f - r);
+            const vreg dnew = carried + load<vreg>(p.g_out + s + j);
+            const vreg r = load<vreg>(p.s_r + s + j), z = load<vreg>(p.s_z + s + j);
+            const vreg n = load<vreg>(p.s_n + s + j);
+            const vreg dn = dnew * (1.0f - z);
+            const vreg da_z = dnew * (load<vreg>(p.s_h_prev + s + j) - n) * z * (1.0f - z);
+            const vreg da_n = dn * (1.0f - n * n);
+            const vreg da_r = da_n * load<vreg>(p.s_hp_n + s + j) * r * (1.0f - r);
             store(dxp + j, da_r);
             store(dxp + hid + j, da_z);
             store(dxp + 2 * hid + j, da_n);
@@ -271,10 +267,10 @@ struct GruBackward {
       // each step's rank-`rows` update while both are in cache.
       for (int64_t i = 0; i < rows; ++i)
         std::memcpy(h_prev + i * ldh, p.s_h_prev + (at + i) * hid, sizeof(float) * hid);
-      for (int64_t g = 0; g < g3; g += kTileLanes) {  // the step's sum first: less rounding
-        vtile sum = load<vtile>(d_hp + g);
-        for (int64_t i = 1; i < rows; ++i) sum += load<vtile>(d_hp + i * g3 + g);
-        store(d_b_.ptr + g, load<vtile>(d_b_.ptr + g) + sum);
+      for (int64_t g = 0; g < g3; g += kRegLanes) {  // the step's sum first: less rounding
+        vreg sum = load<vreg>(d_hp + g);
+        for (int64_t i = 1; i < rows; ++i) sum += load<vreg>(d_hp + i * g3 + g);
+        store(d_b_.ptr + g, load<vreg>(d_b_.ptr + g) + sum);
       }
       for (int64_t g0 = 0; g0 < g3; g0 += kTileRows) {
         const int tile = static_cast<int>(std::min<int64_t>(kTileRows, g3 - g0));

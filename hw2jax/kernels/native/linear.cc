@@ -36,7 +36,8 @@ inline void ZeroFuture(float* s) {
 template <int kD>
 void AddRowSums(const float* tile, int64_t rows, float* sums) {
   for (int64_t r = 0; r < rows; ++r)
-    for (int c = 0; c < kD; c += kLanes) store(sums + c, load(sums + c) + load(tile + r * kD + c));
+    for (int c = 0; c < kD; c += kRegLanes)
+      store(sums + c, load<vreg>(sums + c) + load<vreg>(tile + r * kD + c));
 }
 
 template <int kD>
@@ -167,7 +168,8 @@ class LinearWorker {
   // out[r, :] += u[r] * w for the chunk's rows.
   static void AddOuter(const float* u, const float* w, float* out) {
     for (int r = 0; r < kBlockK; ++r)
-      for (int c = 0; c < kD; c += kLanes) store(out + r * kD + c, load(out + r * kD + c) + u[r] * load(w + c));
+      for (int c = 0; c < kD; c += kRegLanes)
+        store(out + r * kD + c, load<vreg>(out + r * kD + c) + u[r] * load<vreg>(w + c));
   }
 
   void Unpack(const float* rows, int64_t c0, float* dst, int64_t base) {
@@ -231,15 +233,15 @@ struct DenseProblem {
 };
 
 // phi(x) and phi'(x) of one vector.
-inline void Feature(v16 x, int32_t feature, v16& phi, v16& slope) {
-  const v16 zero{};
+inline void Feature(vreg x, int32_t feature, vreg& phi, vreg& slope) {
+  const vreg zero{};
   if (feature == 0) {  // elu(x) + 1: x + 1 above 0, exp(x) below
-    const v16 e = exp_nonpositive(x < zero ? x : zero);
+    const vreg e = exp_nonpositive(x < zero ? x : zero);
     phi = x > zero ? x + 1.0f : e;
-    slope = x > zero ? splat(1.0f) : e;
+    slope = x > zero ? splat<vreg>(1.0f) : e;
   } else {  // relu
     phi = x > zero ? x : zero;
-    slope = x > zero ? splat(1.0f) : zero;
+    slope = x > zero ? splat<vreg>(1.0f) : zero;
   }
 }
 
@@ -266,8 +268,9 @@ class DenseLinear {
       AccumulateProduct<kVecs>(a_.ptr, kD, 1, kBlockK, kD, s_.ptr, c_.ptr);
       Denominators(rows);
       for (int64_t r = 0; r < rows; ++r)
-        for (int c = 0; c < kD; c += kLanes)
-          store(p_.out_w + base + (r0 + r) * Stride() + c, load(c_.ptr + r * kD + c) / den_.ptr[r]);
+        for (int c = 0; c < kD; c += kRegLanes)
+          store(p_.out_w + base + (r0 + r) * Stride() + c,
+                load<vreg>(c_.ptr + r * kD + c) / den_.ptr[r]);
     }
     std::memcpy(p_.s_w + item * kD * kD, s_.ptr, sizeof(float) * kD * kD);
     std::memcpy(p_.z_w + item * kD, z_.ptr, sizeof(float) * kD);
@@ -290,23 +293,26 @@ class DenseLinear {
       float gd[kBlockK] = {};
       for (int64_t r = 0; r < rows; ++r) {
         const float* out = p_.out + base + (r0 + r) * Stride();
-        v16 dot{};
-        for (int c = 0; c < kD; c += kLanes) dot += load(b_.ptr + r * kD + c) * load(out + c);
+        vreg dot{};
+        for (int c = 0; c < kD; c += kRegLanes)
+          dot += load<vreg>(b_.ptr + r * kD + c) * load<vreg>(out + c);
         const float inv = 1.0f / den_.ptr[r];
         gd[r] = -hsum(dot) * inv;
-        for (int c = 0; c < kD; c += kLanes) store(b_.ptr + r * kD + c, load(b_.ptr + r * kD + c) * inv);
+        for (int c = 0; c < kD; c += kRegLanes)
+          store(b_.ptr + r * kD + c, load<vreg>(b_.ptr + r * kD + c) * inv);
       }
       std::memset(c_.ptr, 0, sizeof(float) * kBlockK * kD);
       AccumulateProduct<kVecs>(b_.ptr, kD, 1, kBlockK, kD, s_t_.ptr, c_.ptr);
       for (int64_t r = 0; r < rows; ++r)
-        for (int c = 0; c < kD; c += kLanes) {
-          const v16 d_phi = load(c_.ptr + r * kD + c) + gd[r] * load(z_.ptr + c);
-          store(p_.dq + base + (r0 + r) * Stride() + c, d_phi * load(a_slope_.ptr + r * kD + c));
+        for (int c = 0; c < kD; c += kRegLanes) {
+          const vreg d_phi = load<vreg>(c_.ptr + r * kD + c) + gd[r] * load<vreg>(z_.ptr + c);
+          store(p_.dq + base + (r0 + r) * Stride() + c,
+                d_phi * load<vreg>(a_slope_.ptr + r * kD + c));
         }
       AccumulateProduct<kVecs>(a_.ptr, 1, kD, kD, rows, b_.ptr, ds.ptr);
       for (int64_t r = 0; r < rows; ++r)
-        for (int c = 0; c < kD; c += kLanes)
-          store(dz.ptr + c, load(dz.ptr + c) + gd[r] * load(a_.ptr + r * kD + c));
+        for (int c = 0; c < kD; c += kRegLanes)
+          store(dz.ptr + c, load<vreg>(dz.ptr + c) + gd[r] * load<vreg>(a_.ptr + r * kD + c));
     }
     // Keys and values: d phi(k) = v dS^T + dz, dv = phi(k) dS.
     Transpose<kD>(ds.ptr, ds_t.ptr);
@@ -316,9 +322,10 @@ class DenseLinear {
       std::memset(c_.ptr, 0, sizeof(float) * kBlockK * kD);
       AccumulateProduct<kVecs>(b_.ptr, kD, 1, kBlockK, kD, ds_t.ptr, c_.ptr);
       for (int64_t r = 0; r < rows; ++r)
-        for (int c = 0; c < kD; c += kLanes) {
-          const v16 d_phi = load(c_.ptr + r * kD + c) + load(dz.ptr + c);
-          store(p_.dk + base + (r0 + r) * Stride() + c, d_phi * load(a_slope_.ptr + r * kD + c));
+        for (int c = 0; c < kD; c += kRegLanes) {
+          const vreg d_phi = load<vreg>(c_.ptr + r * kD + c) + load<vreg>(dz.ptr + c);
+          store(p_.dk + base + (r0 + r) * Stride() + c,
+                d_phi * load<vreg>(a_slope_.ptr + r * kD + c));
         }
       std::memset(c_.ptr, 0, sizeof(float) * kBlockK * kD);
       AccumulateProduct<kVecs>(a_.ptr, kD, 1, kBlockK, kD, ds.ptr, c_.ptr);
@@ -338,13 +345,13 @@ class DenseLinear {
     const int64_t rows = std::min<int64_t>(kBlockK, p_.t - r0);
     for (int64_t r = 0; r < rows; ++r) {
       const float* row = src + base + (r0 + r) * Stride();
-      for (int c = 0; c < kD; c += kLanes) {
+      for (int c = 0; c < kD; c += kRegLanes) {
         if (slope == nullptr) {
-          store(tile + r * kD + c, load(row + c));
+          store(tile + r * kD + c, load<vreg>(row + c));
           continue;
         }
-        v16 phi, dphi;
-        Feature(load(row + c), p_.feature, phi, dphi);
+        vreg phi, dphi;
+        Feature(load<vreg>(row + c), p_.feature, phi, dphi);
         store(tile + r * kD + c, phi);
         store(slope + r * kD + c, dphi);
       }
@@ -355,8 +362,9 @@ class DenseLinear {
 
   void Denominators(int64_t rows) {  // phi(q) . z + eps for the tile in a_
     for (int64_t r = 0; r < rows; ++r) {
-      v16 dot{};
-      for (int c = 0; c < kD; c += kLanes) dot += load(a_.ptr + r * kD + c) * load(z_.ptr + c);
+      vreg dot{};
+      for (int c = 0; c < kD; c += kRegLanes)
+        dot += load<vreg>(a_.ptr + r * kD + c) * load<vreg>(z_.ptr + c);
       den_.ptr[r] = hsum(dot) + p_.eps;
     }
   }

@@ -31,17 +31,18 @@ class LayerNormForward {
     const float inv_c = 1.0f / static_cast<float>(c);
     for (int64_t r = item * kNormRows; r < r1; ++r) {
       const float* x = p_.x + r * c;
-      v16 sum{};
-      for (int64_t j = 0; j < c; j += kLanes) sum += load(x + j);
-      const v16 mean = all_sum(sum) * inv_c;
-      v16 squares{};
-      for (int64_t j = 0; j < c; j += kLanes) {
-        const v16 d = load(x + j) - mean;
+      vreg sum{};
+      for (int64_t j = 0; j < c; j += kRegLanes) sum += load<vreg>(x + j);
+      const vreg mean = all_sum(sum) * inv_c;
+      vreg squares{};
+      for (int64_t j = 0; j < c; j += kRegLanes) {
+        const vreg d = load<vreg>(x + j) - mean;
         squares += d * d;
       }
       const float rstd = 1.0f / std::sqrt(all_sum(squares)[0] * inv_c + p_.eps);
-      for (int64_t j = 0; j < c; j += kLanes) {
-        const v16 y = (load(x + j) - mean) * rstd * load(p_.gamma + j) + load(p_.beta + j);
+      for (int64_t j = 0; j < c; j += kRegLanes) {
+        const vreg y =
+            (load<vreg>(x + j) - mean) * rstd * load<vreg>(p_.gamma + j) + load<vreg>(p_.beta + j);
         if (p_.y16 != nullptr)
           RoundToBf16(y, p_.y16 + r * c + j);
         else
@@ -69,20 +70,21 @@ class LayerNormBackward {
     std::memset(dgamma, 0, sizeof(float) * 2 * c);
     for (int64_t r = item * kNormRows; r < r1; ++r) {
       const float *x = p_.x + r * c, *dy = p_.dy + r * c;
-      const v16 mean = splat(p_.mean[r]), rstd = splat(p_.rstd[r]);
-      v16 sum_g{}, sum_gx{};
-      for (int64_t j = 0; j < c; j += kLanes) {
-        const v16 xhat = (load(x + j) - mean) * rstd, g = load(dy + j) * load(p_.gamma + j);
+      const vreg mean = splat<vreg>(p_.mean[r]), rstd = splat<vreg>(p_.rstd[r]);
+      vreg sum_g{}, sum_gx{};
+      for (int64_t j = 0; j < c; j += kRegLanes) {
+        const vreg xhat = (load<vreg>(x + j) - mean) * rstd;
+        const vreg g = load<vreg>(dy + j) * load<vreg>(p_.gamma + j);
         sum_g += g;
         sum_gx += g * xhat;
       }
-      const v16 a = all_sum(sum_g) * inv_c, b = all_sum(sum_gx) * inv_c;
+      const vreg a = all_sum(sum_g) * inv_c, b = all_sum(sum_gx) * inv_c;
       float* dx = p_.dx + r * c;
-      for (int64_t j = 0; j < c; j += kLanes) {
-        const v16 xhat = (load(x + j) - mean) * rstd, d = load(dy + j);
-        store(dx + j, rstd * (d * load(p_.gamma + j) - a - xhat * b));
-        store(dgamma + j, load(dgamma + j) + d * xhat);
-        store(dbeta + j, load(dbeta + j) + d);
+      for (int64_t j = 0; j < c; j += kRegLanes) {
+        const vreg xhat = (load<vreg>(x + j) - mean) * rstd, d = load<vreg>(dy + j);
+        store(dx + j, rstd * (d * load<vreg>(p_.gamma + j) - a - xhat * b));
+        store(dgamma + j, load<vreg>(dgamma + j) + d * xhat);
+        store(dbeta + j, load<vreg>(dbeta + j) + d);
       }
     }
   }
@@ -181,8 +183,8 @@ class BiasGelu {
   void Run(int64_t item) {
     const int64_t n = p_.n, r1 = std::min(p_.rows, (item + 1) * kGeluRows);
     for (int64_t r = item * kGeluRows; r < r1; ++r)
-      for (int64_t j = 0; j < n; j += kLanes)
-        store(p_.y + r * n + j, Gelu(load(p_.x + r * n + j) + load(p_.bias + j)));
+      for (int64_t j = 0; j < n; j += kRegLanes)
+        store(p_.y + r * n + j, Gelu(load<vreg>(p_.x + r * n + j) + load<vreg>(p_.bias + j)));
   }
 
  private:
