@@ -370,10 +370,12 @@ def test_benchmark_json_records_the_settings_that_move_timings(monkeypatch):
     monkeypatch.setenv("HW2JAX_UNRELATED", "1")
     monkeypatch.setenv("HW2JAX_KERNEL_MARCH", "x86-64-v3")
     monkeypatch.setenv("HW2JAX_ATTENTION", "xla")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     env = timing.runtime_settings()
     assert env["MALLOC_MMAP_THRESHOLD_"] == "33554432" and env["OMP_WAIT_POLICY"] == "PASSIVE"
     assert env["HW2JAX_KERNEL_MARCH"] == "x86-64-v3" and env["HW2JAX_ATTENTION"] == "xla"
+    assert env["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"
     assert "HW2JAX_UNRELATED" not in env and "XLA_FLAGS" not in env
 
 
