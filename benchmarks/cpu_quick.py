@@ -88,6 +88,25 @@ def commit() -> str:
     return head.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
 
 
+# The settings that make this CPU's libraries (and our kernels' build) use fewer instruction
+# sets than it has: a run with them stands in for another CPU.
+HELD_BACK = (
+    "HW2JAX_KERNEL_MARCH",
+    "ATEN_CPU_CAPABILITY",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+)
+
+
+def held_back_settings(env: dict[str, str]) -> str:
+    """The settings in a benchmark JSON's ``env`` that hold instruction sets back, as
+    ``NAME=value`` joined by commas ("" if none)."""
+    found = [f"`{name}={env[name]}`" for name in HELD_BACK if name in env]
+    found += [f"`{flag}`" for flag in env.get("XLA_FLAGS", "").split() if "max_isa" in flag]
+    return ", ".join(found)
+
+
 def summary(throughput: dict, attention: dict, run: dict) -> str:
     """quick_figures.md: the machine and versions from the JSONs' meta, the commit, wall time
     and load of the run (``run``: cpu_quick.json), and the table."""
@@ -101,6 +120,13 @@ def summary(throughput: dict, attention: dict, run: dict) -> str:
         f"Vector features: {features}. jax {meta['jax']}, torch {meta.get('torch')}, "
         f"{meta['date']}; `benchmarks/cpu_quick.py`. hw2jax / torch in the same process.",
     ]
+    held_back = held_back_settings(meta.get("env", {}))
+    if held_back:
+        lines += [
+            "",
+            f"Instruction sets held back: {held_back}. The CPU's features above are not what "
+            "ran: these figures stand in for a CPU without the features held back.",
+        ]
     if "commit" in run:
         lines += ["", f"Commit {run['commit']}; {run['wall_s']:.0f} s for the whole command."]
     if busy is not None:

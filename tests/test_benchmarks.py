@@ -566,7 +566,19 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
     assert "# Quick figures: Some CPU (family/model 6/143), 2 cores" in table
     assert "Vector features: avx2. jax 0.10.2, torch 2.13.0+cpu, 2026-12-05" in table
     assert "| softmax fwd+bwd, causal, T = 4,096 (auto / torch SDPA) | 0.80× |" in table
-    assert "busy" not in table
+    assert "busy" not in table and "held back" not in table
+    meta["env"] = {
+        "HW2JAX_KERNEL_MARCH": "x86-64-v3",
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "GLIBC_TUNABLES": "glibc.malloc.arena_max=1",
+        "XLA_FLAGS": "--xla_cpu_max_isa=AVX2 --xla_cpu_other=1",
+    }
+    (tmp_path / "train_throughput_cpu-cpu.json").write_text(json.dumps(throughput))
+    table = quick.main(["--out", str(tmp_path), "--summary-only"]).read_text()
+    assert (
+        "Instruction sets held back: `HW2JAX_KERNEL_MARCH=x86-64-v3`, `ATEN_CPU_CAPABILITY=avx2`, "
+        "`--xla_cpu_max_isa=AVX2`." in table
+    )
 
     def no_timing(*args, **kwargs):
         raise AssertionError("timed beside other work")
