@@ -44,17 +44,21 @@ def _pairs() -> dict[str, tuple]:
     def normal(*shape):
         return jnp.asarray(rng.standard_normal(shape), jnp.float32)
 
-    def with_gradients(f, inputs):
-        """The gradients of a fixed weighting of f's output, with the weighted sum."""
-        weight = normal(*jax.eval_shape(f, *inputs).shape)
-        argnums = tuple(range(len(inputs)))
-        return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) * weight), argnums=argnums))
-
     pairs = {}
 
     def add(name, kernel, xla, inputs, gradients=True):
-        wrap = (lambda f: with_gradients(f, inputs)) if gradients else jax.jit
-        pairs[name] = (wrap(kernel), wrap(xla), inputs)
+        """Times f(*inputs), or with ``gradients`` the gradients of one fixed weighting of f's
+        output (the same for both), with the weighted sum."""
+        if not gradients:
+            pairs[name] = (jax.jit(kernel), jax.jit(xla), inputs)
+            return
+        weight = normal(*jax.eval_shape(kernel, *inputs).shape)
+        argnums = tuple(range(len(inputs)))
+        kernel, xla = (
+            jax.jit(jax.value_and_grad(lambda *a, f=f: jnp.sum(f(*a) * weight), argnums=argnums))
+            for f in (kernel, xla)
+        )
+        pairs[name] = (kernel, xla, inputs)
 
     inputs = [normal(1, 4096, 4, 64) for _ in range(3)]
     for causal in (False, True):

@@ -14,6 +14,7 @@ from hw2jax.attention import dispatch
 
 AVX512 = (("avx2", True), ("avx512f", True))
 AVX2 = (("avx2", True), ("avx512f", False))
+NO_AVX2 = (("avx2", False), ("avx512f", False))  # an x86 before AVX2, or another ISA
 GPU = dispatch.Machine("gpu", nvidia=True)
 T_256, T_8192 = 256 * 256, 8192 * 8192
 HEAD_DIM = "head dim must be a multiple of 16"
@@ -42,8 +43,8 @@ def test_gpu_takes_the_measured_paths_only():
 
 
 def test_the_kernels_are_not_asked_about_where_the_rule_cannot_take_them():
-    # Asking builds the C++ kernels: a GPU or a CPU without AVX-512 never does.
-    for machine in (GPU, dispatch.Machine("cpu", kernel_features=AVX2)):
+    # Asking builds the C++ kernels: a GPU or a CPU without AVX2 never does.
+    for machine in (GPU, dispatch.Machine("cpu", kernel_features=NO_AVX2)):
         dispatch.softmax(T_256, True, never, machine)
         dispatch.linear(never, machine)
         dispatch.key_bias(never, machine)
@@ -51,8 +52,9 @@ def test_the_kernels_are_not_asked_about_where_the_rule_cannot_take_them():
         dispatch.row_kernel(never, machine)
 
 
-def test_cpu_with_avx512_takes_the_fused_kernels_where_they_can_run():
-    cpu = dispatch.Machine("cpu", kernel_features=AVX512)
+@pytest.mark.parametrize("features", [AVX512, AVX2], ids=["avx512", "avx2"])
+def test_cpu_with_avx2_or_avx512_takes_the_fused_kernels_where_they_can_run(features):
+    cpu = dispatch.Machine("cpu", kernel_features=features)
     assert dispatch.softmax(50 * 50, False, why(), cpu) == ("row", "naive")
     assert dispatch.softmax(T_256, False, why(), cpu) == ("row", "flash")
     assert dispatch.softmax(T_256, True, why(), cpu) == ("flash", "flash")
@@ -67,8 +69,8 @@ def test_cpu_with_avx512_takes_the_fused_kernels_where_they_can_run():
     assert dispatch.few_keys(why("kv must have 1 to 64 rows; got 65"), cpu) == "xla"
 
 
-def test_cpu_without_avx512_never_takes_the_fused_kernels():
-    cpu = dispatch.Machine("cpu", kernel_features=AVX2)
+def test_cpu_without_avx2_never_takes_the_fused_kernels():
+    cpu = dispatch.Machine("cpu", kernel_features=NO_AVX2)
     assert dispatch.softmax(T_256, True, why(), cpu) == "naive"
     assert dispatch.softmax(T_8192, False, why(), cpu) == "blockwise"
     assert dispatch.linear(why(), cpu) == "chunked"
@@ -107,7 +109,7 @@ def test_unknown_names_are_refused_naming_the_choices():
             call()
 
 
-@pytest.mark.parametrize("machine", ["gpu", "cpu_avx512", "cpu_avx2"])
+@pytest.mark.parametrize("machine", ["gpu", "cpu_avx512", "cpu_avx2", "cpu_no_avx2"])
 def test_softmax_linear_and_bert_all_ask_the_rule(monkeypatch, machine):
     """With the machine faked, each public function computes by the rule's path: spies on the
     paths record which ran; values stay the float64 formula's."""
@@ -117,6 +119,7 @@ def test_softmax_linear_and_bert_all_ask_the_rule(monkeypatch, machine):
         "gpu": GPU,
         "cpu_avx512": dispatch.Machine("cpu", kernel_features=AVX512),
         "cpu_avx2": dispatch.Machine("cpu", kernel_features=AVX2),
+        "cpu_no_avx2": dispatch.Machine("cpu", kernel_features=NO_AVX2),
     }[machine]
     monkeypatch.setattr(dispatch, "this_machine", lambda: fake)
     ran = []
@@ -145,7 +148,8 @@ def test_softmax_linear_and_bert_all_ask_the_rule(monkeypatch, machine):
     expected = {
         "gpu": ["dot_product_attention(None)"],
         "cpu_avx512": ["cpu_attention", "linear_attention_cpu", "cpu_attention"],
-        "cpu_avx2": [],
+        "cpu_avx2": ["cpu_attention", "linear_attention_cpu", "cpu_attention"],
+        "cpu_no_avx2": [],
     }[machine]
     assert ran == expected
 
@@ -196,17 +200,17 @@ def test_auto_takes_the_measured_fastest_path_both_ways(measured):
     assert dispatch.softmax(T_256, True, why(), CPU_AVX512, measure_for()) == ("flash", "flash")
     ms.update(flash=9.0)
     assert dispatch.softmax(T_256, True, why(), CPU_AVX512, measure_for((8, 256, 4, 64))) == "naive"
-    # Linear and key bias: fused or not, by their timings; the AVX2 rule would say otherwise.
+    # Linear and key bias: fused or not, by their timings, where the rule would say otherwise.
     ms.update(fused_cpu=1.0, chunked=2.0, xla=0.5)
-    avx2 = dispatch.Machine("cpu", kernel_features=AVX2)
-    assert dispatch.linear(why(), avx2, measure_for(), causal=True) == "fused_cpu"
+    no_avx2 = dispatch.Machine("cpu", kernel_features=NO_AVX2)
+    assert dispatch.linear(why(), no_avx2, measure_for(), causal=True) == "fused_cpu"
     assert dispatch.key_bias(why(), CPU_AVX512, measure_for()) == "xla"
     # The ViT's few-keys attention, timed with gradients: XLA's form here, the kernel when it
     # is the faster one, whatever the vector features.
     assert dispatch.few_keys(why(), CPU_AVX512, measure_for((2, 200, 1, 64))) == "xla"
     assert probes[-1] == (("fused_cpu", "xla"), True)
     ms.update(xla=3.0)
-    assert dispatch.few_keys(why(), avx2, measure_for((2, 8, 1, 64))) == "fused_cpu"
+    assert dispatch.few_keys(why(), no_avx2, measure_for((2, 8, 1, 64))) == "fused_cpu"
 
 
 def test_key_bias_times_forward_and_gradients_apart(measured):
@@ -236,17 +240,17 @@ def test_row_kernels_take_the_measured_fastest_path_both_ways(measured):
     """Layer norms and BERT's bias + GELU: the kernel or XLA's by their timings, where the
     vector-feature rule would say otherwise; not timed where the kernel cannot run."""
     ms, probes = measured
-    avx2 = dispatch.Machine("cpu", kernel_features=AVX2)
+    no_avx2 = dispatch.Machine("cpu", kernel_features=NO_AVX2)
     ms.update(fused_cpu=1.0, xla=2.0)
-    assert dispatch.row_kernel(why(), avx2, rows_for(), "layer_norm", True) == "fused_cpu"
-    assert dispatch.row_kernel(why(), avx2) == "xla"  # nothing to time: the rule
+    assert dispatch.row_kernel(why(), no_avx2, rows_for(), "layer_norm", True) == "fused_cpu"
+    assert dispatch.row_kernel(why(), no_avx2) == "xla"  # nothing to time: the rule
     assert probes == [(("fused_cpu", "xla"), True)]
     ms.update(fused_cpu=3.0)
     wide = rows_for((8, 256, 1536))
     assert dispatch.row_kernel(why(), CPU_AVX512, wide, "bias_gelu") == "xla"
     assert dispatch.row_kernel(why(), CPU_AVX512) == "fused_cpu"
     assert probes[-1] == (("fused_cpu", "xla"), False)
-    assert dispatch.row_kernel(why("C is not a multiple of 16"), avx2, rows_for((4, 7))) == "xla"
+    assert dispatch.row_kernel(why("C is not a multiple of 16"), no_avx2, rows_for((4, 7))) == "xla"
     assert len(probes) == 2
     assert set(dispatch.state.timings) == {
         "layer_norm fwd+bwd rows 2^13 width 64 float32",
@@ -258,12 +262,12 @@ def test_a_near_tie_keeps_the_rules_path(measured):
     """Within 5 % or 0.1 ms of the fastest, the path the feature rule would take stays: tiny
     classes' timings swing by more than that, and a flip would change a run's rounding."""
     ms, _ = measured
-    avx2 = dispatch.Machine("cpu", kernel_features=AVX2)
+    no_avx2 = dispatch.Machine("cpu", kernel_features=NO_AVX2)
     ms.update(fused_cpu=0.155, xla=0.083)  # the ViT's class-token layer norm, one probe
     assert dispatch.row_kernel(why(), CPU_AVX512, rows_for((256, 64)), "layer_norm", True) == (
         "fused_cpu"
     )
-    assert dispatch.row_kernel(why(), avx2, rows_for((256, 64)), "layer_norm", True) == "xla"
+    assert dispatch.row_kernel(why(), no_avx2, rows_for((256, 64)), "layer_norm", True) == "xla"
     ms.update(fused_cpu=10.0, xla=9.6)  # 4 % apart: still the rule's
     assert dispatch.key_bias(why(), CPU_AVX512, measure_for()) == "fused_cpu"
     ms.update(fused_cpu=10.0, xla=9.4)  # 6 % and 0.6 ms: the timing wins
@@ -456,9 +460,9 @@ def test_the_gru_recurrence_takes_the_measured_fastest_path_both_ways(measured, 
         return timed_paths(*inputs, jax.ShapeDtypeStruct((batch, steps), jnp.bool_))
 
     ms, probes = measured
-    avx2 = dispatch.Machine("cpu", kernel_features=AVX2)
+    no_avx2 = dispatch.Machine("cpu", kernel_features=NO_AVX2)
     ms.update(fused_cpu=1.0, xla=2.0)
-    assert dispatch.recurrence(why(), avx2, gru_measure(512, 128)) == "fused_cpu"
+    assert dispatch.recurrence(why(), no_avx2, gru_measure(512, 128)) == "fused_cpu"
     assert probes == [(("fused_cpu", "xla"), True)]
     timed = dispatch.state.timings["gru fwd+bwd dirs 2 batch 2^7 hidden 256 float32"]
     assert timed["probe_shapes"] == [[64, 2, 128, 768], [2, 768, 256], [2, 768], [128, 64]]
@@ -466,11 +470,11 @@ def test_the_gru_recurrence_takes_the_measured_fastest_path_both_ways(measured, 
     assert dispatch.recurrence(why(), CPU_AVX512, gru_measure(40, 32)) == "xla"
     assert len(probes) == 2
     # The same classes again: from the cache, whatever T.
-    assert dispatch.recurrence(why(), avx2, gru_measure(7, 128)) == "fused_cpu"
+    assert dispatch.recurrence(why(), no_avx2, gru_measure(7, 128)) == "fused_cpu"
     assert len(probes) == 2
     # Nothing to time: the rule. Where the kernel cannot run, or a path is forced: never timed.
     assert dispatch.recurrence(why(), CPU_AVX512) == "fused_cpu"
-    assert dispatch.recurrence(why(), avx2) == "xla"
+    assert dispatch.recurrence(why(), no_avx2) == "xla"
     assert dispatch.recurrence(why("H is 5"), CPU_AVX512, gru_measure(8, 3)) == "xla"
     monkeypatch.setenv("HW2JAX_RECURRENCE", "xla")
     assert dispatch.recurrence(why(), CPU_AVX512, gru_measure(8, 3)) == "xla"

@@ -556,7 +556,7 @@ def _uses_kernel(model, params, ids) -> bool:
 @pytest.mark.parametrize(
     "features,fused",
     [
-        ({"avx2": True, "avx512f": False, "avx512_bf16": False}, False),  # AVX2-only EPYC
+        ({"avx2": True, "avx512f": False, "avx512_bf16": False}, True),  # AVX2-only EPYC
         ({"avx2": True, "avx512f": True, "avx512_bf16": True}, True),  # Zen 4, Sapphire Rapids
         ({"avx2": False, "avx512f": False}, False),  # no /proc/cpuinfo, or another ISA
     ],
@@ -575,13 +575,22 @@ def test_auto_uses_the_kernel_only_where_it_pays(monkeypatch, features, fused):
     assert not _uses_kernel(bert.BertModel(config, implementation="xla"), params, ids)
 
 
-def test_a_build_target_without_avx512_turns_auto_off(monkeypatch):
-    """$HW2JAX_KERNEL_MARCH builds for another CPU; auto follows that build's features."""
+def test_auto_follows_the_build_target(monkeypatch):
+    """$HW2JAX_KERNEL_MARCH builds for another CPU; auto follows that build's features: the
+    kernels with AVX2 (their tiles sized to its registers), XLA's forms without."""
+
+    def machine():
+        features = kernels.kernel_vector_features()
+        return features, attention.dispatch.Machine("cpu", kernel_features=tuple(features.items()))
+
     monkeypatch.setenv("HW2JAX_KERNEL_MARCH", "x86-64-v3")  # AVX2, no AVX-512
-    features = kernels.kernel_vector_features()
+    features, with_avx2 = machine()
     assert not features["avx512f"] and features["avx2"] == cpu.cpu_vector_features()["avx2"]
-    machine = attention.dispatch.Machine("cpu", kernel_features=tuple(features.items()))
-    assert not machine.fused_cpu_pays_off
+    assert with_avx2.fused_cpu_pays_off == features["avx2"]
+    monkeypatch.setenv("HW2JAX_KERNEL_MARCH", "x86-64-v2")  # SSE4.2, no AVX
+    features, without = machine()
+    assert not features["avx2"] and not features["avx512f"]
+    assert not without.fused_cpu_pays_off
 
 
 def test_cpu_vector_features_read_the_cpu_flags(tmp_path):

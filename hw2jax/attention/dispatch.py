@@ -15,18 +15,19 @@ The rule, in order:
    XLA). Linear: ``"chunked"``. Key bias, few keys and the GRU's recurrence: ``"xla"``. Our
    Pallas kernels run only when asked for by name (``"pallas"``).
 2. **CPU where the fused kernels can run** (:mod:`hw2jax.kernels`: float32, head dims a multiple
-   of 16 up to 128, a C++ compiler) **and their build has AVX-512**: the fused kernels. Built for
-   AVX2 alone their 8 x 32 score tile spills out of the 16 ymm registers and XLA is faster
-   (``benchmarks/NOTES.md``, "The fused kernel without AVX-512"). For softmax the forward pass
+   of 16 up to 128, a C++ compiler) **and their build has AVX2 or AVX-512**: the fused kernels.
+   Their tiles are sized to the build's registers; built for AVX2 they took 0.35-0.89x the time
+   of XLA's forms, with XLA and torch held to AVX2 too
+   (``benchmarks/results/zen4/attention_avx2_build/``). For softmax the forward pass
    alone takes the row kernel (non-causal, below 2^26 scores per (batch, head)), blockwise (non-
    causal, from there) or the flash kernel (causal); gradients take the flash kernel from 2^16
    scores on, ``"naive"`` below (``benchmarks/results/cpu_gradients/``). Linear: ``"fused_cpu"``.
    Key bias: ``"fused_cpu"`` (the row kernel forward; the flash kernels, with dropout, for
    gradients). Few keys (the ViT's regrouped heads, float32, at most 64 keys):
    ``"fused_cpu"``. The GRU's recurrence (float32, hidden size a multiple of 16): ``"fused_cpu"``.
-3. **Any other CPU**: softmax ``"naive"`` below 2^26 scores per (batch, head) and
-   ``"blockwise"`` from there (O(T) memory); linear ``"chunked"``; key bias, few keys and the
-   GRU's recurrence ``"xla"``.
+3. **Any other CPU** (no AVX2: another ISA, or an older x86): softmax ``"naive"`` below 2^26 scores
+   per (batch, head) and ``"blockwise"`` from there (O(T) memory); linear ``"chunked"``; key bias,
+   few keys and the GRU's recurrence ``"xla"``.
 
 Before all three, linear attention with Based's Taylor feature map takes ``"parallel"`` (its
 weights from the scores, no features) wherever the keys are fewer than its 1 + d + d^2
@@ -150,7 +151,10 @@ class Machine:
 
     @property
     def fused_cpu_pays_off(self) -> bool:
-        return self.backend == "cpu" and dict(self.kernel_features).get("avx512f", False)
+        features = dict(self.kernel_features)
+        return self.backend == "cpu" and (
+            features.get("avx2", False) or features.get("avx512f", False)
+        )
 
     @property
     def amx(self) -> bool:
@@ -320,8 +324,7 @@ def few_keys(
 ) -> str:
     """The path of :func:`~hw2jax.attention.few_keys.few_keys_attention` (the ViT's regrouped
     heads): ``"fused_cpu"`` or ``"xla"``, timed with gradients where ``measure`` is given on
-    CPU, else the fused kernel where the fused kernels pay off (its 6 x 4 accumulator tiles
-    need AVX-512's 32 registers)."""
+    CPU, else the fused kernel where the fused kernels pay off."""
     return _fused_or_xla("few_keys", True, forced(FEW_KEYS), fused_reason, machine, measure)
 
 
@@ -362,9 +365,9 @@ def row_kernel(
     norm over the last axis, one pass each way, and BERT's GELU(x + bias) on all threads):
     ``"fused_cpu"`` or ``"xla"`` (flax's or jax's). ``unsupported()`` says why the kernel
     cannot take the input here (None: it can). Timed as ``op`` (with gradients or not) where
-    ``measure`` is given on CPU, else the kernel where the fused kernels pay off (AVX-512).
-    ``$HW2JAX_ROW_KERNELS`` (``auto``, ``xla`` or ``fused_cpu``) forces one path where it can
-    run."""
+    ``measure`` is given on CPU, else the kernel where the fused kernels pay off (AVX2 or
+    AVX-512). ``$HW2JAX_ROW_KERNELS`` (``auto``, ``xla`` or ``fused_cpu``) forces one path where
+    it can run."""
     force = _forced_by(ROW_KERNELS_ENV, ROW_KERNELS)
     return _fused_or_xla(op, gradient, force, unsupported, machine, measure)
 
@@ -376,8 +379,8 @@ def recurrence(
     (:func:`hw2jax.kernels.gru_recurrence_cpu`, all steps in one call) or ``"xla"`` (a
     ``lax.scan``). ``unsupported()`` says why the kernel cannot take the input here (None: it
     can). Timed with gradients where ``measure`` is given on CPU, else the kernel where the fused
-    kernels pay off (AVX-512). ``$HW2JAX_RECURRENCE`` (``auto``, ``xla`` or ``fused_cpu``) forces
-    one path where it can run."""
+    kernels pay off (AVX2 or AVX-512). ``$HW2JAX_RECURRENCE`` (``auto``, ``xla`` or
+    ``fused_cpu``) forces one path where it can run."""
     force = _forced_by(RECURRENCE_ENV, RECURRENCE)
     return _fused_or_xla("gru", True, force, unsupported, machine, measure)
 
