@@ -169,7 +169,7 @@ class FewKeys {
       const float* p = s_.ptr + i * kNP + j0;
       for (int r = 0; r < C; ++r) {
         const vreg sd = splat<vreg>(ds[r]), sp = splat<vreg>(p[r]);
-        for (int c = 0; c < kDR; ++c) acc[r][c] += sd * a[c], acc[r][c] += sp * b[c];
+        for (int c = 0; c < kDR; ++c) acc[r][c] += sd * a[c] + sp * b[c];
       }
     }
     for (int r = 0; r < C; ++r)
