@@ -16,7 +16,7 @@ The rule, in order:
    Pallas kernels run only when asked for by name (``"pallas"``).
 2. **CPU where the fused kernels can run** (:mod:`hw2jax.kernels`: float32, head dims a multiple
    of 16 up to 128, a C++ compiler) **and their build has AVX2 or AVX-512**: the fused kernels.
-   Their tiles are sized to the build's registers; built for AVX2 they took 0.32-0.91x the time
+   Their tiles are sized to the build's registers; built for AVX2 they took 0.32-0.83x the time
    of XLA's forms, with XLA and torch held to AVX2 too
    (``benchmarks/results/zen4/attention_avx2_build/``). For softmax the forward pass
    alone takes the row kernel (non-causal, below 2^26 scores per (batch, head)), blockwise (non-
