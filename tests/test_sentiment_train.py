@@ -334,7 +334,7 @@ def test_encoder_implementation_choice(tmp_path, monkeypatch):
 
     from hw2jax import kernels
 
-    # "auto" takes the kernel where the CPU has AVX-512; pretend so on any CPU.
+    # "auto" takes the kernel where the CPU has AVX2 or AVX-512; pretend so on any CPU.
     monkeypatch.setattr(kernels, "kernel_vector_features", lambda: {"avx512f": True})
 
     with pytest.raises(

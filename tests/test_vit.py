@@ -154,9 +154,10 @@ def _head_transposes(cfg, **kw) -> int:
 
 def test_merged_attention_is_chosen_when_dim_le_dim_head(monkeypatch):
     # The direct form's softmax without the fused CPU kernel (which takes [b n h d] as it is and
-    # which softmax_attention's auto picks on AVX-512 CPUs): XLA's form, with the transposes.
+    # which softmax_attention's auto picks on CPUs with AVX2 or AVX-512): XLA's form, with the
+    # transposes.
 
-    monkeypatch.setattr(cpu, "cpu_vector_features", lambda: {"avx512f": False})
+    monkeypatch.setattr(cpu, "cpu_vector_features", lambda: {"avx2": False, "avx512f": False})
     assert _head_transposes(ASSIGNMENT) == 0  # dim 64 = dim_head 64
     assert _head_transposes(ASSIGNMENT, merged_attention=False) > 0
     assert _head_transposes(SMALL) > 0  # dim 16 > dim_head 8: the direct form has fewer FLOPs
