@@ -110,8 +110,6 @@ struct FlashProblem {
   bool causal;
 };
 
-typedef uint32_t vureg __attribute__((vector_size(sizeof(vreg))));
-
 // lowbias32 (Chris Wellons' integer hash): a bijection on 32 bits with full avalanche.
 template <class U>
 inline U Mix(U x) {

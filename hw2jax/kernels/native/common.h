@@ -45,12 +45,15 @@ typedef uint32_t vu8 __attribute__((vector_size(32)));
 // slower than XLA's scan (benchmarks/results/zen4/attention_avx2_build/, gru_avx2_build/).
 #ifdef __AVX512F__
 typedef v16 vreg;
+typedef vu16 vureg;
 #else
 typedef v8 vreg;
+typedef vu8 vureg;
 #endif
 constexpr int kRegLanes = sizeof(vreg) / sizeof(float);
 
 constexpr int kLanes = 16;
+constexpr bool kWideRegisters = kRegLanes == kLanes;  // AVX-512's 32 registers, else AVX2's 16
 constexpr int kRows = 8;   // score rows per block: 8 x 32 keys = 16 accumulators
 constexpr int kKeys = 32;  // keys per score tile (2 vectors)
 
@@ -136,7 +139,7 @@ constexpr int kBlockQ = 64;   // query rows per block
 constexpr int kBlockK = 64;   // keys per block (a multiple of kKeys)
 
 // The score tile: 8 x 2 accumulators of AVX-512's 32 registers, 4 x 2 of AVX2's 16.
-constexpr int kScoreTileRows = kRegLanes == 16 ? kRows : 4;
+constexpr int kScoreTileRows = kWideRegisters ? kRows : 4;
 constexpr int kScoreTileKeys = 2 * kRegLanes;
 static_assert(kRows % kScoreTileRows == 0 && kKeys % kScoreTileKeys == 0, "tiles must nest");
 
@@ -172,13 +175,9 @@ template <int kVecs>
 void AccumulateProduct(const float* a, int64_t ai, int64_t ak, int64_t rows, int64_t n,
                        const float* b, float* out) {
   constexpr int kD = kVecs * kLanes;
-#ifdef __AVX512F__
-  constexpr int kTileVecs = kVecs;  // whole rows, <= 16 accumulators
-  constexpr int kTile = kVecs <= 2 ? 8 : kVecs <= 4 ? 4 : 2;
-#else
-  constexpr int kTileVecs = 2;  // 8 accumulators
-  constexpr int kTile = 4;
-#endif
+  // Whole rows in <= 16 accumulators with AVX-512; 4 rows x 2 vectors, 8 accumulators, on AVX2.
+  constexpr int kTileVecs = kWideRegisters ? kVecs : 2;
+  constexpr int kTile = !kWideRegisters ? 4 : kVecs <= 2 ? 8 : kVecs <= 4 ? 4 : 2;
   for (int64_t i0 = 0; i0 < rows; i0 += kTile)
     for (int c0 = 0; c0 < kD; c0 += kTileVecs * kRegLanes) {
       vreg acc[kTile][kTileVecs];

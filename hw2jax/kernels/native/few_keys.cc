@@ -41,11 +41,12 @@ class FewKeys {
   static constexpr int kD = kDV * kLanes, kNP = kKV * kLanes;
   // Vectors of the target's width (common.h's vreg) per row of q and of the scores.
   static constexpr int kDR = kD / kRegLanes, kKR = kNP / kRegLanes;
-  static constexpr bool kWide = kRegLanes == kLanes;  // AVX-512's 32 registers; AVX2's 16
   // Query rows per block: <= 24 accumulators (AVX-512), <= 12 (AVX2).
-  static constexpr int kR = kWide ? (kDV >= 8 ? 3 : 6) : std::max(1, 12 / std::max(kDR, kKR));
+  static constexpr int kR =
+      kWideRegisters ? (kDV >= 8 ? 3 : 6) : std::max(1, 12 / std::max(kDR, kKR));
   // dkv rows per block: <= 20 accumulators beside q's and g's rows (AVX-512), <= 14 (AVX2).
-  static constexpr int kC = kWide ? (kDV >= 8 ? 2 : 5) : std::max(1, (14 - 2 * kDR) / kDR);
+  static constexpr int kC =
+      kWideRegisters ? (kDV >= 8 ? 2 : 5) : std::max(1, (14 - 2 * kDR) / kDR);
 
  public:
   explicit FewKeys(const FewKeysProblem& p)

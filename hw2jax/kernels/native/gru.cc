@@ -108,8 +108,8 @@ inline vreg Sigmoid(vreg x) {
 // Eigen's fast float tanh: an odd rational function on [-7.9053, 7.9053], x itself below 4e-4;
 // within 4e-7 of tanh (float32 against float64 on 2e6 points of [-9, 9]).
 inline vreg Tanh(vreg x) {
-  const vreg c = x > 7.90531110763549805f    ? vreg{} + 7.90531110763549805f
-                : x < -7.90531110763549805f ? vreg{} - 7.90531110763549805f
+  const vreg c = x > 7.90531110763549805f    ? splat<vreg>(7.90531110763549805f)
+                : x < -7.90531110763549805f ? splat<vreg>(-7.90531110763549805f)
                                             : x;
   const vreg x2 = c * c;
   vreg p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;

@@ -346,14 +346,15 @@ class DenseLinear {
   // faster forward and backward with a prefetch 4 rows ahead); the AVX-512 build's own loads
   // run far enough ahead, and there the prefetches cost 5-10 %
   // (benchmarks/results/zen4/attention_avx2_build/).
-  static constexpr bool kPrefetch = kRegLanes < kLanes;
+  static constexpr bool kPrefetch = !kWideRegisters;
   static constexpr int64_t kAhead = 4;
   int64_t Load(const float* src, int64_t base, int64_t r0, float* tile, float* slope) const {
     const int64_t rows = std::min<int64_t>(kBlockK, p_.t - r0);
     for (int64_t r = 0; r < rows; ++r) {
       const float* row = src + base + (r0 + r) * Stride();
       if (kPrefetch && r + kAhead < rows)
-        for (int c = 0; c < kD; c += 16) __builtin_prefetch(row + kAhead * Stride() + c);
+        for (int c = 0; c < kD; c += 16)  // one 64-byte line each
+          __builtin_prefetch(row + kAhead * Stride() + c);
       for (int c = 0; c < kD; c += kRegLanes) {
         if (slope == nullptr) {
           store(tile + r * kD + c, load<vreg>(row + c));
