@@ -89,6 +89,20 @@ def test_training_learns_and_writes_history_plots_and_results(fashion_dir, tmp_p
     assert results["test_accuracy"] == pytest.approx(epochs[-1]["test_accuracy"])
 
 
+def test_a_run_names_the_settings_that_change_its_paths(monkeypatch):
+    # A run with the kernels built for AVX2 computes other floats than the native build: its
+    # results must say so, and a resume under other settings is recorded as another machine.
+    from hw2jax.train import loop
+
+    monkeypatch.setenv("HW2JAX_KERNEL_MARCH", "x86-64-v3")
+    first = loop.with_this_machine([])
+    assert len(first) == 1 and first[0]["env"]["HW2JAX_KERNEL_MARCH"] == "x86-64-v3"
+    assert loop.with_this_machine(first) == first
+    monkeypatch.setenv("HW2JAX_KERNEL_MARCH", "native")
+    moved = loop.with_this_machine(first)
+    assert [m["env"]["HW2JAX_KERNEL_MARCH"] for m in moved] == ["x86-64-v3", "native"]
+
+
 @pytest.mark.slow
 def test_interrupted_run_resumes_bitwise(small_vit_run, tmp_path, sigint_handled):
     a = final_params(small_vit_run.workdir, small_vit_run.config)

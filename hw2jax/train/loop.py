@@ -19,6 +19,7 @@ import ml_collections
 from tqdm.auto import tqdm
 
 from hw2jax.cpu import machine
+from hw2jax.timing import runtime_settings
 from hw2jax.train import checkpoints, hooks, steps
 from hw2jax.train.run_files import load_history
 from hw2jax.train.sharding import DataParallel, peer_lost
@@ -55,7 +56,7 @@ def train_and_evaluate(
     parallel = DataParallel(config.devices, config.batch_size, config.eval_batch_size)
     history = load_history(workdir, start_step, ckpt.best_metrics())
     history |= {"config": config.to_dict(), "parameters": counts, "unit": task.unit}
-    history["machines"] = _with_this_machine(history.get("machines", []))
+    history["machines"] = with_this_machine(history.get("machines", []))
     if start_step:
         tqdm.write(f"Resuming from step {start_step} in {workdir}.")
     run = hooks.Run(
@@ -130,12 +131,16 @@ def _stop(run: hooks.Run, everything: list[hooks.Hook]) -> None:
     run.history["stopped_by"] = run.stop_requested  # for the exit code
 
 
-def _with_this_machine(machines: list[dict]) -> list[dict]:
+def with_this_machine(machines: list[dict]) -> list[dict]:
     """Every machine that trained this run (a resumed run may have moved), each once, with the
-    date it first did."""
+    date it first did, and the settings that change its paths or numbers (a kernel build
+    target, a forced path, XLA's flags: ``env``), so that two runs can be told apart."""
     here = machine()
-    same = ("cpu_model", "cpu_family_model", "cpu_count", "cpu_features", "jax", "jaxlib")
-    if any(all(m.get(k) == here[k] for k in same) for m in machines):
+    settings = runtime_settings()
+    if settings:
+        here["env"] = settings
+    same = ("cpu_model", "cpu_family_model", "cpu_count", "cpu_features", "jax", "jaxlib", "env")
+    if any(all(m.get(k) == here.get(k) for k in same) for m in machines):
         return machines
     return [*machines, here]
 
