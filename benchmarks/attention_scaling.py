@@ -33,7 +33,7 @@ from hw2jax import attention, kernels, malloc
 from hw2jax.attention import dispatch, registry
 from hw2jax.cpu import machine
 from hw2jax.testing.torch_peer import torch_peer_device, torch_synchronize
-from hw2jax.timing import add_host_devices, median_seconds, runtime_settings
+from hw2jax.timing import add_host_devices, median_seconds
 from hw2jax.train.sharding import split_host_cpu
 
 
@@ -645,7 +645,6 @@ def main(argv=None) -> None:
         "batch": 1,
         "heads": 4,
         "head_dim": 64,
-        "env": runtime_settings(),
     }
     done: list[dict] = []  # records of the finished sweeps
 

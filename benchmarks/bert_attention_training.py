@@ -34,7 +34,7 @@ from hw2jax.attention import dispatch, key_bias_attention
 from hw2jax.cpu import machine
 from hw2jax.kernels import dropout
 from hw2jax.models import bert
-from hw2jax.timing import interleaved_seconds, runtime_settings, write_results
+from hw2jax.timing import interleaved_seconds, write_results
 
 RATE = 0.1
 
@@ -135,7 +135,6 @@ def main(argv=None) -> None:
         **machine(),
         "torch_threads": torch.get_num_threads(),
         "repeats": args.repeats,
-        "env": runtime_settings(),
         "kernel_features": kernels.kernel_vector_features(),
     }
     print(meta)

@@ -28,7 +28,7 @@ import numpy as np
 
 from hw2jax import kernels, malloc
 from hw2jax.cpu import machine
-from hw2jax.timing import interleaved_seconds, runtime_settings, write_results
+from hw2jax.timing import interleaved_seconds, write_results
 
 SHAPES = {
     "MiniLM q/k/v/out": (8192, 384, 384),
@@ -205,7 +205,6 @@ def main(argv=None) -> None:
         "torch_threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "untimed_before": args.untimed_before,
-        "env": runtime_settings(),
         "kernel_features": kernels.kernel_vector_features(),
         "engine": kernels.bf16_products_engine(),  # what "amx kernel" ran on
     }

@@ -20,7 +20,7 @@ from hw2jax import kernels, malloc
 from hw2jax.attention import key_bias_attention
 from hw2jax.cpu import machine
 from hw2jax.models import bert
-from hw2jax.timing import interleaved_seconds, runtime_settings, write_results
+from hw2jax.timing import interleaved_seconds, write_results
 
 
 def time_layer(batch: int, tokens: int, heads: int, head_dim: int, repeats: int) -> dict:
@@ -79,7 +79,6 @@ def main(argv=None) -> None:
         **machine(),
         "torch_threads": torch.get_num_threads(),
         "repeats": args.repeats,
-        "env": runtime_settings(),
         "kernel_features": kernels.kernel_vector_features(),  # its build target
     }
     print(meta)

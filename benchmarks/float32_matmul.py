@@ -29,7 +29,7 @@ from bf16_matmul import (
 from hw2jax import kernels, malloc
 from hw2jax.cpu import machine
 from hw2jax.models.layers import NO_YNNPACK
-from hw2jax.timing import runtime_settings, write_results
+from hw2jax.timing import write_results
 
 
 def time_shape(m: int, k: int, n: int, gradient: bool, repeats: int, untimed_before: int) -> dict:
@@ -64,7 +64,6 @@ def main(argv=None) -> None:
         "torch_threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "untimed_before": args.untimed_before,
-        "env": runtime_settings(),
         "fma_peak_gflops": kernels.fma_peak_gflops(),
     }
     print(meta)

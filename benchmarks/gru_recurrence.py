@@ -27,7 +27,6 @@ from hw2jax.cpu import machine
 from hw2jax.timing import (
     add_host_devices,
     interleaved_seconds,
-    runtime_settings,
     write_results,
 )
 from hw2jax.train.sharding import split_host_cpu
@@ -179,7 +178,6 @@ def main(argv=None) -> None:
         "host_devices": args.host_devices,
         "rounds": args.rounds,
         "agreement": agreement,
-        "env": runtime_settings(),
     }
     write_results(args.out, "gru_recurrence.json", meta, results)
 

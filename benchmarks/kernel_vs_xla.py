@@ -28,7 +28,7 @@ import numpy as np
 
 from hw2jax import malloc
 from hw2jax.cpu import machine
-from hw2jax.timing import interleaved_seconds, runtime_settings, write_results
+from hw2jax.timing import interleaved_seconds, write_results
 
 
 def _pairs() -> dict[str, tuple]:
@@ -154,7 +154,6 @@ def main(argv=None) -> None:
         **machine(),
         "kernel_features": kernels.kernel_vector_features(),  # its build target
         "rounds": args.rounds,
-        "env": runtime_settings(),
     }
     write_results(args.out, "kernel_vs_xla.json", meta, results)
 

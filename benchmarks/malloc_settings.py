@@ -27,7 +27,7 @@ import numpy as np
 
 from hw2jax import malloc
 from hw2jax.cpu import machine
-from hw2jax.timing import json_from_fresh_process, runtime_settings, write_results
+from hw2jax.timing import json_from_fresh_process, write_results
 
 SETTINGS = {
     "default": None,
@@ -141,7 +141,6 @@ def main(argv=None) -> None:
         **machine(),
         "tunables": malloc.TUNABLES,
         "huge_pages": malloc.HUGE_PAGES,
-        "env": runtime_settings(),
     }
     write_results(args.out, "malloc.json", meta, {"runs": runs, "summary": summary})
 

@@ -42,7 +42,7 @@ from hw2jax import cpu, kernels, malloc
 from hw2jax.attention import dispatch
 from hw2jax.cpu import machine
 from hw2jax.testing.torch_peer import torch_peer_device, torch_synchronize
-from hw2jax.timing import add_host_devices, interleaved_seconds, runtime_settings
+from hw2jax.timing import add_host_devices, interleaved_seconds
 from hw2jax.train.sharding import split_host_cpu
 
 
@@ -627,7 +627,6 @@ def main(argv=None) -> None:
         "torch_threads": torch.get_num_threads(),
         "torch_device": torch_peer_device(),
         "repeats": repeats,
-        "env": runtime_settings(),
         "kernel_features": kernels.kernel_vector_features(),  # its build target
         "auto_timed": dispatch.timings(),  # what attention's auto measured and took
     }

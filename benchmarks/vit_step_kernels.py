@@ -26,7 +26,6 @@ from hw2jax.cpu import machine
 from hw2jax.timing import (
     interleaved_seconds,
     json_from_fresh_process,
-    runtime_settings,
     write_results,
 )
 
@@ -85,7 +84,7 @@ def main(argv=None) -> None:
                 f"{run['speedup_over_xla'][name]:.2f}x"
             )
     meta = {**machine(), "settings": SETTINGS, "steps_per_round": STEPS, "rounds": args.rounds}
-    write_results(args.out, "vit_step_kernels.json", meta | {"env": runtime_settings()}, results)
+    write_results(args.out, "vit_step_kernels.json", meta, results)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 
 from hw2jax import malloc
 from hw2jax.cpu import machine
-from hw2jax.timing import add_host_devices, interleaved_seconds, runtime_settings
+from hw2jax.timing import add_host_devices, interleaved_seconds
 from hw2jax.train.sharding import split_host_cpu
 
 
@@ -83,7 +83,6 @@ def main(argv=None) -> None:
         "devices": devices,
         "batch": batch,
         "repeats": args.repeats,
-        "env": runtime_settings(),
     }
     print(meta)
     for kind, r in results.items():

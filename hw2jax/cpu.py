@@ -49,12 +49,41 @@ def _version(package: str) -> str | None:
         return None
 
 
+# Environment variables that change the figures without changing the code: glibc's allocator
+# (MALLOC_*, benchmarks/NOTES.md), OpenMP's wait policy (torch's threads), XLA's flags, oneDNN's
+# (torch's products), and hw2jax's own path settings and kernel build target.
+_SETTINGS_PREFIXES = (
+    "MALLOC_",
+    "GLIBC_TUNABLES",
+    "OMP_",
+    "KMP_",
+    "XLA_FLAGS",
+    "ONEDNN_",
+    "DNNL_",
+    "ATEN_CPU_CAPABILITY",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "HW2JAX_ATTENTION",
+    "HW2JAX_MATMUL",
+    "HW2JAX_ROW_KERNELS",
+    "HW2JAX_RECURRENCE",
+    "HW2JAX_AUTO",
+    "HW2JAX_KERNEL_MARCH",
+)
+
+
+def runtime_settings() -> dict[str, str]:
+    """The environment variables set for this process that are known to move timings or
+    numbers, for :func:`machine`'s record, so that two runs can be told apart later."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(_SETTINGS_PREFIXES)}
+
+
 def machine(cpuinfo: str = "/proc/cpuinfo") -> dict[str, object]:
     """What a measurement ran on, for every benchmark JSON and every run's results: the CPU's
     model name, vendor, family and model numbers (a cloud CPU's name may be only "AMD EPYC";
     family 25 model 17 is then Zen 4), cores, vector features, the versions that matter, whether
-    malloc keeps freed memory (:mod:`hw2jax.malloc`) and the date. Versions are read from the
-    installed packages, so nothing is imported."""
+    malloc keeps freed memory (:mod:`hw2jax.malloc`), the settings that move timings or numbers
+    (:func:`runtime_settings`: a kernel build target, a forced path, XLA's flags) and the date.
+    Versions are read from the installed packages, so nothing is imported."""
 
     def field(name: str) -> str | None:
         return _cpuinfo_field(name, cpuinfo)
@@ -70,6 +99,7 @@ def machine(cpuinfo: str = "/proc/cpuinfo") -> dict[str, object]:
         "jaxlib": _version("jaxlib"),
         "torch": _version("torch"),
         "malloc": malloc.state(),
+        "env": runtime_settings(),
         "date": time.strftime("%Y-%m-%d"),
     }
 

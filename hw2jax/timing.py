@@ -79,34 +79,6 @@ def json_from_fresh_process(
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-# Environment variables that change the figures without changing the code: glibc's allocator
-# (MALLOC_*, benchmarks/NOTES.md), OpenMP's wait policy (torch's threads), XLA's flags, oneDNN's
-# (torch's products), and hw2jax's own path settings and kernel build target.
-_TIMING_ENV_PREFIXES = (
-    "MALLOC_",
-    "GLIBC_TUNABLES",
-    "OMP_",
-    "KMP_",
-    "XLA_FLAGS",
-    "ONEDNN_",
-    "DNNL_",
-    "ATEN_CPU_CAPABILITY",
-    "MKL_ENABLE_INSTRUCTIONS",
-    "HW2JAX_ATTENTION",
-    "HW2JAX_MATMUL",
-    "HW2JAX_ROW_KERNELS",
-    "HW2JAX_RECURRENCE",
-    "HW2JAX_AUTO",
-    "HW2JAX_KERNEL_MARCH",
-)
-
-
-def runtime_settings() -> dict[str, str]:
-    """The environment variables set for this process that are known to move timings, for a
-    benchmark's JSON, so that two runs can be told apart later."""
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(_TIMING_ENV_PREFIXES)}
-
-
 def write_results(out_dir: str | Path, name: str, meta: dict, results: list) -> Path:
     """``{"meta": meta, "results": results}`` as ``out_dir/name``, said once written."""
     out = Path(out_dir)

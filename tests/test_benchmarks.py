@@ -363,7 +363,7 @@ def test_interleaved_timing_alternates_and_reports_each_calls_own_time(monkeypat
 
 
 def test_benchmark_json_records_the_settings_that_move_timings(monkeypatch):
-    from hw2jax import timing
+    from hw2jax import cpu
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
@@ -372,7 +372,7 @@ def test_benchmark_json_records_the_settings_that_move_timings(monkeypatch):
     monkeypatch.setenv("HW2JAX_ATTENTION", "xla")
     monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    env = timing.runtime_settings()
+    env = cpu.machine()["env"]
     assert env["MALLOC_MMAP_THRESHOLD_"] == "33554432" and env["OMP_WAIT_POLICY"] == "PASSIVE"
     assert env["HW2JAX_KERNEL_MARCH"] == "x86-64-v3" and env["HW2JAX_ATTENTION"] == "xla"
     assert env["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"

@@ -19,7 +19,6 @@ import ml_collections
 from tqdm.auto import tqdm
 
 from hw2jax.cpu import machine
-from hw2jax.timing import runtime_settings
 from hw2jax.train import checkpoints, hooks, steps
 from hw2jax.train.run_files import load_history
 from hw2jax.train.sharding import DataParallel, peer_lost
@@ -136,11 +135,8 @@ def with_this_machine(machines: list[dict]) -> list[dict]:
     date it first did, and the settings that change its paths or numbers (a kernel build
     target, a forced path, XLA's flags: ``env``), so that two runs can be told apart."""
     here = machine()
-    settings = runtime_settings()
-    if settings:
-        here["env"] = settings
     same = ("cpu_model", "cpu_family_model", "cpu_count", "cpu_features", "jax", "jaxlib", "env")
-    if any(all(m.get(k) == here.get(k) for k in same) for m in machines):
+    if any(all(m.get(k) == here[k] for k in same) for m in machines):
         return machines
     return [*machines, here]
 
