@@ -113,9 +113,11 @@ def summary(throughput: dict, attention: dict, run: dict) -> str:
     busy = run.get("busy_share_at_start")
     meta = throughput["meta"]
     features = ", ".join(name for name, has in meta["cpu_features"].items() if has) or "none"
+    cores = f"{meta['cpu_count']} cores"
+    if meta.get("usable_cores", meta["cpu_count"]) != meta["cpu_count"]:
+        cores += f" (this run held to {meta['usable_cores']})"
     lines = [
-        f"# Quick figures: {meta['cpu_model']} (family/model {meta['cpu_family_model']}), "
-        f"{meta['cpu_count']} cores",
+        f"# Quick figures: {meta['cpu_model']} (family/model {meta['cpu_family_model']}), {cores}",
         "",
         f"Vector features: {features}. jax {meta['jax']}, torch {meta.get('torch')}, "
         f"{meta['date']}; `benchmarks/cpu_quick.py`. hw2jax / torch in the same process.",

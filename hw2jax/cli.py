@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from hw2jax import malloc
+from hw2jax import cpu, malloc
 from hw2jax.errors import Hw2jaxError, InputError, MissingFileError
 
 
@@ -40,7 +40,7 @@ def _start_jax_runtime(args: argparse.Namespace) -> None:
         from hw2jax.train.sharding import split_host_cpu
 
         auto = args.host_devices == "auto"
-        split_host_cpu((os.cpu_count() or 1) if auto else args.host_devices)
+        split_host_cpu(cpu.usable_cores() if auto else args.host_devices)
     if args.distributed or args.coordinator or args.num_processes:
         from hw2jax.train.sharding import initialize_distributed
 

@@ -26,6 +26,15 @@ def _cpuinfo_field(name: str, cpuinfo: str) -> str | None:
         return None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity mask (``taskset``, a container's cpuset),
+    which may be fewer than the machine's ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity call on this OS
+        return os.cpu_count() or 1
+
+
 def cpu_vector_features(cpuinfo: str = "/proc/cpuinfo") -> dict[str, bool]:
     """Which of :data:`VECTOR_FEATURES` this CPU has (Linux's ``/proc/cpuinfo`` flags; all False
     where that file is missing), for benchmark metadata and the dispatch policy."""
@@ -80,9 +89,10 @@ def runtime_settings() -> dict[str, str]:
 def machine(cpuinfo: str = "/proc/cpuinfo") -> dict[str, object]:
     """What a measurement ran on, for every benchmark JSON and every run's results: the CPU's
     model name, vendor, family and model numbers (a cloud CPU's name may be only "AMD EPYC";
-    family 25 model 17 is then Zen 4), cores, vector features, the versions that matter, whether
-    malloc keeps freed memory (:mod:`hw2jax.malloc`), the settings that move timings or numbers
-    (:func:`runtime_settings`: a kernel build target, a forced path, XLA's flags) and the date.
+    family 25 model 17 is then Zen 4), its cores and those this process may use, vector
+    features, the versions that matter, whether malloc keeps freed memory
+    (:mod:`hw2jax.malloc`), the settings that move timings or numbers (:func:`runtime_settings`:
+    a kernel build target, a forced path, XLA's flags) and the date.
     Versions are read from the installed packages, so nothing is imported."""
 
     def field(name: str) -> str | None:
@@ -93,6 +103,7 @@ def machine(cpuinfo: str = "/proc/cpuinfo") -> dict[str, object]:
         "cpu_vendor": field("vendor_id"),
         "cpu_family_model": f"{field('cpu family')}/{field('model')}",
         "cpu_count": os.cpu_count(),
+        "usable_cores": usable_cores(),
         "cpu_features": cpu_vector_features(cpuinfo),
         "python": platform.python_version(),
         "jax": _version("jax"),
@@ -122,7 +133,7 @@ def peak_fp32_gflops(cpuinfo: str = "/proc/cpuinfo") -> dict[str, object]:
         per_cycle = 64
     elif vendor == "GenuineIntel":
         per_cycle = 64 if features["avx512f"] else 32 if features["avx2"] else None
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     ghz = float(mhz) / 1e3 if mhz else None
     peak = cores * ghz * per_cycle if per_cycle and ghz else None
     return {"cores": cores, "ghz": ghz, "flops_per_cycle_per_core": per_cycle, "gflops": peak}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -11,6 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from hw2jax import cpu
 
 
 def add_host_devices(parser, rows: str, default: int | None = None) -> None:
@@ -21,7 +22,7 @@ def add_host_devices(parser, rows: str, default: int | None = None) -> None:
     parser.add_argument(
         "--host-devices",
         type=int,
-        default=default or os.cpu_count(),
+        default=default or cpu.usable_cores(),
         metavar="N",
         help=f"CPU only: show the cores to jax as N devices for {rows} ("
         + (

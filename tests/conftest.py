@@ -151,6 +151,7 @@ def assert_names_its_machine(record: dict) -> None:
     assert record["cpu_model"] == fields.get("model name", platform.processor())
     assert record["cpu_family_model"] == f"{fields.get('cpu family')}/{fields.get('model')}"
     assert record["cpu_count"] == os.cpu_count()
+    assert record["usable_cores"] == len(os.sched_getaffinity(0))
     assert record["cpu_features"]["avx2"] == ("avx2" in fields.get("flags", "").split())
     assert record["jax"] == jax.__version__ and record["jaxlib"]
     # The day the record was written: today, or yesterday for a run that crossed midnight.

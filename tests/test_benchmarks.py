@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -379,6 +380,27 @@ def test_benchmark_json_records_the_settings_that_move_timings(monkeypatch):
     assert "HW2JAX_UNRELATED" not in env and "XLA_FLAGS" not in env
 
 
+def test_a_process_held_to_fewer_cores_says_so_and_keeps_its_own_probe_timings(monkeypatch):
+    """Under ``taskset -c 0`` on a 2-core machine: the record names 1 usable core beside the
+    machine's count, the peak estimate counts that core, and auto's timings go to a cache of
+    their own (the paths rank otherwise on fewer cores)."""
+    from hw2jax import cpu, kernels
+    from hw2jax.attention import dispatch
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    cache_file = dispatch.cache_file.__wrapped__  # found once per process otherwise
+    both = (cpu.peak_fp32_gflops()["cores"], cache_file())
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    record = cpu.machine()
+    assert record["cpu_count"] == 2 and record["usable_cores"] == 1
+    assert (both[0], cpu.peak_fp32_gflops()["cores"]) == (2, 1)
+    if kernels.build_error() is None:
+        one = cache_file()
+        assert one != both[1] and one.name.endswith("-1-cores.json")
+        assert both[1].name.endswith("-2-cores.json")
+
+
 @pytest.mark.parametrize("merged", [None, False], ids=["default", "direct"])
 def test_vit_throughput_times_the_same_model_as_torch(merged):
     """vit_step raises unless our first loss equals torch's on the same weights and batch, so
@@ -567,6 +589,7 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
     assert "Vector features: avx2. jax 0.10.2, torch 2.13.0+cpu, 2026-12-05" in table
     assert "| softmax fwd+bwd, causal, T = 4,096 (auto / torch SDPA) | 0.80× |" in table
     assert "busy" not in table and "held back" not in table
+    meta["usable_cores"] = 1  # under taskset -c 0
     meta["env"] = {
         "HW2JAX_KERNEL_MARCH": "x86-64-v3",
         "ATEN_CPU_CAPABILITY": "avx2",
@@ -575,6 +598,7 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
     }
     (tmp_path / "train_throughput_cpu-cpu.json").write_text(json.dumps(throughput))
     table = quick.main(["--out", str(tmp_path), "--summary-only"]).read_text()
+    assert "# Quick figures: Some CPU (family/model 6/143), 2 cores (this run held to 1)" in table
     assert (
         "Instruction sets held back: `HW2JAX_KERNEL_MARCH=x86-64-v3`, `ATEN_CPU_CAPABILITY=avx2`, "
         "`--xla_cpu_max_isa=AVX2`." in table

@@ -454,7 +454,7 @@ def test_a_build_drops_what_no_process_used_for_a_month(tmp_path, monkeypatch):
     stale, recent = "0123456789abcdef", "fedcba9876543210"
     for name in (f"cpu_attention-{stale}.so", f"cpu_attention-{recent}.so", "objects/gru-old.o"):
         (cache / name).write_text("built before")
-    for name in (f"dispatch-{stale}.json", f"dispatch-{recent}.json"):
+    for name in (f"dispatch-{stale}-2-cores.json", f"dispatch-{recent}-2-cores.json"):
         (cache / name).write_text("{}")
     month_ago = time.time() - (build.CACHE_KEEP_DAYS + 1) * 86400
     for path in [first, cache / f"cpu_attention-{stale}.so", *cache.glob("objects/*.o")]:
@@ -466,8 +466,8 @@ def test_a_build_drops_what_no_process_used_for_a_month(tmp_path, monkeypatch):
     second = kernels.library_path.__wrapped__()  # a build, which prunes
     assert second != first and first.exists() and (cache / f"cpu_attention-{recent}.so").exists()
     assert not (cache / f"cpu_attention-{stale}.so").exists()
-    assert not (cache / f"dispatch-{stale}.json").exists()
-    assert (cache / f"dispatch-{recent}.json").exists()
+    assert not (cache / f"dispatch-{stale}-2-cores.json").exists()
+    assert (cache / f"dispatch-{recent}-2-cores.json").exists()
     objects = {path.name for path in cache.glob("objects/*.o")}  # the ones the link used
     assert len(objects) == len(list(native.glob("*.cc")))
     assert first_gru.name not in objects and "gru-old.o" not in objects

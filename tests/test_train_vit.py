@@ -101,6 +101,18 @@ def test_a_run_names_the_settings_that_change_its_paths(monkeypatch):
     monkeypatch.setenv("HW2JAX_KERNEL_MARCH", "native")
     moved = loop.with_this_machine(first)
     assert [m["env"]["HW2JAX_KERNEL_MARCH"] for m in moved] == ["x86-64-v3", "native"]
+    # Resumed under taskset on one core of the same machine: another machine for its timings.
+    all_cores = {0, 1}
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: all_cores)
+    moved = loop.with_this_machine(first)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    held = loop.with_this_machine(moved)
+    assert [m["usable_cores"] for m in held] == [len(all_cores), len(all_cores), 1]
+    # A record from before the field: taken as one with all the machine's cores.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: all_cores)
+    before = [{k: v for k, v in m.items() if k != "usable_cores"} for m in moved]
+    assert loop.with_this_machine(before) == before
 
 
 @pytest.mark.slow

@@ -646,7 +646,7 @@ def _attention_probe_shapes(inputs: Sequence[jax.Array]) -> list[tuple]:
     scores = t_q * t_k
     # The fused kernels spread (batch, head) rows over the cores: fewer rows than cores would
     # time them on part of the machine.
-    floor = min(b * heads, os.cpu_count() or 1)
+    floor = min(b * heads, cpu.usable_cores())
     while b > 1 and b * heads * scores > PROBE_SCORES and (b + 1) // 2 * heads >= floor:
         b = (b + 1) // 2
     while heads > 1 and b * heads * scores > PROBE_SCORES and b * ((heads + 1) // 2) >= floor:
@@ -705,14 +705,17 @@ def _time_path(fn: Callable, inputs: list, gradient: bool) -> float:
 
 @functools.cache
 def cache_file() -> Path | None:
-    """Beside the kernel build, under the build's key (CPU, compiler, jax, kernel source); None
-    without a compiler, where only XLA's paths exist and the rule stands. Found once per
-    process, as the build itself is: the key asks the compiler for its version."""
+    """Beside the kernel build, under the build's key (CPU, compiler, jax, kernel source) and
+    the cores this process may use (on fewer cores, under ``taskset`` or a container's cpuset,
+    the paths rank otherwise); None without a compiler, where only XLA's paths exist and the
+    rule stands. Found once per process, as the build itself is: the key asks the compiler for
+    its version."""
     try:
         target = kernels.library_target()
     except kernels.KernelUnavailable:
         return None
-    return target.with_name(target.stem.replace("cpu_attention", "dispatch") + ".json")
+    stem = target.stem.replace("cpu_attention", "dispatch")
+    return target.with_name(f"{stem}-{cpu.usable_cores()}-cores.json")
 
 
 @contextlib.contextmanager

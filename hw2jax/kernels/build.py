@@ -209,7 +209,7 @@ def _compile_and_link(cxx: str, arch: list[str], include: str, built: Path) -> s
     _objects_dir().mkdir(parents=True, exist_ok=True)
     for _ in range(2):  # the second time with no cached object
         missing = [source for source, path in objects.items() if not path.exists()]
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        with concurrent.futures.ThreadPoolExecutor(cpu.usable_cores()) as pool:
             errors = next((e for e in pool.map(compile_into_cache, missing) if e), None)
         if errors is not None:
             return errors
@@ -248,7 +248,7 @@ def _prune_cache() -> None:
         except OSError:  # gone already, or not ours to remove
             pass
     for path in root.glob("dispatch-*"):
-        key = path.name.removeprefix("dispatch-").split(".")[0]
+        key = path.name.removeprefix("dispatch-").split(".")[0].split("-")[0]
         if not (root / f"cpu_attention-{key}.so").exists():
             path.unlink(missing_ok=True)
 

@@ -7,13 +7,13 @@ hypervisor reports and boost exceeds (a 2-core Xeon with AMX: 333 estimated, 472
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hw2jax import cpu
 from hw2jax.kernels.build import TARGETS, build_error
 
 
@@ -40,7 +40,7 @@ def fma_peak_gflops(seconds: float = 0.25, repeats: int = 3) -> float | None:
     where the kernels are unavailable (their build error says why)."""
     if jax.default_backend() != "cpu" or build_error() is not None:
         return None
-    start = np.zeros(8 * (os.cpu_count() or 1), np.float32)
+    start = np.zeros(8 * cpu.usable_cores(), np.float32)
     run = jax.jit(fma_chains, static_argnums=(1, 2, 3))
 
     def timed(iterations: int) -> tuple[float, float]:

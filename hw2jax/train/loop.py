@@ -132,11 +132,15 @@ def _stop(run: hooks.Run, everything: list[hooks.Hook]) -> None:
 
 def with_this_machine(machines: list[dict]) -> list[dict]:
     """Every machine that trained this run (a resumed run may have moved), each once, with the
-    date it first did, and the settings that change its paths or numbers (a kernel build
-    target, a forced path, XLA's flags: ``env``), so that two runs can be told apart."""
+    date it first did, the cores it could use and the settings that change its paths or
+    numbers (a kernel build target, a forced path, XLA's flags: ``env``), so that two runs can
+    be told apart."""
     here = machine()
-    same = ("cpu_model", "cpu_family_model", "cpu_count", "cpu_features", "jax", "jaxlib", "env")
-    if any(all(m.get(k) == here[k] for k in same) for m in machines):
+    same = ("cpu_model", "cpu_family_model", "cpu_count", "usable_cores", "cpu_features")
+    same += ("jax", "jaxlib", "env")
+    # A record from before usable_cores was kept: the process had the machine's cores then.
+    seen = [{"usable_cores": m.get("cpu_count"), **m} for m in machines]
+    if any(all(m.get(k) == here[k] for k in same) for m in seen):
         return machines
     return [*machines, here]
 
