@@ -8,15 +8,20 @@ Operations, with gradients unless said (the paths ``implementation="auto"`` choo
 
 - softmax attention, [1, 4,096, 4, 64], causal and not: the flash kernels against XLA's
   blockwise form;
+- BERT's attention with a key bias, [32, 256, 12, 32]: forward (the row kernel), and with
+  dropout and gradients (the flash kernels), against XLA's form with the same dropout hash;
 - the ViT's few-keys attention, q [128, 200, 64] against kv [128, 50, 64];
 - a layer norm over [8,192, 384];
 - BERT's GELU(x + bias) over [8,192, 1,536], forward;
 - linear attention (elu + 1), [4, 4,096, 4, 64], causal and not: the kernels against the
-  chunked form.
+  chunked form;
+- the GRU's recurrence, both directions of a layer (T 128, batch 128, hidden 256): the kernel
+  against ``lax.scan``.
 
 Before timing, each pair's outputs and gradients must agree (to 2e-4 of their scale); the
-median of ``--rounds`` calls each is kept. Writes ``kernel_vs_xla.json`` with the build's
-vector features (``kernel_features``).
+median of ``--rounds`` calls each is kept. ``--small`` takes every operation at a few hundred
+rows (the tests run it so, with the kernels built for AVX2). Writes ``kernel_vs_xla.json``
+with the build's vector features (``kernel_features``).
 """
 
 from __future__ import annotations
@@ -31,36 +36,45 @@ from hw2jax.cpu import machine
 from hw2jax.timing import interleaved_seconds, write_results
 
 
-def _pairs() -> dict[str, tuple]:
+def _pairs(small: bool = False) -> dict[str, tuple]:
     """{operation: (kernel function, XLA function, inputs)}; each function maps the inputs to
-    what is timed (outputs, or the gradients of a weighted sum of them)."""
+    what is timed (outputs, or the gradients of a weighted sum of them). ``small``: a few
+    hundred rows each, for a check of a build rather than a timing."""
     import jax
     import jax.numpy as jnp
 
     from hw2jax import attention, kernels
+    from hw2jax.models import gru
 
     rng = np.random.default_rng(0)
+    t, rows = (256, 256) if small else (4096, 8192)  # sequence length; rows of the row kernels
 
     def normal(*shape):
         return jnp.asarray(rng.standard_normal(shape), jnp.float32)
 
     pairs = {}
 
-    def add(name, kernel, xla, inputs, gradients=True):
+    def add(name, kernel, xla, inputs, gradients=True, differentiated=None):
         """Times f(*inputs), or with ``gradients`` the gradients of one fixed weighting of f's
-        output (the same for both), with the weighted sum."""
+        output (the same for both) as to the first ``differentiated`` inputs (all by
+        default), with the weighted sum."""
         if not gradients:
             pairs[name] = (jax.jit(kernel), jax.jit(xla), inputs)
             return
-        weight = normal(*jax.eval_shape(kernel, *inputs).shape)
-        argnums = tuple(range(len(inputs)))
+        weight = jax.tree.map(lambda x: normal(*x.shape), jax.eval_shape(kernel, *inputs))
+        argnums = tuple(range(differentiated or len(inputs)))
+
+        def weighted(f, *a):
+            terms = zip(jax.tree.leaves(f(*a)), jax.tree.leaves(weight), strict=True)
+            return sum(jnp.sum(x * w) for x, w in terms)
+
         kernel, xla = (
-            jax.jit(jax.value_and_grad(lambda *a, f=f: jnp.sum(f(*a) * weight), argnums=argnums))
+            jax.jit(jax.value_and_grad(partial(weighted, f), argnums=argnums))
             for f in (kernel, xla)
         )
         pairs[name] = (kernel, xla, inputs)
 
-    inputs = [normal(1, 4096, 4, 64) for _ in range(3)]
+    inputs = [normal(1, t, 4, 64) for _ in range(3)]
     for causal in (False, True):
         add(
             f"softmax attention, {'causal' if causal else 'non-causal'}",
@@ -68,11 +82,30 @@ def _pairs() -> dict[str, tuple]:
             partial(attention.blockwise_softmax_attention, causal=causal),
             inputs,
         )
+    batch, heads = (2, 4) if small else (32, 12)
+    bert = [normal(batch, 256, heads, 32) for _ in range(3)]
+    key_bias = jnp.where(jnp.arange(256) < 200, 0.0, jnp.finfo(jnp.float32).min)
+    key_bias = jnp.broadcast_to(key_bias, (batch, 256))  # BERT's padding mask
+    add(
+        "key-bias attention, forward",
+        partial(attention.key_bias_attention, scale=32**-0.5, implementation="fused_cpu"),
+        partial(attention.key_bias_attention, scale=32**-0.5, implementation="xla"),
+        [*bert, key_bias],
+        gradients=False,
+    )
+    seeds = kernels.dropout.seeds(jax.random.key(0), batch, heads)
+    dropped = dict(scale=32**-0.5, dropout_rate=0.1, dropout_seeds=seeds)
+    add(
+        "key-bias attention with dropout",
+        partial(attention.key_bias_attention, **dropped, implementation="fused_cpu"),
+        partial(attention.key_bias_attention, **dropped, implementation="xla"),
+        [*bert, normal(batch, 256)],
+    )
     add(
         "few-keys attention",
         partial(attention.few_keys_attention, implementation="fused_cpu"),
         partial(attention.few_keys_attention, implementation="xla"),
-        [normal(128, 200, 64) * 0.125, normal(128, 50, 64)],
+        [normal(8 if small else 128, 200, 64) * 0.125, normal(8 if small else 128, 50, 64)],
     )
 
     def xla_layer_norm(x, scale, bias):
@@ -84,16 +117,16 @@ def _pairs() -> dict[str, tuple]:
         "layer norm",
         partial(kernels.cpu_layer_norm, eps=1e-6),
         xla_layer_norm,
-        [normal(8192, 384), normal(384), normal(384)],
+        [normal(rows, 384), normal(384), normal(384)],
     )
     add(
         "bias + GELU, forward",
         kernels.cpu_bias_gelu,
         lambda x, b: jax.nn.gelu(x + b, approximate=False),
-        [normal(8192, 1536), normal(1536)],
+        [normal(rows, 1536), normal(1536)],
         gradients=False,
     )
-    inputs = [normal(4, 4096, 4, 64) for _ in range(3)]
+    inputs = [normal(1 if small else 4, t, 4, 64) for _ in range(3)]
     for causal in (False, True):
         add(
             f"linear attention, {'causal' if causal else 'non-causal'}",
@@ -101,6 +134,20 @@ def _pairs() -> dict[str, tuple]:
             partial(attention.linear_attention, causal=causal, implementation="chunked"),
             inputs,
         )
+    steps, batch, hidden = (16, 8, 32) if small else (128, 128, 256)
+    lengths = jnp.asarray(rng.integers(steps // 2, steps + 1, batch))
+    add(
+        "GRU recurrence, 2 directions",
+        partial(gru.recurrence, implementation="fused_cpu"),
+        partial(gru.recurrence, implementation="xla"),
+        [
+            normal(steps, 2, batch, 3 * hidden),
+            normal(2, 3 * hidden, hidden) * (0.5 * hidden**-0.5),  # a contracting recurrence
+            normal(2, 3 * hidden),
+            jnp.arange(steps)[None, :] < lengths[:, None],
+        ],
+        differentiated=3,  # not the mask
+    )
     return pairs
 
 
@@ -119,6 +166,7 @@ def main(argv=None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--small", action="store_true", help="a few hundred rows each")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
 
@@ -130,7 +178,7 @@ def main(argv=None) -> None:
     if reason is not None:
         raise SystemExit(f"the fused kernels cannot run here: {reason}")
     results = []
-    for name, (kernel, xla, inputs) in _pairs().items():
+    for name, (kernel, xla, inputs) in _pairs(args.small).items():
         off = _disagreement(kernel(*inputs), xla(*inputs))
         if off > 2e-4:
             raise SystemExit(f"{name}: the kernel and XLA's form differ by {off:.1e} of scale")
@@ -154,6 +202,7 @@ def main(argv=None) -> None:
         **machine(),
         "kernel_features": kernels.kernel_vector_features(),  # its build target
         "rounds": args.rounds,
+        "small": args.small,
     }
     write_results(args.out, "kernel_vs_xla.json", meta, results)
 

@@ -380,6 +380,49 @@ def test_benchmark_json_records_the_settings_that_move_timings(monkeypatch):
     assert "HW2JAX_UNRELATED" not in env and "XLA_FLAGS" not in env
 
 
+@pytest.mark.slow
+def test_kernel_vs_xla_checks_the_kernels_an_avx2_cpu_runs(tmp_path):
+    """kernel_vs_xla.py at small shapes in a fresh process, with the kernels built for AVX2 where
+    this CPU has AVX-512 (no other test runs the AVX2 tiles, which an AVX2-only CPU gets): every
+    kernel must agree with XLA's form of its operation before it is timed, or the script
+    exits naming it. The JSON says which build ran."""
+    import subprocess
+
+    from hw2jax import cpu, kernels
+
+    features = cpu.cpu_vector_features()
+    if not features["avx2"] or kernels.build_error() is not None:
+        pytest.skip("the kernels need AVX2 and a C++ compiler")
+    env = {**fresh_process_env(), "HW2JAX_MALLOC": "0"}  # malloc as in this process
+    if features["avx512f"]:
+        env["HW2JAX_KERNEL_MARCH"] = "x86-64-v3"  # AVX2 with FMA, no AVX-512
+    script = Path(__file__).parents[1] / "benchmarks" / "kernel_vs_xla.py"
+    args = ["--small", "--rounds", "1", "--out", str(tmp_path)]
+    run = subprocess.run(
+        [sys.executable, str(script), *args], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    record = json.loads((tmp_path / "kernel_vs_xla.json").read_text())
+    assert_names_its_machine(record["meta"])
+    assert record["meta"]["kernel_features"]["avx2"]
+    assert not record["meta"]["kernel_features"]["avx512f"]
+    assert record["meta"]["env"].get("HW2JAX_KERNEL_MARCH") == env.get("HW2JAX_KERNEL_MARCH")
+    rows = {row["operation"]: row for row in record["results"]}
+    assert set(rows) == {
+        "softmax attention, non-causal",
+        "softmax attention, causal",
+        "key-bias attention, forward",
+        "key-bias attention with dropout",
+        "few-keys attention",
+        "layer norm",
+        "bias + GELU, forward",
+        "linear attention, non-causal",
+        "linear attention, causal",
+        "GRU recurrence, 2 directions",
+    }
+    assert all(row["disagreement"] <= 2e-4 for row in rows.values())
+
+
 def test_a_process_held_to_fewer_cores_says_so_and_keeps_its_own_probe_timings(monkeypatch):
     """Under ``taskset -c 0`` on a 2-core machine: the record names 1 usable core beside the
     machine's count, the peak estimate counts that core, and auto's timings go to a cache of
