@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from hw2jax import cpu
+
 HERE = Path(__file__).parent
 BUSY_LIMIT = 0.25  # the share of all cores' time others may take before the figures mean little
 ATTENTION_ARGS = (
@@ -88,25 +90,6 @@ def commit() -> str:
     return head.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
 
 
-# The settings that make this CPU's libraries (and our kernels' build) use fewer instruction
-# sets than it has: a run with them stands in for another CPU.
-HELD_BACK = (
-    "HW2JAX_KERNEL_MARCH",
-    "ATEN_CPU_CAPABILITY",
-    "MKL_ENABLE_INSTRUCTIONS",
-    "ONEDNN_MAX_CPU_ISA",
-    "DNNL_MAX_CPU_ISA",
-)
-
-
-def held_back_settings(env: dict[str, str]) -> str:
-    """The settings in a benchmark JSON's ``env`` that hold instruction sets back, as
-    ``NAME=value`` joined by commas ("" if none)."""
-    found = [f"`{name}={env[name]}`" for name in HELD_BACK if name in env]
-    found += [f"`{flag}`" for flag in env.get("XLA_FLAGS", "").split() if "max_isa" in flag]
-    return ", ".join(found)
-
-
 def summary(throughput: dict, attention: dict, run: dict) -> str:
     """quick_figures.md: the machine and versions from the JSONs' meta, the commit, wall time
     and load of the run (``run``: cpu_quick.json), and the table."""
@@ -122,7 +105,7 @@ def summary(throughput: dict, attention: dict, run: dict) -> str:
         f"Vector features: {features}. jax {meta['jax']}, torch {meta.get('torch')}, "
         f"{meta['date']}; `benchmarks/cpu_quick.py`. hw2jax / torch in the same process.",
     ]
-    held_back = held_back_settings(meta.get("env", {}))
+    held_back = ", ".join(f"`{s}`" for s in cpu.instruction_sets_held_back(meta.get("env", {})))
     if held_back:
         lines += [
             "",

@@ -80,6 +80,24 @@ _SETTINGS_PREFIXES = (
 )
 
 
+# Of those, the settings that make this CPU's libraries (and our kernels' build) use fewer
+# instruction sets than it has: a run with them stands in for another CPU.
+_ISA_LIMITS = (
+    "HW2JAX_KERNEL_MARCH",
+    "ATEN_CPU_CAPABILITY",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+)
+
+
+def instruction_sets_held_back(env: dict[str, str]) -> list[str]:
+    """The settings in a record's ``env`` (:func:`runtime_settings`) that hold instruction sets
+    back, as ``NAME=value``, and XLA's ``--xla_cpu_max_isa`` flag where it is set."""
+    found = [f"{name}={env[name]}" for name in _ISA_LIMITS if name in env]
+    return found + [flag for flag in env.get("XLA_FLAGS", "").split() if "max_isa" in flag]
+
+
 def runtime_settings() -> dict[str, str]:
     """The environment variables set for this process that are known to move timings or
     numbers, for :func:`machine`'s record, so that two runs can be told apart later."""

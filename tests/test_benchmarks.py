@@ -378,6 +378,19 @@ def test_benchmark_json_records_the_settings_that_move_timings(monkeypatch):
     assert env["HW2JAX_KERNEL_MARCH"] == "x86-64-v3" and env["HW2JAX_ATTENTION"] == "xla"
     assert env["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"
     assert "HW2JAX_UNRELATED" not in env and "XLA_FLAGS" not in env
+    # Every setting that holds instruction sets back is recorded, and read back as such.
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.setenv(name, "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2 --xla_cpu_other=1")
+    assert cpu.instruction_sets_held_back(cpu.machine()["env"]) == [
+        "HW2JAX_KERNEL_MARCH=x86-64-v3",
+        "ATEN_CPU_CAPABILITY=avx2",
+        "MKL_ENABLE_INSTRUCTIONS=AVX2",
+        "ONEDNN_MAX_CPU_ISA=AVX2",
+        "DNNL_MAX_CPU_ISA=AVX2",
+        "--xla_cpu_max_isa=AVX2",
+    ]
 
 
 @pytest.mark.slow
