@@ -456,6 +456,7 @@ def test_a_build_drops_what_no_process_used_for_a_month(tmp_path, monkeypatch):
         (cache / name).write_text("built before")
     for name in (f"dispatch-{stale}-2-cores.json", f"dispatch-{recent}-2-cores.json"):
         (cache / name).write_text("{}")
+    (cache / f"dispatch-{recent}.json").write_text("{}")  # the name before core counts
     month_ago = time.time() - (build.CACHE_KEEP_DAYS + 1) * 86400
     for path in [first, cache / f"cpu_attention-{stale}.so", *cache.glob("objects/*.o")]:
         os.utime(path, (month_ago, month_ago))
@@ -468,6 +469,7 @@ def test_a_build_drops_what_no_process_used_for_a_month(tmp_path, monkeypatch):
     assert not (cache / f"cpu_attention-{stale}.so").exists()
     assert not (cache / f"dispatch-{stale}-2-cores.json").exists()
     assert (cache / f"dispatch-{recent}-2-cores.json").exists()
+    assert not (cache / f"dispatch-{recent}.json").exists()
     objects = {path.name for path in cache.glob("objects/*.o")}  # the ones the link used
     assert len(objects) == len(list(native.glob("*.cc")))
     assert first_gru.name not in objects and "gru-old.o" not in objects

@@ -238,7 +238,7 @@ def _touch(path: Path) -> None:
 def _prune_cache() -> None:
     """Drops the cached libraries and objects unused for :data:`CACHE_KEEP_DAYS` (a library is
     marked used at each load, an object at each link), and the dispatch timings of libraries
-    no longer there."""
+    no longer there or under the name before they were kept per usable core count."""
     root = cache_dir()
     cutoff = time.time() - CACHE_KEEP_DAYS * 86400
     for path in [*root.glob("cpu_attention-*.so"), *_objects_dir().glob("*.o")]:
@@ -248,8 +248,9 @@ def _prune_cache() -> None:
         except OSError:  # gone already, or not ours to remove
             pass
     for path in root.glob("dispatch-*"):
-        key = path.name.removeprefix("dispatch-").split(".")[0].split("-")[0]
-        if not (root / f"cpu_attention-{key}.so").exists():
+        key, *cores = path.name.removeprefix("dispatch-").split(".")[0].split("-")
+        # Without a core count: the name before timings were kept per usable core count.
+        if not cores or not (root / f"cpu_attention-{key}.so").exists():
             path.unlink(missing_ok=True)
 
 
