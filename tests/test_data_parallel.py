@@ -106,9 +106,10 @@ def test_cli_host_devices_split_the_cpu_for_data_parallel(small_vit_run, tmp_pat
     --host-devices 2."""
     from test_reliability import cli_args
 
+    from hw2jax.cpu import usable_cores
     from hw2jax.train.sharding import auto_host_devices
 
-    auto = str(auto_host_devices(os.cpu_count(), (40, 16)))
+    auto = str(auto_host_devices(usable_cores(), (40, 16)))
     for host_devices in ("auto", "2") if auto != "2" else ("auto",):
         args = cli_args(small_vit_run.data, tmp_path / host_devices, "epochs=3")
         args += ["--host-devices", host_devices]

@@ -2,13 +2,13 @@
 softmax, linear and BERT's attention all follow it."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import hw2jax.cpu
 from hw2jax import attention, kernels
 from hw2jax.attention import dispatch
 
@@ -333,7 +333,7 @@ def test_past_the_budget_and_elsewhere_the_feature_rule_stands(measured, monkeyp
 
 
 def test_probes_stay_small_whatever_the_call(monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(hw2jax.cpu, "usable_cores", lambda: 2)
     big = measure_for((64, 65536, 8, 64)).inputs
     # T cut to 8,192, and one (batch, head) row per core: the kernels spread rows over cores.
     assert [p.shape for p in dispatch.probe_inputs(big, abstract=True)] == [(1, 8192, 2, 64)] * 3
