@@ -8,10 +8,11 @@ Operations, with gradients unless said (the paths ``implementation="auto"`` choo
 
 - softmax attention, [1, 4,096, 4, 64], causal and not: the flash kernels against XLA's
   blockwise form;
-- BERT's attention with a key bias, [32, 256, 12, 32]: forward (the row kernel), and with
-  dropout and gradients (the flash kernels), against XLA's form with the same dropout hash;
+- BERT's attention with a key bias, [32, 256, 12, 32]: forward (the row kernel), also with
+  the projections' biases added as it reads q, k and v, and with dropout and gradients (the
+  flash kernels), against XLA's form with the same dropout hash;
 - the ViT's few-keys attention, q [128, 200, 64] against kv [128, 50, 64];
-- a layer norm over [8,192, 384];
+- a layer norm over [8,192, 384], and forward of a post-norm residual x + (h + bias);
 - BERT's GELU(x + bias) over [8,192, 1,536], forward;
 - linear attention (elu + 1), [4, 4,096, 4, 64], causal and not: the kernels against the
   chunked form;
@@ -93,6 +94,22 @@ def _pairs(small: bool = False) -> dict[str, tuple]:
         [*bert, key_bias],
         gradients=False,
     )
+
+    def with_biases(implementation):
+        def attend(q, k, v, key_bias, biases):
+            return attention.key_bias_attention(
+                q, k, v, key_bias, qkv_biases=biases, scale=32**-0.5, implementation=implementation
+            )
+
+        return attend
+
+    add(
+        "key-bias attention + q, k, v biases, forward",
+        with_biases("fused_cpu"),
+        with_biases("xla"),
+        [*bert, key_bias, tuple(normal(heads, 32) for _ in range(3))],
+        gradients=False,
+    )
     seeds = kernels.dropout.seeds(jax.random.key(0), batch, heads)
     dropped = dict(scale=32**-0.5, dropout_rate=0.1, dropout_seeds=seeds)
     add(
@@ -119,6 +136,13 @@ def _pairs(small: bool = False) -> dict[str, tuple]:
         partial(kernels.cpu_layer_norm, eps=1e-6),
         xla_layer_norm,
         [normal(rows, 384), normal(384), normal(384)],
+    )
+    add(
+        "residual + layer norm, forward",
+        partial(kernels.cpu_add_layer_norm, eps=1e-6),
+        lambda x, h, h_bias, scale, bias: xla_layer_norm(x + (h + h_bias), scale, bias),
+        [normal(rows, 384), normal(rows, 384), normal(384), normal(384), normal(384)],
+        gradients=False,
     )
     add(
         "bias + GELU, forward",
@@ -196,7 +220,7 @@ def main(argv=None) -> None:
         row["kernel_over_xla"] = row["kernel_ms"] / row["xla_ms"]
         results.append(row)
         print(
-            f"{name:34s} kernel {row['kernel_ms']:8.2f} ms  XLA {row['xla_ms']:8.2f} ms"
+            f"{name:44s} kernel {row['kernel_ms']:8.2f} ms  XLA {row['xla_ms']:8.2f} ms"
             f"  kernel/XLA {row['kernel_over_xla']:.2f}"
         )
     meta = {

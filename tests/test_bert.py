@@ -63,6 +63,28 @@ def test_matches_transformers_bert_loaded_from_safetensors(tmp_path, masked):
         assert not np.allclose(full[1, :9], hidden[1, :9], atol=1e-4)
 
 
+def test_the_kernels_that_add_biases_match_transformers(tmp_path, monkeypatch):
+    """The float32 forward with the row kernel adding q, k and v's biases and the layer norms
+    adding the dense layers' biases and the residual, against torch with random biases."""
+    from hw2jax import kernels
+
+    if kernels.build_error() is not None:
+        pytest.skip(f"no fused CPU kernels: {kernels.build_error()}")
+    monkeypatch.setenv("HW2JAX_ROW_KERNELS", "fused_cpu")
+    tmodel = torch_checkpoint(tmp_path, num_attention_heads=2)  # 16 per head: the kernel's
+    config, params, _ = bert.load_pretrained(str(tmp_path))
+    ids = np.random.default_rng(1).integers(1, 99, (3, 17))
+    mask = (np.arange(17)[None] < np.array([[17], [9], [3]])).astype(np.int64)
+    with torch.no_grad():
+        want = tmodel(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
+    model = bert.BertModel(config, implementation="fused_cpu")
+    forward = jax.jit(lambda p: model.apply({"params": p}, jnp.asarray(ids), jnp.asarray(mask)))
+    program = forward.lower(params).as_text()
+    for target in ("hw2jax_cpu_attention_with_biases", "hw2jax_cpu_add_layer_norm_forward"):
+        assert target in program, target
+    np.testing.assert_allclose(forward(params)[0], want.numpy(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("implementation", ["fused_cpu", "xla"])
 def test_every_gradient_matches_transformers(tmp_path, implementation):
     """Each weight's gradient of a masked loss against torch's autograd, with random biases and

@@ -348,6 +348,49 @@ def test_sharded_inputs_stay_sharded():
     assert float(lines[1]) < 1e-6 and float(lines[3]) < 1e-6, lines
 
 
+def test_projection_biases_are_added_as_the_row_kernel_reads_q_k_v():
+    """Against float64 on q + q_bias, ..., the same floats as XLA's sums before the kernel, and
+    key_bias_attention's every path (and gradient) as with the sums."""
+    shape = (2, 70, 3, 32)
+    q, k, v, key_bias = _inputs(shape, seed=5)
+    rng = np.random.default_rng(6)
+    biases = tuple(rng.standard_normal(shape[-2:]).astype(np.float32) for _ in range(3))
+    summed = [a + b for a, b in zip((q, k, v), biases, strict=True)]
+    got = jax.jit(functools.partial(kernels.cpu_attention, scale=0.2))(
+        q, k, v, key_bias, qkv_biases=biases
+    )
+    expected = ref_softmax_np(*(a.astype(np.float64) for a in summed), key_bias=key_bias, scale=0.2)
+    np.testing.assert_allclose(got, expected, atol=6e-5, rtol=1e-5)
+    sums_first = jax.jit(lambda *a: kernels.cpu_attention(*a, scale=0.2))
+    np.testing.assert_array_equal(
+        got, sums_first(*(jnp.add(a, b) for a, b in zip((q, k, v), biases, strict=True)), key_bias)
+    )
+
+    def loss(implementation, q, k, v, biases):
+        out = attention.key_bias_attention(
+            q, k, v, key_bias, qkv_biases=biases, scale=0.2, implementation=implementation
+        )
+        return jnp.sum(out * weights), out
+
+    weights = rng.standard_normal(shape).astype(np.float32)
+    for implementation in ("fused_cpu", "xla"):
+        out = loss(implementation, q, k, v, biases)[1]
+        np.testing.assert_allclose(out, expected, atol=6e-5, rtol=1e-5)
+        grads, _ = jax.grad(functools.partial(loss, implementation), (0, 1, 2, 3), has_aux=True)(
+            q, k, v, biases
+        )
+        with_sums = jax.grad(
+            lambda q, k, v, b, i=implementation: loss(i, q + b[0], k + b[1], v + b[2], None)[0],
+            (0, 1, 2, 3),
+        )(q, k, v, biases)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(with_sums), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"three float32 \[heads, D\] = \(3, 32\) arrays"):
+        kernels.cpu_attention(q, k, v, qkv_biases=(biases[0][:2], *biases[1:]))
+    with pytest.raises(ValueError, match=r"\[heads, D\] = \(3, 32\) each; got"):
+        attention.key_bias_attention(q, k, v, qkv_biases=biases[:2])
+
+
 def test_bad_inputs_get_clear_errors():
     q, k, v, key_bias = _inputs((1, 8, 1, 16))
     with pytest.raises(ValueError, match=r"one shape \[batch, T, heads, head_dim\]"):

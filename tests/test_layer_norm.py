@@ -1,5 +1,6 @@
 """The layer-norm kernel: forward and gradients against a float64 loop, flax's LayerNorm (the
-XLA path) with the same parameters, a 2-device mesh, its refusals and the dispatch rule."""
+XLA path) with the same parameters, the residual sum added in its pass, a 2-device mesh, its
+refusals and the dispatch rule."""
 
 import flax.linen as nn
 import jax
@@ -80,6 +81,43 @@ def test_the_module_is_flax_layer_norm_both_ways(monkeypatch, path):
     np.testing.assert_allclose(ours.apply(params, x), flax_norm.apply(params, x), atol=2e-5)
 
 
+# Rows in one item and several, BERT's width, no rows.
+@pytest.mark.parametrize("shape", [(3, 5, 64), (2, 130, 384), (0, 32)])
+def test_the_residual_sum_joins_the_pass_with_xla_floats(shape):
+    """LN(x + (h + h_bias)) against float64, the same floats as XLA's sum before the kernel,
+    and, differentiated, the same gradients as that sum's."""
+    x, scale, bias, dy = inputs(shape, seed=sum(shape))
+    h, _, h_bias, _ = inputs(shape, seed=sum(shape) + 1)
+    args = tuple(jnp.asarray(a) for a in (x, h, h_bias, scale, bias))
+
+    def fused(x, h, h_bias, scale, bias):
+        return kernels.cpu_add_layer_norm(x, h, h_bias, scale, bias, 1e-5)
+
+    def unfused(x, h, h_bias, scale, bias):
+        return kernels.cpu_layer_norm(x + (h + h_bias), scale, bias, 1e-5)
+
+    y = jax.jit(fused)(*args)
+    np.testing.assert_array_equal(y, jax.jit(unfused)(*args))
+    want = reference64(x.astype(np.float64) + h + h_bias, scale, bias, dy, 1e-5)[0]
+    np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-5)
+    grads = [jax.vjp(f, *args)[1](jnp.asarray(dy)) for f in (fused, unfused)]
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("path", ["fused_cpu", "xla"])
+def test_the_module_adds_a_layers_product_and_bias_before_the_norm(monkeypatch, path):
+    monkeypatch.setenv("HW2JAX_ROW_KERNELS", path)
+    x, _, h_bias, h = inputs((4, 50, 64), seed=3)
+    norm = LayerNorm(epsilon=1e-5)
+    params = nn.LayerNorm(epsilon=1e-5).init(jax.random.key(0), x)
+    params = jax.tree.map(lambda p: p + jnp.linspace(-1, 1, p.size).reshape(p.shape), params)
+    got = norm.apply(params, x, plus=(h, h_bias))
+    np.testing.assert_array_equal(got, norm.apply(params, x + (h + h_bias)))
+    program = jax.jit(lambda p: norm.apply(p, x, plus=(h, h_bias))).lower(params).as_text()
+    assert ("hw2jax_cpu_add_layer_norm_forward" in program) == (path == "fused_cpu")
+
+
 @pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
 def test_bf16_out_is_flax_bf16_layer_norm(monkeypatch, x_dtype):
     """dtype=bfloat16 (BERT's and the ViT's bf16 compute): float32 statistics, the output
@@ -142,6 +180,10 @@ def test_inputs_it_cannot_take_are_refused_naming_the_alternative():
             kernels.cpu_layer_norm(x, ones(x.shape[-1]), ones(x.shape[-1]), 1e-5)
     with pytest.raises(InputError, match=r"scale and bias of shape \(64,\); got \(32,\)"):
         kernels.cpu_layer_norm(ones((4, 64)), ones(32), ones(64), 1e-5)
+    with pytest.raises(InputError, match=r"h of x's shape \(4, 64\), float32; got \(4, 32\)"):
+        kernels.cpu_add_layer_norm(ones((4, 64)), ones((4, 32)), ones(64), ones(64), ones(64), 0)
+    with pytest.raises(InputError, match=r"h_bias, scale and bias of shape \(64,\); got \(32,\)"):
+        kernels.cpu_add_layer_norm(ones((4, 64)), ones((4, 64)), ones(32), ones(64), ones(64), 0)
 
 
 def test_the_rule_and_its_environment_variable(monkeypatch):

@@ -24,6 +24,7 @@ def key_bias_attention(
     v: jax.Array,
     key_bias: jax.Array | None = None,
     *,
+    qkv_biases: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     scale: float = 1.0,
     dropout_rate: float = 0.0,
     dropout_seeds: jax.Array | None = None,
@@ -44,6 +45,10 @@ def key_bias_attention(
     :func:`hw2jax.kernels.cpu_flash_attention`, forward and backward, on q, k, v in float32)
     or ``"auto"`` (:func:`hw2jax.attention.dispatch.key_bias`). ``what`` names the caller in
     error messages.
+
+    ``qkv_biases`` ([heads, D] each, or None): the projections' biases, added to q, k and v as a
+    dense layer adds them; the float32 row kernel adds them as it reads q, k and v, every other
+    path first.
     """
     q, k, v = check_qkv(q, k, v, causal=False)
     batch, t, heads = q.shape[:3]
@@ -61,6 +66,15 @@ def key_bias_attention(
     if dropout_seeds is None:
         dropout_seeds = jnp.zeros((batch, heads), jnp.uint32)
     args = (q, k, v, key_bias.astype(jnp.float32), dropout_seeds)
+    if qkv_biases is not None:
+        _check_biases(qkv_biases, q)
+        float32 = {q.dtype, *(jnp.asarray(b).dtype for b in qkv_biases)} == {jnp.dtype("float32")}
+        if forward == "fused_cpu" and rate == 0.0 and float32:
+            return kernels.differentiated_by(
+                functools.partial(_row_with_biases, scale=float(scale)),
+                functools.partial(_biases_first, _xla if gradient == "xla" else _flash, scale),
+            )(*args, tuple(qkv_biases))
+        args = (*_added(q, k, v, qkv_biases), *args[3:])
     form = {"xla": _xla, "fused_cpu": _fused}[forward]
     if forward == gradient == "xla":  # one form both ways: no custom VJP between
         return form(*args, scale, rate)
@@ -120,6 +134,30 @@ def timed_paths(shape: tuple, dtype, scale: float, rate: float = 0.0) -> dispatc
 def fused_unavailable(head_dim: int) -> str | None:
     """Why the fused kernels cannot run BERT's attention here (None: they can)."""
     return kernels.cpu_attention_unavailable_reason(head_dim, jnp.float32)
+
+
+def _check_biases(biases, q: jax.Array) -> None:
+    if len(biases) != 3 or any(jnp.shape(b) != q.shape[-2:] for b in biases):
+        raise InputError(
+            f"qkv_biases are q's, k's and v's biases, [heads, D] = {q.shape[-2:]} each; got "
+            f"{[jnp.shape(b) for b in biases]}."
+        )
+
+
+def _added(q, k, v, biases) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q, k and v with their biases, in the dtype a dense layer's sum takes."""
+    return tuple(t + b for t, b in zip((q, k, v), biases, strict=True))
+
+
+def _row_with_biases(q, k, v, key_bias, seeds, biases, scale: float):
+    """The float32 row kernel, adding the biases as it reads q, k and v."""
+    del seeds
+    return kernels.cpu_attention(q, k, v, key_bias, scale=scale, qkv_biases=biases)
+
+
+def _biases_first(form, scale: float, q, k, v, key_bias, seeds, biases):
+    """``form`` (without dropout) on q, k and v with their biases added."""
+    return form(*_added(q, k, v, biases), key_bias, seeds, scale, 0.0)
 
 
 def _xla(q, k, v, key_bias, seeds, scale: float, rate: float):

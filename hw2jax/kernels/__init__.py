@@ -18,7 +18,8 @@ and cache instead, as torch's CPU SDPA does. By concern:
 - :mod:`.dropout`: attention dropout's counter hash, which the flash kernels compute in C++
   and XLA's form of BERT's attention in jax, so both drop the same entries;
 - :mod:`.linear`: :func:`causal_linear_product_cpu` and :func:`linear_attention_cpu`;
-- :mod:`.rows`: :func:`cpu_layer_norm`, forward and backward, and :func:`cpu_bias_gelu`;
+- :mod:`.rows`: :func:`cpu_layer_norm`, forward and backward, :func:`cpu_add_layer_norm` and
+  :func:`cpu_bias_gelu`;
 - :mod:`.matmul`: :func:`amx_matmul` and :func:`amx_batched_matmul`, bf16 products on AMX
   tiles (CPUs with AMX-BF16) or AVX512-BF16 pair dots (CPUs with it and no AMX), and
   :func:`amx_dense_gelu`, a dense layer and its GELU in one;
@@ -61,6 +62,7 @@ from hw2jax.kernels.matmul import (
 )
 from hw2jax.kernels.peak import fma_chains, fma_peak_gflops
 from hw2jax.kernels.rows import (
+    cpu_add_layer_norm,
     cpu_bias_gelu,
     cpu_layer_norm,
     layer_norm_unsupported,
@@ -88,6 +90,7 @@ __all__ = [
     "cache_dir",
     "causal_linear_product_cpu",
     "causal_linear_unavailable_reason",
+    "cpu_add_layer_norm",
     "cpu_attention",
     "cpu_attention_unavailable_reason",
     "cpu_bias_gelu",

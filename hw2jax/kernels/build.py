@@ -31,6 +31,10 @@ NATIVE_DIR = Path(__file__).with_name("native")
 # FFI targets: (symbol in the library, name registered with XLA).
 TARGETS = {
     "attention": ("Hw2jaxCpuAttention", "hw2jax_cpu_attention"),
+    "attention_with_biases": (
+        "Hw2jaxCpuAttentionWithBiases",
+        "hw2jax_cpu_attention_with_biases",
+    ),
     "flash_forward": ("Hw2jaxCpuFlashForward", "hw2jax_cpu_flash_forward"),
     "flash_backward": ("Hw2jaxCpuFlashBackward", "hw2jax_cpu_flash_backward"),
     "linear_forward": ("Hw2jaxCpuLinearForward", "hw2jax_cpu_linear_forward"),
@@ -47,6 +51,10 @@ TARGETS = {
     "layer_norm_forward_bf16": (
         "Hw2jaxCpuLayerNormForwardBf16",
         "hw2jax_cpu_layer_norm_forward_bf16",
+    ),
+    "add_layer_norm_forward": (
+        "Hw2jaxCpuAddLayerNormForward",
+        "hw2jax_cpu_add_layer_norm_forward",
     ),
     "layer_norm_backward": ("Hw2jaxCpuLayerNormBackward", "hw2jax_cpu_layer_norm_backward"),
     "bias_gelu": ("Hw2jaxCpuBiasGelu", "hw2jax_cpu_bias_gelu"),

@@ -23,6 +23,7 @@ _AXES = {
     "bh": "b h",  # one value per (sequence, head)
     "bhdd": "b h d e",  # a [D, D] state per (sequence, head)
     "bhd": "b h d",
+    "hd": "h d",  # a vector per head (a projection's bias)
     "bqd": "b q d",  # rows of queries ...
     "bkd": "b k d",  # ... against a few keys
     "bqk": "b q k",

@@ -1,6 +1,7 @@
 """Row-wise fused CPU kernels: layer norm over the last axis, forward and backward (one pass over
 each row each way, where XLA makes several and, for a weight gradient that wants the output
-transposed, evaluates it a second time), and GELU(x + bias) on XLA's threads (XLA runs that
+transposed, evaluates it a second time), the forward also of a post-norm residual sum, and
+GELU(x + bias) on XLA's threads (XLA runs that
 loop on one). benchmarks/NOTES.md has the timings. Whether they are used is decided in
 :mod:`hw2jax.attention.dispatch`."""
 
@@ -118,6 +119,65 @@ def cpu_layer_norm(
     flat = x.reshape(-1, x.shape[-1])
     y = _layer_norm(flat, scale.astype(jnp.float32), bias.astype(jnp.float32), float(eps), out)
     return y.reshape(x.shape)
+
+
+def _add_forward_call(x, h, h_bias, gamma, beta, eps: float):
+    rows, c = x.shape
+    call = jax.ffi.ffi_call(
+        TARGETS["add_layer_norm_forward"][1],
+        (_f32(rows, c), _f32(rows), _f32(rows)),
+        vmap_method="sequential",
+    )
+    return call(x, h, h_bias, gamma, beta, eps=np.float32(eps))[0]
+
+
+@functools.cache
+def _add_layer_norm(eps: float):
+    """LN(x + (h + h_bias)) over x's last axis, in one kernel pass where nothing
+    differentiates it; differentiated, the sum in XLA (over x's own axes, so h_bias's
+    gradient sums as it does for x + h) and the layer norm's kernels, whose backward wants the
+    sum kept."""
+
+    def local(x, h, h_bias, gamma, beta):
+        return _add_forward_call(x, h, h_bias, gamma, beta, eps)
+
+    rows = _row_split(local, "r c, r c, c, c, c -> r c")
+
+    def forward(x, h, h_bias, gamma, beta):
+        flat = (t.reshape(-1, x.shape[-1]) for t in (x, h))
+        return rows(*flat, h_bias, gamma, beta).reshape(x.shape)
+
+    def differentiated(x, h, h_bias, gamma, beta):
+        total = (x + (h + h_bias)).reshape(-1, x.shape[-1])
+        return _layer_norm(total, gamma, beta, eps, "float32").reshape(x.shape)
+
+    return differentiated_by(forward, differentiated)
+
+
+def cpu_add_layer_norm(
+    x: jax.Array, h: jax.Array, h_bias: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
+) -> jax.Array:
+    """:func:`cpu_layer_norm` of ``x + (h + h_bias)``, all float32: a post-norm residual, a
+    layer's product h, its bias [C] and the stream x [..., C] added in the layer norm's own
+    pass over the rows, in the order XLA adds them (the same floats). Differentiated, the sum
+    runs in XLA. Raises :class:`InputError` for other inputs and :class:`KernelUnavailable`
+    where the kernel cannot run here."""
+    if (problem := layer_norm_unsupported(x.shape, x.dtype)) is not None:
+        raise InputError(f"cpu_add_layer_norm: {problem}. flax.linen.LayerNorm takes any input.")
+    c = x.shape[-1:]
+    if h.shape != x.shape or h.dtype != jnp.float32:
+        raise InputError(
+            f"cpu_add_layer_norm wants h of x's shape {x.shape}, float32; got {h.shape} {h.dtype}."
+        )
+    if any(v.shape != c for v in (h_bias, scale, bias)):
+        raise InputError(
+            f"cpu_add_layer_norm wants h_bias, scale and bias of shape {c}; got "
+            f"{h_bias.shape}, {scale.shape} and {bias.shape}."
+        )
+    if (reason := cpu_attention_unavailable_reason(16, jnp.float32)) is not None:
+        raise KernelUnavailable(reason)
+    vectors = (v.astype(jnp.float32) for v in (h_bias, scale, bias))
+    return _add_layer_norm(float(eps))(x, h, *vectors)
 
 
 def _bias_gelu_call(x, bias):

@@ -45,6 +45,7 @@ def cpu_attention(
     key_bias: jax.Array | None = None,
     *,
     scale: float | None = None,
+    qkv_biases: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """softmax(scale q.k^T + key_bias) v with the fused CPU row kernel, forward only (it keeps
     nothing for a backward pass; differentiated, :func:`hw2jax.attention.key_bias_attention`
@@ -53,10 +54,22 @@ def cpu_attention(
     q, k, v: float32 ``[B, T, heads, D]`` (the layout the projections produce);
     key_bias: ``[B, T]``, added to the scores of each key (0 keeps a key, a large negative
     number such as ``finfo(float32).min`` masks it); scale defaults to 1/sqrt(D).
-    Raises :class:`KernelUnavailable` (or ValueError for bad shapes) with what to do instead.
+    ``qkv_biases``: float32 ``[heads, D]`` each, added to q, k and v as the kernel reads them
+    (the projections' biases, as a dense layer adds them: the same floats, without a pass of
+    their own). Raises :class:`KernelUnavailable` (or ValueError for bad shapes) with what to
+    do instead.
     """
     _check_softmax_inputs("cpu_attention", q, k, v)
-    return _row_kernel("attention", q, k, v, key_bias, scale)
+    if qkv_biases is None:
+        return _row_kernel("attention", q, k, v, key_bias, scale)
+    if len(qkv_biases) != 3 or any(
+        jnp.shape(b) != q.shape[-2:] or jnp.asarray(b).dtype != jnp.float32 for b in qkv_biases
+    ):
+        raise InputError(
+            f"cpu_attention's qkv_biases are three float32 [heads, D] = {q.shape[-2:]} arrays; "
+            f"got {[(jnp.shape(b), jnp.asarray(b).dtype.name) for b in qkv_biases]}."
+        )
+    return _row_kernel("attention_with_biases", q, k, v, key_bias, scale, tuple(qkv_biases))
 
 
 def amx_attention(
@@ -101,19 +114,20 @@ def _checked_key_bias(key_bias, shape: tuple) -> jax.Array:
     return jnp.asarray(key_bias).astype(jnp.float32)
 
 
-def _row_kernel(target: str, q, k, v, key_bias, scale: float | None) -> jax.Array:
-    """The row kernel ``target`` with the key bias checked: [B, T, heads, D] float32."""
+def _row_kernel(target: str, q, k, v, key_bias, scale: float | None, biases=()) -> jax.Array:
+    """The row kernel ``target`` with the key bias checked: [B, T, heads, D] float32;
+    ``biases``, [heads, D] each, follow the key bias."""
     if key_bias is None:
         key_bias = jnp.zeros(q.shape[:2], jnp.float32)
     key_bias = _checked_key_bias(key_bias, q.shape[:2])
     scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else float(scale)
     kernel = ffi_kernel(
         TARGETS[target][1],
-        ("bthd",) * 3 + ("bt",),
+        ("bthd",) * 3 + ("bt",) + ("hd",) * len(biases),
         ("bthd",),
         (("scale", np.float32(scale)),),
     )
-    return kernel(q, k, v, key_bias)[0]
+    return kernel(q, k, v, key_bias, *biases)[0]
 
 
 def _flash_attrs(scale: float, causal: bool, dropout: float) -> tuple:

@@ -30,6 +30,7 @@ from hw2jax.models import bert_params
 from hw2jax.models.layers import (
     NO_YNNPACK,
     LayerNorm,
+    dense_dot,
     dot_float32_out,
     init_on_dummy,
     xla_accepts,
@@ -124,6 +125,22 @@ class _DenseActivation(nn.Module):
         return _bias_gelu_xla(h, bias)
 
 
+class _DenseAndBias(nn.Module):
+    """nn.Dense's parameters (kernel, bias) and product, the bias returned beside the product
+    instead of added: the layer norm after it adds both to the residual in its own pass
+    (:class:`hw2jax.models.layers.LayerNorm`'s ``plus``)."""
+
+    features: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return dense_dot(x, kernel), bias
+
+
 def _bias_gelu_xla(h: jax.Array, bias: jax.Array) -> jax.Array:
     return _ACTIVATIONS["gelu"](h + bias)
 
@@ -181,17 +198,28 @@ class BertLayer(nn.Module):
         heads, dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
         compute = self.dtype or jnp.float32
 
-        def project(name: str) -> jax.Array:  # -> [B, T, heads, D], no transposes
-            t = _dense(c.hidden_size, name=name, dtype=self.dtype)(x)
-            return t.reshape(*t.shape[:-1], heads, dim).astype(compute)
+        def heads_of(t: jax.Array) -> jax.Array:  # [..., hidden] -> [..., heads, D]
+            return t.reshape(*t.shape[:-1], heads, dim)
+
+        # In float32 the attention adds the biases as it reads q, k and v; in bf16 they join
+        # the float32 products before the cast, as nn.Dense adds them.
+        products = [
+            _DenseAndBias(c.hidden_size, self.dtype, name=n)(x) for n in ("query", "key", "value")
+        ]
+        if jnp.dtype(compute) == jnp.float32:
+            qkv = [heads_of(t) for t, _ in products]
+            biases = tuple(heads_of(b) for _, b in products)
+        else:
+            qkv, biases = [heads_of(t + b).astype(compute) for t, b in products], None
 
         rate = 0.0 if deterministic else c.attention_probs_dropout_prob
         seeds = (
             attention_dropout.seeds(self.make_rng("dropout"), x.shape[0], heads) if rate else None
         )
         ctx = key_bias_attention(
-            *(project(n) for n in ("query", "key", "value")),
+            *qkv,
             key_bias,
+            qkv_biases=biases,
             scale=1.0 / math.sqrt(dim),
             dropout_rate=rate,
             dropout_seeds=seeds,
@@ -199,15 +227,23 @@ class BertLayer(nn.Module):
             what="BertModel",
         ).astype(compute)
         ctx = ctx.reshape(*x.shape[:-1], c.hidden_size)
-        h = _dense(c.hidden_size, name="attention_output_dense", dtype=self.dtype)(ctx)
-        h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
-        x = _layer_norm(c, "attention_output_LayerNorm", self.dtype)(x + h)
+        x = self._add_and_norm(x, ctx, "attention_output", deterministic)
         h = _DenseActivation(
             c.intermediate_size, c.hidden_act, self.dtype, name="intermediate_dense"
         )(x)
-        h = _dense(c.hidden_size, name="output_dense", dtype=self.dtype)(h)
-        h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
-        return _layer_norm(c, "output_LayerNorm", self.dtype)(x + h)
+        return self._add_and_norm(x, h, "output", deterministic)
+
+    def _add_and_norm(self, x, inputs, name: str, deterministic: bool) -> jax.Array:
+        """LayerNorm(x + dropout(Dense(inputs))), the modules named ``name``_dense and
+        ``name``_LayerNorm. Without dropout, the dense layer's bias joins the residual in the
+        layer norm's pass."""
+        c = self.config
+        norm = _layer_norm(c, f"{name}_LayerNorm", self.dtype)
+        if deterministic or c.hidden_dropout_prob == 0:
+            h, bias = _DenseAndBias(c.hidden_size, self.dtype, name=f"{name}_dense")(inputs)
+            return norm(x, plus=(h, bias))
+        h = _dense(c.hidden_size, name=f"{name}_dense", dtype=self.dtype)(inputs)
+        return norm(x + nn.Dropout(c.hidden_dropout_prob)(h, deterministic=False))
 
 
 def xla_compiler_options(dtype: jnp.dtype | None) -> dict[str, str]:

@@ -122,17 +122,36 @@ class LayerNorm(nn.LayerNorm):
     """flax's LayerNorm (same parameters), computed by :func:`hw2jax.kernels.cpu_layer_norm`
     where :func:`hw2jax.attention.dispatch.row_kernel` says so: over the last axis, C a
     multiple of 16, in float32 (bf16 input upcast) and returned as ``dtype`` (float32 or bf16,
-    as flax's returns it), on a CPU where the fused kernels pay off. Elsewhere flax's own."""
+    as flax's returns it), on a CPU where the fused kernels pay off. Elsewhere flax's own.
+
+    ``plus=(h, h_bias)``, a layer's product and its bias, normalises ``x + (h + h_bias)``, a
+    post-norm residual: in float32 the kernel adds them in its own pass over the rows
+    (:func:`hw2jax.kernels.cpu_add_layer_norm`, the same floats), where XLA would add them in a
+    pass of their own."""
 
     @nn.compact
-    def __call__(self, x, *, mask=None):
+    def __call__(self, x, *, mask=None, plus: tuple[jax.Array, jax.Array] | None = None):
+        if plus is not None:
+            h, h_bias = plus
+            f32 = jnp.dtype(jnp.float32)
+            if (
+                mask is None
+                and {x.dtype, h.dtype, h_bias.dtype, jnp.dtype(self.dtype or x.dtype)} == {f32}
+                and self._kernel_takes(x)
+            ):
+                scale, bias = self._scale_and_bias(x.shape[-1])
+                return kernels.cpu_add_layer_norm(x, h, h_bias, scale, bias, self.epsilon)
+            x = x + (h + h_bias)
         if mask is None and self._kernel_takes(x):
-            c = x.shape[-1]
-            scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
-            bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
+            scale, bias = self._scale_and_bias(x.shape[-1])
             out = self.dtype or x.dtype  # as flax's: the input's dtype unless one is given
             return kernels.cpu_layer_norm(x.astype(jnp.float32), scale, bias, self.epsilon, out)
         return super().__call__(x, mask=mask)
+
+    def _scale_and_bias(self, c: int) -> tuple[jax.Array, jax.Array]:
+        """The parameters flax's LayerNorm declares, under its names."""
+        scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
+        return scale, self.param("bias", self.bias_init, (c,), self.param_dtype)
 
     def _kernel_takes(self, x) -> bool:
         plain = (

@@ -17,6 +17,9 @@ struct Problem {
   float* out;
   int64_t items, t, h, d;  // items = N * H
   float scale;
+  // Where not null, [H, D] biases added to q, k and v as they are packed: the projections'
+  // biases, which would otherwise take a pass of their own over q, k and v.
+  const float *q_bias = nullptr, *k_bias = nullptr, *v_bias = nullptr;
 };
 
 // One (sequence, head): packs q (scaled), k in [D, kBlockK] panels and v, then per block of kRows
@@ -31,9 +34,10 @@ class RowSoftmax {
   void Run(int64_t item) {
     const int64_t n = item / p_.h, head = item % p_.h, t = p_.t, stride = p_.h * kD;
     const int64_t base = n * t * stride + head * kD;
-    PackRows<kD>(p_.q, base, stride, t, tp_, p_.scale, q_.ptr, false);
-    PackRows<kD>(p_.k, base, stride, t, tp_, 1.0f, kt_.ptr, true);
-    PackRows<kD>(p_.v, base, stride, t, tp_, 1.0f, v_.ptr, false);
+    auto of_head = [&](const float* bias) { return bias ? bias + head * kD : nullptr; };
+    PackRows<kD>(p_.q, base, stride, t, tp_, p_.scale, q_.ptr, false, of_head(p_.q_bias));
+    PackRows<kD>(p_.k, base, stride, t, tp_, 1.0f, kt_.ptr, true, of_head(p_.k_bias));
+    PackRows<kD>(p_.v, base, stride, t, tp_, 1.0f, v_.ptr, false, of_head(p_.v_bias));
     std::memcpy(bias_.ptr, p_.key_bias + n * t, sizeof(float) * t);
     std::fill(bias_.ptr + t, bias_.ptr + tp_, -INFINITY);  // padding keys: weight 0
     for (int64_t i0 = 0; i0 < t; i0 += kRows) {
@@ -86,6 +90,23 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   if (ffi::Error error = CheckRowInputs(q, k, v, key_bias); error.failure()) return error;
   Problem p{q.typed_data(), k.typed_data(), v.typed_data(), key_bias.typed_data(),
             out->typed_data(), 0, 0, 0, 0, scale};  // RunItems fills in the sizes
+  return RunItems<RowSoftmax>(pool, q, p);
+}
+
+// The row kernel of q + q_bias, k + k_bias and v + v_bias, the biases [H, D].
+ffi::Error AttentionWithBiases(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                               ffi::Buffer<ffi::F32> key_bias, ffi::Buffer<ffi::F32> q_bias,
+                               ffi::Buffer<ffi::F32> k_bias, ffi::Buffer<ffi::F32> v_bias,
+                               float scale, ffi::ResultBuffer<ffi::F32> out) {
+  if (ffi::Error error = CheckRowInputs(q, k, v, key_bias); error.failure()) return error;
+  const auto dims = q.dimensions();
+  if (!SameCount(q_bias, k_bias, v_bias) ||
+      q_bias.element_count() != dims[dims.size() - 1] * dims[dims.size() - 2])
+    return ffi::Error::InvalidArgument("q, k and v's biases must be [heads, D]");
+  Problem p{q.typed_data(), k.typed_data(),      v.typed_data(), key_bias.typed_data(),
+            out->typed_data(), 0, 0, 0, 0, scale, q_bias.typed_data(), k_bias.typed_data(),
+            v_bias.typed_data()};
   return RunItems<RowSoftmax>(pool, q, p);
 }
 
@@ -485,6 +506,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAttention, Attention,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v
                                   .Arg<ffi::Buffer<ffi::F32>>()  // key_bias
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAttentionWithBiases, AttentionWithBiases,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // key_bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q's bias [H, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k's bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v's bias
                                   .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 

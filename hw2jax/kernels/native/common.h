@@ -202,18 +202,23 @@ void AccumulateProduct(const float* a, int64_t ai, int64_t ak, int64_t rows, int
 // times `scale`; with `transposed`, into [D, kBlockK] panels, one per key block, each contiguous
 // (a [D, tp] matrix would put the rows of a panel tp floats apart, a power of two: they would
 // fall into the same cache sets, and at T = 16,384 the panel no longer stays in L1 or L2).
+// With `bias` ([D], not null), each row is (row + bias) * scale: a projection's bias added
+// here, not in a pass of its own.
 template <int kD>
 void PackRows(const float* src, int64_t base, int64_t row_stride, int64_t t, int64_t tp,
-              float scale, float* dst, bool transposed) {
+              float scale, float* dst, bool transposed, const float* bias = nullptr) {
+  auto at = [&](int64_t i, int c) {  // no bias: no "+ 0", which would turn -0 into +0
+    const float x = src[base + i * row_stride + c];
+    return (bias != nullptr ? x + bias[c] : x) * scale;
+  };
   if (transposed) {
     for (int64_t i = 0; i < tp; ++i) {
       float* panel = dst + i / kBlockK * (kD * kBlockK) + i % kBlockK;
-      for (int c = 0; c < kD; ++c)
-        panel[c * kBlockK] = i < t ? src[base + i * row_stride + c] * scale : 0.0f;
+      for (int c = 0; c < kD; ++c) panel[c * kBlockK] = i < t ? at(i, c) : 0.0f;
     }
   } else {
     for (int64_t i = 0; i < t; ++i)
-      for (int c = 0; c < kD; ++c) dst[i * kD + c] = src[base + i * row_stride + c] * scale;
+      for (int c = 0; c < kD; ++c) dst[i * kD + c] = at(i, c);
     std::memset(dst + t * kD, 0, sizeof(float) * (tp - t) * kD);
   }
 }

@@ -17,6 +17,9 @@ struct LayerNormProblem {
   int64_t items, rows, c;
   float eps;
   uint16_t* y16;  // the forward's result rounded to bf16 instead of y
+  // The forward of x + (h + h_bias) instead of x, where not null: a layer's product h [rows, C]
+  // and its bias [C] join the residual x in the row pass, not in a pass of their own.
+  const float *h = nullptr, *h_bias = nullptr;
 };
 
 constexpr int64_t kNormRows = 64;  // rows per item
@@ -24,13 +27,19 @@ constexpr int64_t kNormRows = 64;  // rows per item
 template <int kUnused>
 class LayerNormForward {
  public:
-  explicit LayerNormForward(const LayerNormProblem& p) : p_(p) {}
+  explicit LayerNormForward(const LayerNormProblem& p) : p_(p), sum_(p.h ? p.c : 0) {}
 
   void Run(int64_t item) {
     const int64_t c = p_.c, r1 = std::min(p_.rows, (item + 1) * kNormRows);
     const float inv_c = 1.0f / static_cast<float>(c);
     for (int64_t r = item * kNormRows; r < r1; ++r) {
       const float* x = p_.x + r * c;
+      if (p_.h != nullptr) {  // added in XLA's order: the product and its bias first
+        const float* h = p_.h + r * c;
+        for (int64_t j = 0; j < c; j += kRegLanes)
+          store(sum_.ptr + j, load<vreg>(x + j) + (load<vreg>(h + j) + load<vreg>(p_.h_bias + j)));
+        x = sum_.ptr;
+      }
       vreg sum{};
       for (int64_t j = 0; j < c; j += kRegLanes) sum += load<vreg>(x + j);
       const vreg mean = all_sum(sum) * inv_c;
@@ -55,6 +64,7 @@ class LayerNormForward {
 
  private:
   const LayerNormProblem& p_;
+  Aligned sum_;  // one row of x + (h + h_bias)
 };
 
 template <int kUnused>
@@ -113,13 +123,14 @@ ffi::Error LayerNormShapes(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi
   return RowShapes(x, gamma, kNormRows, p.c, p.rows, p.items);
 }
 
-// The forward with y float32 (kOut F32) or rounded to bf16 (kOut BF16).
+// The forward with y float32 (kOut F32) or rounded to bf16 (kOut BF16), of x + (h + h_bias)
+// where h is given.
 template <ffi::DataType kOut>
-ffi::Error LayerNormForwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                ffi::Buffer<ffi::F32> gamma, ffi::Buffer<ffi::F32> beta,
-                                float eps, ffi::ResultBuffer<kOut> y,
-                                ffi::ResultBuffer<ffi::F32> mean,
-                                ffi::ResultBuffer<ffi::F32> rstd) {
+ffi::Error LayerNormForwardOf(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
+                              const ffi::Buffer<ffi::F32>* h, const ffi::Buffer<ffi::F32>* h_bias,
+                              const ffi::Buffer<ffi::F32>& gamma, const ffi::Buffer<ffi::F32>& beta,
+                              float eps, ffi::ResultBuffer<kOut>& y,
+                              ffi::ResultBuffer<ffi::F32>& mean, ffi::ResultBuffer<ffi::F32>& rstd) {
   LayerNormProblem p{x.typed_data(), gamma.typed_data(), beta.typed_data(), nullptr, nullptr,
                      nullptr, nullptr, mean->typed_data(), rstd->typed_data()};
   if constexpr (kOut == ffi::DataType::BF16)
@@ -130,8 +141,33 @@ ffi::Error LayerNormForwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (ffi::Error error = LayerNormShapes(x, gamma, p); error.failure()) return error;
   if (beta.element_count() != p.c)
     return ffi::Error::InvalidArgument("gamma and the bias must be [C], x's last axis");
+  if (h != nullptr) {
+    if (h->element_count() != x.element_count() || h_bias->element_count() != p.c)
+      return ffi::Error::InvalidArgument("h must be x's shape and its bias [C]");
+    p.h = h->typed_data();
+    p.h_bias = h_bias->typed_data();
+  }
   if (p.items > 0) RunJob(pool, DrainJob<LayerNormForward, 0, LayerNormProblem>, p);
   return ffi::Error::Success();
+}
+
+template <ffi::DataType kOut>
+ffi::Error LayerNormForwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::F32> gamma, ffi::Buffer<ffi::F32> beta,
+                                float eps, ffi::ResultBuffer<kOut> y,
+                                ffi::ResultBuffer<ffi::F32> mean,
+                                ffi::ResultBuffer<ffi::F32> rstd) {
+  return LayerNormForwardOf<kOut>(pool, x, nullptr, nullptr, gamma, beta, eps, y, mean, rstd);
+}
+
+template <ffi::DataType kOut>
+ffi::Error AddLayerNormForwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                   ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> h_bias,
+                                   ffi::Buffer<ffi::F32> gamma, ffi::Buffer<ffi::F32> beta,
+                                   float eps, ffi::ResultBuffer<kOut> y,
+                                   ffi::ResultBuffer<ffi::F32> mean,
+                                   ffi::ResultBuffer<ffi::F32> rstd) {
+  return LayerNormForwardOf<kOut>(pool, x, &h, &h_bias, gamma, beta, eps, y, mean, rstd);
 }
 
 ffi::Error LayerNormBackwardCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -277,6 +313,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuLayerNormForwardBf16,
                                   .Attr<float>("eps")
                                   .Ret<ffi::Buffer<ffi::BF16>>()   // y, rounded to bf16
                                   .Ret<ffi::Buffer<ffi::F32>>()    // mean [...]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // 1 / std [...]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAddLayerNormForward,
+                              AddLayerNormForwardCall<ffi::DataType::F32>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [..., C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h [..., C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h's bias [C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // gamma [C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // beta [C]
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // mean [...]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // 1 / std [...]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuLayerNormBackward, LayerNormBackwardCall,
