@@ -34,14 +34,18 @@ class LayerNormForward {
     const float inv_c = 1.0f / static_cast<float>(c);
     for (int64_t r = item * kNormRows; r < r1; ++r) {
       const float* x = p_.x + r * c;
+      vreg sum{};
       if (p_.h != nullptr) {  // added in XLA's order: the product and its bias first
         const float* h = p_.h + r * c;
-        for (int64_t j = 0; j < c; j += kRegLanes)
-          store(sum_.ptr + j, load<vreg>(x + j) + (load<vreg>(h + j) + load<vreg>(p_.h_bias + j)));
+        for (int64_t j = 0; j < c; j += kRegLanes) {
+          const vreg s = load<vreg>(x + j) + (load<vreg>(h + j) + load<vreg>(p_.h_bias + j));
+          store(sum_.ptr + j, s);
+          sum += s;
+        }
         x = sum_.ptr;
+      } else {
+        for (int64_t j = 0; j < c; j += kRegLanes) sum += load<vreg>(x + j);
       }
-      vreg sum{};
-      for (int64_t j = 0; j < c; j += kRegLanes) sum += load<vreg>(x + j);
       const vreg mean = all_sum(sum) * inv_c;
       vreg squares{};
       for (int64_t j = 0; j < c; j += kRegLanes) {
