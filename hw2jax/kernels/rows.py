@@ -22,14 +22,20 @@ def _f32(*shape) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def _forward_call(x, gamma, beta, eps: float, out: str):
+def _forward_call(x, gamma, beta, eps: float, out: str, plus=()):
+    """The forward's (y, mean, 1 / std); with ``plus`` = (h, h_bias), of x + (h + h_bias)
+    (float32 out)."""
     rows, c = x.shape
+    if plus:
+        target = "add_layer_norm_forward"
+    else:
+        target = "layer_norm_forward" if out == "float32" else "layer_norm_forward_bf16"
     call = jax.ffi.ffi_call(
-        TARGETS["layer_norm_forward" if out == "float32" else "layer_norm_forward_bf16"][1],
+        TARGETS[target][1],
         (jax.ShapeDtypeStruct((rows, c), jnp.dtype(out)), _f32(rows), _f32(rows)),
         vmap_method="sequential",
     )
-    return call(x, gamma, beta, eps=np.float32(eps))
+    return call(x, *plus, gamma, beta, eps=np.float32(eps))
 
 
 def _backward_call(x, gamma, mean, rstd, dy):
@@ -121,16 +127,6 @@ def cpu_layer_norm(
     return y.reshape(x.shape)
 
 
-def _add_forward_call(x, h, h_bias, gamma, beta, eps: float):
-    rows, c = x.shape
-    call = jax.ffi.ffi_call(
-        TARGETS["add_layer_norm_forward"][1],
-        (_f32(rows, c), _f32(rows), _f32(rows)),
-        vmap_method="sequential",
-    )
-    return call(x, h, h_bias, gamma, beta, eps=np.float32(eps))[0]
-
-
 @functools.cache
 def _add_layer_norm(eps: float):
     """LN(x + (h + h_bias)) over x's last axis, in one kernel pass where nothing
@@ -139,7 +135,7 @@ def _add_layer_norm(eps: float):
     sum kept."""
 
     def local(x, h, h_bias, gamma, beta):
-        return _add_forward_call(x, h, h_bias, gamma, beta, eps)
+        return _forward_call(x, gamma, beta, eps, "float32", plus=(h, h_bias))[0]
 
     rows = _row_split(local, "r c, r c, c, c, c -> r c")
 

@@ -89,6 +89,14 @@ def _bias_gelu_unsupported(h: jax.Array, bias: jax.Array) -> str | None:
     return kernels.row_kernel_unavailable_reason(h.shape, h.dtype)
 
 
+def _dense_parameters(module: nn.Module, x: jax.Array):
+    """x, and the kernel and bias that :func:`_dense` declares in ``module`` (which has
+    ``features`` and ``dtype``), promoted to the compute dtype as nn.Dense promotes them."""
+    kernel = module.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], module.features))
+    bias = module.param("bias", nn.initializers.zeros_init(), (module.features,))
+    return nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
+
+
 class _DenseActivation(nn.Module):
     """``activation(Dense(x))`` with nn.Dense's parameters (kernel, bias) and arithmetic. Where
     the dense product would run on AMX tiles (bf16, :func:`hw2jax.attention.dispatch.
@@ -104,9 +112,7 @@ class _DenseActivation(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = _dense_parameters(self, x)
         dims = (((x.ndim - 1,), (0,)), ((), ()))
         if self.activation != "gelu":
             return _ACTIVATIONS[self.activation](dot_float32_out(x, kernel, dims) + bias)
@@ -135,9 +141,7 @@ class _DenseAndBias(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = _dense_parameters(self, x)
         return dense_dot(x, kernel), bias
 
 

@@ -84,30 +84,40 @@ class RowSoftmax {
 
 
 
-ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> key_bias, float scale,
-                     ffi::ResultBuffer<ffi::F32> out) {
+// The row kernel; with `biases` (q's, k's and v's, [H, D] each) where not null.
+ffi::Error RowAttention(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                        ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::F32>& key_bias, float scale,
+                        ffi::ResultBuffer<ffi::F32>& out,
+                        const ffi::Buffer<ffi::F32>* biases = nullptr) {
   if (ffi::Error error = CheckRowInputs(q, k, v, key_bias); error.failure()) return error;
   Problem p{q.typed_data(), k.typed_data(), v.typed_data(), key_bias.typed_data(),
             out->typed_data(), 0, 0, 0, 0, scale};  // RunItems fills in the sizes
+  if (biases != nullptr) {
+    const auto dims = q.dimensions();
+    if (!SameCount(biases[0], biases[1], biases[2]) ||
+        biases[0].element_count() != dims[dims.size() - 1] * dims[dims.size() - 2])
+      return ffi::Error::InvalidArgument("q, k and v's biases must be [heads, D]");
+    p.q_bias = biases[0].typed_data();
+    p.k_bias = biases[1].typed_data();
+    p.v_bias = biases[2].typed_data();
+  }
   return RunItems<RowSoftmax>(pool, q, p);
 }
 
-// The row kernel of q + q_bias, k + k_bias and v + v_bias, the biases [H, D].
+ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> key_bias, float scale,
+                     ffi::ResultBuffer<ffi::F32> out) {
+  return RowAttention(pool, q, k, v, key_bias, scale, out);
+}
+
+// The row kernel of q + q_bias, k + k_bias and v + v_bias.
 ffi::Error AttentionWithBiases(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                                ffi::Buffer<ffi::F32> key_bias, ffi::Buffer<ffi::F32> q_bias,
                                ffi::Buffer<ffi::F32> k_bias, ffi::Buffer<ffi::F32> v_bias,
                                float scale, ffi::ResultBuffer<ffi::F32> out) {
-  if (ffi::Error error = CheckRowInputs(q, k, v, key_bias); error.failure()) return error;
-  const auto dims = q.dimensions();
-  if (!SameCount(q_bias, k_bias, v_bias) ||
-      q_bias.element_count() != dims[dims.size() - 1] * dims[dims.size() - 2])
-    return ffi::Error::InvalidArgument("q, k and v's biases must be [heads, D]");
-  Problem p{q.typed_data(), k.typed_data(),      v.typed_data(), key_bias.typed_data(),
-            out->typed_data(), 0, 0, 0, 0, scale, q_bias.typed_data(), k_bias.typed_data(),
-            v_bias.typed_data()};
-  return RunItems<RowSoftmax>(pool, q, p);
+  const ffi::Buffer<ffi::F32> biases[] = {q_bias, k_bias, v_bias};
+  return RowAttention(pool, q, k, v, key_bias, scale, out, biases);
 }
 
 // ---------------------------------------------------------------------------------------------
