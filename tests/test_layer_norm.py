@@ -116,6 +116,10 @@ def test_the_module_adds_a_layers_product_and_bias_before_the_norm(monkeypatch, 
     np.testing.assert_array_equal(got, norm.apply(params, x + (h + h_bias)))
     program = jax.jit(lambda p: norm.apply(p, x, plus=(h, h_bias))).lower(params).as_text()
     assert ("hw2jax_cpu_add_layer_norm_forward" in program) == (path == "fused_cpu")
+    asked, ask = [], dispatch.row_kernel
+    monkeypatch.setattr(dispatch, "row_kernel", lambda *a, **k: asked.append(k) or ask(*a, **k))
+    norm.apply(params, x, plus=(h, h_bias))
+    assert len(asked) == 1  # one dispatch question a call, whichever path it answers
 
 
 @pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])

@@ -133,16 +133,19 @@ class LayerNorm(nn.LayerNorm):
     def __call__(self, x, *, mask=None, plus: tuple[jax.Array, jax.Array] | None = None):
         if plus is not None:
             h, h_bias = plus
+            # One dispatch question, about the sum the kernel or XLA normalises.
+            total = jax.ShapeDtypeStruct(x.shape, jnp.result_type(x, h, h_bias))
+            takes = mask is None and self._kernel_takes(total)
             f32 = jnp.dtype(jnp.float32)
-            if (
-                mask is None
-                and {x.dtype, h.dtype, h_bias.dtype, jnp.dtype(self.dtype or x.dtype)} == {f32}
-                and self._kernel_takes(x)
-            ):
+            if takes and {x.dtype, h.dtype, h_bias.dtype, jnp.dtype(self.dtype or x.dtype)} == {
+                f32
+            }:
                 scale, bias = self._scale_and_bias(x.shape[-1])
                 return kernels.cpu_add_layer_norm(x, h, h_bias, scale, bias, self.epsilon)
             x = x + (h + h_bias)
-        if mask is None and self._kernel_takes(x):
+        else:
+            takes = mask is None and self._kernel_takes(x)
+        if takes:
             scale, bias = self._scale_and_bias(x.shape[-1])
             out = self.dtype or x.dtype  # as flax's: the input's dtype unless one is given
             return kernels.cpu_layer_norm(x.astype(jnp.float32), scale, bias, self.epsilon, out)
