@@ -196,6 +196,61 @@ def test_dense_gelu_gradients_match_float64():
         )
 
 
+def weights_with_ties(key, k, n):
+    """float32 [k, n] weights, every third one exactly halfway between two bf16 values (its
+    low 16 bits 0x8000), where rounding to nearest must break the tie to the even one."""
+    w = np.asarray(0.1 * jax.random.normal(jax.random.key(key), (k, n)), np.float32)
+    bits = w.view(np.uint32).copy()
+    bits.flat[::3] = (bits.flat[::3] & np.uint32(0xFFFF0000)) | np.uint32(0x8000)
+    return jnp.asarray(bits.view(np.float32))
+
+
+@needs_products
+@pytest.mark.parametrize("m,k,n", [(64, 64, 32), (45, 77, 50), (300, 130, 97), (40, 600, 33)])
+@pytest.mark.parametrize("biased,out", [(False, "float32"), (True, "float32"), (True, "bfloat16")])
+def test_dense_on_float32_weights_is_xlas_steps_bitwise(m, k, n, biased, out):
+    # Odd K (a last row without its pair), N past 16 and 32, K over a chunk; the weights rounded
+    # to bf16 as the kernel packs them, the bias and the rounding of the output as it leaves
+    # the tiles: the floats of XLA's convert, the product of the bf16 weights, XLA's add and
+    # XLA's cast, and within bf16's rounding of the float64 sum.
+    x = bf16_pair(m + n, m, k, n)[0].reshape(1, m, k)
+    w = weights_with_ties(k * n, k, n)
+    bias = jax.random.normal(jax.random.key(n), (n,)) if biased else None
+    got = jax.jit(lambda x, w, b: kernels.amx_dense(x, w, b, out_dtype=out))(x, w, bias)
+    assert got.dtype == jnp.dtype(out) and got.shape == (1, m, n)
+    product = kernels.amx_matmul(x, w.astype(jnp.bfloat16))
+    want = (product + bias if biased else product).astype(out)
+    np.testing.assert_array_equal(f64(got), f64(want))
+    z = f64(x[0]) @ f64(w.astype(jnp.bfloat16)) + (f64(bias) if biased else 0.0)
+    np.testing.assert_allclose(f64(got[0]), z, rtol=2**-8 if out == "bfloat16" else 1e-5, atol=1e-4)
+
+
+@needs_products
+def test_dense_with_gelu_is_the_gelu_kernel_on_rounded_weights_and_its_gradients_are_xlas():
+    x, _ = bf16_pair(3, 96, 77, 40)
+    w = weights_with_ties(4, 77, 40)
+    bias = jax.random.normal(jax.random.key(5), (40,))
+    got = kernels.amx_dense(x, w, bias, gelu=True, out_dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(
+        f64(got), f64(kernels.amx_dense_gelu(x, w.astype(jnp.bfloat16), bias))
+    )
+    g = jax.random.normal(jax.random.key(6), (96, 40))
+
+    def steps(x, w, bias):  # what XLA computes without the kernel, as nn.Dense and GELU would
+        h = jnp.dot(x, w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+        return jax.nn.gelu(h + bias, approximate=False).astype(jnp.bfloat16)
+
+    fused = jax.grad(
+        lambda *a: jnp.sum(g * kernels.amx_dense(*a, gelu=True, out_dtype=jnp.bfloat16)),
+        argnums=(0, 1, 2),
+    )
+    unfused = jax.grad(lambda *a: jnp.sum(g * steps(*a)), argnums=(0, 1, 2))
+    for a, b in zip(jax.jit(fused)(x, w, bias), jax.jit(unfused)(x, w, bias), strict=True):
+        assert a.dtype == b.dtype
+        scale = np.abs(f64(b)).max()
+        assert np.abs(f64(a) - f64(b)).max() <= 2**-7 * scale  # products in another order
+
+
 @needs_amx
 def test_bert_in_bf16_runs_its_gelu_and_attention_on_the_tiles_and_agrees_with_xla(monkeypatch):
     from hw2jax.models import bert
@@ -219,8 +274,17 @@ def test_bert_in_bf16_runs_its_gelu_and_attention_on_the_tiles_and_agrees_with_x
     via_xla = apply(params, ids).compile()(params, ids)
     monkeypatch.setenv(dispatch.MATMUL_ENV, "amx")  # these products are below the size rule
     lowered = apply(params, ids)
-    assert lowered.as_text().count("hw2jax_cpu_amx_matmul_gelu") == 1, "the intermediate layer"
-    assert lowered.as_text().count("hw2jax_cpu_amx_attention") == 1
+    text = lowered.as_text()
+    # q, k, v with their biases and the intermediate layer with its GELU, bf16 out; the two
+    # products before a residual layer norm, float32 out; the attention, bf16 out.
+    assert text.count("hw2jax_cpu_amx_dense_bf16") == 4
+    assert len(re.findall(r"hw2jax_cpu_amx_dense\b", text)) == 2
+    assert text.count("hw2jax_cpu_amx_attention_bf16") == 1
+    # The float32 weights reach the kernels as they are: no bf16 copy of any is made.
+    for shape in ("64x64", "64x160", "160x64"):
+        assert not re.search(
+            rf"stablehlo.convert .*tensor<{shape}xf32>\) -> tensor<{shape}xbf16>", text
+        )
     via_amx = lowered.compile()(params, ids)
     np.testing.assert_allclose(f64(via_amx), f64(via_xla), atol=0.05)  # bf16 steps, layer norm
 
@@ -250,6 +314,8 @@ def test_bf16_attention_matches_float64(b, t, h, d):
     key_bias = jnp.where(masked, jnp.finfo(jnp.float32).min, 0.0)
     out = kernels.amx_attention(q, k, v, key_bias)
     assert out.dtype == jnp.float32 and out.shape == (b, t, h, d)
+    rounded = kernels.amx_attention(q, k, v, key_bias, out_dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(f64(rounded), f64(out.astype(jnp.bfloat16)))
     want = attention64(q, k, v, key_bias)
     # The probabilities are rounded to bf16 before they multiply v: about 2^-9 of each term.
     np.testing.assert_allclose(f64(out), want, atol=2**-7 * np.abs(want).max())
@@ -424,6 +490,12 @@ def test_bad_operands_get_clear_errors():
         kernels.amx_dense_gelu(x[:, :0], w[:0], jnp.zeros(6))
     with pytest.raises(InputError, match="bfloat16 arrays"):
         kernels.amx_dense_gelu(x.astype(jnp.float32), w, jnp.zeros(6))
+    with pytest.raises(InputError, match=r"float32 weights.*amx_matmul"):
+        kernels.amx_dense(x, w)
+    with pytest.raises(InputError, match=r"float32 bias of shape \(6,\)"):
+        kernels.amx_dense(x, w.astype(jnp.float32), jnp.zeros(6, jnp.bfloat16))
+    with pytest.raises(InputError, match="GELU after a bias"):
+        kernels.amx_dense(x, w.astype(jnp.float32), gelu=True)
     qkv = jnp.zeros((1, 8, 2, 32), jnp.bfloat16)
     with pytest.raises(InputError, match=r"takes bfloat16 q, k, v.*cpu_attention"):
         kernels.amx_attention(qkv.astype(jnp.float32), qkv, qkv)

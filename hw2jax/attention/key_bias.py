@@ -30,9 +30,11 @@ def key_bias_attention(
     dropout_seeds: jax.Array | None = None,
     implementation: str = "auto",
     what: str = "key_bias_attention",
+    out_dtype=jnp.float32,
 ) -> jax.Array:
-    """softmax(scale q.k^T + key_bias) v: [B, T, heads, D] in, float32 [B, T, heads, D] out,
-    key_bias [B, T] added to each key's scores (None: no mask).
+    """softmax(scale q.k^T + key_bias) v: [B, T, heads, D] in, [B, T, heads, D] out, float32
+    or, with ``out_dtype=jnp.bfloat16``, rounded to bf16 (by the AMX kernel as it stores its
+    output, elsewhere cast); key_bias [B, T] added to each key's scores (None: no mask).
 
     ``dropout_rate`` > 0 drops probabilities by :mod:`hw2jax.kernels.dropout`'s hash of
     ``dropout_seeds`` (uint32 [B, heads], :func:`hw2jax.kernels.dropout.seeds`): every path
@@ -51,6 +53,9 @@ def key_bias_attention(
     path first.
     """
     q, k, v = check_qkv(q, k, v, causal=False)
+    out = jnp.dtype(out_dtype)
+    if out not in (jnp.float32, jnp.bfloat16):
+        raise InputError(f"{what}'s attention returns float32 or bfloat16, not {out.name}.")
     batch, t, heads = q.shape[:3]
     if key_bias is not None and jnp.shape(key_bias) != (k.shape[0], k.shape[1]):
         raise InputError(
@@ -71,17 +76,26 @@ def key_bias_attention(
         float32 = {q.dtype, *(jnp.asarray(b).dtype for b in qkv_biases)} == {jnp.dtype("float32")}
         if forward == "fused_cpu" and rate == 0.0 and float32:
             return kernels.differentiated_by(
-                functools.partial(_row_with_biases, scale=float(scale)),
-                functools.partial(_biases_first, _xla if gradient == "xla" else _flash, scale),
+                _returning(out, functools.partial(_row_with_biases, scale=float(scale))),
+                _returning(
+                    out,
+                    functools.partial(_biases_first, _xla if gradient == "xla" else _flash, scale),
+                ),
             )(*args, tuple(qkv_biases))
         args = (*_added(q, k, v, qkv_biases), *args[3:])
-    form = {"xla": _xla, "fused_cpu": _fused}[forward]
+    form = {"xla": _xla, "fused_cpu": functools.partial(_fused, out=out)}[forward]
     if forward == gradient == "xla":  # one form both ways: no custom VJP between
-        return form(*args, scale, rate)
+        return form(*args, scale, rate).astype(out)
+    differentiated = _xla if gradient == "xla" else _flash
     return kernels.differentiated_by(
-        functools.partial(form, scale=float(scale), rate=rate),
-        functools.partial(_xla if gradient == "xla" else _flash, scale=float(scale), rate=rate),
+        _returning(out, functools.partial(form, scale=float(scale), rate=rate)),
+        _returning(out, functools.partial(differentiated, scale=float(scale), rate=rate)),
     )(*args)
+
+
+def _returning(out: jnp.dtype, form):
+    """``form`` with its output as ``out`` (cast where it returns another dtype)."""
+    return lambda *args: form(*args).astype(out)
 
 
 def resolve(
@@ -179,15 +193,16 @@ def _flash(q, k, v, key_bias, seeds, scale: float, rate: float):
     )
 
 
-def _fused(q, k, v, key_bias, seeds, scale: float, rate: float):
+def _fused(q, k, v, key_bias, seeds, scale: float, rate: float, out=jnp.float32):
     """The fused path when nothing is differentiated: with dropout the flash kernel; else the
-    row kernel, for bf16 on AMX tiles where the dispatch rule says so, else in float32."""
+    row kernel, for bf16 on AMX tiles where the dispatch rule says so (returning ``out``, as it
+    rounds while it stores), else in float32."""
     if rate > 0.0:
         return _flash(q, k, v, key_bias, seeds, scale, rate)
     if (
         dispatch.bf16_row_attention(q.shape, q.dtype, kernels.amx_matmul_unavailable_reason)
         == "amx"
     ):
-        return kernels.amx_attention(q, k, v, key_bias, scale=scale)
+        return kernels.amx_attention(q, k, v, key_bias, scale=scale, out_dtype=out)
     q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
     return kernels.cpu_attention(q, k, v, key_bias, scale=scale)

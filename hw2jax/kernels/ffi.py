@@ -119,16 +119,18 @@ def differentiated_by(forward, differentiated):
 
 
 @functools.cache
-def ffi_kernel(target: str, ins: tuple[str, ...], outs: tuple[str, ...], attrs: tuple = ()):
-    """The FFI target as a function of its operands (layouts `ins`, results `outs`), with `attrs`
-    ((name, value) pairs) fixed. Under ``jax.vmap`` the vmapped axes fold into the batch axis
-    (one call); under ``jax.jit`` on a mesh, batch- or head-sharded operands stay sharded and
-    the kernel runs on each device's slice."""
+def ffi_kernel(
+    target: str, ins: tuple[str, ...], outs: tuple[str, ...], attrs: tuple = (), out_dtype="float32"
+):
+    """The FFI target as a function of its operands (layouts `ins`, results `outs`, each of
+    ``out_dtype``), with `attrs` ((name, value) pairs) fixed. Under ``jax.vmap`` the vmapped
+    axes fold into the batch axis (one call); under ``jax.jit`` on a mesh, batch- or
+    head-sharded operands stay sharded and the kernel runs on each device's slice."""
 
     def ffi(*args):
         sizes = _sizes(ins, args)
         results = tuple(
-            jax.ShapeDtypeStruct(tuple(sizes[a] for a in _AXES[layout].split()), jnp.float32)
+            jax.ShapeDtypeStruct(tuple(sizes[a] for a in _AXES[layout].split()), out_dtype)
             for layout in outs
         )
         call = jax.ffi.ffi_call(target, results, vmap_method="broadcast_all")

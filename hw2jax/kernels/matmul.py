@@ -236,12 +236,20 @@ def amx_matmul(a: jax.Array, b: jax.Array, out_dtype=jnp.float32) -> jax.Array:
 
 def _gelu_product(a: jax.Array, b: jax.Array, bias: jax.Array) -> jax.Array:
     """bf16 GELU(a . b + bias) for 2-D a and b, in one call."""
+    return _dense_call("amx_matmul_gelu", a, b, bias, True, jnp.bfloat16)
+
+
+def _dense_call(target: str, a, b, bias, gelu: bool, out_dtype) -> jax.Array:
+    """The dense target on 2-D a and b: ``a . b``, with ``bias`` added (None: none) and GELU
+    where asked, as ``out_dtype``."""
     call = jax.ffi.ffi_call(
-        TARGETS["amx_matmul_gelu"][1],
-        jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.bfloat16),
+        TARGETS[target][1],
+        jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), out_dtype),
         vmap_method="sequential",
     )
-    return call(a, b, bias)
+    has_bias = bias is not None
+    bias = bias if has_bias else jnp.zeros((0,), jnp.float32)
+    return call(a, b, bias, has_bias=np.int32(has_bias), gelu=np.int32(gelu))
 
 
 @functools.cache
@@ -280,3 +288,64 @@ def amx_dense_gelu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Arra
     lead = x.shape[:-1]
     out = _dense_gelu(x.reshape(-1, x.shape[-1]), kernel, bias.astype(jnp.float32))
     return out.reshape(*lead, kernel.shape[1])
+
+
+@functools.cache
+def _dense_from_float32(with_bias: bool, gelu: bool, out: str):
+    """:func:`amx_dense`'s 2-D form: the call on each device's rows where a mesh splits them,
+    and under differentiation the same in XLA's steps around :func:`amx_matmul`."""
+    target = "amx_dense" if out == "float32" else "amx_dense_bf16"
+
+    def local(a, b, *bias):
+        return _dense_call(target, a, b, bias[0] if bias else None, gelu, jnp.dtype(out))
+
+    def steps(a, b, *bias):
+        h = _matmul(a, b.astype(jnp.bfloat16), False, False)
+        h = h + bias[0] if bias else h
+        return (jax.nn.gelu(h, approximate=False) if gelu else h).astype(out)
+
+    rule = "m k, k n, n -> m n" if with_bias else "m k, k n -> m n"
+    return differentiated_by(on_mesh(local, rule, split="m"), steps)
+
+
+def amx_dense(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    gelu: bool = False,
+    out_dtype=jnp.float32,
+) -> jax.Array:
+    """A bf16 dense layer with float32 weights in one call: ``x @ bf16(kernel)`` accumulated in
+    float32, plus ``bias`` (float32, where given), then the exact GELU where asked, returned as
+    ``out_dtype`` (float32, or bfloat16 rounded as it leaves the tiles). The weights are rounded
+    to bf16 as the kernel packs them, and the bias, GELU and rounding run while the product is
+    in cache: the same floats as ``x @ kernel.astype(bf16)``, ``+ bias``, GELU and ``.astype``
+    in XLA, without their passes over memory. Differentiated, it runs as those steps around
+    :func:`amx_matmul`.
+
+    x: bfloat16 ``[..., K]``; kernel: float32 ``[K, N]``; bias: float32 ``[N]``. Raises
+    :class:`KernelUnavailable` where :func:`bf16_products_unavailable_reason` gives a reason."""
+    if x.dtype != jnp.bfloat16 or kernel.dtype != jnp.float32:
+        raise InputError(
+            f"amx_dense multiplies bfloat16 x by float32 weights; got {x.dtype} and "
+            f"{kernel.dtype}. Use amx_matmul for two bfloat16 arrays."
+        )
+    if kernel.ndim != 2 or x.ndim < 1 or x.shape[-1] != kernel.shape[0] or x.shape[-1] == 0:
+        raise InputError(
+            f"amx_dense wants x [..., K] and kernel [K, N] with K > 0; got {x.shape} and "
+            f"{kernel.shape}."
+        )
+    if bias is not None and (bias.shape != (kernel.shape[1],) or bias.dtype != jnp.float32):
+        raise InputError(
+            f"amx_dense wants a float32 bias of shape ({kernel.shape[1]},); got {bias.shape} "
+            f"{bias.dtype}."
+        )
+    if gelu and bias is None:
+        raise InputError("amx_dense applies GELU after a bias: pass one (zeros for none).")
+    out = _out_name(out_dtype)
+    _check_available()
+    lead = x.shape[:-1]
+    dense = _dense_from_float32(bias is not None, gelu, out)
+    biases = () if bias is None else (bias,)
+    return dense(x.reshape(-1, x.shape[-1]), kernel, *biases).reshape(*lead, kernel.shape[1])

@@ -79,12 +79,15 @@ def amx_attention(
     key_bias: jax.Array | None = None,
     *,
     scale: float | None = None,
+    out_dtype=jnp.float32,
 ) -> jax.Array:
     """:func:`cpu_attention` for bfloat16 q, k, v on AMX tiles (CPUs with AMX-BF16), forward
     only: both products on the tiles with float32 accumulation, the softmax in float32 and the
     probabilities rounded to bf16 before they multiply v, as torch's bf16 attention does. The
-    output is float32 ``[B, T, heads, D]``. Raises :class:`KernelUnavailable` where
-    :func:`amx_matmul_unavailable_reason` gives a reason."""
+    output is ``[B, T, heads, D]``, float32 or, with ``out_dtype=jnp.bfloat16``, rounded to
+    bf16 as it is stored (the floats of the float32 output's ``.astype``, without its pass).
+    Raises :class:`KernelUnavailable` where :func:`amx_matmul_unavailable_reason` gives a
+    reason."""
     _check_shapes("amx_attention", q, k, v)
     if not q.dtype == k.dtype == v.dtype == jnp.bfloat16:
         raise InputError(
@@ -95,9 +98,13 @@ def amx_attention(
         raise InputError(
             f"amx_attention's head dim must be one of {SUPPORTED_HEAD_DIMS}; got {q.shape[-1]}."
         )
+    if jnp.dtype(out_dtype) not in (jnp.float32, jnp.bfloat16):
+        raise InputError(f"amx_attention returns float32 or bfloat16, not {out_dtype}.")
     if (reason := amx_matmul_unavailable_reason()) is not None:
         raise KernelUnavailable(f"the AMX attention cannot run here: {reason}. Use cpu_attention.")
-    return _row_kernel("amx_attention", q, k, v, key_bias, scale)
+    bf16 = jnp.dtype(out_dtype) == jnp.bfloat16
+    target = "amx_attention_bf16" if bf16 else "amx_attention"
+    return _row_kernel(target, q, k, v, key_bias, scale, out_dtype=jnp.dtype(out_dtype).name)
 
 
 def _checked_key_bias(key_bias, shape: tuple) -> jax.Array:
@@ -114,8 +121,10 @@ def _checked_key_bias(key_bias, shape: tuple) -> jax.Array:
     return jnp.asarray(key_bias).astype(jnp.float32)
 
 
-def _row_kernel(target: str, q, k, v, key_bias, scale: float | None, biases=()) -> jax.Array:
-    """The row kernel ``target`` with the key bias checked: [B, T, heads, D] float32;
+def _row_kernel(
+    target: str, q, k, v, key_bias, scale: float | None, biases=(), out_dtype="float32"
+) -> jax.Array:
+    """The row kernel ``target`` with the key bias checked: [B, T, heads, D] as ``out_dtype``;
     ``biases``, [heads, D] each, follow the key bias."""
     if key_bias is None:
         key_bias = jnp.zeros(q.shape[:2], jnp.float32)
@@ -126,6 +135,7 @@ def _row_kernel(target: str, q, k, v, key_bias, scale: float | None, biases=()) 
         ("bthd",) * 3 + ("bt",) + ("hd",) * len(biases),
         ("bthd",),
         (("scale", np.float32(scale)),),
+        out_dtype,
     )
     return kernel(q, k, v, key_bias, *biases)[0]
 

@@ -91,10 +91,19 @@ def _bias_gelu_unsupported(h: jax.Array, bias: jax.Array) -> str | None:
 
 def _dense_parameters(module: nn.Module, x: jax.Array):
     """x, and the kernel and bias that :func:`_dense` declares in ``module`` (which has
-    ``features`` and ``dtype``), promoted to the compute dtype as nn.Dense promotes them."""
+    ``features`` and ``dtype``), promoted to the compute dtype as nn.Dense promotes them; and
+    the kernel as stored, for the bf16 product kernel, which rounds float32 weights as it packs
+    them (None where it does not run: :func:`hw2jax.attention.dispatch.dense_product`)."""
     kernel = module.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], module.features))
     bias = module.param("bias", nn.initializers.zeros_init(), (module.features,))
-    return nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
+    x, promoted, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    on_tiles = (
+        kernel.dtype == jnp.float32
+        and dispatch.dense_product(x, promoted, dims, kernels.bf16_products_unavailable_reason)
+        == "amx"
+    )
+    return x, promoted, bias, kernel if on_tiles else None
 
 
 class _DenseActivation(nn.Module):
@@ -112,15 +121,13 @@ class _DenseActivation(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x, kernel, bias = _dense_parameters(self, x)
+        x, kernel, bias, stored = _dense_parameters(self, x)
         dims = (((x.ndim - 1,), (0,)), ((), ()))
         if self.activation != "gelu":
             return _ACTIVATIONS[self.activation](dot_float32_out(x, kernel, dims) + bias)
-        if (
-            dispatch.dense_product(x, kernel, dims, kernels.bf16_products_unavailable_reason)
-            == "amx"
-        ):
-            return kernels.amx_dense_gelu(x, kernel, bias)
+        if stored is not None:
+            f32 = bias.astype(jnp.float32)
+            return kernels.amx_dense(x, stored, f32, gelu=True, out_dtype=jnp.bfloat16)
         h = dot_float32_out(x, kernel, dims)
         why_not = functools.partial(_bias_gelu_unsupported, h, bias)
         if (
@@ -132,17 +139,24 @@ class _DenseActivation(nn.Module):
 
 
 class _DenseAndBias(nn.Module):
-    """nn.Dense's parameters (kernel, bias) and product, the bias returned beside the product
-    instead of added: the layer norm after it adds both to the residual in its own pass
-    (:class:`hw2jax.models.layers.LayerNorm`'s ``plus``)."""
+    """nn.Dense's parameters (kernel, bias) and product, the bias returned beside the float32
+    product instead of added: the layer norm after it adds both to the residual in its own
+    pass (:class:`hw2jax.models.layers.LayerNorm`'s ``plus``). With ``added=True``, nn.Dense's
+    ``product + bias`` in the compute dtype. On the bf16 product kernel the bias and the
+    rounding join its call."""
 
     features: int
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        x, kernel, bias = _dense_parameters(self, x)
-        return dense_dot(x, kernel), bias
+    def __call__(self, x: jax.Array, added: bool = False):
+        x, kernel, bias, stored = _dense_parameters(self, x)
+        if stored is None:
+            h = dense_dot(x, kernel)
+            return (h + bias).astype(x.dtype) if added else (h, bias)
+        if added:
+            return kernels.amx_dense(x, stored, bias.astype(jnp.float32), out_dtype=x.dtype)
+        return kernels.amx_dense(x, stored), bias
 
 
 def _bias_gelu_xla(h: jax.Array, bias: jax.Array) -> jax.Array:
@@ -207,14 +221,14 @@ class BertLayer(nn.Module):
 
         # In float32 the attention adds the biases as it reads q, k and v; in bf16 they join
         # the float32 products before the cast, as nn.Dense adds them.
-        products = [
-            _DenseAndBias(c.hidden_size, self.dtype, name=n)(x) for n in ("query", "key", "value")
-        ]
-        if jnp.dtype(compute) == jnp.float32:
+        float32 = jnp.dtype(compute) == jnp.float32
+        names = ("query", "key", "value")
+        products = [_DenseAndBias(c.hidden_size, self.dtype, name=n)(x, not float32) for n in names]
+        if float32:
             qkv = [heads_of(t) for t, _ in products]
             biases = tuple(heads_of(b) for _, b in products)
         else:
-            qkv, biases = [heads_of(t + b).astype(compute) for t, b in products], None
+            qkv, biases = [heads_of(t) for t in products], None
 
         rate = 0.0 if deterministic else c.attention_probs_dropout_prob
         seeds = (
@@ -229,7 +243,8 @@ class BertLayer(nn.Module):
             dropout_seeds=seeds,
             implementation=self.implementation,
             what="BertModel",
-        ).astype(compute)
+            out_dtype=compute,
+        )
         ctx = ctx.reshape(*x.shape[:-1], c.hidden_size)
         x = self._add_and_norm(x, ctx, "attention_output", deterministic)
         h = _DenseActivation(

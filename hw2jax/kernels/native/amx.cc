@@ -27,10 +27,12 @@ constexpr int64_t kItemRows = 128;  // rows of c per work item, at most
 struct MatmulProblem {
   const uint16_t* a;
   const uint16_t* b;         // batched: each item packs its own matrix of b
+  const float* b32;          // instead of b (one matrix): float32, rounded to bf16 as it packs
   const uint16_t* b_packed;  // one matrix: packed once for all items
   float* c;
   uint16_t* c16;             // instead of c: the results rounded to bf16
-  const float* bias;         // with c16: GELU(a b + bias) instead, the bias padded to np
+  const float* bias;         // a b + bias instead, the bias padded to np
+  bool gelu;                 // with the bias: GELU(a b + bias)
   int64_t m, n, k, kp, np;   // kp, np: K and N rounded up to 32
   bool transpose_a, transpose_b;
   int64_t batch;             // > 1: one item per matrix of the batch
@@ -42,6 +44,7 @@ struct AmxAttentionProblem {  // softmax(scale q k^T + key_bias) v, bf16 q, k, v
   const uint16_t *q, *k, *v;
   const float* key_bias;
   float* out;
+  uint16_t* out16;  // instead of out: the output rounded to bf16
   int64_t items, t, h, d;  // items = N * H
   float scale;
 };
@@ -67,21 +70,22 @@ bool AmxPermitted() { return false; }
 #endif
 
 #ifdef HW2JAX_BF16_PRODUCTS
+// b packed: a pair of rows is one 32-bit word per column; the word of rows k0 and k0 + 1,
+// column c.
+inline uint32_t* PackedWord(uint16_t* out, int64_t kp, int64_t k0, int64_t c) {
+  return reinterpret_cast<uint32_t*>(out) + ((c / 32) * (kp / 32) + k0 / 32) * 512 +
+         ((c % 32) / 16) * 256 + ((k0 % 32) / 2) * 16 + c % 16;
+}
+
 void PackB(const uint16_t* b, int64_t k, int64_t n, bool transpose, int64_t kp, int64_t np,
            uint16_t* out) {
   std::memset(out, 0, kp * np * 2);
-  // A pair of rows is one 32-bit word per column: the word of column c, rows k0 and k0 + 1.
-  uint32_t* words = reinterpret_cast<uint32_t*>(out);
-  auto word_at = [&](int64_t k0, int64_t c) {
-    return words + ((c / 32) * (kp / 32) + k0 / 32) * 512 + ((c % 32) / 16) * 256 +
-           ((k0 % 32) / 2) * 16 + c % 16;
-  };
   if (!transpose) {  // rows of b are rows of op(b): interleave two rows, 16 columns at a time
     for (int64_t k0 = 0; k0 < k; k0 += 2) {
       const uint16_t* even = b + k0 * n;
       const uint16_t* odd = k0 + 1 < k ? even + n : nullptr;
       for (int64_t c0 = 0; c0 < n; c0 += 16) {
-        uint32_t* dst = word_at(k0, c0);
+        uint32_t* dst = PackedWord(out, kp, k0, c0);
         const int64_t len = std::min<int64_t>(16, n - c0);
         if (odd != nullptr) {
           for (int64_t i = 0; i < len; ++i)
@@ -95,8 +99,42 @@ void PackB(const uint16_t* b, int64_t k, int64_t n, bool transpose, int64_t kp, 
   }
   for (int64_t c = 0; c < n; ++c) {  // b is [N, K]: a row's neighbours are already a pair
     const uint16_t* row = b + c * k;
-    for (int64_t k0 = 0; k0 + 1 < k; k0 += 2) std::memcpy(word_at(k0, c), row + k0, 4);
-    if (k % 2 == 1) *word_at(k - 1, c) = row[k - 1];
+    for (int64_t k0 = 0; k0 + 1 < k; k0 += 2) std::memcpy(PackedWord(out, kp, k0, c), row + k0, 4);
+    if (k % 2 == 1) *PackedWord(out, kp, k - 1, c) = row[k - 1];
+  }
+}
+
+// A float32 b [K, N] (untransposed), each pair of rows rounded to bf16 (by the rounding of the
+// kernels' bf16 outputs: to nearest, ties to even, as XLA's convert) as it is packed: the
+// product of a layer's float32 weights without a pass that writes their bf16 copy.
+void PackB(const float* b, int64_t k, int64_t n, int64_t kp, int64_t np, uint16_t* out) {
+  std::memset(out, 0, kp * np * 2);
+  for (int64_t k0 = 0; k0 < k; k0 += 2) {
+    const float* even = b + k0 * n;
+    const float* odd = k0 + 1 < k ? even + n : nullptr;
+    for (int64_t c0 = 0; c0 < n; c0 += 16) {
+      const int64_t len = std::min<int64_t>(16, n - c0);
+      v16 x = splat(0.0f), y = splat(0.0f);  // zeros past N and past K
+      if (len == 16) {
+        x = load(even + c0);
+        if (odd != nullptr) y = load(odd + c0);
+      } else {
+        float e[16] = {}, o[16] = {};
+        std::memcpy(e, even + c0, len * 4);
+        if (odd != nullptr) std::memcpy(o, odd + c0, len * 4);
+        x = load(e);
+        y = load(o);
+      }
+      alignas(32) uint16_t low[16], high[16];
+      RoundToBf16(x, low);
+      RoundToBf16(y, high);
+      const __m512i words = _mm512_or_si512(
+          _mm512_cvtepu16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(low))),
+          _mm512_slli_epi32(
+              _mm512_cvtepu16_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(high))),
+              16));
+      _mm512_mask_storeu_epi32(PackedWord(out, kp, k0, c0), (1u << len) - 1, words);
+    }
   }
 }
 
@@ -219,7 +257,8 @@ class RowBlocks {
           }
           if (k0 + kc < p_.kp) {
             StoreBlock(acc, p_.np);
-          } else if (p_.c16 == nullptr && block_rows == 32 && p_.n - nb * 32 >= 32) {
+          } else if (p_.c16 == nullptr && p_.bias == nullptr && block_rows == 32 &&
+                     p_.n - nb * 32 >= 32) {
             StoreBlock(c_base_ + (m0 + r0) * p_.n + nb * 32, p_.n);  // straight into c
           } else {
             StoreBlock(tail_.ptr, 32);
@@ -277,24 +316,35 @@ class RowBlocks {
                     bool, int64_t, int64_t, int64_t) {}
 #endif
 
-  // The 32 x 32 block in tail_ into c's rows m0.., columns n0...
+  // The 32 x 32 block in tail_ into c's rows m0.., columns n0.., with the bias and GELU
+  // where asked and rounded to bf16 for c16, while it is in L1: the float32 product never
+  // reaches memory.
   void Store(int64_t m0, int64_t rows, int64_t n0) {
     const int64_t cols = std::min<int64_t>(32, p_.n - n0);
-    if (p_.c16 != nullptr) return StoreBf16(m0, rows, n0, cols);
-    for (int64_t r = 0; r < rows; ++r)
-      std::memcpy(c_base_ + (m0 + r) * p_.n + n0, tail_.ptr + r * 32, cols * 4);
-  }
-
-  // The same block rounded to bf16 (with a bias, as bf16 GELU(c + bias)) while it is in L1:
-  // the float32 product never reaches memory.
-  void StoreBf16(int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
+    if (p_.c16 == nullptr && p_.bias == nullptr) {
+      for (int64_t r = 0; r < rows; ++r)
+        std::memcpy(c_base_ + (m0 + r) * p_.n + n0, tail_.ptr + r * 32, cols * 4);
+      return;
+    }
     uint16_t half[kLanes];
+    float whole[kLanes];
     for (int64_t r = 0; r < rows; ++r) {
-      uint16_t* out = c16_base_ + (m0 + r) * p_.n + n0;
       for (int64_t h = 0; h < cols; h += kLanes) {
-        const v16 x = load(tail_.ptr + r * 32 + h);
-        RoundToBf16(p_.bias != nullptr ? Gelu(x + load(p_.bias + n0 + h)) : x, half);
-        std::memcpy(out + h, half, std::min<int64_t>(kLanes, cols - h) * 2);
+        v16 x = load(tail_.ptr + r * 32 + h);
+        if (p_.bias != nullptr) x += load(p_.bias + n0 + h);
+        if (p_.gelu) x = Gelu(x);
+        const int64_t at = (m0 + r) * p_.n + n0 + h, len = std::min<int64_t>(kLanes, cols - h);
+        if (p_.c16 != nullptr && len == kLanes) {  // whole vectors: no copy of variable size
+          RoundToBf16(x, c16_base_ + at);
+        } else if (p_.c16 != nullptr) {
+          RoundToBf16(x, half);
+          std::memcpy(c16_base_ + at, half, len * 2);
+        } else if (len == kLanes) {
+          store(c_base_ + at, x);
+        } else {
+          store(whole, x);
+          std::memcpy(c_base_ + at, whole, len * 4);
+        }
       }
     }
   }
@@ -369,8 +419,15 @@ class AmxRowAttention {
       Softmax(inv_sum);
       Values();
       for (int64_t r = 0; r < std::min<int64_t>(16, t - q0); ++r) {
-        float* out = p_.out + base + (q0 + r) * row;
-        for (int64_t c = 0; c < d; ++c) out[c] = o_.ptr[r * d + c] * inv_sum[r];
+        const int64_t at = base + (q0 + r) * row;
+        for (int64_t c = 0; c < d; c += kLanes) {
+          const v16 o = load(o_.ptr + r * d + c) * inv_sum[r];
+          if (p_.out16 != nullptr) {
+            RoundToBf16(o, p_.out16 + at + c);
+          } else {
+            store(p_.out + at + c, o);
+          }
+        }
       }
     }
   }
@@ -480,7 +537,12 @@ ffi::Error Multiply(ffi::ThreadPool& pool, MatmulProblem p) {
   const int64_t blocks = (p.m + 31) / 32, threads = std::max<int64_t>(1, pool.num_threads());
   Aligned packed(p.batch == 1 ? (p.kp * p.np * 2 + 3) / 4 : 0);
   if (p.batch == 1) {
-    PackB(p.b, p.k, p.n, p.transpose_b, p.kp, p.np, reinterpret_cast<uint16_t*>(packed.ptr));
+    uint16_t* out = reinterpret_cast<uint16_t*>(packed.ptr);
+    if (p.b32 != nullptr) {
+      PackB(p.b32, p.k, p.n, p.kp, p.np, out);
+    } else {
+      PackB(p.b, p.k, p.n, p.transpose_b, p.kp, p.np, out);
+    }
     p.b_packed = reinterpret_cast<const uint16_t*>(packed.ptr);
     // Items of up to kItemRows rows, but at least one per thread where c has the rows.
     p.item_rows = 32 * std::clamp<int64_t>(blocks / threads, 1, kItemRows / 32);
@@ -554,31 +616,41 @@ ffi::Error MatmulCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffe
 #endif
 }
 
+// The attention's output as float32, or with kType = BF16 rounded to bf16 as it is stored.
+template <ffi::DataType kType>
 ffi::Error AmxAttentionCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q,
                             ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v,
                             ffi::Buffer<ffi::F32> key_bias, float scale,
-                            ffi::ResultBuffer<ffi::F32> out) {
+                            ffi::ResultBuffer<kType> out) {
 #ifndef HW2JAX_AMX
   return ffi::Error(ffi::ErrorCode::kUnavailable, "this kernel build has no AMX-BF16");
 #else
   if (!AmxPermitted())
     return ffi::Error(ffi::ErrorCode::kUnavailable, "Linux refused this process AMX's tiles");
   if (ffi::Error error = CheckRowInputs(q, k, v, key_bias); error.failure()) return error;
-  AmxAttentionProblem p{reinterpret_cast<const uint16_t*>(q.typed_data()),
-                        reinterpret_cast<const uint16_t*>(k.typed_data()),
-                        reinterpret_cast<const uint16_t*>(v.typed_data()),
-                        key_bias.typed_data(),
-                        out->typed_data(),
-                        0, 0, 0, 0, scale};
+  AmxAttentionProblem p{};
+  p.q = reinterpret_cast<const uint16_t*>(q.typed_data());
+  p.k = reinterpret_cast<const uint16_t*>(k.typed_data());
+  p.v = reinterpret_cast<const uint16_t*>(v.typed_data());
+  p.key_bias = key_bias.typed_data();
+  if constexpr (kType == ffi::DataType::F32) {
+    p.out = out->typed_data();
+  } else {
+    p.out16 = reinterpret_cast<uint16_t*>(out->typed_data());
+  }
+  p.scale = scale;
   return RunItems<AmxRowAttention>(pool, q, p);
 #endif
 }
 
-// bf16 GELU(a b + bias) for a [M, K], b [K, N] and a float32 bias [N]: BERT's intermediate
-// layer and its GELU, the product's float32 result kept in L1.
-ffi::Error MatmulGeluCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a,
-                          ffi::Buffer<ffi::BF16> b, ffi::Buffer<ffi::F32> bias,
-                          ffi::ResultBuffer<ffi::BF16> c) {
+// activation(a b + bias) for a [M, K] bf16, b [K, N] (bf16, or float32 rounded to bf16 as it
+// is packed), a float32 bias [N] (with has_bias) and GELU or none (gelu): a dense layer with
+// its bias (and BERT's intermediate layer with its GELU) in one call, the product's float32
+// result kept in L1; c float32, or with kOut = BF16 rounded to bf16 as it is stored.
+template <ffi::DataType kB, ffi::DataType kOut>
+ffi::Error DenseCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<kB> b,
+                     ffi::Buffer<ffi::F32> bias, int32_t has_bias, int32_t gelu,
+                     ffi::ResultBuffer<kOut> c) {
 #ifndef HW2JAX_BF16_PRODUCTS
   return ffi::Error(ffi::ErrorCode::kUnavailable, "this kernel build has no AMX-BF16 or AVX512-BF16");
 #else
@@ -590,19 +662,31 @@ ffi::Error MatmulGeluCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a,
   p.m = da[0];
   p.k = da[1];
   p.n = db[1];
-  if (db[0] != p.k || dc[0] != p.m || dc[1] != p.n || bias.dimensions()[0] != p.n)
+  if (db[0] != p.k || dc[0] != p.m || dc[1] != p.n || (has_bias && bias.dimensions()[0] != p.n))
     return ffi::Error::InvalidArgument("the shapes of a, b, the bias and c do not match");
+  if (gelu && !has_bias) return ffi::Error::InvalidArgument("GELU comes with a bias here");
   if (p.k == 0) return ffi::Error::InvalidArgument("the contracted axis is empty");
   if (p.m == 0 || p.n == 0) return ffi::Error::Success();
   p.kp = (p.k + 31) / 32 * 32;
   p.np = (p.n + 31) / 32 * 32;
   Aligned padded(p.np);  // loads of 16 past N stay inside
-  std::memset(padded.ptr, 0, p.np * 4);
-  std::memcpy(padded.ptr, bias.typed_data(), p.n * 4);
+  if (has_bias) {
+    std::memset(padded.ptr, 0, p.np * 4);
+    std::memcpy(padded.ptr, bias.typed_data(), p.n * 4);
+    p.bias = padded.ptr;
+    p.gelu = gelu != 0;
+  }
   p.a = reinterpret_cast<const uint16_t*>(a.typed_data());
-  p.b = reinterpret_cast<const uint16_t*>(b.typed_data());
-  p.c16 = reinterpret_cast<uint16_t*>(c->typed_data());
-  p.bias = padded.ptr;
+  if constexpr (kB == ffi::DataType::F32) {
+    p.b32 = b.typed_data();
+  } else {
+    p.b = reinterpret_cast<const uint16_t*>(b.typed_data());
+  }
+  if constexpr (kOut == ffi::DataType::F32) {
+    p.c = c->typed_data();
+  } else {
+    p.c16 = reinterpret_cast<uint16_t*>(c->typed_data());
+  }
   return Multiply(pool, p);
 #endif
 }
@@ -627,23 +711,33 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAmxMatmulBf16, MatmulCall<ffi::DataType::
                                   .Attr<int32_t>("transpose_b")
                                   .Ret<ffi::Buffer<ffi::BF16>>());  // c
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAmxAttention, AmxAttentionCall,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()  // q
-                                  .Arg<ffi::Buffer<ffi::BF16>>()  // k
-                                  .Arg<ffi::Buffer<ffi::BF16>>()  // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // key_bias
-                                  .Attr<float>("scale")
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // out
+#define HW2JAX_AMX_ATTENTION(name, type)                                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, AmxAttentionCall<type>,               \
+                                ffi::Ffi::Bind()                            \
+                                    .Ctx<ffi::ThreadPool>()                 \
+                                    .Arg<ffi::Buffer<ffi::BF16>>() /* q */  \
+                                    .Arg<ffi::Buffer<ffi::BF16>>() /* k */  \
+                                    .Arg<ffi::Buffer<ffi::BF16>>() /* v */  \
+                                    .Arg<ffi::Buffer<ffi::F32>>() /* bias */ \
+                                    .Attr<float>("scale")                   \
+                                    .Ret<ffi::Buffer<type>>());
+HW2JAX_AMX_ATTENTION(Hw2jaxCpuAmxAttention, ffi::DataType::F32)
+HW2JAX_AMX_ATTENTION(Hw2jaxCpuAmxAttentionBf16, ffi::DataType::BF16)
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Hw2jaxCpuAmxMatmulGelu, MatmulGeluCall,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()  // a
-                                  .Arg<ffi::Buffer<ffi::BF16>>()  // b
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
-                                  .Ret<ffi::Buffer<ffi::BF16>>());  // c
+// The dense calls: b bf16 or float32, c float32 or bf16.
+#define HW2JAX_DENSE(name, b_type, out_type)                               \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (DenseCall<b_type, out_type>),        \
+                                ffi::Ffi::Bind()                            \
+                                    .Ctx<ffi::ThreadPool>()                 \
+                                    .Arg<ffi::Buffer<ffi::BF16>>() /* a */  \
+                                    .Arg<ffi::Buffer<b_type>>() /* b */     \
+                                    .Arg<ffi::Buffer<ffi::F32>>() /* bias */ \
+                                    .Attr<int32_t>("has_bias")              \
+                                    .Attr<int32_t>("gelu")                  \
+                                    .Ret<ffi::Buffer<out_type>>());
+HW2JAX_DENSE(Hw2jaxCpuAmxMatmulGelu, ffi::DataType::BF16, ffi::DataType::BF16)
+HW2JAX_DENSE(Hw2jaxCpuAmxDense, ffi::DataType::F32, ffi::DataType::F32)
+HW2JAX_DENSE(Hw2jaxCpuAmxDenseBf16, ffi::DataType::F32, ffi::DataType::BF16)
 
 // 1 where the bf16 matmul can run here, 0 where Linux refuses this process the tiles, -1 where
 // this build has no AMX-BF16 (its -march build failed and a generic one was made): checked from
