@@ -16,7 +16,7 @@ import numpy as np
 from hw2jax import kernels
 from hw2jax.attention.key_bias import key_bias_attention
 from hw2jax.models import bert
-from hw2jax.models.layers import dense_dot
+from hw2jax.models.layers import LayerNorm, dense_dot
 
 
 class OldDense(
@@ -49,10 +49,14 @@ class OldLayer(bert.BertLayer):
         )
         ctx = ctx.reshape(*x.shape[:-1], c.hidden_size)
         h, b = OldDense(c.hidden_size, name="attention_output_dense")(ctx)
-        x = bert._layer_norm(c, "attention_output_LayerNorm", jnp.bfloat16)(x, plus=(h, b))
+        x = LayerNorm(
+            epsilon=c.layer_norm_eps, dtype=jnp.bfloat16, name="attention_output_LayerNorm"
+        )(x, plus=(h, b))
         h = OldDense(c.intermediate_size, gelu=True, name="intermediate_dense")(x)
         h, b = OldDense(c.hidden_size, name="output_dense")(h)
-        return bert._layer_norm(c, "output_LayerNorm", jnp.bfloat16)(x, plus=(h, b))
+        return LayerNorm(epsilon=c.layer_norm_eps, dtype=jnp.bfloat16, name="output_LayerNorm")(
+            x, plus=(h, b)
+        )
 
 
 config, params, _ = bert.load_pretrained("minilm")
