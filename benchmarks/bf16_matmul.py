@@ -1,8 +1,11 @@
 """bf16 dense products on the CPU: the AMX kernel (hw2jax.kernels.amx_matmul), XLA's dot as a
 dense layer computes it otherwise, and torch's bf16 matmul (oneDNN), forward and with gradients;
-then the two fused forward kernels on MiniLM's shapes: the intermediate layer with its GELU
-(amx_dense_gelu) and the attention (amx_attention, against the float32 row kernel on q, k, v
-upcast, the path bf16 BERT took before, and torch's bf16 scaled_dot_product_attention).
+then the fused forward kernels on MiniLM's shapes: the intermediate layer with its GELU
+(amx_dense_gelu), a q, k or v projection from float32 weights with its bias, bf16 out
+(amx_dense, against the product kernel on XLA's bf16 copy of the weights with XLA's bias and
+cast, the path bf16 BERT took before, and torch's linear under autocast), and the attention
+(amx_attention, against the float32 row kernel on q, k, v upcast, the path bf16 BERT took
+before, and torch's bf16 scaled_dot_product_attention).
 
     .venv/bin/python benchmarks/bf16_matmul.py [--repeats 10] [--rows all|dense|fused]
         [--out benchmarks/results/amx_matmul]
@@ -129,9 +132,9 @@ def time_shape(m: int, k: int, n: int, gradient: bool, repeats: int, untimed_bef
 
 
 def time_fused(repeats: int, untimed_before: int) -> list[dict]:
-    """MiniLM's intermediate layer + GELU and its attention (32 x 256 tokens, 12 heads of 32,
-    a fifth of the keys masked), forward, bf16 in: hw2jax's fused kernel, the unfused path, and
-    torch."""
+    """MiniLM's intermediate layer + GELU, a projection with its bias from float32 weights and
+    its attention (32 x 256 tokens, 12 heads of 32, a fifth of the keys masked), forward, bf16
+    in: hw2jax's fused kernel, the unfused path, and torch."""
     import torch
 
     rng = np.random.default_rng(0)
@@ -152,10 +155,28 @@ def time_fused(repeats: int, untimed_before: int) -> list[dict]:
     def upcast(q, k, v, key_bias):
         return kernels.cpu_attention(*(t.astype(jnp.float32) for t in (q, k, v)), key_bias)
 
+    w32 = jnp.asarray(rng.standard_normal((384, 384)) * 0.05, jnp.float32)
+    b32 = bias[:384]
+    tw32, tb32 = (torch.from_numpy(np.array(t)) for t in (w32, b32))
+
+    def projection(x, w, bias):
+        return kernels.amx_dense(x, w, bias, out_dtype=jnp.bfloat16)
+
+    def projection_in_steps(x, w, bias):
+        return (kernels.amx_matmul(x, w.astype(jnp.bfloat16)) + bias).astype(jnp.bfloat16)
+
+    def torch_projection():
+        with torch.autocast("cpu", torch.bfloat16):
+            return torch.nn.functional.linear(tx, tw32.T, tb32)
+
     cases = {
         "MiniLM intermediate + GELU": (
             (jax.jit(kernels.amx_dense_gelu), jax.jit(unfused_gelu), (x, w, bias)),
             lambda: torch.nn.functional.gelu(torch.nn.functional.linear(tx, tw.T, tbias)),
+        ),
+        "MiniLM projection + bias": (
+            (jax.jit(projection), jax.jit(projection_in_steps), (x, w32, b32)),
+            torch_projection,
         ),
         "MiniLM attention": (
             (jax.jit(kernels.amx_attention), jax.jit(upcast), (*qkv, key_bias)),
