@@ -98,12 +98,12 @@ def _dense_parameters(module: nn.Module, x: jax.Array):
     bias = module.param("bias", nn.initializers.zeros_init(), (module.features,))
     x, promoted, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
     dims = (((x.ndim - 1,), (0,)), ((), ()))
-    on_tiles = (
+    by_kernel = (
         kernel.dtype == jnp.float32
         and dispatch.dense_product(x, promoted, dims, kernels.bf16_products_unavailable_reason)
         == "amx"
     )
-    return x, promoted, bias, kernel if on_tiles else None
+    return x, promoted, bias, kernel if by_kernel else None
 
 
 class _DenseActivation(nn.Module):
