@@ -108,12 +108,12 @@ def _dense_parameters(module: nn.Module, x: jax.Array):
 
 class _DenseActivation(nn.Module):
     """``activation(Dense(x))`` with nn.Dense's parameters (kernel, bias) and arithmetic. Where
-    the dense product would run on AMX tiles (bf16, :func:`hw2jax.attention.dispatch.
-    dense_product`), the exact GELU runs inside the same call (:func:`hw2jax.kernels.
-    amx_dense_gelu`): its float32 input never goes to memory, and its output is bf16, which the
-    next dense layer takes anyway. In float32 the GELU and the bias run on all threads
-    (:func:`hw2jax.kernels.cpu_bias_gelu`) where :func:`hw2jax.attention.dispatch.row_kernel`
-    says so."""
+    the dense product would run on the bf16 product kernel (:func:`hw2jax.attention.dispatch.
+    dense_product`), the exact GELU runs inside the same call on the float32 weights
+    (:func:`hw2jax.kernels.amx_dense`): its float32 input never goes to memory, and its output
+    is bf16, which the next dense layer takes anyway. In float32 the GELU and the bias run on
+    all threads (:func:`hw2jax.kernels.cpu_bias_gelu`) where
+    :func:`hw2jax.attention.dispatch.row_kernel` says so."""
 
     features: int
     activation: str
