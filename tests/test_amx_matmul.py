@@ -169,7 +169,7 @@ def test_dense_gelu_matches_float64(m, k, n):
     # the pre-activations run from about -6 to 6.
     a, b = bf16_pair(m * k, m, k, n)
     bias = jax.random.normal(jax.random.key(n), (n,)) * 2
-    out = kernels.amx_dense_gelu(a.reshape(1, m, k), b, bias)
+    out = kernels.amx_dense(a.reshape(1, m, k), b, bias, gelu=True, out_dtype=jnp.bfloat16)
     assert out.dtype == jnp.bfloat16 and out.shape == (1, m, n)
     z = f64(a) @ f64(b) + f64(bias)
     np.testing.assert_allclose(f64(out[0]), gelu64(z), rtol=2**-8, atol=1e-5)
@@ -180,9 +180,11 @@ def test_dense_gelu_gradients_match_float64():
     a, b = bf16_pair(7, 96, 64, 40)
     bias = jax.random.normal(jax.random.key(8), (40,))
     g = jax.random.normal(jax.random.key(9), (96, 40))
-    grads = jax.jit(
-        jax.grad(lambda *x: jnp.sum(g * kernels.amx_dense_gelu(*x)), argnums=(0, 1, 2))
-    )(a, b, bias)
+
+    def loss(*args):
+        return jnp.sum(g * kernels.amx_dense(*args, gelu=True, out_dtype=jnp.bfloat16))
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(a, b, bias)
     z = f64(a) @ f64(b) + f64(bias)
     derivative = 0.5 * (1 + np.vectorize(math.erf)(z / math.sqrt(2))) + z * np.exp(
         -0.5 * z**2
@@ -226,14 +228,13 @@ def test_dense_on_float32_weights_is_xlas_steps_bitwise(m, k, n, biased, out):
 
 
 @needs_products
-def test_dense_with_gelu_is_the_gelu_kernel_on_rounded_weights_and_its_gradients_are_xlas():
+def test_float32_weights_give_the_floats_of_their_bf16_copy_and_xlas_gradients():
     x, _ = bf16_pair(3, 96, 77, 40)
     w = weights_with_ties(4, 77, 40)
     bias = jax.random.normal(jax.random.key(5), (40,))
     got = kernels.amx_dense(x, w, bias, gelu=True, out_dtype=jnp.bfloat16)
-    np.testing.assert_array_equal(
-        f64(got), f64(kernels.amx_dense_gelu(x, w.astype(jnp.bfloat16), bias))
-    )
+    rounded = kernels.amx_dense(x, w.astype(jnp.bfloat16), bias, gelu=True, out_dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(f64(got), f64(rounded))
     g = jax.random.normal(jax.random.key(6), (96, 40))
 
     def steps(x, w, bias):  # what XLA computes without the kernel, as nn.Dense and GELU would
@@ -485,15 +486,13 @@ def test_bad_operands_get_clear_errors():
         )
     x, w = jnp.zeros((4, 8), jnp.bfloat16), jnp.zeros((8, 6), jnp.bfloat16)
     with pytest.raises(InputError, match=r"bias of shape \(6,\)"):
-        kernels.amx_dense_gelu(x, w, jnp.zeros(8))
+        kernels.amx_dense(x, w, jnp.zeros(8))
     with pytest.raises(InputError, match="K > 0"):
-        kernels.amx_dense_gelu(x[:, :0], w[:0], jnp.zeros(6))
-    with pytest.raises(InputError, match="bfloat16 arrays"):
-        kernels.amx_dense_gelu(x.astype(jnp.float32), w, jnp.zeros(6))
-    with pytest.raises(InputError, match=r"float32 weights.*amx_matmul"):
-        kernels.amx_dense(x, w)
-    with pytest.raises(InputError, match=r"float32 bias of shape \(6,\)"):
-        kernels.amx_dense(x, w.astype(jnp.float32), jnp.zeros(6, jnp.bfloat16))
+        kernels.amx_dense(x[:, :0], w[:0], jnp.zeros(6))
+    with pytest.raises(InputError, match=r"bfloat16 x by bfloat16 or float32 weights.*Cast x"):
+        kernels.amx_dense(x.astype(jnp.float32), w, jnp.zeros(6))
+    with pytest.raises(InputError, match="bfloat16 or float32 weights"):
+        kernels.amx_dense(x, w.astype(jnp.float16))
     with pytest.raises(InputError, match="GELU after a bias"):
         kernels.amx_dense(x, w.astype(jnp.float32), gelu=True)
     qkv = jnp.zeros((1, 8, 2, 32), jnp.bfloat16)
@@ -523,10 +522,10 @@ calls = sorted({l.split("=")[1].split("custom-call")[0].strip().replace(" ", "")
 error = max(float(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)).max())
             for x, y in zip(one, two))
 bias = jnp.asarray(rng.standard_normal(64), jnp.float32)
-gelu = jax.jit(kernels.amx_dense_gelu)
+gelu = jax.jit(lambda a, b, bias: kernels.amx_dense(a, b, bias, gelu=True, out_dtype=jnp.bfloat16))
 gelu_hlo = gelu.lower(args[0], args[1], bias).compile().as_text()
 gelu_calls = sorted({l.split("=")[1].split("custom-call")[0].strip() for l in
-                     gelu_hlo.splitlines() if "amx_matmul_gelu" in l and "custom-call(" in l})
+                     gelu_hlo.splitlines() if "amx_dense" in l and "custom-call(" in l})
 same = bool(jnp.array_equal(gelu(a, b, bias), gelu(args[0], args[1], bias)))
 if kernels.amx_matmul_unavailable_reason() is None:  # the attention: AMX tiles only
     qkv = [jnp.asarray(rng.standard_normal((4, 24, 2, 32)), jnp.bfloat16) for _ in range(3)]

@@ -22,8 +22,8 @@ and cache instead, as torch's CPU SDPA does. By concern:
   :func:`cpu_bias_gelu`;
 - :mod:`.matmul`: :func:`amx_matmul` and :func:`amx_batched_matmul`, bf16 products on AMX
   tiles (CPUs with AMX-BF16) or AVX512-BF16 pair dots (CPUs with it and no AMX), and
-  :func:`amx_dense_gelu`, a dense layer and its GELU in one, and :func:`amx_dense`, a bf16
-  dense layer on float32 weights with its bias (and GELU) in one;
+  :func:`amx_dense`, a bf16 dense layer (bf16 or float32 weights) with its bias, GELU and
+  the output's rounding in one call;
 - :mod:`.gru`: :func:`gru_recurrence_cpu`, torch's GRU recurrence over all steps of a layer's
   directions in one call, forward and backward;
 - :mod:`.peak`: :func:`fma_peak_gflops`, the float32 rate the cores reach, for benchmarks'
@@ -56,7 +56,6 @@ from hw2jax.kernels.linear import (
 from hw2jax.kernels.matmul import (
     amx_batched_matmul,
     amx_dense,
-    amx_dense_gelu,
     amx_matmul,
     amx_matmul_unavailable_reason,
     bf16_products_engine,
@@ -84,7 +83,6 @@ __all__ = [
     "amx_attention",
     "amx_batched_matmul",
     "amx_dense",
-    "amx_dense_gelu",
     "amx_matmul",
     "amx_matmul_unavailable_reason",
     "bf16_products_engine",

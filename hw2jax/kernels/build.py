@@ -43,9 +43,16 @@ TARGETS = {
     "dense_backward": ("Hw2jaxCpuDenseLinearBackward", "hw2jax_cpu_dense_linear_backward"),
     "amx_matmul": ("Hw2jaxCpuAmxMatmul", "hw2jax_cpu_amx_matmul"),
     "amx_matmul_bf16": ("Hw2jaxCpuAmxMatmulBf16", "hw2jax_cpu_amx_matmul_bf16"),
-    "amx_matmul_gelu": ("Hw2jaxCpuAmxMatmulGelu", "hw2jax_cpu_amx_matmul_gelu"),
     "amx_dense": ("Hw2jaxCpuAmxDense", "hw2jax_cpu_amx_dense"),
     "amx_dense_bf16": ("Hw2jaxCpuAmxDenseBf16", "hw2jax_cpu_amx_dense_bf16"),
+    "amx_dense_bf16_weights": (
+        "Hw2jaxCpuAmxDenseBf16Weights",
+        "hw2jax_cpu_amx_dense_bf16_weights",
+    ),
+    "amx_dense_bf16_weights_bf16": (
+        "Hw2jaxCpuAmxDenseBf16WeightsBf16",
+        "hw2jax_cpu_amx_dense_bf16_weights_bf16",
+    ),
     "amx_attention": ("Hw2jaxCpuAmxAttention", "hw2jax_cpu_amx_attention"),
     "amx_attention_bf16": ("Hw2jaxCpuAmxAttentionBf16", "hw2jax_cpu_amx_attention_bf16"),
     "few_keys_forward": ("Hw2jaxCpuFewKeysForward", "hw2jax_cpu_few_keys_forward"),

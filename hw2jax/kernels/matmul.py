@@ -69,7 +69,7 @@ _NAMES = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}
 
 
 def bf16_products_unavailable_reason() -> str | None:
-    """None if :func:`amx_matmul`, :func:`amx_batched_matmul` and :func:`amx_dense_gelu` can
+    """None if :func:`amx_matmul`, :func:`amx_batched_matmul` and :func:`amx_dense` can
     run here (on AMX tiles or AVX512-BF16 pair dots), else why not (building the kernels on
     first call)."""
     return _library_reason(
@@ -234,11 +234,6 @@ def amx_matmul(a: jax.Array, b: jax.Array, out_dtype=jnp.float32) -> jax.Array:
     return _matmul(a.reshape(-1, a.shape[-1]), b, False, False, out).reshape(*lead, b.shape[1])
 
 
-def _gelu_product(a: jax.Array, b: jax.Array, bias: jax.Array) -> jax.Array:
-    """bf16 GELU(a . b + bias) for 2-D a and b, in one call."""
-    return _dense_call("amx_matmul_gelu", a, b, bias, True, jnp.bfloat16)
-
-
 def _dense_call(target: str, a, b, bias, gelu: bool, out_dtype) -> jax.Array:
     """The dense target on 2-D a and b: ``a . b``, with ``bias`` added (None: none) and GELU
     where asked, as ``out_dtype``."""
@@ -253,48 +248,12 @@ def _dense_call(target: str, a, b, bias, gelu: bool, out_dtype) -> jax.Array:
 
 
 @functools.cache
-def _partitioned_gelu():
-    """:func:`_gelu_product` on a mesh: each device takes its rows of a, all of b and the bias."""
-    return on_mesh(_gelu_product, "m k, k n, n -> m n", split="m")
-
-
-def _gelu_unfused(a, b, bias):
-    """The same in steps: the float32 product, the bias, GELU, then bf16."""
-    return jax.nn.gelu(_matmul(a, b, False, False) + bias, approximate=False).astype(jnp.bfloat16)
-
-
-# Differentiated, the step keeps its float32 pre-activation for GELU's derivative.
-_dense_gelu = differentiated_by(lambda a, b, bias: _partitioned_gelu()(a, b, bias), _gelu_unfused)
-
-
-def amx_dense_gelu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """``gelu(x @ kernel + bias)`` (exact, erf) rounded to bf16, the dense layer before a GELU
-    in one call: the float32 product is biased, activated and rounded while it is in cache,
-    never written out. Differentiated, it runs as :func:`amx_matmul` followed by XLA's GELU.
-
-    x: bfloat16 ``[..., K]``; kernel: bfloat16 ``[K, N]``; bias: ``[N]``, added in float32.
-    Raises :class:`KernelUnavailable` where :func:`bf16_products_unavailable_reason` gives one."""
-    _check_bf16("amx_dense_gelu", x, kernel)
-    if kernel.ndim != 2 or x.ndim < 1 or x.shape[-1] != kernel.shape[0] or x.shape[-1] == 0:
-        raise InputError(
-            f"amx_dense_gelu wants x [..., K] and kernel [K, N] with K > 0; got {x.shape} and "
-            f"{kernel.shape}."
-        )
-    if bias.shape != (kernel.shape[1],):
-        raise InputError(
-            f"amx_dense_gelu wants a bias of shape ({kernel.shape[1]},); got {bias.shape}."
-        )
-    _check_available()
-    lead = x.shape[:-1]
-    out = _dense_gelu(x.reshape(-1, x.shape[-1]), kernel, bias.astype(jnp.float32))
-    return out.reshape(*lead, kernel.shape[1])
-
-
-@functools.cache
-def _dense_from_float32(with_bias: bool, gelu: bool, out: str):
-    """:func:`amx_dense`'s 2-D form: the call on each device's rows where a mesh splits them,
-    and under differentiation the same in XLA's steps around :func:`amx_matmul`."""
-    target = "amx_dense" if out == "float32" else "amx_dense_bf16"
+def _dense(weights: str, with_bias: bool, gelu: bool, out: str):
+    """:func:`amx_dense`'s 2-D form for ``weights`` of that dtype: the call on each device's
+    rows where a mesh splits them, and under differentiation the same in XLA's steps around
+    :func:`amx_matmul` (GELU's derivative wants the float32 pre-activation they keep)."""
+    target = "amx_dense" + ("_bf16_weights" if weights == "bfloat16" else "")
+    target += "_bf16" if out == "bfloat16" else ""
 
     def local(a, b, *bias):
         return _dense_call(target, a, b, bias[0] if bias else None, gelu, jnp.dtype(out))
@@ -316,36 +275,34 @@ def amx_dense(
     gelu: bool = False,
     out_dtype=jnp.float32,
 ) -> jax.Array:
-    """A bf16 dense layer with float32 weights in one call: ``x @ bf16(kernel)`` accumulated in
-    float32, plus ``bias`` (float32, where given), then the exact GELU where asked, returned as
-    ``out_dtype`` (float32, or bfloat16 rounded as it leaves the tiles). The weights are rounded
-    to bf16 as the kernel packs them, and the bias, GELU and rounding run while the product is
-    in cache: the same floats as ``x @ kernel.astype(bf16)``, ``+ bias``, GELU and ``.astype``
-    in XLA, without their passes over memory. Differentiated, it runs as those steps around
-    :func:`amx_matmul`.
+    """A bf16 dense layer in one call: ``x @ kernel`` accumulated in float32, plus ``bias``
+    (where given), then the exact GELU (erf) where asked, returned as ``out_dtype`` (float32, or
+    bfloat16 rounded as it leaves the tiles). float32 weights are rounded to bf16 as the kernel
+    packs them; the bias, GELU and rounding run while the product is in cache. The floats are
+    those of ``x @ kernel.astype(bf16)``, ``+ bias``, GELU and ``.astype`` in XLA's steps (GELU
+    by the kernels' erf), without their passes over memory. Differentiated, it runs as those
+    steps around :func:`amx_matmul`.
 
-    x: bfloat16 ``[..., K]``; kernel: float32 ``[K, N]``; bias: float32 ``[N]``. Raises
-    :class:`KernelUnavailable` where :func:`bf16_products_unavailable_reason` gives a reason."""
-    if x.dtype != jnp.bfloat16 or kernel.dtype != jnp.float32:
+    x: bfloat16 ``[..., K]``; kernel: bfloat16 or float32 ``[K, N]``; bias: ``[N]``, added in
+    float32. Raises :class:`KernelUnavailable` where :func:`bf16_products_unavailable_reason`
+    gives a reason."""
+    if x.dtype != jnp.bfloat16 or kernel.dtype not in (jnp.bfloat16, jnp.float32):
         raise InputError(
-            f"amx_dense multiplies bfloat16 x by float32 weights; got {x.dtype} and "
-            f"{kernel.dtype}. Use amx_matmul for two bfloat16 arrays."
+            f"amx_dense multiplies bfloat16 x by bfloat16 or float32 weights; got {x.dtype} and "
+            f"{kernel.dtype}. Cast x, or use jax.lax.dot_general for other dtypes."
         )
     if kernel.ndim != 2 or x.ndim < 1 or x.shape[-1] != kernel.shape[0] or x.shape[-1] == 0:
         raise InputError(
             f"amx_dense wants x [..., K] and kernel [K, N] with K > 0; got {x.shape} and "
             f"{kernel.shape}."
         )
-    if bias is not None and (bias.shape != (kernel.shape[1],) or bias.dtype != jnp.float32):
-        raise InputError(
-            f"amx_dense wants a float32 bias of shape ({kernel.shape[1]},); got {bias.shape} "
-            f"{bias.dtype}."
-        )
+    if bias is not None and bias.shape != (kernel.shape[1],):
+        raise InputError(f"amx_dense wants a bias of shape ({kernel.shape[1]},); got {bias.shape}.")
     if gelu and bias is None:
         raise InputError("amx_dense applies GELU after a bias: pass one (zeros for none).")
     out = _out_name(out_dtype)
     _check_available()
     lead = x.shape[:-1]
-    dense = _dense_from_float32(bias is not None, gelu, out)
-    biases = () if bias is None else (bias,)
+    dense = _dense(kernel.dtype.name, bias is not None, gelu, out)
+    biases = () if bias is None else (bias.astype(jnp.float32),)
     return dense(x.reshape(-1, x.shape[-1]), kernel, *biases).reshape(*lead, kernel.shape[1])

@@ -92,14 +92,15 @@ def _bias_gelu_unsupported(h: jax.Array, bias: jax.Array) -> str | None:
 def _dense_parameters(module: nn.Module, x: jax.Array):
     """x, and the kernel and bias that :func:`_dense` declares in ``module`` (which has
     ``features`` and ``dtype``), promoted to the compute dtype as nn.Dense promotes them; and
-    the kernel as stored, for the bf16 product kernel, which rounds float32 weights as it packs
-    them (None where it does not run: :func:`hw2jax.attention.dispatch.dense_product`)."""
+    the kernel as stored, for the bf16 product kernel, which takes bf16 or float32 weights and
+    rounds float32 ones as it packs them (None where it does not run:
+    :func:`hw2jax.attention.dispatch.dense_product`)."""
     kernel = module.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], module.features))
     bias = module.param("bias", nn.initializers.zeros_init(), (module.features,))
     x, promoted, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
     dims = (((x.ndim - 1,), (0,)), ((), ()))
     by_kernel = (
-        kernel.dtype == jnp.float32
+        kernel.dtype in (jnp.float32, jnp.bfloat16)
         and dispatch.dense_product(x, promoted, dims, kernels.bf16_products_unavailable_reason)
         == "amx"
     )

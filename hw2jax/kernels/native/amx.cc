@@ -735,9 +735,10 @@ HW2JAX_AMX_ATTENTION(Hw2jaxCpuAmxAttentionBf16, ffi::DataType::BF16)
                                     .Attr<int32_t>("has_bias")              \
                                     .Attr<int32_t>("gelu")                  \
                                     .Ret<ffi::Buffer<out_type>>());
-HW2JAX_DENSE(Hw2jaxCpuAmxMatmulGelu, ffi::DataType::BF16, ffi::DataType::BF16)
 HW2JAX_DENSE(Hw2jaxCpuAmxDense, ffi::DataType::F32, ffi::DataType::F32)
 HW2JAX_DENSE(Hw2jaxCpuAmxDenseBf16, ffi::DataType::F32, ffi::DataType::BF16)
+HW2JAX_DENSE(Hw2jaxCpuAmxDenseBf16Weights, ffi::DataType::BF16, ffi::DataType::F32)
+HW2JAX_DENSE(Hw2jaxCpuAmxDenseBf16WeightsBf16, ffi::DataType::BF16, ffi::DataType::BF16)
 
 // 1 where the bf16 matmul can run here, 0 where Linux refuses this process the tiles, -1 where
 // this build has no AMX-BF16 (its -march build failed and a generic one was made): checked from

@@ -1,5 +1,6 @@
 """MiniLM's bf16 forward (32 x 256 tokens): the layer as it was before the bf16 dense calls
-against BertLayer now, in one process, alternating; both on this library's kernels.
+against BertLayer now, in one process, alternating; both on this library's kernels (the
+GELU call of before is amx_dense on bf16 weights, the same kernel).
 Usage: layer_in_one_process.py [ROUNDS] > out.json (start it with hw2jax.malloc.TUNABLES in
 GLIBC_TUNABLES, as the benchmarks run)."""
 
@@ -31,7 +32,7 @@ class OldDense(
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=jnp.bfloat16)
         if self.gelu:
-            return kernels.amx_dense_gelu(x, kernel, bias)
+            return kernels.amx_dense(x, kernel, bias, gelu=True, out_dtype=jnp.bfloat16)
         return dense_dot(x, kernel), bias
 
 
