@@ -127,8 +127,7 @@ class _DenseActivation(nn.Module):
         if self.activation != "gelu":
             return _ACTIVATIONS[self.activation](dot_float32_out(x, kernel, dims) + bias)
         if stored is not None:
-            f32 = bias.astype(jnp.float32)
-            return kernels.amx_dense(x, stored, f32, gelu=True, out_dtype=jnp.bfloat16)
+            return kernels.amx_dense(x, stored, bias, gelu=True, out_dtype=jnp.bfloat16)
         h = dot_float32_out(x, kernel, dims)
         why_not = functools.partial(_bias_gelu_unsupported, h, bias)
         if (
@@ -156,7 +155,7 @@ class _DenseAndBias(nn.Module):
             h = dense_dot(x, kernel)
             return (h + bias).astype(x.dtype) if added else (h, bias)
         if added:
-            return kernels.amx_dense(x, stored, bias.astype(jnp.float32), out_dtype=x.dtype)
+            return kernels.amx_dense(x, stored, bias, out_dtype=x.dtype)
         return kernels.amx_dense(x, stored), bias
 
 
@@ -224,7 +223,9 @@ class BertLayer(nn.Module):
         # the float32 products before the cast, as nn.Dense adds them.
         float32 = jnp.dtype(compute) == jnp.float32
         names = ("query", "key", "value")
-        products = [_DenseAndBias(c.hidden_size, self.dtype, name=n)(x, not float32) for n in names]
+        products = [
+            _DenseAndBias(c.hidden_size, self.dtype, name=n)(x, added=not float32) for n in names
+        ]
         if float32:
             qkv = [heads_of(t) for t, _ in products]
             biases = tuple(heads_of(b) for _, b in products)
