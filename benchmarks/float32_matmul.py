@@ -1,6 +1,8 @@
-"""float32 dense products on the CPU: XLA's dot (what every float32 dense layer of hw2jax runs)
-against torch's matmul (MKL or oneDNN), forward and with gradients, on the shapes of
-``bf16_matmul.py``, and the cores' float32 peak as measured (``kernels.fma_peak_gflops``).
+"""float32 dense products on the CPU: XLA's dot (what float32 dense layers run under
+differentiation, with YNNPACK's and with XLA's own) and, forward, hw2jax's float32 dense kernel
+(``kernels.float32_dense``: BERT's float32 layers where auto takes it) against torch's matmul
+(MKL or oneDNN), forward and with gradients, on the shapes of ``bf16_matmul.py``, and the
+cores' float32 peak as measured (``kernels.fma_peak_gflops``).
 
     .venv/bin/python benchmarks/float32_matmul.py [--repeats 10] [--untimed-before 2] [--out DIR]
 
@@ -44,8 +46,12 @@ def time_shape(m: int, k: int, n: int, gradient: bool, repeats: int, untimed_bef
     calls = {
         "xla": lambda: jax.block_until_ready(xla(a, b)),
         "xla_own_dot": lambda: jax.block_until_ready(own(a, b)),
-        "torch": torch_product_call(ta, tb, tg, gradient),
     }
+    if not gradient:  # differentiated, the kernel's call runs as XLA's steps
+        kernel = jax.jit(kernels.float32_dense)
+        calls["kernel"] = lambda: jax.block_until_ready(kernel(a, b))
+    # torch last in each round: the call after it meets its spinning threads
+    calls["torch"] = torch_product_call(ta, tb, tg, gradient)
     return timed_product_row(calls, m, k, n, gradient, repeats, untimed_before)
 
 
@@ -68,8 +74,8 @@ def main(argv=None) -> None:
     }
     print(meta)
     print(
-        f"{'layer':22s} {'pass':8s} {'xla':>8s} {'own dot':>8s} {'torch':>8s}  (GFLOP/s)  "
-        "time / torch's: xla, own dot"
+        f"{'layer':22s} {'pass':8s} {'xla':>8s} {'own dot':>8s} {'kernel':>8s} {'torch':>8s}"
+        "  (GFLOP/s)  time / torch's: xla, own dot, kernel"
     )
     rows = []
     for name, (m, k, n) in SHAPES.items():
@@ -80,10 +86,15 @@ def main(argv=None) -> None:
             }
             rows.append(row)
             rate, ms = row["gflop_s"], row["ms"]
+            kernel = (
+                (f"{rate['kernel']:8.1f}", f"{ms['kernel'] / ms['torch']:6.2f}x")
+                if ("kernel" in ms)
+                else (f"{'-':>8s}", f"{'-':>7s}")
+            )
             print(
                 f"{name:22s} {row['pass']:8s} {rate['xla']:8.1f} {rate['xla_own_dot']:8.1f} "
-                f"{rate['torch']:8.1f}  {ms['xla'] / ms['torch']:6.2f}x "
-                f"{ms['xla_own_dot'] / ms['torch']:6.2f}x",
+                f"{kernel[0]} {rate['torch']:8.1f}  {ms['xla'] / ms['torch']:6.2f}x "
+                f"{ms['xla_own_dot'] / ms['torch']:6.2f}x {kernel[1]}",
                 flush=True,
             )
     write_results(args.out, "float32_matmul.json", meta, rows)

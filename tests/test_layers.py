@@ -96,7 +96,18 @@ def test_the_kernels_sit_at_the_bottom():
     kernels = {m for m in graph if m.startswith("hw2jax.kernels.")}
     assert kernels == {
         f"hw2jax.kernels.{m}"
-        for m in ("build", "ffi", "softmax", "linear", "matmul", "rows", "peak", "gru", "dropout")
+        for m in (
+            "build",
+            "ffi",
+            "softmax",
+            "linear",
+            "matmul",
+            "gemm",
+            "rows",
+            "peak",
+            "gru",
+            "dropout",
+        )
     }
 
 

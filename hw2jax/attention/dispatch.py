@@ -48,9 +48,10 @@ timing per process; classes left untimed then take the feature rule. Softmax and
 attention time forward and gradient separately (a custom VJP runs the forward winner when
 nothing is differentiated; key bias with attention dropout is a class of its own); linear and
 few-keys attention are timed with gradients. The row
-kernels (:func:`row_kernel`: layer norms, timed with gradients; BERT's bias + GELU, forward)
-share the probe, their class being the operation, the rows to a power of two (timed on at most
-2^14), the width and the dtype. The GRU's recurrence (:func:`recurrence`: the fused kernel or
+kernels (:func:`row_kernel`: layer norms, timed with gradients; BERT's bias + GELU and its
+float32 dense products, forward) share the probe, their class being the operation, the rows to
+a power of two (timed on at most 2^14), the width (a product's K x N) and the dtype. The
+GRU's recurrence (:func:`recurrence`: the fused kernel or
 a ``lax.scan``) is timed with gradients over at most :data:`PROBE_STEPS` steps, its class being
 the directions, the batch to a power of two, the hidden size and the dtype. Processes of a
 multi-process run all take the feature rule, so that they compile one program.
@@ -362,7 +363,8 @@ def row_kernel(
     gradient: bool = False,
 ) -> str:
     """How a row-wise operation with a CPU kernel runs (:mod:`hw2jax.kernels.rows`: a layer
-    norm over the last axis, one pass each way, and BERT's GELU(x + bias) on all threads):
+    norm over the last axis, one pass each way, and BERT's GELU(x + bias) on all threads;
+    :mod:`hw2jax.kernels.gemm`: BERT's float32 dense layers, each row of x by the weights):
     ``"fused_cpu"`` or ``"xla"`` (flax's or jax's). ``unsupported()`` says why the kernel
     cannot take the input here (None: it can). Timed as ``op`` (with gradients or not) where
     ``measure`` is given on CPU, else the kernel where the fused kernels pay off (AVX2 or
@@ -497,6 +499,9 @@ class Measure:
     # the inputs to time on.
     size: str | None = None
     probe: Sequence[jax.ShapeDtypeStruct] | None = None
+    # XLA options of the program the call runs in (as ``jax.jit(compiler_options=...)``): its
+    # paths are timed compiled as that program compiles them.
+    compiler_options: tuple[tuple[str, str], ...] = ()
 
 
 _RULE_ONLY = contextvars.ContextVar("hw2jax_dispatch_rule_only", default=False)
@@ -671,7 +676,8 @@ def _probe_of(measure: Measure, abstract: bool = False) -> list:
 
 def time_paths(paths: Sequence[str], measure: Measure, gradient: bool) -> dict[str, float]:
     inputs = _probe_of(measure)
-    return {name: _time_path(measure.run(name), inputs, gradient) for name in paths}
+    options = dict(measure.compiler_options)
+    return {name: _time_path(measure.run(name), inputs, gradient, options) for name in paths}
 
 
 def probe_program(fn: Callable, gradient: bool, operands: int) -> Callable:
@@ -689,9 +695,9 @@ def probe_program(fn: Callable, gradient: bool, operands: int) -> Callable:
     return jax.value_and_grad(loss, argnums=tuple(range(min(3, operands))))
 
 
-def _time_path(fn: Callable, inputs: list, gradient: bool) -> float:
+def _time_path(fn: Callable, inputs: list, gradient: bool, options: dict | None = None) -> float:
     """The best of up to three runs (half a second at most) after a first that compiles."""
-    compiled = jax.jit(probe_program(fn, gradient, len(inputs)))
+    compiled = jax.jit(probe_program(fn, gradient, len(inputs)), compiler_options=options or None)
     jax.block_until_ready(compiled(*inputs))
     best, start = math.inf, time.perf_counter()
     for _ in range(3):

@@ -24,6 +24,8 @@ and cache instead, as torch's CPU SDPA does. By concern:
   tiles (CPUs with AMX-BF16) or AVX512-BF16 pair dots (CPUs with it and no AMX), and
   :func:`amx_dense`, a bf16 dense layer (bf16 or float32 weights) with its bias, GELU and
   the output's rounding in one call;
+- :mod:`.gemm`: :func:`float32_dense`, a float32 dense layer with its bias and GELU in one
+  call (forward; differentiated, another form of it runs);
 - :mod:`.gru`: :func:`gru_recurrence_cpu`, torch's GRU recurrence over all steps of a layer's
   directions in one call, forward and backward;
 - :mod:`.peak`: :func:`fma_peak_gflops`, the float32 rate the cores reach, for benchmarks'
@@ -46,6 +48,12 @@ from hw2jax.kernels.build import (
     register_targets,
 )
 from hw2jax.kernels.ffi import differentiated_by
+from hw2jax.kernels.gemm import (
+    float32_dense,
+    float32_dense_unavailable_reason,
+    float32_dense_unsupported,
+    xla_dense,
+)
 from hw2jax.kernels.gru import gru_recurrence_cpu, gru_unavailable_reason
 from hw2jax.kernels.linear import (
     causal_linear_product_cpu,
@@ -102,6 +110,9 @@ __all__ = [
     "differentiated_by",
     "dropout",
     "few_keys_unsupported",
+    "float32_dense",
+    "float32_dense_unavailable_reason",
+    "float32_dense_unsupported",
     "fma_chains",
     "fma_peak_gflops",
     "gru_recurrence_cpu",
@@ -113,4 +124,5 @@ __all__ = [
     "linear_attention_cpu",
     "register_targets",
     "row_kernel_unavailable_reason",
+    "xla_dense",
 ]

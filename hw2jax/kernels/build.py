@@ -68,6 +68,7 @@ TARGETS = {
     ),
     "layer_norm_backward": ("Hw2jaxCpuLayerNormBackward", "hw2jax_cpu_layer_norm_backward"),
     "bias_gelu": ("Hw2jaxCpuBiasGelu", "hw2jax_cpu_bias_gelu"),
+    "float32_dense": ("Hw2jaxCpuFloat32Dense", "hw2jax_cpu_float32_dense"),
     "fma_peak": ("Hw2jaxCpuFmaPeak", "hw2jax_cpu_fma_peak"),
     "gru_forward": ("Hw2jaxCpuGruForward", "hw2jax_cpu_gru_forward"),
     "gru_forward_save": ("Hw2jaxCpuGruForwardSave", "hw2jax_cpu_gru_forward_save"),

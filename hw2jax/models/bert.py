@@ -107,13 +107,48 @@ def _dense_parameters(module: nn.Module, x: jax.Array):
     return x, promoted, bias, kernel if by_kernel else None
 
 
+def _float32_kernel_takes(x: jax.Array, kernel: jax.Array) -> bool:
+    """Whether this float32 layer's product runs on the dense kernel
+    (:func:`hw2jax.kernels.float32_dense`, which adds the bias and GELU in the same call), by
+    :func:`hw2jax.attention.dispatch.row_kernel`, timed forward as op "dense" against XLA's dot
+    as this encoder's programs compile it (:func:`xla_compiler_options`)."""
+    why_not = functools.partial(
+        kernels.float32_dense_unavailable_reason, x.shape, kernel.shape, x.dtype
+    )
+    if kernel.dtype != x.dtype:
+        return False
+    return (
+        dispatch.row_kernel(why_not, measure=float32_product_paths(x, kernel), op="dense")
+        == "fused_cpu"
+    )
+
+
+def float32_product_paths(x: jax.Array, kernel: jax.Array) -> dispatch.Measure:
+    """What auto times for ``x @ kernel``: the dense kernel or XLA's dot (:func:`dense_dot`)."""
+    rows, (k, n) = math.prod(x.shape[:-1]), kernel.shape
+    paths = {"fused_cpu": kernels.float32_dense, "xla": dense_dot}
+    weights = jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
+    return dispatch.Measure(
+        (jax.ShapeDtypeStruct(x.shape, x.dtype), weights),
+        paths.__getitem__,
+        size=f"rows 2^{int(math.log2(max(rows, 1)))} {k}x{n} {jnp.dtype(x.dtype).name}",
+        probe=(jax.ShapeDtypeStruct((min(rows, dispatch.PROBE_ROWS), k), x.dtype), weights),
+        compiler_options=tuple(xla_compiler_options(x.dtype).items()),
+    )
+
+
+def _product_then_bias_gelu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    return _bias_gelu_xla(dense_dot(x, kernel), bias)
+
+
 class _DenseActivation(nn.Module):
     """``activation(Dense(x))`` with nn.Dense's parameters (kernel, bias) and arithmetic. Where
     the dense product would run on the bf16 product kernel (:func:`hw2jax.attention.dispatch.
     dense_product`), the exact GELU runs inside the same call on the float32 weights
     (:func:`hw2jax.kernels.amx_dense`): its float32 input never goes to memory, and its output
-    is bf16, which the next dense layer takes anyway. In float32 the GELU and the bias run on
-    all threads (:func:`hw2jax.kernels.cpu_bias_gelu`) where
+    is bf16, which the next dense layer takes anyway. In float32 the product, its bias and the
+    GELU run in one call of the float32 dense kernel where :func:`_float32_kernel_takes`, else
+    the GELU and the bias run on all threads (:func:`hw2jax.kernels.cpu_bias_gelu`) where
     :func:`hw2jax.attention.dispatch.row_kernel` says so."""
 
     features: int
@@ -128,6 +163,10 @@ class _DenseActivation(nn.Module):
             return _ACTIVATIONS[self.activation](dot_float32_out(x, kernel, dims) + bias)
         if stored is not None:
             return kernels.amx_dense(x, stored, bias, gelu=True, out_dtype=jnp.bfloat16)
+        if _float32_kernel_takes(x, kernel):
+            return kernels.float32_dense(
+                x, kernel, bias, gelu=True, differentiated=_product_then_bias_gelu
+            )
         h = dot_float32_out(x, kernel, dims)
         why_not = functools.partial(_bias_gelu_unsupported, h, bias)
         if (
@@ -143,7 +182,8 @@ class _DenseAndBias(nn.Module):
     product instead of added: the layer norm after it adds both to the residual in its own
     pass (:class:`hw2jax.models.layers.LayerNorm`'s ``plus``). With ``added=True``, nn.Dense's
     ``product + bias`` in the compute dtype. On the bf16 product kernel the bias and the
-    rounding join its call."""
+    rounding join its call; in float32 the product runs on the float32 dense kernel where
+    :func:`_float32_kernel_takes`."""
 
     features: int
     dtype: Any = None
@@ -152,6 +192,8 @@ class _DenseAndBias(nn.Module):
     def __call__(self, x: jax.Array, added: bool = False):
         x, kernel, bias, stored = _dense_parameters(self, x)
         if stored is None:
+            if not added and _float32_kernel_takes(x, kernel):
+                return kernels.float32_dense(x, kernel, differentiated=dense_dot), bias
             h = dense_dot(x, kernel)
             return (h + bias).astype(x.dtype) if added else (h, bias)
         if added:
