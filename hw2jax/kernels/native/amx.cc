@@ -654,26 +654,16 @@ ffi::Error DenseCall(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer
 #ifndef HW2JAX_BF16_PRODUCTS
   return ffi::Error(ffi::ErrorCode::kUnavailable, "this kernel build has no AMX-BF16 or AVX512-BF16");
 #else
-  const auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
-  if (da.size() != 2 || db.size() != 2 || dc.size() != 2 || bias.dimensions().size() != 1)
-    return ffi::Error::InvalidArgument("a, b and c must be 2-D and the bias 1-D");
   MatmulProblem p{};
   p.batch = 1;
-  p.m = da[0];
-  p.k = da[1];
-  p.n = db[1];
-  if (db[0] != p.k || dc[0] != p.m || dc[1] != p.n || (has_bias && bias.dimensions()[0] != p.n))
-    return ffi::Error::InvalidArgument("the shapes of a, b, the bias and c do not match");
-  if (gelu && !has_bias) return ffi::Error::InvalidArgument("GELU comes with a bias here");
-  if (p.k == 0) return ffi::Error::InvalidArgument("the contracted axis is empty");
-  if (p.m == 0 || p.n == 0) return ffi::Error::Success();
+  const ffi::Error error = CheckDenseOperands(a.dimensions(), b.dimensions(), c->dimensions(),
+                                              bias, has_bias, gelu, p.m, p.k, p.n);
+  if (error.failure() || p.m == 0 || p.n == 0) return error;
   p.kp = (p.k + 31) / 32 * 32;
   p.np = (p.n + 31) / 32 * 32;
-  Aligned padded(p.np);  // loads of 16 past N stay inside
+  Aligned padded(p.np);
   if (has_bias) {
-    std::memset(padded.ptr, 0, p.np * 4);
-    std::memcpy(padded.ptr, bias.typed_data(), p.n * 4);
-    p.bias = padded.ptr;
+    p.bias = PaddedBias(bias, p.n, p.np, padded);
     p.gelu = gelu != 0;
   }
   p.a = reinterpret_cast<const uint16_t*>(a.typed_data());

@@ -332,6 +332,33 @@ ffi::Error CheckRowInputs(const Buffer& q, const Buffer& k, const Buffer& v,
     return ffi::Error::InvalidArgument("key_bias must be [..., T]");
   return ffi::Error::Success();
 }
+// A dense call's operands: a [M, K], b [K, N], c [M, N] (their dimensions) and a bias [N]
+// where has_bias (GELU only with one). Fills m, k and n; an error says what does not fit.
+template <class DimsA, class DimsB, class DimsC>
+ffi::Error CheckDenseOperands(const DimsA& da, const DimsB& db, const DimsC& dc,
+                              const ffi::Buffer<ffi::F32>& bias, int32_t has_bias, int32_t gelu,
+                              int64_t& m, int64_t& k, int64_t& n) {
+  if (da.size() != 2 || db.size() != 2 || dc.size() != 2 || bias.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument("a, b and c must be 2-D and the bias 1-D");
+  m = da[0];
+  k = da[1];
+  n = db[1];
+  if (db[0] != k || dc[0] != m || dc[1] != n || (has_bias && bias.dimensions()[0] != n))
+    return ffi::Error::InvalidArgument("the shapes of a, b, the bias and c do not match");
+  if (gelu && !has_bias) return ffi::Error::InvalidArgument("GELU comes with a bias here");
+  if (k == 0) return ffi::Error::InvalidArgument("the contracted axis is empty");
+  return ffi::Error::Success();
+}
+
+// The bias [n] in `padded` (np floats), zeros past n: a dense call's epilogue loads whole
+// vectors, and those past N stay inside.
+inline const float* PaddedBias(const ffi::Buffer<ffi::F32>& bias, int64_t n, int64_t np,
+                               Aligned& padded) {
+  std::memset(padded.ptr, 0, np * 4);
+  std::memcpy(padded.ptr, bias.typed_data(), n * 4);
+  return padded.ptr;
+}
+
 // erf by the rational approximation XLA and Eigen use for float32 (odd degree-13 numerator,
 // even degree-8 denominator, argument clamped to [-4, 4], where erf is 1 to float precision).
 template <class V>
