@@ -127,16 +127,17 @@ def _tiny_bert():
 
 @needs_kernel
 def test_bert_in_float32_runs_its_dense_layers_on_the_kernel_and_agrees_with_xla(monkeypatch):
-    """Six products a layer (q, k, v, the attention's output, the intermediate layer with its
-    GELU, the output) in the kernel, the GELU's bias inside it; forced off, none, and the
-    hidden states agree to float32 rounding."""
+    """Forced on, six products a layer (q, k, v, the attention's output, the intermediate
+    layer with its GELU, the output) in the kernel, the GELU's bias inside it; forced off,
+    none, and the hidden states agree to float32 rounding."""
     model, params, ids = _tiny_bert()
 
     def forward():
         f = jax.jit(lambda p, i: model.apply({"params": p}, i)[0])
         return f(params, ids), f.lower(params, ids).as_text()
 
-    with dispatch.rule_only():
+    with dispatch.rule_only():  # forced both ways: the rule keeps XLA's on builds without AVX2
+        monkeypatch.setenv(dispatch.ROW_KERNELS_ENV, "fused_cpu")
         fused, text = forward()
         monkeypatch.setenv(dispatch.ROW_KERNELS_ENV, "xla")
         plain, plain_text = forward()
