@@ -14,6 +14,9 @@ Operations, with gradients unless said (the paths ``implementation="auto"`` choo
 - the ViT's few-keys attention, q [128, 200, 64] against kv [128, 50, 64];
 - a layer norm over [8,192, 384], and forward of a post-norm residual x + (h + bias);
 - BERT's GELU(x + bias) over [8,192, 1,536], forward;
+- BERT's intermediate dense layer, GELU(x W + bias) for x [8,192, 384] and W [384, 1,536],
+  forward: the float32 dense kernel against XLA's dot (compiled as BERT's programs are,
+  without YNNPACK) and GELU;
 - linear attention (elu + 1), [4, 4,096, 4, 64], causal and not: the kernels against the
   chunked form;
 - the GRU's recurrence, both directions of a layer (T 128, batch 128, hidden 256): the kernel
@@ -46,6 +49,7 @@ def _pairs(small: bool = False) -> dict[str, tuple]:
 
     from hw2jax import attention, kernels
     from hw2jax.models import gru
+    from hw2jax.models.layers import NO_YNNPACK
 
     rng = np.random.default_rng(0)
     t, rows = (256, 256) if small else (4096, 8192)  # sequence length; rows of the row kernels
@@ -55,12 +59,12 @@ def _pairs(small: bool = False) -> dict[str, tuple]:
 
     pairs = {}
 
-    def add(name, kernel, xla, inputs, gradients=True, differentiated=None):
+    def add(name, kernel, xla, inputs, gradients=True, differentiated=None, options=None):
         """Times f(*inputs), or with ``gradients`` the gradients of one fixed weighting of f's
         output (the same for both) as to the first ``differentiated`` inputs (all by
-        default), with the weighted sum."""
+        default), with the weighted sum. ``options``: XLA's for the XLA side's program."""
         if not gradients:
-            pairs[name] = (jax.jit(kernel), jax.jit(xla), inputs)
+            pairs[name] = (jax.jit(kernel), jax.jit(xla, compiler_options=options), inputs)
             return
         weight = jax.tree.map(lambda x: normal(*x.shape), jax.eval_shape(kernel, *inputs))
         argnums = tuple(range(differentiated or len(inputs)))
@@ -150,6 +154,14 @@ def _pairs(small: bool = False) -> dict[str, tuple]:
         lambda x, b: jax.nn.gelu(x + b, approximate=False),
         [normal(rows, 1536), normal(1536)],
         gradients=False,
+    )
+    add(
+        "dense + bias + GELU, forward",
+        partial(kernels.float32_dense, gelu=True),
+        partial(kernels.xla_dense, gelu=True),
+        [normal(rows, 384), normal(384, 1536) * 384**-0.5, normal(1536)],
+        gradients=False,
+        options=dict(NO_YNNPACK),
     )
     inputs = [normal(1 if small else 4, t, 4, 64) for _ in range(3)]
     for causal in (False, True):

@@ -431,6 +431,7 @@ def test_kernel_vs_xla_checks_the_kernels_an_avx2_cpu_runs(tmp_path):
         "layer norm",
         "residual + layer norm, forward",
         "bias + GELU, forward",
+        "dense + bias + GELU, forward",
         "linear attention, non-causal",
         "linear attention, causal",
         "GRU recurrence, 2 directions",
