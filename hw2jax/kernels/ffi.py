@@ -1,8 +1,10 @@
 """The kernels' FFI targets as jax functions: :func:`on_mesh`, the one partitioning rule every
 kernel's call uses under ``jax.jit`` on a mesh (split inputs stay split, each device runs the
 kernel on its own slices), :func:`ffi_kernel`, one call per (target, layouts, attributes)
-for the attention kernels, whose vmapped axes fold into the batch, and
-:func:`differentiated_by`, a kernel forward paired with another form's gradient."""
+for the attention kernels, whose vmapped axes fold into the batch, :func:`dense_on_rows`,
+the dense layers' calls (bf16 and float32: a b, a bias, GELU), with
+:func:`check_dense_bias`, and :func:`differentiated_by`, a kernel forward paired with another
+form's gradient."""
 
 from __future__ import annotations
 
@@ -10,8 +12,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
+
+from hw2jax.errors import InputError
 
 # The layouts of the kernels' operands and results: batch first, heads the only other axis a
 # mesh may split (sequences and heads are independent; positions and features stay whole).
@@ -102,6 +107,32 @@ def on_mesh(local, rule: str, split: str):
         need_replication_factors=tuple(a for a in letters if a not in split),
     )
     return sharded
+
+
+@functools.cache
+def dense_on_rows(target: str, with_bias: bool, gelu: bool, out_dtype: str):
+    """A dense layer's FFI target (``target``, its registered name) as a function of 2-D a
+    [M, K], b [K, N] and, ``with_bias``, a float32 bias [N]: ``a . b`` (+ bias, then GELU
+    where asked) as ``out_dtype`` [M, N]. On a mesh each device takes its own rows of a."""
+
+    def local(a, b, *bias):
+        call = jax.ffi.ffi_call(
+            target,
+            jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), out_dtype),
+            vmap_method="sequential",
+        )
+        given = bias[0] if bias else jnp.zeros((0,), jnp.float32)
+        return call(a, b, given, has_bias=np.int32(with_bias), gelu=np.int32(gelu))
+
+    return on_mesh(local, "m k, k n, n -> m n" if with_bias else "m k, k n -> m n", split="m")
+
+
+def check_dense_bias(name: str, kernel: jax.Array, bias: jax.Array | None, gelu: bool) -> None:
+    """A dense call's bias: [N] for a kernel [K, N], and one wherever GELU is asked for."""
+    if bias is not None and bias.shape != kernel.shape[1:]:
+        raise InputError(f"{name} wants a bias of shape {kernel.shape[1:]}; got {bias.shape}.")
+    if gelu and bias is None:
+        raise InputError(f"{name} applies GELU after a bias: pass one (zeros for none).")
 
 
 def differentiated_by(forward, differentiated):

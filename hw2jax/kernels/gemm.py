@@ -13,32 +13,10 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from hw2jax.errors import InputError
 from hw2jax.kernels.build import TARGETS, KernelUnavailable, cpu_attention_unavailable_reason
-from hw2jax.kernels.ffi import differentiated_by, on_mesh
-
-
-def _call(a: jax.Array, b: jax.Array, bias: jax.Array | None, gelu: bool) -> jax.Array:
-    call = jax.ffi.ffi_call(
-        TARGETS["float32_dense"][1],
-        jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.float32),
-        vmap_method="sequential",
-    )
-    has_bias = bias is not None
-    bias = bias if has_bias else jnp.zeros((0,), jnp.float32)
-    return call(a, b, bias, has_bias=np.int32(has_bias), gelu=np.int32(gelu))
-
-
-@functools.cache
-def _on_rows(with_bias: bool, gelu: bool):
-    """The call on each device's rows where a mesh splits them."""
-
-    def local(a, b, *bias):
-        return _call(a, b, bias[0] if bias else None, gelu)
-
-    return on_mesh(local, "m k, k n, n -> m n" if with_bias else "m k, k n -> m n", split="m")
+from hw2jax.kernels.ffi import check_dense_bias, dense_on_rows, differentiated_by
 
 
 def xla_dense(x: jax.Array, kernel: jax.Array, bias=None, *, gelu: bool = False) -> jax.Array:
@@ -91,16 +69,11 @@ def float32_dense(
         raise InputError(f"float32_dense: {problem}. jnp.dot takes any input.")
     if kernel.dtype != jnp.float32:
         raise InputError(f"float32_dense multiplies float32 weights; got {kernel.dtype}.")
-    if bias is not None and bias.shape != kernel.shape[1:]:
-        raise InputError(
-            f"float32_dense wants a bias of shape {kernel.shape[1:]}; got {bias.shape}."
-        )
-    if gelu and bias is None:
-        raise InputError("float32_dense applies GELU after a bias: pass one (zeros for none).")
+    check_dense_bias("float32_dense", kernel, bias, gelu)
     if (reason := cpu_attention_unavailable_reason(16, jnp.float32)) is not None:
         raise KernelUnavailable(reason)
     biases = () if bias is None else (bias.astype(jnp.float32),)
-    on_rows = _on_rows(bias is not None, gelu)
+    on_rows = dense_on_rows(TARGETS["float32_dense"][1], bias is not None, gelu, "float32")
 
     def forward(x, kernel, *bias):
         flat = x.reshape(-1, x.shape[-1])

@@ -22,7 +22,7 @@ from hw2jax.kernels.build import (
     kernel_vector_features,
     library_path,
 )
-from hw2jax.kernels.ffi import differentiated_by, on_mesh
+from hw2jax.kernels.ffi import check_dense_bias, dense_on_rows, differentiated_by, on_mesh
 
 
 @functools.cache
@@ -234,19 +234,6 @@ def amx_matmul(a: jax.Array, b: jax.Array, out_dtype=jnp.float32) -> jax.Array:
     return _matmul(a.reshape(-1, a.shape[-1]), b, False, False, out).reshape(*lead, b.shape[1])
 
 
-def _dense_call(target: str, a, b, bias, gelu: bool, out_dtype) -> jax.Array:
-    """The dense target on 2-D a and b: ``a . b``, with ``bias`` added (None: none) and GELU
-    where asked, as ``out_dtype``."""
-    call = jax.ffi.ffi_call(
-        TARGETS[target][1],
-        jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), out_dtype),
-        vmap_method="sequential",
-    )
-    has_bias = bias is not None
-    bias = bias if has_bias else jnp.zeros((0,), jnp.float32)
-    return call(a, b, bias, has_bias=np.int32(has_bias), gelu=np.int32(gelu))
-
-
 @functools.cache
 def _dense(weights: str, with_bias: bool, gelu: bool, out: str):
     """:func:`amx_dense`'s 2-D form for ``weights`` of that dtype: the call on each device's
@@ -255,16 +242,12 @@ def _dense(weights: str, with_bias: bool, gelu: bool, out: str):
     target = "amx_dense" + ("_bf16_weights" if weights == "bfloat16" else "")
     target += "_bf16" if out == "bfloat16" else ""
 
-    def local(a, b, *bias):
-        return _dense_call(target, a, b, bias[0] if bias else None, gelu, jnp.dtype(out))
-
     def steps(a, b, *bias):
         h = _matmul(a, b.astype(jnp.bfloat16), False, False)
         h = h + bias[0] if bias else h
         return (jax.nn.gelu(h, approximate=False) if gelu else h).astype(out)
 
-    rule = "m k, k n, n -> m n" if with_bias else "m k, k n -> m n"
-    return differentiated_by(on_mesh(local, rule, split="m"), steps)
+    return differentiated_by(dense_on_rows(TARGETS[target][1], with_bias, gelu, out), steps)
 
 
 def amx_dense(
@@ -296,10 +279,7 @@ def amx_dense(
             f"amx_dense wants x [..., K] and kernel [K, N] with K > 0; got {x.shape} and "
             f"{kernel.shape}."
         )
-    if bias is not None and bias.shape != (kernel.shape[1],):
-        raise InputError(f"amx_dense wants a bias of shape ({kernel.shape[1]},); got {bias.shape}.")
-    if gelu and bias is None:
-        raise InputError("amx_dense applies GELU after a bias: pass one (zeros for none).")
+    check_dense_bias("amx_dense", kernel, bias, gelu)
     out = _out_name(out_dtype)
     _check_available()
     lead = x.shape[:-1]
