@@ -115,8 +115,6 @@ def _float32_kernel_takes(x: jax.Array, kernel: jax.Array) -> bool:
     why_not = functools.partial(
         kernels.float32_dense_unavailable_reason, x.shape, kernel.shape, x.dtype
     )
-    if kernel.dtype != x.dtype:
-        return False
     return (
         dispatch.row_kernel(why_not, measure=float32_product_paths(x, kernel), op="dense")
         == "fused_cpu"

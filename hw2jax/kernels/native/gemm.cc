@@ -36,8 +36,9 @@ enum Epilogue { kNone, kBias, kBiasGelu };
 // Not inlined: inside the loops around it, the compiler ran short of general registers and
 // kept pointers in mask registers, whose moves take an FMA port.
 template <Epilogue kEpilogue>
-__attribute__((noinline)) void DenseTile(const float* a, int64_t lda, const float* panel, int64_t depth, float* c,
-               int64_t ldc, bool accumulate, const float* bias) {
+__attribute__((noinline)) void DenseTile(const float* a, int64_t lda, const float* panel,
+                                         int64_t depth, float* c, int64_t ldc, bool accumulate,
+                                         const float* bias) {
   vreg acc[kDenseRows][kDenseVecs];
   for (int r = 0; r < kDenseRows; ++r)
     for (int v = 0; v < kDenseVecs; ++v)
@@ -104,7 +105,8 @@ class DenseRows {
     }
     for (int r = 0; r < kDenseRows; ++r)
       std::memcpy(rows_ + r * kDepth, a + std::min<int64_t>(r, rows - 1) * p_.k, depth * 4);
-    for (int r = 0; r < rows && k0 > 0; ++r) std::memcpy(tile_ + r * kPanel, c + r * p_.n, cols * 4);
+    for (int r = 0; r < rows && k0 > 0; ++r)
+      std::memcpy(tile_ + r * kPanel, c + r * p_.n, cols * 4);
     DenseTileFor(rows_, kDepth, panel, depth, tile_, kPanel, k0 > 0, bias, p_.gelu);
     for (int r = 0; r < rows; ++r) std::memcpy(c + r * p_.n, tile_ + r * kPanel, cols * 4);
   }
