@@ -242,3 +242,48 @@ def test_loading_a_checkpoint_times_no_path(tmp_path, monkeypatch):
     config, params, _ = bert.load_pretrained(str(tmp_path))
     bert.BertModel(config).apply({"params": params}, ids)
     assert "layer_norm" in timed
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["deterministic", "dropout"])
+def test_the_precision_probe_runs_the_layer_in_the_dtype_it_names(dropout):
+    """What auto times to pick the encoder's dtype (bert.precision_paths): each path is one
+    BertLayer in that dtype on the weights as one flat vector, bitwise the layer applied to
+    them as a tree, compiled with the encoder's options; with dropout, dropping by its seed."""
+    config = bert.BertConfig(
+        hidden_size=32, num_attention_heads=2, intermediate_size=48, hidden_dropout_prob=0.25
+    )
+    measure = bert.precision_paths(config, batch=1024, length=16, dropout=dropout)
+    x, flat, bias, seed = measure.probe
+    assert seed.shape == (2,) and seed.dtype == jnp.uint32  # a key's data: dropout's seed
+    # The batch is cut to the probe's tokens; the class says so.
+    assert x.shape == (bert.PRECISION_PROBE_TOKENS // 16, 16, 32) and bias.shape == x.shape[:2]
+    assert measure.size == (
+        "rows 2^13 length 16 hidden 32 heads 2 intermediate 48" + " dropout" * dropout
+    )
+    rng = np.random.default_rng(0)
+    inputs = jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32)
+    key_bias = jnp.where(jnp.arange(16) < 12, 0.0, -1e9) * jnp.ones((2, 1))
+    params = bert.BertLayer(config).init(jax.random.key(1), inputs, key_bias)["params"]
+    weights = jnp.concatenate([w.ravel() for w in jax.tree.leaves(params)])
+    assert weights.shape == flat.shape
+    key = jnp.array([0, 7], jnp.uint32)
+    outputs = {}
+    for path in ("float32", "bfloat16"):
+        dtype = None if path == "float32" else jnp.bfloat16
+        got = jax.jit(measure.run(path))(inputs, weights, key_bias, key)
+        rngs = {"dropout": jax.random.wrap_key_data(key)} if dropout else {}
+        want = jax.jit(
+            lambda x, d=dtype, r=rngs: bert.BertLayer(config, d).apply(
+                {"params": params}, x.astype(d or jnp.float32), key_bias, not dropout, rngs=r
+            )
+        )(inputs)
+        assert got.dtype == jnp.dtype(path)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+        assert measure.options(path) == bert.xla_compiler_options(dtype)
+        outputs[path] = np.asarray(got, np.float32)
+    # The two paths differ by bf16's rounding, not more.
+    gap = np.abs(outputs["float32"] - outputs["bfloat16"]).max()
+    assert 1e-3 < gap < 0.2
+    if dropout:
+        again = measure.run("float32")(inputs, weights, key_bias, jnp.array([0, 8], jnp.uint32))
+        assert not np.array_equal(np.asarray(again), outputs["float32"])

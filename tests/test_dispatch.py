@@ -332,6 +332,51 @@ def test_past_the_budget_and_elsewhere_the_feature_rule_stands(measured, monkeyp
         dispatch.linear(why(), CPU_AVX512, measure_for())
 
 
+def precision_for(size: str):
+    """A model's precision probe: its paths cast x to the dtype named (traceable, so that the
+    choices inside them are made before timing), its class named by ``size``."""
+    x = jax.ShapeDtypeStruct((4, 8), jnp.float32)
+    return lambda: dispatch.Measure((x,), lambda path: lambda x: x.astype(path), size=size)
+
+
+def test_precision_takes_bf16_only_where_it_is_measured_faster(measured, monkeypatch):
+    """The compute dtype of a model's auto: bf16 where its layer timed faster than in float32
+    beyond the tie, float32 where it timed slower, whatever the vector features' rule says
+    (a Xeon with AVX512-BF16 and no AMX), and float32 on a near tie (less rounding); the rule
+    where nothing is timed."""
+    ms, probes = measured
+    ms.update(float32=100.0, bfloat16=50.0)
+    got = dispatch.precision("float32", precision_for("AMX"), True, CPU_AVX512)
+    assert got == ("bfloat16", {"float32": 100.0, "bfloat16": 50.0})
+    assert probes == [(("float32", "bfloat16"), True)]
+    assert "precision fwd+bwd AMX" in dispatch.state.timings
+    ms.update(float32=60.0, bfloat16=100.0)
+    assert dispatch.precision("bfloat16", precision_for("pair dots"), False, CPU_AVX512)[0] == (
+        "float32"
+    )
+    ms.update(float32=100.0, bfloat16=96.0)  # 4 % faster: within the tie
+    assert dispatch.precision("bfloat16", precision_for("tie"), True, CPU_AVX512)[0] == "float32"
+    assert len(probes) == 3
+    # Cached: the same class is not timed again, even by a fresh process.
+    monkeypatch.setattr(dispatch, "state", dispatch.ProbeState())
+    assert dispatch.precision("float32", precision_for("AMX"), True, CPU_AVX512)[0] == "bfloat16"
+    assert len(probes) == 3
+
+    def untouched():
+        raise AssertionError("the probe was built where nothing is timed")
+
+    assert dispatch.precision("bfloat16", untouched, True, GPU) == ("bfloat16", None)
+    monkeypatch.setenv("HW2JAX_AUTO", "rule")
+    assert dispatch.precision("float32", untouched, True, CPU_AVX512) == ("float32", None)
+    monkeypatch.setenv("HW2JAX_AUTO", "measure")
+    dispatch.state.seconds_spent = dispatch.PROBE_BUDGET_S
+    assert dispatch.precision("bfloat16", precision_for("late"), True, CPU_AVX512) == (
+        "bfloat16",
+        None,
+    )
+    assert len(probes) == 3
+
+
 def test_probes_stay_small_whatever_the_call(monkeypatch):
     monkeypatch.setattr(hw2jax.cpu, "usable_cores", lambda: 2)
     big = measure_for((64, 65536, 8, 64)).inputs

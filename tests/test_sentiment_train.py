@@ -211,6 +211,7 @@ def test_cli_train_and_predict(tmp_path, capsys, monkeypatch):
     saved = json.loads((tmp_path / "w" / "config.json").read_text())
     assert saved["cache_dir"] == str(tmp_path / "cache") and saved["encoder_dtype"] == "float32"
     out = capsys.readouterr().out
+    assert "encoder_dtype auto: float32; this CPU has no AVX512-BF16 or AMX" in out
     assert "reviews/s" in out and "img/s" not in out  # the epoch line names what it counts
     texts = ["Justice League is terrible. I hated it.", "Avengers was great!!"]
     assert cli.main(["sentiment", "predict", "--workdir", str(tmp_path / "w"), *texts]) == 0
@@ -695,15 +696,57 @@ def test_a_fine_tuning_run_cut_mid_epoch_resumes_bitwise(tmp_path, sigint_handle
 @pytest.mark.parametrize(
     "feature,expected", [("avx512_bf16", "bfloat16"), ("amx_bf16", "bfloat16"), (None, "float32")]
 )
-def test_encoder_dtype_auto_is_bf16_only_where_the_cpu_has_bf16_instructions(
+def test_encoder_dtype_auto_untimed_is_bf16_only_where_the_cpu_has_bf16_instructions(
     monkeypatch, feature, expected
 ):
-    from hw2jax.tasks.sentiment.model import encoder_dtype_name
+    """Where nothing is timed (here HW2JAX_AUTO=rule), auto takes the vector features' rule and
+    says so."""
+    from hw2jax.tasks.sentiment.model import resolve_encoder_dtype
 
     features = {name: name in ("avx2", "avx512f", feature) for name in cpu.VECTOR_FEATURES}
     monkeypatch.setattr(cpu, "cpu_vector_features", lambda *a: features)
     config = load_config(CONFIG)
     config.encoder_dtype = "auto"
-    assert encoder_dtype_name(config) == expected
+    has = "has" if feature else "has no"
+    assert resolve_encoder_dtype(config) == (
+        expected,
+        f"encoder_dtype auto: {expected}; this CPU {has} AVX512-BF16 or AMX (not timed).",
+    )
     config.encoder_dtype = "float32"  # a name given is kept on every CPU
-    assert encoder_dtype_name(config) == "float32"
+    assert resolve_encoder_dtype(config) == ("float32", "")
+
+
+def test_encoder_dtype_auto_times_one_layer_each_way_and_takes_the_faster(monkeypatch, tmp_path):
+    """Unfaked: auto times one encoder layer of the run's shape, with gradients when
+    fine-tuning, in float32 and in bf16, and takes bf16 only where it is the faster beyond the
+    tie. The layer's own choices (its attention's path) are timed as it compiles, inside the
+    probe that holds the cache's lock: they must not wait on it."""
+    import threading
+
+    from hw2jax.attention import dispatch
+    from hw2jax.tasks.sentiment.model import resolve_encoder_dtype
+
+    monkeypatch.setenv("HW2JAX_AUTO", "measure")
+    monkeypatch.setattr(dispatch, "state", dispatch.ProbeState())
+    monkeypatch.setattr(dispatch, "cache_file", lambda: tmp_path / "dispatch-test.json")
+    config = load_config(CONFIG)
+    config.update(encoder=str(tiny_encoder()), encoder_dtype="auto", finetune=True)
+    config.update(cache_features=False, batch_size=4, max_length=32, bert_dropout=False)
+    resolved = {}
+    worker = threading.Thread(
+        target=lambda: resolved.update(dtype=resolve_encoder_dtype(config)), daemon=True
+    )
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "the probe is waiting on the lock it holds"
+    name, why = resolved["dtype"]
+    classes = json.loads((tmp_path / "dispatch-test.json").read_text())["classes"]
+    ms = classes["precision fwd+bwd rows 2^7 length 32 hidden 32 heads 2 intermediate 24"]["ms"]
+    assert set(ms) == {"float32", "bfloat16"} and min(ms.values()) > 0
+    assert name == dispatch.choose(ms, dispatch.PRECISIONS, "float32")
+    assert why == (
+        f"encoder_dtype auto: {name}; one encoder layer with gradients took "
+        f"{ms['bfloat16']:.1f} ms in bfloat16 and {ms['float32']:.1f} ms in float32 here "
+        "(bf16 only where it is the faster by more than 5 %)."
+    )
+    assert any(key.startswith("key_bias full fwd+bwd") for key in classes)

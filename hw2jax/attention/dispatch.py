@@ -5,8 +5,8 @@ Softmax attention (:func:`~hw2jax.attention.softmax_attention`), linear attentio
 products) and BERT's key-bias attention (:func:`~hw2jax.attention.key_bias_attention`, which
 :class:`hw2jax.models.bert.BertModel` calls) all ask this module, with one vocabulary: a path is
 named by its ``implementation=`` string, and the same name means the same code everywhere. The
-row kernels (:func:`row_kernel`), bf16 products (:func:`dense_product`) and the GRU's recurrence
-(:func:`recurrence`) ask it too.
+row kernels (:func:`row_kernel`), bf16 products (:func:`dense_product`), the GRU's recurrence
+(:func:`recurrence`) and a model's ``"auto"`` compute dtype (:func:`precision`) ask it too.
 
 The rule, in order:
 
@@ -53,7 +53,9 @@ float32 dense products, forward) share the probe, their class being the operatio
 a power of two (timed on at most 2^14), the width (a product's K x N) and the dtype. The
 GRU's recurrence (:func:`recurrence`: the fused kernel or
 a ``lax.scan``) is timed with gradients over at most :data:`PROBE_STEPS` steps, its class being
-the directions, the batch to a power of two, the hidden size and the dtype. Processes of a
+the directions, the batch to a power of two, the hidden size and the dtype. A model's compute
+dtype (:func:`precision`) is timed as one of its layers in float32 and in bf16, the layer's own
+classes timed as it compiles. Processes of a
 multi-process run all take the feature rule, so that they compile one program.
 
 ``HW2JAX_ATTENTION`` (e.g. ``HW2JAX_ATTENTION=xla``) forces one softmax and key-bias path for the
@@ -96,6 +98,8 @@ FEW_KEYS = ("auto", "xla", "fused_cpu")
 MATMUL = ("auto", "xla", "amx")
 RECURRENCE = ("auto", "xla", "fused_cpu")
 RECURRENCE_ENV = "HW2JAX_RECURRENCE"
+# The compute dtypes precision() chooses between, float32 first: it stays on a tie.
+PRECISIONS = ("float32", "bfloat16")
 # A recurrence is timed over at most this many steps: its cost per step does not change with T.
 PROBE_STEPS = 64
 
@@ -484,6 +488,32 @@ def _amx_or_xla(
     return "xla"
 
 
+def precision(
+    rule: str,
+    measure: Callable[[], Measure],
+    gradient: bool,
+    machine: Machine | None = None,
+    op: str = "precision",
+) -> tuple[str, dict[str, float] | None]:
+    """The compute dtype a model's ``"auto"`` takes, "bfloat16" or "float32", and the
+    milliseconds that decided it (None: not timed). On a CPU that measures, ``measure()``'s
+    programs (a path per dtype, with gradients or not) are timed once per machine and class,
+    and bf16 is taken only where it is faster than float32 beyond the tie (:func:`choose`):
+    at the same speed float32 rounds less. Elsewhere (a GPU or TPU, ``HW2JAX_AUTO=rule``, a
+    multi-process run, the budget spent) ``rule``, the vector-feature rule's answer, stands.
+    The features alone mislead here: with AMX held back, a stand-in for a Xeon with
+    AVX512-BF16 and no AMX, MiniLM's fine-tuning step ran 1.18-1.24x faster in float32
+    (benchmarks/results/amx_xeon/precision_auto/)."""
+    machine = machine or this_machine()
+    if not measuring(machine):
+        return rule, None
+    timed = measure()
+    choice = fastest(op, False, gradient, PRECISIONS, timed, "float32")
+    if choice is None:
+        return rule, None
+    return choice, state.timings[_class_of(op, False, gradient, timed)]["ms"]
+
+
 # Timing the candidates ------------------------------------------------------------------------
 
 
@@ -499,9 +529,15 @@ class Measure:
     # the inputs to time on.
     size: str | None = None
     probe: Sequence[jax.ShapeDtypeStruct] | None = None
-    # XLA options of the program the call runs in (as ``jax.jit(compiler_options=...)``): its
-    # paths are timed compiled as that program compiles them.
-    compiler_options: tuple[tuple[str, str], ...] = ()
+    # XLA options of the program the call runs in (as ``jax.jit(compiler_options=...)``), or
+    # a function of the path giving them: its paths are timed compiled as that program compiles
+    # them.
+    compiler_options: tuple[tuple[str, str], ...] | Callable[[str], dict] = ()
+
+    def options(self, path: str) -> dict:
+        """The XLA options that ``path``'s program compiles with."""
+        options = self.compiler_options
+        return dict(options(path) if callable(options) else options)
 
 
 _RULE_ONLY = contextvars.ContextVar("hw2jax_dispatch_rule_only", default=False)
@@ -584,10 +620,11 @@ def fastest(
         state.timings.update(_read(path))
         if choice := _cached_choice(key, paths, rule):
             return choice
-        start = time.perf_counter()
+        start, spent = time.perf_counter(), state.seconds_spent
         with concurrent.futures.ThreadPoolExecutor(1) as thread:
             seconds = thread.submit(time_paths, paths, measure, gradient).result()
-        state.seconds_spent += time.perf_counter() - start
+        # Classes timed inside this one (a layer's own paths, while it compiles) count once.
+        state.seconds_spent = spent + time.perf_counter() - start
         state.timings[key] = {
             "ms": {name: round(s * 1e3, 3) for name, s in seconds.items()},
             "probe_shapes": [list(x.shape) for x in _probe_of(measure, abstract=True)],
@@ -676,8 +713,10 @@ def _probe_of(measure: Measure, abstract: bool = False) -> list:
 
 def time_paths(paths: Sequence[str], measure: Measure, gradient: bool) -> dict[str, float]:
     inputs = _probe_of(measure)
-    options = dict(measure.compiler_options)
-    return {name: _time_path(measure.run(name), inputs, gradient, options) for name in paths}
+    return {
+        name: _time_path(measure.run(name), inputs, gradient, measure.options(name))
+        for name in paths
+    }
 
 
 def probe_program(fn: Callable, gradient: bool, operands: int) -> Callable:
@@ -724,15 +763,25 @@ def cache_file() -> Path | None:
     return target.with_name(f"{stem}-{cpu.usable_cores()}-cores.json")
 
 
+# How deep this process is in _locked: a class timed while another is (the paths of a layer
+# being timed make their own choices as they compile) holds the lock already.
+_lock_depth = 0
+
+
 @contextlib.contextmanager
 def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    global _lock_depth
+    with contextlib.ExitStack() as stack:
+        if not _lock_depth:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = stack.enter_context(open(path.with_suffix(".lock"), "a"))
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            stack.callback(fcntl.flock, lock, fcntl.LOCK_UN)
+        _lock_depth += 1
         try:
             yield
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            _lock_depth -= 1
 
 
 def _read(path: Path) -> dict:

@@ -307,6 +307,62 @@ class BertLayer(nn.Module):
         return norm(x + nn.Dropout(c.hidden_dropout_prob)(h, deterministic=False))
 
 
+# The precision probe times one layer on at most this many tokens (a batch of the run's length).
+PRECISION_PROBE_TOKENS = 2**13
+
+
+def precision_paths(
+    config: BertConfig, batch: int, length: int, dropout: bool, implementation: str = "auto"
+) -> dispatch.Measure:
+    """What auto times to pick the encoder's compute dtype (:func:`hw2jax.attention.dispatch.
+    precision`): one :class:`BertLayer` of ``config`` on ``batch`` x ``length`` tokens (the batch
+    cut to at most :data:`PRECISION_PROBE_TOKENS` tokens) with a key bias, by path "float32" or
+    "bfloat16" (float32 weights either way), each compiled as the encoder's programs compile it
+    (:func:`xla_compiler_options`). With ``dropout``, the layer drops as a training step does.
+    The weights are one flat input, so that a gradient takes them all as fine-tuning does."""
+    h = config.hidden_size
+    batch = max(1, min(batch, PRECISION_PROBE_TOKENS // length))
+    x = jax.ShapeDtypeStruct((batch, length, h), jnp.float32)
+    bias = jax.ShapeDtypeStruct((batch, length), jnp.float32)
+    shapes = jax.eval_shape(
+        lambda: BertLayer(config).init(jax.random.key(0), jnp.zeros(x.shape), jnp.zeros(bias.shape))
+    )["params"]
+    leaves, tree = jax.tree.flatten(shapes)
+    sizes = [math.prod(leaf.shape) for leaf in leaves]
+    weights = jax.ShapeDtypeStruct((sum(sizes),), jnp.float32)
+    seed = jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+    def unflatten(flat: jax.Array) -> Any:
+        parts = jnp.split(flat, np.cumsum(sizes)[:-1])
+        return tree.unflatten(
+            [p.reshape(leaf.shape) for p, leaf in zip(parts, leaves, strict=True)]
+        )
+
+    def run(path: str):
+        dtype = None if path == "float32" else jnp.dtype(path)
+
+        def layer(x, flat, key_bias, seed):
+            rngs = {"dropout": jax.random.wrap_key_data(seed)} if dropout else {}
+            module = BertLayer(config, dtype, implementation)
+            x = x.astype(dtype or jnp.float32)
+            return module.apply({"params": unflatten(flat)}, x, key_bias, not dropout, rngs=rngs)
+
+        return layer
+
+    rows = batch * length
+    return dispatch.Measure(
+        (x, weights, bias, seed),
+        run,
+        size=(
+            f"rows 2^{int(math.log2(rows))} length {length} hidden {h} heads "
+            f"{config.num_attention_heads} intermediate {config.intermediate_size}"
+            f"{' dropout' if dropout else ''}"
+        ),
+        probe=(x, weights, bias, seed),
+        compiler_options=lambda path: xla_compiler_options(None if path == "float32" else path),
+    )
+
+
 def xla_compiler_options(dtype: jnp.dtype | None) -> dict[str, str]:
     """Options for ``jax.jit(..., compiler_options=...)`` of a program whose time goes into
     this encoder. On CPU in float32, XLA's own dot kernels beat its default YNNPACK fusions on

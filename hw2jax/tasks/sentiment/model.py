@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from hw2jax import cpu
+from hw2jax.attention import dispatch
 from hw2jax.errors import InputError, MissingFileError
 from hw2jax.models import bert
 from hw2jax.models.layers import init_on_dummy
@@ -56,15 +57,51 @@ def build_model(
 
 
 def encoder_dtype_name(config: ml_collections.ConfigDict) -> str:
-    """``config.encoder_dtype``, with ``"auto"`` made "bfloat16" where the device multiplies
-    bf16 natively (a GPU or TPU, or a CPU with AVX512-BF16 or AMX) and "float32" elsewhere:
-    without those instructions bf16 matmuls only add conversions."""
+    """``config.encoder_dtype``, with ``"auto"`` resolved by :func:`resolve_encoder_dtype`."""
+    return resolve_encoder_dtype(config)[0]
+
+
+def resolve_encoder_dtype(config: ml_collections.ConfigDict) -> tuple[str, str]:
+    """``config.encoder_dtype`` and, for ``"auto"``, a line saying why it became what it did.
+    On a CPU, auto times one encoder layer of this run's shape in float32 and in bf16, as the
+    run computes it (with gradients when fine-tuning, with dropout where the run drops), once per
+    machine, and takes bf16 only where it is the faster one
+    (:func:`hw2jax.attention.dispatch.precision`); where nothing is timed, "bfloat16" where the
+    device multiplies bf16 natively (a GPU or TPU, or a CPU with AVX512-BF16 or AMX) and
+    "float32" elsewhere, as without those instructions bf16 products only add conversions."""
     name = config.encoder_dtype
-    if name == "auto":
-        return "bfloat16" if cpu.native_bf16(jax.default_backend()) else "float32"
-    if name not in ("float32", "bfloat16"):
+    if name in ("float32", "bfloat16"):
+        return name, ""
+    if name != "auto":
         raise InputError(f"encoder_dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}.")
-    return name
+    backend = jax.default_backend()
+    rule = "bfloat16" if cpu.native_bf16(backend) else "float32"
+    finetune = config.get("finetune", False)
+
+    def layer_paths() -> dispatch.Measure:
+        bert_config = bert.BertConfig.from_json(
+            bert.resolve_encoder(config.encoder) / "config.json"
+        )
+        return bert.precision_paths(
+            bert_config,
+            config.batch_size,
+            config.max_length,
+            dropout=config.bert_dropout,
+            implementation=config.encoder_implementation,
+        )
+
+    name, ms = dispatch.precision(rule, layer_paths, gradient=finetune)
+    if ms is not None:
+        what = "with gradients " if finetune else ""
+        return name, (
+            f"encoder_dtype auto: {name}; one encoder layer {what}took "
+            f"{ms['bfloat16']:.1f} ms in bfloat16 and {ms['float32']:.1f} ms in float32 here "
+            "(bf16 only where it is the faster by more than 5 %)."
+        )
+    if backend != "cpu":
+        return name, f"encoder_dtype auto: {name} on {backend}."
+    has = "has" if rule == "bfloat16" else "has no"
+    return name, f"encoder_dtype auto: {name}; this CPU {has} AVX512-BF16 or AMX (not timed)."
 
 
 def encoder_dtype(config: ml_collections.ConfigDict) -> jnp.dtype | None:

@@ -25,9 +25,9 @@ from hw2jax.tasks.sentiment.data import CachedBatches, bucket_sizes, cache_featu
 from hw2jax.tasks.sentiment.model import (
     build_model,
     encoder_dtype,
-    encoder_dtype_name,
     init_params,
     load_encoder,
+    resolve_encoder_dtype,
 )
 from hw2jax.train import checkpoints, hooks, loop, run_files, steps
 from hw2jax.train.batching import IndexBatches
@@ -54,7 +54,7 @@ SCHEMA = {
     "use_mask": Field(bool),
     "pool": Field(str, choices=POOLS),
     "bert_dropout": Field(bool),
-    # auto: bf16 where the device has bf16 instructions (model.encoder_dtype_name).
+    # auto: bf16 where it is measured faster (model.resolve_encoder_dtype).
     "encoder_dtype": Field(str, choices=("auto", "float32", "bfloat16")),
     "encoder_implementation": Field(str, choices=key_bias.IMPLEMENTATIONS),
     "encoder_microbatch": Field(int, min=0),
@@ -213,7 +213,9 @@ def train_and_evaluate(
     ``extra_hooks`` join the loop's (:mod:`hw2jax.train.hooks`)."""
     workdir = Path(workdir)
     # config.json records the dtype that runs here, which a resume then keeps.
-    config.encoder_dtype = encoder_dtype_name(config)
+    config.encoder_dtype, why = resolve_encoder_dtype(config)
+    if why:
+        print(why, flush=True)
     run_files.save_run_config(workdir, config)
     bert_config, bert_params, tokenizer = load_encoder(config)
     data = prepare_data(config, tokenizer, workdir)
