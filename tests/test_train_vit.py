@@ -89,30 +89,65 @@ def test_training_learns_and_writes_history_plots_and_results(fashion_dir, tmp_p
     assert results["test_accuracy"] == pytest.approx(epochs[-1]["test_accuracy"])
 
 
+def test_a_run_records_the_paths_auto_took_by_timing(fashion_dir, tmp_path, monkeypatch):
+    """Each shape class auto decided by its timings while the run trained, with the path taken
+    and the milliseconds, is kept in this machine's entry of the history and the results: with
+    XLA's forms timed faster, XLA's forms; with the kernels faster, the kernels."""
+    from hw2jax import kernels
+    from hw2jax.attention import dispatch
+
+    if kernels.build_error():
+        pytest.skip(f"the fused CPU kernel cannot be built here: {kernels.build_error()}")
+    monkeypatch.setenv("HW2JAX_AUTO", "measure")
+    xla = ("xla", "naive", "chunked", "blockwise")
+    wide = ["model.dim=32", "model.dim_head=16", "epochs=1"]  # widths the kernels take
+    recorded = []
+    for fast in ("xla", "kernels"):
+        monkeypatch.setattr(dispatch, "state", dispatch.ProbeState())
+        monkeypatch.setattr(dispatch, "cache_file", lambda f=fast: tmp_path / f"{f}.json")
+
+        def fake(paths, measure, gradient, fast=fast):
+            return {p: (1 if (p in xla) == (fast == "xla") else 5) / 1e3 for p in paths}
+
+        monkeypatch.setattr(dispatch, "time_paths", fake)
+        out = vit.train_and_evaluate(small_config(fashion_dir, *wide), tmp_path / fast)
+        (entry,) = json.loads((tmp_path / fast / "results.json").read_text())["machines"]
+        assert entry == out["machines"][0]
+        taken = entry["auto_paths"]
+        assert any(key.startswith("layer_norm fwd+bwd") for key in taken)
+        for record in taken.values():
+            assert record["ms"][record["path"]] == min(record["ms"].values())
+        recorded.append({key: record["path"] for key, record in taken.items()})
+    assert set(recorded[0]) == set(recorded[1])
+    assert all(path in xla for path in recorded[0].values())
+    assert not any(path in xla for path in recorded[1].values())
+
+
 def test_a_run_names_the_settings_that_change_its_paths(monkeypatch):
     # A run with the kernels built for AVX2 computes other floats than the native build: its
     # results must say so, and a resume under other settings is recorded as another machine.
     from hw2jax.train import loop
 
     monkeypatch.setenv("HW2JAX_KERNEL_MARCH", "x86-64-v3")
-    first = loop.with_this_machine([])
+    first, here = loop.with_this_machine([])
     assert len(first) == 1 and first[0]["env"]["HW2JAX_KERNEL_MARCH"] == "x86-64-v3"
-    assert loop.with_this_machine(first) == first
+    assert here == 0 and loop.with_this_machine(first) == (first, 0)
     monkeypatch.setenv("HW2JAX_KERNEL_MARCH", "native")
-    moved = loop.with_this_machine(first)
+    moved, here = loop.with_this_machine(first)
     assert [m["env"]["HW2JAX_KERNEL_MARCH"] for m in moved] == ["x86-64-v3", "native"]
+    assert here == 1
     # Resumed under taskset on one core of the same machine: another machine for its timings.
     all_cores = {0, 1}
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: all_cores)
-    moved = loop.with_this_machine(first)
+    moved, _ = loop.with_this_machine(first)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    held = loop.with_this_machine(moved)
-    assert [m["usable_cores"] for m in held] == [len(all_cores), len(all_cores), 1]
+    held, here = loop.with_this_machine(moved)
+    assert [m["usable_cores"] for m in held] == [len(all_cores), len(all_cores), 1] and here == 2
     # A record from before the field: taken as one with all the machine's cores.
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: all_cores)
     before = [{k: v for k, v in m.items() if k != "usable_cores"} for m in moved]
-    assert loop.with_this_machine(before) == before
+    assert loop.with_this_machine(before) == (before, 1)
 
 
 @pytest.mark.slow

@@ -541,6 +541,22 @@ class Measure:
 
 
 _RULE_ONLY = contextvars.ContextVar("hw2jax_dispatch_rule_only", default=False)
+_TAKEN: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "hw2jax_dispatch_taken", default=None
+)
+
+
+@contextlib.contextmanager
+def recording():
+    """Yields a dict that collects, while inside, each shape class auto decides by its timings
+    (cached or timed now) and what it took: ``{class: {"path": ..., "ms": {path: ms}}}``. A
+    training run keeps it beside its machine, so that two runs' paths can be compared."""
+    taken: dict[str, dict] = {}
+    token = _TAKEN.set(taken)
+    try:
+        yield taken
+    finally:
+        _TAKEN.reset(token)
 
 
 @contextlib.contextmanager
@@ -612,8 +628,17 @@ def fastest(
     if len(paths) == 1:
         return paths[0]
     key = _class_of(op, causal, gradient, measure)
-    if choice := _cached_choice(key, paths, rule):
-        return choice
+    choice = _cached_choice(key, paths, rule) or _timed_choice(key, paths, measure, gradient, rule)
+    if choice is not None and (taken := _TAKEN.get()) is not None:
+        taken[key] = {"path": choice, "ms": state.timings[key]["ms"]}
+    return choice
+
+
+def _timed_choice(
+    key: str, paths: Sequence[str], measure: Measure, gradient: bool, rule: str | None
+) -> str | None:
+    """:func:`fastest`'s choice for a class not in this process's view of the cache: read from
+    the file, else timed now."""
     if state.seconds_spent >= PROBE_BUDGET_S or (path := cache_file()) is None:
         return None
     with _locked(path):  # one process times a class; the others then read its result

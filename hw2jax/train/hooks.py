@@ -61,6 +61,10 @@ class Run:
     scalars: dict[str, float] = dataclasses.field(default_factory=dict)  # for TensorBoard
     new_best: bool = False  # the epoch just ended is the best so far
     confirming_save: bool = False  # waiting for a checkpoint write: a signal must not cut it
+    machine: int = -1  # this machine's entry in history["machines"]
+    # The shape classes auto decided by timings in this process, and what it took
+    # (dispatch.recording): kept in this machine's entry.
+    auto_paths: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     @property
     def unit(self) -> str:
@@ -80,6 +84,9 @@ class Run:
 
     def save_history(self) -> None:
         self.history["status"] = self.status
+        if self.auto_paths:
+            entry = self.history["machines"][self.machine]
+            entry["auto_paths"] = {**entry.get("auto_paths", {}), **self.auto_paths}
         write_json_atomic(self.workdir / "history.json", self.history)
 
     def save_latest(self, *, wait: bool = False) -> None:

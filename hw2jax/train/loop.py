@@ -18,6 +18,7 @@ import jax
 import ml_collections
 from tqdm.auto import tqdm
 
+from hw2jax.attention import dispatch
 from hw2jax.cpu import machine
 from hw2jax.train import checkpoints, hooks, steps
 from hw2jax.train.run_files import load_history
@@ -55,7 +56,7 @@ def train_and_evaluate(
     parallel = DataParallel(config.devices, config.batch_size, config.eval_batch_size)
     history = load_history(workdir, start_step, ckpt.best_metrics())
     history |= {"config": config.to_dict(), "parameters": counts, "unit": task.unit}
-    history["machines"] = with_this_machine(history.get("machines", []))
+    history["machines"], here = with_this_machine(history.get("machines", []))
     if start_step:
         tqdm.write(f"Resuming from step {start_step} in {workdir}.")
     run = hooks.Run(
@@ -69,12 +70,18 @@ def train_and_evaluate(
         steps_per_epoch=steps_per_epoch,
         step=start_step,
         window=history.pop("window", None) or {"loss_sum": 0.0, "count": 0.0},
+        machine=here,
     )
     everything = [*hooks.default_hooks(config), *extra_hooks]
     run.save_history()
     # closing: the asynchronous checkpoint writes finish before anything reads the work dir,
     # and a write that fails then is recorded too.
-    with _failure_recorded(run), _closed(ckpt), _hooks_closed(everything, run):
+    with (
+        _failure_recorded(run),
+        _closed(ckpt),
+        _hooks_closed(everything, run),
+        dispatch.recording() as run.auto_paths,
+    ):
         for hook in everything:
             hook.start(run)
         _train(run, everything, steps.make_train_step(task, step_rng))
@@ -130,19 +137,20 @@ def _stop(run: hooks.Run, everything: list[hooks.Hook]) -> None:
     run.history["stopped_by"] = run.stop_requested  # for the exit code
 
 
-def with_this_machine(machines: list[dict]) -> list[dict]:
+def with_this_machine(machines: list[dict]) -> tuple[list[dict], int]:
     """Every machine that trained this run (a resumed run may have moved), each once, with the
     date it first did, the cores it could use and the settings that change its paths or
     numbers (a kernel build target, a forced path, XLA's flags: ``env``), so that two runs can
-    be told apart."""
+    be told apart; and which of them is this one."""
     here = machine()
     same = ("cpu_model", "cpu_family_model", "cpu_count", "usable_cores", "cpu_features")
     same += ("jax", "jaxlib", "env")
     # A record from before usable_cores was kept: the process had the machine's cores then.
     seen = [{"usable_cores": m.get("cpu_count"), **m} for m in machines]
-    if any(all(m.get(k) == here[k] for k in same) for m in seen):
-        return machines
-    return [*machines, here]
+    for index, m in enumerate(seen):
+        if all(m.get(k) == here[k] for k in same):
+            return machines, index
+    return [*machines, here], len(machines)
 
 
 def _learning_rate_scale(task: steps.Task):
