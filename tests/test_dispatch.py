@@ -259,11 +259,11 @@ def test_row_kernels_take_the_measured_fastest_path_both_ways(measured):
 
 
 def test_a_near_tie_keeps_the_rules_path(measured):
-    """Within 5 % or 0.1 ms of the fastest, the path the feature rule would take stays: tiny
+    """Within 5 % or 0.25 ms of the fastest, the path the feature rule would take stays: tiny
     classes' timings swing by more than that, and a flip would change a run's rounding."""
     ms, _ = measured
     no_avx2 = dispatch.Machine("cpu", kernel_features=NO_AVX2)
-    ms.update(fused_cpu=0.155, xla=0.083)  # the ViT's class-token layer norm, one probe
+    ms.update(fused_cpu=0.178, xla=0.064)  # the ViT's class-token layer norm, one probe
     assert dispatch.row_kernel(why(), CPU_AVX512, rows_for((256, 64)), "layer_norm", True) == (
         "fused_cpu"
     )
@@ -274,8 +274,8 @@ def test_a_near_tie_keeps_the_rules_path(measured):
     assert dispatch.few_keys(why(), CPU_AVX512, measure_for((2, 200, 1, 64))) == "xla"
     ms.update(row=1.0, flash=1.04, naive=2.0, blockwise=5.0)  # causal: flash is the rule's
     assert dispatch.softmax(T_256, True, why(), CPU_AVX512, measure_for()) == ("flash", "flash")
-    assert dispatch.choose({"a": 0.2, "b": 0.11}, ["a", "b"], "a") == "a"  # 0.09 ms
-    assert dispatch.choose({"a": 0.3, "b": 0.19}, ["a", "b"], "a") == "b"  # 0.11 ms
+    assert dispatch.choose({"a": 0.5, "b": 0.26}, ["a", "b"], "a") == "a"  # 0.24 ms
+    assert dispatch.choose({"a": 0.5, "b": 0.24}, ["a", "b"], "a") == "b"  # 0.26 ms
     assert dispatch.choose({"a": 2.0, "b": 1.0}, ["a", "b"], "a") == "b"
     assert dispatch.choose({"a": 2.0, "b": 1.0}, ["a", "b"]) == "b"
 
