@@ -136,3 +136,34 @@ def test_a_running_status_with_no_process_says_it_stopped(tmp_path):
     with run_files.exclusive(tmp_path):  # as a training process holds it
         assert report(tmp_path).startswith("status: running\n")
     assert "stopped without a word" in report(tmp_path)  # released with its holder
+
+
+def _with_paths(history, **paths):
+    """``history`` trained on one machine whose auto took ``paths`` (class -> path) by timing."""
+    taken = {
+        key.replace("_", " "): {"path": path, "ms": {"fused_cpu": 0.178, "xla": 0.064}}
+        for key, path in paths.items()
+    }
+    return {**history, "machines": [{"cpu_model": "a CPU", "auto_paths": taken}]}
+
+
+def test_the_report_names_the_paths_auto_took_and_where_two_runs_differ(tmp_path, capsys):
+    """A run's report lists what auto took by timing; two runs compared show the classes they
+    took differently, which is where their numbers may part."""
+    a = _run(tmp_path, "a", _with_paths(_history([0.83]), layer_norm="fused_cpu", gru="xla"))
+    b = _run(tmp_path, "b", _with_paths(_history([0.84]), layer_norm="xla", gru="xla"))
+    assert report(a).splitlines()[-3:] == [
+        "paths auto took by timing (shape class: path, both times):",
+        "- gru: xla (fused_cpu 0.178, xla 0.064 ms)",
+        "- layer norm: fused_cpu (fused_cpu 0.178, xla 0.064 ms)",
+    ]
+    assert cli.main(["report", str(a), "--against", str(b)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = lines.index("| class auto took differently | a | b |")
+    assert lines[table + 2 :][:2] == [
+        "| layer norm | fused_cpu (fused_cpu 0.178, xla 0.064 ms) | xla (fused_cpu 0.178, xla "
+        "0.064 ms) |",
+        "",
+    ]
+    c = _run(tmp_path, "c", _with_paths(_history([0.85]), layer_norm="fused_cpu", gru="xla"))
+    assert "auto took the same path in all 2 timed classes the runs share." in report(a, (c,))

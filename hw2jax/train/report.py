@@ -90,6 +90,42 @@ def comparison_table(histories: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def auto_paths(history: dict) -> dict[str, dict]:
+    """What auto took by timing in this run, class by class (each machine's ``auto_paths``
+    entry; a resume on another machine may take another path, and the later one is shown)."""
+    taken = {}
+    for machine in history.get("machines", []):
+        taken.update(machine.get("auto_paths", {}))
+    return taken
+
+
+def _taken(record: dict) -> str:
+    timings = ", ".join(f"{name} {ms:g}" for name, ms in record["ms"].items())
+    return f"{record['path']} ({timings} ms)"
+
+
+def paths_list(history: dict) -> str:
+    """One line per shape class that auto decided by timing: the path taken and the times."""
+    return "\n".join(f"- {key}: {_taken(r)}" for key, r in sorted(auto_paths(history).items()))
+
+
+def differing_paths(histories: dict[str, dict]) -> str:
+    """The shape classes that the runs share and auto decided differently in (a fresh probe
+    on a near tie, another machine): where their numbers may part from the first step."""
+    taken = {name: auto_paths(h) for name, h in histories.items()}
+    shared = set.intersection(*(set(t) for t in taken.values()))
+    differ = sorted(k for k in shared if len({t[k]["path"] for t in taken.values()}) > 1)
+    if not differ:
+        return f"auto took the same path in all {len(shared)} timed classes the runs share."
+    lines = [
+        "| class auto took differently | " + " | ".join(taken) + " |",
+        "|---|" + "---|" * len(taken),
+    ]
+    for key in differ:
+        lines.append(f"| {key} | " + " | ".join(_taken(t[key]) for t in taken.values()) + " |")
+    return "\n".join(lines)
+
+
 def _history(workdir: str | os.PathLike) -> tuple[Path, dict]:
     path = Path(workdir)
     path = path / "history.json" if path.is_dir() else path
@@ -108,13 +144,18 @@ def report(
     and their curves drawn to ``plot`` (default: ``compared.png`` beside the first history)."""
     path, history = _history(workdir)
     text = f"status: {run_files.status(path.parent, history)}\n\n" + epoch_table(history)
-    if against:
-        runs = {}
-        for where, (p, h) in [(workdir, (path, history))] + [(w, _history(w)) for w in against]:
-            label = p.parent.name if p.name == "history.json" else p.stem
-            runs[label if label not in runs else str(where)] = h
-        text += "\n\n" + comparison_table(runs)
-        plot = Path(plot) if plot else path.parent / "compared.png"
-        plots.plot_comparison(runs, _split(history) or "test", plot)
-        text += f"\n\ncurves of the {len(runs)} runs drawn in {plot}"
-    return text
+    if not against:
+        if auto_paths(history):
+            text += "\n\npaths auto took by timing (shape class: path, both times):\n"
+            text += paths_list(history)
+        return text
+    runs = {}
+    for where, (p, h) in [(workdir, (path, history))] + [(w, _history(w)) for w in against]:
+        label = p.parent.name if p.name == "history.json" else p.stem
+        runs[label if label not in runs else str(where)] = h
+    text += "\n\n" + comparison_table(runs)
+    if all(auto_paths(h) for h in runs.values()):
+        text += "\n\n" + differing_paths(runs)
+    plot = Path(plot) if plot else path.parent / "compared.png"
+    plots.plot_comparison(runs, _split(history) or "test", plot)
+    return text + f"\n\ncurves of the {len(runs)} runs drawn in {plot}"
