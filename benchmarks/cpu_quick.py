@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import subprocess
 import sys
 import time
@@ -76,6 +77,22 @@ def ratio_rows(throughput: dict, attention: dict) -> list[tuple[str, float]]:
     return rows
 
 
+def bf16_rows(throughput: dict) -> list[tuple[str, float]]:
+    """(row, ours in bf16 / ours in float32) for each of train_throughput's rows timed in both
+    dtypes: whether bf16 pays on this CPU, as ``encoder_dtype=auto``'s probe asks of one
+    encoder layer (docs/sentiment.md)."""
+    rates: dict[str, dict[str, float]] = {}
+    for r in throughput["results"]:
+        if r.get("dtype") in ("float32", "bfloat16") and r.get("ours_per_s"):
+            row = re.sub(r",? ?\b(bfloat16|float32)\b", "", r["what"])
+            rates.setdefault(row, {})[r["dtype"]] = r["ours_per_s"]
+    return [
+        (row, rate["bfloat16"] / rate["float32"])
+        for row, rate in rates.items()
+        if set(rate) == {"float32", "bfloat16"}
+    ]
+
+
 def commit() -> str:
     """The checkout's commit, with "+changes" where files differ from it ("unknown" outside
     git)."""
@@ -118,6 +135,9 @@ def summary(throughput: dict, attention: dict, run: dict) -> str:
         lines += ["", f"Taken with {100 * busy:.0f} % of the cores busy with other work at start."]
     lines += ["", "| row | hw2jax / torch |", "|---|---|"]
     lines += [f"| {row} | {ratio:.2f}× |" for row, ratio in ratio_rows(throughput, attention)]
+    if pairs := bf16_rows(throughput):
+        lines += ["", "| row | ours in bf16 / ours in float32 (speed) |", "|---|---|"]
+        lines += [f"| {row} | {ratio:.2f}× |" for row, ratio in pairs]
     return "\n".join(lines) + "\n"
 
 

@@ -648,6 +648,27 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
     assert "Vector features: avx2. jax 0.10.2, torch 2.13.0+cpu, 2026-12-05" in table
     assert "| softmax fwd+bwd, causal, T = 4,096 (auto / torch SDPA) | 0.80× |" in table
     assert "busy" not in table and "held back" not in table
+    assert "bf16" not in table  # no row timed in both dtypes
+
+    def timed(what, dtype, per_s):
+        return {"what": what, "dtype": dtype, "ours_per_s": per_s, "ratio": 1.0}
+
+    paired = [
+        timed("fine-tuning step (MiniLM-L6, float32, all weights)", "float32", 8.5),
+        timed("fine-tuning step (MiniLM-L6, bfloat16, all weights)", "bfloat16", 7.2),
+        timed("ViT train step", "float32", 1000.0),
+        timed("ViT train step, bfloat16", "bfloat16", 1250.0),
+        timed("GRU head train step", "float32", 50.0),  # float32 only: no pair
+    ]
+    assert quick.bf16_rows({"results": paired}) == [
+        ("fine-tuning step (MiniLM-L6, all weights)", pytest.approx(7.2 / 8.5)),
+        ("ViT train step", 1.25),
+    ]
+    (tmp_path / "train_throughput_cpu-cpu.json").write_text(
+        json.dumps({"meta": meta, "results": paired})
+    )
+    table = quick.main(["--out", str(tmp_path), "--summary-only"]).read_text()
+    assert "| fine-tuning step (MiniLM-L6, all weights) | 0.85× |" in table.split("bf16 /")[1]
     meta["usable_cores"] = 1  # under taskset -c 0
     meta["env"] = {
         "HW2JAX_KERNEL_MARCH": "x86-64-v3",
