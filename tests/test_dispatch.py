@@ -377,6 +377,31 @@ def test_precision_takes_bf16_only_where_it_is_measured_faster(measured, monkeyp
     assert len(probes) == 3
 
 
+def test_a_lock_held_elsewhere_too_long_leaves_the_rule_and_says_so(
+    measured, monkeypatch, tmp_path, capsys
+):
+    """A process that holds the cache's lock past LOCK_WAIT_S (stopped, stuck) is not waited
+    on for ever: this process takes the rule for the classes it has not timed, and says why."""
+    import fcntl
+
+    ms, probes = measured
+    ms.update(fused_cpu=3.0, xla=1.0)
+    monkeypatch.setattr(dispatch, "LOCK_WAIT_S", 0.2)
+    with open(tmp_path / "dispatch-test.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another holder, as far as flock can tell
+        assert dispatch.row_kernel(why(), CPU_AVX512, rows_for(), "layer_norm", True) == (
+            "fused_cpu"
+        )
+        fcntl.flock(held, fcntl.LOCK_UN)
+    assert probes == []
+    out = capsys.readouterr().out
+    assert "another process has held" in out and "dispatch-test.lock for over 0 s" in out
+    assert dispatch.row_kernel(why(), CPU_AVX512, rows_for(), "layer_norm", True) == "fused_cpu"
+    dispatch.state.seconds_spent = 0.0  # a later process: it times the class
+    assert dispatch.row_kernel(why(), CPU_AVX512, rows_for(), "layer_norm", True) == "xla"
+    assert len(probes) == 1
+
+
 def test_probes_stay_small_whatever_the_call(monkeypatch):
     monkeypatch.setattr(hw2jax.cpu, "usable_cores", lambda: 2)
     big = measure_for((64, 65536, 8, 64)).inputs

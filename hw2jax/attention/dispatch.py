@@ -44,7 +44,8 @@ next to the kernel build, in a file keyed by the CPU, the compiler, jax and the 
 source (:func:`hw2jax.kernels.library_target`); delete it to time again. "With gradients"
 means a path's outputs and their gradients, as a training step computes them
 (:func:`probe_program`). At most 20 s of
-timing per process; classes left untimed then take the feature rule. Softmax and BERT's key-bias
+timing per process; classes left untimed then take the feature rule, as they do where another
+process has held the cache's lock for over :data:`LOCK_WAIT_S`. Softmax and BERT's key-bias
 attention time forward and gradient separately (a custom VJP runs the forward winner when
 nothing is differentiated; key bias with attention dropout is a class of its own); linear and
 few-keys attention are timed with gradients. The row
@@ -119,6 +120,8 @@ ROW_KERNELS_ENV = "HW2JAX_ROW_KERNELS"
 AMX_MIN_MACS = 2**20
 AUTO_ENV = "HW2JAX_AUTO"
 PROBE_BUDGET_S = 20.0
+# How long a process waits for another to finish timing a class before it gives up timing.
+LOCK_WAIT_S = 120.0
 # How a probe times (probe_program). Cached timings taken another way are timed again: before
 # it, a path's gradients were timed without its outputs, which XLA's paths could skip.
 PROBE_METHOD = "outputs and gradients"
@@ -643,6 +646,23 @@ def _timed_choice(
     the file, else timed now."""
     if state.seconds_spent >= PROBE_BUDGET_S or (path := cache_file()) is None:
         return None
+    try:
+        return _time_locked(path, key, paths, measure, gradient, rule)
+    except _LockBusy as busy:
+        # The rest of this process keeps the rule rather than wait on each class again.
+        state.seconds_spent = PROBE_BUDGET_S
+        print(
+            f"auto: another process has held {busy} for over {LOCK_WAIT_S:.0f} s; this "
+            "process takes the vector-feature rule for the shape classes not yet timed "
+            "(HW2JAX_AUTO=rule does so from the start).",
+            flush=True,
+        )
+        return None
+
+
+def _time_locked(
+    path: Path, key: str, paths: Sequence[str], measure: Measure, gradient: bool, rule: str | None
+) -> str | None:
     with _locked(path):  # one process times a class; the others then read its result
         state.timings.update(_read(path))
         if choice := _cached_choice(key, paths, rule):
@@ -802,13 +822,31 @@ def _locked(path: Path):
         if not _lock_depth:
             path.parent.mkdir(parents=True, exist_ok=True)
             lock = stack.enter_context(open(path.with_suffix(".lock"), "a"))
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            _wait_for(lock, path)
             stack.callback(fcntl.flock, lock, fcntl.LOCK_UN)
         _lock_depth += 1
         try:
             yield
         finally:
             _lock_depth -= 1
+
+
+class _LockBusy(Exception):
+    """Another process held the cache's lock past :data:`LOCK_WAIT_S`."""
+
+
+def _wait_for(lock, path: Path) -> None:
+    """Takes ``lock`` (the cache's lock file), waiting at most :data:`LOCK_WAIT_S`: a process
+    times a class in seconds, so one holding it longer is stopped or stuck."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise _LockBusy(path.with_suffix(".lock")) from None
+            time.sleep(0.05)
 
 
 def _read(path: Path) -> dict:
