@@ -402,6 +402,24 @@ def test_a_lock_held_elsewhere_too_long_leaves_the_rule_and_says_so(
     assert len(probes) == 1
 
 
+def test_a_recording_inside_another_adds_to_the_outer_one(measured):
+    """A task's choices made before its loop (the encoder's dtype) and the loop's own land in
+    one record; outside any recording nothing is kept."""
+    ms, _ = measured
+    ms.update(fused_cpu=1.0, xla=2.0)
+    dispatch.row_kernel(why(), CPU_AVX512, rows_for((64, 32)), "layer_norm", True)
+    with dispatch.recording() as outer:
+        dispatch.row_kernel(why(), CPU_AVX512, rows_for(), "layer_norm", True)
+        with dispatch.recording() as inner:
+            dispatch.row_kernel(why(), CPU_AVX512, rows_for((8, 256, 1536)), "bias_gelu")
+        assert inner is outer
+    assert sorted(outer) == [
+        "bias_gelu fwd rows 2^11 width 1536 float32",
+        "layer_norm fwd+bwd rows 2^13 width 64 float32",
+    ]
+    assert all(record["path"] == "fused_cpu" for record in outer.values())
+
+
 def test_probes_stay_small_whatever_the_call(monkeypatch):
     monkeypatch.setattr(hw2jax.cpu, "usable_cores", lambda: 2)
     big = measure_for((64, 65536, 8, 64)).inputs

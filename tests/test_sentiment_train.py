@@ -203,15 +203,33 @@ def test_cli_train_and_predict(tmp_path, capsys, monkeypatch):
         "encoder_dtype=auto",
     ]:
         args += ["--set", item]
-    # A CPU without bf16 instructions: auto runs the encoder in float32 and says so.
-    no_bf16 = {name: False for name in cpu.VECTOR_FEATURES}
-    monkeypatch.setattr(cpu, "cpu_vector_features", lambda *a: no_bf16)
+    # A CPU whose vector features say bf16 but whose timings (faked) say float32: auto runs the
+    # encoder in float32, says why, and the run records the class beside its other paths.
+    from hw2jax.attention import dispatch
+
+    with_bf16 = {name: True for name in cpu.VECTOR_FEATURES}
+    monkeypatch.setattr(cpu, "cpu_vector_features", lambda *a: with_bf16)
+    monkeypatch.setenv("HW2JAX_AUTO", "measure")
+    monkeypatch.setattr(dispatch, "state", dispatch.ProbeState())
+    monkeypatch.setattr(dispatch, "cache_file", lambda: tmp_path / "dispatch-test.json")
+    ms = {"bfloat16": 3.0, "float32": 2.0, "fused_cpu": 1.0}  # XLA's forms: 2 ms
+
+    def fake(paths, measure, gradient):
+        return {name: ms.get(name, 2.0) / 1e3 for name in paths}
+
+    monkeypatch.setattr(dispatch, "time_paths", fake)
     assert cli.main([*args, "--cache-dir", str(tmp_path / "cache")]) == 0
     assert any((tmp_path / "cache").iterdir())  # the tokens were cached where the flag said
     saved = json.loads((tmp_path / "w" / "config.json").read_text())
     assert saved["cache_dir"] == str(tmp_path / "cache") and saved["encoder_dtype"] == "float32"
     out = capsys.readouterr().out
-    assert "encoder_dtype auto: float32; this CPU has no AVX512-BF16 or AMX" in out
+    assert (
+        "encoder_dtype auto: float32; one encoder layer took 3.0 ms in bfloat16 and 2.0 ms" in out
+    )
+    (machine,) = json.loads((tmp_path / "w" / "results.json").read_text())["machines"]
+    precision = [r for key, r in machine["auto_paths"].items() if key.startswith("precision")]
+    assert precision == [{"path": "float32", "ms": {"float32": 2.0, "bfloat16": 3.0}}]
+    assert any(r["path"] == "fused_cpu" for r in machine["auto_paths"].values())
     assert "reviews/s" in out and "img/s" not in out  # the epoch line names what it counts
     texts = ["Justice League is terrible. I hated it.", "Avengers was great!!"]
     assert cli.main(["sentiment", "predict", "--workdir", str(tmp_path / "w"), *texts]) == 0

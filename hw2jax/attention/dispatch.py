@@ -555,7 +555,11 @@ _TAKEN: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
 def recording():
     """Yields a dict that collects, while inside, each shape class auto decides by its timings
     (cached or timed now) and what it took: ``{class: {"path": ..., "ms": {path: ms}}}``. A
-    training run keeps it beside its machine, so that two runs' paths can be compared."""
+    training run keeps it beside its machine, so that two runs' paths can be compared. Inside
+    another recording, the outer one's dict (a task's choices before its loop join the loop's)."""
+    if (outer := _TAKEN.get()) is not None:
+        yield outer
+        return
     taken: dict[str, dict] = {}
     token = _TAKEN.set(taken)
     try:

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from hw2jax.attention import key_bias
+from hw2jax.attention import dispatch, key_bias
 from hw2jax.config import LOOP_SCHEMA, Field, check_config
 from hw2jax.data import imdb
 from hw2jax.errors import InputError
@@ -211,7 +211,14 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Trains the sentiment model, then reads test once from the best-valid checkpoint;
     ``extra_hooks`` join the loop's (:mod:`hw2jax.train.hooks`)."""
-    workdir = Path(workdir)
+    # The encoder's timed dtype joins the paths the loop records (dispatch.recording).
+    with dispatch.recording():
+        return _train_and_evaluate(config, Path(workdir), extra_hooks)
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: Path, extra_hooks: Sequence[hooks.Hook]
+) -> dict[str, Any]:
     # config.json records the dtype that runs here, which a resume then keeps.
     config.encoder_dtype, why = resolve_encoder_dtype(config)
     if why:
