@@ -814,25 +814,26 @@ def cache_file() -> Path | None:
     return target.with_name(f"{stem}-{cpu.usable_cores()}-cores.json")
 
 
-# How deep this process is in _locked: a class timed while another is (the paths of a layer
-# being timed make their own choices as they compile) holds the lock already.
-_lock_depth = 0
+# Whether this process holds the cache's lock: a class timed while another is (the paths of a
+# layer being timed make their own choices as they compile) takes it as held.
+_lock_held = False
 
 
 @contextlib.contextmanager
 def _locked(path: Path):
-    global _lock_depth
-    with contextlib.ExitStack() as stack:
-        if not _lock_depth:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            lock = stack.enter_context(open(path.with_suffix(".lock"), "a"))
-            _wait_for(lock, path)
-            stack.callback(fcntl.flock, lock, fcntl.LOCK_UN)
-        _lock_depth += 1
+    global _lock_held
+    if _lock_held:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        _wait_for(lock, path)
+        _lock_held = True
         try:
             yield
         finally:
-            _lock_depth -= 1
+            _lock_held = False
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class _LockBusy(Exception):
