@@ -115,6 +115,24 @@ def test_tfds_fallback_failure_is_one_clear_error(tmp_path, monkeypatch):
     assert "dataset-fashion-mnist" in str(exc.value)  # the three ways, again
 
 
+def test_a_tfds_load_leaves_no_folder_in_the_temp_dir(tmp_path, monkeypatch):
+    """tfds fetches a dataset's metadata into tempfile.mkdtemp("tfds") and never removes the
+    folder: a load (here one that fails, as offline) leaves the temp dir as it found it."""
+    import tempfile
+
+    pytest.importorskip("tensorflow_datasets")
+    from hw2jax.data.sources import TfdsSource
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    source = TfdsSource("fashion_mnist", data_dir=str(tmp_path / "tfds"), download=False)
+    with pytest.raises(DataNotFoundError, match="could not provide 'fashion_mnist'"):
+        source.load("train")
+    assert list(scratch.iterdir()) == []
+    assert tempfile.tempdir == str(scratch)
+
+
 def test_a_data_root_holds_each_dataset_in_its_usual_name(tmp_path, monkeypatch):
     """$HW2JAX_DATA_DIR may name a folder of datasets, as the Makefile does with the project's
     shared data: FashionMNIST in fashion-mnist/, IMDB as aclImdb_labeled.tar.gz (or aclImdb/)."""

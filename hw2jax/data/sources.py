@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import tempfile
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,6 +32,19 @@ class DataSource(Protocol):
 
 def tfds_available() -> bool:
     return importlib.util.find_spec("tensorflow_datasets") is not None
+
+
+@contextlib.contextmanager
+def _tempdir_of_our_own() -> Iterator[None]:
+    """Points ``tempfile`` at a folder removed afterwards: tfds fetches a dataset's metadata
+    into ``tempfile.mkdtemp("tfds")`` (``DatasetInfo.initialize_from_bucket``) and leaves the
+    folder behind, one more in /tmp at each call."""
+    with tempfile.TemporaryDirectory(prefix="hw2jax-tfds-") as folder:
+        saved, tempfile.tempdir = tempfile.tempdir, folder
+        try:
+            yield
+        finally:
+            tempfile.tempdir = saved
 
 
 class TfdsSource:
@@ -62,7 +78,8 @@ class TfdsSource:
         import tensorflow_datasets as tfds
 
         try:
-            source = tfds.data_source(self.name, split=split, **self._kwargs())
+            with _tempdir_of_our_own():
+                source = tfds.data_source(self.name, split=split, **self._kwargs())
         except Exception as e:  # offline download, missing TensorFlow, ...: one clear error
             raise DataNotFoundError(
                 f"tensorflow-datasets could not provide {self.name!r} ({type(e).__name__}: "
