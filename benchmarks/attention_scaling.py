@@ -14,9 +14,11 @@ compare like with like; ``--fla-wheels DIR`` adds fla's Triton chunk kernel on a
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -306,6 +308,7 @@ def fla_chunk_linear_attn(wheels: str | None = None) -> Callable | None:
     if wheels:
         for wheel in sorted(Path(wheels).glob("fla_core-*.whl")):
             target = Path(tempfile.mkdtemp(prefix="fla-"))
+            atexit.register(shutil.rmtree, target, True)  # imported from until the process ends
             zipfile.ZipFile(wheel).extractall(target)
             sys.path.insert(0, str(target))
     try:

@@ -116,13 +116,23 @@ def chunk_linear_attn(q, k, v, scale=None, normalize=False, **unused):
 """
 
 
-def test_fla_loads_from_a_wheel_and_is_called_as_our_causal_linear_attention(tmp_path, capsys):
+def test_fla_loads_from_a_wheel_and_is_called_as_our_causal_linear_attention(
+    tmp_path, capsys, monkeypatch
+):
     """The benchmark unpacks fla_core-*.whl onto sys.path and maps our linear attention onto
     fla's chunk_linear_attn (elu + 1 first, scale 1, normalize): a stand-in package with fla's
-    documented semantics must then give our float64 causal formula."""
+    documented semantics must then give our float64 causal formula. The unpacked folder goes
+    when the process ends."""
+    import atexit
+    import tempfile
     import zipfile
 
     torch = pytest.importorskip("torch")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    at_exit = []
+    monkeypatch.setattr(atexit, "register", lambda fn, *args: at_exit.append((fn, args)))
     assert bench.fla_chunk_linear_attn(str(tmp_path)) is None  # no wheel: skipped, with why
     assert "fla not timed" in capsys.readouterr().err
     with zipfile.ZipFile(tmp_path / "fla_core-0.0-py3-none-any.whl", "w") as wheel:
@@ -143,6 +153,10 @@ def test_fla_loads_from_a_wheel_and_is_called_as_our_causal_linear_attention(tmp
     np.testing.assert_allclose(
         out, ref_linear_np(q, k, v, True, "elu", eps=0), rtol=2e-5, atol=2e-5
     )
+    assert [p.name[:4] for p in scratch.iterdir()] == ["fla-"]
+    for fn, args in at_exit:
+        fn(*args)
+    assert list(scratch.iterdir()) == []
 
 
 def test_benchmark_lists_the_peers_and_our_kernels():
