@@ -3,6 +3,7 @@ float64 (on CPUs with either), BERT's bf16 attention on the tiles (AMX-BF16 only
 dispatch rule that sends dense layers to them, with the CPU faked every way."""
 
 import functools
+import json
 import math
 import re
 
@@ -155,6 +156,27 @@ def test_dense_layers_take_the_kernel_and_agree_with_xla(monkeypatch):
     assert "hw2jax_cpu_amx_matmul" in hlo
     via_amx = jax.jit(lambda a, b: dot_float32_out(a, b, DENSE))(a, b)
     np.testing.assert_allclose(via_amx, via_xla, rtol=1e-4, atol=1e-3)
+
+
+@needs_products
+def test_a_measured_bf16_product_runs_the_path_its_timings_chose(monkeypatch, tmp_path):
+    """Unfaked: on a CPU that measures, a bf16 dense layer's product is timed on the kernel and
+    on XLA's dot (output and both gradients), its class cached, and the program runs the
+    faster: the kernel's custom call where it won, XLA's dot where it lost."""
+    monkeypatch.setenv("HW2JAX_AUTO", "measure")
+    monkeypatch.setattr(dispatch, "state", dispatch.ProbeState())
+    monkeypatch.setattr(dispatch, "cache_file", lambda: tmp_path / "dispatch-test.json")
+    a, b = bf16_pair(3, 4 * 128, 384, 96)
+    a = a.reshape(4, 128, 384)
+    with dispatch.recording() as taken:
+        hlo = jax.jit(lambda a, b: dot_float32_out(a, b, DENSE)).lower(a, b).as_text()
+    ((key, record),) = taken.items()
+    assert key.startswith("bf16_dense fwd+bwd rows 2^9 384x96 bfloat16")
+    assert set(record["ms"]) == {"amx", "xla"} and min(record["ms"].values()) > 0
+    assert record["path"] == dispatch.choose(record["ms"], ["amx", "xla"], "amx")
+    assert ("hw2jax_cpu_amx_matmul" in hlo) == (record["path"] == "amx")
+    cached = json.loads((tmp_path / "dispatch-test.json").read_text())["classes"]
+    assert cached[key]["ms"] == record["ms"]
 
 
 def gelu64(z):

@@ -2,6 +2,7 @@
 softmax, linear and BERT's attention all follow it."""
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -256,6 +257,53 @@ def test_row_kernels_take_the_measured_fastest_path_both_ways(measured):
         "layer_norm fwd+bwd rows 2^13 width 64 float32",
         "bias_gelu fwd rows 2^11 width 1536 float32",
     }
+
+
+def test_bf16_dense_products_take_the_measured_fastest_path_both_ways(measured, monkeypatch):
+    """The product kernel (AMX tiles, or AVX512-BF16 pair dots) or XLA's dot, by their timings
+    with the output and both gradients kept; untimed where the rule already says XLA's, or
+    where $HW2JAX_MATMUL forces a path."""
+    ms, probes = measured
+    pair_dots = dispatch.Machine(
+        "cpu", kernel_features=(("amx_bf16", False), ("avx512_bf16", True), ("avx512f", True))
+    )
+    dims = (((2,), (0,)), ((), ()))
+    x, w = jnp.zeros((8, 128, 256), jnp.bfloat16), jnp.zeros((256, 512), jnp.bfloat16)
+
+    def product(x, w, machine=pair_dots):
+        size = f"rows 2^{int(math.log2(math.prod(x.shape[:-1])))} {w.shape[0]}x{w.shape[1]}"
+        return dispatch.dense_product(
+            x, w, dims, why(), machine, dispatch.Measure((x, w), lambda p: None, size=size)
+        )
+
+    ms.update(amx=3.0, xla=1.0)
+    assert product(x, w) == "xla"
+    assert probes == [(("amx", "xla"), True)]
+    ms.update(amx=1.0, xla=3.0)
+    assert product(jnp.zeros((64, 128, 256), jnp.bfloat16), w) == "amx"
+    assert product(x, w) == "xla"  # cached: its class keeps its timing
+    assert len(probes) == 2
+    assert product(x[:1, :4], w) == "xla"  # below AMX_MIN_MACS: the rule's XLA, untimed
+    assert product(x, w, dispatch.Machine("cpu", kernel_features=AVX512)) == "xla"
+    monkeypatch.setenv(dispatch.MATMUL_ENV, "amx")
+    assert product(x, w) == "amx"
+    assert len(probes) == 2
+    assert set(dispatch.state.timings) == {
+        "bf16_dense fwd+bwd rows 2^10 256x512",
+        "bf16_dense fwd+bwd rows 2^13 256x512",
+    }
+
+
+def test_a_probe_with_a_cotangent_keeps_the_output_and_both_gradients():
+    """bf16 products are timed as output and gradients of a given cotangent, all returned:
+    the program computes x @ w, g @ w^T and x^T g (checked in float64), where a summed loss
+    would let XLA fuse the product into its sum."""
+    rng = np.random.default_rng(0)
+    x, w, g = (rng.standard_normal(shape) for shape in ((6, 5), (5, 3), (6, 3)))
+    program = dispatch.probe_program(lambda a, b: a @ b, True, 3, cotangent=True)
+    out, (dx, dw) = program(*(jnp.asarray(a, jnp.float32) for a in (x, w, g)))
+    for got, want in ((out, x @ w), (dx, g @ w.T), (dw, x.T @ g)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_near_tie_keeps_the_rules_path(measured):

@@ -51,7 +51,9 @@ nothing is differentiated; key bias with attention dropout is a class of its own
 few-keys attention are timed with gradients. The row
 kernels (:func:`row_kernel`: layer norms, timed with gradients; BERT's bias + GELU and its
 float32 dense products, forward) share the probe, their class being the operation, the rows to
-a power of two (timed on at most 2^14), the width (a product's K x N) and the dtype. The
+a power of two (timed on at most 2^14), the width (a product's K x N) and the dtype; so do
+bf16 dense products (:func:`dense_product`: the product kernel or XLA's dot, timed with their
+output and both gradients kept, the class naming the program's XLA options). The
 GRU's recurrence (:func:`recurrence`: the fused kernel or
 a ``lax.scan``) is timed with gradients over at most :data:`PROBE_STEPS` steps, its class being
 the directions, the batch to a power of two, the hidden size and the dtype. A model's compute
@@ -402,6 +404,7 @@ def dense_product(
     dimension_numbers,
     amx_reason: Reason,
     machine: Machine | None = None,
+    measure: Measure | None = None,
 ) -> str:
     """How a dense layer's product ``lhs @ rhs`` runs: ``"amx"`` (:func:`hw2jax.kernels.
     amx_matmul`) or ``"xla"``. The kernel takes bf16 products of a Dense layer's form (lhs's
@@ -409,7 +412,10 @@ def dense_product(
     with AMX-BF16 (on the tiles) or AVX512-BF16 (on pair dot products), on one device or a mesh
     (each device multiplies its rows). Whole bf16 steps gained 1.2-1.45x on the tiles, though
     single products range from 0.7x to 2x XLA's (benchmarks/results/amx_matmul/), and 1.1x on
-    the Zen 4 EPYC's pair dots (benchmarks/results/zen4/pair_dots/); a rule, not a timing.
+    the Zen 4 EPYC's pair dots (benchmarks/results/zen4/pair_dots/). Where the rule takes the
+    kernel and ``measure`` is given on a CPU that measures, the two are timed, output and both
+    gradients (class ``bf16_dense``), and the faster taken: XLA's bf16 dot may run on the
+    tiles too (YNNPACK), and pair dot products against XLA's were timed on one CPU only.
     ``$HW2JAX_MATMUL`` (``auto``, ``xla`` or ``amx``) forces one path: ``amx`` sends every bf16
     product of that form to the kernel, whatever its size, and is an error where the kernel
     cannot run."""
@@ -422,7 +428,12 @@ def dense_product(
         and not batch[0]
         and not batch[1]
     )
-    return _amx_or_xla(fits, math.prod(lhs.shape) * rhs.shape[-1], amx_reason, machine)
+    path = _amx_or_xla(fits, math.prod(lhs.shape) * rhs.shape[-1], amx_reason, machine)
+    if path != "amx" or measure is None or _forced_by(MATMUL_ENV, MATMUL):
+        return path
+    if not measuring(machine or this_machine()):
+        return path
+    return fastest("bf16_dense", False, True, ["amx", "xla"], measure, "amx") or path
 
 
 def batched_product(
@@ -538,6 +549,10 @@ class Measure:
     # a function of the path giving them: its paths are timed compiled as that program compiles
     # them.
     compiler_options: tuple[tuple[str, str], ...] | Callable[[str], dict] = ()
+    # With gradients, the last probe input is the cotangent of ``run(path)``'s output: the
+    # program returns the output and the other inputs' gradients, each kept, as a training
+    # step keeps them. A summed loss lets XLA fold a product into its sum and never write it.
+    cotangent: bool = False
 
     def options(self, path: str) -> dict:
         """The XLA options that ``path``'s program compiles with."""
@@ -765,19 +780,29 @@ def _probe_of(measure: Measure, abstract: bool = False) -> list:
 def time_paths(paths: Sequence[str], measure: Measure, gradient: bool) -> dict[str, float]:
     inputs = _probe_of(measure)
     return {
-        name: _time_path(measure.run(name), inputs, gradient, measure.options(name))
+        name: _time_path(
+            measure.run(name), inputs, gradient, measure.options(name), measure.cotangent
+        )
         for name in paths
     }
 
 
-def probe_program(fn: Callable, gradient: bool, operands: int) -> Callable:
+def probe_program(fn: Callable, gradient: bool, operands: int, cotangent: bool = False) -> Callable:
     """What the probe times of a path: ``fn``, or with ``gradient`` the sum of its outputs and
     the gradients of its first three inputs (q, k, v; a row operation's inputs). The sum keeps
     the outputs computed, as a training step needs them: from the gradients alone XLA drops
     the products whose values no gradient needs (attention's P v), and its path would be timed
-    doing less work than the kernel's."""
+    doing less work than the kernel's. With ``cotangent`` the last input is the output's
+    cotangent, and the program returns the output and the other inputs' gradients."""
     if not gradient:
         return fn
+    if cotangent:
+
+        def output_and_gradients(*args):
+            out, pullback = jax.vjp(fn, *args[:-1])
+            return out, pullback(args[-1])
+
+        return output_and_gradients
 
     def loss(*args):
         return sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(fn(*args)))
@@ -785,9 +810,16 @@ def probe_program(fn: Callable, gradient: bool, operands: int) -> Callable:
     return jax.value_and_grad(loss, argnums=tuple(range(min(3, operands))))
 
 
-def _time_path(fn: Callable, inputs: list, gradient: bool, options: dict | None = None) -> float:
+def _time_path(
+    fn: Callable,
+    inputs: list,
+    gradient: bool,
+    options: dict | None = None,
+    cotangent: bool = False,
+) -> float:
     """The best of up to three runs (half a second at most) after a first that compiles."""
-    compiled = jax.jit(probe_program(fn, gradient, len(inputs)), compiler_options=options or None)
+    program = probe_program(fn, gradient, len(inputs), cotangent)
+    compiled = jax.jit(program, compiler_options=options or None)
     jax.block_until_ready(compiled(*inputs))
     best, start = math.inf, time.perf_counter()
     for _ in range(3):

@@ -30,6 +30,7 @@ from hw2jax.models import bert_params
 from hw2jax.models.layers import (
     NO_YNNPACK,
     LayerNorm,
+    bf16_product_paths,
     dense_dot,
     dot_float32_out,
     init_on_dummy,
@@ -99,9 +100,14 @@ def _dense_parameters(module: nn.Module, x: jax.Array):
     bias = module.param("bias", nn.initializers.zeros_init(), (module.features,))
     x, promoted, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
     dims = (((x.ndim - 1,), (0,)), ((), ()))
+    measure = None
+    if x.dtype == promoted.dtype == jnp.bfloat16:
+        measure = bf16_product_paths(x, promoted, xla_compiler_options(x.dtype))
     by_kernel = (
         kernel.dtype in (jnp.float32, jnp.bfloat16)
-        and dispatch.dense_product(x, promoted, dims, kernels.bf16_products_unavailable_reason)
+        and dispatch.dense_product(
+            x, promoted, dims, kernels.bf16_products_unavailable_reason, measure=measure
+        )
         == "amx"
     )
     return x, promoted, bias, kernel if by_kernel else None

@@ -45,14 +45,56 @@ def xla_accepts(options: tuple[tuple[str, str], ...]) -> bool:
     return True
 
 
+def bf16_step_options(dtype, machine: dispatch.Machine | None = None) -> dict[str, str]:
+    """XLA options for a step whose compute is ``dtype``: with bf16 products on AMX tiles,
+    XLA's own loops (YNNPACK off) for what is left (:func:`hw2jax.models.vit.
+    xla_compiler_options` gives the measurements); else none."""
+    if dtype is None or jnp.dtype(dtype) != jnp.bfloat16 or jax.default_backend() != "cpu":
+        return {}
+    if not dispatch.bf16_products_on_amx(kernels.amx_matmul_unavailable_reason, machine):
+        return {}
+    return dict(NO_YNNPACK) if xla_accepts(NO_YNNPACK) else {}
+
+
+def bf16_product_paths(
+    x: jax.Array, kernel: jax.Array, compiler_options: dict[str, str]
+) -> dispatch.Measure:
+    """What auto times for a bf16 dense layer's ``x @ kernel`` (float32 out) in a program
+    compiled with ``compiler_options``: the product kernel (:func:`hw2jax.kernels.amx_matmul`)
+    or XLA's dot with :func:`dense_dot`'s backward, each with its output and both gradients."""
+    rows, (k, n) = math.prod(x.shape[:-1]), kernel.shape
+    probe_rows = min(rows, dispatch.PROBE_ROWS)
+    paths = {"amx": kernels.amx_matmul, "xla": _dense}  # not dense_dot, which would ask again
+    options = tuple(sorted(compiler_options.items()))
+    named = {(): "", tuple(sorted(NO_YNNPACK)): " YNNPACK off"}
+    where = named.get(options, f" options {options}")
+    bf16 = jnp.bfloat16
+    return dispatch.Measure(
+        (jax.ShapeDtypeStruct(x.shape, bf16), jax.ShapeDtypeStruct(kernel.shape, bf16)),
+        paths.__getitem__,
+        size=f"rows 2^{int(math.log2(max(rows, 1)))} {k}x{n} bfloat16{where}",
+        probe=(
+            jax.ShapeDtypeStruct((probe_rows, k), bf16),
+            jax.ShapeDtypeStruct((k, n), bf16),
+            jax.ShapeDtypeStruct((probe_rows, n), jnp.float32),
+        ),
+        compiler_options=options,
+        cotangent=True,
+    )
+
+
 def dot_float32_out(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     """A dot_general for nn.Dense that accumulates and returns float32 whatever the input
     dtype: with bf16 inputs this is both the accurate choice and, on CPUs with AVX512-BF16,
-    the fast one (benchmarks/NOTES.md). bf16 products run on AMX tiles where the dispatch rule
-    says so (:func:`hw2jax.attention.dispatch.dense_product`)."""
+    the fast one (benchmarks/NOTES.md). bf16 products run on the product kernel where
+    :func:`hw2jax.attention.dispatch.dense_product` says so, timed in a program compiled as a
+    bf16 step is (:func:`bf16_step_options`)."""
     del preferred_element_type
+    measure = None
+    if lhs.dtype == rhs.dtype == jnp.bfloat16 and rhs.ndim == 2:
+        measure = bf16_product_paths(lhs, rhs, bf16_step_options(jnp.bfloat16))
     path = dispatch.dense_product(
-        lhs, rhs, dimension_numbers, kernels.bf16_products_unavailable_reason
+        lhs, rhs, dimension_numbers, kernels.bf16_products_unavailable_reason, measure=measure
     )
     if path == "amx":
         return kernels.amx_matmul(lhs, rhs)

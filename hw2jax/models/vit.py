@@ -10,16 +10,15 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from hw2jax import attention, kernels
-from hw2jax.attention import dispatch, registry
+from hw2jax import attention
+from hw2jax.attention import registry
 from hw2jax.errors import InputError
 from hw2jax.models.layers import (
-    NO_YNNPACK,
     LayerNorm,
     TorchDense,
     TorchKernel,
+    bf16_step_options,
     dense_dot,
-    xla_accepts,
 )
 
 
@@ -84,11 +83,7 @@ def xla_compiler_options(dtype: jnp.dtype | None, machine=None) -> dict[str, str
     1,140 images/s without it on the Zen 4 EPYC (benchmarks/results/zen4/pair_dots/). In
     float32, where the products are XLA's, YNNPACK is the faster one (497 against 533-539
     images/s), so this is per step, not a process-wide XLA_FLAGS."""
-    if dtype is None or jnp.dtype(dtype) != jnp.bfloat16 or jax.default_backend() != "cpu":
-        return {}
-    if not dispatch.bf16_products_on_amx(kernels.amx_matmul_unavailable_reason, machine):
-        return {}
-    return dict(NO_YNNPACK) if xla_accepts(NO_YNNPACK) else {}
+    return bf16_step_options(dtype, machine)
 
 
 def _cast(dtype: jnp.dtype | None, *arrays: jax.Array) -> tuple[jax.Array, ...]:
