@@ -72,13 +72,25 @@ _ACTIVATIONS = {
 }
 
 
+def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """:func:`dot_float32_out`, its bf16 products timed as this encoder's programs compile."""
+    return dot_float32_out(
+        lhs, rhs, dimension_numbers, precision, step_options=xla_compiler_options
+    )
+
+
+def _dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """:func:`dense_dot`, its bf16 products timed as this encoder's programs compile."""
+    return dense_dot(x, kernel, xla_compiler_options)
+
+
 def _dense(features: int, cfg_init: float = 0.02, name: str | None = None, dtype=None) -> nn.Dense:
     return nn.Dense(
         features,
         kernel_init=nn.initializers.normal(cfg_init),
         dtype=dtype,
         name=name,
-        dot_general=dot_float32_out,
+        dot_general=_dot_general,
     )
 
 
@@ -128,9 +140,9 @@ def _float32_kernel_takes(x: jax.Array, kernel: jax.Array) -> bool:
 
 
 def float32_product_paths(x: jax.Array, kernel: jax.Array) -> dispatch.Measure:
-    """What auto times for ``x @ kernel``: the dense kernel or XLA's dot (:func:`dense_dot`)."""
+    """What auto times for ``x @ kernel``: the dense kernel or XLA's dot (:func:`_dot`)."""
     rows, (k, n) = math.prod(x.shape[:-1]), kernel.shape
-    paths = {"fused_cpu": kernels.float32_dense, "xla": dense_dot}
+    paths = {"fused_cpu": kernels.float32_dense, "xla": _dot}
     weights = jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
     return dispatch.Measure(
         (jax.ShapeDtypeStruct(x.shape, x.dtype), weights),
@@ -142,7 +154,7 @@ def float32_product_paths(x: jax.Array, kernel: jax.Array) -> dispatch.Measure:
 
 
 def _product_then_bias_gelu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    return _bias_gelu_xla(dense_dot(x, kernel), bias)
+    return _bias_gelu_xla(_dot(x, kernel), bias)
 
 
 class _DenseActivation(nn.Module):
@@ -164,14 +176,14 @@ class _DenseActivation(nn.Module):
         x, kernel, bias, stored = _dense_parameters(self, x)
         dims = (((x.ndim - 1,), (0,)), ((), ()))
         if self.activation != "gelu":
-            return _ACTIVATIONS[self.activation](dot_float32_out(x, kernel, dims) + bias)
+            return _ACTIVATIONS[self.activation](_dot_general(x, kernel, dims) + bias)
         if stored is not None:
             return kernels.amx_dense(x, stored, bias, gelu=True, out_dtype=jnp.bfloat16)
         if _float32_kernel_takes(x, kernel):
             return kernels.float32_dense(
                 x, kernel, bias, gelu=True, differentiated=_product_then_bias_gelu
             )
-        h = dot_float32_out(x, kernel, dims)
+        h = _dot_general(x, kernel, dims)
         why_not = functools.partial(_bias_gelu_unsupported, h, bias)
         if (
             dispatch.row_kernel(why_not, measure=_bias_gelu_paths(h, bias), op="bias_gelu")
@@ -197,8 +209,8 @@ class _DenseAndBias(nn.Module):
         x, kernel, bias, stored = _dense_parameters(self, x)
         if stored is None:
             if not added and _float32_kernel_takes(x, kernel):
-                return kernels.float32_dense(x, kernel, differentiated=dense_dot), bias
-            h = dense_dot(x, kernel)
+                return kernels.float32_dense(x, kernel, differentiated=_dot), bias
+            h = _dot(x, kernel)
             return (h + bias).astype(x.dtype) if added else (h, bias)
         if added:
             return kernels.amx_dense(x, stored, bias, out_dtype=x.dtype)

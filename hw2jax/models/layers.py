@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -83,16 +85,24 @@ def bf16_product_paths(
     )
 
 
-def dot_float32_out(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+def dot_float32_out(
+    lhs,
+    rhs,
+    dimension_numbers,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    step_options: Callable[[Any], dict[str, str]] = bf16_step_options,
+):
     """A dot_general for nn.Dense that accumulates and returns float32 whatever the input
     dtype: with bf16 inputs this is both the accurate choice and, on CPUs with AVX512-BF16,
     the fast one (benchmarks/NOTES.md). bf16 products run on the product kernel where
-    :func:`hw2jax.attention.dispatch.dense_product` says so, timed in a program compiled as a
-    bf16 step is (:func:`bf16_step_options`)."""
+    :func:`hw2jax.attention.dispatch.dense_product` says so, timed in a program compiled with
+    ``step_options(bf16)``, the XLA options of the model's steps (the ViT's by default)."""
     del preferred_element_type
     measure = None
     if lhs.dtype == rhs.dtype == jnp.bfloat16 and rhs.ndim == 2:
-        measure = bf16_product_paths(lhs, rhs, bf16_step_options(jnp.bfloat16))
+        measure = bf16_product_paths(lhs, rhs, step_options(jnp.bfloat16))
     path = dispatch.dense_product(
         lhs, rhs, dimension_numbers, kernels.bf16_products_unavailable_reason, measure=measure
     )
@@ -109,10 +119,14 @@ def dot_float32_out(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     )
 
 
-def dense_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def dense_dot(
+    x: jax.Array,
+    kernel: jax.Array,
+    step_options: Callable[[Any], dict[str, str]] = bf16_step_options,
+) -> jax.Array:
     """x @ kernel over x's last axis, float32 out, as nn.Dense with :func:`dot_float32_out`
     computes it (and with its backward)."""
-    return dot_float32_out(x, kernel, _dense_dims(x.ndim))
+    return dot_float32_out(x, kernel, _dense_dims(x.ndim), step_options=step_options)
 
 
 _DENSE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
