@@ -273,7 +273,7 @@ def test_bf16_dense_products_take_the_measured_fastest_path_both_ways(measured, 
     def product(x, w, machine=pair_dots):
         size = f"rows 2^{int(math.log2(math.prod(x.shape[:-1])))} {w.shape[0]}x{w.shape[1]}"
         return dispatch.dense_product(
-            x, w, dims, why(), machine, dispatch.Measure((x, w), lambda p: None, size=size)
+            x, w, dims, why(), machine, lambda: dispatch.Measure((x, w), lambda p: None, size=size)
         )
 
     ms.update(amx=3.0, xla=1.0)

@@ -404,7 +404,7 @@ def dense_product(
     dimension_numbers,
     amx_reason: Reason,
     machine: Machine | None = None,
-    measure: Measure | None = None,
+    measure: Callable[[], Measure] | None = None,
 ) -> str:
     """How a dense layer's product ``lhs @ rhs`` runs: ``"amx"`` (:func:`hw2jax.kernels.
     amx_matmul`) or ``"xla"``. The kernel takes bf16 products of a Dense layer's form (lhs's
@@ -413,9 +413,10 @@ def dense_product(
     (each device multiplies its rows). Whole bf16 steps gained 1.2-1.45x on the tiles, though
     single products range from 0.7x to 2x XLA's (benchmarks/results/amx_matmul/), and 1.1x on
     the Zen 4 EPYC's pair dots (benchmarks/results/zen4/pair_dots/). Where the rule takes the
-    kernel and ``measure`` is given on a CPU that measures, the two are timed, output and both
-    gradients (class ``bf16_dense``), and the faster taken: XLA's bf16 dot may run on the
-    tiles too (YNNPACK), and pair dot products against XLA's were timed on one CPU only.
+    kernel and ``measure`` is given on a CPU that measures, ``measure()``'s two paths are
+    timed, output and both gradients (class ``bf16_dense``), and the faster taken: XLA's bf16
+    dot may run on the tiles too (YNNPACK), and pair dot products against XLA's were timed on
+    one CPU only.
     ``$HW2JAX_MATMUL`` (``auto``, ``xla`` or ``amx``) forces one path: ``amx`` sends every bf16
     product of that form to the kernel, whatever its size, and is an error where the kernel
     cannot run."""
@@ -433,7 +434,7 @@ def dense_product(
         return path
     if not measuring(machine or this_machine()):
         return path
-    return fastest("bf16_dense", False, True, ["amx", "xla"], measure, "amx") or path
+    return fastest("bf16_dense", False, True, ["amx", "xla"], measure(), "amx") or path
 
 
 def batched_product(

@@ -112,13 +112,14 @@ def _dense_parameters(module: nn.Module, x: jax.Array):
     bias = module.param("bias", nn.initializers.zeros_init(), (module.features,))
     x, promoted, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
     dims = (((x.ndim - 1,), (0,)), ((), ()))
-    measure = None
-    if x.dtype == promoted.dtype == jnp.bfloat16:
-        measure = bf16_product_paths(x, promoted, xla_compiler_options(x.dtype))
     by_kernel = (
         kernel.dtype in (jnp.float32, jnp.bfloat16)
         and dispatch.dense_product(
-            x, promoted, dims, kernels.bf16_products_unavailable_reason, measure=measure
+            x,
+            promoted,
+            dims,
+            kernels.bf16_products_unavailable_reason,
+            measure=lambda: bf16_product_paths(x, promoted, xla_compiler_options(x.dtype)),
         )
         == "amx"
     )

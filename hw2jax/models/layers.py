@@ -100,11 +100,12 @@ def dot_float32_out(
     :func:`hw2jax.attention.dispatch.dense_product` says so, timed in a program compiled with
     ``step_options(bf16)``, the XLA options of the model's steps (the ViT's by default)."""
     del preferred_element_type
-    measure = None
-    if lhs.dtype == rhs.dtype == jnp.bfloat16 and rhs.ndim == 2:
-        measure = bf16_product_paths(lhs, rhs, step_options(jnp.bfloat16))
     path = dispatch.dense_product(
-        lhs, rhs, dimension_numbers, kernels.bf16_products_unavailable_reason, measure=measure
+        lhs,
+        rhs,
+        dimension_numbers,
+        kernels.bf16_products_unavailable_reason,
+        measure=lambda: bf16_product_paths(lhs, rhs, step_options(jnp.bfloat16)),
     )
     if path == "amx":
         return kernels.amx_matmul(lhs, rhs)
