@@ -15,7 +15,6 @@ whatever share of the cores was left (``--allow-busy`` takes them anyway, and sa
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import re
 import subprocess
@@ -93,20 +92,6 @@ def bf16_rows(throughput: dict) -> list[tuple[str, float]]:
     ]
 
 
-def commit() -> str:
-    """The checkout's commit, with "+changes" where files differ from it ("unknown" outside
-    git)."""
-    run = functools.partial(subprocess.run, cwd=HERE, capture_output=True, text=True)
-    try:
-        head = run(["git", "rev-parse", "--short", "HEAD"])
-        changed = run(["git", "status", "--porcelain", "--untracked-files=no"])
-    except OSError:
-        return "unknown"
-    if head.returncode != 0:
-        return "unknown"
-    return head.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
-
-
 def summary(throughput: dict, attention: dict, run: dict) -> str:
     """quick_figures.md: the machine and versions from the JSONs' meta, the commit, wall time
     and load of the run (``run``: cpu_quick.json), and the table."""
@@ -175,7 +160,7 @@ def main(argv: list[str] | None = None) -> Path:
                 raise SystemExit(f"{script} failed (exit {done.returncode}); its output is above.")
         record = {
             "busy_share_at_start": busy if busy > BUSY_LIMIT else None,
-            "commit": commit(),
+            "commit": cpu.source_commit() or "unknown",
             "wall_s": time.perf_counter() - start,
         }
         out.mkdir(parents=True, exist_ok=True)

@@ -3,10 +3,13 @@ dispatch policy and benchmark metadata read it."""
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
+import subprocess
 import time
+from pathlib import Path
 
 from hw2jax import malloc
 
@@ -98,6 +101,25 @@ def instruction_sets_held_back(env: dict[str, str]) -> list[str]:
     return found + [flag for flag in env.get("XLA_FLAGS", "").split() if "max_isa" in flag]
 
 
+@functools.cache
+def source_commit(package: Path = Path(__file__).parent) -> str | None:
+    """The commit of the checkout this package runs from, with "+changes" where tracked files
+    differ from it; None where the package is not a checkout's own folder (an installed wheel,
+    even one inside another project's repository) or git cannot be run."""
+    run = functools.partial(subprocess.run, cwd=package, capture_output=True, text=True)
+    try:
+        top = run(["git", "rev-parse", "--show-toplevel"])
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != package.parent.resolve():
+            return None
+        head = run(["git", "rev-parse", "--short", "HEAD"])
+        changed = run(["git", "status", "--porcelain", "--untracked-files=no"])
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
+
+
 def runtime_settings() -> dict[str, str]:
     """The environment variables set for this process that are known to move timings or
     numbers, for :func:`machine`'s record, so that two runs can be told apart later."""
@@ -108,9 +130,9 @@ def machine(cpuinfo: str = "/proc/cpuinfo") -> dict[str, object]:
     """What a measurement ran on, for every benchmark JSON and every run's results: the CPU's
     model name, vendor, family and model numbers (a cloud CPU's name may be only "AMD EPYC";
     family 25 model 17 is then Zen 4), its cores and those this process may use, vector
-    features, the versions that matter, whether malloc keeps freed memory
-    (:mod:`hw2jax.malloc`), the settings that move timings or numbers (:func:`runtime_settings`:
-    a kernel build target, a forced path, XLA's flags) and the date.
+    features, the versions that matter, the code's commit (:func:`source_commit`), whether
+    malloc keeps freed memory (:mod:`hw2jax.malloc`), the settings that move timings or numbers
+    (:func:`runtime_settings`: a kernel build target, a forced path, XLA's flags) and the date.
     Versions are read from the installed packages, so nothing is imported."""
 
     def field(name: str) -> str | None:
@@ -127,6 +149,7 @@ def machine(cpuinfo: str = "/proc/cpuinfo") -> dict[str, object]:
         "jax": _version("jax"),
         "jaxlib": _version("jaxlib"),
         "torch": _version("torch"),
+        "commit": source_commit(),
         "malloc": malloc.state(),
         "env": runtime_settings(),
         "date": time.strftime("%Y-%m-%d"),

@@ -161,3 +161,11 @@ def assert_names_its_machine(record: dict) -> None:
     written = datetime.date.fromisoformat(record["date"])
     assert 0 <= (datetime.date.today() - written).days <= 1, record["date"]
     assert record["malloc"] == malloc.state()
+    # The code's commit where the package runs from a checkout of its own, by other git commands
+    # than the record's.
+    root = Path(malloc.__file__).parents[1]
+    if (root / ".git").exists() and shutil.which("git"):
+        git = ["git", "-C", str(root)]
+        head = subprocess.run([*git, "log", "-1", "--format=%h"], capture_output=True, text=True)
+        clean = subprocess.run([*git, "diff", "--quiet", "HEAD"]).returncode == 0
+        assert record["commit"] == head.stdout.strip() + ("" if clean else "+changes")

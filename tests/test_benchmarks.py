@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import os
+import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -453,6 +455,31 @@ def test_kernel_vs_xla_checks_the_kernels_an_avx2_cpu_runs(tmp_path):
     assert all(row["disagreement"] <= 2e-4 for row in rows.values())
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_the_commit_is_the_packages_own_checkouts(tmp_path):
+    """A package at the top of its checkout records that checkout's commit, "+changes" once a
+    tracked file differs; one installed somewhere inside another project's repository (a venv
+    in a checkout) records none rather than that project's commit."""
+    from hw2jax import cpu
+
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    own = tmp_path / "pkg"
+    installed = tmp_path / ".venv" / "site-packages" / "pkg"
+    for folder in (own, installed):
+        folder.mkdir(parents=True)
+        (folder / "__init__.py").write_text("")
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "first"], check=True)
+    head = subprocess.run([*git, "log", "-1", "--format=%h"], capture_output=True, text=True)
+    commit = cpu.source_commit.__wrapped__
+    assert commit(own) == head.stdout.strip()
+    assert commit(installed) is None
+    (own / "__init__.py").write_text("x = 1\n")
+    assert commit(own) == head.stdout.strip() + "+changes"
+    assert commit(tmp_path.parent) is None  # not a checkout at all
+
+
 def test_a_process_held_to_fewer_cores_says_so_and_keeps_its_own_probe_timings(monkeypatch):
     """Under ``taskset -c 0`` on a 2-core machine: the record names 1 usable core beside the
     machine's count, the peak estimate counts that core, and auto's timings go to a cache of
@@ -708,10 +735,9 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
     ):
         quick.main(["--out", str(tmp_path)])
 
-    def fake_run(args, **kwargs):  # the benchmarks, then git naming a commit without changes
-        return types.SimpleNamespace(returncode=0, stdout="abc1234\n" if "HEAD" in args else "")
-
-    monkeypatch.setattr(quick.subprocess, "run", fake_run)
+    ran = types.SimpleNamespace(returncode=0)
+    monkeypatch.setattr(quick.subprocess, "run", lambda *args, **kwargs: ran)
+    monkeypatch.setattr(quick.cpu, "source_commit", lambda: "abc1234")
     table = quick.main(["--out", str(tmp_path), "--allow-busy"]).read_text()
     assert "Taken with 60 % of the cores busy with other work at start." in table
     assert "Commit abc1234; 0 s for the whole command." in table

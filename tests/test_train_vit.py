@@ -126,6 +126,7 @@ def test_a_run_records_the_paths_auto_took_by_timing(fashion_dir, tmp_path, monk
 def test_a_run_names_the_settings_that_change_its_paths(monkeypatch):
     # A run with the kernels built for AVX2 computes other floats than the native build: its
     # results must say so, and a resume under other settings is recorded as another machine.
+    from hw2jax import cpu
     from hw2jax.train import loop
 
     monkeypatch.setenv("HW2JAX_KERNEL_MARCH", "x86-64-v3")
@@ -148,6 +149,12 @@ def test_a_run_names_the_settings_that_change_its_paths(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: all_cores)
     before = [{k: v for k, v in m.items() if k != "usable_cores"} for m in moved]
     assert loop.with_this_machine(before) == (before, 1)
+    # Resumed after a change of code: an entry of its own, naming the commit.
+    checkout = cpu.source_commit()
+    monkeypatch.setattr(cpu, "source_commit", lambda: "abc1234+changes")
+    changed, here = loop.with_this_machine(moved)
+    assert here == 2 and changed[2]["commit"] == "abc1234+changes"
+    assert [m["commit"] for m in changed[:2]] == [checkout] * 2
 
 
 @pytest.mark.slow

@@ -897,7 +897,8 @@ def _read(path: Path) -> dict:
 
 
 def _write(path: Path, timings: dict) -> None:
-    record = {"machine": {k: v for k, v in cpu.machine().items() if k not in ("date", "env")}}
+    unkeyed = ("date", "env", "commit")  # the cache is keyed by the kernel build, not by these
+    record = {"machine": {k: v for k, v in cpu.machine().items() if k not in unkeyed}}
     record["classes"] = timings
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
         json.dump(record, f, indent=1, sort_keys=True)

@@ -139,12 +139,13 @@ def _stop(run: hooks.Run, everything: list[hooks.Hook]) -> None:
 
 def with_this_machine(machines: list[dict]) -> tuple[list[dict], int]:
     """Every machine that trained this run (a resumed run may have moved), each once, with the
-    date it first did, the cores it could use and the settings that change its paths or
-    numbers (a kernel build target, a forced path, XLA's flags: ``env``), so that two runs can
-    be told apart; and which of them is this one."""
+    date it first did, the cores it could use, the settings that change its paths or numbers
+    (a kernel build target, a forced path, XLA's flags: ``env``) and the code's commit (a run
+    resumed after a change of code gets an entry of its own), so that two runs can be told
+    apart; and which of them is this one."""
     here = machine()
     same = ("cpu_model", "cpu_family_model", "cpu_count", "usable_cores", "cpu_features")
-    same += ("jax", "jaxlib", "env")
+    same += ("jax", "jaxlib", "env", "commit")
     # A record from before usable_cores was kept: the process had the machine's cores then.
     seen = [{"usable_cores": m.get("cpu_count"), **m} for m in machines]
     for index, m in enumerate(seen):
