@@ -167,3 +167,31 @@ def test_the_report_names_the_paths_auto_took_and_where_two_runs_differ(tmp_path
     ]
     c = _run(tmp_path, "c", _with_paths(_history([0.85]), layer_norm="fused_cpu", gru="xla"))
     assert "auto took the same path in all 2 timed classes the runs share." in report(a, (c,))
+
+
+def test_the_report_names_each_machine_and_commit_that_trained_the_run(tmp_path):
+    """A run resumed on another machine, under other code and a kernel build target, names
+    both; a record from before the fields existed gives what it has."""
+    full = {
+        "cpu_model": "Intel(R) Xeon(R) Processor",
+        "cpu_family_model": "6/167",
+        "cpu_count": 2,
+        "usable_cores": 1,
+        "cpu_features": {"avx2": True, "avx512f": True, "amx_tile": False},
+        "jax": "0.10.2",
+        "commit": "abc1234+changes",
+        "date": "2026-12-06",
+        "env": {"HW2JAX_KERNEL_MARCH": "x86-64-v3", "GLIBC_TUNABLES": "glibc.malloc." + "x" * 40},
+    }
+    installed = {**full, "usable_cores": 2, "commit": None, "env": {}}
+    old = {"cpu_model": "AMD EPYC 9R14 96-Core Processor", "cpu_count": 2, "jax": "0.10.0"}
+    run = _run(tmp_path, "r", {**_history([0.8]), "machines": [old, installed, full]})
+    assert report(run).splitlines()[-4:] == [
+        "trained on:",
+        "- AMD EPYC 9R14 96-Core Processor, 2 cores; jax 0.10.0",
+        "- Intel(R) Xeon(R) Processor (family/model 6/167), 2 cores, avx2 avx512f; jax 0.10.2, "
+        "commit unknown (not a checkout), from 2026-12-06",
+        "- Intel(R) Xeon(R) Processor (family/model 6/167), 2 cores (1 usable), avx2 avx512f; "
+        "jax 0.10.2, commit abc1234+changes, from 2026-12-06, settings "
+        "HW2JAX_KERNEL_MARCH=x86-64-v3, GLIBC_TUNABLES",
+    ]

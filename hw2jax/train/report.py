@@ -99,6 +99,30 @@ def auto_paths(history: dict) -> dict[str, dict]:
     return taken
 
 
+def machine_line(machine: dict) -> str:
+    """One machine that trained a run (its entry in ``history["machines"]``): the CPU, its
+    cores and vector features, jax, the code's commit, the day it first trained the run and
+    the settings that change paths or numbers; what an older record lacks is left out."""
+    text = machine.get("cpu_model") or "an unnamed CPU"
+    if machine.get("cpu_family_model"):
+        text += f" (family/model {machine['cpu_family_model']})"
+    cores, usable = machine.get("cpu_count"), machine.get("usable_cores")
+    if cores:
+        text += f", {cores} cores" + (f" ({usable} usable)" if usable and usable != cores else "")
+    features = [name for name, has in machine.get("cpu_features", {}).items() if has]
+    if features:
+        text += ", " + " ".join(features)
+    details = [f"jax {machine['jax']}"] if machine.get("jax") else []
+    if "commit" in machine:
+        details.append(f"commit {machine['commit'] or 'unknown (not a checkout)'}")
+    if machine.get("date"):
+        details.append(f"from {machine['date']}")
+    settings = [k if len(v) > 40 else f"{k}={v}" for k, v in machine.get("env", {}).items()]
+    if settings:
+        details.append("settings " + ", ".join(settings))
+    return f"- {text}" + (f"; {', '.join(details)}" if details else "")
+
+
 def _taken(record: dict) -> str:
     timings = ", ".join(f"{name} {ms:g}" for name, ms in record["ms"].items())
     return f"{record['path']} ({timings} ms)"
@@ -145,6 +169,8 @@ def report(
     path, history = _history(workdir)
     text = f"status: {run_files.status(path.parent, history)}\n\n" + epoch_table(history)
     if not against:
+        if history.get("machines"):
+            text += "\n\ntrained on:\n" + "\n".join(map(machine_line, history["machines"]))
         if auto_paths(history):
             text += "\n\npaths auto took by timing (shape class: path, both times):\n"
             text += paths_list(history)
