@@ -239,6 +239,14 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _machine(args: argparse.Namespace) -> int:
+    from hw2jax import machine_info
+
+    info = machine_info.describe(build=args.build)
+    print(json.dumps(info, indent=2) if args.json else machine_info.text(info))
+    return 0
+
+
 def _data_locate(args: argparse.Namespace) -> int:
     from hw2jax.data import fashion_mnist
 
@@ -450,6 +458,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="where --against draws the curves (default: compared.png in WORKDIR)",
     )
     rep.set_defaults(func=_report)
+
+    mach = commands.add_parser(
+        "machine",
+        help="this machine as runs record it, the C++ kernels' build and what auto timed here",
+    )
+    mach.add_argument(
+        "--build", action="store_true", help="build the kernels first if they are not yet"
+    )
+    mach.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    mach.set_defaults(func=_machine)
 
     data = commands.add_parser("data", help="find datasets").add_subparsers(
         dest="data_command", required=True, metavar="ACTION"

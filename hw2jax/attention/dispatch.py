@@ -896,6 +896,13 @@ def _read(path: Path) -> dict:
     return timings if isinstance(timings, dict) else {}
 
 
+def cached_timings(path: Path) -> dict[str, dict]:
+    """The classes timed on this machine, from the cache file at ``path`` (:func:`cache_file`),
+    for ``hw2jax machine``: each with its paths' milliseconds (``ms``)."""
+    timed = _read(path)
+    return {k: v for k, v in timed.items() if isinstance(v, dict) and isinstance(v.get("ms"), dict)}
+
+
 def _write(path: Path, timings: dict) -> None:
     unkeyed = ("date", "env", "commit")  # the cache is keyed by the kernel build, not by these
     record = {"machine": {k: v for k, v in cpu.machine().items() if k not in unkeyed}}

@@ -1,0 +1,90 @@
+"""What ``hw2jax machine`` prints: this machine as a run's record names it, the C++ kernels'
+build and what runs the bf16 products, and what auto has timed here (the dispatch cache): the
+lines to paste beside a figure or a bug report."""
+
+from __future__ import annotations
+
+import os
+
+from hw2jax import cpu
+
+
+def describe(build: bool = False) -> dict:
+    """The record, the kernels' state (built only with ``build``: a first build takes about a
+    minute) and auto's mode and timed classes."""
+    import jax
+
+    from hw2jax import kernels
+    from hw2jax.attention import dispatch
+
+    kernel = {"march": os.environ.get("HW2JAX_KERNEL_MARCH") or "native"}
+    try:
+        target = kernels.library_target()
+    except kernels.KernelUnavailable as err:
+        kernel.update(state="unavailable", reason=str(err))
+        target = None
+    if target is not None and (build or target.exists()):
+        error = kernels.build_error()
+        kernel.update(state="built" if error is None else "unavailable", library=str(target))
+        if error is not None:
+            kernel["reason"] = error
+        else:
+            reason = kernels.bf16_products_unavailable_reason()
+            kernel["bf16_products"] = kernels.bf16_products_engine() if reason is None else None
+            kernel["bf16_products_reason"] = reason
+    elif target is not None:
+        kernel.update(state="not built", library=str(target))
+    cache = dispatch.cache_file() if jax.default_backend() == "cpu" else None
+    timed = dispatch.cached_timings(cache) if cache is not None else {}
+    auto = {
+        "mode": os.environ.get(dispatch.AUTO_ENV) or "measure",
+        "cache": str(cache) if cache is not None else None,
+        "classes": {key: record["ms"] for key, record in sorted(timed.items())},
+    }
+    return {
+        "machine": cpu.machine(),
+        "backend": jax.default_backend(),
+        "kernels": kernel,
+        "auto": auto,
+    }
+
+
+def text(info: dict) -> str:
+    """:func:`describe`'s record as lines for a person."""
+    from hw2jax.train.report import machine_line
+
+    kernel, auto = info["kernels"], info["auto"]
+    malloc = info["machine"]["malloc"]
+    lines = ["this machine:", machine_line(info["machine"])]
+    lines.append(
+        "malloc: keeps freed memory (hw2jax.malloc's settings)"
+        if malloc["keeps_freed_memory"]
+        else "malloc: glibc's defaults (hw2jax's commands restart with hw2jax.malloc's settings)"
+    )
+    lines.append(f"jax backend: {info['backend']}")
+    if kernel["state"] == "built":
+        lines.append(f"C++ kernels: built for -march={kernel['march']}, {kernel['library']}")
+        lines.append(
+            f"bf16 products: {kernel['bf16_products']}"
+            if kernel["bf16_products"]
+            else f"bf16 products: XLA's dot only ({kernel['bf16_products_reason']})"
+        )
+    elif kernel["state"] == "not built":
+        lines.append(
+            f"C++ kernels: not built yet for -march={kernel['march']}; the first run that needs "
+            f"them builds them (about a minute), or `hw2jax machine --build` ({kernel['library']})"
+        )
+    else:
+        lines.append(f"C++ kernels: unavailable, XLA's paths only: {kernel['reason']}")
+    mode = {
+        "measure": "times each shape class once per machine and takes the fastest",
+        "rule": "takes the vector-feature rule, timing nothing",
+    }.get(auto["mode"], "not a mode; set it to 'measure' (the default) or 'rule'")
+    lines.append(f"auto ({'HW2JAX_AUTO=' + auto['mode']}): {mode}")
+    if auto["cache"] is None:
+        lines.append("timed classes: none can be kept here (no kernel build to keep them beside)")
+        return "\n".join(lines)
+    lines.append(f"timed classes ({len(auto['classes'])}, in {auto['cache']}):")
+    for key, ms in auto["classes"].items():
+        lines.append(f"- {key}: " + ", ".join(f"{path} {t:g}" for path, t in ms.items()) + " ms")
+    return "\n".join(lines)

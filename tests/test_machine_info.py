@@ -1,0 +1,81 @@
+"""`hw2jax machine`: this machine as runs record it, the kernels' build and auto's timings."""
+
+import json
+
+import pytest
+
+from hw2jax import cli, cpu, kernels
+from hw2jax.attention import dispatch
+
+
+@pytest.fixture
+def timed_here(tmp_path, monkeypatch):
+    """A dispatch cache holding two timed classes (and one entry of another shape, skipped)."""
+    cache = tmp_path / "dispatch-key-2-cores.json"
+    classes = {
+        "layer_norm fwd+bwd rows 2^8 width 64 float32": {"ms": {"fused_cpu": 0.107, "xla": 0.142}},
+        "gru fwd+bwd dirs 2 batch 2^4 hidden 256 float32": {"ms": {"fused_cpu": 12.5, "xla": 27}},
+        "not a class record": [1, 2],
+    }
+    cache.write_text(json.dumps({"machine": {}, "classes": classes}))
+    monkeypatch.setattr(dispatch, "cache_file", lambda: cache)
+    return cache
+
+
+def test_it_names_the_machine_the_build_and_the_classes_timed_here(timed_here, capsys):
+    assert cli.main(["machine"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    record = cpu.machine()
+    assert lines[0] == "this machine:"
+    assert lines[1].startswith(
+        f"- {record['cpu_model']} (family/model {record['cpu_family_model']})"
+    )
+    assert f"commit {record['commit'] or 'unknown (not a checkout)'}" in lines[1]
+    if kernels.build_error() is None:  # the suite has built them by now, or builds them here
+        assert f"C++ kernels: built for -march=native, {kernels.library_target()}" in lines
+    assert "auto (HW2JAX_AUTO=rule): takes the vector-feature rule, timing nothing" in lines
+    assert lines[-3:] == [
+        f"timed classes (2, in {timed_here}):",
+        "- gru fwd+bwd dirs 2 batch 2^4 hidden 256 float32: fused_cpu 12.5, xla 27 ms",
+        "- layer_norm fwd+bwd rows 2^8 width 64 float32: fused_cpu 0.107, xla 0.142 ms",
+    ]
+    assert cli.main(["machine", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["machine"]["cpu_features"] == record["cpu_features"]
+    assert info["auto"]["classes"]["layer_norm fwd+bwd rows 2^8 width 64 float32"] == {
+        "fused_cpu": 0.107,
+        "xla": 0.142,
+    }
+
+
+def test_kernels_not_built_are_not_built_by_asking(tmp_path, timed_here, monkeypatch, capsys):
+    """Without --build, a library not built yet is named, not built (a minute's work)."""
+    monkeypatch.setattr(kernels, "library_target", lambda: tmp_path / "cpu_attention-new.so")
+
+    def no_build():
+        raise AssertionError("built without --build")
+
+    monkeypatch.setattr(kernels, "build_error", no_build)
+    assert cli.main(["machine"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "C++ kernels: not built yet for -march=native; the first run that needs them builds "
+        f"them (about a minute), or `hw2jax machine --build` ({tmp_path / 'cpu_attention-new.so'})"
+    ) in out.splitlines()
+
+
+def test_without_a_compiler_it_says_why_and_that_nothing_is_timed(monkeypatch, capsys):
+    def no_compiler():
+        raise kernels.KernelUnavailable("no C++ compiler found (install g++ or set $CXX)")
+
+    monkeypatch.setattr(kernels, "library_target", no_compiler)
+    monkeypatch.setattr(dispatch, "cache_file", lambda: None)
+    monkeypatch.setenv("HW2JAX_AUTO", "sometimes")
+    assert cli.main(["machine"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-3:] == [
+        "C++ kernels: unavailable, XLA's paths only: no C++ compiler found (install g++ or set "
+        "$CXX)",
+        "auto (HW2JAX_AUTO=sometimes): not a mode; set it to 'measure' (the default) or 'rule'",
+        "timed classes: none can be kept here (no kernel build to keep them beside)",
+    ]
