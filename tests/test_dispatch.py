@@ -362,11 +362,18 @@ def test_timings_are_cached_per_shape_class_in_one_file(measured, tmp_path):
     assert json.loads((tmp_path / "dispatch-test.json").read_text())["classes"][key]
 
 
-def test_past_the_budget_and_elsewhere_the_feature_rule_stands(measured, monkeypatch):
+def test_past_the_budget_and_elsewhere_the_feature_rule_stands(measured, monkeypatch, capsys):
     ms, probes = measured
     ms.update(row=9.0, flash=9.0, naive=1.0, blockwise=5.0, fused_cpu=9.0, xla=1.0)
     dispatch.state.seconds_spent = dispatch.PROBE_BUDGET_S
     assert dispatch.softmax(T_256, True, why(), CPU_AVX512, measure_for()) == ("flash", "flash")
+    assert dispatch.key_bias(why(), CPU_AVX512, measure_for()) == "fused_cpu"
+    said = capsys.readouterr().out.splitlines()  # once, when the rule first stands for it
+    assert said == [
+        "auto: this process has spent its 20 s of timing; the shape classes it has not timed "
+        "(softmax causal fwd scores 2^16 rows 2^3 d 64x64 float32 first) take the "
+        "vector-feature rule here, and a later run times them."
+    ]
     dispatch.state.seconds_spent = 0.0
     assert dispatch.softmax(T_256, True, why(), GPU, measure_for()) == "jax"  # GPU: not timed
     monkeypatch.setattr(jax, "process_count", lambda: 2)  # one program for every process

@@ -633,6 +633,7 @@ class ProbeState:
 
     timings: dict[str, dict] = dataclasses.field(default_factory=dict)
     seconds_spent: float = 0.0
+    said_rule_stands: bool = False  # told the user that untimed classes now take the rule
 
 
 state = ProbeState()
@@ -664,13 +665,24 @@ def _timed_choice(
 ) -> str | None:
     """:func:`fastest`'s choice for a class not in this process's view of the cache: read from
     the file, else timed now."""
-    if state.seconds_spent >= PROBE_BUDGET_S or (path := cache_file()) is None:
+    if (path := cache_file()) is None:
+        return None
+    if state.seconds_spent >= PROBE_BUDGET_S:
+        if not state.said_rule_stands:
+            state.said_rule_stands = True
+            print(
+                f"auto: this process has spent its {PROBE_BUDGET_S:.0f} s of timing; the shape "
+                f"classes it has not timed ({key} first) take the vector-feature rule here, "
+                "and a later run times them.",
+                flush=True,
+            )
         return None
     try:
         return _time_locked(path, key, paths, measure, gradient, rule)
     except _LockBusy as busy:
         # The rest of this process keeps the rule rather than wait on each class again.
         state.seconds_spent = PROBE_BUDGET_S
+        state.said_rule_stands = True
         print(
             f"auto: another process has held {busy} for over {LOCK_WAIT_S:.0f} s; this "
             "process takes the vector-feature rule for the shape classes not yet timed "
