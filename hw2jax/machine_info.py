@@ -43,6 +43,7 @@ def describe(build: bool = False) -> dict:
     }
     return {
         "machine": cpu.machine(),
+        "peak_fp32": cpu.peak_fp32_gflops(),
         "backend": jax.default_backend(),
         "kernels": kernel,
         "auto": auto,
@@ -61,6 +62,12 @@ def text(info: dict) -> str:
         if malloc["keeps_freed_memory"]
         else "malloc: glibc's defaults (hw2jax's commands restart with hw2jax.malloc's settings)"
     )
+    peak = info["peak_fp32"]
+    if peak.get("gflops"):
+        lines.append(
+            f"float32 peak, estimated: {peak['gflops']:,.0f} GFLOP/s ({peak['cores']} cores x "
+            f"{peak['ghz']:.2f} GHz x {peak['flops_per_cycle_per_core']} FLOP a cycle)"
+        )
     lines.append(f"jax backend: {info['backend']}")
     if kernel["state"] == "built":
         lines.append(f"C++ kernels: built for -march={kernel['march']}, {kernel['library']}")

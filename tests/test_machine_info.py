@@ -22,7 +22,9 @@ def timed_here(tmp_path, monkeypatch):
     return cache
 
 
-def test_it_names_the_machine_the_build_and_the_classes_timed_here(timed_here, capsys):
+def test_it_names_the_machine_the_build_and_the_classes_timed_here(timed_here, monkeypatch, capsys):
+    peak = {"cores": 2, "ghz": 2.6, "flops_per_cycle_per_core": 64, "gflops": 332.8}
+    monkeypatch.setattr(cpu, "peak_fp32_gflops", lambda: peak)
     assert cli.main(["machine"]) == 0
     lines = capsys.readouterr().out.splitlines()
     record = cpu.machine()
@@ -34,6 +36,7 @@ def test_it_names_the_machine_the_build_and_the_classes_timed_here(timed_here, c
     if kernels.build_error() is None:  # the suite has built them by now, or builds them here
         assert f"C++ kernels: built for -march=native, {kernels.library_target()}" in lines
     assert "auto (HW2JAX_AUTO=rule): takes the vector-feature rule, timing nothing" in lines
+    assert "float32 peak, estimated: 333 GFLOP/s (2 cores x 2.60 GHz x 64 FLOP a cycle)" in lines
     assert lines[-3:] == [
         f"timed classes (2, in {timed_here}):",
         "- gru fwd+bwd dirs 2 batch 2^4 hidden 256 float32: fused_cpu 12.5, xla 27 ms",
@@ -71,8 +74,11 @@ def test_without_a_compiler_it_says_why_and_that_nothing_is_timed(monkeypatch, c
     monkeypatch.setattr(kernels, "library_target", no_compiler)
     monkeypatch.setattr(dispatch, "cache_file", lambda: None)
     monkeypatch.setenv("HW2JAX_AUTO", "sometimes")
+    unknown = {"cores": 2, "ghz": None, "flops_per_cycle_per_core": None, "gflops": None}
+    monkeypatch.setattr(cpu, "peak_fp32_gflops", lambda: unknown)
     assert cli.main(["machine"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert not any(line.startswith("float32 peak") for line in lines)
     assert lines[-3:] == [
         "C++ kernels: unavailable, XLA's paths only: no C++ compiler found (install g++ or set "
         "$CXX)",
