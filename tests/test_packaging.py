@@ -122,5 +122,7 @@ def test_wheel_runs_from_a_fresh_venv_without_torch_or_tfds(tmp_path):
     results = json.loads((elsewhere / "run" / "results.json").read_text())
     assert results["test_count"] == 40 and 0.0 <= results["test_accuracy"] <= 1.0
     assert results["machines"][0]["commit"] is None  # an installed package: no checkout's
+    info = json.loads(run([hw2jax, "machine", "--json"], cwd=elsewhere))
+    assert info["machine"]["commit"] is None and info["machine"]["cpu_model"]
     history = json.loads((elsewhere / "run" / "history.json").read_text())
     assert history["status"] == "done" and len(history["epochs"]) == 1
