@@ -87,7 +87,7 @@ def text(info: dict) -> str:
         "measure": "times each shape class once per machine and takes the fastest",
         "rule": "takes the vector-feature rule, timing nothing",
     }.get(auto["mode"], "not a mode; set it to 'measure' (the default) or 'rule'")
-    lines.append(f"auto ({'HW2JAX_AUTO=' + auto['mode']}): {mode}")
+    lines.append(f"auto (HW2JAX_AUTO={auto['mode']}): {mode}")
     if auto["cache"] is None:
         lines.append("timed classes: none can be kept here (no kernel build to keep them beside)")
         return "\n".join(lines)
