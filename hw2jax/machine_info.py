@@ -9,6 +9,18 @@ import os
 from hw2jax import cpu
 
 
+def unbuilt_library() -> str | None:
+    """Where the kernels' library will be built, where it is not yet (None once it is, or where
+    it cannot be)."""
+    from hw2jax import kernels
+
+    try:
+        target = kernels.library_target()
+    except kernels.KernelUnavailable:
+        return None
+    return None if target.exists() else str(target)
+
+
 def describe(build: bool = False) -> dict:
     """The record, the kernels' state (built only with ``build``: a first build takes about a
     minute) and auto's mode and timed classes."""
@@ -79,7 +91,8 @@ def text(info: dict) -> str:
     elif kernel["state"] == "not built":
         lines.append(
             f"C++ kernels: not built yet for -march={kernel['march']}; the first run that needs "
-            f"them builds them (about a minute), or `hw2jax machine --build` ({kernel['library']})"
+            f"them builds them (tens of seconds), or `hw2jax machine --build` "
+            f"({kernel['library']})"
         )
     else:
         lines.append(f"C++ kernels: unavailable, XLA's paths only: {kernel['reason']}")
@@ -90,6 +103,9 @@ def text(info: dict) -> str:
     lines.append(f"auto (HW2JAX_AUTO={auto['mode']}): {mode}")
     if auto["cache"] is None:
         lines.append("timed classes: none can be kept here (no kernel build to keep them beside)")
+        return "\n".join(lines)
+    if not auto["classes"]:
+        lines.append(f"timed classes: none yet (runs keep them in {auto['cache']})")
         return "\n".join(lines)
     lines.append(f"timed classes ({len(auto['classes'])}, in {auto['cache']}):")
     for key, ms in auto["classes"].items():
