@@ -242,8 +242,6 @@ def _report(args: argparse.Namespace) -> int:
 def _machine(args: argparse.Namespace) -> int:
     from hw2jax import machine_info
 
-    if args.build and (library := machine_info.unbuilt_library()):
-        print(f"building the C++ kernels into {library} ...", file=sys.stderr, flush=True)
     info = machine_info.describe(build=args.build)
     print(json.dumps(info, indent=2) if args.json else machine_info.text(info))
     return 0

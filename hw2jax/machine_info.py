@@ -9,18 +9,6 @@ import os
 from hw2jax import cpu
 
 
-def unbuilt_library() -> str | None:
-    """Where the kernels' library will be built, where it is not yet (None once it is, or where
-    it cannot be)."""
-    from hw2jax import kernels
-
-    try:
-        target = kernels.library_target()
-    except kernels.KernelUnavailable:
-        return None
-    return None if target.exists() else str(target)
-
-
 def describe(build: bool = False) -> dict:
     """The record, the kernels' state (built only with ``build``: a first build takes about a
     minute) and auto's mode and timed classes."""

@@ -4,6 +4,7 @@ gradients."""
 
 import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -485,6 +486,21 @@ def test_a_changed_source_compiles_that_file_alone(tmp_path, monkeypatch):
     with (native / "gru.cc").open("a") as f:
         f.write("// changed again\n")
     assert build_and_list_compiled() == (sources, 2)  # gru.cc, a failed link, then the rest
+
+
+def test_a_build_says_it_is_building_and_when_it_is_done(tmp_path, monkeypatch, capsys):
+    """A first run would otherwise sit still for the build's tens of seconds; a built library
+    is loaded without a word."""
+    _fake_build(tmp_path, monkeypatch)
+    kernels.library_path.__wrapped__()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == (
+        f"hw2jax: building the C++ kernels for this CPU into {tmp_path / 'cache'} (once per CPU, "
+        "compiler and jax; tens of seconds)"
+    )
+    assert len(lines) == 2 and re.fullmatch(r"hw2jax: kernels built in \d+ s", lines[1])
+    kernels.library_path.__wrapped__()
+    assert capsys.readouterr().err == ""
 
 
 def test_a_build_drops_what_no_process_used_for_a_month(tmp_path, monkeypatch):

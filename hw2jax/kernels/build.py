@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -186,6 +187,14 @@ def library_path() -> Path:
         _touch(target)  # in use: kept by the next build's pruning
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # A first run otherwise sits still for the build's tens of seconds, saying nothing.
+    print(
+        f"hw2jax: building the C++ kernels for this CPU into {target.parent} (once per CPU, "
+        "compiler and jax; tens of seconds)",
+        file=sys.stderr,
+        flush=True,
+    )
+    start = time.perf_counter()
     # Compile to a temporary name and rename: a concurrent or interrupted build never leaves a
     # half-written library under the final name.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -195,6 +204,8 @@ def library_path() -> Path:
             if errors is None:
                 os.replace(built, target)
                 _prune_cache()
+                seconds = time.perf_counter() - start
+                print(f"hw2jax: kernels built in {seconds:.0f} s", file=sys.stderr, flush=True)
                 return target
     raise KernelUnavailable(
         f"building the fused CPU kernels with {cxx} failed:\n{errors[-2000:]}\n"
