@@ -97,5 +97,22 @@ def text(info: dict) -> str:
         return "\n".join(lines)
     lines.append(f"timed classes ({len(auto['classes'])}, in {auto['cache']}):")
     for key, ms in auto["classes"].items():
-        lines.append(f"- {key}: " + ", ".join(f"{path} {t:g}" for path, t in ms.items()) + " ms")
+        times = ", ".join(f"{path} {t:g}" for path, t in ms.items())
+        lines.append(f"- {key}: {times} ms" + (" (a near tie)" if near_tie(ms) else ""))
+    if any(near_tie(ms) for ms in auto["classes"].values()):
+        lines.append(
+            "A near tie (the fastest two within the tie margin, dispatch.choose) takes the "
+            "vector-feature rule's path where it is one of them: a fresh probe may time them "
+            "the other way round."
+        )
     return "\n".join(lines)
+
+
+def near_tie(ms: dict[str, float]) -> bool:
+    """Whether the fastest two paths' times are within :func:`dispatch.choose`'s tie margin."""
+    from hw2jax.attention import dispatch
+
+    if len(ms) < 2:
+        return False
+    best, second = sorted(ms.values())[:2]
+    return second - best <= max(dispatch.TIE_FRACTION * second, dispatch.TIE_MS)

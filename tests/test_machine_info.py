@@ -37,11 +37,18 @@ def test_it_names_the_machine_the_build_and_the_classes_timed_here(timed_here, m
         assert f"C++ kernels: built for -march=native, {kernels.library_target()}" in lines
     assert "auto (HW2JAX_AUTO=rule): takes the vector-feature rule, timing nothing" in lines
     assert "float32 peak, estimated: 333 GFLOP/s (2 cores x 2.60 GHz x 64 FLOP a cycle)" in lines
-    assert lines[-3:] == [
+    assert lines[-4:-1] == [
         f"timed classes (2, in {timed_here}):",
         "- gru fwd+bwd dirs 2 batch 2^4 hidden 256 float32: fused_cpu 12.5, xla 27 ms",
-        "- layer_norm fwd+bwd rows 2^8 width 64 float32: fused_cpu 0.107, xla 0.142 ms",
+        # 0.035 ms apart: within the tie margin's 0.25 ms, so the rule's path is taken
+        "- layer_norm fwd+bwd rows 2^8 width 64 float32: fused_cpu 0.107, xla 0.142 ms (a near "
+        "tie)",
     ]
+    assert lines[-1].startswith("A near tie (the fastest two within the tie margin")
+    # As dispatch.choose decides them: the rule's path on the tie, the fastest otherwise.
+    tie, apart = {"fused_cpu": 0.107, "xla": 0.142}, {"fused_cpu": 12.5, "xla": 27.0}
+    assert dispatch.choose(tie, list(tie), "xla") == "xla"
+    assert dispatch.choose(apart, list(apart), "xla") == "fused_cpu"
     assert cli.main(["machine", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["machine"]["cpu_features"] == record["cpu_features"]
