@@ -61,6 +61,7 @@ vit=("$py" -m hw2jax.cli vit train --data-dir "$data" --set progress=False
 print('jax', jax.__version__, jax.devices(), '| flax', flax.__version__, '| optax', \
 optax.__version__, '| torch', torch.__version__, torch.cuda.is_available(), \
 '| transformers', transformers.__version__)"
+    "$py" -m hw2jax.cli machine --json >"$out/machine.json"  # the record runs and JSONs carry
     for name in ${STEPS:-vit_fp32 throughput vit_bf16 attention}; do
         case $name in
         vit_fp32) step "$name" 240 "${vit[@]}" --workdir "$work/$name" ;;
