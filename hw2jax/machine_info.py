@@ -89,6 +89,9 @@ def text(info: dict) -> str:
         "rule": "takes the vector-feature rule, timing nothing",
     }.get(auto["mode"], "not a mode; set it to 'measure' (the default) or 'rule'")
     lines.append(f"auto (HW2JAX_AUTO={auto['mode']}): {mode}")
+    if info["backend"] != "cpu":
+        lines.append(f"timed classes: none (auto times paths on a CPU; here {info['backend']})")
+        return "\n".join(lines)
     if auto["cache"] is None:
         lines.append("timed classes: none can be kept here (no kernel build to keep them beside)")
         return "\n".join(lines)

@@ -104,3 +104,13 @@ def test_without_a_compiler_it_says_why_and_that_nothing_is_timed(monkeypatch, c
         "auto (HW2JAX_AUTO=sometimes): not a mode; set it to 'measure' (the default) or 'rule'",
         "timed classes: none can be kept here (no kernel build to keep them beside)",
     ]
+
+
+def test_on_a_gpu_it_says_auto_times_nothing_there():
+    from hw2jax import machine_info
+
+    info = machine_info.describe()
+    gpu = {**info, "backend": "gpu", "auto": {**info["auto"], "cache": None, "classes": {}}}
+    assert machine_info.text(gpu).splitlines()[-1] == (
+        "timed classes: none (auto times paths on a CPU; here gpu)"
+    )
