@@ -462,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     mach = commands.add_parser(
         "machine",
         help="this machine as runs record it, the C++ kernels' build and what auto timed here",
+        description="This machine as every run and benchmark JSON records it (CPU, cores, "
+        "vector features, versions, the code's commit, settings), the float32 peak estimate, "
+        "the C++ kernels' build and what runs the bf16 products, and every shape class auto "
+        "has timed here with its paths' times: the lines to give with a figure or a bug report.",
     )
     mach.add_argument(
         "--build", action="store_true", help="build the kernels first if they are not yet"
