@@ -165,6 +165,11 @@ def main(argv: list[str] | None = None) -> Path:
         }
         out.mkdir(parents=True, exist_ok=True)
         (out / "cpu_quick.json").write_text(json.dumps(record))
+        # Every class auto timed on this CPU (the benchmarks' and earlier runs'), its times and
+        # its near ties: `hw2jax machine --json`, after the timed runs.
+        from hw2jax import machine_info
+
+        (out / "machine.json").write_text(json.dumps(machine_info.describe(), indent=1))
     run_file = out / "cpu_quick.json"
     table = summary(
         _read(out, "train_throughput_*.json"),

@@ -649,7 +649,7 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
     softmax auto's for each T, pass and mask that both have; it will not time beside other
     work unless told, and then says so."""
     quick = _load_benchmark("cpu_quick")
-    busy_share = quick.cpu_busy_share
+    busy_share, real_run = quick.cpu_busy_share, subprocess.run
     meta = {
         "cpu_model": "Some CPU",
         "cpu_family_model": "6/143",
@@ -735,11 +735,18 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
     ):
         quick.main(["--out", str(tmp_path)])
 
-    ran = types.SimpleNamespace(returncode=0)
-    monkeypatch.setattr(quick.subprocess, "run", lambda *args, **kwargs: ran)
+    def benchmarks_faked(args, **kwargs):  # the timed scripts only (not the compiler's version)
+        if args[0] == sys.executable and str(args[1]).endswith(".py"):
+            return types.SimpleNamespace(returncode=0)
+        return real_run(args, **kwargs)
+
+    monkeypatch.setattr(quick.subprocess, "run", benchmarks_faked)
     monkeypatch.setattr(quick.cpu, "source_commit", lambda: "abc1234")
     table = quick.main(["--out", str(tmp_path), "--allow-busy"]).read_text()
     assert "Taken with 60 % of the cores busy with other work at start." in table
+    here = json.loads((tmp_path / "machine.json").read_text())  # hw2jax machine's record
+    assert here["machine"]["cpu_features"] == quick.cpu.machine()["cpu_features"]
+    assert set(here["auto"]) == {"mode", "cache", "classes"}
     assert "Commit abc1234; 0 s for the whole command." in table
     # /proc/stat's first line twice: 100 of 200 jiffies idle or waiting in between.
     stat = tmp_path / "stat"
