@@ -4,20 +4,18 @@ lines to paste beside a figure or a bug report."""
 
 from __future__ import annotations
 
-import os
-
 from hw2jax import cpu
 
 
 def describe(build: bool = False) -> dict:
-    """The record, the kernels' state (built only with ``build``: a first build takes about a
-    minute) and auto's mode and timed classes."""
+    """The record, the kernels' state (built only with ``build``: a first build takes tens of
+    seconds) and auto's mode and timed classes."""
     import jax
 
     from hw2jax import kernels
     from hw2jax.attention import dispatch
 
-    kernel = {"march": os.environ.get("HW2JAX_KERNEL_MARCH") or "native"}
+    kernel = {"march": kernels.build_march()}
     try:
         target = kernels.library_target()
     except kernels.KernelUnavailable as err:
@@ -34,17 +32,18 @@ def describe(build: bool = False) -> dict:
             kernel["bf16_products_reason"] = reason
     elif target is not None:
         kernel.update(state="not built", library=str(target))
-    cache = dispatch.cache_file() if jax.default_backend() == "cpu" else None
+    backend = jax.default_backend()
+    cache = dispatch.cache_file() if backend == "cpu" else None
     timed = dispatch.cached_timings(cache) if cache is not None else {}
     auto = {
-        "mode": os.environ.get(dispatch.AUTO_ENV) or "measure",
+        "mode": dispatch.auto_mode(),
         "cache": str(cache) if cache is not None else None,
         "classes": {key: record["ms"] for key, record in sorted(timed.items())},
     }
     return {
         "machine": cpu.machine(),
         "peak_fp32": cpu.peak_fp32_gflops(),
-        "backend": jax.default_backend(),
+        "backend": backend,
         "kernels": kernel,
         "auto": auto,
     }
@@ -99,10 +98,11 @@ def text(info: dict) -> str:
         lines.append(f"timed classes: none yet (runs keep them in {auto['cache']})")
         return "\n".join(lines)
     lines.append(f"timed classes ({len(auto['classes'])}, in {auto['cache']}):")
+    ties = {key for key, ms in auto["classes"].items() if near_tie(ms)}
     for key, ms in auto["classes"].items():
         times = ", ".join(f"{path} {t:g}" for path, t in ms.items())
-        lines.append(f"- {key}: {times} ms" + (" (a near tie)" if near_tie(ms) else ""))
-    if any(near_tie(ms) for ms in auto["classes"].values()):
+        lines.append(f"- {key}: {times} ms" + (" (a near tie)" if key in ties else ""))
+    if ties:
         lines.append(
             "A near tie (the fastest two within the tie margin, dispatch.choose) takes the "
             "vector-feature rule's path where it is one of them: a fresh probe may time them "
@@ -118,4 +118,4 @@ def near_tie(ms: dict[str, float]) -> bool:
     if len(ms) < 2:
         return False
     best, second = sorted(ms.values())[:2]
-    return second - best <= max(dispatch.TIE_FRACTION * second, dispatch.TIE_MS)
+    return dispatch.within_tie(second, best)

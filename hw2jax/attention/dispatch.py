@@ -596,10 +596,15 @@ def rule_only():
         _RULE_ONLY.reset(token)
 
 
+def auto_mode() -> str:
+    """``$HW2JAX_AUTO`` as set (``measure`` where unset); :func:`measuring` checks it."""
+    return os.environ.get(AUTO_ENV) or "measure"
+
+
 def measuring(machine: Machine) -> bool:
     """Whether auto times its candidates here: ``$HW2JAX_AUTO`` is ``measure`` (the default), on
     a CPU, in a single-process run, outside :func:`rule_only`."""
-    mode = os.environ.get(AUTO_ENV) or "measure"
+    mode = auto_mode()
     if mode not in ("measure", "rule"):
         raise ImplementationError(
             f"${AUTO_ENV}={mode!r} is not a mode; set it to 'measure' (time the paths once per "
@@ -720,11 +725,17 @@ def timings() -> dict:
     return {"cache_file": str(cache_file()), "classes": copy.deepcopy(state.timings)}
 
 
+def within_tie(slower_ms: float, faster_ms: float) -> bool:
+    """Whether the faster path saves no more than :data:`TIE_FRACTION` of the slower's time or
+    :data:`TIE_MS`: too little for a probe to tell them apart."""
+    return slower_ms - faster_ms <= max(TIE_FRACTION * slower_ms, TIE_MS)
+
+
 def choose(ms: dict[str, float], paths: Sequence[str], rule: str | None = None) -> str:
     """The path of ``paths`` to take given their milliseconds: the fastest, but ``rule``'s
-    where the fastest saves no more than :data:`TIE_FRACTION` of its time or :data:`TIE_MS`."""
+    where the two are :func:`within_tie`."""
     best = min(paths, key=lambda name: ms[name])
-    if rule in paths and ms[rule] - ms[best] <= max(TIE_FRACTION * ms[rule], TIE_MS):
+    if rule in paths and within_tie(ms[rule], ms[best]):
         return rule
     return best
 

@@ -110,7 +110,7 @@ def _cpu_identity() -> str:
         return platform.processor() + platform.machine()
 
 
-def _march() -> str:
+def build_march() -> str:
     """The kernel's build target: ``$HW2JAX_KERNEL_MARCH`` (e.g. ``x86-64-v3``, AVX2 without
     AVX-512, to check a build for other CPUs on this one), else ``native``."""
     return os.environ.get("HW2JAX_KERNEL_MARCH") or "native"
@@ -133,9 +133,9 @@ def kernel_vector_features() -> dict[str, bool]:
     """The vector features the kernel is built for: the CPU's own under the default
     ``-march=native``, those of ``$HW2JAX_KERNEL_MARCH`` (and of this CPU) otherwise."""
     features = cpu.cpu_vector_features()
-    if _march() == "native":
+    if build_march() == "native":
         return features
-    target = _target_features(_compiler(), _march())
+    target = _target_features(_compiler(), build_march())
     return {name: has and target.get(name, False) for name, has in features.items()}
 
 
@@ -144,7 +144,12 @@ def library_target() -> Path:
     key = hashlib.sha256(
         b"\0".join(
             s.encode()
-            for s in (_compiler_version(_compiler()), jax.__version__, _cpu_identity(), _march())
+            for s in (
+                _compiler_version(_compiler()),
+                jax.__version__,
+                _cpu_identity(),
+                build_march(),
+            )
         )
         + b"".join(p.name.encode() + b"\0" + p.read_bytes() for p in _native("*.cc", "*.h"))
         + _headers_digest()
@@ -199,7 +204,7 @@ def library_path() -> Path:
     # half-written library under the final name.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        for arch in ([f"-march={_march()}"], []):  # some compilers/CPUs lack -march=native
+        for arch in ([f"-march={build_march()}"], []):  # some compilers/CPUs lack -march=native
             errors = _compile_and_link(cxx, arch, include, built)
             if errors is None:
                 os.replace(built, target)
