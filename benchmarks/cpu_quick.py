@@ -3,6 +3,7 @@ CPU kind, hw2jax against torch in the same process.
 
     .venv/bin/python benchmarks/cpu_quick.py --out benchmarks/results/<cpu>/   # ~10 min, 2 cores
     .venv/bin/python benchmarks/cpu_quick.py --out DIR --summary-only     # the table again
+    .venv/bin/python benchmarks/cpu_quick.py --out DIR --all      # ~25 min: a new CPU's figures
 
 Runs, one after the other, each in a fresh process: ``train_throughput.py --quick`` (the ViT,
 MiniLM, fine-tuning and GRU head steps) and ``attention_scaling.py`` at T = 4,096 to 16,384
@@ -10,6 +11,12 @@ MiniLM, fine-tuning and GRU head steps) and ``attention_scaling.py`` at T = 4,09
 ``quick_figures.md`` in DIR: the CPU, versions and date from the JSONs' meta, and each row's
 ratio. Refuses to start while other work keeps the cores busy: figures taken beside it read
 whatever share of the cores was left (``--allow-busy`` takes them anyway, and says so).
+
+``--all`` then runs what else a CPU kind not seen before should record, each into a folder of
+DIR named after it: ``kernel_vs_xla.py`` (each fused kernel against XLA's form: what the kernel
+build is worth here), ``float32_matmul.py`` (float32 products against torch's, and the measured
+FMA peak) and ``precision_probe.py`` (which dtype ``encoder_dtype=auto`` takes here, and the
+times that decide it); the table gains their rows.
 """
 
 from __future__ import annotations
@@ -39,6 +46,12 @@ ATTENTION_ARGS = (
     "torch sdpa",
     "--host-devices",
     "1",
+)
+# --all's further runs: (script, the folder of DIR it writes to, the JSON it writes there).
+MORE_RUNS = (
+    ("kernel_vs_xla.py", "kernel_vs_xla", "kernel_vs_xla.json"),
+    ("float32_matmul.py", "float32_matmul", "float32_matmul.json"),
+    ("precision_probe.py", "precision_probe", "precision_probe.json"),
 )
 
 
@@ -92,7 +105,43 @@ def bf16_rows(throughput: dict) -> list[tuple[str, float]]:
     ]
 
 
-def summary(throughput: dict, attention: dict, run: dict) -> str:
+def more_sections(out: Path) -> list[str]:
+    """The table's lines for ``--all``'s runs whose JSON is in ``out`` (none for the others)."""
+    lines: list[str] = []
+
+    def read(folder: str, name: str) -> list[dict] | None:
+        path = out / folder / name
+        return json.loads(path.read_text())["results"] if path.exists() else None
+
+    if (kernels := read("kernel_vs_xla", "kernel_vs_xla.json")) is not None:
+        lines += ["", "| each kernel (`kernel_vs_xla.py`) | XLA's time / the kernel's |"]
+        lines += ["|---|---|"]
+        lines += [f"| {r['operation']} | {r['xla_ms'] / r['kernel_ms']:.2f}× |" for r in kernels]
+    if (products := read("float32_matmul", "float32_matmul.json")) is not None:
+        lines += ["", "| float32 product (`float32_matmul.py`), [M, K] x [K, N] | pass "]
+        lines[-1] += "| torch's time / XLA's dot's | / XLA's own dot's | / our kernel's |"
+        lines += ["|---|---|---|---|---|"]
+        for r in products:
+            ms, (m, k, n) = r["ms"], r["shape"]
+            ratios = [ms["torch"] / ms[path] if path in ms else None for path in PRODUCT_PATHS]
+            cells = " | ".join("" if x is None else f"{x:.2f}×" for x in ratios)
+            lines.append(f"| {r['layer']}, {m:,} x {k:,} x {n:,} | {r['pass']} | {cells} |")
+    if (probes := read("precision_probe", "precision_probe.json")) is not None:
+        lines += ["", "| `encoder_dtype=auto`'s probe (`precision_probe.py`) | takes | ms "]
+        lines[-1] += "float32 / bf16 |"
+        lines += ["|---|---|---|"]
+        for r in probes:
+            ms = r["ms"] or {}
+            times = " / ".join(f"{ms[d]:.1f}" if d in ms else "-" for d in PRECISIONS)
+            lines.append(f"| {r['kind']} | {r['choice']} | {times} |")
+    return lines
+
+
+PRODUCT_PATHS = ("xla", "xla_own_dot", "kernel")  # float32_matmul.py's names
+PRECISIONS = ("float32", "bfloat16")
+
+
+def summary(throughput: dict, attention: dict, run: dict, more: list[str] = ()) -> str:
     """quick_figures.md: the machine and versions from the JSONs' meta, the commit, wall time
     and load of the run (``run``: cpu_quick.json), and the table."""
     busy = run.get("busy_share_at_start")
@@ -123,7 +172,7 @@ def summary(throughput: dict, attention: dict, run: dict) -> str:
     if pairs := bf16_rows(throughput):
         lines += ["", "| row | ours in bf16 / ours in float32 (speed) |", "|---|---|"]
         lines += [f"| {row} | {ratio:.2f}× |" for row, ratio in pairs]
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *more]) + "\n"
 
 
 def _read(out: Path, pattern: str) -> dict:
@@ -138,6 +187,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", required=True, help="the folder for the JSONs and the table")
     parser.add_argument("--summary-only", action="store_true", help="rewrite the table only")
     parser.add_argument("--allow-busy", action="store_true", help="time beside other work")
+    parser.add_argument("--all", action="store_true", help="also a new CPU's further figures")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if not args.summary_only:
@@ -153,6 +203,8 @@ def main(argv: list[str] | None = None) -> Path:
             ("train_throughput.py", ("--quick", "--out", str(out))),
             ("attention_scaling.py", (*ATTENTION_ARGS, "--out", str(out / "attention"))),
         )
+        if args.all:
+            runs += tuple((script, ("--out", str(out / folder))) for script, folder, _ in MORE_RUNS)
         for script, script_args in runs:
             print(f"== {script} {' '.join(script_args)}", flush=True)
             done = subprocess.run([sys.executable, str(HERE / script), *script_args])
@@ -175,6 +227,7 @@ def main(argv: list[str] | None = None) -> Path:
         _read(out, "train_throughput_*.json"),
         _read(out / "attention", "attention_scaling_*.json"),
         json.loads(run_file.read_text()) if run_file.exists() else {},
+        more_sections(out),
     )
     path = out / "quick_figures.md"
     path.write_text(table)

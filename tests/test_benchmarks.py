@@ -748,6 +748,49 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
     assert here["machine"]["cpu_features"] == quick.cpu.machine()["cpu_features"]
     assert set(here["auto"]) == {"mode", "cache", "classes"}
     assert "Commit abc1234; 0 s for the whole command." in table
+    assert "kernel_vs_xla" not in table  # no --all: none of its runs, no rows for them
+    ran = []
+    monkeypatch.setattr(
+        quick.subprocess, "run", lambda args, **kw: ran.append(args[1:]) or benchmarks_faked(args)
+    )
+    quick.main(["--out", str(tmp_path), "--allow-busy", "--all"])
+    scripts = [(Path(args[0]).name, *args[1:]) for args in ran if str(args[0]).endswith(".py")]
+    assert scripts[2:] == [
+        (script, "--out", str(tmp_path / folder)) for script, folder, _ in quick.MORE_RUNS
+    ]
+    assert all((quick.HERE / script).exists() for script, *_ in quick.MORE_RUNS)
+    results = {
+        "kernel_vs_xla": [{"operation": "layer norm", "kernel_ms": 2.0, "xla_ms": 5.0}],
+        "float32_matmul": [
+            {
+                "layer": "L",
+                "shape": [8192, 384, 384],
+                "pass": "fwd",
+                "ms": {"xla": 4.0, "xla_own_dot": 2.0, "kernel": 1.0, "torch": 3.0},
+            },
+            {
+                "layer": "L",
+                "shape": [8192, 384, 384],
+                "pass": "fwd+bwd",
+                "ms": {"xla": 12.0, "xla_own_dot": 6.0, "torch": 9.0},
+            },
+        ],
+        "precision_probe": [
+            {"kind": "forward", "choice": "float32", "ms": {"float32": 60.0, "bfloat16": 90.5}},
+            {"kind": "with gradients", "choice": "bfloat16", "ms": None},  # budget spent
+        ],
+    }
+    for _, folder, name in quick.MORE_RUNS:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / name).write_text(
+            json.dumps({"meta": meta, "results": results[folder]})
+        )
+    table = quick.main(["--out", str(tmp_path), "--summary-only"]).read_text()
+    assert "| layer norm | 2.50× |" in table
+    assert "| L, 8,192 x 384 x 384 | fwd | 0.75× | 1.50× | 3.00× |" in table
+    assert "| L, 8,192 x 384 x 384 | fwd+bwd | 0.75× | 1.50× |  |" in table
+    assert "| forward | float32 | 60.0 / 90.5 |" in table
+    assert "| with gradients | bfloat16 | - / - |" in table
     # /proc/stat's first line twice: 100 of 200 jiffies idle or waiting in between.
     stat = tmp_path / "stat"
     stat.write_text("cpu 100 0 100 700 100 0 0 0 0 0\n")
