@@ -1,0 +1,72 @@
+"""The front pages point at what is there, and every run's folder says how it was made."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+FRONT_PAGES = [ROOT / "README.md", ROOT / "benchmarks" / "README.md"]
+FRONT_PAGES += sorted((ROOT / "docs").glob("*.md"))
+# A path in backticks that starts at one of the repository's folders (benchmarks/README.md
+# names its results folder from inside benchmarks/), or a Markdown link to a local file.
+QUOTED_PATH = re.compile(r"`((?:hw2jax|benchmarks|experiments|tests|docs|results)/[^`\s]*)`")
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+PLACEHOLDER = re.compile(r"[<>*{}$]")  # `results/<cpu>/`, `tests/test_*.py`: not one file
+
+
+def named_paths(page: Path) -> list[tuple[int, str, Path]]:
+    """(line, as written, where it points) for each repository path the page names."""
+    found = []
+    for number, line in enumerate(page.read_text().splitlines(), 1):
+        for written in QUOTED_PATH.findall(line):
+            base = page.parent if written.startswith("results/") else ROOT
+            found.append((number, written, base / written))
+        for written in LINK.findall(line):
+            if not written.startswith(("http://", "https://", "mailto:")):
+                found.append((number, written, page.parent / written))
+    return [(n, w, p) for n, w, p in found if not PLACEHOLDER.search(w)]
+
+
+@pytest.mark.parametrize("page", FRONT_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_front_pages_name_only_files_that_exist(page):
+    missing = [f"line {n}: {w}" for n, w, path in named_paths(page) if not path.exists()]
+    assert not missing, f"{page.relative_to(ROOT)} names what is not there: {missing}"
+
+
+def test_a_missing_file_is_found(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("See `hw2jax/no_such_module.py`, [there](gone/) and `results/<cpu>/`.\n")
+    assert [(n, w) for n, w, p in named_paths(page) if not p.exists()] == [
+        (1, "hw2jax/no_such_module.py"),
+        (1, "gone/"),
+    ]
+
+
+RUN_FOLDERS = sorted(p.parent for p in (ROOT / "experiments" / "results").glob("*/README.md"))
+SWEEPS = {"mqar", "mqar_variants"}  # a table of runs, each run's history beside it
+# A Markdown table whose header names epochs: "| epoch | ...", "| ... | epoch time (s) |".
+EPOCH_TABLE = re.compile(r"^\|[^\n]*\bepochs?\b[^\n]*\|[ \t]*\n\|[-| :]+\|", re.M | re.I)
+
+
+@pytest.mark.parametrize("folder", RUN_FOLDERS, ids=lambda p: p.name)
+def test_every_run_folder_says_how_the_run_was_made(folder):
+    """A run's folder gives its command, date, machine, versions and per-epoch table."""
+    text = (folder / "README.md").read_text()
+    lacks = []
+    if not re.search(r"`[^`]*(hw2jax |experiments/|make run)[^`]*`", text):
+        lacks.append("the command")
+    if not re.search(r"\b20\d\d-\d\d-\d\d\b", text):
+        lacks.append("the date")
+    if not re.search(r"EPYC|Xeon|H100|H200", text):
+        lacks.append("the machine")
+    if not re.search(r"\bjax\b[^|\n]{0,12}\b0\.\d+", text):
+        lacks.append("jax's version")
+    if folder.name not in SWEEPS and not EPOCH_TABLE.search(text):
+        lacks.append("the per-epoch table")
+    assert not lacks, f"{folder.relative_to(ROOT)}/README.md lacks {', '.join(lacks)}"
+    assert (
+        (folder / "config.json").exists()
+        or list(folder.glob("*/config.json"))
+        or (folder.name in SWEEPS or folder.name == "gpu_h100")
+    ), f"{folder.relative_to(ROOT)} keeps no config.json"
