@@ -3,7 +3,7 @@ CPU kind, hw2jax against torch in the same process.
 
     .venv/bin/python benchmarks/cpu_quick.py --out benchmarks/results/<cpu>/   # ~10 min, 2 cores
     .venv/bin/python benchmarks/cpu_quick.py --out DIR --summary-only     # the table again
-    .venv/bin/python benchmarks/cpu_quick.py --out DIR --all      # ~25 min: a new CPU's figures
+    .venv/bin/python benchmarks/cpu_quick.py --out DIR --all      # ~13 min: a new CPU's figures
 
 Runs, one after the other, each in a fresh process: ``train_throughput.py --quick`` (the ViT,
 MiniLM, fine-tuning and GRU head steps) and ``attention_scaling.py`` at T = 4,096 to 16,384
