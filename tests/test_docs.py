@@ -70,3 +70,46 @@ def test_every_run_folder_says_how_the_run_was_made(folder):
         or list(folder.glob("*/config.json"))
         or (folder.name in SWEEPS or folder.name == "gpu_h100")
     ), f"{folder.relative_to(ROOT)} keeps no config.json"
+
+
+def test_the_readme_example_runs_and_computes_what_its_comments_say():
+    """The README's Python example, as a user would paste it (T = 256 in place of 4,096, so
+    that Pallas's interpreter takes seconds): each commented value holds."""
+    import ast
+
+    import jax
+    import numpy as np
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## API by example\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert "(1, 4096, 4, 64)" in block
+    block = block.replace("(1, 4096, 4, 64)", "(1, 256, 4, 64)")
+    names: dict = {}
+    values = {}  # each bare expression's source line: its value
+    for statement in ast.parse(block).body:
+        source = ast.get_source_segment(block, statement)
+        if isinstance(statement, ast.Expr):
+            values[source] = jax.block_until_ready(eval(source, names))
+        else:
+            exec(compile(ast.Module([statement], []), "README.md", "exec"), names)
+            if source.startswith("params = vit.init"):  # before the sentiment model's params
+                vit_params = names["params"]
+
+    def value(start: str):
+        (found,) = [v for source, v in values.items() if source.startswith(start)]
+        return found
+
+    def said(pattern: str) -> float:  # the number a comment of the example gives
+        return float(re.search(pattern, block).group(1).replace(",", ""))
+
+    assert float(names["h"][-1]) == said(r"# h\[-1\] = [^=\n]+= (-?\d+)")
+    assert float(value("recurrence.final_state_closed_form")) == said(
+        r"final_state_closed_form\(.*# [^=\n]+= (-?\d+)"
+    )
+    np.testing.assert_allclose(value("attention.self_attention(x)"), names["x"], atol=1e-5)
+    assert sum(p.size for p in jax.tree.leaves(names["params"]["bert"])) > 0
+    assert sum(p.size for p in jax.tree.leaves(vit_params)) == said(r"([\d,]+) parameters")
+    assert names["logits"].shape == (8, 10)
+    assert names["hidden"].shape == (1, 4, 384) and names["pooled"].shape == (1, 384)
+    assert names["logit"].shape == (1,)
+    assert {"softmax", "linear"} <= set(value("attention.registry.names()"))
