@@ -113,3 +113,48 @@ def test_the_readme_example_runs_and_computes_what_its_comments_say():
     assert names["hidden"].shape == (1, 4, 384) and names["pooled"].shape == (1, 384)
     assert names["logit"].shape == (1,)
     assert {"softmax", "linear"} <= set(value("attention.registry.names()"))
+
+
+def shell_commands(page: Path) -> list[str]:
+    """Each ``hw2jax ...`` command in the page's bash blocks: continued lines joined, comments
+    dropped, optional parts (``[--json]``) taken."""
+    commands, fence, pending = [], None, ""
+    for line in page.read_text().splitlines():
+        if line.startswith("```"):
+            fence = None if fence is not None else (line[3:].strip() or "text")
+            continue
+        if fence != "bash":
+            continue
+        line = pending + re.sub(r"\s+#.*$", "", line).strip()
+        if line.endswith("\\"):
+            pending = line[:-1].rstrip() + " "
+            continue
+        pending = ""
+        if re.match(r"(\.venv/bin/)?hw2jax ", line):
+            commands.append(re.sub(r"\[([^\]]*)\]", r"\1", line.split("hw2jax ", 1)[1]))
+    return commands
+
+
+@pytest.mark.parametrize("page", FRONT_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_command_the_pages_show_parses(page, capsys):
+    """The commands the pages show name commands and options the command line has."""
+    import shlex
+
+    from hw2jax.cli import build_parser
+
+    parser = build_parser()
+    for command in shell_commands(page):
+        try:
+            parser.parse_args(shlex.split(command))
+        except SystemExit:
+            pytest.fail(f"{page.relative_to(ROOT)}: `hw2jax {command}`: {capsys.readouterr().err}")
+
+
+def test_the_shown_commands_are_found(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```python\nhw2jax not_a_command\n```\n"
+        "```bash\nhw2jax theory [--json]   # a comment\n.venv/bin/hw2jax vit train \\\n"
+        "  --epochs 2\nmake run\n```\n"
+    )
+    assert shell_commands(page) == ["theory --json", "vit train --epochs 2"]
