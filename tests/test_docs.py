@@ -158,3 +158,36 @@ def test_the_shown_commands_are_found(tmp_path):
         "  --epochs 2\nmake run\n```\n"
     )
     assert shell_commands(page) == ["theory --json", "vit train --epochs 2"]
+
+
+CONFIGS = sorted(p for p in (ROOT / "experiments").glob("*.py") if p.name != "common.py")
+
+
+def config_command(config: Path) -> str:
+    """The command a config's docstring opens with (``Command:``), continued lines joined, up
+    to an aside in brackets or the next heading."""
+    lines = config.read_text().split('"""')[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Command:"))
+    parts = [lines[start].removeprefix("Command:")]
+    for line in lines[start + 1 :]:
+        if re.match(r"\w+:", line) or line.strip().startswith("("):
+            break
+        parts.append(line)
+    command = " ".join(part.strip().rstrip("\\") for part in parts).split("  (")[0]
+    return re.sub(r"^nice -n \d+ ", "", " ".join(command.split()))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_opens_with_its_own_command_and_it_parses(config, capsys):
+    import shlex
+
+    from hw2jax.cli import build_parser
+
+    command = config_command(config)
+    args = shlex.split(command)
+    assert args[0] == "hw2jax", command
+    assert args[args.index("--config") + 1] == f"experiments/{config.name}", command
+    try:
+        build_parser().parse_args(args[1:])
+    except SystemExit:
+        pytest.fail(f"{config.name}: `{command}`: {capsys.readouterr().err}")
