@@ -191,3 +191,43 @@ def test_every_config_opens_with_its_own_command_and_it_parses(config, capsys):
         build_parser().parse_args(args[1:])
     except SystemExit:
         pytest.fail(f"{config.name}: `{command}`: {capsys.readouterr().err}")
+
+
+def recorded_test_accuracies(folder: Path = ROOT / "experiments" / "results") -> set[float]:
+    """Every test accuracy, in %, that a run under ``folder`` recorded: its results.json, or
+    its history's epochs."""
+    import json
+
+    found = set()
+    for path in folder.rglob("*.json"):
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict):
+            continue
+        epochs = record.get("epochs") if isinstance(record.get("epochs"), list) else []
+        for entry in [record, *epochs]:
+            if isinstance(entry.get("test_accuracy"), float):
+                found.add(round(100 * entry["test_accuracy"], 2))
+    return found
+
+
+def test_every_expected_accuracy_in_a_config_was_recorded_by_a_run():
+    """A config's ``Expected:`` test accuracy is one a run wrote, not a figure typed in."""
+    recorded = recorded_test_accuracies()
+    for config in CONFIGS:
+        doc = config.read_text().split('"""')[1]
+        expected = doc[doc.index("Expected:") :]
+        for figure in re.findall(r"(\d+\.\d\d) % test", expected):
+            assert float(figure) in recorded, f"{config.name}: {figure} % is in no run's files"
+
+
+def test_every_test_accuracy_on_the_front_page_was_recorded_by_a_run_it_links():
+    readme = (ROOT / "README.md").read_text()
+    results = readme[readme.index("## Results") : readme.index("## API by example")]
+    rows = [line for line in results.splitlines() if re.search(r"\d %\*{0,2} test acc", line)]
+    assert len(rows) >= 10
+    for row in rows:
+        recorded = set()
+        for link in re.findall(r"\]\((experiments/results/[^)]+)\)", row):
+            recorded |= recorded_test_accuracies(ROOT / link)
+        for figure in re.findall(r"(\d+\.\d\d) %\*{0,2} test acc", row):
+            assert float(figure) in recorded, f"{figure} % test acc is in no run the row links"
