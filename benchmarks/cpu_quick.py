@@ -16,7 +16,8 @@ whatever share of the cores was left (``--allow-busy`` takes them anyway, and sa
 DIR named after it: ``kernel_vs_xla.py`` (each fused kernel against XLA's form: what the kernel
 build is worth here), ``float32_matmul.py`` (float32 products against torch's, and the measured
 FMA peak) and ``precision_probe.py`` (which dtype ``encoder_dtype=auto`` takes here, and the
-times that decide it); the table gains their rows.
+times that decide it); the table gains their rows. One of these that fails is named in the
+table and the command exits non-zero, after the rest is written.
 """
 
 from __future__ import annotations
@@ -105,13 +106,17 @@ def bf16_rows(throughput: dict) -> list[tuple[str, float]]:
     ]
 
 
-def more_sections(out: Path) -> list[str]:
-    """The table's lines for ``--all``'s runs whose JSON is in ``out`` (none for the others)."""
+def more_sections(out: Path, failed: set[str] = frozenset()) -> list[str]:
+    """The table's lines for ``--all``'s runs whose JSON is in ``out`` (none for the others,
+    nor for the scripts in ``failed``: a JSON there is an earlier run's)."""
     lines: list[str] = []
 
     def read(folder: str, name: str) -> list[dict] | None:
         path = out / folder / name
-        return json.loads(path.read_text())["results"] if path.exists() else None
+        script = next(s for s, f, _ in MORE_RUNS if f == folder)
+        if script in failed or not path.exists():
+            return None
+        return json.loads(path.read_text())["results"]
 
     if (kernels := read("kernel_vs_xla", "kernel_vs_xla.json")) is not None:
         lines += ["", "| each kernel (`kernel_vs_xla.py`) | XLA's time / the kernel's |"]
@@ -167,6 +172,8 @@ def summary(throughput: dict, attention: dict, run: dict, more: list[str] = ()) 
         lines += ["", f"Commit {run['commit']}; {run['wall_s']:.0f} s for the whole command."]
     if busy is not None:
         lines += ["", f"Taken with {100 * busy:.0f} % of the cores busy with other work at start."]
+    if run.get("failed"):
+        lines += ["", f"Failed, so not in the table: {', '.join(run['failed'])}."]
     lines += ["", "| row | hw2jax / torch |", "|---|---|"]
     lines += [f"| {row} | {ratio:.2f}× |" for row, ratio in ratio_rows(throughput, attention)]
     if pairs := bf16_rows(throughput):
@@ -182,6 +189,11 @@ def _read(out: Path, pattern: str) -> dict:
     return json.loads(found[-1].read_text())
 
 
+def _run(script: str, script_args: tuple[str, ...]) -> int:
+    print(f"== {script} {' '.join(script_args)}", flush=True)
+    return subprocess.run([sys.executable, str(HERE / script), *script_args]).returncode
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="the folder for the JSONs and the table")
@@ -190,6 +202,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--all", action="store_true", help="also a new CPU's further figures")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    failed: list[str] = []
     if not args.summary_only:
         start, busy = time.perf_counter(), cpu_busy_share()
         if busy > BUSY_LIMIT and not args.allow_busy:
@@ -203,17 +216,17 @@ def main(argv: list[str] | None = None) -> Path:
             ("train_throughput.py", ("--quick", "--out", str(out))),
             ("attention_scaling.py", (*ATTENTION_ARGS, "--out", str(out / "attention"))),
         )
-        if args.all:
-            runs += tuple((script, ("--out", str(out / folder))) for script, folder, _ in MORE_RUNS)
+        more = [(s, ("--out", str(out / folder))) for s, folder, _ in MORE_RUNS if args.all]
         for script, script_args in runs:
-            print(f"== {script} {' '.join(script_args)}", flush=True)
-            done = subprocess.run([sys.executable, str(HERE / script), *script_args])
-            if done.returncode != 0:
-                raise SystemExit(f"{script} failed (exit {done.returncode}); its output is above.")
+            if (exit_code := _run(script, script_args)) != 0:
+                raise SystemExit(f"{script} failed (exit {exit_code}); its output is above.")
+        # The quick rows are in: a further run that fails is named in the table, not fatal.
+        failed = [f"{s} (exit {code})" for s, a in more if (code := _run(s, a)) != 0]
         record = {
             "busy_share_at_start": busy if busy > BUSY_LIMIT else None,
             "commit": cpu.source_commit() or "unknown",
             "wall_s": time.perf_counter() - start,
+            "failed": failed,
         }
         out.mkdir(parents=True, exist_ok=True)
         (out / "cpu_quick.json").write_text(json.dumps(record))
@@ -223,16 +236,19 @@ def main(argv: list[str] | None = None) -> Path:
 
         (out / "machine.json").write_text(json.dumps(machine_info.describe(), indent=1))
     run_file = out / "cpu_quick.json"
+    run = json.loads(run_file.read_text()) if run_file.exists() else {}
     table = summary(
         _read(out, "train_throughput_*.json"),
         _read(out / "attention", "attention_scaling_*.json"),
-        json.loads(run_file.read_text()) if run_file.exists() else {},
-        more_sections(out),
+        run,
+        more_sections(out, {name.split()[0] for name in run.get("failed", [])}),
     )
     path = out / "quick_figures.md"
     path.write_text(table)
     print(table, end="")
     print(f"wrote {path}")
+    if failed:
+        raise SystemExit(f"{', '.join(failed)} failed (output above); the rest is in {path}.")
     return path
 
 

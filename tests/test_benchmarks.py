@@ -791,6 +791,20 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
     assert "| L, 8,192 x 384 x 384 | fwd+bwd | 0.75× | 1.50× |  |" in table
     assert "| forward | float32 | 60.0 / 90.5 |" in table
     assert "| with gradients | bfloat16 | - / - |" in table
+
+    def kernel_vs_xla_fails(args, **kwargs):  # the quick rows and the other two run
+        return types.SimpleNamespace(returncode=3 if args[1].endswith("kernel_vs_xla.py") else 0)
+
+    monkeypatch.setattr(quick.subprocess, "run", kernel_vs_xla_fails)
+    with pytest.raises(SystemExit, match=r"kernel_vs_xla.py \(exit 3\) failed .*quick_figures"):
+        quick.main(["--out", str(tmp_path), "--allow-busy", "--all"])
+    table = (tmp_path / "quick_figures.md").read_text()
+    assert "Failed, so not in the table: kernel_vs_xla.py (exit 3)." in table
+    assert "| layer norm |" not in table  # the earlier run's JSON is not read as this one's
+    assert "| forward | float32 | 60.0 / 90.5 |" in table
+    assert json.loads((tmp_path / "cpu_quick.json").read_text())["failed"] == [
+        "kernel_vs_xla.py (exit 3)"
+    ]
     # /proc/stat's first line twice: 100 of 200 jiffies idle or waiting in between.
     stat = tmp_path / "stat"
     stat.write_text("cpu 100 0 100 700 100 0 0 0 0 0\n")
