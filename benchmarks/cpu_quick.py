@@ -111,18 +111,18 @@ def more_sections(out: Path, failed: set[str] = frozenset()) -> list[str]:
     nor for the scripts in ``failed``: a JSON there is an earlier run's)."""
     lines: list[str] = []
 
-    def read(folder: str, name: str) -> list[dict] | None:
+    def read(script: str) -> list[dict] | None:
+        folder, name = next((f, n) for s, f, n in MORE_RUNS if s == script)
         path = out / folder / name
-        script = next(s for s, f, _ in MORE_RUNS if f == folder)
         if script in failed or not path.exists():
             return None
         return json.loads(path.read_text())["results"]
 
-    if (kernels := read("kernel_vs_xla", "kernel_vs_xla.json")) is not None:
+    if (kernels := read("kernel_vs_xla.py")) is not None:
         lines += ["", "| each kernel (`kernel_vs_xla.py`) | XLA's time / the kernel's |"]
         lines += ["|---|---|"]
         lines += [f"| {r['operation']} | {r['xla_ms'] / r['kernel_ms']:.2f}× |" for r in kernels]
-    if (products := read("float32_matmul", "float32_matmul.json")) is not None:
+    if (products := read("float32_matmul.py")) is not None:
         lines += ["", "| float32 product (`float32_matmul.py`), [M, K] x [K, N] | pass "]
         lines[-1] += "| torch's time / XLA's dot's | / XLA's own dot's | / our kernel's |"
         lines += ["|---|---|---|---|---|"]
@@ -131,7 +131,7 @@ def more_sections(out: Path, failed: set[str] = frozenset()) -> list[str]:
             ratios = [ms["torch"] / ms[path] if path in ms else None for path in PRODUCT_PATHS]
             cells = " | ".join("" if x is None else f"{x:.2f}×" for x in ratios)
             lines.append(f"| {r['layer']}, {m:,} x {k:,} x {n:,} | {r['pass']} | {cells} |")
-    if (probes := read("precision_probe", "precision_probe.json")) is not None:
+    if (probes := read("precision_probe.py")) is not None:
         lines += ["", "| `encoder_dtype=auto`'s probe (`precision_probe.py`) | takes | ms "]
         lines[-1] += "float32 / bf16 |"
         lines += ["|---|---|---|"]
