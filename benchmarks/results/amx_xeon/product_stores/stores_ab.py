@@ -83,14 +83,15 @@ def seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def main(rounds: int, variants: list[str]) -> None:
-    calls = {f"{m} x {k} x {n}": product(m, k, n) for m, k, n in PRODUCTS}
+def main(rounds: int, variants: list[str], variable="AMX_VAR", products=PRODUCTS) -> None:
+    """Times each call under each value of the kernel's environment ``variable``."""
+    calls = {f"{m} x {k} x {n}": product(m, k, n) for m, k, n in products}
     calls["MiniLM bf16 forward, 32 x 256"] = minilm_forward()
     calls["ViT bf16 step, batch 256"] = vit_bf16_step()
     for name, fn in calls.items():
         outputs = []
         for variant in variants:
-            os.environ["AMX_VAR"] = variant
+            os.environ[variable] = variant
             outputs.append([np.asarray(x) for x in jax.tree.leaves(fn())])
         same = all(
             np.array_equal(x, y) for o in outputs for x, y in zip(outputs[0], o, strict=True)
@@ -101,7 +102,7 @@ def main(rounds: int, variants: list[str]) -> None:
     for turn in range(rounds):
         for name, fn in calls.items():
             for variant in variants if turn % 2 == 0 else variants[::-1]:
-                os.environ["AMX_VAR"] = variant
+                os.environ[variable] = variant
                 times[name][variant].append(seconds(fn))
     for name, by_variant in times.items():
         base = np.median(by_variant[variants[0]])

