@@ -81,7 +81,9 @@ def test_the_readme_example_runs_and_computes_what_its_comments_say():
     import numpy as np
 
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"## API by example\n\n```python\n(.*?)```", readme, re.S).group(1)
+    example = re.search(r"## API by example\n\n```python\n(.*?)```", readme, re.S)
+    assert example, "README.md has no '## API by example' heading with a Python block under it"
+    block = example.group(1)
     assert "(1, 4096, 4, 64)" in block
     block = block.replace("(1, 4096, 4, 64)", "(1, 256, 4, 64)")
     names: dict = {}
@@ -222,6 +224,7 @@ def test_every_expected_accuracy_in_a_config_was_recorded_by_a_run():
 
 def test_every_test_accuracy_on_the_front_page_was_recorded_by_a_run_it_links():
     readme = (ROOT / "README.md").read_text()
+    assert "## Results" in readme and "## API by example" in readme, "README's headings moved"
     results = readme[readme.index("## Results") : readme.index("## API by example")]
     rows = [line for line in results.splitlines() if re.search(r"\d %\*{0,2} test acc", line)]
     assert len(rows) >= 10
