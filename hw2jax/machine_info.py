@@ -51,7 +51,7 @@ def describe(build: bool = False) -> dict:
 
 def text(info: dict) -> str:
     """:func:`describe`'s record as lines for a person."""
-    from hw2jax.train.report import machine_line
+    from hw2jax.train.report import machine_line, times_text
 
     kernel, auto = info["kernels"], info["auto"]
     malloc = info["machine"]["malloc"]
@@ -100,8 +100,7 @@ def text(info: dict) -> str:
     lines.append(f"timed classes ({len(auto['classes'])}, in {auto['cache']}):")
     ties = {key for key, ms in auto["classes"].items() if near_tie(ms)}
     for key, ms in auto["classes"].items():
-        times = ", ".join(f"{path} {t:g}" for path, t in ms.items())
-        lines.append(f"- {key}: {times} ms" + (" (a near tie)" if key in ties else ""))
+        lines.append(f"- {key}: {times_text(ms)}" + (" (a near tie)" if key in ties else ""))
     if ties:
         lines.append(
             "A near tie (the fastest two within the tie margin, dispatch.choose) takes the "

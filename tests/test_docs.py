@@ -137,19 +137,24 @@ def shell_commands(page: Path) -> list[str]:
     return commands
 
 
+def assert_parses(args: list[str], where: str, capsys) -> None:
+    """``hw2jax ARGS`` names commands and options the command line has; else the test fails
+    with argparse's message and ``where`` the command was shown."""
+    from hw2jax.cli import build_parser
+
+    try:
+        build_parser().parse_args(args)
+    except SystemExit:
+        pytest.fail(f"{where}: `hw2jax {' '.join(args)}`: {capsys.readouterr().err}")
+
+
 @pytest.mark.parametrize("page", FRONT_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_command_the_pages_show_parses(page, capsys):
     """The commands the pages show name commands and options the command line has."""
     import shlex
 
-    from hw2jax.cli import build_parser
-
-    parser = build_parser()
     for command in shell_commands(page):
-        try:
-            parser.parse_args(shlex.split(command))
-        except SystemExit:
-            pytest.fail(f"{page.relative_to(ROOT)}: `hw2jax {command}`: {capsys.readouterr().err}")
+        assert_parses(shlex.split(command), str(page.relative_to(ROOT)), capsys)
 
 
 def test_the_shown_commands_are_found(tmp_path):
@@ -165,10 +170,14 @@ def test_the_shown_commands_are_found(tmp_path):
 CONFIGS = sorted(p for p in (ROOT / "experiments").glob("*.py") if p.name != "common.py")
 
 
+def docstring(config: Path) -> str:
+    return config.read_text().split('"""')[1]
+
+
 def config_command(config: Path) -> str:
     """The command a config's docstring opens with (``Command:``), continued lines joined, up
     to an aside in brackets or the next heading."""
-    lines = config.read_text().split('"""')[1].splitlines()
+    lines = docstring(config).splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("Command:"))
     parts = [lines[start].removeprefix("Command:")]
     for line in lines[start + 1 :]:
@@ -183,16 +192,11 @@ def config_command(config: Path) -> str:
 def test_every_config_opens_with_its_own_command_and_it_parses(config, capsys):
     import shlex
 
-    from hw2jax.cli import build_parser
-
     command = config_command(config)
     args = shlex.split(command)
     assert args[0] == "hw2jax", command
     assert args[args.index("--config") + 1] == f"experiments/{config.name}", command
-    try:
-        build_parser().parse_args(args[1:])
-    except SystemExit:
-        pytest.fail(f"{config.name}: `{command}`: {capsys.readouterr().err}")
+    assert_parses(args[1:], config.name, capsys)
 
 
 def recorded_test_accuracies(folder: Path = ROOT / "experiments" / "results") -> set[float]:
@@ -216,7 +220,7 @@ def test_every_expected_accuracy_in_a_config_was_recorded_by_a_run():
     """A config's ``Expected:`` test accuracy is one a run wrote, not a figure typed in."""
     recorded = recorded_test_accuracies()
     for config in CONFIGS:
-        doc = config.read_text().split('"""')[1]
+        doc = docstring(config)
         expected = doc[doc.index("Expected:") :]
         for figure in re.findall(r"(\d+\.\d\d) % test", expected):
             assert float(figure) in recorded, f"{config.name}: {figure} % is in no run's files"

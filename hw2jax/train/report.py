@@ -123,9 +123,13 @@ def machine_line(machine: dict) -> str:
     return f"- {text}" + (f"; {', '.join(details)}" if details else "")
 
 
+def times_text(ms: dict[str, float]) -> str:
+    """A class's paths and their milliseconds, as a report and ``hw2jax machine`` list them."""
+    return ", ".join(f"{name} {t:g}" for name, t in ms.items()) + " ms"
+
+
 def _taken(record: dict) -> str:
-    timings = ", ".join(f"{name} {ms:g}" for name, ms in record["ms"].items())
-    return f"{record['path']} ({timings} ms)"
+    return f"{record['path']} ({times_text(record['ms'])})"
 
 
 def paths_list(history: dict) -> str:
