@@ -52,9 +52,10 @@ few-keys attention are timed with gradients. The row
 kernels (:func:`row_kernel`: layer norms, timed with gradients; BERT's bias + GELU and its
 float32 dense products, forward) share the probe, their class being the operation, the rows to
 a power of two (timed on at most 2^14), the width (a product's K x N) and the dtype; so do
-bf16 dense products (:func:`dense_product`: the product kernel or XLA's dot, timed forward and,
-apart, with their output and both gradients kept, the class naming the program's XLA options;
-:func:`hw2jax.models.layers.measured_form` joins the two winners as softmax does). The
+bf16 dense layers (:func:`dense_product`: the product kernel or XLA's dot, timed forward as the
+layer runs them and, apart, the product with its output and both gradients kept, the class
+naming the program's XLA options; :func:`hw2jax.models.layers.measured_dense` joins the two
+winners as softmax does). The
 GRU's recurrence (:func:`recurrence`: the fused kernel or
 a ``lax.scan``) is timed with gradients over at most :data:`PROBE_STEPS` steps, its class being
 the directions, the batch to a power of two, the hidden size and the dtype. A model's compute

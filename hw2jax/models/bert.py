@@ -33,7 +33,7 @@ from hw2jax.models.layers import (
     LayerNorm,
     dot_float32_out,
     init_on_dummy,
-    measured_form,
+    measured_dense,
     xla_accepts,
     xla_dot,
 )
@@ -109,18 +109,19 @@ def _dense_parameters(module: nn.Module, x: jax.Array):
     return x, kernel, bias, stored
 
 
-def _dense_layer(module: nn.Module, x: jax.Array, on_kernel: Callable, by_xla: Callable):
+def _dense_layer(
+    module: nn.Module, x: jax.Array, on_kernel: Callable, by_xla: Callable, layer: str
+):
     """A dense layer of ``module``'s parameters (:func:`_dense_parameters`), computed by
     ``on_kernel`` (the bf16 product kernel's form) or ``by_xla`` as :func:`hw2jax.models.layers.
-    measured_form` takes them for its product; each is a function of x and the bias promoted,
-    and the kernel as stored (which ``by_xla`` promotes to x's dtype: a copy the kernel's form
-    never makes)."""
+    measured_dense` takes them (``layer``: what they add to the product); each is a function
+    of x promoted, the kernel as stored (which ``by_xla`` promotes to x's dtype: a copy the
+    kernel's form never makes) and the bias promoted."""
     x, kernel, bias, stored = _dense_parameters(module, x)
-    form = by_xla
-    if stored.dtype in (jnp.float32, jnp.bfloat16):
-        forms = {"amx": on_kernel, "xla": by_xla}
-        form = measured_form(x, kernel, _dims(x), xla_compiler_options, forms)
-    return form(x, stored, bias)
+    if stored.dtype not in (jnp.float32, jnp.bfloat16):
+        return by_xla(x, stored, bias)
+    forms = {"amx": on_kernel, "xla": by_xla}
+    return measured_dense(forms, (x, stored, bias), kernel, xla_compiler_options, layer)
 
 
 def _dims(x: jax.Array):
@@ -162,7 +163,7 @@ def _product_then_bias_gelu(x: jax.Array, kernel: jax.Array, bias: jax.Array) ->
 class _DenseActivation(nn.Module):
     """``activation(Dense(x))`` with nn.Dense's parameters (kernel, bias) and arithmetic. Where
     the dense product runs on the bf16 product kernel (:func:`hw2jax.models.layers.
-    measured_form`), the exact GELU runs inside the same call on the float32 weights
+    measured_dense`), the exact GELU runs inside the same call on the float32 weights
     (:func:`hw2jax.kernels.amx_dense`): its float32 input never goes to memory, and its output
     is bf16, which the next dense layer takes anyway. In float32 the product, its bias and the
     GELU run in one call of the float32 dense kernel where :func:`_float32_kernel_takes`, else
@@ -178,7 +179,8 @@ class _DenseActivation(nn.Module):
         if self.activation != "gelu":
             x, kernel, bias, _ = _dense_parameters(self, x)
             return _ACTIVATIONS[self.activation](_dot_general(x, kernel, _dims(x)) + bias)
-        return _dense_layer(self, x, _dense_gelu_on_kernel, _dense_gelu_by_xla)
+        layer = "bias and GELU, bf16 out"
+        return _dense_layer(self, x, _dense_gelu_on_kernel, _dense_gelu_by_xla, layer)
 
 
 def _dense_gelu_on_kernel(x, stored, bias):
@@ -216,8 +218,10 @@ class _DenseAndBias(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, added: bool = False):
         if added:
-            return _dense_layer(self, x, _dense_added_on_kernel, _dense_added_by_xla)
-        return _dense_layer(self, x, _dense_apart_on_kernel, _dense_apart_by_xla)
+            forms = _dense_added_on_kernel, _dense_added_by_xla, "bias, bf16 out"
+        else:
+            forms = _dense_apart_on_kernel, _dense_apart_by_xla, "bias apart"
+        return _dense_layer(self, x, *forms)
 
 
 def _dense_added_on_kernel(x, stored, bias):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -59,65 +59,96 @@ def bf16_step_options(dtype, machine: dispatch.Machine | None = None) -> dict[st
 
 
 def bf16_product_paths(
-    x: jax.Array, kernel: jax.Array, compiler_options: dict[str, str], gradient: bool = True
+    x: jax.Array, kernel: jax.Array, compiler_options: dict[str, str]
 ) -> dispatch.Measure:
-    """What auto times for a bf16 dense layer's ``x @ kernel`` (float32 out) in a program
-    compiled with ``compiler_options``: the product kernel (:func:`hw2jax.kernels.amx_matmul`)
-    or XLA's dot with :func:`dense_dot`'s backward, with ``gradient`` each with its output and
-    both gradients, else the output alone."""
+    """What auto times for a bf16 dense layer's ``x @ kernel`` (float32 out) with gradients, in
+    a program compiled with ``compiler_options``: the product kernel (:func:`hw2jax.kernels.
+    amx_matmul`) or XLA's dot with :func:`dense_dot`'s backward, each with its output and both
+    gradients."""
     rows, (k, n) = math.prod(x.shape[:-1]), kernel.shape
     probe_rows = min(rows, dispatch.PROBE_ROWS)
     paths = {"amx": kernels.amx_matmul, "xla": xla_dot}  # not dense_dot, which would ask again
-    options = tuple(sorted(compiler_options.items()))
-    named = {(): "", tuple(sorted(NO_YNNPACK)): " YNNPACK off"}
-    where = named.get(options, f" options {options}")
     bf16 = jnp.bfloat16
-    probe = (jax.ShapeDtypeStruct((probe_rows, k), bf16), jax.ShapeDtypeStruct((k, n), bf16))
-    cotangent = (jax.ShapeDtypeStruct((probe_rows, n), jnp.float32),)
     return dispatch.Measure(
         (jax.ShapeDtypeStruct(x.shape, bf16), jax.ShapeDtypeStruct(kernel.shape, bf16)),
         paths.__getitem__,
-        size=f"rows 2^{int(math.log2(max(rows, 1)))} {k}x{n} bfloat16{where}",
-        probe=probe + cotangent if gradient else probe,
-        compiler_options=options,
-        cotangent=gradient,
+        size=_bf16_class(rows, k, n, compiler_options),
+        probe=(
+            jax.ShapeDtypeStruct((probe_rows, k), bf16),
+            jax.ShapeDtypeStruct((k, n), bf16),
+            jax.ShapeDtypeStruct((probe_rows, n), jnp.float32),
+        ),
+        compiler_options=tuple(sorted(compiler_options.items())),
+        cotangent=True,
     )
 
 
-def measured_form(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    dimension_numbers,
-    step_options: Callable[[Any], dict[str, str]],
+def bf16_layer_paths(
+    args: Sequence[jax.Array],
     forms: Mapping[str, Callable],
-) -> Callable:
-    """Which of ``forms`` computes a dense layer whose product is ``lhs @ rhs``: ``"amx"`` on
-    the product kernel, ``"xla"`` by XLA's dot, each a function of the same inputs. That is the
-    path :func:`hw2jax.attention.dispatch.dense_product` takes for the product timed forward
-    and, under differentiation, the one it takes timed with gradients, each decided as the
-    program traces it, so that a program times only its own class: forward for a frozen
-    encoder's features or an evaluation, with gradients for a training step. On pair dot
-    products one path may win each (benchmarks/results/amx_xeon/no_amx_refused/).
-    ``step_options(bf16)``: the XLA options of the programs it runs in."""
+    layer: str,
+    compiler_options: dict[str, str],
+) -> dispatch.Measure:
+    """What auto times for a bf16 dense layer forward, in a program compiled with
+    ``compiler_options``: its ``forms`` as the layer runs them, functions of ``args`` (x, then
+    the kernel [K, N], then any others), on at most :data:`hw2jax.attention.dispatch.
+    PROBE_ROWS` rows of x. ``layer`` names what the forms compute beyond the product (the
+    class's tail)."""
+    x, kernel = args[0], args[1]
+    rows, (k, n) = math.prod(x.shape[:-1]), kernel.shape
+    probe_x = jax.ShapeDtypeStruct((min(rows, dispatch.PROBE_ROWS), k), x.dtype)
+    return dispatch.Measure(
+        tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args),
+        forms.__getitem__,
+        size=_bf16_class(rows, k, n, compiler_options) + (f", {layer}" if layer else ""),
+        probe=(probe_x, *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args[1:])),
+        compiler_options=tuple(sorted(compiler_options.items())),
+    )
+
+
+def _bf16_class(rows: int, k: int, n: int, compiler_options: dict[str, str]) -> str:
+    options = tuple(sorted(compiler_options.items()))
+    where = {(): "", tuple(sorted(NO_YNNPACK)): " YNNPACK off"}.get(options, f" options {options}")
+    return f"rows 2^{int(math.log2(max(rows, 1)))} {k}x{n} bfloat16{where}"
+
+
+def measured_dense(
+    forms: Mapping[str, Callable],
+    args: Sequence[jax.Array],
+    rhs: jax.Array,
+    step_options: Callable[[Any], dict[str, str]],
+    layer: str = "",
+) -> jax.Array:
+    """A dense layer's output, computed by one of ``forms``: ``"amx"`` on the product kernel,
+    ``"xla"`` by XLA's dot, each a function of ``args`` (x first, then the kernel as the form
+    takes it). ``rhs`` is the kernel in x's dtype: the product ``x @ rhs`` decides, by
+    :func:`hw2jax.attention.dispatch.dense_product`. Forward, the forms are timed as they run
+    (:func:`bf16_layer_paths`; ``layer`` names what they add to the product); under
+    differentiation the product alone, with its output and both gradients
+    (:func:`bf16_product_paths`). Each is decided as the program traces it, so that a program
+    times only its own class: forward for a frozen encoder's features or an evaluation, with
+    gradients for a training step. On pair dot products one path may win each
+    (benchmarks/results/amx_xeon/no_amx_refused/). ``step_options(bf16)``: the XLA options of
+    the programs it runs in."""
+    lhs = args[0]
+    dims = _dense_dims(lhs.ndim)
 
     def path(gradient: bool) -> str:
-        return dispatch.dense_product(
-            lhs,
-            rhs,
-            dimension_numbers,
-            kernels.bf16_products_unavailable_reason,
-            measure=lambda: bf16_product_paths(lhs, rhs, step_options(jnp.bfloat16), gradient),
-            gradient=gradient,
-        )
+        def measure():
+            options = step_options(jnp.bfloat16)
+            if gradient:
+                return bf16_product_paths(lhs, rhs, options)
+            return bf16_layer_paths(args, forms, layer, options)
 
-    rule = dispatch.dense_product(
-        lhs, rhs, dimension_numbers, kernels.bf16_products_unavailable_reason
-    )
+        reason = kernels.bf16_products_unavailable_reason
+        return dispatch.dense_product(lhs, rhs, dims, reason, measure=measure, gradient=gradient)
+
+    rule = dispatch.dense_product(lhs, rhs, dims, kernels.bf16_products_unavailable_reason)
     if rule != "amx":  # nothing to time
-        return forms[rule]
+        return forms[rule](*args)
     return kernels.differentiated_by(
         lambda *args: forms[path(False)](*args), lambda *args: forms[path(True)](*args)
-    )
+    )(*args)
 
 
 def dot_float32_out(
@@ -132,23 +163,19 @@ def dot_float32_out(
     """A dot_general for nn.Dense that accumulates and returns float32 whatever the input
     dtype: with bf16 inputs this is both the accurate choice and, on CPUs with AVX512-BF16,
     the fast one (benchmarks/NOTES.md). bf16 products run on the product kernel where
-    :func:`measured_form` says so, timed in a program compiled with ``step_options(bf16)``, the
+    :func:`measured_dense` says so, timed in a program compiled with ``step_options(bf16)``, the
     XLA options of the model's steps (the ViT's by default)."""
     del preferred_element_type
-
-    def by_xla(lhs, rhs):
-        if (
-            lhs.dtype == rhs.dtype
-            and lhs.dtype in _DENSE_DTYPES
-            and dimension_numbers == _dense_dims(lhs.ndim)
-        ):
-            return xla_dot(lhs, rhs, precision)
-        return jax.lax.dot_general(
-            lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32
-        )
-
-    forms = {"amx": kernels.amx_matmul, "xla": by_xla}
-    return measured_form(lhs, rhs, dimension_numbers, step_options, forms)(lhs, rhs)
+    if (
+        lhs.dtype == rhs.dtype
+        and lhs.dtype in _DENSE_DTYPES
+        and dimension_numbers == _dense_dims(lhs.ndim)
+    ):
+        forms = {"amx": kernels.amx_matmul, "xla": lambda x, w: xla_dot(x, w, precision)}
+        return measured_dense(forms, (lhs, rhs), rhs, step_options)
+    return jax.lax.dot_general(
+        lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32
+    )
 
 
 def dense_dot(
