@@ -417,8 +417,8 @@ def dense_product(
     single products range from 0.7x to 2x XLA's (benchmarks/results/amx_matmul/), and 1.1x on
     the Zen 4 EPYC's pair dots (benchmarks/results/zen4/pair_dots/). Where the rule takes the
     kernel and ``measure`` is given on a CPU that measures, ``measure()``'s two paths are
-    timed (class ``bf16_dense``), with ``gradient`` the output and both gradients, else the
-    output alone, and the faster taken: XLA's bf16 dot may run on the tiles too (YNNPACK), and
+    timed (class ``bf16_dense``), with ``gradient`` the output and both gradients, else
+    forward, and the faster taken: XLA's bf16 dot may run on the tiles too (YNNPACK), and
     on pair dot products one path may win forward and the other with gradients
     (benchmarks/results/amx_xeon/no_amx_refused/).
     ``$HW2JAX_MATMUL`` (``auto``, ``xla`` or ``amx``) forces one path: ``amx`` sends every bf16

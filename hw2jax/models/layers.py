@@ -147,7 +147,7 @@ def measured_dense(
     if rule != "amx":  # nothing to time
         return forms[rule](*args)
     return kernels.differentiated_by(
-        lambda *args: forms[path(False)](*args), lambda *args: forms[path(True)](*args)
+        lambda *inputs: forms[path(False)](*inputs), lambda *inputs: forms[path(True)](*inputs)
     )(*args)
 
 
