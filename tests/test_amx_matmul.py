@@ -164,6 +164,21 @@ def measuring_into(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(dispatch, "cache_file", lambda: tmp_path / "dispatch-test.json")
 
 
+def winning_apart(monkeypatch, tmp_path, forward_winner: str) -> str:
+    """Measuring on with timings faked: ``forward_winner`` ("amx" or "xla") wins every class
+    timed forward and the other path every class timed with gradients (other operations' paths
+    tie, and take their rule). Returns the other path."""
+    measuring_into(monkeypatch, tmp_path)
+    other = {"amx": "xla", "xla": "amx"}[forward_winner]
+    fast = {False: forward_winner, True: other}
+
+    def fake(paths, measure, gradient):
+        return {name: (1e-3 if name == fast[gradient] else 2e-3) for name in paths}
+
+    monkeypatch.setattr(dispatch, "time_paths", fake)
+    return other
+
+
 def summed_gradients(product):
     """The gradients of sum(g * product(a, b)) for a fixed g, a's and b's."""
 
@@ -208,14 +223,7 @@ def test_forward_and_differentiated_products_run_their_own_classes_winners(
     """Timings faked so that one path wins forward and the other with gradients (as on pair
     dot products): the forward-only program computes the forward winner's bits, and the
     differentiated program the other path's gradients, bit for bit."""
-    measuring_into(monkeypatch, tmp_path)
-    other = {"amx": "xla", "xla": "amx"}[forward_winner]
-    fast = {False: forward_winner, True: other}
-
-    def fake(paths, measure, gradient):
-        return {name: (1e-3 if name == fast[gradient] else 2e-3) for name in paths}
-
-    monkeypatch.setattr(dispatch, "time_paths", fake)
+    other = winning_apart(monkeypatch, tmp_path, forward_winner)
     a, b = bf16_pair(5, 4 * 128, 384, 96)
     a = a.reshape(4, 128, 384)
     forms = {"amx": kernels.amx_matmul, "xla": xla_dot}
@@ -331,21 +339,27 @@ def test_float32_weights_give_the_floats_of_their_bf16_copy_and_xlas_gradients()
         assert np.abs(f64(a) - f64(b)).max() <= 2**-7 * scale  # products in another order
 
 
-@needs_amx
-def test_bert_in_bf16_runs_its_gelu_and_attention_on_the_tiles_and_agrees_with_xla(monkeypatch):
+def small_bf16_bert(hidden: int, intermediate: int, tokens: int):
+    """A one-layer bf16 BERT of two heads on its fused kernels, two sequences of ``tokens``
+    ids, and its parameters."""
     from hw2jax.models import bert
 
     config = bert.BertConfig(
         vocab_size=100,
-        hidden_size=64,
+        hidden_size=hidden,
         num_hidden_layers=1,
         num_attention_heads=2,
-        intermediate_size=160,
+        intermediate_size=intermediate,
         max_position_embeddings=32,
     )
     model = bert.BertModel(config, jnp.bfloat16, "fused_cpu")
-    ids = jax.random.randint(jax.random.key(0), (2, 24), 1, 100)
-    params = model.init(jax.random.key(1), ids)["params"]
+    ids = jax.random.randint(jax.random.key(0), (2, tokens), 1, 100)
+    return model, ids, model.init(jax.random.key(1), ids)["params"]
+
+
+@needs_amx
+def test_bert_in_bf16_runs_its_gelu_and_attention_on_the_tiles_and_agrees_with_xla(monkeypatch):
+    model, ids, params = small_bf16_bert(hidden=64, intermediate=160, tokens=24)
 
     def apply(params, ids):  # a new function each time: jit's cache would keep the first path
         return jax.jit(lambda p, ids: model.apply({"params": p}, ids)[0]).lower(params, ids)
@@ -377,27 +391,9 @@ def test_bert_in_bf16_runs_each_programs_own_winner_in_its_dense_layers(
     """bf16 timings faked so that one path wins BERT's dense products forward and the other
     with gradients: the features program runs them by the forward winner and the gradient
     program by the other."""
-    from hw2jax.models import bert
-
-    measuring_into(monkeypatch, tmp_path)
-    other = {"amx": "xla", "xla": "amx"}[forward_winner]
-    fast = {False: forward_winner, True: other}
-
-    def fake(paths, measure, gradient):  # other classes: XLA's or the rule
-        return {name: (1e-3 if name == fast[gradient] else 2e-3) for name in paths}
-
-    monkeypatch.setattr(dispatch, "time_paths", fake)
-    config = bert.BertConfig(
-        vocab_size=100,
-        hidden_size=128,  # 64 rows x 128 x 128: at AMX_MIN_MACS, so the rule would time them
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=256,
-        max_position_embeddings=32,
-    )
-    model = bert.BertModel(config, jnp.bfloat16, "fused_cpu")
-    ids = jax.random.randint(jax.random.key(0), (2, 32), 1, 100)
-    params = model.init(jax.random.key(1), ids)["params"]
+    other = winning_apart(monkeypatch, tmp_path, forward_winner)
+    # 64 rows x 128 x 128: at AMX_MIN_MACS, so the rule would time them.
+    model, ids, params = small_bf16_bert(hidden=128, intermediate=256, tokens=32)
 
     def features(params):
         return model.apply({"params": params}, ids)[0]
