@@ -420,7 +420,7 @@ def dense_product(
     timed (class ``bf16_dense``), with ``gradient`` the output and both gradients, else
     forward, and the faster taken: XLA's bf16 dot may run on the tiles too (YNNPACK), and
     on pair dot products one path may win forward and the other with gradients
-    (benchmarks/results/amx_xeon/no_amx_refused/).
+    (benchmarks/results/amx_xeon/no_amx_refused/bf16_forward_class/).
     ``$HW2JAX_MATMUL`` (``auto``, ``xla`` or ``amx``) forces one path: ``amx`` sends every bf16
     product of that form to the kernel, whatever its size, and is an error where the kernel
     cannot run."""

@@ -31,6 +31,7 @@ from hw2jax.models import bert_params
 from hw2jax.models.layers import (
     NO_YNNPACK,
     LayerNorm,
+    dense_dot,
     dot_float32_out,
     init_on_dummy,
     measured_dense,
@@ -124,10 +125,6 @@ def _dense_layer(
     return measured_dense(forms, (x, stored, bias), kernel, xla_compiler_options, layer)
 
 
-def _dims(x: jax.Array):
-    return (((x.ndim - 1,), (0,)), ((), ()))
-
-
 def _float32_kernel_takes(x: jax.Array, kernel: jax.Array) -> bool:
     """Whether this float32 layer's product runs on the dense kernel
     (:func:`hw2jax.kernels.float32_dense`, which adds the bias and GELU in the same call), by
@@ -178,7 +175,7 @@ class _DenseActivation(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.activation != "gelu":
             x, kernel, bias, _ = _dense_parameters(self, x)
-            return _ACTIVATIONS[self.activation](_dot_general(x, kernel, _dims(x)) + bias)
+            return _ACTIVATIONS[self.activation](dense_dot(x, kernel, xla_compiler_options) + bias)
         layer = "bias and GELU, bf16 out"
         return _dense_layer(self, x, _dense_gelu_on_kernel, _dense_gelu_by_xla, layer)
 

@@ -68,17 +68,18 @@ def bf16_product_paths(
     rows, (k, n) = math.prod(x.shape[:-1]), kernel.shape
     probe_rows = min(rows, dispatch.PROBE_ROWS)
     paths = {"amx": kernels.amx_matmul, "xla": xla_dot}  # not dense_dot, which would ask again
+    options = tuple(sorted(compiler_options.items()))
     bf16 = jnp.bfloat16
     return dispatch.Measure(
         (jax.ShapeDtypeStruct(x.shape, bf16), jax.ShapeDtypeStruct(kernel.shape, bf16)),
         paths.__getitem__,
-        size=_bf16_class(rows, k, n, compiler_options),
+        size=_bf16_class(rows, k, n, options),
         probe=(
             jax.ShapeDtypeStruct((probe_rows, k), bf16),
             jax.ShapeDtypeStruct((k, n), bf16),
             jax.ShapeDtypeStruct((probe_rows, n), jnp.float32),
         ),
-        compiler_options=tuple(sorted(compiler_options.items())),
+        compiler_options=options,
         cotangent=True,
     )
 
@@ -97,17 +98,19 @@ def bf16_layer_paths(
     x, kernel = args[0], args[1]
     rows, (k, n) = math.prod(x.shape[:-1]), kernel.shape
     probe_x = jax.ShapeDtypeStruct((min(rows, dispatch.PROBE_ROWS), k), x.dtype)
+    options = tuple(sorted(compiler_options.items()))
     return dispatch.Measure(
         tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args),
         forms.__getitem__,
-        size=_bf16_class(rows, k, n, compiler_options) + (f", {layer}" if layer else ""),
+        size=_bf16_class(rows, k, n, options) + (f", {layer}" if layer else ""),
         probe=(probe_x, *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args[1:])),
-        compiler_options=tuple(sorted(compiler_options.items())),
+        compiler_options=options,
     )
 
 
-def _bf16_class(rows: int, k: int, n: int, compiler_options: dict[str, str]) -> str:
-    options = tuple(sorted(compiler_options.items()))
+def _bf16_class(rows: int, k: int, n: int, options: tuple[tuple[str, str], ...]) -> str:
+    """A bf16 dense class's size: rows to a power of two, K x N, and the program's XLA options
+    (sorted pairs)."""
     where = {(): "", tuple(sorted(NO_YNNPACK)): " YNNPACK off"}.get(options, f" options {options}")
     return f"rows 2^{int(math.log2(max(rows, 1)))} {k}x{n} bfloat16{where}"
 
@@ -128,8 +131,8 @@ def measured_dense(
     (:func:`bf16_product_paths`). Each is decided as the program traces it, so that a program
     times only its own class: forward for a frozen encoder's features or an evaluation, with
     gradients for a training step. On pair dot products one path may win each
-    (benchmarks/results/amx_xeon/no_amx_refused/). ``step_options(bf16)``: the XLA options of
-    the programs it runs in."""
+    (benchmarks/results/amx_xeon/no_amx_refused/bf16_forward_class/). ``step_options(bf16)``:
+    the XLA options of the programs it runs in."""
     lhs = args[0]
     dims = _dense_dims(lhs.ndim)
 
