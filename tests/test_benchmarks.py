@@ -583,10 +583,16 @@ def test_timed_gradients_do_the_forward_work_too():
     assert _products(products.product_call(lambda a, b: a @ b, g, gradient=True), a, b) == 3
 
 
-def test_gru_head_throughput_times_the_same_model_as_torch():
-    """gru_head_step raises unless our first loss equals torch.nn.GRU's on copied weights."""
+def test_gru_head_throughput_times_the_same_model_as_torch(monkeypatch):
+    """gru_head_step raises unless our first loss equals torch.nn.GRU's on copied weights. A
+    row starts with a run's probe budget, whatever the rows before it spent."""
+    from hw2jax.attention import dispatch
+
     pytest.importorskip("torch")
+    spent = dispatch.ProbeState(seconds_spent=dispatch.PROBE_BUDGET_S, said_rule_stands=True)
+    monkeypatch.setattr(dispatch, "state", spent)
     row = _load_benchmark("train_throughput").gru_head_step(4, 7, 12, 5, 1)
+    assert row["probe_s"] == 0 and not spent.said_rule_stands  # HW2JAX_AUTO=rule: none timed
     assert row["ours_per_s"] > 0 and row["torch_per_s"] > 0 and len(row["ours_s"]) == 1
     assert row["what"].startswith("GRU head train step (4 x 7 x 12")
 

@@ -3,6 +3,7 @@ softmax, linear and BERT's attention all follow it."""
 
 import json
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -654,3 +655,40 @@ def test_a_probe_with_gradients_times_the_outputs_too():
     value, grads = jax.jit(dispatch.probe_program(naive, True, 3))(q, k, v)
     assert float(value) == pytest.approx(float(jnp.sum(naive(q, k, v))))
     assert len(grads) == 3
+
+
+def test_the_paths_compile_together_then_run_one_at_a_time_and_a_clear_loser_runs_once(
+    monkeypatch,
+):
+    """Unfaked timing of two paths, one a host call that sleeps 30 ms: every program compiles
+    before any runs; a path timed after one that took under half its time runs once after its
+    warm-up, while the first path timed, having nothing to lose to, runs four times."""
+    events = []
+    compile_program = jax.stages.Lowered.compile
+
+    def compile_and_note(self, *args, **kwargs):
+        events.append("compiled")
+        return compile_program(self, *args, **kwargs)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", compile_and_note)
+
+    def path(name, seconds):
+        def note(x):
+            events.append(name)
+            time.sleep(seconds)
+            return x
+
+        return lambda x: jax.pure_callback(note, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+    paths = {"fast": path("fast", 0.0), "slow": path("slow", 0.03)}
+    x = jax.ShapeDtypeStruct((4,), jnp.float32)
+    measure = dispatch.Measure((x,), lambda name: paths[name], size="test", probe=[x])
+    for order, runs in (
+        (("fast", "slow"), {"fast": 4, "slow": 2}),
+        (("slow", "fast"), {"slow": 4, "fast": 4}),
+    ):
+        events.clear()
+        seconds = dispatch.time_paths(order, measure, gradient=False)
+        assert events[:2] == ["compiled", "compiled"]
+        assert events[2:] == [name for name in order for _ in range(runs[name])]
+        assert seconds["fast"] < 0.03 <= seconds["slow"]

@@ -43,9 +43,11 @@ timed at 8,192), and cached
 next to the kernel build, in a file keyed by the CPU, the compiler, jax and the kernels'
 source (:func:`hw2jax.kernels.library_target`); delete it to time again. "With gradients"
 means a path's outputs and their gradients, as a training step computes them
-(:func:`probe_program`). At most 20 s of
-timing per process; classes left untimed then take the feature rule, as they do where another
-process has held the cache's lock for over :data:`LOCK_WAIT_S`. Softmax and BERT's key-bias
+(:func:`probe_program`). A class's paths compile together, on the usable cores, then run
+one at a time: the best of up to three runs after a warm-up, a path already past twice
+another's best (and 5 ms) run once (:func:`time_paths`). At most 20 s of timing per
+process; classes left untimed then take the feature rule, as they do where another process
+has held the cache's lock for over :data:`LOCK_WAIT_S`. Softmax and BERT's key-bias
 attention time forward and gradient separately (a custom VJP runs the forward winner when
 nothing is differentiated; key bias with attention dropout is a class of its own); linear and
 few-keys attention are timed with gradients. The row
@@ -146,6 +148,13 @@ PROBE_ROWS = 2**14
 # to the next for no speed (0.25 ms a call is 0.1 % of that ViT's step).
 TIE_FRACTION = 0.05
 TIE_MS = 0.25
+# A path whose run took over LOSING_FACTOR times another path's best, and over LOSING_MIN_MS,
+# is run no more: such runs strayed at most 1.34x from their path's best (the first after the
+# warm-up, over six runs of the fine-tuning steps' 34 paths on the 2-core AMX Xeon,
+# benchmarks/results/amx_xeon/probe_compile/); shorter runs strayed up to 2.14x, and cost
+# little to repeat.
+LOSING_FACTOR = 2.0
+LOSING_MIN_MS = 5.0
 # Why the fused CPU kernels cannot run on some inputs (None: they can), asked lazily.
 Reason = Callable[[], "str | None"]
 
@@ -806,13 +815,24 @@ def _probe_of(measure: Measure, abstract: bool = False) -> list:
 
 
 def time_paths(paths: Sequence[str], measure: Measure, gradient: bool) -> dict[str, float]:
+    """Each path's time on the probe's inputs (:func:`_best_time`). The paths' programs are
+    traced one after the other (tracing a layer may time classes of its own), compiled at once
+    on the usable cores (XLA compiles a program on about one core: the probe's compilations
+    take most of its budget), then run one after the other with nothing else running."""
     inputs = _probe_of(measure)
-    return {
-        name: _time_path(
-            measure.run(name), inputs, gradient, measure.options(name), measure.cotangent
-        )
+    lowered = [
+        jax.jit(
+            probe_program(measure.run(name), gradient, len(inputs), measure.cotangent),
+            compiler_options=measure.options(name) or None,
+        ).lower(*inputs)
         for name in paths
-    }
+    ]
+    with concurrent.futures.ThreadPoolExecutor(min(len(paths), cpu.usable_cores())) as pool:
+        compiled = list(pool.map(lambda program: program.compile(), lowered))
+    seconds: dict[str, float] = {}
+    for name, program in zip(paths, compiled, strict=True):
+        seconds[name] = _best_time(program, inputs, min(seconds.values(), default=math.inf))
+    return seconds
 
 
 def probe_program(fn: Callable, gradient: bool, operands: int, cotangent: bool = False) -> Callable:
@@ -838,25 +858,28 @@ def probe_program(fn: Callable, gradient: bool, operands: int, cotangent: bool =
     return jax.value_and_grad(loss, argnums=tuple(range(min(3, operands))))
 
 
-def _time_path(
-    fn: Callable,
-    inputs: list,
-    gradient: bool,
-    options: dict | None = None,
-    cotangent: bool = False,
-) -> float:
-    """The best of up to three runs (half a second at most) after a first that compiles."""
-    program = probe_program(fn, gradient, len(inputs), cotangent)
-    compiled = jax.jit(program, compiler_options=options or None)
+def _best_time(compiled: Callable, inputs: list, beaten_at: float = math.inf) -> float:
+    """The best of up to three runs (half a second at most) after one that warms up. A path
+    whose run already took :data:`LOSING_FACTOR` times ``beaten_at`` (another path's best
+    seconds) is run no more: it cannot win, and its repeats would spend the budget on the
+    probe's slowest runs."""
     jax.block_until_ready(compiled(*inputs))
     best, start = math.inf, time.perf_counter()
     for _ in range(3):
         began = time.perf_counter()
         jax.block_until_ready(compiled(*inputs))
         best = min(best, time.perf_counter() - began)
-        if time.perf_counter() - start > 0.5:
+        lost = best > max(LOSING_FACTOR * beaten_at, LOSING_MIN_MS / 1e3)
+        if time.perf_counter() - start > 0.5 or lost:
             break
     return best
+
+
+def restart_budget() -> None:
+    """Gives this process a fresh :data:`PROBE_BUDGET_S`, as a new process has: for benchmarks
+    that run in one process what would be runs of their own."""
+    state.seconds_spent = 0.0
+    state.said_rule_stands = False
 
 
 @functools.cache
