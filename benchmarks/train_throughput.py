@@ -22,7 +22,8 @@ torch runs on the GPU when jax does (and torch sees CUDA), else on the CPU.
 Each figure is the median of N timed calls after warm-up (a ViT call: 5 steps), ours and torch's
 taken in turn (a b, b a, a b ...) so that load from elsewhere on a shared machine hits both alike
 and neither always runs right after the other;
-compilation is excluded and printed apart.
+compilation is excluded and printed apart. Each row starts with a run's budget for auto's
+probe, as a training run of its model would, and records the seconds it spent (``probe_s``).
 Prints images/s (or sequences/s) for both and the ratio, and writes JSON.
 """
 
