@@ -696,7 +696,7 @@ def _timed_choice(
             )
         return None
     try:
-        return _time_locked(path, key, paths, measure, gradient, rule)
+        return time_class(path, key, paths, measure, gradient, rule)
     except _LockBusy as busy:
         # The rest of this process keeps the rule rather than wait on each class again.
         state.seconds_spent = PROBE_BUDGET_S
@@ -710,9 +710,11 @@ def _timed_choice(
         return None
 
 
-def _time_locked(
+def time_class(
     path: Path, key: str, paths: Sequence[str], measure: Measure, gradient: bool, rule: str | None
 ) -> str | None:
+    """Times the shape class ``key`` under the cache's lock (unless another process cached it
+    meanwhile), writes it to the cache file at ``path`` and returns :func:`choose`'s path."""
     with _locked(path):  # one process times a class; the others then read its result
         state.timings.update(_read(path))
         if choice := _cached_choice(key, paths, rule):
@@ -815,7 +817,7 @@ def _probe_of(measure: Measure, abstract: bool = False) -> list:
 
 
 def time_paths(paths: Sequence[str], measure: Measure, gradient: bool) -> dict[str, float]:
-    """Each path's time on the probe's inputs (:func:`_best_time`). The paths' programs are
+    """Each path's time on the probe's inputs (:func:`best_time`). The paths' programs are
     traced one after the other (tracing a layer may time classes of its own), compiled at once
     on the usable cores (XLA compiles a program on about one core: the probe's compilations
     take most of its budget), then run one after the other with nothing else running."""
@@ -831,7 +833,7 @@ def time_paths(paths: Sequence[str], measure: Measure, gradient: bool) -> dict[s
         compiled = list(pool.map(lambda program: program.compile(), lowered))
     seconds: dict[str, float] = {}
     for name, program in zip(paths, compiled, strict=True):
-        seconds[name] = _best_time(program, inputs, min(seconds.values(), default=math.inf))
+        seconds[name] = best_time(program, inputs, min(seconds.values(), default=math.inf))
     return seconds
 
 
@@ -858,7 +860,7 @@ def probe_program(fn: Callable, gradient: bool, operands: int, cotangent: bool =
     return jax.value_and_grad(loss, argnums=tuple(range(min(3, operands))))
 
 
-def _best_time(compiled: Callable, inputs: list, beaten_at: float = math.inf) -> float:
+def best_time(compiled: Callable, inputs: list, beaten_at: float = math.inf) -> float:
     """The best of up to three runs (half a second at most) after one that warms up. A path
     whose run already took :data:`LOSING_FACTOR` times ``beaten_at`` (another path's best
     seconds) is run no more: it cannot win, and its repeats would spend the budget on the

@@ -49,7 +49,7 @@ class TimedPool(concurrent.futures.ThreadPoolExecutor):
 
 
 wrap(jax.stages.Lowered, "compile", "compile (thread sum)")
-wrap(dispatch, "_best_time", "runs")
+wrap(dispatch, "best_time", "runs")
 wrap(dispatch, "time_paths", "time_paths (outer)", outermost=True)
 dispatch.concurrent.futures.ThreadPoolExecutor = TimedPool
 
