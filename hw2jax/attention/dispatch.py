@@ -862,9 +862,9 @@ def probe_program(fn: Callable, gradient: bool, operands: int, cotangent: bool =
 
 def best_time(compiled: Callable, inputs: list, beaten_at: float = math.inf) -> float:
     """The best of up to three runs (half a second at most) after one that warms up. A path
-    whose run already took :data:`LOSING_FACTOR` times ``beaten_at`` (another path's best
-    seconds) is run no more: it cannot win, and its repeats would spend the budget on the
-    probe's slowest runs."""
+    whose run already took over :data:`LOSING_FACTOR` times ``beaten_at`` (another path's best
+    seconds) and over :data:`LOSING_MIN_MS` is run no more: it cannot win, and its repeats
+    would spend the budget on the probe's slowest runs."""
     jax.block_until_ready(compiled(*inputs))
     best, start = math.inf, time.perf_counter()
     for _ in range(3):
