@@ -174,6 +174,13 @@ def summary(throughput: dict, attention: dict, run: dict, more: list[str] = ()) 
         lines += ["", f"Taken with {100 * busy:.0f} % of the cores busy with other work at start."]
     if run.get("failed"):
         lines += ["", f"Failed, so not in the table: {', '.join(run['failed'])}."]
+    if probes := [r["probe_s"] for r in throughput["results"] if "probe_s" in r]:
+        lines += [
+            "",
+            f"`auto`'s probe: {sum(probes):.1f} s of timing over the quick rows, at most "
+            f"{max(probes):.1f} s in one (each row has a run's budget; 0 s where the cache held "
+            "its classes).",
+        ]
     lines += ["", "| row | hw2jax / torch |", "|---|---|"]
     lines += [f"| {row} | {ratio:.2f}× |" for row, ratio in ratio_rows(throughput, attention)]
     if pairs := bf16_rows(throughput):

@@ -666,6 +666,7 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
         "date": "2026-12-05",
     }
     throughput = {"meta": meta, "results": [{"what": "ViT train step", "ratio": 2.5}]}
+    probed = [{"what": "ViT train step", "ratio": 2.5, "probe_s": s} for s in (1.5, 0.0, 3.25)]
 
     def record(impl, t, kind, causal, ms):
         return {"impl": impl, "T": t, "pass": kind, "causal": causal, "median_ms": ms}
@@ -696,6 +697,12 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
     assert "| softmax fwd+bwd, causal, T = 4,096 (auto / torch SDPA) | 0.80× |" in table
     assert "busy" not in table and "held back" not in table
     assert "bf16" not in table  # no row timed in both dtypes
+    assert "probe" not in table  # rows from before they recorded it
+    (tmp_path / "train_throughput_cpu-cpu.json").write_text(
+        json.dumps({"meta": meta, "results": probed})
+    )
+    table = quick.main(["--out", str(tmp_path), "--summary-only"]).read_text()
+    assert "probe: 4.8 s of timing over the quick rows, at most 3.2 s in one" in table
 
     def timed(what, dtype, per_s):
         return {"what": what, "dtype": dtype, "ours_per_s": per_s, "ratio": 1.0}
