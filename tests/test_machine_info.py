@@ -1,7 +1,6 @@
 """`hw2jax machine`: this machine as runs record it, the kernels' build and auto's timings."""
 
 import json
-import os
 
 import pytest
 
@@ -9,7 +8,7 @@ from hw2jax import cli, cpu, kernels
 from hw2jax.attention import dispatch
 
 # The build target the line names: -march=native unless the environment asks for another.
-MARCH = os.environ.get("HW2JAX_KERNEL_MARCH") or "native"
+MARCH = kernels.build_march()
 
 
 @pytest.fixture
@@ -29,6 +28,7 @@ def timed_here(tmp_path, monkeypatch):
 def test_it_names_the_machine_the_build_and_the_classes_timed_here(timed_here, monkeypatch, capsys):
     peak = {"cores": 2, "ghz": 2.6, "flops_per_cycle_per_core": 64, "gflops": 332.8}
     monkeypatch.setattr(cpu, "peak_fp32_gflops", lambda: peak)
+    built = kernels.build_error() is None  # built by the suite by now, or here, before asking
     assert cli.main(["machine"]) == 0
     lines = capsys.readouterr().out.splitlines()
     record = cpu.machine()
@@ -37,7 +37,7 @@ def test_it_names_the_machine_the_build_and_the_classes_timed_here(timed_here, m
         f"- {record['cpu_model']} (family/model {record['cpu_family_model']})"
     )
     assert f"commit {record['commit'] or 'unknown (not a checkout)'}" in lines[1]
-    if kernels.build_error() is None:  # the suite has built them by now, or builds them here
+    if built:
         assert f"C++ kernels: built for -march={MARCH}, {kernels.library_target()}" in lines
     assert "auto (HW2JAX_AUTO=rule): takes the vector-feature rule, timing nothing" in lines
     assert "float32 peak, estimated: 333 GFLOP/s (2 cores x 2.60 GHz x 64 FLOP a cycle)" in lines
