@@ -14,13 +14,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from hw2jax import cpu
-from hw2jax.kernels.build import TARGETS, build_error
+from hw2jax.kernels.build import (
+    TARGETS,
+    KernelUnavailable,
+    build_error,
+    cpu_attention_unavailable_reason,
+)
 
 
 def fma_chains(start, iterations: int, x: float, y: float) -> tuple[jax.Array, jax.Array]:
     """Runs ``a <- a * x + y`` ``iterations`` times from each value of ``start`` (float32 [items]),
     in many independent chains per item; returns each item's final ``a`` and the multiply-adds
-    per item per iteration (a [1] array: chains x 16 lanes)."""
+    per item per iteration (a [1] array: chains x the lanes of the build's vectors). Raises
+    :class:`KernelUnavailable` where the kernels cannot run here."""
+    if (reason := cpu_attention_unavailable_reason(16, jnp.float32)) is not None:
+        raise KernelUnavailable(reason)  # else: the kernels built and registered
     items = np.shape(start)[0]
     call = jax.ffi.ffi_call(
         TARGETS["fma_peak"][1],

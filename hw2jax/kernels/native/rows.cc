@@ -254,11 +254,10 @@ struct PeakProblem {
   float x, y;
 };
 
-#ifdef __AVX512F__
-constexpr int kPeakChains = 12;  // 2 units x 4 cycles of latency, and room
-#else
-constexpr int kPeakChains = 6;   // 12 of AVX2's 16 registers (a v16 is two)
-#endif
+// 2 FMA units x 4 cycles of latency need 8 chains in flight; 12 leave room. Vectors of the
+// target's width: an array of 64-byte vectors on AVX2 stays in memory, and the loop ran at a
+// sixteenth of AVX2's rate (benchmarks/results/amx_xeon/fma_peak_avx2/).
+constexpr int kPeakChains = 12;
 
 template <int>
 class FmaChains {
@@ -266,16 +265,16 @@ class FmaChains {
   explicit FmaChains(const PeakProblem& p) : p_(p) {}
 
   void Run(int64_t item) {
-    v16 a[kPeakChains];
-    for (int c = 0; c < kPeakChains; ++c) a[c] = splat(p_.start[item]);
-    const v16 x = splat(p_.x), y = splat(p_.y);
+    vreg a[kPeakChains];
+    for (int c = 0; c < kPeakChains; ++c) a[c] = splat<vreg>(p_.start[item]);
+    const vreg x = splat<vreg>(p_.x), y = splat<vreg>(p_.y);
     for (int64_t i = 0; i < p_.iterations; ++i) {
       for (int c = 0; c < kPeakChains; ++c) a[c] = a[c] * x + y;
       asm volatile("");  // keeps the iterations in order: no chain runs alone
     }
-    v16 sum{};
+    vreg sum{};
     for (int c = 0; c < kPeakChains; ++c) sum += a[c];
-    p_.out[item] = hsum(sum) / (kPeakChains * kLanes);
+    p_.out[item] = hsum(sum) / (kPeakChains * kRegLanes);
   }
 
  private:
@@ -288,7 +287,7 @@ ffi::Error FmaPeakCall(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> start, int64_
   if (iterations < 0) return ffi::Error::InvalidArgument("iterations must be at least 0");
   PeakProblem p{start.typed_data(), out->typed_data(),
                 static_cast<int64_t>(start.element_count()), iterations, x, y};
-  lanes->typed_data()[0] = kPeakChains * kLanes;  // multiply-adds per item per iteration
+  lanes->typed_data()[0] = kPeakChains * kRegLanes;  // multiply-adds per item per iteration
   if (p.items > 0) RunJob(pool, DrainJob<FmaChains, 0, PeakProblem>, p);
   return ffi::Error::Success();
 }
