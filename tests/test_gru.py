@@ -8,6 +8,7 @@ from conftest import run_on_host_devices
 
 from hw2jax import kernels
 from hw2jax.attention import dispatch
+from hw2jax.errors import InputError
 from hw2jax.models.gru import GRU, params_from_torch
 
 torch = pytest.importorskip("torch")
@@ -157,6 +158,38 @@ def test_the_kernel_refuses_what_it_cannot_take():
         GRU(5, implementation="fused_cpu").init(jax.random.key(0), x)
     with pytest.raises(dispatch.ImplementationError, match="use one of auto, xla, fused_cpu"):
         GRU(16, implementation="scan").init(jax.random.key(0), x)
+
+
+GOOD_OPERANDS = {"x_proj": (5, 2, 3, 48), "w_hh": (2, 48, 16), "b_hh": (2, 48), "valid": (3, 5)}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"x_proj": (5, 2, 48)}, r"it wants x_proj \[T, D, B, 3H\].*; got \(5, 2, 48\)"),
+        ({"x_proj": (5, 2, 4, 48)}, r"of one T, D, B and H; got \(5, 2, 4, 48\)"),
+        ({"valid": (3, 6)}, r"of one T, D, B and H; got .*\(3, 6\)"),
+        ({"b_hh": (2, 47)}, r"of one T, D, B and H; got .*\(2, 47\)"),
+        ({"x_proj": (5, 2, 3, 60), "w_hh": (2, 60, 20), "b_hh": (2, 60)}, "16; got 20"),
+        ({"dtype": jnp.bfloat16}, "float32; got x_proj, w_hh and b_hh in bfloat16"),
+        ({"valid_dtype": jnp.float32}, "valid must be bool"),
+    ],
+)
+def test_the_kernel_call_names_a_bad_operand_before_compiling(change, message):
+    """x_proj [T, D, B, 3H], w_hh [D, 3H, H], b_hh [D, 3H], valid [B, T] bool, float32, H a
+    multiple of 16: anything else is one InputError naming the operands, not XLA's error."""
+    shapes = GOOD_OPERANDS | {k: v for k, v in change.items() if k in GOOD_OPERANDS}
+    dtype = change.get("dtype", jnp.float32)
+    operands = [jnp.zeros(shapes[k], dtype) for k in ("x_proj", "w_hh", "b_hh")]
+    valid = jnp.ones(shapes["valid"], change.get("valid_dtype", jnp.bool_))
+    with pytest.raises(InputError, match=message):
+        jax.jit(kernels.gru_recurrence_cpu)(*operands, valid)
+
+
+def test_the_kernel_call_takes_the_shapes_it_names():
+    operands = [jnp.zeros(GOOD_OPERANDS[k], jnp.float32) for k in ("x_proj", "w_hh", "b_hh")]
+    out, last = kernels.gru_recurrence_cpu(*operands, jnp.ones(GOOD_OPERANDS["valid"], bool))
+    assert out.shape == (5, 2, 3, 16) and last.shape == (2, 3, 16)
 
 
 def test_parameter_count_is_torchs():

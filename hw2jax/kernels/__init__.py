@@ -55,7 +55,7 @@ from hw2jax.kernels.gemm import (
     float32_dense_unsupported,
     xla_dense,
 )
-from hw2jax.kernels.gru import gru_recurrence_cpu, gru_unavailable_reason
+from hw2jax.kernels.gru import gru_recurrence_cpu, gru_unavailable_reason, gru_unsupported
 from hw2jax.kernels.linear import (
     causal_linear_product_cpu,
     causal_linear_unavailable_reason,
@@ -119,6 +119,7 @@ __all__ = [
     "fma_peak_gflops",
     "gru_recurrence_cpu",
     "gru_unavailable_reason",
+    "gru_unsupported",
     "kernel_vector_features",
     "layer_norm_unsupported",
     "library_path",

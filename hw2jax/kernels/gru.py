@@ -10,6 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from hw2jax.errors import InputError
 from hw2jax.kernels.build import TARGETS, build_error, register_targets
 from hw2jax.kernels.ffi import on_mesh
 
@@ -69,13 +70,40 @@ def _kernel(target: str, ins: tuple[str, ...], outs: tuple[str, ...]):
     return call
 
 
-@jax.custom_vjp
+def gru_unsupported(x_proj, w_hh, b_hh, valid) -> str | None:
+    """Why :func:`gru_recurrence_cpu` does not take these operands' shapes, or None."""
+    shapes = [tuple(a.shape) for a in (x_proj, w_hh, b_hh, valid)]
+    wanted = "x_proj [T, D, B, 3H], w_hh [D, 3H, H], b_hh [D, 3H] and valid [B, T]"
+    if [len(s) for s in shapes] != [4, 3, 2, 2]:
+        return f"it wants {wanted}; got {', '.join(map(str, shapes))}"
+    (t, d, b, g), hidden = shapes[0], shapes[1][-1]
+    if g != 3 * hidden or shapes[1:] != [(d, g, hidden), (d, g), (b, t)]:
+        return f"it wants {wanted} of one T, D, B and H; got {', '.join(map(str, shapes))}"
+    if hidden % 16:
+        return f"H must be a multiple of 16; got {hidden}"
+    if (dtypes := {jnp.dtype(a.dtype).name for a in (x_proj, w_hh, b_hh)}) != {"float32"}:
+        return f"it computes in float32; got x_proj, w_hh and b_hh in {', '.join(sorted(dtypes))}"
+    if valid.dtype != jnp.bool_:
+        return f"valid must be bool (True where a step is inside its sequence); got {valid.dtype}"
+    return None
+
+
 def gru_recurrence_cpu(x_proj, w_hh, b_hh, valid):
     """The recurrence of :func:`hw2jax.models.gru` for all directions of one layer: x_proj
     [T, D, B, 3H] (W_ih x + b_ih, reversed within each length for the reverse direction),
     w_hh [D, 3H, H], b_hh [D, 3H], valid [B, T] bool. Returns outputs [T, D, B, H] (0 past a
     sequence's end) and the last states [D, B, H]. float32, H a multiple of 16
-    (:func:`gru_unavailable_reason`)."""
+    (:func:`gru_unavailable_reason`). Raises :class:`InputError` for other shapes and dtypes."""
+    if (problem := gru_unsupported(x_proj, w_hh, b_hh, valid)) is not None:
+        raise InputError(
+            f"gru_recurrence_cpu: {problem}. hw2jax.models.gru.GRU takes [batch, time, "
+            "features] inputs of any size and dtype."
+        )
+    return _recurrence(x_proj, w_hh, b_hh, valid)
+
+
+@jax.custom_vjp
+def _recurrence(x_proj, w_hh, b_hh, valid):
     return _kernel("gru_forward", *_FORWARD)(x_proj, w_hh, b_hh, valid)
 
 
@@ -91,4 +119,4 @@ def _backward(residuals, cotangents):
     return d_xp, d_w, d_b, None
 
 
-gru_recurrence_cpu.defvjp(_forward, _backward)
+_recurrence.defvjp(_forward, _backward)
