@@ -39,6 +39,12 @@ def describe(build: bool = False) -> dict:
         "mode": dispatch.auto_mode(),
         "cache": str(cache) if cache is not None else None,
         "classes": {key: record["ms"] for key, record in sorted(timed.items())},
+        # The probe cuts a class's rows and sequences to bound its time: the times are of these.
+        "probe_shapes": {
+            key: record["probe_shapes"]
+            for key, record in sorted(timed.items())
+            if record.get("probe_shapes")
+        },
     }
     return {
         "machine": cpu.machine(),
@@ -97,10 +103,15 @@ def text(info: dict) -> str:
     if not auto["classes"]:
         lines.append(f"timed classes: none yet (runs keep them in {auto['cache']})")
         return "\n".join(lines)
-    lines.append(f"timed classes ({len(auto['classes'])}, in {auto['cache']}):")
+    lines.append(
+        f"timed classes ({len(auto['classes'])}, in {auto['cache']}; each path's best time on "
+        "the probe's inputs, a class's rows and sequences cut to bound the probe's time):"
+    )
     ties = {key for key, ms in auto["classes"].items() if near_tie(ms)}
+    shapes = auto.get("probe_shapes", {})
     for key, ms in auto["classes"].items():
-        lines.append(f"- {key}: {times_text(ms)}" + (" (a near tie)" if key in ties else ""))
+        on = f" on {', '.join('x'.join(map(str, s)) for s in shapes[key])}" if key in shapes else ""
+        lines.append(f"- {key}: {times_text(ms)}{on}" + (" (a near tie)" if key in ties else ""))
     if ties:
         lines.append(
             "A near tie (the fastest two within the tie margin, dispatch.choose) takes the "

@@ -13,11 +13,16 @@ MARCH = kernels.build_march()
 
 @pytest.fixture
 def timed_here(tmp_path, monkeypatch):
-    """A dispatch cache holding two timed classes (and one entry of another shape, skipped)."""
+    """A dispatch cache holding three timed classes, one with the probe's input shapes (older
+    records have none), and one entry of another shape, skipped."""
     cache = tmp_path / "dispatch-key-2-cores.json"
     classes = {
         "layer_norm fwd+bwd rows 2^8 width 64 float32": {"ms": {"fused_cpu": 0.107, "xla": 0.142}},
         "gru fwd+bwd dirs 2 batch 2^4 hidden 256 float32": {"ms": {"fused_cpu": 12.5, "xla": 27}},
+        "layer_norm fwd+bwd rows 2^15 width 64 float32": {
+            "ms": {"fused_cpu": 1.19, "xla": 2.63},
+            "probe_shapes": [[16384, 64], [64], [64]],  # the probe's cut of 2^15 rows
+        },
         "not a class record": [1, 2],
     }
     cache.write_text(json.dumps({"machine": {}, "classes": classes}))
@@ -41,9 +46,12 @@ def test_it_names_the_machine_the_build_and_the_classes_timed_here(timed_here, m
         assert f"C++ kernels: built for -march={MARCH}, {kernels.library_target()}" in lines
     assert "auto (HW2JAX_AUTO=rule): takes the vector-feature rule, timing nothing" in lines
     assert "float32 peak, estimated: 333 GFLOP/s (2 cores x 2.60 GHz x 64 FLOP a cycle)" in lines
-    assert lines[-4:-1] == [
-        f"timed classes (2, in {timed_here}):",
+    assert lines[-5:-1] == [
+        f"timed classes (3, in {timed_here}; each path's best time on the probe's inputs, a "
+        "class's rows and sequences cut to bound the probe's time):",
         "- gru fwd+bwd dirs 2 batch 2^4 hidden 256 float32: fused_cpu 12.5, xla 27 ms",
+        "- layer_norm fwd+bwd rows 2^15 width 64 float32: fused_cpu 1.19, xla 2.63 ms on "
+        "16384x64, 64, 64",
         # 0.035 ms apart: within the tie margin's 0.25 ms, so the rule's path is taken
         "- layer_norm fwd+bwd rows 2^8 width 64 float32: fused_cpu 0.107, xla 0.142 ms (a near "
         "tie)",
