@@ -521,6 +521,30 @@ def test_vit_throughput_times_the_same_model_as_torch(merged):
     )
 
 
+def test_a_measured_peak_below_a_float32_steps_rate_is_refused(capsys):
+    """A float32 step cannot outrun the FMAs: a "peak" below its rate (the FMA loop once read 28
+    GFLOP/s on an AVX2 build) is recorded as refused, with no shares of it; bf16 steps may pass
+    the float32 peak (AMX), so theirs stand."""
+    bench = _load_benchmark("train_throughput")
+    rates = {"ours_model_gflops": 150.0, "torch_model_gflops": 60.0}
+    estimated = {"cores": 2, "ghz": 2.6, "flops_per_cycle_per_core": 64, "gflops": 300.0}
+    kept = bench.shares_of_peak(rates, estimated, 450.0, "float32")
+    assert kept["ours_share_of_measured_peak"] == pytest.approx(150 / 450)
+    assert kept["torch_share_of_estimated_peak"] == pytest.approx(60 / 300)
+    assert kept["cpu_peak_fp32"]["measured_gflops"] == 450.0
+    assert estimated == {"cores": 2, "ghz": 2.6, "flops_per_cycle_per_core": 64, "gflops": 300.0}
+    refused = bench.shares_of_peak(rates, estimated, 28.0, "float32")
+    assert "ours_share_of_measured_peak" not in refused
+    assert "torch_share_of_measured_peak" not in refused
+    assert refused["ours_share_of_estimated_peak"] == pytest.approx(0.5)
+    assert refused["cpu_peak_fp32"]["measured_gflops"] is None
+    reason = "the FMA loop's 28.0 GFLOP/s is below a float32 step's 150.0: not a peak"
+    assert refused["cpu_peak_fp32"]["measured_refused"] == reason
+    assert capsys.readouterr().out == f"measured peak refused: {reason}\n"
+    bf16 = bench.shares_of_peak(rates, estimated, 28.0, "bfloat16")
+    assert bf16["ours_share_of_measured_peak"] == pytest.approx(150 / 28)
+
+
 def test_vit_model_flops_match_xla_count_of_the_direct_forward(monkeypatch):
     """The FLOPs formula behind the ViT rows' achieved GFLOP/s, against XLA's own count of the
     direct-form forward pass (naive attention: no custom call that XLA cannot count), with mean
