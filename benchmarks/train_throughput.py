@@ -194,20 +194,18 @@ def shares_of_peak(rates: dict, estimated: dict, measured: float | None, dtype: 
     outrun the FMAs: where one did, the measured figure is not a peak (an FMA loop held in
     memory once read 28 GFLOP/s), and it is recorded with the reason instead of shares."""
     peak = {**estimated, "measured_gflops": measured}
-    out = {"cpu_peak_fp32": peak}
-    for name, gflops in (("estimated", estimated["gflops"]), ("measured", measured)):
-        for side in ("ours", "torch") if gflops else ():
-            out[f"{side}_share_of_{name}_peak"] = rates[f"{side}_model_gflops"] / gflops
     fastest = max(rates["ours_model_gflops"], rates["torch_model_gflops"])
     if dtype == "float32" and measured and fastest > measured:
-        peak["measured_gflops"] = None
         peak["measured_refused"] = (
             f"the FMA loop's {measured:.1f} GFLOP/s is below a float32 step's {fastest:.1f}: "
             "not a peak"
         )
         print(f"measured peak refused: {peak['measured_refused']}", flush=True)
-        for side in ("ours", "torch"):
-            del out[f"{side}_share_of_measured_peak"]
+        peak["measured_gflops"] = measured = None
+    out = {"cpu_peak_fp32": peak}
+    for name, gflops in (("estimated", estimated["gflops"]), ("measured", measured)):
+        for side in ("ours", "torch") if gflops else ():
+            out[f"{side}_share_of_{name}_peak"] = rates[f"{side}_model_gflops"] / gflops
     return out
 
 

@@ -14,12 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hw2jax import cpu
-from hw2jax.kernels.build import (
-    TARGETS,
-    KernelUnavailable,
-    build_error,
-    cpu_attention_unavailable_reason,
-)
+from hw2jax.kernels.build import TARGETS, KernelUnavailable, cpu_attention_unavailable_reason
 
 
 def fma_chains(start, iterations: int, x: float, y: float) -> tuple[jax.Array, jax.Array]:
@@ -46,7 +41,7 @@ def fma_peak_gflops(seconds: float = 0.25, repeats: int = 3) -> float | None:
     """The float32 GFLOP/s of the best of ``repeats`` runs of :func:`fma_chains` of about
     ``seconds`` each, 8 items per core (XLA's threads take them as they come); None off CPU or
     where the kernels are unavailable (their build error says why)."""
-    if jax.default_backend() != "cpu" or build_error() is not None:
+    if cpu_attention_unavailable_reason(16, jnp.float32) is not None:
         return None
     start = np.zeros(8 * cpu.usable_cores(), np.float32)
     run = jax.jit(fma_chains, static_argnums=(1, 2, 3))
