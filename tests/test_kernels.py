@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_on_host_devices
-from test_attention import ref_softmax_np
+from conftest import fresh_process_env, run_on_host_devices
+from test_attention import explicit_linear_jnp, ref_softmax_np
 
 from hw2jax import attention, cpu, kernels
 from hw2jax.kernels import build
@@ -652,6 +652,92 @@ def test_auto_follows_the_build_target(monkeypatch):
     features, without = machine()
     assert not features["avx2"] and not features["avx512f"]
     assert not without.fused_cpu_pays_off
+
+
+# Run in a fresh process whose kernels are built for AVX2: every head dim's split of the tiles
+# (4 rows by 3 or 2 vectors), in the flash kernels and the linear ones, forward and backward.
+_AVX2_TILES_SCRIPT = """
+import sys, jax, jax.numpy as jnp, numpy as np
+from hw2jax import kernels
+assert not kernels.kernel_vector_features()["avx512f"], kernels.kernel_vector_features()
+inputs, results = np.load(sys.argv[1]), {}
+for d in kernels.SUPPORTED_HEAD_DIMS:
+    q, k, v, bias, g = (inputs[f"{name}{d}"] for name in ("q", "k", "v", "bias", "g"))
+    for causal in (False, True):
+        attend = lambda q, k, v, b: kernels.cpu_flash_attention(q, k, v, b, causal=causal)
+        out, pullback = jax.vjp(attend, q, k, v, bias)
+        results[f"flash{d}_{causal}"] = np.stack([out, *pullback(jnp.asarray(g))[:3]])
+    fq, fk = jax.nn.elu(q) + 1, jax.nn.elu(k) + 1
+    num, pullback = jax.vjp(lambda *x: kernels.causal_linear_product_cpu(*x)[0], fq, fk, v)
+    results[f"causal_linear{d}"] = np.stack([num, *pullback(jnp.asarray(g))])
+    out, pullback = jax.vjp(kernels.linear_attention_cpu, q, k, v)
+    results[f"linear{d}"] = np.stack([out, *pullback(jnp.asarray(g))])
+np.savez(sys.argv[2], **results)
+"""
+
+
+@pytest.mark.slow
+def test_avx2_tiles_match_float64_at_every_head_dim(tmp_path):
+    """The tiles an AVX2-only CPU runs (16 registers: 4 rows by 3 vectors of columns, and by 2
+    for what is left), which this CPU runs only when built for AVX2: softmax attention with a
+    key bias, causal or not, causal linear attention's products and non-causal linear
+    attention, values and gradients, against float64 closed forms at every head dim."""
+    features = cpu.cpu_vector_features()
+    if not features["avx2"] or kernels.build_error() is not None:
+        pytest.skip("the kernels need AVX2 and a C++ compiler")
+    rng = np.random.default_rng(5)
+    shape = lambda d: (1, 70, 2, d)  # noqa: E731 (70 keys: a whole block and a cut one)
+    inputs = {}
+    for d in kernels.SUPPORTED_HEAD_DIMS:
+        for name in "qkvg":
+            inputs[f"{name}{d}"] = rng.standard_normal(shape(d)).astype(np.float32)
+        masked = rng.random((1, 70)) < 0.2
+        masked[:, 0] = False  # causal row 0 sees key 0 alone: masked, the row has no keys
+        inputs[f"bias{d}"] = np.where(masked, MASKED, 0.0).astype(np.float32)
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    env = {**fresh_process_env(), "HW2JAX_KERNEL_MARCH": "x86-64-v3"}
+    run = subprocess.run(
+        [sys.executable, "-c", _AVX2_TILES_SCRIPT, tmp_path / "inputs.npz", tmp_path / "out.npz"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = np.load(tmp_path / "out.npz")
+
+    def causal_product(fq, fk, v):
+        a = jnp.einsum("bqhd,bkhd->bhqk", fq, fk) * jnp.tril(jnp.ones((70, 70)))
+        return jnp.einsum("bhqk,bkhe->bqhe", a, v)
+
+    def linear(q, k, v):
+        return explicit_linear_jnp(q, k, v, "elu", causal=False)
+
+    for d in kernels.SUPPORTED_HEAD_DIMS:
+        q, k, v, bias, g = (inputs[f"{name}{d}"] for name in ("q", "k", "v", "bias", "g"))
+        scale = 1.0 / np.sqrt(d)
+        for causal in (False, True):
+            out, *grads = got[f"flash{d}_{causal}"]
+            want = ref_softmax_np(q, k, v, causal=causal, key_bias=bias, scale=scale)
+            np.testing.assert_allclose(out, want, atol=6e-5, rtol=1e-5, err_msg=f"D={d}")
+            refs = _softmax_gradients_np(q, k, v, g, causal, scale, bias)[:3]
+            for name, grad, ref in zip("qkv", grads, refs, strict=True):
+                np.testing.assert_allclose(
+                    grad, ref, atol=2e-4, rtol=1e-4, err_msg=f"d{name} D={d}"
+                )
+        with jax.enable_x64(True):
+            x64 = [jnp.asarray(a, jnp.float64) for a in (q, k, v, g)]
+            fq, fk = jax.nn.elu(x64[0]) + 1, jax.nn.elu(x64[1]) + 1
+            for key, formula, args in (
+                (f"causal_linear{d}", causal_product, (fq, fk, x64[2])),
+                (f"linear{d}", linear, x64[:3]),
+            ):
+                want, pullback = jax.vjp(formula, *args)
+                for part, ref in zip(got[key], (want, *pullback(x64[3])), strict=True):
+                    # Unnormalised sums of up to 70 terms in the hundreds: float32 rounding
+                    # scales with the largest, so the bound does too.
+                    bound = 1e-4 * max(1.0, float(np.abs(ref).max()) / 100)
+                    np.testing.assert_allclose(part, ref, atol=bound, rtol=1e-4, err_msg=key)
 
 
 def test_cpu_vector_features_read_the_cpu_flags(tmp_path):

@@ -138,10 +138,35 @@ struct Aligned {
 constexpr int kBlockQ = 64;   // query rows per block
 constexpr int kBlockK = 64;   // keys per block (a multiple of kKeys)
 
-// The score tile: 8 x 2 accumulators of AVX-512's 32 registers, 4 x 2 of AVX2's 16.
+// The microkernels' tiles: rows by vectors of columns, their accumulators in registers. AVX-512's
+// 32 registers hold 8 x 2 score accumulators. AVX2's 16 hold 4 x 3 (12 accumulators, 3 vectors
+// of b and a broadcast), with 4 x 2 tiles for what is left: two FMA units of 4 cycles' latency
+// (5 on Zen 2) need 8 to 10 independent sums in flight, and 4 x 2 left none to spare.
 constexpr int kScoreTileRows = kWideRegisters ? kRows : 4;
 constexpr int kScoreTileKeys = 2 * kRegLanes;
 static_assert(kRows % kScoreTileRows == 0 && kKeys % kScoreTileKeys == 0, "tiles must nest");
+
+// How many vectors of columns the next tile takes, `left` of an even count remaining: 2 with
+// AVX-512; with AVX2, 3 while that leaves an even count of 2 or more, else 2.
+constexpr int TileVectors(int64_t left) {
+  return kWideRegisters || left == 2 || left == 4 ? 2 : 3;
+}
+
+// One tile of ScoresBlock: s[kR x kV vectors] = a[kR x kD] . b, b's row c at b + c * ldb.
+template <int kD, int kR, int kV>
+inline void ScoresTile(const float* a, const float* b, int64_t ldb, float* s, int64_t lds) {
+  vreg acc[kR][kV] = {};
+  for (int c = 0; c < kD; ++c) {
+    vreg bc[kV];
+    for (int v = 0; v < kV; ++v) bc[v] = load<vreg>(b + c * ldb + v * kRegLanes);
+    for (int r = 0; r < kR; ++r) {
+      const float x = a[r * kD + c];
+      for (int v = 0; v < kV; ++v) acc[r][v] += x * bc[v];
+    }
+  }
+  for (int r = 0; r < kR; ++r)
+    for (int v = 0; v < kV; ++v) store(s + r * lds + v * kRegLanes, acc[r][v]);
+}
 
 // s[rows x cols] = a[rows x D] . bt[D x ...] over keys j0 .. j0 + cols, where bt is stored
 // transposed (bt[c * ldb + j]); rows a multiple of kRows, cols of kKeys.
@@ -149,53 +174,68 @@ template <int kVecs>
 void ScoresBlock(const float* a, int64_t rows, const float* bt, int64_t ldb, int64_t j0,
                  int64_t cols, float* s, int64_t lds) {
   constexpr int kD = kVecs * kLanes;
+  const int64_t vectors = cols / kRegLanes;
   for (int64_t r0 = 0; r0 < rows; r0 += kScoreTileRows)
-    for (int64_t jj = 0; jj < cols; jj += kScoreTileKeys) {
-      vreg acc[kScoreTileRows][2] = {};
-      const float* b = bt + j0 + jj;
-      for (int c = 0; c < kD; ++c) {
-        const vreg b0 = load<vreg>(b + c * ldb), b1 = load<vreg>(b + c * ldb + kRegLanes);
-        for (int r = 0; r < kScoreTileRows; ++r) {
-          const float x = a[(r0 + r) * kD + c];
-          acc[r][0] += x * b0;
-          acc[r][1] += x * b1;
-        }
-      }
-      for (int r = 0; r < kScoreTileRows; ++r) {
-        store(s + (r0 + r) * lds + jj, acc[r][0]);
-        store(s + (r0 + r) * lds + jj + kRegLanes, acc[r][1]);
+    for (int64_t jv = 0; jv < vectors;) {
+      const float* ar = a + r0 * kD;
+      const float* b = bt + j0 + jv * kRegLanes;
+      float* sr = s + r0 * lds + jv * kRegLanes;
+      if (TileVectors(vectors - jv) == 2) {
+        ScoresTile<kD, kScoreTileRows, 2>(ar, b, ldb, sr, lds);
+        jv += 2;
+      } else {
+        ScoresTile<kD, kScoreTileRows, 3>(ar, b, ldb, sr, lds);
+        jv += 3;
       }
     }
 }
 
+// One tile of AccumulateProduct: out[kR x kV vectors] += A . b over k < n, A's element (r, k)
+// at a[r * ai + k * ak], b's row k at b + k * kD.
+template <int kD, int kR, int kV>
+inline void ProductTile(const float* a, int64_t ai, int64_t ak, int64_t n, const float* b,
+                        float* out) {
+  vreg acc[kR][kV];
+  for (int r = 0; r < kR; ++r)
+    for (int v = 0; v < kV; ++v) acc[r][v] = load<vreg>(out + r * kD + v * kRegLanes);
+  for (int64_t k = 0; k < n; ++k) {
+    vreg bk[kV];
+    for (int v = 0; v < kV; ++v) bk[v] = load<vreg>(b + k * kD + v * kRegLanes);
+    for (int r = 0; r < kR; ++r) {
+      const float x = a[r * ai + k * ak];
+      for (int v = 0; v < kV; ++v) acc[r][v] += x * bk[v];
+    }
+  }
+  for (int r = 0; r < kR; ++r)
+    for (int v = 0; v < kV; ++v) store(out + r * kD + v * kRegLanes, acc[r][v]);
+}
+
 // out[rows x D] += A . b[n x D], A's element (i, k) at a[i * ai + k * ak]: with (ai, ak) =
-// (ld, 1) that is A . b, with (1, ld) it is A^T . b. rows a multiple of 8. A tile is kTile rows
-// by kTileVecs vectors of columns.
+// (ld, 1) that is A . b, with (1, ld) it is A^T . b. rows a multiple of 8. AVX-512 tiles hold
+// whole rows in <= 16 accumulators; AVX2's are 4 rows by 3 or 2 vectors.
 template <int kVecs>
 void AccumulateProduct(const float* a, int64_t ai, int64_t ak, int64_t rows, int64_t n,
                        const float* b, float* out) {
   constexpr int kD = kVecs * kLanes;
-  // Whole rows in <= 16 accumulators with AVX-512; 4 rows x 2 vectors, 8 accumulators, on AVX2.
-  constexpr int kTileVecs = kWideRegisters ? kVecs : 2;
   constexpr int kTile = !kWideRegisters ? 4 : kVecs <= 2 ? 8 : kVecs <= 4 ? 4 : 2;
-  for (int64_t i0 = 0; i0 < rows; i0 += kTile)
-    for (int c0 = 0; c0 < kD; c0 += kTileVecs * kRegLanes) {
-      vreg acc[kTile][kTileVecs];
-      for (int r = 0; r < kTile; ++r)
-        for (int c = 0; c < kTileVecs; ++c)
-          acc[r][c] = load<vreg>(out + (i0 + r) * kD + c0 + c * kRegLanes);
-      for (int64_t k = 0; k < n; ++k) {
-        vreg bk[kTileVecs];
-        for (int c = 0; c < kTileVecs; ++c) bk[c] = load<vreg>(b + k * kD + c0 + c * kRegLanes);
-        for (int r = 0; r < kTile; ++r) {
-          const float x = a[(i0 + r) * ai + k * ak];
-          for (int c = 0; c < kTileVecs; ++c) acc[r][c] += x * bk[c];
+  constexpr int kVectors = kD / kRegLanes;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
+    const float* ar = a + i0 * ai;
+    if constexpr (kWideRegisters) {
+      ProductTile<kD, kTile, kVecs>(ar, ai, ak, n, b, out + i0 * kD);
+    } else {
+      for (int cv = 0; cv < kVectors;) {
+        float* o = out + i0 * kD + cv * kRegLanes;
+        if (TileVectors(kVectors - cv) == 2) {
+          ProductTile<kD, kTile, 2>(ar, ai, ak, n, b + cv * kRegLanes, o);
+          cv += 2;
+        } else {
+          ProductTile<kD, kTile, 3>(ar, ai, ak, n, b + cv * kRegLanes, o);
+          cv += 3;
         }
       }
-      for (int r = 0; r < kTile; ++r)
-        for (int c = 0; c < kTileVecs; ++c)
-          store(out + (i0 + r) * kD + c0 + c * kRegLanes, acc[r][c]);
     }
+  }
 }
 
 // Copies one head's [T, D] rows out of an [N, T, H, D] array into a zero-padded [tp, D] tile,
