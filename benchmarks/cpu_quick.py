@@ -106,6 +106,11 @@ def bf16_rows(throughput: dict) -> list[tuple[str, float]]:
     ]
 
 
+def _failures(failed: list[dict]) -> str:
+    """The further runs that failed, as the table and the exit message name them."""
+    return ", ".join(f"{failure['script']} (exit {failure['exit']})" for failure in failed)
+
+
 def more_sections(out: Path, failed: set[str] = frozenset()) -> list[str]:
     """The table's lines for ``--all``'s runs whose JSON is in ``out`` (none for the others,
     nor for the scripts in ``failed``: a JSON there is an earlier run's)."""
@@ -173,7 +178,7 @@ def summary(throughput: dict, attention: dict, run: dict, more: list[str] = ()) 
     if busy is not None:
         lines += ["", f"Taken with {100 * busy:.0f} % of the cores busy with other work at start."]
     if run.get("failed"):
-        lines += ["", f"Failed, so not in the table: {', '.join(run['failed'])}."]
+        lines += ["", f"Failed, so not in the table: {_failures(run['failed'])}."]
     if probes := [r["probe_s"] for r in throughput["results"] if "probe_s" in r]:
         lines += [
             "",
@@ -228,7 +233,7 @@ def main(argv: list[str] | None = None) -> Path:
             if (exit_code := _run(script, script_args)) != 0:
                 raise SystemExit(f"{script} failed (exit {exit_code}); its output is above.")
         # The quick rows are in: a further run that fails is named in the table, not fatal.
-        failed = [f"{s} (exit {code})" for s, a in more if (code := _run(s, a)) != 0]
+        failed = [{"script": s, "exit": code} for s, a in more if (code := _run(s, a)) != 0]
         record = {
             "busy_share_at_start": busy if busy > BUSY_LIMIT else None,
             "commit": cpu.source_commit() or "unknown",
@@ -248,14 +253,14 @@ def main(argv: list[str] | None = None) -> Path:
         _read(out, "train_throughput_*.json"),
         _read(out / "attention", "attention_scaling_*.json"),
         run,
-        more_sections(out, {name.split()[0] for name in run.get("failed", [])}),
+        more_sections(out, {failure["script"] for failure in run.get("failed", [])}),
     )
     path = out / "quick_figures.md"
     path.write_text(table)
     print(table, end="")
     print(f"wrote {path}")
     if failed:
-        raise SystemExit(f"{', '.join(failed)} failed (output above); the rest is in {path}.")
+        raise SystemExit(f"{_failures(failed)} failed (output above); the rest is in {path}.")
     return path
 
 

@@ -840,7 +840,7 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
     assert "| layer norm |" not in table  # the earlier run's JSON is not read as this one's
     assert "| forward | float32 | 60.0 / 90.5 |" in table
     assert json.loads((tmp_path / "cpu_quick.json").read_text())["failed"] == [
-        "kernel_vs_xla.py (exit 3)"
+        {"script": "kernel_vs_xla.py", "exit": 3}
     ]
     # /proc/stat's first line twice: 100 of 200 jiffies idle or waiting in between.
     stat = tmp_path / "stat"
