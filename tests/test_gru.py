@@ -160,6 +160,24 @@ def test_the_kernel_refuses_what_it_cannot_take():
         GRU(16, implementation="scan").init(jax.random.key(0), x)
 
 
+def test_auto_takes_the_scan_for_what_the_kernel_refuses(monkeypatch):
+    """auto asks the kernel's own operand check: a bf16 recurrence (which the kernel refuses by
+    name) runs the scan, and H = 16 in float32 runs the kernel."""
+    from hw2jax.models import gru
+
+    taken = []
+    monkeypatch.setattr(kernels, "gru_recurrence_cpu", lambda *a: taken.append("fused") or a[:2])
+    monkeypatch.setattr(gru, "_scan_directions", lambda *a: taken.append("scan") or a[:2])
+    valid = jnp.ones((3, 5), bool)
+    for dtype in (jnp.bfloat16, jnp.float32):
+        operands = [jnp.zeros(s, dtype) for s in ((5, 2, 3, 48), (2, 48, 16), (2, 48))]
+        gru.recurrence(*operands, valid, implementation="auto")
+        if dtype == jnp.bfloat16:
+            with pytest.raises(dispatch.ImplementationError, match="float32; got x_proj"):
+                gru.recurrence(*operands, valid, implementation="fused_cpu")
+    assert taken == ["scan", "scan" if kernels.build_error() else "fused"]
+
+
 GOOD_OPERANDS = {"x_proj": (5, 2, 3, 48), "w_hh": (2, 48, 16), "b_hh": (2, 48), "valid": (3, 5)}
 
 

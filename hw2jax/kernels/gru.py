@@ -21,15 +21,13 @@ _FORWARD_SAVE = (_FORWARD[0], (_STATES, _LAST, *[_STATES] * 5))
 _BACKWARD = ((_W_HH, _VALID, *[_STATES] * 5, _STATES, _LAST), (_X_PROJ, _W_HH, _B_HH))
 
 
-def gru_unavailable_reason(hidden: int, dtype: jnp.dtype) -> str | None:
-    """None if :func:`gru_recurrence_cpu` can run for this hidden size and dtype here, else why
-    not (building the kernels on first call)."""
+def gru_unavailable_reason(x_proj, w_hh, b_hh, valid) -> str | None:
+    """None if :func:`gru_recurrence_cpu` can run on these operands here, else why not
+    (building the kernels on first call)."""
     if jax.default_backend() != "cpu":
         return f"the fused GRU kernel is for CPU; jax's backend here is {jax.default_backend()!r}"
-    if jnp.dtype(dtype) != jnp.float32:
-        return f"the fused GRU kernel computes in float32, not {jnp.dtype(dtype).name}"
-    if hidden % 16:
-        return f"the fused GRU kernel wants a hidden size that is a multiple of 16, not {hidden}"
+    if (problem := gru_unsupported(x_proj, w_hh, b_hh, valid)) is not None:
+        return f"the fused GRU kernel: {problem}"
     return build_error()
 
 
@@ -93,7 +91,7 @@ def gru_recurrence_cpu(x_proj, w_hh, b_hh, valid):
     [T, D, B, 3H] (W_ih x + b_ih, reversed within each length for the reverse direction),
     w_hh [D, 3H, H], b_hh [D, 3H], valid [B, T] bool. Returns outputs [T, D, B, H] (0 past a
     sequence's end) and the last states [D, B, H]. float32, H a multiple of 16
-    (:func:`gru_unavailable_reason`). Raises :class:`InputError` for other shapes and dtypes."""
+    (:func:`gru_unsupported`). Raises :class:`InputError` for other shapes and dtypes."""
     if (problem := gru_unsupported(x_proj, w_hh, b_hh, valid)) is not None:
         raise InputError(
             f"gru_recurrence_cpu: {problem}. hw2jax.models.gru.GRU takes [batch, time, "

@@ -125,7 +125,7 @@ def recurrence(
     backward pass), ``"fused_cpu"`` (:func:`hw2jax.kernels.gru_recurrence_cpu`: float32, H a
     multiple of 16, CPU) or ``"auto"`` (:func:`hw2jax.attention.dispatch.recurrence`, timed on
     CPU with gradients)."""
-    reason = functools.partial(kernels.gru_unavailable_reason, w_hh.shape[-1], x_proj.dtype)
+    reason = functools.partial(kernels.gru_unavailable_reason, x_proj, w_hh, b_hh, valid)
     path = dispatch.resolve_fused(
         implementation,
         IMPLEMENTATIONS,
