@@ -12,6 +12,7 @@ import pytest
 from hw2jax.attention import registry
 from hw2jax.config import ConfigError, load_config
 from hw2jax.data.mqar import make_mqar
+from hw2jax.errors import InputError
 from hw2jax.models.recall import RecallLM, state_size
 from hw2jax.tasks import mqar
 from hw2jax.train import hooks
@@ -58,6 +59,10 @@ def test_impossible_sizes_are_named():
         make_mqar(1, seq_len=8, num_pairs=4, vocab_size=64, seed=0)
     with pytest.raises(ValueError, match="use vocab_size >= 22"):
         make_mqar(1, seq_len=64, num_pairs=10, vocab_size=16, seed=0)
+    with pytest.raises(InputError, match=r"seq_len 7 gives num_pairs = seq_len // 16 = 0.*1 to 3"):
+        mqar.check(tiny_config(seq_len=7, num_pairs=0))
+    mqar.check(tiny_config(seq_len=7, num_pairs=3))
+    mqar.check(tiny_config(seq_len=16, num_pairs=0))  # one pair
     with pytest.raises(ConfigError, match=r"model\.mixer"):
         mqar.check(tiny_config(model=dict(dim=32, heads=2, depth=2, mixer="mamba")))
 

@@ -66,6 +66,12 @@ def num_pairs(config: ml_collections.ConfigDict) -> int:
 def check(config: ml_collections.ConfigDict) -> None:
     """The whole config against :data:`SCHEMA`, then the sizes, before any work."""
     check_config(config.to_dict(), SCHEMA)
+    if not config.num_pairs and config.seq_len < 16:  # the schema keeps seq_len >= 4
+        raise InputError(
+            f"seq_len {config.seq_len} gives num_pairs = seq_len // 16 = 0 key-value pairs; "
+            f"use seq_len >= 16 or set num_pairs (1 to {(config.seq_len - 1) // 2}), e.g. "
+            "--set num_pairs=1."
+        )
     check_sizes(config.seq_len, num_pairs(config), config.vocab_size)
     if config.model.dim % config.model.heads:
         raise InputError(
