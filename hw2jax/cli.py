@@ -96,7 +96,12 @@ def _config_from_args(args: argparse.Namespace, **flags: str | None):
         devices = auto_devices(config)
     if distributed:
         devices = "all"
-    return _apply_flags(config, args, {"epochs": args.epochs, "devices": devices, **flags})
+    config = _apply_flags(config, args, {"epochs": args.epochs, "devices": devices, **flags})
+    if config.get("devices") not in (None, 1, "1"):  # refused before any data is read
+        from hw2jax.train.sharding import check_batch_split, num_devices
+
+        check_batch_split(num_devices(config.devices), (config.batch_size, config.eval_batch_size))
+    return config
 
 
 def _exit_code(history: dict) -> int:

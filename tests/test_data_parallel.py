@@ -97,6 +97,28 @@ def test_auto_host_devices_resolve_by_backend_and_refuse_several_processes(monke
     assert cli.auto_devices(config) is None  # a GPU run keeps its own devices
 
 
+def test_a_batch_that_does_not_split_is_refused_before_any_data_is_read(
+    monkeypatch, tmp_path, capsys
+):
+    """3 devices and batches of 256 and 1000: one line naming both batch sizes and a size that
+    splits, before the data folder (missing here) is read or the work dir made."""
+    import jax
+
+    monkeypatch.setattr(jax, "device_count", lambda: 3)
+    config = Path(__file__).parents[1] / "experiments" / "vit_fashion_mnist.py"
+    args = ["vit", "train", "--config", str(config), "--workdir", str(tmp_path / "run")]
+    args += ["--devices", "3", "--set", f"data_dir={tmp_path / 'no_data'}"]
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err.strip() == (
+        "hw2jax: error: batch size 256 does not split evenly over 3 devices; set batch_size and "
+        "eval_batch_size to multiples of 3 (e.g. --set batch_size=255), or a device count that "
+        "divides them (--host-devices auto picks one on CPU)."
+    )
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="batch size 1000 does not split evenly over 3"):
+        DataParallel(3, 999, 1000)  # the Python API checks the same
+
+
 @pytest.mark.slow
 def test_cli_host_devices_split_the_cpu_for_data_parallel(small_vit_run, tmp_path):
     """--host-devices auto (and 2, where auto resolves to another count) in a fresh process (no

@@ -37,6 +37,18 @@ def num_devices(spec: str | int) -> int:
     return n
 
 
+def check_batch_split(devices: int, batch_sizes: Sequence[int]) -> None:
+    """Each batch size (train, eval) must split evenly over ``devices`` for data parallel."""
+    for size in batch_sizes:
+        if isinstance(size, int) and size > 0 and size % devices:
+            raise InputError(
+                f"batch size {size} does not split evenly over {devices} devices; set "
+                f"batch_size and eval_batch_size to multiples of {devices} (e.g. --set "
+                f"batch_size={max(size - size % devices, devices)}), or a device count that "
+                "divides them (--host-devices auto picks one on CPU)."
+            )
+
+
 def auto_host_devices(cores: int, batch_sizes: Sequence[int]) -> int:
     """The most host devices, at most one per core, that every batch size splits evenly over
     (``--host-devices auto``): with batches of 256 and 1000, 2 cores give 2, 6 give 4, 12 give 8."""
@@ -136,12 +148,7 @@ class DataParallel:
         self.mesh = Mesh(np.array(jax.devices()[: self.n]), ("data",))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.split = NamedSharding(self.mesh, PartitionSpec("data"))
-        for size in batch_sizes:
-            if size % self.n:
-                raise InputError(
-                    f"batch size {size} does not split evenly over {self.n} devices; "
-                    f"use a multiple of {self.n}."
-                )
+        check_batch_split(self.n, batch_sizes)
 
     def _put(self, tree: Any, sharding: NamedSharding) -> Any:
         if self.n == 1:
