@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -192,6 +194,19 @@ def test_offline_hub_id_names_the_offline_choices(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="--encoder minilm"):
         bert.resolve_encoder("bert-base-uncased-not-cached-anywhere")
+
+
+def test_a_path_that_is_not_a_folder_is_named_as_such(tmp_path):
+    """A missing folder or a file is not sent to the hub as an id (whose error would only say
+    that the id is malformed)."""
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    for given, what in [
+        (str(tmp_path / "missing"), "not found"),
+        ("./missing/bert", "not found"),
+        (str(tmp_path / "model.safetensors"), "is a file"),
+    ]:
+        with pytest.raises(FileNotFoundError, match=f"^encoder folder {re.escape(given)} {what}; "):
+            bert.resolve_encoder(given)
 
 
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])

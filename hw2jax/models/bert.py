@@ -489,6 +489,13 @@ def resolve_encoder(name_or_path: str) -> Path:
             if not (path / needed).is_file():
                 raise MissingFileError(f"{path} has no {needed}; it must hold an HF checkpoint.")
         return path
+    if path.exists() or name_or_path.startswith(("/", ".", "~")) or "\\" in name_or_path:
+        raise MissingFileError(  # a path, not a hub id: the hub would only call it malformed
+            f"encoder folder {name_or_path} "
+            + ("is a file" if path.exists() else "not found")
+            + "; give a folder with config.json, model.safetensors and vocab.txt, or "
+            "--encoder minilm."
+        )
     try:
         from huggingface_hub import snapshot_download
 
