@@ -18,9 +18,10 @@ PHI_NP = {
 }
 
 
-def ref_softmax_np(q, k, v, causal=False, key_bias=None, scale=None):
-    """float64; key_bias [B, T] is added to each key's scores; scale defaults to 1/sqrt(D)."""
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+def ref_softmax_weights_np(q, k, causal=False, key_bias=None, scale=None):
+    """softmax(scale q k^T + key_bias) [B, H, T, T] in float64; key_bias [B, T] is added to
+    each key's scores; scale defaults to 1/sqrt(D)."""
+    q, k = (np.asarray(a, np.float64) for a in (q, k))
     scale = 1 / np.sqrt(q.shape[-1]) if scale is None else scale
     logits = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
     if key_bias is not None:
@@ -29,8 +30,13 @@ def ref_softmax_np(q, k, v, causal=False, key_bias=None, scale=None):
         t = q.shape[1]
         logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
     w = np.exp(logits - logits.max(-1, keepdims=True))
-    w /= w.sum(-1, keepdims=True)
-    return np.einsum("bhqk,bkhd->bqhd", w, v)
+    return w / w.sum(-1, keepdims=True)
+
+
+def ref_softmax_np(q, k, v, causal=False, key_bias=None, scale=None):
+    """float64 softmax attention (:func:`ref_softmax_weights_np`'s weights times v)."""
+    w = ref_softmax_weights_np(q, k, causal, key_bias, scale)
+    return np.einsum("bhqk,bkhd->bqhd", w, np.asarray(v, np.float64))
 
 
 def ref_linear_np(q, k, v, causal, feature_map, eps=1e-6):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import fresh_process_env, run_on_host_devices
-from test_attention import explicit_linear_jnp, ref_softmax_np
+from test_attention import explicit_linear_jnp, ref_softmax_np, ref_softmax_weights_np
 
 from hw2jax import attention, cpu, kernels
 from hw2jax.kernels import build
@@ -102,14 +102,7 @@ def _softmax_gradients_np(q, k, v, cotangent, causal, scale, key_bias=None, keep
     in float64: dropout multiplies probability (b, h, i, j) by keep[b, h, i, j] / (1 - rate).
     Returns dq, dk, dv and the key bias's gradient [B, T]."""
     q, k, v, g = (np.asarray(a, np.float64) for a in (q, k, v, cotangent))
-    logits = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    if key_bias is not None:
-        logits = logits + np.asarray(key_bias, np.float64)[:, None, None, :]
-    if causal:
-        t = q.shape[1]
-        logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
+    p = ref_softmax_weights_np(q, k, causal, key_bias, scale)
     factor = 1.0 if keep is None else keep / (1.0 - np.float64(np.float32(rate)))
     dp = np.einsum("bqhd,bkhd->bhqk", g, v) * factor
     ds = p * (dp - (dp * p).sum(-1, keepdims=True))
@@ -193,6 +186,28 @@ def test_flash_kernel_with_key_bias_and_dropout_matches_float64(shape, causal):
     refs = _softmax_gradients_np(q, k, v, cotangent, causal, scale, key_bias, keep, rate)
     for name, got, ref in zip(("q", "k", "v", "key_bias"), grads, refs, strict=True):
         np.testing.assert_allclose(got, ref, atol=3e-4, rtol=1e-4, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 3, 64), (1, 130, 2, 16), (1, 600, 1, 32)])
+def test_a_key_bias_of_any_values_is_added_to_the_scores(shape):
+    """Not only a mask's 0 and finfo.min: biases drawn from N(0, 4), one key masked, in the
+    flash kernels (values and the four gradients, the bias's included) and the row kernel."""
+    rng = np.random.default_rng(shape[1])
+    q, k, v, g = (rng.standard_normal(shape).astype(np.float32) for _ in range(4))
+    key_bias = (2 * rng.standard_normal(shape[:2])).astype(np.float32)
+    key_bias[:, 3] = MASKED
+    scale = 0.7 / np.sqrt(shape[-1])
+    for causal in (False, True):
+        attend = functools.partial(kernels.cpu_flash_attention, causal=causal, scale=scale)
+        out, pullback = jax.vjp(attend, q, k, v, key_bias)
+        want = ref_softmax_np(q, k, v, causal=causal, key_bias=key_bias, scale=scale)
+        np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+        refs = _softmax_gradients_np(q, k, v, g, causal, scale, key_bias)
+        for name, got, ref in zip(("q", "k", "v", "key_bias"), pullback(g), refs, strict=True):
+            np.testing.assert_allclose(got, ref, atol=5e-5, rtol=1e-4, err_msg=f"d{name}")
+    row = kernels.cpu_attention(q, k, v, key_bias, scale=scale)
+    want = ref_softmax_np(q, k, v, key_bias=key_bias, scale=scale)
+    np.testing.assert_allclose(row, want, atol=1e-5, rtol=1e-5)
 
 
 def test_flash_kernel_takes_minus_infinity_for_whole_key_blocks():
@@ -693,7 +708,8 @@ def test_avx2_tiles_match_float64_at_every_head_dim(tmp_path):
             inputs[f"{name}{d}"] = rng.standard_normal(shape(d)).astype(np.float32)
         masked = rng.random((1, 70)) < 0.2
         masked[:, 0] = False  # causal row 0 sees key 0 alone: masked, the row has no keys
-        inputs[f"bias{d}"] = np.where(masked, MASKED, 0.0).astype(np.float32)
+        bias = 2 * rng.standard_normal((1, 70))  # any values, not only a mask's 0
+        inputs[f"bias{d}"] = np.where(masked, MASKED, bias).astype(np.float32)
     np.savez(tmp_path / "inputs.npz", **inputs)
     env = {**fresh_process_env(), "HW2JAX_KERNEL_MARCH": "x86-64-v3"}
     run = subprocess.run(
