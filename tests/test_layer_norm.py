@@ -47,15 +47,17 @@ def inputs(shape, seed=0):
     return x, scale, bias, rng.standard_normal(shape).astype(np.float32)
 
 
-# Rows in one item of 64 and across several, BERT's width, one vector, no rows at all.
+# Rows in one item of 64 and across several, BERT's width, one vector, no rows at all. An
+# epsilon near the rows' variance (9) as well: at 1e-5 a kernel that ignored it would pass.
+@pytest.mark.parametrize("eps", [1e-5, 4.0])
 @pytest.mark.parametrize("shape", [(3, 5, 64), (130, 384), (1, 16), (2, 70, 48), (0, 32)])
-def test_forward_and_gradients_match_float64(shape):
+def test_forward_and_gradients_match_float64(shape, eps):
     x, scale, bias, dy = inputs(shape, seed=sum(shape))
     y, pullback = jax.vjp(
-        lambda *a: kernels.cpu_layer_norm(*a, 1e-5), *(jnp.asarray(a) for a in (x, scale, bias))
+        lambda *a: kernels.cpu_layer_norm(*a, eps), *(jnp.asarray(a) for a in (x, scale, bias))
     )
     got = (y, *pullback(jnp.asarray(dy)))
-    want = reference64(x, scale, bias, dy, 1e-5)
+    want = reference64(x, scale, bias, dy, eps)
     for name, a, w in zip(("y", "dx", "dscale", "dbias"), got, want, strict=True):
         np.testing.assert_allclose(a, w, atol=1e-5 * max(1, shape[0]), rtol=1e-5, err_msg=name)
 
@@ -82,8 +84,9 @@ def test_the_module_is_flax_layer_norm_both_ways(monkeypatch, path):
 
 
 # Rows in one item and several, BERT's width, no rows.
+@pytest.mark.parametrize("eps", [1e-5, 4.0])
 @pytest.mark.parametrize("shape", [(3, 5, 64), (2, 130, 384), (0, 32)])
-def test_the_residual_sum_joins_the_pass_with_xla_floats(shape):
+def test_the_residual_sum_joins_the_pass_with_xla_floats(shape, eps):
     """LN(x + (h + h_bias)) against float64, the same floats as XLA's sum before the kernel,
     and, differentiated, the same gradients as that sum's."""
     x, scale, bias, dy = inputs(shape, seed=sum(shape))
@@ -91,14 +94,14 @@ def test_the_residual_sum_joins_the_pass_with_xla_floats(shape):
     args = tuple(jnp.asarray(a) for a in (x, h, h_bias, scale, bias))
 
     def fused(x, h, h_bias, scale, bias):
-        return kernels.cpu_add_layer_norm(x, h, h_bias, scale, bias, 1e-5)
+        return kernels.cpu_add_layer_norm(x, h, h_bias, scale, bias, eps)
 
     def unfused(x, h, h_bias, scale, bias):
-        return kernels.cpu_layer_norm(x + (h + h_bias), scale, bias, 1e-5)
+        return kernels.cpu_layer_norm(x + (h + h_bias), scale, bias, eps)
 
     y = jax.jit(fused)(*args)
     np.testing.assert_array_equal(y, jax.jit(unfused)(*args))
-    want = reference64(x.astype(np.float64) + h + h_bias, scale, bias, dy, 1e-5)[0]
+    want = reference64(x.astype(np.float64) + h + h_bias, scale, bias, dy, eps)[0]
     np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-5)
     grads = [jax.vjp(f, *args)[1](jnp.asarray(dy)) for f in (fused, unfused)]
     for a, b in zip(*grads, strict=True):
