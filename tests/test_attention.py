@@ -153,14 +153,43 @@ def test_linear_attention_gradients_match_reference(causal, method):
         np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-5)
 
 
-def explicit_linear_jnp(q, k, v, feature_map, causal=True):
+def explicit_linear_jnp(q, k, v, feature_map, causal=True, eps=1e-6):
     """Linear attention as the (masked) T x T formula, for float64 gradients."""
     phi = attention.FEATURE_MAPS[feature_map]
     a = jnp.einsum("bqhd,bkhd->bhqk", phi(q), phi(k))
     if causal:
         a = a * jnp.tril(jnp.ones((q.shape[1],) * 2))
     num = jnp.einsum("bhqk,bkhe->bqhe", a, v)
-    return num / (a.sum(-1).transpose(0, 2, 1)[..., None] + 1e-6)
+    return num / (a.sum(-1).transpose(0, 2, 1)[..., None] + eps)
+
+
+# eps = 5, near the denominators: at the default 1e-6 an implementation that dropped it, or
+# kept its own, would pass every other test.
+@pytest.mark.parametrize(
+    "causal,method",
+    [(False, m) for m in ("chunked", "parallel", "fused_cpu")]
+    + [(True, m) for m in ("chunked", "recurrent", "pallas", "parallel", "fused_cpu")],
+)
+def test_every_linear_attention_takes_the_eps_given(causal, method):
+    if method == "fused_cpu" and kernels.build_error():
+        pytest.skip(f"the fused CPU kernel cannot be built here: {kernels.build_error()}")
+    q, k, v = qkv((2, 37, 2, 16), seed=3)
+    g = np.random.default_rng(4).standard_normal(v.shape).astype(np.float32)
+
+    def ours(q, k, v):
+        return attention.linear_attention(
+            q, k, v, causal=causal, eps=5.0, implementation=method, chunk_size=16
+        )
+
+    out, pullback = jax.vjp(ours, q, k, v)
+    with jax.enable_x64(True):
+        x64 = [jnp.asarray(a, jnp.float64) for a in (q, k, v, g)]
+        formula = functools.partial(explicit_linear_jnp, feature_map="elu", causal=causal, eps=5.0)
+        want, ref_pullback = jax.vjp(formula, *x64[:3])
+        refs = ref_pullback(x64[3])
+    np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)
+    for got, ref in zip(pullback(jnp.asarray(g)), refs, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("feature_map", ["elu", "relu", "identity"])
