@@ -424,11 +424,13 @@ def attention64(q, k, v, key_bias):
 )
 def test_bf16_attention_matches_float64(b, t, h, d):
     # Keys past 64 and query rows past 16 are padding, D is padded to 32; a fifth of the keys
-    # masked by finfo.min, as BERT masks padding.
-    keys = jax.random.split(jax.random.key(t * d), 4)
+    # masked by finfo.min, as BERT masks padding, the others biased by N(0, 4) draws (any
+    # values, not only a mask's 0).
+    keys = jax.random.split(jax.random.key(t * d), 5)
     q, k, v = (jax.random.normal(x, (b, t, h, d)).astype(jnp.bfloat16) for x in keys[:3])
     masked = jax.random.uniform(keys[3], (b, t)) < 0.2
-    key_bias = jnp.where(masked, jnp.finfo(jnp.float32).min, 0.0)
+    biased = 2 * jax.random.normal(keys[4], (b, t))
+    key_bias = jnp.where(masked, jnp.finfo(jnp.float32).min, biased)
     out = kernels.amx_attention(q, k, v, key_bias)
     assert out.dtype == jnp.float32 and out.shape == (b, t, h, d)
     rounded = kernels.amx_attention(q, k, v, key_bias, out_dtype=jnp.bfloat16)
