@@ -30,7 +30,8 @@ def _inputs(shape, seed=0, masked_fraction=0.3):
     q, k, v = (3 * rng.standard_normal(shape).astype(np.float32) for _ in range(3))
     keep = rng.random(shape[:2]) > masked_fraction
     keep[:, 0] = True
-    return q, k, v, np.where(keep, 0.0, MASKED).astype(np.float32)
+    bias = rng.standard_normal(shape[:2])  # the keys kept are biased too: any values, not 0
+    return q, k, v, np.where(keep, bias, MASKED).astype(np.float32)
 
 
 # T around the kernel's blocks (8 query rows, keys in 64s), every head size it is compiled for.
