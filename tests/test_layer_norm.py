@@ -1,6 +1,9 @@
 """The layer-norm kernel: forward and gradients against a float64 loop, flax's LayerNorm (the
 XLA path) with the same parameters, the residual sum added in its pass, a 2-device mesh, its
-refusals and the dispatch rule."""
+refusals and the dispatch rule; and the bias + GELU kernel, its row-kernel sibling, against
+float64."""
+
+import math
 
 import flax.linen as nn
 import jax
@@ -175,6 +178,21 @@ def test_rows_split_over_devices_stay_split_and_the_scale_gradient_is_summed():
     assert collectives == "False True", stdout  # no all-gather; dscale, dbias summed
     assert "f32[120,32]" in calls and "f32[240," not in calls, calls
     assert float(error) < 1e-4
+
+
+# One row and many, BERT's width, a 3-D input, no rows; values where erf bends and its tails.
+@pytest.mark.parametrize("shape", [(1, 16), (130, 1536), (2, 7, 48), (0, 32)])
+def test_bias_gelu_matches_the_float64_erf_formula_with_gradients(shape):
+    x, _, bias, dy = inputs(shape, seed=sum(shape))
+    y, pullback = jax.vjp(kernels.cpu_bias_gelu, jnp.asarray(x), jnp.asarray(bias))
+    z = x.astype(np.float64) + bias
+    erf = np.vectorize(math.erf, otypes=[np.float64])(z / math.sqrt(2))
+    np.testing.assert_allclose(y, 0.5 * z * (1 + erf), atol=2e-6, rtol=2e-6)
+    slope = 0.5 * (1 + erf) + z * np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    dx, dbias = pullback(jnp.asarray(dy))
+    np.testing.assert_allclose(dx, dy * slope, atol=2e-6, rtol=2e-5)
+    rows = (dy * slope).reshape(-1, shape[-1])
+    np.testing.assert_allclose(dbias, rows.sum(0), atol=2e-6 * max(1, len(rows)), rtol=2e-5)
 
 
 def test_inputs_it_cannot_take_are_refused_naming_the_alternative():
