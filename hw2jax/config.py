@@ -221,10 +221,24 @@ def _unknown(key: str, group: str, node) -> None:
     raise ConfigError(f"unknown config key {key!r}; the keys{where} are: {', '.join(known)}.")
 
 
+def batch_split_problem(devices: int, batch_sizes: Iterable[int]) -> str | None:
+    """Why these batch sizes (train, eval) cannot be split evenly over ``devices`` for data
+    parallel, or None."""
+    for size in batch_sizes:
+        if isinstance(size, int) and size > 0 and size % devices:
+            return (
+                f"batch size {size} does not split evenly over {devices} devices; set "
+                f"batch_size and eval_batch_size to multiples of {devices} (e.g. --set "
+                f"batch_size={max(size - size % devices, devices)}), or a device count that "
+                "divides them (--host-devices auto picks one on CPU)"
+            )
+    return None
+
+
 def check_config(config: Mapping, schema: Mapping[str, Field | Mapping]) -> None:
     """Checks every key of ``config`` against ``schema`` (nested mappings for groups): no
     unknown key, none missing, each value of its type and in its range, and the loop's
-    cross-key rule. Raises one :class:`ConfigError` that names every problem and the fix."""
+    cross-key rules. Raises one :class:`ConfigError` that names every problem and the fix."""
     problems = _check(config, schema, "")
     if not problems and "best_metric" in schema:
         want = f"{config['eval_split']}_accuracy"
@@ -233,6 +247,11 @@ def check_config(config: Mapping, schema: Mapping[str, Field | Mapping]) -> None
                 f"best_metric {config['best_metric']!r} is not recorded; with "
                 f"eval_split={config['eval_split']!r} it must be {want!r}"
             )
+    # A count of devices is known here ('all' only once jax has started: the loop checks it).
+    if not problems and "devices" in schema and str(config["devices"]).isdigit():
+        sizes = (config["batch_size"], config["eval_batch_size"])
+        if (problem := batch_split_problem(int(config["devices"]), sizes)) is not None:
+            problems.append(problem)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 

@@ -115,8 +115,17 @@ def test_a_batch_that_does_not_split_is_refused_before_any_data_is_read(
         "divides them (--host-devices auto picks one on CPU)."
     )
     assert not (tmp_path / "run").exists()
+    # The Python API: the config's check, before the data, and the loop's.
+    from hw2jax.config import load_config
+    from hw2jax.tasks import vit
+
+    settings = load_config(config)
+    settings.update(devices="3", data_dir=str(tmp_path / "no_data"))
+    with pytest.raises(ValueError, match=r"invalid config:\n  - batch size 256 does not split"):
+        vit.train_and_evaluate(settings, tmp_path / "api")
+    assert not (tmp_path / "api").exists()
     with pytest.raises(ValueError, match="batch size 1000 does not split evenly over 3"):
-        DataParallel(3, 999, 1000)  # the Python API checks the same
+        DataParallel(3, 999, 1000)
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from hw2jax.config import batch_split_problem
 from hw2jax.errors import Hw2jaxError, InputError
 
 
@@ -39,14 +40,8 @@ def num_devices(spec: str | int) -> int:
 
 def check_batch_split(devices: int, batch_sizes: Sequence[int]) -> None:
     """Each batch size (train, eval) must split evenly over ``devices`` for data parallel."""
-    for size in batch_sizes:
-        if isinstance(size, int) and size > 0 and size % devices:
-            raise InputError(
-                f"batch size {size} does not split evenly over {devices} devices; set "
-                f"batch_size and eval_batch_size to multiples of {devices} (e.g. --set "
-                f"batch_size={max(size - size % devices, devices)}), or a device count that "
-                "divides them (--host-devices auto picks one on CPU)."
-            )
+    if (problem := batch_split_problem(devices, batch_sizes)) is not None:
+        raise InputError(f"{problem}.")
 
 
 def auto_host_devices(cores: int, batch_sizes: Sequence[int]) -> int:
