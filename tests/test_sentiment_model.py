@@ -231,7 +231,7 @@ def test_layer_wise_learning_rates_scale_each_update():
             schedule="constant",
             learning_rate=1e-2,
             optimizer="adamw",
-            weight_decay=0.0,
+            weight_decay=0.1,  # scaled with the rest, as torch's per-group learning rates do
             grad_clip_norm=0.0,
         )
     )
