@@ -1,3 +1,4 @@
+import math
 import os
 import shutil
 import signal
@@ -34,6 +35,22 @@ os.environ["HW2JAX_AUTO"] = "rule"
 
 from hw2jax.data import write_idx  # noqa: E402 (after the cache settings: jax reads them once)
 from hw2jax.train import hooks  # noqa: E402
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def gelu64(z):
+    """The exact (erf) GELU in float64."""
+    z = np.asarray(z, np.float64)
+    return 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0)))
+
+
+def gelu_slope64(z):
+    """The exact GELU's derivative in float64."""
+    z = np.asarray(z, np.float64)
+    return 0.5 * (1.0 + _erf(z / math.sqrt(2.0))) + z * np.exp(-0.5 * z * z) / math.sqrt(
+        2 * math.pi
+    )
 
 
 def fresh_process_env(host_devices: int | None = None) -> dict[str, str]:
