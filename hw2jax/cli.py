@@ -97,7 +97,7 @@ def _config_from_args(args: argparse.Namespace, **flags: str | None):
     if distributed:
         devices = "all"
     config = _apply_flags(config, args, {"epochs": args.epochs, "devices": devices, **flags})
-    if config.get("devices") not in (None, 1, "1"):  # refused before any data is read
+    if config.devices != "1":  # refused before any data is read ('all' counted here too)
         from hw2jax.train.sharding import check_batch_split, num_devices
 
         check_batch_split(num_devices(config.devices), (config.batch_size, config.eval_batch_size))
