@@ -211,6 +211,41 @@ def test_a_key_bias_of_any_values_is_added_to_the_scores(shape):
     np.testing.assert_allclose(row, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "fused_cpu"])
+@pytest.mark.parametrize("rate", [0.0, 0.25])
+def test_key_bias_attention_matches_float64_on_every_path(implementation, rate):
+    """BERT's attention as its layers call it, on XLA's form and the kernels, with a key bias
+    of any values and dropout or none: values and the four gradients (the bias's too) against
+    the float64 closed form with the dropout mask rebuilt in NumPy."""
+    shape = (2, 37, 3, 32)
+    rng = np.random.default_rng(11)
+    q, k, v, g = (rng.standard_normal(shape).astype(np.float32) for _ in range(4))
+    key_bias = (2 * rng.standard_normal(shape[:2])).astype(np.float32)
+    key_bias[:, 5] = MASKED
+    seeds = rng.integers(0, 2**32, (shape[0], shape[2]), dtype=np.uint32)
+    scale = 0.7 / np.sqrt(shape[-1])
+
+    def attend(q, k, v, key_bias):
+        return attention.key_bias_attention(
+            q,
+            k,
+            v,
+            key_bias,
+            scale=scale,
+            dropout_rate=rate,
+            dropout_seeds=seeds if rate else None,
+            implementation=implementation,
+        )
+
+    out, pullback = jax.vjp(attend, q, k, v, key_bias)
+    keep = _keep_mask_np(seeds, shape[1], rate) if rate else np.ones((1, 1, 1, 1), bool)
+    want = _dropout_attention_np(q, k, v, key_bias, keep, rate, False, scale)
+    np.testing.assert_allclose(out, want, atol=2e-5, rtol=1e-5)
+    refs = _softmax_gradients_np(q, k, v, g, False, scale, key_bias, keep, rate)
+    for name, got, ref in zip(("q", "k", "v", "key_bias"), pullback(g), refs, strict=True):
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4, err_msg=f"d{name}")
+
+
 def test_flash_kernel_takes_minus_infinity_for_whole_key_blocks():
     """-inf biases on the first 70 keys (more than a 64-key block, as left padding gives):
     the rows' running maximum stays defined, and the output and gradients are those of the
