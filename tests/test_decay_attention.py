@@ -72,6 +72,9 @@ def test_gated_linear_attention_matches_the_float64_recurrence_with_gradients(me
     log_alpha = -jnp.abs(jax.random.normal(jax.random.key(7), k.shape))
     out = attention.gated_linear_attention(q, k, v, log_alpha, implementation=method, chunk_size=4)
     np.testing.assert_allclose(out, gla_ref_np(q, k, v, log_alpha), rtol=1e-5, atol=1e-5)
+    never_forgets = log_alpha.at[:, :, :, 0].set(0.0)  # a decay of exactly 1 is allowed
+    out = attention.gated_linear_attention(q, k, v, never_forgets, implementation=method)
+    np.testing.assert_allclose(out, gla_ref_np(q, k, v, never_forgets), rtol=1e-5, atol=1e-5)
     from jax.test_util import check_grads
 
     with jax.enable_x64(True):
