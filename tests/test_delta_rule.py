@@ -67,6 +67,10 @@ def test_delta_rule_matches_the_float64_loop_with_gradients(implementation, gate
     )
     ref = delta_ref(*(np.asarray(x, np.float64) for x in (q, k, v, beta, a)))
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    if implementation == "chunked":  # chunks of one step, and one chunk of all 13
+        for chunk_size in (1, 13):
+            out = delta_rule_attention(q, k, v, beta, log_alpha=log_alpha, chunk_size=chunk_size)
+            np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5, err_msg=f"{chunk_size}")
 
     w = np.random.default_rng(0).standard_normal(out.shape)
     with jax.enable_x64(True):
@@ -107,6 +111,8 @@ def test_delta_rule_refuses_bad_shapes_naming_them():
         delta_rule_attention(q, k, v, beta, log_alpha=jnp.zeros(k.shape))
     with pytest.raises(ValueError, match="choose chunked or recurrent"):
         delta_rule_attention(q, k, v, beta, implementation="parallel")
+    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
+        delta_rule_attention(q, k, v, beta, chunk_size=0)
 
 
 @pytest.mark.parametrize("implementation", ["recurrent", "chunked"])
