@@ -220,6 +220,29 @@ def test_parameter_count_is_torchs():
     assert sum(p.numel() for p in tgru.parameters()) == 2_758_656
 
 
+def test_every_tensor_starts_from_torchs_draw():
+    """torch.nn.GRU draws every tensor from U(-1/sqrt(H), 1/sqrt(H)), nn.Linear its weight and
+    bias from U(-1/sqrt(fan_in), ...): ours (the GRU, and TorchDense of the heads) fill the
+    interval torch's own tensors fill, no wider, with a uniform's spread (std bound / sqrt 3)."""
+    from hw2jax.models.layers import TorchDense
+
+    gru = GRU(256, 1, True).init(jax.random.key(0), jnp.zeros((1, 3, 768)))["params"]
+    dense = TorchDense(1000, 768).init(jax.random.key(1), jnp.zeros((1, 768)))["params"]
+    torch.manual_seed(0)
+    cases = [
+        (gru, torch.nn.GRU(768, 256, bidirectional=True), 256),
+        (dense, torch.nn.Linear(768, 1000), 768),
+    ]
+    for ours, theirs, n in cases:
+        bound = 1 / np.sqrt(n)
+        ours = [np.asarray(a).ravel() for a in jax.tree.leaves(ours)]
+        theirs = [p.detach().numpy().ravel() for p in theirs.parameters()]
+        assert len(ours) == len(theirs)
+        for tensors in (ours, theirs):  # each tensor reaches to within 1 % of the bound
+            assert all(0.99 * bound < np.abs(t).max() <= bound for t in tensors), n
+            assert np.concatenate(tensors).std() == pytest.approx(bound / np.sqrt(3), rel=0.01)
+
+
 def test_dropout_only_between_layers_and_only_in_training():
     gru = GRU(4, 2, dropout=0.5)
     x = jax.random.normal(jax.random.key(0), (2, 5, 3))

@@ -84,6 +84,35 @@ def test_the_module_is_flax_layer_norm_both_ways(monkeypatch, path):
     np.testing.assert_allclose(ours.apply(params, x), flax_norm.apply(params, x), atol=2e-5)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"use_scale": False},
+        {"use_bias": False},
+        {"use_scale": False, "use_bias": False},
+        {"reduction_axes": (-2, -1)},
+        {"feature_axes": (-2, -1)},
+        {"param_dtype": jnp.bfloat16},
+    ],
+    ids=["no scale", "no bias", "neither", "over two axes", "scales per two axes", "bf16 params"],
+)
+def test_options_the_kernel_lacks_are_flax_layer_norms_own(monkeypatch, options):
+    """A drop-in for flax's LayerNorm: with the kernel asked for, every option it does not
+    take (no scale or no bias, other axes, bf16 parameters) gives flax's own parameters and
+    function, not the kernel's."""
+    monkeypatch.setenv("HW2JAX_ROW_KERNELS", "fused_cpu")
+    x = jnp.asarray(inputs((4, 6, 32), seed=2)[0])
+    ours, flax_norm = LayerNorm(**options), nn.LayerNorm(**options)
+    params = flax_norm.init(jax.random.key(0), x)
+    params = jax.tree.map(
+        lambda p: p + jnp.linspace(-1, 1, p.size, dtype=p.dtype).reshape(p.shape), params
+    )
+    assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(params)
+    program = jax.jit(ours.apply).lower(params, x).as_text()
+    assert "hw2jax_cpu" not in program, options
+    np.testing.assert_array_equal(ours.apply(params, x), flax_norm.apply(params, x))
+
+
 # Rows in one item and several, BERT's width, no rows.
 @pytest.mark.parametrize("eps", [1e-5, 4.0])
 @pytest.mark.parametrize("shape", [(3, 5, 64), (2, 130, 384), (0, 32)])
