@@ -28,9 +28,18 @@ def test_idx_errors_name_the_problem(tmp_path):
     write_idx(tmp_path / "good", good)
     data = (tmp_path / "good").read_bytes()
 
-    (tmp_path / "magic").write_bytes(b"\x00\x00\x0d\x03" + data[4:])
-    with pytest.raises(IdxFormatError, match="bad magic number"):
-        read_idx(tmp_path / "magic")
+    for i, byte in ((0, 1), (1, 1), (2, 0x0D), (3, 0), (3, 5)):  # each byte of the magic alone
+        magic = bytearray(data[:4])
+        magic[i] = byte
+        (tmp_path / "magic").write_bytes(bytes(magic) + data[4:])
+        with pytest.raises(IdxFormatError, match=f"bad magic number {magic.hex()}"):
+            read_idx(tmp_path / "magic")
+    # Dimensions are 4-byte big-endian: one of 2^24 + 1 is read whole, not from its low bytes.
+    (tmp_path / "huge").write_bytes(bytes.fromhex("00000802 00000001 01000001") + bytes(10))
+    with pytest.raises(IdxFormatError, match=r"shape \(1, 16777217\) \(16777229 bytes\)"):
+        read_idx(tmp_path / "huge")
+    write_idx(tmp_path / "empty", np.zeros((0, 28, 28), np.uint8))  # only a header: no images
+    assert read_idx(tmp_path / "empty", (None, 28, 28)).shape == (0, 28, 28)
     (tmp_path / "short").write_bytes(data[:-10])
     with pytest.raises(IdxFormatError, match="truncated"):
         read_idx(tmp_path / "short")
