@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import SignalAfter, assert_names_its_machine, untimed
 
-from hw2jax import cli, cpu
+from hw2jax import cli, cpu, kernels
 from hw2jax.config import apply_overrides, load_config
 from hw2jax.data import DataNotFoundError, imdb, splits
 from hw2jax.errors import InputError
@@ -239,6 +239,20 @@ def test_cli_train_and_predict(tmp_path, capsys, monkeypatch):
     assert all(0.0 < p < 1.0 for p in probs)
     # One text alone gives what the list printed (4 decimals): no padding effects.
     assert sentiment.predict(tmp_path / "w", texts[1:])[0] == pytest.approx(probs[1], abs=5e-5)
+    # A work dir saved before pool, tail_tokens, finetune and remat existed, with the attention
+    # path under its earlier key and name: it predicts as it did.
+    config_file = tmp_path / "w" / "config.json"
+    current = config_file.read_text()
+    cut = [*texts, f"{texts[0]}{' Dull.' * 40} {texts[1]}"]  # past max_length: its head kept
+    before = sentiment.predict(tmp_path / "w", cut)
+    saved = json.loads(current)
+    removed = {k: saved.pop(k) for k in ("pool", "tail_tokens", "finetune", "remat")}
+    assert removed == {"pool": "final", "tail_tokens": 0, "finetune": False, "remat": False}
+    del saved["encoder_implementation"]
+    saved["encoder_attention"] = "xla" if kernels.build_error() else "fused"  # fused_cpu's old name
+    config_file.write_text(json.dumps(saved))
+    assert sentiment.predict(tmp_path / "w", cut) == before
+    config_file.write_text(current)
 
     # Reviews from a file (one per line, blank lines skipped) and from stdin, as JSON lines; a
     # review longer than max_length (64 here) says it was cut.
