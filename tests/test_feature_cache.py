@@ -66,6 +66,10 @@ def test_a_second_build_encodes_nothing_and_reads_the_same(tmp_path, reviews):
     size = 16 if lengths[r] <= 16 else 32
     direct = np.asarray(CountingEncoder()(jnp.asarray(ids[r : r + 1, :size])), np.float16)
     np.testing.assert_array_equal(everything(again, 24)[r, :size], direct[0])
+    # Read at more positions than any review stores: zeros past each, not the next one's.
+    wider = again.gather(np.arange(24), 48, 24)
+    np.testing.assert_array_equal(wider[:, :32], everything(again, 24))
+    assert not np.any(wider[:, 32:])
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbled"])

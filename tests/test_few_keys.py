@@ -138,5 +138,6 @@ def test_asking_for_the_kernel_where_it_cannot_run_says_what_to_use():
     # auto falls back to XLA's form there.
     want = attention.few_keys_attention(q, kv, implementation="xla")
     np.testing.assert_array_equal(attention.few_keys_attention(q, kv), want)
-    with pytest.raises(InputError, match=r"few_keys_attention wants q \[B, M, D\] and kv"):
-        attention.few_keys_attention(q, kv[0])
+    for bad_q, bad_kv in ((q, kv[0]), (q[0], kv), (q[:, 0], kv), (q[:1], kv), (q[..., :32], kv)):
+        with pytest.raises(InputError, match=r"few_keys_attention wants q \[B, M, D\] and kv"):
+            attention.few_keys_attention(bad_q, bad_kv)

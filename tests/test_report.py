@@ -6,7 +6,7 @@ import pytest
 
 from hw2jax import cli
 from hw2jax.train import run_files
-from hw2jax.train.report import comparison_table, epoch_table, report
+from hw2jax.train.report import comparison_table, epoch_table, report, timing
 
 
 def _history(accuracies, split="test", status="done"):
@@ -49,6 +49,9 @@ def test_an_epoch_resumed_midway_says_its_time_covers_only_the_steps_after_the_r
         "(from step 1,090 in epoch 2)."
     )
     assert "*" not in lines[2]  # the first epoch ran whole in one process
+    assert timing(history["epochs"][1], "images") == (
+        "1,234 s, 0.2 images/s over the 4 steps after the resume at step 1,090"
+    )
 
 
 def test_runs_side_by_side_leave_unreached_epochs_empty(tmp_path, capsys):
