@@ -356,13 +356,14 @@ def test_a_second_signal_between_saves_ends_at_once_naming_the_resume_step(
     data, expected = straight
     run = tmp_path / "run"
     args = cli_args(data, run, "epochs=3", "checkpoint_every_minutes=0")
-    done = start_signalling(args, after_step=4, signals=signals)
+    # Two epochs of 3 steps saved (steps 3 and 6, both kept): the newer is named.
+    done = start_signalling(args, after_step=7, signals=signals)
     assert done.returncode == code, done.stderr[-3000:]
-    assert "again: stopped at once, without saving; a rerun resumes from step 3." in done.stdout
-    assert "Traceback" not in done.stderr and steps(run)[-1] == 3
+    assert "again: stopped at once, without saving; a rerun resumes from step 6." in done.stdout
+    assert "Traceback" not in done.stderr and steps(run)[-2:] == [3, 6]
     history = json.loads((run / "history.json").read_text())
     assert history["status"] == "interrupted"
-    assert history["aborted"]["resume_step"] == 3
+    assert history["aborted"]["resume_step"] == 6
     out = vit.train_and_evaluate(small_config(data), run)
     assert out["status"] == "done"
     assert_same_params(final_params(run, small_config(data)), expected)
