@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import time
 import types
 from pathlib import Path
 
@@ -68,9 +69,16 @@ def test_device_batches_cover_every_example_once():
 
 def test_training_learns_and_writes_history_plots_and_results(fashion_dir, tmp_path):
     config = small_config(fashion_dir, "epochs=20")
+    start = time.perf_counter()
     out = vit.train_and_evaluate(config, tmp_path / "run")
+    wall = time.perf_counter() - start
     epochs = out["epochs"]
     assert [r["epoch"] for r in epochs] == list(range(1, 21))
+    # Epoch times by the clock, inside the call's own; each rate is the 96 images over its time.
+    assert all(r["train_time_s"] > 0 for r in epochs)
+    assert sum(r["train_time_s"] for r in epochs) < wall
+    for r in epochs:
+        assert r["images_per_s"] * r["train_time_s"] == pytest.approx(96)
     # The classes are separable bands; chance is 10 %.
     assert out["final"]["test_accuracy"] >= 0.9
     assert out["final"]["test_count"] == 40  # all test images, the partial batch included
