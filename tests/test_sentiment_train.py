@@ -314,8 +314,6 @@ def test_cached_features_give_the_same_predictions(tmp_path, dtype, tol):
 def test_encoder_dtype_is_the_dtype_the_encoder_computes_in(tmp_path, dtype):
     """encoder_dtype=bfloat16 runs the encoder's products on bf16 inputs (its program holds
     bf16 values; the logits move by bf16's rounding); float32 keeps every value float32."""
-    import jax
-
     config = tiny_config(tmp_path, "use_mask=True", f"encoder_dtype={dtype}")
     bert_config, bert_params, tok = sentiment.load_encoder(config)
     data = sentiment.prepare_data(config, tok, tmp_path)
