@@ -69,8 +69,8 @@ def test_delta_rule_matches_the_float64_loop_with_gradients(implementation, gate
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     if implementation == "chunked":  # chunks of one step, and one chunk of all 13
         for chunk_size in (1, 13):
-            out = delta_rule_attention(q, k, v, beta, log_alpha=log_alpha, chunk_size=chunk_size)
-            np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5, err_msg=f"{chunk_size}")
+            got = delta_rule_attention(q, k, v, beta, log_alpha=log_alpha, chunk_size=chunk_size)
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5, err_msg=f"{chunk_size}")
 
     w = np.random.default_rng(0).standard_normal(out.shape)
     with jax.enable_x64(True):

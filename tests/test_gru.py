@@ -10,6 +10,7 @@ from hw2jax import kernels
 from hw2jax.attention import dispatch
 from hw2jax.errors import InputError
 from hw2jax.models.gru import GRU, params_from_torch
+from hw2jax.models.layers import TorchDense
 
 torch = pytest.importorskip("torch")
 
@@ -224,8 +225,6 @@ def test_every_tensor_starts_from_torchs_draw():
     """torch.nn.GRU draws every tensor from U(-1/sqrt(H), 1/sqrt(H)), nn.Linear its weight and
     bias from U(-1/sqrt(fan_in), ...): ours (the GRU, and TorchDense of the heads) fill the
     interval torch's own tensors fill, no wider, with a uniform's spread (std bound / sqrt 3)."""
-    from hw2jax.models.layers import TorchDense
-
     gru = GRU(256, 1, True).init(jax.random.key(0), jnp.zeros((1, 3, 768)))["params"]
     dense = TorchDense(1000, 768).init(jax.random.key(1), jnp.zeros((1, 768)))["params"]
     torch.manual_seed(0)

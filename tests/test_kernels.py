@@ -238,7 +238,7 @@ def test_key_bias_attention_matches_float64_on_every_path(implementation, rate):
         )
 
     out, pullback = jax.vjp(attend, q, k, v, key_bias)
-    keep = _keep_mask_np(seeds, shape[1], rate) if rate else np.ones((1, 1, 1, 1), bool)
+    keep = _keep_mask_np(seeds, shape[1], rate)  # at rate 0: every entry kept
     want = _dropout_attention_np(q, k, v, key_bias, keep, rate, False, scale)
     np.testing.assert_allclose(out, want, atol=2e-5, rtol=1e-5)
     refs = _softmax_gradients_np(q, k, v, g, False, scale, key_bias, keep, rate)

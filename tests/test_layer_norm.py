@@ -48,6 +48,13 @@ def inputs(shape, seed=0):
     return x, scale, bias, rng.standard_normal(shape).astype(np.float32)
 
 
+def spread(params):
+    """Parameters moved off flax's init (scale 1, bias 0) by distinct values, in their dtype."""
+    return jax.tree.map(
+        lambda p: p + jnp.linspace(-1, 1, p.size, dtype=p.dtype).reshape(p.shape), params
+    )
+
+
 # Rows in one item of 64 and across several, BERT's width, one vector, no rows at all. An
 # epsilon near the rows' variance (9) as well: at 1e-5 a kernel that ignored it would pass.
 @pytest.mark.parametrize("eps", [1e-5, 4.0])
@@ -70,7 +77,7 @@ def test_the_module_is_flax_layer_norm_both_ways(monkeypatch, path):
     x, _, _, dy = inputs((4, 50, 64), seed=1)
     ours, flax_norm = LayerNorm(epsilon=1e-5), nn.LayerNorm(epsilon=1e-5)
     params = flax_norm.init(jax.random.key(0), x)
-    params = jax.tree.map(lambda p: p + jnp.linspace(-1, 1, p.size).reshape(p.shape), params)
+    params = spread(params)
     assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(params)
 
     def grads(module):
@@ -104,9 +111,7 @@ def test_options_the_kernel_lacks_are_flax_layer_norms_own(monkeypatch, options)
     x = jnp.asarray(inputs((4, 6, 32), seed=2)[0])
     ours, flax_norm = LayerNorm(**options), nn.LayerNorm(**options)
     params = flax_norm.init(jax.random.key(0), x)
-    params = jax.tree.map(
-        lambda p: p + jnp.linspace(-1, 1, p.size, dtype=p.dtype).reshape(p.shape), params
-    )
+    params = spread(params)
     assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(params)
     program = jax.jit(ours.apply).lower(params, x).as_text()
     assert "hw2jax_cpu" not in program, options
@@ -144,7 +149,7 @@ def test_the_module_adds_a_layers_product_and_bias_before_the_norm(monkeypatch, 
     x, _, h_bias, h = inputs((4, 50, 64), seed=3)
     norm = LayerNorm(epsilon=1e-5)
     params = nn.LayerNorm(epsilon=1e-5).init(jax.random.key(0), x)
-    params = jax.tree.map(lambda p: p + jnp.linspace(-1, 1, p.size).reshape(p.shape), params)
+    params = spread(params)
     got = norm.apply(params, x, plus=(h, h_bias))
     np.testing.assert_array_equal(got, norm.apply(params, x + (h + h_bias)))
     program = jax.jit(lambda p: norm.apply(p, x, plus=(h, h_bias))).lower(params).as_text()
