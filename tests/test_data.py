@@ -5,6 +5,8 @@ import pytest
 from conftest import make_fashion_folder
 
 from hw2jax.data import DataNotFoundError, IdxFormatError, fashion_mnist, read_idx, write_idx
+from hw2jax.data.sources import TfdsSource
+from hw2jax.errors import InputError
 
 
 @pytest.mark.parametrize("name", ["a-idx3-ubyte", "a-idx3-ubyte.gz"])
@@ -68,6 +70,28 @@ def test_label_count_must_match_images(tmp_path):
         fashion_mnist.load(fashion_mnist.IdxFolderSource(folder), "test")
 
 
+def test_labels_past_nine_are_refused(tmp_path):
+    folder = make_fashion_folder(tmp_path / "f", n_train=30, n_test=12)
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.array([3] * 11 + [10], np.uint8))
+    with pytest.raises(InputError, match=r"labels must be 0\.\.9, found 10"):
+        fashion_mnist.load(fashion_mnist.IdxFolderSource(folder), "test")
+
+
+def test_a_named_folder_without_idx_files(tmp_path, monkeypatch):
+    """A named path that is not a folder is refused whatever the source; a folder without the
+    files is refused when idx files were asked for, else read as TFDS's own data dir, offline."""
+    monkeypatch.setattr(fashion_mnist, "tfds_available", lambda: True)
+    for kind in ("auto", "idx"):
+        with pytest.raises(DataNotFoundError, match="not a folder with all four"):
+            fashion_mnist.find_source(tmp_path / "typo", kind=kind)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataNotFoundError, match="not a folder with all four"):
+        fashion_mnist.find_source(tmp_path / "empty", kind="idx")
+    source = fashion_mnist.find_source(tmp_path / "empty")
+    assert isinstance(source, TfdsSource) and source.data_dir == str(tmp_path / "empty")
+    assert source.download is False
+
+
 def test_env_var_and_argument_pick_the_folder(tmp_path, monkeypatch):
     a = make_fashion_folder(tmp_path / "a", n_train=10, n_test=5)
     b = make_fashion_folder(tmp_path / "b", n_train=20, n_test=5)
@@ -116,6 +140,7 @@ def test_tfds_fallback_failure_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(fashion_mnist, "USUAL_PLACES", (tmp_path / "nowhere",))
     source = fashion_mnist.find_source()
     assert "tensorflow-datasets" in source.description
+    assert source.download is True  # the real download path, for a machine that is online
     source.data_dir = str(tmp_path / "tfds")  # nothing prepared there, and no download
     source.download = False
     with pytest.raises(DataNotFoundError) as exc:
