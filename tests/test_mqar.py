@@ -83,6 +83,10 @@ def test_state_sizes_follow_their_formulas():
     assert state_size("softmax", 64, 2, 512) == 2 * 512 * 64
     assert state_size("linear", 64, 2, 512) == 2 * 32 * 33 == state_size("linear", 64, 2, 64)
     assert state_size("gla", 64, 2, 512) == 2 * 32 * 32
+    assert state_size("retention", 64, 2, 512) == 2 * 32 * 32
+    assert state_size("cosformer", 64, 2, 512) == 2 * 2 * 32 * 33  # its cos and sin halves
+    assert state_size("performer", 64, 2, 512) == 2 * 64 * 33  # 2 x head_dim features here
+    assert registry.get("performer").floats_per_head(32, 512) == 256 * 33  # the default
     for fixed in ("ssd", "deltanet", "gated_deltanet"):  # a [d, d] state per head
         assert state_size(fixed, 64, 2, 512) == 2 * 32 * 32
     assert state_size("sliding_window", 64, 2, 512) == 2 * 2 * 64 * 32  # the window's cache
