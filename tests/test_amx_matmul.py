@@ -463,6 +463,9 @@ def test_the_row_attention_rule_takes_amx_for_bf16_on_amx_cpus_only():
     assert rule(bert, jnp.float32, lambda: None, cpu_amx) == "float32"
     assert rule((32, 256, 12, 40), jnp.bfloat16, lambda: None, cpu_amx) == "float32"
     assert rule((1, 8, 1, 32), jnp.bfloat16, lambda: None, cpu_amx) == "float32"  # small
+    # Two products of T x T x D per (batch, head): 2 * 2 * 2 * 64 * 64 * 32 = AMX_MIN_MACS.
+    assert rule((2, 64, 2, 32), jnp.bfloat16, lambda: None, cpu_amx) == "amx"
+    assert rule((2, 63, 2, 32), jnp.bfloat16, lambda: None, cpu_amx) == "float32"
     no_amx = dispatch.Machine("cpu", kernel_features=NO_AMX)
     assert rule(bert, jnp.bfloat16, lambda: None, no_amx) == "float32"
     pair_dots = dispatch.Machine("cpu", kernel_features=PAIR_DOTS)  # products only, no tiles
