@@ -353,6 +353,21 @@ def test_a_process_whose_peer_died_ends_at_once_with_one_line(fashion_dir, tmp_p
     assert json.loads(history.read_text())["status"].startswith("failed: PeerLost: process 0")
 
 
+def test_only_a_lost_peer_of_a_run_of_several_processes_is_called_one(monkeypatch):
+    import jax
+
+    from hw2jax.train import sharding
+
+    gone = RuntimeError("all-reduce failed\n  Gloo: Connection reset by peer [10.0.0.2]\nmore")
+    assert sharding.peer_lost(gone, 7) is None  # one process: no peer to lose
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert sharding.peer_lost(RuntimeError("shapes (3,) and (4,) differ"), 7) is None
+    lost = sharding.peer_lost(gone, 7)
+    assert isinstance(lost, sharding.PeerLost)
+    assert "of 2 lost contact with another process at step 7" in str(lost)
+    assert "(Gloo: Connection reset by peer [10.0.0.2])" in str(lost)
+
+
 _UNEVEN_DEVICES = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
