@@ -812,6 +812,48 @@ def test_cpu_vector_features_read_the_cpu_flags(tmp_path):
     assert not any(cpu_vector_features(str(tmp_path / "missing")).values())
 
 
+def test_the_peak_estimate_counts_each_cpus_fma_lanes(tmp_path, monkeypatch):
+    """FLOPs per cycle per core (cpu.peak_fp32_gflops's table) from the vendor, family, model
+    and flags; the peak is cores x GHz x that."""
+    from hw2jax import cpu
+
+    monkeypatch.setattr(cpu, "usable_cores", lambda: 2)
+    info = tmp_path / "cpuinfo"
+
+    def peak(vendor, family, model, flags, mhz="2500.000"):
+        lines = [f"vendor_id\t: {vendor}", f"cpu family\t: {family}", f"flags\t\t: {flags}"]
+        lines += [f"model\t\t: {model}"] if model is not None else []
+        lines += [f"cpu MHz\t\t: {mhz}"] if mhz is not None else []
+        info.write_text("\n".join(lines) + "\n")
+        return cpu.peak_fp32_gflops(str(info))
+
+    amd, intel = "AuthenticAMD", "GenuineIntel"
+    for vendor, family, model, flags, lanes in (
+        (amd, 23, 1, "avx2", 16),  # Zen
+        (amd, 23, 48, "avx2", 16),
+        (amd, 23, None, "avx2", 16),  # no model line: read as 0
+        (amd, 23, 49, "avx2", 32),  # Zen 2 (Rome)
+        (amd, 25, 17, "avx2 avx512f", 32),  # Zen 4: AVX-512 on 256-bit halves
+        (amd, 26, 2, "avx2 avx512f", 64),  # Zen 5
+        (amd, 21, 2, "avx2", None),  # older AMD: unknown
+        (intel, 6, 167, "avx2 avx512f", 64),
+        (intel, 6, 85, "avx2", 32),
+        (intel, 6, 30, "sse4_2", None),
+        ("HygonGenuine", 24, 1, "avx2", None),
+    ):
+        got = peak(vendor, family, model, flags)
+        assert got["flops_per_cycle_per_core"] == lanes, (vendor, family, model)
+        assert got["gflops"] == (2 * 2.5 * lanes if lanes else None)
+        assert (got["cores"], got["ghz"]) == (2, 2.5)
+    no_clock = peak(intel, 6, 167, "avx2 avx512f", mhz=None)
+    assert no_clock["ghz"] is None and no_clock["gflops"] is None
+    # bf16 products are native on accelerators and on CPUs with AVX512-BF16 or AMX-BF16.
+    assert cpu.native_bf16("gpu", str(tmp_path / "missing"))
+    for flags, native in (("avx2 avx512f", False), ("avx512_bf16", True), ("amx_bf16", True)):
+        info.write_text(f"flags\t\t: {flags}\n")
+        assert cpu.native_bf16("cpu", str(info)) == native, flags
+
+
 def test_the_same_ffi_headers_anywhere_share_the_cached_library(tmp_path, monkeypatch):
     """A venv that links this jax in (the wheel test's), or a fresh venv with the same jax (a
     clean clone's), finds the library built here; headers that differ get their own."""
