@@ -467,6 +467,27 @@ def test_merged_attention_override_takes_shell_booleans_and_rejects_others(fashi
         vit.ViTTask(config, train, test)
 
 
+def test_the_progress_bar_of_a_resumed_epoch_starts_where_it_stopped(monkeypatch):
+    """Resumed at step 7 with 5 steps an epoch: epoch 2's bar stands at 2 of 5; after a step it
+    shows the last step's mean loss and the epoch's rate so far."""
+    import types
+
+    from hw2jax.train import hooks
+
+    monkeypatch.setattr(hooks.time, "perf_counter", lambda: 12.0)
+    run = types.SimpleNamespace(
+        step=7, epoch=2, steps_per_epoch=5, config=types.SimpleNamespace(epochs=3), unit="images"
+    )
+    progress = hooks.Progress(enabled=True)
+    progress.start_epoch(run)
+    assert (progress.bar.n, progress.bar.total, progress.bar.desc) == (2, 5, "epoch 2/3")
+    run.read, run.seen, run.epoch_start = [{"loss_sum": 6.0, "count": 8.0}], 120.0, 10.0
+    progress.after_step(run)
+    assert progress.bar.n == 3 and progress.bar.postfix == "images/s=60, loss=0.7500"
+    progress.close(run)
+    assert progress.bar is None
+
+
 def test_curves_are_redrawn_when_due_after_the_last_epoch_and_on_a_stop(monkeypatch, tmp_path):
     """Epochs of 8 s with a 20 s period: drawn after epochs 1, 4 (24 s on) and 5 (the last),
     and after a stop, whatever the clock says."""
