@@ -97,6 +97,31 @@ def test_training_learns_and_writes_history_plots_and_results(fashion_dir, tmp_p
     assert results["test_accuracy"] == pytest.approx(epochs[-1]["test_accuracy"])
 
 
+def test_the_logged_train_loss_is_the_mean_cross_entropy_of_the_images_seen(fashion_dir, tmp_path):
+    """At a learning rate of 1e-9 the parameters stay put, so each logged loss is the float64
+    cross-entropy of the final parameters' logits, averaged over the step's images, and the
+    epoch's is the average over all 96."""
+    config = small_config(fashion_dir, "epochs=1", "log_every_steps=1", "learning_rate=1e-9")
+    out = vit.train_and_evaluate(config, tmp_path / "run")
+    train, test = vit.load_data(config)
+    task = vit.ViTTask(config, train, test)
+    params = loop.latest_params(task, config, tmp_path / "run")
+    per_step = []
+    for batch in task.train_batches(0):
+        logits = np.asarray(task.apply(params, batch, train=True, rng=None), np.float64)
+        shifted = logits - logits.max(-1, keepdims=True)
+        log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        losses = -log_p[np.arange(len(logits)), np.asarray(batch["label"])]
+        mask = np.asarray(batch["mask"]) > 0
+        per_step.append(losses[mask])
+    rows = out["train"]
+    assert [(r["step"], r["examples"]) for r in rows] == [(1, 40), (2, 40), (3, 16)]
+    for row, losses in zip(rows, per_step, strict=True):
+        assert row["loss"] == pytest.approx(losses.mean(), rel=1e-5)
+    every = np.concatenate(per_step)
+    assert out["epochs"][0]["train_loss"] == pytest.approx(every.mean(), rel=1e-5)
+
+
 def test_a_run_records_the_paths_auto_took_by_timing(fashion_dir, tmp_path, monkeypatch):
     """Each shape class auto decided by its timings while the run trained, with the path taken
     and the milliseconds, is kept in this machine's entry of the history and the results: with
