@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from conftest import SignalAfter, assert_names_its_machine, untimed
@@ -21,6 +22,7 @@ from hw2jax.config import apply_overrides, load_config
 from hw2jax.data import DataNotFoundError, imdb, splits
 from hw2jax.errors import InputError
 from hw2jax.tasks import sentiment
+from hw2jax.tasks.sentiment.data import bucket_sizes
 from hw2jax.train import steps
 
 pytest.importorskip("transformers")
@@ -139,6 +141,11 @@ def test_buckets_bound_the_shapes_and_cover_everything():
     assert all(lengths[idx].max() <= size for idx, size in plan)
     padded = sum(size * len(idx) for idx, size in plan)
     assert padded < 0.8 * 512 * 1000  # far less padding than padding all to 512
+    # A run's buckets: those below max_length, then max_length itself, once.
+    config = ml_collections.ConfigDict({"buckets": (16, 32, 64), "max_length": 32})
+    assert bucket_sizes(config) == (16, 32)
+    config.max_length = 48
+    assert bucket_sizes(config) == (16, 32, 48)
 
 
 def tiny_settings(tmp_path, *overrides) -> list[str]:
@@ -423,6 +430,11 @@ def test_max_reviews_keeps_texts_and_labels_together(tmp_path, tokenizer):
     config = tiny_config(tmp_path, "max_reviews=10")
     data = sentiment.prepare_data(config, tokenizer, tmp_path)
     assert {k: len(v["ids"]) for k, v in data.items()} == {"train": 7, "valid": 3, "test": 10}
+    # A train_size of every review would leave no validation: 70 % then; one fewer is kept.
+    for size, want in ((10, 7), (9, 9)):
+        config = tiny_config(tmp_path, "max_reviews=10", f"train_size={size}")
+        split = sentiment.prepare_data(config, tokenizer, tmp_path)
+        assert (len(split["train"]["ids"]), len(split["valid"]["ids"])) == (want, 10 - want)
     full = imdb.AclImdbSource(FIXTURE.parent).load_all()["test"]
     ids, _ = imdb.tokenize(full["text"], tokenizer, 64)
     label_of = {row.tobytes(): label for row, label in zip(ids, full["label"], strict=True)}
