@@ -287,6 +287,13 @@ def test_cli_train_and_predict(tmp_path, capsys, monkeypatch):
     assert f"{reviews} line 2 is not UTF-8" in capsys.readouterr().err
     assert cli.main([*predict, "--errors", "replace", bad]) == 0
     assert capsys.readouterr().out.strip().endswith("caf\ufffd was great")
+    # Exactly max_length word pieces with [CLS] and [SEP] is whole; one more is cut.
+    rows = sentiment.predict_reviews(tmp_path / "w", ["great " * 62, "great " * 63])
+    assert [(r["tokens"], r["truncated"]) for r in rows] == [(64, False), (65, True)]
+    # No text, or a blank one: refused before the work dir is read.
+    for texts in ([], ["fine", " \n"]):
+        with pytest.raises(InputError, match="at least one non-empty text"):
+            sentiment.predict(tmp_path / "nowhere", texts)
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 3e-2)])
