@@ -901,3 +901,29 @@ def test_fma_chains_run_exactly_the_multiply_adds_they_count():
     assert np.abs(closed_form(n + 1) - closed_form(n)).min() > 1e-4
     assert int(lanes[0]) % 8 == 0 and int(lanes[0]) >= 96  # chains x 8 or 16 lanes
     assert kernels.fma_chains(start[:0], n, x, y)[0].shape == (0,)
+
+
+def test_the_measured_peak_counts_two_flops_per_multiply_add_of_its_best_run(monkeypatch):
+    """A fake clock: each call of the chains takes 1 us an iteration (the second of the three
+    compared runs 2 us), with 64 multiply-adds an item an iteration on 16 items. Runs grow 8-fold
+    to 10 ms, are then sized to 0.25 s, and the best gives 2 x 64 x 16 / 1 us = 2.048 GFLOP/s."""
+    import types
+
+    from hw2jax.kernels import peak
+
+    clock, calls = [0.0], []
+
+    def chains(start, iterations, x, y):
+        calls.append(iterations)
+        clock[0] += iterations * (2e-6 if len(calls) == 9 else 1e-6)
+        return start, jnp.array([64.0], jnp.float32)
+
+    monkeypatch.setattr(peak, "cpu_attention_unavailable_reason", lambda *a: None)
+    monkeypatch.setattr(peak.cpu, "usable_cores", lambda: 2)
+    monkeypatch.setattr(peak, "fma_chains", chains)
+    fake_jax = types.SimpleNamespace(jit=lambda f, **_: f, block_until_ready=lambda x: x)
+    monkeypatch.setattr(peak, "jax", fake_jax)
+    monkeypatch.setattr(peak.time, "perf_counter", lambda: clock[0])
+    assert peak.fma_peak_gflops(seconds=0.25, repeats=3) == pytest.approx(2.048)
+    assert calls[:6] == [1000, 1000, 8000, 8000, 64000, 64000]
+    assert calls[6:] == [calls[6]] * 4 and abs(calls[6] - 250_000) <= 1  # 0.25 s, as clocked
