@@ -712,6 +712,22 @@ BAD_CALLS = {
         lambda: attention.matmul_f32(jnp.ones((3, 4)), jnp.ones((5, 2))),
         r"the contracted dims differ \(4 in a \(3, 4\), 5 in b \(5, 2\)",
     ),
+    "matmul_f32 of a vector": (
+        lambda: attention.matmul_f32(jnp.ones((4,)), jnp.ones((4, 2))),
+        r"same rank >= 2 with equal leading \(batch\) dims, got \(4,\) and \(4, 2\)",
+    ),
+    "matmul_f32 of a matrix and a vector": (
+        lambda: attention.matmul_f32(jnp.ones((3, 4)), jnp.ones((4,))),
+        r"same rank >= 2 with equal leading \(batch\) dims, got \(3, 4\) and \(4,\)",
+    ),
+    "matmul_f32 of unequal batches": (
+        lambda: attention.matmul_f32(jnp.ones((2, 3, 4)), jnp.ones((3, 4, 5))),
+        r"equal leading \(batch\) dims, got \(2, 3, 4\) and \(3, 4, 5\)",
+    ),
+    "matmul_f32 of mismatched dims, a transposed": (
+        lambda: attention.matmul_f32(jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5)), transpose_a=True),
+        r"\(3 in a \(2, 3, 4\), 4 in b \(2, 4, 5\), transpose_a=True, transpose_b=False\)",
+    ),
     "performer with no features": (
         lambda: attention.performer_attention(Q, Q, Q, num_features=0, key=jax.random.key(0)),
         r"num_features must be a positive int, got 0",
