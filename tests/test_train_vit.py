@@ -590,11 +590,17 @@ def test_random_erase_covers_one_rectangle_of_the_stated_size_or_nothing():
     images = jnp.full((256, 28, 28, 1), -1.0)  # outside the noise's range: every erased pixel shows
     assert bool(jnp.all(vit.random_erase(jax.random.key(0), images, 0.0) == images))
     out = np.asarray(vit.random_erase(jax.random.key(1), images, 1.0))[..., 0]
+    edges = []
     for changed in out != -1.0:
         rows, cols = np.nonzero(changed.any(1))[0], np.nonzero(changed.any(0))[0]
         box = changed[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
         assert box.all()  # one solid rectangle
         assert 0.02 * 784 * 0.5 <= changed.sum() <= 0.25 * 784 * 1.6  # rounding of the sides
+        edges.append((rows[0], cols[0], rows[-1], cols[-1]))
+    top, left, bottom, right = np.array(edges).T
+    # Anywhere in the image: from the first row and column to the last, at many offsets.
+    assert top.min() == left.min() == 0 and bottom.max() == right.max() == 27
+    assert len(set(top)) > 15 and len(set(left)) > 15
     assert out[out != -1.0].min() >= 0 and out[out != -1.0].max() <= 255
     half = np.asarray(vit.random_erase(jax.random.key(2), images, 0.5))
     assert 0.35 < np.mean((half != -1.0).any((1, 2, 3))) < 0.65
