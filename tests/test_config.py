@@ -71,11 +71,15 @@ def test_override_mistakes_name_the_valid_keys(override, message):
         ("model.merged_attention=yes", "model.merged_attention: expected None or bool, got str"),
         ("devices=none", "devices: got 'none'; 'all' or a positive count"),
         ("best_metric=test_loss", "best_metric 'test_loss' is not recorded;"),
+        ("valid_size=60000", "valid_size: got 60000; it must leave images to train on"),
+        ("augment_erase=1.5", "augment_erase: got 1.5; it is a probability (<= 1)"),
+        ("label_smoothing=1.0", "label_smoothing: got 1.0; it must be below 1"),
     ],
 )
 def test_out_of_range_values_are_refused_before_any_work(tmp_path, override, message):
     config = load_config(VIT)
-    apply_overrides(config, [override])
+    # No data there: a check that let the value through fails at once rather than training.
+    apply_overrides(config, [f"data_dir={tmp_path / 'no_data'}", override])
     with pytest.raises(ConfigError) as e:
         vit.train_and_evaluate(config, tmp_path / "run")
     assert message in str(e.value)
