@@ -68,6 +68,8 @@ def test_each_variant_trains_apart_and_the_table_matches_their_histories(
         ),
         ({"recipe": "epochs=1"}, (), "not 'recipe', the recipe's own run"),
         ({"a b": "epochs=1"}, (), r"ablation: got \{'a b'"),
+        ({"x": ""}, (), r"ablation: got \{'x': ''\}; each entry maps a run name"),
+        ({"x": 3}, (), r"ablation: got \{'x': 3\}; each entry maps a run name"),
     ],
 )
 def test_a_bad_ablation_is_refused_before_anything_trains(
