@@ -22,6 +22,24 @@ def _sets(items):
     return [a for item in items for a in ("--set", item)]
 
 
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["sentiment"], "hw2jax sentiment: error: the following arguments are required: ACTION"),
+        (["data"], "hw2jax data: error: the following arguments are required: ACTION"),
+        ([], "hw2jax: error: the following arguments are required: COMMAND"),
+        (["sentiment", "pack", "--config", "c.py"], "arguments are required: --out"),
+        (["theory", "--lengths", "256,0"], "lengths must be positive, got '256,0'"),
+        (["theory", "--lengths", "256,x"], "expected comma-separated integers, got '256,x'"),
+    ],
+)
+def test_a_missing_command_or_bad_argument_is_the_parsers_one_error(capsys, args, message):
+    with pytest.raises(SystemExit) as ended:
+        cli.main(args)
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and message in err and "Traceback" not in err
+
+
 def test_data_locate_names_the_folder_or_every_place_tried(fashion_dir, tmp_path, capsys):
     assert cli.main(["data", "locate", "--data-dir", str(fashion_dir)]) == 0
     out = capsys.readouterr().out.strip()

@@ -76,6 +76,7 @@ def test_auto_host_devices_take_the_most_cores_every_batch_splits_over(capsys):
     base = ["vit", "train", "--config", "c.py", "--workdir", "w", "--host-devices"]
     assert build_parser().parse_args([*base, "auto"]).host_devices == "auto"
     assert build_parser().parse_args([*base, "3"]).host_devices == 3
+    assert build_parser().parse_args([*base, "1"]).host_devices == 1
     for bad in ("0", "two"):
         with pytest.raises(SystemExit):
             build_parser().parse_args([*base, bad])
@@ -259,14 +260,20 @@ def test_two_processes_match_one(tmp_path, small_vit_run):
 def test_devices_other_than_all_with_several_processes_is_one_line(tmp_path, capsys):
     from test_reliability import cli_args
 
-    args = [*cli_args(tmp_path, tmp_path / "run", "epochs=1"), "--devices", "2"]
-    args += ["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "0"]
-    assert cli.main(args) == 2  # before any process connects or waits
-    assert capsys.readouterr().err.strip() == (
-        "hw2jax: error: --devices 2 with several processes: each batch is split over the devices "
-        "of every process (a count leaves some process without rows); leave --devices out or "
-        "pass --devices all."
-    )
+    # Any one of the flags that start several processes is enough to refuse.
+    for flags in (
+        ["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "0"],
+        ["--num-processes", "2"],
+        ["--coordinator", "localhost:1"],
+        ["--distributed"],
+    ):
+        args = [*cli_args(tmp_path, tmp_path / "run", "epochs=1"), "--devices", "2", *flags]
+        assert cli.main(args) == 2, flags  # before any process connects or waits
+        assert capsys.readouterr().err.strip() == (
+            "hw2jax: error: --devices 2 with several processes: each batch is split over the "
+            "devices of every process (a count leaves some process without rows); leave "
+            "--devices out or pass --devices all."
+        )
 
 
 @pytest.mark.slow
