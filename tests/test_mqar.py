@@ -118,6 +118,32 @@ class StopAfterFirstStep(hooks.Hook):
         run.stop_requested = "a hook"  # as a signal before the first step: it saves and stops
 
 
+def test_run_each_reads_finished_runs_back_and_times_the_runs_it_trains(tmp_path, monkeypatch):
+    """A fake clock and a fake train of 5 s a run; run "b" stops the first time."""
+    from hw2jax.train import sweep
+
+    clock, calls = [100.0], []
+
+    def train(config, run_dir):
+        calls.append(run_dir.name)
+        clock[0] += 5.0
+        stops = calls == ["a", "b"]
+        history = {"status": "interrupted" if stops else "done", "name": run_dir.name}
+        run_dir.mkdir(exist_ok=True)  # a run's work dir and history, as the loop leaves them
+        (run_dir / "history.json").write_text(json.dumps(history))
+        return history
+
+    monkeypatch.setattr(sweep.time, "perf_counter", lambda: clock[0])
+    runs = [(name, ml_collections.ConfigDict()) for name in ("a", "b", "c")]
+    first = sweep.run_each(runs, tmp_path, train)
+    assert first == [{"status": "done", "name": "a", "wall_time_s": 5.0}]
+    assert json.loads((tmp_path / "a" / "history.json").read_text()) == first[0]
+    again = sweep.run_each(runs, tmp_path, train)
+    assert calls == ["a", "b", "b", "c"]  # "a" read back, "b" trained again, then "c"
+    assert [h["name"] for h in again] == ["a", "b", "c"]
+    assert [h["wall_time_s"] for h in again] == [5.0, 5.0, 5.0]
+
+
 def test_the_sweep_resumes_run_by_run_and_writes_table_and_plot(tmp_path, monkeypatch):
     config = tiny_config()
     config.sweep = ml_collections.ConfigDict(
