@@ -29,6 +29,7 @@ def _sets(items):
         (["data"], "hw2jax data: error: the following arguments are required: ACTION"),
         ([], "hw2jax: error: the following arguments are required: COMMAND"),
         (["sentiment", "pack", "--config", "c.py"], "arguments are required: --out"),
+        (["vit", "train", "--config", "c.py"], "arguments are required: --workdir"),
         (["theory", "--lengths", "256,0"], "lengths must be positive, got '256,0'"),
         (["theory", "--lengths", "256,x"], "expected comma-separated integers, got '256,x'"),
     ],
