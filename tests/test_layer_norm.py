@@ -236,6 +236,12 @@ def test_inputs_it_cannot_take_are_refused_naming_the_alternative():
             kernels.cpu_layer_norm(x, ones(x.shape[-1]), ones(x.shape[-1]), 1e-5)
     with pytest.raises(InputError, match=r"scale and bias of shape \(64,\); got \(32,\)"):
         kernels.cpu_layer_norm(ones((4, 64)), ones(32), ones(64), 1e-5)
+    # Only the last axis counts; a width of 0 and a scalar are refused.
+    from hw2jax.kernels.rows import layer_norm_unsupported
+
+    assert layer_norm_unsupported((2, 3, 5, 32), jnp.float32) is None
+    for shape in ((4, 0), ()):
+        assert "positive multiple of 16" in layer_norm_unsupported(shape, jnp.float32)
     with pytest.raises(InputError, match=r"h of x's shape \(4, 64\), float32; got \(4, 32\)"):
         kernels.cpu_add_layer_norm(ones((4, 64)), ones((4, 32)), ones(64), ones(64), ones(64), 0)
     with pytest.raises(InputError, match=r"h_bias, scale and bias of shape \(64,\); got \(32,\)"):
