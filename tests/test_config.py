@@ -107,7 +107,10 @@ def test_a_config_file_with_a_stray_or_missing_key_is_refused(tmp_path):
     ],
 )
 def test_cli_gives_one_line_and_no_workdir(tmp_path, capsys, args, message):
-    code = cli.main(["vit", "train", "--config", str(VIT), "--workdir", str(tmp_path / "w"), *args])
+    no_data = ["--data-dir", str(tmp_path / "no_data")]  # a check that let it through fails fast
+    code = cli.main(
+        ["vit", "train", "--config", str(VIT), "--workdir", str(tmp_path / "w"), *no_data, *args]
+    )
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "w").exists()
@@ -123,6 +126,13 @@ def test_sentiment_schema_refuses_before_loading_an_encoder(tmp_path):
     )
     assert "max_length: got 1024; 2 <= max_length <= 512" in str(e.value)
     assert not (tmp_path / "run").exists()
+    for length, fits in ((1, False), (2, True), (512, True), (513, False)):
+        apply_overrides(config, ["encoder_dtype=float32", f"max_length={length}"])
+        if fits:
+            sentiment.check(config)
+        else:
+            with pytest.raises(ConfigError, match=f"max_length: got {length}; 2 <= max_length"):
+                sentiment.check(config)
 
 
 BAD_CONFIGS = {
