@@ -7,6 +7,7 @@ import pytest
 
 from hw2jax import cli
 from hw2jax.config import ConfigError, apply_overrides, check_config, load_config
+from hw2jax.errors import InputError
 from hw2jax.tasks import sentiment, vit
 
 EXPERIMENTS = Path(__file__).parents[1] / "experiments"
@@ -133,6 +134,12 @@ def test_sentiment_schema_refuses_before_loading_an_encoder(tmp_path):
         else:
             with pytest.raises(ConfigError, match=f"max_length: got {length}; 2 <= max_length"):
                 sentiment.check(config)
+    # The tail kept from a long review leaves room for [CLS] and [SEP].
+    apply_overrides(config, ["max_length=64", "tail_tokens=62"])
+    sentiment.check(config)
+    apply_overrides(config, ["tail_tokens=63"])
+    with pytest.raises(InputError, match=r"tail_tokens=63 leaves no room in max_length=64 .*62"):
+        sentiment.check(config)
 
 
 BAD_CONFIGS = {
