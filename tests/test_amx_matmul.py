@@ -471,6 +471,8 @@ def test_the_row_attention_rule_takes_amx_for_bf16_on_amx_cpus_only():
     pair_dots = dispatch.Machine("cpu", kernel_features=PAIR_DOTS)  # products only, no tiles
     assert rule(bert, jnp.bfloat16, lambda: None, pair_dots) == "float32"
     assert rule(bert, jnp.bfloat16, lambda: "Linux refused the tiles", cpu_amx) == "float32"
+    avx2 = dispatch.Machine("cpu", kernel_features=(("avx2", True),))  # neither feature listed
+    assert rule(bert, jnp.bfloat16, lambda: None, avx2) == "float32"
 
 
 def test_the_vit_step_drops_ynnpack_only_for_bf16_on_amx(monkeypatch):
@@ -504,6 +506,7 @@ def test_the_rule_takes_amx_only_for_big_bf16_dense_products_on_amx_cpus():
     assert rule(*big, machine=dispatch.Machine("cpu", kernel_features=PAIR_DOTS)) == "amx"
     assert rule(*big, machine=dispatch.Machine("cpu", kernel_features=NO_AMX)) == "xla"
     assert rule(*big, machine=dispatch.Machine("gpu", nvidia=True)) == "xla"
+    assert rule(*big, machine=dispatch.Machine("cpu", kernel_features=(("avx2", True),))) == "xla"
     assert rule(*big, reason=lambda: "Linux refused the tiles") == "xla"
     assert rule(big[0].astype(jnp.float32), big[1].astype(jnp.float32)) == "xla"
     assert rule(jnp.zeros((2, 8, 16), jnp.bfloat16), jnp.zeros((16, 16), jnp.bfloat16)) == "xla"

@@ -462,6 +462,7 @@ def test_a_lock_held_elsewhere_too_long_leaves_the_rule_and_says_so(
     out = capsys.readouterr().out
     assert "another process has held" in out and "dispatch-test.lock for over 0 s" in out
     assert dispatch.row_kernel(why(), CPU_AVX512, rows_for(), "layer_norm", True) == "fused_cpu"
+    assert capsys.readouterr().out == ""  # said once: not again as a spent budget
     dispatch.state.seconds_spent = 0.0  # a later process: it times the class
     assert dispatch.row_kernel(why(), CPU_AVX512, rows_for(), "layer_norm", True) == "xla"
     assert len(probes) == 1
@@ -505,6 +506,21 @@ def test_probes_stay_small_whatever_the_call(monkeypatch):
     ]
     vit = measure_for((256, 50, 4, 16)).inputs  # 2^22 scores in all: timed at its own size
     assert [p.shape for p in dispatch.probe_inputs(vit, abstract=True)] == [(256, 50, 4, 16)] * 3
+    # One head: the batch is cut, but to no fewer rows than cores.
+    one_head = measure_for((4, 65536, 1, 64)).inputs
+    assert [p.shape for p in dispatch.probe_inputs(one_head, abstract=True)] == [
+        (2, 8192, 1, 64)
+    ] * 3
+    # Exactly PROBE_SCORES scores in all is kept; twice as many rows is cut back to it.
+    for shape, probed in [
+        ((4, 2048, 1, 64), (4, 2048, 1, 64)),
+        ((8, 2048, 1, 64), (4, 2048, 1, 64)),
+        ((1, 2048, 4, 64), (1, 2048, 4, 64)),
+        ((1, 2048, 8, 64), (1, 2048, 4, 64)),
+    ]:
+        assert math.prod(probed[:3]) * probed[1] == dispatch.PROBE_SCORES
+        inputs = measure_for(shape).inputs
+        assert [p.shape for p in dispatch.probe_inputs(inputs, abstract=True)] == [probed] * 3
 
 
 def test_a_forced_path_is_never_timed(measured, monkeypatch):
@@ -635,6 +651,35 @@ def test_the_gru_recurrence_takes_the_measured_fastest_path_both_ways(measured, 
     monkeypatch.setenv("HW2JAX_RECURRENCE", "scan")
     with pytest.raises(dispatch.ImplementationError, match=r"\$HW2JAX_RECURRENCE.*fused_cpu"):
         dispatch.recurrence(why(), CPU_AVX512)
+
+
+def test_best_time_counts_no_warm_up_and_gives_up_on_a_loser(monkeypatch):
+    """best_time's runs on a fake clock: the best of three after a warm-up, fewer once half a
+    second has passed, or once a run took over LOSING_FACTOR times another path's best and
+    over LOSING_MIN_MS."""
+    clock = [0.0]
+    monkeypatch.setattr(dispatch.time, "perf_counter", lambda: clock[0])
+
+    def timed(durations, beaten_at=math.inf):
+        runs, calls = iter(durations), []
+        clock[0] = 0.0
+
+        def program(*inputs):
+            calls.append(inputs)
+            clock[0] += next(runs)
+            return np.zeros(())
+
+        return dispatch.best_time(program, [1, 2], beaten_at), len(calls)
+
+    assert timed([9.0, 0.375, 0.125, 0.25, 0.0]) == (0.125, 4)  # the warm-up is not counted
+    assert timed([0.0, 0.25, 0.25, 0.125]) == (0.125, 4)  # half a second exactly: on
+    assert timed([0.0, 0.25, 0.25 + 2**-10, 0.0]) == (0.25, 3)  # past it: stops
+    beaten = 2.0**-8  # another path's best: LOSING_FACTOR times it is 2^-7 s, over 5 ms
+    assert timed([0.0, 2**-7, 2**-7, 2**-7], beaten) == (2**-7, 4)
+    assert timed([0.0, 2**-7 + 2**-20, 0.0], beaten) == (2**-7 + 2**-20, 2)
+    # Under LOSING_MIN_MS a run is kept on, however far behind another path's best.
+    assert timed([0.0, 0.005, 0.001, 0.001], 2.0**-14)[1] == 4
+    assert timed([0.0, 0.005 + 2**-20, 0.0], 2.0**-14)[1] == 2
 
 
 def test_a_probe_with_gradients_times_the_outputs_too():
