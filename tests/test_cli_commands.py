@@ -30,6 +30,11 @@ def _sets(items):
         ([], "hw2jax: error: the following arguments are required: COMMAND"),
         (["sentiment", "pack", "--config", "c.py"], "arguments are required: --out"),
         (["vit", "train", "--config", "c.py"], "arguments are required: --workdir"),
+        (["vit", "train", "--workdir", "w"], "arguments are required: --config"),
+        (["sentiment", "pack", "--out", "o"], "arguments are required: --config"),
+        (["vit", "eval"], "arguments are required: --workdir"),
+        (["vit"], "hw2jax vit: error: the following arguments are required: ACTION"),
+        (["mqar"], "hw2jax mqar: error: the following arguments are required: ACTION"),
         (["theory", "--lengths", "256,0"], "lengths must be positive, got '256,0'"),
         (["theory", "--lengths", "256,x"], "expected comma-separated integers, got '256,x'"),
     ],
@@ -39,6 +44,68 @@ def test_a_missing_command_or_bad_argument_is_the_parsers_one_error(capsys, args
         cli.main(args)
     err = capsys.readouterr().err
     assert ended.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_flags_parse_to_what_the_commands_read():
+    parse = cli.build_parser().parse_args
+    assert parse(["theory", "--lengths", "1,8"]).lengths == (1, 8)  # 1 is positive
+    train = ["sentiment", "train", "--config", "c.py", "--workdir", "w"]
+    assert parse(train).cache_features is None  # unset: the config's own value stands
+    assert parse([*train, "--cache-features"]).cache_features is True
+
+
+@pytest.mark.parametrize(
+    "flags, started",
+    [
+        ([], None),
+        (["--distributed"], (None, None, None)),  # jax detects the rest (SLURM, MPI, TPU)
+        (["--coordinator", "h:1"], ("h:1", None, None)),
+        (["--num-processes", "2", "--process-id", "1"], (None, 2, 1)),
+    ],
+)
+def test_any_flag_of_several_processes_starts_the_distributed_runtime(monkeypatch, flags, started):
+    from hw2jax.train import sharding
+
+    calls = []
+    monkeypatch.setattr(sharding, "initialize_distributed", lambda *a: calls.append(a))
+    monkeypatch.setattr(sharding, "split_host_cpu", lambda n: calls.append(("split", n)))
+    train = ["vit", "train", "--config", "c.py", "--workdir", "w"]
+    cli._start_jax_runtime(cli.build_parser().parse_args([*train, *flags]))
+    assert calls == ([started] if started else [])
+    calls.clear()
+    cli._start_jax_runtime(cli.build_parser().parse_args([*train, "--host-devices", "3"]))
+    assert calls == [("split", 3)]
+
+
+def test_a_sweep_or_ablation_stopped_short_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    """Stopped short (a signal), `mqar sweep` and `vit ablate` say how to resume and exit 130;
+    with every run done they print the table and exit 0. A sweep's runs are its mixers x
+    lengths x dims, an ablation's the recipe's and one per variant."""
+    from test_ablation import SHIPPED
+
+    from hw2jax.config import load_config
+    from hw2jax.tasks import mqar, vit
+
+    for name in ("results.md", "ablation.md"):
+        (tmp_path / name).write_text(f"| {name} |\n")
+    grid = ["sweep.mixers=('softmax', 'linear')", "sweep.seq_lens=(64, 128, 256)"]
+    grid += ["sweep.dims=(32, 64)"]
+    sweep = ["mqar", "sweep", "--config", MQAR_CONFIG, "--workdir", str(tmp_path)]
+    ablate = ["vit", "ablate", "--config", str(SHIPPED), "--workdir", str(tmp_path)]
+    runs = 1 + len(load_config(SHIPPED).ablation)
+    for command, module, fn, expected, table in [
+        ([*sweep, *_sets(grid)], mqar, "sweep", 12, "results.md"),
+        (ablate, vit, "ablate", runs, "ablation.md"),
+    ]:
+        for done in (expected - 1, expected):
+            monkeypatch.setattr(module, fn, lambda config, workdir, n=done: [{}] * n)
+            finished = done == expected
+            assert cli.main(command) == (0 if finished else 130)
+            assert capsys.readouterr().out == (
+                f"| {table} |\n"
+                if finished
+                else f"Stopped after {done} of {expected} runs; run the same command to resume.\n"
+            )
 
 
 def test_data_locate_names_the_folder_or_every_place_tried(fashion_dir, tmp_path, capsys):

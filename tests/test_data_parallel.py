@@ -274,6 +274,10 @@ def test_devices_other_than_all_with_several_processes_is_one_line(tmp_path, cap
             "devices of every process (a count leaves some process without rows); leave "
             "--devices out or pass --devices all."
         )
+    # One process: a device count is its own to give (the run goes on, here to find no data).
+    args = [*cli_args(tmp_path, tmp_path / "run", "epochs=1"), "--data-source", "idx"]
+    assert cli.main([*args, "--devices", "1"]) == 2
+    assert capsys.readouterr().err.startswith("hw2jax: error: FashionMNIST not found")
 
 
 @pytest.mark.slow

@@ -287,6 +287,8 @@ def test_cli_train_and_predict(tmp_path, capsys, monkeypatch):
     assert f"{reviews} line 2 is not UTF-8" in capsys.readouterr().err
     assert cli.main([*predict, "--errors", "replace", bad]) == 0
     assert capsys.readouterr().out.strip().endswith("caf\ufffd was great")
+    assert cli.main([*predict, "--json", "Café très bon"]) == 0  # JSON keeps the letters
+    assert '"text": "Café très bon"' in capsys.readouterr().out
     # Exactly max_length word pieces with [CLS] and [SEP] is whole; one more is cut.
     rows = sentiment.predict_reviews(tmp_path / "w", ["great " * 62, "great " * 63])
     assert [(r["tokens"], r["truncated"]) for r in rows] == [(64, False), (65, True)]
