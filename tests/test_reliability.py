@@ -88,6 +88,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(
     assert len([line for line in err.splitlines() if "cannot be read" in line]) == 1
     assert out["status"] == "done" and len(out["epochs"]) == 3
     assert (run / "checkpoints" / "damaged").exists()
+    assert steps(run) == [6, 9]  # 6 written again, then 9: still the two newest only
     # Epoch 2 was redone from step 3: the result is that of an uninterrupted run.
     assert_same_params(final_params(run, small_config(data)), expected)
 
