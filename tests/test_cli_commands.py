@@ -63,18 +63,22 @@ def test_flags_parse_to_what_the_commands_read():
         (["--num-processes", "2", "--process-id", "1"], (None, 2, 1)),
     ],
 )
-def test_any_flag_of_several_processes_starts_the_distributed_runtime(monkeypatch, flags, started):
+def test_any_flag_of_several_processes_starts_the_distributed_runtime(
+    monkeypatch, tmp_path, capsys, flags, started
+):
+    """Before the config is read (a missing one here ends the command right after)."""
     from hw2jax.train import sharding
 
     calls = []
     monkeypatch.setattr(sharding, "initialize_distributed", lambda *a: calls.append(a))
     monkeypatch.setattr(sharding, "split_host_cpu", lambda n: calls.append(("split", n)))
-    train = ["vit", "train", "--config", "c.py", "--workdir", "w"]
-    cli._start_jax_runtime(cli.build_parser().parse_args([*train, *flags]))
+    train = ["vit", "train", "--config", str(tmp_path / "none.py"), "--workdir", str(tmp_path)]
+    assert cli.main([*train, *flags]) == 2
     assert calls == ([started] if started else [])
     calls.clear()
-    cli._start_jax_runtime(cli.build_parser().parse_args([*train, "--host-devices", "3"]))
+    assert cli.main([*train, "--host-devices", "3"]) == 2
     assert calls == [("split", 3)]
+    assert capsys.readouterr().err.count("none.py") == 2
 
 
 def test_a_sweep_or_ablation_stopped_short_says_how_to_resume(tmp_path, capsys, monkeypatch):
