@@ -141,6 +141,16 @@ def test_bf16_dense_accumulates_and_returns_float32():
     assert out.dtype == jnp.float32
     want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
     np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-4)
+    # Other forms (a batched product, float16) are XLA's dot_general, float32 out too.
+    a = jnp.asarray(rng.normal(size=(3, 5, 40)), jnp.bfloat16)
+    b = jnp.asarray(rng.normal(size=(3, 40, 6)), jnp.bfloat16)
+    batched = dot_float32_out(a, b, (((2,), (1,)), ((0,), (0,))))
+    want = np.einsum("bik,bkj->bij", np.asarray(a, np.float64), np.asarray(b, np.float64))
+    assert batched.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(batched), want, rtol=1e-5, atol=1e-4)
+    half = dot_float32_out(x.astype(jnp.float16), w.astype(jnp.float16), (((1,), (0,)), ((), ())))
+    assert half.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(half), np.asarray(out), rtol=1e-5, atol=1e-4)
 
 
 def test_minilm_package_weights_match_transformers():
