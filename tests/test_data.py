@@ -190,3 +190,23 @@ def test_a_data_root_holds_each_dataset_in_its_usual_name(tmp_path, monkeypatch)
     for path in package.rglob("*.py"):
         text = path.read_text()
         assert "shared/data" not in text and "parents[2]" not in text, path
+
+
+def test_a_token_pack_holds_ids_0_to_65535_and_refuses_others(tmp_path):
+    """Word pieces are packed as uint16 up to each review's length; padding past it is not
+    packed, whatever it holds, and an id outside 0..65535 is refused before anything is
+    written."""
+    from hw2jax.data import imdb
+
+    def pack(name, ids, lengths):
+        split = {"ids": np.array(ids), "length": np.array(lengths), "label": np.array([0, 1])}
+        return imdb.save_token_pack(
+            tmp_path / name, {"train": split}, max_length=3, vocab_digest="x"
+        )
+
+    with np.load(pack("p.npz", [[101, 0, 65535], [101, 70000, -5]], [3, 1])) as f:
+        assert f["train_tokens"].tolist() == [101, 0, 65535, 101]
+    for bad in (65536, -1):
+        with pytest.raises(InputError, match=r"token ids must lie in 0\.\.65535"):
+            pack("q.npz", [[101, bad, 2], [101, 2, 3]], [3, 3])
+    assert not (tmp_path / "q.npz").exists()
