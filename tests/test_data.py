@@ -210,3 +210,22 @@ def test_a_token_pack_holds_ids_0_to_65535_and_refuses_others(tmp_path):
         with pytest.raises(InputError, match=r"token ids must lie in 0\.\.65535"):
             pack("q.npz", [[101, bad, 2], [101, 2, 3]], [3, 3])
     assert not (tmp_path / "q.npz").exists()
+
+
+def test_imdb_with_no_folder_named_tries_the_usual_places_then_tfds_under_auto_only(
+    tmp_path, monkeypatch
+):
+    import shutil
+    from pathlib import Path
+
+    from hw2jax.data import imdb
+
+    monkeypatch.delenv("HW2JAX_DATA_DIR", raising=False)
+    monkeypatch.setattr(imdb, "USUAL_PLACES", (tmp_path / "aclImdb",))
+    monkeypatch.setattr(imdb, "tfds_available", lambda: True)
+    assert isinstance(imdb.find_source(kind="auto"), TfdsSource)
+    with pytest.raises(DataNotFoundError, match=r"aclImdb: not there"):
+        imdb.find_source(kind="local")
+    shutil.copytree(Path(__file__).parent / "fixtures" / "aclImdb", tmp_path / "aclImdb")
+    for kind in ("auto", "local"):
+        assert imdb.find_source(kind=kind).path == tmp_path / "aclImdb"
