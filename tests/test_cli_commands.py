@@ -61,12 +61,14 @@ def test_flags_parse_to_what_the_commands_read():
         (["--distributed"], (None, None, None)),  # jax detects the rest (SLURM, MPI, TPU)
         (["--coordinator", "h:1"], ("h:1", None, None)),
         (["--num-processes", "2", "--process-id", "1"], (None, 2, 1)),
+        (["--host-devices", "3"], ("split", 3)),  # the CPU shown to jax as 3 devices
     ],
 )
-def test_any_flag_of_several_processes_starts_the_distributed_runtime(
+def test_runtime_flags_start_what_they_name_before_the_config_is_read(
     monkeypatch, tmp_path, capsys, flags, started
 ):
-    """Before the config is read (a missing one here ends the command right after)."""
+    """Any one flag of several processes starts the distributed runtime; --host-devices splits
+    the CPU. Both before the config is read (a missing one ends the command right after)."""
     from hw2jax.train import sharding
 
     calls = []
@@ -75,10 +77,7 @@ def test_any_flag_of_several_processes_starts_the_distributed_runtime(
     train = ["vit", "train", "--config", str(tmp_path / "none.py"), "--workdir", str(tmp_path)]
     assert cli.main([*train, *flags]) == 2
     assert calls == ([started] if started else [])
-    calls.clear()
-    assert cli.main([*train, "--host-devices", "3"]) == 2
-    assert calls == [("split", 3)]
-    assert capsys.readouterr().err.count("none.py") == 2
+    assert "none.py" in capsys.readouterr().err
 
 
 def test_a_sweep_or_ablation_stopped_short_says_how_to_resume(tmp_path, capsys, monkeypatch):
