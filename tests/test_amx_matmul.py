@@ -172,7 +172,7 @@ def winning_apart(monkeypatch, tmp_path, forward_winner: str) -> str:
     other = {"amx": "xla", "xla": "amx"}[forward_winner]
     fast = {False: forward_winner, True: other}
 
-    def fake(paths, measure, gradient):
+    def fake(paths, measure, gradient, rule=None):
         return {name: (1e-3 if name == fast[gradient] else 2e-3) for name in paths}
 
     monkeypatch.setattr(dispatch, "time_paths", fake)

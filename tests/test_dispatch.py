@@ -170,7 +170,7 @@ def measured(monkeypatch, tmp_path):
     monkeypatch.setattr(dispatch, "cache_file", lambda: tmp_path / "dispatch-test.json")
     ms, probes = {}, []  # ms by path, or by (path, with gradients)
 
-    def fake(paths, measure, gradient):
+    def fake(paths, measure, gradient, rule=None):
         probes.append((tuple(paths), gradient))
         return {name: ms.get((name, gradient), ms.get(name)) / 1e3 for name in paths}
 
@@ -737,3 +737,85 @@ def test_the_paths_compile_together_then_run_one_at_a_time_and_a_clear_loser_run
         assert events[:2] == ["compiled", "compiled"]
         assert events[2:] == [name for name in order for _ in range(runs[name])]
         assert seconds["fast"] < 0.03 <= seconds["slow"]
+
+
+def test_a_timing_that_overturns_the_rule_is_taken_again(monkeypatch):
+    """Unfaked timing of a rule's path slowed in its first runs (30 ms, then none) against a
+    path that takes 10 ms: the paths run a second time, each keeping its best of both, and the
+    rule's path wins. Where the rule's path was the faster, or no rule is given, they run once;
+    where the rule's path is slow in both rounds, the other keeps the class."""
+    events = []
+
+    def path(name, sleeps):
+        def note(x):
+            events.append(name)
+            time.sleep(sleeps(len(events)))
+            return x
+
+        return lambda x: jax.pure_callback(note, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+    x = jax.ShapeDtypeStruct((4,), jnp.float32)
+
+    def timed(kernel_sleeps, rule, xla_sleeps=lambda n: 0.01):
+        events.clear()
+        paths = {"kernel": path("kernel", kernel_sleeps), "xla": path("xla", xla_sleeps)}
+        measure = dispatch.Measure((x,), lambda name: paths[name], size="test", probe=[x])
+        return dispatch.time_paths(["kernel", "xla"], measure, gradient=False, rule=rule)
+
+    slowed_at_first = lambda n: 0.03 if n <= 4 else 0.0  # noqa: E731
+    seconds = timed(slowed_at_first, rule="kernel")
+    assert events == ["kernel"] * 4 + ["xla"] * 4 + ["kernel"] * 4 + ["xla"] * 2
+    assert seconds["kernel"] < 0.01 <= seconds["xla"]
+    ms = {name: s * 1e3 for name, s in seconds.items()}
+    assert dispatch.choose(ms, ["kernel", "xla"], "kernel") == "kernel"
+    for rule in ("xla", None):  # not overturned: one round
+        seconds = timed(slowed_at_first, rule)
+        assert events == ["kernel"] * 4 + ["xla"] * 4
+        assert seconds["xla"] < 0.03 <= seconds["kernel"]
+    # Slow both times: the timing stands, and each path keeps its best of both rounds (XLA's
+    # path here slower in the second).
+    xla_sleeps = lambda n: 0.01 if n <= 8 else 0.02  # noqa: E731
+    seconds = timed(lambda n: 0.03, rule="kernel", xla_sleeps=xla_sleeps)
+    assert events == ["kernel"] * 4 + ["xla"] * 4 + ["kernel"] * 4 + ["xla"] * 4
+    assert seconds["xla"] < 0.02 and seconds["xla"] < 0.03 <= seconds["kernel"]
+
+
+def test_a_near_tie_with_the_rule_is_not_timed_again(monkeypatch):
+    """The second round is for timings that overturn the rule: a path within the tie margin of
+    the rule's (5 %) leaves the rule standing, so the paths run once."""
+    readings = []
+
+    def best_time(program, inputs, beaten_at=math.inf):
+        return readings.pop(0)
+
+    monkeypatch.setattr(dispatch, "best_time", best_time)
+    x = jax.ShapeDtypeStruct((4,), jnp.float32)
+    measure = dispatch.Measure((x,), lambda name: lambda x: x, size="test", probe=[x])
+    readings[:] = [0.0104, 0.0100, 0.0, 0.0]  # kernel, xla; then a second round's
+    assert dispatch.time_paths(["kernel", "xla"], measure, False, rule="kernel") == {
+        "kernel": 0.0104,
+        "xla": 0.0100,
+    }
+    assert len(readings) == 2  # not run again
+    readings[:] = [0.0110, 0.0100, 0.0120, 0.0090]  # 9 % apart: a second round, best of both
+    assert dispatch.time_paths(["kernel", "xla"], measure, False, rule="kernel") == {
+        "kernel": 0.0110,
+        "xla": 0.0090,
+    }
+    assert readings == []
+
+
+def test_the_probe_is_told_the_rules_path(measured, monkeypatch):
+    """time_paths hears which path the feature rule would take, so that it can time again a
+    result that overturns it: the kernel on an AVX-512 CPU, XLA's form without AVX2."""
+    rules = []
+
+    def fake(paths, measure, gradient, rule=None):
+        rules.append(rule)
+        return {name: 1e-3 for name in paths}
+
+    monkeypatch.setattr(dispatch, "time_paths", fake)
+    no_avx2 = dispatch.Machine("cpu", kernel_features=NO_AVX2)
+    dispatch.row_kernel(why(), CPU_AVX512, rows_for(), "layer_norm", True)
+    dispatch.row_kernel(why(), no_avx2, rows_for((512, 64)), "layer_norm", True)
+    assert rules == ["fused_cpu", "xla"]

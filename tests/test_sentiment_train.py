@@ -221,7 +221,7 @@ def test_cli_train_and_predict(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(dispatch, "cache_file", lambda: tmp_path / "dispatch-test.json")
     ms = {"bfloat16": 3.0, "float32": 2.0, "fused_cpu": 1.0}  # XLA's forms: 2 ms
 
-    def fake(paths, measure, gradient):
+    def fake(paths, measure, gradient, rule=None):
         return {name: ms.get(name, 2.0) / 1e3 for name in paths}
 
     monkeypatch.setattr(dispatch, "time_paths", fake)

@@ -139,7 +139,7 @@ def test_a_run_records_the_paths_auto_took_by_timing(fashion_dir, tmp_path, monk
         monkeypatch.setattr(dispatch, "state", dispatch.ProbeState())
         monkeypatch.setattr(dispatch, "cache_file", lambda f=fast: tmp_path / f"{f}.json")
 
-        def fake(paths, measure, gradient, fast=fast):
+        def fake(paths, measure, gradient, rule=None, fast=fast):
             return {p: (1 if (p in xla) == (fast == "xla") else 5) / 1e3 for p in paths}
 
         monkeypatch.setattr(dispatch, "time_paths", fake)
