@@ -739,7 +739,7 @@ def test_the_paths_compile_together_then_run_one_at_a_time_and_a_clear_loser_run
         assert seconds["fast"] < 0.03 <= seconds["slow"]
 
 
-def test_a_timing_that_overturns_the_rule_is_taken_again(monkeypatch):
+def test_a_timing_that_overturns_the_rule_is_taken_again():
     """Unfaked timing of a rule's path slowed in its first runs (30 ms, then none) against a
     path that takes 10 ms: the paths run a second time, each keeping its best of both, and the
     rule's path wins. Where the rule's path was the faster, or no rule is given, they run once;
