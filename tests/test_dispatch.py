@@ -702,6 +702,23 @@ def test_a_probe_with_gradients_times_the_outputs_too():
     assert len(grads) == 3
 
 
+def host_call_paths(events: list, sleeps: dict) -> dispatch.Measure:
+    """Paths that are host calls: each run notes the path's name in ``events`` and sleeps
+    ``sleeps[name](n)`` seconds, n the number of runs noted so far, so a test sets each run's
+    time."""
+
+    def path(name):
+        def note(x):
+            events.append(name)
+            time.sleep(sleeps[name](len(events)))
+            return x
+
+        return lambda x: jax.pure_callback(note, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+    x = jax.ShapeDtypeStruct((4,), jnp.float32)
+    return dispatch.Measure((x,), path, size="test", probe=[x])
+
+
 def test_the_paths_compile_together_then_run_one_at_a_time_and_a_clear_loser_runs_once(
     monkeypatch,
 ):
@@ -716,18 +733,7 @@ def test_the_paths_compile_together_then_run_one_at_a_time_and_a_clear_loser_run
         return compile_program(self, *args, **kwargs)
 
     monkeypatch.setattr(jax.stages.Lowered, "compile", compile_and_note)
-
-    def path(name, seconds):
-        def note(x):
-            events.append(name)
-            time.sleep(seconds)
-            return x
-
-        return lambda x: jax.pure_callback(note, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
-
-    paths = {"fast": path("fast", 0.0), "slow": path("slow", 0.03)}
-    x = jax.ShapeDtypeStruct((4,), jnp.float32)
-    measure = dispatch.Measure((x,), lambda name: paths[name], size="test", probe=[x])
+    measure = host_call_paths(events, {"fast": lambda n: 0.0, "slow": lambda n: 0.03})
     for order, runs in (
         (("fast", "slow"), {"fast": 4, "slow": 2}),
         (("slow", "fast"), {"slow": 4, "fast": 4}),
@@ -746,20 +752,9 @@ def test_a_timing_that_overturns_the_rule_is_taken_again():
     where the rule's path is slow in both rounds, the other keeps the class."""
     events = []
 
-    def path(name, sleeps):
-        def note(x):
-            events.append(name)
-            time.sleep(sleeps(len(events)))
-            return x
-
-        return lambda x: jax.pure_callback(note, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
-
-    x = jax.ShapeDtypeStruct((4,), jnp.float32)
-
     def timed(kernel_sleeps, rule, xla_sleeps=lambda n: 0.01):
         events.clear()
-        paths = {"kernel": path("kernel", kernel_sleeps), "xla": path("xla", xla_sleeps)}
-        measure = dispatch.Measure((x,), lambda name: paths[name], size="test", probe=[x])
+        measure = host_call_paths(events, {"kernel": kernel_sleeps, "xla": xla_sleeps})
         return dispatch.time_paths(["kernel", "xla"], measure, gradient=False, rule=rule)
 
     slowed_at_first = lambda n: 0.03 if n <= 4 else 0.0  # noqa: E731
