@@ -4,7 +4,9 @@ r"""Softmax vs linear attention as T grows: time, compile time and compiled memo
     .venv/bin/python benchmarks/attention_scaling.py --out benchmarks/results
 
 Every point is the median of N timed calls after a warm-up, with ``block_until_ready``;
-compilation is timed apart. A point over the time or memory budget is recorded as skipped
+compilation is timed apart. The implementations of one point run on the same inputs and are
+timed in turns, round after round, so that a slow patch of a shared machine slows every
+contender of the point alike; each record keeps its N times (``times_ms``). A point over the time or memory budget is recorded as skipped
 with its reason and the sweep goes on. Peers (torch SDPA and a torch linear attention in the
 fast-transformers formulation) run in the same process when torch is installed, so ratios
 compare like with like; ``--fla-wheels DIR`` adds fla's Triton chunk kernel on a GPU. Writes
@@ -35,7 +37,7 @@ from hw2jax import attention, kernels, malloc
 from hw2jax.attention import dispatch, registry
 from hw2jax.cpu import machine
 from hw2jax.testing.torch_peer import torch_peer_device, torch_synchronize
-from hw2jax.timing import add_host_devices, median_seconds
+from hw2jax.timing import add_host_devices, interleaved_seconds
 from hw2jax.train.sharding import split_host_cpu
 
 
@@ -343,10 +345,6 @@ def all_impls(fla_wheels: str | None = None) -> list[Impl]:
     return _jax_impls() + _registered_variants() + _torch_impls() + fla_impls(fla_wheels)
 
 
-def _median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[object], None]) -> float:
-    return 1e3 * median_seconds(lambda: sync(fn()), repeats)
-
-
 def timed_pass(fn: Callable, backward: bool) -> Callable:
     """What a point times of a jax implementation: what auto's probe times
     (:func:`hw2jax.attention.dispatch.probe_program`), the forward, or the output's sum with
@@ -354,21 +352,18 @@ def timed_pass(fn: Callable, backward: bool) -> Callable:
     return dispatch.probe_program(fn, backward, operands=3)
 
 
-def measure(
-    impl: Impl,
-    t: int,
-    *,
-    causal: bool,
-    backward: bool,
-    dtype: str,
-    heads: int,
-    head_dim: int,
-    repeats: int,
-) -> dict:
-    """One point: median ms, compile ms and compiled temp bytes (JAX only)."""
-    shape = (1, t, heads, head_dim)
-    keys = jax.random.split(jax.random.key(t), 3)
-    q, k, v = (jax.random.normal(key, shape, jnp.dtype(dtype)) for key in keys)
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """One implementation at one point, compiled and run once: ``call`` runs it and waits."""
+
+    call: Callable[[], object]
+    compile_ms: float | None
+    temp_bytes: int | None
+    first_s: float  # the untimed first call's wall time
+
+
+def prepare(impl: Impl, q, k, v, *, causal: bool, backward: bool) -> Prepared:
+    """Compiles ``impl`` (JAX only, timed apart) on q, k and v and runs it once untimed."""
     fn = impl.build(causal)
     if impl.kind == "jax":
         f = jax.jit(timed_pass(fn, backward))
@@ -377,41 +372,56 @@ def measure(
         compile_ms = 1e3 * (time.perf_counter() - start)
         memory = compiled.memory_analysis()
         temp = int(memory.temp_size_in_bytes) if memory is not None else None
-        ms = _median_ms(lambda: compiled(q, k, v), repeats, jax.block_until_ready)
-        return {"median_ms": ms, "compile_ms": compile_ms, "temp_bytes": temp}
-    import torch
-
-    device = torch_peer_device()
-    tq, tk, tv = (
-        torch.tensor(np.asarray(a, np.float32), device=device)
-        .to(getattr(torch, dtype))
-        .requires_grad_(backward)
-        for a in (q, k, v)
-    )
-    if backward:
 
         def call():
-            out = fn(tq, tk, tv).sum()
-            out.backward()
-            return out
+            return jax.block_until_ready(compiled(q, k, v))
     else:
+        import torch
+
+        device = torch_peer_device()
+        dtype = getattr(torch, str(q.dtype))
+        tq, tk, tv = (
+            torch.tensor(np.asarray(a, np.float32), device=device)
+            .to(dtype)
+            .requires_grad_(backward)
+            for a in (q, k, v)
+        )
+        compile_ms, temp = None, None
 
         def call():
-            with torch.no_grad():
-                return fn(tq, tk, tv)
+            if backward:
+                out = fn(tq, tk, tv).sum()
+                out.backward()
+            else:
+                with torch.no_grad():
+                    out = fn(tq, tk, tv)
+            torch_synchronize(device)
+            return out
 
-    ms = _median_ms(call, repeats, lambda _: torch_synchronize(device))
-    return {"median_ms": ms, "compile_ms": None, "temp_bytes": None}
+    start = time.perf_counter()
+    call()
+    return Prepared(call, compile_ms, temp, time.perf_counter() - start)
 
 
-def _series_points(
-    impl: Impl, lengths, *, backward: bool, causal: bool, dtype: str, budget: dict, shape: dict, log
+SHORT_CALL_S = 0.05  # calls shorter than this get an untimed run before each timed one
+
+
+def _point(
+    members: list[Impl], t: int, *, backward, causal, dtype, too_slow, budget, shape, log
 ) -> list[dict]:
-    """One curve: T grows until a point goes over the time budget; the rest are skipped."""
+    """Every implementation of one (pass, mask, dtype) at one T, on the same inputs, timed in
+    turns (:func:`hw2jax.timing.interleaved_seconds`): a slow patch of a shared machine then
+    lands on every contender of the point alike, not on whichever curve ran during it."""
     device = jax.devices()[0]
-    records, too_slow = [], None
-    for t in lengths:
-        rec = {
+    keys = jax.random.split(jax.random.key(t), 3)
+    q, k, v = (
+        jax.random.normal(key, (1, t, shape["heads"], shape["head_dim"]), jnp.dtype(dtype))
+        for key in keys
+    )
+    score_bytes = 4 * shape["heads"] * t * t * (3 if backward else 1)
+    records, ready = {}, {}
+    for impl in members:
+        rec = records[impl.name] = {
             "impl": impl.name,
             "family": impl.family,
             "T": t,
@@ -423,9 +433,8 @@ def _series_points(
             "compile_ms": None,
             "temp_bytes": None,
         }
-        score_bytes = 4 * shape["heads"] * t * t * (3 if backward else 1)
-        if too_slow:
-            rec["skipped"] = too_slow
+        if impl.name in too_slow:
+            rec["skipped"] = too_slow[impl.name]
         elif impl.quadratic_memory and score_bytes > budget["memory_bytes"]:
             rec["skipped"] = (
                 f"T x T scores need {score_bytes / 2**30:.1f} GiB, over the "
@@ -433,22 +442,40 @@ def _series_points(
             )
         else:
             try:
-                rec.update(measure(impl, t, causal=causal, backward=backward, dtype=dtype, **shape))
+                ready[impl.name] = prepare(impl, q, k, v, causal=causal, backward=backward)
             except Exception as e:  # one bad point must not end the sweep
                 rec["skipped"] = f"{type(e).__name__}: {str(e)[:200]}"
-            if rec["median_ms"] and rec["median_ms"] > budget["time_ms"]:
-                too_slow = (
-                    f"T={t} took {rec['median_ms']:.0f} ms, over the "
-                    f"{budget['time_ms']:.0f} ms budget"
+    if ready:
+        # torch's threads spin for some 10 ms after their work: a short call is otherwise
+        # slowed by whichever call ran before it.
+        short = max(p.first_s for p in ready.values()) < SHORT_CALL_S
+        timed = interleaved_seconds(
+            {name: p.call for name, p in ready.items()},
+            shape["repeats"],
+            untimed_before=1 if short else 0,
+            warm_up=False,
+        )
+        for name, p in ready.items():
+            times, median = timed[name]
+            records[name].update(
+                median_ms=1e3 * median,
+                times_ms=[round(1e3 * s, 3) for s in times],
+                compile_ms=p.compile_ms,
+                temp_bytes=p.temp_bytes,
+                timed_with=sorted(set(ready) - {name}),
+            )
+            if 1e3 * median > budget["time_ms"]:
+                too_slow[name] = (
+                    f"T={t} took {1e3 * median:.0f} ms, over the {budget['time_ms']:.0f} ms budget"
                 )
-        records.append(rec)
+    for rec in records.values():
         shown = (
             f"{rec['median_ms']:10.2f} ms"
             if rec["median_ms"] is not None
             else f"skipped ({rec['skipped']})"
         )
-        log(f"{impl.name:38s} {rec['pass']:7s} causal={causal!s:5s} {dtype:8s} T={t:<7d} {shown}")
-    return records
+        log(f"{rec['impl']:38s} {rec['pass']:7s} causal={causal!s:5s} {dtype:8s} T={t:<7d} {shown}")
+    return list(records.values())
 
 
 def sweep(
@@ -466,12 +493,14 @@ def sweep(
     log=print,
     on_curve: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
-    """Every supported (implementation, pass, causal, dtype) curve over ``lengths``.
-    ``on_curve(records so far)`` runs after each curve (to save partial results)."""
+    """Every supported (implementation, pass, causal, dtype) curve over ``lengths``, the
+    implementations of one (pass, causal, dtype) timed in turns at each T; a curve stops at
+    the first point over the time budget. ``on_curve(records so far)`` runs after each
+    point (to save partial results)."""
     on_gpu = jax.devices()[0].platform == "gpu"
     budget = {"time_ms": time_budget_ms, "memory_bytes": memory_budget_bytes}
     shape = {"heads": heads, "head_dim": head_dim, "repeats": repeats}
-    records = []
+    groups: dict[tuple, list[Impl]] = {}
     for impl in impls:
         if (
             (impl.gpu_only and not on_gpu)
@@ -484,18 +513,24 @@ def sweep(
                 for dtype in [impl.dtype] if impl.dtype else dtypes:
                     if impl.kind == "torch" and dtype != "float32" and not on_gpu:
                         continue  # torch's CPU bf16 attention is emulated, not a peer
-                    records += _series_points(
-                        impl,
-                        lengths,
-                        backward=backward,
-                        causal=causal,
-                        dtype=dtype,
-                        budget=budget,
-                        shape=shape,
-                        log=log,
-                    )
-                    if on_curve:
-                        on_curve(records)
+                    groups.setdefault((backward, causal, dtype), []).append(impl)
+    records = []
+    for (backward, causal, dtype), members in groups.items():
+        too_slow: dict[str, str] = {}  # a curve's reason to stop, by implementation
+        for t in lengths:
+            records += _point(
+                members,
+                t,
+                backward=backward,
+                causal=causal,
+                dtype=dtype,
+                too_slow=too_slow,
+                budget=budget,
+                shape=shape,
+                log=log,
+            )
+            if on_curve:
+                on_curve(records)
     return records
 
 

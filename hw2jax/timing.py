@@ -40,7 +40,10 @@ def median_seconds(call: Callable[[], object], repeats: int = 5) -> float:
 
 
 def interleaved_seconds(
-    calls: dict[str, Callable[[], object]], repeats: int = 5, untimed_before: int = 0
+    calls: dict[str, Callable[[], object]],
+    repeats: int = 5,
+    untimed_before: int = 0,
+    warm_up: bool = True,
 ) -> dict[str, tuple[list[float], float]]:
     """Times several calls in turn, round after round, after one warm-up call each: on a
     shared machine a slow patch then hits every contender alike instead of whichever ran
@@ -49,8 +52,9 @@ def interleaved_seconds(
     With ``untimed_before``, each turn first runs its call that many times untimed: a call of
     a few milliseconds is otherwise slowed by the one before it (torch's OpenMP threads spin
     for some 10 ms after their work) or by an idle gap, as it would not be among a program's
-    other ops. Returns {name: (seconds of each timed call, median)}."""
-    for call in calls.values():
+    other ops. ``warm_up=False`` skips the warm-up calls, for calls already run once (a long
+    call's warm-up is seconds). Returns {name: (seconds of each timed call, median)}."""
+    for call in calls.values() if warm_up else ():
         call()
     times: dict[str, list[float]] = {name: [] for name in calls}
     names = list(calls)

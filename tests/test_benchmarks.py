@@ -306,8 +306,8 @@ print(json.dumps(out))
         assert devices == 2 and err < 2e-5
 
 
-def test_sweep_saves_after_every_curve_so_a_cut_run_keeps_its_points(tmp_path, monkeypatch):
-    """main writes the JSON after each curve: a sweep killed by a time limit keeps what it
+def test_sweep_saves_after_every_point_so_a_cut_run_keeps_its_points(tmp_path, monkeypatch):
+    """main writes the JSON after each point: a sweep killed by a time limit keeps what it
     measured, marked incomplete; a finished one is marked complete with every record."""
     import json
 
@@ -344,9 +344,9 @@ def test_sweep_saves_after_every_curve_so_a_cut_run_keeps_its_points(tmp_path, m
             str(tmp_path),
         ]
     )
-    # naive: 2 curves (causal or not); linear, causal chunked, causal recurrent and the two
-    # fused CPU rows: 1 each; 2 points per curve
-    assert saved == [(False, 2 * n) for n in range(1, 8)]
+    # Non-causal: naive, linear and linear (fused CPU); causal: naive, causal chunked, causal
+    # recurrent and causal fused CPU; at T = 64, then 128.
+    assert saved == [(False, 3), (False, 6), (False, 10), (False, 14)]
     final = json.loads(next(tmp_path.glob("attention_scaling_*.json")).read_text())
     assert final["meta"]["complete"] and len(final["records"]) == 14
     assert_names_its_machine(final["meta"])
@@ -377,6 +377,56 @@ def test_interleaved_timing_alternates_and_reports_each_calls_own_time(monkeypat
     # Two untimed calls, then one timed.
     assert order == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3
     assert out["a"] == ([2.0] * 2, 2.0) and out["b"] == ([0.5] * 2, 0.5)
+    order.clear()
+    out = timing.interleaved_seconds({"a": call("a", 2.0), "b": call("b", 0.5)}, 2, warm_up=False)
+    assert order == ["a", "b", "b", "a"]  # calls already run once: no warm-up
+    assert out["a"] == ([2.0] * 2, 2.0) and out["b"] == ([0.5] * 2, 0.5)
+
+
+def test_a_points_implementations_are_timed_in_turns_on_the_same_inputs(monkeypatch):
+    """On a fake clock: at each T the sweep times every implementation of the point round
+    after round (not one curve after another, minutes apart), on the same q, k and v; a short
+    call gets an untimed run before each timed one; a curve over the time budget stops while
+    the others go on."""
+    from hw2jax import timing
+
+    clock, order, inputs = [0.0], [], []
+    cost = {("a", 64): 0.01, ("b", 64): 30.0, ("a", 128): 0.02, ("b", 128): 1.0}
+
+    def fake_prepare(impl, q, k, v, *, causal, backward):
+        inputs.append((impl.name, q, k, v))
+        seconds = cost[impl.name, q.shape[1]]
+
+        def run():
+            order.append(impl.name)
+            clock[0] += seconds
+
+        return bench.Prepared(run, 5.0, 0, seconds)
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(bench, "prepare", fake_prepare)
+    impls = [bench.Impl(name, "jax", "softmax", (False,), None) for name in "ab"]
+    records = bench.sweep(
+        [64, 128],
+        impls,
+        passes=(False,),
+        causals=(False,),
+        dtypes=("float32",),
+        heads=2,
+        head_dim=8,
+        repeats=3,
+        log=lambda line: None,
+    )
+    at_64 = 6  # a b, b a, a b: b's first call took 30 s, so no untimed runs
+    assert order[:at_64] == ["a", "b", "b", "a", "a", "b"]
+    assert order[at_64:] == ["a"] * 6  # b is over the 20 s budget; a's 0.02 s runs twice a turn
+    assert [(n, q.shape[1]) for n, q, _, _ in inputs] == [("a", 64), ("b", 64), ("a", 128)]
+    assert inputs[0][1] is inputs[1][1] and inputs[0][3] is inputs[1][3]
+    a64, b64, a128, b128 = records
+    assert a64["times_ms"] == [10.0] * 3 and a64["median_ms"] == pytest.approx(10.0)
+    assert b64["median_ms"] == pytest.approx(30_000.0) and b64["timed_with"] == ["a"]
+    assert a128["times_ms"] == [20.0] * 3 and a128["timed_with"] == []
+    assert b128["median_ms"] is None and "over the 20000 ms budget" in b128["skipped"]
 
 
 def test_benchmark_json_records_the_settings_that_move_timings(monkeypatch):
