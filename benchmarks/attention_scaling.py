@@ -6,11 +6,12 @@ r"""Softmax vs linear attention as T grows: time, compile time and compiled memo
 Every point is the median of N timed calls after a warm-up, with ``block_until_ready``;
 compilation is timed apart. The implementations of one point run on the same inputs and are
 timed in turns, round after round, so that a slow patch of a shared machine slows every
-contender of the point alike; each record keeps its N times (``times_ms``). A point over the time or memory budget is recorded as skipped
-with its reason and the sweep goes on. Peers (torch SDPA and a torch linear attention in the
-fast-transformers formulation) run in the same process when torch is installed, so ratios
-compare like with like; ``--fla-wheels DIR`` adds fla's Triton chunk kernel on a GPU. Writes
-``attention_scaling_<device>.json`` and ``.png``.
+contender of the point alike; each record keeps its N times (``times_ms``), in round order,
+and names the implementations timed with it (``timed_with``). A point over the time or memory
+budget is recorded as skipped with its reason and the sweep goes on. Peers (torch SDPA and a
+torch linear attention in the fast-transformers formulation) run in the same process when
+torch is installed, so ratios compare like with like; ``--fla-wheels DIR`` adds fla's Triton
+chunk kernel on a GPU. Writes ``attention_scaling_<device>.json`` and ``.png``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ Runs, one after the other, each in a fresh process: ``train_throughput.py --quic
 MiniLM, fine-tuning and GRU head steps) and ``attention_scaling.py`` at T = 4,096 to 16,384
 (softmax ``auto`` against torch SDPA, forward and forward + backward, one device). Then writes
 ``quick_figures.md`` in DIR: the CPU, versions and date from the JSONs' meta, and each row's
-ratio. Refuses to start while other work keeps the cores busy: figures taken beside it read
+ratio, round by round (the two sides are timed in turns; the median over rounds of torch's
+time over ours). Refuses to start while other work keeps the cores busy: figures taken beside it read
 whatever share of the cores was left (``--allow-busy`` takes them anyway, and says so).
 
 ``--all`` then runs what else a CPU kind not seen before should record, each into a folder of
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 from hw2jax import cpu
+from hw2jax.timing import ratio_in_turns
 
 HERE = Path(__file__).parent
 BUSY_LIMIT = 0.25  # the share of all cores' time others may take before the figures mean little
@@ -77,17 +79,27 @@ def ratio_rows(throughput: dict, attention: dict) -> list[tuple[str, float]]:
     """(row, hw2jax / torch) for every row of train_throughput's JSON, then for softmax
     ``auto`` against torch SDPA at each T, pass and mask of attention_scaling's."""
     rows = [(r["what"], float(r["ratio"])) for r in throughput["results"]]
-    times = {
-        (r["impl"], r["T"], r["pass"], r["causal"]): r["median_ms"]
+    points = {
+        (r["impl"], r["T"], r["pass"], r["causal"]): r
         for r in attention["records"]
         if r.get("median_ms") is not None
     }
-    for (impl, t, kind, causal), ours in sorted(times.items(), key=lambda kv: kv[0][1:]):
-        torch_ms = times.get(("torch sdpa", t, kind, causal))
-        if impl == "hw2jax softmax (auto)" and torch_ms is not None:
+    for (impl, t, kind, causal), ours in sorted(points.items(), key=lambda kv: kv[0][1:]):
+        torch = points.get(("torch sdpa", t, kind, causal))
+        if impl == "hw2jax softmax (auto)" and torch is not None:
             mask = "causal" if causal else "non-causal"
-            rows.append((f"softmax {kind}, {mask}, T = {t:,} (auto / torch SDPA)", torch_ms / ours))
+            rows.append(
+                (f"softmax {kind}, {mask}, T = {t:,} (auto / torch SDPA)", _ratio(torch, ours))
+            )
     return rows
+
+
+def _ratio(torch: dict, ours: dict) -> float:
+    """Round by round where the two were timed in turns (attention_scaling's records since
+    2026-12-07), else the ratio of the medians."""
+    if ours["impl"] in torch.get("timed_with", ()):
+        return ratio_in_turns(torch["times_ms"], ours["times_ms"])
+    return torch["median_ms"] / ours["median_ms"]
 
 
 def bf16_rows(throughput: dict) -> list[tuple[str, float]]:

@@ -24,7 +24,8 @@ taken in turn (a b, b a, a b ...) so that load from elsewhere on a shared machin
 and neither always runs right after the other;
 compilation is excluded and printed apart. Each row starts with a run's budget for auto's
 probe, as a training run of its model would, and records the seconds it spent (``probe_s``).
-Prints images/s (or sequences/s) for both and the ratio, and writes JSON.
+Prints images/s (or sequences/s) for both and the ratio, the median of each round's torch time
+over ours (a slow patch over part of the rounds then slows both of a pair), and writes JSON.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from hw2jax import cpu, kernels, malloc
 from hw2jax.attention import dispatch
 from hw2jax.cpu import machine
 from hw2jax.testing.torch_peer import torch_peer_device, torch_synchronize
-from hw2jax.timing import add_host_devices, interleaved_seconds
+from hw2jax.timing import add_host_devices, interleaved_seconds, ratio_in_turns
 from hw2jax.train.sharding import split_host_cpu
 
 
@@ -132,13 +133,16 @@ STEPS_PER_CALL = 5  # ViT steps per timed call
 
 
 def compare(ours, theirs, batch: int, repeats: int) -> dict:
-    """Times both in turn; items per second, the ratio, and every timed call in seconds."""
+    """Times both in turn; items per second (from each side's median), the ratio (the median
+    of each round's torch time over ours, :func:`hw2jax.timing.ratio_in_turns`; the ratio of
+    the medians beside it) and every timed call in seconds."""
     timed = interleaved_seconds({"ours": ours, "torch": theirs}, repeats)
     (ours_calls, ours_s), (torch_calls, theirs_s) = timed["ours"], timed["torch"]
     return {
         "ours_per_s": batch / ours_s,
         "torch_per_s": batch / theirs_s,
-        "ratio": theirs_s / ours_s,
+        "ratio": ratio_in_turns(torch_calls, ours_calls),
+        "ratio_of_medians": theirs_s / ours_s,
         "ours_s": ours_calls,
         "torch_s": torch_calls,
     }

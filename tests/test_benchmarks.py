@@ -383,6 +383,38 @@ def test_interleaved_timing_alternates_and_reports_each_calls_own_time(monkeypat
     assert out["a"] == ([2.0] * 2, 2.0) and out["b"] == ([0.5] * 2, 0.5)
 
 
+def test_the_ratio_in_turns_pairs_the_times_of_each_round(monkeypatch):
+    """A slow patch over part of a point's rounds: ours slowed in round 1 and both in round 2.
+    Round by round, torch / ours is 1.29, 0.91, 1.32: median 1.29, where the ratio of the two
+    medians (509 / 557 = 0.91) sets ours slowed against torch's unslowed."""
+    from hw2jax import timing
+
+    ours, torch = [383.0, 557.0, 684.0], [494.0, 509.0, 900.0]
+    assert timing.ratio_in_turns(torch, ours) == pytest.approx(494.0 / 383.0)
+    assert timing.ratio_in_turns([2.0, 9.0], [1.0, 1.0]) == pytest.approx(5.5)  # even: the mean
+    with pytest.raises(ValueError, match="times of the same rounds are needed: 2 and 3 given"):
+        timing.ratio_in_turns([1.0, 2.0], ours)
+    # train_throughput's rows, on a fake clock: the same patch, ours slowed 3x from its second
+    # timed call on (calls 3 and 4, after the warm-up), torch from its third (call 4).
+    clock, calls = [0.0], {"ours": 0, "torch": 0}
+
+    def step(name, cost, slowed_from):
+        def run():
+            calls[name] += 1
+            clock[0] += cost * (3 if calls[name] >= slowed_from else 1)
+
+        return run
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    row = _load_benchmark("train_throughput").compare(
+        step("ours", 1.0, slowed_from=3), step("torch", 2.0, slowed_from=4), batch=6, repeats=3
+    )
+    assert row["ours_s"] == [1.0, 3.0, 3.0] and row["torch_s"] == [2.0, 2.0, 6.0]
+    assert row["ratio"] == pytest.approx(2.0)
+    assert row["ratio_of_medians"] == pytest.approx(2.0 / 3.0)
+    assert row["ours_per_s"] == pytest.approx(2.0) and row["torch_per_s"] == pytest.approx(3.0)
+
+
 def test_a_points_implementations_are_timed_in_turns_on_the_same_inputs(monkeypatch):
     """On a fake clock: at each T the sweep times every implementation of the point round
     after round (not one curve after another, minutes apart), on the same q, k and v; a short
@@ -762,6 +794,18 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
         ("softmax fwd+bwd, non-causal, T = 4,096 (auto / torch SDPA)", 1.5),
         ("softmax fwd+bwd, causal, T = 4,096 (auto / torch SDPA)", 0.8),
     ]
+    # Timed in turns (attention_scaling since 2026-12-07): round by round.
+    in_turns = [
+        dict(r, times_ms=times, timed_with=[other])
+        for r, times, other in zip(
+            attention["records"][:2],
+            ([383.0, 557.0, 684.0], [494.0, 509.0, 900.0]),
+            ("torch sdpa", "hw2jax softmax (auto)"),
+            strict=True,
+        )
+    ]
+    (_, paired), *_ = quick.ratio_rows({"results": []}, {"records": in_turns})
+    assert paired == pytest.approx(494.0 / 383.0)
     (tmp_path / "attention").mkdir()
     (tmp_path / "train_throughput_cpu-cpu.json").write_text(json.dumps(throughput))
     (tmp_path / "attention" / "attention_scaling_cpu-cpu.json").write_text(json.dumps(attention))
