@@ -455,6 +455,7 @@ def _point(
             shape["repeats"],
             untimed_before=1 if short else 0,
             warm_up=False,
+            min_span_s=shape["min_span_s"],
         )
         for name, p in ready.items():
             times, median = timed[name]
@@ -491,16 +492,18 @@ def sweep(
     repeats=5,
     time_budget_ms=20_000.0,
     memory_budget_bytes=8 * 2**30,
+    min_span_s=0.0,
     log=print,
     on_curve: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Every supported (implementation, pass, causal, dtype) curve over ``lengths``, the
     implementations of one (pass, causal, dtype) timed in turns at each T; a curve stops at
-    the first point over the time budget. ``on_curve(records so far)`` runs after each
-    point (to save partial results)."""
+    the first point over the time budget, in ``repeats`` rounds or more until the timed calls
+    add up to ``min_span_s``. ``on_curve(records so far)`` runs after each point (to save
+    partial results)."""
     on_gpu = jax.devices()[0].platform == "gpu"
     budget = {"time_ms": time_budget_ms, "memory_bytes": memory_budget_bytes}
-    shape = {"heads": heads, "head_dim": head_dim, "repeats": repeats}
+    shape = {"heads": heads, "head_dim": head_dim, "repeats": repeats, "min_span_s": min_span_s}
     groups: dict[tuple, list[Impl]] = {}
     for impl in impls:
         if (
@@ -639,6 +642,13 @@ def main(argv=None) -> None:
         help="largest T as a power of 2 (default 17; 20 for linear on a GPU)",
     )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--min-span-s",
+        type=float,
+        default=10.0,
+        help="more rounds than --repeats (up to 5x) until a point's timed calls add up to this "
+        "(default 10 s: a slow patch of a few seconds is then a minority of a point's rounds)",
+    )
     parser.add_argument("--time-budget-ms", type=float, default=20_000.0)
     parser.add_argument("--memory-budget-gib", type=float, default=8.0)
     parser.add_argument("--out", default="benchmarks/results")
@@ -680,6 +690,8 @@ def main(argv=None) -> None:
         "host": platform.node(),
         "jax_devices": jax.device_count(),
         "quick": args.quick,
+        "repeats": 3 if args.quick else args.repeats,
+        "min_span_s": args.min_span_s,
         "complete": False,
         "batch": 1,
         "heads": 4,
@@ -712,6 +724,7 @@ def main(argv=None) -> None:
         repeats=3 if args.quick else args.repeats,
         time_budget_ms=args.time_budget_ms,
         memory_budget_bytes=int(args.memory_budget_gib * 2**30),
+        min_span_s=args.min_span_s,
         on_curve=save,
     )
     if on_gpu and not args.quick and not args.max_log2:
@@ -725,6 +738,7 @@ def main(argv=None) -> None:
             dtypes=dtypes,
             repeats=args.repeats,
             time_budget_ms=args.time_budget_ms,
+            min_span_s=args.min_span_s,
             on_curve=save,
         )
     meta["complete"] = True

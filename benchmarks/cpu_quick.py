@@ -10,8 +10,8 @@ MiniLM, fine-tuning and GRU head steps) and ``attention_scaling.py`` at T = 4,09
 (softmax ``auto`` against torch SDPA, forward and forward + backward, one device). Then writes
 ``quick_figures.md`` in DIR: the CPU, versions and date from the JSONs' meta, and each row's
 ratio, round by round (the two sides are timed in turns; the median over rounds of torch's
-time over ours). Refuses to start while other work keeps the cores busy: figures taken beside it read
-whatever share of the cores was left (``--allow-busy`` takes them anyway, and says so).
+time over ours). Refuses to start while other work keeps the cores busy: figures taken beside
+it read whatever share of the cores was left (``--allow-busy`` takes them anyway, and says so).
 
 ``--all`` then runs what else a CPU kind not seen before should record, each into a folder of
 DIR named after it: ``kernel_vs_xla.py`` (each fused kernel against XLA's form: what the kernel

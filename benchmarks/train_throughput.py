@@ -21,7 +21,8 @@ torch runs on the GPU when jax does (and torch sees CUDA), else on the CPU.
 
 Each figure is the median of N timed calls after warm-up (a ViT call: 5 steps), ours and torch's
 taken in turn (a b, b a, a b ...) so that load from elsewhere on a shared machine hits both alike
-and neither always runs right after the other;
+and neither always runs right after the other, and more rounds than N where N rounds take under
+10 s;
 compilation is excluded and printed apart. Each row starts with a run's budget for auto's
 probe, as a training run of its model would, and records the seconds it spent (``probe_s``).
 Prints images/s (or sequences/s) for both and the ratio, the median of each round's torch time
@@ -132,11 +133,17 @@ def print_breakdown(what: str, rows: list[tuple[str, float, float, int]]) -> lis
 STEPS_PER_CALL = 5  # ViT steps per timed call
 
 
+# Rounds go on past the repeats until the timed calls add up to this: a slow patch of a few
+# seconds is then a minority of a short row's rounds (hw2jax.timing.interleaved_seconds).
+MIN_SPAN_S = 10.0
+
+
 def compare(ours, theirs, batch: int, repeats: int) -> dict:
-    """Times both in turn; items per second (from each side's median), the ratio (the median
-    of each round's torch time over ours, :func:`hw2jax.timing.ratio_in_turns`; the ratio of
-    the medians beside it) and every timed call in seconds."""
-    timed = interleaved_seconds({"ours": ours, "torch": theirs}, repeats)
+    """Times both in turn, at least ``repeats`` rounds and :data:`MIN_SPAN_S` seconds; items per
+    second (from each side's median), the ratio (the median of each round's torch time over
+    ours, :func:`hw2jax.timing.ratio_in_turns`; the ratio of the medians beside it) and every
+    timed call in seconds."""
+    timed = interleaved_seconds({"ours": ours, "torch": theirs}, repeats, min_span_s=MIN_SPAN_S)
     (ours_calls, ours_s), (torch_calls, theirs_s) = timed["ours"], timed["torch"]
     return {
         "ours_per_s": batch / ours_s,
@@ -675,6 +682,7 @@ def main(argv=None) -> None:
         "torch_threads": torch.get_num_threads(),
         "torch_device": torch_peer_device(),
         "repeats": repeats,
+        "min_span_s": MIN_SPAN_S,
         "kernel_features": kernels.kernel_vector_features(),  # its build target
         "auto_timed": dispatch.timings(),  # what attention's auto measured and took
     }

@@ -39,11 +39,15 @@ def median_seconds(call: Callable[[], object], repeats: int = 5) -> float:
     return interleaved_seconds({"call": call}, repeats)["call"][1]
 
 
+MAX_ROUNDS_PER_REPEAT = 5  # min_span_s's cap: calls of microseconds stop at 5 x repeats
+
+
 def interleaved_seconds(
     calls: dict[str, Callable[[], object]],
     repeats: int = 5,
     untimed_before: int = 0,
     warm_up: bool = True,
+    min_span_s: float = 0.0,
 ) -> dict[str, tuple[list[float], float]]:
     """Times several calls in turn, round after round, after one warm-up call each: on a
     shared machine a slow patch then hits every contender alike instead of whichever ran
@@ -53,12 +57,17 @@ def interleaved_seconds(
     a few milliseconds is otherwise slowed by the one before it (torch's OpenMP threads spin
     for some 10 ms after their work) or by an idle gap, as it would not be among a program's
     other ops. ``warm_up=False`` skips the warm-up calls, for calls already run once (a long
-    call's warm-up is seconds). Returns {name: (seconds of each timed call, median)}."""
+    call's warm-up is seconds). With ``min_span_s``, rounds go on past ``repeats`` until the
+    timed calls add up to that many seconds, up to ``MAX_ROUNDS_PER_REPEAT * repeats`` rounds:
+    a slow patch of a few seconds is then a minority of short calls' rounds, not two of three
+    (a 0.89x row on the Zen 4, benchmarks/results/zen4/quick_in_turns/). Returns
+    {name: (seconds of each timed call, in round order, median)}."""
     for call in calls.values() if warm_up else ():
         call()
     times: dict[str, list[float]] = {name: [] for name in calls}
     names = list(calls)
-    for round_ in range(repeats):
+    round_, spent = 0, 0.0
+    while round_ < repeats or (spent < min_span_s and round_ < MAX_ROUNDS_PER_REPEAT * repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             call = calls[name]
@@ -67,6 +76,8 @@ def interleaved_seconds(
             start = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - start)
+            spent += times[name][-1]
+        round_ += 1
     return {name: (t, float(np.median(t))) for name, t in times.items()}
 
 

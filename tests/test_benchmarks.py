@@ -381,6 +381,14 @@ def test_interleaved_timing_alternates_and_reports_each_calls_own_time(monkeypat
     out = timing.interleaved_seconds({"a": call("a", 2.0), "b": call("b", 0.5)}, 2, warm_up=False)
     assert order == ["a", "b", "b", "a"]  # calls already run once: no warm-up
     assert out["a"] == ([2.0] * 2, 2.0) and out["b"] == ([0.5] * 2, 0.5)
+    # Rounds go on past the repeats until the timed calls reach the span (2.5 s a round)...
+    out = timing.interleaved_seconds(
+        {"a": call("a", 2.0), "b": call("b", 0.5)}, 2, warm_up=False, min_span_s=9.0
+    )
+    assert out["a"] == ([2.0] * 4, 2.0) and out["b"] == ([0.5] * 4, 0.5)
+    # ... up to MAX_ROUNDS_PER_REPEAT times the repeats.
+    out = timing.interleaved_seconds({"a": call("a", 2.0)}, 2, warm_up=False, min_span_s=1e9)
+    assert out["a"] == ([2.0] * 2 * timing.MAX_ROUNDS_PER_REPEAT, 2.0)
 
 
 def test_the_ratio_in_turns_pairs_the_times_of_each_round(monkeypatch):
@@ -447,17 +455,19 @@ def test_a_points_implementations_are_timed_in_turns_on_the_same_inputs(monkeypa
         heads=2,
         head_dim=8,
         repeats=3,
+        min_span_s=0.09,
         log=lambda line: None,
     )
     at_64 = 6  # a b, b a, a b: b's first call took 30 s, so no untimed runs
     assert order[:at_64] == ["a", "b", "b", "a", "a", "b"]
-    assert order[at_64:] == ["a"] * 6  # b is over the 20 s budget; a's 0.02 s runs twice a turn
+    # b is over the 20 s budget; a's 0.02 s runs twice a turn, for 5 rounds to span 0.09 s.
+    assert order[at_64:] == ["a"] * 10
     assert [(n, q.shape[1]) for n, q, _, _ in inputs] == [("a", 64), ("b", 64), ("a", 128)]
     assert inputs[0][1] is inputs[1][1] and inputs[0][3] is inputs[1][3]
     a64, b64, a128, b128 = records
     assert a64["times_ms"] == [10.0] * 3 and a64["median_ms"] == pytest.approx(10.0)
     assert b64["median_ms"] == pytest.approx(30_000.0) and b64["timed_with"] == ["a"]
-    assert a128["times_ms"] == [20.0] * 3 and a128["timed_with"] == []
+    assert a128["times_ms"] == [20.0] * 5 and a128["timed_with"] == []
     assert b128["median_ms"] is None and "over the 20000 ms budget" in b128["skipped"]
 
 
