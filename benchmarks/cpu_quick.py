@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from hw2jax import cpu
-from hw2jax.timing import ratio_in_turns
+from hw2jax.timing import ratio_in_turns, round_ratios
 
 HERE = Path(__file__).parent
 BUSY_LIMIT = 0.25  # the share of all cores' time others may take before the figures mean little
@@ -78,7 +78,14 @@ def cpu_busy_share(seconds: float = 1.0, stat: str = "/proc/stat") -> float:
 def ratio_rows(throughput: dict, attention: dict) -> list[tuple[str, float]]:
     """(row, hw2jax / torch) for every row of train_throughput's JSON, then for softmax
     ``auto`` against torch SDPA at each T, pass and mask of attention_scaling's."""
-    rows = [(r["what"], float(r["ratio"])) for r in throughput["results"]]
+    return [(row, ratio) for row, ratio, _ in _rows(throughput, attention)]
+
+
+def _rows(throughput: dict, attention: dict) -> list[tuple[str, float, list[float] | None]]:
+    rows = [
+        (r["what"], float(r["ratio"]), _rounds(r.get("torch_s"), r.get("ours_s")))
+        for r in throughput["results"]
+    ]
     points = {
         (r["impl"], r["T"], r["pass"], r["causal"]): r
         for r in attention["records"]
@@ -88,18 +95,19 @@ def ratio_rows(throughput: dict, attention: dict) -> list[tuple[str, float]]:
         torch = points.get(("torch sdpa", t, kind, causal))
         if impl == "hw2jax softmax (auto)" and torch is not None:
             mask = "causal" if causal else "non-causal"
-            rows.append(
-                (f"softmax {kind}, {mask}, T = {t:,} (auto / torch SDPA)", _ratio(torch, ours))
-            )
+            row = f"softmax {kind}, {mask}, T = {t:,} (auto / torch SDPA)"
+            if ours["impl"] in torch.get("timed_with", ()):  # in turns: round by round
+                times = torch["times_ms"], ours["times_ms"]
+                rows.append((row, ratio_in_turns(*times), round_ratios(*times)))
+            else:
+                rows.append((row, torch["median_ms"] / ours["median_ms"], None))
     return rows
 
 
-def _ratio(torch: dict, ours: dict) -> float:
-    """Round by round where the two were timed in turns (attention_scaling's records since
-    2026-12-07), else the ratio of the medians."""
-    if ours["impl"] in torch.get("timed_with", ()):
-        return ratio_in_turns(torch["times_ms"], ours["times_ms"])
-    return torch["median_ms"] / ours["median_ms"]
+def _rounds(torch_times: list | None, our_times: list | None) -> list[float] | None:
+    if not torch_times or not our_times or len(torch_times) != len(our_times):
+        return None
+    return round_ratios(torch_times, our_times)
 
 
 def bf16_rows(throughput: dict) -> list[tuple[str, float]]:
@@ -198,8 +206,14 @@ def summary(throughput: dict, attention: dict, run: dict, more: list[str] = ()) 
             f"{max(probes):.1f} s in one (each row has a run's budget; 0 s where the cache held "
             "its classes).",
         ]
-    lines += ["", "| row | hw2jax / torch |", "|---|---|"]
-    lines += [f"| {row} | {ratio:.2f}× |" for row, ratio in ratio_rows(throughput, attention)]
+    lines += [
+        "",
+        "| row | hw2jax / torch | rounds: the lowest and highest round |",
+        "|---|---|---|",
+    ]
+    for row, ratio, rounds in _rows(throughput, attention):
+        spread = f"{len(rounds)}: {min(rounds):.2f}–{max(rounds):.2f}×" if rounds else ""
+        lines.append(f"| {row} | {ratio:.2f}× | {spread} |")
     if pairs := bf16_rows(throughput):
         lines += ["", "| row | ours in bf16 / ours in float32 (speed) |", "|---|---|"]
         lines += [f"| {row} | {ratio:.2f}× |" for row, ratio in pairs]

@@ -81,16 +81,22 @@ def interleaved_seconds(
     return {name: (t, float(np.median(t))) for name, t in times.items()}
 
 
-def ratio_in_turns(numerator: Sequence[float], denominator: Sequence[float]) -> float:
-    """The median over rounds of ``numerator[r] / denominator[r]``, for two calls' times from
-    :func:`interleaved_seconds`: the r-th times of each were taken in the same round, one right
-    after the other, so a slow patch over part of the rounds slows both of a pair, where the
-    ratio of the two medians can set one call's slowed time against the other's unslowed."""
+def round_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> list[float]:
+    """``numerator[r] / denominator[r]`` for each round r of two calls' times from
+    :func:`interleaved_seconds`: the r-th times of each were taken in the same round, one
+    right after the other."""
     if len(numerator) != len(denominator) or not numerator:
         raise ValueError(
             f"times of the same rounds are needed: {len(numerator)} and {len(denominator)} given"
         )
-    return float(np.median([a / b for a, b in zip(numerator, denominator, strict=True)]))
+    return [a / b for a, b in zip(numerator, denominator, strict=True)]
+
+
+def ratio_in_turns(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """The median of :func:`round_ratios`: a slow patch over part of the rounds slows both of a
+    pair, where the ratio of the two medians can set one call's slowed time against the
+    other's unslowed."""
+    return float(np.median(round_ratios(numerator, denominator)))
 
 
 def json_from_fresh_process(

@@ -831,7 +831,19 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
     table = quick.main(["--out", str(tmp_path), "--summary-only"]).read_text()
     assert "# Quick figures: Some CPU (family/model 6/143), 2 cores" in table
     assert "Vector features: avx2. jax 0.10.2, torch 2.13.0+cpu, 2026-12-05" in table
-    assert "| softmax fwd+bwd, causal, T = 4,096 (auto / torch SDPA) | 0.80× |" in table
+    # Records without each round's times: the medians' ratio, no rounds to show.
+    assert "| softmax fwd+bwd, causal, T = 4,096 (auto / torch SDPA) | 0.80× |  |" in table
+    (tmp_path / "attention" / "attention_scaling_cpu-cpu.json").write_text(
+        json.dumps({"meta": meta, "records": in_turns})
+    )
+    vit_in_turns = dict(throughput["results"][0], ratio=2.75, ours_s=[1.0, 1.0], torch_s=[2.5, 3])
+    (tmp_path / "train_throughput_cpu-cpu.json").write_text(
+        json.dumps({"meta": meta, "results": [vit_in_turns]})
+    )
+    in_turns_table = quick.main(["--out", str(tmp_path), "--summary-only"]).read_text()
+    assert "| ViT train step | 2.75× | 2: 2.50–3.00× |" in in_turns_table
+    row = "| softmax fwd+bwd, non-causal, T = 4,096 (auto / torch SDPA) | 1.29× | 3: 0.91–1.32× |"
+    assert row in in_turns_table
     assert "busy" not in table and "held back" not in table
     assert "bf16" not in table  # no row timed in both dtypes
     assert "probe" not in table  # rows from before they recorded it
