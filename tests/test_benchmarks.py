@@ -922,7 +922,17 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
     ]
     assert all((quick.HERE / script).exists() for script, *_ in quick.MORE_RUNS)
     results = {
-        "kernel_vs_xla": [{"operation": "layer norm", "kernel_ms": 2.0, "xla_ms": 5.0}],
+        "kernel_vs_xla": [
+            {"operation": "layer norm", "kernel_ms": 2.0, "xla_ms": 5.0},
+            # Each round's times: round by round 2, 0.67 and 2 (the medians' ratio 0.67).
+            {
+                "operation": "softmax",
+                "kernel_ms": 3.0,
+                "xla_ms": 2.0,
+                "kernel_s": [1.0, 3.0, 3.0],
+                "xla_s": [2.0, 2.0, 6.0],
+            },
+        ],
         "float32_matmul": [
             {
                 "layer": "L",
@@ -948,7 +958,7 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
             json.dumps({"meta": meta, "results": results[folder]})
         )
     table = quick.main(["--out", str(tmp_path), "--summary-only"]).read_text()
-    assert "| layer norm | 2.50× |" in table
+    assert "| layer norm | 2.50× |" in table and "| softmax | 2.00× |" in table
     assert "| L, 8,192 x 384 x 384 | fwd | 0.75× | 1.50× | 3.00× |" in table
     assert "| L, 8,192 x 384 x 384 | fwd+bwd | 0.75× | 1.50× |  |" in table
     assert "| forward | float32 | 60.0 / 90.5 |" in table
