@@ -202,17 +202,20 @@ def _assign(config: ml_collections.ConfigDict, key: str, value: Any, text: str) 
             f"{key} is a group of settings ({', '.join(sorted(current.keys()))}); set one of "
             f"them, e.g. {key}.{sorted(current.keys())[0]}=VALUE."
         )
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    wrong_type = ConfigError(
+        f"{key}={text!r}: expected {type(current).__name__} "
+        f"(like the default {current!r}), got {type(value).__name__}."
+    )
+    if isinstance(value, bool) and type(current) in (int, float):
+        raise wrong_type  # ml_collections would take true as 1 or 1.0
+    if isinstance(current, float) and isinstance(value, int):
         value = float(value)
     if isinstance(current, str) and not isinstance(value, str):
         value = text  # --set name=1e3 for a string key keeps what was typed
     try:
         node[leaf] = value
     except TypeError:
-        raise ConfigError(
-            f"{key}={text!r}: expected {type(current).__name__} "
-            f"(like the default {current!r}), got {type(value).__name__}."
-        ) from None
+        raise wrong_type from None
 
 
 def _unknown(key: str, group: str, node) -> None:

@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 
 from hw2jax import cli
-from hw2jax.config import ConfigError, apply_overrides, check_config, load_config
+from hw2jax.config import (
+    ConfigError,
+    apply_overrides,
+    batch_split_problem,
+    check_config,
+    load_config,
+    set_values,
+)
 from hw2jax.errors import InputError
 from hw2jax.tasks import sentiment, vit
 
@@ -40,12 +47,18 @@ def test_every_experiment_fits_its_schema_and_shares_the_loop_base(name, schema)
         ),
         ("model.depht=2", "unknown config key 'model.depht'; the keys in model are: attention,"),
         (
+            "modle.depth=2",
+            "unknown config key 'modle.depth'; the keys are: ablation, augment_erase,",
+        ),
+        (
             "optimizer.learning_rate=1e-3",
             "optimizer is a single value (str 'adam_l2'), not a group of settings. Set it "
             "directly, e.g. optimizer=VALUE; the groups are: ablation, model.",
         ),
         ("model=3", "model is a group of settings (attention, channels, depth,"),
         ("epochs=three", "epochs='three': expected int (like the default 15), got str."),
+        ("epochs=true", "epochs='true': expected int (like the default 15), got bool."),
+        ("learning_rate=True", "learning_rate='True': expected float (like the default 0.0"),
         ("learning_rate", "override 'learning_rate' must look like key=value"),
     ],
 )
@@ -85,6 +98,29 @@ def test_out_of_range_values_are_refused_before_any_work(tmp_path, override, mes
         vit.train_and_evaluate(config, tmp_path / "run")
     assert message in str(e.value)
     assert not (tmp_path / "run").exists()  # refused before the work dir, data or compiling
+
+
+def test_a_float_key_takes_an_int_and_refuses_a_bool_or_text():
+    """A config file may write learning_rate = 1: an int where a float is expected is widened,
+    and the smallest counts in range are taken; a bool or a string is no number to train with,
+    also when the Python API sets it."""
+    config = load_config(VIT).to_dict()
+    check_config(
+        {**config, "learning_rate": 1, "eval_batch_size": 1, "log_every_steps": 1}, vit.SCHEMA
+    )
+    for value, got in ((True, "bool True"), ("fast", "str 'fast'")):
+        with pytest.raises(ConfigError, match=f"learning_rate: expected float, got {got}"):
+            check_config({**config, "learning_rate": value}, vit.SCHEMA)
+    with pytest.raises(ConfigError, match="learning_rate='True': expected float"):
+        set_values(load_config(VIT), {"learning_rate": True})
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_named():
+    assert batch_split_problem(2, (4, 8)) is None
+    assert batch_split_problem(3, (0, 6)) is None  # no batch of that kind
+    for sizes, named in (((1, 4), "batch size 1 "), ((4, 3), "batch size 3 ")):
+        problem = batch_split_problem(2, sizes)
+        assert problem is not None and problem.startswith(f"{named}does not split evenly over 2")
 
 
 def test_a_config_file_with_a_stray_or_missing_key_is_refused(tmp_path):
