@@ -632,7 +632,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="T up to 2^12, forward only, 3 repeats: under 2 minutes on a CPU",
+        help="T up to 2^12, forward only, 3 repeats, no span: under 2 minutes on a CPU",
     )
     parser.add_argument("--min-log2", type=int, default=6)
     parser.add_argument(
@@ -645,9 +645,10 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--min-span-s",
         type=float,
-        default=10.0,
+        default=None,
         help="more rounds than --repeats (up to 5x) until a point's timed calls add up to this "
-        "(default 10 s: a slow patch of a few seconds is then a minority of a point's rounds)",
+        "(default 10 s, 0 with --quick: a slow patch of a few seconds is then a minority of a "
+        "point's rounds)",
     )
     parser.add_argument("--time-budget-ms", type=float, default=20_000.0)
     parser.add_argument("--memory-budget-gib", type=float, default=8.0)
@@ -672,6 +673,7 @@ def main(argv=None) -> None:
     device = jax.devices()[0]
     on_gpu = device.platform == "gpu"
     max_log2 = args.max_log2 or (12 if args.quick else 17)
+    min_span_s = args.min_span_s if args.min_span_s is not None else 0.0 if args.quick else 10.0
     lengths = [2**i for i in range(args.min_log2, max_log2 + 1)]
     passes = (False,) if args.quick else (False, True)
     dtypes = ("float32", "bfloat16") if on_gpu else ("float32",)
@@ -691,7 +693,7 @@ def main(argv=None) -> None:
         "jax_devices": jax.device_count(),
         "quick": args.quick,
         "repeats": 3 if args.quick else args.repeats,
-        "min_span_s": args.min_span_s,
+        "min_span_s": min_span_s,
         "complete": False,
         "batch": 1,
         "heads": 4,
@@ -724,7 +726,7 @@ def main(argv=None) -> None:
         repeats=3 if args.quick else args.repeats,
         time_budget_ms=args.time_budget_ms,
         memory_budget_bytes=int(args.memory_budget_gib * 2**30),
-        min_span_s=args.min_span_s,
+        min_span_s=min_span_s,
         on_curve=save,
     )
     if on_gpu and not args.quick and not args.max_log2:
@@ -738,7 +740,7 @@ def main(argv=None) -> None:
             dtypes=dtypes,
             repeats=args.repeats,
             time_budget_ms=args.time_budget_ms,
-            min_span_s=args.min_span_s,
+            min_span_s=min_span_s,
             on_curve=save,
         )
     meta["complete"] = True

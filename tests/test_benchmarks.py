@@ -358,6 +358,7 @@ def test_sweep_saves_after_every_point_so_a_cut_run_keeps_its_points(tmp_path, m
     assert saved == [(False, 3), (False, 6), (False, 10), (False, 14)]
     final = json.loads(next(tmp_path.glob("attention_scaling_*.json")).read_text())
     assert final["meta"]["complete"] and len(final["records"]) == 14
+    assert final["meta"]["min_span_s"] == 0.0  # --quick: a look, not a span
     assert_names_its_machine(final["meta"])
     assert next(tmp_path.glob("attention_scaling_*.png")).stat().st_size > 0
 
