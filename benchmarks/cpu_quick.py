@@ -95,19 +95,31 @@ def _rows(throughput: dict, attention: dict) -> list[tuple[str, float, list[floa
         torch = points.get(("torch sdpa", t, kind, causal))
         if impl == "hw2jax softmax (auto)" and torch is not None:
             mask = "causal" if causal else "non-causal"
-            row = f"softmax {kind}, {mask}, T = {t:,} (auto / torch SDPA)"
-            if ours["impl"] in torch.get("timed_with", ()):  # in turns: round by round
-                times = torch["times_ms"], ours["times_ms"]
-                rows.append((row, ratio_in_turns(*times), round_ratios(*times)))
-            else:
-                rows.append((row, torch["median_ms"] / ours["median_ms"], None))
+            together = ours["impl"] in torch.get("timed_with", ())
+            ratio, rounds = _in_turns_or_medians(
+                torch["times_ms"] if together else None,
+                ours["times_ms"] if together else None,
+                torch["median_ms"] / ours["median_ms"],
+            )
+            rows.append((f"softmax {kind}, {mask}, T = {t:,} (auto / torch SDPA)", ratio, rounds))
     return rows
 
 
-def _rounds(torch_times: list | None, our_times: list | None) -> list[float] | None:
-    if not torch_times or not our_times or len(torch_times) != len(our_times):
+def _rounds(theirs: list | None, ours: list | None) -> list[float] | None:
+    """Each round's ``theirs / ours`` where both kept the times of the same rounds, else None."""
+    if not theirs or not ours or len(theirs) != len(ours):
         return None
-    return round_ratios(torch_times, our_times)
+    return round_ratios(theirs, ours)
+
+
+def _in_turns_or_medians(
+    theirs: list | None, ours: list | None, ratio_of_medians: float
+) -> tuple[float, list[float] | None]:
+    """(the ratio, each round's): round by round where both kept the times of the same rounds
+    (:func:`hw2jax.timing.ratio_in_turns`), else the medians' ratio and no rounds."""
+    if (rounds := _rounds(theirs, ours)) is None:
+        return ratio_of_medians, None
+    return ratio_in_turns(theirs, ours), rounds
 
 
 def bf16_rows(throughput: dict) -> list[tuple[str, float]]:
@@ -124,13 +136,6 @@ def bf16_rows(throughput: dict) -> list[tuple[str, float]]:
         for row, rate in rates.items()
         if set(rate) == {"float32", "bfloat16"}
     ]
-
-
-def _xla_over_kernel(row: dict) -> float:
-    """Round by round where the row keeps each round's times, else the medians' ratio."""
-    if row.get("xla_s") and row.get("kernel_s"):
-        return ratio_in_turns(row["xla_s"], row["kernel_s"])
-    return row["xla_ms"] / row["kernel_ms"]
 
 
 def _failures(failed: list[dict]) -> str:
@@ -153,7 +158,11 @@ def more_sections(out: Path, failed: set[str] = frozenset()) -> list[str]:
     if (kernels := read("kernel_vs_xla.py")) is not None:
         lines += ["", "| each kernel (`kernel_vs_xla.py`) | XLA's time / the kernel's |"]
         lines += ["|---|---|"]
-        lines += [f"| {r['operation']} | {_xla_over_kernel(r):.2f}× |" for r in kernels]
+        for r in kernels:
+            ratio, _ = _in_turns_or_medians(
+                r.get("xla_s"), r.get("kernel_s"), r["xla_ms"] / r["kernel_ms"]
+            )
+            lines.append(f"| {r['operation']} | {ratio:.2f}× |")
     if (products := read("float32_matmul.py")) is not None:
         lines += ["", "| float32 product (`float32_matmul.py`), [M, K] x [K, N] | pass "]
         lines[-1] += "| torch's time / XLA's dot's | / XLA's own dot's | / our kernel's |"
