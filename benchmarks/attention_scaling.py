@@ -673,6 +673,7 @@ def main(argv=None) -> None:
     device = jax.devices()[0]
     on_gpu = device.platform == "gpu"
     max_log2 = args.max_log2 or (12 if args.quick else 17)
+    repeats = 3 if args.quick else args.repeats
     min_span_s = args.min_span_s if args.min_span_s is not None else 0.0 if args.quick else 10.0
     lengths = [2**i for i in range(args.min_log2, max_log2 + 1)]
     passes = (False,) if args.quick else (False, True)
@@ -692,7 +693,7 @@ def main(argv=None) -> None:
         "host": platform.node(),
         "jax_devices": jax.device_count(),
         "quick": args.quick,
-        "repeats": 3 if args.quick else args.repeats,
+        "repeats": repeats,
         "min_span_s": min_span_s,
         "complete": False,
         "batch": 1,
@@ -723,7 +724,7 @@ def main(argv=None) -> None:
         passes=passes,
         causals=(False, True),
         dtypes=dtypes,
-        repeats=3 if args.quick else args.repeats,
+        repeats=repeats,
         time_budget_ms=args.time_budget_ms,
         memory_budget_bytes=int(args.memory_budget_gib * 2**30),
         min_span_s=min_span_s,
