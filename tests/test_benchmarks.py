@@ -826,6 +826,11 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
     ]
     (_, paired), *_ = quick.ratio_rows({"results": []}, {"records": in_turns})
     assert paired == pytest.approx(494.0 / 383.0)
+    # Rounds that do not pair up (one side cut short, or one side without them): the medians.
+    for theirs in ([494.0, 509.0], None):
+        uneven = [in_turns[0], dict(in_turns[1], times_ms=theirs)]
+        (_, medians), *_ = quick.ratio_rows({"results": []}, {"records": uneven})
+        assert medians == pytest.approx(300.0 / 200.0)
     (tmp_path / "attention").mkdir()
     (tmp_path / "train_throughput_cpu-cpu.json").write_text(json.dumps(throughput))
     (tmp_path / "attention" / "attention_scaling_cpu-cpu.json").write_text(json.dumps(attention))
@@ -918,6 +923,15 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
     )
     quick.main(["--out", str(tmp_path), "--allow-busy", "--all"])
     scripts = [(Path(args[0]).name, *args[1:]) for args in ran if str(args[0]).endswith(".py")]
+    # The attention rows at the T the table names, 4,096 to 16,384, against SDPA on one device.
+    assert scripts[:2] == [
+        ("train_throughput.py", "--quick", "--out", str(tmp_path)),
+        (
+            *("attention_scaling.py", "--min-log2", "12", "--max-log2", "14", "--repeats", "3"),
+            *("--impl", "softmax (auto)", "--impl", "torch sdpa", "--host-devices", "1"),
+            *("--out", str(tmp_path / "attention")),
+        ),
+    ]
     assert scripts[2:] == [
         (script, "--out", str(tmp_path / folder)) for script, folder, _ in quick.MORE_RUNS
     ]
@@ -959,7 +973,11 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
             json.dumps({"meta": meta, "results": results[folder]})
         )
     table = quick.main(["--out", str(tmp_path), "--summary-only"]).read_text()
+    assert "| each kernel (`kernel_vs_xla.py`) | XLA's time / the kernel's |\n|---|---|\n" in table
     assert "| layer norm | 2.50× |" in table and "| softmax | 2.00× |" in table
+    header = "| pass | torch's time / XLA's dot's | / XLA's own dot's | / our kernel's |\n"
+    assert header + "|---|---|---|---|---|\n| L," in table
+    assert "| takes | ms float32 / bf16 |\n|---|---|---|\n| forward" in table
     assert "| L, 8,192 x 384 x 384 | fwd | 0.75× | 1.50× | 3.00× |" in table
     assert "| L, 8,192 x 384 x 384 | fwd+bwd | 0.75× | 1.50× |  |" in table
     assert "| forward | float32 | 60.0 / 90.5 |" in table
