@@ -147,6 +147,15 @@ def test_tfds_fallback_failure_is_one_clear_error(tmp_path, monkeypatch):
         fashion_mnist.load(source, "train")
     assert "could not provide 'fashion_mnist'" in str(exc.value)
     assert "dataset-fashion-mnist" in str(exc.value)  # the three ways, again
+    # A data dir without the idx files is read as tensorflow-datasets' store, offline: where
+    # that fails too, the message names both places and the three ways.
+    (tmp_path / "other").mkdir()
+    with pytest.raises(DataNotFoundError) as exc:
+        fashion_mnist.load(fashion_mnist.find_source(tmp_path / "other"), "train")
+    message = str(exc.value)
+    assert "could not provide 'fashion_mnist'" in message and "dataset-fashion-mnist" in message
+    assert f"{tmp_path / 'other'}: no idx files" in message
+    assert ":)" not in message  # the cause's first line, not a list's opening cut from the list
 
 
 def test_a_tfds_load_leaves_no_folder_in_the_temp_dir(tmp_path, monkeypatch):

@@ -133,7 +133,8 @@ def find_source(data_dir: str | os.PathLike | None = None, kind: str = "auto") -
             )
         tried.append(f"{chosen}: no idx files")
         if tfds_available():
-            return TfdsSource("fashion_mnist", data_dir=str(chosen), download=False)
+            hint = _missing_data_message([*tried, f"{chosen}: tensorflow-datasets' store"])
+            return TfdsSource("fashion_mnist", data_dir=str(chosen), download=False, hint=hint)
         raise DataNotFoundError(_missing_data_message(tried))
     for place in USUAL_PLACES:
         if idx_folder_complete(place):

@@ -47,6 +47,15 @@ def _tempdir_of_our_own() -> Iterator[None]:
             tempfile.tempdir = saved
 
 
+def _first_line(error: Exception) -> str:
+    """The error's first line, less a last sentence that only opens a list of the lines below
+    ("... is not supported. Possible root causes:")."""
+    line = str(error).splitlines()[0] if str(error) else ""
+    if line.endswith(":") and ". " in line:
+        return line[: line.rindex(". ") + 1]
+    return line
+
+
 class TfdsSource:
     """tensorflow-datasets, through ``tfds.data_source`` (array_record, no TensorFlow needed
     to read). Preparing the data (``download=True``) needs TensorFlow; ``manual_dir`` lets
@@ -83,7 +92,7 @@ class TfdsSource:
         except Exception as e:  # offline download, missing TensorFlow, ...: one clear error
             raise DataNotFoundError(
                 f"tensorflow-datasets could not provide {self.name!r} ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200] if str(e) else ''}).\n{self.hint}"
+                f"{_first_line(e)[:200]}).\n{self.hint}"
             ) from e
         records = [source[i] for i in range(len(source))]
         keys = self.features or tuple(records[0])
