@@ -204,7 +204,7 @@ def _assign(config: ml_collections.ConfigDict, key: str, value: Any, text: str) 
         )
     wrong_type = ConfigError(
         f"{key}={text!r}: expected {type(current).__name__} "
-        f"(like the default {current!r}), got {type(value).__name__}."
+        f"(as its value {current!r} is), got {type(value).__name__}."
     )
     if isinstance(value, bool) and type(current) in (int, float):
         raise wrong_type  # ml_collections would take true as 1 or 1.0

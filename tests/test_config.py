@@ -56,9 +56,9 @@ def test_every_experiment_fits_its_schema_and_shares_the_loop_base(name, schema)
             "directly, e.g. optimizer=VALUE; the groups are: ablation, model.",
         ),
         ("model=3", "model is a group of settings (attention, channels, depth,"),
-        ("epochs=three", "epochs='three': expected int (like the default 15), got str."),
-        ("epochs=true", "epochs='true': expected int (like the default 15), got bool."),
-        ("learning_rate=True", "learning_rate='True': expected float (like the default 0.0"),
+        ("epochs=three", "epochs='three': expected int (as its value 15 is), got str."),
+        ("epochs=true", "epochs='true': expected int (as its value 15 is), got bool."),
+        ("learning_rate=True", "learning_rate='True': expected float (as its value 0.0"),
         ("learning_rate", "override 'learning_rate' must look like key=value"),
     ],
 )
@@ -67,6 +67,13 @@ def test_override_mistakes_name_the_valid_keys(override, message):
     with pytest.raises(ConfigError) as e:
         apply_overrides(config, [override])
     assert message in str(e.value)
+
+
+def test_a_wrong_type_names_the_value_an_earlier_override_set():
+    config = load_config(VIT)
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(config, ["epochs=3", "epochs=three"])
+    assert "epochs='three': expected int (as its value 3 is), got str." in str(e.value)
 
 
 @pytest.mark.parametrize(
