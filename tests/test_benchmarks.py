@@ -472,7 +472,9 @@ def test_a_points_implementations_are_timed_in_turns_on_the_same_inputs(monkeypa
     assert order[:at_64] == ["a", "b", "b", "a", "a", "b"]
     # b is over the 20 s budget; a's 0.02 s runs twice a turn, for 5 rounds to span 0.09 s.
     assert order[at_64:] == ["a"] * 10
-    assert [(n, q.shape[1]) for n, q, _, _ in inputs] == [("a", 64), ("b", 64), ("a", 128)]
+    # [batch, T, heads, head dim], batch 1 as the JSON's meta says.
+    shapes = [(n, q.shape) for n, q, _, _ in inputs]
+    assert shapes == [("a", (1, 64, 2, 8)), ("b", (1, 64, 2, 8)), ("a", (1, 128, 2, 8))]
     assert inputs[0][1] is inputs[1][1] and inputs[0][3] is inputs[1][3]
     a64, b64, a128, b128 = records
     assert a64["times_ms"] == [10.0] * 3 and a64["median_ms"] == pytest.approx(10.0)
