@@ -494,12 +494,12 @@ def sweep(
     memory_budget_bytes=8 * 2**30,
     min_span_s=0.0,
     log=print,
-    on_curve: Callable[[list[dict]], None] | None = None,
+    on_point: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Every supported (implementation, pass, causal, dtype) curve over ``lengths``, the
     implementations of one (pass, causal, dtype) timed in turns at each T; a curve stops at
     the first point over the time budget, in ``repeats`` rounds or more until the timed calls
-    add up to ``min_span_s``. ``on_curve(records so far)`` runs after each point (to save
+    add up to ``min_span_s``. ``on_point(records so far)`` runs after each point (to save
     partial results)."""
     on_gpu = jax.devices()[0].platform == "gpu"
     budget = {"time_ms": time_budget_ms, "memory_bytes": memory_budget_bytes}
@@ -533,8 +533,8 @@ def sweep(
                 shape=shape,
                 log=log,
             )
-            if on_curve:
-                on_curve(records)
+            if on_point:
+                on_point(records)
     return records
 
 
@@ -728,7 +728,7 @@ def main(argv=None) -> None:
         time_budget_ms=args.time_budget_ms,
         memory_budget_bytes=int(args.memory_budget_gib * 2**30),
         min_span_s=min_span_s,
-        on_curve=save,
+        on_point=save,
     )
     if on_gpu and not args.quick and not args.max_log2:
         # Linear attention keeps going where softmax cannot.
@@ -742,7 +742,7 @@ def main(argv=None) -> None:
             repeats=args.repeats,
             time_budget_ms=args.time_budget_ms,
             min_span_s=min_span_s,
-            on_curve=save,
+            on_point=save,
         )
     meta["complete"] = True
     slopes = save([])

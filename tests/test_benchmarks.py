@@ -323,16 +323,16 @@ def test_sweep_saves_after_every_point_so_a_cut_run_keeps_its_points(tmp_path, m
     saved = []
     real_sweep = bench.sweep
 
-    def sweep_then_read(*args, **kwargs):  # reads the file each time the sweep reports a curve
-        inner = kwargs["on_curve"]
+    def sweep_then_read(*args, **kwargs):  # reads the file each time the sweep reports a point
+        inner = kwargs["on_point"]
 
-        def on_curve(records):
+        def on_point(records):
             inner(records)
             path = next(tmp_path.glob("attention_scaling_*.json"))
             data = json.loads(path.read_text())
             saved.append((data["meta"]["complete"], len(data["records"])))
 
-        return real_sweep(*args, **{**kwargs, "on_curve": on_curve})
+        return real_sweep(*args, **{**kwargs, "on_point": on_point})
 
     monkeypatch.setattr(bench, "sweep", sweep_then_read)
     monkeypatch.setattr(bench, "split_host_cpu", lambda n: None)  # jax has started; not tested here
