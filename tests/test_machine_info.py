@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hw2jax import cli, cpu, kernels
+from hw2jax import cli, cpu, kernels, machine_info
 from hw2jax.attention import dispatch
 
 # The build target the line names: -march=native unless the environment asks for another.
@@ -61,9 +61,15 @@ def test_it_names_the_machine_the_build_and_the_classes_timed_here(timed_here, m
     tie, apart = {"fused_cpu": 0.107, "xla": 0.142}, {"fused_cpu": 12.5, "xla": 27.0}
     assert dispatch.choose(tie, list(tie), "xla") == "xla"
     assert dispatch.choose(apart, list(apart), "xla") == "fused_cpu"
+    # Three paths: the fastest two decide, wherever the third lies.
+    assert machine_info.near_tie({"xla": 5.0, "fused_cpu": 0.107, "blockwise": 0.142})
+    assert not machine_info.near_tie({"xla": 0.12, "fused_cpu": 12.5, "blockwise": 27.0})
     assert cli.main(["machine", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["machine"]["cpu_features"] == record["cpu_features"]
+    if built:  # an engine named exactly where no reason says why there is none
+        kernel = info["kernels"]
+        assert (kernel["bf16_products"] is None) == (kernel["bf16_products_reason"] is not None)
     assert info["auto"]["classes"]["layer_norm fwd+bwd rows 2^8 width 64 float32"] == {
         "fused_cpu": 0.107,
         "xla": 0.142,
@@ -80,6 +86,7 @@ def test_kernels_not_built_are_not_built_by_asking(tmp_path, timed_here, monkeyp
     monkeypatch.setattr(kernels, "build_error", no_build)
     assert cli.main(["machine"]) == 0
     out = capsys.readouterr().out
+    assert machine_info.describe()["kernels"]["state"] == "not built"  # as cpu_quick.py asks
     assert (
         f"C++ kernels: not built yet for -march={MARCH}; the first run that needs them builds "
         f"them (tens of seconds), or `hw2jax machine --build` ({tmp_path / 'cpu_attention-new.so'})"
