@@ -133,3 +133,22 @@ def test_on_a_gpu_it_says_auto_times_nothing_there():
     assert machine_info.text(gpu).splitlines()[-1] == (
         "timed classes: none (auto times paths on a CPU; here gpu)"
     )
+
+
+def test_the_record_reads_the_cpu_from_cpuinfo_or_else_the_platform(tmp_path):
+    """The model name whole (a colon in it included), family/model and vendor; where the file
+    has no model name (or is missing), the platform's processor or machine name."""
+    import platform
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
+        "model name\t: Intel(R) Xeon(R) Platinum: 8481C @ 2.70GHz\nflags\t\t: avx2\n"
+    )
+    record = cpu.machine(str(info))
+    assert record["cpu_model"] == "Intel(R) Xeon(R) Platinum: 8481C @ 2.70GHz"
+    assert (record["cpu_vendor"], record["cpu_family_model"]) == ("GenuineIntel", "6/143")
+    assert record["cpu_features"]["avx2"] and not record["cpu_features"]["avx512f"]
+    missing = cpu.machine(str(tmp_path / "missing"))
+    assert missing["cpu_model"] == (platform.processor() or platform.machine())
+    assert missing["cpu_model"]
