@@ -1,5 +1,6 @@
 """Every implementation the attention benchmark times must compute the same attention."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -283,6 +284,51 @@ def test_slope_and_crossover_on_known_curves():
         ]
     )
     assert bench.crossover(more, "s", "l", "fwd", False) == 16384
+    # A tie is not faster: equal at 16,384, the linear curve crosses nowhere.
+    tie = [*quad, *lin[:2], dict(lin[2], median_ms=1e-6 * 8192**2)]
+    assert bench.crossover(tie, "s", "l", "fwd", False) is None
+    # The slope from min_t up (2,048 included), skipped points (no time) left out, and none
+    # from a single point.
+    below = dict(lin[0], T=1024, median_ms=50.0)
+    skipped = dict(lin[0], T=16384, median_ms=None)
+    assert bench.fitted_slope([below, *lin, skipped]) == pytest.approx(1.0)
+    assert bench.fitted_slope(lin[:2]) == pytest.approx(1.0)
+    assert bench.fitted_slope(lin[2:]) is None
+
+
+def test_the_sweep_leaves_out_the_points_an_implementation_is_no_peer_at(monkeypatch):
+    """torch's bf16 attention on a CPU (emulated) and a heads-over-devices row where jax sees one
+    device are not timed; the other points are."""
+    prepared = []
+
+    def fake_prepare(impl, q, k, v, *, causal, backward):
+        prepared.append((impl.name, str(q.dtype)))
+        return bench.Prepared(lambda: None, None, None, 0.1)
+
+    monkeypatch.setattr(bench, "prepare", fake_prepare)
+    monkeypatch.setattr(bench.jax, "device_count", lambda: 1)
+    impls = [
+        bench.Impl("ours", "jax", "softmax", (False,), None),
+        bench.Impl("torch", "torch", "softmax", (False,), None),
+        bench.Impl("split", "jax", "softmax", (False,), None, multi_device=True),
+    ]
+    sweep = functools.partial(
+        bench.sweep,
+        [64],
+        impls,
+        passes=(False,),
+        causals=(False,),
+        heads=1,
+        head_dim=8,
+        repeats=1,
+        log=lambda line: None,
+    )
+    sweep(dtypes=("float32", "bfloat16"))
+    assert prepared == [("ours", "float32"), ("torch", "float32"), ("ours", "bfloat16")]
+    prepared.clear()
+    monkeypatch.setattr(bench.jax, "device_count", lambda: 2)
+    sweep(dtypes=("float32",))
+    assert prepared == [("ours", "float32"), ("torch", "float32"), ("split", "float32")]
 
 
 def test_heads_over_two_host_devices_match_reference(tmp_path):
