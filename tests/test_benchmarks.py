@@ -711,7 +711,8 @@ def test_vit_model_flops_match_xla_count_of_the_direct_forward(monkeypatch):
     images = np.zeros((8, 28, 28, 1), np.float32)
     params = model.init(jax.random.key(0), images)
     counted = bench.xla_flops(jax.jit(model.apply), params, images) / 8
-    assert counted == pytest.approx(bench.vit_model_flops(m), rel=0.05)
+    # The rest (norms, softmax, GELU) counts 0.75 % more; one token more in t, 1.7 % less.
+    assert counted == pytest.approx(bench.vit_model_flops(m), rel=0.012)
 
 
 def test_the_profile_counts_asynchronous_ops_from_start_to_end():
