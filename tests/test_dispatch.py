@@ -653,33 +653,68 @@ def test_the_gru_recurrence_takes_the_measured_fastest_path_both_ways(measured, 
         dispatch.recurrence(why(), CPU_AVX512)
 
 
-def test_best_time_counts_no_warm_up_and_gives_up_on_a_loser(monkeypatch):
-    """best_time's runs on a fake clock: the best of three after a warm-up, fewer once half a
-    second has passed, or once a run took over LOSING_FACTOR times another path's best and
-    over LOSING_MIN_MS."""
-    clock = [0.0]
+def test_best_times_take_turns_and_give_up_on_a_loser_whichever_ran_first(monkeypatch):
+    """best_times's runs on a fake clock: every program warmed up, then the best of three runs
+    each, in turns (a b, b a, a b); fewer once a program's runs pass half a second, or once its
+    best is over LOSING_FACTOR times another's best and over LOSING_MIN_MS, the first program
+    timed included."""
+    clock, calls = [0.0], []
     monkeypatch.setattr(dispatch.time, "perf_counter", lambda: clock[0])
 
-    def timed(durations, beaten_at=math.inf):
-        runs, calls = iter(durations), []
-        clock[0] = 0.0
+    def timed(**durations):
+        clock[0], runs = 0.0, {name: iter(d) for name, d in durations.items()}
+        calls.clear()
 
-        def program(*inputs):
-            calls.append(inputs)
-            clock[0] += next(runs)
+        def program(name):
+            def run(*inputs):
+                calls.append(name)
+                clock[0] += next(runs[name])
+                return np.zeros(())
+
+            return run
+
+        return dispatch.best_times({name: program(name) for name in durations}, [1, 2])
+
+    # The warm-ups (9 s, 0 s) are not counted.
+    best = timed(a=[9.0, 0.375, 0.125, 0.25], b=[0.0, 0.25, 0.1875, 0.25])
+    assert best == {"a": 0.125, "b": 0.1875}
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert timed(a=[0.0, 0.25, 0.25, 0.125]) == {"a": 0.125}  # half a second exactly: on
+    assert timed(a=[0.0, 0.25, 0.25 + 2**-10]) == {"a": 0.25}  # past it: stops
+    assert calls == ["a"] * 3
+    beaten = 2.0**-8  # b's best: LOSING_FACTOR times it is 2^-7 s, over 5 ms
+    assert timed(a=[0.0, 2**-7, 2**-7, 2**-7], b=[0.0] + [beaten] * 3)["a"] == 2**-7
+    assert calls.count("a") == 4
+    assert timed(a=[0.0, 2**-7 + 2**-20], b=[0.0] + [beaten] * 3)["a"] == 2**-7 + 2**-20
+    assert calls == ["a", "b", "a", "b", "b", "b"]  # a, timed first, lost to b: run no more
+    # Under LOSING_MIN_MS a run is kept on, however far behind another path's best.
+    timed(a=[0.0, 0.005, 0.001, 0.001], b=[0.0] + [2.0**-14] * 3)
+    assert calls.count("a") == 4
+    timed(a=[0.0, 0.005 + 2**-20], b=[0.0] + [2.0**-14] * 3)
+    assert calls.count("a") == 2
+
+
+def test_a_slow_patch_falls_on_every_paths_runs_alike(monkeypatch):
+    """A patch of the machine that slows three runs 2x, from the first timed run: one path's
+    runs after another's would all fall inside it and send the class to the slower path (a at
+    10 ms, b at 12); in turns each path keeps a run outside it."""
+    clock, calls = [0.0], []
+    monkeypatch.setattr(dispatch.time, "perf_counter", lambda: clock[0])
+    own = {"a": 0.010, "b": 0.012}
+
+    def program(name):
+        def run():
+            calls.append(name)
+            timed_runs = len(calls) - len(own)  # after the warm-ups
+            clock[0] += own[name] * (2 if 1 <= timed_runs <= 3 else 1)
             return np.zeros(())
 
-        return dispatch.best_time(program, [1, 2], beaten_at), len(calls)
+        return run
 
-    assert timed([9.0, 0.375, 0.125, 0.25, 0.0]) == (0.125, 4)  # the warm-up is not counted
-    assert timed([0.0, 0.25, 0.25, 0.125]) == (0.125, 4)  # half a second exactly: on
-    assert timed([0.0, 0.25, 0.25 + 2**-10, 0.0]) == (0.25, 3)  # past it: stops
-    beaten = 2.0**-8  # another path's best: LOSING_FACTOR times it is 2^-7 s, over 5 ms
-    assert timed([0.0, 2**-7, 2**-7, 2**-7], beaten) == (2**-7, 4)
-    assert timed([0.0, 2**-7 + 2**-20, 0.0], beaten) == (2**-7 + 2**-20, 2)
-    # Under LOSING_MIN_MS a run is kept on, however far behind another path's best.
-    assert timed([0.0, 0.005, 0.001, 0.001], 2.0**-14)[1] == 4
-    assert timed([0.0, 0.005 + 2**-20, 0.0], 2.0**-14)[1] == 2
+    best = dispatch.best_times({name: program(name) for name in own}, [])
+    assert best["a"] == pytest.approx(own["a"])  # (b's runs, both slowed, lost to a's)
+    ms = {name: 1e3 * seconds for name, seconds in best.items()}
+    assert dispatch.choose(ms, ["a", "b"], "b") == "a"
 
 
 def test_a_probe_with_gradients_times_the_outputs_too():
@@ -723,8 +758,9 @@ def test_the_paths_compile_together_then_run_one_at_a_time_and_a_clear_loser_run
     monkeypatch,
 ):
     """Unfaked timing of two paths, one a host call that sleeps 30 ms: every program compiles
-    before any runs; a path timed after one that took under half its time runs once after its
-    warm-up, while the first path timed, having nothing to lose to, runs four times."""
+    before any runs; both are warmed up, then run in turns; the slow path, over twice the
+    other's time, runs once after its warm-up, whichever is timed first, the other four
+    times in all."""
     events = []
     compile_program = jax.stages.Lowered.compile
 
@@ -734,14 +770,11 @@ def test_the_paths_compile_together_then_run_one_at_a_time_and_a_clear_loser_run
 
     monkeypatch.setattr(jax.stages.Lowered, "compile", compile_and_note)
     measure = host_call_paths(events, {"fast": lambda n: 0.0, "slow": lambda n: 0.03})
-    for order, runs in (
-        (("fast", "slow"), {"fast": 4, "slow": 2}),
-        (("slow", "fast"), {"slow": 4, "fast": 4}),
-    ):
+    for order in (("fast", "slow"), ("slow", "fast")):
         events.clear()
         seconds = dispatch.time_paths(order, measure, gradient=False)
         assert events[:2] == ["compiled", "compiled"]
-        assert events[2:] == [name for name in order for _ in range(runs[name])]
+        assert events[2:] == [*order, *order, "fast", "fast"]  # warm-ups, a round, the rest
         assert seconds["fast"] < 0.03 <= seconds["slow"]
 
 
@@ -759,19 +792,23 @@ def test_a_timing_that_overturns_the_rule_is_taken_again():
 
     slowed_at_first = lambda n: 0.03 if n <= 4 else 0.0  # noqa: E731
     seconds = timed(slowed_at_first, rule="kernel")
-    assert events == ["kernel"] * 4 + ["xla"] * 4 + ["kernel"] * 4 + ["xla"] * 2
+    # Each round: the warm-ups, then turns until one path is past twice the other's time.
+    first = ["kernel", "xla", "kernel", "xla", "xla", "xla"]
+    assert events == [*first, "kernel", "xla", "kernel", "xla", "kernel", "kernel"]
     assert seconds["kernel"] < 0.01 <= seconds["xla"]
     ms = {name: s * 1e3 for name, s in seconds.items()}
     assert dispatch.choose(ms, ["kernel", "xla"], "kernel") == "kernel"
     for rule in ("xla", None):  # not overturned: one round
         seconds = timed(slowed_at_first, rule)
-        assert events == ["kernel"] * 4 + ["xla"] * 4
+        assert events == first
         assert seconds["xla"] < 0.03 <= seconds["kernel"]
     # Slow both times: the timing stands, and each path keeps its best of both rounds (XLA's
     # path here slower in the second).
     xla_sleeps = lambda n: 0.01 if n <= 8 else 0.02  # noqa: E731
     seconds = timed(lambda n: 0.03, rule="kernel", xla_sleeps=xla_sleeps)
-    assert events == ["kernel"] * 4 + ["xla"] * 4 + ["kernel"] * 4 + ["xla"] * 4
+    # The second round: 30 ms against 20 is within twice, so both run three times.
+    second = ["kernel", "xla", "kernel", "xla", "xla", "kernel", "kernel", "xla"]
+    assert events == [*first, *second]
     assert seconds["xla"] < 0.02 and seconds["xla"] < 0.03 <= seconds["kernel"]
 
 
@@ -780,10 +817,10 @@ def test_a_near_tie_with_the_rule_is_not_timed_again(monkeypatch):
     the rule's (5 %) leaves the rule standing, so the paths run once."""
     readings = []
 
-    def best_time(program, inputs, beaten_at=math.inf):
-        return readings.pop(0)
+    def best_times(programs, inputs):
+        return {name: readings.pop(0) for name in programs}
 
-    monkeypatch.setattr(dispatch, "best_time", best_time)
+    monkeypatch.setattr(dispatch, "best_times", best_times)
     x = jax.ShapeDtypeStruct((4,), jnp.float32)
     measure = dispatch.Measure((x,), lambda name: lambda x: x, size="test", probe=[x])
     readings[:] = [0.0104, 0.0100, 0.0, 0.0]  # kernel, xla; then a second round's

@@ -44,9 +44,9 @@ next to the kernel build, in a file keyed by the CPU, the compiler, jax and the 
 source (:func:`hw2jax.kernels.library_target`); delete it to time again. "With gradients"
 means a path's outputs and their gradients, as a training step computes them
 (:func:`probe_program`). A class's paths compile together, on the usable cores, then run
-one at a time: the best of up to three runs after a warm-up, a path already past twice
-another's best (and 5 ms) run once, and all of them once more where their times overturn the
-feature rule (:func:`time_paths`). At most 20 s of timing per
+in turns, run by run: the best of up to three runs after a warm-up, a path already past twice
+another's best (and 5 ms) run no more, and all of them once more where their times overturn
+the feature rule (:func:`time_paths`). At most 20 s of timing per
 process; classes left untimed then take the feature rule, as they do where another process
 has held the cache's lock for over :data:`LOCK_WAIT_S`. Softmax and BERT's key-bias
 attention time forward and gradient separately (a custom VJP runs the forward winner when
@@ -820,11 +820,11 @@ def _probe_of(measure: Measure, abstract: bool = False) -> list:
 def time_paths(
     paths: Sequence[str], measure: Measure, gradient: bool, rule: str | None = None
 ) -> dict[str, float]:
-    """Each path's time on the probe's inputs (:func:`best_time`). The paths' programs are
+    """Each path's best time on the probe's inputs. The paths' programs are
     traced one after the other (tracing a layer may time classes of its own), compiled at once
     on the usable cores (XLA compiles a program on about one core: the probe's compilations
-    take most of its budget), then run one after the other with nothing else running. Where
-    their times overturn ``rule`` (the feature rule's path) the paths run once more, each
+    take most of its budget), then run in turns with nothing else running (:func:`best_times`).
+    Where their times overturn ``rule`` (the feature rule's path) the paths run once more, each
     keeping its best of both: the cache keeps a class's choice for good, and one slow reading
     once sent a class to its slower path (benchmarks/results/zen4/avx2_quick_tiles/)."""
     inputs = _probe_of(measure)
@@ -837,17 +837,11 @@ def time_paths(
     ]
     with concurrent.futures.ThreadPoolExecutor(min(len(paths), cpu.usable_cores())) as pool:
         compiled = list(pool.map(lambda program: program.compile(), lowered))
-    seconds = _run_in_turn(paths, compiled, inputs)
+    programs = dict(zip(paths, compiled, strict=True))
+    seconds = best_times(programs, inputs)
     if rule in seconds and choose(_ms(seconds), paths, rule) != rule:
-        again = _run_in_turn(paths, compiled, inputs)
+        again = best_times(programs, inputs)
         seconds = {name: min(s, again[name]) for name, s in seconds.items()}
-    return seconds
-
-
-def _run_in_turn(paths: Sequence[str], compiled: list, inputs: list) -> dict[str, float]:
-    seconds: dict[str, float] = {}
-    for name, program in zip(paths, compiled, strict=True):
-        seconds[name] = best_time(program, inputs, min(seconds.values(), default=math.inf))
     return seconds
 
 
@@ -878,19 +872,33 @@ def probe_program(fn: Callable, gradient: bool, operands: int, cotangent: bool =
     return jax.value_and_grad(loss, argnums=tuple(range(min(3, operands))))
 
 
-def best_time(compiled: Callable, inputs: list, beaten_at: float = math.inf) -> float:
-    """The best of up to three runs (half a second at most) after one that warms up. A path
-    whose run already took over :data:`LOSING_FACTOR` times ``beaten_at`` (another path's best
-    seconds) and over :data:`LOSING_MIN_MS` is run no more: it cannot win, and its repeats
-    would spend the budget on the probe's slowest runs."""
-    jax.block_until_ready(compiled(*inputs))
-    best, start = math.inf, time.perf_counter()
-    for _ in range(3):
-        began = time.perf_counter()
-        jax.block_until_ready(compiled(*inputs))
-        best = min(best, time.perf_counter() - began)
-        lost = best > max(LOSING_FACTOR * beaten_at, LOSING_MIN_MS / 1e3)
-        if time.perf_counter() - start > 0.5 or lost:
+def best_times(programs: dict[str, Callable], inputs: list) -> dict[str, float]:
+    """Each program's best of up to three runs (half a second of its runs at most) after one
+    that warms it up, the programs taking turns run by run (a b, b a, a b): a slow patch of the
+    machine a few runs long then slows every path's runs alike, where one path's runs after
+    another's would each fall inside it (this Zen 4 guest slowed calls up to 2x for seconds,
+    benchmarks/NOTES.md). After each round a program whose best is over :data:`LOSING_FACTOR`
+    times another's best and over :data:`LOSING_MIN_MS` is run no more, whichever ran first:
+    it cannot win, and its repeats would spend the budget on the probe's slowest runs."""
+    for program in programs.values():
+        jax.block_until_ready(program(*inputs))
+    best = dict.fromkeys(programs, math.inf)
+    spent = dict.fromkeys(programs, 0.0)
+
+    def runs_again(name: str) -> bool:
+        rivals = min((best[other] for other in programs if other != name), default=math.inf)
+        lost = best[name] > max(LOSING_FACTOR * rivals, LOSING_MIN_MS / 1e3)
+        return spent[name] <= 0.5 and not lost
+
+    running = list(programs)
+    for round_ in range(3):
+        shift = round_ % len(running)
+        for name in running[shift:] + running[:shift]:
+            began = time.perf_counter()
+            jax.block_until_ready(programs[name](*inputs))
+            took = time.perf_counter() - began
+            best[name], spent[name] = min(best[name], took), spent[name] + took
+        if not (running := [name for name in running if runs_again(name)]):
             break
     return best
 
