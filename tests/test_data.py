@@ -238,3 +238,31 @@ def test_imdb_with_no_folder_named_tries_the_usual_places_then_tfds_under_auto_o
     shutil.copytree(Path(__file__).parent / "fixtures" / "aclImdb", tmp_path / "aclImdb")
     for kind in ("auto", "local"):
         assert imdb.find_source(kind=kind).path == tmp_path / "aclImdb"
+
+
+def test_a_tfds_failure_names_its_cause_by_its_first_sentences(monkeypatch):
+    """The cause's first line, less a last sentence that only opens a list of the lines below
+    it; a first line that opens nothing, or is one sentence, is kept whole."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from hw2jax.data.sources import TfdsSource
+
+    for raised, shown in (
+        (
+            "Format X is not supported. Possible root causes:\n\t* one\n\t* two",
+            "(NotImplementedError: Format X is not supported.)",
+        ),
+        ("Not found. Try again later.\nmore", "(NotImplementedError: Not found. Try again later.)"),
+        ("Missing these files:\n a\n b", "(NotImplementedError: Missing these files:)"),
+        ("", "(NotImplementedError: )"),
+    ):
+
+        def fail(*args, raised=raised, **kwargs):
+            raise NotImplementedError(raised)
+
+        monkeypatch.setattr(tfds, "data_source", fail)
+        with pytest.raises(DataNotFoundError) as exc:
+            TfdsSource("fashion_mnist", hint="the hint").load("train")
+        assert (
+            str(exc.value)
+            == f"tensorflow-datasets could not provide 'fashion_mnist' {shown}.\nthe hint"
+        )
