@@ -35,7 +35,6 @@ from hw2jax import cpu
 from hw2jax.timing import ratio_in_turns, round_ratios
 
 HERE = Path(__file__).parent
-BUSY_LIMIT = 0.25  # the share of all cores' time others may take before the figures mean little
 ATTENTION_ARGS = (
     "--min-log2",
     "12",
@@ -59,20 +58,12 @@ MORE_RUNS = (
 
 
 def cpu_busy_share(seconds: float = 1.0, stat: str = "/proc/stat") -> float:
-    """The share of all cores' time spent outside idle over ``seconds``, from /proc/stat (niced
-    work counts: it still takes the cores a benchmark would use)."""
-
-    def sample() -> tuple[int, int]:
-        with open(stat) as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields), idle
-
-    total0, idle0 = sample()
+    """The share of all cores' time spent outside idle over ``seconds`` (:func:`hw2jax.cpu.
+    core_ticks`; niced work counts: it still takes the cores a benchmark would use)."""
+    busy0, total0 = cpu.core_ticks(stat=stat) or (0, 0)
     time.sleep(seconds)
-    total1, idle1 = sample()
-    total = max(total1 - total0, 1)
-    return 1.0 - (idle1 - idle0) / total
+    busy1, total1 = cpu.core_ticks(stat=stat) or (0, 0)
+    return (busy1 - busy0) / max(total1 - total0, 1)
 
 
 def ratio_rows(throughput: dict, attention: dict) -> list[tuple[str, float]]:
@@ -259,7 +250,7 @@ def main(argv: list[str] | None = None) -> Path:
     failed: list[str] = []
     if not args.summary_only:
         start, busy = time.perf_counter(), cpu_busy_share()
-        if busy > BUSY_LIMIT and not args.allow_busy:
+        if busy > cpu.BUSY_SHARE_LIMIT and not args.allow_busy:
             raise SystemExit(
                 f"{100 * busy:.0f} % of the cores' time went to other work in the last "
                 "second: figures taken now would read that share low. Stop it (a training "
@@ -277,7 +268,7 @@ def main(argv: list[str] | None = None) -> Path:
         # The quick rows are in: a further run that fails is named in the table, not fatal.
         failed = [{"script": s, "exit": code} for s, a in more if (code := _run(s, a)) != 0]
         record = {
-            "busy_share_at_start": busy if busy > BUSY_LIMIT else None,
+            "busy_share_at_start": busy if busy > cpu.BUSY_SHARE_LIMIT else None,
             "commit": cpu.source_commit() or "unknown",
             "wall_s": time.perf_counter() - start,
             "failed": failed,

@@ -3,6 +3,7 @@ dispatch policy and benchmark metadata read it."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import os
@@ -36,6 +37,61 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # no affinity call on this OS
         return os.cpu_count() or 1
+
+
+# The share of the cores' time that other work may take before figures taken beside it mean
+# little: cpu_quick.py will not start beside more.
+BUSY_SHARE_LIMIT = 0.25
+# Fewer clock ticks than this between two readings of /proc/stat (half a second of two cores at
+# Linux's 100 a second) read no share: a tick either way would move it by 1 %, and the two
+# readings and this process's own CPU time are rounded to ticks apart.
+MIN_SHARE_TICKS = 100
+
+
+def core_ticks(cores: set[int] | None = None, stat: str = "/proc/stat") -> tuple[int, int] | None:
+    """(busy, all) clock ticks that ``cores`` (all the machine's where None) have spent since
+    boot, from /proc/stat: busy is all but idle and waiting on I/O (niced work and a virtual
+    machine's stolen time slow a timing too); None where it cannot be read."""
+    names = {"cpu"} if cores is None else {f"cpu{core}" for core in cores}
+    busy = total = 0
+    try:
+        with open(stat) as f:
+            for line in f:
+                name, *values = line.split()
+                if name in names:
+                    # user nice system idle iowait irq softirq steal: later fields (guest
+                    # time) are counted in user and nice already.
+                    fields = [int(x) for x in values[:8]]
+                    total += sum(fields)
+                    busy += sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy, total) if total else None
+
+
+def _own_ticks() -> float:
+    times = os.times()
+    return (times.user + times.system) * os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def others_busy(stat: str = "/proc/stat"):
+    """Yields a dict whose ``"share"``, once the block has run, is the share of this process's
+    usable cores' time that other processes took meanwhile: the cores' busy ticks less this
+    process's CPU time (all its threads), over all their ticks. None where /proc/stat cannot
+    be read or the block took under :data:`MIN_SHARE_TICKS`."""
+    try:
+        cores = os.sched_getaffinity(0)
+    except AttributeError:  # no affinity call on this OS: the machine's cores
+        cores = None
+    reading: dict[str, float | None] = {"share": None}
+    before, own = core_ticks(cores, stat), _own_ticks()
+    yield reading
+    after = core_ticks(cores, stat)
+    if before is None or after is None or after[1] - before[1] < MIN_SHARE_TICKS:
+        return
+    others = after[0] - before[0] - (_own_ticks() - own)
+    reading["share"] = min(max(others / (after[1] - before[1]), 0.0), 1.0)
 
 
 def cpu_vector_features(cpuinfo: str = "/proc/cpuinfo") -> dict[str, bool]:

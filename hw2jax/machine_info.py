@@ -45,6 +45,12 @@ def describe(build: bool = False) -> dict:
             for key, record in sorted(timed.items())
             if record.get("probe_shapes")
         },
+        # Classes last timed while other processes took over dispatch.LOADED_SHARE of the cores.
+        "beside_load": {
+            key: {"share": record["others_busy_share"], "timings": record.get("loaded_timings", 1)}
+            for key, record in sorted(timed.items())
+            if dispatch.timed_beside_load(record)
+        },
     }
     return {
         "machine": cpu.machine(),
@@ -108,10 +114,13 @@ def text(info: dict) -> str:
         "the probe's inputs, a class's rows and sequences cut to bound the probe's time):"
     )
     ties = {key for key, ms in auto["classes"].items() if near_tie(ms)}
-    shapes = auto.get("probe_shapes", {})
+    shapes, loaded = auto.get("probe_shapes", {}), auto.get("beside_load", {})
     for key, ms in auto["classes"].items():
         on = f" on {', '.join('x'.join(map(str, s)) for s in shapes[key])}" if key in shapes else ""
-        lines.append(f"- {key}: {times_text(ms)}{on}" + (" (a near tie)" if key in ties else ""))
+        notes = ["a near tie"] if key in ties else []
+        if key in loaded:
+            notes.append(_beside_load(**loaded[key]))
+        lines.append(f"- {key}: {times_text(ms)}{on}" + (f" ({'; '.join(notes)})" if notes else ""))
     if ties:
         lines.append(
             "A near tie (the fastest two within the tie margin, dispatch.choose) takes the "
@@ -119,6 +128,15 @@ def text(info: dict) -> str:
             "the other way round."
         )
     return "\n".join(lines)
+
+
+def _beside_load(share: float, timings: int) -> str:
+    from hw2jax.attention import dispatch
+
+    said = f"timed while other processes took {100 * share:.0f} % of the cores"
+    if timings >= dispatch.LOADED_TIMINGS:
+        return f"{said}, {timings} times: kept"
+    return f"{said}: the next run times it again"
 
 
 def near_tie(ms: dict[str, float]) -> bool:

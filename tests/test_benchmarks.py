@@ -964,7 +964,7 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
     assert "Taken with 60 % of the cores busy with other work at start." in table
     here = json.loads((tmp_path / "machine.json").read_text())  # hw2jax machine's record
     assert here["machine"]["cpu_features"] == quick.cpu.machine()["cpu_features"]
-    assert set(here["auto"]) == {"mode", "cache", "classes", "probe_shapes"}
+    assert set(here["auto"]) == {"mode", "cache", "classes", "probe_shapes", "beside_load"}
     assert "Commit abc1234; 0 s for the whole command." in table
     assert "kernel_vs_xla" not in table  # no --all: none of its runs, no rows for them
     ran = []

@@ -152,3 +152,70 @@ def test_the_record_reads_the_cpu_from_cpuinfo_or_else_the_platform(tmp_path):
     missing = cpu.machine(str(tmp_path / "missing"))
     assert missing["cpu_model"] == (platform.processor() or platform.machine())
     assert missing["cpu_model"]
+
+
+def test_others_busy_reads_other_processes_share_of_this_process_cores(tmp_path, monkeypatch):
+    """From /proc/stat's lines for the cores this process may use (not the machine's line, not
+    other cores), busy ticks less this process's own CPU time, over all their ticks; no share
+    from too few ticks or an unreadable file."""
+    import os
+
+    stat = tmp_path / "stat"
+
+    def write(cpu0, cpu1, elsewhere):
+        # user nice system idle iowait irq softirq steal guest guest_nice: guest time is in
+        # user already, so it is not counted twice.
+        lines = [f"cpu {' '.join(['999'] * 10)}"]
+        lines += [f"cpu{i} {' '.join(map(str, v))}" for i, v in enumerate((cpu0, cpu1, elsewhere))]
+        stat.write_text("\n".join([*lines, "intr 12345 0 0"]) + "\n")
+
+    own = {"s": 1.0}
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "times", lambda: os.times_result((own["s"], 0.5, 0, 0, 0)))
+    monkeypatch.setattr(os, "sysconf", lambda name: 100)
+    write([100, 0, 50, 800, 50, 0, 0, 0, 7, 0], [100, 0, 50, 850, 0, 0, 0, 0, 0, 0], [0] * 10)
+    with cpu.others_busy(str(stat)) as reading:
+        # 300 ticks pass on each core, 175 + 60 of them busy (10 stolen; waiting on I/O is not
+        # busy); this process ran 1.2 s of CPU (120 ticks), so others took 115 of the 600.
+        write(
+            [250, 5, 60, 880, 95, 0, 0, 10, 999, 0],
+            [150, 0, 60, 1090, 0, 0, 0, 0, 0, 0],
+            [300] * 10,
+        )
+        own["s"] = 2.2
+        assert reading["share"] is None  # read once the block has run
+    assert reading["share"] == pytest.approx(115 / 600)
+    with cpu.others_busy(str(stat)) as reading:
+        write([300, 5, 60, 880, 95, 0, 0, 10, 0, 0], [150, 0, 60, 1139, 0, 0, 0, 0, 0, 0], [0])
+    assert reading["share"] is None  # 99 ticks: under MIN_SHARE_TICKS
+    with cpu.others_busy(str(tmp_path / "missing")) as reading:
+        pass
+    assert reading["share"] is None
+
+
+def test_classes_timed_beside_other_work_say_so(tmp_path, monkeypatch, capsys):
+    """`hw2jax machine` marks a class whose last timing ran beside other work: timed again by
+    the next run, or kept once LOADED_TIMINGS have run so; a low share is not marked."""
+    cache = tmp_path / "dispatch-key-2-cores.json"
+    ms = {"fused_cpu": 1.0, "xla": 2.0}
+    classes = {
+        "a fwd": {"ms": ms, "others_busy_share": 0.48, "loaded_timings": 1},
+        "b fwd": {"ms": ms, "others_busy_share": 0.3, "loaded_timings": 3},
+        "c fwd": {"ms": ms, "others_busy_share": 0.1, "loaded_timings": 2},
+    }
+    cache.write_text(json.dumps({"machine": {}, "classes": classes}))
+    monkeypatch.setattr(dispatch, "cache_file", lambda: cache)
+    assert cli.main(["machine"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-3:] == [
+        "- a fwd: fused_cpu 1, xla 2 ms (timed while other processes took 48 % of the cores: "
+        "the next run times it again)",
+        "- b fwd: fused_cpu 1, xla 2 ms (timed while other processes took 30 % of the cores, "
+        "3 times: kept)",
+        "- c fwd: fused_cpu 1, xla 2 ms",
+    ]
+    assert cli.main(["machine", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["auto"]["beside_load"] == {
+        "a fwd": {"share": 0.48, "timings": 1},
+        "b fwd": {"share": 0.3, "timings": 3},
+    }
