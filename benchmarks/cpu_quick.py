@@ -187,8 +187,10 @@ def summary(throughput: dict, attention: dict, run: dict, more: list[str] = ()) 
     cores = f"{meta['cpu_count']} cores"
     if meta.get("usable_cores", meta["cpu_count"]) != meta["cpu_count"]:
         cores += f" (this run held to {meta['usable_cores']})"
+    family_model = meta.get("cpu_family_model")
+    named = f" (family/model {family_model})" if family_model else ""
     lines = [
-        f"# Quick figures: {meta['cpu_model']} (family/model {meta['cpu_family_model']}), {cores}",
+        f"# Quick figures: {meta['cpu_model']}{named}, {cores}",
         "",
         f"Vector features: {features}. jax {meta['jax']}, torch {meta.get('torch')}, "
         f"{meta['date']}; `benchmarks/cpu_quick.py`. hw2jax / torch in the same process.",

@@ -194,10 +194,11 @@ def machine(cpuinfo: str = "/proc/cpuinfo") -> dict[str, object]:
     def field(name: str) -> str | None:
         return _cpuinfo_field(name, cpuinfo)
 
+    family, model = field("cpu family"), field("model")
     return {
         "cpu_model": field("model name") or platform.processor() or platform.machine(),
         "cpu_vendor": field("vendor_id"),
-        "cpu_family_model": f"{field('cpu family')}/{field('model')}",
+        "cpu_family_model": f"{family}/{model}" if family and model else None,
         "cpu_count": os.cpu_count(),
         "usable_cores": usable_cores(),
         "cpu_features": cpu_vector_features(cpuinfo),

@@ -928,6 +928,11 @@ def test_cpu_quick_tables_each_ratio_and_refuses_busy_cores(tmp_path, monkeypatc
     )
     table = quick.main(["--out", str(tmp_path), "--summary-only"]).read_text()
     assert "| fine-tuning step (MiniLM-L6, all weights) | 0.85× |" in table.split("bf16 /")[1]
+    meta["cpu_family_model"] = None  # no /proc/cpuinfo: no numbers to name
+    (tmp_path / "train_throughput_cpu-cpu.json").write_text(json.dumps(throughput))
+    table = quick.main(["--out", str(tmp_path), "--summary-only"]).read_text()
+    assert "# Quick figures: Some CPU, 2 cores\n" in table
+    meta["cpu_family_model"] = "6/143"
     meta["usable_cores"] = 1  # under taskset -c 0
     meta["env"] = {
         "HW2JAX_KERNEL_MARCH": "x86-64-v3",

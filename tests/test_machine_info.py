@@ -6,6 +6,7 @@ import pytest
 
 from hw2jax import cli, cpu, kernels, machine_info
 from hw2jax.attention import dispatch
+from hw2jax.train import report
 
 # The build target the line names: -march=native unless the environment asks for another.
 MARCH = kernels.build_march()
@@ -151,7 +152,9 @@ def test_the_record_reads_the_cpu_from_cpuinfo_or_else_the_platform(tmp_path):
     assert record["cpu_features"]["avx2"] and not record["cpu_features"]["avx512f"]
     missing = cpu.machine(str(tmp_path / "missing"))
     assert missing["cpu_model"] == (platform.processor() or platform.machine())
-    assert missing["cpu_model"]
+    assert missing["cpu_model"] and missing["cpu_family_model"] is None
+    assert "family/model" not in report.machine_line(missing)  # not "None/None"
+    assert "(family/model 6/143)" in report.machine_line(record)
 
 
 def test_others_busy_reads_other_processes_share_of_this_process_cores(tmp_path, monkeypatch):
