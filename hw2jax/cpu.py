@@ -3,6 +3,7 @@ dispatch policy and benchmark metadata read it."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import importlib.metadata
@@ -42,10 +43,18 @@ def usable_cores() -> int:
 # The share of the cores' time that other work may take before figures taken beside it mean
 # little: cpu_quick.py will not start beside more.
 BUSY_SHARE_LIMIT = 0.25
-# Fewer clock ticks than this between two readings of /proc/stat (half a second of two cores at
-# Linux's 100 a second) read no share: a tick either way would move it by 1 %, and the two
-# readings and this process's own CPU time are rounded to ticks apart.
-MIN_SHARE_TICKS = 100
+# A share is read over at least this many clock ticks of the cores (a fifth of a second of two
+# cores at Linux's 100 a second): the two readings of /proc/stat and this process's own CPU
+# time are rounded to ticks apart, and idle windows of this length read up to 3 ticks busy
+# elsewhere (0.07 of them) on the 2-core Zen 4, 20 in 40 reading none.
+MIN_SHARE_TICKS = 40
+# A block too short for MIN_SHARE_TICKS is read together with what ran before it in this process,
+# from a reading taken at most this long before its end (an earlier block's start or end).
+LOOKBACK_S = 2.0
+# Readings of /proc/stat at blocks' starts and ends, by file and cores: (time, busy, all, own).
+_readings: dict[tuple, collections.deque] = collections.defaultdict(
+    lambda: collections.deque(maxlen=64)
+)
 
 
 def core_ticks(cores: set[int] | None = None, stat: str = "/proc/stat") -> tuple[int, int] | None:
@@ -74,24 +83,40 @@ def _own_ticks() -> float:
     return (times.user + times.system) * os.sysconf("SC_CLK_TCK")
 
 
+def _reading(cores: set[int] | None, stat: str) -> tuple[float, int, int, float] | None:
+    ticks = core_ticks(cores, stat)
+    return None if ticks is None else (time.monotonic(), *ticks, _own_ticks())
+
+
 @contextlib.contextmanager
 def others_busy(stat: str = "/proc/stat"):
     """Yields a dict whose ``"share"``, once the block has run, is the share of this process's
     usable cores' time that other processes took meanwhile: the cores' busy ticks less this
-    process's CPU time (all its threads), over all their ticks. None where /proc/stat cannot
-    be read or the block took under :data:`MIN_SHARE_TICKS`."""
+    process's CPU time (all its threads), over all their ticks. A block shorter than
+    :data:`MIN_SHARE_TICKS` is read from an earlier block's start or end in this process, at
+    most :data:`LOOKBACK_S` before (auto's probe times classes one after another); None where
+    there is none or /proc/stat cannot be read."""
     try:
         cores = os.sched_getaffinity(0)
     except AttributeError:  # no affinity call on this OS: the machine's cores
         cores = None
+    earlier = _readings[(stat, None if cores is None else frozenset(cores))]
     reading: dict[str, float | None] = {"share": None}
-    before, own = core_ticks(cores, stat), _own_ticks()
+    if (start := _reading(cores, stat)) is not None:
+        earlier.append(start)
     yield reading
-    after = core_ticks(cores, stat)
-    if before is None or after is None or after[1] - before[1] < MIN_SHARE_TICKS:
+    if (end := _reading(cores, stat)) is None:
         return
-    others = after[0] - before[0] - (_own_ticks() - own)
-    reading["share"] = min(max(others / (after[1] - before[1]), 0.0), 1.0)
+    for began in reversed(earlier):  # this block's start, else the latest far enough back
+        if start is not None and began[0] > start[0]:
+            continue  # inside this block (a block within it)
+        if end[0] - began[0] > LOOKBACK_S:
+            break
+        if (ticks := end[2] - began[2]) >= MIN_SHARE_TICKS:
+            others = end[1] - began[1] - (end[3] - began[3])
+            reading["share"] = min(max(others / ticks, 0.0), 1.0)
+            break
+    earlier.append(end)
 
 
 def cpu_vector_features(cpuinfo: str = "/proc/cpuinfo") -> dict[str, bool]:

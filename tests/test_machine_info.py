@@ -159,38 +159,61 @@ def test_the_record_reads_the_cpu_from_cpuinfo_or_else_the_platform(tmp_path):
 
 def test_others_busy_reads_other_processes_share_of_this_process_cores(tmp_path, monkeypatch):
     """From /proc/stat's lines for the cores this process may use (not the machine's line, not
-    other cores), busy ticks less this process's own CPU time, over all their ticks; no share
-    from too few ticks or an unreadable file."""
+    other cores), busy ticks less this process's own CPU time, over all their ticks; a block
+    too short is read from an earlier reading at most LOOKBACK_S before, none where there is
+    none; a block with another inside it from its own start; nothing from an unreadable file."""
     import os
 
     stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice: guest time is in user
+    # already, so it is not counted twice.
+    cores = {
+        "cpu0": [100, 0, 50, 800, 50, 0, 0, 0, 7, 0],
+        "cpu1": [100, 0, 50, 850, 0, 0, 0, 0, 0, 0],
+        "cpu2": [0] * 10,  # not this process's
+    }
 
-    def write(cpu0, cpu1, elsewhere):
-        # user nice system idle iowait irq softirq steal guest guest_nice: guest time is in
-        # user already, so it is not counted twice.
+    def write():
         lines = [f"cpu {' '.join(['999'] * 10)}"]
-        lines += [f"cpu{i} {' '.join(map(str, v))}" for i, v in enumerate((cpu0, cpu1, elsewhere))]
+        lines += [f"{name} {' '.join(map(str, v))}" for name, v in cores.items()]
         stat.write_text("\n".join([*lines, "intr 12345 0 0"]) + "\n")
+
+    def run(user, idle):  # on each of cores 0 and 1; core 2 busy throughout
+        for name in ("cpu0", "cpu1"):
+            cores[name][0] += user
+            cores[name][3] += idle
+        cores["cpu2"][0] += user + idle
+        write()
 
     own = {"s": 1.0}
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(os, "times", lambda: os.times_result((own["s"], 0.5, 0, 0, 0)))
     monkeypatch.setattr(os, "sysconf", lambda name: 100)
-    write([100, 0, 50, 800, 50, 0, 0, 0, 7, 0], [100, 0, 50, 850, 0, 0, 0, 0, 0, 0], [0] * 10)
+    write()
     with cpu.others_busy(str(stat)) as reading:
         # 300 ticks pass on each core, 175 + 60 of them busy (10 stolen; waiting on I/O is not
         # busy); this process ran 1.2 s of CPU (120 ticks), so others took 115 of the 600.
-        write(
-            [250, 5, 60, 880, 95, 0, 0, 10, 999, 0],
-            [150, 0, 60, 1090, 0, 0, 0, 0, 0, 0],
-            [300] * 10,
-        )
+        cores["cpu0"] = [250, 5, 60, 880, 95, 0, 0, 10, 999, 0]
+        cores["cpu1"] = [150, 0, 60, 1090, 0, 0, 0, 0, 0, 0]
+        run(0, 0)
         own["s"] = 2.2
         assert reading["share"] is None  # read once the block has run
     assert reading["share"] == pytest.approx(115 / 600)
+    run(20, 20)  # outside any block
     with cpu.others_busy(str(stat)) as reading:
-        write([300, 5, 60, 880, 95, 0, 0, 10, 0, 0], [150, 0, 60, 1139, 0, 0, 0, 0, 0, 0], [0])
-    assert reading["share"] is None  # 99 ticks: under MIN_SHARE_TICKS
+        run(10, 5)  # 30 ticks, under MIN_SHARE_TICKS: read from the block before's end
+    assert reading["share"] == pytest.approx((40 + 20) / (80 + 30))
+    monkeypatch.setattr(cpu, "LOOKBACK_S", 0.0)
+    with cpu.others_busy(str(stat)) as reading:
+        run(10, 5)
+    assert reading["share"] is None
+    monkeypatch.setattr(cpu, "LOOKBACK_S", 2.0)
+    with cpu.others_busy(str(stat)) as outer:
+        run(50, 50)
+        with cpu.others_busy(str(stat)) as inner:
+            run(0, 20)  # MIN_SHARE_TICKS exactly: read from its own start
+        run(50, 50)
+    assert inner["share"] == 0.0 and outer["share"] == pytest.approx(200 / 440)
     with cpu.others_busy(str(tmp_path / "missing")) as reading:
         pass
     assert reading["share"] is None
