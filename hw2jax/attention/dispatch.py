@@ -164,7 +164,8 @@ LOSING_MIN_MS = 5.0
 # or LOADED_TIMINGS have run with it: load slows paths unevenly (a core busy half the time
 # slowed the flash kernel more than XLA's naive form on the 2-core Zen 4, which then read
 # faster, benchmarks/results/zen4/probe_in_turns/), and the cache keeps a class's choice for
-# good. Idle, the share read 0 to 0.01 there; a false alarm costs one timing in a later run.
+# good. Idle, classes read 0 to 0.10 (benchmarks/results/zen4/loaded_probe/), loaded 0.11 to
+# 0.48; a false alarm costs a timing in a later run.
 LOADED_SHARE = 0.1
 LOADED_TIMINGS = 3
 # Why the fused CPU kernels cannot run on some inputs (None: they can), asked lazily.

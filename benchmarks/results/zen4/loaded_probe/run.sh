@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# A probe beside other work, then two idle runs on the same dispatch cache:
+# train_throughput.py --quick from an empty cache (its own copy of the built kernels, the
+# same source: no rebuild) beside a flickering load, then twice more with nothing else running.
+# Usage: run.sh CHECKOUT OUT_DIR
+set -euo pipefail
+checkout=$1 out=$2
+kernels=$(dirname "$(cd "$checkout" && .venv/bin/python -c 'from hw2jax import kernels; print(kernels.library_target())')")
+flicker() {  # one core busy, then idle, for 0.1-1.0 s each, from a fixed seed
+  exec python3 -c '
+import random, time
+rng = random.Random(0)
+while True:
+    end = time.monotonic() + rng.uniform(0.1, 1.0)
+    while time.monotonic() < end:
+        pass
+    time.sleep(rng.uniform(0.1, 1.0))'
+}
+cache=$(mktemp -d /tmp/probe-cache-XXXX)
+cp "$kernels"/cpu_attention-*.so "$cache"/
+for run in loaded idle_next idle_third; do
+  if [ "$run" = loaded ]; then flicker & pid=$!; fi
+  start=$(date +%s)
+  (cd "$checkout" && HW2JAX_KERNEL_CACHE=$cache PYTHONPATH=$checkout .venv/bin/python \
+    benchmarks/train_throughput.py --quick --out "$out/$run") > "$out/$run.log" 2>&1
+  echo "$run $(( $(date +%s) - start )) s" | tee -a "$out/wall.txt"
+  if [ "$run" = loaded ]; then kill "$pid"; fi
+  cp "$cache"/dispatch-*.json "$out/$run/dispatch_cache.json"
+done
+rm -rf "$cache"
