@@ -10,6 +10,8 @@ from hw2jax.train import report
 
 # The build target the line names: -march=native unless the environment asks for another.
 MARCH = kernels.build_march()
+# The reading itself, as imported (conftest's fixture stands a no-load one in for the tests).
+OTHERS_BUSY = cpu.others_busy
 
 
 @pytest.fixture
@@ -190,7 +192,7 @@ def test_others_busy_reads_other_processes_share_of_this_process_cores(tmp_path,
     monkeypatch.setattr(os, "times", lambda: os.times_result((own["s"], 0.5, 0, 0, 0)))
     monkeypatch.setattr(os, "sysconf", lambda name: 100)
     write()
-    with cpu.others_busy(str(stat)) as reading:
+    with OTHERS_BUSY(str(stat)) as reading:
         # 300 ticks pass on each core, 175 + 60 of them busy (10 stolen; waiting on I/O is not
         # busy); this process ran 1.2 s of CPU (120 ticks), so others took 115 of the 600.
         cores["cpu0"] = [250, 5, 60, 880, 95, 0, 0, 10, 999, 0]
@@ -200,21 +202,21 @@ def test_others_busy_reads_other_processes_share_of_this_process_cores(tmp_path,
         assert reading["share"] is None  # read once the block has run
     assert reading["share"] == pytest.approx(115 / 600)
     run(20, 20)  # outside any block
-    with cpu.others_busy(str(stat)) as reading:
+    with OTHERS_BUSY(str(stat)) as reading:
         run(10, 5)  # 30 ticks, under MIN_SHARE_TICKS: read from the block before's end
     assert reading["share"] == pytest.approx((40 + 20) / (80 + 30))
     monkeypatch.setattr(cpu, "LOOKBACK_S", 0.0)
-    with cpu.others_busy(str(stat)) as reading:
+    with OTHERS_BUSY(str(stat)) as reading:
         run(10, 5)
     assert reading["share"] is None
     monkeypatch.setattr(cpu, "LOOKBACK_S", 2.0)
-    with cpu.others_busy(str(stat)) as outer:
+    with OTHERS_BUSY(str(stat)) as outer:
         run(50, 50)
-        with cpu.others_busy(str(stat)) as inner:
+        with OTHERS_BUSY(str(stat)) as inner:
             run(0, 20)  # MIN_SHARE_TICKS exactly: read from its own start
         run(50, 50)
     assert inner["share"] == 0.0 and outer["share"] == pytest.approx(200 / 440)
-    with cpu.others_busy(str(tmp_path / "missing")) as reading:
+    with OTHERS_BUSY(str(tmp_path / "missing")) as reading:
         pass
     assert reading["share"] is None
 
