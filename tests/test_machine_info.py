@@ -187,18 +187,19 @@ def test_others_busy_reads_other_processes_share_of_this_process_cores(tmp_path,
         cores["cpu2"][0] += user + idle
         write()
 
-    own = {"s": 1.0}
+    own = [1.0, 0.5, 0.0, 0.0]  # user, system, and both of children that have ended
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(os, "times", lambda: os.times_result((own["s"], 0.5, 0, 0, 0)))
+    monkeypatch.setattr(os, "times", lambda: os.times_result((*own, 0)))
     monkeypatch.setattr(os, "sysconf", lambda name: 100)
     write()
     with OTHERS_BUSY(str(stat)) as reading:
         # 300 ticks pass on each core, 175 + 60 of them busy (10 stolen; waiting on I/O is not
-        # busy); this process ran 1.2 s of CPU (120 ticks), so others took 115 of the 600.
+        # busy); this process ran 1.2 s of CPU (120 ticks: 0.5 s user, 0.4 s system, and 0.2 s
+        # and 0.1 s in a child that has ended, a compiler run), so others took 115 of the 600.
         cores["cpu0"] = [250, 5, 60, 880, 95, 0, 0, 10, 999, 0]
         cores["cpu1"] = [150, 0, 60, 1090, 0, 0, 0, 0, 0, 0]
         run(0, 0)
-        own["s"] = 2.2
+        own[:] = [1.5, 0.9, 0.2, 0.1]
         assert reading["share"] is None  # read once the block has run
     assert reading["share"] == pytest.approx(115 / 600)
     run(20, 20)  # outside any block
