@@ -7,14 +7,7 @@ set -euo pipefail
 checkout=$1 out=$2
 kernels=$(dirname "$(cd "$checkout" && .venv/bin/python -c 'from hw2jax import kernels; print(kernels.library_target())')")
 flicker() {  # one core busy, then idle, for 0.1-1.0 s each, from a fixed seed
-  exec python3 -c '
-import random, time
-rng = random.Random(0)
-while True:
-    end = time.monotonic() + rng.uniform(0.1, 1.0)
-    while time.monotonic() < end:
-        pass
-    time.sleep(rng.uniform(0.1, 1.0))'
+  exec python3 "$(dirname "$0")/../../../flicker_load.py"
 }
 cache=$(mktemp -d /tmp/probe-cache-XXXX)
 cp "$kernels"/cpu_attention-*.so "$cache"/
