@@ -79,8 +79,8 @@ def core_ticks(cores: set[int] | None = None, stat: str = "/proc/stat") -> tuple
 
 
 def _own_ticks() -> float:
-    # With its children that have ended (a compiler's or git's version asked for between two
-    # classes read 0.10-0.13 of the cores as other work without them).
+    # With its children that have ended: without them, five compiler and Python runs between
+    # two classes read as 0.10-0.13 of the cores' time taken by other work.
     times = os.times()
     own = times.user + times.system + times.children_user + times.children_system
     return own * os.sysconf("SC_CLK_TCK")
@@ -96,10 +96,9 @@ def others_busy(stat: str = "/proc/stat"):
     """Yields a dict whose ``"share"``, once the block has run, is the share of this process's
     usable cores' time that other processes took meanwhile: the cores' busy ticks less this
     process's CPU time (all its threads, and its children that have ended), over all their
-    ticks. A block shorter than
-    :data:`MIN_SHARE_TICKS` is read from an earlier block's start or end in this process, at
-    most :data:`LOOKBACK_S` before (auto's probe times classes one after another); None where
-    there is none or /proc/stat cannot be read."""
+    ticks. A block shorter than :data:`MIN_SHARE_TICKS` is read from an earlier block's start
+    or end in this process, at most :data:`LOOKBACK_S` before (auto's probe times classes one
+    after another); None where there is none or /proc/stat cannot be read."""
     try:
         cores = os.sched_getaffinity(0)
     except AttributeError:  # no affinity call on this OS: the machine's cores
