@@ -891,7 +891,7 @@ def test_a_class_timed_beside_other_work_is_timed_again_by_the_next_process(
     assert row_path() == "xla"
     assert capsys.readouterr().out == (
         "auto: other processes took 60 % of this process's cores while it timed "
-        f"{layer_norm}; this run takes the path it read fastest, and later runs time such "
+        f"{layer_norm}; this run takes the path that timing chose, and later runs time such "
         "classes again (up to 3 timings beside other work) before the cache keeps them.\n"
     )
     assert cached()["others_busy_share"] == 0.6 and cached()["loaded_timings"] == 1

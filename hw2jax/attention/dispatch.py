@@ -755,7 +755,7 @@ def time_class(
         state.said_loaded = True
         print(
             f"auto: other processes took {100 * load['share']:.0f} % of this process's cores "
-            f"while it timed {key}; this run takes the path it read fastest, and later runs "
+            f"while it timed {key}; this run takes the path that timing chose, and later runs "
             f"time such classes again (up to {LOADED_TIMINGS} timings beside other work) "
             "before the cache keeps them.",
             flush=True,
