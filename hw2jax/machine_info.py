@@ -47,7 +47,11 @@ def describe(build: bool = False) -> dict:
         },
         # Classes last timed while other processes took over dispatch.LOADED_SHARE of the cores.
         "beside_load": {
-            key: {"share": record["others_busy_share"], "timings": record.get("loaded_timings", 1)}
+            key: {
+                "share": record["others_busy_share"],
+                "timings": record.get("loaded_timings", 1),
+                "again": dispatch.times_again(record),
+            }
             for key, record in sorted(timed.items())
             if dispatch.timed_beside_load(record)
         },
@@ -130,13 +134,11 @@ def text(info: dict) -> str:
     return "\n".join(lines)
 
 
-def _beside_load(share: float, timings: int) -> str:
-    from hw2jax.attention import dispatch
-
+def _beside_load(share: float, timings: int, again: bool) -> str:
     said = f"timed while other processes took {100 * share:.0f} % of the cores"
-    if timings >= dispatch.LOADED_TIMINGS:
-        return f"{said}, {timings} times: kept"
-    return f"{said}: the next run times it again"
+    if again:
+        return f"{said}: the next run times it again"
+    return f"{said}, {timings} times: kept"
 
 
 def near_tie(ms: dict[str, float]) -> bool:

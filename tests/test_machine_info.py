@@ -245,6 +245,6 @@ def test_classes_timed_beside_other_work_say_so(tmp_path, monkeypatch, capsys):
     ]
     assert cli.main(["machine", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["auto"]["beside_load"] == {
-        "a fwd": {"share": 0.48, "timings": 1},
-        "b fwd": {"share": 0.3, "timings": 3},
+        "a fwd": {"share": 0.48, "timings": 1, "again": True},
+        "b fwd": {"share": 0.3, "timings": 3, "again": False},
     }

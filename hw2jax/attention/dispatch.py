@@ -770,6 +770,12 @@ def timed_beside_load(record: dict) -> bool:
     return share is not None and share > LOADED_SHARE
 
 
+def times_again(record: dict) -> bool:
+    """Whether another process times this cached class again: its last timing ran beside other
+    work (:func:`timed_beside_load`), and fewer than :data:`LOADED_TIMINGS` so."""
+    return timed_beside_load(record) and record.get("loaded_timings", 1) < LOADED_TIMINGS
+
+
 def _with_earlier(record: dict, earlier: dict | None) -> dict:
     """A class's new ``record``, each path keeping its best of this timing and of an ``earlier``
     one taken beside other work (load only adds time), counting the timings so taken."""
@@ -814,12 +820,7 @@ def _cached_choice(
     ms = record.get("ms", {})
     if not all(name in ms for name in paths):
         return None
-    timed_again = (
-        timed_beside_load(record)
-        and record.get("loaded_timings", 1) < LOADED_TIMINGS
-        and key not in state.timed_here
-    )
-    if timed_again and not loaded_too:
+    if times_again(record) and key not in state.timed_here and not loaded_too:
         return None
     return choose(ms, paths, rule)
 
