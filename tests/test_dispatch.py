@@ -896,6 +896,8 @@ def test_a_class_timed_beside_other_work_is_timed_again_by_the_next_process(
     )
     assert cached()["others_busy_share"] == 0.6 and cached()["loaded_timings"] == 1
     assert row_path() == "xla" and len(probes) == 1  # not again in the process that timed it
+    dispatch.restart_budget()  # a benchmark's next row: it would share the load
+    assert row_path() == "xla" and len(probes) == 1
     dispatch.row_kernel(why(), CPU_AVX512, rows_for((8, 50, 64)), "layer_norm", True)
     assert len(probes) == 2 and capsys.readouterr().out == ""  # said once a process
     # The next process, on idle cores: timed again, each path its best of both timings.

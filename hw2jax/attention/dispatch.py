@@ -964,7 +964,10 @@ def best_times(programs: dict[str, Callable], inputs: list) -> dict[str, float]:
 
 def restart_budget() -> None:
     """Gives this process a fresh :data:`PROBE_BUDGET_S`, as a new process has: for benchmarks
-    that run in one process what would be runs of their own."""
+    that run in one process what would be runs of their own. The classes this process timed
+    stay timed: one timed beside other work is timed again by the next process, not by a later
+    row of this one, which would most likely share the load and spend its
+    :data:`LOADED_TIMINGS` before an idle process could."""
     state.seconds_spent = 0.0
     state.said_rule_stands = False
 
