@@ -113,8 +113,8 @@ def others_busy(stat: str = "/proc/stat"):
     for began in reversed(earlier):  # this block's start, else the latest far enough back
         if start is not None and began[0] > start[0]:
             continue  # inside this block (a block within it)
-        if end[0] - began[0] > LOOKBACK_S:
-            break
+        if began is not start and end[0] - began[0] > LOOKBACK_S:
+            break  # the lookback is for blocks too short: a long one reads from its own start
         if (ticks := end[2] - began[2]) >= MIN_SHARE_TICKS:
             others = end[1] - began[1] - (end[3] - began[3])
             reading["share"] = min(max(others / ticks, 0.0), 1.0)

@@ -163,7 +163,8 @@ def test_others_busy_reads_other_processes_share_of_this_process_cores(tmp_path,
     """From /proc/stat's lines for the cores this process may use (not the machine's line, not
     other cores), busy ticks less this process's own CPU time, over all their ticks; a block
     too short is read from an earlier reading at most LOOKBACK_S before, none where there is
-    none; a block with another inside it from its own start; nothing from an unreadable file."""
+    none; a long enough block from its own start, over LOOKBACK_S or not; a block with another
+    inside it from its own start; nothing from an unreadable file."""
     import os
 
     stat = tmp_path / "stat"
@@ -210,6 +211,9 @@ def test_others_busy_reads_other_processes_share_of_this_process_cores(tmp_path,
     with OTHERS_BUSY(str(stat)) as reading:
         run(10, 5)
     assert reading["share"] is None
+    with OTHERS_BUSY(str(stat)) as reading:
+        run(30, 10)  # long enough: read from its own start, however long ago that was
+    assert reading["share"] == pytest.approx(60 / 80)
     monkeypatch.setattr(cpu, "LOOKBACK_S", 2.0)
     with OTHERS_BUSY(str(stat)) as outer:
         run(50, 50)
