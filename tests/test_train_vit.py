@@ -382,6 +382,17 @@ def test_first_ctrl_c_requests_a_stop_a_second_waits_for_a_save_else_ends_at_onc
     hook.close(run)
     run.ckpt.close()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    # Before any checkpoint is committed a rerun starts afresh: step 0.
+    run.stop_requested, run.ckpt = None, checkpoints.Checkpoints(tmp_path / "none_yet")
+    hook.start(run)
+    os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(Ended) as ended:
+        os.kill(os.getpid(), signal.SIGINT)
+    assert ended.value.args == (130,)
+    assert run.history["aborted"] == {"signal": "Ctrl-C", "resume_step": 0}
+    assert "a rerun resumes from the start" in capsys.readouterr().out
+    hook.close(run)
+    run.ckpt.close()
 
 
 def test_strong_recipe_differs_only_where_it_says_and_trains(fashion_dir, tmp_path):
