@@ -524,6 +524,35 @@ def test_the_progress_bar_of_a_resumed_epoch_starts_where_it_stopped(monkeypatch
     assert progress.bar is None
 
 
+def test_the_train_loss_is_logged_every_log_step_and_at_each_epochs_end(capsys):
+    """Every 2 steps, 3 steps an epoch: the mean loss since the last entry goes into the
+    history and TensorBoard's scalars at step 2 and at the epoch's end (step 3); a line is
+    printed at step 2 only, and only with print_lines (the progress bar's runs)."""
+    import types
+
+    from hw2jax.train import hooks
+
+    for print_lines in (True, False):
+        hook = hooks.TrainLoss(every_steps=2, print_lines=print_lines)
+        run = types.SimpleNamespace(
+            epoch=1, window={"loss_sum": 0.0, "count": 0.0}, history={"train": []}, scalars={}
+        )
+        for step, loss in zip((1, 2, 3), (1.0, 2.0, 4.0), strict=True):
+            run.step, run.epoch_done = step, step == 3
+            run.window = {
+                "loss_sum": run.window["loss_sum"] + 8 * loss,
+                "count": run.window["count"] + 8,
+            }
+            hook.after_step(run)
+        assert run.history["train"] == [
+            {"step": 2, "epoch": 1, "loss": 1.5, "examples": 16.0},
+            {"step": 3, "epoch": 1, "loss": 4.0, "examples": 8.0},
+        ]
+        assert run.scalars == {"train/loss": 4.0}
+        printed = "step      2  epoch 1  train loss 1.5000\n" if print_lines else ""
+        assert capsys.readouterr().out == printed
+
+
 def test_curves_are_redrawn_when_due_after_the_last_epoch_and_on_a_stop(monkeypatch, tmp_path):
     """Epochs of 8 s with a 20 s period: drawn after epochs 1, 4 (24 s on) and 5 (the last),
     and after a stop, whatever the clock says."""
