@@ -505,7 +505,7 @@ def test_merged_attention_override_takes_shell_booleans_and_rejects_others(fashi
 
 def test_the_progress_bar_of_a_resumed_epoch_starts_where_it_stopped(monkeypatch):
     """Resumed at step 7 with 5 steps an epoch: epoch 2's bar stands at 2 of 5; after a step it
-    shows the last step's mean loss and the epoch's rate so far."""
+    shows the last step's mean loss and the epoch's rate so far. Disabled, it shows nothing."""
     import types
 
     from hw2jax.train import hooks
@@ -517,11 +517,19 @@ def test_the_progress_bar_of_a_resumed_epoch_starts_where_it_stopped(monkeypatch
     progress = hooks.Progress(enabled=True)
     progress.start_epoch(run)
     assert (progress.bar.n, progress.bar.total, progress.bar.desc) == (2, 5, "epoch 2/3")
+    assert not progress.bar.disable
     run.read, run.seen, run.epoch_start = [{"loss_sum": 6.0, "count": 8.0}], 120.0, 10.0
     progress.after_step(run)
     assert progress.bar.n == 3 and progress.bar.postfix == "images/s=60, loss=0.7500"
     progress.close(run)
     assert progress.bar is None
+    # No bar where progress is off, nor in a process other than the first of several.
+    for enabled, main in ((False, True), (True, False)):
+        monkeypatch.setattr(hooks, "is_main_process", lambda main=main: main)
+        quiet = hooks.Progress(enabled=enabled)
+        quiet.start_epoch(run)
+        assert quiet.bar.disable
+        quiet.close(run)
 
 
 def test_the_train_loss_is_logged_every_log_step_and_at_each_epochs_end(capsys):
