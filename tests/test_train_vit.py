@@ -532,6 +532,53 @@ def test_the_progress_bar_of_a_resumed_epoch_starts_where_it_stopped(monkeypatch
         quiet.close(run)
 
 
+def test_the_epoch_line_reports_the_epochs_record(capsys):
+    """One line per finished epoch: its losses, the evaluated split's accuracy in per cent, its
+    time and rate, and a mark when it is the best so far."""
+    import types
+
+    from hw2jax.train import hooks
+
+    record = {
+        "train_loss": 0.31234,
+        "valid_loss": 0.40517,
+        "valid_accuracy": 0.88731,
+        "train_time_s": 52.4,
+        "images_per_s": 1146.2,
+    }
+    for best, mark in ((True, "  *best"), (False, "")):
+        run = types.SimpleNamespace(
+            epoch=3, config=types.SimpleNamespace(epochs=15, eval_split="valid"), unit="images"
+        )
+        run.new_best = best
+        hooks.Progress(enabled=False).after_epoch(run, record)
+        assert capsys.readouterr().out == (
+            "epoch   3/15  train loss 0.3123  valid loss 0.4052  valid acc 88.73%  "
+            f"(52 s, 1,146 images/s){mark}\n"
+        )
+
+
+def test_a_checkpoint_is_due_every_so_many_minutes_between_epoch_ends(monkeypatch):
+    """Every half minute by the clock, not at an epoch's end (which saves anyway); every 0
+    minutes is never."""
+    import types
+
+    from hw2jax.train import hooks
+
+    clock = [0.0]
+    monkeypatch.setattr(hooks.time, "monotonic", lambda: clock[0])
+    run = types.SimpleNamespace(step=5, epoch_done=False)
+    half_minute, never = hooks.Checkpoint(every_minutes=0.5), hooks.Checkpoint(every_minutes=0)
+    for hook in (half_minute, never):
+        hook.every.last_time = 0.0
+    for seconds, due in ((29.9, False), (30.0, True), (600.0, True)):
+        clock[0] = seconds
+        assert half_minute.wants_read(run) is due and half_minute.due is due
+        assert not never.wants_read(run)
+    run.epoch_done = True
+    assert not half_minute.wants_read(run)
+
+
 def test_the_train_loss_is_logged_every_log_step_and_at_each_epochs_end(capsys):
     """Every 2 steps, 3 steps an epoch: the mean loss since the last entry goes into the
     history and TensorBoard's scalars at step 2 and at the epoch's end (step 3); a line is
