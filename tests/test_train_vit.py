@@ -579,6 +579,34 @@ def test_a_checkpoint_is_due_every_so_many_minutes_between_epoch_ends(monkeypatc
     assert not half_minute.wants_read(run)
 
 
+def test_evaluation_makes_its_step_once_for_every_epoch(monkeypatch):
+    """The evaluation step is made (and so compiled) once per run, not once per epoch; each
+    epoch's record gets the split's loss and accuracy."""
+    import types
+
+    from hw2jax.train import hooks, steps
+
+    made, used = [], []
+    monkeypatch.setattr(steps, "make_eval_step", lambda task: made.append(task) or len(made))
+    monkeypatch.setattr(
+        steps,
+        "evaluate",
+        lambda task, params, split, step, parallel: (
+            used.append(step) or {"loss": 0.5, "accuracy": 0.25}
+        ),
+    )
+    run = types.SimpleNamespace(
+        task="task", state=types.SimpleNamespace(params=None), parallel=None
+    )
+    run.config = types.SimpleNamespace(eval_split="valid")
+    evaluate = hooks.Evaluate()
+    for _ in range(3):
+        record = {}
+        evaluate.after_epoch(run, record)
+        assert record == {"valid_loss": 0.5, "valid_accuracy": 0.25}
+    assert made == ["task"] and used == [1, 1, 1]
+
+
 def test_the_train_loss_is_logged_every_log_step_and_at_each_epochs_end(capsys):
     """Every 2 steps, 3 steps an epoch: the mean loss since the last entry goes into the
     history and TensorBoard's scalars at step 2 and at the epoch's end (step 3); a line is
