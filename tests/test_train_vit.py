@@ -638,7 +638,8 @@ def test_the_train_loss_is_logged_every_log_step_and_at_each_epochs_end(capsys):
 
 def test_curves_are_redrawn_when_due_after_the_last_epoch_and_on_a_stop(monkeypatch, tmp_path):
     """Epochs of 8 s with a 20 s period: drawn after epochs 1, 4 (24 s on) and 5 (the last),
-    and after a stop, whatever the clock says."""
+    and after a stop, whatever the clock says; not before an epoch has ended, nor by a
+    process other than the first."""
     import types
 
     from hw2jax.train import hooks, plots
@@ -659,6 +660,11 @@ def test_curves_are_redrawn_when_due_after_the_last_epoch_and_on_a_stop(monkeypa
     clock[0] = 41.0
     curves.stop(run)
     assert drawn[-1] == 41.0
+    # Nothing to draw before the first epoch ends; nothing drawn by a process but the first.
+    hooks.Curves().stop(types.SimpleNamespace(history={"epochs": []}))
+    monkeypatch.setattr(hooks, "is_main_process", lambda: False)
+    curves.stop(run)
+    assert drawn == [8.0, 32.0, 40.0, 41.0]
 
 
 def test_the_metric_writer_leaves_torch_unloaded_and_importable(tmp_path):
