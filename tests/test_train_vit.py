@@ -18,7 +18,7 @@ from hw2jax.attention import dispatch
 from hw2jax.config import apply_overrides, load_config
 from hw2jax.data import fashion_mnist
 from hw2jax.tasks import vit
-from hw2jax.train import checkpoints, hooks, loop, run_files
+from hw2jax.train import checkpoints, hooks, loop, plots, run_files, steps
 from hw2jax.train.batching import IndexBatches, chunk
 
 CONFIG = Path(__file__).parents[1] / "experiments" / "vit_fashion_mnist.py"
@@ -506,10 +506,6 @@ def test_merged_attention_override_takes_shell_booleans_and_rejects_others(fashi
 def test_the_progress_bar_of_a_resumed_epoch_starts_where_it_stopped(monkeypatch):
     """Resumed at step 7 with 5 steps an epoch: epoch 2's bar stands at 2 of 5; after a step it
     shows the last step's mean loss and the epoch's rate so far. Disabled, it shows nothing."""
-    import types
-
-    from hw2jax.train import hooks
-
     monkeypatch.setattr(hooks.time, "perf_counter", lambda: 12.0)
     run = types.SimpleNamespace(
         step=7, epoch=2, steps_per_epoch=5, config=types.SimpleNamespace(epochs=3), unit="images"
@@ -535,10 +531,6 @@ def test_the_progress_bar_of_a_resumed_epoch_starts_where_it_stopped(monkeypatch
 def test_the_epoch_line_reports_the_epochs_record(capsys):
     """One line per finished epoch: its losses, the evaluated split's accuracy in per cent, its
     time and rate, and a mark when it is the best so far."""
-    import types
-
-    from hw2jax.train import hooks
-
     record = {
         "train_loss": 0.31234,
         "valid_loss": 0.40517,
@@ -561,10 +553,6 @@ def test_the_epoch_line_reports_the_epochs_record(capsys):
 def test_a_checkpoint_is_due_every_so_many_minutes_between_epoch_ends(monkeypatch):
     """Every half minute by the clock, not at an epoch's end (which saves anyway); every 0
     minutes is never."""
-    import types
-
-    from hw2jax.train import hooks
-
     clock = [0.0]
     monkeypatch.setattr(hooks.time, "monotonic", lambda: clock[0])
     run = types.SimpleNamespace(step=5, epoch_done=False)
@@ -579,13 +567,9 @@ def test_a_checkpoint_is_due_every_so_many_minutes_between_epoch_ends(monkeypatc
     assert not half_minute.wants_read(run)
 
 
-def test_evaluation_makes_its_step_once_for_every_epoch(monkeypatch):
+def test_evaluation_makes_its_step_once_for_all_epochs(monkeypatch):
     """The evaluation step is made (and so compiled) once per run, not once per epoch; each
     epoch's record gets the split's loss and accuracy."""
-    import types
-
-    from hw2jax.train import hooks, steps
-
     made, used = [], []
     monkeypatch.setattr(steps, "make_eval_step", lambda task: made.append(task) or len(made))
     monkeypatch.setattr(
@@ -611,10 +595,6 @@ def test_the_train_loss_is_logged_every_log_step_and_at_each_epochs_end(capsys):
     """Every 2 steps, 3 steps an epoch: the mean loss since the last entry goes into the
     history and TensorBoard's scalars at step 2 and at the epoch's end (step 3); a line is
     printed at step 2 only, and only with print_lines (the progress bar's runs)."""
-    import types
-
-    from hw2jax.train import hooks
-
     for print_lines in (True, False):
         hook = hooks.TrainLoss(every_steps=2, print_lines=print_lines)
         run = types.SimpleNamespace(
@@ -640,10 +620,6 @@ def test_curves_are_redrawn_when_due_after_the_last_epoch_and_on_a_stop(monkeypa
     """Epochs of 8 s with a 20 s period: drawn after epochs 1, 4 (24 s on) and 5 (the last),
     and after a stop, whatever the clock says; not before an epoch has ended, nor by a
     process other than the first."""
-    import types
-
-    from hw2jax.train import hooks, plots
-
     clock, drawn = [0.0], []
     monkeypatch.setattr(hooks.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(plots, "plot_history", lambda history, split, path: drawn.append(clock[0]))
